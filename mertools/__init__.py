@@ -1,0 +1,16 @@
+"""mertools: turn Mixture-of-Experts models into aligned, checksummed per-expert shards.
+
+>>> from mertools import extract, verify
+>>> extract("fixtures/real/mixtral-q4_0.gguf", "out/")   # doctest: +SKIP
+>>> verify("out/").ok                                    # doctest: +SKIP
+True
+"""
+
+__version__ = "0.1.0"
+
+from .errors import MertoolsError  # noqa: E402
+from .extract import ExtractResult, extract  # noqa: E402
+from .gguf_source import open_source  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
+
+__all__ = ["ExtractResult", "MertoolsError", "VerifyReport", "__version__", "extract", "open_source", "verify"]

@@ -1,0 +1,158 @@
+"""``verify``: every shard present, of the right size and alignment, every whole-file and projection checksum right.
+
+One sequential pass per file feeds the whole-file hash and the hash of whichever projection the bytes belong to,
+so verification reads each byte once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import xxhash
+
+from mer_runtime.errors import ManifestError
+from mer_runtime.manifest import ExpertEntry, Manifest, load_manifest
+
+CHUNK = 16 << 20
+
+
+@dataclass
+class Problem:
+    path: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    experts_checked: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    deep: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {
+            "folder": str(self.folder),
+            "ok": self.ok,
+            "experts_checked": self.experts_checked,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 4),
+            "gb_per_s": round(self.bytes_read / self.seconds / 1e9, 4) if self.seconds else 0.0,
+            "problems": [{"path": p.path, "problem": p.what} for p in self.problems],
+            "warnings": [{"path": p.path, "problem": p.what} for p in self.warnings],
+        }
+        if self.deep is not None:
+            d["deep"] = self.deep
+        return d
+
+
+def _hash_file(path: Path, size: int, ranges: list[tuple[int, int, str]], buf: memoryview,
+               tick: Callable[[int], None]) -> tuple[str, dict[str, str], int]:
+    """Whole-file xxh3 plus one xxh3 per (start, end, name) range, in one sequential read."""
+    whole = xxhash.xxh3_64()
+    parts = {name: xxhash.xxh3_64() for _, _, name in ranges}
+    pos = 0
+    with open(path, "rb", buffering=0) as fh:
+        try:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            chunk = buf[:n]
+            whole.update(chunk)
+            end = pos + n
+            for start, stop, name in ranges:
+                lo, hi = max(start, pos), min(stop, end)
+                if lo < hi:
+                    parts[name].update(chunk[lo - pos:hi - pos])
+            pos = end
+            tick(n)
+    return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, pos
+
+
+def check_expert(m: Manifest, e: ExpertEntry, buf: memoryview, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
+    rel = e.path
+    path = m.path_of(e)
+    if not path.exists():
+        return [Problem(rel, "missing")], 0
+    if not path.is_file():
+        return [Problem(rel, "is not a regular file")], 0
+    size = path.stat().st_size
+    if size != e.size:
+        what = "truncated" if size < e.size else "too long"
+        return [Problem(rel, f"{what}: {size} bytes, manifest says {e.size}")], 0
+    ranges = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
+    whole, parts, n = _hash_file(path, size, ranges, buf, tick)
+    probs = []
+    for role, t in e.tensors.items():
+        if parts[role] != t.xxh3_64:
+            probs.append(Problem(rel, f"{role} checksum mismatch (xxh3 {parts[role]}, manifest {t.xxh3_64})"))
+    if whole != e.xxh3_64:
+        where = "in the padding" if not probs else "in the file"
+        probs.append(Problem(rel, f"file checksum mismatch {where} (xxh3 {whole}, manifest {e.xxh3_64})"))
+    return probs, n
+
+
+def verify(
+    folder: str | os.PathLike[str],
+    *,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> VerifyReport:
+    """Check an extracted folder; the report lists every problem found (empty when all is well).
+
+    >>> report = verify("out/")      # doctest: +SKIP
+    >>> report.ok, report.problems   # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    report = VerifyReport(Path(folder))
+    try:
+        m = load_manifest(folder)
+    except ManifestError as exc:
+        report.problems.append(Problem("manifest.json", str(exc)))
+        report.seconds = time.perf_counter() - t0
+        return report
+    total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0)
+    tick = progress(total, len(m.experts)) if progress else (lambda n: None)
+    buf = memoryview(bytearray(CHUNK))
+    for e in m.experts:
+        probs, n = check_expert(m, e, buf, tick)
+        report.problems.extend(probs)
+        report.bytes_read += n
+        report.experts_checked += 1
+    if m.dense:
+        d = m.dense
+        path = m.root / d["path"]
+        if not path.is_file():
+            report.problems.append(Problem(d["path"], "missing"))
+        elif path.stat().st_size != d["size"]:
+            report.problems.append(Problem(d["path"], f"{path.stat().st_size} bytes, manifest says {d['size']}"))
+        else:
+            whole, _, n = _hash_file(path, d["size"], [], buf, tick)
+            report.bytes_read += n
+            if whole != d["xxh3_64"]:
+                report.problems.append(Problem(d["path"], f"checksum mismatch (xxh3 {whole}, manifest {d['xxh3_64']})"))
+    listed = {e.path for e in m.experts}
+    experts_dir = m.root / "experts"
+    if experts_dir.is_dir():
+        for p in sorted(experts_dir.rglob("*")):
+            rel = p.relative_to(m.root).as_posix()
+            if p.is_file() and rel not in listed:
+                report.warnings.append(Problem(rel, "not listed in the manifest"))
+    report.seconds = time.perf_counter() - t0
+    return report

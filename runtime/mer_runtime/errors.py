@@ -1,0 +1,13 @@
+"""Errors the runtime raises; each message names the file and what to do."""
+
+
+class MerError(Exception):
+    """Base class: a problem with a shard folder or its use. The CLI prints it as one line, exit code 2."""
+
+
+class ManifestError(MerError, ValueError):
+    """manifest.json is missing, malformed, or describes an impossible layout."""
+
+
+class ShardIOError(MerError, OSError):
+    """Reading a shard failed (short file, I/O error, refused O_DIRECT...)."""

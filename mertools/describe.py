@@ -11,6 +11,7 @@ from mer_runtime.manifest import MANIFEST_NAME, load_manifest
 
 from .gguf_source import open_source
 from .layout import place
+from .units import human_bytes
 
 
 def _kernel_path(dtype: str) -> str:
@@ -84,12 +85,6 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def _h(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def render(d: dict[str, Any]) -> str:
@@ -115,15 +110,15 @@ def render(d: dict[str, Any]) -> str:
     lines.append("  layer  experts  types (gate/up/down...)            bytes/expert")
     for row in d["layers"]:
         types = " ".join(f"{r}={t}" for r, t in row["types"].items())
-        lines.append(f"  {row['layer']:5d}  {row['experts']:7d}  {types:34s} {_h(row['bytes_per_expert'])}")
+        lines.append(f"  {row['layer']:5d}  {row['experts']:7d}  {types:34s} {human_bytes(row['bytes_per_expert'])}")
     lines.append("  kernels: " + ", ".join(f"{t}: {k}" for t, k in d["kernels"].items()))
     if d["kind"] == "gguf":
         w = d["would_write"]
         lines.append(
-            f"  extract would write {w['shards']} shards ({_h(w['expert_bytes'])}, payload {_h(w['payload_bytes'])}) "
-            f"and dense.gguf with {w['dense_tensors']} tensors ({_h(w['dense_bytes'])})"
+            f"  extract would write {w['shards']} shards ({human_bytes(w['expert_bytes'])}, payload {human_bytes(w['payload_bytes'])}) "
+            f"and dense.gguf with {w['dense_tensors']} tensors ({human_bytes(w['dense_bytes'])})"
         )
     else:
-        lines.append(f"  {d['experts']} shards, {_h(d['expert_bytes'])}; dense: "
+        lines.append(f"  {d['experts']} shards, {human_bytes(d['expert_bytes'])}; dense: "
                      f"{d['dense']['path'] if d['dense'] else 'none'}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from .dense import write_dense
 from .errors import MertoolsError, OutputError, SourceError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
+from .units import human_bytes
 
 CHUNK = 16 << 20  # large sequential reads and writes; the one buffer keeps memory flat
 _ZEROS = bytes(ALIGNMENT)
@@ -202,7 +203,7 @@ def _check_space(where: Path, need: int) -> None:
     free = shutil.disk_usage(where).free
     if free < need:
         raise OutputError(
-            f"{where}: needs {need / 1e9:.2f} GB free but only {free / 1e9:.2f} GB is; free some space or choose "
+            f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space or choose "
             "another OUT (use --layers/--experts to extract part of the model)"
         )
 
@@ -230,7 +231,8 @@ def extract(
     shards = [place(p) for p in plans]
     dense_tensors = src.dense_tensors()
     expert_bytes = sum(s.size for s in shards)
-    dense_estimate = sum(t.nbytes for t in dense_tensors) + (8 << 20)
+    # dense.gguf: its tensors plus roughly the source's metadata (file sizes minus all tensor bytes)
+    dense_estimate = sum(src.sizes) - sum(t.nbytes for t in src.tensors.values()) + sum(t.nbytes for t in dense_tensors)
     _clean_stale_staging(out)
     _check_space(out.parent, expert_bytes + dense_estimate)
 

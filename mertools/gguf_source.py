@@ -146,7 +146,8 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         raise
     except (ValueError, IndexError, OverflowError, TypeError, UnicodeDecodeError, KeyError) as exc:
         raise SourceError(
-            f"{path}: the GGUF header cannot be read ({exc}); the file is truncated or corrupt: download it again"
+            f"{path}: the GGUF header cannot be read: the file ({path.stat().st_size} bytes) is truncated or corrupt "
+            f"inside its metadata; download it again (detail: {exc})"
         ) from None
 
 

@@ -103,8 +103,8 @@ def safe_relpath(root: Path, rel: Any, what: str) -> str:
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise ManifestError(f"{what}: bad path {rel!r}")
     p = PurePosixPath(rel)
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
-        raise ManifestError(f"{what}: path {rel!r} escapes the output folder")
+    if p.is_absolute() or ".." in p.parts or p.as_posix() != rel:
+        raise ManifestError(f"{what}: path {rel!r} escapes the output folder or is not in normal form")
     resolved = os.path.realpath(root / rel)
     if not resolved.startswith(os.path.realpath(root) + os.sep):
         raise ManifestError(f"{what}: path {rel!r} resolves outside the output folder")

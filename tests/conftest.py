@@ -1,0 +1,79 @@
+"""Shared helpers. Expected bytes come straight from the gguf package's reader, never from mertools' own plan."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+GEN = FIX / "generated"
+REAL = FIX / "real"
+
+GENERATED_MOE = sorted(
+    p for p in GEN.glob("moe-*.gguf") if "-of-" not in p.name or p.name.endswith("-00001-of-00006.gguf")
+)
+REAL_MOE = sorted(REAL.glob("*.gguf"))
+ALL_MOE = GENERATED_MOE + REAL_MOE
+
+
+def parts_of(path: Path) -> list[Path]:
+    if "-00001-of-" in path.name:
+        n = int(path.name.split("-of-")[1][:5])
+        return [path.with_name(path.name.replace("-00001-of-", f"-{i:05d}-of-")) for i in range(1, n + 1)]
+    return [path]
+
+
+def is_expert_tensor(name: str) -> bool:
+    return re.match(r"^blk\.\d+\.ffn_(gate_up|gate|up|down)(_exps|\.\d+)\.(weight|bias)$", name) is not None
+
+
+def reader_tensors(path: Path) -> dict[str, object]:
+    return {t.name: t for p in parts_of(path) for t in gguf.GGUFReader(p).tensors}
+
+
+def reference_bytes(tensors: dict, layer: int, expert: int, role: str) -> bytes:
+    """The expert's projection bytes as the gguf package's reader sees them in the source."""
+    kind = "bias" if role.endswith("_bias") else "weight"
+    base = role.removesuffix("_bias")
+    if (t := tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")) is not None:
+        return t.data[expert].tobytes()
+    if (t := tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")) is not None:
+        d = t.data[expert]
+        half = d.shape[0] // 2
+        return (d[:half] if base == "gate" else d[half:]).tobytes()
+    return tensors[f"blk.{layer}.ffn_{base}.{expert}.{kind}"].data.tobytes()
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command in a real process (exit codes, stderr and the absence of tracebacks are what's tested)."""
+    p = subprocess.run(
+        [sys.executable, "-m", "mertools.cli", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"mertools {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory):
+    """Extract each MoE fixture once per session: {fixture path: output folder}."""
+    from mertools import extract
+
+    cache: dict[Path, Path] = {}
+
+    def get(src: Path) -> Path:
+        if src not in cache:
+            out = tmp_path_factory.mktemp("x") / src.stem
+            extract(src, out, fsync=False)
+            cache[src] = out
+        return cache[src]
+
+    return get

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gguf
-import xxhash
 from gguf.constants import GGUFValueType
+
+from mer_runtime.checksum import hash_file
 
 from .errors import SourceError
 from .gguf_source import GGUFSource
@@ -67,15 +68,12 @@ def write_dense(src: GGUFSource, path: Path, *, fsync: bool, tick: Callable[[int
         if fsync:
             os.fsync(fout.fileno())
     w.close()
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            h.update(chunk)
+    digest, _, _ = hash_file(path)
     out: dict[str, Any] = {
         "path": path.name,
         "format": "gguf",
         "size": path.stat().st_size,
-        "xxh3_64": h.hexdigest(),
+        "xxh3_64": digest,
         "n_tensors": len(tensors),
         "n_kv": len(src.fields) - sum(1 for n in src.fields if n.startswith("GGUF.")),
     }

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,13 +24,15 @@ from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
 
 from . import __version__
 from .dense import write_dense
-from .errors import MertoolsError, OutputError, SourceError
+from .errors import MertoolsError, OutputError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
 from .units import human_bytes
 
-CHUNK = 16 << 20  # large sequential reads and writes; the one buffer keeps memory flat
+SEGMENT = 4 << 20  # bytes per write: large and sequential, and memory stays flat
+PIECE = 256 << 10  # bytes per hash update: small enough to stay in cache for the second hash
 _ZEROS = bytes(ALIGNMENT)
+WRITERS = 2
 STAGING_MARK = ".mertools-staging-"
 
 
@@ -93,22 +97,28 @@ def select(src: GGUFSource, layers: set[int] | None, experts: set[int] | None) -
 
 
 class _Writer:
-    """Copies byte ranges from the source into shard files, hashing what it writes as it goes."""
+    """Copies byte ranges from the source into shard files, hashing what it writes as it goes.
+
+    The source is memory-mapped: bytes are hashed straight from the page cache and written from there, one copy
+    in all (as `cp` does). Hashing works on small pieces so the second hash finds them still in cache.
+    """
 
     def __init__(self, src: GGUFSource, tick: Callable[[int], None]):
-        self.fds = [os.open(p, os.O_RDONLY) for p in src.files]
         self.files = src.files
-        self.buf = memoryview(bytearray(CHUNK))
+        self.maps = []
+        for p in src.files:
+            with open(p, "rb") as fh:
+                m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            self.maps.append(m)
+        self.views = [memoryview(m) for m in self.maps]
         self.tick = tick
-        for fd in self.fds:
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            except (AttributeError, OSError):
-                pass
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+        for v in self.views:
+            v.release()
+        for m in self.maps:
+            m.close()
 
     def write_shard(self, shard: ShardLayout, dst: Path, fsync: bool) -> tuple[str, dict[str, str]]:
         whole = xxhash.xxh3_64()
@@ -119,10 +129,10 @@ class _Writer:
             for pl in shard.placed:
                 pos = self._pad(fd, pos, pl.offset, whole)
                 h = xxhash.xxh3_64()
-                self._copy(pl.projection.file_index, pl.projection.offset, pl.projection.nbytes, fd, (h, whole),
-                           pl.projection.tensor)
-                pos += pl.projection.nbytes
-                hashes[pl.projection.role] = h.hexdigest()
+                p = pl.projection
+                self._copy(p.file_index, p.offset, p.nbytes, fd, (h, whole))
+                pos += p.nbytes
+                hashes[p.role] = h.hexdigest()
             self._pad(fd, pos, shard.size, whole)
             if fsync:
                 os.fsync(fd)
@@ -138,23 +148,38 @@ class _Writer:
             pos += n
         return pos
 
-    def _copy(self, fi: int, offset: int, n: int, dst: int, hashers: Iterable[Any], tensor: str) -> None:
-        src = self.fds[fi]
-        while n:
-            want = min(n, CHUNK)
-            got = os.preadv(src, [self.buf[:want]], offset)
-            if got <= 0:
-                raise SourceError(
-                    f"{self.files[fi]}: tensor {tensor}: file ended at byte {offset} while {n} more bytes were expected; "
-                    "the file was truncated while extracting"
-                )
-            chunk = self.buf[:got]
-            for h in hashers:
-                h.update(chunk)
-            _write_all(dst, chunk)
-            self.tick(got)
-            offset += got
-            n -= got
+    def _copy(self, fi: int, offset: int, n: int, dst: int, hashers: Iterable[Any]) -> None:
+        view = self.views[fi]
+        end = offset + n
+        for seg_start in range(offset, end, SEGMENT):
+            with view[seg_start:min(seg_start + SEGMENT, end)] as seg:
+                for p in range(0, len(seg), PIECE):
+                    with seg[p:p + PIECE] as piece:
+                        for h in hashers:
+                            h.update(piece)
+                _write_all(dst, seg)
+                self.tick(len(seg))
+
+
+def _entry(shard: ShardLayout, whole: str, hashes: dict[str, str]) -> dict[str, Any]:
+    return {
+        "layer": shard.layer,
+        "expert": shard.expert,
+        "path": shard.path,
+        "size": shard.size,
+        "xxh3_64": whole,
+        "tensors": {
+            pl.projection.role: {
+                "dtype": pl.projection.dtype,
+                "shape": list(pl.projection.shape),
+                "offset": pl.offset,
+                "nbytes": pl.projection.nbytes,
+                "xxh3_64": hashes[pl.projection.role],
+                "source": pl.projection.tensor,
+            }
+            for pl in shard.placed
+        },
+    }
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -242,31 +267,12 @@ def extract(
     tick = progress(total, len(shards)) if progress else (lambda n: None)
     writer = _Writer(src, tick)
     try:
-        entries = []
         for shard in shards:
-            dst = staging / shard.path
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            whole, hashes = writer.write_shard(shard, dst, fsync)
-            entries.append(
-                {
-                    "layer": shard.layer,
-                    "expert": shard.expert,
-                    "path": shard.path,
-                    "size": shard.size,
-                    "xxh3_64": whole,
-                    "tensors": {
-                        pl.projection.role: {
-                            "dtype": pl.projection.dtype,
-                            "shape": list(pl.projection.shape),
-                            "offset": pl.offset,
-                            "nbytes": pl.projection.nbytes,
-                            "xxh3_64": hashes[pl.projection.role],
-                            "source": pl.projection.tensor,
-                        }
-                        for pl in shard.placed
-                    },
-                }
-            )
+            (staging / shard.path).parent.mkdir(parents=True, exist_ok=True)
+        # Shards are independent; two writers keep both cores busy hashing while the other copies.
+        with ThreadPoolExecutor(max_workers=min(WRITERS, os.cpu_count() or 1)) as pool:
+            written = list(pool.map(lambda sh: writer.write_shard(sh, staging / sh.path, fsync), shards))
+        entries = [_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
         dense = write_dense(src, staging / DENSE_NAME, fsync=fsync, tick=tick)
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -1,0 +1,331 @@
+"""Loader backends behind one interface: io_uring + O_DIRECT, O_DIRECT pread from a thread pool, buffered reads.
+
+    loader = open_loader("auto", pool, probe_file=some_shard)   # says which it picked and why
+    t = loader.start(path, size, slot)    # asynchronous: reads are in flight
+    loader.wait(t)                        # bytes are in pool.view(slot), or ShardIOError naming the file
+
+Every backend reads a file in chunks of `block_size` (>= 1 MiB by default) and keeps up to `queue_depth` chunks in
+flight; short reads are continued, EINTR and EAGAIN retried, and a file shorter than asked is an error.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import uring
+from .buffers import BufferPool
+from .errors import ShardIOError
+
+BACKENDS = ("io_uring", "pread", "buffered")
+_RETRY = (errno.EINTR, errno.EAGAIN)
+
+
+@dataclass
+class Ticket:
+    path: str
+    size: int
+    slot: int
+    id: int
+    fd: int = -1
+    remaining: int = 0  # chunks not yet complete
+    error: BaseException | None = None
+    done: bool = False
+    futures: list[Future] = field(default_factory=list)
+
+
+def _open(path: str, direct: bool) -> int:
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror})") from None
+
+
+def _short(path: str, offset: int, size: int) -> ShardIOError:
+    return ShardIOError(errno.EIO, f"{path}: file ends at byte {offset} but {size} bytes were expected; the shard is "
+                                   "truncated: run `mertools verify` and re-extract")
+
+
+class Loader:
+    name = "?"
+    direct = True
+
+    def __init__(self, pool: BufferPool, *, block_size: int = 1 << 20, queue_depth: int = 32):
+        if block_size % 4096:
+            raise ValueError("block_size must be a multiple of 4096")
+        self.pool, self.block_size, self.queue_depth = pool, block_size, queue_depth
+        self._ids = itertools.count(1)
+        self.reason = ""
+        self.bytes_read = 0
+
+    def read(self, path: str, size: int, slot: int) -> None:
+        self.wait(self.start(path, size, slot))
+
+    def start(self, path: str, size: int, slot: int) -> Ticket:
+        raise NotImplementedError
+
+    def wait(self, t: Ticket) -> None:
+        raise NotImplementedError
+
+    def ready(self, t: Ticket) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, size: int, slot: int) -> None:
+        if size > self.pool.slot_size or size % 4096 and self.direct:
+            raise ValueError(f"read of {size} bytes does not fit slot size {self.pool.slot_size} with O_DIRECT")
+        if not 0 <= slot < self.pool.n_slots:
+            raise ValueError(f"no slot {slot}")
+
+    def describe(self) -> str:
+        return f"{self.name} (block {self.block_size >> 10} KiB, queue depth {self.queue_depth})"
+
+
+class PreadLoader(Loader):
+    """O_DIRECT preadv from a small thread pool: for kernels or containers where io_uring is disabled."""
+
+    name = "pread"
+    direct = True
+
+    def __init__(self, pool: BufferPool, *, threads: int = 4, **kw):
+        super().__init__(pool, **kw)
+        self._exec = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"mer-{self.name}")
+        self._lock = threading.Lock()
+        self._sem = threading.BoundedSemaphore(self.queue_depth)
+
+    def start(self, path: str, size: int, slot: int) -> Ticket:
+        self._check(size, slot)
+        t = Ticket(path, size, slot, next(self._ids))
+        t.fd = _open(path, self.direct)
+        if not self.direct:
+            try:
+                os.posix_fadvise(t.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        view = memoryview(self.pool.view(slot, size))
+        for off in range(0, size, self.block_size):
+            n = min(self.block_size, size - off)
+            t.futures.append(self._exec.submit(self._chunk, t, view[off:off + n], off))
+        if not t.futures:
+            os.close(t.fd)
+            t.done = True
+        return t
+
+    def _chunk(self, t: Ticket, dest: memoryview, offset: int) -> int:
+        with self._sem:  # at most queue_depth chunks in flight across all tickets
+            done = 0
+            while done < len(dest):
+                try:
+                    n = os.preadv(t.fd, [dest[done:]], offset + done)
+                except OSError as exc:
+                    if exc.errno in _RETRY:
+                        continue
+                    raise ShardIOError(exc.errno, f"{t.path}: read failed at byte {offset + done} ({exc.strerror})") \
+                        from None
+                if n == 0:
+                    raise _short(t.path, offset + done, t.size)
+                done += n
+            return done
+
+    def ready(self, t: Ticket) -> bool:
+        return t.done or all(f.done() for f in t.futures)
+
+    def wait(self, t: Ticket) -> None:
+        if t.done:
+            if t.error:
+                raise t.error
+            return
+        try:
+            for f in t.futures:
+                f.result()
+            self.bytes_read += t.size
+        except BaseException as exc:
+            for f in t.futures:
+                f.cancel()
+            for f in t.futures:
+                if not f.cancelled():
+                    f.exception()  # let running chunks finish before the fd is closed
+            t.error = exc
+            raise
+        finally:
+            t.done = True
+            os.close(t.fd)
+
+    def close(self) -> None:
+        self._exec.shutdown(wait=True)
+
+
+class BufferedLoader(PreadLoader):
+    """Plain (page-cache) reads, for filesystems that refuse O_DIRECT."""
+
+    name = "buffered"
+    direct = False
+
+
+class UringLoader(Loader):
+    """io_uring, O_DIRECT, reads into registered (fixed) buffers: one per pool slot."""
+
+    name = "io_uring"
+    direct = True
+
+    def __init__(self, pool: BufferPool, **kw):
+        super().__init__(pool, **kw)
+        entries = 1 << max(1, (self.queue_depth - 1).bit_length())
+        self.ring = uring.Ring(entries)
+        self.fixed = True
+        try:
+            self.ring.register_buffers(pool.regions())
+        except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels: plain READ still works
+            self.fixed = False
+            self.reason = f"registered buffers refused ({exc.strerror}); using plain READ"
+        self._tickets: dict[int, Ticket] = {}
+        self._queue: list[tuple[Ticket, int, int]] = []  # (ticket, offset, length) not yet submitted
+        self._chunks: dict[int, tuple[Ticket, int, int]] = {}
+        self._chunk_ids = itertools.count(1)
+
+    def describe(self) -> str:
+        return super().describe() + (", fixed buffers" if self.fixed else ", plain READ")
+
+    def start(self, path: str, size: int, slot: int) -> Ticket:
+        self._check(size, slot)
+        t = Ticket(path, size, slot, next(self._ids))
+        t.fd = _open(path, True)
+        self._tickets[t.id] = t
+        for off in range(0, size, self.block_size):
+            self._queue.append((t, off, min(self.block_size, size - off)))
+            t.remaining += 1
+        if not t.remaining:
+            self._finish(t)
+        self._pump()
+        return t
+
+    def _pump(self) -> None:
+        r = self.ring
+        while self._queue and r.in_flight + r.pending < self.queue_depth:
+            t, off, n = self._queue.pop(0)
+            if t.done:
+                continue
+            cid = next(self._chunk_ids)
+            self._chunks[cid] = (t, off, n)
+            r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
+        if r.pending:
+            r.submit()
+
+    def _complete(self, cid: int, res: int) -> None:
+        t, off, n = self._chunks.pop(cid)
+        if t.done:
+            return
+        if res < 0:
+            if -res in _RETRY:
+                self._queue.insert(0, (t, off, n))
+                return
+            t.error = ShardIOError(-res, f"{t.path}: read failed at byte {off} ({os.strerror(-res)})")
+            self._finish(t)
+        elif res == 0:
+            t.error = _short(t.path, off, t.size)
+            self._finish(t)
+        elif res < n:  # short read: continue where it stopped
+            self._queue.insert(0, (t, off + res, n - res))
+        else:
+            t.remaining -= 1
+            self.bytes_read += n
+            if t.remaining == 0:
+                self._finish(t)
+
+    def _finish(self, t: Ticket) -> None:
+        t.done = True
+        if not any(c[0] is t for c in self._chunks.values()):
+            self._close_fd(t)
+
+    def _close_fd(self, t: Ticket) -> None:
+        if t.fd >= 0:
+            os.close(t.fd)
+            t.fd = -1
+        self._tickets.pop(t.id, None)
+
+    def poll(self) -> None:
+        for cid, res in self.ring.reap():
+            self._complete(cid, res)
+        self._pump()
+        for t in [t for t in self._tickets.values() if t.done]:
+            if not any(c[0] is t for c in self._chunks.values()):
+                self._close_fd(t)
+
+    def ready(self, t: Ticket) -> bool:
+        self.poll()
+        return t.done
+
+    def wait(self, t: Ticket) -> None:
+        while not t.done:
+            if self.ring.in_flight + self.ring.pending == 0:
+                self._pump()
+            for cid, res in self.ring.wait(1):
+                self._complete(cid, res)
+            self._pump()
+        # a failed ticket may still have chunks in flight into its slot; drain them before the slot is reused
+        while any(c[0] is t for c in self._chunks.values()):
+            for cid, res in self.ring.wait(1):
+                self._complete(cid, res)
+        self._close_fd(t)
+        if t.error:
+            raise t.error
+
+    def close(self) -> None:
+        while self._chunks:
+            for cid, res in self.ring.wait(1):
+                self._complete(cid, res)
+        for t in list(self._tickets.values()):
+            self._close_fd(t)
+        self.ring.close()
+
+
+def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:
+    loader = cls(pool, **kw)
+    if probe_file:
+        try:
+            loader.read(probe_file, 4096, 0)
+        except BaseException:
+            loader.close()
+            raise
+    return loader
+
+
+def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **kw) -> Loader:
+    """Make a loader. `auto` tries io_uring, then O_DIRECT pread, then buffered, and records why in .reason."""
+    if io not in ("auto", *BACKENDS):
+        raise ValueError(f"--io {io!r}: expected auto, {', '.join(BACKENDS)}")
+    classes = {"io_uring": UringLoader, "pread": PreadLoader, "buffered": BufferedLoader}
+    pool_kw = {k: v for k, v in kw.items() if k in ("block_size", "queue_depth")}
+    thread_kw = {**pool_kw, **{k: v for k, v in kw.items() if k == "threads"}}
+    if io != "auto":
+        cls = classes[io]
+        loader = cls(pool, **(pool_kw if cls is UringLoader else thread_kw))
+        loader.reason = loader.reason or f"--io {io} asked for"
+        return loader
+    why = []
+    reason = uring.probe()
+    if reason is None:
+        try:
+            loader = _probe_read(UringLoader, pool, probe_file, **pool_kw)
+            loader.reason = "io_uring with O_DIRECT works here" + (f"; {loader.reason}" if loader.reason else "")
+            return loader
+        except OSError as exc:
+            why.append(f"io_uring read failed ({exc})")
+    else:
+        why.append(reason)
+    try:
+        loader = _probe_read(PreadLoader, pool, probe_file, **thread_kw)
+        loader.reason = "; ".join(why) + "; O_DIRECT pread works"
+        return loader
+    except OSError as exc:
+        why.append(f"O_DIRECT refused ({exc})")
+    loader = BufferedLoader(pool, **thread_kw)
+    loader.reason = "; ".join(why) + "; using buffered reads"
+    return loader

@@ -1,0 +1,141 @@
+"""Open a shard folder and compute with it: the runtime's front door.
+
+    from mer_runtime import open_shards
+    with open_shards("out/", io="auto", cache_slots=16) as s:
+        with s.load(1, 3) as ex:          # aligned buffer, gate/up/down views
+            ex.gate.dtype, ex.gate.raw    # ("Q4_0", uint8 view of the shard bytes)
+        y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import xxhash
+
+from .buffers import BufferPool
+from .cache import ExpertCache, Key
+from .errors import ShardIOError
+from .kernels import expert_ffn
+from .loader import open_loader
+from .manifest import Manifest, load_manifest
+
+CHECKSUMS = ("first", "always", "never")
+
+
+@dataclass(frozen=True)
+class ProjectionView:
+    role: str
+    dtype: str
+    shape: tuple[int, ...]
+    raw: np.ndarray  # uint8 view into the aligned slot: the source bytes, unchanged
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    layer: int
+    expert: int
+    buffer: np.ndarray  # the whole shard, 4096-aligned
+    tensors: dict[str, ProjectionView]
+
+    @property
+    def gate(self) -> ProjectionView:
+        return self.tensors["gate"]
+
+    @property
+    def up(self) -> ProjectionView:
+        return self.tensors["up"]
+
+    @property
+    def down(self) -> ProjectionView:
+        return self.tensors["down"]
+
+
+class ShardSet:
+    def __init__(self, path: str | os.PathLike[str], *, io: str = "auto", cache_slots: int = 16,
+                 queue_depth: int = 32, block_size: int = 1 << 20, threads: int = 4, checksums: str = "first"):
+        if checksums not in CHECKSUMS:
+            raise ValueError(f"checksums must be one of {CHECKSUMS}")
+        self.manifest: Manifest = load_manifest(path)
+        m = self.manifest
+        if not m.experts:
+            raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
+        self.pool = BufferPool(m.max_expert_size, max(2, cache_slots))
+        self.loader = open_loader(io, self.pool, probe_file=str(m.path_of(m.experts[0])), block_size=block_size,
+                                  queue_depth=queue_depth, threads=threads)
+        self.checksums = checksums
+        self._checked: set[Key] = set()
+        self.cache = ExpertCache(self.pool, self.loader, self._locate, self._check)
+        self.activation = m.model.get("activation", {"kind": "swiglu"})
+
+    # -- plumbing for the cache ---------------------------------------------------------------------------
+    def _locate(self, key: Key) -> tuple[str, int]:
+        e = self.manifest.expert(*key)
+        return str(self.manifest.path_of(e)), e.size
+
+    def _check(self, key: Key, slot: int) -> None:
+        """End-to-end check of a finished load against the manifest's whole-file checksum."""
+        if self.checksums == "never" or (self.checksums == "first" and key in self._checked):
+            return
+        e = self.manifest.expert(*key)
+        got = xxhash.xxh3_64_hexdigest(self.pool.view(slot, e.size))
+        if got != e.xxh3_64:
+            raise ShardIOError(0, f"{self.manifest.path_of(e)}: checksum mismatch after loading (xxh3 {got}, "
+                                  f"manifest {e.xxh3_64}); run `mertools verify` and re-extract")
+        self._checked.add(key)
+
+    # -- public -------------------------------------------------------------------------------------------
+    @contextmanager
+    def load(self, layer: int, expert: int) -> Iterator[ExpertView]:
+        """The expert in an aligned buffer, safe from eviction until the with-block ends."""
+        key = (layer, expert)
+        e = self.manifest.expert(layer, expert)
+        slot = self.cache.acquire(key)
+        try:
+            buf = self.pool.view(slot, e.size)
+            views = {r: ProjectionView(r, t.dtype, t.shape, buf[t.offset:t.offset + t.nbytes])
+                     for r, t in e.tensors.items()}
+            yield ExpertView(layer, expert, buf, views)
+        finally:
+            self.cache.release(key)
+
+    def ffn(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """The expert's output for x (float32 [d_model] or [n, d_model]), biases and activation as the model has."""
+        x = np.asarray(x, dtype=np.float32)
+        d = self.manifest.model["d_model"]
+        if x.shape[-1] != d or x.ndim not in (1, 2):
+            raise ValueError(f"x must have shape [{d}] or [n, {d}], got {list(x.shape)}")
+        with self.load(layer, expert) as ex:
+            return expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()}, x, self.activation)
+
+    def prefetch(self, layer: int, expert: int) -> bool:
+        self.manifest.expert(layer, expert)
+        return self.cache.prefetch((layer, expert))
+
+    def pin(self, keys: list[Key]) -> None:
+        self.cache.pin(keys)
+
+    def describe_io(self) -> str:
+        return f"{self.loader.describe()}: {self.loader.reason}"
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        self.cache.drain()
+        self.loader.close()
+        self.pool.close()
+        self.pool = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "ShardSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_shards(path: str | os.PathLike[str], **kw) -> ShardSet:
+    return ShardSet(path, **kw)

@@ -19,6 +19,7 @@ from . import __version__
 from .describe import describe, render
 from .extract import extract as do_extract
 from .extract import parse_ranges
+from .units import human_bytes
 from .verify import verify as do_verify
 
 
@@ -41,15 +42,16 @@ def _errors() -> Iterator[None]:
 class _Bar:
     """tqdm over bytes, or nothing when quiet; returned by the library's progress callback."""
 
-    def __init__(self, quiet: bool, desc: str):
-        self.quiet, self.desc, self.bar = quiet, desc, None
+    def __init__(self, quiet: bool, desc: str, unit: str = "B"):
+        self.quiet, self.desc, self.unit, self.bar = quiet, desc, unit, None
 
     def __call__(self, total: int, items: int) -> Callable[[int], None]:
         if self.quiet:
             return lambda n: None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
+        scale = self.unit == "B"
+        self.bar = tqdm(total=total, unit=self.unit, unit_scale=scale, unit_divisor=1024, desc=self.desc,
                         file=sys.stderr, leave=False, dynamic_ncols=True)
         return self.bar.update
 
@@ -97,8 +99,8 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
         _emit(r.as_dict())
     else:
         click.echo(
-            f"wrote {r.experts} experts in {r.layers} layers to {r.out}: {r.bytes_written / 1e9:.3f} GB "
-            f"({r.expert_bytes / 1e9:.3f} GB shards + {r.dense_bytes / 1e9:.3f} GB dense.gguf) "
+            f"wrote {r.experts} experts in {r.layers} layers to {r.out}: {human_bytes(r.bytes_written)} "
+            f"({human_bytes(r.expert_bytes)} shards + {human_bytes(r.dense_bytes)} dense.gguf) "
             f"in {r.seconds:.2f} s, {r.gb_per_s:.2f} GB/s"
         )
 
@@ -121,25 +123,35 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--deep", is_flag=True, help="Also run every expert through the runtime and compare with a float64 "
+              "reference (tolerance 1e-4 relative).")
+@click.option("--against", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="With --deep: the source model, for a reference computed from its own bytes.")
+@click.option("--io", type=click.Choice(["auto", "io_uring", "pread", "buffered"]), default="auto",
+              show_default=True, help="With --deep: how the runtime reads shards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify(out: Path, as_json: bool, quiet: bool) -> None:
+def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, quiet: bool) -> None:
     """Check every shard of OUT: present, right size and alignment, every checksum right.
 
     Exits 1 and lists each problem if anything is wrong.
 
     \b
-    Example:
+    Examples:
       mertools verify out/
+      mertools verify out/ --deep --against mixtral-q4_0.gguf
     """
-    bar = _Bar(quiet or as_json, "verify")
+    if against and not deep:
+        _fail("--against needs --deep")
+    bar, deep_bar = _Bar(quiet or as_json, "verify"), _Bar(quiet or as_json, "deep", unit="expert")
     with _errors():
         if not out.is_dir():
             raise click.UsageError(f"{out}: not a folder")
         try:
-            r = do_verify(out, progress=bar)
+            r = do_verify(out, deep=deep, against=against, io=io, progress=bar, deep_progress=deep_bar)
         finally:
             bar.close()
+            deep_bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -147,11 +159,86 @@ def verify(out: Path, as_json: bool, quiet: bool) -> None:
             click.echo(f"warning: {w}", err=True)
         for p in r.problems:
             click.echo(f"FAIL {p}")
-        gbps = r.bytes_read / r.seconds / 1e9 if r.seconds else 0
         status = "OK" if r.ok else f"{len(r.problems)} problem(s)"
-        click.echo(f"{status}: {r.experts_checked} experts, {r.bytes_read / 1e9:.3f} GB read in {r.seconds:.2f} s "
-                   f"({gbps:.2f} GB/s)")
+        click.echo(f"{status}: {r.experts_checked} experts, {human_bytes(r.bytes_read)} checksummed in "
+                   f"{r.checksum_seconds:.2f} s ({r.gb_per_s:.2f} GB/s)")
+        if r.deep:
+            d = r.deep
+            click.echo(f"deep: {d['experts_run']} experts run through the runtime ({d['io']}); reference: "
+                       f"{d['reference']}; worst max relative error {d['worst_rel_err']:.2e} "
+                       f"(tolerance {d['tolerance']:g})")
     sys.exit(0 if r.ok else 1)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tokens", type=click.IntRange(1), default=5000, show_default=True,
+              help="Tokens to run; one token = one top-k step through every MoE layer.")
+@click.option("--cache-slots", type=click.IntRange(2), default=16, show_default=True)
+@click.option("--seed", type=int, default=12648430, show_default=True)
+@click.option("--workload", type=click.Choice(["zipf", "markov", "uniform", "router", "replay"]), default="zipf",
+              show_default=True, help="Routing decisions: synthetic, the model's own router, or a JSONL trace.")
+@click.option("--trace", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="With --workload replay: JSONL, one line per token: {\"experts\": [[e, ...] per MoE layer]}.")
+@click.option("--io", type=click.Choice(["auto", "io_uring", "pread", "buffered"]), default="auto", show_default=True)
+@click.option("--no-prefetch", is_flag=True, help="Turn the Markov prefetcher off.")
+@click.option("--emit-golden", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write, for every expert, a seeded input and its float64 reference output (.npz).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, trace: Path | None, io: str,
+          no_prefetch: bool, emit_golden: Path | None, as_json: bool, quiet: bool) -> None:
+    """Stream routing decisions through the runtime (loader, cache, prefetcher, kernels) and report telemetry.
+
+    \b
+    Examples:
+      mertools smoke out/ --tokens 2000 --workload router
+      mertools smoke out/ --workload replay --trace routes.jsonl --json
+      mertools smoke out/ --io pread --no-prefetch --emit-golden golden.npz
+    """
+    from mer_runtime.smoke import SmokeConfig, emit_golden as do_golden, render, run_smoke
+
+    if (workload == "replay") != (trace is not None):
+        _fail("--workload replay and --trace FILE go together")
+    cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
+                      replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch)
+    bar = _Bar(quiet or as_json, "smoke", unit="tok")
+    with _errors():
+        try:
+            r = run_smoke(out, cfg, progress=bar)
+        finally:
+            bar.close()
+        if emit_golden:
+            r["golden"] = do_golden(out, emit_golden, seed)
+    if as_json:
+        _emit(r)
+    else:
+        click.echo(render(r))
+        if emit_golden:
+            click.echo(f"  golden: {r['golden']['experts']} experts' inputs and float64 outputs in {emit_golden}")
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A GGUF MoE model (default: the bundled llama.cpp-made Mixtral Q4_0, or a generated one).")
+@click.option("--out", type=click.Path(path_type=Path), help="Where to write the shards (default: a temp folder).")
+@click.option("--tokens", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> None:
+    """The whole path on a bundled model: extract, verify --deep against the source, a short smoke run.
+
+    \b
+    Example:
+      mertools demo
+    """
+    from .demo import run_demo
+
+    with _errors():
+        r = run_demo(model, out, tokens=tokens, echo=None if as_json else click.echo)
+    if as_json:
+        _emit(r)
+    if not r["verify"]["ok"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,9 +34,15 @@ class VerifyReport:
     experts_checked: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    checksum_seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     deep: dict[str, Any] | None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        """Checksum throughput: bytes read over the time of the checksum pass alone."""
+        return self.bytes_read / self.checksum_seconds / 1e9 if self.checksum_seconds else 0.0
 
     @property
     def ok(self) -> bool:
@@ -49,7 +55,7 @@ class VerifyReport:
             "experts_checked": self.experts_checked,
             "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 4),
-            "gb_per_s": round(self.bytes_read / self.seconds / 1e9, 4) if self.seconds else 0.0,
+            "gb_per_s": round(self.gb_per_s, 4),
             "problems": [{"path": p.path, "problem": p.what} for p in self.problems],
             "warnings": [{"path": p.path, "problem": p.what} for p in self.warnings],
         }
@@ -84,12 +90,20 @@ def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None]) -> tu
 def verify(
     folder: str | os.PathLike[str],
     *,
+    deep: bool = False,
+    against: str | os.PathLike[str] | None = None,
+    io: str = "auto",
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    deep_progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> VerifyReport:
     """Check an extracted folder; the report lists every problem found (empty when all is well).
 
-    >>> report = verify("out/")      # doctest: +SKIP
-    >>> report.ok, report.problems   # doctest: +SKIP
+    With deep=True every expert is also run through the runtime and compared with a float64 reference computed
+    from `against` (the source model) or, without it, from the shard bytes (see mertools.deep).
+
+    >>> report = verify("out/")                                        # doctest: +SKIP
+    >>> report = verify("out/", deep=True, against="model.gguf")       # doctest: +SKIP
+    >>> report.ok, report.problems                                     # doctest: +SKIP
     """
     t0 = time.perf_counter()
     report = VerifyReport(Path(folder))
@@ -126,5 +140,14 @@ def verify(
             rel = p.relative_to(m.root).as_posix()
             if p.is_file() and rel not in listed:
                 report.warnings.append(Problem(rel, "not listed in the manifest"))
+    report.checksum_seconds = time.perf_counter() - t0
+    if deep:
+        from .deep import deep_verify
+
+        if against is not None and Path(against).name not in {f["name"] for f in m.source.get("files", [])}:
+            report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
+                                                         f"({', '.join(f['name'] for f in m.source['files'])})"))
+
+        deep_verify(report, m, against=against, io=io, progress=deep_progress)
     report.seconds = time.perf_counter() - t0
     return report

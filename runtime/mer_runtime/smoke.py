@@ -1,0 +1,328 @@
+"""Smoke runs: a stream of routing decisions loaded through cache, prefetcher and loader, each expert computed.
+
+What a "token" is: one pass through every MoE layer of the model, k experts per layer. The seed engine (MER)
+counts one top-k step of ONE layer as a token; both figures are reported (`tokens_per_s` for the whole model,
+`layer_steps_per_s` for the seed engine's unit).
+
+Workloads (all seeded): `uniform` (k distinct experts uniformly), `zipf` (per-layer Zipf(1.1) popularity),
+`markov` (each expert tends to follow a few successors, token to token and layer to layer), `router` (the model's
+own router weights from dense.gguf applied to a seeded random walk of hidden states), `replay FILE` (a JSONL trace:
+one line per token, `{"experts": [[...] per MoE layer]}` or `{"layers": {"<block>": [...]}}`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .buffers import BufferPool
+from .cache import ExpertCache
+from .errors import MerError
+from .kernels import dequantize_tensor, expert_ffn, reference_ffn
+from .loader import Loader, Ticket
+from .manifest import Manifest, load_manifest
+from .prefetch import MarkovPrefetcher
+from .shards import open_shards
+
+WORKLOADS = ("zipf", "markov", "uniform", "router", "replay")
+DEFAULT_SEED = 12648430
+
+
+@dataclass
+class SmokeConfig:
+    tokens: int = 5000
+    cache_slots: int = 16
+    seed: int = DEFAULT_SEED
+    workload: str = "zipf"
+    replay: str | None = None
+    io: str = "auto"
+    prefetch: bool = True
+    threshold_scale: float = 2.0
+    max_inflight: int = 4
+    compute: bool = True
+
+
+# -- routing traces -----------------------------------------------------------------------------------------
+def _topk_without_replacement(rng: np.random.Generator, logp: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """k distinct experts per row, drawn by the Gumbel-top-k trick from log-probabilities logp [E]."""
+    g = logp + rng.gumbel(size=(*shape, logp.shape[-1]))
+    return np.argsort(-g, axis=-1)[..., :k]
+
+
+def _zipf_logp(rng: np.random.Generator, n_layers: int, n: int, s: float = 1.1) -> np.ndarray:
+    ranks = np.arange(1, n + 1, dtype=np.float64)
+    return np.stack([np.log(ranks[rng.permutation(n)] ** -s) for _ in range(n_layers)])
+
+
+def make_routes(m: Manifest, workload: str, tokens: int, seed: int, replay: str | None = None) -> np.ndarray:
+    """Routing decisions as expert ids [tokens, n_moe_layers, k]."""
+    layers = m.layers
+    n = m.model["n_experts"]
+    k = m.model.get("n_experts_used") or min(2, n)
+    rng = np.random.default_rng(seed)
+    L = len(layers)
+    if workload == "uniform":
+        return _topk_without_replacement(rng, np.zeros(n), k, (tokens, L))
+    if workload == "zipf":
+        logp = _zipf_logp(rng, L, n)
+        return np.stack([_topk_without_replacement(rng, logp[li], k, (tokens,)) for li in range(L)], axis=1)
+    if workload == "markov":
+        logp = _zipf_logp(rng, L, n)
+        succ = rng.integers(0, n, size=(L, n, 3))  # each expert's likely successors, same layer
+        cross = rng.integers(0, n, size=(L, n, 2))  # likely experts of layer l given layer l-1
+        out = np.zeros((tokens, L, k), np.int64)
+        for t in range(tokens):
+            for li in range(L):
+                chosen: list[int] = []
+                for i in range(k):
+                    r = rng.random()
+                    if t > 0 and r < 0.55:
+                        cand = int(succ[li, out[t - 1, li, i], rng.integers(3)])
+                    elif li > 0 and r < 0.85:
+                        cand = int(cross[li, out[t, li - 1, i], rng.integers(2)])
+                    else:
+                        cand = int(_topk_without_replacement(rng, logp[li], 1, ())[0])
+                    while cand in chosen:
+                        cand = int(_topk_without_replacement(rng, logp[li], 1, ())[0])
+                    chosen.append(cand)
+                out[t, li] = chosen
+        return out
+    if workload == "router":
+        return _router_routes(m, tokens, k, rng)
+    if workload == "replay":
+        if not replay:
+            raise MerError("--workload replay needs a trace file (JSONL)")
+        return _replay_routes(m, Path(replay), k)
+    raise MerError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
+
+
+def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    import gguf
+
+    if not m.dense:
+        raise MerError(f"{m.root}: no dense.gguf, so the router weights are unknown; use another --workload")
+    reader = gguf.GGUFReader(m.root / m.dense["path"])
+    tensors = {t.name: t for t in reader.tensors}
+    router = m.model.get("router", {})
+    d = m.model["d_model"]
+    weights = []
+    for layer in m.layers:
+        name = router.get("weight", "blk.{layer}.ffn_gate_inp.weight").format(layer=layer)
+        if name not in tensors:
+            raise MerError(f"{m.root / m.dense['path']}: no router tensor {name}; use another --workload")
+        t = tensors[name]
+        w = dequantize_tensor(t.tensor_type.name, (m.model["n_experts"], d), np.asarray(t.data).view(np.uint8))
+        bname = router.get("bias", "").format(layer=layer)
+        b = tensors[bname].data.astype(np.float64) if bname in tensors else np.zeros(m.model["n_experts"])
+        weights.append((w, b))
+    h = rng.standard_normal(d)
+    out = np.zeros((tokens, len(m.layers), k), np.int64)
+    for t in range(tokens):
+        h = 0.8 * h + 0.6 * rng.standard_normal(d)  # a random walk: consecutive tokens resemble each other
+        for li, (w, b) in enumerate(weights):
+            logits = w @ (h + 0.3 * rng.standard_normal(d)) + b
+            out[t, li] = np.argsort(-logits)[:k]
+    return out
+
+
+def _replay_routes(m: Manifest, path: Path, k: int) -> np.ndarray:
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise MerError(f"{path}: cannot read the trace ({exc.strerror})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if "experts" in rec:
+                per = [list(map(int, x)) for x in rec["experts"]]
+            else:
+                per = [list(map(int, rec["layers"][str(layer)])) for layer in m.layers]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MerError(f"{path}:{i}: not a routing record ({exc}); expected "
+                           '{"experts": [[e, ...] per MoE layer]}') from None
+        if len(per) != len(m.layers) or any(len(x) != k or not all(0 <= e < m.model["n_experts"] for e in x)
+                                             for x in per):
+            raise MerError(f"{path}:{i}: expected {len(m.layers)} layers of {k} experts in 0..{m.model['n_experts'] - 1}")
+        rows.append(per)
+    if not rows:
+        raise MerError(f"{path}: the trace is empty")
+    return np.array(rows, np.int64)
+
+
+# -- hit-rate comparison without I/O ------------------------------------------------------------------------
+class NullLoader(Loader):
+    """Completes every read at once without reading: for comparing cache policies on the same trace."""
+
+    name = "none"
+    direct = False
+
+    def start(self, path: str, size: int, slot: int) -> Ticket:
+        return Ticket(path, size, slot, next(self._ids), done=True)
+
+    def wait(self, t: Ticket) -> None:
+        pass
+
+    def ready(self, t: Ticket) -> bool:
+        return True
+
+
+def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
+           max_inflight: int, on_access: Callable[[int, int], None] | None = None) -> None:
+    T, L, _ = routes.shape
+    for t in range(T):
+        for li in range(L):
+            experts = [int(e) for e in routes[t, li]]
+            for e in experts:
+                if on_access:
+                    on_access(layers[li], e)
+                else:
+                    cache.acquire((layers[li], e))
+                    cache.release((layers[li], e))
+            if policy == "markov" and pf is not None:
+                pf.observe(li, experts)
+                target, cands = pf.predict(li)
+                for e in cands:
+                    if cache.in_flight() >= max_inflight:
+                        break
+                    cache.prefetch((layers[target], e))
+            elif policy == "oracle":
+                nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
+                if nt < T:
+                    for e in routes[nt, nl]:
+                        cache.prefetch((layers[nl], int(e)))
+
+
+def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConfig) -> dict[str, dict[str, Any]]:
+    """Hit rates of no prefetch, the Markov prefetcher and an oracle (knows the next step), same trace and slots."""
+    out = {}
+    for policy in ("none", "markov", "oracle"):
+        pool = BufferPool(4096, slots)
+        cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
+        pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
+        _drive(cache, routes, m.layers, policy, pf, cfg.max_inflight)
+        out[policy] = cache.stats.as_dict()
+        pool.close()
+    return out
+
+
+# -- the smoke run ------------------------------------------------------------------------------------------
+def _pct(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    a = np.asarray(values) * 1e3
+    return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (50, 95, 99)}
+
+
+def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int], Callable[[int], None]] | None = None
+              ) -> dict[str, Any]:
+    m = load_manifest(path)
+    routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
+    T, L, k = routes.shape
+    tick = progress(T, T) if progress else (lambda n: None)
+    compute_times: list[float] = []
+    x_bank = np.random.default_rng(cfg.seed + 1).standard_normal((8, m.model["d_model"])).astype(np.float32)
+    with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first") as s:
+        pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
+                              max_inflight=cfg.max_inflight)
+        token_index = [0]
+
+        def access(layer: int, e: int) -> None:
+            with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
+                if cfg.compute:
+                    t0 = time.perf_counter()
+                    expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()},
+                               x_bank[token_index[0] % len(x_bank)], s.activation)
+                    compute_times.append(time.perf_counter() - t0)
+
+        t_start = time.perf_counter()
+        for t in range(T):
+            token_index[0] = t
+            _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none", pf if cfg.prefetch else None,
+                   cfg.max_inflight, on_access=access)
+            tick(1)
+        wall = time.perf_counter() - t_start
+        st = s.cache.stats
+        io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
+        # compute time excludes the wait for the shard: ffn() blocks on I/O inside, so subtract it
+        io_wait = st.io_wait
+        compute_total = sum(compute_times)
+    expert_calls = T * L * k
+    result = {
+        "folder": str(path),
+        "workload": cfg.workload,
+        "seed": cfg.seed,
+        "tokens": T,
+        "token_definition": "one token = one top-k step through every MoE layer; layer_steps counts one layer's "
+                            "top-k step as the seed engine does",
+        "moe_layers": L,
+        "experts_per_layer": m.model["n_experts"],
+        "top_k": k,
+        "layer_steps": T * L,
+        "expert_calls": expert_calls,
+        "wall_s": round(wall, 4),
+        "tokens_per_s": round(T / wall, 3) if wall else 0.0,
+        "layer_steps_per_s": round(T * L / wall, 3) if wall else 0.0,
+        "cache_slots": cfg.cache_slots,
+        **st.as_dict(),
+        "prefetch": cfg.prefetch,
+        "bytes_read": bytes_read,
+        "read_mib_per_s": round(bytes_read / wall / 2**20, 2) if wall else 0.0,
+        "io_latency_ms_misses": _pct(st.load_latency),
+        "compute_ms_per_expert": _pct(compute_times) if cfg.compute else None,
+        "io_wait_s": round(io_wait, 4),
+        "compute_s": round(compute_total, 4),
+        "io_share": round(io_wait / wall, 4) if wall else 0.0,
+        "io": io_desc,
+        "backend": backend,
+        "hit_rate_by_policy": compare_policies(m, routes, cfg.cache_slots, cfg),
+    }
+    return result
+
+
+def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """For every expert: a seeded input and the float64 reference output (gguf dequantization, NumPy float64)."""
+    m = load_manifest(path)
+    rng = np.random.default_rng(seed)
+    act = m.model.get("activation", {"kind": "swiglu"})
+    xs, ys, ids = [], [], []
+    for e in m.experts:
+        blob = np.frombuffer(m.path_of(e).read_bytes(), np.uint8)
+        w = {r: dequantize_tensor(t.dtype, t.shape, blob[t.offset:t.offset + t.nbytes]) for r, t in e.tensors.items()}
+        x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
+        xs.append(x)
+        ys.append(reference_ffn(w, x, act))
+        ids.append((e.layer, e.expert))
+    meta = {"folder": str(path), "seed": seed, "activation": act, "formula": "y = down @ act(gate @ x (+b), up @ x (+b)) "
+            "(+b_down), float64, weights = gguf.quants.dequantize(shard bytes)", "format_version": m.format_version}
+    np.savez(out_file, layer_expert=np.array(ids, np.int32), x=np.stack(xs), y=np.stack(ys), meta=json.dumps(meta))
+    return {"experts": len(ids), "file": str(out_file), **meta}
+
+
+def render(r: dict[str, Any]) -> str:
+    lat, comp = r["io_latency_ms_misses"], r["compute_ms_per_expert"] or {"p50": 0, "p95": 0, "p99": 0}
+    pol = r["hit_rate_by_policy"]
+    return "\n".join([
+        f"smoke {r['folder']}: workload {r['workload']} (seed {r['seed']}), backend {r['backend']}",
+        f"  tokens {r['tokens']} ({r['moe_layers']} MoE layers x top-{r['top_k']} of {r['experts_per_layer']}), "
+        f"wall {r['wall_s']:.2f} s: {r['tokens_per_s']:.2f} tokens/s (whole model), "
+        f"{r['layer_steps_per_s']:.2f} layer-steps/s (seed engine's 'token')",
+        f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
+        f"evictions {r['evictions']}",
+        f"  prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
+        f"wasted {r['prefetch_wasted']}",
+        f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
+        f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",
+        f"  read {r['bytes_read'] / 2**20:.1f} MiB at {r['read_mib_per_s']:.1f} MiB/s; I/O latency (misses) ms "
+        f"p50 {lat['p50']:.3f} p95 {lat['p95']:.3f} p99 {lat['p99']:.3f}",
+        f"  compute ms/expert p50 {comp['p50']:.3f} p95 {comp['p95']:.3f} p99 {comp['p99']:.3f}; "
+        f"I/O share of the cycle {r['io_share']:.1%}",
+        f"  io: {r['io']}",
+    ])

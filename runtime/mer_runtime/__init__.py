@@ -1,19 +1,27 @@
 """mer_runtime: a minimal consumer of mertools' expert-shard folders.
 
-Importable on its own: it depends on numpy, xxhash and gguf (for the type table and, for uncommon types,
-dequantization) and never imports ``mertools``.
+    from mer_runtime import open_shards
+    with open_shards("out/", io="auto", cache_slots=16) as s:
+        y = s.ffn(layer, expert, x)
+
+Importable on its own: it depends on numpy, xxhash, numba (kernels) and gguf (the type table and, for uncommon
+types, dequantization), and never imports ``mertools``.
 """
 
 from .errors import ManifestError, MerError, ShardIOError
 from .manifest import FORMAT_VERSION, ExpertEntry, Manifest, TensorEntry, load_manifest
+from .shards import ExpertView, ShardSet, open_shards
 
 __all__ = [
     "FORMAT_VERSION",
     "ExpertEntry",
+    "ExpertView",
     "ManifestError",
     "Manifest",
     "MerError",
     "ShardIOError",
+    "ShardSet",
     "TensorEntry",
     "load_manifest",
+    "open_shards",
 ]

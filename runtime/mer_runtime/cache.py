@@ -70,7 +70,17 @@ class ExpertCache:
 
     # -- slots --------------------------------------------------------------------------------------------
     def _evictable(self) -> list[Entry]:
+        self._settle()
         return [e for e in self.entries.values() if not e.pinned and e.users == 0 and e.ticket is None]
+
+    def _settle(self) -> None:
+        """Finish prefetches whose reads are already complete, so that they can be used or evicted."""
+        for e in [e for e in self.entries.values() if e.ticket is not None]:
+            if self.loader.ready(e.ticket):
+                try:
+                    self._finish(e)
+                except Exception:
+                    pass  # entry dropped by _finish; a foreground acquire reloads it and reports the error
 
     def _take_slot(self, foreground: bool) -> int | None:
         if self.free and (foreground or len(self.free) + len(self._evictable()) >= 2):

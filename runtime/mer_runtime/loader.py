@@ -43,7 +43,10 @@ def _open(path: str, direct: bool) -> int:
     try:
         return os.open(path, flags)
     except OSError as exc:
-        raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror})") from None
+        hint = ""
+        if direct and exc.errno == errno.EINVAL:
+            hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
+        raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
 
 
 def _short(path: str, offset: int, size: int) -> ShardIOError:
@@ -306,7 +309,13 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
     thread_kw = {**pool_kw, **{k: v for k, v in kw.items() if k == "threads"}}
     if io != "auto":
         cls = classes[io]
-        loader = cls(pool, **(pool_kw if cls is UringLoader else thread_kw))
+        try:
+            loader = _probe_read(cls, pool, probe_file, **(pool_kw if cls is UringLoader else thread_kw))
+        except ShardIOError:
+            raise
+        except OSError as exc:
+            why = uring.probe() or str(exc)
+            raise ShardIOError(exc.errno or 0, f"--io {io} is not available here: {why}; use --io auto") from None
         loader.reason = loader.reason or f"--io {io} asked for"
         return loader
     why = []

@@ -1,0 +1,118 @@
+"""The expert cache over real shard files and a real loader: LRU, pinning, in-use protection, the reserved slot."""
+
+from __future__ import annotations
+
+import pytest
+
+from mer_runtime import ShardIOError, load_manifest, open_shards
+from mer_runtime.buffers import BufferPool
+from mer_runtime.cache import ExpertCache
+from mer_runtime.loader import open_loader
+
+from conftest import REAL
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from mertools import extract
+
+    out = tmp_path_factory.mktemp("cache") / "q4"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    return load_manifest(out)
+
+
+def make_cache(m, slots):
+    pool = BufferPool(m.max_expert_size, slots)
+    loader = open_loader("auto", pool)
+
+    def locate(key):
+        e = m.expert(*key)
+        return str(m.path_of(e)), e.size
+
+    return ExpertCache(pool, loader, locate), pool
+
+
+def access(cache, key):
+    slot = cache.acquire(key)
+    cache.release(key)
+    return slot
+
+
+def test_lru_hits_misses_evictions(folder):
+    cache, pool = make_cache(folder, 3)
+    for key in [(0, 0), (0, 1), (0, 2), (0, 0), (0, 3), (0, 1)]:
+        access(cache, key)
+    # (0,0),(0,1),(0,2) miss; (0,0) hit; (0,3) evicts LRU (0,1); (0,1) misses and evicts (0,2)
+    s = cache.stats
+    assert (s.hits, s.misses, s.evictions) == (1, 5, 2)
+    assert list(cache.entries) == [(0, 0), (0, 3), (0, 1)]
+    e = folder.expert(0, 1)
+    assert pool.view(cache.entries[(0, 1)].slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+
+
+def test_pinned_experts_are_never_evicted(folder):
+    cache, _ = make_cache(folder, 3)
+    cache.pin([(1, 0), (1, 1)])
+    for key in [(0, e) for e in range(4)] * 3:
+        access(cache, key)
+    assert (1, 0) in cache.entries and (1, 1) in cache.entries
+    before = cache.stats.hits
+    access(cache, (1, 0))
+    assert cache.stats.hits == before + 1
+    with pytest.raises(ValueError, match="one stays for loads"):
+        cache.pin([(0, 0), (0, 1), (0, 2)])
+
+
+def test_in_use_expert_is_not_evicted(folder):
+    cache, pool = make_cache(folder, 2)
+    held = cache.acquire((1, 3))
+    for key in [(0, e) for e in range(4)]:
+        access(cache, key)
+    assert cache.entries[(1, 3)].slot == held
+    e = folder.expert(1, 3)
+    assert pool.view(held, e.size).tobytes() == folder.path_of(e).read_bytes()
+    cache.release((1, 3))
+    with pytest.raises(RuntimeError, match="pinned or in use"):
+        cache.acquire((0, 0)), cache.acquire((0, 1)), cache.acquire((0, 2))
+
+
+def test_prefetch_never_takes_the_last_slot(folder):
+    cache, _ = make_cache(folder, 4)
+    started = [cache.prefetch((layer, e)) for layer in (0, 1) for e in range(4)]
+    # 3 prefetches fit (one slot always stays for the foreground), and none of them can evict another in flight
+    assert sum(started) == 3 and cache.stats.prefetch_skipped == 5
+    assert len(cache.free) == 1
+    slot = cache.acquire((1, 3))  # the foreground load gets the reserved slot at once
+    cache.release((1, 3))
+    assert cache.stats.misses == 1 and slot not in [e.slot for k, e in cache.entries.items() if k != (1, 3)]
+
+
+def test_prefetch_used_and_wasted_counters(folder):
+    cache, _ = make_cache(folder, 3)
+    assert cache.prefetch((0, 0)) and cache.prefetch((0, 1))
+    access(cache, (0, 0))  # a prefetch hit
+    assert cache.stats.prefetch_used == 1 and cache.stats.hits == 1
+    for key in [(1, 0), (1, 1), (1, 2)]:  # (0,1) is evicted without ever being used
+        access(cache, key)
+    assert cache.stats.prefetch_wasted == 1 and cache.stats.prefetch_issued == 2
+
+
+def test_corrupt_shard_is_caught_on_load(folder, tmp_path):
+    import shutil
+
+    dst = tmp_path / "c"
+    shutil.copytree(folder.root, dst)
+    e = folder.expert(1, 2)
+    data = bytearray((dst / e.path).read_bytes())
+    data[100] ^= 0xFF
+    (dst / e.path).write_bytes(bytes(data))
+    import numpy as np
+
+    with open_shards(dst, cache_slots=2) as s:
+        x = np.ones(256, np.float32)
+        s.ffn(1, 1, x)
+        with pytest.raises(ShardIOError, match="E0002.bin: checksum mismatch after loading"):
+            s.ffn(1, 2, x)
+        s.ffn(1, 1, x)  # the cache is still usable
+    with open_shards(dst, cache_slots=2, checksums="never") as s:
+        s.ffn(1, 2, x)  # unchecked on purpose

@@ -1,0 +1,93 @@
+"""verify --deep runs every expert through the runtime against an independent float64 reference, and catches a
+single changed byte even when every checksum in the manifest was rewritten to match it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import xxhash
+
+from mertools import verify
+from mer_runtime import load_manifest
+
+from conftest import ALL_MOE, REAL, parts_of, run_cli
+
+
+@pytest.mark.parametrize("src", ALL_MOE, ids=lambda p: p.name)
+def test_deep_verify_passes_on_every_fixture(src, extracted):
+    r = verify(extracted(src), deep=True, against=src)
+    assert r.ok, [str(p) for p in r.problems]
+    assert r.deep["experts_run"] == r.experts_checked and r.deep["worst_rel_err"] < 1e-4
+    assert r.deep["reference"].startswith("source")
+
+
+def forge(folder, path, at):
+    """Change one byte and rewrite the file and projection checksums so that the shallow checks pass."""
+    p = folder / path
+    data = bytearray(p.read_bytes())
+    data[at] = (data[at] + 0x55) & 0xFF
+    p.write_bytes(bytes(data))
+    mpath = folder / "manifest.json"
+    raw = json.loads(mpath.read_text())
+    for e in raw["experts"]:
+        if e["path"] == path:
+            e["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data))
+            for t in e["tensors"].values():
+                t["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data[t["offset"]:t["offset"] + t["nbytes"]]))
+    mpath.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("src_name, role", [("mixtral-q4_0.gguf", "gate"), ("mixtral-q4_k_m.gguf", "down"),
+                                            ("gptoss-mxfp4_moe.gguf", "up"), ("mixtral-f16.gguf", "down")])
+def test_one_changed_byte_with_rewritten_checksums(tmp_path, extracted, src_name, role):
+    src = REAL / src_name
+    out = tmp_path / "forged"
+    shutil.copytree(extracted(src), out)
+    m = load_manifest(out)
+    e = m.expert(1, 2)
+    t = e.tensors[role]
+    forge(out, e.path, t.offset + t.nbytes // 2 + 1)
+    assert verify(out).ok  # checksums alone no longer see it
+    r = verify(out, deep=True, against=src)
+    assert not r.ok
+    whats = [p.what for p in r.problems if p.path == e.path]
+    assert any("does not match the source bytes" in w for w in whats)
+    assert any(w.startswith("output differs from the source reference") for w in whats)
+    assert {p.path for p in r.problems} == {e.path}  # the other experts are fine
+
+
+def test_deep_without_source_checks_the_runtime_against_shard_bytes(extracted):
+    r = verify(extracted(REAL / "qwen2moe-q4_k_m.gguf"), deep=True)
+    assert r.ok and r.deep["reference"].startswith("shard bytes")
+
+
+def test_cli_deep_json_and_failure_exit(tmp_path, extracted):
+    src = REAL / "mixtral-q4_0.gguf"
+    out = tmp_path / "o"
+    shutil.copytree(extracted(src), out)
+    p = run_cli("verify", out, "--deep", "--against", src, "--json", check=True)
+    j = json.loads(p.stdout)
+    assert j["ok"] and len(j["deep"]["per_expert"]) == 8 and j["deep"]["tolerance"] == 1e-4
+    e = load_manifest(out).expert(0, 0)
+    forge(out, e.path, e.tensors["down"].offset + 3)
+    p = run_cli("verify", out, "--deep", "--against", src, "-q")
+    assert p.returncode == 1 and f"FAIL {e.path}: output differs from the source reference" in p.stdout
+    p = run_cli("verify", out, "--against", src)
+    assert p.returncode == 2 and "--against needs --deep" in p.stderr
+
+
+def test_deep_with_every_backend(extracted):
+    out = extracted(REAL / "mixtral-perexpert-q8_0.gguf")
+    for io in ("pread", "buffered"):
+        r = verify(out, deep=True, against=REAL / "mixtral-perexpert-q8_0.gguf", io=io)
+        assert r.ok and r.deep["io"].startswith(io)
+
+
+def test_split_source_as_reference(extracted):
+    from conftest import GEN
+
+    src = GEN / "moe-split-q4_0-00001-of-00006.gguf"
+    assert len(parts_of(src)) == 6
+    assert verify(extracted(src), deep=True, against=src).ok

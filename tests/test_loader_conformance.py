@@ -1,0 +1,162 @@
+"""One conformance class every loader backend passes: same bytes, same errors. Plus `auto` and its fallbacks,
+with io_uring and O_DIRECT refused for real by a seccomp filter in a child process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mer_runtime import ShardIOError, load_manifest, uring
+from mer_runtime.buffers import BufferPool
+from mer_runtime.loader import BACKENDS, open_loader
+
+import seccomp
+from conftest import REAL, ROOT
+
+BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.skipif(b == "io_uring" and uring.probe() is not None, reason="no io_uring"))
+    for b in BACKENDS
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from mertools import extract
+
+    out = tmp_path_factory.mktemp("lc") / "f16"
+    extract(REAL / "mixtral-f16.gguf", out, fsync=False)
+    return load_manifest(out)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+class TestLoaderConformance:
+    def make(self, folder, backend, slots=4, **kw):
+        pool = BufferPool(folder.max_expert_size, slots)
+        return pool, open_loader(backend, pool, **kw)
+
+    def test_every_shard_byte_identical(self, folder, backend):
+        pool, loader = self.make(folder, backend)
+        try:
+            for i, e in enumerate(folder.experts):
+                loader.read(str(folder.path_of(e)), e.size, i % 4)
+                assert pool.view(i % 4, e.size).tobytes() == folder.path_of(e).read_bytes()
+            assert loader.bytes_read == sum(e.size for e in folder.experts)
+        finally:
+            loader.close()
+
+    @pytest.mark.parametrize("block_size, depth", [(4096, 1), (8192, 3), (1 << 20, 32)])
+    def test_chunking_and_queue_depth_do_not_change_bytes(self, folder, backend, block_size, depth):
+        pool, loader = self.make(folder, backend, block_size=block_size, queue_depth=depth)
+        try:
+            e = folder.experts[3]
+            loader.read(str(folder.path_of(e)), e.size, 2)
+            assert pool.view(2, e.size).tobytes() == folder.path_of(e).read_bytes()
+        finally:
+            loader.close()
+
+    def test_many_in_flight_waited_out_of_order(self, folder, backend):
+        pool, loader = self.make(folder, backend, slots=4, block_size=16384, queue_depth=8)
+        try:
+            es = folder.experts[:4]
+            tickets = [loader.start(str(folder.path_of(e)), e.size, i) for i, e in enumerate(es)]
+            for t, e in reversed(list(zip(tickets, es))):
+                loader.wait(t)
+                assert pool.view(t.slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+        finally:
+            loader.close()
+
+    def test_missing_file_names_it(self, folder, backend, tmp_path):
+        pool, loader = self.make(folder, backend)
+        try:
+            with pytest.raises(ShardIOError, match="nothere.bin: cannot open"):
+                loader.read(str(tmp_path / "nothere.bin"), 4096, 0)
+        finally:
+            loader.close()
+
+    def test_truncated_file_is_an_error(self, folder, backend, tmp_path):
+        e = folder.experts[0]
+        short = tmp_path / "short.bin"
+        short.write_bytes(folder.path_of(e).read_bytes()[: e.size - 8192])
+        pool, loader = self.make(folder, backend, block_size=16384)
+        try:
+            with pytest.raises(ShardIOError, match="short.bin: file ends at byte .* truncated"):
+                loader.read(str(short), e.size, 0)
+            loader.read(str(folder.path_of(e)), e.size, 0)  # the loader still works afterwards
+            assert pool.view(0, e.size).tobytes() == folder.path_of(e).read_bytes()
+        finally:
+            loader.close()
+
+    def test_read_larger_than_slot_is_refused(self, folder, backend):
+        pool, loader = self.make(folder, backend)
+        try:
+            with pytest.raises(ValueError):
+                loader.read(str(folder.path_of(folder.experts[0])), pool.slot_size + 4096, 0)
+        finally:
+            loader.close()
+
+
+def test_auto_prefers_io_uring_and_says_why(folder):
+    pool = BufferPool(folder.max_expert_size, 2)
+    loader = open_loader("auto", pool, probe_file=str(folder.path_of(folder.experts[0])))
+    try:
+        if uring.probe() is None:
+            assert loader.name == "io_uring" and "O_DIRECT works" in loader.reason
+        else:
+            assert loader.name in ("pread", "buffered") and loader.reason
+    finally:
+        loader.close()
+
+
+CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import seccomp
+seccomp.install(refuse_io_uring={uring}, refuse_o_direct={odirect})
+from mer_runtime import open_shards, MerError
+import numpy as np
+out = {{}}
+with open_shards({folder!r}, io="auto", cache_slots=2) as s:
+    out["backend"] = s.loader.name
+    out["reason"] = s.loader.reason
+    x = np.ones(s.manifest.model["d_model"], np.float32)
+    out["y"] = s.ffn(0, 1, x).tolist()
+try:
+    open_shards({folder!r}, io={forced!r}).close()
+    out["forced"] = "ok"
+except MerError as exc:
+    out["forced"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="the seccomp filter is written for x86-64 Linux")
+@pytest.mark.parametrize(
+    "refuse_uring, refuse_odirect, backend, forced, forced_error",
+    [
+        (True, False, "pread", "io_uring", "--io io_uring is not available here"),
+        (False, True, "buffered", "pread", "refuses O_DIRECT: use --io buffered"),
+        (True, True, "buffered", "io_uring", "--io io_uring is not available here"),
+    ],
+)
+def test_auto_falls_back_when_refused(folder, refuse_uring, refuse_odirect, backend, forced, forced_error):
+    code = CHILD.format(tests=str(ROOT / "tests"), uring=refuse_uring, odirect=refuse_odirect,
+                        folder=str(folder.root), forced=forced)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["backend"] == backend
+    if refuse_uring:
+        assert "io_uring_setup failed (Operation not permitted)" in got["reason"]
+    if refuse_odirect:
+        assert "O_DIRECT refused" in got["reason"]
+    assert forced_error in got["forced"]
+    # and the numbers are the same as with no refusal at all
+    from mer_runtime import open_shards
+    import numpy as np
+
+    with open_shards(folder.root, io="buffered", cache_slots=2) as s:
+        ref = s.ffn(0, 1, np.ones(s.manifest.model["d_model"], np.float32))
+    assert got["y"] == ref.tolist()

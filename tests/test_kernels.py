@@ -118,9 +118,43 @@ def test_q4_0_extreme_scales_and_nibbles():
 
 
 def test_kernel_paths_are_named():
-    assert "numba" in kernel_for("Q4_0") and "numba" in kernel_for("Q8_0")
+    from mer_runtime import kernels
+
+    assert kernels._LIB is not None, "the C kernel was not built: pip install -e . needs a C compiler"
+    assert "C, " in kernel_for("Q4_0") and "block kernel" in kernel_for("Q8_0")
     assert kernel_for("F16").startswith("numpy") and "slower" in kernel_for("Q4_K")
     assert kernel_for("NOPE") == "unsupported"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0])
+def test_portable_and_simd_paths_agree(qtype):
+    rng = np.random.default_rng(11)
+    rows, cols = 2048, 1024  # large enough to be split across threads
+    raw = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype).reshape(-1)
+    x = rng.standard_normal(cols).astype(np.float32)
+    fast, portable = matvec(qtype.name, raw, (rows, cols), x), matvec(qtype.name, raw, (rows, cols), x, simd=0)
+    ref = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64) @ x.astype(np.float64)
+    for got in (fast, portable):
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_without_the_c_kernel_results_are_the_same(tmp_path):
+    """MER_KERNELS=numpy: the fallback an install without a compiler gets."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    raw = quantize(rng.standard_normal((64, 256)).astype(np.float32), T.Q4_0).reshape(-1)
+    x = rng.standard_normal(256).astype(np.float32)
+    np.save(tmp_path / "raw.npy", raw)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, sys; from mer_runtime.kernels import matvec, kernel_for; "
+            f"d = {str(tmp_path)!r}; print(kernel_for('Q4_0')); "
+            "np.save(d + '/y.npy', matvec('Q4_0', np.load(d + '/raw.npy'), (64, 256), np.load(d + '/x.npy')))")
+    p = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "MER_KERNELS": "numpy"},
+                       capture_output=True, text=True, check=True)
+    assert "gguf dequantize" in p.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), matvec("Q4_0", raw, (64, 256), x), rtol=1e-5, atol=1e-6)
 
 
 def test_activation_kinds():

@@ -4,8 +4,8 @@
     with open_shards("out/", io="auto", cache_slots=16) as s:
         y = s.ffn(layer, expert, x)
 
-Importable on its own: it depends on numpy, xxhash, numba (kernels) and gguf (the type table and, for uncommon
-types, dequantization), and never imports ``mertools``.
+Importable on its own: it depends on numpy, xxhash and gguf (the type table and, for uncommon types,
+dequantization), plus an optional C kernel built at install, and never imports ``mertools``.
 """
 
 from .errors import ManifestError, MerError, ShardIOError

@@ -1,10 +1,11 @@
 """Expert FFN kernels working on the raw projection bytes: y = down(act(gate x, up x)).
 
-- Q4_0 and Q8_0: numba kernels that walk the raw 18- or 34-byte blocks row by row, never building a float32 matrix;
-  activations stay float32 (no activation quantization, so results are exact up to float32 rounding).
+- Q4_0 and Q8_0: a small C kernel (`_kernels.c`, AVX2/FMA/F16C when the CPU has it) that walks the raw 18- or
+  34-byte blocks row by row, never building a float32 matrix; activations stay float32 (not quantized), so results
+  are exact up to float32 rounding. Rows are split across threads (ctypes releases the GIL).
 - F16, BF16, F32: NumPy on the stored values (F16/BF16 widened to float32 a band of rows at a time).
-- Every other type the gguf package can dequantize: `gguf.quants.dequantize` on bands of rows (correct, slower;
-  `mertools inspect` says which path each type takes).
+- Every other type the gguf package can dequantize, and Q4_0/Q8_0 when the C kernel was not built: gguf's
+  dequantization on bands of rows (correct, slower; `mertools inspect` says which path each type takes).
 
 `reference_ffn` is the float64 NumPy oracle used by tests and `verify --deep`; it shares nothing with the fast path
 but the gguf package's dequantization.
@@ -12,28 +13,55 @@ but the gguf package's dequantization.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps the module importable without it
-    numba = None
-
-NATIVE = {"Q4_0": "q4_0 block kernel (numba)", "Q8_0": "q8_0 block kernel (numba)",
-          "F16": "numpy (f16 widened per band)", "BF16": "numpy (bf16 widened per band)", "F32": "numpy"}
 BAND_BYTES = 4 << 20  # rows widened or dequantized at a time for the non-block paths
-_F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # f16 bits -> f32, 256 KiB, stays in L2
+PARALLEL_MIN_WEIGHTS = 1 << 20  # below this a matrix is done on one thread: handing out work costs more
+
+
+def _load_native() -> ctypes.CDLL | None:
+    if os.environ.get("MER_KERNELS") == "numpy":
+        return None
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        lib_path = here / f"_kernels{suffix}"
+        if lib_path.exists():
+            lib = ctypes.CDLL(str(lib_path))
+            args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_int64, ctypes.c_int]
+            for fn in (lib.mer_q4_0_rows, lib.mer_q8_0_rows):
+                fn.argtypes, fn.restype = args, None
+            lib.mer_has_avx2.restype = ctypes.c_int
+            return lib
+    return None
+
+
+_LIB = _load_native()
+SIMD = bool(_LIB and _LIB.mer_has_avx2())
+THREADS = max(1, int(os.environ.get("MER_THREADS", 0)) or os.cpu_count() or 1)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _native_name(dtype: str) -> str:
+    return f"{dtype.lower()} block kernel (C, {'AVX2' if SIMD else 'portable'}, {THREADS} threads)"
 
 
 def kernel_for(dtype: str) -> str:
-    if dtype in NATIVE and (numba is not None or dtype not in ("Q4_0", "Q8_0")):
-        return NATIVE[dtype]
+    if dtype in ("Q4_0", "Q8_0") and _LIB is not None:
+        return _native_name(dtype)
+    if dtype in ("F16", "BF16"):
+        return f"numpy ({dtype.lower()} widened per band)"
+    if dtype == "F32":
+        return "numpy"
     try:
         GGMLQuantizationType[dtype]
     except KeyError:
@@ -41,75 +69,44 @@ def kernel_for(dtype: str) -> str:
     return "gguf dequantize per band (slower)"
 
 
-if numba is not None:
-    _CACHE = os.environ.get("MER_NUMBA_CACHE", "1") != "0"
-
-    @njit(parallel=True, fastmath=True, cache=_CACHE)
-    def _q4_0_matvec(raw, xl, xh, xs, lut, out, rows, cols):  # pragma: no cover - compiled
-        # Block: f16 d, 16 bytes; element j is the low nibble of byte j, element j+16 the high nibble; x = d*(q-8).
-        # The row's nibbles are copied to a contiguous scratch first so the dot product is one long loop.
-        nblk = cols // 32
-        rowbytes = nblk * 18
-        nq = nblk * 16
-        chunk = 32
-        for c in prange((rows + chunk - 1) // chunk):
-            q = np.empty(nq, np.uint8)
-            de = np.empty(nq, np.float32)
-            for r in range(c * chunk, min(rows, (c + 1) * chunk)):
-                base = r * rowbytes
-                corr = np.float32(0.0)
-                for b in range(nblk):
-                    o = base + b * 18
-                    d = lut[np.int32(raw[o]) | (np.int32(raw[o + 1]) << np.int32(8))]
-                    corr += d * xs[b]
-                    q[b * 16:b * 16 + 16] = raw[o + 2:o + 18]
-                    de[b * 16:b * 16 + 16] = d
-                acc = np.float32(0.0)
-                for i in range(nq):
-                    v = np.int32(q[i])
-                    acc += de[i] * (np.float32(v & np.int32(15)) * xl[i] + np.float32(v >> np.int32(4)) * xh[i])
-                out[r] = acc - np.float32(8.0) * corr
+def _native_matvec(fn: Any, raw: np.ndarray, x: np.ndarray, out: np.ndarray, rows: int, cols: int,
+                   simd: int = -1) -> np.ndarray:
+    global _POOL
+    raw = np.ascontiguousarray(raw)
+    args = (raw.ctypes.data, x.ctypes.data, out.ctypes.data, cols)
+    n = THREADS if rows * cols >= PARALLEL_MIN_WEIGHTS else 1
+    if n == 1:
+        fn(*args, 0, rows, simd)
         return out
-
-    @njit(parallel=True, fastmath=True, cache=_CACHE)
-    def _q8_0_matvec(raw, x, lut, out, rows, cols):  # pragma: no cover - compiled
-        # Block: f16 d, 32 int8; x = d*q.
-        nblk = cols // 32
-        rowbytes = nblk * 34
-        for r in prange(rows):
-            base = r * rowbytes
-            acc = np.float32(0.0)
-            for b in range(nblk):
-                o = base + b * 34
-                d = lut[np.int32(raw[o]) | (np.int32(raw[o + 1]) << np.int32(8))]
-                s = np.float32(0.0)
-                for j in range(32):
-                    s += np.float32(np.int8(raw[o + 2 + j])) * x[b * 32 + j]
-                acc += d * s
-            out[r] = acc
-        return out
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="mer-kernel")
+    bounds = np.linspace(0, rows, n + 1).astype(np.int64)
+    list(_POOL.map(lambda i: fn(*args, int(bounds[i]), int(bounds[i + 1]), simd), range(n)))
+    return out
 
 
 def _rows_per_band(row_bytes: int) -> int:
     return max(1, BAND_BYTES // max(row_bytes, 1))
 
 
-def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
-    """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols]."""
+def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *, simd: int = -1) -> np.ndarray:
+    """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
+
+    simd=0 forces the portable C path of the block kernels (for tests); -1 takes the best the CPU has.
+    """
     rows, cols = shape
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 2:
-        return np.stack([matvec(dtype, raw, shape, xi) for xi in x]) if len(x) else np.zeros((0, rows), np.float32)
+        if not len(x):
+            return np.zeros((0, rows), np.float32)
+        return np.stack([matvec(dtype, raw, shape, xi, simd=simd) for xi in x])
     if x.shape != (cols,):
         raise ValueError(f"input has {x.shape[0]} features, the projection takes {cols}")
     out = np.empty(rows, np.float32)
-    if dtype == "Q4_0" and numba is not None:
-        xb = x.reshape(-1, 32)
-        xl = np.ascontiguousarray(xb[:, :16]).reshape(-1)
-        xh = np.ascontiguousarray(xb[:, 16:]).reshape(-1)
-        return _q4_0_matvec(raw, xl, xh, xb.sum(1, dtype=np.float32), _F16, out, rows, cols)
-    if dtype == "Q8_0" and numba is not None:
-        return _q8_0_matvec(raw, x, _F16, out, rows, cols)
+    if dtype == "Q4_0" and _LIB is not None:
+        return _native_matvec(_LIB.mer_q4_0_rows, raw, x, out, rows, cols, simd)
+    if dtype == "Q8_0" and _LIB is not None:
+        return _native_matvec(_LIB.mer_q8_0_rows, raw, x, out, rows, cols, simd)
     if dtype == "F32":
         return raw.view(np.float32).reshape(rows, cols) @ x
     block, tsize = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]

@@ -110,13 +110,13 @@ def test_disk_filling_up_mid_write(tiny_fs):
     def progress(total, items):
         def tick(n):
             if not filled:
-                free = os.statvfs(tiny_fs).f_bavail * os.statvfs(tiny_fs).f_frsize
-                with open(tiny_fs / "filler", "wb") as fh:
+                filled.append(1)
+                with open(tiny_fs / "filler", "wb", buffering=0) as fh:  # take every last block
                     try:
-                        fh.write(b"\0" * free)
+                        while fh.write(b"\0" * 4096):
+                            pass
                     except OSError:
                         pass
-                filled.append(1)
 
         return tick
 

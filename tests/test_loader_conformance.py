@@ -35,6 +35,8 @@ def folder(tmp_path_factory):
 class TestLoaderConformance:
     def make(self, folder, backend, slots=4, **kw):
         pool = BufferPool(folder.max_expert_size, slots)
+        if backend == "io_uring":
+            kw.pop("threads", None)
         return pool, open_loader(backend, pool, **kw)
 
     def test_every_shard_byte_identical(self, folder, backend):
@@ -65,6 +67,26 @@ class TestLoaderConformance:
             for t, e in reversed(list(zip(tickets, es))):
                 loader.wait(t)
                 assert pool.view(t.slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+        finally:
+            loader.close()
+
+    def test_urgent_reads_jump_the_queue(self, folder, backend):
+        pool, loader = self.make(folder, backend, slots=3, block_size=4096, queue_depth=1, threads=1)
+        try:
+            a, b = folder.experts[0], folder.experts[1]
+            ta = loader.start(str(folder.path_of(a)), a.size, 0)  # a prefetch of ~100 chunks
+            tb = loader.start(str(folder.path_of(b)), b.size, 1, urgent=True)
+            loader.wait(tb)
+            assert not loader.ready(ta)  # b went first
+            loader.wait(ta)
+            assert pool.view(0, a.size).tobytes() == folder.path_of(a).read_bytes()
+            assert pool.view(1, b.size).tobytes() == folder.path_of(b).read_bytes()
+            tc = loader.start(str(folder.path_of(a)), a.size, 2)
+            td = loader.start(str(folder.path_of(b)), b.size, 0)
+            loader.promote(td)
+            loader.wait(td)
+            assert not loader.ready(tc)
+            loader.wait(tc)
         finally:
             loader.close()
 

@@ -102,11 +102,11 @@ class ExpertCache:
             self.stats.prefetch_wasted += 1
         return v.slot
 
-    def _start(self, key: Key, slot: int) -> Entry:
+    def _start(self, key: Key, slot: int, urgent: bool) -> Entry:
         path, size = self.locate(key)
         e = Entry(key, slot, None, time.perf_counter())
         try:
-            e.ticket = self.loader.start(path, size, slot)
+            e.ticket = self.loader.start(path, size, slot, urgent=urgent)
         except BaseException:
             self.free.append(slot)
             raise
@@ -137,10 +137,12 @@ class ExpertCache:
             self.stats.hits += 1
             if e.prefetched and not e.used:
                 self.stats.prefetch_used += 1
+            if e.ticket is not None:
+                self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
             self._finish(e)
         else:
             self.stats.misses += 1
-            e = self._start(key, self._take_slot(foreground=True))
+            e = self._start(key, self._take_slot(foreground=True), urgent=True)
             self._finish(e)
             self.stats.load_latency.append(time.perf_counter() - e.started)
         e.used = True
@@ -159,7 +161,7 @@ class ExpertCache:
         if slot is None:
             self.stats.prefetch_skipped += 1
             return False
-        e = self._start(key, slot)
+        e = self._start(key, slot, urgent=False)
         e.prefetched = True
         self.stats.prefetch_issued += 1
         return True

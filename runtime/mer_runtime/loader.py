@@ -14,8 +14,8 @@ import errno
 import itertools
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 from . import uring
 from .buffers import BufferPool
@@ -35,7 +35,6 @@ class Ticket:
     remaining: int = 0  # chunks not yet complete
     error: BaseException | None = None
     done: bool = False
-    futures: list[Future] = field(default_factory=list)
 
 
 def _open(path: str, direct: bool) -> int:
@@ -69,8 +68,12 @@ class Loader:
     def read(self, path: str, size: int, slot: int) -> None:
         self.wait(self.start(path, size, slot))
 
-    def start(self, path: str, size: int, slot: int) -> Ticket:
+    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
+        """Begin reading `size` bytes of `path` into `slot`; urgent (foreground) reads jump the queue."""
         raise NotImplementedError
+
+    def promote(self, t: Ticket) -> None:
+        """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
 
     def wait(self, t: Ticket) -> None:
         raise NotImplementedError
@@ -92,18 +95,25 @@ class Loader:
 
 
 class PreadLoader(Loader):
-    """O_DIRECT preadv from a small thread pool: for kernels or containers where io_uring is disabled."""
+    """O_DIRECT preadv on a few worker threads: for kernels or containers where io_uring is disabled.
+
+    Chunks wait in one queue; urgent (foreground) loads go to its front, so a miss never queues behind prefetches.
+    """
 
     name = "pread"
     direct = True
 
     def __init__(self, pool: BufferPool, *, threads: int = 4, **kw):
         super().__init__(pool, **kw)
-        self._exec = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"mer-{self.name}")
-        self._lock = threading.Lock()
-        self._sem = threading.BoundedSemaphore(self.queue_depth)
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[Ticket, memoryview, int]] = deque()
+        self._closing = False
+        self._workers = [threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for w in self._workers:
+            w.start()
 
-    def start(self, path: str, size: int, slot: int) -> Ticket:
+    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
         self._check(size, slot)
         t = Ticket(path, size, slot, next(self._ids))
         t.fd = _open(path, self.direct)
@@ -113,56 +123,79 @@ class PreadLoader(Loader):
             except OSError:
                 pass
         view = memoryview(self.pool.view(slot, size))
-        for off in range(0, size, self.block_size):
-            n = min(self.block_size, size - off)
-            t.futures.append(self._exec.submit(self._chunk, t, view[off:off + n], off))
-        if not t.futures:
-            os.close(t.fd)
-            t.done = True
+        items = [(t, view[off:off + self.block_size], off) for off in range(0, size, self.block_size)]
+        t.remaining = len(items)
+        with self._cv:
+            if urgent:
+                self._queue.extendleft(reversed(items))
+            else:
+                self._queue.extend(items)
+            self._cv.notify_all()
         return t
 
-    def _chunk(self, t: Ticket, dest: memoryview, offset: int) -> int:
-        with self._sem:  # at most queue_depth chunks in flight across all tickets
-            done = 0
-            while done < len(dest):
+    def promote(self, t: Ticket) -> None:
+        with self._cv:
+            mine = [it for it in self._queue if it[0] is t]
+            if mine:
+                self._queue = deque(it for it in self._queue if it[0] is not t)
+                self._queue.extendleft(reversed(mine))
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                t, dest, offset = self._queue.popleft()
+            err = None
+            if t.error is None:
                 try:
-                    n = os.preadv(t.fd, [dest[done:]], offset + done)
-                except OSError as exc:
-                    if exc.errno in _RETRY:
-                        continue
-                    raise ShardIOError(exc.errno, f"{t.path}: read failed at byte {offset + done} ({exc.strerror})") \
-                        from None
-                if n == 0:
-                    raise _short(t.path, offset + done, t.size)
-                done += n
-            return done
+                    self._read(t, dest, offset)
+                except BaseException as exc:  # handed to the waiter
+                    err = exc
+            with self._cv:
+                if err is not None and t.error is None:
+                    t.error = err
+                t.remaining -= 1
+                if t.remaining == 0:
+                    self._cv.notify_all()
+
+    def _read(self, t: Ticket, dest: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(dest):
+            try:
+                n = os.preadv(t.fd, [dest[done:]], offset + done)
+            except OSError as exc:
+                if exc.errno in _RETRY:
+                    continue
+                raise ShardIOError(exc.errno, f"{t.path}: read failed at byte {offset + done} ({exc.strerror})") \
+                    from None
+            if n == 0:
+                raise _short(t.path, offset + done, t.size)
+            done += n
 
     def ready(self, t: Ticket) -> bool:
-        return t.done or all(f.done() for f in t.futures)
+        return t.remaining == 0
 
     def wait(self, t: Ticket) -> None:
-        if t.done:
-            if t.error:
-                raise t.error
-            return
-        try:
-            for f in t.futures:
-                f.result()
-            self.bytes_read += t.size
-        except BaseException as exc:
-            for f in t.futures:
-                f.cancel()
-            for f in t.futures:
-                if not f.cancelled():
-                    f.exception()  # let running chunks finish before the fd is closed
-            t.error = exc
-            raise
-        finally:
+        with self._cv:
+            while t.remaining > 0:
+                self._cv.wait()
+        if not t.done:
             t.done = True
             os.close(t.fd)
+            if t.error is None:
+                self.bytes_read += t.size
+        if t.error is not None:
+            raise t.error
 
     def close(self) -> None:
-        self._exec.shutdown(wait=True)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        for w in self._workers:
+            w.join()
 
 
 class BufferedLoader(PreadLoader):
@@ -196,18 +229,23 @@ class UringLoader(Loader):
     def describe(self) -> str:
         return super().describe() + (", fixed buffers" if self.fixed else ", plain READ")
 
-    def start(self, path: str, size: int, slot: int) -> Ticket:
+    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
         self._check(size, slot)
         t = Ticket(path, size, slot, next(self._ids))
         t.fd = _open(path, True)
         self._tickets[t.id] = t
-        for off in range(0, size, self.block_size):
-            self._queue.append((t, off, min(self.block_size, size - off)))
-            t.remaining += 1
+        items = [(t, off, min(self.block_size, size - off)) for off in range(0, size, self.block_size)]
+        t.remaining = len(items)
+        self._queue = items + self._queue if urgent else self._queue + items
         if not t.remaining:
             self._finish(t)
         self._pump()
         return t
+
+    def promote(self, t: Ticket) -> None:
+        mine = [it for it in self._queue if it[0] is t]
+        if mine:
+            self._queue = mine + [it for it in self._queue if it[0] is not t]
 
     def _pump(self) -> None:
         r = self.ring

@@ -164,7 +164,7 @@ class NullLoader(Loader):
     name = "none"
     direct = False
 
-    def start(self, path: str, size: int, slot: int) -> Ticket:
+    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
         return Ticket(path, size, slot, next(self._ids), done=True)
 
     def wait(self, t: Ticket) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 
 class MarkovPrefetcher:
-    def __init__(self, layers: list[int], n_experts: int, *, threshold_scale: float = 2.0, max_inflight: int = 4,
+    def __init__(self, layers: list[int], n_experts: int, *, threshold_scale: float = 2.0, max_inflight: int = 2,
                  max_per_step: int | None = None):
         self.layers = list(layers)
         self.n = n_experts

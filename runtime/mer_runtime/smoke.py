@@ -43,7 +43,7 @@ class SmokeConfig:
     io: str = "auto"
     prefetch: bool = True
     threshold_scale: float = 2.0
-    max_inflight: int = 4
+    max_inflight: int = 2
     compute: bool = True
 
 

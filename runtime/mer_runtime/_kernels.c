@@ -43,6 +43,14 @@ static void q4_0_rows_generic(const uint8_t *raw, const float *x, float *out, in
 
 #ifdef MER_X86
 __attribute__((target("avx2,fma,f16c")))
+static inline float hsum256(__m256 acc) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+__attribute__((target("avx2,fma,f16c")))
 static void q4_0_rows_avx2(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1) {
     int64_t nblk = cols / 32, rowbytes = nblk * 18;
     const __m128i mask = _mm_set1_epi8(15);
@@ -68,10 +76,7 @@ static void q4_0_rows_avx2(const uint8_t *raw, const float *x, float *out, int64
             s = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), s);
             acc = _mm256_fmadd_ps(d, s, acc);
         }
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        out[r] = _mm_cvtss_f32(v);
+        out[r] = hsum256(acc);
     }
 }
 #endif
@@ -113,10 +118,7 @@ static void q8_0_rows_avx2(const uint8_t *raw, const float *x, float *out, int64
             s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), _mm256_loadu_ps(xb + 24), s);
             acc = _mm256_fmadd_ps(d, s, acc);
         }
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        out[r] = _mm_cvtss_f32(v);
+        out[r] = hsum256(acc);
     }
 }
 #endif

@@ -182,12 +182,14 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
               help="With --workload replay: JSONL, one line per token: {\"experts\": [[e, ...] per MoE layer]}.")
 @click.option("--io", type=click.Choice(["auto", "io_uring", "pread", "buffered"]), default="auto", show_default=True)
 @click.option("--no-prefetch", is_flag=True, help="Turn the Markov prefetcher off.")
+@click.option("--pin-top", type=click.IntRange(0), default=0, show_default=True,
+              help="Pin the N experts the trace uses most (its routing profile); at most cache slots - 1.")
 @click.option("--emit-golden", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write, for every expert, a seeded input and its float64 reference output (.npz).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, trace: Path | None, io: str,
-          no_prefetch: bool, emit_golden: Path | None, as_json: bool, quiet: bool) -> None:
+          no_prefetch: bool, pin_top: int, emit_golden: Path | None, as_json: bool, quiet: bool) -> None:
     """Stream routing decisions through the runtime (loader, cache, prefetcher, kernels) and report telemetry.
 
     \b
@@ -201,7 +203,7 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
     if (workload == "replay") != (trace is not None):
         _fail("--workload replay and --trace FILE go together")
     cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
-                      replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch)
+                      replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top)
     bar = _Bar(quiet or as_json, "smoke", unit="tok")
     with _errors():
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mer_runtime import ShardIOError, load_manifest, open_shards
+from mer_runtime.errors import CacheError
 from mer_runtime.buffers import BufferPool
 from mer_runtime.cache import ExpertCache
 from mer_runtime.loader import open_loader
@@ -63,6 +64,16 @@ def test_pinned_experts_are_never_evicted(folder):
         cache.pin([(0, 0), (0, 1), (0, 2)])
 
 
+def test_pin_top_from_a_routing_profile(folder):
+    cache, _ = make_cache(folder, 4)
+    profile = {(0, 0): 5, (1, 2): 50, (0, 3): 20, (1, 1): 20, (1, 0): 1}
+    assert cache.pin_top(profile, 3) == [(1, 2), (0, 3), (1, 1)]
+    assert all(cache.entries[k].pinned for k in [(1, 2), (0, 3), (1, 1)])
+    for key in [(0, 0), (1, 0), (0, 1), (0, 2)] * 2:
+        access(cache, key)
+    assert all(k in cache.entries for k in [(1, 2), (0, 3), (1, 1)])
+
+
 def test_in_use_expert_is_not_evicted(folder):
     cache, pool = make_cache(folder, 2)
     held = cache.acquire((1, 3))
@@ -72,7 +83,7 @@ def test_in_use_expert_is_not_evicted(folder):
     e = folder.expert(1, 3)
     assert pool.view(held, e.size).tobytes() == folder.path_of(e).read_bytes()
     cache.release((1, 3))
-    with pytest.raises(RuntimeError, match="pinned or in use"):
+    with pytest.raises(CacheError, match="pinned or in use"):
         cache.acquire((0, 0)), cache.acquire((0, 1)), cache.acquire((0, 2))
 
 

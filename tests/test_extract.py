@@ -11,7 +11,7 @@ import xxhash
 from mertools import extract
 from mer_runtime import load_manifest
 
-from conftest import ALL_MOE, is_expert_tensor, GEN, GENERATED_MOE, REAL, parts_of, reader_tensors, reference_bytes, run_cli
+from conftest import ALL_MOE, is_expert_tensor, GEN, REAL, parts_of, reader_tensors, reference_bytes, run_cli
 
 
 @pytest.mark.parametrize("src", ALL_MOE, ids=lambda p: p.name)

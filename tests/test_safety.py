@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import gguf
 import pytest
 
 from mertools import MertoolsError, extract
-from mer_runtime import load_manifest
+from mer_runtime import ManifestError, load_manifest
 
 from conftest import GEN, REAL, run_cli
 
@@ -38,7 +37,7 @@ def test_killed_run_leaves_no_output_and_next_run_cleans_up(tmp_path):
     assert not out.exists()
     leftovers = [x.name for x in tmp_path.iterdir()]
     assert len(leftovers) == 1 and ".mertools-staging-" in leftovers[0]  # hidden, clearly not the output
-    with pytest.raises(Exception):
+    with pytest.raises(ManifestError, match="missing"):
         load_manifest(tmp_path / leftovers[0])  # no manifest: never mistaken for a complete folder
     run_cli("extract", REAL / "mixtral-f16.gguf", out, "-q", check=True)
     assert [x.name for x in tmp_path.iterdir()] == ["out"]

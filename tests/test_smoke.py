@@ -53,6 +53,13 @@ def test_no_prefetch_and_backends_agree(out):
         assert (r["hits"], r["misses"], r["backend"]) == (base["hits"], base["misses"], io)
 
 
+def test_pin_top_keeps_the_hottest_experts(out):
+    r = smoke(out, "--tokens", "100", "--cache-slots", "4", "--workload", "zipf", "--pin-top", "3", "--no-prefetch")
+    assert len(r["pinned"]) == 3
+    p = run_cli("smoke", out, "--cache-slots", "3", "--pin-top", "3")
+    assert p.returncode == 2 and "one stays for loads" in p.stderr
+
+
 def test_replay_trace(out, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text("\n".join(json.dumps({"experts": [[t % 4, (t + 1) % 4], [3, 0]]}) for t in range(50)) + "\n")

@@ -10,7 +10,7 @@ import pytest
 from mertools import verify
 from mer_runtime import load_manifest
 
-from conftest import GEN, REAL, run_cli
+from conftest import REAL, run_cli
 
 
 @pytest.fixture

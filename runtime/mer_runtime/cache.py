@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .buffers import BufferPool
+from .errors import CacheError
 from .loader import Loader, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
@@ -92,7 +93,7 @@ class ExpertCache:
             # only in-flight prefetches left: finish the oldest, then it can go
             loading = [e for e in self.entries.values() if e.ticket is not None and not e.pinned and e.users == 0]
             if not loading:
-                raise RuntimeError("every cache slot is pinned or in use; use more --cache-slots or pin fewer")
+                raise CacheError("every cache slot is pinned or in use; use more --cache-slots or pin fewer")
             self._finish(loading[0])
             victims = [loading[0]]
         v = victims[0]
@@ -171,11 +172,18 @@ class ExpertCache:
 
     def pin(self, keys: list[Key]) -> None:
         if len(keys) > self.pool.n_slots - 1:
-            raise ValueError(f"cannot pin {len(keys)} experts in {self.pool.n_slots} slots: one stays for loads")
+            raise CacheError(f"cannot pin {len(keys)} experts in {self.pool.n_slots} cache slots: one stays for loads; "
+                             "use more --cache-slots or pin fewer")
         for k in keys:
             self.acquire(k)
             self.entries[k].pinned = True
             self.release(k)
+
+    def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
+        """Pin the n most used experts of a routing profile ({(layer, expert): count}); returns them."""
+        top = [k for k, _ in sorted(profile.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+        self.pin(top)
+        return top
 
     def unpin(self, keys: list[Key]) -> None:
         for k in keys:

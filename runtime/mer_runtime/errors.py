@@ -11,3 +11,7 @@ class ManifestError(MerError, ValueError):
 
 class ShardIOError(MerError, OSError):
     """Reading a shard failed (short file, I/O error, refused O_DIRECT...)."""
+
+
+class CacheError(MerError, ValueError):
+    """The cache cannot do what was asked: too many pins for its slots, or every slot pinned or in use."""

@@ -45,6 +45,7 @@ class SmokeConfig:
     threshold_scale: float = 2.0
     max_inflight: int = 2
     compute: bool = True
+    pin_top: int = 0  # pin the N experts this trace uses most (its routing profile) before the run
 
 
 # -- routing traces -----------------------------------------------------------------------------------------
@@ -157,6 +158,15 @@ def _replay_routes(m: Manifest, path: Path, k: int) -> np.ndarray:
     return np.array(rows, np.int64)
 
 
+def routing_profile(routes: np.ndarray, layers: list[int]) -> dict[tuple[int, int], int]:
+    """How often each (layer, expert) is chosen in a trace: what `--pin-top` pins from."""
+    prof: dict[tuple[int, int], int] = {}
+    for li, layer in enumerate(layers):
+        ids, counts = np.unique(routes[:, li, :], return_counts=True)
+        prof.update({(layer, int(e)): int(c) for e, c in zip(ids, counts)})
+    return prof
+
+
 # -- hit-rate comparison without I/O ------------------------------------------------------------------------
 class NullLoader(Loader):
     """Completes every read at once without reading: for comparing cache policies on the same trace."""
@@ -233,6 +243,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
+        pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
 
         def access(layer: int, e: int) -> None:
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
@@ -273,6 +284,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "cache_slots": cfg.cache_slots,
         **st.as_dict(),
         "prefetch": cfg.prefetch,
+        "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,
         "read_mib_per_s": round(bytes_read / wall / 2**20, 2) if wall else 0.0,
         "io_latency_ms_misses": _pct(st.load_latency),
@@ -316,7 +328,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['layer_steps_per_s']:.2f} layer-steps/s (seed engine's 'token')",
         f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
         f"evictions {r['evictions']}",
-        f"  prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
+        f"  pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
         f"wasted {r['prefetch_wasted']}",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
         f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",

@@ -297,7 +297,7 @@ def extract(
             if fsync:
                 os.fsync(fh.fileno())
         if fsync:
-            for d in {(staging / s.path).parent for s in shards} | {staging}:
+            for d in {(staging / s.path).parent for s in shards} | {staging / "experts", staging}:
                 _fsync_dir(d)
         _commit(staging, out)
         if fsync:
@@ -329,6 +329,11 @@ def _commit(staging: Path, out: Path) -> None:
             out.rename(trash)
         else:
             out.rmdir()
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if trash is not None:
+            trash.rename(out)  # put the old output back: a failed replace must not lose it
+        raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

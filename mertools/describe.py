@@ -7,20 +7,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mer_runtime.kernels import kernel_for
 from mer_runtime.manifest import MANIFEST_NAME, load_manifest
 
 from .gguf_source import open_source
 from .layout import place
 from .units import human_bytes
-
-
-def _kernel_path(dtype: str) -> str:
-    try:
-        from mer_runtime.kernels import kernel_for
-
-        return kernel_for(dtype)
-    except ImportError:  # runtime kernels not installed
-        return "unknown"
 
 
 def _per_layer(rows: list[tuple[int, dict[str, str], int]]) -> list[dict[str, Any]]:
@@ -60,7 +52,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             "expert_bytes": sum(e.size for e in m.experts),
             "dense": m.dense,
             "layers": _per_layer(rows),
-            "kernels": {t: _kernel_path(t) for t in sorted(dtypes)},
+            "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
         }
     src = open_source(p)
     shards = [place(e) for e in src.experts]
@@ -81,7 +73,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             "dense_tensors": len(dense),
             "dense_bytes": sum(t.nbytes for t in dense),
         },
-        "kernels": {t: _kernel_path(t) for t in sorted(dtypes)},
+        "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
     }
 
 

@@ -197,6 +197,9 @@ def main() -> None:
     gptoss_biases(out / "moe-gptoss-mxfp4-bias.gguf")
     kquants(out / "moe-q4_k-q6_k.gguf")
     dense_model(out / "dense-llama-q8_0.gguf")
+    from importlib.metadata import version
+
+    (out / "WRITTEN_WITH").write_text(f"gguf {version('gguf')}\n")
     for p in sorted(out.glob("*.gguf")):
         print(f"{p.stat().st_size:9d}  {p.name}")
 

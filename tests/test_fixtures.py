@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
+
+import gguf
 
 from conftest import GEN, ROOT
 
@@ -13,5 +16,10 @@ def test_make_fixtures_reproduces_committed_files(tmp_path):
                    check=True, capture_output=True)
     made = sorted(p.name for p in tmp_path.glob("*.gguf"))
     assert made == sorted(p.name for p in GEN.glob("*.gguf"))
+    same_writer = (GEN / "WRITTEN_WITH").read_text().split() == ["gguf", version("gguf")]
     for name in made:
-        assert (tmp_path / name).read_bytes() == (GEN / name).read_bytes(), name
+        if same_writer:
+            assert (tmp_path / name).read_bytes() == (GEN / name).read_bytes(), name
+        else:  # another gguf release may lay out the header differently; the tensors must still be the same
+            a, b = gguf.GGUFReader(tmp_path / name), gguf.GGUFReader(GEN / name)
+            assert [(t.name, t.data.tobytes()) for t in a.tensors] == [(t.name, t.data.tobytes()) for t in b.tensors]

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from mer_runtime.errors import MerError
-from mer_runtime.kernels import dequantize_tensor, reference_ffn
+from mer_runtime.kernels import dequantize_tensor, reference_ffn, reference_weights
 from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.shards import open_shards
 
@@ -70,9 +70,7 @@ class SourceReference:
 
 
 def _shard_reference(m: Manifest, e: ExpertEntry) -> dict[str, np.ndarray]:
-    with open(m.path_of(e), "rb") as fh:
-        blob = np.frombuffer(fh.read(), np.uint8)
-    return {r: dequantize_tensor(t.dtype, t.shape, blob[t.offset:t.offset + t.nbytes]) for r, t in e.tensors.items()}
+    return reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
 
 
 def _source_reference(src: SourceReference, e: ExpertEntry, problems: list[Problem]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from gguf.constants import GGUFValueType
 from mer_runtime.checksum import hash_file
 
 from .errors import SourceError
-from .gguf_source import GGUFSource
+from .gguf_source import GGUFSource, field_value
 
 # Keys the writer produces itself, or that describe the source's split and no longer hold.
 _SKIP_PREFIXES = ("GGUF.", "split.")
@@ -25,16 +25,9 @@ _SKIP_KEYS = {"general.architecture", "general.alignment"}
 
 def _raw_value(f: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
     main = f.types[0]
-    if main == GGUFValueType.ARRAY:
-        if len(f.types) > 2:
-            raise SourceError(f"metadata key {f.name!r} is a nested array, which the gguf package cannot copy")
-        sub = f.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(f.parts[i]) for i in f.data], main, sub
-        return [v for i in f.data for v in f.parts[i].tolist()], main, sub
-    if main == GGUFValueType.STRING:
-        return bytes(f.parts[-1]), main, None
-    return f.parts[-1].tolist()[0], main, None
+    if main == GGUFValueType.ARRAY and len(f.types) > 2:
+        raise SourceError(f"metadata key {f.name!r} is a nested array, which the gguf package cannot copy")
+    return field_value(f, raw_strings=True), main, f.types[-1] if main == GGUFValueType.ARRAY else None
 
 
 def write_dense(src: GGUFSource, path: Path, *, fsync: bool, tick: Callable[[int], None]) -> dict[str, Any]:

@@ -104,7 +104,6 @@ class _Writer:
     """
 
     def __init__(self, src: GGUFSource, tick: Callable[[int], None]):
-        self.files = src.files
         self.maps = []
         for p in src.files:
             with open(p, "rb") as fh:

@@ -17,6 +17,8 @@ from typing import Any
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from mer_runtime.manifest import ROLES
+
 from .errors import NotMoEError, SourceError
 
 SPLIT_RE = re.compile(r"^(?P<base>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -151,16 +153,19 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         ) from None
 
 
-def field_value(f: Any) -> Any:
-    """A KV field's value as Python data (strings decoded leniently)."""
+def field_value(f: Any, raw_strings: bool = False) -> Any:
+    """A KV field's value as Python data; strings decoded leniently, or kept as their exact bytes."""
+    def text(part: Any) -> str | bytes:
+        b = bytes(part)
+        return b if raw_strings else b.decode("utf-8", "replace")
+
     main = f.types[0]
     if main == GGUFValueType.ARRAY:
-        sub = f.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
+        if f.types[-1] == GGUFValueType.STRING:
+            return [text(f.parts[i]) for i in f.data]
         return [v for i in f.data for v in f.parts[i].tolist()]
     if main == GGUFValueType.STRING:
-        return bytes(f.parts[-1]).decode("utf-8", "replace")
+        return text(f.parts[-1])
     return f.parts[-1].tolist()[0]
 
 
@@ -401,8 +406,6 @@ class GGUFSource:
 
 
 def _ordered(projs: list[Projection]) -> list[Projection]:
-    from mer_runtime.manifest import ROLES
-
     return sorted(projs, key=lambda p: ROLES.index(p.role))
 
 

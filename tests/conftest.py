@@ -38,17 +38,23 @@ def reader_tensors(path: Path) -> dict[str, object]:
     return {t.name: t for p in parts_of(path) for t in gguf.GGUFReader(p).tensors}
 
 
-def reference_bytes(tensors: dict, layer: int, expert: int, role: str) -> bytes:
-    """The expert's projection bytes as the gguf package's reader sees them in the source."""
+def reference_slice(tensors: dict, layer: int, expert: int, role: str):
+    """(source tensor, the expert's slice of it as the gguf package's reader holds it), found by GGUF name."""
     kind = "bias" if role.endswith("_bias") else "weight"
     base = role.removesuffix("_bias")
     if (t := tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")) is not None:
-        return t.data[expert].tobytes()
+        return t, t.data[expert]
     if (t := tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")) is not None:
         d = t.data[expert]
         half = d.shape[0] // 2
-        return (d[:half] if base == "gate" else d[half:]).tobytes()
-    return tensors[f"blk.{layer}.ffn_{base}.{expert}.{kind}"].data.tobytes()
+        return t, d[:half] if base == "gate" else d[half:]
+    t = tensors[f"blk.{layer}.ffn_{base}.{expert}.{kind}"]
+    return t, t.data
+
+
+def reference_bytes(tensors: dict, layer: int, expert: int, role: str) -> bytes:
+    """The expert's projection bytes as the gguf package's reader sees them in the source."""
+    return reference_slice(tensors, layer, expert, role)[1].tobytes()
 
 
 def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -64,34 +64,25 @@ def test_truncated_tensor_data_names_the_tensor(tmp_path):
     assert "blk.1.ffn_up_exps.weight" in line  # the last tensor in the file
 
 
-def _tensor_info_offsets(path, name):
-    """(offset of the type id, offset of the data offset) in the tensor-info record of `name`."""
-    r = gguf.GGUFReader(path)
-    t = next(t for t in r.tensors if t.name == name)
-    n_dims = len(t.shape)
-    type_at = t.field.offset + 8 + len(name.encode()) + 4 + 8 * n_dims
-    return type_at, type_at + 4
+def patch_tensor_info(dst, name, field, value):
+    """Copy the merged Q4_0 fixture to dst, with `field` ("type" or "offset") of tensor `name`'s info set to value."""
+    src = GEN / "moe-merged-q4_0.gguf"
+    t = next(t for t in gguf.GGUFReader(src).tensors if t.name == name)
+    type_at = t.field.offset + 8 + len(name.encode()) + 4 + 8 * len(t.shape)  # name, n_dims, dims, then type
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as fh:
+        fh.seek(type_at if field == "type" else type_at + 4)
+        fh.write(struct.pack("<I" if field == "type" else "<Q", value))
+    return dst
 
 
 def test_unknown_tensor_type(tmp_path):
-    src = GEN / "moe-merged-q4_0.gguf"
-    f = tmp_path / "odd.gguf"
-    shutil.copy(src, f)
-    type_at, _ = _tensor_info_offsets(src, "blk.2.ffn_down_exps.weight")
-    with open(f, "r+b") as fh:
-        fh.seek(type_at)
-        fh.write(struct.pack("<I", 250))
+    f = patch_tensor_info(tmp_path / "odd.gguf", "blk.2.ffn_down_exps.weight", "type", 250)
     expect_error(tmp_path, f, "odd.gguf", "blk.2.ffn_down_exps.weight", "type id 250", "upgrade the gguf package")
 
 
 def test_tensor_offset_past_end(tmp_path):
-    src = GEN / "moe-merged-q4_0.gguf"
-    f = tmp_path / "far.gguf"
-    shutil.copy(src, f)
-    _, off_at = _tensor_info_offsets(src, "blk.1.ffn_gate_exps.weight")
-    with open(f, "r+b") as fh:
-        fh.seek(off_at)
-        fh.write(struct.pack("<Q", 1 << 30))
+    f = patch_tensor_info(tmp_path / "far.gguf", "blk.1.ffn_gate_exps.weight", "offset", 1 << 30)
     expect_error(tmp_path, f, "far.gguf", "blk.1.ffn_gate_exps.weight", "runs past the end")
 
 

@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quantize
 from mer_runtime import load_manifest, open_shards
 from mer_runtime.kernels import expert_ffn, kernel_for, matvec
 
-from conftest import ALL_MOE, REAL, reader_tensors
+from conftest import ALL_MOE, REAL, reader_tensors, reference_slice
 
 TOL = 1e-4
 
@@ -21,16 +21,7 @@ def silu(v):
 
 
 def source_weights(tensors, layer, expert, role):
-    kind = "bias" if role.endswith("_bias") else "weight"
-    base = role.removesuffix("_bias")
-    if (t := tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")) is not None:
-        d = t.data[expert]
-    elif (t := tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")) is not None:
-        d = t.data[expert]
-        d = d[: d.shape[0] // 2] if base == "gate" else d[d.shape[0] // 2:]
-    else:
-        t = tensors[f"blk.{layer}.ffn_{base}.{expert}.{kind}"]
-        d = t.data
+    t, d = reference_slice(tensors, layer, expert, role)
     return dequantize(np.asarray(d), t.tensor_type).astype(np.float64)
 
 

@@ -35,8 +35,6 @@ def folder(tmp_path_factory):
 class TestLoaderConformance:
     def make(self, folder, backend, slots=4, **kw):
         pool = BufferPool(folder.max_expert_size, slots)
-        if backend == "io_uring":
-            kw.pop("threads", None)
         return pool, open_loader(backend, pool, **kw)
 
     def test_every_shard_byte_identical(self, folder, backend):

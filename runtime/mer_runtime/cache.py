@@ -84,9 +84,9 @@ class ExpertCache:
                     pass  # entry dropped by _finish; a foreground acquire reloads it and reports the error
 
     def _take_slot(self, foreground: bool) -> int | None:
-        if self.free and (foreground or len(self.free) + len(self._evictable()) >= 2):
-            return self.free.pop()
         victims = self._evictable()
+        if self.free and (foreground or len(self.free) + len(victims) >= 2):
+            return self.free.pop()
         if not foreground and len(victims) + len(self.free) < 2:
             return None
         if not victims and foreground:

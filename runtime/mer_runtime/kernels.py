@@ -85,10 +85,6 @@ def _native_matvec(fn: Any, raw: np.ndarray, x: np.ndarray, out: np.ndarray, row
     return out
 
 
-def _rows_per_band(row_bytes: int) -> int:
-    return max(1, BAND_BYTES // max(row_bytes, 1))
-
-
 def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *, simd: int = -1) -> np.ndarray:
     """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
 
@@ -112,7 +108,7 @@ def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *
     block, tsize = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
     row_bytes = cols // block * tsize
     mat = raw.reshape(rows, row_bytes)
-    step = _rows_per_band(cols * 4)
+    step = max(1, BAND_BYTES // (cols * 4))
     for r0 in range(0, rows, step):
         band = mat[r0:r0 + step]
         if dtype == "F16":
@@ -154,17 +150,12 @@ def expert_ffn(tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]], x: n
         dtype, shape, raw = tensors[role]
         y = matvec(dtype, raw, shape, v)
         if f"{role}_bias" in tensors:
-            bd, bs, braw = tensors[f"{role}_bias"]
-            y = y + matvec_bias(bd, bs, braw)
+            y = y + dequantize_tensor(*tensors[f"{role}_bias"]).astype(np.float32)
         return y
 
     g, u = proj("gate", x), proj("up", x)
     h = activate(g, u, activation).astype(np.float32, copy=False)
     return proj("down", h).astype(np.float32, copy=False)
-
-
-def matvec_bias(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarray:
-    return dequantize(raw.reshape(1, -1), GGMLQuantizationType[dtype]).reshape(shape).astype(np.float32)
 
 
 def reference_ffn(weights: dict[str, np.ndarray], x: np.ndarray, activation: dict[str, Any]) -> np.ndarray:
@@ -186,3 +177,8 @@ def dequantize_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np
     qt = GGMLQuantizationType[dtype]
     rows = shape[0] if len(shape) == 2 else 1
     return dequantize(np.asarray(raw, np.uint8).reshape(rows, -1), qt).astype(np.float64).reshape(shape)
+
+
+def reference_weights(blob: np.ndarray, entry: Any) -> dict[str, np.ndarray]:
+    """float64 weights of every projection of a shard (its bytes `blob`, its manifest `entry`), by gguf."""
+    return {r: dequantize_tensor(t.dtype, t.shape, blob[t.offset:t.offset + t.nbytes]) for r, t in entry.tensors.items()}

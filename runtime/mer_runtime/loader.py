@@ -57,10 +57,11 @@ class Loader:
     name = "?"
     direct = True
 
-    def __init__(self, pool: BufferPool, *, block_size: int = 1 << 20, queue_depth: int = 32):
+    def __init__(self, pool: BufferPool, *, block_size: int = 1 << 20, queue_depth: int = 32, threads: int = 4):
+        """threads: worker threads of the thread-based backends (io_uring needs none)."""
         if block_size % 4096:
             raise ValueError("block_size must be a multiple of 4096")
-        self.pool, self.block_size, self.queue_depth = pool, block_size, queue_depth
+        self.pool, self.block_size, self.queue_depth, self.threads = pool, block_size, queue_depth, threads
         self._ids = itertools.count(1)
         self.reason = ""
         self.bytes_read = 0
@@ -103,13 +104,13 @@ class PreadLoader(Loader):
     name = "pread"
     direct = True
 
-    def __init__(self, pool: BufferPool, *, threads: int = 4, **kw):
+    def __init__(self, pool: BufferPool, **kw):
         super().__init__(pool, **kw)
         self._cv = threading.Condition()
         self._queue: deque[tuple[Ticket, memoryview, int]] = deque()
         self._closing = False
         self._workers = [threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
-                         for i in range(max(1, threads))]
+                         for i in range(max(1, self.threads))]
         for w in self._workers:
             w.start()
 
@@ -343,12 +344,9 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
     if io not in ("auto", *BACKENDS):
         raise ValueError(f"--io {io!r}: expected auto, {', '.join(BACKENDS)}")
     classes = {"io_uring": UringLoader, "pread": PreadLoader, "buffered": BufferedLoader}
-    pool_kw = {k: v for k, v in kw.items() if k in ("block_size", "queue_depth")}
-    thread_kw = {**pool_kw, **{k: v for k, v in kw.items() if k == "threads"}}
     if io != "auto":
-        cls = classes[io]
         try:
-            loader = _probe_read(cls, pool, probe_file, **(pool_kw if cls is UringLoader else thread_kw))
+            loader = _probe_read(classes[io], pool, probe_file, **kw)
         except ShardIOError:
             raise
         except OSError as exc:
@@ -360,7 +358,7 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
     reason = uring.probe()
     if reason is None:
         try:
-            loader = _probe_read(UringLoader, pool, probe_file, **pool_kw)
+            loader = _probe_read(UringLoader, pool, probe_file, **kw)
             loader.reason = "io_uring with O_DIRECT works here" + (f"; {loader.reason}" if loader.reason else "")
             return loader
         except OSError as exc:
@@ -368,11 +366,11 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
     else:
         why.append(reason)
     try:
-        loader = _probe_read(PreadLoader, pool, probe_file, **thread_kw)
+        loader = _probe_read(PreadLoader, pool, probe_file, **kw)
         loader.reason = "; ".join(why) + "; O_DIRECT pread works"
         return loader
     except OSError as exc:
         why.append(f"O_DIRECT refused ({exc})")
-    loader = BufferedLoader(pool, **thread_kw)
+    loader = BufferedLoader(pool, **kw)
     loader.reason = "; ".join(why) + "; using buffered reads"
     return loader

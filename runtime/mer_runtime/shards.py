@@ -110,7 +110,11 @@ class ShardSet:
         if x.shape[-1] != d or x.ndim not in (1, 2):
             raise ValueError(f"x must have shape [{d}] or [n, {d}], got {list(x.shape)}")
         with self.load(layer, expert) as ex:
-            return expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()}, x, self.activation)
+            return self.compute(ex, x)
+
+    def compute(self, ex: ExpertView, x: np.ndarray) -> np.ndarray:
+        """The FFN of an expert already loaded (inside `load()`), with the model's activation and biases."""
+        return expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()}, x, self.activation)
 
     def prefetch(self, layer: int, expert: int) -> bool:
         self.manifest.expert(layer, expert)

@@ -23,7 +23,7 @@ import numpy as np
 from .buffers import BufferPool
 from .cache import ExpertCache
 from .errors import MerError
-from .kernels import dequantize_tensor, expert_ffn, reference_ffn
+from .kernels import dequantize_tensor, reference_ffn, reference_weights
 from .loader import Loader, Ticket
 from .manifest import Manifest, load_manifest
 from .prefetch import MarkovPrefetcher
@@ -233,13 +233,13 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int], Callable[[int], None]] | None = None
               ) -> dict[str, Any]:
-    m = load_manifest(path)
-    routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
-    T, L, k = routes.shape
-    tick = progress(T, T) if progress else (lambda n: None)
-    compute_times: list[float] = []
-    x_bank = np.random.default_rng(cfg.seed + 1).standard_normal((8, m.model["d_model"])).astype(np.float32)
     with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first") as s:
+        m = s.manifest
+        routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
+        T, L, k = routes.shape
+        tick = progress(T, T) if progress else (lambda n: None)
+        compute_times: list[float] = []
+        x_bank = np.random.default_rng(cfg.seed + 1).standard_normal((8, m.model["d_model"])).astype(np.float32)
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
@@ -249,8 +249,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
                 if cfg.compute:
                     t0 = time.perf_counter()
-                    expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()},
-                               x_bank[token_index[0] % len(x_bank)], s.activation)
+                    s.compute(ex, x_bank[token_index[0] % len(x_bank)])
                     compute_times.append(time.perf_counter() - t0)
 
         t_start = time.perf_counter()
@@ -306,8 +305,7 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
     act = m.model.get("activation", {"kind": "swiglu"})
     xs, ys, ids = [], [], []
     for e in m.experts:
-        blob = np.frombuffer(m.path_of(e).read_bytes(), np.uint8)
-        w = {r: dequantize_tensor(t.dtype, t.shape, blob[t.offset:t.offset + t.nbytes]) for r, t in e.tensors.items()}
+        w = reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
         x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
         xs.append(x)
         ys.append(reference_ffn(w, x, act))

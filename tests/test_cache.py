@@ -89,13 +89,16 @@ def test_in_use_expert_is_not_evicted(folder):
 
 def test_prefetch_never_takes_the_last_slot(folder):
     cache, _ = make_cache(folder, 4)
-    started = [cache.prefetch((layer, e)) for layer in (0, 1) for e in range(4)]
-    # 3 prefetches fit (one slot always stays for the foreground), and none of them can evict another in flight
-    assert sum(started) == 3 and cache.stats.prefetch_skipped == 5
-    assert len(cache.free) == 1
-    slot = cache.acquire((1, 3))  # the foreground load gets the reserved slot at once
-    cache.release((1, 3))
-    assert cache.stats.misses == 1 and slot not in [e.slot for k, e in cache.entries.items() if k != (1, 3)]
+    started = [cache.prefetch((0, e)) for e in range(4)]
+    # 3 prefetches fit (one slot always stays for the foreground)
+    assert started == [True, True, True, False] and len(cache.free) == 1
+    cache.drain()  # finished but never used: evictable by the foreground, never by a later guess
+    assert [cache.prefetch((1, e)) for e in range(3)] == [True, False, False]  # the free slot, then nothing
+    assert cache.stats.prefetch_skipped == 3 and cache.stats.evictions == 0 and not cache.free
+    slot = cache.acquire((0, 3))  # the foreground evicts the oldest unused guess
+    cache.release((0, 3))
+    assert cache.stats.misses == 1 and cache.stats.prefetch_wasted == 1 and (0, 0) not in cache.entries
+    assert slot not in [e.slot for k, e in cache.entries.items() if k != (0, 3)]
 
 
 def test_prefetch_used_and_wasted_counters(folder):

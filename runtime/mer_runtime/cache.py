@@ -5,6 +5,7 @@ Rules:
 - a prefetch may take a slot only if, after it, one slot is still free or evictable: a foreground load never waits
   behind prefetches for room;
 - a slot whose read is still in flight is never handed to another expert.
+- a prefetch never evicts another prefetched expert that has not been used yet.
 """
 
 from __future__ import annotations
@@ -85,11 +86,17 @@ class ExpertCache:
 
     def _take_slot(self, foreground: bool) -> int | None:
         victims = self._evictable()
-        if self.free and (foreground or len(self.free) + len(victims) >= 2):
+        if not foreground:
+            if len(self.free) + len(victims) < 2:  # one slot must stay for the foreground
+                return None
+            if self.free:
+                return self.free.pop()
+            victims = [e for e in victims if e.used]  # a guess never evicts an unused guess: its read would be lost
+            if not victims:
+                return None
+        elif self.free:
             return self.free.pop()
-        if not foreground and len(victims) + len(self.free) < 2:
-            return None
-        if not victims and foreground:
+        elif not victims:
             # only in-flight prefetches left: finish the oldest, then it can go
             loading = [e for e in self.entries.values() if e.ticket is not None and not e.pinned and e.users == 0]
             if not loading:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mer_runtime import ShardIOError, load_manifest, uring
@@ -68,20 +69,23 @@ class TestLoaderConformance:
         finally:
             loader.close()
 
-    def test_urgent_reads_jump_the_queue(self, folder, backend):
-        pool, loader = self.make(folder, backend, slots=3, block_size=4096, queue_depth=1, threads=1)
+    def test_urgent_reads_jump_the_queue(self, folder, backend, tmp_path):
+        big = tmp_path / "big.bin"  # 32768 chunks of 4 KiB: far more than any scheduling delay lets finish
+        big.write_bytes(np.random.default_rng(0).integers(0, 256, 128 << 20, dtype=np.uint8).tobytes())
+        pool = BufferPool(128 << 20, 3)
+        loader = open_loader(backend, pool, block_size=4096, queue_depth=1, threads=1)
+        b = folder.experts[1]
         try:
-            a, b = folder.experts[0], folder.experts[1]
-            ta = loader.start(str(folder.path_of(a)), a.size, 0)  # a prefetch of ~100 chunks
+            ta = loader.start(str(big), 128 << 20, 0)  # a long prefetch
             tb = loader.start(str(folder.path_of(b)), b.size, 1, urgent=True)
             loader.wait(tb)
             assert not loader.ready(ta)  # b went first
             loader.wait(ta)
-            assert pool.view(0, a.size).tobytes() == folder.path_of(a).read_bytes()
+            assert pool.view(0).tobytes() == big.read_bytes()
             assert pool.view(1, b.size).tobytes() == folder.path_of(b).read_bytes()
-            tc = loader.start(str(folder.path_of(a)), a.size, 2)
+            tc = loader.start(str(big), 128 << 20, 2)
             td = loader.start(str(folder.path_of(b)), b.size, 0)
-            loader.promote(td)
+            loader.promote(td)  # a prefetch that became needed
             loader.wait(td)
             assert not loader.ready(tc)
             loader.wait(tc)

@@ -35,10 +35,11 @@ def test_killed_run_leaves_no_output_and_next_run_cleans_up(tmp_path):
     p = subprocess.run([sys.executable, "-c", KILLER, str(REAL / "mixtral-f16.gguf"), str(out), "5"])
     assert p.returncode == -9
     assert not out.exists()
-    leftovers = [x.name for x in tmp_path.iterdir()]
-    assert len(leftovers) == 1 and ".mertools-staging-" in leftovers[0]  # hidden, clearly not the output
+    leftovers = sorted(x.name for x in tmp_path.iterdir())  # hidden, clearly not the output
+    assert leftovers[0] == ".out.mertools-lock" and len(leftovers) == 2  # a dead process's lock holds nothing
+    assert leftovers[1].startswith(".out.mertools-staging-")
     with pytest.raises(ManifestError, match="missing"):
-        load_manifest(tmp_path / leftovers[0])  # no manifest: never mistaken for a complete folder
+        load_manifest(tmp_path / leftovers[1])  # no manifest: never mistaken for a complete folder
     run_cli("extract", REAL / "mixtral-f16.gguf", out, "-q", check=True)
     assert [x.name for x in tmp_path.iterdir()] == ["out"]
     assert run_cli("verify", out, "-q").returncode == 0

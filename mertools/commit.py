@@ -1,0 +1,445 @@
+"""Write a folder so that it appears whole or not at all, and nothing that was there before is lost.
+
+Every command that produces an output folder (``extract`` today; ``unpack`` and hub ``pull`` too) writes through
+:func:`staged_output`: a hidden staging folder beside OUT, an advisory lock held for the whole run, and a commit
+that puts the finished folder at OUT in one rename (or one atomic exchange, with ``overwrite``). The guarantees
+are written down in docs/format.md ("Guarantees of an output folder"); this module is their only implementation.
+
+Names beside OUT (all hidden, all derived from OUT's name, so two outputs in one parent never meet):
+
+- ``.OUT.mertools-lock``: the lock file (removed again when the run ends);
+- ``.OUT.mertools-staging-PID-RAND``: the folder being written;
+- ``.OUT.mertools-old-RAND``: an old OUT moved aside during a replace (only where the atomic exchange is missing).
+
+Test hooks (documented here because tests drive real processes through them; they do nothing unless set):
+``MERTOOLS_TEST_KILL_AT=POINT`` makes the process SIGKILL itself at POINT, ``MERTOOLS_TEST_STOP_AT=POINT`` makes
+it SIGSTOP itself there once (a test then sends signals or runs a second process, and SIGCONTs it), and
+``MERTOOLS_TEST_NO_EXCHANGE=1`` forces the rename-aside replace. POINTs: ``locked`` (lock held, nothing written),
+``writing`` (called by writers after their first file), ``before-commit``, ``between-renames`` (OUT moved aside,
+staging not yet in place), ``before-cleanup`` (new OUT in place, old copy not yet removed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import platform
+import shutil
+import signal
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import OutputError
+from .units import human_bytes
+
+STAGING_MARK = ".mertools-staging-"
+OLD_MARK = ".mertools-old-"
+LOCK_MARK = ".mertools-lock"
+MARKER = "manifest.json"  # every folder mertools writes has one; --overwrite replaces only such a folder
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT, SIGTERM or SIGHUP; staging was removed and OUT left as it was.
+
+    A ``KeyboardInterrupt`` so that code which already handles Ctrl-C handles the others alike; ``signum`` says
+    which signal it was (the CLI exits ``128 + signum``).
+
+    Example:
+        >>> try:
+        ...     raise Interrupted(signal.SIGTERM)
+        ... except KeyboardInterrupt as exc:
+        ...     exc.signum == signal.SIGTERM
+        True
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}; no partial output was left behind"
+
+
+# -- test hooks -------------------------------------------------------------------------------------------------
+_fired: set[str] = set()
+
+
+def test_point(name: str) -> None:
+    """Stop or kill this process at ``name`` when a test asked for it (see the module docstring)."""
+    if os.environ.get("MERTOOLS_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MERTOOLS_TEST_STOP_AT") == name and name not in _fired:
+        _fired.add(name)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+test_point.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+# -- renameat2(RENAME_EXCHANGE) ---------------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347}
+
+
+def _load_exchange():
+    """libc's renameat2 (glibc >= 2.28), else the raw syscall where we know its number; None if neither."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return lambda a, b: fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE)
+    nr = _SYS_RENAMEAT2.get(platform.machine())
+    if nr is None:
+        return None
+    sc = libc.syscall
+    sc.restype = ctypes.c_long
+    return lambda a, b: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a), ctypes.c_int(_AT_FDCWD),
+                           ctypes.c_char_p(b), ctypes.c_uint(_RENAME_EXCHANGE))
+
+
+_EXCHANGE = _load_exchange()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically. False where the kernel or the file system cannot (the caller falls back)."""
+    if _EXCHANGE is None or os.environ.get("MERTOOLS_TEST_NO_EXCHANGE") == "1":
+        return False
+    if _EXCHANGE(os.fsencode(a), os.fsencode(b)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # no such syscall, or a file system (e.g. some FUSE/NFS) without the flag
+    raise OSError(err, os.strerror(err), str(b))
+
+
+# -- the lock ---------------------------------------------------------------------------------------------------
+class _Lock:
+    """flock on ``.OUT.mertools-lock`` beside OUT.
+
+    Not on OUT itself: OUT may not exist yet, and the commit replaces it by a rename, so a lock on OUT's inode
+    would guard the old folder while the new one appears unguarded. Not on the parent folder: that would serialise
+    unrelated outputs that share a parent. flock rather than POSIX (lockf) locks: a POSIX lock is per process, so
+    a second run in the same process would not be refused, and it is dropped by any close of the file.
+
+    The file is unlinked while still locked at release; a run that opened it before the unlink and locks it
+    afterwards sees that its inode is no longer the one at the path, and starts over.
+    """
+
+    def __init__(self, path: Path, wait: bool):
+        self.path = path
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(f"{path.parent}: cannot write there ({exc.strerror}); choose another OUT") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BaseException as exc:
+                if not isinstance(exc, OSError):
+                    os.close(fd)  # interrupted while waiting
+                    raise
+                self._refuse(fd, exc)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder unlinked it between our open and our lock: take the new one
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # only for the message a refused run prints
+        except OSError:
+            pass
+
+    def _refuse(self, fd: int, exc: OSError) -> None:
+        path = self.path
+        try:
+            if isinstance(exc, BlockingIOError):
+                holder = _read_pid(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise OutputError(
+                    f"{path.parent / path.name.removeprefix('.').removesuffix(LOCK_MARK)}: {who} is writing this "
+                    "output now; wait for it to finish (or pass --wait), or choose another OUT"
+                ) from None
+            raise OutputError(f"{path}: cannot lock it ({exc.strerror}); choose OUT on a local file system"
+                              ) from None
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+# -- signals ----------------------------------------------------------------------------------------------------
+class _Signals:
+    """SIGTERM and SIGHUP (and SIGINT) raise Interrupted in the main thread while a run writes; restored after.
+
+    Only the main thread may install handlers; elsewhere the process's own handling stays as it is.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in _SIGNALS:
+            self.saved[s] = signal.signal(s, self._raise)
+
+    def _raise(self, signum: int, frame: object) -> None:
+        for s in self.saved:  # a second signal must not interrupt the clean-up the first one started
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    def restore(self) -> None:
+        for s, h in self.saved.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold signals back for the few syscalls of a commit, so that no handler runs between two renames."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_empty_dir(p: Path) -> bool:
+    with os.scandir(p) as it:
+        return next(it, None) is None
+
+
+def _siblings(out: Path, mark: str) -> list[Path]:
+    prefix = f".{out.name}{mark}"
+    try:
+        return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def recover(out: Path, fsync: bool = True) -> str | None:
+    """Repair what a run killed mid-commit left beside OUT. Call only with the lock held.
+
+    - staging folders: all belong to dead runs (a live one would hold the lock); removed;
+    - an old copy and no OUT (or an empty one): the kill came between the two renames of a replace; the old
+      output is put back;
+    - an old copy beside a non-empty OUT: the kill came after the new OUT was in place; the old copy goes.
+
+    Returns a line saying what was restored, or None.
+    """
+    for p in _siblings(out, STAGING_MARK):
+        shutil.rmtree(p, ignore_errors=True)
+    olds = _siblings(out, OLD_MARK)
+    if not olds:
+        return None
+    present = out.is_dir() and not out.is_symlink() and not _is_empty_dir(out)
+    if present:
+        for p in olds:
+            shutil.rmtree(p, ignore_errors=True)
+        return None
+    if len(olds) > 1:
+        raise OutputError(
+            f"{out}: missing, and {len(olds)} earlier copies of it lie beside it ({', '.join(p.name for p in olds)});"
+            " rename the one you want to keep to OUT and remove the others"
+        )
+    if out.is_dir():
+        out.rmdir()
+    os.rename(olds[0], out)
+    if fsync:
+        _fsync_dir(out.parent)
+    return f"{out}: restored the previous output that an interrupted replace had moved aside"
+
+
+def _check_sources(out: Path, sources: Iterable[str | os.PathLike[str]]) -> None:
+    real_out = out.resolve()
+    for s in sources:
+        real = Path(s).resolve()
+        if real == real_out or real.is_relative_to(real_out):
+            raise OutputError(
+                f"{out}: --overwrite would delete the source {s}, which lies inside it; write to another OUT"
+            )
+
+
+def _check_target(out: Path, overwrite: bool, marker: str | None) -> bool:
+    """Whether OUT holds something to replace. Raises when OUT may not be written as asked."""
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link; give the folder it points to, or another OUT")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another OUT")
+    if _is_empty_dir(out):
+        return False
+    if not overwrite:
+        raise OutputError(f"{out}: folder is not empty; pass --overwrite to replace it, or choose an empty folder")
+    if marker is not None and not (out / marker).is_file():
+        raise OutputError(
+            f"{out}: not empty and has no {marker}, so mertools did not write it; --overwrite replaces only an "
+            "earlier output. Choose an empty folder"
+        )
+    return True
+
+
+def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync: bool) -> None:
+    replace = _check_target(out, overwrite, marker)  # again, under the lock: the last word before the rename
+    test_point("before-commit")
+    with _signals_blocked():
+        if not replace:
+            # rename() onto an absent path or an empty folder is atomic, and fails (ENOTEMPTY/EEXIST) if a
+            # process that ignores our lock filled OUT meanwhile: then nothing is replaced
+            try:
+                os.rename(staging, out)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise OutputError(f"{out}: something else wrote into it while we worked; nothing was replaced "
+                                      "and our output was discarded. Choose an empty folder") from None
+                raise
+            old = None
+        elif exchange(staging, out):
+            old = staging  # the old output now lies at the staging name: a crash before it is removed leaves
+            # a staging folder of a dead run, which the next run removes
+        else:
+            old = out.parent / f".{out.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            if fsync:
+                _fsync_dir(out.parent)  # the aside-rename must reach the disk before the old name is reused
+            test_point("between-renames")
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old, out)  # put the old output back: a failed replace must not lose it
+                raise
+        if fsync:
+            _fsync_dir(out.parent)
+    if old is not None:
+        test_point("before-cleanup")
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_space(where: Path, need: int) -> None:
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OutputError(
+            f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space or choose "
+            "another OUT (use --layers/--experts to extract part of the model)"
+        )
+
+
+def _os_error(exc: OSError, out: Path) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{out}: the disk filled up while writing ({exc.strerror}); nothing was left behind. "
+                           "Free space or choose another OUT")
+    return OutputError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was left behind")
+
+
+@contextmanager
+def staged_output(
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    sources: Iterable[str | os.PathLike[str]] = (),
+    fsync: bool = True,
+    wait: bool = False,
+    need_bytes: int = 0,
+    marker: str | None = MARKER,
+) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without an exception, its contents become OUT.
+
+    Args:
+        out: the output folder. It must be absent or empty, or, with ``overwrite``, a folder holding ``marker``.
+        overwrite: replace a non-empty OUT, only once the new output is complete.
+        sources: the files (or folders) read to make the output; refused with ``overwrite`` if any lies inside
+            OUT (the replace would delete them). Pass every part of a split set.
+        fsync: flush the rename (the parent folder) to disk. Flushing the staged files is the caller's job.
+        wait: wait for another run writing the same OUT to finish, instead of failing at once.
+        need_bytes: free space the output needs; refused before anything is written if the disk has less.
+        marker: the file that identifies a folder ``overwrite`` may replace (None: any folder).
+
+    Yields:
+        the staging folder (``.OUT.mertools-staging-PID-RAND`` beside OUT), empty.
+
+    Raises:
+        OutputError: OUT cannot be written as asked, another run holds it, or a write failed (disk full, ...);
+            the staging folder is gone and OUT is as it was.
+        Interrupted: SIGINT, SIGTERM or SIGHUP arrived (only caught in the main thread); same clean-up.
+
+    While the block runs, a lock beside OUT refuses every other ``staged_output`` for the same OUT (in this process
+    or another). On entry, what a killed run left is repaired (see :func:`recover`).
+
+    Example:
+        >>> with staged_output("out/", overwrite=True, sources=["model.gguf"]) as staging:  # doctest: +SKIP
+        ...     (staging / "manifest.json").write_text("{}")
+    """
+    out = Path(os.path.abspath(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out.parent}: cannot create the parent folder ({exc.strerror}); choose another OUT"
+                          ) from None
+    sig = _Signals()
+    lock = None
+    staging = None
+    try:
+        lock = _Lock(out.parent / f".{out.name}{LOCK_MARK}", wait)
+        test_point("locked")
+        recover(out, fsync)
+        _check_target(out, overwrite, marker)
+        if overwrite:
+            _check_sources(out, sources)
+        if need_bytes:
+            _check_space(out.parent, need_bytes)
+        staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{out.parent}: cannot write there ({exc.strerror}); choose another OUT") from None
+        try:
+            yield staging
+            _commit(staging, out, overwrite, marker, fsync)
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise _os_error(exc, out) from None
+    finally:
+        try:
+            with _signals_blocked():  # a signal now must not cut the clean-up short; it is raised after it
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                if lock is not None:
+                    lock.release()
+        finally:
+            sig.restore()

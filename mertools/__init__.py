@@ -6,7 +6,12 @@
 True
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("mertools")  # one source of truth: pyproject.toml, as installed
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .errors import MertoolsError  # noqa: E402
 from .extract import ExtractResult, extract  # noqa: E402

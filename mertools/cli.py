@@ -5,11 +5,14 @@ Exit codes: 0 success; 1 ``verify`` found problems; 2 bad input or usage (one li
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import sys
-from contextlib import contextmanager
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
@@ -17,6 +20,8 @@ from mer_runtime.errors import MerError
 
 from . import __version__
 from .describe import describe, render
+from .errors import MertoolsError
+from .memory import check_cache_memory
 from .extract import extract as do_extract
 from .extract import parse_ranges
 from .units import human_bytes
@@ -28,15 +33,57 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except MerError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        click.echo("interrupted; no partial output was left behind", err=True)
-        sys.exit(130)
+def _where(exc: OSError) -> str:
+    return f"{exc.filename}: " if exc.filename else ""
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
+    """The one line (and exit code) for an exception that escaped a command: the CLI's only error table."""
+    if isinstance(exc, MerError):  # ours: the message already names the file and what to do
+        return str(exc), 2
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return "out of memory; ask for less (fewer --cache-slots, a part of the model with --layers/--experts)", 2
+    if isinstance(exc, PermissionError):
+        return f"{_where(exc)}permission denied; choose a place you may write to, or fix its permissions", 2
+    if isinstance(exc, FileNotFoundError):
+        return f"{_where(exc)}no such file or folder; check the path (a folder for an output must exist)", 2
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{_where(exc)}no space left on the device; free some space or choose another place", 2
+    if isinstance(exc, OSError):
+        return f"{_where(exc)}{exc.strerror or exc}", 2
+    if isinstance(exc, (ValueError, OverflowError)):
+        return f"invalid value: {_short(exc)}", 2
+    return (f"unexpected {type(exc).__name__}: {_short(exc)} (a bug: please report it with the output of the same "
+            "command run with MERTOOLS_DEBUG=1)"), 2
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Group(click.Group):
+    """Every command runs through ``invoke``: one place turns exceptions into one line on stderr, as
+    huggingface_hub's CLI does. ``MERTOOLS_DEBUG=1`` prints the traceback too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors: click prints them its own way, exit code 2
+        except KeyboardInterrupt as exc:
+            if os.environ.get("MERTOOLS_DEBUG") == "1":
+                traceback.print_exc()
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"{exc if getattr(exc, 'signum', None) else 'interrupted; no partial output was left behind'}",
+                       err=True)
+            sys.exit(128 + signum)
+        except Exception as exc:
+            if os.environ.get("MERTOOLS_DEBUG") == "1":
+                traceback.print_exc()
+            msg, code = _describe(exc)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(code)
 
 
 class _Bar:
@@ -64,10 +111,17 @@ def _emit(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mertools")
 def main() -> None:
-    """Turn Mixture-of-Experts models into aligned per-expert shards for SSD streaming."""
+    """Turn Mixture-of-Experts models into aligned per-expert shards for SSD streaming.
+
+    Errors print one line and exit 2; set MERTOOLS_DEBUG=1 to see the traceback too.
+    """
+    from mer_runtime import kernels
+
+    if kernels.THREADS_ENV_ERROR is not None:  # refuse a bad MER_THREADS before any work, not halfway through
+        raise kernels.THREADS_ENV_ERROR
 
 
 @main.command()
@@ -77,10 +131,11 @@ def main() -> None:
 @click.option("--experts", help="Only these experts in each layer, e.g. 0-7 (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new output is complete).")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--wait", is_flag=True, help="If another run is writing OUT, wait for it instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(src: Path, out: Path, layers: str | None, experts: str | None, overwrite: bool, no_fsync: bool,
-            as_json: bool, quiet: bool) -> None:
+            wait: bool, as_json: bool, quiet: bool) -> None:
     """Write each expert of SRC (a .gguf file, or the first part of a split set) to OUT.
 
     \b
@@ -88,13 +143,13 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
       mertools extract mixtral-q4_0.gguf out/
       mertools extract model-00001-of-00004.gguf out/ --layers 0-3 --json
     """
+    layer_sel, expert_sel = parse_ranges(layers, "layers"), parse_ranges(experts, "experts")
     bar = _Bar(quiet or as_json, "extract")
-    with _errors():
-        try:
-            r = do_extract(src, out, layers=parse_ranges(layers, "layers"), experts=parse_ranges(experts, "experts"),
-                           overwrite=overwrite, fsync=not no_fsync, progress=bar)
-        finally:
-            bar.close()
+    try:
+        r = do_extract(src, out, layers=layer_sel, experts=expert_sel, overwrite=overwrite, fsync=not no_fsync,
+                       wait=wait, progress=bar)
+    finally:
+        bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -116,8 +171,7 @@ def inspect(path: Path, as_json: bool) -> None:
       mertools inspect mixtral-q4_k_m.gguf
       mertools inspect out/ --json
     """
-    with _errors():
-        d = describe(path)
+    d = describe(path)
     _emit(d) if as_json else click.echo(render(d))
 
 
@@ -144,14 +198,13 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
     if against and not deep:
         _fail("--against needs --deep")
     bar, deep_bar = _Bar(quiet or as_json, "verify"), _Bar(quiet or as_json, "deep", unit="expert")
-    with _errors():
-        if not out.is_dir():
-            raise click.UsageError(f"{out}: not a folder")
-        try:
-            r = do_verify(out, deep=deep, against=against, io=io, progress=bar, deep_progress=deep_bar)
-        finally:
-            bar.close()
-            deep_bar.close()
+    if not out.is_dir():
+        raise MertoolsError(f"{out}: not a folder; give the folder extract wrote")
+    try:
+        r = do_verify(out, deep=deep, against=against, io=io, progress=bar, deep_progress=deep_bar)
+    finally:
+        bar.close()
+        deep_bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -204,14 +257,17 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
         _fail("--workload replay and --trace FILE go together")
     cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
                       replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top)
+    if emit_golden and not emit_golden.parent.is_dir():  # found now, not after the whole run
+        raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} does not exist; create it or write the "
+                            "golden file elsewhere")
+    check_cache_memory(out, cache_slots)
     bar = _Bar(quiet or as_json, "smoke", unit="tok")
-    with _errors():
-        try:
-            r = run_smoke(out, cfg, progress=bar)
-        finally:
-            bar.close()
-        if emit_golden:
-            r["golden"] = do_golden(out, emit_golden, seed)
+    try:
+        r = run_smoke(out, cfg, progress=bar)
+    finally:
+        bar.close()
+    if emit_golden:
+        r["golden"] = do_golden(out, emit_golden, seed)
     if as_json:
         _emit(r)
     else:
@@ -223,7 +279,9 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
 @main.command()
 @click.option("--model", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A GGUF MoE model (default: the bundled llama.cpp-made Mixtral Q4_0, or a generated one).")
-@click.option("--out", type=click.Path(path_type=Path), help="Where to write the shards (default: a temp folder).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Where to write the shards: an absent or empty folder (default: the demo's own folder in the user "
+              "cache, $XDG_CACHE_HOME/mertools/demo, reused by every run).")
 @click.option("--tokens", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> None:
@@ -235,8 +293,7 @@ def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> No
     """
     from .demo import run_demo
 
-    with _errors():
-        r = run_demo(model, out, tokens=tokens, echo=None if as_json else click.echo)
+    r = run_demo(model, out, tokens=tokens, echo=None if as_json else click.echo)
     if as_json:
         _emit(r)
     if not r["verify"]["ok"]:

@@ -407,6 +407,10 @@ def staged_output(
     out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in out.parents if p.exists()), out.parent)
+        raise OutputError(f"{out}: {blocker} is a file, not a folder, so OUT cannot go there; choose another OUT"
+                          ) from None
     except OSError as exc:
         raise OutputError(f"{out.parent}: cannot create the parent folder ({exc.strerror}); choose another OUT"
                           ) from None

@@ -24,6 +24,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from .errors import MerError
+
 BAND_BYTES = 4 << 20  # rows widened or dequantized at a time for the non-block paths
 PARALLEL_MIN_WEIGHTS = 1 << 20  # below this a matrix is done on one thread: handing out work costs more
 
@@ -47,7 +49,24 @@ def _load_native() -> ctypes.CDLL | None:
 
 _LIB = _load_native()
 SIMD = bool(_LIB and _LIB.mer_has_avx2())
-THREADS = max(1, int(os.environ.get("MER_THREADS", 0)) or os.cpu_count() or 1)
+
+
+def _threads_from_env() -> tuple[int, MerError | None]:
+    """MER_THREADS: unset or 0 means one per core. A bad value is kept as an error raised at first use (and by the
+    CLI before it starts), because an import must not fail on it."""
+    raw = os.environ.get("MER_THREADS", "").strip()
+    default = os.cpu_count() or 1
+    try:
+        n = int(raw or 0)
+        if not 0 <= n <= 4096:
+            raise ValueError
+    except ValueError:
+        return default, MerError(f"MER_THREADS={raw[:40]!r}: expected a number of threads from 1 to 4096 (unset or 0: "
+                                 "one per core); fix or unset it")
+    return n or default, None
+
+
+THREADS, THREADS_ENV_ERROR = _threads_from_env()
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -72,6 +91,8 @@ def kernel_for(dtype: str) -> str:
 def _native_matvec(fn: Any, raw: np.ndarray, x: np.ndarray, out: np.ndarray, rows: int, cols: int,
                    simd: int = -1) -> np.ndarray:
     global _POOL
+    if THREADS_ENV_ERROR is not None:
+        raise THREADS_ENV_ERROR
     raw = np.ascontiguousarray(raw)
     args = (raw.ctypes.data, x.ctypes.data, out.ctypes.data, cols)
     n = THREADS if rows * cols >= PARALLEL_MIN_WEIGHTS else 1

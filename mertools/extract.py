@@ -20,7 +20,7 @@ import xxhash
 from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
 
 from . import __version__
-from .commit import STAGING_MARK, staged_output, test_point  # noqa: F401  (STAGING_MARK: old import path)
+from .commit import MARKER, STAGING_MARK, staged_output, test_point  # noqa: F401  (STAGING_MARK: old import path)
 from .dense import write_dense
 from .errors import MertoolsError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
@@ -184,12 +184,13 @@ def extract(
     overwrite: bool = False,
     fsync: bool = True,
     wait: bool = False,
+    marker: str | None = MARKER,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> ExtractResult:
     """Extract experts from a GGUF model into OUT. Returns a summary; raises MertoolsError on bad input.
 
     OUT appears complete or not at all; see :func:`mertools.commit.staged_output` for the rules (lock, overwrite,
-    signals, crash recovery) and ``wait``.
+    signals, crash recovery), ``wait`` and ``marker`` (the file a folder must hold for ``overwrite`` to replace it).
 
     >>> extract("mixtral-q4_0.gguf", "out/")                        # doctest: +SKIP
     >>> extract("model-00001-of-00003.gguf", "out/", layers={0, 1})  # doctest: +SKIP
@@ -204,7 +205,7 @@ def extract(
     dense_estimate = sum(src.sizes) - sum(t.nbytes for t in src.tensors.values()) + sum(t.nbytes for t in dense_tensors)
     total = sum(p.nbytes for p in plans) + sum(t.nbytes for t in dense_tensors)
     out = Path(os.path.abspath(out))
-    with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait,
+    with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait, marker=marker,
                        need_bytes=expert_bytes + dense_estimate) as staging:
         tick = progress(total, len(shards)) if progress else (lambda n: None)
         writer = _Writer(src, tick)

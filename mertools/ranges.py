@@ -48,8 +48,9 @@ class Ranges:
         for part in spec.split(","):
             part = part.strip()
             try:
-                a, _, b = part.partition("-")
-                lo, hi = int(a), int(b) if b else int(a)
+                a, dash, b = part.partition("-")
+                lo = int(a)
+                hi = int(b) if dash else lo
             except ValueError:
                 raise bad from None
             if lo < 0 or hi < lo:

@@ -120,3 +120,65 @@ def test_inspect_and_verify_bad_input(tmp_path):
     assert p.returncode == 2 and "not a Mixture-of-Experts" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("verify", tmp_path / "nothing")
     assert p.returncode == 2 and "not a folder" in p.stderr
+
+
+# -- the CLI's one error path: every case is the real command in a real process -----------------------------------
+def one_line(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from mertools import extract
+
+    out = tmp_path_factory.mktemp("cli") / "out"
+    extract(GEN / "moe-merged-q4_0.gguf", out, fsync=False)
+    return out
+
+
+def test_emit_golden_into_a_missing_folder(tmp_path, shards):
+    target = tmp_path / "missing" / "dir" / "g.npz"
+    one_line(run_cli("smoke", shards, "--tokens", "3", "-q", "--emit-golden", target), str(target.parent),
+             "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cache_slots_too_large_for_memory(shards):
+    one_line(run_cli("smoke", shards, "--tokens", "3", "-q", "--cache-slots", "100000000"), "--cache-slots 100000000",
+             "of memory", "is available", "use fewer slots")
+
+
+def test_bad_mer_threads(shards):
+    for value in ("abc", "-2", "99999999999"):
+        one_line(run_cli("smoke", shards, "--tokens", "3", "-q", env={"MER_THREADS": value}), "MER_THREADS",
+                 repr(value))
+
+
+@pytest.mark.parametrize("option", ["--layers", "--experts"])
+def test_huge_ranges_are_never_built(tmp_path, option):
+    """0-99999999999 would take terabytes as a list; it is two integers, and the missing ones are named as ranges."""
+    line = one_line(run_cli("extract", GEN / "moe-merged-q4_0.gguf", tmp_path / "o", option, "0-99999999999"),
+                    f"{option}: [", "99999999999] not in the model")
+    assert line.count(",") < 5
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = run_cli("extract", tmp_path / "nope.gguf", tmp_path / "o", env={"MERTOOLS_DEBUG": "1"})
+    assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_version_comes_from_package_metadata():
+    from importlib.metadata import version
+
+    import mertools
+
+    assert mertools.__version__ == version("mertools")
+    p = run_cli("--version")
+    assert p.returncode == 0 and version("mertools") in p.stdout

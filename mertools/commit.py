@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mer_runtime.errors import MerError
+
 from .errors import OutputError
 from .units import human_bytes
 
@@ -400,6 +402,10 @@ def staged_output(
     While the block runs, a lock beside OUT refuses every other ``staged_output`` for the same OUT (in this process
     or another). On entry, what a killed run left is repaired (see :func:`recover`).
 
+    Thread safety: any number of threads may each run their own ``staged_output`` (a second one for the same OUT
+    is refused, or waits). Signal handlers are installed only when called from the main thread; elsewhere a signal
+    acts as the process's handlers say, and a SIGKILL-like end is repaired by the next run.
+
     Example:
         >>> with staged_output("out/", overwrite=True, sources=["model.gguf"]) as staging:  # doctest: +SKIP
         ...     (staging / "manifest.json").write_text("{}")
@@ -435,7 +441,7 @@ def staged_output(
             yield staging
             _commit(staging, out, overwrite, marker, fsync)
         except OSError as exc:
-            if isinstance(exc, OutputError):
+            if isinstance(exc, MerError):  # ours already says what happened (e.g. ShardIOError)
                 raise
             raise _os_error(exc, out) from None
     finally:

@@ -21,9 +21,9 @@ from mer_runtime.errors import MerError
 from . import __version__
 from .describe import describe, render
 from .errors import MertoolsError
-from .memory import check_cache_memory
 from .extract import extract as do_extract
 from .extract import parse_ranges
+from .memory import check_cache_memory
 from .units import human_bytes
 from .verify import verify as do_verify
 

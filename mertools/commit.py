@@ -201,7 +201,8 @@ def _read_pid(fd: int) -> int | None:
 class _Signals:
     """SIGTERM and SIGHUP (and SIGINT) raise Interrupted in the main thread while a run writes; restored after.
 
-    Only the main thread may install handlers; elsewhere the process's own handling stays as it is.
+    Only the main thread may install handlers; elsewhere the process's own handling stays as it is. A signal the
+    process ignores (``nohup`` ignores SIGHUP) stays ignored.
     """
 
     def __init__(self) -> None:
@@ -209,6 +210,8 @@ class _Signals:
         if threading.current_thread() is not threading.main_thread():
             return
         for s in _SIGNALS:
+            if signal.getsignal(s) is signal.SIG_IGN:
+                continue  # ignored on purpose (nohup, a background job): a hangup must not abort the run
             self.saved[s] = signal.signal(s, self._raise)
 
     def _raise(self, signum: int, frame: object) -> None:

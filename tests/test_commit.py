@@ -253,6 +253,21 @@ def test_signals_mid_write_remove_staging_and_keep_out(tmp_path, sig):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_an_ignored_hangup_stays_ignored(tmp_path):
+    """Under nohup SIGHUP is ignored on purpose: the run goes on and commits."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "mertools.cli", "extract", str(Q4), str(out), "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MERTOOLS_TEST_STOP_AT": "writing"},
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_stopped(p)
+    os.kill(p.pid, signal.SIGHUP)
+    os.kill(p.pid, signal.SIGCONT)
+    rc, _, err = finish(p)
+    assert rc == 0, err
+    assert dtype_of(out) == "Q4_0" and leftovers(tmp_path) == []
+
+
 def test_signal_handlers_are_restored(tmp_path):
     mine = lambda s, f: None  # noqa: E731
     old = signal.signal(signal.SIGTERM, mine)

@@ -290,13 +290,37 @@ def recover(out: Path, fsync: bool = True) -> str | None:
 
 
 def _check_sources(out: Path, sources: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a replace that would delete a source: a path inside OUT, or the same file reached another way."""
     real_out = out.resolve()
+    inodes: dict[tuple[int, int], str] = {}
     for s in sources:
         real = Path(s).resolve()
         if real == real_out or real.is_relative_to(real_out):
-            raise OutputError(
-                f"{out}: --overwrite would delete the source {s}, which lies inside it; write to another OUT"
-            )
+            raise _inside(out, s)
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue
+        if not os.path.isdir(real):
+            inodes[(st.st_dev, st.st_ino)] = str(s)
+    if not inodes:
+        return
+    # A bind mount or a hard link can put a source's bytes inside OUT under a path that does not say so: compare
+    # inodes (readdir gives them without a stat per file; a shard folder holds a few thousand files at most).
+    wanted = {ino for _, ino in inodes}
+    for folder, _, _ in os.walk(real_out):
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.inode() in wanted and e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    if (key := (st.st_dev, st.st_ino)) in inodes:
+                        raise _inside(out, inodes[key], also=f" (as {e.path})")
+
+
+def _inside(out: Path, source: object, also: str = "") -> OutputError:
+    return OutputError(
+        f"{out}: --overwrite would delete the source {source}, which lies inside it{also}; write to another OUT"
+    )
 
 
 def _check_target(out: Path, overwrite: bool, marker: str | None) -> bool:

@@ -160,6 +160,17 @@ def test_overwrite_refuses_when_any_split_part_is_inside_out(tmp_path):
     assert (out / "moe-split-q4_0-00004-of-00006.gguf").is_file() and dtype_of(out) == "Q4_0"
 
 
+def test_overwrite_refuses_a_source_that_is_a_file_inside_out_by_another_name(tmp_path):
+    """A hard link (as a bind mount would) gives the source a path outside OUT; its inode is found inside."""
+    out = tmp_path / "out"
+    extract(Q4, out, fsync=False)
+    os.link(shutil.copy(F16, out / "inside.gguf"), tmp_path / "outside.gguf")
+    p = run_cli("extract", tmp_path / "outside.gguf", out, "--overwrite", "-q")
+    assert p.returncode == 2
+    one_line_error(p.stderr, "would delete the source", "outside.gguf", "inside.gguf")
+    assert (out / "inside.gguf").is_file() and dtype_of(out) == "Q4_0"
+
+
 def test_overwrite_replaces_only_an_earlier_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

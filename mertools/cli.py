@@ -129,7 +129,8 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--layers", help="Only these MoE layers, e.g. 0-3,7 (default: all).")
 @click.option("--experts", help="Only these experts in each layer, e.g. 0-7 (default: all).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new output is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output (it holds manifest.json), only "
+              "once the new output is complete; refused if a source lies inside OUT.")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
 @click.option("--wait", is_flag=True, help="If another run is writing OUT, wait for it instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -258,8 +259,9 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
     cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
                       replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top)
     if emit_golden and not emit_golden.parent.is_dir():  # found now, not after the whole run
-        raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} does not exist; create it or write the "
-                            "golden file elsewhere")
+        what = "is not a folder" if emit_golden.parent.exists() else "does not exist"
+        raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the golden "
+                            "file elsewhere")
     check_cache_memory(out, cache_slots)
     bar = _Bar(quiet or as_json, "smoke", unit="tok")
     try:

@@ -77,6 +77,17 @@ def test_second_run_into_same_out_fails_while_first_holds_it(tmp_path, point, se
     assert leftovers(tmp_path) == []  # no staging, no lock file
 
 
+def test_two_runs_started_together_never_both_succeed(tmp_path):
+    """Whichever order the scheduler picks: one run writes OUT, the other exits 2, and OUT is the winner's."""
+    out = tmp_path / "out"
+    runs = {src: start_cli("extract", src, out, "-q") for src in (Q4, F16)}
+    codes = {src: finish(p)[0] for src, p in runs.items()}
+    assert sorted(codes.values()) == [0, 2], codes
+    winner = next(src for src, rc in codes.items() if rc == 0)
+    assert dtype_of(out) == ("Q4_0" if winner == Q4 else "F16")
+    assert run_cli("verify", out, "-q").returncode == 0 and leftovers(tmp_path) == []
+
+
 def test_wait_takes_turns(tmp_path):
     out = tmp_path / "out"
     first = start_cli("extract", Q4, out, "-q", MERTOOLS_TEST_STOP_AT="before-commit")

@@ -27,6 +27,7 @@ from .dense import write_dense
 from .errors import MertoolsError, OutputError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
+from .reassemble import record_for_reassembly
 from .units import human_bytes
 
 SEGMENT = 4 << 20  # bytes per write: large and sequential, and memory stays flat
@@ -273,6 +274,8 @@ def extract(
             written = list(pool.map(lambda sh: writer.write_shard(sh, staging / sh.path, fsync), shards))
         entries = [_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
         dense = write_dense(src, staging / DENSE_NAME, fsync=fsync, tick=tick)
+        # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s); whole models only
+        record = record_for_reassembly(src, staging, fsync=fsync) if len(plans) == len(src.experts) else None
         manifest = {
             "format_version": FORMAT_VERSION,
             "alignment": ALIGNMENT,
@@ -287,6 +290,8 @@ def extract(
             "dense": dense,
             "experts": entries,
         }
+        if record is not None:
+            manifest["reassembly"] = record
         parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
         mpath = staging / MANIFEST_NAME
         with open(mpath, "w", encoding="utf-8") as fh:

@@ -243,5 +243,45 @@ def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> No
         sys.exit(1)
 
 
+# -- transport: reassemble, pack, unpack, export (issue 9) -----------------------------------------------------------
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--split", is_flag=True, help="Write the parts of a split source, as the source had them.")
+@click.option("--overwrite", is_flag=True, help="Replace MODEL if it exists (only once the new file is complete).")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: bool, as_json: bool,
+               quiet: bool) -> None:
+    """Rebuild the source GGUF from the shard folder OUT into MODEL (a file, or an existing folder).
+
+    A single-file source comes back byte-identical (checked against the source's xxh3); a split set with --split
+    too; otherwise every tensor's bytes are the source's.
+
+    \b
+    Examples:
+      mertools reassemble out/ model.gguf
+      mertools reassemble out/ parts/ --split --json
+    """
+    from .reassemble import reassemble as do_reassemble
+
+    bar = _Bar(quiet or as_json, "reassemble")
+    with _errors():
+        try:
+            r = do_reassemble(out, model, split=split, overwrite=overwrite, fsync=not no_fsync, progress=bar)
+        finally:
+            bar.close()
+    if as_json:
+        _emit(r.as_dict())
+        return
+    for n in r.notes:
+        click.echo(f"note: {n}", err=True)
+    files = ", ".join(str(p) for p in r.out)
+    click.echo(f"wrote {files}: {r.tensors} tensors, {human_bytes(r.bytes_written)} in {r.seconds:.2f} s; {r.how}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

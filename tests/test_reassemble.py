@@ -1,0 +1,149 @@
+"""reassemble: the source comes back from shards + dense.gguf, byte for byte where the record allows, else tensor for
+tensor. Expected bytes are the fixture files themselves and gguf's reader of them, never mertools' own plan."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from mertools import extract
+from mertools.errors import MertoolsError
+from mertools.reassemble import RECORD_NAME, reassemble
+
+from conftest import ALL_MOE, parts_of, run_cli
+
+SINGLE = [p for p in ALL_MOE if "-of-" not in p.name]
+SPLIT = next(p for p in ALL_MOE if "-00001-of-" in p.name)
+
+
+def _tensors(paths: list[Path]) -> dict[str, tuple[str, list[int], bytes]]:
+    out = {}
+    for p in paths:
+        for t in gguf.GGUFReader(p).tensors:
+            out[t.name] = (t.tensor_type.name, [int(d) for d in t.shape], t.data.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("src", SINGLE, ids=lambda p: p.name)
+def test_single_file_comes_back_byte_identical(src, extracted, tmp_path):
+    r = reassemble(extracted(src), tmp_path / "back.gguf", fsync=False)
+    assert r.exact
+    assert filecmp.cmp(src, tmp_path / "back.gguf", shallow=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_split_set_with_split_is_byte_identical(extracted, tmp_path):
+    out = tmp_path / "parts"
+    out.mkdir()
+    r = reassemble(extracted(SPLIT), out, split=True, fsync=False)
+    assert r.exact and len(r.out) == 6
+    for p in parts_of(SPLIT):
+        assert filecmp.cmp(p, out / p.name, shallow=False)
+
+
+def test_split_set_joined_is_tensor_identical(extracted, tmp_path):
+    r = reassemble(extracted(SPLIT), tmp_path / "one.gguf", fsync=False)
+    assert not r.exact and r.notes
+    want = _tensors(parts_of(SPLIT))
+    got = _tensors([tmp_path / "one.gguf"])
+    assert got == want  # same names, types, shapes and bytes (and it loads in gguf's reader)
+    meta = gguf.GGUFReader(tmp_path / "one.gguf").fields
+    assert not any(k.startswith("split.") for k in meta) and "mertools.experts_removed_from" not in meta
+
+
+def _strip_record(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    m = json.loads((to / "manifest.json").read_text())
+    del m["reassembly"]
+    (to / "manifest.json").write_text(json.dumps(m))
+    (to / RECORD_NAME).unlink()
+    return to
+
+
+@pytest.mark.parametrize("name", ["mixtral-q4_k_m.gguf", "moe-fused-q8_0.gguf", "moe-gptoss-mxfp4-bias.gguf",
+                                  "moe-perexpert-f16.gguf", "mixtral-perexpert-q8_0.gguf"])
+def test_folder_without_record_is_tensor_identical(name, extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == name)
+    old = _strip_record(extracted(src), tmp_path / "old")
+    r = reassemble(old, tmp_path / "back.gguf", fsync=False)
+    assert not r.exact and "no reassembly record" in r.notes[0]
+    assert _tensors([tmp_path / "back.gguf"]) == _tensors([src])
+
+
+def test_old_folder_refuses_split(extracted, tmp_path):
+    old = _strip_record(extracted(SPLIT), tmp_path / "old")
+    with pytest.raises(MertoolsError, match="--split needs the reassembly record"):
+        reassemble(old, tmp_path / "x.gguf", split=True)
+
+
+def test_partial_extract_is_refused(tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    extract(src, tmp_path / "part", layers={0}, fsync=False)
+    with pytest.raises(MertoolsError, match="--layers/--experts"):
+        reassemble(tmp_path / "part", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _damage(folder: Path, rel: str, at: int) -> None:
+    p = folder / rel
+    b = bytearray(p.read_bytes())
+    b[at] ^= 0x40
+    p.write_bytes(bytes(b))
+
+
+def test_damaged_shard_is_caught_and_nothing_left(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    e = m["experts"][3]
+    _damage(f, e["path"], e["tensors"]["down"]["offset"] + 17)
+    with pytest.raises(MertoolsError, match="checksum"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_damaged_dense_is_caught(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_k_m.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    r = gguf.GGUFReader(f / "dense.gguf")
+    at = int(r.tensors[-1].data_offset) + 5
+    del r
+    _damage(f, "dense.gguf", at)
+    with pytest.raises(MertoolsError, match="differ from the source"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_damaged_record_is_caught(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    _damage(f, RECORD_NAME, 100)
+    with pytest.raises(MertoolsError, match="reassembly record is damaged"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+
+
+def test_existing_output_needs_overwrite(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"keep me")
+    with pytest.raises(MertoolsError, match="--overwrite"):
+        reassemble(extracted(src), tmp_path / "x.gguf")
+    assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
+    reassemble(extracted(src), tmp_path / "x.gguf", overwrite=True, fsync=False)
+    assert filecmp.cmp(src, tmp_path / "x.gguf", shallow=False)
+
+
+def test_cli(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-bf16.gguf")
+    p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf", "--json", "--no-fsync", check=True)
+    d = json.loads(p.stdout)
+    assert d["exact"] is True and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
+    p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--overwrite" in p.stderr

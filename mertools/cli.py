@@ -346,5 +346,40 @@ def unpack(archive: Path, out: Path, overwrite: bool, no_fsync: bool, as_json: b
                    "every checksum matches the manifest")
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["mer"]), required=True, help="The layout to write.")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--router", is_flag=True, help="Also write each layer's router as gate_{layer}.bin (f32).")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty (only once the new one is complete).")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no_fsync: bool, as_json: bool,
+           quiet: bool) -> None:
+    """Write the shard folder OUT in another engine's layout (MER: expert_{g}.bin + metadata.json) into DEST.
+
+    Types are never converted: a type, bias or activation the layout cannot hold is refused.
+
+    \b
+    Examples:
+      mertools export out/ --to mer mer-model/
+      mertools export out/ --to mer mer-model/ --router --json
+    """
+    from .export_mer import export_mer
+
+    bar = _Bar(quiet or as_json, "export")
+    with _errors():
+        try:
+            r = export_mer(out, dest, router=router, overwrite=overwrite, fsync=not no_fsync, progress=bar)
+        finally:
+            bar.close()
+    if as_json:
+        _emit(r.as_dict())
+    else:
+        click.echo(f"wrote {r.experts} MER expert files ({r.dtype}, {human_bytes(r.expert_size)} each"
+                   f"{f', {r.routers} router files' if r.routers else ''}) to {r.out} in {r.seconds:.2f} s")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

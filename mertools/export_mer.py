@@ -126,6 +126,12 @@ def _check(m: Manifest) -> tuple[list[int], int, int, int]:
                               "has no place for expert biases. Not exported")
         for role in WEIGHT_ROLES:
             dt = e.tensors[role].dtype
+            if dt == "MXFP4":
+                raise ExportError(
+                    f"{where}: layer {e.layer} expert {e.expert} {role} is MXFP4: MER's header has an id for it (7) "
+                    "but its metadata has no dtype name for it, so its loader would refuse or misread the folder; "
+                    "mertools does not convert types. Not exported"
+                )
             if dt not in MER_TYPES:
                 raise ExportError(
                     f"{where}: layer {e.layer} expert {e.expert} {role} is {dt}, a type the MER layout does not "

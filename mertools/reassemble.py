@@ -2,7 +2,7 @@
 
 At extract time :func:`record_for_reassembly` keeps what the shards and dense.gguf do not hold: each source part's
 header bytes (magic, KV section, tensor infos, padding up to the data section), every tensor's place, type, shape and
-xxh3, any non-zero padding bytes, and the xxh3 of each whole source part. The header bytes go to ``reassembly.bin``;
+xxh3, any non-zero padding bytes, and the xxh3 of each whole source part. The header bytes go to ``reassembly.dat``;
 the rest is the manifest's ``reassembly`` field. With the record a single-file source (and, with ``--split``, every
 part of a split set) comes back byte for byte; the output's xxh3 is compared with the source's at the end.
 
@@ -37,7 +37,7 @@ from mer_runtime.manifest import ROLES, ExpertEntry, Manifest, load_manifest
 
 from .errors import MertoolsError, OutputError, SourceError
 
-RECORD_NAME = "reassembly.bin"
+RECORD_NAME = "reassembly.dat"
 SEGMENT = 4 << 20  # bytes per read/write: large and sequential, memory flat
 _REMOVED_KEY = "mertools.experts_removed_from"  # added by dense.gguf, not in the source
 _SPLIT_PREFIX = "split."
@@ -91,14 +91,14 @@ def _scan(path: Path, spans: list[tuple[int, int, str]]) -> tuple[str, dict[str,
 
 
 def record_for_reassembly(src: Any, folder: Path, *, fsync: bool = True) -> dict[str, Any] | None:
-    """Write ``folder/reassembly.bin`` and return the manifest's ``reassembly`` field (None: nothing to record).
+    """Write ``folder/reassembly.dat`` and return the manifest's ``reassembly`` field (None: nothing to record).
 
     Called by extract once per run; costs one xxh3 pass over the source (usually from the page cache) and the
     size of the source's headers on disk.
 
     >>> from mertools.gguf_source import open_source                       # doctest: +SKIP
     >>> record_for_reassembly(open_source("m.gguf"), Path("staging"))      # doctest: +SKIP
-    {'path': 'reassembly.bin', 'size': ..., 'xxh3_64': ..., 'files': [...]}
+    {'path': 'reassembly.dat', 'size': ..., 'xxh3_64': ..., 'files': [...]}
     """
     blob = bytearray()
     files = []
@@ -130,7 +130,7 @@ def record_for_reassembly(src: Any, folder: Path, *, fsync: bool = True) -> dict
                     gap_data.append((a, fh.read(b - a)))
         hoff = len(blob)
         blob += header
-        gap_rows = []  # [absolute offset, length, offset in reassembly.bin] of each non-zero padding run
+        gap_rows = []  # [absolute offset, length, offset in reassembly.dat] of each non-zero padding run
         for a, data in gap_data:
             gap_rows.append([a, len(data), len(blob)])
             blob += data

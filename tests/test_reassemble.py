@@ -147,3 +147,17 @@ def test_cli(extracted, tmp_path):
     assert d["exact"] is True and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
     p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--overwrite" in p.stderr
+
+
+def test_verify_notices_a_changed_record(extracted, tmp_path):
+    from mertools.verify import verify
+
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q8_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    assert verify(f).ok
+    _damage(f, RECORD_NAME, 7)
+    r = verify(f)
+    assert not r.ok and r.problems[0].path == RECORD_NAME
+    (f / RECORD_NAME).unlink()
+    assert [p.what for p in verify(f).problems] == ["missing"]

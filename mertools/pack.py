@@ -356,7 +356,12 @@ def _unpack_members(tar: tarfile.TarFile, archive: Path, staging: Path,
     except ManifestError as exc:
         raise ArchiveError(f"{archive}: {exc}") from None
     expect = _expected(m)
-    tick = progress(sum(e.size for e in expect.values()), len(expect)) if progress else (lambda n: None)
+    need = sum(e.size for e in expect.values())
+    free = shutil.disk_usage(staging).free
+    if need > free:
+        raise ArchiveError(f"{archive}: unpacks to {need} bytes but {staging.parent} has {free} free; free some "
+                           "space or choose another DIR")
+    tick = progress(need, len(expect)) if progress else (lambda n: None)
     seen: set[str] = set()
     written = len(mbytes)
     while (ti := tar.next()) is not None:

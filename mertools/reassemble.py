@@ -261,7 +261,38 @@ def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
         raise ReassemblyError(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)") from None
     if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
         raise ReassemblyError(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    if not _record_well_formed(rec, len(blob)):
+        raise ReassemblyError(f"{m.root}: the manifest's reassembly field is malformed; re-extract the model, or "
+                              "remove the field to get a tensor-identical rebuild")
     return rec, blob
+
+
+def _record_well_formed(rec: dict[str, Any], blob_len: int) -> bool:
+    """Types and ranges of the record's fields, so that a hand-edited manifest gives our error, not a traceback."""
+    def ints(xs: Any, n: int) -> bool:
+        return isinstance(xs, list) and len(xs) == n and all(type(x) is int and x >= 0 for x in xs)
+
+    files = rec.get("files")
+    if not isinstance(files, list) or not files:
+        return False
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("xxh3_64"), str):
+            return False
+        if not ints([f.get("size"), f.get("alignment"), f.get("data_offset")], 3) or f["alignment"] == 0:
+            return False
+        if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len:
+            return False
+        gaps, tensors = f.get("gaps"), f.get("tensors")
+        if not isinstance(gaps, list) or not all(ints(g, 3) and g[2] + g[1] <= blob_len for g in gaps):
+            return False
+        if not isinstance(tensors, list):
+            return False
+        for t in tensors:
+            if not (isinstance(t, list) and len(t) == 6 and isinstance(t[0], str) and isinstance(t[1], str)
+                    and ints(t[2], len(t[2]) if isinstance(t[2], list) else -1) and ints(t[3:5], 2)
+                    and isinstance(t[5], str)):
+                return False
+    return True
 
 
 # -- writing --------------------------------------------------------------------------------------------------------

@@ -161,3 +161,20 @@ def test_verify_notices_a_changed_record(extracted, tmp_path):
     assert not r.ok and r.problems[0].path == RECORD_NAME
     (f / RECORD_NAME).unlink()
     assert [p.what for p in verify(f).problems] == ["missing"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r["files"][0].__setitem__("header", [0, 10 ** 12]),
+    lambda r: r["files"][0]["tensors"][0].__setitem__(3, "x"),
+    lambda r: r.__setitem__("files", "nope"),
+    lambda r: r["files"][0].__setitem__("gaps", [[1, 2]]),
+])
+def test_malformed_record_gives_our_error(edit, extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    edit(m["reassembly"])
+    (f / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MertoolsError, match="malformed"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)

@@ -6,7 +6,7 @@ with a per-projection table otherwise), then gate || up || down exactly as the s
 
 Nothing is converted: a type the layout has no name for, expert biases or a non-SwiGLU activation (GPT-OSS) are
 refused with one line, never approximated. Every projection is checked against its manifest xxh3 as it is copied;
-our own checksums of what was written go to ``mertools-checksums.json`` (MER ignores it).
+our own checksums of what was written go to ``mertools-checksums.json`` (MER ignores it). Calls share no state.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ window, which every zstd decoder accepts by default, and zstd's own content chec
 ``unpack`` trusts nothing in the archive: it reads the manifest first, then accepts only regular-file members whose
 name is a path the manifest lists, each once, of exactly the listed size, and checks every xxh3 (whole file and each
 projection) before the folder is renamed into place; anything else removes the staging folder and says why.
+
+Thread safety: calls share no state; two calls writing the same output race as two extracts would (the later rename
+wins), so give each its own output.
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ def pack(
         with open(tmp, "xb") as raw:
             counted = _Counting(raw)
             with compressor(level, threads, long).stream_writer(counted, closefd=False) as zw:
-                with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
                     mtime = (folder / MANIFEST_NAME).stat().st_mtime
                     import io
 

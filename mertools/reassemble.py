@@ -13,6 +13,7 @@ gguf's reader, but the header bytes may differ from the source's.
 Memory stays flat: bytes go from the shard files to the output through one reused segment buffer (``os.preadv`` /
 ``os.write``); every projection's xxh3 is checked against the manifest as it is read, every tensor's against the
 record, and the output goes to a hidden temporary name that is renamed only once it is complete and checked.
+Calls share no state and may run in parallel on different outputs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -33,9 +34,9 @@ from gguf.constants import GGMLQuantizationType
 
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import ROLES, ExpertEntry, Manifest, load_manifest
+from mer_runtime.manifest import ROLES, Manifest, load_manifest
 
-from .errors import MertoolsError, OutputError, SourceError
+from .errors import MertoolsError, OutputError
 
 RECORD_NAME = "reassembly.dat"
 SEGMENT = 4 << 20  # bytes per read/write: large and sequential, memory flat
@@ -489,7 +490,7 @@ def _targets(out: Path, names: list[str]) -> list[Path]:
     return [out.with_name(f"{stem}-{i:05d}-of-{len(names):05d}.gguf") for i in range(1, len(names) + 1)]
 
 
-def _check_dense(m: Manifest, tick: Callable[[int], None]) -> None:
+def _check_dense(m: Manifest) -> None:
     path = m.root / m.dense["path"]
     whole, _, _ = hash_file(path)
     if whole != m.dense["xxh3_64"]:
@@ -566,7 +567,7 @@ def reassemble(
             else:
                 notes.append("a split source joined into one file: every tensor's bytes are the source's, the "
                              "header is made anew (use --split for the source's own parts, byte for byte)")
-            _check_dense(m, tick)
+            _check_dense(m)
             tensors = [t for part in plan for t in part]
             align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
             header = _generated_header(dense, tensors, align)

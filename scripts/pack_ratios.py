@@ -48,10 +48,10 @@ def main() -> None:
                 by_type[dtype][1] += len(c)
             r = pack(out, Path(tmp) / f"{src.stem}.tar.zst", level=a.level, long=not a.no_long, fsync=False)
             rows.append((src.name, r.bytes_in, r.bytes_out, r.ratio))
-    print(f"| projection type | bytes | compressed | ratio |\n|---|---|---|---|")
+    print("| projection type | bytes | compressed | ratio |\n|---|---|---|---|")
     for dtype, (n, c) in sorted(by_type.items(), key=lambda kv: -kv[1][0] / kv[1][1]):
         print(f"| {dtype} | {n} | {c} | {n / c:.3f} |")
-    print(f"\n| fixture folder | bytes | archive | ratio |\n|---|---|---|---|")
+    print("\n| fixture folder | bytes | archive | ratio |\n|---|---|---|---|")
     for name, n, c, r in rows:
         print(f"| {name} | {n} | {c} | {r:.3f} |")
 

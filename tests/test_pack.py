@@ -5,7 +5,6 @@ Hostile archives are built here with the standard library's tarfile and the zsta
 
 from __future__ import annotations
 
-import filecmp
 import io
 import json
 import os
@@ -225,3 +224,14 @@ def test_cli(extracted, tmp_path):
     p = run_cli("unpack", tmp_path / "junk.tar.zst", tmp_path / "o2")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_small_chunks(monkeypatch, extracted, tmp_path):
+    """Projection hashes fed across many chunk boundaries at odd places still match."""
+    import mertools.pack as pk
+
+    monkeypatch.setattr(pk, "CHUNK", 3001)
+    folder = extracted(next(p for p in ALL_MOE if p.name == "mixtral-q4_k_m.gguf"))
+    pack(folder, tmp_path / "a.tar.zst", fsync=False)
+    unpack(tmp_path / "a.tar.zst", tmp_path / "o", fsync=False)
+    assert _files(tmp_path / "o") == _files(folder)

@@ -524,6 +524,10 @@ def reassemble(
     dense = _dense_reader(m)
     src_files = [f["name"] for f in m.source.get("files", []) if isinstance(f, dict) and "name" in f]
     notes: list[str] = []
+    bad = [n for n in src_files if not isinstance(n, str) or "/" in n or "\0" in n or n.startswith(".") or not n]
+    if bad or not src_files:
+        raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
+                              "names; the manifest is damaged, re-extract the model")
     if split and len(src_files) < 2:
         raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
     if split and rec is None:

@@ -202,3 +202,16 @@ def test_segments_smaller_than_tensors(monkeypatch, tmp_path):
     extract(src, tmp_path / "o", fsync=False)
     r = reassemble(tmp_path / "o", tmp_path / "b.gguf", fsync=False)
     assert r.exact and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
+
+
+def test_hostile_source_name_is_refused(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    m["source"]["files"][0]["name"] = "../../evil.gguf"
+    (f / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "o").mkdir()
+    with pytest.raises(MertoolsError, match="not plain file names"):
+        reassemble(f, tmp_path / "o", fsync=False)
+    assert list((tmp_path / "o").iterdir()) == [] and not (tmp_path.parent / "evil.gguf").exists()

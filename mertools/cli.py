@@ -302,5 +302,139 @@ def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> No
         sys.exit(1)
 
 
+# -- transport: reassemble, pack, unpack, export (issue 9) -----------------------------------------------------------
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--split", is_flag=True, help="Write the parts of a split source, as the source had them.")
+@click.option("--overwrite", is_flag=True, help="Replace MODEL if it exists (only once the new file is complete).")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: bool, as_json: bool,
+               quiet: bool) -> None:
+    """Rebuild the source GGUF from the shard folder OUT into MODEL (a file, or an existing folder).
+
+    A single-file source comes back byte-identical (checked against the source's xxh3); a split set with --split
+    too; otherwise every tensor's bytes are the source's.
+
+    \b
+    Examples:
+      mertools reassemble out/ model.gguf
+      mertools reassemble out/ parts/ --split --json
+    """
+    from .reassemble import reassemble as do_reassemble
+
+    bar = _Bar(quiet or as_json, "reassemble")
+    try:
+        r = do_reassemble(out, model, split=split, overwrite=overwrite, fsync=not no_fsync, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _emit(r.as_dict())
+        return
+    for n in r.notes:
+        click.echo(f"note: {n}", err=True)
+    files = ", ".join(str(p) for p in r.out)
+    click.echo(f"wrote {files}: {r.tensors} tensors, {human_bytes(r.bytes_written)} in {r.seconds:.2f} s; {r.how}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--level", type=click.IntRange(1, 22), default=10, show_default=True, help="zstd level.")
+@click.option("--threads", type=int, default=-1, show_default=True, help="Compression threads (-1: every core).")
+@click.option("--no-long", is_flag=True, help="No long-distance matching (it needs a 128 MiB window to decode).")
+@click.option("--overwrite", is_flag=True, help="Replace ARCHIVE if it exists (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pack(out: Path, archive: Path, level: int, threads: int, no_long: bool, overwrite: bool, as_json: bool,
+         quiet: bool) -> None:
+    """Write the shard folder OUT as one zstd-compressed tar, manifest first; every checksum checked as read.
+
+    \b
+    Examples:
+      mertools pack out/ mixtral.tar.zst
+      mertools pack out/ mixtral.tar.zst --level 19 --json
+    """
+    from .pack import pack as do_pack
+
+    bar = _Bar(quiet or as_json, "pack")
+    try:
+        r = do_pack(out, archive, overwrite=overwrite, level=level, threads=threads, long=not no_long,
+                    progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _emit(r.as_dict())
+    else:
+        click.echo(f"wrote {r.archive}: {r.files} files, {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
+                   f"(ratio {r.ratio:.3f}) in {r.seconds:.2f} s")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def unpack(archive: Path, out: Path, overwrite: bool, no_fsync: bool, as_json: bool, quiet: bool) -> None:
+    """Restore a folder written by `pack` into OUT; every checksum is checked before OUT appears.
+
+    \b
+    Examples:
+      mertools unpack mixtral.tar.zst out/
+    """
+    from .pack import unpack as do_unpack
+
+    bar = _Bar(quiet or as_json, "unpack")
+    try:
+        r = do_unpack(archive, out, overwrite=overwrite, fsync=not no_fsync, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _emit(r.as_dict())
+    else:
+        click.echo(f"restored {r.files} files ({human_bytes(r.bytes_written)}) into {r.out} in {r.seconds:.2f} s; "
+                   "every checksum matches the manifest")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["mer"]), required=True, help="The layout to write.")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--router", is_flag=True, help="Also write each layer's router as gate_{layer}.bin (f32).")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty (only once the new one is complete).")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no_fsync: bool, as_json: bool,
+           quiet: bool) -> None:
+    """Write the shard folder OUT in another engine's layout (MER: expert_{g}.bin + metadata.json) into DEST.
+
+    Types are never converted: a type, bias or activation the layout cannot hold is refused.
+
+    \b
+    Examples:
+      mertools export out/ --to mer mer-model/
+      mertools export out/ --to mer mer-model/ --router --json
+    """
+    from .export_mer import export_mer
+
+    bar = _Bar(quiet or as_json, "export")
+    try:
+        r = export_mer(out, dest, router=router, overwrite=overwrite, fsync=not no_fsync, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _emit(r.as_dict())
+    else:
+        click.echo(f"wrote {r.experts} MER expert files ({r.dtype}, {human_bytes(r.expert_size)} each"
+                   f"{f', {r.routers} router files' if r.routers else ''}) to {r.out} in {r.seconds:.2f} s")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

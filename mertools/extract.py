@@ -26,6 +26,7 @@ from .errors import MertoolsError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
 from .ranges import Ranges, as_ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
+from .reassemble import record_for_reassembly
 
 SEGMENT = 4 << 20  # bytes per write: large and sequential, and memory stays flat
 PIECE = 256 << 10  # bytes per hash update: small enough to stay in cache for the second hash
@@ -226,6 +227,9 @@ def extract(
                 pool.shutdown(wait=True, cancel_futures=True)  # on an error or a signal, stop at once
             entries = [_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
             dense = write_dense(src, staging / DENSE_NAME, fsync=fsync, tick=tick)
+            # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s); whole
+            # models only
+            record = record_for_reassembly(src, staging, fsync=fsync) if len(plans) == len(src.experts) else None
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "alignment": ALIGNMENT,
@@ -240,6 +244,8 @@ def extract(
                 "dense": dense,
                 "experts": entries,
             }
+            if record is not None:
+                manifest["reassembly"] = record
             parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
             mpath = staging / MANIFEST_NAME
             with open(mpath, "w", encoding="utf-8") as fh:

@@ -87,6 +87,25 @@ def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None]) -> tu
     return probs, n
 
 
+def _check_reassembly_record(m: Manifest) -> list[Problem]:
+    """The optional ``reassembly`` record (mertools.reassemble): present, of its size and xxh3 (like the manifest,
+    metadata: its bytes are not counted in bytes_read)."""
+    rec = m.raw.get("reassembly")
+    if rec is None:
+        return []
+    rel = rec.get("path") if isinstance(rec, dict) else None
+    if not isinstance(rel, str) or "/" in rel or rel.startswith(".") or not rel:
+        return [Problem("manifest.json", "reassembly: bad or missing path")]
+    path = m.root / rel
+    if not path.is_file():
+        return [Problem(rel, "missing")]
+    whole, _, n = hash_file(path)
+    if n != rec.get("size") or whole != rec.get("xxh3_64"):
+        return [Problem(rel, f"size {n} / xxh3 {whole} differ from the manifest's {rec.get('size')} / "
+                             f"{rec.get('xxh3_64')}")]
+    return []
+
+
 def verify(
     folder: str | os.PathLike[str],
     *,
@@ -133,6 +152,7 @@ def verify(
             report.bytes_read += n
             if whole != d["xxh3_64"]:
                 report.problems.append(Problem(d["path"], f"checksum mismatch (xxh3 {whole}, manifest {d['xxh3_64']})"))
+    report.problems.extend(_check_reassembly_record(m))
     listed = {e.path for e in m.experts}
     experts_dir = m.root / "experts"
     if experts_dir.is_dir():

@@ -79,7 +79,7 @@ def test_hostile_tensor_names_never_become_paths(tmp_path):
     extract(tmp_path / "hostile.gguf", sandbox / "out")
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == sorted(
-        ["hostile.gguf", "a/b/out/manifest.json", "a/b/out/dense.gguf"]
+        ["hostile.gguf", "a/b/out/manifest.json", "a/b/out/dense.gguf", "a/b/out/reassembly.dat"]
         + [f"a/b/out/experts/L00{layer}/E000{e}.bin" for layer in (1, 2) for e in range(4)]
     )
     names = {t.name for t in gguf.GGUFReader(sandbox / "out" / "dense.gguf").tensors}

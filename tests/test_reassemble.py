@@ -1,0 +1,217 @@
+"""reassemble: the source comes back from shards + dense.gguf, byte for byte where the record allows, else tensor for
+tensor. Expected bytes are the fixture files themselves and gguf's reader of them, never mertools' own plan."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from mertools import extract
+from mertools.errors import MertoolsError
+from mertools.reassemble import RECORD_NAME, reassemble
+
+from conftest import ALL_MOE, parts_of, run_cli
+
+SINGLE = [p for p in ALL_MOE if "-of-" not in p.name]
+SPLIT = next(p for p in ALL_MOE if "-00001-of-" in p.name)
+
+
+def _tensors(paths: list[Path]) -> dict[str, tuple[str, list[int], bytes]]:
+    out = {}
+    for p in paths:
+        for t in gguf.GGUFReader(p).tensors:
+            out[t.name] = (t.tensor_type.name, [int(d) for d in t.shape], t.data.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("src", SINGLE, ids=lambda p: p.name)
+def test_single_file_comes_back_byte_identical(src, extracted, tmp_path):
+    r = reassemble(extracted(src), tmp_path / "back.gguf", fsync=False)
+    assert r.exact
+    assert filecmp.cmp(src, tmp_path / "back.gguf", shallow=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_split_set_with_split_is_byte_identical(extracted, tmp_path):
+    out = tmp_path / "parts"
+    out.mkdir()
+    r = reassemble(extracted(SPLIT), out, split=True, fsync=False)
+    assert r.exact and len(r.out) == 6
+    for p in parts_of(SPLIT):
+        assert filecmp.cmp(p, out / p.name, shallow=False)
+
+
+def test_split_set_joined_is_tensor_identical(extracted, tmp_path):
+    r = reassemble(extracted(SPLIT), tmp_path / "one.gguf", fsync=False)
+    assert not r.exact and r.notes
+    want = _tensors(parts_of(SPLIT))
+    got = _tensors([tmp_path / "one.gguf"])
+    assert got == want  # same names, types, shapes and bytes (and it loads in gguf's reader)
+    meta = gguf.GGUFReader(tmp_path / "one.gguf").fields
+    assert not any(k.startswith("split.") for k in meta) and "mertools.experts_removed_from" not in meta
+
+
+def _strip_record(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    m = json.loads((to / "manifest.json").read_text())
+    del m["reassembly"]
+    (to / "manifest.json").write_text(json.dumps(m))
+    (to / RECORD_NAME).unlink()
+    return to
+
+
+@pytest.mark.parametrize("name", ["mixtral-q4_k_m.gguf", "moe-fused-q8_0.gguf", "moe-gptoss-mxfp4-bias.gguf",
+                                  "moe-perexpert-f16.gguf", "mixtral-perexpert-q8_0.gguf"])
+def test_folder_without_record_is_tensor_identical(name, extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == name)
+    old = _strip_record(extracted(src), tmp_path / "old")
+    r = reassemble(old, tmp_path / "back.gguf", fsync=False)
+    assert not r.exact and "no reassembly record" in r.notes[0]
+    assert _tensors([tmp_path / "back.gguf"]) == _tensors([src])
+
+
+def test_old_folder_refuses_split(extracted, tmp_path):
+    old = _strip_record(extracted(SPLIT), tmp_path / "old")
+    with pytest.raises(MertoolsError, match="--split needs the reassembly record"):
+        reassemble(old, tmp_path / "x.gguf", split=True)
+
+
+def test_partial_extract_is_refused(tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    extract(src, tmp_path / "part", layers={0}, fsync=False)
+    with pytest.raises(MertoolsError, match="--layers/--experts"):
+        reassemble(tmp_path / "part", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _damage(folder: Path, rel: str, at: int) -> None:
+    p = folder / rel
+    b = bytearray(p.read_bytes())
+    b[at] ^= 0x40
+    p.write_bytes(bytes(b))
+
+
+def test_damaged_shard_is_caught_and_nothing_left(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    e = m["experts"][3]
+    _damage(f, e["path"], e["tensors"]["down"]["offset"] + 17)
+    with pytest.raises(MertoolsError, match="checksum"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_damaged_dense_is_caught(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_k_m.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    r = gguf.GGUFReader(f / "dense.gguf")
+    at = int(r.tensors[-1].data_offset) + 5
+    del r
+    _damage(f, "dense.gguf", at)
+    with pytest.raises(MertoolsError, match="differ from the source"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_damaged_record_is_caught(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    _damage(f, RECORD_NAME, 100)
+    with pytest.raises(MertoolsError, match="reassembly record is damaged"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+
+
+def test_existing_output_needs_overwrite(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"keep me")
+    with pytest.raises(MertoolsError, match="--overwrite"):
+        reassemble(extracted(src), tmp_path / "x.gguf")
+    assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
+    reassemble(extracted(src), tmp_path / "x.gguf", overwrite=True, fsync=False)
+    assert filecmp.cmp(src, tmp_path / "x.gguf", shallow=False)
+
+
+def test_cli(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-bf16.gguf")
+    p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf", "--json", "--no-fsync", check=True)
+    d = json.loads(p.stdout)
+    assert d["exact"] is True and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
+    p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--overwrite" in p.stderr
+
+
+def test_verify_notices_a_changed_record(extracted, tmp_path):
+    from mertools.verify import verify
+
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q8_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    assert verify(f).ok
+    _damage(f, RECORD_NAME, 7)
+    r = verify(f)
+    assert not r.ok and r.problems[0].path == RECORD_NAME
+    (f / RECORD_NAME).unlink()
+    assert [p.what for p in verify(f).problems] == ["missing"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r["files"][0].__setitem__("header", [0, 10 ** 12]),
+    lambda r: r["files"][0]["tensors"][0].__setitem__(3, "x"),
+    lambda r: r.__setitem__("files", "nope"),
+    lambda r: r["files"][0].__setitem__("gaps", [[1, 2]]),
+])
+def test_malformed_record_gives_our_error(edit, extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    edit(m["reassembly"])
+    (f / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MertoolsError, match="malformed"):
+        reassemble(f, tmp_path / "x.gguf", fsync=False)
+
+
+def test_split_to_a_file_name(extracted, tmp_path):
+    r = reassemble(extracted(SPLIT), tmp_path / "m.gguf", split=True, fsync=False)
+    assert [p.name for p in r.out] == [f"m-{i:05d}-of-00006.gguf" for i in range(1, 7)]
+    for p, want in zip(r.out, parts_of(SPLIT)):
+        assert filecmp.cmp(want, p, shallow=False)
+
+
+def test_split_of_a_single_file_is_refused(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    with pytest.raises(MertoolsError, match="drop --split"):
+        reassemble(extracted(src), tmp_path / "x.gguf", split=True)
+
+
+def test_segments_smaller_than_tensors(monkeypatch, tmp_path):
+    """Every copy and hash loop crosses many segment boundaries at odd places (extract's record pass included)."""
+    import mertools.reassemble as ra
+
+    monkeypatch.setattr(ra, "SEGMENT", 4096 + 513)
+    src = next(p for p in ALL_MOE if p.name == "mixtral-f16.gguf")
+    extract(src, tmp_path / "o", fsync=False)
+    r = reassemble(tmp_path / "o", tmp_path / "b.gguf", fsync=False)
+    assert r.exact and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
+
+
+def test_hostile_source_name_is_refused(extracted, tmp_path):
+    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    f = tmp_path / "f"
+    shutil.copytree(extracted(src), f)
+    m = json.loads((f / "manifest.json").read_text())
+    m["source"]["files"][0]["name"] = "../../evil.gguf"
+    (f / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "o").mkdir()
+    with pytest.raises(MertoolsError, match="not plain file names"):
+        reassemble(f, tmp_path / "o", fsync=False)
+    assert list((tmp_path / "o").iterdir()) == [] and not (tmp_path.parent / "evil.gguf").exists()

@@ -1,0 +1,172 @@
+"""Conversion in steps: plan -> write_experts(subset) -> write_dense -> manifest.
+
+``extract()`` runs them in one go. ``pull`` runs them shard by shard: plan from the headers, then, as each source
+file arrives, write the experts whose files are all present (``Conversion.ready``), and delete a source file once
+``Conversion.pending_files`` no longer lists it.
+
+    conv = plan(src, dtype="q4_0")
+    entries = write_experts(conv, staging, conv.ready({0, 1}))   # shards whose bytes lie in files 0 and 1
+    ...
+    dense = write_dense(conv, staging)
+    write_manifest(staging, build_manifest(conv, entries, dense))
+
+Nothing here creates, commits or removes OUT or the staging folder: that is ``extract``'s (and ``pull``'s) job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
+
+from . import __version__
+from .errors import MertoolsError
+from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
+from .sources import ExpertPlan, Source, with_dtype
+from .writer import ShardWriter
+
+WRITERS = 2
+
+
+@dataclass
+class Conversion:
+    """What will be written: the chosen experts (after --dtype) and where each goes. Read-only once built."""
+
+    src: Source
+    plans: list[ExpertPlan]
+    shards: list[ShardLayout]
+    dtype: str | None = None
+    complete: bool = True
+    written: set[tuple[int, int]] = field(default_factory=set)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
+    def files_of(self, shard: ShardLayout) -> set[int]:
+        """Indices (into ``src.files``) of the source files a shard's bytes come from."""
+        return {i for pl in shard.placed for i in getattr(pl.projection, "file_indices", (pl.projection.file_index,))}
+
+    def ready(self, present: Iterable[int]) -> list[ShardLayout]:
+        """Shards not yet written whose source files are all in `present`."""
+        have = set(present)
+        return [s for s in self.shards if (s.layer, s.expert) not in self.written and self.files_of(s) <= have]
+
+    def pending_files(self) -> set[int]:
+        """Source files still needed by shards not yet written, or by the dense part."""
+        need = set(self.src.dense_file_indices())
+        for s in self.shards:
+            if (s.layer, s.expert) not in self.written:
+                need |= self.files_of(s)
+        return need
+
+
+def plan(src: Source, layers: set[int] | None = None, experts: set[int] | None = None,
+         dtype: str | None = None) -> Conversion:
+    """Choose experts (None: all) and the output type (None: the source's; ``q4_0``/``q8_0``/``f16``/``bf16``).
+
+    >>> conv = plan(open_source("mixtral-bf16-sharded/"), layers={0}, dtype="q4_0")   # doctest: +SKIP
+    """
+    chosen = [p for p in src.experts if (layers is None or p.layer in layers) and (experts is None or p.expert in experts)]
+    for name, want, have in (
+        ("layers", layers, {p.layer for p in src.experts}),
+        ("experts", experts, {p.expert for p in src.experts}),
+    ):
+        if want is not None and want - have:
+            raise MertoolsError(
+                f"--{name}: {sorted(want - have)[:10]} not in the model (it has {name} {min(have)}-{max(have)})"
+            )
+    chosen = with_dtype(chosen, dtype)
+    return Conversion(src, chosen, [place(p) for p in chosen], dtype.lower() if dtype else None,
+                      len(chosen) == len(src.experts))
+
+
+def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | None = None, *, fsync: bool = True,
+                  tick: Callable[[int], None] = lambda n: None, workers: int = WRITERS) -> list[dict[str, Any]]:
+    """Write `shards` (default: all of the conversion) under `staging`; returns their manifest entries.
+
+    Only the source files those shards need are opened. Safe to call several times with disjoint subsets (not
+    concurrently for the same shard); each shard is recorded in ``conv.written``.
+    """
+    shards = conv.shards if shards is None else shards
+    writer = ShardWriter(conv.src, tick)
+    for shard in shards:
+        (staging / shard.path).parent.mkdir(parents=True, exist_ok=True)
+    # Shards are independent; two writers keep both cores busy hashing while the other copies.
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
+        written = list(pool.map(lambda sh: writer.write_shard(sh, staging / sh.path, fsync), shards))
+    conv.written.update((s.layer, s.expert) for s in shards)
+    return [shard_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
+
+
+def write_dense(conv: Conversion, staging: Path, *, fsync: bool = True,
+                tick: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Write dense.gguf under `staging`; returns the manifest's ``dense`` object."""
+    return conv.src.write_dense(staging / DENSE_NAME, fsync=fsync, tick=tick)
+
+
+def shard_entry(shard: ShardLayout, whole: str, hashes: dict[str, str]) -> dict[str, Any]:
+    def tensor(p: Any, offset: int) -> dict[str, Any]:
+        d = {"dtype": p.dtype, "shape": list(p.shape), "offset": offset, "nbytes": p.nbytes,
+             "xxh3_64": hashes[p.role], "source": p.tensor}
+        if getattr(p, "transform", "none") != "none":
+            d["transform"] = p.transform
+        return d
+
+    return {
+        "layer": shard.layer,
+        "expert": shard.expert,
+        "path": shard.path,
+        "size": shard.size,
+        "xxh3_64": whole,
+        "tensors": {pl.projection.role: tensor(pl.projection, pl.offset) for pl in shard.placed},
+    }
+
+
+def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[str, Any],
+                   extra_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest (checked by the reader every consumer uses is left to ``write_manifest``).
+
+    `extra_source` adds fields to ``source`` (``pull`` records repo, revision and sha256 there).
+    """
+    source = dict(conv.src.source_info())
+    if conv.dtype:
+        source["dtype"] = conv.dtype
+    if extra_source:
+        source.update(extra_source)
+    return {
+        "format_version": FORMAT_VERSION,
+        "alignment": ALIGNMENT,
+        "created_by": f"mertools {__version__}",
+        "model": conv.src.model,
+        "source": source,
+        "selection": {
+            "complete": conv.complete,
+            "layers": sorted({p.layer for p in conv.plans}),
+            "experts": sorted({p.expert for p in conv.plans}),
+        },
+        "dense": dense,
+        "experts": sorted(entries, key=lambda e: (e["layer"], e["expert"])),
+    }
+
+
+def write_manifest(staging: Path, manifest: dict[str, Any], *, fsync: bool = True) -> Path:
+    """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last)."""
+    parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
+    mpath = staging / MANIFEST_NAME
+    with open(mpath, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    return mpath

@@ -85,7 +85,7 @@ def plan(src: Source, layers: set[int] | None = None, experts: set[int] | None =
             raise MertoolsError(
                 f"--{name}: {sorted(want - have)[:10]} not in the model (it has {name} {min(have)}-{max(have)})"
             )
-    chosen = with_dtype(chosen, dtype)
+    chosen = with_dtype(chosen, dtype, f"{src.path}: ")
     return Conversion(src, chosen, [place(p) for p in chosen], dtype.lower() if dtype else None,
                       len(chosen) == len(src.experts))
 

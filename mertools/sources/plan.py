@@ -69,12 +69,12 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     return int(np.prod(quant_shape_to_byte_shape(tuple(shape), GGMLQuantizationType[dtype])))
 
 
-def quantized(p: Projection, dtype: str) -> Projection:
+def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
     """The projection converted to `dtype` (a gguf type name) by gguf's quantizer, a band of rows at a time."""
     qt = GGMLQuantizationType[dtype]
     if p.decode is None:
         raise SourceError(
-            f"{p.tensor}: is {p.dtype}, which --dtype cannot convert (only float sources, BF16/F16/F32/FP8, and "
+            f"{where}{p.tensor}: is {p.dtype}, which --dtype cannot convert (only float sources, BF16/F16/F32/FP8, and "
             "MXFP4 can be converted); drop --dtype to copy it as it is"
         )
     rows, cols = p.shape
@@ -82,7 +82,7 @@ def quantized(p: Projection, dtype: str) -> Projection:
         nbytes = nbytes_of(dtype, p.shape)
     except Exception:
         raise SourceError(
-            f"{p.tensor}: rows of {cols} elements cannot be stored as {dtype} (its block is "
+            f"{where}{p.tensor}: rows of {cols} elements cannot be stored as {dtype} (its block is "
             f"{GGML_QUANT_SIZES[qt][0]} elements); choose "
             "--dtype f16 or bf16"
         ) from None
@@ -98,10 +98,11 @@ def quantized(p: Projection, dtype: str) -> Projection:
     return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce)
 
 
-def with_dtype(plans: list[ExpertPlan], dtype: str | None) -> list[ExpertPlan]:
+def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> list[ExpertPlan]:
     """Plans whose weights come out as `dtype` (``q4_0``, ``q8_0``, ``f16``, ``bf16``; None keeps the source type).
 
-    Biases keep their source type. A source type the runtime cannot compute with (FP8) needs a `dtype`.
+    Biases keep their source type. A source type the runtime cannot compute with (FP8) needs a `dtype`. `where`
+    prefixes error messages (the source's path and ": ").
 
     >>> with_dtype(src.experts, "q4_0")   # doctest: +SKIP
     """
@@ -115,13 +116,14 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None) -> list[ExpertPlan]:
             if p.role.endswith("_bias") or target is None or (p.dtype == target and p.produce is None):
                 if p.dtype not in RUNTIME_TYPES:
                     raise SourceError(
-                        f"{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "
-                        "extraction with --dtype bf16 (exact for FP8 with its scales applied) or --dtype q8_0/q4_0"
+                        f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "
+                        "extraction: --dtype bf16 (the FP8 values times their block scales, rounded to BF16) or "
+                        "--dtype q8_0 / q4_0"
                     )
                 projs.append(p)
             elif p.dtype == target and p.transform != "none":
                 projs.append(p)  # already produced in the asked type by its own transform
             else:
-                projs.append(quantized(p, target))
+                projs.append(quantized(p, target, where))
         out.append(ExpertPlan(plan.layer, plan.expert, projs))
     return out

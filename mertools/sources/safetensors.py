@@ -488,7 +488,7 @@ class SafeTensorsSource:
             if d_sh is None:
                 t = next((self.tensors[n] for n in self.tensor_order
                           if n.startswith(prefix.format(layer=moe_layers[0]) + shared[0])
-                          and n.endswith((".weight", "input_linear.weight"))), None)
+                          and n.endswith(("gate_proj.weight", "w1.weight", "input_linear.weight"))), None)
                 d_sh = t.shape[0] // (2 if "input_linear" in t.name else 1) if t else 0
             info["d_ff_shared"] = int(d_sh)
         lead = config_value(self.config, "n_dense_layers")

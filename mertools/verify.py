@@ -145,7 +145,8 @@ def verify(
         from .deep import deep_verify
 
         names = {f["name"] for f in m.source.get("files", [])}
-        folder_ok = Path(against or "").is_dir() and names and all((Path(against) / n).is_file() for n in names)
+        folder_ok = against is not None and Path(against).is_dir() and names and all(
+            (Path(against) / n).is_file() for n in names)
         if against is not None and Path(against).name not in names and not folder_ok:
             report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
                                                          f"({', '.join(f['name'] for f in m.source['files'])})"))

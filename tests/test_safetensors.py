@@ -403,6 +403,9 @@ def test_a_missing_shard_is_named(tmp_path):
     ("lose_shard", "missing"),
     ("index_path", "not a plain .safetensors file name"),
     ("garbage_header", "not valid JSON|more than the file"),
+    ("stale_index", "whose header does not hold it"),
+    ("config_says_more_moe_layers", "holds no experts for them"),
+    ("unknown_expert_tensor", "looks like a routed-expert tensor"),
 ])
 def test_bad_checkpoints_give_one_line(tmp_path, damage, msg):
     src = tmp_path / "ck"
@@ -421,6 +424,23 @@ def test_bad_checkpoints_give_one_line(tmp_path, damage, msg):
         k = next(iter(idx["weight_map"]))
         idx["weight_map"][k] = "../model-00001-of-00002.safetensors"
         (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    elif damage == "stale_index":
+        idx = json.loads((src / "model.safetensors.index.json").read_text())
+        k = next(k for k, v in idx["weight_map"].items() if v.startswith("model-00001"))
+        idx["weight_map"][k] = "model-00002-of-00002.safetensors"
+        (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    elif damage == "config_says_more_moe_layers":
+        c = json.loads((src / "config.json").read_text())
+        c["first_k_dense_replace"] = 0
+        (src / "config.json").write_text(json.dumps(c))
+    elif damage == "unknown_expert_tensor":
+        from safetensors.numpy import save_file
+
+        t = load(src)
+        t["model.layers.1.mlp.experts.0.gate_proj.bias"] = np.zeros(4, np.float32)
+        for f in src.glob("model*"):
+            f.unlink()
+        save_file(t, src / "model.safetensors")
     else:
         b = bytearray(shard.read_bytes())
         b[8:40] = b"\xff" * 32

@@ -233,3 +233,36 @@ def model_type_of(config: dict[str, Any]) -> str | None:
     if mt not in MODEL_TYPES and isinstance(config.get("text_config"), dict):
         mt = config["text_config"].get("model_type", mt)
     return mt
+
+
+def moe_layers_from_config(config: dict[str, Any], n_layers: int) -> set[int]:
+    """The blocks below `n_layers` that each model's modeling code makes MoE, from its config keys.
+
+    >>> sorted(moe_layers_from_config({"expert_layer_period": 2, "expert_layer_offset": 1}, 4))
+    [1, 3]
+    """
+    c = {**config, **(config.get("text_config") or {})}
+
+    def num(key: str, default: int) -> int:
+        v = c.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20 else default
+
+    layers = set(range(n_layers))
+    if "expert_layer_period" in c:  # Jamba
+        period = max(1, num("expert_layer_period", 1))
+        layers = {i for i in layers if i % period == num("expert_layer_offset", 0)}
+    if "first_k_dense_replace" in c:  # DeepSeek, GLM-4.5, Kimi
+        freq = max(1, num("moe_layer_freq", 1))
+        layers = {i for i in layers if i >= num("first_k_dense_replace", 0) and i % freq == 0}
+    if "moe_layer_interval" in c:  # ERNIE-4.5
+        end = num("moe_layer_end_index", n_layers - 1) if c.get("moe_layer_end_index", -1) != -1 else n_layers - 1
+        step = max(1, num("moe_layer_interval", 1))
+        layers = {i for i in layers if (i + 1) % step == 0 and num("moe_layer_start_index", 0) <= i <= end}
+    for key in ("decoder_sparse_step", "interleave_moe_layer_step"):  # Qwen2/3-MoE, Llama 4
+        if key in c:
+            step = max(1, num(key, 1))
+            layers = {i for i in layers if (i + 1) % step == 0}
+    mlp_only = c.get("mlp_only_layers")
+    if isinstance(mlp_only, list):
+        layers -= {i for i in mlp_only if isinstance(i, int)}
+    return layers

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import NotMoEError, SourceError
-from .layouts import MODEL_TYPES, PREFIXES, Layout, Part, config_value, model_type_of
+from .layouts import MODEL_TYPES, PREFIXES, Layout, Part, config_value, model_type_of, moe_layers_from_config
 from .plan import ExpertPlan, Projection, ViewOf
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
@@ -165,6 +165,8 @@ class SafeTensorsSource:
                 raise SourceError(f"{p}: listed in {INDEX_NAME} but missing; download every shard")
             hl, h = read_header(p)
             headers[n] = (hl, h, p.stat().st_size)
+        if (root / INDEX_NAME).is_file():
+            check_index(index, headers, root / INDEX_NAME)
         self._build(root, config, headers)
 
     @classmethod
@@ -275,9 +277,9 @@ class SafeTensorsSource:
             lp = self._plan_layer(layer, lay, got)
             plans.extend(lp)
             names.update(t.name for d in got.values() for ts in d.values() for t in ts)
-            for t in list(names):
-                if t + "_scale_inv" in self.tensors:
-                    names.add(t + "_scale_inv")
+        names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in self.tensors}
+        self._check_uncarried(names)
+        self._check_moe_layers(set(layouts))
         n_exp = config_value(self.config, "n_experts")
         per_layer = {}
         for p in plans:
@@ -286,6 +288,31 @@ class SafeTensorsSource:
             raise SourceError(f"{self.path}: config.json says {n_exp} experts per layer but the tensors hold "
                               f"{sorted(set(per_layer.values()))}; the checkpoint is inconsistent")
         return plans, layouts, names
+
+    def _check_uncarried(self, carried: set[str]) -> None:
+        """A routed-expert tensor the layout does not carry must not slip into dense.gguf unnoticed."""
+        self.mtp_expert_tensors = 0
+        for n in self.tensor_order:
+            if ".experts." in n and n not in carried:
+                if n.startswith("mtp."):
+                    self.mtp_expert_tensors += 1  # Qwen3.5's separate MTP block: kept in dense.gguf, counted
+                    continue
+                t = self.tensors[n]
+                raise self._err(t, f"looks like a routed-expert tensor ({t.dtype} {list(t.shape)}) but is not part "
+                                   f"of the {self.model_type} layouts this version knows; refusing rather than "
+                                   "sending it to dense.gguf (report the model so its layout can be added)")
+
+    def _check_moe_layers(self, found: set[int]) -> None:
+        """Blocks the config says are MoE must all hold experts (a half-copied checkpoint must not pass)."""
+        n_layers = config_value(self.config, "n_layers")
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 < n_layers < 1 << 20:
+            return
+        want = moe_layers_from_config(self.config, n_layers)
+        missing = sorted(want - found)
+        if missing:
+            raise SourceError(f"{self.path}: config.json makes blocks {missing[:10]} Mixture-of-Experts layers but "
+                              "the checkpoint holds no experts for them; shards are missing or the files are "
+                              "incomplete")
 
     def _n_experts_of(self, layer: int, lay: Layout, got: dict[str, dict[int | None, list[STTensor]]]) -> int:
         if lay.kind == "per_expert":
@@ -615,6 +642,14 @@ def _read_json(p: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise SourceError(f"{p}: {what} is not a JSON object")
     return d
+
+
+def check_index(index: dict[str, Any], headers: dict[str, tuple[int, dict[str, Any], int]], where: Path) -> None:
+    """Every tensor the index maps to a shard is in that shard's header (a stale index must not pass)."""
+    for name, fname in index["weight_map"].items():
+        if name not in headers.get(fname, (0, {}, 0))[1]:
+            raise SourceError(f"{where}: maps tensor {name!r} to {fname}, whose header does not hold it; the index "
+                              "and the shards are from different saves: download them again")
 
 
 def _index_files(index: dict[str, Any], where: Path) -> list[str]:

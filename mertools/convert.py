@@ -6,6 +6,8 @@ file arrives, write the experts whose files are all present (``Conversion.ready`
 
     conv = plan(src, dtype="q4_0")
     entries = write_experts(conv, staging, conv.ready({0, 1}))   # shards whose bytes lie in files 0 and 1
+    for i in {0, 1} - conv.pending_files():                      # nothing left needs them
+        src.release(i); os.unlink(src.files[i])
     ...
     dense = write_dense(conv, staging)
     write_manifest(staging, build_manifest(conv, entries, dense))
@@ -94,8 +96,9 @@ def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | N
                   tick: Callable[[int], None] = lambda n: None, workers: int = WRITERS) -> list[dict[str, Any]]:
     """Write `shards` (default: all of the conversion) under `staging`; returns their manifest entries.
 
-    Only the source files those shards need are opened. Safe to call several times with disjoint subsets (not
-    concurrently for the same shard); each shard is recorded in ``conv.written``.
+    Only the source files those shards need are opened. Call it again with further disjoint subsets as more
+    source files arrive; each shard written is recorded in ``conv.written``. Not thread-safe across calls on one
+    ``Conversion`` (one caller at a time); within a call, `workers` threads write shards in parallel.
     """
     shards = conv.shards if shards is None else shards
     writer = ShardWriter(conv.src, tick)

@@ -371,6 +371,7 @@ def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted):
         entries += write_experts(conv, staging, ready, fsync=False)
         for j in list(present):  # drop source files nothing pending needs any more
             if j not in conv.pending_files():
+                src.release(j)
                 (dl / files[j].name).unlink()
                 present.discard(j)
     assert len(entries) == len(conv.shards) and conv.ready(range(len(files))) == []

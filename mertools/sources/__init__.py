@@ -60,6 +60,9 @@ class Source(Protocol):
     def view(self, i: int) -> memoryview:
         """Read-only bytes of source file ``i`` (opened on first use; thread-safe)."""
 
+    def release(self, i: int) -> None:
+        """Unmap source file ``i`` (call before deleting it)."""
+
     def close(self) -> None:
         """Release memory maps."""
 

@@ -91,6 +91,15 @@ class GGUFSource:
                 self._maps[i] = (m, memoryview(m))
             return self._maps[i][1]
 
+    def release(self, i: int) -> None:
+        """Unmap source file `i` (before deleting it, so its disk space is freed at once). Thread-safe; a later
+        ``view(i)`` maps it again."""
+        with self._lock:
+            if i in self._maps:
+                m, v = self._maps.pop(i)
+                v.release()
+                m.close()
+
     def close(self) -> None:
         with self._lock:
             for m, v in self._maps.values():

@@ -543,6 +543,7 @@ class SafeTensorsSource:
             "layouts": {str(k): v for k, v in self.layer_layouts.items()},
             "model_type": self.model_type,
             "safetensors_package": safetensors.__version__,
+            **({"mtp_expert_tensors_in_dense": self.mtp_expert_tensors} if self.mtp_expert_tensors else {}),
         }
 
     # -- bytes ---------------------------------------------------------------------------------------------------
@@ -567,6 +568,15 @@ class SafeTensorsSource:
                     raise SourceError(f"{p}: missing; it holds tensors the conversion needs") from None
                 self._maps[i] = (m, memoryview(m))
             return self._maps[i][1]
+
+    def release(self, i: int) -> None:
+        """Unmap source file `i` (before deleting it, so its disk space is freed at once). Thread-safe; a later
+        ``view(i)`` maps it again."""
+        with self._lock:
+            if i in self._maps:
+                m, v = self._maps.pop(i)
+                v.release()
+                m.close()
 
     def close(self) -> None:
         with self._lock:

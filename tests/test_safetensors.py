@@ -470,3 +470,48 @@ def test_gguf_f16_with_dtype_matches_llama_cpp_q4_0(tmp_path):
 def test_dtype_refuses_an_already_quantized_gguf(tmp_path):
     p = run_cli("extract", FIX / "real" / "mixtral-q4_k_m.gguf", tmp_path / "o", "--dtype", "q8_0")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--dtype" in p.stderr
+
+
+@pytest.mark.parametrize("name,role", [("gpt_oss_mxfp4", "up"), ("llama4", "down"), ("real/mixtral-bf16-sharded", "gate")])
+def test_one_changed_byte_is_caught_against_the_checkpoint(tmp_path, st_extracted, name, role):
+    from test_deep_verify import forge
+
+    from mertools.verify import verify
+
+    out = tmp_path / "forged"
+    shutil.copytree(st_extracted(name), out)
+    e = load_manifest(out).experts[-1]
+    t = e.tensors[role]
+    forge(out, e.path, t.offset + t.nbytes // 2 + 1)
+    assert verify(out).ok  # checksums rewritten: the shallow check cannot see it
+    r = verify(out, deep=True, against=folder(name))
+    assert not r.ok
+    assert any("does not match the source bytes" in p.what for p in r.problems if p.path == e.path)
+    assert {p.path for p in r.problems} == {e.path}
+
+
+def test_fp8_dense_tensors_are_widened_with_their_scales(st_extracted):
+    out = st_extracted(FP8, "bf16")
+    r = {t.name: t for t in gguf.GGUFReader(out / "dense.gguf").tensors}
+    t = load(GEN / FP8)
+    assert not any(n.endswith("_scale_inv") for n in r)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    w, s = t[name].astype(np.float32), t[name + "_scale_inv"]
+    full = np.repeat(np.repeat(s, 128, 0), 128, 1)[:w.shape[0], :w.shape[1]]
+    assert r[name].tensor_type.name == "BF16"
+    assert np.asarray(r[name].data).tobytes() == (w * full).astype(ml_dtypes.bfloat16).tobytes()
+
+
+def test_remote_sources_plug_in_by_scheme(tmp_path):
+    from mertools.errors import SourceError
+    from mertools.sources import REMOTE_OPENERS, open_source
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    with pytest.raises(SourceError, match="no reader for nope:// sources"):
+        open_source("nope://org/repo")
+    REMOTE_OPENERS["fixture"] = lambda url: SafeTensorsSource(GEN / url.split("://", 1)[1])
+    try:
+        src = open_source("fixture://olmoe")
+        assert src.kind == "safetensors" and src.model["n_experts"] == 2
+    finally:
+        del REMOTE_OPENERS["fixture"]

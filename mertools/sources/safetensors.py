@@ -237,7 +237,7 @@ class SafeTensorsSource:
     def _err(self, t: STTensor, msg: str) -> SourceError:
         return SourceError(f"{self.files[t.file_index]}: tensor {t.name!r} {msg}")
 
-    def _plan(self) -> tuple[list[ExpertPlan], dict[int, str], set[str]]:
+    def _plan(self) -> tuple[list[ExpertPlan], dict[int, Layout], set[str]]:
         # role regexes of every candidate layout; a layer takes the first candidate whose weights it holds
         found: dict[tuple[int, int], dict[str, dict[int | None, list[STTensor]]]] = {}
         rxs = []
@@ -258,7 +258,7 @@ class SafeTensorsSource:
                               f"(looked for {self.spec.layouts[0].roles['gate'].pattern.replace('{p}', self.prefix)}"
                               " and the other layouts of the table); nothing to extract")
         plans: list[ExpertPlan] = []
-        layouts: dict[int, str] = {}
+        layouts: dict[int, Layout] = {}
         names: set[str] = set()
         for layer in sorted({lay for lay, _ in found}):
             chosen = None
@@ -273,7 +273,7 @@ class SafeTensorsSource:
                 raise SourceError(f"{self.path}: layer {layer} has expert tensors for {', '.join(have)} but not a "
                                   "complete gate/up/down set of any known layout; the checkpoint is incomplete")
             lay, got = chosen
-            layouts[layer] = f"{lay.name} ({lay.kind})"
+            layouts[layer] = lay
             lp = self._plan_layer(layer, lay, got)
             plans.extend(lp)
             names.update(t.name for d in got.values() for ts in d.values() for t in ts)
@@ -504,7 +504,7 @@ class SafeTensorsSource:
                 info["activation"]["limit"] = float(limit)
         if mtp:
             info["n_mtp_layers"] = len(mtp)
-        lay = next(lo for lo in self.spec.layouts if lo.name == self.layer_layouts[moe_layers[0]].split(" ")[0])
+        lay = self.layer_layouts[moe_layers[0]]
         prefix = self.prefix
         shared = [p for p in lay.shared if any(n.startswith(prefix.format(layer=moe_layers[0]) + p)
                                                for n in self.tensor_order)]
@@ -539,8 +539,8 @@ class SafeTensorsSource:
         return {
             "format": "safetensors",
             "files": [{"name": p.name, "size": s} for p, s in zip(self.files, self.sizes)],
-            "layout": "+".join(sorted({v.split(" ")[1].strip("()") for v in self.layer_layouts.values()})),
-            "layouts": {str(k): v for k, v in self.layer_layouts.items()},
+            "layout": "+".join(sorted({lay.kind for lay in self.layer_layouts.values()})),
+            "layouts": {str(k): f"{lay.name} ({lay.kind})" for k, lay in self.layer_layouts.items()},
             "model_type": self.model_type,
             "safetensors_package": safetensors.__version__,
             **({"mtp_expert_tensors_in_dense": self.mtp_expert_tensors} if self.mtp_expert_tensors else {}),

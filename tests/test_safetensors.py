@@ -472,7 +472,8 @@ def test_dtype_refuses_an_already_quantized_gguf(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--dtype" in p.stderr
 
 
-@pytest.mark.parametrize("name,role", [("gpt_oss_mxfp4", "up"), ("llama4", "down"), ("real/mixtral-bf16-sharded", "gate")])
+@pytest.mark.parametrize("name,role", [("gpt_oss_mxfp4", "up"), ("llama4", "down"),
+                                       ("real/mixtral-bf16-sharded", "gate")])
 def test_one_changed_byte_is_caught_against_the_checkpoint(tmp_path, st_extracted, name, role):
     from test_deep_verify import forge
 

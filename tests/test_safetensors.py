@@ -200,6 +200,15 @@ def test_mxfp4_is_repacked_into_ggml_blocks_exactly(st_extracted):
             sc = t[p][e.expert]
             sc = sc if role == "down" else sc[0::2] if role == "gate" else sc[1::2]
             np.testing.assert_array_equal(raw.reshape(te.shape[0], -1, 17)[..., 0], sc)
+            # and the nibbles byte for byte (values alone would not tell +0 from -0): element k of a block is
+            # nibble k % 2 of source byte k // 2; ggml byte j holds element j low and element j + 16 high
+            p = p.replace("_scales", "_blocks")
+            blk = t[p][e.expert]
+            blk = blk if role == "down" else blk[0::2] if role == "gate" else blk[1::2]
+            codes = [(blk[..., k // 2] >> (4 * (k % 2))) & 15 for k in range(32)]
+            for j in range(16):
+                np.testing.assert_array_equal(raw.reshape(te.shape[0], -1, 17)[..., 1 + j],
+                                              codes[j] | (codes[j + 16] << 4))
         for role in ("gate_bias", "up_bias", "down_bias"):
             want = np.ascontiguousarray(_gptoss_bf16(t, e.layer, e.expert, role))
             assert shard_bytes(out, e, role) == want.tobytes()

@@ -262,6 +262,9 @@ def moe_layers_from_config(config: dict[str, Any], n_layers: int) -> set[int]:
         if key in c:
             step = max(1, num(key, 1))
             layers = {i for i in layers if (i + 1) % step == 0}
+    explicit = c.get("moe_layers")  # Llama 4 may list them outright
+    if isinstance(explicit, list) and all(isinstance(i, int) for i in explicit):
+        layers = {i for i in explicit if 0 <= i < n_layers}
     mlp_only = c.get("mlp_only_layers")
     if isinstance(mlp_only, list):
         layers -= {i for i in mlp_only if isinstance(i, int)}

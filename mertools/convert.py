@@ -5,12 +5,14 @@ file arrives, write the experts whose files are all present (``Conversion.ready`
 ``Conversion.pending_files`` no longer lists it.
 
     conv = plan(src, dtype="q4_0")
-    entries = write_experts(conv, staging, conv.ready({0, 1}))   # shards whose bytes lie in files 0 and 1
-    for i in {0, 1} - conv.pending_files():                      # nothing left needs them
+    dense = open_dense(conv, staging)                            # header now; tensors as files arrive
+    present = {0, 1}
+    entries = write_experts(conv, staging, conv.ready(present))  # shards whose bytes lie in files 0 and 1
+    dense.write_ready(present)
+    for i in present - conv.pending_files(dense):                # nothing left needs them
         src.release(i); os.unlink(src.files[i])
     ...
-    dense = write_dense(conv, staging)
-    write_manifest(staging, build_manifest(conv, entries, dense))
+    write_manifest(staging, build_manifest(conv, entries, dense.finish()))
 
 Nothing here creates, commits or removes OUT or the staging folder: that is ``extract``'s (and ``pull``'s) job.
 """
@@ -63,9 +65,10 @@ class Conversion:
         have = set(present)
         return [s for s in self.shards if (s.layer, s.expert) not in self.written and self.files_of(s) <= have]
 
-    def pending_files(self) -> set[int]:
-        """Source files still needed by shards not yet written, or by the dense part."""
-        need = set(self.src.dense_file_indices())
+    def pending_files(self, dense: Any = None) -> set[int]:
+        """Source files still needed by shards not yet written, or by the dense part (`dense`: the writer from
+        ``open_dense``, which knows which dense tensors are written; without it every dense file counts)."""
+        need = set(dense.pending_files() if dense is not None else self.src.dense_file_indices())
         for s in self.shards:
             if (s.layer, s.expert) not in self.written:
                 need |= self.files_of(s)
@@ -115,6 +118,40 @@ def write_dense(conv: Conversion, staging: Path, *, fsync: bool = True,
                 tick: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Write dense.gguf under `staging`; returns the manifest's ``dense`` object."""
     return conv.src.write_dense(staging / DENSE_NAME, fsync=fsync, tick=tick)
+
+
+class _WholeDense:
+    """For sources that write dense.gguf in one go (GGUF): written once every file it reads is present."""
+
+    def __init__(self, src: Source, path: Path, fsync: bool):
+        self.src, self.path, self.fsync = src, path, fsync
+        self.entry: dict[str, Any] | None = None
+
+    def pending_files(self) -> set[int]:
+        return set() if self.entry is not None else set(self.src.dense_file_indices())
+
+    def write_ready(self, present: Iterable[int] | None = None, tick: Callable[[int], None] = lambda n: None) -> int:
+        if self.entry is None and (present is None or set(self.src.dense_file_indices()) <= set(present)):
+            self.entry = self.src.write_dense(self.path, fsync=self.fsync, tick=tick)
+            return len(self.src.dense_tensors())
+        return 0
+
+    def finish(self) -> dict[str, Any]:
+        self.write_ready(None)
+        assert self.entry is not None
+        return self.entry
+
+    def close(self) -> None:
+        pass
+
+
+def open_dense(conv: Conversion, staging: Path, *, fsync: bool = True) -> Any:
+    """A dense.gguf writer for piecewise conversion, with ``write_ready(present, tick)``, ``pending_files()``,
+    ``finish() -> manifest dense object`` and ``close()``. SafeTensors sources write the header at once and each
+    tensor as its file arrives; other sources write everything when all their files are present."""
+    path = staging / DENSE_NAME
+    opener = getattr(conv.src, "open_dense", None)
+    return opener(path, fsync=fsync) if opener is not None else _WholeDense(conv.src, path, fsync)
 
 
 def shard_entry(shard: ShardLayout, whole: str, hashes: dict[str, str]) -> dict[str, Any]:

@@ -356,11 +356,12 @@ def test_generator_is_deterministic(tmp_path):
 
 
 # -- the staged API pull uses: plan from headers, convert shard by shard ---------------------------------------------
-def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted):
-    from mertools.convert import build_manifest, plan, write_dense, write_experts, write_manifest
+@pytest.mark.parametrize("name", ["deepseek_v2", "real/mixtral-bf16-sharded"])
+def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted, name):
+    from mertools.convert import build_manifest, open_dense, plan, write_experts, write_manifest
     from mertools.sources.safetensors import SafeTensorsSource, read_header
 
-    src_dir = GEN / "deepseek_v2"
+    src_dir = folder(name)
     cfg = json.loads((src_dir / "config.json").read_text())
     files = sorted(src_dir.glob("model-*.safetensors"))
     headers = {f.name: (*read_header(f), f.stat().st_size) for f in files}
@@ -370,27 +371,30 @@ def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted):
     conv = plan(src)
     staging = tmp_path / "staging"
     staging.mkdir()
+    dense = open_dense(conv, staging, fsync=False)
     assert conv.ready(set()) == []
-    entries = []
-    present: set[int] = set()
+    entries, present, most = [], set(), 0
     for i, f in enumerate(files):
         shutil.copy(f, dl / f.name)
         present.add(i)
-        ready = conv.ready(present)
-        entries += write_experts(conv, staging, ready, fsync=False)
-        for j in list(present):  # drop source files nothing pending needs any more
-            if j not in conv.pending_files():
-                src.release(j)
-                (dl / files[j].name).unlink()
-                present.discard(j)
+        most = max(most, len(present))
+        entries += write_experts(conv, staging, conv.ready(present), fsync=False)
+        dense.write_ready(present)
+        for j in present - conv.pending_files(dense):  # drop source files nothing pending needs any more
+            src.release(j)
+            (dl / files[j].name).unlink()
+        present &= conv.pending_files(dense)
     assert len(entries) == len(conv.shards) and conv.ready(range(len(files))) == []
-    dense = write_dense(conv, staging, fsync=False)
-    write_manifest(staging, build_manifest(conv, entries, dense, {"repo": "org/model"}), fsync=False)
+    assert not present and not list(dl.iterdir())  # every source file was deleted once converted
+    if name.startswith("real/"):
+        assert most < len(files)  # layer-ordered shards: files left before the last one arrived
+    write_manifest(staging, build_manifest(conv, entries, dense.finish(), {"repo": "org/model"}), fsync=False)
     src.close()
-    whole = load_manifest(st_extracted("deepseek_v2"))
-    staged = load_manifest(staging)
+    whole_dir = st_extracted(name)
+    whole, staged = load_manifest(whole_dir), load_manifest(staging)
     assert [(e.layer, e.expert, e.xxh3_64) for e in staged.experts] == \
         [(e.layer, e.expert, e.xxh3_64) for e in whole.experts]
+    assert (staging / "dense.gguf").read_bytes() == (whole_dir / "dense.gguf").read_bytes()
     assert staged.source["repo"] == "org/model"
 
 

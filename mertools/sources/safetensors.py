@@ -603,6 +603,12 @@ class SafeTensorsSource:
 
         return write_dense(self, path, fsync=fsync, tick=tick)
 
+    def open_dense(self, path: Path, *, fsync: bool) -> Any:
+        """A ``DenseWriter``: dense.gguf written tensor by tensor as source files arrive (see ``convert``)."""
+        from .st_dense import DenseWriter
+
+        return DenseWriter(self, path, fsync=fsync)
+
 
 def _slice_desc(part: Part, ndim: int, half: int) -> str:
     if not part.take:

@@ -529,3 +529,20 @@ def test_remote_sources_plug_in_by_scheme(tmp_path):
         assert src.kind == "safetensors" and src.model["n_experts"] == 2
     finally:
         del REMOTE_OPENERS["fixture"]
+
+
+def test_overlapping_tensors_in_a_header_are_refused(tmp_path):
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource, read_header
+
+    f = GEN / "olmoe" / "model.safetensors"
+    n, h = read_header(f)
+    names = [k for k in h if k != "__metadata__"]
+    a, b = h[names[0]], h[names[1]]
+    if a["data_offsets"][1] - a["data_offsets"][0] == b["data_offsets"][1] - b["data_offsets"][0]:
+        b["data_offsets"] = list(a["data_offsets"])
+    else:
+        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+    with pytest.raises(SourceError, match="share bytes"):
+        SafeTensorsSource.from_headers(tmp_path, json.loads((GEN / "olmoe" / "config.json").read_text()),
+                                       {f.name: (n, h, f.stat().st_size)})

@@ -63,6 +63,10 @@ class Source(Protocol):
     def release(self, i: int) -> None:
         """Unmap source file ``i`` (call before deleting it)."""
 
+    # Optional: ``open_dense(path, *, fsync)`` -> a writer with ``write_ready(present, tick)``,
+    # ``pending_files()``, ``finish()`` and ``close()`` that writes dense.gguf piece by piece as files arrive
+    # (SafeTensors sources have it; ``convert.open_dense`` falls back to ``write_dense`` in one go).
+
     def close(self) -> None:
         """Release memory maps."""
 

@@ -94,9 +94,14 @@ def parse_header(blob: bytes, where: str, file_size: int | None = None) -> tuple
         header = json.loads(blob[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SourceError(f"{where}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
+    check_header(header, where, None if file_size is None else file_size - 8 - n)
+    return n, header
+
+
+def check_header(header: Any, where: str, data_size: int | None) -> None:
+    """Refuse a header whose entries are malformed, do not fit their shape or the file, or overlap."""
     if not isinstance(header, dict):
         raise SourceError(f"{where}: the safetensors header is not a JSON object")
-    data_size = None if file_size is None else file_size - 8 - n
     for name, t in header.items():
         if name == "__metadata__":
             continue
@@ -112,7 +117,10 @@ def parse_header(blob: bytes, where: str, file_size: int | None = None) -> tuple
         if e - b != want or (data_size is not None and e > data_size):
             raise SourceError(f"{where}: tensor {name!r} ({t['dtype']} {t['shape']}) has bytes {b}..{e}, which do "
                               "not fit its shape or the file; the file is corrupt or truncated")
-    return n, header
+    spans = sorted((t["data_offsets"][0], t["data_offsets"][1], k) for k, t in header.items() if k != "__metadata__")
+    for (_b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise SourceError(f"{where}: tensors {k0!r} and {k1!r} share bytes; the header is corrupt")
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -201,8 +209,9 @@ class SafeTensorsSource:
         self.tensors: dict[str, STTensor] = {}
         self.tensor_order: list[str] = []
         for i, (fname, (n, h, size)) in enumerate(headers.items()):
-            if size is not None and size < 8 + n:
-                raise SourceError(f"{root / fname}: {size} bytes, shorter than its header; download it again")
+            if not isinstance(n, int) or not isinstance(size, int) or not 0 <= n <= MAX_HEADER or size < 8 + n:
+                raise SourceError(f"{root / fname}: header length {n} and size {size} do not fit; download it again")
+            check_header(h, str(root / fname), size - 8 - n)
             for name, t in sorted(((k, v) for k, v in h.items() if k != "__metadata__"),
                                   key=lambda kv: kv[1]["data_offsets"][0]):
                 if name in self.tensors:

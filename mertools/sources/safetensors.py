@@ -442,7 +442,7 @@ class SafeTensorsSource:
         def produce(view_of: ViewOf) -> Iterator[np.ndarray]:
             v = values(view_of)
             for r0 in range(0, rows, step):
-                yield np.ascontiguousarray(v[r0:r0 + step]).view(np.uint8).reshape(-1)
+                yield _band(v, r0, min(rows, r0 + step), part.transpose).view(np.uint8).reshape(-1)
 
         return Projection(role, t.dtype, out_shape, t.file_index, t.offset + e * per, nbytes, desc,
                           transform=part.transform(), produce=produce,
@@ -617,6 +617,20 @@ class SafeTensorsSource:
         from .st_dense import DenseWriter
 
         return DenseWriter(self, path, fsync=fsync)
+
+
+TILE = 64  # source rows per tile of a transposed copy: each tile is read sequentially, written in cache
+
+
+def _band(v: np.ndarray, r0: int, r1: int, transposed: bool) -> np.ndarray:
+    """Rows [r0, r1) of `v` as a contiguous array. When `v` is a transposed view, copying column tiles reads the
+    source a few rows at a time instead of striding across all of it (about twice as fast as one big copy)."""
+    if not transposed or v.ndim != 2:
+        return np.ascontiguousarray(v[r0:r1])
+    out = np.empty((r1 - r0, v.shape[1]), v.dtype)
+    for c in range(0, v.shape[1], TILE):
+        out[:, c:c + TILE] = v[r0:r1, c:c + TILE]
+    return out
 
 
 def _slice_desc(part: Part, ndim: int, half: int) -> str:

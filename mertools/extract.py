@@ -1,4 +1,5 @@
-"""``extract``: copy every expert of a GGUF model into its own aligned shard, plus dense.gguf and manifest.json.
+"""``extract``: write every expert of a model (GGUF, or SafeTensors checkpoint) into its own aligned shard, plus
+dense.gguf and manifest.json. The steps (plan, write experts, dense, manifest) are in ``convert.py``.
 
 Everything is written into a hidden staging folder beside OUT and renamed into place only once the manifest,
 the last file, is on disk; an interrupted or failed run never leaves an OUT that looks complete.

@@ -7,9 +7,7 @@ and the dense writer the protocol asks for. Every other attribute is the wrapped
 
 from __future__ import annotations
 
-import mmap
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +16,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..gguf_source import GGUFSource as _GGUFSource
+from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf
 
 _FLOAT = {"F32", "F16", "BF16"}
@@ -38,7 +37,7 @@ def _decoder(p: Any) -> Callable[[ViewOf, int, int], np.ndarray] | None:
     return decode
 
 
-class GGUFSource:
+class GGUFSource(MappedFiles):
     """A GGUF model (single file or split set) as a ``Source``. Thread-safe after construction.
 
     >>> src = GGUFSource("mixtral-q4_0.gguf")     # doctest: +SKIP
@@ -57,8 +56,8 @@ class GGUFSource:
                 for q in e.projections])
             for e in self.inner.experts
         ]
-        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
-        self._lock = threading.Lock()
+        self.files = self.inner.files
+        self._init_maps()
 
     def __getattr__(self, name: str) -> Any:  # path, files, sizes, arch, model, tensors, kv, ...
         return getattr(self.inner, name)
@@ -81,28 +80,3 @@ class GGUFSource:
         from ..dense import write_dense
 
         return write_dense(self.inner, path, fsync=fsync, tick=tick)
-
-    def view(self, i: int) -> memoryview:
-        with self._lock:
-            if i not in self._maps:
-                with open(self.inner.files[i], "rb") as fh:
-                    m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-                m.madvise(mmap.MADV_SEQUENTIAL)
-                self._maps[i] = (m, memoryview(m))
-            return self._maps[i][1]
-
-    def release(self, i: int) -> None:
-        """Unmap source file `i` (before deleting it, so its disk space is freed at once). Thread-safe; a later
-        ``view(i)`` maps it again."""
-        with self._lock:
-            if i in self._maps:
-                m, v = self._maps.pop(i)
-                v.release()
-                m.close()
-
-    def close(self) -> None:
-        with self._lock:
-            for m, v in self._maps.values():
-                v.release()
-                m.close()
-            self._maps.clear()

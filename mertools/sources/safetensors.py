@@ -16,7 +16,6 @@ import json
 import mmap
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..errors import NotMoEError, SourceError
 from .layouts import MODEL_TYPES, PREFIXES, Layout, Part, config_value, model_type_of, moe_layers_from_config
+from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
@@ -142,7 +142,7 @@ def _compile(pattern: str, prefix: str) -> re.Pattern[str]:
                       + "$")
 
 
-class SafeTensorsSource:
+class SafeTensorsSource(MappedFiles):
     """A checkpoint folder: config, tensors found in the shard headers, the expert plan and model summary.
 
     Thread-safety: planning happens in the constructor; afterwards the object is read-only except for the lazily
@@ -204,8 +204,7 @@ class SafeTensorsSource:
         self.files = [root / n for n in headers]
         self.sizes = [size for (_n, _h, size) in headers.values()]
         self.header_lengths = [n for (n, _h, _s) in headers.values()]
-        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
-        self._lock = threading.Lock()
+        self._init_maps()
         self.tensors: dict[str, STTensor] = {}
         self.tensor_order: list[str] = []
         for i, (fname, (n, h, size)) in enumerate(headers.items()):
@@ -556,43 +555,15 @@ class SafeTensorsSource:
         }
 
     # -- bytes ---------------------------------------------------------------------------------------------------
-    def view(self, i: int) -> memoryview:
-        """Read-only view of source file `i`, opened on first use (thread-safe)."""
-        with self._lock:
-            if i not in self._maps:
-                p = self.files[i]
-                try:
-                    with open(p, "rb") as fh:
-                        size = os.fstat(fh.fileno()).st_size
-                        if size != self.sizes[i]:
-                            raise SourceError(f"{p}: is {size} bytes but its header said {self.sizes[i]}; the file "
-                                              "changed or is incomplete: download it again")
-                        m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-                        n = int.from_bytes(m[:8], "little")
-                        if n != self.header_lengths[i]:
-                            m.close()
-                            raise SourceError(f"{p}: its header is {n} bytes, not the {self.header_lengths[i]} it was "
-                                              "planned with; the file changed: download it again")
-                except FileNotFoundError:
-                    raise SourceError(f"{p}: missing; it holds tensors the conversion needs") from None
-                self._maps[i] = (m, memoryview(m))
-            return self._maps[i][1]
-
-    def release(self, i: int) -> None:
-        """Unmap source file `i` (before deleting it, so its disk space is freed at once). Thread-safe; a later
-        ``view(i)`` maps it again."""
-        with self._lock:
-            if i in self._maps:
-                m, v = self._maps.pop(i)
-                v.release()
-                m.close()
-
-    def close(self) -> None:
-        with self._lock:
-            for m, v in self._maps.values():
-                v.release()
-                m.close()
-            self._maps.clear()
+    def _check_map(self, i: int, m: mmap.mmap) -> None:
+        p = self.files[i]
+        if len(m) != self.sizes[i]:
+            raise SourceError(f"{p}: is {len(m)} bytes but its header said {self.sizes[i]}; the file changed or is "
+                              "incomplete: download it again")
+        n = int.from_bytes(m[:8], "little")
+        if n != self.header_lengths[i]:
+            raise SourceError(f"{p}: its header is {n} bytes, not the {self.header_lengths[i]} it was planned with; "
+                              "the file changed: download it again")
 
     # -- dense part ----------------------------------------------------------------------------------------------
     def dense_tensors(self) -> list[STTensor]:

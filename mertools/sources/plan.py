@@ -10,7 +10,7 @@ the source type is a float one, gives the float32 values of rows ``[r0, r1)`` of
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -127,3 +127,18 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> l
                 projs.append(quantized(p, target, where))
         out.append(ExpertPlan(plan.layer, plan.expert, projs))
     return out
+
+
+def check_gated_shapes(path: Any, layer: int, plans: list[ExpertPlan]) -> None:
+    """Every expert of a layer is a gated FFN: gate/up [d_ff, d_model], down [d_model, d_ff], biases to match.
+    (The same rule as ``GGUFSource._check_shapes``, for any source.)"""
+    for p in plans:
+        s = {q.role: q.shape for q in p.projections}
+        f_, h = s["gate"]
+        ok = s["up"] == (f_, h) and s["down"] == (h, f_)
+        ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
+        ok = ok and s.get("down_bias", (h,)) == (h,)
+        if not ok:
+            shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
+            raise SourceError(f"{path}: layer {layer} expert {p.expert}: projection shapes do not fit a gated FFN "
+                              f"({shapes}); expected gate/up [d_ff, d_model] and down [d_model, d_ff]")

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import NotMoEError, SourceError
 from .layouts import MODEL_TYPES, PREFIXES, Layout, Part, config_value, model_type_of, moe_layers_from_config
 from .files import MappedFiles
-from .plan import ExpertPlan, Projection, ViewOf
+from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -360,7 +360,7 @@ class SafeTensorsSource(MappedFiles):
                 else:
                     projs.append(self._mxfp4(role, part, got[key][None][0], got[role + "_scales"][None][0], e, n_exp))
             plans.append(ExpertPlan(layer, e, projs))
-        _check_shapes(self.path, layer, plans)
+        check_gated_shapes(self.path, layer, plans)
         return plans
 
     # -- one projection per part kind --------------------------------------------------------------------------
@@ -625,19 +625,6 @@ def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     out[..., 0] = scales
     out[..., 1:] = codes[..., :16] | (codes[..., 16:] << 4)
     return out.reshape(rows, nblk * 17)
-
-
-def _check_shapes(path: Path, layer: int, plans: list[ExpertPlan]) -> None:
-    for p in plans:
-        s = {q.role: q.shape for q in p.projections}
-        f_, h = s["gate"]
-        ok = s["up"] == (f_, h) and s["down"] == (h, f_)
-        ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
-        ok = ok and s.get("down_bias", (h,)) == (h,)
-        if not ok:
-            shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
-            raise SourceError(f"{path}: layer {layer} expert {p.expert}: projection shapes do not fit a gated FFN "
-                              f"({shapes}); expected gate/up [d_ff, d_model] and down [d_model, d_ff]")
 
 
 def _read_json(p: Path, what: str) -> dict[str, Any]:

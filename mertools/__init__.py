@@ -15,7 +15,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 
 from .errors import MertoolsError  # noqa: E402
 from .extract import ExtractResult, extract  # noqa: E402
-from .gguf_source import open_source  # noqa: E402
+from .sources import open_source  # noqa: E402  (GGUF file or SafeTensors folder)
 from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = ["ExtractResult", "MertoolsError", "VerifyReport", "__version__", "extract", "open_source", "verify"]

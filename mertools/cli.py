@@ -135,20 +135,24 @@ def main() -> None:
 @click.option("--wait", is_flag=True, help="If another run is writing OUT, wait for it instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--dtype", type=click.Choice(["q4_0", "q8_0", "f16", "bf16"]), default=None,
+              help="Convert expert weights to this type while extracting (default: keep the source type).")
 def extract(src: Path, out: Path, layers: str | None, experts: str | None, overwrite: bool, no_fsync: bool,
-            wait: bool, as_json: bool, quiet: bool) -> None:
-    """Write each expert of SRC (a .gguf file, or the first part of a split set) to OUT.
+            wait: bool, as_json: bool, quiet: bool, dtype: str | None) -> None:
+    """Write each expert of SRC to OUT. SRC: a .gguf file (the first part of a split set), or a SafeTensors
+    checkpoint folder (config.json with model.safetensors or model.safetensors.index.json and its shards).
 
     \b
     Examples:
       mertools extract mixtral-q4_0.gguf out/
       mertools extract model-00001-of-00004.gguf out/ --layers 0-3 --json
+      mertools extract Mixtral-8x7B-Instruct-v0.1/ out/ --dtype q4_0
     """
     layer_sel, expert_sel = parse_ranges(layers, "layers"), parse_ranges(experts, "experts")
     bar = _Bar(quiet or as_json, "extract")
     try:
         r = do_extract(src, out, layers=layer_sel, experts=expert_sel, overwrite=overwrite, fsync=not no_fsync,
-                       wait=wait, progress=bar)
+                       wait=wait, progress=bar, dtype=dtype)
     finally:
         bar.close()
     if as_json:
@@ -180,8 +184,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--deep", is_flag=True, help="Also run every expert through the runtime and compare with a float64 "
               "reference (tolerance 1e-4 relative).")
-@click.option("--against", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="With --deep: the source model, for a reference computed from its own bytes.")
+@click.option("--against", type=click.Path(path_type=Path, exists=True),
+              help="With --deep: the source model (.gguf or SafeTensors folder), for a reference from its own bytes.")
 @click.option("--io", type=click.Choice(["auto", "io_uring", "pread", "buffered"]), default="auto",
               show_default=True, help="With --deep: how the runtime reads shards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

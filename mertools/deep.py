@@ -41,17 +41,38 @@ def seeded_inputs(d_model: int, seed: int = SEED, n: int = N_INPUTS) -> np.ndarr
 
 
 class SourceReference:
-    """Expert tensors of a GGUF source, looked up by their GGUF names with the gguf package's reader."""
+    """Expert tensors of the source model, for ``--against``.
 
-    def __init__(self, path: str | os.PathLike[str]):
+    A GGUF is read by tensor name with the gguf package's reader (not through the converter's plan). Any other
+    source (a SafeTensors checkpoint, or what a registered ``scheme://`` opener returns) goes through the
+    ``Source`` protocol: the projection's bytes are the source slice after its documented transform, converted to
+    the type the manifest records (``--dtype``) with the same quantizer; the transforms themselves are checked
+    against independent NumPy slicing in the tests.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None):
         self.path = Path(path)
-        try:
-            self.tensors = {t.name: t for p in split_parts(self.path) for t in gguf.GGUFReader(p).tensors}
-        except (ValueError, OSError) as exc:
-            raise SourceError(f"{self.path}: cannot read the reference model ({exc})") from None
+        self.source = None
+        if "://" not in os.fspath(path) and not self.path.is_dir():
+            try:
+                self.tensors = {t.name: t for p in split_parts(self.path) for t in gguf.GGUFReader(p).tensors}
+            except (ValueError, OSError) as exc:
+                raise SourceError(f"{self.path}: cannot read the reference model ({exc})") from None
+            return
+        from .sources import open_source, with_dtype
+
+        self.source = open_source(path)
+        dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
+        self._plans = {(p.layer, p.expert): p for p in with_dtype(self.source.experts, dtype)}
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
 
     def tensor(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
         """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias]."""
+        if self.source is not None:
+            return self._from_source(layer, expert, role)
         kind = "bias" if role.endswith("_bias") else "weight"
         base = role.removesuffix("_bias")
         t = self.tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")
@@ -67,6 +88,19 @@ class SourceReference:
             return t.tensor_type.name, t.data
         raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model the "
                           "folder was extracted from?")
+
+    def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
+        plan = self._plans.get((layer, expert))
+        proj = next((q for q in plan.projections if q.role == role), None) if plan else None
+        if proj is None:
+            raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model "
+                              "the folder was extracted from?")
+        view_of = self.source.view
+        if proj.produce is None:
+            raw = np.frombuffer(view_of(proj.file_index), np.uint8, count=proj.nbytes, offset=proj.offset)
+        else:
+            raw = np.concatenate([np.asarray(b, np.uint8).reshape(-1) for b in proj.produce(view_of)])
+        return proj.dtype, raw
 
 
 def _shard_reference(m: Manifest, e: ExpertEntry) -> dict[str, np.ndarray]:
@@ -91,7 +125,7 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                 progress: Callable[[int, int], Callable[[int], None]] | None = None) -> None:
     """Add per-expert numeric results (and any problems) to a shallow verify report."""
     t0 = time.perf_counter()
-    src = SourceReference(against) if against else None
+    src = SourceReference(against, m) if against else None
     x = seeded_inputs(m.model["d_model"], seed)
     activation = m.model.get("activation", {"kind": "swiglu"})
     tick = progress(len(m.experts), len(m.experts)) if progress else (lambda n: None)
@@ -119,6 +153,8 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                     e.path, f"output differs from the {'source' if src else 'shard'} reference: max relative error "
                             f"{err:.3g} > {tolerance:g}"))
         io_desc = shards.describe_io()
+    if src is not None:
+        src.close()
     report.deep = {
         "reference": f"source {against}" if src else "shard bytes (gguf dequantize)",
         "tolerance": tolerance,

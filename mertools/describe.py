@@ -1,4 +1,5 @@
-"""``inspect``: what a GGUF model holds and what ``extract`` would write, or what a shard folder holds."""
+"""``inspect``: what a model source (GGUF, SafeTensors folder) holds and what ``extract`` would write, or what a
+shard folder holds."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 from mer_runtime.kernels import kernel_for
 from mer_runtime.manifest import MANIFEST_NAME, load_manifest
 
-from .gguf_source import open_source
-from .layout import place
+from .convert import plan
+from .sources.plan import RUNTIME_TYPES
+from .sources import open_source
 from .units import human_bytes
 
 
@@ -35,7 +37,12 @@ def _per_layer(rows: list[tuple[int, dict[str, str], int]]) -> list[dict[str, An
     return out
 
 
-def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+def describe(path: str | os.PathLike[str], dtype: str | None = None) -> dict[str, Any]:
+    """A summary of a shard folder or of a source (and what extract, with `dtype`, would write).
+
+    >>> describe("mixtral-bf16-sharded/")["model"]["n_experts"]     # doctest: +SKIP
+    4
+    """
     p = Path(path)
     if p.is_dir() and (p / MANIFEST_NAME).exists():
         m = load_manifest(p)
@@ -55,36 +62,59 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
         }
     src = open_source(p)
-    shards = [place(e) for e in src.experts]
-    rows = [(e.layer, {q.role: q.dtype for q in e.projections}, s.size) for e, s in zip(src.experts, shards)]
-    dtypes = Counter(q.dtype for e in src.experts for q in e.projections)
+    try:
+        return _describe_source(src, str(path), dtype)
+    finally:
+        src.close()
+
+
+def _describe_source(src: Any, path: str, dtype: str | None = None) -> dict[str, Any]:
+    """What `src` holds and what extract would write (any ``sources.Source``; the hub reuses it remotely)."""
+    native = Counter(q.dtype for e in src.experts for q in e.projections)
+    conv = plan(src, dtype=dtype) if dtype or set(native) <= RUNTIME_TYPES else None
+    plans = conv.plans if conv else src.experts
+    shards = conv.shards if conv else None
+    rows = [(e.layer, {q.role: q.dtype for q in e.projections},
+             shards[i].size if shards else e.nbytes) for i, e in enumerate(plans)]
+    dtypes = Counter(q.dtype for e in plans for q in e.projections)
     dense = src.dense_tensors()
-    return {
-        "kind": "gguf",
-        "path": str(p),
+    transforms = Counter(f"{q.role}: {q.transform}" for e in plans for q in e.projections
+                         if getattr(q, "transform", "none") != "none")
+    d: dict[str, Any] = {
+        "kind": src.kind,
+        "path": path,
         "source": src.source_info(),
         "model": src.model,
         "experts": len(src.experts),
         "layers": _per_layer(rows),
-        "would_write": {
-            "shards": len(shards),
-            "expert_bytes": sum(s.size for s in shards),
-            "payload_bytes": sum(e.nbytes for e in src.experts),
-            "dense_tensors": len(dense),
-            "dense_bytes": sum(t.nbytes for t in dense),
-        },
+        "transforms": sorted(transforms),
         "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
     }
-
-
+    if conv is None:
+        d["needs_dtype"] = sorted(set(native) - RUNTIME_TYPES)
+    else:
+        d["would_write"] = {
+            "shards": len(conv.shards),
+            "expert_bytes": conv.expert_bytes,
+            "payload_bytes": conv.payload_bytes,
+            "dtype": conv.dtype,
+            "dense_tensors": len(dense),
+            "dense_bytes": sum(t.nbytes for t in dense),
+        }
+    return d
 
 
 def render(d: dict[str, Any]) -> str:
     m = d["model"]
-    lines = [f"{d['path']}  ({'shard folder' if d['kind'] == 'shards' else 'GGUF model'})"]
-    if d["kind"] == "gguf":
+    what = {"shards": "shard folder", "gguf": "GGUF model", "safetensors": "SafeTensors checkpoint"}
+    lines = [f"{d['path']}  ({what.get(d['kind'], d['kind'])})"]
+    if d["kind"] != "shards":
         s = d["source"]
-        lines.append(f"  files: {', '.join(f['name'] for f in s['files'])}  layout: {s['layout']}")
+        files = [f["name"] for f in s["files"]]
+        shown = ", ".join(files[:4]) + (f", ... ({len(files)} files)" if len(files) > 4 else "")
+        lines.append(f"  files: {shown}  layout: {s['layout']}")
+        if d.get("transforms"):
+            lines.append("  transforms: " + ", ".join(d["transforms"]))
     else:
         lines.append(f"  format v{d['format_version']}, alignment {d['alignment']}, from {d['source'].get('layout')} "
                      f"{', '.join(f['name'] for f in d['source'].get('files', []))}")
@@ -104,7 +134,9 @@ def render(d: dict[str, Any]) -> str:
         types = " ".join(f"{r}={t}" for r, t in row["types"].items())
         lines.append(f"  {row['layer']:5d}  {row['experts']:7d}  {types:34s} {human_bytes(row['bytes_per_expert'])}")
     lines.append("  kernels: " + ", ".join(f"{t}: {k}" for t, k in d["kernels"].items()))
-    if d["kind"] == "gguf":
+    if d.get("needs_dtype"):
+        lines.append(f"  experts are {', '.join(d['needs_dtype'])}: extract needs --dtype (bf16, f16, q8_0 or q4_0)")
+    elif d["kind"] != "shards":
         w = d["would_write"]
         lines.append(
             f"  extract would write {w['shards']} shards ({human_bytes(w['expert_bytes'])}, payload {human_bytes(w['payload_bytes'])}) "

@@ -164,7 +164,10 @@ def verify(
     if deep:
         from .deep import deep_verify
 
-        if against is not None and Path(against).name not in {f["name"] for f in m.source.get("files", [])}:
+        names = {f["name"] for f in m.source.get("files", [])}
+        folder_ok = against is not None and Path(against).is_dir() and names and all(
+            (Path(against) / n).is_file() for n in names)
+        if against is not None and Path(against).name not in names and not folder_ok:
             report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
                                                          f"({', '.join(f['name'] for f in m.source['files'])})"))
 

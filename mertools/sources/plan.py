@@ -1,0 +1,144 @@
+"""What every source hands the writer: per expert, per projection, where the bytes come from.
+
+A projection is either a plain byte range of a source file (``produce is None``: the writer copies
+``nbytes`` bytes at ``offset`` of ``files[file_index]``), or a transform that yields the projection's bytes in row
+bands (``produce(view_of)``, where ``view_of(i)`` is a read-only memoryview of source file ``i``). ``decode``, where
+the source type is a float one, gives the float32 values of rows ``[r0, r1)`` of the ``[out, in]`` matrix, which
+``with_dtype`` quantizes for ``--dtype``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quant_shape_to_byte_shape, quantize
+
+from ..errors import SourceError
+
+ViewOf = Callable[[int], memoryview]
+Produce = Callable[[ViewOf], Iterator[np.ndarray]]
+Decode = Callable[[ViewOf, int, int], np.ndarray]
+
+# Output types the runtime computes with (kernels.py): anything else must be converted with --dtype.
+RUNTIME_TYPES = {"F32", "F16", "BF16", "MXFP4"} | {t.name for t in GGMLQuantizationType}
+DTYPE_CHOICES = ("q4_0", "q8_0", "f16", "bf16")
+BAND_BYTES = 16 << 20  # float32 bytes per quantization band: memory stays flat whatever the matrix size
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One role of one expert. ``shape`` is ``[out, in]`` (``[n]`` for a bias), in the output type ``dtype``."""
+
+    role: str
+    dtype: str
+    shape: tuple[int, ...]
+    file_index: int
+    offset: int  # absolute offset in files[file_index] (the first byte the projection reads)
+    nbytes: int  # bytes written to the shard
+    tensor: str  # the source tensor and slice, for the manifest's `source`
+    transform: str = "none"
+    files: tuple[int, ...] = ()  # every source file the bytes come from (file_index included)
+    produce: Produce | None = field(default=None, compare=False, repr=False)
+    decode: Decode | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def file_indices(self) -> tuple[int, ...]:
+        return self.files or (self.file_index,)
+
+
+@dataclass
+class ExpertPlan:
+    layer: int
+    expert: int
+    projections: list[Projection]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.projections)
+
+    @property
+    def file_indices(self) -> set[int]:
+        """Source files this expert's bytes come from (for converting a subset while others are absent)."""
+        return {i for p in self.projections for i in p.file_indices}
+
+
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    return int(np.prod(quant_shape_to_byte_shape(tuple(shape), GGMLQuantizationType[dtype])))
+
+
+def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
+    """The projection converted to `dtype` (a gguf type name) by gguf's quantizer, a band of rows at a time."""
+    qt = GGMLQuantizationType[dtype]
+    if p.decode is None:
+        raise SourceError(
+            f"{where}{p.tensor}: is {p.dtype}, which --dtype cannot convert (only float sources, BF16/F16/F32/FP8, and "
+            "MXFP4 can be converted); drop --dtype to copy it as it is"
+        )
+    rows, cols = p.shape
+    try:
+        nbytes = nbytes_of(dtype, p.shape)
+    except Exception:
+        raise SourceError(
+            f"{where}{p.tensor}: rows of {cols} elements cannot be stored as {dtype} (its block is "
+            f"{GGML_QUANT_SIZES[qt][0]} elements); choose "
+            "--dtype f16 or bf16"
+        ) from None
+    step = max(1, BAND_BYTES // (cols * 4))
+    decode = p.decode
+
+    def produce(view_of: ViewOf) -> Iterator[np.ndarray]:
+        for r0 in range(0, rows, step):
+            band = decode(view_of, r0, min(rows, r0 + step))
+            yield quantize(np.ascontiguousarray(band, dtype=np.float32), qt).reshape(-1)
+
+    steps = "quantize" if p.transform == "none" else f"{p.transform}+quantize"
+    return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce)
+
+
+def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> list[ExpertPlan]:
+    """Plans whose weights come out as `dtype` (``q4_0``, ``q8_0``, ``f16``, ``bf16``; None keeps the source type).
+
+    Biases keep their source type. A source type the runtime cannot compute with (FP8) needs a `dtype`. `where`
+    prefixes error messages (the source's path and ": ").
+
+    >>> with_dtype(src.experts, "q4_0")   # doctest: +SKIP
+    """
+    if dtype is not None and dtype.lower() not in DTYPE_CHOICES:
+        raise SourceError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    target = dtype.upper() if dtype else None
+    out = []
+    for plan in plans:
+        projs = []
+        for p in plan.projections:
+            if p.role.endswith("_bias") or target is None or (p.dtype == target and p.produce is None):
+                if p.dtype not in RUNTIME_TYPES:
+                    raise SourceError(
+                        f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "
+                        "extraction: --dtype bf16 (the FP8 values times their block scales, rounded to BF16) or "
+                        "--dtype q8_0 / q4_0"
+                    )
+                projs.append(p)
+            elif p.dtype == target and p.transform != "none":
+                projs.append(p)  # already produced in the asked type by its own transform
+            else:
+                projs.append(quantized(p, target, where))
+        out.append(ExpertPlan(plan.layer, plan.expert, projs))
+    return out
+
+
+def check_gated_shapes(path: Any, layer: int, plans: list[ExpertPlan]) -> None:
+    """Every expert of a layer is a gated FFN: gate/up [d_ff, d_model], down [d_model, d_ff], biases to match.
+    (The same rule as ``GGUFSource._check_shapes``, for any source.)"""
+    for p in plans:
+        s = {q.role: q.shape for q in p.projections}
+        f_, h = s["gate"]
+        ok = s["up"] == (f_, h) and s["down"] == (h, f_)
+        ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
+        ok = ok and s.get("down_bias", (h,)) == (h,)
+        if not ok:
+            shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
+            raise SourceError(f"{path}: layer {layer} expert {p.expert}: projection shapes do not fit a gated FFN "
+                              f"({shapes}); expected gate/up [d_ff, d_model] and down [d_model, d_ff]")

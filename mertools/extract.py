@@ -241,11 +241,14 @@ def extract(
     overwrite: bool = False,
     fsync: bool = True,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    source_extra: dict[str, Any] | None = None,
 ) -> ExtractResult:
     """Extract experts from a GGUF model into OUT. Returns a summary; raises MertoolsError on bad input.
 
     >>> extract("mixtral-q4_0.gguf", "out/")                        # doctest: +SKIP
     >>> extract("model-00001-of-00003.gguf", "out/", layers={0, 1})  # doctest: +SKIP
+
+    ``source_extra`` adds fields to the manifest's ``source`` (``pull`` records the hub repo, commit and sha256s).
     """
     t0 = time.perf_counter()
     src = open_source(src_path)
@@ -278,7 +281,7 @@ def extract(
             "alignment": ALIGNMENT,
             "created_by": f"mertools {__version__}",
             "model": src.model,
-            "source": src.source_info(),
+            "source": {**src.source_info(), **(source_extra or {})},
             "selection": {
                 "complete": len(plans) == len(src.experts),
                 "layers": sorted({p.layer for p in plans}),

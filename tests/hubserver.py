@@ -438,8 +438,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
         if "/" not in repo_id:
             repo_id = f"user/{repo_id}"
-        if repo_id in hub.repos:
-            return self._error(409, "RepoExists", "You already created this model repo")
+        if repo_id in hub.repos:  # the hub's 409 carries the url too; huggingface_hub reads it with exist_ok
+            return self._json({"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}, 409,
+                              {"X-Error-Code": "RepoExists"})
         hub._commit(repo_id, {}, "main")
         hub.repos[repo_id].private = bool(req.get("private"))
         self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id})

@@ -259,7 +259,13 @@ class _Bars:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
                    leave=False, dynamic_ncols=True)
         self.bars.append(bar)
-        return bar.update
+
+        def tick(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+
+        return tick
 
     def close(self) -> None:
         for b in self.bars:

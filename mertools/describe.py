@@ -36,6 +36,10 @@ def _per_layer(rows: list[tuple[int, dict[str, str], int]]) -> list[dict[str, An
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    if str(path).startswith("hf:/"):  # hf://org/repo[@rev]; a click Path has collapsed the "//"
+        from .hub.inspect import describe_remote
+
+        return describe_remote(str(path))
     p = Path(path)
     if p.is_dir() and (p / MANIFEST_NAME).exists():
         m = load_manifest(p)
@@ -80,6 +84,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def render(d: dict[str, Any]) -> str:
+    if "hub" in d and str(d["path"]).startswith("hf://"):
+        from .hub.inspect import render_remote
+
+        return render_remote(d, _render_local)
+    return _render_local(d)
+
+
+def _render_local(d: dict[str, Any]) -> str:
     m = d["model"]
     lines = [f"{d['path']}  ({'shard folder' if d['kind'] == 'shards' else 'GGUF model'})"]
     if d["kind"] == "gguf":

@@ -129,9 +129,11 @@ class HubServer:
         self.lock = threading.Lock()
         self.bytes_served: dict[tuple[str, str], int] = {}
         self.range_starts: dict[tuple[str, str], list[int]] = {}
+        self.transfers: list[tuple[tuple[str, str], int, int]] = []  # ((repo, path), first byte, bytes sent)
         self.lfs_uploads: dict[str, int] = {}
         self.requests: list[tuple[str, str, int]] = []
         self.commits: list[dict[str, Any]] = []
+        self.chunk = CHUNK  # bytes per write of a download; small values give kill tests something to interrupt
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ---------------------------------------------------------------------------------------
@@ -163,6 +165,20 @@ class HubServer:
     def clear_faults(self) -> None:
         with self.lock:
             self.faults.clear()
+
+    def env(self, home: Path) -> dict[str, str]:
+        """Environment for a mertools or huggingface_hub process that talks to this server only."""
+        return {
+            "HF_ENDPOINT": self.url,
+            "HF_HOME": str(home),
+            "HF_HUB_CACHE": str(Path(home) / "hub"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",  # this server speaks the LFS protocol, not Xet
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_TOKEN": "hf_loopback_test_token",
+            "MERTOOLS_HUB_RETRY_WAIT": "0.01",
+            "HF_HUB_OFFLINE": "0",
+        }
 
     def served(self, repo_id: str, path: str) -> int:
         return self.bytes_served.get((repo_id, path), 0)
@@ -402,11 +418,21 @@ class _Handler(BaseHTTPRequestHandler):
         corrupt = [f for f in hub.faults if f.kind == "corrupt" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
         slow = [f for f in hub.faults if f.kind == "slow" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
         sent = 0
+        try:
+            self._stream(b, key, start, n, cut, corrupt, slow)
+        finally:
+            with hub.lock:
+                hub.transfers.append((key, start, self._sent))
+
+    def _stream(self, b: Blob, key: tuple[str, str], start: int, n: int, cut: Fault | None, corrupt: list[Fault],
+                slow: list[Fault]) -> None:
+        hub = self.server_hub
+        sent = self._sent = 0
         with b.open() as fh:
             fh.seek(start)
             pos = start
             while sent < n:
-                chunk = bytearray(fh.read(min(CHUNK, n - sent)))
+                chunk = bytearray(fh.read(min(hub.chunk, n - sent)))
                 for f in corrupt:
                     if pos <= f.after < pos + len(chunk):
                         chunk[f.after - pos] ^= 0xFF
@@ -414,6 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = chunk[: cut.after - sent]
                     self.wfile.write(chunk)
                     self._count(key, len(chunk))
+                    self._sent = sent + len(chunk)
                     self.wfile.flush()
                     raise _Cut
                 for f in slow:
@@ -424,6 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _Cut from None
                 self._count(key, len(chunk))
                 sent += len(chunk)
+                self._sent = sent
                 pos += len(chunk)
 
     def _count(self, key: tuple[str, str], n: int) -> None:

@@ -91,7 +91,7 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
     headers = build_hf_headers()
     fails = 0
     session = get_session()
-    with open(part, "ab") as out:
+    with open(part, "ab", buffering=0) as out:  # unbuffered: what arrived survives a kill, for the next run
         while have < f.size:
             if stop is not None and stop.is_set():
                 raise HubError(f"{what}: stopped")
@@ -115,7 +115,7 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
                         out.seek(0)
                         sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
                         have = 0
-                    for b in r.iter_bytes(CHUNK):
+                    for b in r.iter_bytes():  # as the network delivers: a cut keeps what arrived
                         if stop is not None and stop.is_set():
                             raise HubError(f"{what}: stopped")
                         if have + len(b) > f.size:

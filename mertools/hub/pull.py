@@ -290,11 +290,11 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
     where = f"{spec.repo_id}@{commit[:12]} in the local cache (HF_HUB_OFFLINE=1)"
     listing = cache_listing(snap)
     broken = [f.path for f in listing if f.size < 0]
-    choice = choose([f for f in listing if f.size >= 0], gguf=gguf, include=include, where=where)
+    choice = choose(listing, gguf=gguf, include=include, where=where)
     if choice.index_needed:
         choice = add_index_shards(choice, listing, (snap / ST_INDEX).read_bytes(), where)
     missing = [f.path for f in choice.files if f.path in broken]
-    if missing:
+    if missing:  # a link whose blob is gone or never finished
         raise HubError(f"{where}: incomplete: {', '.join(missing[:4])} not in the cache (a download was "
                        "interrupted); nothing was converted. Pull once online, or unset HF_HUB_OFFLINE")
     present = {}

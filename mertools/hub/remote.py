@@ -209,9 +209,10 @@ def _gguf_choice(where: str, first: str, parts: list[RemoteFile]) -> Choice:
     m = SPLIT_RE.match(first.rpartition("/")[2])
     if m and len(parts) != int(m["count"]):
         have = {SPLIT_RE.match(p.path.rpartition("/")[2])["no"] for p in parts}  # type: ignore[index]
-        missing = [f"{i:05d}" for i in range(1, int(m["count"]) + 1) if f"{i:05d}" not in have]
-        raise HubError(f"{where}: split set {first} has {len(parts)} of {m['count']} parts (missing {missing}); "
-                       "the repo is incomplete")
+        missing = [f"{m['base']}-{i:05d}-of-{m['count']}.gguf" for i in range(1, int(m["count"]) + 1)
+                   if f"{i:05d}" not in have]
+        raise HubError(f"{where}: incomplete: split set {first} has {len(parts)} of {int(m['count'])} parts (missing "
+                       f"{', '.join(missing[:4])}); nothing was converted")
     return Choice("gguf", sorted(parts, key=lambda f: f.path), first)
 
 

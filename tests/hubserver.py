@@ -470,7 +470,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}, 409,
                               {"X-Error-Code": "RepoExists"})
         hub._commit(repo_id, {}, "main")
-        hub.repos[repo_id].private = bool(req.get("private"))
+        hub.repos[repo_id].private = bool(req.get("private")) or req.get("visibility") == "private"
         self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
     def _preupload(self, repo_id: str, rev: str) -> None:

@@ -19,7 +19,7 @@ from ..units import human_bytes
 from .download import resolve_url
 from .remote import CONFIG, HubError, RemoteFile, RepoSpec, api, choose, hub_call, list_files, resolve_commit
 
-FIRST = 1 << 20
+FIRST = 64 << 10  # then 4x per try: a large tokenizer header (~8 MiB) takes 5 small requests
 MAX_HEADER = 1 << 30  # a GGUF header (metadata + tensor infos) past 1 GiB is not a model we can inspect
 
 
@@ -63,11 +63,16 @@ def _gguf_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) 
 
 
 def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
-    """Describe ``hf://org/repo[@rev]`` from its listing and headers only.
+    """Describe ``hf://org/repo[@rev][/FILE_OR_GLOB]`` from its listing and headers only.
 
-    >>> describe_remote("hf://TheBloke/Mixtral-8x7B-v0.1-GGUF", gguf="*Q4_0.gguf")   # doctest: +SKIP
+    A trailing file name or glob picks one GGUF model where the repo holds several (as ``pull --gguf`` does).
+
+    >>> describe_remote("hf://TheBloke/Mixtral-8x7B-v0.1-GGUF/*Q4_0.gguf")   # doctest: +SKIP
     """
-    spec = RepoSpec.parse(text)
+    parts = re.sub(r"^hf:/+", "", text.strip()).split("/", 2)
+    if len(parts) == 3:
+        gguf = gguf or parts[2]
+    spec = RepoSpec.parse("/".join(parts[:2]))
     commit = resolve_commit(spec)
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"

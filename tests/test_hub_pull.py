@@ -283,3 +283,72 @@ def test_safetensors_repo_pull_matches_a_local_extract_of_the_folder(hub, env, t
     extract(ST, local, fsync=False)
     same_shards(out, local)
     assert run_cli("verify", out).returncode == 0
+
+
+def raw_tensors(path: Path) -> dict[str, bytes]:
+    """Every tensor's bytes, read by the SafeTensors layout itself (8-byte header size, JSON header, data)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    base = 8 + n
+    return {k: data[base + v["data_offsets"][0]:base + v["data_offsets"][1]]
+            for k, v in json.loads(data[8:base]).items() if k != "__metadata__"}
+
+
+class ShardByShard:
+    """A streaming converter as a SafeTensors source will plug in (window 2): reads each shard with the safetensors
+    library as soon as it is verified, keeps every tensor's bytes, releases the shard, and at the end writes them
+    to OUT. It records how many shard files were on disk whenever it ran."""
+
+    window = 2
+
+    def __init__(self, choice, out, **kw):
+        from mertools.hub.remote import CONFIG, ST_INDEX
+
+        self.resident = {CONFIG, ST_INDEX}
+        self.paths = {f.path for f in choice.files}
+        self.out, self.tensors, self.on_disk = out, {}, []
+
+    def needs(self, path):
+        return path in self.paths
+
+    def begin(self, work_dir, converted):
+        self.stage_files = work_dir.parent / "files"
+
+    def convert_available(self, present):
+        self.on_disk.append(sorted(p.name for p in self.stage_files.glob("model-*.safetensors*")))
+        done = set()
+        for path, local in present.items():
+            if path.endswith(".safetensors"):
+                self.tensors.update(raw_tensors(local))
+                done.add(path)
+        return done
+
+    def finish(self):
+        self.out.mkdir()
+        (self.out / "tensors.json").write_text(json.dumps(sorted(self.tensors)))
+        return None
+
+
+@pytest.mark.skipif(not ST.is_dir(), reason="../shared/fixtures/safetensors is not present")
+def test_a_streaming_converter_sees_each_shard_verified_and_at_most_two_on_disk(hub, env, tmp_path, monkeypatch):
+    from mertools.hub import pull
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    hub.add_revision("org/st", {p.name: p for p in ST.iterdir()})
+    hub.fault("slow", "/org/st/resolve/*/model-0000[2-5]*", times=None, delay=0.01)
+    made = []
+
+    def factory(choice, out, **kw):
+        made.append(ShardByShard(choice, out, **kw))
+        return made[0]
+
+    r = pull("org/st", tmp_path / "out", converter=factory)
+    conv = made[0]
+    shards = sorted(p.name for p in ST.glob("*.safetensors"))
+    assert [f["path"] for f in r.files][2:] == shards
+    assert max(len(x) for x in conv.on_disk) <= 2, conv.on_disk  # shard i+1 (or its .part) beside shard i
+    assert any(len(x) == 2 for x in conv.on_disk) or len(shards) == 1  # and the download did overlap
+    want = {k: v for s in shards for k, v in raw_tensors(ST / s).items()}
+    assert conv.tensors == want
+    assert not (tmp_path / ".out.mertools-pull").exists()

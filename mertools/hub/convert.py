@@ -4,8 +4,9 @@ The pull pipeline (:mod:`mertools.hub.pull`) downloads the files a converter ``n
 verified against its sha256 before anything reads it, and calls ``convert_available`` with every file present so
 far. The converter writes whatever it can from those files and answers which files it no longer needs; the
 pipeline deletes them (unless ``--keep-source``) and journals them as converted. ``window`` bounds how many source
-files may be on disk at once: the download of file i+1 overlaps the conversion of file i, so a streaming
-converter uses 2 and peak disk stays near output + 2 source files. ``finish`` commits OUT (staging + rename).
+files may be on disk at once (``resident`` small files such as config.json and the index aside): the download of
+file i+1 overlaps the conversion of file i, so a streaming converter uses 2 and peak disk stays near output + 2
+source files. ``finish`` commits OUT (staging + rename).
 
 Two implementations:
 
@@ -33,7 +34,8 @@ from .remote import Choice
 class StreamingConverter(Protocol):
     """A converter fed by the pull pipeline, file by file. Called from one thread only (the pipeline's)."""
 
-    window: int | None  # most source files needed on disk at once; None: all of them
+    window: int | None  # most source files on disk at once, ``resident`` ones aside; None: all of them
+    resident: set[str]  # small files kept to the end (config.json, the index): outside the window
 
     def needs(self, path: str) -> bool:
         """Whether repo file ``path`` must be downloaded for this conversion."""
@@ -69,6 +71,7 @@ class _WholeConverter:
     """Converts once every needed file is present (a GGUF set, or the SafeTensors fallback)."""
 
     window: int | None = None
+    resident: set[str] = set()
 
     def __init__(self, choice: Choice, out: Path, *, overwrite: bool, source_extra: dict[str, Any],
                  dtype: str | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None):

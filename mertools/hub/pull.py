@@ -76,18 +76,22 @@ def pull(
     keep_source: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    converter: Callable[..., StreamingConverter] | None = None,
 ) -> PullResult:
     """Pull ``repo`` (``org/name[@rev]``) and convert it into the shard folder ``out``.
 
     >>> pull("TheBloke/Mixtral-8x7B-v0.1-GGUF", "out/", gguf="*Q4_0.gguf")   # doctest: +SKIP
     >>> pull("mistralai/Mixtral-8x7B-v0.1", "out/", revision="main")          # doctest: +SKIP
+
+    ``converter`` (a factory called like :func:`mertools.hub.convert.converter_for`) replaces the built-in choice.
     """
     t0 = time.perf_counter()
     spec = RepoSpec.parse(repo, revision)
     out = Path(out).absolute()
     bar = progress or (lambda desc, total: (lambda n: None))
     if offline():
-        return _pull_offline(spec, out, gguf=gguf, include=include, dtype=dtype, overwrite=overwrite, bar=bar, t0=t0)
+        return _pull_offline(spec, out, gguf=gguf, include=include, dtype=dtype, overwrite=overwrite, bar=bar, t0=t0,
+                             factory=converter or converter_for)
     commit = resolve_commit(spec)
     done = _already(out, spec, commit)
     if done is not None:
@@ -126,8 +130,8 @@ def pull(
             idx = next(f for f in choice.files if f.path == ST_INDEX)
             choice = add_index_shards(choice, listing, get(idx).read_bytes(), where)
         extra = _source_record(spec, commit, choice)
-        conv = converter_for(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
-                             progress=(lambda total, items: bar("convert", total)))
+        conv = (converter or converter_for)(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
+                                            progress=(lambda total, items: bar("convert", total)))
         result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
         journal.set(done=True)
         kept = None
@@ -154,11 +158,12 @@ def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Pa
     q: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     slots = threading.Semaphore(conv.window) if conv.window and not keep_source else None
+    resident = set(getattr(conv, "resident", ()))
 
     def produce() -> None:
         try:
             for f in todo:
-                while slots is not None and not slots.acquire(timeout=0.2):
+                while slots is not None and f.path not in resident and not slots.acquire(timeout=0.2):
                     if stop.is_set():
                         return
                 if stop.is_set():
@@ -184,7 +189,7 @@ def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Pa
                 journal.mark(p, "converted")
                 if p in present and not keep_source:
                     present.pop(p).unlink(missing_ok=True)
-                if slots is not None:
+                if slots is not None and p not in resident:
                     slots.release()
         return conv.finish()
     finally:
@@ -280,7 +285,8 @@ def cache_listing(snap: Path) -> list[RemoteFile]:
 
 
 def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[str] | None, dtype: str | None,
-                  overwrite: bool, bar: Progress, t0: float) -> PullResult:
+                  overwrite: bool, bar: Progress, t0: float,
+                  factory: Callable[..., StreamingConverter]) -> PullResult:
     commit, snap = cache_snapshot(spec)
     done = _already(out, spec, commit)
     if done is not None:
@@ -307,8 +313,8 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
         present[f.path] = snap / f.path
     extra = _source_record(spec, commit, choice)
     extra["hub"]["offline"] = True
-    conv = converter_for(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
-                         progress=(lambda total, items: bar("convert", total)))
+    conv = factory(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
+                   progress=(lambda total, items: bar("convert", total)))
     conv.begin(staging_dir(out) / "work", set())
     conv.convert_available(present)
     result = conv.finish()

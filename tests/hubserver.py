@@ -530,3 +530,31 @@ class _Handler(BaseHTTPRequestHandler):
         sha = hub._commit(repo_id, blobs, rev)
         hub.commits.append({"repo": repo_id, "sha": sha, "lines": len(lines)})
         self._json({"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+
+
+def main() -> None:
+    """Serve folders as repos until killed: ``python tests/hubserver.py org/name=DIR [...]``; prints the URL."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("repos", nargs="+", help="org/name=DIR: every file under DIR, at one commit on main")
+    args = ap.parse_args()
+    hub = HubServer()
+    for spec in args.repos:
+        repo_id, _, folder = spec.partition("=")
+        root = Path(folder)
+        hub.add_revision(repo_id, {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()})
+    hub.start()
+    print(hub.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub.stop()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -352,3 +352,30 @@ def test_a_streaming_converter_sees_each_shard_verified_and_at_most_two_on_disk(
     want = {k: v for s in shards for k, v in raw_tensors(ST / s).items()}
     assert conv.tensors == want
     assert not (tmp_path / ".out.mertools-pull").exists()
+
+
+def test_a_second_pull_into_the_same_out_is_refused_while_one_runs(hub, env, tmp_path):
+    import fcntl
+
+    hub.add_revision("org/m", {MIX.name: MIX})
+    stage = tmp_path / ".out.mertools-pull"
+    stage.mkdir()
+    with open(stage / "lock", "w") as held:  # what a running pull holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        err = one_line_error(run_cli("pull", "org/m", tmp_path / "out", "-q", env=env))
+    assert "another pull" in err and not (tmp_path / "out").exists()
+
+
+def test_a_listing_with_a_path_outside_the_repo_is_refused(hub, env, tmp_path):
+    hub.add_revision("org/evil", {"../../escape.gguf": MIX})
+    err = one_line_error(run_cli("pull", "org/evil", tmp_path / "out", "-q", env=env))
+    assert "not a safe relative path" in err
+    assert not list(tmp_path.rglob("escape.gguf*")) and not (tmp_path.parent / "escape.gguf").exists()
+
+
+def test_bad_repo_ids_and_an_unreachable_hub_give_one_line(hub, env, tmp_path):
+    assert "not a hub repo id" in one_line_error(run_cli("pull", "no-slash", tmp_path / "o", "-q", env=env))
+    assert "not found" in one_line_error(run_cli("pull", "org/absent", tmp_path / "o", "-q", env=env))
+    down = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    assert "cannot reach" in one_line_error(run_cli("pull", "org/m", tmp_path / "o", "-q", env=down))
+    assert not (tmp_path / "o").exists()

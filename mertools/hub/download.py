@@ -14,9 +14,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
+from ..errors import OutputError
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 
 CHUNK = 1 << 20
@@ -69,9 +70,6 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
 
     >>> fetch(RepoSpec("org/model"), sha, remote_file, Path("staging/model.gguf"))   # doctest: +SKIP
     """
-    from huggingface_hub import get_session
-    from huggingface_hub.utils import build_hf_headers
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     url = resolve_url(spec, commit, f.path)
@@ -88,6 +86,29 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
                 while b := fh.read(CHUNK):
                     sha.update(b)
             tick(have)
+    try:
+        digest = _transfer(url, what, f, part, sha, have, tick, stop)
+    except IntegrityError:
+        part.unlink(missing_ok=True)  # bytes the hub did not list must not be resumed from
+        raise
+    want = f.sha256 or f.git_oid
+    if want and digest != want:
+        part.unlink()
+        raise IntegrityError(
+            f"{what}: downloaded bytes hash to {digest}, the hub lists {want}; the file was deleted and nothing "
+            "was converted from it. Run the pull again; if it repeats, the hub or a proxy serves corrupt data"
+        )
+    os.replace(part, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: int, tick: Callable[[int], None],
+              stop: threading.Event | None) -> str:
+    """Append the rest of ``f`` to ``part`` (from byte ``have``), retrying; return the hex digest of the whole."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers
+
     headers = build_hf_headers()
     fails = 0
     session = get_session()
@@ -110,6 +131,9 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
                                        "needs HF_TOKEN or `hf auth login`")
                     if r.status_code not in (200, 206):
                         raise HubError(f"{what}: the hub answered HTTP {r.status_code}")
+                    if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                        raise IntegrityError(f"{what}: asked for bytes from {have}, the hub answered "
+                                             f"{r.headers.get('Content-Range')!r}")
                     if have and r.status_code == 200:  # the range was ignored: start over
                         out.truncate(0)
                         out.seek(0)
@@ -120,37 +144,37 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
                             raise HubError(f"{what}: stopped")
                         if have + len(b) > f.size:
                             raise IntegrityError(f"{what}: the hub sent more than the {f.size} bytes it lists")
-                        out.write(b)
+                        _write_all(out, b, part)
                         sha.update(b)
                         have += len(b)
                         got_any = True
                         tick(len(b))
                 if have < f.size:
                     raise _Retry("connection closed early")
-            except (_Retry, OSError) as exc:
+            except _Retry as exc:
                 _backoff(what, exc, fails := 0 if got_any else fails + 1)
             except Exception as exc:
                 if type(exc).__module__.startswith(("httpx", "httpcore", "h11")):
                     _backoff(what, exc, fails := 0 if got_any else fails + 1)
                 else:
                     raise
-        out.flush()
         os.fsync(out.fileno())
-    digest = sha.hexdigest()
-    want = f.sha256 or f.git_oid
-    if want and digest != want:
-        part.unlink()
-        raise IntegrityError(
-            f"{what}: downloaded bytes hash to {digest}, the hub lists {want}; the file was deleted and nothing "
-            "was converted from it. Run the pull again; if it repeats, the hub or a proxy serves corrupt data"
-        )
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
-    return dest
+    return sha.hexdigest()
 
 
 class _Retry(Exception):
     pass
+
+
+def _write_all(out: Any, b: bytes, part: Path) -> None:
+    """Write every byte (a raw file may take fewer); a disk error is ours to report, never a network retry."""
+    view = memoryview(b)
+    try:
+        while len(view):
+            view = view[out.write(view):]
+    except OSError as exc:
+        raise OutputError(f"{part}: cannot write the download ({exc.strerror}); free space or choose another OUT. "
+                          "What was written so far is kept for the next run") from None
 
 
 def _backoff(what: str, exc: BaseException, fails: int) -> None:

@@ -8,6 +8,9 @@ staging + rename). A killed pull, run again, reuses every verified file and skip
 
 With ``HF_HUB_OFFLINE=1`` the files come from the local Hugging Face cache (``snapshots/<sha>/``), each checked
 against the hash its blob is named by; an incomplete snapshot is refused before anything is written.
+
+Thread safety: pulls into different folders may run at once (from threads or processes); a second pull into the same
+OUT is refused by an advisory lock on its staging folder. One pull uses two threads of its own (download, convert).
 """
 
 from __future__ import annotations
@@ -107,8 +110,9 @@ def pull(
     lock = _lock(stage, out)
     try:
         journal = Journal.open(stage, repo=spec.repo_id, commit=commit)
-        if journal.fresh:  # files of another commit must not be mixed in
+        if journal.fresh:  # files (and partial output) of another commit must not be mixed in
             shutil.rmtree(stage / "files", ignore_errors=True)
+            shutil.rmtree(stage / "work", ignore_errors=True)
         files_dir = stage / "files"
         counters = {"downloaded": 0, "reused": 0}
 

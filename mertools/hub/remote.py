@@ -135,9 +135,17 @@ def list_files(spec: RepoSpec, commit: str) -> list[RemoteFile]:
     out = []
     for e in hub_call(str(spec), lambda: list(api().list_repo_tree(spec.repo_id, revision=commit, recursive=True))):
         if isinstance(e, RepoFile):
+            check_repo_path(e.path, str(spec))
             out.append(RemoteFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None,
                                   None if e.lfs else e.blob_id))
     return out
+
+
+def check_repo_path(path: str, where: str) -> None:
+    """Refuse a listed path that would land outside the staging folder (the listing comes from the network)."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise HubError(f"{where}: the hub lists a file named {path!r}, which is not a safe relative path; refusing")
 
 
 # -- what a conversion needs ------------------------------------------------------------------------------

@@ -301,31 +301,44 @@ class ShardByShard:
 
     window = 2
 
-    def __init__(self, choice, out, **kw):
+    def __init__(self, choice, out, crash_after=None, **kw):
         from mertools.hub.remote import CONFIG, ST_INDEX
 
         self.resident = {CONFIG, ST_INDEX}
         self.paths = {f.path for f in choice.files}
-        self.out, self.tensors, self.on_disk = out, {}, []
+        self.out, self.on_disk, self.crash_after, self.seen = out, [], crash_after, []
 
     def needs(self, path):
         return path in self.paths
 
     def begin(self, work_dir, converted):
-        self.stage_files = work_dir.parent / "files"
+        self.stage_files, self.work, self.resumed = work_dir.parent / "files", work_dir, set(converted)
+        work_dir.mkdir(parents=True, exist_ok=True)
 
     def convert_available(self, present):
         self.on_disk.append(sorted(p.name for p in self.stage_files.glob("model-*.safetensors*")))
         done = set()
         for path, local in present.items():
             if path.endswith(".safetensors"):
-                self.tensors.update(raw_tensors(local))
+                if self.crash_after is not None and len(self.seen) == self.crash_after:
+                    raise RuntimeError("converter crashed")
+                tensors = raw_tensors(local)  # written to work_dir, which survives a crash, as real shards would be
+                (self.work / (path + ".json")).write_text(json.dumps({k: v.hex() for k, v in tensors.items()}))
+                self.seen.append(path)
                 done.add(path)
         return done
 
+    @property
+    def tensors(self):
+        out = {}
+        for p in sorted(self.work.glob("*.json")):
+            out.update({k: bytes.fromhex(v) for k, v in json.loads(p.read_text()).items()})
+        return out
+
     def finish(self):
+        self.final = self.tensors
         self.out.mkdir()
-        (self.out / "tensors.json").write_text(json.dumps(sorted(self.tensors)))
+        (self.out / "tensors.json").write_text(json.dumps(sorted(self.final)))
         return None
 
 
@@ -350,8 +363,36 @@ def test_a_streaming_converter_sees_each_shard_verified_and_at_most_two_on_disk(
     assert max(len(x) for x in conv.on_disk) <= 2, conv.on_disk  # shard i+1 (or its .part) beside shard i
     assert any(len(x) == 2 for x in conv.on_disk) or len(shards) == 1  # and the download did overlap
     want = {k: v for s in shards for k, v in raw_tensors(ST / s).items()}
-    assert conv.tensors == want
+    assert conv.final == want
     assert not (tmp_path / ".out.mertools-pull").exists()
+
+
+@pytest.mark.skipif(not ST.is_dir(), reason="../shared/fixtures/safetensors is not present")
+def test_a_streaming_conversion_that_crashed_resumes_after_its_converted_shards(hub, env, tmp_path, monkeypatch):
+    from mertools.hub import pull
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    hub.add_revision("org/st", {p.name: p for p in ST.iterdir()})
+    shards = sorted(p.name for p in ST.glob("*.safetensors"))
+    made = []
+
+    def factory(crash_after):
+        def make(choice, out, **kw):
+            made.append(ShardByShard(choice, out, crash_after=crash_after, **kw))
+            return made[-1]
+        return make
+
+    with pytest.raises(RuntimeError):
+        pull("org/st", tmp_path / "out", converter=factory(2))
+    assert made[0].seen == shards[:2] and not (tmp_path / "out").exists()
+    served = {s: hub.served("org/st", s) for s in shards}
+    pull("org/st", tmp_path / "out", converter=factory(None))
+    again = made[1]
+    assert again.resumed == set(shards[:2]) and again.seen == shards[2:]
+    for s in shards[:2]:  # converted and deleted by the first run: never fetched again
+        assert hub.served("org/st", s) == served[s] == (ST / s).stat().st_size
+    assert again.final == {k: v for s in shards for k, v in raw_tensors(ST / s).items()}
 
 
 def test_a_second_pull_into_the_same_out_is_refused_while_one_runs(hub, env, tmp_path):
@@ -379,3 +420,25 @@ def test_bad_repo_ids_and_an_unreachable_hub_give_one_line(hub, env, tmp_path):
     down = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
     assert "cannot reach" in one_line_error(run_cli("pull", "org/m", tmp_path / "o", "-q", env=down))
     assert not (tmp_path / "o").exists()
+
+
+def test_choose_picks_one_model_by_glob_and_include():
+    from mertools.hub.remote import HubError, RemoteFile, choose
+
+    def f(path, size=10):
+        return RemoteFile(path, size, "0" * 64, None)
+
+    listing = [f("q4/m-Q4_0.gguf"), f("q8/m-Q8_0-00001-of-00002.gguf"), f("q8/m-Q8_0-00002-of-00002.gguf"),
+               f("README.md"), f("config.json"), f("model.safetensors")]
+    assert choose(listing).kind == "safetensors"  # a checkpoint beside GGUF files: the checkpoint
+    assert [x.path for x in choose(listing, gguf="*Q8_0*").files] == ["q8/m-Q8_0-00001-of-00002.gguf",
+                                                                      "q8/m-Q8_0-00002-of-00002.gguf"]
+    assert [x.path for x in choose(listing, include=["q4/*"]).files] == ["q4/m-Q4_0.gguf"]
+    with pytest.raises(HubError, match="matches 2 models"):
+        choose(listing, gguf="*.gguf")
+    with pytest.raises(HubError, match="pick one with --gguf"):
+        choose(listing, include=["q*/*"])
+    with pytest.raises(HubError, match="incomplete"):
+        choose(listing[1:2])
+    with pytest.raises(HubError, match="no GGUF file matches"):
+        choose(listing, gguf="*Q2_K*")

@@ -234,7 +234,8 @@ def add_index_shards(choice: Choice, files: list[RemoteFile], index_bytes: bytes
     by_path = {f.path: f for f in files}
     missing = [s for s in shards if s not in by_path]
     if missing:
-        raise HubError(f"{where}: {ST_INDEX} names {len(missing)} shard(s) the repo does not hold ({missing[:3]})")
+        raise HubError(f"{where}: incomplete: {ST_INDEX} names {len(missing)} shard(s) that are not there "
+                       f"({', '.join(missing[:3])}); nothing was converted")
     bad = [s for s in shards if "/" in s or s.startswith(".")]
     if bad:
         raise HubError(f"{where}: {ST_INDEX} names shard paths outside its folder ({bad[:3]}); refusing")

@@ -89,8 +89,13 @@ class _WholeConverter:
     def convert_available(self, present: Mapping[str, Path]) -> set[str]:
         if not self.paths <= set(present):
             return set()
-        self.result = extract_to(self.source_path(present), self.out, overwrite=self.overwrite,
-                                 source_extra=self.source_extra, dtype=self.dtype, progress=self.progress)
+        src = self.source_path(present)
+        try:
+            self.result = extract_to(src, self.out, overwrite=self.overwrite, source_extra=self.source_extra,
+                                     dtype=self.dtype, progress=self.progress)
+        except MertoolsError as exc:
+            raise type(exc)(f"{exc}. The verified source files stay in {src if src.is_dir() else src.parent}; "
+                            "running the pull again reuses them") from None
         return set(self.paths)
 
     def source_path(self, present: Mapping[str, Path]) -> Path:

@@ -96,11 +96,14 @@ def pull(
         return _pull_offline(spec, out, gguf=gguf, include=include, dtype=dtype, overwrite=overwrite, bar=bar, t0=t0,
                              factory=converter or converter_for)
     commit = resolve_commit(spec)
-    done = _already(out, spec, commit)
+    done = None if overwrite else _already(out, spec, commit)
     if done is not None:
         return PullResult(out, spec.repo_id, commit, done.get("format", "?"), done["hub"]["files"], 0, 0, False,
                           time.perf_counter() - t0, already=True)
     _check_out(out, overwrite)
+    kept_dir = out.parent / f"{out.name}.source"
+    if keep_source:
+        _check_out(kept_dir, overwrite)
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
     choice = choose(listing, gguf=gguf, include=include, where=where)
@@ -140,7 +143,6 @@ def pull(
         journal.set(done=True)
         kept = None
         if keep_source:
-            kept_dir = out.parent / f"{out.name}.source"
             if kept_dir.exists():
                 shutil.rmtree(kept_dir)
             os.replace(files_dir, kept_dir)
@@ -198,7 +200,7 @@ def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Pa
         return conv.finish()
     finally:
         stop.set()
-        t.join()
+        t.join(timeout=10)  # it stops at its next chunk; a stalled connection must not hold up an interrupt
 
 
 def _source_record(spec: RepoSpec, commit: str, choice: Choice) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
                   overwrite: bool, bar: Progress, t0: float,
                   factory: Callable[..., StreamingConverter]) -> PullResult:
     commit, snap = cache_snapshot(spec)
-    done = _already(out, spec, commit)
+    done = None if overwrite else _already(out, spec, commit)
     if done is not None:
         return PullResult(out, spec.repo_id, commit, done.get("format", "?"), done["hub"]["files"], 0, 0, True,
                           time.perf_counter() - t0, already=True)

@@ -442,3 +442,16 @@ def test_choose_picks_one_model_by_glob_and_include():
         choose(listing[1:2])
     with pytest.raises(HubError, match="no GGUF file matches"):
         choose(listing, gguf="*Q2_K*")
+
+
+@pytest.mark.skipif(not ST.is_dir(), reason="../shared/fixtures/safetensors is not present")
+def test_offline_refuses_a_safetensors_snapshot_missing_a_shard(hub, env, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    commit = hub.add_revision("org/st", {p.name: p for p in ST.iterdir()})
+    cache = Path(env["HF_HUB_CACHE"])
+    snapshot_download("org/st", cache_dir=cache, endpoint=hub.url, token=False,
+                      allow_patterns=["*.json", "model-0000[1-4]*"])  # as if stopped before the last shard
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    err = one_line_error(run_cli("pull", f"org/st@{commit}", tmp_path / "out", "-q", env=offline))
+    assert "incomplete" in err and "model-00005-of-00005.safetensors" in err and not (tmp_path / "out").exists()

@@ -4,6 +4,9 @@ The folder is verified first (every checksum); a damaged folder is never uploade
 the target revision with the same content (sha256 for LFS files, git blob oid for the others) are left out of the
 commit; LFS objects uploaded by an interrupted run are not sent again (the LFS batch answer has no upload action
 for objects the hub stores), so a re-run sends only what is missing and then commits once.
+
+Thread safety: pushes of different folders or to different repos may run at once; two pushes to the same branch
+race at the commit, which the hub orders (the later one wins for files both change).
 """
 
 from __future__ import annotations

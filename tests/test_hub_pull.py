@@ -131,14 +131,22 @@ def test_a_killed_pull_resumes_without_fetching_finished_files_again(hub, env, t
     assert {k for k, v in journal["files"].items() if v["state"] == "verified"} == {p.name for p in SPLIT[:-1]}
     assert not out.exists()
 
+    # a verified file changed on disk between the runs: checked again, so fetched again rather than converted
+    staged = tmp_path / ".out.mertools-pull" / "files" / SPLIT[1].name
+    data = bytearray(staged.read_bytes())
+    data[5000] ^= 0x40
+    staged.write_bytes(bytes(data))
+
     hub.clear_faults()
     r = json.loads(run_cli("pull", "org/split", out, "--json", env=env, check=True).stdout)
+    assert hub.served("org/split", SPLIT[1].name) == 2 * SPLIT[1].stat().st_size
     for p in SPLIT[:-1]:  # finished files are not fetched again
-        assert hub.served("org/split", p.name) == p.stat().st_size
+        if p != SPLIT[1]:
+            assert hub.served("org/split", p.name) == p.stat().st_size
     key, resumed_at, sent = hub.transfers[-1]
     assert key == ("org/split", last) and resumed_at > 0  # the partial file was continued, not restarted
     assert sent == SPLIT[-1].stat().st_size - resumed_at
-    assert r["reused_bytes"] == sum(p.stat().st_size for p in SPLIT[:-1]) + resumed_at
+    assert r["reused_bytes"] == sum(p.stat().st_size for p in SPLIT[:-1]) - SPLIT[1].stat().st_size + resumed_at
     same_shards(out, extracted(SPLIT[0]))
     assert not (tmp_path / ".out.mertools-pull").exists()
 

@@ -4,7 +4,8 @@ Steps: resolve the revision to a commit sha; list the files with sizes and sha25
 needs; download each into ``.OUT.mertools-pull/files/`` beside OUT (resuming partial files by HTTP range), verify
 its sha256, journal it; hand verified files to the converter (:mod:`mertools.hub.convert`) while the next one
 downloads; delete each source file once the converter no longer needs it. OUT appears only complete (extract's
-staging + rename). A killed pull, run again, reuses every verified file and skips finished conversion.
+staging + rename). A killed pull, run again, reuses every verified file (hashed again first: it sat on disk in
+between) and skips finished conversion.
 
 With ``HF_HUB_OFFLINE=1`` the files come from the local Hugging Face cache (``snapshots/<sha>/``), each checked
 against the hash its blob is named by; an incomplete snapshot is refused before anything is written.
@@ -121,9 +122,13 @@ def pull(
 
         def get(f: RemoteFile, stop: threading.Event | None = None) -> Path:
             dest = files_dir / f.path
-            if journal.state(f.path) == "verified" and dest.is_file() and dest.stat().st_size == f.size:
-                counters["reused"] += f.size
-                return dest
+            if journal.state(f.path) == "verified" and dest.is_file():
+                try:  # checked again: the file sat on disk between runs, and only checked bytes get converted
+                    check_file(dest, f, f"{where}: {f.path}")
+                    counters["reused"] += f.size
+                    return dest
+                except IntegrityError:
+                    dest.unlink()
             tick = bar(f"get {f.path.rpartition('/')[2]}", f.size)
             before = (dest.with_name(dest.name + ".part").stat().st_size
                       if dest.with_name(dest.name + ".part").exists() else 0)

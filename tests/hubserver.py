@@ -29,7 +29,6 @@ import base64
 import fnmatch
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -417,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
         cut = hub.take_fault(full, ("cut",)) or hub.take_fault(unquote(urlsplit(full).path), ("cut",))
         corrupt = [f for f in hub.faults if f.kind == "corrupt" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
         slow = [f for f in hub.faults if f.kind == "slow" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
-        sent = 0
+        self._sent = 0
         try:
             self._stream(b, key, start, n, cut, corrupt, slow)
         finally:

@@ -75,8 +75,6 @@ def test_a_damaged_folder_is_never_uploaded(hub, env, extracted, tmp_path):
 
 
 def test_inspect_a_gguf_repo_reads_only_the_header(hub, env):
-    from huggingface_hub import constants  # noqa: F401  (the library must be importable for hf://)
-
     big = GEN / "moe-merged-f32.gguf"
     commit = hub.add_revision("org/mix", {big.name: big, MIX.name: MIX})
     p = run_cli("inspect", f"hf://org/mix@{commit}", "--json", env=env)

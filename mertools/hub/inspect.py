@@ -3,7 +3,9 @@
 GGUF: the header of each part is read by HTTP range requests into a sparse file of the part's full size (the gguf
 reader wants a file and maps tensor data it never reads here), growing the range until the parsed header ends
 inside the bytes fetched; then the same description as for a local file. SafeTensors: ``config.json`` plus the
-shard headers through ``huggingface_hub``'s ``get_safetensors_metadata`` (range requests too).
+shard headers by range requests (the same reads as ``huggingface_hub``'s ``get_safetensors_metadata``, done here
+so that nothing lands in the HF cache and the raw header bytes can fill sparse shard files: where this mertools reads
+SafeTensors folders, the folder of sparse shards is described like a local one, giving what extract would write).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 from ..units import human_bytes
 from .download import resolve_url
-from .remote import CONFIG, HubError, RemoteFile, RepoSpec, api, choose, hub_call, list_files, resolve_commit
+from .remote import (
+    CONFIG, ST_INDEX, HubError, RemoteFile, RepoSpec, add_index_shards, choose, hub_call, list_files, resolve_commit,
+)
 
 FIRST = 64 << 10  # then 4x per try: a large tokenizer header (~8 MiB) takes 5 small requests
 MAX_HEADER = 1 << 30  # a GGUF header (metadata + tensor infos) past 1 GiB is not a model we can inspect
@@ -88,19 +92,30 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
         d["path"] = f"hf://{spec.repo_id}@{commit[:12]}/{choice.main}"
         d["hub"] = {**hub, "would_download": choice.as_dict()}
         return d
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()  # a header parse per shard: quick, and stdout is the description
-    meta = hub_call(where, api().get_safetensors_metadata, spec.repo_id, revision=commit)
-    config = json.loads(read_range(spec, commit, CONFIG, 0, next(f.size for f in listing if f.path == CONFIG) - 1))
-    shards = sorted(meta.files_metadata)
-    files = choice.files + [f for f in listing if f.path in shards and f not in choice.files]
+    with tempfile.TemporaryDirectory(prefix="mertools-inspect-") as tmp:
+        folder = Path(tmp)
+        small = {}
+        for f in choice.files:  # config.json and the index (or the single model.safetensors)
+            if f.path.endswith(".json"):
+                small[f.path] = read_range(spec, commit, f.path, 0, f.size - 1)
+                (folder / f.path).write_bytes(small[f.path])
+        if choice.index_needed:
+            choice = add_index_shards(choice, listing, small[ST_INDEX], where)
+        headers = {f.path: _safetensors_header_file(spec, commit, f, folder)
+                   for f in choice.files if f.path.endswith(".safetensors")}
+        plan = _plan_from_headers(folder)
+    try:
+        config = json.loads(small[CONFIG])
+    except ValueError:
+        raise HubError(f"{where}: config.json is not JSON") from None
     dtypes: Counter = Counter()
     nbytes, experts_bytes, expert_tensors = 0, 0, 0
-    for fm in meta.files_metadata.values():
-        for name, t in fm.tensors.items():
-            size = t.data_offsets[1] - t.data_offsets[0]
-            dtypes[t.dtype] += 1
+    for header in headers.values():
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            size = t["data_offsets"][1] - t["data_offsets"][0]
+            dtypes[t["dtype"]] += 1
             nbytes += size
             if re.search(r"\.experts?\.", name):
                 expert_tensors += 1
@@ -108,18 +123,50 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
     keys = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
             "moe_intermediate_size", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
             "torch_dtype", "quantization_config")
-    return {
+    d: dict[str, Any] = {
         "kind": "hub-safetensors",
         "path": f"hf://{spec.repo_id}@{commit[:12]}",
-        "hub": {**hub, "would_download": {"kind": "safetensors", "main": CONFIG,
-                                          "files": [f.as_dict() for f in files], "bytes": sum(f.size for f in files)}},
+        "hub": {**hub, "would_download": choice.as_dict()},
         "config": {k: config[k] for k in keys if k in config},
-        "tensors": sum(len(fm.tensors) for fm in meta.files_metadata.values()),
+        "tensors": sum(len([k for k in h if k != "__metadata__"]) for h in headers.values()),
         "dtypes": dict(dtypes),
         "tensor_bytes": nbytes,
         "expert_tensors": expert_tensors,
         "expert_bytes": experts_bytes,
     }
+    if plan is not None:  # what extract would write, from the SafeTensors source where mertools has one
+        d["plan"] = {k: plan[k] for k in ("model", "layers", "would_write", "kernels") if k in plan}
+    return d
+
+
+def _safetensors_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) -> dict[str, Any]:
+    """The shard's JSON header, by range requests; the shard is also written as a sparse file holding only it."""
+    first = read_range(spec, commit, f.path, 0, min(f.size, FIRST) - 1)
+    n = int.from_bytes(first[:8], "little")
+    if len(first) < 8 or n > MAX_HEADER or 8 + n > f.size:
+        raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: not a SafeTensors file (header size {n})")
+    data = first if 8 + n <= len(first) else first + read_range(spec, commit, f.path, len(first), 8 + n - 1)
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError:
+        raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: the SafeTensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: the SafeTensors header is not a JSON object")
+    with open(folder / f.path, "wb") as fh:
+        fh.write(data[:8 + n])
+        fh.truncate(f.size)
+    return header
+
+
+def _plan_from_headers(folder: Path) -> dict[str, Any] | None:
+    """describe() of the header-only folder if this mertools reads SafeTensors folders; None where it does not."""
+    from ..describe import describe
+    from ..errors import MertoolsError
+
+    try:
+        return describe(folder)
+    except MertoolsError:
+        return None
 
 
 def render_remote(d: dict[str, Any], render_local: Any) -> str:
@@ -140,4 +187,8 @@ def render_remote(d: dict[str, Any], render_local: Any) -> str:
              "will hold, in the source type unless --dtype)"]
     if "quantization_config" in c:
         lines.append(f"  quantization: {json.dumps(c['quantization_config'])[:120]}")
+    if "plan" in d and "would_write" in d["plan"]:
+        w = d["plan"]["would_write"]
+        lines.append(f"  pull would write {w.get('shards')} shards ({human_bytes(w.get('expert_bytes', 0))}) and "
+                     f"dense.gguf with {w.get('dense_tensors')} tensors")
     return "\n".join(lines)

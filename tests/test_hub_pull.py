@@ -93,9 +93,15 @@ def test_split_set_repo_is_pulled_whole(hub, env, tmp_path, extracted):
     err = one_line_error(run_cli("pull", "org/split", out, "-q", env=env))
     assert "--gguf" in err and "moe-split-q4_0-00001-of-00006.gguf" in err and not out.exists()
     # naming any one part brings the whole set
-    p = run_cli("pull", "org/split", out, "--gguf", "moe-split-q4_0-00003-of-00006.gguf", "--json", env=env, check=True)
-    assert [f["path"] for f in json.loads(p.stdout)["files"]] == [x.name for x in SPLIT]
+    p = run_cli("pull", "org/split", out, "--gguf", "moe-split-q4_0-00003-of-00006.gguf", "--keep-source", "--json",
+                env=env, check=True)
+    r = json.loads(p.stdout)
+    assert [f["path"] for f in r["files"]] == [x.name for x in SPLIT]
     same_shards(out, extracted(SPLIT[0]))
+    kept = tmp_path / "out.source"
+    assert r["source_kept"] == str(kept)
+    assert sorted(x.name for x in kept.iterdir()) == [x.name for x in SPLIT]
+    assert all((kept / x.name).read_bytes() == x.read_bytes() for x in SPLIT)
     assert hub.served("org/split", "merged/moe-merged-q4_0.gguf") == 0
     assert [f["sha256"] for f in hub_record(out)["files"]] == [sha256(x) for x in SPLIT]
 

@@ -175,9 +175,11 @@ def test_bytes_that_do_not_match_the_sha256_are_refused_and_nothing_is_converted
 def test_a_5xx_storm_is_retried_with_backoff_and_bounded(hub, env, tmp_path, extracted):
     hub.add_revision("org/m", {MIX.name: MIX})
     hub.fault("error", "/org/m/resolve/*", times=3, status=503)
+    hub.fault("error", "/api/models/org/m/*", times=2, status=500)  # the API calls too
     out = tmp_path / "out"
     run_cli("pull", "org/m", out, "--quiet", env=env, check=True)
     assert sum(1 for m, path, st in hub.requests if st == 503) == 3
+    assert sum(1 for m, path, st in hub.requests if st == 500) == 2
     same_shards(out, extracted(MIX))
 
     hub.fault("error", "/org/m/resolve/*", times=None, status=502)

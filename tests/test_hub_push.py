@@ -32,12 +32,13 @@ def local_files(folder):
 def test_an_interrupted_push_resumes_and_sends_each_file_once(hub, env, extracted):
     out = extracted(MIX)
     files = local_files(out)
-    hub.fault("error", "/api/models/me/shards/commit/*", times=1, status=500)
-    one_line_error(run_cli("push", out, "me/shards", "-q", env=env))
+    hub.fault("error", "/api/models/me/shards/commit/*", times=None, status=500)  # the hub fails every commit
+    assert "HTTP 500 6 times" in one_line_error(run_cli("push", out, "me/shards", "-q", env=env))
     uploaded = dict(hub.lfs_uploads)
     assert uploaded and all(n == 1 for n in uploaded.values())
     assert "manifest.json" not in hub.files_at("me/shards")  # nothing was committed
 
+    hub.clear_faults()
     r = json.loads(run_cli("push", out, "me/shards", "--json", env=env, check=True).stdout)
     assert hub.lfs_uploads == uploaded  # the re-run sent no LFS object a second time
     remote = hub.files_at("me/shards")

@@ -179,7 +179,8 @@ def _write_all(out: Any, b: bytes, part: Path) -> None:
 
 def _backoff(what: str, exc: BaseException, fails: int) -> None:
     if fails >= RETRIES:
-        raise HubError(f"{what}: gave up after {RETRIES} attempts without progress ({exc}); run the pull again "
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HubError(f"{what}: gave up after {RETRIES} attempts without progress ({detail}); run the pull again "
                        "later: the bytes downloaded so far are kept") from None
     time.sleep(min(retry_wait() * 2 ** max(0, fails - 1), retry_wait() * 16))
 

@@ -95,7 +95,27 @@ def api() -> Any:
 
 
 def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-    """Run one huggingface_hub call, turning its exceptions into one clear HubError line."""
+    """Run one huggingface_hub call, retrying 429/5xx answers with backoff (bounded, as downloads are), and turn
+    its exceptions into one clear HubError line."""
+    import time
+
+    from huggingface_hub import errors as hf
+
+    from .download import RETRIES, RETRY_STATUS, retry_wait
+
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return _hub_call_once(what, fn, *args, **kw)
+        except hf.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in RETRY_STATUS or attempt == RETRIES:
+                raise HubError(f"{what}: the hub answered HTTP {status}"
+                               f"{f' {attempt} times' if attempt > 1 else ''}; try again later") from None
+            time.sleep(min(retry_wait() * 2 ** (attempt - 1), retry_wait() * 16))
+    raise AssertionError("unreachable")
+
+
+def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from huggingface_hub import errors as hf
 
     try:
@@ -107,17 +127,21 @@ def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         raise HubError(f"{what}: revision not found; check --revision (a branch, tag or commit sha)") from None
     except hf.EntryNotFoundError:
         raise HubError(f"{what}: file not found in the repo") from None
-    except hf.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
+    except hf.HfHubHTTPError:
+        raise  # hub_call retries or reports it (it is an OSError too)
     except OSError as exc:  # httpx transport errors are OSError-like in spirit but not subclasses
-        raise HubError(f"{what}: cannot reach {endpoint()} ({exc}); check the network or set HF_HUB_OFFLINE=1 "
-                       "to use the local cache") from None
+        raise HubError(f"{what}: cannot reach {endpoint()} ({_first_line(exc)}); check the network or set "
+                       "HF_HUB_OFFLINE=1 to use the local cache") from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise HubError(f"{what}: cannot reach {endpoint()} ({type(exc).__name__}: {exc}); check the network "
-                           "or set HF_HUB_OFFLINE=1 to use the local cache") from None
+            raise HubError(f"{what}: cannot reach {endpoint()} ({type(exc).__name__}: {_first_line(exc)}); check the "
+                           "network or set HF_HUB_OFFLINE=1 to use the local cache") from None
         raise
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def resolve_commit(spec: RepoSpec) -> str:

@@ -440,5 +440,106 @@ def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no
                    f"{f', {r.routers} router files' if r.routers else ''}) to {r.out} in {r.seconds:.2f} s")
 
 
+# -- hub: pull and push --------------------------------------------------------------------------------------
+class _Bars:
+    """One tqdm bar per download or conversion step, or nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: list[Any] = []
+
+    def __call__(self, desc: str, total: int) -> Callable[[int], None]:
+        if self.quiet:
+            return lambda n: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                   leave=False, dynamic_ncols=True)
+        self.bars.append(bar)
+
+        def tick(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+
+        return tick
+
+    def close(self) -> None:
+        for b in self.bars:
+            b.close()
+
+
+@main.command()
+@click.argument("repo")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--revision", help="Branch, tag or commit sha (default: main); resolved to a commit sha once.")
+@click.option("--gguf", "gguf_pat", help="The GGUF file (or glob) to pull when the repo holds several quants; "
+              "a split set comes whole.")
+@click.option("--include", multiple=True, help="Consider only repo files matching this glob (repeatable).")
+@click.option("--dtype", type=click.Choice(["q4_0", "q8_0", "f16", "bf16"]),
+              help="Quantize during conversion (SafeTensors sources).")
+@click.option("--keep-source", is_flag=True, help="Keep the downloaded source files (in OUT.source/).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new output is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, include: tuple[str, ...],
+         dtype: str | None, keep_source: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Download a hub repo (only what conversion needs), verify every sha256, and convert it into OUT.
+
+    Resumable: run it again after an interruption and nothing verified or converted is fetched again.
+    HF_HUB_OFFLINE=1 converts from the local Hugging Face cache.
+
+    \b
+    Examples:
+      mertools pull TheBloke/Mixtral-8x7B-v0.1-GGUF out/ --gguf '*Q4_0.gguf'
+      mertools pull mistralai/Mixtral-8x7B-v0.1 out/ --revision main --json
+    """
+    from .hub.pull import pull as do_pull
+
+    bars = _Bars(quiet or as_json)
+    try:
+        r = do_pull(repo, out, revision=revision, gguf=gguf_pat, include=list(include) or None, dtype=dtype,
+                    keep_source=keep_source, overwrite=overwrite, progress=bars)
+    finally:
+        bars.close()
+    if as_json:
+        _emit(r.as_dict())
+    elif r.already:
+        click.echo(f"{r.out} already holds {r.repo}@{r.commit[:12]}; nothing to do")
+    else:
+        how = "from the local cache" if r.offline else (
+            f"downloaded {human_bytes(r.downloaded_bytes)}, reused {human_bytes(r.reused_bytes)}")
+        click.echo(f"pulled {r.repo}@{r.commit[:12]} ({r.kind}, {len(r.files)} files, every sha256 checked; {how}) "
+                   f"into {r.out}: {r.extract.get('experts', '?')} experts in {r.seconds:.2f} s")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo")
+@click.option("--revision", help="Branch to commit to (default: main; created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (if it does not exist yet).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def push(out: Path, repo: str, revision: str | None, private: bool, as_json: bool, quiet: bool) -> None:
+    """Verify the shard folder OUT, then upload it to a hub repo with a generated model card.
+
+    Re-running resumes: files the hub already holds with the same sha256 are not sent again.
+
+    \b
+    Examples:
+      mertools push out/ me/mixtral-8x7b-mer-shards
+      mertools push out/ me/mixtral-8x7b-mer-shards --revision q4_0 --private
+    """
+    from .hub.push import push as do_push
+
+    r = do_push(out, repo, revision=revision, private=private, quiet=quiet or as_json)
+    if as_json:
+        _emit(r)
+    else:
+        click.echo(f"pushed {out} to {r['repo']}@{r['revision']}: {r['uploaded_files']} file(s) sent "
+                   f"({human_bytes(r['uploaded_bytes'])}), {r['skipped_files']} already on the hub; commit "
+                   f"{(r['commit'] or 'none')[:12]}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

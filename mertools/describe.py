@@ -43,6 +43,10 @@ def describe(path: str | os.PathLike[str], dtype: str | None = None) -> dict[str
     >>> describe("mixtral-bf16-sharded/")["model"]["n_experts"]     # doctest: +SKIP
     4
     """
+    if str(path).startswith("hf:/"):  # hf://org/repo[@rev]; a click Path has collapsed the "//"
+        from .hub.inspect import describe_remote
+
+        return describe_remote(str(path))
     p = Path(path)
     if p.is_dir() and (p / MANIFEST_NAME).exists():
         m = load_manifest(p)
@@ -105,6 +109,14 @@ def _describe_source(src: Any, path: str, dtype: str | None = None) -> dict[str,
 
 
 def render(d: dict[str, Any]) -> str:
+    if "hub" in d and str(d["path"]).startswith("hf://"):
+        from .hub.inspect import render_remote
+
+        return render_remote(d, _render_local)
+    return _render_local(d)
+
+
+def _render_local(d: dict[str, Any]) -> str:
     m = d["model"]
     what = {"shards": "shard folder", "gguf": "GGUF model", "safetensors": "SafeTensors checkpoint"}
     lines = [f"{d['path']}  ({what.get(d['kind'], d['kind'])})"]

@@ -79,6 +79,7 @@ def extract(
     marker: str | None = MARKER,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     dtype: str | None = None,
+    source_extra: dict[str, Any] | None = None,
 ) -> ExtractResult:
     """Extract experts from a model (GGUF file, or SafeTensors checkpoint folder) into OUT.
 
@@ -88,6 +89,8 @@ def extract(
     OUT appears complete or not at all; see :func:`mertools.commit.staged_output` for the rules (lock, overwrite,
     signals, crash recovery), ``wait`` and ``marker`` (the file a folder must hold for ``overwrite`` to replace it).
 
+    ``source_extra`` adds fields to the manifest's ``source`` (``pull`` records the hub repo, commit and sha256s).
+
     >>> extract("mixtral-q4_0.gguf", "out/")                        # doctest: +SKIP
     >>> extract("model-00001-of-00003.gguf", "out/", layers={0, 1})  # doctest: +SKIP
     >>> extract("mixtral-bf16/", "out/", dtype="q4_0")               # doctest: +SKIP
@@ -96,7 +99,7 @@ def extract(
     src = open_source(src_path)
     try:
         return _extract(src, Path(os.path.abspath(out)), layers, experts, overwrite, fsync, wait, marker, progress,
-                        dtype, t0)
+                        dtype, source_extra, t0)
     finally:
         src.close()
 
@@ -104,7 +107,7 @@ def extract(
 def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, experts: Iterable[int] | Ranges | None,
              overwrite: bool, fsync: bool, wait: bool, marker: str | None,
              progress: Callable[[int, int], Callable[[int], None]] | None, dtype: str | None,
-             t0: float) -> ExtractResult:
+             source_extra: dict[str, Any] | None, t0: float) -> ExtractResult:
     conv = plan(src, layers, experts, dtype)
     shards = conv.shards
     expert_bytes = conv.expert_bytes
@@ -114,7 +117,7 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
         tick = progress(total, len(shards)) if progress else (lambda n: None)
         entries = write_experts(conv, staging, fsync=fsync, tick=tick, workers=WRITERS)
         dense = write_dense(conv, staging, fsync=fsync, tick=tick)
-        manifest = build_manifest(conv, entries, dense)
+        manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF
         # models only, since only they have source bytes to give back
         if src.kind == "gguf" and conv.complete:

@@ -1,0 +1,126 @@
+"""How a pull hands verified source files to a converter: the :class:`StreamingConverter` protocol.
+
+The pull pipeline (:mod:`mertools.hub.pull`) downloads the files a converter ``needs`` one after another, each
+verified against its sha256 before anything reads it, and calls ``convert_available`` with every file present so
+far. The converter writes whatever it can from those files and answers which files it no longer needs; the
+pipeline deletes them (unless ``--keep-source``) and journals them as converted. ``window`` bounds how many source
+files may be on disk at once (``resident`` small files such as config.json and the index aside): the download of
+file i+1 overlaps the conversion of file i, so a streaming converter uses 2 and peak disk stays near output + 2
+source files. ``finish`` commits OUT (staging + rename).
+
+Two implementations:
+
+- :class:`GGUFConverter`: a GGUF model (one file or a split set) is extracted once every part is present
+  (``window`` None: all parts at once), with :func:`mertools.extract.extract`.
+- :class:`FolderConverter`: the fallback for SafeTensors: download all, then extract the folder with the same
+  call. A shard-by-shard SafeTensors converter (the ``mertools.sources`` SafeTensors source with a per-shard
+  writer) plugs in by implementing this protocol with ``window = 2``: in ``convert_available`` write every expert
+  whose tensors all lie in present files into ``work_dir`` and return the files no other unwritten expert needs;
+  ``begin`` gets the files the journal says were converted by an earlier run, whose experts are already in
+  ``work_dir``; ``finish`` writes dense.gguf and the manifest and renames ``work_dir`` to OUT. Register it in
+  :func:`converter_for`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+from ..errors import MertoolsError
+from .remote import Choice
+
+
+class StreamingConverter(Protocol):
+    """A converter fed by the pull pipeline, file by file. Called from one thread only (the pipeline's)."""
+
+    window: int | None  # most source files on disk at once, ``resident`` ones aside; None: all of them
+    resident: set[str]  # small files kept to the end (config.json, the index): outside the window
+
+    def needs(self, path: str) -> bool:
+        """Whether repo file ``path`` must be downloaded for this conversion."""
+        ...
+
+    def begin(self, work_dir: Path, converted: set[str]) -> None:
+        """Start, or resume after files ``converted`` by an earlier run; ``work_dir`` survives across runs."""
+        ...
+
+    def convert_available(self, present: Mapping[str, Path]) -> set[str]:
+        """Convert what the verified files ``present`` (repo path -> local path) allow; return paths now unneeded."""
+        ...
+
+    def finish(self) -> Any:
+        """Write what is left and put the complete output at OUT; returns the extract summary."""
+        ...
+
+
+def extract_to(src: Path, out: Path, *, overwrite: bool, source_extra: dict[str, Any], dtype: str | None,
+               progress: Callable[[int, int], Callable[[int], None]] | None) -> Any:
+    """The one place a pull writes its output: mertools' extract (staging folder + rename into OUT)."""
+    from ..extract import extract
+
+    kw: dict[str, Any] = {"overwrite": overwrite, "source_extra": source_extra, "progress": progress}
+    if dtype is not None:
+        if "dtype" not in inspect.signature(extract).parameters:
+            raise MertoolsError(f"--dtype {dtype}: this version of mertools cannot convert types; drop --dtype")
+        kw["dtype"] = dtype
+    return extract(src, out, **kw)
+
+
+class _WholeConverter:
+    """Converts once every needed file is present (a GGUF set, or the SafeTensors fallback)."""
+
+    window: int | None = None
+    resident: set[str] = set()
+
+    def __init__(self, choice: Choice, out: Path, *, overwrite: bool, source_extra: dict[str, Any],
+                 dtype: str | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None):
+        self.choice, self.out, self.overwrite = choice, out, overwrite
+        self.source_extra, self.dtype, self.progress = source_extra, dtype, progress
+        self.paths = {f.path for f in choice.files}
+        self.result: Any = None
+
+    def needs(self, path: str) -> bool:
+        return path in self.paths
+
+    def begin(self, work_dir: Path, converted: set[str]) -> None:
+        self.work_dir = work_dir
+
+    def convert_available(self, present: Mapping[str, Path]) -> set[str]:
+        if not self.paths <= set(present):
+            return set()
+        src = self.source_path(present)
+        try:
+            self.result = extract_to(src, self.out, overwrite=self.overwrite, source_extra=self.source_extra,
+                                     dtype=self.dtype, progress=self.progress)
+        except MertoolsError as exc:
+            raise type(exc)(f"{exc}. The verified source files stay in {src if src.is_dir() else src.parent}; "
+                            "running the pull again reuses them") from None
+        return set(self.paths)
+
+    def source_path(self, present: Mapping[str, Path]) -> Path:
+        raise NotImplementedError
+
+    def finish(self) -> Any:
+        return self.result
+
+
+class GGUFConverter(_WholeConverter):
+    """A GGUF model (single file or split set): extracted once all its parts are verified."""
+
+    def source_path(self, present: Mapping[str, Path]) -> Path:
+        return present[self.choice.main]
+
+
+class FolderConverter(_WholeConverter):
+    """SafeTensors fallback: all of config, index and shards first, then ``extract(folder, OUT)``."""
+
+    def source_path(self, present: Mapping[str, Path]) -> Path:
+        return present[self.choice.main].parent
+
+
+def converter_for(choice: Choice, out: Path, **kw: Any) -> StreamingConverter:
+    """The converter for a choice of files; the one place to register a streaming SafeTensors converter."""
+    if choice.kind == "gguf":
+        return GGUFConverter(choice, out, **kw)
+    return FolderConverter(choice, out, **kw)

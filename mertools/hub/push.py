@@ -1,0 +1,179 @@
+"""``push``: upload a verified shard folder to a hub repo, with a generated model card; re-running resumes.
+
+The folder is verified first (every checksum); a damaged folder is never uploaded. Files the hub already holds at
+the target revision with the same content (sha256 for LFS files, git blob oid for the others) are left out of the
+commit; LFS objects uploaded by an interrupted run are not sent again (the LFS batch answer has no upload action
+for objects the hub stores), so a re-run sends only what is missing and then commits once.
+
+Thread safety: pushes of different folders or to different repos may run at once; two pushes to the same branch
+race at the commit, which the hub orders (the later one wins for files both change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import MertoolsError
+from ..units import human_bytes
+from .download import CHUNK, git_blob_sha1_file
+from .remote import RepoSpec, api, hub_call
+
+CARD_NAME = "README.md"
+
+
+def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None, private: bool = False,
+         quiet: bool = True) -> dict[str, Any]:
+    """Verify ``out`` and upload it to ``repo``; returns a summary dict.
+
+    >>> push("out/", "me/mixtral-8x7b-mer-shards", private=True)   # doctest: +SKIP
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.hf_api import RepoFile
+
+    from ..verify import verify
+
+    folder = Path(out)
+    spec = RepoSpec.parse(repo, revision)
+    rev = spec.revision or "main"
+    report = verify(folder)
+    if not report.ok:
+        first = "; ".join(str(p) for p in report.problems[:3])
+        raise MertoolsError(f"{folder}: verify found {len(report.problems)} problem(s) ({first}); refusing to upload "
+                            "a damaged folder. Extract it again")
+    from mer_runtime.manifest import load_manifest
+
+    m = load_manifest(folder)
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    h = api()
+    hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
+    if rev != "main":
+        hub_call(spec.repo_id, h.create_branch, spec.repo_id, branch=rev, exist_ok=True)
+    remote: dict[str, tuple[str | None, str | None]] = {}
+    for e in hub_call(spec.repo_id, lambda: list(h.list_repo_tree(spec.repo_id, revision=rev, recursive=True))):
+        if isinstance(e, RepoFile):
+            remote[e.path] = (e.lfs.sha256 if e.lfs else None, e.blob_id)
+
+    card = model_card(m.raw, folder).encode()
+    ops, skipped, sent = [], 0, 0
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).parts[0].startswith("."))
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        if rel == CARD_NAME:
+            continue  # the card is generated from the manifest
+        if _same(p, remote.get(rel)):
+            skipped += 1
+            continue
+        ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)))
+        sent += p.stat().st_size
+    if _same_bytes(card, remote.get(CARD_NAME)):
+        skipped += 1
+    else:
+        ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
+        sent += len(card)
+    commit = None
+    if ops:
+        info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev,
+                        commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}")
+        commit = info.oid
+    return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops), "uploaded_bytes": sent,
+            "skipped_files": skipped, "commit": commit, "verified_experts": report.experts_checked}
+
+
+def _same(p: Path, remote: tuple[str | None, str | None] | None) -> bool:
+    if remote is None:
+        return False
+    sha256, oid = remote
+    if sha256:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            while b := fh.read(CHUNK):
+                h.update(b)
+        return h.hexdigest() == sha256
+    return oid is not None and git_blob_sha1_file(p) == oid
+
+
+def _same_bytes(data: bytes, remote: tuple[str | None, str | None] | None) -> bool:
+    if remote is None:
+        return False
+    sha256, oid = remote
+    if sha256:
+        return hashlib.sha256(data).hexdigest() == sha256
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == oid
+
+
+def model_card(manifest: dict[str, Any], folder: Path) -> str:
+    """A README.md for the hub: what the folder holds, where it came from, how to load it with mer_runtime.
+
+    Deterministic (no dates), so that pushing the same folder twice leaves the card unchanged.
+    """
+    model = manifest.get("model", {})
+    source = manifest.get("source", {})
+    hub = source.get("hub") or {}
+    experts = manifest.get("experts", [])
+    types: dict[str, Counter] = {}
+    for e in experts:
+        for role, t in e.get("tensors", {}).items():
+            types.setdefault(role, Counter())[t.get("dtype")] += 1
+    expert_bytes = sum(int(e.get("size", 0)) for e in experts)
+    dense = manifest.get("dense") or {}
+    layers = sorted({e.get("layer") for e in experts})
+    arch = model.get("architecture", "unknown")
+    tags = ["mertools", "mixture-of-experts", "expert-shards", str(arch)]
+    front = ["---", "library_name: mer_runtime", "tags:"] + [f"- {t}" for t in tags]
+    if hub.get("repo"):
+        front.append(f"base_model: {hub['repo']}")
+    front.append("---")
+    src_line = (f"[{hub['repo']}](https://huggingface.co/{hub['repo']}) at commit `{hub.get('commit')}`"
+                if hub.get("repo") else ", ".join(f.get("name", "?") for f in source.get("files", [])) or "unknown")
+    lines = front + [
+        "",
+        f"# {folder.name}: expert shards of {hub.get('repo') or arch}",
+        "",
+        "Mixture-of-Experts weights split by [mertools](https://github.com/) into one 4096-aligned file per (layer, "
+        "expert), with xxh3 checksums for every file and projection in `manifest.json`, and `dense.gguf` holding "
+        "everything else. The bytes of every projection are the source's, unchanged.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {arch} |",
+        f"| MoE layers | {len(layers)} |",
+        f"| experts per layer | {model.get('n_experts', '?')} (top-{model.get('n_experts_used', '?')}) |",
+        f"| d_model, d_ff | {model.get('d_model', '?')}, {model.get('d_ff', '?')} |",
+        f"| shards | {len(experts)}, {human_bytes(expert_bytes)} |",
+        f"| dense.gguf | {human_bytes(int(dense.get('size', 0)))} |",
+        f"| source | {src_line} |",
+        f"| source layout | {source.get('format', '?')} {source.get('layout', '')} |",
+        "",
+        "Types per projection (number of experts):",
+        "",
+    ]
+    for role, c in types.items():
+        lines.append(f"- `{role}`: " + ", ".join(f"{t} x {n}" for t, n in sorted(c.items())))
+    if hub.get("files"):
+        lines += ["", "Source files (sha256 checked before conversion):", ""]
+        lines += [f"- `{f['path']}` {f.get('sha256') or f.get('git_oid', '')}" for f in hub["files"]]
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "```sh",
+        "pip install mertools",
+        f"hf download <this repo> --local-dir {folder.name}",
+        f"mertools verify {folder.name}",
+        "```",
+        "",
+        "```python",
+        "from mer_runtime import open_shards",
+        f'with open_shards("{folder.name}", io="auto", cache_slots=16) as s:',
+        "    y = s.ffn(layer, expert, x)   # x float32 [d_model] or [n, d_model]",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -302,6 +302,18 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
     d_ff, d_model = int(gate_shape[0]), int(gate_shape[1])
     if x.ndim not in (1, 2) or x.shape[-1] != d_model:
         raise KernelError(f"x must have shape [{d_model}] or [n, {d_model}], got {list(x.shape)}")
+    want = {"gate": (d_ff, d_model), "up": (d_ff, d_model), "down": (d_model, d_ff)}
+    raws: list[dict[str, np.ndarray]] = []
+    for i, t in enumerate(experts):
+        raws.append({})
+        for role in ROLES:
+            dtype, shape, raw = t[role]
+            if tuple(int(v) for v in shape) != want[role]:
+                raise KernelError(f"expert {i} {role} has shape {list(shape)}, expected {list(want[role])} "
+                                  "(gate and up [d_ff, d_model], down [d_model, d_ff])")
+            raws[i][role] = _as_bytes(raw)
+            _check_len(f"expert {i} {role} ({dtype} {shape[0]} x {shape[1]})", raws[i][role],
+                       dtype_info(dtype).nbytes(*want[role]))
     if not _native_ok(experts):
         y = np.zeros(x.shape, np.float32)
         for w, t in zip(wk, experts):
@@ -316,12 +328,10 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
     arr = (_Expert * len(experts))()
     for i, t in enumerate(experts):
         for role in ROLES:
-            dtype, shape, raw = t[role]
-            raw = _as_bytes(raw)
-            rows, cols = (int(v) for v in shape)
-            _check_len(f"expert {i} {role} ({dtype} {rows} x {cols})", raw, dtype_info(dtype).nbytes(rows, cols))
+            raw, (rows, cols) = raws[i][role], want[role]
             p = getattr(arr[i], role)
-            p.data, p.nbytes, p.rows, p.cols, p.type = raw.ctypes.data, raw.nbytes, rows, cols, DTYPES[dtype].ggml_id
+            p.data, p.nbytes, p.rows, p.cols = raw.ctypes.data, raw.nbytes, rows, cols
+            p.type = DTYPES[t[role][0]].ggml_id
             keep.append(raw)
             if f"{role}_bias" in t:
                 b = _bias_f32(t[f"{role}_bias"])

@@ -243,6 +243,17 @@ def test_kernel_paths_are_named():
 
 
 @needs_c
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_byte_widening_kernels_too(qtype):
+    """The AVX2 kernels that widen bytes in registers (used when the permuted copy of x cannot be allocated)."""
+    rng = np.random.default_rng(21)
+    raw = random_matrix(qtype, 37, 1024, rng)
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    ref = dequantize(raw.reshape(37, -1), qtype).astype(np.float64) @ x.T.astype(np.float64)
+    assert rel(matvec(qtype.name, raw, (37, 1024), x, flags=kernels.FLAG_NO_PERM).T, ref) < TOL
+
+
+@needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.MXFP4])
 def test_portable_and_simd_paths_agree_when_split_across_threads(qtype):
     rng = np.random.default_rng(11)

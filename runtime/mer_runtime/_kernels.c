@@ -40,6 +40,7 @@
 #define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4 weights; others stay exact) */
 #define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
 #define MER_FLAG_SERIAL 8   /* run on the calling thread only */
+#define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -61,7 +62,7 @@ static int type_block(int type, int64_t *qk, int64_t *bb) {
 
 int mer_has_type(int type) { int64_t a, b; return type_block(type, &a, &b); }
 
-static int64_t tuning_prefetch = 768; /* bytes ahead in each row; set by mer_set_prefetch (bench measures it) */
+static int64_t tuning_prefetch = 1024; /* bytes ahead in each row: best of 0-4096 in a quick, indicative sweep (bench --sweep-prefetch) */
 static int64_t tuning_chunk = 64;     /* rows per task */
 
 void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }
@@ -433,6 +434,144 @@ DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32)
 DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16)
 DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16)
 
+/* ---- permuted-x kernels: no byte shuffles ----
+ * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above. These read
+ * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
+ * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums
+ * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */
+#define XP_Q4_0 32
+#define XP_Q8_0 32
+#define XP_QK45 (256 + 32) /* 256 permuted values, then 4 chunks x 8 lanes of sums of x */
+
+/* Q4_0: lane i < 4, group g: low nibble of byte 4i+g (element 4i+g); lane 4+i: high nibble (element 16+4i+g) */
+static void perm_q4_0(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 32, xp += 32)
+        for (int g = 0; g < 4; g++)
+            for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g]; xp[8 * g + 4 + i] = x[16 + 4 * i + g]; }
+}
+
+/* Q8_0: 32 bytes as 8 dwords; group k: byte k of dword i = element 4i+k */
+static void perm_q8_0(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 32, xp += 32)
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < 8; i++) xp[8 * k + i] = x[4 * i + k];
+}
+
+/* Q4_K/Q5_K chunk c (64 elements), half h (qs bytes 16h..16h+15), group g: lane i < 4 = low nibble of byte
+ * 16h+4i+g (element 64c+16h+4i+g, scale 2c); lane 4+i = its high nibble (element 64c+32+16h+4i+g, scale 2c+1) */
+static void perm_qk45(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 256, xp += XP_QK45) {
+        for (int c = 0; c < 4; c++) {
+            float *sums = xp + 256 + 8 * c;
+            for (int l = 0; l < 8; l++) sums[l] = 0.f;
+            for (int h = 0; h < 2; h++)
+                for (int g = 0; g < 4; g++)
+                    for (int i = 0; i < 4; i++) {
+                        float lo = x[64 * c + 16 * h + 4 * i + g], hi = x[64 * c + 32 + 16 * h + 4 * i + g];
+                        float *o = xp + 64 * c + 32 * h + 8 * g;
+                        o[i] = lo; o[4 + i] = hi;
+                        sums[i] += lo; sums[4 + i] += hi;
+                    }
+        }
+    }
+}
+
+AVX2 void pblk_q4_0(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2)));
+    const __m256i m4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    __m256 s = _mm256_setzero_ps();
+    for (int g = 0; g < 4; g++) {
+        __m256i sh = _mm256_setr_epi32(8 * g, 8 * g, 8 * g, 8 * g, 8 * g + 4, 8 * g + 4, 8 * g + 4, 8 * g + 4);
+        __m256i q = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(B, sh), m4), eight);
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s);
+    }
+    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+}
+
+AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256i W = _mm256_loadu_si256((const __m256i *)(b + 2));
+    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 24), 24)), _mm256_loadu_ps(xp));
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 16), 24)), _mm256_loadu_ps(xp + 8), s);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 8), 24)), _mm256_loadu_ps(xp + 16), s);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(W, 24)), _mm256_loadu_ps(xp + 24), s);
+    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+}
+
+AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
+    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+    const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+    const __m256i m4 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
+    __m256 a = *acc;
+    for (int c = 0; c < 4; c++) {
+        uint8_t s1, m1, s2, m2;
+        scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
+        __m256 s = _mm256_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + 32 * c + 16 * h)));
+            __m256i H = five ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qh + 16 * h)))
+                             : _mm256_setzero_si256();
+            for (int g = 0; g < 4; g++) {
+                __m256i sh = _mm256_setr_epi32(8 * g, 8 * g, 8 * g, 8 * g, 8 * g + 4, 8 * g + 4, 8 * g + 4, 8 * g + 4);
+                __m256i q = _mm256_and_si256(_mm256_srlv_epi32(B, sh), m4);
+                if (five) {
+                    int lo = 8 * g + 2 * c, hi = lo + 1;
+                    __m256i hs = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+                    q = _mm256_or_si256(q, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(H, hs), one), 4));
+                }
+                s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 64 * c + 32 * h + 8 * g), s);
+            }
+        }
+        __m256 scv = _mm256_setr_ps(d * s1, d * s1, d * s1, d * s1, d * s2, d * s2, d * s2, d * s2);
+        __m256 mv = _mm256_setr_ps(dmin * m1, dmin * m1, dmin * m1, dmin * m1, dmin * m2, dmin * m2, dmin * m2, dmin * m2);
+        a = _mm256_fmadd_ps(scv, s, a);
+        a = _mm256_fnmadd_ps(mv, _mm256_loadu_ps(xp + 256 + 8 * c), a);
+    }
+    *acc = a;
+}
+
+AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 0); }
+AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
+
+/* Same walk as DEFINE_ROWS over a permuted copy of the vectors; returns 0 if that copy cannot be allocated (the
+ * caller then uses the plain kernel). */
+#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB)                                                               \
+    AVX2_FN int NAME(const mat_t *m, const float *x, int64_t nvec, int64_t xs, float *out, int64_t os,            \
+                     int64_t r0, int64_t r1, int64_t pf) {                                                        \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        float *xp = malloc(sizeof(float) * (size_t)(nvec * nb * (XPB)));                                           \
+        if (!xp) return 0;                                                                                        \
+        for (int64_t v = 0; v < nvec; v++) PERM(x + v * xs, xp + v * nb * (XPB), nb);                              \
+        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
+            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
+            const uint8_t *p[4];                                                                                  \
+            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const float *xv = xp + v * nb * (XPB);                                                            \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                for (int64_t b = 0; b < nb; b++) {                                                                \
+                    if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
+                        for (int o = 0; o < (BB); o += 64) {                                                      \
+                            PF(p[0] + b * (BB) + pf + o); PF(p[1] + b * (BB) + pf + o);                           \
+                            PF(p[2] + b * (BB) + pf + o); PF(p[3] + b * (BB) + pf + o);                           \
+                        }                                                                                         \
+                    }                                                                                             \
+                    const float *xb = xv + b * (XPB);                                                             \
+                    BLK(p[0] + b * (BB), xb, &a0); BLK(p[1] + b * (BB), xb, &a1);                                 \
+                    BLK(p[2] + b * (BB), xb, &a2); BLK(p[3] + b * (BB), xb, &a3);                                 \
+                }                                                                                                 \
+                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
+            }                                                                                                     \
+        }                                                                                                         \
+        free(xp);                                                                                                 \
+        return 1;                                                                                                 \
+    }
+
+DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0)
+DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
+DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
+DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
+
 /* ---- Q8_0 activations: integer dot per block. w signed bytes, y signed bytes: ggml's sign trick for maddubs ---- */
 AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
@@ -535,11 +674,11 @@ static void rows_any(const mat_t *m, const float *x, const int8_t *qx, const flo
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q8_0: rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0: if ((flags & MER_FLAG_NO_PERM) || !prows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q8_0: if ((flags & MER_FLAG_NO_PERM) || !prows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_MXFP4: rows_mxfp4(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K: if ((flags & MER_FLAG_NO_PERM) || !prows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K: if ((flags & MER_FLAG_NO_PERM) || !prows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K: rows_q6_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F32: rows_f32(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: rows_f16(m, x, nvec, xs, out, os, r0, r1, pf); return;

@@ -41,7 +41,7 @@ MAX_EXPERTS_PER_CALL = 8  # the C call's limit on k; moe() splits larger k into 
 C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4"})  # act="q8" applies to these; the others stay exact
 
-FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI = 1, 2, 4
+FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM = 1, 2, 4, 8, 16
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}
@@ -204,10 +204,11 @@ def _flags(simd: int, act: str) -> int:
 
 
 def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *, simd: int = -1,
-           act: str = "f32") -> np.ndarray:
+           act: str = "f32", flags: int = 0) -> np.ndarray:
     """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
 
-    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to Q8_0 blocks where it applies.
+    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to Q8_0 blocks where it applies;
+    flags: extra FLAG_* bits for the C call (tests force the other SIMD variants with them).
 
     >>> w = np.eye(2, dtype=np.float32)
     >>> matvec("F32", w.view(np.uint8).reshape(-1), (2, 2), np.array([3, 4], np.float32)).tolist()
@@ -220,7 +221,7 @@ def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim not in (1, 2) or x.shape[-1] != cols:
         raise KernelError(f"input has shape {list(x.shape)}, the projection takes [{cols}] or [n, {cols}]")
-    flags = _flags(simd, act)
+    flags |= _flags(simd, act)
     if info.path == "c":
         threads()
         xs = x.reshape(-1, cols)

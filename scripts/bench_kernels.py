@@ -183,6 +183,14 @@ def ggml_moe(ggml, steps: list[list[tuple[tuple[str, np.ndarray], ...]]], w: np.
     return len(steps) / t
 
 
+def guarded(fn, *args):
+    """ggml-python's API moves between versions: a comparison that fails says why instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any binding mismatch
+        return f"ggml comparison failed ({type(e).__name__}: {e})"
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +239,7 @@ def main() -> None:
               if name in Q8_TYPES and kernels._LIB is not None else None)
         ref = dequantize(mats[0].reshape(rows, -1), T[name]).astype(np.float64) @ x.astype(np.float64)
         err = np.abs(kernels.matvec(name, mats[0], (rows, cols), x) - ref).max() / np.abs(ref).max()
-        gg = ggml_matvec(ggml, name, mats, x, rows, cols, a.threads, a.repeat) if ggml is not None else None
+        gg = guarded(ggml_matvec, ggml, name, mats, x, rows, cols, a.threads, a.repeat) if ggml is not None else None
         gtxt = f"{gg[0]:10.2f} {ours / gg[0]:10.2f}" if isinstance(gg, tuple) else f"{'-':>10s} {'-':>10s}"
         print(f"{name:6s} {per / 1e6:8.2f} {n:4d} {mem:12.2f} {ours:11.2f} {ours / mem:6.2f} "
               f"{(f'{q8:8.2f}' if q8 else '       -')} {gtxt} {err:11.1e}"
@@ -268,7 +276,8 @@ def main() -> None:
                         f"({sps * a.top_k * per_exp / 1e9 / mem:.2f}x memory)")
         gtxt = ""
         if ggml is not None:
-            g = ggml_moe(ggml, [[experts[i] for i in st] for st in steps], w, x, cols, rows, a.threads, a.repeat)
+            g = guarded(ggml_moe, ggml, [[experts[i] for i in st] for st in steps], w, x, cols, rows, a.threads,
+                        a.repeat)
             gtxt = (f"; ggml graph {g:.1f} steps/s (exact {sps_of['f32'] / g:.2f}x, q8 {sps_of['q8'] / g:.2f}x ggml)"
                     if isinstance(g, float) else f"; ggml: {g}")
         print(f"  {label:7s} {n_steps} steps of {a.top_k} x {per_exp / 1e6:.1f} MB: " + "; ".join(line) + gtxt)

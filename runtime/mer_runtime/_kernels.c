@@ -694,6 +694,15 @@ static void rows_any(const mat_t *m, const float *x, const int8_t *qx, const flo
  * ---------------------------------------------------------------------------------------------------------- */
 typedef void (*task_fn)(void *ctx, int64_t task);
 
+#define SPIN 1000 /* pause loops (tens of microseconds) a thread stays awake after a job before blocking */
+static inline void cpu_relax(void) {
+#ifdef MER_X86
+    _mm_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
 static struct {
     pthread_mutex_t run;  /* one job at a time */
     pthread_mutex_t m;
@@ -726,7 +735,13 @@ static void *worker(void *arg) {
         pthread_mutex_unlock(&P.m);
         run_tasks();
         pthread_mutex_lock(&P.m);
-        if (--P.active == 0) pthread_cond_signal(&P.done);
+        if (__atomic_sub_fetch(&P.active, 1, __ATOMIC_ACQ_REL) == 0) pthread_cond_signal(&P.done);
+        /* a layer step posts its second phase right after the first: wait briefly awake before sleeping */
+        pthread_mutex_unlock(&P.m);
+        for (int i = 0; i < SPIN && __atomic_load_n(&P.gen, __ATOMIC_ACQUIRE) == seen &&
+                        !__atomic_load_n(&P.stop, __ATOMIC_ACQUIRE); i++)
+            cpu_relax();
+        pthread_mutex_lock(&P.m);
     }
     pthread_mutex_unlock(&P.m);
     return NULL;
@@ -744,7 +759,7 @@ int mer_threads(void) { return P.want > 0 ? P.want : affinity_threads(); }
 static void pool_stop_locked(void) {
     if (!P.started) return;
     pthread_mutex_lock(&P.m);
-    P.stop = 1;
+    __atomic_store_n(&P.stop, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&P.start);
     pthread_mutex_unlock(&P.m);
     for (int i = 0; i < P.nworkers; i++) pthread_join(P.tids[i], NULL);
@@ -793,14 +808,17 @@ static void pool_run(task_fn fn, void *ctx, int64_t ntasks, int flags) {
     pthread_mutex_lock(&P.m);
     P.fn = fn; P.ctx = ctx; P.ntasks = ntasks;
     atomic_store(&P.next, 0);
-    P.active = P.nworkers;
-    P.gen++;
+    __atomic_store_n(&P.active, P.nworkers, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&P.gen, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&P.start);
     pthread_mutex_unlock(&P.m);
     run_tasks();
-    pthread_mutex_lock(&P.m);
-    while (P.active > 0) pthread_cond_wait(&P.done, &P.m);
-    pthread_mutex_unlock(&P.m);
+    for (int i = 0; i < SPIN && __atomic_load_n(&P.active, __ATOMIC_ACQUIRE) > 0; i++) cpu_relax();
+    if (__atomic_load_n(&P.active, __ATOMIC_ACQUIRE) > 0) {
+        pthread_mutex_lock(&P.m);
+        while (P.active > 0) pthread_cond_wait(&P.done, &P.m);
+        pthread_mutex_unlock(&P.m);
+    }
     pthread_mutex_unlock(&P.run);
 }
 

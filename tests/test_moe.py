@@ -138,6 +138,11 @@ def test_q8_activations_error_on_the_mxfp4_and_q4_0_fixtures(extracted):
             got = s.moe(layers[0], [0, 1], [0.5, 0.5], x, act="q8")
         want = 0.5 * (y_ref[0, 0] + y_ref[0, 1])
         assert 1e-6 < rel(got, want) < 2e-2, name
+    # K-quants have no q8 path: they stay exact under act="q8" (batched, so the permuted-x kernels run too)
+    x, layers, y_ref = shared_ref(REAL / "mixtral-q4_k_m.gguf")
+    with open_shards(extracted(REAL / "mixtral-q4_k_m.gguf"), cache_slots=3) as s:
+        got = s.moe(layers[1], [2, 3], [0.5, 0.5], np.stack([x, x]), act="q8")
+    assert rel(got, 0.5 * (y_ref[1, 2] + y_ref[1, 3])) < TOL
 
 
 def test_bad_calls_are_refused(extracted):

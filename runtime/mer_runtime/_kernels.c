@@ -532,15 +532,12 @@ AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
 AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 0); }
 AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
 
-/* Same walk as DEFINE_ROWS over a permuted copy of the vectors; returns 0 if that copy cannot be allocated (the
- * caller then uses the plain kernel). */
+/* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
+ * is permuted once, not once per task). */
 #define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB)                                                               \
-    AVX2_FN int NAME(const mat_t *m, const float *x, int64_t nvec, int64_t xs, float *out, int64_t os,            \
-                     int64_t r0, int64_t r1, int64_t pf) {                                                        \
+    AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
+                      int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        float *xp = malloc(sizeof(float) * (size_t)(nvec * nb * (XPB)));                                           \
-        if (!xp) return 0;                                                                                        \
-        for (int64_t v = 0; v < nvec; v++) PERM(x + v * xs, xp + v * nb * (XPB), nb);                              \
         for (int64_t r = r0; r < r1; r += 4) {                                                                    \
             int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
             const uint8_t *p[4];                                                                                  \
@@ -563,14 +560,25 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
             }                                                                                                     \
         }                                                                                                         \
-        free(xp);                                                                                                 \
-        return 1;                                                                                                 \
     }
 
 DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0)
 DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
 DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
 DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
+
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, N_LAYOUTS = 4 };
+
+static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
+    int64_t xpb = layout == L_QK45 ? XP_QK45 : 32, qk = layout == L_QK45 ? 256 : 32, nb = cols / qk;
+    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
+    for (int64_t v = 0; xp && v < n; v++) {
+        if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
+        else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
+        else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
+    }
+    return xp;
+}
 
 /* ---- Q8_0 activations: integer dot per block. w signed bytes, y signed bytes: ggml's sign trick for maddubs ---- */
 AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
@@ -646,9 +654,36 @@ int mer_has_vnni(void) {
 
 static int q8_type(int type) { return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4; }
 
+/* The permuted-x layout the kernel for `type` under `flags` reads, or 0 when it reads x as it is. */
+static int perm_layout(int type, int flags) {
+#ifdef MER_X86
+    if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
+    if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
+    if (type == T_Q4_0) return L_Q4_0;
+    if (type == T_Q8_0) return L_Q8_0;
+    if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
+#else
+    (void)type; (void)flags;
+#endif
+    return 0;
+}
+
+/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0 or memory is short (the kernels that read
+ * x as it is then run: same results) */
+static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) {
+#ifdef MER_X86
+    if (layout) return perm_prepare_x86(layout, x, n, cols);
+#else
+    (void)x; (void)n; (void)cols;
+#endif
+    (void)layout;
+    return NULL;
+}
+
 /* rows [r0, r1) of m times nvec vectors; qx/dx non-NULL = Q8 activations (only for q8_type) */
-static void rows_any(const mat_t *m, const float *x, const int8_t *qx, const float *dx, int64_t nvec, int64_t xs,
-                     float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
+/* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL */
+static void rows_any(const mat_t *m, const float *x, const float *xp, const int8_t *qx, const float *dx,
+                     int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
     int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
     int64_t pf = tuning_prefetch;
     if (qx && q8_type(m->type)) {
@@ -674,11 +709,11 @@ static void rows_any(const mat_t *m, const float *x, const int8_t *qx, const flo
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if ((flags & MER_FLAG_NO_PERM) || !prows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q8_0: if ((flags & MER_FLAG_NO_PERM) || !prows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0: if (xp) prows_q4_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q8_0: if (xp) prows_q8_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_MXFP4: rows_mxfp4(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: if ((flags & MER_FLAG_NO_PERM) || !prows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: if ((flags & MER_FLAG_NO_PERM) || !prows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf)) rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K: if (xp) prows_q4_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K: if (xp) prows_q5_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K: rows_q6_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F32: rows_f32(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: rows_f16(m, x, nvec, xs, out, os, r0, r1, pf); return;
@@ -840,7 +875,7 @@ __attribute__((constructor)) static void mer_init(void) { pthread_atfork(NULL, N
 
 typedef struct {
     const mat_t *m;
-    const float *x;
+    const float *x, *xp;
     const int8_t *qx;
     const float *dx;
     int64_t nvec, chunk;
@@ -851,7 +886,7 @@ typedef struct {
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->qx, c->dx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
+    rows_any(c->m, c->x, c->xp, c->qx, c->dx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -871,10 +906,11 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
         if (!qx || !dx) { free(qx); free(dx); return MER_ENOMEM; }
         quantize_q8(x, n * cols, qx, dx);
     }
-    mv_ctx c = {&m, x, qx, dx, n, tuning_chunk, out, flags};
+    float *xp = perm_prepare(perm_layout(type, flags), x, n, cols);
+    mv_ctx c = {&m, x, xp, qx, dx, n, tuning_chunk, out, flags};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
-    free(qx); free(dx);
+    free(qx); free(dx); free(xp);
     return MER_OK;
 }
 
@@ -902,6 +938,8 @@ typedef struct {
     const float *x;
     const int8_t *qx; const float *dx;        /* x as Q8 blocks (phase 1) */
     int8_t *qh; float *dh;                     /* h as Q8 blocks (phase 2) */
+    float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
+    float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
     int64_t n, d_model, d_ff, chunk, nchunk_ff;
     float *h, *u_tmp, *y_tmp, *out;
 } moe_ctx;
@@ -915,8 +953,10 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->qx, c->dx, n, c->d_model, h, F, r0, r1, c->flags);
-    rows_any(&c->u[e], c->x, c->qx, c->dx, n, c->d_model, u, F, r0, r1, c->flags);
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->qx, c->dx, n, c->d_model, h, F, r0,
+             r1, c->flags);
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->qx, c->dx, n, c->d_model, u, F, r0,
+             r1, c->flags);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -938,7 +978,7 @@ static void moe_phase2(void *c_, int64_t t) {
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
-        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->qh ? c->qh + (int64_t)e * n * F : NULL,
+        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->qh ? c->qh + (int64_t)e * n * F : NULL,
                  c->dh ? c->dh + (int64_t)e * n * (F / 32) : NULL, n, F, y, D, r0, r1, c->flags);
     }
     for (int64_t v = 0; v < n; v++) {
@@ -1002,10 +1042,20 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
+    for (int e = 0; e < k; e++) {
+        int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
+        if (lg && !c.xpl[lg]) c.xpl[lg] = perm_prepare(lg, x, n, d_model);
+        if (lu && !c.xpl[lu]) c.xpl[lu] = perm_prepare(lu, x, n, d_model);
+    }
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
-    if (q8) quantize_q8(c.h, (int64_t)nh, c.qh, c.dh); /* the barrier is pool_run's join */
+    /* the barrier is pool_run's join: h is complete */
+    if (q8) quantize_q8(c.h, (int64_t)nh, c.qh, c.dh);
+    for (int e = 0; e < k; e++)
+        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
     pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
 done:
+    for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
+    for (int e = 0; e < 8; e++) free(c.hp[e]);
     free(c.h); free(c.u_tmp); free(c.y_tmp); free(qx); free(dx); free(c.qh); free(c.dh);
     return rc;
 }

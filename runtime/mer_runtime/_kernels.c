@@ -436,7 +436,8 @@ DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16)
 
 /* ---- permuted-x kernels: no byte shuffles ----
  * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
- * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K was slower this way and is not). These read
+ * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K and MXFP4
+ * (table lookup) were not faster this way and are not). These read
  * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
  * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums
  * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */

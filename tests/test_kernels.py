@@ -11,6 +11,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,3 +378,29 @@ def test_activation_kinds():
         np.testing.assert_allclose(y, (u + 1) * g / (1 + np.exp(-1.702 * g)), rtol=1e-6)
     with pytest.raises(ValueError, match="geglu"):
         expert_ffn(tensors, x, {"kind": "geglu"})
+
+
+@pytest.mark.skipif(not __import__("shutil").which("cc"), reason="no C compiler here to build the portable library")
+def test_the_library_built_without_x86_paths_computes_the_same(tmp_path):
+    """-DMER_NO_X86 builds what a non-x86 machine gets (no SIMD, the portable code only): every type against gguf
+    in float64, and the portable Q8-activation path within its bound."""
+    src = Path(kernels.__file__).with_name("_kernels.c")
+    lib_path = tmp_path / "portable.so"
+    subprocess.run(["cc", "-DMER_NO_X86", "-O2", "-shared", "-fPIC", "-pthread", "-o", str(lib_path), str(src), "-lm"],
+                   check=True, capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.mer_matvec.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_int]
+    assert lib.mer_has_avx2() == 0
+    rng = np.random.default_rng(31)
+    for qt in C_TYPES:
+        rows, cols = 37, 512
+        raw = random_matrix(qt, rows, cols, rng)
+        x = rng.standard_normal((2, cols)).astype(np.float32)
+        out = np.empty((2, rows), np.float32)
+        assert lib.mer_matvec(int(qt), raw.ctypes.data, raw.nbytes, rows, cols, x.ctypes.data, x.size, 2,
+                              out.ctypes.data, out.size, kernels.FLAG_ACT_Q8 if qt == T.Q4_0 else 0) == 0
+        ref = dequantize(raw.reshape(rows, -1), qt).astype(np.float64) @ x.T.astype(np.float64)
+        assert rel(out.T, ref) < (2e-2 if qt == T.Q4_0 else TOL), qt.name
+    lib.mer_shutdown()

@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(MER_NO_X86) /* -DMER_NO_X86: check the portable build */
 #include <immintrin.h>
 #define MER_X86 1
 #endif
@@ -41,6 +41,9 @@
 #define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
 #define MER_FLAG_SERIAL 8   /* run on the calling thread only */
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
+
+/* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, N_LAYOUTS = 4 };
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -565,7 +568,6 @@ DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
 DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
 DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
 
-enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, N_LAYOUTS = 4 };
 
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
     int64_t xpb = layout == L_QK45 ? XP_QK45 : 32, qk = layout == L_QK45 ? 256 : 32, nb = cols / qk;
@@ -719,6 +721,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const int8
         }
     }
 #endif
+    (void)simd; (void)pf; (void)xp;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 

@@ -290,7 +290,7 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
     `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape.
 
     >>> e = {r: ("F32", (2, 2), np.eye(2, dtype=np.float32).view(np.uint8).reshape(-1)) for r in ROLES}
-    >>> moe([e, e], [0.5, 0.5], np.array([1, 0], np.float32), {"kind": "swiglu"}).round(4).tolist()
+    >>> [round(float(v), 4) for v in moe([e, e], [0.5, 0.5], np.array([1, 0], np.float32), {"kind": "swiglu"})]
     [0.7311, 0.0]
     """
     wk = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)

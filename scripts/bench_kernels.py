@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
-Q8_TYPES = {"Q4_0", "Q8_0", "MXFP4"}
 
 
 def random_blocks(name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -236,7 +235,7 @@ def main() -> None:
         total = n * per
         ours = total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x) for m in mats]) / 1e9
         q8 = (total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x, act="q8") for m in mats]) / 1e9
-              if name in Q8_TYPES and kernels._LIB is not None else None)
+              if name in kernels.Q8_ACT_TYPES and kernels._LIB is not None else None)
         ref = dequantize(mats[0].reshape(rows, -1), T[name]).astype(np.float64) @ x.astype(np.float64)
         err = np.abs(kernels.matvec(name, mats[0], (rows, cols), x) - ref).max() / np.abs(ref).max()
         gg = guarded(ggml_matvec, ggml, name, mats, x, rows, cols, a.threads, a.repeat) if ggml is not None else None

@@ -404,3 +404,34 @@ def test_the_library_built_without_x86_paths_computes_the_same(tmp_path):
         ref = dequantize(raw.reshape(rows, -1), qt).astype(np.float64) @ x.T.astype(np.float64)
         assert rel(out.T, ref) < (2e-2 if qt == T.Q4_0 else TOL), qt.name
     lib.mer_shutdown()
+
+
+@needs_c
+def test_pool_survives_fork_and_thread_count_changes():
+    """A forked child has none of its parent's pool threads: its first parallel call must start a new pool, not
+    wait forever on threads that do not exist. Changing the thread count restarts the pool between calls."""
+    code = r"""
+import os, signal, sys
+import numpy as np
+from mer_runtime import kernels
+rng = np.random.default_rng(0)
+raw = rng.integers(0, 256, (2048, 1024 // 32, 18), dtype=np.uint8)
+raw[..., :2] = rng.uniform(-0.01, 0.01, (2048, 32, 1)).astype(np.float16).view(np.uint8)
+raw = raw.reshape(-1)
+x = rng.standard_normal(1024).astype(np.float32)
+want = kernels.matvec("Q4_0", raw, (2048, 1024), x)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)
+    got = kernels.matvec("Q4_0", raw, (2048, 1024), x)
+    os._exit(0 if np.array_equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+for n in (1, 3, 2):
+    kernels._LIB.mer_set_threads(n)
+    assert kernels._LIB.mer_threads() == n
+    assert np.array_equal(kernels.matvec("Q4_0", raw, (2048, 1024), x), want)
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout == "ok\n", p.stderr

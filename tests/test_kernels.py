@@ -268,7 +268,7 @@ def test_portable_and_simd_paths_agree_when_split_across_threads(qtype):
 
 # -- q8 activations (opt-in) ---------------------------------------------------------------------------------------
 @needs_c
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_q8_activations_are_close_not_exact(qtype):
     """act="q8" quantizes x to Q8_0 blocks: the error is that of an 8-bit x (bounded, documented), and it is
     really used (the result differs from the exact one); SIMD and portable agree on the integer sums."""

@@ -37,7 +37,7 @@
 #define MER_EARG -5
 
 #define MER_FLAG_PORTABLE 1 /* force the portable C path (tests check both on an AVX2 machine) */
-#define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4 weights; others stay exact) */
+#define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K weights) */
 #define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
 #define MER_FLAG_SERIAL 8   /* run on the calling thread only */
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
@@ -222,6 +222,45 @@ static void rows_portable(const mat_t *m, const float *x, int64_t nvec, int64_t 
     }
 }
 
+/* One K-quant block (256 weights) against Q8 activations qv[256] with scales dv[8]: integer sums per 32 (per 16
+ * for Q6_K's scales), scaled in float32; the same sums the SIMD path forms. */
+static float kq_block_q8(int type, const uint8_t *b, const int8_t *qv, const float *dv) {
+    float acc = 0.f;
+    if (type == T_Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = rd_f16(b + 208);
+        for (int n = 0; n < 2; n++) {
+            for (int j = 0; j < 4; j++) {
+                int32_t s16[2] = {0, 0};
+                for (int l = 0; l < 32; l++) {
+                    int nib = (j & 2) ? ql[64 * n + l + 32 * (j & 1)] >> 4 : ql[64 * n + l + 32 * (j & 1)] & 15;
+                    int q = (nib | (((qh[32 * n + l] >> (2 * j)) & 3) << 4)) - 32;
+                    s16[l >> 4] += q * qv[128 * n + 32 * j + l];
+                }
+                acc += d * dv[4 * n + j] * ((float)sc[8 * n + 2 * j] * s16[0] + (float)sc[8 * n + 2 * j + 1] * s16[1]);
+            }
+        }
+        return acc;
+    }
+    float d = rd_f16(b), dmin = rd_f16(b + 2);
+    const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (type == T_Q5_K ? 48 : 16);
+    for (int g = 0; g < 8; g++) {
+        int c = g / 2, hi = g & 1;
+        uint8_t scale, mn;
+        scale_min_k4(g, sc, &scale, &mn);
+        int32_t isum = 0, ysum = 0;
+        for (int l = 0; l < 32; l++) {
+            int q = hi ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
+            if (type == T_Q5_K) q |= ((qh[l] >> g) & 1) << 4;
+            isum += q * qv[32 * g + l];
+            ysum += qv[32 * g + l];
+        }
+        acc += d * scale * dv[g] * (float)isum - dmin * mn * dv[g] * (float)ysum;
+    }
+    return acc;
+}
+
 /* portable Q8 activations: integer dot per block, as the SIMD path computes it */
 static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xstride,
                              float *out, int64_t ostride, int64_t r0, int64_t r1) {
@@ -231,6 +270,11 @@ static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, 
             const int8_t *qv = qx + v * xstride;
             const float *dv = dx + v * (xstride / 32);
             float acc = 0.f;
+            if (m->qk == 256) { /* K-quants: one weight block spans 8 activation blocks */
+                for (int64_t b = 0; b < m->nblk; b++) acc += kq_block_q8(m->type, row + b * m->bb, qv + 256 * b, dv + 8 * b);
+                out[v * ostride + r] = acc;
+                continue;
+            }
             for (int64_t b = 0; b < m->nblk; b++) {
                 const uint8_t *blk = row + b * m->bb;
                 int32_t s = 0;
@@ -613,6 +657,95 @@ AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
         }                                                                                                            \
     }
 
+/* K-quants with Q8 activations: one 256-weight block against 8 activation blocks (qv[256], dv[8]).
+ * Q4_K/Q5_K values are 0..31 (unsigned): maddubs takes them directly, and the min term uses the integer sum of
+ * the activations. Q6_K: (q - 32) as q * y - 32 * y, both through maddubs; its scales cover 16 values, which are
+ * the 32-bit lanes 0-3 and 4-7 after maddubs + madd (each 128-bit half holds 16 bytes). */
+AVX2 void kq8_qk45(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc, int five) {
+    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
+    const __m256i m4 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m256 a = *acc;
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i q[2] = {_mm256_and_si256(W, m4), _mm256_and_si256(_mm256_srli_epi16(W, 4), m4)};
+        for (int h = 0; h < 2; h++) {
+            int g = 2 * c + h;
+            uint8_t scale, mn;
+            scale_min_k4(g, sc, &scale, &mn);
+            __m256i w = q[h];
+            if (five) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << g));
+                w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                        _mm256_set1_epi8(16)));
+            }
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * g));
+            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones16));
+            __m256 sy = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16));
+            a = _mm256_fmadd_ps(_mm256_set1_ps(d * scale * dv[g]), p, a);
+            a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * mn * dv[g]), sy, a);
+        }
+    }
+    *acc = a;
+}
+
+AVX2 void kq8_q4_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 0); }
+AVX2 void kq8_q5_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 1); }
+
+AVX2 void kq8_q6_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1), c32 = _mm256_set1_epi32(32);
+    __m256 a = *acc;
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+        for (int j = 0; j < 4; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 128 * n + 32 * j));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], y), ones16);
+            __m256i sy = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
+            p = _mm256_sub_epi32(p, _mm256_mullo_epi32(sy, c32));
+            float lo = d * sc[8 * n + 2 * j] * dv[4 * n + j], hi = d * sc[8 * n + 2 * j + 1] * dv[4 * n + j];
+            a = _mm256_fmadd_ps(_mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi), _mm256_cvtepi32_ps(p), a);
+        }
+    }
+    *acc = a;
+}
+
+#define DEFINE_ROWS_KQ8(NAME, BLK, BB)                                                                            \
+    AVX2_FN void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xs, float *out,     \
+                      int64_t os, int64_t r0, int64_t r1, int64_t pf) {                                           \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
+            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
+            const uint8_t *p[4];                                                                                  \
+            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                             \
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                for (int64_t b = 0; b < nb; b++) {                                                                \
+                    if (pf && v == 0)                                                                             \
+                        for (int o = 0; o < (BB); o += 64)                                                        \
+                            for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf + o);                             \
+                    for (int i = 0; i < 4; i++) BLK(p[i] + b * (BB), qv + 256 * b, dv + 8 * b, &a[i]);            \
+                }                                                                                                 \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8_q4_k, 144)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8_q5_k, 176)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8_q6_k, 210)
+
 #define W_Q4_0 _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8))
 #define W_Q8_0 _mm256_loadu_si256((const __m256i *)(blk + 2))
 #define W_MXFP4 mxfp4_vals(blk + 1)
@@ -652,7 +785,9 @@ int mer_has_vnni(void) {
 #endif
 }
 
-static int q8_type(int type) { return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4; }
+static int q8_type(int type) {
+    return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
+}
 
 /* The permuted-x layout the kernel for `type` under `flags` reads, or 0 when it reads x as it is. */
 static int perm_layout(int type, int flags) {
@@ -688,6 +823,12 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const int8
     int64_t pf = tuning_prefetch;
     if (qx && q8_type(m->type)) {
 #ifdef MER_X86
+        if (simd && m->qk == 256) {
+            if (m->type == T_Q4_K) rows_q8a_q4_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q5_K) rows_q8a_q5_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else rows_q8a_q6_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            return;
+        }
         if (simd) {
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {

@@ -120,8 +120,7 @@ def main() -> None:
     """
     from mer_runtime import kernels
 
-    if kernels.THREADS_ENV_ERROR is not None:  # refuse a bad MER_THREADS before any work, not halfway through
-        raise kernels.THREADS_ENV_ERROR
+    kernels.threads()  # refuses a bad MER_THREADS before any work, not halfway through
 
 
 @main.command()

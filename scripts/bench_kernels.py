@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Q4_0 expert kernel throughput against memory bandwidth and ggml, same bytes, same threads (not a test).
+"""Kernel throughput against memory bandwidth and ggml, same bytes, same threads, same run (not a test).
 
-Streams over at least 1 GB of distinct Mixtral-shaped Q4_0 projections (4096 x 14336, 33 MB each), so no cache
-holds them, and reports GB/s of weight bytes for:
-  - memory read bandwidth (a multithreaded sum over the same buffers, via numpy on each thread);
-  - mer_runtime's Q4_0 matvec (the C kernel; exact float32 activations);
-  - ggml's ggml_mul_mat on the very same buffers (tensors point at them) with the same thread count; ggml
-    quantizes the activations to Q8_0 first. Needs `pip install ggml-python` (builds ggml, about a minute).
-Then a whole SwiGLU expert (gate, up, down) through mer_runtime.kernels.expert_ffn.
+1. Memory read bandwidth: a multithreaded reduction over the very buffers the kernels read.
+2. Per type (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4): matvec GB/s of weight bytes, streaming over at least --gb of
+   distinct Mixtral-shaped matrices (d_ff x d_model) so no cache holds them; exact float32 activations, and Q8_0
+   activations (act="q8") where the type has that path. Against ggml's ggml_mul_mat on the same buffers with the
+   same thread count (ggml quantizes activations first), when ggml-python is installed (`pip install -e
+   '.[bench]'`; without it the script says so and prints no ggml ratio).
+3. Layer steps/s of `kernels.moe` (one C call: top-k experts, gate+up fused, down summed), for a Mixtral-shaped
+   Q4_0 top-2 step and a Q4_K_M one (gate/up Q4_K, down Q6_K), all experts in memory, distinct experts each step;
+   also in weight bytes per second against memory bandwidth; against ggml's graph of the same computation.
+4. --sweep-prefetch: matvec GB/s for several software prefetch distances (how the default was chosen).
 
-    python scripts/bench_kernels.py [--gb 1.1] [--threads N] [--repeat 3]
+Each number is the best of --repeat runs. On a shared machine they are indicative only.
+
+    python scripts/bench_kernels.py [--gb 1.1] [--threads N] [--repeat 3] [--d-model 4096 --d-ff 14336]
+    python scripts/bench_kernels.py --gb 0.01 --d-model 256 --d-ff 512 --repeat 1   # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -23,18 +29,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-D_MODEL, D_FF = 4096, 14336
+TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 
 
-def make_mats(n: int, rows: int, cols: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mats = []
-    for _ in range(n):
-        raw = rng.integers(0, 256, size=(rows, cols // 32, 18), dtype=np.uint8)
-        raw[..., :2] = rng.uniform(0.001, 0.02, (rows, cols // 32)).astype(np.float16).view(np.uint8).reshape(
-            rows, cols // 32, 2)
-        mats.append(raw.reshape(-1))
-    return mats
+def random_blocks(name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid blocks (sane scales), raw bytes, row-major."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    blk, bb = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    raw = rng.integers(0, 256, size=(rows, cols // blk, bb), dtype=np.uint8)
+    lead = raw.shape[:2]
+
+    def f16(k: int) -> np.ndarray:
+        return rng.uniform(0.001, 0.02, lead + (k,)).astype(np.float16).view(np.uint8).reshape(lead + (2 * k,))
+
+    if name in ("Q4_0", "Q8_0"):
+        raw[..., :2] = f16(1)
+    elif name in ("Q4_K", "Q5_K"):
+        raw[..., :4] = f16(2)
+    elif name == "Q6_K":
+        raw[..., 208:210] = f16(1)
+    elif name == "MXFP4":
+        raw[..., 0] = rng.integers(118, 124, lead)
+    return raw.reshape(-1)
 
 
 def best(repeat: int, fn) -> float:
@@ -47,47 +64,144 @@ def best(repeat: int, fn) -> float:
 
 
 def memory_bandwidth(mats: list[np.ndarray], threads: int, repeat: int) -> float:
-    views = [m.view(np.uint64) for m in mats]
+    views = [m.view(np.uint8) for m in mats]
     with ThreadPoolExecutor(threads) as ex:
         def run() -> None:
-            parts = [v[i * len(v) // threads:(i + 1) * len(v) // threads] for v in views for i in range(threads)]
+            parts = [v[i * len(v) // threads // 8 * 8:(i + 1) * len(v) // threads // 8 * 8].view(np.uint64)
+                     for v in views for i in range(threads)]
             list(ex.map(np.bitwise_xor.reduce, parts))  # numpy releases the GIL in reductions
 
         return sum(m.nbytes for m in mats) / best(repeat, run) / 1e9
 
 
-def ggml_stream(mats: list[np.ndarray], x: np.ndarray, rows: int, cols: int, threads: int, repeat: int
-                ) -> tuple[float, np.ndarray] | None:
+# -- ggml (optional) -------------------------------------------------------------------------------------------
+def ggml_module():
     try:
-        import ggml
+        import ggml  # type: ignore
+
+        return ggml
     except ImportError:
         return None
-    params = ggml.ggml_init_params(mem_size=64 * 1024 * 1024, mem_buffer=None, no_alloc=True)
-    ctx = ggml.ggml_init(params)
-    xt = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F32, cols, 1)
-    xt.contents.data = x.ctypes.data
-    gf = ggml.ggml_new_graph(ctx)
-    outs = []
-    for m in mats:
-        w = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_Q4_0, cols, rows)
-        w.contents.data = m.ctypes.data  # the same bytes the runtime reads
-        y = ggml.ggml_mul_mat(ctx, w, xt)
-        outs.append(np.empty(rows, np.float32))
-        y.contents.data = outs[-1].ctypes.data
-        ggml.ggml_build_forward_expand(gf, y)
-    plan = ggml.ggml_graph_plan(gf, threads, None)
-    work = np.empty(max(int(plan.work_size), 1), np.uint8)
-    plan.work_data = ctypes.cast(work.ctypes.data, type(plan.work_data))
-    t = best(repeat, lambda: ggml.ggml_graph_compute(gf, ctypes.byref(plan)))
-    ggml.ggml_free(ctx)
-    return sum(m.nbytes for m in mats) / t / 1e9, outs[0]
 
 
+class GgmlGraph:
+    """A ggml context whose tensors point at our numpy buffers (no copy), a graph, and a plan."""
+
+    def __init__(self, ggml, threads: int):
+        self.g, self.threads = ggml, threads
+        params = ggml.ggml_init_params(mem_size=256 * 1024 * 1024, mem_buffer=None, no_alloc=True)
+        self.ctx = ggml.ggml_init(params)
+        self.gf = ggml.ggml_new_graph_custom(self.ctx, 16384, False) if hasattr(ggml, "ggml_new_graph_custom") \
+            else ggml.ggml_new_graph(self.ctx)
+        self.keep: list[np.ndarray] = []
+
+    def tensor(self, gtype, arr: np.ndarray, ne0: int, ne1: int):
+        t = self.g.ggml_new_tensor_2d(self.ctx, gtype, ne0, ne1)
+        t.contents.data = arr.ctypes.data
+        self.keep.append(arr)
+        return t
+
+    def result(self, t, n: int) -> np.ndarray:
+        out = np.empty(n, np.float32)
+        t.contents.data = out.ctypes.data
+        self.keep.append(out)
+        self.g.ggml_build_forward_expand(self.gf, t)
+        return out
+
+    def scratch(self, t, n: int):
+        out = np.empty(n, np.float32)
+        t.contents.data = out.ctypes.data
+        self.keep.append(out)
+        return t
+
+    def compute_fn(self):
+        g = self.g
+        plan = g.ggml_graph_plan(self.gf, self.threads, None) if _plan_takes_threadpool(g) else \
+            g.ggml_graph_plan(self.gf, self.threads)
+        work = np.empty(max(int(plan.work_size), 1), np.uint8)
+        self.keep.append(work)
+        plan.work_data = ctypes.cast(work.ctypes.data, type(plan.work_data))
+        return lambda: g.ggml_graph_compute(self.gf, ctypes.byref(plan))
+
+    def free(self) -> None:
+        self.g.ggml_free(self.ctx)
+
+
+def _plan_takes_threadpool(g) -> bool:
+    try:
+        return len(g.ggml_graph_plan.argtypes) == 3
+    except (AttributeError, TypeError):
+        return True
+
+
+def ggml_type(ggml, name: str):
+    return getattr(ggml, f"GGML_TYPE_{name}", None)
+
+
+def ggml_matvec(ggml, name: str, mats: list[np.ndarray], x: np.ndarray, rows: int, cols: int, threads: int,
+                repeat: int) -> tuple[float, np.ndarray] | str:
+    gtype = ggml_type(ggml, name)
+    if gtype is None:
+        return f"this ggml has no {name}"
+    gr = GgmlGraph(ggml, threads)
+    xt = gr.tensor(ggml.GGML_TYPE_F32, x, cols, 1)
+    outs = [gr.result(ggml.ggml_mul_mat(gr.ctx, gr.tensor(gtype, m, cols, rows), xt), rows) for m in mats]
+    t = best(repeat, gr.compute_fn())
+    y0 = outs[0].copy()
+    gr.free()
+    return sum(m.nbytes for m in mats) / t / 1e9, y0
+
+
+def ggml_moe(ggml, steps: list[list[tuple[tuple[str, np.ndarray], ...]]], w: np.ndarray, x: np.ndarray,
+             d_model: int, d_ff: int, threads: int, repeat: int) -> float | str:
+    """Steps/s of ggml's graph for the same routed steps: per expert mul_mat gate, up; silu(g) * u; mul_mat down;
+    scaled by the routing weight and summed. All steps in one graph (one compute call), as one would batch them."""
+    gr = GgmlGraph(ggml, threads)
+    xt = gr.tensor(ggml.GGML_TYPE_F32, x, d_model, 1)
+    for step in steps:
+        acc = None
+        for k, ((gt, g), (ut, u), (dt, d)) in enumerate(step):
+            types = [ggml_type(ggml, t) for t in (gt, ut, dt)]
+            if None in types:
+                return f"this ggml lacks one of {gt}, {ut}, {dt}"
+            gg = ggml.ggml_mul_mat(gr.ctx, gr.tensor(types[0], g, d_model, d_ff), xt)
+            uu = ggml.ggml_mul_mat(gr.ctx, gr.tensor(types[1], u, d_model, d_ff), xt)
+            h = ggml.ggml_mul(gr.ctx, ggml.ggml_silu(gr.ctx, gg), uu)
+            y = ggml.ggml_scale(gr.ctx, ggml.ggml_mul_mat(gr.ctx, gr.tensor(types[2], d, d_ff, d_model), h),
+                                float(w[k]))
+            acc = y if acc is None else ggml.ggml_add(gr.ctx, acc, y)
+        gr.result(acc, d_model)
+    # intermediate tensors need memory: give each its own buffer
+    n = ggml.ggml_graph_n_nodes(gr.gf) if hasattr(ggml, "ggml_graph_n_nodes") else gr.gf.contents.n_nodes
+    for i in range(n):
+        node = ggml.ggml_graph_node(gr.gf, i) if hasattr(ggml, "ggml_graph_node") else gr.gf.contents.nodes[i]
+        if not node.contents.data:
+            gr.scratch(node, int(ggml.ggml_nelements(node)))
+    t = best(repeat, gr.compute_fn())
+    gr.free()
+    return len(steps) / t
+
+
+def guarded(fn, *args):
+    """ggml-python's API moves between versions: a comparison that fails says why instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any binding mismatch
+        return f"ggml comparison failed ({type(e).__name__}: {e})"
+
+
+# -- main --------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gb", type=float, default=1.1, help="distinct weight bytes to stream over")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gb", type=float, default=1.1, help="distinct weight bytes to stream over, per type")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--d-model", type=int, default=4096)
+    ap.add_argument("--d-ff", type=int, default=14336)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--sweep-prefetch", action="store_true", help="also time several prefetch distances")
+    ap.add_argument("--no-ggml", action="store_true")
     a = ap.parse_args()
     os.environ["MER_THREADS"] = str(a.threads)
     from gguf.constants import GGMLQuantizationType as T
@@ -95,39 +209,77 @@ def main() -> None:
 
     from mer_runtime import kernels
 
-    rows, cols = D_FF, D_MODEL
-    per = rows * cols // 32 * 18
-    n = max(1, int(np.ceil(a.gb * 1e9 / per)))
-    print(f"{n} distinct Q4_0 projections of {rows} x {cols} ({per / 1e6:.1f} MB each, {n * per / 1e9:.2f} GB), "
-          f"{a.threads} threads, best of {a.repeat}; kernel: {kernels.kernel_for('Q4_0')}")
-    mats = make_mats(n, rows, cols)
-    x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
-    total = n * per
+    if kernels._LIB is None:
+        print("the C kernel is not built (or MER_KERNELS=numpy): numbers are for the NumPy fallback")
+    ggml = None if a.no_ggml else ggml_module()
+    ggml_note = "ggml: --no-ggml" if a.no_ggml else (
+        "ggml: not installed (pip install -e '.[bench]'); no ggml ratios" if ggml is None else "ggml: ggml-python")
+    rows, cols = a.d_ff, a.d_model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(cols).astype(np.float32)
+    print(f"{a.threads} threads, best of {a.repeat}, matrices {rows} x {cols}; SIMD {'AVX2' if kernels.SIMD else 'no'}"
+          f", AVX-VNNI {'yes' if kernels.VNNI else 'no'}; prefetch {kernels._LIB.mer_get_prefetch() if kernels._LIB else '-'}"
+          f" bytes; {ggml_note}")
+    print("Figures on a shared machine are indicative only.\n")
 
-    mem = memory_bandwidth(mats, a.threads, a.repeat)
-    ours = total / best(a.repeat, lambda: [kernels.matvec("Q4_0", m, (rows, cols), x) for m in mats]) / 1e9
-    ref = dequantize(mats[0].reshape(rows, -1), T.Q4_0).astype(np.float64) @ x.astype(np.float64)
-    err = np.abs(kernels.matvec("Q4_0", mats[0], (rows, cols), x) - ref).max() / np.abs(ref).max()
-    print(f"{'memory read bandwidth':34s} {mem:6.2f} GB/s")
-    print(f"{'mer_runtime Q4_0 matvec':34s} {ours:6.2f} GB/s   {ours / mem:.2f}x memory   max rel err {err:.1e}")
-    g = ggml_stream(mats, x, rows, cols, a.threads, a.repeat)
-    if g is None:
-        print("ggml: not installed (pip install ggml-python); no ggml ratio")
-    else:
-        gg, y0 = g
-        gerr = np.abs(y0 - ref).max() / np.abs(ref).max()
-        print(f"{'ggml_mul_mat Q4_0 x F32':34s} {gg:6.2f} GB/s   {gg / mem:.2f}x memory   max rel err {gerr:.1e} "
-              "(activations quantized to Q8_0)")
-        print(f"ratio mer_runtime / ggml: {ours / gg:.2f} (goal >= 0.5)")
+    mem_all = []
+    print(f"{'type':6s} {'MB each':>8s} {'n':>4s} {'memory GB/s':>12s} {'exact GB/s':>11s} {'x mem':>6s} "
+          f"{'q8 GB/s':>8s} {'ggml GB/s':>10s} {'exact/ggml':>10s} {'max rel err':>11s}")
+    for name in a.types.split(","):
+        info = kernels.DTYPES[name]
+        per = info.nbytes(rows, cols)
+        n = max(1, int(np.ceil(a.gb * 1e9 / per)))
+        mats = [random_blocks(name, rows, cols, rng) for _ in range(n)]
+        mem = memory_bandwidth(mats, a.threads, a.repeat)
+        mem_all.append(mem)
+        total = n * per
+        ours = total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x) for m in mats]) / 1e9
+        q8 = (total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x, act="q8") for m in mats]) / 1e9
+              if name in kernels.Q8_ACT_TYPES and kernels._LIB is not None else None)
+        ref = dequantize(mats[0].reshape(rows, -1), T[name]).astype(np.float64) @ x.astype(np.float64)
+        err = np.abs(kernels.matvec(name, mats[0], (rows, cols), x) - ref).max() / np.abs(ref).max()
+        gg = guarded(ggml_matvec, ggml, name, mats, x, rows, cols, a.threads, a.repeat) if ggml is not None else None
+        gtxt = f"{gg[0]:10.2f} {ours / gg[0]:10.2f}" if isinstance(gg, tuple) else f"{'-':>10s} {'-':>10s}"
+        print(f"{name:6s} {per / 1e6:8.2f} {n:4d} {mem:12.2f} {ours:11.2f} {ours / mem:6.2f} "
+              f"{(f'{q8:8.2f}' if q8 else '       -')} {gtxt} {err:11.1e}"
+              + (f"   ({gg})" if isinstance(gg, str) else ""))
+        if a.sweep_prefetch and kernels._LIB is not None:
+            default = kernels._LIB.mer_get_prefetch()
+            res = []
+            for pf in (0, 256, 512, 768, 1024, 2048, 4096):
+                kernels._LIB.mer_set_prefetch(pf)
+                res.append(f"{pf}: {total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x) for m in mats]) / 1e9:.2f}")
+            kernels._LIB.mer_set_prefetch(default)
+            print(f"       prefetch distance (bytes: GB/s): {', '.join(res)}")
+        del mats
+    mem = max(mem_all) if mem_all else float("nan")
 
-    # a whole expert: gate and up (14336 x 4096) then down (4096 x 14336)
-    down = make_mats(1, cols, rows, seed=2)[0]
-    experts = [(mats[i % n], mats[(i + 1) % n], down) for i in range(min(n, 8))]
-    t = best(a.repeat, lambda: [kernels.expert_ffn({"gate": ("Q4_0", (rows, cols), g_), "up": ("Q4_0", (rows, cols), u_),
-                                                    "down": ("Q4_0", (cols, rows), d_)}, x, {"kind": "swiglu"})
-                                for g_, u_, d_ in experts])
-    print(f"{'SwiGLU expert (3 projections)':34s} {3 * per * len(experts) / t / 1e9:6.2f} GB/s of weights, "
-          f"{t / len(experts) * 1e3:.1f} ms per expert")
+    print(f"\nmoe(): top-{a.top_k} layer steps, all experts in memory, distinct experts each step "
+          f"(memory bandwidth {mem:.2f} GB/s, best of the runs above)")
+    for label, (gt, ut, dt) in (("Q4_0", ("Q4_0", "Q4_0", "Q4_0")), ("Q4_K_M", ("Q4_K", "Q4_K", "Q6_K"))):
+        per_exp = kernels.DTYPES[gt].nbytes(rows, cols) * 2 + kernels.DTYPES[dt].nbytes(cols, rows)
+        n_exp = max(a.top_k, int(np.ceil(a.gb * 1e9 / per_exp)))
+        experts = [((gt, random_blocks(gt, rows, cols, rng)), (ut, random_blocks(ut, rows, cols, rng)),
+                    (dt, random_blocks(dt, cols, rows, rng))) for _ in range(n_exp)]
+        tensors = [{"gate": (g[0], (rows, cols), g[1]), "up": (u[0], (rows, cols), u[1]),
+                    "down": (d[0], (cols, rows), d[1])} for g, u, d in experts]
+        n_steps = max(1, n_exp // a.top_k)
+        steps = [list(range(s * a.top_k, (s + 1) * a.top_k)) for s in range(n_steps)]
+        w = np.full(a.top_k, 1.0 / a.top_k, np.float32)
+        act = {"kind": "swiglu"}
+        line, sps_of = [], {}
+        for mode in ("f32", "q8"):
+            t = best(a.repeat, lambda: [kernels.moe([tensors[i] for i in st], w, x, act, act=mode) for st in steps])
+            sps = sps_of[mode] = n_steps / t
+            line.append(f"{mode}: {sps:8.1f} steps/s, {sps * a.top_k * per_exp / 1e9:6.2f} GB/s "
+                        f"({sps * a.top_k * per_exp / 1e9 / mem:.2f}x memory)")
+        gtxt = ""
+        if ggml is not None:
+            g = guarded(ggml_moe, ggml, [[experts[i] for i in st] for st in steps], w, x, cols, rows, a.threads,
+                        a.repeat)
+            gtxt = (f"; ggml graph {g:.1f} steps/s (exact {sps_of['f32'] / g:.2f}x, q8 {sps_of['q8'] / g:.2f}x ggml)"
+                    if isinstance(g, float) else f"; ggml: {g}")
+        print(f"  {label:7s} {n_steps} steps of {a.top_k} x {per_exp / 1e6:.1f} MB: " + "; ".join(line) + gtxt)
     sys.stdout.flush()
 
 

@@ -1,17 +1,80 @@
-/* Block kernels for mer_runtime: W @ x with W in raw ggml Q4_0 / Q8_0 blocks, x float32, exact activations.
+/* Block kernels and the one-call MoE step for mer_runtime.
  *
- * Loaded with ctypes (no Python C-API): ctypes releases the GIL, so the caller splits rows across threads.
- * An AVX2+FMA+F16C path is chosen at run time when the CPU has it; otherwise portable C.
- * Block layouts (ggml-common.h): Q4_0 = f16 d, 16 bytes, element j is the low nibble of byte j and element j+16
- * its high nibble, value d*(q-8); Q8_0 = f16 d, 32 int8, value d*q.
+ * Loaded with ctypes (no Python C-API; ctypes releases the GIL for the whole call). Weights stay in their raw ggml
+ * blocks; activations stay float32 unless the caller asks for Q8_0 activations (MER_FLAG_ACT_Q8).
+ *
+ * Types (ggml ids, layouts in ggml-common.h / gguf's quants.py):
+ *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
+ * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
+ * registers, four rows per pass with a software prefetch a fixed distance ahead in each row: one row per pass
+ * leaves too few reads in flight to reach memory speed. The SIMD path is picked at run time with
+ * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
+ *
+ * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
+ * tasks handed out by an atomic counter; the caller works too and waits for the rest (that join is the barrier).
+ * One job at a time: a caller that finds the pool busy runs its job alone on its own thread (same result).
+ *
+ * Every entry point takes buffer lengths and returns MER_E* (negative) instead of reading past an end.
  */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(MER_NO_X86) /* -DMER_NO_X86: check the portable build */
 #include <immintrin.h>
 #define MER_X86 1
 #endif
 
+#define MER_OK 0
+#define MER_EUNKNOWN_TYPE -1
+#define MER_ESHAPE -2
+#define MER_ESHORT -3
+#define MER_ENOMEM -4
+#define MER_EARG -5
+
+#define MER_FLAG_PORTABLE 1 /* force the portable C path (tests check both on an AVX2 machine) */
+#define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K weights) */
+#define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
+#define MER_FLAG_SERIAL 8   /* run on the calling thread only */
+#define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
+
+/* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, N_LAYOUTS = 4 };
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
+
+/* elements and bytes per block; 0 if the type has no kernel here */
+static int type_block(int type, int64_t *qk, int64_t *bb) {
+    switch (type) {
+    case T_F32: *qk = 1; *bb = 4; return 1;
+    case T_F16: *qk = 1; *bb = 2; return 1;
+    case T_BF16: *qk = 1; *bb = 2; return 1;
+    case T_Q4_0: *qk = 32; *bb = 18; return 1;
+    case T_Q8_0: *qk = 32; *bb = 34; return 1;
+    case T_MXFP4: *qk = 32; *bb = 17; return 1;
+    case T_Q4_K: *qk = 256; *bb = 144; return 1;
+    case T_Q5_K: *qk = 256; *bb = 176; return 1;
+    case T_Q6_K: *qk = 256; *bb = 210; return 1;
+    default: return 0;
+    }
+}
+
+int mer_has_type(int type) { int64_t a, b; return type_block(type, &a, &b); }
+
+static int64_t tuning_prefetch = 1024; /* bytes ahead in each row: best of 0-4096 in a quick, indicative sweep (bench --sweep-prefetch) */
+static int64_t tuning_chunk = 64;     /* rows per task */
+
+void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }
+int64_t mer_get_prefetch(void) { return tuning_prefetch; }
+void mer_set_chunk(int64_t rows) { tuning_chunk = rows < 4 ? 4 : (rows + 3) / 4 * 4; }
+
+/* ------------------------------------------------------------------------------------------------------------
+ * scalar helpers and the portable path
+ * ---------------------------------------------------------------------------------------------------------- */
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
@@ -22,106 +85,689 @@ static inline float f16_to_f32(uint16_t h) {
     float f; memcpy(&f, &bits, 4); return f;
 }
 
-static void q4_0_rows_generic(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1) {
-    int64_t nblk = cols / 32, rowbytes = nblk * 18;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = raw + r * rowbytes;
-        float acc = 0.f;
-        for (int64_t b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + b * 18;
-            float d = f16_to_f32((uint16_t)(blk[0] | (blk[1] << 8)));
-            const float *xb = x + b * 32;
-            float s = 0.f;
-            for (int j = 0; j < 16; j++) {
-                s += (float)((blk[2 + j] & 15) - 8) * xb[j] + (float)((blk[2 + j] >> 4) - 8) * xb[j + 16];
-            }
-            acc += d * s;
-        }
-        out[r] = acc;
+static inline float rd_f16(const uint8_t *p) { return f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+static inline float bf16_to_f32(const uint8_t *p) {
+    uint32_t bits = (uint32_t)(p[0] | (p[1] << 8)) << 16; float f; memcpy(&f, &bits, 4); return f;
+}
+
+/* 2^(e-128), as ggml's GGML_E8M0_TO_FP32_HALF (denormal for e < 2) */
+static inline float e8m0_half(uint8_t e) {
+    uint32_t bits = e < 2 ? (0x00200000u << e) : ((uint32_t)(e - 1) << 23); float f; memcpy(&f, &bits, 4); return f;
+}
+
+static const int8_t kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+/* one element of a float type (the SIMD driver's tail when cols is not a multiple of 8) */
+static inline float elem_at(int type, const uint8_t *p) {
+    float f;
+    switch (type) {
+    case T_F32: memcpy(&f, p, 4); return f;
+    case T_F16: return rd_f16(p);
+    case T_BF16: return bf16_to_f32(p);
+    default: return 0.f; /* block types cover each row exactly: no tail */
     }
 }
 
+/* one block of `type` to float32 (portable path and tests) */
+static void dequant_block(int type, const uint8_t *b, float *y) {
+    switch (type) {
+    case T_F32: memcpy(y, b, 4); return;
+    case T_F16: y[0] = rd_f16(b); return;
+    case T_BF16: y[0] = bf16_to_f32(b); return;
+    case T_Q4_0: {
+        float d = rd_f16(b);
+        for (int j = 0; j < 16; j++) { y[j] = d * ((b[2 + j] & 15) - 8); y[j + 16] = d * ((b[2 + j] >> 4) - 8); }
+        return;
+    }
+    case T_Q8_0: {
+        float d = rd_f16(b);
+        for (int j = 0; j < 32; j++) y[j] = d * (int8_t)b[2 + j];
+        return;
+    }
+    case T_MXFP4: {
+        float d = e8m0_half(b[0]);
+        for (int j = 0; j < 16; j++) { y[j] = d * kvalues_mxfp4[b[1 + j] & 15]; y[j + 16] = d * kvalues_mxfp4[b[1 + j] >> 4]; }
+        return;
+    }
+    case T_Q4_K: case T_Q5_K: {
+        float d = rd_f16(b), dmin = rd_f16(b + 2);
+        const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (type == T_Q5_K ? 48 : 16);
+        for (int c = 0; c < 4; c++) {
+            uint8_t s1, m1, s2, m2;
+            scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
+            float d1 = d * s1, dm1 = dmin * m1, d2 = d * s2, dm2 = dmin * m2;
+            for (int l = 0; l < 32; l++) {
+                int h1 = 0, h2 = 0;
+                if (type == T_Q5_K) { h1 = ((qh[l] >> (2 * c)) & 1) << 4; h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4; }
+                y[64 * c + l] = d1 * ((qs[32 * c + l] & 15) + h1) - dm1;
+                y[64 * c + 32 + l] = d2 * ((qs[32 * c + l] >> 4) + h2) - dm2;
+            }
+        }
+        return;
+    }
+    case T_Q6_K: {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = rd_f16(b + 208);
+        for (int n = 0; n < 2; n++) {
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q1 = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                int q2 = ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[128 * n + l] = d * sc[is] * q1;
+                y[128 * n + l + 32] = d * sc[is + 2] * q2;
+                y[128 * n + l + 64] = d * sc[is + 4] * q3;
+                y[128 * n + l + 96] = d * sc[is + 6] * q4;
+            }
+            ql += 64; qh += 32; sc += 8;
+        }
+        return;
+    }
+    }
+}
+
+/* A matrix: `rows` rows of `nblk` blocks of `type`. */
+typedef struct {
+    const uint8_t *data;
+    int64_t rows, cols, nblk, qk, bb, rowbytes;
+    int type;
+} mat_t;
+
+static int mat_init(mat_t *m, int type, const void *data, int64_t nbytes, int64_t rows, int64_t cols) {
+    if (!type_block(type, &m->qk, &m->bb)) return MER_EUNKNOWN_TYPE;
+    if (rows < 0 || cols <= 0 || cols % m->qk) return MER_ESHAPE;
+    if (!data && rows) return MER_EARG;
+    m->data = data; m->type = type; m->rows = rows; m->cols = cols;
+    m->nblk = cols / m->qk; m->rowbytes = m->nblk * m->bb;
+    if (rows && m->rowbytes > INT64_MAX / rows) return MER_ESHAPE;
+    if (nbytes < m->rowbytes * rows) return MER_ESHORT;
+    return MER_OK;
+}
+
+/* activations quantized to Q8_0 blocks: q[cols] int8, d[cols/32] float32 scales (kept in float32, not f16) */
+static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) { float a = fabsf(x[32 * b + j]); if (a > amax) amax = a; }
+        float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
+        d[b] = s;
+        for (int j = 0; j < 32; j++) q[32 * b + j] = (int8_t)roundf(x[32 * b + j] * inv);
+    }
+}
+
+static void rows_portable(const mat_t *m, const float *x, int64_t nvec, int64_t xstride, float *out,
+                          int64_t ostride, int64_t r0, int64_t r1) {
+    float buf[256];
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = m->data + r * m->rowbytes;
+        for (int64_t v = 0; v < nvec; v++) {
+            const float *xv = x + v * xstride;
+            float acc = 0.f;
+            for (int64_t b = 0; b < m->nblk; b++) {
+                dequant_block(m->type, row + b * m->bb, buf);
+                float s = 0.f;
+                for (int64_t j = 0; j < m->qk; j++) s += buf[j] * xv[b * m->qk + j];
+                acc += s;
+            }
+            out[v * ostride + r] = acc;
+        }
+    }
+}
+
+/* One K-quant block (256 weights) against Q8 activations qv[256] with scales dv[8]: integer sums per 32 (per 16
+ * for Q6_K's scales), scaled in float32; the same sums the SIMD path forms. */
+static float kq_block_q8(int type, const uint8_t *b, const int8_t *qv, const float *dv) {
+    float acc = 0.f;
+    if (type == T_Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = rd_f16(b + 208);
+        for (int n = 0; n < 2; n++) {
+            for (int j = 0; j < 4; j++) {
+                int32_t s16[2] = {0, 0};
+                for (int l = 0; l < 32; l++) {
+                    int nib = (j & 2) ? ql[64 * n + l + 32 * (j & 1)] >> 4 : ql[64 * n + l + 32 * (j & 1)] & 15;
+                    int q = (nib | (((qh[32 * n + l] >> (2 * j)) & 3) << 4)) - 32;
+                    s16[l >> 4] += q * qv[128 * n + 32 * j + l];
+                }
+                acc += d * dv[4 * n + j] * ((float)sc[8 * n + 2 * j] * s16[0] + (float)sc[8 * n + 2 * j + 1] * s16[1]);
+            }
+        }
+        return acc;
+    }
+    float d = rd_f16(b), dmin = rd_f16(b + 2);
+    const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (type == T_Q5_K ? 48 : 16);
+    for (int g = 0; g < 8; g++) {
+        int c = g / 2, hi = g & 1;
+        uint8_t scale, mn;
+        scale_min_k4(g, sc, &scale, &mn);
+        int32_t isum = 0, ysum = 0;
+        for (int l = 0; l < 32; l++) {
+            int q = hi ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
+            if (type == T_Q5_K) q |= ((qh[l] >> g) & 1) << 4;
+            isum += q * qv[32 * g + l];
+            ysum += qv[32 * g + l];
+        }
+        acc += d * scale * dv[g] * (float)isum - dmin * mn * dv[g] * (float)ysum;
+    }
+    return acc;
+}
+
+/* portable Q8 activations: integer dot per block, as the SIMD path computes it */
+static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xstride,
+                             float *out, int64_t ostride, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = m->data + r * m->rowbytes;
+        for (int64_t v = 0; v < nvec; v++) {
+            const int8_t *qv = qx + v * xstride;
+            const float *dv = dx + v * (xstride / 32);
+            float acc = 0.f;
+            if (m->qk == 256) { /* K-quants: one weight block spans 8 activation blocks */
+                for (int64_t b = 0; b < m->nblk; b++) acc += kq_block_q8(m->type, row + b * m->bb, qv + 256 * b, dv + 8 * b);
+                out[v * ostride + r] = acc;
+                continue;
+            }
+            for (int64_t b = 0; b < m->nblk; b++) {
+                const uint8_t *blk = row + b * m->bb;
+                int32_t s = 0;
+                float d;
+                if (m->type == T_Q4_0) {
+                    d = rd_f16(blk);
+                    for (int j = 0; j < 16; j++) s += ((blk[2 + j] & 15) - 8) * qv[32 * b + j] + ((blk[2 + j] >> 4) - 8) * qv[32 * b + j + 16];
+                } else if (m->type == T_Q8_0) {
+                    d = rd_f16(blk);
+                    for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * qv[32 * b + j];
+                } else { /* MXFP4 */
+                    d = e8m0_half(blk[0]);
+                    for (int j = 0; j < 16; j++) s += kvalues_mxfp4[blk[1 + j] & 15] * qv[32 * b + j] + kvalues_mxfp4[blk[1 + j] >> 4] * qv[32 * b + j + 16];
+                }
+                acc += d * dv[b] * (float)s;
+            }
+            out[v * ostride + r] = acc;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * AVX2 path: per-type block functions accumulate one block of one row into an 8-lane accumulator; a driver
+ * generated per type walks four rows at once (four independent streams) with a prefetch `pf` bytes ahead.
+ * ---------------------------------------------------------------------------------------------------------- */
 #ifdef MER_X86
-__attribute__((target("avx2,fma,f16c")))
-static inline float hsum256(__m256 acc) {
+#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#define AVX2_FN __attribute__((target("avx2,fma,f16c"))) static
+
+AVX2 float hsum256(__m256 acc) {
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_movehdup_ps(v));
     return _mm_cvtss_f32(v);
 }
 
-__attribute__((target("avx2,fma,f16c")))
-static void q4_0_rows_avx2(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1) {
-    int64_t nblk = cols / 32, rowbytes = nblk * 18;
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m256 eight = _mm256_set1_ps(8.f);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = raw + r * rowbytes;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + b * 18;
-            uint16_t dh; memcpy(&dh, blk, 2);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            __m128i lo = _mm_and_si128(q, mask);
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            const float *xb = x + b * 32;
-            __m256 l0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), eight);
-            __m256 l1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), eight);
-            __m256 h0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), eight);
-            __m256 h1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), eight);
-            __m256 s = _mm256_mul_ps(l0, _mm256_loadu_ps(xb));
-            s = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xb + 8), s);
-            s = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), s);
-            s = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), s);
-            acc = _mm256_fmadd_ps(d, s, acc);
-        }
-        out[r] = hsum256(acc);
-    }
-}
-#endif
+AVX2 __m256 h2f(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _mm256_set1_ps(_cvtsh_ss(h)); }
 
-static void q8_0_rows_generic(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1) {
-    int64_t nblk = cols / 32, rowbytes = nblk * 34;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = raw + r * rowbytes;
-        float acc = 0.f;
-        for (int64_t b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + b * 34;
-            float d = f16_to_f32((uint16_t)(blk[0] | (blk[1] << 8)));
-            const float *xb = x + b * 32;
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s += (float)(int8_t)blk[2 + j] * xb[j];
-            acc += d * s;
-        }
-        out[r] = acc;
-    }
+/* sum of 32 products q[j] * x[j], q signed bytes in a __m256i, as 8 float lanes */
+AVX2 __m256 dot32_i8(__m256i q, const float *x) {
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x));
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), s);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), s);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), s);
 }
 
-#ifdef MER_X86
-__attribute__((target("avx2,fma,f16c")))
-static void q8_0_rows_avx2(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1) {
-    int64_t nblk = cols / 32, rowbytes = nblk * 34;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = raw + r * rowbytes;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + b * 34;
-            uint16_t dh; memcpy(&dh, blk, 2);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
-            const float *xb = x + b * 32;
-            __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
-            __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
-            __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), _mm256_loadu_ps(xb));
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), _mm256_loadu_ps(xb + 8), s);
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), _mm256_loadu_ps(xb + 16), s);
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), _mm256_loadu_ps(xb + 24), s);
-            acc = _mm256_fmadd_ps(d, s, acc);
+/* 16 products of signed bytes (low 16 of a __m128i) */
+AVX2 __m256 dot16_i8(__m128i q, const float *x) {
+    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), _mm256_loadu_ps(x + 8), s);
+}
+
+AVX2 __m256 sum32(const float *x) {
+    return _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                         _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+}
+
+/* Q4_0 / MXFP4 nibbles: element j = low nibble of byte j, element j+16 = high nibble: one __m256i in element order */
+AVX2 __m256i nibbles32(const uint8_t *p) {
+    __m128i q = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+AVX2 void blk_q4_0(const uint8_t *b, const float *x, __m256 *acc) {
+    __m256i q = _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+    *acc = _mm256_fmadd_ps(h2f(b), dot32_i8(q, x), *acc);
+}
+
+AVX2 void blk_q8_0(const uint8_t *b, const float *x, __m256 *acc) {
+    __m256i q = _mm256_loadu_si256((const __m256i *)(b + 2));
+    *acc = _mm256_fmadd_ps(h2f(b), dot32_i8(q, x), *acc);
+}
+
+AVX2 __m256i mxfp4_vals(const uint8_t *p) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)kvalues_mxfp4));
+    return _mm256_shuffle_epi8(table, nibbles32(p));
+}
+
+AVX2 void blk_mxfp4(const uint8_t *b, const float *x, __m256 *acc) {
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(b[0])), dot32_i8(mxfp4_vals(b + 1), x), *acc);
+}
+
+/* Q4_K and Q5_K: 4 chunks of 64; each chunk is 32 bytes of nibbles (low: elements 0-31, high: 32-63), with its own
+ * 6-bit scale and min per 32 elements; Q5_K adds the 5th bit from qh. */
+AVX2 void blk_qk45(const uint8_t *b, const float *x, __m256 *acc, int five) {
+    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
+    const __m256i m4 = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
+    __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m256 a = *acc;
+    for (int c = 0; c < 4; c++) {
+        uint8_t s1, m1, s2, m2;
+        scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
+        __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (five) {
+            __m256i b1 = _mm256_set1_epi8((char)(1 << (2 * c))), b2 = _mm256_set1_epi8((char)(2 << (2 * c)));
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b2), b2), sixteen));
         }
-        out[r] = hsum256(acc);
+        const float *x1 = x + 64 * c, *x2 = x1 + 32;
+        /* values are 0..31: signed-byte conversion is exact */
+        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s1), dot32_i8(lo, x1), a);
+        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m1), sum32(x1), a);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s2), dot32_i8(hi, x2), a);
+        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), sum32(x2), a);
+    }
+    *acc = a;
+}
+
+AVX2 void blk_q4_k(const uint8_t *b, const float *x, __m256 *acc) { blk_qk45(b, x, acc, 0); }
+AVX2 void blk_q5_k(const uint8_t *b, const float *x, __m256 *acc) { blk_qk45(b, x, acc, 1); }
+
+AVX2 void blk_q6_k(const uint8_t *b, const float *x, __m256 *acc) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    __m256 a = *acc;
+    for (int n = 0; n < 2; n++) {
+        __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+        for (int i = 0; i < 4; i++) {
+            __m256i s = _mm256_sub_epi8(q[i], off);
+            const float *xq = x + 128 * n + 32 * i;
+            a = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * i]), dot16_i8(_mm256_castsi256_si128(s), xq), a);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * i + 1]), dot16_i8(_mm256_extracti128_si256(s, 1), xq + 16), a);
+        }
+        ql += 64; qh += 32; sc += 8;
+    }
+    *acc = a;
+}
+
+/* F32 / F16 / BF16: 8 elements a "block" */
+AVX2 void blk8_f32(const uint8_t *b, const float *x, __m256 *acc) {
+    *acc = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)b), _mm256_loadu_ps(x), *acc);
+}
+AVX2 void blk8_f16(const uint8_t *b, const float *x, __m256 *acc) {
+    *acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b)), _mm256_loadu_ps(x), *acc);
+}
+AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
+    __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)b)), 16);
+    *acc = _mm256_fmadd_ps(_mm256_castsi256_ps(w), _mm256_loadu_ps(x), *acc);
+}
+
+#define PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+
+/* Driver: rows [r0, r1) x nvec vectors. QK/BB: elements/bytes per block step; TAIL: scalar tail for the
+ * 8-element float types when cols is not a multiple of 8 (blocks always cover a row exactly otherwise). */
+#define DEFINE_ROWS(NAME, BLK, QK, BB, TAILTYPE)                                                                   \
+    AVX2_FN void NAME(const mat_t *m, const float *x, int64_t nvec, int64_t xs, float *out, int64_t os,           \
+                      int64_t r0, int64_t r1, int64_t pf) {                                                       \
+        const int64_t nb = m->cols / (QK), rb = m->rowbytes, tail = m->cols - nb * (QK);                          \
+        int64_t r = r0;                                                                                           \
+        for (; r + 4 <= r1; r += 4) {                                                                             \
+            const uint8_t *p0 = m->data + r * rb, *p1 = p0 + rb, *p2 = p1 + rb, *p3 = p2 + rb;                    \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const float *xv = x + v * xs;                                                                     \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                for (int64_t b = 0; b < nb; b++) {                                                                \
+                    if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
+                        for (int o = 0; o < (BB); o += 64) {                                                      \
+                            PF(p0 + b * (BB) + pf + o); PF(p1 + b * (BB) + pf + o);                               \
+                            PF(p2 + b * (BB) + pf + o); PF(p3 + b * (BB) + pf + o);                               \
+                        }                                                                                         \
+                    }                                                                                             \
+                    BLK(p0 + b * (BB), xv + b * (QK), &a0); BLK(p1 + b * (BB), xv + b * (QK), &a1);              \
+                    BLK(p2 + b * (BB), xv + b * (QK), &a2); BLK(p3 + b * (BB), xv + b * (QK), &a3);              \
+                }                                                                                                 \
+                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
+                for (int i = 0; tail && i < 4; i++) {                                                             \
+                    const uint8_t *row = m->data + (r + i) * rb;                                                  \
+                    for (int64_t j = nb * (QK); j < m->cols; j++) t[i] += elem_at(TAILTYPE, row + j * m->bb) * xv[j]; \
+                }                                                                                                 \
+                for (int i = 0; i < 4; i++) out[v * os + r + i] = t[i];                                           \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; r < r1; r++) {                                                                                     \
+            const uint8_t *p0 = m->data + r * rb;                                                                 \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const float *xv = x + v * xs;                                                                     \
+                __m256 a0 = _mm256_setzero_ps();                                                                  \
+                for (int64_t b = 0; b < nb; b++) BLK(p0 + b * (BB), xv + b * (QK), &a0);                          \
+                float t = hsum256(a0);                                                                            \
+                for (int64_t j = nb * (QK); j < m->cols; j++) t += elem_at(TAILTYPE, p0 + j * m->bb) * xv[j];     \
+                out[v * os + r] = t;                                                                              \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+DEFINE_ROWS(rows_q4_0, blk_q4_0, 32, 18, T_Q4_0)
+DEFINE_ROWS(rows_q8_0, blk_q8_0, 32, 34, T_Q8_0)
+DEFINE_ROWS(rows_mxfp4, blk_mxfp4, 32, 17, T_MXFP4)
+DEFINE_ROWS(rows_q4_k, blk_q4_k, 256, 144, T_Q4_K)
+DEFINE_ROWS(rows_q5_k, blk_q5_k, 256, 176, T_Q5_K)
+DEFINE_ROWS(rows_q6_k, blk_q6_k, 256, 210, T_Q6_K)
+DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32)
+DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16)
+DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16)
+
+/* ---- permuted-x kernels: no byte shuffles ----
+ * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
+ * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K and MXFP4
+ * (table lookup) were not faster this way and are not). These read
+ * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
+ * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums
+ * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */
+#define XP_Q4_0 32
+#define XP_Q8_0 32
+#define XP_QK45 (256 + 64) /* 256 permuted values, then 4 chunks x (low, high) x 8 lanes of sums of x */
+
+/* Q4_0: lane i < 4, group g: low nibble of byte 4i+g (element 4i+g); lane 4+i: high nibble (element 16+4i+g) */
+static void perm_q4_0(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 32, xp += 32)
+        for (int g = 0; g < 4; g++)
+            for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g]; xp[8 * g + 4 + i] = x[16 + 4 * i + g]; }
+}
+
+/* Q8_0: 32 bytes as 8 dwords; group k: byte k of dword i = element 4i+k */
+static void perm_q8_0(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 32, xp += 32)
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < 8; i++) xp[8 * k + i] = x[4 * i + k];
+}
+
+/* Q4_K/Q5_K chunk c (64 elements): its 32 bytes of qs as 8 dwords; group k: byte k of dword i, low nibble =
+ * element 64c+4i+k (scale 2c), high nibble = element 64c+32+4i+k (scale 2c+1). After the 256 values, per chunk
+ * the 8-lane sums of x over the low and over the high elements (for the min term). */
+static void perm_qk45(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 256, xp += XP_QK45) {
+        for (int c = 0; c < 4; c++) {
+            float *slo = xp + 256 + 16 * c, *shi = slo + 8;
+            for (int i = 0; i < 8; i++) { slo[i] = 0.f; shi[i] = 0.f; }
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 8; i++) {
+                    float lo = x[64 * c + 4 * i + k], hi = x[64 * c + 32 + 4 * i + k];
+                    xp[64 * c + 8 * k + i] = lo; xp[64 * c + 32 + 8 * k + i] = hi;
+                    slo[i] += lo; shi[i] += hi;
+                }
+        }
     }
 }
+
+AVX2 void pblk_q4_0(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2)));
+    const __m256i m4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    __m256 s = _mm256_setzero_ps();
+    for (int g = 0; g < 4; g++) {
+        __m256i sh = _mm256_setr_epi32(8 * g, 8 * g, 8 * g, 8 * g, 8 * g + 4, 8 * g + 4, 8 * g + 4, 8 * g + 4);
+        __m256i q = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(B, sh), m4), eight);
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s);
+    }
+    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+}
+
+AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256i W = _mm256_loadu_si256((const __m256i *)(b + 2));
+    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 24), 24)), _mm256_loadu_ps(xp));
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 16), 24)), _mm256_loadu_ps(xp + 8), s);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 8), 24)), _mm256_loadu_ps(xp + 16), s);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(W, 24)), _mm256_loadu_ps(xp + 24), s);
+    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+}
+
+AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
+    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
+    const __m256i m4 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
+    const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m256 a = *acc;
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        uint8_t s1, m1, s2, m2;
+        scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
+        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            __m256i ql = _mm256_and_si256(_mm256_srli_epi32(W, 8 * k), m4);
+            __m256i qh = _mm256_and_si256(_mm256_srli_epi32(W, 8 * k + 4), m4);
+            if (five) {
+                ql = _mm256_or_si256(ql, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(H, 8 * k + 2 * c), one), 4));
+                qh = _mm256_or_si256(qh, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(H, 8 * k + 2 * c + 1), one), 4));
+            }
+            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ql), _mm256_loadu_ps(xp + 64 * c + 8 * k), lo);
+            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qh), _mm256_loadu_ps(xp + 64 * c + 32 + 8 * k), hi);
+        }
+        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s1), lo, a);
+        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m1), _mm256_loadu_ps(xp + 256 + 16 * c), a);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s2), hi, a);
+        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), _mm256_loadu_ps(xp + 256 + 16 * c + 8), a);
+    }
+    *acc = a;
+}
+
+AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 0); }
+AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
+
+/* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
+ * is permuted once, not once per task). */
+#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB)                                                               \
+    AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
+                      int64_t r1, int64_t pf) {                                                                   \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
+            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
+            const uint8_t *p[4];                                                                                  \
+            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const float *xv = xp + v * nb * (XPB);                                                            \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                for (int64_t b = 0; b < nb; b++) {                                                                \
+                    if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
+                        for (int o = 0; o < (BB); o += 64) {                                                      \
+                            PF(p[0] + b * (BB) + pf + o); PF(p[1] + b * (BB) + pf + o);                           \
+                            PF(p[2] + b * (BB) + pf + o); PF(p[3] + b * (BB) + pf + o);                           \
+                        }                                                                                         \
+                    }                                                                                             \
+                    const float *xb = xv + b * (XPB);                                                             \
+                    BLK(p[0] + b * (BB), xb, &a0); BLK(p[1] + b * (BB), xb, &a1);                                 \
+                    BLK(p[2] + b * (BB), xb, &a2); BLK(p[3] + b * (BB), xb, &a3);                                 \
+                }                                                                                                 \
+                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0)
+DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
+DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
+DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
+
+
+static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
+    int64_t xpb = layout == L_QK45 ? XP_QK45 : 32, qk = layout == L_QK45 ? 256 : 32, nb = cols / qk;
+    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
+    for (int64_t v = 0; xp && v < n; v++) {
+        if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
+        else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
+        else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
+    }
+    return xp;
+}
+
+/* ---- Q8_0 activations: integer dot per block. w signed bytes, y signed bytes: ggml's sign trick for maddubs ---- */
+AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
+    __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(p);
+}
+
+#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT)                                                            \
+    __attribute__((target(TGT))) static void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec,  \
+                                                  int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
+                                                  int64_t pf) {                                                      \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+        for (int64_t r = r0; r < r1; r += 4) {                                                                       \
+            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                                 \
+            const uint8_t *p[4];                                                                                     \
+            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
+            for (int64_t v = 0; v < nvec; v++) {                                                                     \
+                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                                \
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                for (int64_t b = 0; b < nb; b++) {                                                                   \
+                    __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * b));                                  \
+                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
+                        for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf);                                        \
+                    for (int i = 0; i < 4; i++) {                                                                    \
+                        const uint8_t *blk = p[i] + b * (BB);                                                        \
+                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * dv[b]), DOT(WLOAD, y), a[i]);                  \
+                    }                                                                                                \
+                }                                                                                                    \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+/* K-quants with Q8 activations: one 256-weight block against 8 activation blocks (qv[256], dv[8]).
+ * Q4_K/Q5_K values are 0..31 (unsigned): maddubs takes them directly, and the min term uses the integer sum of
+ * the activations. Q6_K: (q - 32) as q * y - 32 * y, both through maddubs; its scales cover 16 values, which are
+ * the 32-bit lanes 0-3 and 4-7 after maddubs + madd (each 128-bit half holds 16 bytes). */
+AVX2 void kq8_qk45(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc, int five) {
+    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
+    const __m256i m4 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m256 a = *acc;
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i q[2] = {_mm256_and_si256(W, m4), _mm256_and_si256(_mm256_srli_epi16(W, 4), m4)};
+        for (int h = 0; h < 2; h++) {
+            int g = 2 * c + h;
+            uint8_t scale, mn;
+            scale_min_k4(g, sc, &scale, &mn);
+            __m256i w = q[h];
+            if (five) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << g));
+                w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                        _mm256_set1_epi8(16)));
+            }
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * g));
+            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones16));
+            __m256 sy = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16));
+            a = _mm256_fmadd_ps(_mm256_set1_ps(d * scale * dv[g]), p, a);
+            a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * mn * dv[g]), sy, a);
+        }
+    }
+    *acc = a;
+}
+
+AVX2 void kq8_q4_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 0); }
+AVX2 void kq8_q5_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 1); }
+
+AVX2 void kq8_q6_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1), c32 = _mm256_set1_epi32(32);
+    __m256 a = *acc;
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+        for (int j = 0; j < 4; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 128 * n + 32 * j));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], y), ones16);
+            __m256i sy = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
+            p = _mm256_sub_epi32(p, _mm256_mullo_epi32(sy, c32));
+            float lo = d * sc[8 * n + 2 * j] * dv[4 * n + j], hi = d * sc[8 * n + 2 * j + 1] * dv[4 * n + j];
+            a = _mm256_fmadd_ps(_mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi), _mm256_cvtepi32_ps(p), a);
+        }
+    }
+    *acc = a;
+}
+
+#define DEFINE_ROWS_KQ8(NAME, BLK, BB)                                                                            \
+    AVX2_FN void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xs, float *out,     \
+                      int64_t os, int64_t r0, int64_t r1, int64_t pf) {                                           \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
+            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
+            const uint8_t *p[4];                                                                                  \
+            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                  \
+                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                             \
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                for (int64_t b = 0; b < nb; b++) {                                                                \
+                    if (pf && v == 0)                                                                             \
+                        for (int o = 0; o < (BB); o += 64)                                                        \
+                            for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf + o);                             \
+                    for (int i = 0; i < 4; i++) BLK(p[i] + b * (BB), qv + 256 * b, dv + 8 * b, &a[i]);            \
+                }                                                                                                 \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8_q4_k, 144)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8_q5_k, 176)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8_q6_k, 210)
+
+#define W_Q4_0 _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8))
+#define W_Q8_0 _mm256_loadu_si256((const __m256i *)(blk + 2))
+#define W_MXFP4 mxfp4_vals(blk + 1)
+#define S_F16 _cvtsh_ss(*(const uint16_t *)blk)
+#define S_E8M0 e8m0_half(blk[0])
+
+DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs)
+DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs)
+DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs)
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MER_HAVE_VNNI 1
+/* AVX-VNNI: one dpbusd does maddubs + madd (and cannot saturate) */
+__attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y) {
+    __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
+}
+DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
+DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
+DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 #endif
+#endif /* MER_X86 */
 
 int mer_has_avx2(void) {
 #ifdef MER_X86
@@ -131,17 +777,437 @@ int mer_has_avx2(void) {
 #endif
 }
 
-/* use_simd: -1 = best available, 0 = portable C (so tests can check both paths on an AVX2 machine) */
-void mer_q4_0_rows(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1, int use_simd) {
-#ifdef MER_X86
-    if (use_simd != 0 && mer_has_avx2()) { q4_0_rows_avx2(raw, x, out, cols, r0, r1); return; }
+int mer_has_vnni(void) {
+#if defined(MER_X86) && defined(MER_HAVE_VNNI)
+    return mer_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
 #endif
-    q4_0_rows_generic(raw, x, out, cols, r0, r1);
 }
 
-void mer_q8_0_rows(const uint8_t *raw, const float *x, float *out, int64_t cols, int64_t r0, int64_t r1, int use_simd) {
+static int q8_type(int type) {
+    return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
+}
+
+/* The permuted-x layout the kernel for `type` under `flags` reads, or 0 when it reads x as it is. */
+static int perm_layout(int type, int flags) {
 #ifdef MER_X86
-    if (use_simd != 0 && mer_has_avx2()) { q8_0_rows_avx2(raw, x, out, cols, r0, r1); return; }
+    if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
+    if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
+    if (type == T_Q4_0) return L_Q4_0;
+    if (type == T_Q8_0) return L_Q8_0;
+    if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
+#else
+    (void)type; (void)flags;
 #endif
-    q8_0_rows_generic(raw, x, out, cols, r0, r1);
+    return 0;
+}
+
+/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0 or memory is short (the kernels that read
+ * x as it is then run: same results) */
+static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) {
+#ifdef MER_X86
+    if (layout) return perm_prepare_x86(layout, x, n, cols);
+#else
+    (void)x; (void)n; (void)cols;
+#endif
+    (void)layout;
+    return NULL;
+}
+
+/* rows [r0, r1) of m times nvec vectors; qx/dx non-NULL = Q8 activations (only for q8_type) */
+/* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL */
+static void rows_any(const mat_t *m, const float *x, const float *xp, const int8_t *qx, const float *dx,
+                     int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
+    int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
+    int64_t pf = tuning_prefetch;
+    if (qx && q8_type(m->type)) {
+#ifdef MER_X86
+        if (simd && m->qk == 256) {
+            if (m->type == T_Q4_K) rows_q8a_q4_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q5_K) rows_q8a_q5_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else rows_q8a_q6_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            return;
+        }
+        if (simd) {
+#ifdef MER_HAVE_VNNI
+            if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
+                if (m->type == T_Q4_0) rows_vnni_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                else if (m->type == T_Q8_0) rows_vnni_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                else rows_vnni_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                return;
+            }
+#endif
+            if (m->type == T_Q4_0) rows_q8a_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) rows_q8a_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else rows_q8a_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            return;
+        }
+#endif
+        rows_portable_q8(m, qx, dx, nvec, xs, out, os, r0, r1);
+        return;
+    }
+#ifdef MER_X86
+    if (simd) {
+        switch (m->type) {
+        case T_Q4_0: if (xp) prows_q4_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q8_0: if (xp) prows_q8_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_MXFP4: rows_mxfp4(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K: if (xp) prows_q4_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K: if (xp) prows_q5_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q6_K: rows_q6_k(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
+        case T_F32: rows_f32(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_F16: rows_f16(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_BF16: rows_bf16(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        }
+    }
+#endif
+    (void)simd; (void)pf; (void)xp;
+    rows_portable(m, x, nvec, xs, out, os, r0, r1);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * the thread pool
+ * ---------------------------------------------------------------------------------------------------------- */
+typedef void (*task_fn)(void *ctx, int64_t task);
+
+#define SPIN 1000 /* pause loops (tens of microseconds) a thread stays awake after a job before blocking */
+static inline void cpu_relax(void) {
+#ifdef MER_X86
+    _mm_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static struct {
+    pthread_mutex_t run;  /* one job at a time */
+    pthread_mutex_t m;
+    pthread_cond_t start, done;
+    pthread_t *tids;
+    int nworkers;         /* threads besides the caller */
+    int want;             /* total threads wanted (0 = from sched_getaffinity) */
+    int started, stop, active;
+    uint64_t gen;
+    task_fn fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_int_fast64_t next;
+} P = {.run = PTHREAD_MUTEX_INITIALIZER, .m = PTHREAD_MUTEX_INITIALIZER, .start = PTHREAD_COND_INITIALIZER,
+       .done = PTHREAD_COND_INITIALIZER};
+
+static void run_tasks(void) {
+    int64_t t;
+    while ((t = atomic_fetch_add(&P.next, 1)) < P.ntasks) P.fn(P.ctx, t);
+}
+
+/* arg: the job generation when the thread was made, so a job posted before it first waits is not missed */
+static void *worker(void *arg) {
+    uint64_t seen = (uint64_t)(uintptr_t)arg;
+    pthread_mutex_lock(&P.m);
+    for (;;) {
+        while (P.gen == seen && !P.stop) pthread_cond_wait(&P.start, &P.m);
+        if (P.stop) break;
+        seen = P.gen;
+        pthread_mutex_unlock(&P.m);
+        run_tasks();
+        pthread_mutex_lock(&P.m);
+        if (__atomic_sub_fetch(&P.active, 1, __ATOMIC_ACQ_REL) == 0) pthread_cond_signal(&P.done);
+        /* a layer step posts its second phase right after the first: wait briefly awake before sleeping */
+        pthread_mutex_unlock(&P.m);
+        for (int i = 0; i < SPIN && __atomic_load_n(&P.gen, __ATOMIC_ACQUIRE) == seen &&
+                        !__atomic_load_n(&P.stop, __ATOMIC_ACQUIRE); i++)
+            cpu_relax();
+        pthread_mutex_lock(&P.m);
+    }
+    pthread_mutex_unlock(&P.m);
+    return NULL;
+}
+
+static int affinity_threads(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) { int n = CPU_COUNT(&set); if (n > 0) return n; }
+    return 1;
+}
+
+int mer_threads(void) { return P.want > 0 ? P.want : affinity_threads(); }
+
+/* called with P.run held */
+static void pool_stop_locked(void) {
+    if (!P.started) return;
+    pthread_mutex_lock(&P.m);
+    __atomic_store_n(&P.stop, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&P.start);
+    pthread_mutex_unlock(&P.m);
+    for (int i = 0; i < P.nworkers; i++) pthread_join(P.tids[i], NULL);
+    free(P.tids);
+    P.tids = NULL; P.nworkers = 0; P.started = 0; P.stop = 0;
+}
+
+static void pool_start_locked(void) {
+    if (P.started) return;
+    int n = mer_threads() - 1;
+    P.tids = n > 0 ? calloc((size_t)n, sizeof(pthread_t)) : NULL;
+    P.nworkers = 0;
+    for (int i = 0; P.tids && i < n; i++) {
+        if (pthread_create(&P.tids[i], NULL, worker, (void *)(uintptr_t)P.gen) != 0) break; /* fewer threads: still correct */
+        P.nworkers++;
+    }
+    P.started = 1;
+}
+
+/* 0 = as many as sched_getaffinity allows. Stops the pool; it restarts with the new count on the next job. */
+void mer_set_threads(int n) {
+    pthread_mutex_lock(&P.run);
+    pool_stop_locked();
+    P.want = n > 0 ? n : 0;
+    pthread_mutex_unlock(&P.run);
+}
+
+void mer_shutdown(void) {
+    pthread_mutex_lock(&P.run);
+    pool_stop_locked();
+    pthread_mutex_unlock(&P.run);
+}
+
+static void pool_run(task_fn fn, void *ctx, int64_t ntasks, int flags) {
+    if (ntasks <= 0) return;
+    if (ntasks == 1 || (flags & MER_FLAG_SERIAL) || pthread_mutex_trylock(&P.run) != 0) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    pool_start_locked();
+    if (P.nworkers == 0) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        pthread_mutex_unlock(&P.run);
+        return;
+    }
+    pthread_mutex_lock(&P.m);
+    P.fn = fn; P.ctx = ctx; P.ntasks = ntasks;
+    atomic_store(&P.next, 0);
+    __atomic_store_n(&P.active, P.nworkers, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&P.gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&P.start);
+    pthread_mutex_unlock(&P.m);
+    run_tasks();
+    for (int i = 0; i < SPIN && __atomic_load_n(&P.active, __ATOMIC_ACQUIRE) > 0; i++) cpu_relax();
+    if (__atomic_load_n(&P.active, __ATOMIC_ACQUIRE) > 0) {
+        pthread_mutex_lock(&P.m);
+        while (P.active > 0) pthread_cond_wait(&P.done, &P.m);
+        pthread_mutex_unlock(&P.m);
+    }
+    pthread_mutex_unlock(&P.run);
+}
+
+/* A forked child has none of the parent's threads: forget them (the pool restarts on first use). */
+static void atfork_child(void) {
+    pthread_mutex_init(&P.run, NULL);
+    pthread_mutex_init(&P.m, NULL);
+    pthread_cond_init(&P.start, NULL);
+    pthread_cond_init(&P.done, NULL);
+    P.tids = NULL; P.nworkers = 0; P.started = 0; P.stop = 0; P.active = 0;
+}
+
+__attribute__((constructor)) static void mer_init(void) { pthread_atfork(NULL, NULL, atfork_child); }
+
+/* ------------------------------------------------------------------------------------------------------------
+ * entry points
+ * ---------------------------------------------------------------------------------------------------------- */
+#define PARALLEL_MIN_BYTES (256 << 10) /* below this a matrix is done on one thread: a hand-out costs more */
+
+typedef struct {
+    const mat_t *m;
+    const float *x, *xp;
+    const int8_t *qx;
+    const float *dx;
+    int64_t nvec, chunk;
+    float *out;
+    int flags;
+} mv_ctx;
+
+static void mv_task(void *c_, int64_t t) {
+    mv_ctx *c = c_;
+    int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
+    rows_any(c->m, c->x, c->xp, c->qx, c->dx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
+}
+
+/* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
+ * (x_len floats), out float32 [n, rows] (out_len floats). */
+int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t cols, const float *x, int64_t x_len,
+               int64_t n, float *out, int64_t out_len, int flags) {
+    mat_t m;
+    int rc = mat_init(&m, type, w, nbytes, rows, cols);
+    if (rc) return rc;
+    if (n < 0 || !x || !out) return MER_EARG;
+    if ((n && cols > INT64_MAX / n) || (n && rows > INT64_MAX / n)) return MER_ESHAPE;
+    if (x_len < n * cols || out_len < n * rows) return MER_ESHORT;
+    if (!n || !rows) return MER_OK;
+    int8_t *qx = NULL; float *dx = NULL;
+    if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
+        qx = malloc((size_t)(n * cols)); dx = malloc(sizeof(float) * (size_t)(n * cols / 32));
+        if (!qx || !dx) { free(qx); free(dx); return MER_ENOMEM; }
+        quantize_q8(x, n * cols, qx, dx);
+    }
+    float *xp = perm_prepare(perm_layout(type, flags), x, n, cols);
+    mv_ctx c = {&m, x, xp, qx, dx, n, tuning_chunk, out, flags};
+    int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
+    pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
+    free(qx); free(dx); free(xp);
+    return MER_OK;
+}
+
+/* One projection as the MoE call sees it. bias: float32 [rows] or NULL. */
+typedef struct {
+    const void *data;
+    int64_t nbytes;
+    int64_t rows, cols;
+    const float *bias;
+    int64_t bias_len;
+    int32_t type;
+    int32_t pad;
+} mer_proj;
+
+typedef struct { mer_proj gate, up, down; } mer_expert;
+
+enum { ACT_SWIGLU = 0, ACT_SWIGLU_OAI = 1 };
+
+typedef struct {
+    mat_t g[8], u[8], dn[8];
+    const mer_expert *ex;
+    const float *wk;
+    int k, act, flags;
+    float alpha, limit;
+    const float *x;
+    const int8_t *qx; const float *dx;        /* x as Q8 blocks (phase 1) */
+    int8_t *qh; float *dh;                     /* h as Q8 blocks (phase 2) */
+    float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
+    float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
+    int64_t n, d_model, d_ff, chunk, nchunk_ff;
+    float *h, *u_tmp, *y_tmp, *out;
+} moe_ctx;
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* phase 1: rows [r0, r1) of gate and up of expert e for every vector, then the activation, into h */
+static void moe_phase1(void *c_, int64_t t) {
+    moe_ctx *c = c_;
+    int e = (int)(t / c->nchunk_ff);
+    int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
+    int64_t n = c->n, F = c->d_ff;
+    float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->qx, c->dx, n, c->d_model, h, F, r0,
+             r1, c->flags);
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->qx, c->dx, n, c->d_model, u, F, r0,
+             r1, c->flags);
+    const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
+    for (int64_t v = 0; v < n; v++) {
+        for (int64_t r = r0; r < r1; r++) {
+            float g = h[v * F + r] + (bg ? bg[r] : 0.f), uu = u[v * F + r] + (bu ? bu[r] : 0.f);
+            if (c->act == ACT_SWIGLU) h[v * F + r] = silu(g) * uu;
+            else {
+                g = g < c->limit ? g : c->limit;
+                uu = uu < -c->limit ? -c->limit : (uu > c->limit ? c->limit : uu);
+                h[v * F + r] = (uu + 1.f) * g / (1.f + expf(-c->alpha * g));
+            }
+        }
+    }
+}
+
+/* phase 2: a band of down rows, all k experts, summed in a fixed order into out (this task owns the band) */
+static void moe_phase2(void *c_, int64_t t) {
+    moe_ctx *c = c_;
+    int64_t D = c->d_model, F = c->d_ff, n = c->n;
+    int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
+    for (int e = 0; e < c->k; e++) {
+        float *y = c->y_tmp + (int64_t)e * n * D;
+        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->qh ? c->qh + (int64_t)e * n * F : NULL,
+                 c->dh ? c->dh + (int64_t)e * n * (F / 32) : NULL, n, F, y, D, r0, r1, c->flags);
+    }
+    for (int64_t v = 0; v < n; v++) {
+        for (int64_t r = r0; r < r1; r++) {
+            float s = 0.f;
+            for (int e = 0; e < c->k; e++) {
+                const float *bd = c->ex[e].down.bias;
+                s += c->wk[e] * (c->y_tmp[(int64_t)e * n * D + v * D + r] + (bd ? bd[r] : 0.f));
+            }
+            c->out[v * D + r] = s;
+        }
+    }
+}
+
+static int proj_init(mat_t *m, const mer_proj *p, int64_t rows, int64_t cols) {
+    if (p->rows != rows || p->cols != cols) return MER_ESHAPE;
+    int rc = mat_init(m, p->type, p->data, p->nbytes, rows, cols);
+    if (rc) return rc;
+    if (p->bias && p->bias_len < rows) return MER_ESHORT;
+    return MER_OK;
+}
+
+/* out[v] = sum_e wk[e] * down_e(act(gate_e x[v] + bg, up_e x[v] + bu)) + bd  for v < n, in one call.
+ * k <= 8 experts; x float32 [n, d_model] (x_len floats); out float32 [n, d_model] (out_len floats).
+ * act: 0 SwiGLU, 1 GPT-OSS clamped (alpha, limit). On error returns MER_E* and *bad = 3*e + projection
+ * (0 gate, 1 up, 2 down) of the first projection at fault, or -1. */
+int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_t x_len, int64_t n,
+            int64_t d_model, int64_t d_ff, float *out, int64_t out_len, int act, float alpha, float limit,
+            int flags, int *bad) {
+    static moe_ctx zero;
+    moe_ctx c = zero;
+    *bad = -1;
+    if (k < 1 || k > 8 || !ex || !wk || !x || !out || n < 0 || d_model <= 0 || d_ff <= 0) return MER_EARG;
+    if (act != ACT_SWIGLU && act != ACT_SWIGLU_OAI) return MER_EARG;
+    if (n > INT64_MAX / 8 / (d_model > d_ff ? d_model : d_ff)) return MER_ESHAPE;
+    if (x_len < n * d_model || out_len < n * d_model) return MER_ESHORT;
+    for (int e = 0; e < k; e++) {
+        int rc;
+        if ((rc = proj_init(&c.g[e], &ex[e].gate, d_ff, d_model))) { *bad = 3 * e; return rc; }
+        if ((rc = proj_init(&c.u[e], &ex[e].up, d_ff, d_model))) { *bad = 3 * e + 1; return rc; }
+        if ((rc = proj_init(&c.dn[e], &ex[e].down, d_model, d_ff))) { *bad = 3 * e + 2; return rc; }
+    }
+    if (!n) return MER_OK;
+    c.ex = ex; c.wk = wk; c.k = k; c.act = act; c.flags = flags; c.alpha = alpha; c.limit = limit;
+    c.x = x; c.n = n; c.d_model = d_model; c.d_ff = d_ff; c.out = out;
+    c.chunk = tuning_chunk;
+    c.nchunk_ff = (d_ff + c.chunk - 1) / c.chunk;
+    size_t nh = (size_t)k * n * d_ff, ny = (size_t)k * n * d_model;
+    c.h = malloc(sizeof(float) * nh); c.u_tmp = malloc(sizeof(float) * nh); c.y_tmp = malloc(sizeof(float) * ny);
+    int rc = MER_OK;
+    int q8 = (flags & MER_FLAG_ACT_Q8) && d_model % 32 == 0 && d_ff % 32 == 0;
+    int8_t *qx = NULL; float *dx = NULL;
+    if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
+    if (q8) {
+        qx = malloc((size_t)(n * d_model)); dx = malloc(sizeof(float) * (size_t)(n * d_model / 32));
+        c.qh = malloc(nh); c.dh = malloc(sizeof(float) * (nh / 32));
+        if (!qx || !dx || !c.qh || !c.dh) { rc = MER_ENOMEM; goto done; }
+        quantize_q8(x, n * d_model, qx, dx);
+        c.qx = qx; c.dx = dx;
+    }
+    int64_t bytes = 0;
+    for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
+    int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
+    for (int e = 0; e < k; e++) {
+        int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
+        if (lg && !c.xpl[lg]) c.xpl[lg] = perm_prepare(lg, x, n, d_model);
+        if (lu && !c.xpl[lu]) c.xpl[lu] = perm_prepare(lu, x, n, d_model);
+    }
+    pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
+    /* the barrier is pool_run's join: h is complete */
+    if (q8) quantize_q8(c.h, (int64_t)nh, c.qh, c.dh);
+    for (int e = 0; e < k; e++)
+        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
+    pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
+done:
+    for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
+    for (int e = 0; e < 8; e++) free(c.hp[e]);
+    free(c.h); free(c.u_tmp); free(c.y_tmp); free(qx); free(dx); free(c.qh); free(c.dh);
+    return rc;
+}
+
+/* Tests: one block row of `type` to float32 by the portable decoder (checked against gguf's dequantize). */
+int mer_dequantize(int type, const void *w, int64_t nbytes, int64_t n, float *out, int64_t out_len) {
+    mat_t m;
+    int rc = mat_init(&m, type, w, nbytes, 1, n);
+    if (rc) return rc;
+    if (!out || out_len < n) return MER_ESHORT;
+    for (int64_t b = 0; b < m.nblk; b++) dequant_block(type, m.data + b * m.bb, out + b * m.qk);
+    return MER_OK;
 }

@@ -1,11 +1,19 @@
 """Expert FFN kernels working on the raw projection bytes: y = down(act(gate x, up x)).
 
-- Q4_0 and Q8_0: a small C kernel (`_kernels.c`, AVX2/FMA/F16C when the CPU has it) that walks the raw 18- or
-  34-byte blocks row by row, never building a float32 matrix; activations stay float32 (not quantized), so results
-  are exact up to float32 rounding. Rows are split across threads (ctypes releases the GIL).
-- F16, BF16, F32: NumPy on the stored values (F16/BF16 widened to float32 a band of rows at a time).
-- Every other type the gguf package can dequantize, and Q4_0/Q8_0 when the C kernel was not built: gguf's
-  dequantization on bands of rows (correct, slower; `mertools inspect` says which path each type takes).
+One registry (`DTYPES`: name -> `DType` with block size, bytes per block and kernel path) decides how each type is
+computed; `kernel_for` and `matvec` both read it.
+
+- C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
+  run time, portable C otherwise), on a persistent pthread pool inside the library. Activations stay float32 by
+  default (exact up to float32 rounding); `act="q8"` quantizes them to Q8_0 blocks and multiplies in integers for
+  Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
+- `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
+  in ONE call into C; `expert_ffn` is the same call with k=1.
+- Every other type the gguf package can dequantize (and every type when the C kernel was not built, or with
+  MER_KERNELS=numpy): NumPy on bands of rows, gguf's dequantization for block types (correct, slower).
+
+Thread-safe: the C pool runs one job at a time; a caller that finds it busy computes on its own thread.
+MER_THREADS (a whole number >= 1) overrides the thread count, which is otherwise the CPUs this process may run on.
 
 `reference_ffn` is the float64 NumPy oracle used by tests and `verify --deep`; it shares nothing with the fast path
 but the gguf package's dequantization.
@@ -13,12 +21,14 @@ but the gguf package's dequantization.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib.machinery
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -26,8 +36,19 @@ from gguf.quants import dequantize
 
 from .errors import MerError
 
-BAND_BYTES = 4 << 20  # rows widened or dequantized at a time for the non-block paths
-PARALLEL_MIN_WEIGHTS = 1 << 20  # below this a matrix is done on one thread: handing out work costs more
+BAND_BYTES = 4 << 20  # rows widened or dequantized at a time for the NumPy paths
+MAX_EXPERTS_PER_CALL = 8  # the C call's limit on k; moe() splits larger k into several calls
+C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
+Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
+
+FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM = 1, 2, 4, 8, 16
+_ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
+           "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
+           -5: "bad argument"}
+
+
+class KernelError(MerError, ValueError):
+    """A kernel was called with data it cannot take (short buffer, wrong shape, bad MER_THREADS, ...)."""
 
 
 def _load_native() -> ctypes.CDLL | None:
@@ -37,109 +58,313 @@ def _load_native() -> ctypes.CDLL | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         lib_path = here / f"_kernels{suffix}"
         if lib_path.exists():
-            lib = ctypes.CDLL(str(lib_path))
-            args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_int64, ctypes.c_int]
-            for fn in (lib.mer_q4_0_rows, lib.mer_q8_0_rows):
-                fn.argtypes, fn.restype = args, None
-            lib.mer_has_avx2.restype = ctypes.c_int
+            try:
+                lib = ctypes.CDLL(str(lib_path))
+                lib.mer_moe  # an old build without the MoE entry point is as good as none
+            except (OSError, AttributeError):
+                return None
+            i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+            lib.mer_matvec.argtypes = [ci, vp, i64, i64, i64, vp, i64, i64, vp, i64, ci]
+            lib.mer_matvec.restype = ci
+            lib.mer_moe.argtypes = [ci, vp, vp, vp, i64, i64, i64, i64, vp, i64, ci, ctypes.c_float,
+                                    ctypes.c_float, ci, ctypes.POINTER(ci)]
+            lib.mer_moe.restype = ci
+            lib.mer_dequantize.argtypes = [ci, vp, i64, i64, vp, i64]
+            lib.mer_dequantize.restype = ci
+            lib.mer_set_prefetch.argtypes = [i64]
+            lib.mer_get_prefetch.restype = i64
+            lib.mer_set_chunk.argtypes = [i64]
+            for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
+                getattr(lib, f).restype = ci
+            lib.mer_set_threads.argtypes = [ci]
+            atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
             return lib
     return None
 
 
 _LIB = _load_native()
 SIMD = bool(_LIB and _LIB.mer_has_avx2())
+VNNI = bool(_LIB and _LIB.mer_has_vnni())
+_threads: int | None = None
+_threads_lock = threading.Lock()
 
 
-def _threads_from_env() -> tuple[int, MerError | None]:
-    """MER_THREADS: unset or 0 means one per core. A bad value is kept as an error raised at first use (and by the
-    CLI before it starts), because an import must not fail on it."""
-    raw = os.environ.get("MER_THREADS", "").strip()
-    default = os.cpu_count() or 1
+def threads() -> int:
+    """Threads the C kernels use: MER_THREADS if set (validated), else the CPUs this process may run on.
+
+    >>> threads() >= 1
+    True
+    """
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            raw = os.environ.get("MER_THREADS", "").strip()
+            if raw:
+                try:
+                    n = int(raw)
+                except ValueError:
+                    n = 0
+                if n < 1 or n > 4096:
+                    raise KernelError(f"MER_THREADS={raw!r}: must be a whole number from 1 to 4096 "
+                                      "(unset it to use every CPU this process may run on)")
+            else:
+                n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            if _LIB is not None:
+                _LIB.mer_set_threads(n)
+            _threads = n
+        return _threads
+
+
+@dataclass(frozen=True)
+class DType:
+    """What the runtime knows of a ggml type: block geometry and the path that computes with it."""
+
+    name: str
+    block: int  # elements per block (1 for F32/F16/BF16)
+    block_bytes: int
+    path: str  # "c", "numpy" (F32), "widen" (F16/BF16 in NumPy), "gguf" (gguf's dequantize), "unsupported"
+
+    @property
+    def ggml_id(self) -> int:
+        return int(GGMLQuantizationType[self.name])
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        if cols % self.block:
+            raise KernelError(f"{self.name}: {cols} columns is not a whole number of {self.block}-element blocks")
+        return rows * (cols // self.block) * self.block_bytes
+
+    def describe(self) -> str:
+        if self.path == "c":
+            simd = "AVX2" if SIMD else "portable"
+            return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
+        return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
+                "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]
+
+
+def _gguf_can_dequantize(qt: GGMLQuantizationType) -> bool:
+    from gguf import quants
+
+    traits = getattr(quants, "_type_traits", None)  # gguf's own table of the types it can dequantize
+    return qt in traits if traits is not None else True
+
+
+def _build_registry() -> dict[str, DType]:
+    reg = {}
+    for qt, (block, tsize) in GGML_QUANT_SIZES.items():
+        if qt.name in C_TYPES and _LIB is not None:
+            path = "c"
+        elif qt.name == "F32":
+            path = "numpy"
+        elif qt.name in ("F16", "BF16"):
+            path = "widen"
+        elif _gguf_can_dequantize(qt):
+            path = "gguf"
+        else:
+            path = "unsupported"
+        reg[qt.name] = DType(qt.name, block, tsize, path)
+    return reg
+
+
+DTYPES: dict[str, DType] = _build_registry()
+
+
+def dtype_info(dtype: str) -> DType:
     try:
-        n = int(raw or 0)
-        if not 0 <= n <= 4096:
-            raise ValueError
-    except ValueError:
-        return default, MerError(f"MER_THREADS={raw[:40]!r}: expected a number of threads from 1 to 4096 (unset or 0: "
-                                 "one per core); fix or unset it")
-    return n or default, None
-
-
-THREADS, THREADS_ENV_ERROR = _threads_from_env()
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _native_name(dtype: str) -> str:
-    return f"{dtype.lower()} block kernel (C, {'AVX2' if SIMD else 'portable'}, {THREADS} threads)"
+        return DTYPES[dtype]
+    except KeyError:
+        raise KernelError(f"type {dtype!r} is not a ggml type this runtime knows") from None
 
 
 def kernel_for(dtype: str) -> str:
-    if dtype in ("Q4_0", "Q8_0") and _LIB is not None:
-        return _native_name(dtype)
-    if dtype in ("F16", "BF16"):
-        return f"numpy ({dtype.lower()} widened per band)"
-    if dtype == "F32":
-        return "numpy"
-    try:
-        GGMLQuantizationType[dtype]
-    except KeyError:
-        return "unsupported"
-    return "gguf dequantize per band (slower)"
+    """How the runtime computes with `dtype`, in words (for `mertools inspect`).
+
+    >>> kernel_for("NOPE")
+    'unsupported'
+    """
+    return DTYPES[dtype].describe() if dtype in DTYPES else "unsupported"
 
 
-def _native_matvec(fn: Any, raw: np.ndarray, x: np.ndarray, out: np.ndarray, rows: int, cols: int,
-                   simd: int = -1) -> np.ndarray:
-    global _POOL
-    if THREADS_ENV_ERROR is not None:
-        raise THREADS_ENV_ERROR
-    raw = np.ascontiguousarray(raw)
-    args = (raw.ctypes.data, x.ctypes.data, out.ctypes.data, cols)
-    n = THREADS if rows * cols >= PARALLEL_MIN_WEIGHTS else 1
-    if n == 1:
-        fn(*args, 0, rows, simd)
-        return out
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="mer-kernel")
-    bounds = np.linspace(0, rows, n + 1).astype(np.int64)
-    list(_POOL.map(lambda i: fn(*args, int(bounds[i]), int(bounds[i + 1]), simd), range(n)))
-    return out
+def _as_bytes(raw: Any) -> np.ndarray:
+    a = np.asarray(raw)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.reshape(-1).view(np.uint8)
 
 
-def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *, simd: int = -1) -> np.ndarray:
+def _check_len(what: str, raw: np.ndarray, need: int) -> None:
+    if raw.nbytes < need:
+        raise KernelError(f"{what}: {raw.nbytes} bytes given, its shape needs {need}; the shard or the call is "
+                          "wrong (run `mertools verify`)")
+
+
+def _flags(simd: int, act: str) -> int:
+    if act not in ("f32", "q8"):
+        raise KernelError(f"act must be 'f32' (exact) or 'q8', not {act!r}")
+    return (FLAG_PORTABLE if simd == 0 else 0) | (FLAG_ACT_Q8 if act == "q8" else 0)
+
+
+def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *, simd: int = -1,
+           act: str = "f32", flags: int = 0) -> np.ndarray:
     """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
 
-    simd=0 forces the portable C path of the block kernels (for tests); -1 takes the best the CPU has.
+    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to Q8_0 blocks where it applies;
+    flags: extra FLAG_* bits for the C call (tests force the other SIMD variants with them).
+
+    >>> w = np.eye(2, dtype=np.float32)
+    >>> matvec("F32", w.view(np.uint8).reshape(-1), (2, 2), np.array([3, 4], np.float32)).tolist()
+    [3.0, 4.0]
     """
-    rows, cols = shape
+    info = dtype_info(dtype)
+    rows, cols = int(shape[0]), int(shape[1])
+    raw = _as_bytes(raw)
+    _check_len(f"{dtype} projection {rows} x {cols}", raw, info.nbytes(rows, cols))
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim == 2:
-        if not len(x):
-            return np.zeros((0, rows), np.float32)
-        return np.stack([matvec(dtype, raw, shape, xi, simd=simd) for xi in x])
-    if x.shape != (cols,):
-        raise ValueError(f"input has {x.shape[0]} features, the projection takes {cols}")
-    out = np.empty(rows, np.float32)
-    if dtype == "Q4_0" and _LIB is not None:
-        return _native_matvec(_LIB.mer_q4_0_rows, raw, x, out, rows, cols, simd)
-    if dtype == "Q8_0" and _LIB is not None:
-        return _native_matvec(_LIB.mer_q8_0_rows, raw, x, out, rows, cols, simd)
-    if dtype == "F32":
-        return raw.view(np.float32).reshape(rows, cols) @ x
-    block, tsize = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
-    row_bytes = cols // block * tsize
-    mat = raw.reshape(rows, row_bytes)
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise KernelError(f"input has shape {list(x.shape)}, the projection takes [{cols}] or [n, {cols}]")
+    flags |= _flags(simd, act)
+    if info.path == "c":
+        threads()
+        xs = x.reshape(-1, cols)
+        out = np.empty((len(xs), rows), np.float32)
+        rc = _LIB.mer_matvec(info.ggml_id, raw.ctypes.data, raw.nbytes, rows, cols, xs.ctypes.data, xs.size,
+                             len(xs), out.ctypes.data, out.size, flags)
+        if rc:
+            raise KernelError(f"{dtype} projection {rows} x {cols}: {_ERRORS.get(rc, rc)}")
+        return out.reshape(-1) if x.ndim == 1 else out
+    if info.path == "unsupported":
+        raise KernelError(f"type {dtype}: the gguf package cannot dequantize it, so this runtime cannot compute it")
+    mat = raw[:info.nbytes(rows, cols)].reshape(rows, -1)
+    out = np.empty((rows,) + x.shape[:-1], np.float32)
+    xt = x.T
     step = max(1, BAND_BYTES // (cols * 4))
     for r0 in range(0, rows, step):
         band = mat[r0:r0 + step]
-        if dtype == "F16":
+        if dtype == "F32":
+            w = band.view(np.float32)
+        elif dtype == "F16":
             w = band.view(np.float16).astype(np.float32)
         elif dtype == "BF16":
             w = (band.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
             w = dequantize(band, GGMLQuantizationType[dtype]).astype(np.float32, copy=False)
-        out[r0:r0 + step] = w @ x
-    return out
+        out[r0:r0 + step] = w @ xt
+    return np.ascontiguousarray(out.T)
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("nbytes", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("bias", ctypes.c_void_p), ("bias_len", ctypes.c_int64),
+                ("type", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+class _Expert(ctypes.Structure):
+    _fields_ = [("gate", _Proj), ("up", _Proj), ("down", _Proj)]
+
+
+ROLES = ("gate", "up", "down")
+_ACT_KIND = {"swiglu": 0, "swiglu_oai": 1}
+
+Tensors = dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+
+
+def _activation_args(activation: dict[str, Any]) -> tuple[int, float, float]:
+    kind = activation.get("kind", "swiglu")
+    if kind not in _ACT_KIND:
+        raise KernelError(f"activation {kind!r} is not supported by this runtime")
+    return _ACT_KIND[kind], float(activation.get("alpha", 1.702)), float(activation.get("limit", 7.0))
+
+
+def _bias_f32(t: tuple[str, tuple[int, ...], np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(dequantize_tensor(*t).reshape(-1), dtype=np.float32)
+
+
+def _native_ok(experts: Sequence[Tensors]) -> bool:
+    return _LIB is not None and all(DTYPES.get(t[r][0], None) is not None and DTYPES[t[r][0]].path == "c"
+                                    for t in experts for r in ROLES)
+
+
+def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np.ndarray,
+        activation: dict[str, Any], *, act: str = "f32", simd: int = -1) -> np.ndarray:
+    """sum_k weights[k] * ffn(experts[k], x): one routed layer step, in ONE call into C when every projection has a
+    C kernel (else per projection through `matvec`). experts: role -> (dtype, shape, raw bytes), biases as
+    `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape.
+
+    >>> e = {r: ("F32", (2, 2), np.eye(2, dtype=np.float32).view(np.uint8).reshape(-1)) for r in ROLES}
+    >>> [round(float(v), 4) for v in moe([e, e], [0.5, 0.5], np.array([1, 0], np.float32), {"kind": "swiglu"})]
+    [0.7311, 0.0]
+    """
+    wk = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+    if len(wk) != len(experts) or not len(experts):
+        raise KernelError(f"{len(experts)} experts and {len(wk)} routing weights: give one weight per expert")
+    kind, alpha, limit = _activation_args(activation)
+    flags = _flags(simd, act)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    gate_shape = tuple(experts[0]["gate"][1])
+    d_ff, d_model = int(gate_shape[0]), int(gate_shape[1])
+    if x.ndim not in (1, 2) or x.shape[-1] != d_model:
+        raise KernelError(f"x must have shape [{d_model}] or [n, {d_model}], got {list(x.shape)}")
+    want = {"gate": (d_ff, d_model), "up": (d_ff, d_model), "down": (d_model, d_ff)}
+    raws: list[dict[str, np.ndarray]] = []
+    for i, t in enumerate(experts):
+        raws.append({})
+        for role in ROLES:
+            dtype, shape, raw = t[role]
+            if tuple(int(v) for v in shape) != want[role]:
+                raise KernelError(f"expert {i} {role} has shape {list(shape)}, expected {list(want[role])} "
+                                  "(gate and up [d_ff, d_model], down [d_model, d_ff])")
+            raws[i][role] = _as_bytes(raw)
+            _check_len(f"expert {i} {role} ({dtype} {shape[0]} x {shape[1]})", raws[i][role],
+                       dtype_info(dtype).nbytes(*want[role]))
+    if not _native_ok(experts):
+        y = np.zeros(x.shape, np.float32)
+        for w, t in zip(wk, experts):
+            y += w * _ffn_by_projection(t, x, activation, flags)
+        return y
+    if len(experts) > MAX_EXPERTS_PER_CALL:
+        parts = [moe(experts[i:i + MAX_EXPERTS_PER_CALL], wk[i:i + MAX_EXPERTS_PER_CALL], x, activation, act=act,
+                     simd=simd) for i in range(0, len(experts), MAX_EXPERTS_PER_CALL)]
+        return np.sum(parts, axis=0, dtype=np.float32)
+    threads()
+    keep: list[np.ndarray] = []  # every buffer the C call points at stays alive until it returns
+    arr = (_Expert * len(experts))()
+    for i, t in enumerate(experts):
+        for role in ROLES:
+            raw, (rows, cols) = raws[i][role], want[role]
+            p = getattr(arr[i], role)
+            p.data, p.nbytes, p.rows, p.cols = raw.ctypes.data, raw.nbytes, rows, cols
+            p.type = DTYPES[t[role][0]].ggml_id
+            keep.append(raw)
+            if f"{role}_bias" in t:
+                b = _bias_f32(t[f"{role}_bias"])
+                if len(b) != rows:
+                    raise KernelError(f"expert {i} {role} bias has {len(b)} values, the projection has {rows} rows")
+                p.bias, p.bias_len = b.ctypes.data, len(b)
+                keep.append(b)
+    xs = x.reshape(-1, d_model)
+    out = np.empty_like(xs)
+    bad = ctypes.c_int(-1)
+    rc = _LIB.mer_moe(len(experts), ctypes.addressof(arr), wk.ctypes.data, xs.ctypes.data, xs.size, len(xs),
+                      d_model, d_ff, out.ctypes.data, out.size, kind, alpha, limit, flags, ctypes.byref(bad))
+    if rc:
+        where = f"expert {bad.value // 3} {ROLES[bad.value % 3]}" if bad.value >= 0 else "moe call"
+        raise KernelError(f"{where}: {_ERRORS.get(rc, rc)} (d_model {d_model}, d_ff {d_ff})")
+    return out.reshape(x.shape)
+
+
+def _ffn_by_projection(tensors: Tensors, x: np.ndarray, activation: dict[str, Any], flags: int) -> np.ndarray:
+    simd = 0 if flags & FLAG_PORTABLE else -1
+    act = "q8" if flags & FLAG_ACT_Q8 else "f32"
+
+    def proj(role: str, v: np.ndarray) -> np.ndarray:
+        dtype, shape, raw = tensors[role]
+        y = matvec(dtype, raw, shape, v, simd=simd, act=act)
+        if f"{role}_bias" in tensors:
+            y = y + _bias_f32(tensors[f"{role}_bias"])
+        return y
+
+    g, u = proj("gate", x), proj("up", x)
+    h = activate(g, u, activation).astype(np.float32, copy=False)
+    return proj("down", h).astype(np.float32, copy=False)
 
 
 def _silu(v: np.ndarray) -> np.ndarray:
@@ -164,19 +389,12 @@ def activate(g: np.ndarray, u: np.ndarray, activation: dict[str, Any]) -> np.nda
     raise ValueError(f"activation {kind!r} is not supported by this runtime")
 
 
-def expert_ffn(tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]], x: np.ndarray,
-               activation: dict[str, Any]) -> np.ndarray:
-    """tensors: role -> (dtype, shape, raw bytes). x float32 [d_model] or [n, d_model]; returns float32 alike."""
-    def proj(role: str, v: np.ndarray) -> np.ndarray:
-        dtype, shape, raw = tensors[role]
-        y = matvec(dtype, raw, shape, v)
-        if f"{role}_bias" in tensors:
-            y = y + dequantize_tensor(*tensors[f"{role}_bias"]).astype(np.float32)
-        return y
+def expert_ffn(tensors: Tensors, x: np.ndarray, activation: dict[str, Any], *, act: str = "f32",
+               simd: int = -1) -> np.ndarray:
+    """tensors: role -> (dtype, shape, raw bytes). x float32 [d_model] or [n, d_model]; returns float32 alike.
 
-    g, u = proj("gate", x), proj("up", x)
-    h = activate(g, u, activation).astype(np.float32, copy=False)
-    return proj("down", h).astype(np.float32, copy=False)
+    The same single C call as `moe` (k = 1) when every projection has a C kernel."""
+    return moe([tensors], [1.0], x, activation, act=act, simd=simd)
 
 
 def reference_ffn(weights: dict[str, np.ndarray], x: np.ndarray, activation: dict[str, Any]) -> np.ndarray:

@@ -5,22 +5,23 @@
         with s.load(1, 3) as ex:          # aligned buffer, gate/up/down views
             ex.gate.dtype, ex.gate.raw    # ("Q4_0", uint8 view of the shard bytes)
         y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
+        y = s.moe(1, [3, 5], [0.6, 0.4], x)  # a routed layer step: one call into the C kernel
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import xxhash
 
 from .buffers import BufferPool
 from .cache import ExpertCache, Key
-from .errors import ShardIOError
-from .kernels import expert_ffn
+from .errors import CacheError, ShardIOError
+from .kernels import expert_ffn, moe
 from .loader import open_loader
 from .manifest import Manifest, load_manifest
 
@@ -105,16 +106,50 @@ class ShardSet:
 
     def ffn(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """The expert's output for x (float32 [d_model] or [n, d_model]), biases and activation as the model has."""
+        return self.moe(layer, [expert], [1.0], x)
+
+    def moe(self, layer: int, experts: Sequence[int], weights: Sequence[float] | np.ndarray, x: np.ndarray, *,
+            act: str = "f32") -> np.ndarray:
+        """sum_k weights[k] * ffn(layer, experts[k], x): a routed layer step, computed in one call into the C
+        kernel (gate and up fused, down summed over the experts) with all k experts held in the cache.
+
+        act="q8" quantizes activations to Q8_0 blocks (faster; error in docs/runtime.md); the default is exact.
+        If the cache cannot hold all k at once (pins, other threads), the experts it could hold are computed and
+        the rest follow: the result is the same.
+
+            y = s.moe(1, [3, 5], [0.6, 0.4], x)
+        """
         x = np.asarray(x, dtype=np.float32)
         d = self.manifest.model["d_model"]
-        if x.shape[-1] != d or x.ndim not in (1, 2):
+        if x.shape[-1:] != (d,) or x.ndim not in (1, 2):
             raise ValueError(f"x must have shape [{d}] or [n, {d}], got {list(x.shape)}")
-        with self.load(layer, expert) as ex:
-            return self.compute(ex, x)
+        experts = [int(e) for e in experts]
+        w = np.asarray(weights, dtype=np.float32).reshape(-1)
+        if len(w) != len(experts) or not experts:
+            raise ValueError(f"{len(experts)} experts and {len(w)} weights: give one weight per expert (at least one)")
+        y, i = None, 0
+        while i < len(experts):
+            with ExitStack() as held:
+                views: list[ExpertView] = []
+                while i < len(experts):
+                    try:
+                        views.append(held.enter_context(self.load(layer, experts[i])))
+                    except CacheError:
+                        if not views:
+                            raise
+                        break
+                    i += 1
+                part = moe([self._tensors(v) for v in views], w[i - len(views):i], x, self.activation, act=act)
+            y = part if y is None else y + part
+        return y
+
+    @staticmethod
+    def _tensors(ex: ExpertView) -> dict:
+        return {r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()}
 
     def compute(self, ex: ExpertView, x: np.ndarray) -> np.ndarray:
         """The FFN of an expert already loaded (inside `load()`), with the model's activation and biases."""
-        return expert_ffn({r: (p.dtype, p.shape, p.raw) for r, p in ex.tensors.items()}, x, self.activation)
+        return expert_ffn(self._tensors(ex), x, self.activation)
 
     def prefetch(self, layer: int, expert: int) -> bool:
         self.manifest.expert(layer, expert)

@@ -87,18 +87,32 @@ def test_in_use_expert_is_not_evicted(folder):
         cache.acquire((0, 0)), cache.acquire((0, 1)), cache.acquire((0, 2))
 
 
-def test_prefetch_never_takes_the_last_slot(folder):
+@pytest.mark.parametrize("drain_first", [False, True])
+def test_prefetch_never_takes_the_last_slot(folder, drain_first):
+    """The reserve counts free slots and used, idle experts only: whether a guess's read has finished (here: not
+    yet, or drained) never changes a decision (it did before: a finished guess counted as room, so a 4th started)."""
     cache, _ = make_cache(folder, 4)
-    started = [cache.prefetch((0, e)) for e in range(4)]
-    # 3 prefetches fit (one slot always stays for the foreground)
+    started = [cache.prefetch((0, e)) for e in range(3)]
+    if drain_first:
+        cache.drain()
+    started.append(cache.prefetch((0, 3)))
+    # 3 prefetches fit (one slot always stays for the foreground); unused guesses are no reserve
     assert started == [True, True, True, False] and len(cache.free) == 1
-    cache.drain()  # finished but never used: evictable by the foreground, never by a later guess
-    assert [cache.prefetch((1, e)) for e in range(3)] == [True, False, False]  # the free slot, then nothing
-    assert cache.stats.prefetch_skipped == 3 and cache.stats.evictions == 0 and not cache.free
-    slot = cache.acquire((0, 3))  # the foreground evicts the oldest unused guess
+    cache.drain()
+    assert [cache.prefetch((1, e)) for e in range(3)] == [False, False, False]
+    assert cache.stats.prefetch_skipped == 4 and cache.stats.evictions == 0 and len(cache.free) == 1
+    slot = cache.acquire((0, 3))  # a miss takes the free slot
     cache.release((0, 3))
-    assert cache.stats.misses == 1 and cache.stats.prefetch_wasted == 1 and (0, 0) not in cache.entries
-    assert slot not in [e.slot for k, e in cache.entries.items() if k != (0, 3)]
+    assert cache.stats.misses == 1 and not cache.free and cache.stats.evictions == 0
+    # now (0, 3) is used and idle: it is room for the foreground, so no guess may take it ...
+    assert cache.prefetch((1, 0)) is False
+    access(cache, (0, 0))  # ... until a second used expert exists: then the LRU used one may go to a guess
+    assert cache.prefetch((1, 0)) is True and (0, 3) not in cache.entries and (0, 0) in cache.entries
+    assert cache.stats.prefetch_wasted == 0  # only used experts were evicted so far
+    cache.drain()
+    access(cache, (1, 3))  # the foreground evicts the least recently used idle entry: the unused guess (0, 1)
+    assert (0, 1) not in cache.entries and cache.stats.prefetch_wasted == 1
+    assert sorted(e.slot for e in cache.entries.values()) == [0, 1, 2, 3] and slot not in cache.free
 
 
 def test_prefetch_used_and_wasted_counters(folder):

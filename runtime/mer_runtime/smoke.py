@@ -24,7 +24,7 @@ from .buffers import BufferPool
 from .cache import ExpertCache
 from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
-from .loader import Loader, Ticket
+from .loader import Loader, Ticket, check_regular_file, read_regular_file
 from .manifest import Manifest, load_manifest
 from .prefetch import MarkovPrefetcher
 from .shards import open_shards
@@ -107,6 +107,7 @@ def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -
 
     if not m.dense:
         raise MerError(f"{m.root}: no dense.gguf, so the router weights are unknown; use another --workload")
+    check_regular_file(m.root / m.dense["path"])  # a FIFO there would block the reader's open forever
     reader = gguf.GGUFReader(m.root / m.dense["path"])
     tensors = {t.name: t for t in reader.tensors}
     router = m.model.get("router", {})
@@ -174,8 +175,8 @@ class NullLoader(Loader):
     name = "none"
     direct = False
 
-    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
-        return Ticket(path, size, slot, next(self._ids), done=True)
+    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
+        return [Ticket(path, size, slot, next(self._ids), done=True) for path, size, slot in reads]
 
     def wait(self, t: Ticket) -> None:
         pass
@@ -286,7 +287,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,
         "read_mib_per_s": round(bytes_read / wall / 2**20, 2) if wall else 0.0,
-        "io_latency_ms_misses": _pct(st.load_latency),
+        "io_latency_ms_misses": _pct(list(st.load_latency)),
         "compute_ms_per_expert": _pct(compute_times) if cfg.compute else None,
         "io_wait_s": round(io_wait, 4),
         "compute_s": round(compute_total, 4),
@@ -305,7 +306,7 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
     act = m.model.get("activation", {"kind": "swiglu"})
     xs, ys, ids = [], [], []
     for e in m.experts:
-        w = reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
+        w = reference_weights(np.frombuffer(read_regular_file(m.path_of(e)), np.uint8), e)
         x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
         xs.append(x)
         ys.append(reference_ffn(w, x, act))

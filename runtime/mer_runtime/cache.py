@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .buffers import BufferPool
-from .errors import CacheError
+from .errors import CacheError, MerError
 from .loader import Loader, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
@@ -282,7 +282,10 @@ class ExpertCache:
             self._drop_hold(e)
 
     def prefetch(self, key: Key) -> bool:
-        """Start loading `key` in the background if it is absent and a slot can be spared. True if started."""
+        """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
+
+        A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
+        mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
         with self._cv:
             self._ensure_open()
             if key in self.entries:
@@ -291,7 +294,11 @@ class ExpertCache:
             if slot is None:
                 self.stats.prefetch_skipped += 1
                 return False
-            e = self._start(key, slot, urgent=False)
+            try:
+                e = self._start(key, slot, urgent=False)
+            except MerError:  # e.g. the file cannot be opened: counted; whoever needs the expert gets the error
+                self.stats.prefetch_failed += 1
+                return False
             e.prefetched = True
             self.stats.prefetch_issued += 1
             return True

@@ -57,6 +57,7 @@ def _open(path: str, direct: bool) -> int:
     except OSError as exc:
         hint = ""
         if direct and exc.errno == errno.EINVAL:
+            _open(path, False)  # a FIFO or device refuses O_DIRECT too: say what it is, not "the filesystem"
             hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
         raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
     try:

@@ -144,3 +144,38 @@ def test_corrupt_shard_is_caught_on_load(folder, tmp_path):
         s.ffn(1, 1, x)  # the cache is still usable
     with open_shards(dst, cache_slots=2, checksums="never") as s:
         s.ffn(1, 2, x)  # unchecked on purpose
+
+
+def test_prefetch_errors_are_counted_then_raised_to_the_user(folder, tmp_path):
+    """A speculative load that fails (short file, checksum) is not lost: the acquire that needs it raises it."""
+    import shutil
+
+    import numpy as np
+
+    dst = tmp_path / "c"
+    shutil.copytree(folder.root, dst)
+    short, corrupt = folder.expert(0, 2), folder.expert(1, 1)
+    (dst / short.path).write_bytes((dst / short.path).read_bytes()[:short.size - 4096])
+    data = bytearray((dst / corrupt.path).read_bytes())
+    data[5000] ^= 1
+    (dst / corrupt.path).write_bytes(bytes(data))
+    x = np.ones(256, np.float32)
+    with open_shards(dst, cache_slots=4, checksums="always") as s:
+        assert s.prefetch(0, 2) and s.prefetch(1, 1)
+        s.cache.drain()  # both reads are over; nothing has been raised or lost
+        assert s.cache.stats.prefetch_failed == 0 and s.loader.bytes_read < 2 * short.size + 4096
+        reads = s.loader.bytes_read
+        with pytest.raises(ShardIOError, match="E0002.bin: file ends at byte"):
+            s.ffn(0, 2, x)
+        with pytest.raises(ShardIOError, match="E0001.bin: checksum mismatch"):
+            s.ffn(1, 1, x)
+        assert s.cache.stats.prefetch_failed == 2 and s.loader.bytes_read == reads  # raised from the guesses
+        s.ffn(0, 1, x)  # still usable
+        assert not s.cache.in_flight() and len(s.cache.entries) + len(s.cache.free) == 4
+    with open_shards(dst, cache_slots=4) as s:  # a failed guess evicted unused is counted, never raised
+        assert s.prefetch(0, 2)
+        s.cache.drain()
+        for key in [(1, 0), (1, 2), (1, 3), (0, 0)]:  # the 4th miss evicts the LRU idle entry: the failed guess
+            s.ffn(*key, x)
+        assert (0, 2) not in s.cache.entries
+        assert (s.cache.stats.prefetch_failed, s.cache.stats.prefetch_wasted) == (1, 1)

@@ -333,25 +333,15 @@ class ExpertCache:
             self._cv.notify_all()
 
     def drain(self) -> None:
-        """Wait for every read in flight (before the pool or loader goes away). Errors are counted, not raised."""
+        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked or raised here:
+        a failed read stays with its entry and is raised by the acquire that needs it."""
         with self._cv:
-            while True:
-                e = next((e for e in self.entries.values() if e.ticket is not None and e.error is None), None)
-                if e is None:
-                    return
-                if e.finishing:
-                    self._cv.wait()
-                    continue
-                try:
-                    self.loader.wait(e.ticket)  # type: ignore[arg-type]
-                    if self.check:
-                        self.check(e.key, e.slot)
-                    e.ticket = None
-                except Exception:
-                    if e.prefetched:
-                        self.stats.prefetch_failed += 1
-                    del self.entries[e.key]
-                    self.free.append(e.slot)
+            tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
+        for t in tickets:  # outside the lock: other threads may go on meanwhile
+            try:
+                self.loader.wait(t)
+            except Exception:
+                pass
 
     def close(self) -> None:
         """Drain, then refuse every later call with CacheError."""

@@ -179,3 +179,69 @@ def test_prefetch_errors_are_counted_then_raised_to_the_user(folder, tmp_path):
             s.ffn(*key, x)
         assert (0, 2) not in s.cache.entries
         assert (s.cache.stats.prefetch_failed, s.cache.stats.prefetch_wasted) == (1, 1)
+
+
+def big_file(tmp_path):
+    import numpy as np
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    return big
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "pread"])
+def test_stale_prefetches_are_withdrawn_before_they_take_disk_time(folder, backend, tmp_path):
+    from mer_runtime import uring
+
+    if backend == "io_uring" and uring.probe():
+        pytest.skip(uring.probe())
+    big = big_file(tmp_path)
+    pool = BufferPool(4 << 20, 4)
+    loader = open_loader(backend, pool, block_size=4096, queue_depth=1, threads=1)
+    trace = loader.record_issues()
+
+    def locate(key):
+        e = folder.expert(*key)
+        return str(folder.path_of(e)), e.size
+
+    cache = ExpertCache(pool, loader, locate)
+    try:
+        long = loader.start(str(big), 4 << 20, 3)  # 1024 chunks ahead of the guesses
+        assert cache.prefetch((0, 1)) and cache.prefetch((0, 2))
+        ids = {k: e.ticket.id for k, e in cache.entries.items()}
+        n = cache.cancel_stale(keep={(0, 2)})
+        loader.wait(long)
+        cache.drain()
+        issued = {ev[1] for ev in trace if ev[0] == "issue"}
+        cancelled = {ev[1] for ev in trace if ev[0] == "cancelled"}
+        # whatever the disk did: a withdrawn guess never had a chunk issued, and its slot is free again
+        if n:
+            assert cancelled == {ids[(0, 1)]} and ids[(0, 1)] not in issued
+            assert (0, 1) not in cache.entries and cache.stats.prefetch_cancelled == 1 and len(cache.free) == 3
+        else:
+            assert ids[(0, 1)] in issued and (0, 1) in cache.entries
+        assert (0, 2) in cache.entries and ids[(0, 2)] in issued  # the one still predicted is kept
+        slot = cache.acquire((0, 2))
+        e = folder.expert(0, 2)
+        assert pool.view(slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+        cache.release((0, 2))
+    finally:
+        loader.close()
+        pool.close()
+
+
+def test_fetch_starts_a_steps_experts_together_ahead_of_guesses(folder, tmp_path):
+    cache, pool = make_cache(folder, 4)
+    trace = cache.loader.record_issues()
+    access(cache, (1, 0))
+    assert cache.prefetch((0, 3))
+    # the step needs (1, 0) (present: never evicted for its own step) and two absent experts
+    assert cache.fetch([(1, 0), (0, 1), (0, 2)]) == 2
+    queued = [ev for ev in trace if ev[0] == "queued"]
+    assert [ev[2] for ev in queued[-2:]] == [True, True]  # urgent, queued together after the guess
+    for key in [(1, 0), (0, 1), (0, 2)]:
+        slot = access(cache, key)
+        e = folder.expert(*key)
+        assert pool.view(slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+    assert (cache.stats.misses, cache.stats.hits) == (3, 1)  # fetched loads count once, as misses
+    assert cache.fetch([(0, 1), (0, 2)]) == 0

@@ -76,6 +76,7 @@ class Entry:
     finishing: bool = False  # a thread is waiting for the read and checking it, outside the lock
     error: BaseException | None = None  # the load failed; waiters raise it
     foreground: bool = False  # started by a miss: its latency is recorded
+    fetched: bool = False  # started by fetch(): its miss is already counted
 
     @property
     def users(self) -> int:
@@ -92,6 +93,7 @@ class CacheStats:
     prefetch_wasted: int = 0  # evicted before any use
     prefetch_skipped: int = 0  # no slot could be spared
     prefetch_failed: int = 0  # the read or the checksum failed (reported to whoever acquires it, if anyone)
+    prefetch_cancelled: int = 0  # withdrawn before any of it was read (stale: the step it was for has passed)
     load_latency: Reservoir = field(default_factory=Reservoir)  # seconds, foreground misses: start to ready
     io_wait: float = 0.0  # seconds callers spent blocked on reads (summed over threads)
 
@@ -104,7 +106,8 @@ class CacheStats:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4),
                 "evictions": self.evictions, "prefetch_issued": self.prefetch_issued,
                 "prefetch_used": self.prefetch_used, "prefetch_wasted": self.prefetch_wasted,
-                "prefetch_skipped": self.prefetch_skipped, "prefetch_failed": self.prefetch_failed}
+                "prefetch_skipped": self.prefetch_skipped, "prefetch_failed": self.prefetch_failed,
+                "prefetch_cancelled": self.prefetch_cancelled}
 
 
 class ExpertCache:
@@ -248,7 +251,7 @@ class ExpertCache:
             while True:
                 e = self.entries.get(key)
                 if e is not None:
-                    if not counted:
+                    if not counted and not (e.fetched and not e.used):
                         self.stats.hits += 1
                     if e.prefetched and not e.used:
                         self.stats.prefetch_used += 1
@@ -272,6 +275,60 @@ class ExpertCache:
             self.entries.move_to_end(key)
             self._await(e)
             return e.slot
+
+    def fetch(self, keys: list[Key]) -> int:
+        """Start the foreground loads of every absent key at once (the k experts of one step), queued together
+        ahead of prefetches, without waiting; then acquire() each, computing on the first while the rest arrive.
+        Starts as many as slots allow now (never waits for one); returns how many it started.
+
+        >>> cache.fetch([(3, 1), (3, 6)])     # doctest: +SKIP
+        2
+        """
+        with self._cv:
+            self._ensure_open()
+            step = set(keys)
+            todo: list[tuple[Key, int]] = []
+            for key in dict.fromkeys(keys):
+                if key in self.entries:
+                    continue
+                slot = self.free.pop() if self.free else None
+                if slot is None:  # a complete, idle entry that is not part of this step
+                    v = next((e for e in self.entries.values() if not e.pinned and not e.holders
+                              and e.key not in step and self._read_complete(e)), None)
+                    if v is None:
+                        break
+                    slot = self._evict(v)
+                todo.append((key, slot))
+            if not todo:
+                return 0
+            try:
+                reads = [(*self.locate(k), slot) for k, slot in todo]
+                tickets = self.loader.start_many(reads, urgent=True)
+            except MerError:  # e.g. a file that cannot be opened: the acquire that needs it reports it
+                self.free.extend(slot for _, slot in todo)
+                self._cv.notify_all()
+                return 0
+            now = time.perf_counter()
+            for (key, slot), t in zip(todo, tickets):
+                self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)
+                self.stats.misses += 1
+            return len(todo)
+
+    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset()) -> int:
+        """Withdraw unused prefetches (not in keep) none of whose reads has been issued yet: their step has passed
+        and they would only take disk time from foreground reads. Returns how many were withdrawn."""
+        with self._cv:
+            n = 0
+            for e in list(self.entries.values()):
+                if (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
+                        and e.key not in keep and self.loader.cancel(e.ticket)):
+                    del self.entries[e.key]
+                    self.free.append(e.slot)  # nothing was in flight into it
+                    self.stats.prefetch_cancelled += 1
+                    n += 1
+            if n:
+                self._cv.notify_all()
+            return n
 
     def release(self, key: Key) -> None:
         """Give back what acquire(key) gave this thread; releasing what this thread does not hold is an error."""

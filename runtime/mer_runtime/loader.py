@@ -167,6 +167,16 @@ class Loader:
                 self._note("promoted", t.id, len(mine))
                 self._kick()
 
+    def cancel(self, t: Ticket) -> bool:
+        """Withdraw a read none of whose chunks has been issued yet (a stale prefetch): True if it was withdrawn
+        (the ticket is then done, with an error, and its fd closed), False if it is already under way or done."""
+        with self._cv:
+            if t.done or t.in_flight:  # remaining = queued + in flight: with none in flight, all are queued
+                return False
+            self._note("cancelled", t.id)
+            self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
+            return True
+
     def ready(self, t: Ticket) -> bool:
         with self._cv:
             return t.done

@@ -26,7 +26,7 @@ from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
 from .loader import Loader, Ticket, check_regular_file, read_regular_file
 from .manifest import Manifest, load_manifest
-from .prefetch import MarkovPrefetcher
+from .prefetch import CostModel, MarkovPrefetcher
 from .shards import open_shards
 
 WORKLOADS = ("zipf", "markov", "uniform", "router", "replay")
@@ -186,23 +186,34 @@ class NullLoader(Loader):
 
 
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
-           max_inflight: int, on_access: Callable[[int, int], None] | None = None) -> None:
+           max_inflight: int, on_access: Callable[[int, int], None] | None = None, cost: CostModel | None = None
+           ) -> None:
+    """Run a trace through the cache. Each step's k experts are started together (`fetch`); after the step the
+    prefetcher's stale guesses are withdrawn and new ones issued if `cost` admits them (None: every prediction
+    above the threshold, as the I/O-free policy replay does)."""
     T, L, _ = routes.shape
+    st = cache.stats
     for t in range(T):
         for li in range(L):
             experts = [int(e) for e in routes[t, li]]
-            for e in experts:
+            keys = [(layers[li], e) for e in experts]
+            t0, w0, m0, l0 = time.perf_counter(), st.io_wait, st.misses, st.load_latency.total
+            cache.fetch(keys)
+            for key in keys:
                 if on_access:
-                    on_access(layers[li], e)
+                    on_access(*key)
                 else:
-                    cache.acquire((layers[li], e))
-                    cache.release((layers[li], e))
+                    cache.acquire(key)
+                    cache.release(key)
+            if cost is not None:
+                cost.observe(time.perf_counter() - t0, st.io_wait - w0, st.misses - m0, st.load_latency.total - l0)
             if policy == "markov" and pf is not None:
                 pf.observe(li, experts)
-                target, cands = pf.predict(li)
-                for e in cands:
-                    if cache.in_flight() >= max_inflight:
-                        break
+                target, scored = pf.predict_scored(li)
+                cache.cancel_stale(keep={(layers[target], e) for e, _ in scored})
+                for e, p in scored:
+                    if cache.in_flight() >= max_inflight or (cost is not None and not cost.admit(p)):
+                        break  # ranked by p: if this one does not pay, the rest do not either
                     cache.prefetch((layers[target], e))
             elif policy == "oracle":
                 nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
@@ -244,6 +255,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
+        cost = CostModel() if cfg.prefetch else None
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
 
         def access(layer: int, e: int) -> None:
@@ -257,7 +269,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         for t in range(T):
             token_index[0] = t
             _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none", pf if cfg.prefetch else None,
-                   cfg.max_inflight, on_access=access)
+                   cfg.max_inflight, on_access=access, cost=cost)
             tick(1)
         wall = time.perf_counter() - t_start
         st = s.cache.stats
@@ -328,7 +340,7 @@ def render(r: dict[str, Any]) -> str:
         f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
         f"evictions {r['evictions']}",
         f"  pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
-        f"wasted {r['prefetch_wasted']}",
+        f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
         f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",
         f"  read {r['bytes_read'] / 2**20:.1f} MiB at {r['read_mib_per_s']:.1f} MiB/s; I/O latency (misses) ms "

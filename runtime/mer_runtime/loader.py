@@ -43,6 +43,7 @@ class Ticket:
     fd: int = -1
     remaining: int = 0  # chunks neither complete nor dropped
     in_flight: int = 0  # chunks with the kernel or a worker now
+    issued: int = 0  # chunks ever handed to the kernel or a worker
     error: BaseException | None = None
     done: bool = False  # remaining == 0: the slot's bytes will not change any more
 
@@ -171,7 +172,7 @@ class Loader:
         """Withdraw a read none of whose chunks has been issued yet (a stale prefetch): True if it was withdrawn
         (the ticket is then done, with an error, and its fd closed), False if it is already under way or done."""
         with self._cv:
-            if t.done or t.in_flight:  # remaining = queued + in flight: with none in flight, all are queued
+            if t.done or t.issued:
                 return False
             self._note("cancelled", t.id)
             self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
@@ -303,6 +304,7 @@ class PreadLoader(Loader):
                     return
                 t, off, n = self._queue.popleft()
                 t.in_flight += 1
+                t.issued += 1
                 self._note("issue", t.id, off)
             err: BaseException | None = None
             try:
@@ -408,6 +410,7 @@ class UringLoader(Loader):
             cid = next(self._chunk_ids)
             self._chunks[cid] = (t, off, n)
             t.in_flight += 1
+            t.issued += 1
             self._note("issue", t.id, off)
             r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
         if r.pending:

@@ -213,3 +213,29 @@ def test_a_failing_load_is_reported_to_every_waiting_thread(extracted, backend, 
         hammer(work)
         assert len(msgs) == N_THREADS and all("E0001.bin: file ends at byte" in m for m in msgs)
         assert rel_err(s.ffn(layers[0], 1, x), y[0, 1]) < 1e-4  # the cache is still usable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_ffn_from_8_threads_many_rounds(extracted, backend):
+    """The same check as above for many rounds (CI skips it: `pytest -m slow` runs it)."""
+    x, layers, y = reference("mixtral-q4_k_m")
+    out = extracted(REAL / "mixtral-q4_k_m.gguf")
+    keys = [(li, layer, e) for li, layer in enumerate(layers) for e in range(y.shape[1])]
+    with open_shards(out, io=backend, cache_slots=2, block_size=8192, queue_depth=2, threads=2,
+                     checksums="always") as s:
+        bad: list[tuple] = []
+
+        def work(i):
+            rng = np.random.default_rng(100 + i)
+            for _ in range(50):
+                li, layer, e = keys[rng.integers(len(keys))]
+                if rng.random() < 0.2:
+                    s.prefetch(layer, int(rng.integers(y.shape[1])))
+                got = s.ffn(layer, e, x)
+                if rel_err(got, y[li, e]) > 1e-4:
+                    bad.append((i, layer, e))
+
+        for _ in range(40):
+            hammer(work)
+        assert not bad, bad[:5]

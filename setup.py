@@ -1,8 +1,13 @@
-"""Only the optional C kernel lives here; everything else is in pyproject.toml.
+"""Only the optional C libraries live here; everything else is in pyproject.toml.
 
-The extension is a plain shared library loaded with ctypes (mer_runtime.kernels): no Python C-API, and the GIL
-is released during each call. optional=True: without a C compiler the install still succeeds and the runtime
-falls back to NumPy and gguf's dequantization (slower; `mertools inspect` says which path each type takes).
+Both are plain shared libraries loaded with ctypes (no Python C-API). optional=True: without a C compiler the
+install still succeeds.
+- `mer_runtime._kernels`: the block kernels and the one-call MoE step; the GIL is released during each call.
+  Without it the runtime falls back to NumPy and gguf's dequantization (slower; `mertools inspect` says which path
+  each type takes).
+- `mer_runtime._uring_atomics`: acquire/release accesses to the io_uring ring indices. Without it io_uring is used
+  on x86-64 only (its memory model makes plain loads and stores acquire and release); elsewhere `--io auto` falls
+  back to pread and says why.
 """
 
 from setuptools import Extension, setup
@@ -18,6 +23,12 @@ setup(
             extra_link_args=["-pthread"],
             libraries=["m"],
             optional=True,
-        )
+        ),
+        Extension(
+            "mer_runtime._uring_atomics",
+            sources=["runtime/mer_runtime/_uring_atomics.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
     ]
 )

@@ -87,18 +87,32 @@ def test_in_use_expert_is_not_evicted(folder):
         cache.acquire((0, 0)), cache.acquire((0, 1)), cache.acquire((0, 2))
 
 
-def test_prefetch_never_takes_the_last_slot(folder):
+@pytest.mark.parametrize("drain_first", [False, True])
+def test_prefetch_never_takes_the_last_slot(folder, drain_first):
+    """The reserve counts free slots and used, idle experts only: whether a guess's read has finished (here: not
+    yet, or drained) never changes a decision (it did before: a finished guess counted as room, so a 4th started)."""
     cache, _ = make_cache(folder, 4)
-    started = [cache.prefetch((0, e)) for e in range(4)]
-    # 3 prefetches fit (one slot always stays for the foreground)
+    started = [cache.prefetch((0, e)) for e in range(3)]
+    if drain_first:
+        cache.drain()
+    started.append(cache.prefetch((0, 3)))
+    # 3 prefetches fit (one slot always stays for the foreground); unused guesses are no reserve
     assert started == [True, True, True, False] and len(cache.free) == 1
-    cache.drain()  # finished but never used: evictable by the foreground, never by a later guess
-    assert [cache.prefetch((1, e)) for e in range(3)] == [True, False, False]  # the free slot, then nothing
-    assert cache.stats.prefetch_skipped == 3 and cache.stats.evictions == 0 and not cache.free
-    slot = cache.acquire((0, 3))  # the foreground evicts the oldest unused guess
+    cache.drain()
+    assert [cache.prefetch((1, e)) for e in range(3)] == [False, False, False]
+    assert cache.stats.prefetch_skipped == 4 and cache.stats.evictions == 0 and len(cache.free) == 1
+    slot = cache.acquire((0, 3))  # a miss takes the free slot
     cache.release((0, 3))
-    assert cache.stats.misses == 1 and cache.stats.prefetch_wasted == 1 and (0, 0) not in cache.entries
-    assert slot not in [e.slot for k, e in cache.entries.items() if k != (0, 3)]
+    assert cache.stats.misses == 1 and not cache.free and cache.stats.evictions == 0
+    # now (0, 3) is used and idle: it is room for the foreground, so no guess may take it ...
+    assert cache.prefetch((1, 0)) is False
+    access(cache, (0, 0))  # ... until a second used expert exists: then the LRU used one may go to a guess
+    assert cache.prefetch((1, 0)) is True and (0, 3) not in cache.entries and (0, 0) in cache.entries
+    assert cache.stats.prefetch_wasted == 0  # only used experts were evicted so far
+    cache.drain()
+    access(cache, (1, 3))  # the foreground evicts the least recently used idle entry: the unused guess (0, 1)
+    assert (0, 1) not in cache.entries and cache.stats.prefetch_wasted == 1
+    assert sorted(e.slot for e in cache.entries.values()) == [0, 1, 2, 3] and slot not in cache.free
 
 
 def test_prefetch_used_and_wasted_counters(folder):
@@ -130,3 +144,104 @@ def test_corrupt_shard_is_caught_on_load(folder, tmp_path):
         s.ffn(1, 1, x)  # the cache is still usable
     with open_shards(dst, cache_slots=2, checksums="never") as s:
         s.ffn(1, 2, x)  # unchecked on purpose
+
+
+def test_prefetch_errors_are_counted_then_raised_to_the_user(folder, tmp_path):
+    """A speculative load that fails (short file, checksum) is not lost: the acquire that needs it raises it."""
+    import shutil
+
+    import numpy as np
+
+    dst = tmp_path / "c"
+    shutil.copytree(folder.root, dst)
+    short, corrupt = folder.expert(0, 2), folder.expert(1, 1)
+    (dst / short.path).write_bytes((dst / short.path).read_bytes()[:short.size - 4096])
+    data = bytearray((dst / corrupt.path).read_bytes())
+    data[5000] ^= 1
+    (dst / corrupt.path).write_bytes(bytes(data))
+    x = np.ones(256, np.float32)
+    with open_shards(dst, cache_slots=4, checksums="always") as s:
+        assert s.prefetch(0, 2) and s.prefetch(1, 1)
+        s.cache.drain()  # both reads are over; nothing has been raised or lost
+        assert s.cache.stats.prefetch_failed == 0 and s.loader.bytes_read < 2 * short.size + 4096
+        reads = s.loader.bytes_read
+        with pytest.raises(ShardIOError, match="E0002.bin: file ends at byte"):
+            s.ffn(0, 2, x)
+        with pytest.raises(ShardIOError, match="E0001.bin: checksum mismatch"):
+            s.ffn(1, 1, x)
+        assert s.cache.stats.prefetch_failed == 2 and s.loader.bytes_read == reads  # raised from the guesses
+        s.ffn(0, 1, x)  # still usable
+        assert not s.cache.in_flight() and len(s.cache.entries) + len(s.cache.free) == 4
+    with open_shards(dst, cache_slots=4) as s:  # a failed guess evicted unused is counted, never raised
+        assert s.prefetch(0, 2)
+        s.cache.drain()
+        for key in [(1, 0), (1, 2), (1, 3), (0, 0)]:  # the 4th miss evicts the LRU idle entry: the failed guess
+            s.ffn(*key, x)
+        assert (0, 2) not in s.cache.entries
+        assert (s.cache.stats.prefetch_failed, s.cache.stats.prefetch_wasted) == (1, 1)
+
+
+def big_file(tmp_path):
+    import numpy as np
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    return big
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "pread"])
+def test_stale_prefetches_are_withdrawn_before_they_take_disk_time(folder, backend, tmp_path):
+    from mer_runtime import uring
+
+    if backend == "io_uring" and uring.probe():
+        pytest.skip(uring.probe())
+    big = big_file(tmp_path)
+    pool = BufferPool(4 << 20, 4)
+    loader = open_loader(backend, pool, block_size=4096, queue_depth=1, threads=1)
+    trace = loader.record_issues()
+
+    def locate(key):
+        e = folder.expert(*key)
+        return str(folder.path_of(e)), e.size
+
+    cache = ExpertCache(pool, loader, locate)
+    try:
+        long = loader.start(str(big), 4 << 20, 3)  # 1024 chunks ahead of the guesses
+        assert cache.prefetch((0, 1)) and cache.prefetch((0, 2))
+        ids = {k: e.ticket.id for k, e in cache.entries.items()}
+        n = cache.cancel_stale(keep={(0, 2)})
+        loader.wait(long)
+        cache.drain()
+        issued = {ev[1] for ev in trace if ev[0] == "issue"}
+        cancelled = {ev[1] for ev in trace if ev[0] == "cancelled"}
+        # whatever the disk did: a withdrawn guess never had a chunk issued, and its slot is free again
+        if n:
+            assert cancelled == {ids[(0, 1)]} and ids[(0, 1)] not in issued
+            assert (0, 1) not in cache.entries and cache.stats.prefetch_cancelled == 1 and len(cache.free) == 3
+        else:
+            assert ids[(0, 1)] in issued and (0, 1) in cache.entries
+        assert (0, 2) in cache.entries and ids[(0, 2)] in issued  # the one still predicted is kept
+        slot = cache.acquire((0, 2))
+        e = folder.expert(0, 2)
+        assert pool.view(slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+        cache.release((0, 2))
+    finally:
+        loader.close()
+        pool.close()
+
+
+def test_fetch_starts_a_steps_experts_together_ahead_of_guesses(folder, tmp_path):
+    cache, pool = make_cache(folder, 4)
+    trace = cache.loader.record_issues()
+    access(cache, (1, 0))
+    assert cache.prefetch((0, 3))
+    # the step needs (1, 0) (present: never evicted for its own step) and two absent experts
+    assert cache.fetch([(1, 0), (0, 1), (0, 2)]) == 2
+    queued = [ev for ev in trace if ev[0] == "queued"]
+    assert [ev[2] for ev in queued[-2:]] == [True, True]  # urgent, queued together after the guess
+    for key in [(1, 0), (0, 1), (0, 2)]:
+        slot = access(cache, key)
+        e = folder.expert(*key)
+        assert pool.view(slot, e.size).tobytes() == folder.path_of(e).read_bytes()
+    assert (cache.stats.misses, cache.stats.hits) == (3, 1)  # fetched loads count once, as misses
+    assert cache.fetch([(0, 1), (0, 2)]) == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mer_runtime import load_manifest
-from mer_runtime.prefetch import MarkovPrefetcher
+from mer_runtime.prefetch import CostModel, MarkovPrefetcher
 from mer_runtime.smoke import SmokeConfig, compare_policies, make_routes
 
 from conftest import GEN
@@ -70,3 +70,53 @@ def test_workloads_are_seeded_and_valid(manifest, workload):
     assert ((a >= 0) & (a < 4)).all()
     assert all(len(set(row)) == 2 for tok in a for row in tok)  # k distinct experts per layer
     assert not (make_routes(manifest, workload, 200, 6) == a).all()
+
+
+def test_cost_model_admits_a_guess_only_when_it_pays():
+    """Decisions from given measurements (no clocks): p x stall > read x busy."""
+    cm = CostModel(alpha=0.5, warmup=4)
+    assert not cm.admit(1.0)  # nothing measured yet: no speculation
+    # disk-bound: blocked 90% of the time, a miss stalls for as long as a read takes
+    for _ in range(4):
+        cm.observe(wall_s=0.010, io_wait_s=0.009, misses=1, miss_latency_s=0.009)
+    assert (cm.stall_s, cm.read_s, cm.busy) == pytest.approx((0.009, 0.009, 0.9))
+    assert [cm.admit(p) for p in (0.5, 0.89, 0.95)] == [False, False, True]
+    # compute-bound: the disk idles 95% of the time: even a 1-in-10 guess is worth its read
+    for _ in range(30):
+        cm.observe(wall_s=0.100, io_wait_s=0.005, misses=1, miss_latency_s=0.009)
+    assert cm.busy == pytest.approx(0.05, abs=1e-6)
+    assert [cm.admit(p) for p in (0.02, 0.1)] == [False, True]
+    # steps without misses still count as time the disk was free
+    cm.observe(wall_s=0.1, io_wait_s=0.0, misses=0, miss_latency_s=0.0)
+    assert cm.busy == pytest.approx(0.025, abs=1e-6)
+
+
+def test_predictions_carry_their_probabilities():
+    pf = MarkovPrefetcher([0], 4, threshold_scale=1.0)
+    for s in [[0], [1], [0], [1], [0], [2], [0]]:
+        pf.observe(0, s)
+    target, scored = pf.predict_scored(0)
+    assert target == 0 and scored == [(1, pytest.approx(2 / 3)), (2, pytest.approx(1 / 3))]
+    assert pf.predict(0) == (0, [1, 2])
+
+
+def test_a_disk_bound_replay_with_costs_issues_nothing_it_would_lose(manifest):
+    """The replay with a cost model that measured a saturated disk: no speculative read, the same hits as none."""
+    from mer_runtime.buffers import BufferPool
+    from mer_runtime.cache import ExpertCache
+    from mer_runtime.smoke import NullLoader, _drive
+
+    cycle = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    routes = np.array([[cycle[t % 4], cycle[(t + 1) % 4]] for t in range(100)])
+    results = {}
+    for name in ("none", "saturated"):
+        pool = BufferPool(4096, 3)
+        cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
+        cm = CostModel(warmup=0)
+        cm.observe(wall_s=1.0, io_wait_s=1.0, misses=1, miss_latency_s=1.0)
+        cm.observe = lambda *a: None  # keep the measured saturation (NullLoader's steps take no time)
+        pf = MarkovPrefetcher(manifest.layers, 4)
+        _drive(cache, routes, manifest.layers, "markov" if name != "none" else "none", pf, 2, cost=cm)
+        results[name] = cache.stats.as_dict()
+    assert results["saturated"]["prefetch_issued"] == 0
+    assert results["saturated"]["hits"] == results["none"]["hits"]

@@ -32,16 +32,22 @@ def test_smoke_reports_everything(out, workload):
     r = smoke(out, "--tokens", "200", "--cache-slots", "3", "--workload", workload)
     assert r["tokens"] == 200 and r["layer_steps"] == 400 and r["expert_calls"] == 800
     assert r["hits"] + r["misses"] == 800
-    assert r["bytes_read"] >= r["misses"] * 4096 and r["read_mib_per_s"] > 0
+    # every miss and every issued prefetch reads one whole shard (plus the 4 KiB probe at open)
+    m = load_manifest(out)
+    sizes = [e.size for e in m.experts]
+    loads = r["misses"] + r["prefetch_issued"]
+    assert min(sizes) * loads + 4096 <= r["bytes_read"] <= max(sizes) * loads + 4096
+    assert r["prefetch_used"] + r["prefetch_wasted"] <= r["prefetch_issued"]
+    assert r["hits"] >= r["prefetch_used"]
     for key in ("io_latency_ms_misses", "compute_ms_per_expert"):
-        assert set(r[key]) == {"p50", "p95", "p99"} and r[key]["p50"] <= r[key]["p99"]
-    assert 0 <= r["io_share"] <= 1 and r["tokens_per_s"] > 0 and r["layer_steps_per_s"] == pytest.approx(
-        2 * r["tokens_per_s"], rel=1e-3)
+        assert set(r[key]) == {"p50", "p95", "p99"}
+    assert r["layer_steps_per_s"] == pytest.approx(2 * r["tokens_per_s"], rel=1e-3)
     pol = r["hit_rate_by_policy"]
     assert set(pol) == {"none", "markov", "oracle"}
-    # the replay without I/O finds every prefetch complete at once; the live run can find one still in flight
-    assert abs(pol["markov"]["hit_rate"] - r["hit_rate"]) < 0.05
-    assert pol["oracle"]["hit_rate"] >= pol["none"]["hit_rate"]
+    assert pol["oracle"]["hit_rate"] > pol["none"]["hit_rate"]  # knowing the next step must help on 3 slots
+    assert pol["none"]["prefetch_issued"] == 0 and pol["markov"]["hits"] + pol["markov"]["misses"] == 800
+    if workload == "markov":  # the policy replay is seeded and I/O-free: the same again, whatever the disk did
+        assert smoke(out, "--tokens", "200", "--cache-slots", "3", "--workload", workload)["hit_rate_by_policy"] == pol
     assert "token" in r["token_definition"]
 
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from mer_runtime import uring
 from mer_runtime.buffers import BufferPool
 
-pytestmark = pytest.mark.skipif(uring.probe() is not None, reason=f"io_uring unavailable: {uring.probe()}")
+import seccomp
+from conftest import ROOT
+
+needs_uring = pytest.mark.skipif(uring.probe() is not None, reason=f"io_uring unavailable: {uring.probe()}")
 
 
 @pytest.fixture
@@ -20,6 +27,7 @@ def data_file(tmp_path):
     return p
 
 
+@needs_uring
 @pytest.mark.parametrize("fixed", [True, False])
 def test_o_direct_reads_land_in_aligned_buffers(data_file, fixed):
     pool = BufferPool(1 << 20, 3)
@@ -39,6 +47,7 @@ def test_o_direct_reads_land_in_aligned_buffers(data_file, fixed):
         assert pool.view(slot).tobytes() == blob[slot << 20:(slot + 1) << 20]
 
 
+@needs_uring
 def test_more_reads_than_ring_entries_wrap_around(data_file):
     pool = BufferPool(4096, 1)
     fd = os.open(data_file, os.O_RDONLY | os.O_DIRECT)
@@ -53,6 +62,7 @@ def test_more_reads_than_ring_entries_wrap_around(data_file):
     os.close(fd)
 
 
+@needs_uring
 def test_errors_come_back_as_negative_errno(data_file):
     pool = BufferPool(4096, 2)
     with uring.Ring(4) as ring:
@@ -66,5 +76,67 @@ def test_errors_come_back_as_negative_errno(data_file):
         os.close(fd)
 
 
+def child(code: str, env: dict | None = None) -> dict:
+    p = subprocess.run([sys.executable, "-c", f"import sys, json; sys.path.insert(0, {str(ROOT / 'tests')!r})\n" + code],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="the seccomp filter is written for x86-64 Linux")
 def test_probe_says_why_when_refused():
-    assert uring.probe() is None  # here it works; refusals are exercised in test_loader_conformance
+    """The kernel really refuses (seccomp answers io_uring_setup with EPERM, as Docker's default profile does)."""
+    got = child("import seccomp; seccomp.install(refuse_io_uring=True)\n"
+                "from mer_runtime import uring\n"
+                "print(json.dumps({'probe': uring.probe()}))")
+    assert got["probe"] == ("io_uring_setup failed (Operation not permitted): refused: kernel.io_uring_disabled is "
+                            "set, or a container's seccomp profile blocks it")
+
+
+def test_without_ordered_access_io_uring_is_refused_on_weakly_ordered_cpus():
+    """Only the CPU name is faked (the helper is really left out): auto must say why and read with pread."""
+    got = child("import platform; platform.machine = lambda: 'aarch64'\n"
+                "from mer_runtime import uring\n"
+                "from mer_runtime.buffers import BufferPool\n"
+                "from mer_runtime.loader import open_loader\n"
+                "l = open_loader('auto', BufferPool(4096, 2)); l.close()\n"
+                "print(json.dumps({'probe': uring.probe(), 'name': l.name, 'reason': l.reason, 'ord': uring.ORDERING}))",
+                env={"MER_URING_ATOMICS": "plain"})
+    assert got["probe"].startswith("io_uring on aarch64 needs the mer_runtime._uring_atomics helper")
+    assert got["name"] == "pread" and "io_uring on aarch64 needs" in got["reason"] and got["ord"] == "unavailable"
+
+
+def test_ordering_rule():
+    assert uring.ordering_refusal("x86_64", helper=False) is None  # TSO: plain access is acquire/release
+    assert uring.ordering_refusal("aarch64", helper=True) is None
+    assert "riscv64" in uring.ordering_refusal("riscv64", helper=False)
+
+
+@needs_uring
+def test_ring_indices_use_the_c11_helper_when_built():
+    from pathlib import Path
+
+    built = any(Path(uring.__file__).parent.glob("_uring_atomics*.so"))
+    if not built:
+        pytest.skip("mer_runtime._uring_atomics was not built (no C compiler at install)")
+    assert uring.ORDERING.startswith("C11 acquire/release")
+    with uring.Ring(2) as r:
+        # the index objects read and write the kernel's words through the helper
+        assert r.cq_tail.load() == r.cq_head.load() == 0
+        assert r.sq_tail.load() == 0
+
+
+@needs_uring
+def test_plain_access_on_x86_64_reads_the_same(tmp_path):
+    if platform.machine() not in uring.TSO_MACHINES:
+        pytest.skip("plain access is only allowed on x86-64")
+    data = tmp_path / "d.bin"
+    data.write_bytes(os.urandom(1 << 16))
+    got = child("from mer_runtime import uring\n"
+                "from mer_runtime.buffers import BufferPool\n"
+                "from mer_runtime.loader import open_loader\n"
+                "p = BufferPool(1 << 16, 2); l = open_loader('io_uring', p, block_size=4096, queue_depth=4)\n"
+                f"l.read({str(data)!r}, 1 << 16, 1); l.close()\n"
+                "print(json.dumps({'ord': uring.ORDERING, 'bytes': p.view(1).tobytes().hex()}))",
+                env={"MER_URING_ATOMICS": "plain"})
+    assert got["ord"] == "plain loads/stores (x86-64 TSO)" and bytes.fromhex(got["bytes"]) == data.read_bytes()

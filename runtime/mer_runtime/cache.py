@@ -2,36 +2,85 @@
 
 Rules:
 - a pinned expert, or one in use (between `acquire` and `release`), is never evicted;
-- a prefetch may take a slot only if, after it, one slot is still free or evictable: a foreground load never waits
-  behind prefetches for room;
-- a slot whose read is still in flight is never handed to another expert.
-- a prefetch never evicts another prefetched expert that has not been used yet.
+- a slot whose read is still in flight is never handed to another expert;
+- a prefetch may take a slot only if, after it, one slot is still free or holds an expert that has been used and
+  is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches,
+  whether their reads have finished or not, never count towards that reserve, so the decision does not depend on
+  how fast the disk was;
+- a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost).
+
+Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
+counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
+finishes it, and any other thread that wants the same expert waits for that same load (never a second read). A
+thread that needs a slot while every slot is pinned or held by other threads waits for a release; if it would
+wait for itself (it holds the only slots that could be freed), it gets a CacheError instead of a deadlock.
 """
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from .buffers import BufferPool
-from .errors import CacheError
+from .errors import CacheError, MerError
 from .loader import Loader, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
 
 
-@dataclass
+class Reservoir:
+    """A bounded, uniformly sampled record of a stream of values (Vitter's algorithm R), for percentiles.
+
+    >>> r = Reservoir(capacity=3)
+    >>> for v in range(1000): r.append(float(v))
+    >>> len(r), r.count                 # keeps 3 samples, counted 1000
+    (3, 1000)
+    """
+
+    def __init__(self, capacity: int = 4096, seed: int = 0):
+        self.capacity, self.count, self.total = capacity, 0, 0.0
+        self._items: list[float] = []
+        self._rng = random.Random(seed)  # seeded: the same run keeps the same samples
+
+    def append(self, v: float) -> None:
+        self.count += 1
+        self.total += v
+        if len(self._items) < self.capacity:
+            self._items.append(v)
+        else:
+            j = self._rng.randrange(self.count)
+            if j < self.capacity:
+                self._items[j] = v
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(list(self._items))
+
+
+@dataclass(eq=False)
 class Entry:
     key: Key
     slot: int
     ticket: Ticket | None  # None once the read is complete and checked
     started: float
     pinned: bool = False
-    users: int = 0
+    holders: dict[int, int] = field(default_factory=dict)  # thread id -> acquires not yet released
     prefetched: bool = False
     used: bool = False
+    finishing: bool = False  # a thread is waiting for the read and checking it, outside the lock
+    error: BaseException | None = None  # the load failed; waiters raise it
+    foreground: bool = False  # started by a miss: its latency is recorded
+    fetched: bool = False  # started by fetch(): the first acquire counts it as the miss
+
+    @property
+    def users(self) -> int:
+        return sum(self.holders.values())
 
 
 @dataclass
@@ -43,8 +92,10 @@ class CacheStats:
     prefetch_used: int = 0
     prefetch_wasted: int = 0  # evicted before any use
     prefetch_skipped: int = 0  # no slot could be spared
-    load_latency: list[float] = field(default_factory=list)  # seconds, foreground misses: start to ready
-    io_wait: float = 0.0  # seconds the caller spent blocked on reads
+    prefetch_failed: int = 0  # the read or the checksum failed (reported to whoever acquires it, if anyone)
+    prefetch_cancelled: int = 0  # withdrawn before any of it was read (stale: the step it was for has passed)
+    load_latency: Reservoir = field(default_factory=Reservoir)  # seconds, foreground misses: start to ready
+    io_wait: float = 0.0  # seconds callers spent blocked on reads (summed over threads)
 
     @property
     def hit_rate(self) -> float:
@@ -55,11 +106,17 @@ class CacheStats:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 4),
                 "evictions": self.evictions, "prefetch_issued": self.prefetch_issued,
                 "prefetch_used": self.prefetch_used, "prefetch_wasted": self.prefetch_wasted,
-                "prefetch_skipped": self.prefetch_skipped}
+                "prefetch_skipped": self.prefetch_skipped, "prefetch_failed": self.prefetch_failed,
+                "prefetch_cancelled": self.prefetch_cancelled}
 
 
 class ExpertCache:
-    """`locate(key) -> (path, size)` says where an expert lives; `check(key, slot)` validates a finished load."""
+    """`locate(key) -> (path, size)` says where an expert lives; `check(key, slot)` validates a finished load.
+
+    >>> slot = cache.acquire((1, 3))      # doctest: +SKIP
+    >>> ...                               # pool.view(slot) holds expert 3 of layer 1 until:
+    >>> cache.release((1, 3))             # doctest: +SKIP
+    """
 
     def __init__(self, pool: BufferPool, loader: Loader, locate: Callable[[Key], tuple[str, int]],
                  check: Callable[[Key, int], None] | None = None):
@@ -69,121 +126,260 @@ class ExpertCache:
         self.entries: OrderedDict[Key, Entry] = OrderedDict()  # LRU order: first is least recently used
         self.free = list(range(pool.n_slots - 1, -1, -1))
         self.stats = CacheStats()
+        self._cv = threading.Condition(threading.Lock())
+        self._closed = False
 
-    # -- slots --------------------------------------------------------------------------------------------
-    def _evictable(self) -> list[Entry]:
-        self._settle()
-        return [e for e in self.entries.values() if not e.pinned and e.users == 0 and e.ticket is None]
+    # -- slots (all under self._cv) -------------------------------------------------------------------------
+    def _read_complete(self, e: Entry) -> bool:
+        return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
-    def _settle(self) -> None:
-        """Finish prefetches whose reads are already complete, so that they can be used or evicted."""
-        for e in [e for e in self.entries.values() if e.ticket is not None]:
-            if self.loader.ready(e.ticket):
-                try:
-                    self._finish(e)
-                except Exception:
-                    pass  # entry dropped by _finish; a foreground acquire reloads it and reports the error
-
-    def _take_slot(self, foreground: bool) -> int | None:
-        victims = self._evictable()
-        if not foreground:
-            if len(self.free) + len(victims) < 2:  # one slot must stay for the foreground
-                return None
-            if self.free:
-                return self.free.pop()
-            victims = [e for e in victims if e.used]  # a guess never evicts an unused guess: its read would be lost
-            if not victims:
-                return None
-        elif self.free:
-            return self.free.pop()
-        elif not victims:
-            # only in-flight prefetches left: finish the oldest, then it can go
-            loading = [e for e in self.entries.values() if e.ticket is not None and not e.pinned and e.users == 0]
-            if not loading:
-                raise CacheError("every cache slot is pinned or in use; use more --cache-slots or pin fewer")
-            self._finish(loading[0])
-            victims = [loading[0]]
-        v = victims[0]
+    def _evict(self, v: Entry) -> int:
+        if v.ticket is not None:  # an unused prefetch whose read is complete: nothing to check, the fd is gone
+            try:
+                self.loader.wait(v.ticket)
+            except Exception:
+                self.stats.prefetch_failed += 1
         del self.entries[v.key]
         self.stats.evictions += 1
         if v.prefetched and not v.used:
             self.stats.prefetch_wasted += 1
         return v.slot
 
+    def _take_slot_prefetch(self) -> int | None:
+        spare = [e for e in self.entries.values() if e.used and not e.pinned and not e.holders]
+        if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
+            return None
+        if self.free:
+            return self.free.pop()
+        return self._evict(spare[0])  # LRU among used experts: never an unused guess
+
+    def _take_slot_foreground(self) -> int | None:
+        """A slot for a miss, or None after waiting (the caller looks again: another thread may have loaded it)."""
+        if self.free:
+            return self.free.pop()
+        idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
+        for e in idle:
+            if self._read_complete(e):
+                return self._evict(e)
+        if idle:  # only unused prefetches still reading: wait for the oldest, then it can go
+            v = idle[0]
+            t0 = time.perf_counter()
+            try:
+                self.loader.wait(v.ticket)  # type: ignore[arg-type]
+            except Exception:
+                pass
+            self.stats.io_wait += time.perf_counter() - t0
+            return self._evict(v)
+        me = threading.get_ident()
+        # Waiting while holding a slot is the hold-and-wait of a deadlock (two threads each holding one of the
+        # last slots and wanting another): a thread that holds one gets CacheError instead (ShardSet.moe then
+        # computes what it holds and goes on); a thread that holds none waits for another thread's release.
+        if not any(me in e.holders for e in self.entries.values()) and any(
+                set(e.holders) - {me} for e in self.entries.values()):
+            self._cv.wait()
+            return None
+        raise CacheError("every cache slot is pinned or in use; use more --cache-slots or pin fewer")
+
     def _start(self, key: Key, slot: int, urgent: bool) -> Entry:
-        path, size = self.locate(key)
-        e = Entry(key, slot, None, time.perf_counter())
         try:
-            e.ticket = self.loader.start(path, size, slot, urgent=urgent)
+            path, size = self.locate(key)
+            ticket = self.loader.start(path, size, slot, urgent=urgent)
         except BaseException:
             self.free.append(slot)
+            self._cv.notify_all()
             raise
+        e = Entry(key, slot, ticket, time.perf_counter(), foreground=urgent)
         self.entries[key] = e
         return e
 
-    def _finish(self, e: Entry) -> None:
-        if e.ticket is None:
-            return
-        t0 = time.perf_counter()
-        try:
-            self.loader.wait(e.ticket)
-            if self.check:
-                self.check(e.key, e.slot)
-        except BaseException:
-            del self.entries[e.key]
-            self.free.append(e.slot)
-            raise
-        finally:
-            self.stats.io_wait += time.perf_counter() - t0
-        e.ticket = None
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise CacheError("the cache is closed (the shard set was closed)")
+
+    # -- the wait for a load, outside the lock --------------------------------------------------------------
+    def _await(self, e: Entry) -> None:
+        """Called with the lock held and e held by this thread: return once e is loaded and checked, or raise."""
+        while e.ticket is not None and e.error is None:
+            if e.finishing:
+                self._cv.wait()
+                continue
+            e.finishing = True
+            ticket = e.ticket
+            self._cv.release()
+            err: BaseException | None = None
+            t0 = time.perf_counter()
+            try:
+                self.loader.wait(ticket)
+                if self.check:
+                    self.check(e.key, e.slot)
+            except BaseException as exc:
+                err = exc
+            finally:
+                waited = time.perf_counter() - t0
+                self._cv.acquire()
+            self.stats.io_wait += waited
+            e.finishing = False
+            if err is None:
+                e.ticket = None
+                if e.foreground:
+                    self.stats.load_latency.append(time.perf_counter() - e.started)
+            else:
+                e.error = err
+                if e.prefetched:
+                    self.stats.prefetch_failed += 1
+                if self.entries.get(e.key) is e:
+                    del self.entries[e.key]
+                self.free.append(e.slot)  # the loader finished with the slot: wait() returns only then
+            self._cv.notify_all()
+        if e.error is not None:
+            self._drop_hold(e)
+            raise e.error
+
+    def _drop_hold(self, e: Entry) -> None:
+        me = threading.get_ident()
+        n = e.holders.get(me, 0) - 1
+        if n > 0:
+            e.holders[me] = n
+        else:
+            e.holders.pop(me, None)
+        self._cv.notify_all()
 
     # -- public -------------------------------------------------------------------------------------------
     def acquire(self, key: Key) -> int:
-        """The slot holding `key`, loading it if needed (blocking). Call release(key) when done with it."""
-        e = self.entries.get(key)
-        if e is not None:
-            self.stats.hits += 1
-            if e.prefetched and not e.used:
-                self.stats.prefetch_used += 1
-            if e.ticket is not None:
-                self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
-            self._finish(e)
-        else:
-            self.stats.misses += 1
-            e = self._start(key, self._take_slot(foreground=True), urgent=True)
-            self._finish(e)
-            self.stats.load_latency.append(time.perf_counter() - e.started)
-        e.used = True
-        e.users += 1
-        self.entries.move_to_end(key)
-        return e.slot
+        """The slot holding `key`, loading it if needed (blocking). Call release(key), from the same thread, when
+        done with it; until then the slot's bytes stay put."""
+        me = threading.get_ident()
+        with self._cv:
+            self._ensure_open()
+            counted = False
+            while True:
+                e = self.entries.get(key)
+                if e is not None:
+                    if not counted:  # a read fetch() started for this step is this access's miss
+                        if e.fetched and not e.used:
+                            self.stats.misses += 1
+                        else:
+                            self.stats.hits += 1
+                    if e.prefetched and not e.used:
+                        self.stats.prefetch_used += 1
+                    if e.ticket is not None:
+                        self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
+                    break
+                if not counted:
+                    self.stats.misses += 1
+                    counted = True
+                slot = self._take_slot_foreground()
+                self._ensure_open()
+                if slot is None:
+                    continue
+                if key in self.entries:  # loaded by another thread while this one waited for the evicted read
+                    self.free.append(slot)
+                    continue
+                e = self._start(key, slot, urgent=True)
+                break
+            e.used = True
+            e.holders[me] = e.holders.get(me, 0) + 1
+            self.entries.move_to_end(key)
+            self._await(e)
+            return e.slot
+
+    def fetch(self, keys: list[Key]) -> int:
+        """Start the foreground loads of every absent key at once (the k experts of one step), queued together
+        ahead of prefetches, without waiting; then acquire() each, computing on the first while the rest arrive.
+        Starts as many as slots allow now (never waits for one); returns how many it started.
+
+        >>> cache.fetch([(3, 1), (3, 6)])     # doctest: +SKIP
+        2
+        """
+        with self._cv:
+            self._ensure_open()
+            step = set(keys)
+            todo: list[tuple[Key, int]] = []
+            for key in dict.fromkeys(keys):
+                if key in self.entries:
+                    continue
+                slot = self.free.pop() if self.free else None
+                if slot is None:  # a complete, idle entry that is not part of this step
+                    v = next((e for e in self.entries.values() if not e.pinned and not e.holders
+                              and e.key not in step and self._read_complete(e)), None)
+                    if v is None:
+                        break
+                    slot = self._evict(v)
+                todo.append((key, slot))
+            if not todo:
+                return 0
+            try:
+                reads = [(*self.locate(k), slot) for k, slot in todo]
+                tickets = self.loader.start_many(reads, urgent=True)
+            except MerError:  # e.g. a file that cannot be opened: the acquire that needs it reports it
+                self.free.extend(slot for _, slot in todo)
+                self._cv.notify_all()
+                return 0
+            now = time.perf_counter()
+            for (key, slot), t in zip(todo, tickets):
+                self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it
+            return len(todo)
+
+    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset()) -> int:
+        """Withdraw unused prefetches (not in keep) none of whose reads has been issued yet: their step has passed
+        and they would only take disk time from foreground reads. Returns how many were withdrawn."""
+        with self._cv:
+            n = 0
+            for e in list(self.entries.values()):
+                if (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
+                        and e.key not in keep and self.loader.cancel(e.ticket)):
+                    del self.entries[e.key]
+                    self.free.append(e.slot)  # nothing was in flight into it
+                    self.stats.prefetch_cancelled += 1
+                    n += 1
+            if n:
+                self._cv.notify_all()
+            return n
 
     def release(self, key: Key) -> None:
-        self.entries[key].users -= 1
+        """Give back what acquire(key) gave this thread; releasing what this thread does not hold is an error."""
+        with self._cv:
+            e = self.entries.get(key)
+            if e is None or threading.get_ident() not in e.holders:
+                raise CacheError(f"release({key}) without a matching acquire by this thread")
+            self._drop_hold(e)
 
     def prefetch(self, key: Key) -> bool:
-        """Start loading `key` in the background if it is absent and a slot can be spared. True if started."""
-        if key in self.entries:
-            return False
-        slot = self._take_slot(foreground=False)
-        if slot is None:
-            self.stats.prefetch_skipped += 1
-            return False
-        e = self._start(key, slot, urgent=False)
-        e.prefetched = True
-        self.stats.prefetch_issued += 1
-        return True
+        """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
+
+        A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
+        mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
+        with self._cv:
+            self._ensure_open()
+            if key in self.entries:
+                return False
+            slot = self._take_slot_prefetch()
+            if slot is None:
+                self.stats.prefetch_skipped += 1
+                return False
+            try:
+                e = self._start(key, slot, urgent=False)
+            except MerError:  # e.g. the file cannot be opened: counted; whoever needs the expert gets the error
+                self.stats.prefetch_failed += 1
+                return False
+            e.prefetched = True
+            self.stats.prefetch_issued += 1
+            return True
 
     def in_flight(self) -> int:
-        return sum(1 for e in self.entries.values() if e.ticket is not None)
+        """Loads started and not yet finished and checked."""
+        with self._cv:
+            return sum(1 for e in self.entries.values() if e.ticket is not None)
 
     def pin(self, keys: list[Key]) -> None:
-        if len(keys) > self.pool.n_slots - 1:
-            raise CacheError(f"cannot pin {len(keys)} experts in {self.pool.n_slots} cache slots: one stays for loads; "
-                             "use more --cache-slots or pin fewer")
+        with self._cv:
+            if len(keys) > self.pool.n_slots - 1:
+                raise CacheError(f"cannot pin {len(keys)} experts in {self.pool.n_slots} cache slots: one stays for "
+                                 "loads; use more --cache-slots or pin fewer")
         for k in keys:
             self.acquire(k)
-            self.entries[k].pinned = True
+            with self._cv:
+                self.entries[k].pinned = True
             self.release(k)
 
     def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
@@ -193,14 +389,26 @@ class ExpertCache:
         return top
 
     def unpin(self, keys: list[Key]) -> None:
-        for k in keys:
-            if k in self.entries:
-                self.entries[k].pinned = False
+        with self._cv:
+            for k in keys:
+                if k in self.entries:
+                    self.entries[k].pinned = False
+            self._cv.notify_all()
 
     def drain(self) -> None:
-        """Wait for every read in flight (before the pool or loader goes away)."""
-        for e in list(self.entries.values()):
+        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked or raised here:
+        a failed read stays with its entry and is raised by the acquire that needs it."""
+        with self._cv:
+            tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
+        for t in tickets:  # outside the lock: other threads may go on meanwhile
             try:
-                self._finish(e)
+                self.loader.wait(t)
             except Exception:
                 pass
+
+    def close(self) -> None:
+        """Drain, then refuse every later call with CacheError."""
+        self.drain()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()

@@ -15,3 +15,7 @@ class ShardIOError(MerError, OSError):
 
 class CacheError(MerError, ValueError):
     """The cache cannot do what was asked: too many pins for its slots, or every slot pinned or in use."""
+
+
+class NotRegularFileError(ShardIOError):
+    """A FIFO, device, socket or folder where a shard file belongs: refused without blocking on it."""

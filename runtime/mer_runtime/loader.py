@@ -13,39 +13,86 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass
 
 from . import uring
 from .buffers import BufferPool
-from .errors import ShardIOError
+from .errors import NotRegularFileError, ShardIOError
 
 BACKENDS = ("io_uring", "pread", "buffered")
 _RETRY = (errno.EINTR, errno.EAGAIN)
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
+    """One file being read into one slot. Its fields belong to the loader and change only under the loader's lock.
+
+    fd ownership: the loader opened `fd` and closes it exactly once (`Loader._retire`, under its lock), as soon as
+    the ticket is done and no chunk of it is still with the kernel or a worker; whoever gets there first (the
+    completion, `wait`, or `close`) closes it and sets fd = -1, so nobody closes it twice and a read that nobody
+    waits for still gives its fd back.
+    """
+
     path: str
     size: int
     slot: int
     id: int
     fd: int = -1
-    remaining: int = 0  # chunks not yet complete
+    remaining: int = 0  # chunks neither complete nor dropped
+    in_flight: int = 0  # chunks with the kernel or a worker now
+    issued: int = 0  # chunks ever handed to the kernel or a worker
     error: BaseException | None = None
-    done: bool = False
+    done: bool = False  # remaining == 0: the slot's bytes will not change any more
 
 
 def _open(path: str, direct: bool) -> int:
-    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    """Open a shard for reading: only a regular file, and never blocking on the way (a FIFO, a device, a folder in
+    an expert's place gets a ShardIOError naming it, not a hang: O_NONBLOCK makes open() return at once, fstat
+    says what it is)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (os.O_DIRECT if direct else 0)
     try:
-        return os.open(path, flags)
+        fd = os.open(path, flags)
     except OSError as exc:
         hint = ""
         if direct and exc.errno == errno.EINVAL:
+            _open(path, False)  # a FIFO or device refuses O_DIRECT too: say what it is, not "the filesystem"
             hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
         raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise NotRegularFileError(errno.EINVAL, f"{path}: is {kind}, not a regular shard file; the folder was tampered "
+                                             "with: re-extract it")
+        # regular files ignore O_NONBLOCK for reads; clear it anyway so the fd is an ordinary blocking one
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a regular file; a FIFO, device or folder in its place is a ShardIOError, never a hang.
+
+    >>> read_regular_file("out/experts/L0001/E0003.bin")[:4]    # doctest: +SKIP
+    """
+    fd = _open(os.fspath(path), False)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """Raise NotRegularFileError (or ShardIOError) unless path opens as a regular file, without blocking."""
+    os.close(_open(os.fspath(path), False))
 
 
 def _short(path: str, offset: int, size: int) -> ShardIOError:
@@ -53,7 +100,14 @@ def _short(path: str, offset: int, size: int) -> ShardIOError:
                                    "truncated: run `mertools verify` and re-extract")
 
 
+def _closed_error(path: str) -> ShardIOError:
+    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
+
+
 class Loader:
+    """The interface. Every method may be called from any thread (each backend has one lock, `_cv`, over all of
+    its state); `close()` cancels queued reads, waits for those already issued, and makes later `start`s fail."""
+
     name = "?"
     direct = True
 
@@ -65,40 +119,160 @@ class Loader:
         self._ids = itertools.count(1)
         self.reason = ""
         self.bytes_read = 0
+        self._cv = threading.Condition(threading.Lock())  # not reentrant: no path takes it twice
+        self._closed = False
+        self._trace: deque | None = None
+        self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet issued
 
+    # -- the interface ------------------------------------------------------------------------------------
     def read(self, path: str, size: int, slot: int) -> None:
         self.wait(self.start(path, size, slot))
 
     def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
         """Begin reading `size` bytes of `path` into `slot`; urgent (foreground) reads jump the queue."""
-        raise NotImplementedError
+        return self.start_many([(path, size, slot)], urgent=urgent)[0]
+
+    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
+        """Begin several reads at once (e.g. the k experts of one step), queued together in this order.
+
+        >>> ts = loader.start_many([(p1, n1, 0), (p2, n2, 1)], urgent=True)   # doctest: +SKIP
+        >>> for t in ts: loader.wait(t)                                        # doctest: +SKIP
+        """
+        for _, size, slot in reads:
+            self._check(size, slot)
+        fds: list[int] = []
+        try:
+            for path, _, _ in reads:
+                fds.append(_open(path, self.direct))
+            with self._cv:
+                if self._closed:
+                    raise ShardIOError(errno.EBADF, f"{reads[0][0] if reads else '?'}: the loader is closed")
+                tickets = []
+                for (path, size, slot), fd in zip(reads, fds):
+                    t = Ticket(path, size, slot, next(self._ids), fd=fd)
+                    tickets.append(t)
+                fds = []  # the tickets own them now
+                self._enqueue(tickets, urgent)
+                return tickets
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def promote(self, t: Ticket) -> None:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
+        with self._cv:
+            mine = [it for it in self._queue if it[0] is t]
+            if mine:
+                self._queue = deque(it for it in self._queue if it[0] is not t)
+                self._queue.extendleft(reversed(mine))
+                self._note("promoted", t.id, len(mine))
+                self._kick()
 
-    def wait(self, t: Ticket) -> None:
-        raise NotImplementedError
+    def cancel(self, t: Ticket) -> bool:
+        """Withdraw a read none of whose chunks has been issued yet (a stale prefetch): True if it was withdrawn
+        (the ticket is then done, with an error, and its fd closed), False if it is already under way or done."""
+        with self._cv:
+            if t.done or t.issued:
+                return False
+            self._note("cancelled", t.id)
+            self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
+            return True
 
     def ready(self, t: Ticket) -> bool:
+        with self._cv:
+            return t.done
+
+    def wait(self, t: Ticket) -> None:
+        """Block until the ticket is done; raise its error (ShardIOError naming the file) if it failed. Several
+        threads may wait for the same ticket."""
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        with self._cv:
+            self._closed = True
+
+    def record_issues(self, limit: int = 1 << 16) -> deque:
+        """Start recording, in order, when reads are queued, promoted and issued (for tests and diagnostics):
+        ("queued", ticket id, urgent, chunks), ("promoted", ticket id, chunks), ("issue", ticket id, offset)."""
+        with self._cv:
+            self._trace = deque(maxlen=limit)
+            return self._trace
+
+    def describe(self) -> str:
+        return f"{self.name} (block {self.block_size >> 10} KiB, queue depth {self.queue_depth})"
+
+    # -- shared machinery (all under self._cv) --------------------------------------------------------------
+    _queue: deque
 
     def _check(self, size: int, slot: int) -> None:
-        if size > self.pool.slot_size or size % 4096 and self.direct:
+        if size < 0 or size > self.pool.slot_size or size % 4096 and self.direct:
             raise ValueError(f"read of {size} bytes does not fit slot size {self.pool.slot_size} with O_DIRECT")
         if not 0 <= slot < self.pool.n_slots:
             raise ValueError(f"no slot {slot}")
 
-    def describe(self) -> str:
-        return f"{self.name} (block {self.block_size >> 10} KiB, queue depth {self.queue_depth})"
+    def _note(self, *event: object) -> None:
+        if self._trace is not None:
+            self._trace.append(event)
+
+    def _enqueue(self, tickets: list[Ticket], urgent: bool) -> None:
+        items = []
+        for t in tickets:
+            mine = [(t, off, min(self.block_size, t.size - off)) for off in range(0, t.size, self.block_size)]
+            t.remaining = len(mine)
+            self._note("queued", t.id, urgent, len(mine))
+            if not mine:
+                self._finish(t)
+            items += mine
+        if urgent:
+            self._queue.extendleft(reversed(items))
+        else:
+            self._queue.extend(items)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Queued work may be issued now."""
+
+    def _fail(self, t: Ticket, err: BaseException) -> None:
+        """Record the first error and drop the ticket's queued chunks: nothing more is read for it."""
+        if t.error is None:
+            t.error = err
+        n = len(self._queue)
+        self._queue = deque(it for it in self._queue if it[0] is not t)
+        t.remaining -= n - len(self._queue)
+        if t.remaining == 0:
+            self._finish(t)
+
+    def _chunk_done(self, t: Ticket, n: int, err: BaseException | None) -> None:
+        t.in_flight -= 1
+        t.remaining -= 1
+        if err is None:
+            self.bytes_read += n
+        if err is not None:
+            self._fail(t, err)
+        elif t.remaining == 0:
+            self._finish(t)
+
+    def _finish(self, t: Ticket) -> None:
+        t.done = True
+        self._retire(t)
+        self._cv.notify_all()
+
+    def _retire(self, t: Ticket) -> None:
+        """The one place a ticket's fd is closed: once done and no chunk of it is with the kernel or a worker."""
+        if t.fd >= 0 and t.done and t.in_flight == 0:
+            os.close(t.fd)
+            t.fd = -1
+
+    def _cancel_queued(self) -> None:
+        for t in {id(it[0]): it[0] for it in self._queue}.values():
+            self._fail(t, _closed_error(t.path))
 
 
 class PreadLoader(Loader):
     """O_DIRECT preadv on a few worker threads: for kernels or containers where io_uring is disabled.
 
     Chunks wait in one queue; urgent (foreground) loads go to its front, so a miss never queues behind prefetches.
+    The workers are joined by close(); a worker finishing a ticket's last chunk closes its fd.
     """
 
     name = "pread"
@@ -106,61 +280,40 @@ class PreadLoader(Loader):
 
     def __init__(self, pool: BufferPool, **kw):
         super().__init__(pool, **kw)
-        self._cv = threading.Condition()
-        self._queue: deque[tuple[Ticket, memoryview, int]] = deque()
-        self._closing = False
-        self._workers = [threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
-                         for i in range(max(1, self.threads))]
-        for w in self._workers:
-            w.start()
+        self._queue: deque[tuple[Ticket, int, int]] = deque()
+        self._view = memoryview(pool.array)
+        self._workers: list[threading.Thread] = []
+        try:
+            for i in range(max(1, self.threads)):
+                w = threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
+                w.start()
+                self._workers.append(w)
+        except BaseException:
+            self.close()
+            raise
 
-    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
-        self._check(size, slot)
-        t = Ticket(path, size, slot, next(self._ids))
-        t.fd = _open(path, self.direct)
-        if not self.direct:
-            try:
-                os.posix_fadvise(t.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-            except OSError:
-                pass
-        view = memoryview(self.pool.view(slot, size))
-        items = [(t, view[off:off + self.block_size], off) for off in range(0, size, self.block_size)]
-        t.remaining = len(items)
-        with self._cv:
-            if urgent:
-                self._queue.extendleft(reversed(items))
-            else:
-                self._queue.extend(items)
-            self._cv.notify_all()
-        return t
-
-    def promote(self, t: Ticket) -> None:
-        with self._cv:
-            mine = [it for it in self._queue if it[0] is t]
-            if mine:
-                self._queue = deque(it for it in self._queue if it[0] is not t)
-                self._queue.extendleft(reversed(mine))
+    def _kick(self) -> None:
+        self._cv.notify_all()
 
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closed:
                     self._cv.wait()
                 if not self._queue:
                     return
-                t, dest, offset = self._queue.popleft()
-            err = None
-            if t.error is None:
-                try:
-                    self._read(t, dest, offset)
-                except BaseException as exc:  # handed to the waiter
-                    err = exc
+                t, off, n = self._queue.popleft()
+                t.in_flight += 1
+                t.issued += 1
+                self._note("issue", t.id, off)
+            err: BaseException | None = None
+            try:
+                start = t.slot * self.pool.slot_size + off
+                self._read(t, self._view[start:start + n], off)
+            except BaseException as exc:  # handed to the waiters
+                err = exc
             with self._cv:
-                if err is not None and t.error is None:
-                    t.error = err
-                t.remaining -= 1
-                if t.remaining == 0:
-                    self._cv.notify_all()
+                self._chunk_done(t, n, err)
 
     def _read(self, t: Ticket, dest: memoryview, offset: int) -> None:
         done = 0
@@ -176,27 +329,26 @@ class PreadLoader(Loader):
                 raise _short(t.path, offset + done, t.size)
             done += n
 
-    def ready(self, t: Ticket) -> bool:
-        return t.remaining == 0
-
     def wait(self, t: Ticket) -> None:
         with self._cv:
-            while t.remaining > 0:
+            while not t.done:
                 self._cv.wait()
-        if not t.done:
-            t.done = True
-            os.close(t.fd)
-            if t.error is None:
-                self.bytes_read += t.size
         if t.error is not None:
             raise t.error
 
     def close(self) -> None:
+        """Cancel queued reads (their waiters get an error), let the workers finish the chunk in hand, join them."""
         with self._cv:
-            self._closing = True
+            self._closed = True
+            self._cancel_queued()
             self._cv.notify_all()
         for w in self._workers:
-            w.join()
+            if w is not threading.current_thread():
+                w.join()
+        try:
+            self._view.release()
+        except BufferError:
+            pass  # a slice still referenced somewhere: it goes with the last reference
 
 
 class BufferedLoader(PreadLoader):
@@ -205,9 +357,23 @@ class BufferedLoader(PreadLoader):
     name = "buffered"
     direct = False
 
+    def _enqueue(self, tickets: list[Ticket], urgent: bool) -> None:
+        for t in tickets:
+            try:
+                os.posix_fadvise(t.fd, 0, t.size, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        super()._enqueue(tickets, urgent)
+
 
 class UringLoader(Loader):
-    """io_uring, O_DIRECT, reads into registered (fixed) buffers: one per pool slot."""
+    """io_uring, O_DIRECT, reads into registered (fixed) buffers: one per pool slot.
+
+    Threads: the ring's submission side and its completion side are touched only under `_cv`. One waiting thread
+    at a time (the "reaper", `_reaping`) blocks in io_uring_enter without the lock; the others wait on `_cv` and
+    are woken when the reaper has handed out what completed. Only the reaper reaps while it is reaping, so the
+    completion it sleeps for cannot be taken from under it.
+    """
 
     name = "io_uring"
     direct = True
@@ -222,110 +388,118 @@ class UringLoader(Loader):
         except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels: plain READ still works
             self.fixed = False
             self.reason = f"registered buffers refused ({exc.strerror}); using plain READ"
-        self._tickets: dict[int, Ticket] = {}
-        self._queue: list[tuple[Ticket, int, int]] = []  # (ticket, offset, length) not yet submitted
-        self._chunks: dict[int, tuple[Ticket, int, int]] = {}
+        except BaseException:
+            self.ring.close()
+            raise
+        self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet submitted
+        self._chunks: dict[int, tuple[Ticket, int, int]] = {}  # user_data -> chunk with the kernel
         self._chunk_ids = itertools.count(1)
+        self._reaping = False
 
     def describe(self) -> str:
-        return super().describe() + (", fixed buffers" if self.fixed else ", plain READ")
+        return super().describe() + (", fixed buffers" if self.fixed else ", plain READ") + \
+            f"; ring indices: {uring.ORDERING}"
 
-    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
-        self._check(size, slot)
-        t = Ticket(path, size, slot, next(self._ids))
-        t.fd = _open(path, True)
-        self._tickets[t.id] = t
-        items = [(t, off, min(self.block_size, size - off)) for off in range(0, size, self.block_size)]
-        t.remaining = len(items)
-        self._queue = items + self._queue if urgent else self._queue + items
-        if not t.remaining:
-            self._finish(t)
+    def _kick(self) -> None:
         self._pump()
-        return t
-
-    def promote(self, t: Ticket) -> None:
-        mine = [it for it in self._queue if it[0] is t]
-        if mine:
-            self._queue = mine + [it for it in self._queue if it[0] is not t]
 
     def _pump(self) -> None:
         r = self.ring
         while self._queue and r.in_flight + r.pending < self.queue_depth:
-            t, off, n = self._queue.pop(0)
-            if t.done:
-                continue
+            t, off, n = self._queue.popleft()
             cid = next(self._chunk_ids)
             self._chunks[cid] = (t, off, n)
+            t.in_flight += 1
+            t.issued += 1
+            self._note("issue", t.id, off)
             r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
         if r.pending:
             r.submit()
 
     def _complete(self, cid: int, res: int) -> None:
         t, off, n = self._chunks.pop(cid)
-        if t.done:
-            return
-        if res < 0:
-            if -res in _RETRY:
-                self._queue.insert(0, (t, off, n))
-                return
-            t.error = ShardIOError(-res, f"{t.path}: read failed at byte {off} ({os.strerror(-res)})")
-            self._finish(t)
+        if res < 0 and -res in _RETRY or 0 < res < n:  # retry, or continue a short read where it stopped
+            if t.error is not None:  # the ticket failed meanwhile: drop the rest of this chunk
+                self._chunk_done(t, 0, None)
+            else:
+                t.in_flight -= 1
+                done = max(res, 0)
+                self.bytes_read += done
+                self._queue.appendleft((t, off + done, n - done))
+        elif res < 0:
+            self._chunk_done(t, 0, ShardIOError(-res, f"{t.path}: read failed at byte {off} ({os.strerror(-res)})"))
         elif res == 0:
-            t.error = _short(t.path, off, t.size)
-            self._finish(t)
-        elif res < n:  # short read: continue where it stopped
-            self._queue.insert(0, (t, off + res, n - res))
+            self._chunk_done(t, 0, _short(t.path, off, t.size))
         else:
-            t.remaining -= 1
-            self.bytes_read += n
-            if t.remaining == 0:
-                self._finish(t)
+            self._chunk_done(t, n, None)
+        self._retire(t)
 
-    def _finish(self, t: Ticket) -> None:
-        t.done = True
-        if not any(c[0] is t for c in self._chunks.values()):
-            self._close_fd(t)
+    def _reap_once(self) -> None:
+        """Under the lock: become the reaper, sleep in the kernel for one completion, hand out what came."""
+        self._reaping = True
+        try:
+            self._cv.release()
+            try:
+                self.ring.wait_cqe(1)
+            finally:
+                self._cv.acquire()
+            for cid, res in self.ring.reap():
+                self._complete(cid, res)
+            self._pump()
+        finally:
+            self._reaping = False
+            self._cv.notify_all()
 
-    def _close_fd(self, t: Ticket) -> None:
-        if t.fd >= 0:
-            os.close(t.fd)
-            t.fd = -1
-        self._tickets.pop(t.id, None)
+    def _progress(self) -> None:
+        """Under the lock: make progress towards some completion (reap, or wait for whoever is reaping)."""
+        if self._reaping:
+            self._cv.wait()
+            return
+        self._pump()
+        if self.ring.in_flight == 0:
+            raise ShardIOError(errno.EIO, "io_uring: nothing in flight but reads are outstanding (a bug): "
+                                          "use --io pread")
+        self._reap_once()
 
     def poll(self) -> None:
-        for cid, res in self.ring.reap():
-            self._complete(cid, res)
-        self._pump()
-        for t in [t for t in self._tickets.values() if t.done]:
-            if not any(c[0] is t for c in self._chunks.values()):
-                self._close_fd(t)
+        with self._cv:
+            if not self._reaping and not self.ring.fd < 0:
+                for cid, res in self.ring.reap():
+                    self._complete(cid, res)
+                self._pump()
 
     def ready(self, t: Ticket) -> bool:
         self.poll()
-        return t.done
+        with self._cv:
+            return t.done
 
     def wait(self, t: Ticket) -> None:
-        while not t.done:
-            if self.ring.in_flight + self.ring.pending == 0:
-                self._pump()
-            for cid, res in self.ring.wait(1):
-                self._complete(cid, res)
-            self._pump()
-        # a failed ticket may still have chunks in flight into its slot; drain them before the slot is reused
-        while any(c[0] is t for c in self._chunks.values()):
-            for cid, res in self.ring.wait(1):
-                self._complete(cid, res)
-        self._close_fd(t)
-        if t.error:
+        with self._cv:
+            while not t.done:
+                self._progress()
+        if t.error is not None:
             raise t.error
 
     def close(self) -> None:
-        while self._chunks:
-            for cid, res in self.ring.wait(1):
-                self._complete(cid, res)
-        for t in list(self._tickets.values()):
-            self._close_fd(t)
-        self.ring.close()
+        """Cancel queued reads, wait for those with the kernel (their slots must not be written after this),
+        close every fd and the ring. Idempotent."""
+        with self._cv:
+            if self._closed:
+                while self.ring.fd >= 0:
+                    self._cv.wait()
+                return
+            self._closed = True
+            self._cancel_queued()
+            try:
+                while self._chunks:
+                    self._progress()
+            finally:
+                for t, _, _ in list(self._chunks.values()):
+                    if t.fd >= 0:  # only after an error from the kernel: the fds must go regardless
+                        os.close(t.fd)
+                        t.fd = -1
+                self.ring.close()
+                self._cv.notify_all()
 
 
 def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:
@@ -356,11 +530,14 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
         return loader
     why = []
     reason = uring.probe()
+    # a tampered file (a FIFO or a folder in a shard's place) is not a reason to try another backend
     if reason is None:
         try:
             loader = _probe_read(UringLoader, pool, probe_file, **kw)
             loader.reason = "io_uring with O_DIRECT works here" + (f"; {loader.reason}" if loader.reason else "")
             return loader
+        except NotRegularFileError:
+            raise
         except OSError as exc:
             why.append(f"io_uring read failed ({exc})")
     else:
@@ -369,6 +546,8 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
         loader = _probe_read(PreadLoader, pool, probe_file, **kw)
         loader.reason = "; ".join(why) + "; O_DIRECT pread works"
         return loader
+    except NotRegularFileError:
+        raise
     except OSError as exc:
         why.append(f"O_DIRECT refused ({exc})")
     loader = BufferedLoader(pool, **kw)

@@ -6,11 +6,17 @@
             ex.gate.dtype, ex.gate.raw    # ("Q4_0", uint8 view of the shard bytes)
         y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
         y = s.moe(1, [3, 5], [0.6, 0.4], x)  # a routed layer step: one call into the C kernel
+
+Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `compute`, `prefetch`, `pin` and
+`describe_io` are safe to call concurrently (the cache and the loader each have one lock; see docs/runtime.md).
+`close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it
+from inside a `load()` block of the same thread is an error, not a deadlock.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -65,12 +71,23 @@ class ShardSet:
         m = self.manifest
         if not m.experts:
             raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
-        self.pool = BufferPool(m.max_expert_size, max(2, cache_slots))
-        self.loader = open_loader(io, self.pool, probe_file=str(m.path_of(m.experts[0])), block_size=block_size,
-                                  queue_depth=queue_depth, threads=threads)
         self.checksums = checksums
-        self._checked: set[Key] = set()
-        self.cache = ExpertCache(self.pool, self.loader, self._locate, self._check)
+        self._checked: set[Key] = set()  # experts whose checksum passed once; guarded by _lock
+        self._lock = threading.Condition(threading.Lock())  # guards _checked, _active, _closing
+        self._active = 0  # load() blocks running now, in any thread
+        self._closing = False
+        self._mine = threading.local()  # per thread: how many load() blocks it is inside
+        self.pool = BufferPool(m.max_expert_size, max(2, cache_slots))
+        self.loader = None
+        try:  # a loader that fails to open must not leave the pool's mapping (or a ring, or threads) behind
+            self.loader = open_loader(io, self.pool, probe_file=str(m.path_of(m.experts[0])), block_size=block_size,
+                                      queue_depth=queue_depth, threads=threads)
+            self.cache = ExpertCache(self.pool, self.loader, self._locate, self._check)
+        except BaseException:
+            if self.loader is not None:
+                self.loader.close()
+            self.pool.close()
+            raise
         self.activation = m.model.get("activation", {"kind": "swiglu"})
 
     # -- plumbing for the cache ---------------------------------------------------------------------------
@@ -80,14 +97,31 @@ class ShardSet:
 
     def _check(self, key: Key, slot: int) -> None:
         """End-to-end check of a finished load against the manifest's whole-file checksum."""
-        if self.checksums == "never" or (self.checksums == "first" and key in self._checked):
+        if self.checksums == "never":
             return
+        with self._lock:
+            if self.checksums == "first" and key in self._checked:
+                return
         e = self.manifest.expert(*key)
-        got = xxhash.xxh3_64_hexdigest(self.pool.view(slot, e.size))
+        got = xxhash.xxh3_64_hexdigest(self.pool.view(slot, e.size))  # outside the lock: hashing takes a while
         if got != e.xxh3_64:
             raise ShardIOError(0, f"{self.manifest.path_of(e)}: checksum mismatch after loading (xxh3 {got}, "
                                   f"manifest {e.xxh3_64}); run `mertools verify` and re-extract")
-        self._checked.add(key)
+        with self._lock:
+            self._checked.add(key)
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._closing:
+                raise CacheError(f"{self.manifest.root}: the shard set is closed")
+            self._active += 1
+        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+
+    def _leave(self) -> None:
+        self._mine.depth -= 1
+        with self._lock:
+            self._active -= 1
+            self._lock.notify_all()
 
     # -- public -------------------------------------------------------------------------------------------
     @contextmanager
@@ -95,14 +129,18 @@ class ShardSet:
         """The expert in an aligned buffer, safe from eviction until the with-block ends."""
         key = (layer, expert)
         e = self.manifest.expert(layer, expert)
-        slot = self.cache.acquire(key)
+        self._enter()
         try:
-            buf = self.pool.view(slot, e.size)
-            views = {r: ProjectionView(r, t.dtype, t.shape, buf[t.offset:t.offset + t.nbytes])
-                     for r, t in e.tensors.items()}
-            yield ExpertView(layer, expert, buf, views)
+            slot = self.cache.acquire(key)
+            try:
+                buf = self.pool.view(slot, e.size)
+                views = {r: ProjectionView(r, t.dtype, t.shape, buf[t.offset:t.offset + t.nbytes])
+                         for r, t in e.tensors.items()}
+                yield ExpertView(layer, expert, buf, views)
+            finally:
+                self.cache.release(key)
         finally:
-            self.cache.release(key)
+            self._leave()
 
     def ffn(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """The expert's output for x (float32 [d_model] or [n, d_model]), biases and activation as the model has."""
@@ -127,6 +165,15 @@ class ShardSet:
         w = np.asarray(weights, dtype=np.float32).reshape(-1)
         if len(w) != len(experts) or not experts:
             raise ValueError(f"{len(experts)} experts and {len(w)} weights: give one weight per expert (at least one)")
+        for e in experts:
+            self.manifest.expert(layer, e)  # an unknown expert is refused before any read starts
+        self._enter()
+        try:
+            # every absent expert of the step is read at once, ahead of prefetches; the first computes while the
+            # rest arrive
+            self.cache.fetch([(layer, e) for e in experts])
+        finally:
+            self._leave()
         y, i = None, 0
         while i < len(experts):
             with ExitStack() as held:
@@ -152,22 +199,42 @@ class ShardSet:
         return expert_ffn(self._tensors(ex), x, self.activation)
 
     def prefetch(self, layer: int, expert: int) -> bool:
+        """Start loading an expert in the background if a slot can be spared; True if started."""
         self.manifest.expert(layer, expert)
-        return self.cache.prefetch((layer, expert))
+        self._enter()
+        try:
+            return self.cache.prefetch((layer, expert))
+        finally:
+            self._leave()
 
     def pin(self, keys: list[Key]) -> None:
-        self.cache.pin(keys)
+        self._enter()
+        try:
+            self.cache.pin(keys)
+        finally:
+            self._leave()
 
     def describe_io(self) -> str:
         return f"{self.loader.describe()}: {self.loader.reason}"
 
     def close(self) -> None:
-        if self.pool is None:
+        """Refuse new calls, wait for running ones, then release reads, fds, ring, threads and the pool. Idempotent."""
+        if getattr(self._mine, "depth", 0):
+            raise CacheError("close() called inside a load() block of the same thread: leave the block first")
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+            while self._active:
+                self._lock.wait()
+        if not first:
             return
-        self.cache.drain()
-        self.loader.close()
-        self.pool.close()
-        self.pool = None  # type: ignore[assignment]
+        try:
+            self.cache.close()
+        finally:
+            try:
+                self.loader.close()
+            finally:
+                self.pool.close()
 
     def __enter__(self) -> "ShardSet":
         return self

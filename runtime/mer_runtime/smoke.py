@@ -24,9 +24,9 @@ from .buffers import BufferPool
 from .cache import ExpertCache
 from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
-from .loader import Loader, Ticket
+from .loader import Loader, Ticket, check_regular_file, read_regular_file
 from .manifest import Manifest, load_manifest
-from .prefetch import MarkovPrefetcher
+from .prefetch import CostModel, MarkovPrefetcher
 from .shards import open_shards
 
 WORKLOADS = ("zipf", "markov", "uniform", "router", "replay")
@@ -107,6 +107,7 @@ def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -
 
     if not m.dense:
         raise MerError(f"{m.root}: no dense.gguf, so the router weights are unknown; use another --workload")
+    check_regular_file(m.root / m.dense["path"])  # a FIFO there would block the reader's open forever
     reader = gguf.GGUFReader(m.root / m.dense["path"])
     tensors = {t.name: t for t in reader.tensors}
     router = m.model.get("router", {})
@@ -174,8 +175,8 @@ class NullLoader(Loader):
     name = "none"
     direct = False
 
-    def start(self, path: str, size: int, slot: int, urgent: bool = False) -> Ticket:
-        return Ticket(path, size, slot, next(self._ids), done=True)
+    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
+        return [Ticket(path, size, slot, next(self._ids), done=True) for path, size, slot in reads]
 
     def wait(self, t: Ticket) -> None:
         pass
@@ -185,23 +186,34 @@ class NullLoader(Loader):
 
 
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
-           max_inflight: int, on_access: Callable[[int, int], None] | None = None) -> None:
+           max_inflight: int, on_access: Callable[[int, int], None] | None = None, cost: CostModel | None = None
+           ) -> None:
+    """Run a trace through the cache. Each step's k experts are started together (`fetch`); after the step the
+    prefetcher's stale guesses are withdrawn and new ones issued if `cost` admits them (None: every prediction
+    above the threshold, as the I/O-free policy replay does)."""
     T, L, _ = routes.shape
+    st = cache.stats
     for t in range(T):
         for li in range(L):
             experts = [int(e) for e in routes[t, li]]
-            for e in experts:
+            keys = [(layers[li], e) for e in experts]
+            t0, w0, m0, l0 = time.perf_counter(), st.io_wait, st.misses, st.load_latency.total
+            cache.fetch(keys)
+            for key in keys:
                 if on_access:
-                    on_access(layers[li], e)
+                    on_access(*key)
                 else:
-                    cache.acquire((layers[li], e))
-                    cache.release((layers[li], e))
+                    cache.acquire(key)
+                    cache.release(key)
+            if cost is not None:
+                cost.observe(time.perf_counter() - t0, st.io_wait - w0, st.misses - m0, st.load_latency.total - l0)
             if policy == "markov" and pf is not None:
                 pf.observe(li, experts)
-                target, cands = pf.predict(li)
-                for e in cands:
-                    if cache.in_flight() >= max_inflight:
-                        break
+                target, scored = pf.predict_scored(li)
+                cache.cancel_stale(keep={(layers[target], e) for e, _ in scored})
+                for e, p in scored:
+                    if cache.in_flight() >= max_inflight or (cost is not None and not cost.admit(p)):
+                        break  # ranked by p: if this one does not pay, the rest do not either
                     cache.prefetch((layers[target], e))
             elif policy == "oracle":
                 nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
@@ -243,6 +255,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
+        cost = CostModel() if cfg.prefetch else None
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
 
         def access(layer: int, e: int) -> None:
@@ -256,7 +269,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         for t in range(T):
             token_index[0] = t
             _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none", pf if cfg.prefetch else None,
-                   cfg.max_inflight, on_access=access)
+                   cfg.max_inflight, on_access=access, cost=cost)
             tick(1)
         wall = time.perf_counter() - t_start
         st = s.cache.stats
@@ -286,7 +299,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,
         "read_mib_per_s": round(bytes_read / wall / 2**20, 2) if wall else 0.0,
-        "io_latency_ms_misses": _pct(st.load_latency),
+        "io_latency_ms_misses": _pct(list(st.load_latency)),
         "compute_ms_per_expert": _pct(compute_times) if cfg.compute else None,
         "io_wait_s": round(io_wait, 4),
         "compute_s": round(compute_total, 4),
@@ -305,7 +318,7 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
     act = m.model.get("activation", {"kind": "swiglu"})
     xs, ys, ids = [], [], []
     for e in m.experts:
-        w = reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
+        w = reference_weights(np.frombuffer(read_regular_file(m.path_of(e)), np.uint8), e)
         x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
         xs.append(x)
         ys.append(reference_ffn(w, x, act))
@@ -327,7 +340,7 @@ def render(r: dict[str, Any]) -> str:
         f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
         f"evictions {r['evictions']}",
         f"  pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
-        f"wasted {r['prefetch_wasted']}",
+        f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
         f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",
         f"  read {r['bytes_read'] / 2**20:.1f} MiB at {r['read_mib_per_s']:.1f} MiB/s; I/O latency (misses) ms "

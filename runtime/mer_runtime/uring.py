@@ -2,17 +2,34 @@
 
 Written from the stable kernel ABI (io_uring(7), include/uapi/linux/io_uring.h) because the PyPI bindings do not
 serve O_DIRECT: `liburing` reads only into bytearrays, which cannot be 4096-aligned. Only what the loader needs is
-here: one ring used from one thread, reads into registered (fixed) buffers, with plain READ as a fallback when the
-kernel refuses to register them.
+here: reads into registered (fixed) buffers, with plain READ as a fallback when the kernel refuses to register them.
+
+Threads: a `Ring` is not thread-safe by itself. Its owner (`loader.UringLoader`) calls `prep_read`, `submit` and
+`reap` under one lock; only `wait_cqe` (a blocking io_uring_enter that submits nothing and touches no user-side
+ring index) may run without that lock, from one thread at a time.
+
+Memory ordering: the rings are shared with the kernel, which asks (io_uring(7); liburing's
+io_uring_smp_load_acquire/io_uring_smp_store_release) for an acquire load of the CQ tail before reading CQEs, a
+release store of the CQ head after reading them, and a release store of the SQ tail after writing an SQE (plus an
+acquire load of the SQ head). ctypes has no atomics, so these go through `_uring_atomics.c` (C11 builtins, built
+at install) when it is present. Without it, plain ctypes loads and stores are used on x86-64 only: x86-64's
+memory model (TSO) never reorders a load with an older load nor a store with an older store, which makes every
+plain aligned 32-bit load an acquire and every plain store a release at the CPU level; and no compiler reordering
+can happen either, because each ctypes access is a separate call out of the interpreter's bytecode loop (an
+opaque function with side effects that the C compiler cannot move other memory accesses across). That argument
+fails on weakly ordered CPUs (arm64, POWER, RISC-V), so there io_uring is refused without the helper, with the
+reason `probe()` (and so `--io auto`) reports.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.machinery
 import mmap
 import os
 import platform
+from pathlib import Path
 
 # Syscall numbers are the same on every architecture that has io_uring (they were added after the unification).
 SYS_IO_URING_SETUP = 425
@@ -32,6 +49,67 @@ IORING_OP_READ = 22
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+
+
+TSO_MACHINES = ("x86_64", "AMD64", "i386", "i686")
+
+
+def _load_atomics() -> ctypes.CDLL | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_uring_atomics{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            lib.mer_load_acquire_u32.argtypes = [ctypes.c_void_p]
+            lib.mer_load_acquire_u32.restype = ctypes.c_uint32
+            lib.mer_store_release_u32.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+            lib.mer_store_release_u32.restype = None
+            return lib
+    return None
+
+
+_ATOMICS = None if os.environ.get("MER_URING_ATOMICS") == "plain" else _load_atomics()
+
+
+def ordering_refusal(machine: str, helper: bool) -> str | None:
+    """Why the rings cannot be accessed with the ordering the kernel asks for, or None if they can.
+
+    >>> ordering_refusal("x86_64", helper=False) is None   # TSO: plain loads/stores are acquire/release
+    True
+    >>> ordering_refusal("aarch64", helper=False)[:30]
+    'io_uring on aarch64 needs the '
+    """
+    if helper or machine in TSO_MACHINES:
+        return None
+    return (f"io_uring on {machine} needs the mer_runtime._uring_atomics helper (acquire/release access to the "
+            "rings) and it was not built: reinstall with a C compiler present")
+
+
+#: how the ring indices are accessed, for describe() and the docs
+ORDERING = ("C11 acquire/release (mer_runtime._uring_atomics)" if _ATOMICS is not None
+            else "plain loads/stores (x86-64 TSO)" if platform.machine() in TSO_MACHINES
+            else "unavailable")
+
+
+class _Index:
+    """One u32 ring index in the shared mapping, read with acquire and written with release ordering."""
+
+    __slots__ = ("_cell", "_addr")
+
+    def __init__(self, buf: mmap.mmap, offset: int):
+        self._cell = ctypes.c_uint32.from_buffer(buf, offset)
+        self._addr = ctypes.addressof(self._cell)
+
+    def load(self) -> int:
+        if _ATOMICS is not None:
+            return _ATOMICS.mer_load_acquire_u32(self._addr)
+        return self._cell.value
+
+    def store(self, v: int) -> None:
+        if _ATOMICS is not None:
+            _ATOMICS.mer_store_release_u32(self._addr, v)
+        else:
+            self._cell.value = v
 
 
 class _SQOff(ctypes.Structure):
@@ -87,6 +165,8 @@ def probe() -> str | None:
     """None if io_uring can be set up here, else the reason (seccomp, sysctl, old kernel, other OS)."""
     if platform.system() != "Linux":
         return f"io_uring is Linux-only (this is {platform.system()})"
+    if (why := ordering_refusal(platform.machine(), _ATOMICS is not None)) is not None:
+        return why
     try:
         Ring(2).close()
     except OSError as exc:
@@ -100,9 +180,17 @@ def probe() -> str | None:
 
 
 class Ring:
-    """One io_uring instance. Not thread-safe: the loader drives it from one thread."""
+    """One io_uring instance. Not thread-safe: its owner serialises every call but `wait_cqe` (module docstring).
+
+    >>> with Ring(4) as r:                                   # doctest: +SKIP
+    ...     r.prep_read(fd, addr, 4096, 0, user_data=7, buf_index=None)
+    ...     r.wait(1)
+    [(7, 4096)]
+    """
 
     def __init__(self, entries: int = 64):
+        if (why := ordering_refusal(platform.machine(), _ATOMICS is not None)) is not None:
+            raise UringError(errno.ENOTSUP, why)
         self.params = _Params()
         fd = _syscall(SYS_IO_URING_SETUP, ctypes.c_uint32(entries), ctypes.byref(self.params))
         self.fd = _check(fd, "io_uring_setup")
@@ -117,23 +205,26 @@ class Ring:
             self._cq_map = (self._sq_map if p.features & IORING_FEAT_SINGLE_MMAP
                             else mmap.mmap(self.fd, cq_size, flags=flags, offset=IORING_OFF_CQ_RING))
             self._sqe_map = mmap.mmap(self.fd, p.sq_entries * ctypes.sizeof(SQE), flags=flags, offset=IORING_OFF_SQES)
-        except OSError:
+        except BaseException:
+            self._unmap()
             os.close(self.fd)
+            self.fd = -1
             raise
         u32 = ctypes.c_uint32
-        self.sq_head = u32.from_buffer(self._sq_map, p.sq_off.head)
-        self.sq_tail = u32.from_buffer(self._sq_map, p.sq_off.tail)
+        self.sq_head = _Index(self._sq_map, p.sq_off.head)
+        self.sq_tail = _Index(self._sq_map, p.sq_off.tail)
         self.sq_mask = u32.from_buffer(self._sq_map, p.sq_off.ring_mask).value
         self.sq_array = (u32 * p.sq_entries).from_buffer(self._sq_map, p.sq_off.array)
         self.sqes = (SQE * p.sq_entries).from_buffer(self._sqe_map)
-        self.cq_head = u32.from_buffer(self._cq_map, p.cq_off.head)
-        self.cq_tail = u32.from_buffer(self._cq_map, p.cq_off.tail)
+        self.cq_head = _Index(self._cq_map, p.cq_off.head)
+        self.cq_tail = _Index(self._cq_map, p.cq_off.tail)
         self.cq_mask = u32.from_buffer(self._cq_map, p.cq_off.ring_mask).value
         self.cqes = (CQE * p.cq_entries).from_buffer(self._cq_map, p.cq_off.cqes)
         self.entries = p.sq_entries
         self.pending = 0  # SQEs queued but not yet passed to io_uring_enter
         self.in_flight = 0  # submitted, completion not yet reaped
         self.registered = False
+        self._tail = self.sq_tail.load()  # our copy of the SQ tail (we are its only writer)
 
     # -- buffers ------------------------------------------------------------------------------------------
     def register_buffers(self, buffers: list[tuple[int, int]]) -> None:
@@ -145,12 +236,13 @@ class Ring:
 
     # -- submission ---------------------------------------------------------------------------------------
     def space(self) -> int:
-        return self.entries - (self.sq_tail.value - self.sq_head.value) % (1 << 32)
+        # our own tail needs no ordering (only we write it); the head is the kernel's: acquire
+        return self.entries - (self._tail - self.sq_head.load()) % (1 << 32)
 
     def prep_read(self, fd: int, addr: int, length: int, offset: int, user_data: int, buf_index: int | None) -> None:
         if self.space() <= 0:
             self.submit()
-        tail = self.sq_tail.value
+        tail = self._tail
         idx = tail & self.sq_mask
         sqe = self.sqes[idx]
         ctypes.memset(ctypes.addressof(sqe), 0, ctypes.sizeof(SQE))
@@ -162,38 +254,45 @@ class Ring:
         sqe.user_data = user_data
         sqe.buf_index = buf_index or 0
         self.sq_array[idx] = idx
-        # x86 and arm64 CPython: each ctypes store is a separate C call, so the SQE is written before the tail.
-        self.sq_tail.value = (tail + 1) & 0xFFFFFFFF
+        self._tail = (tail + 1) & 0xFFFFFFFF
+        self.sq_tail.store(self._tail)  # release: the kernel sees the SQE written before the new tail
         self.pending += 1
+
+    def _enter(self, to_submit: int, min_complete: int) -> int:
+        flags = IORING_ENTER_GETEVENTS if min_complete else 0
+        while True:
+            ret = _syscall(SYS_IO_URING_ENTER, self.fd, to_submit, min_complete, flags, None, 0)
+            if ret >= 0:
+                return ret
+            err = ctypes.get_errno()
+            if err != errno.EINTR:  # a signal arrived: simply retry
+                raise UringError(err, f"io_uring_enter: {os.strerror(err)}")
 
     def submit(self, wait: int = 0) -> None:
         """Pass queued SQEs to the kernel; with wait > 0 also block until that many completions are ready.
 
         The loader keeps fewer reads in flight than the completion queue holds, so the kernel never answers
-        EBUSY for a full CQ; EINTR (a signal arrived) is simply retried.
+        EBUSY for a full CQ.
         """
-        while True:
-            flags = IORING_ENTER_GETEVENTS if wait else 0
-            ret = _syscall(SYS_IO_URING_ENTER, self.fd, self.pending, wait, flags, None, 0)
-            if ret < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    continue
-                raise UringError(err, f"io_uring_enter: {os.strerror(err)}")
-            self.in_flight += ret
-            self.pending -= ret
-            return
+        ret = self._enter(self.pending, wait)
+        self.in_flight += ret
+        self.pending -= ret
+
+    def wait_cqe(self, n: int = 1) -> None:
+        """Block until at least n completions are in the CQ; submits nothing and reads no user-side index, so it
+        may run while another thread holds the owner's lock (and submits)."""
+        self._enter(0, n)
 
     def reap(self) -> list[tuple[int, int]]:
         """Completions available now, as (user_data, res); res < 0 is -errno."""
         out: list[tuple[int, int]] = []
-        head = self.cq_head.value
-        tail = self.cq_tail.value
+        head = self.cq_head.load()  # only we write it
+        tail = self.cq_tail.load()  # acquire: the CQEs before it are visible
         while head != tail:
             c = self.cqes[head & self.cq_mask]
             out.append((c.user_data, c.res))
             head = (head + 1) & 0xFFFFFFFF
-        self.cq_head.value = head
+        self.cq_head.store(head)  # release: the kernel may reuse the CQEs only after we read them
         self.in_flight -= len(out)
         return out
 
@@ -205,15 +304,19 @@ class Ring:
         self.submit(wait=min(n - len(got), self.in_flight + self.pending))
         return got + self.reap()
 
-    def close(self) -> None:
-        if self.fd < 0:
-            return
+    def _unmap(self) -> None:
         for name in ("sq_head", "sq_tail", "sq_array", "sqes", "cq_head", "cq_tail", "cqes"):
             if hasattr(self, name):
                 delattr(self, name)
         for m in {id(x): x for x in (getattr(self, "_sqe_map", None), getattr(self, "_cq_map", None),
                                      getattr(self, "_sq_map", None)) if x is not None}.values():
             m.close()
+
+    def close(self) -> None:
+        """Unmap the rings and close the ring's fd (once; a second call does nothing)."""
+        if self.fd < 0:
+            return
+        self._unmap()
         os.close(self.fd)
         self.fd = -1
 

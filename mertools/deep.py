@@ -23,13 +23,14 @@ import numpy as np
 import xxhash
 
 from mer_runtime.errors import MerError
-from mer_runtime.kernels import dequantize_tensor, reference_ffn, reference_weights
+from mer_runtime.kernels import dequantize_tensor, reference_weights
 from mer_runtime.manifest import ExpertEntry, Manifest
+from mer_runtime.safeopen import read_regular
 from mer_runtime.shards import open_shards
 
 from .errors import SourceError
 from .gguf_source import split_parts
-from .verify import Problem, VerifyReport
+from .report import Problem, VerifyReport
 
 TOLERANCE = 1e-4
 SEED = 12648430
@@ -69,8 +70,37 @@ class SourceReference:
                           "folder was extracted from?")
 
 
+def reference_ffn64(w: dict[str, np.ndarray], x: np.ndarray, activation: dict[str, Any]) -> np.ndarray:
+    """float64 expert output written from the model definitions, sharing no code with the runtime's kernels.
+
+    swiglu (Mixtral, Qwen, DeepSeek): down @ (silu(gate @ x) * (up @ x)), silu(v) = v / (1 + e^-v).
+    swiglu_oai (GPT-OSS): g = min(gate @ x + b_g, limit), u = clip(up @ x + b_u, -limit, limit),
+    down @ ((u + 1) * g * sigmoid(alpha * g)) + b_d, alpha 1.702 and limit 7.0 unless the manifest says otherwise.
+
+    >>> eye = np.eye(2)
+    >>> reference_ffn64({"gate": eye, "up": eye, "down": eye}, np.array([[0.0, 1.0]]), {"kind": "swiglu"})
+    array([[0.        , 0.73105858]])
+    """
+    x = np.asarray(x, np.float64)
+    g = x @ w["gate"].T + w.get("gate_bias", 0.0)
+    u = x @ w["up"].T + w.get("up_bias", 0.0)
+    kind = activation.get("kind", "swiglu")
+    with np.errstate(over="ignore"):
+        if kind == "swiglu":
+            h = g / (1.0 + np.exp(-g)) * u
+        elif kind == "swiglu_oai":
+            limit, alpha = float(activation.get("limit", 7.0)), float(activation.get("alpha", 1.702))
+            g = np.minimum(g, limit)
+            u = np.clip(u, -limit, limit)
+            h = (u + 1.0) * g / (1.0 + np.exp(-alpha * g))
+        else:
+            raise MerError(f"activation {kind!r} has no float64 reference here")
+    return h @ w["down"].T + w.get("down_bias", 0.0)
+
+
 def _shard_reference(m: Manifest, e: ExpertEntry) -> dict[str, np.ndarray]:
-    return reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
+    blob = read_regular(m.path_of(e), e.size)  # a regular file inside the folder, or ShardIOError
+    return reference_weights(np.frombuffer(blob, np.uint8), e)
 
 
 def _source_reference(src: SourceReference, e: ExpertEntry, problems: list[Problem]) -> dict[str, np.ndarray]:
@@ -97,20 +127,27 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     tick = progress(len(m.experts), len(m.experts)) if progress else (lambda n: None)
     broken = {p.path for p in report.problems}
     results: list[dict[str, Any]] = []
-    with open_shards(m.root, io=io, cache_slots=2, checksums="never") as shards:
-        for e in m.experts:
+    healthy = [e for e in m.experts if e.path not in broken]  # a damaged expert is reported, never run
+    io_desc = "not opened"
+    try:
+        shards = open_shards(m.root, io=io, cache_slots=2, checksums="never") if healthy else None
+    except MerError as exc:
+        report.problems.append(Problem(".", f"the runtime cannot open the folder: {exc}"))
+        shards = None
+    try:
+        for e in healthy if shards else []:
             tick(1)
-            if e.path in broken:
-                continue  # missing or truncated: already reported, nothing to run
             try:
                 y = shards.ffn(e.layer, e.expert, x)
+                probs: list[Problem] = []
+                w = _source_reference(src, e, probs) if src else _shard_reference(m, e)
+            except SourceError:
+                raise
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))
                 continue
-            probs: list[Problem] = []
-            w = _source_reference(src, e, probs) if src else _shard_reference(m, e)
             report.problems.extend(probs)
-            ref = reference_ffn(w, x, activation)
+            ref = reference_ffn64(w, x, activation)
             scale = float(np.abs(ref).max()) or 1.0
             err = float(np.abs(y.astype(np.float64) - ref).max() / scale)
             results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err})
@@ -118,7 +155,10 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                 report.problems.append(Problem(
                     e.path, f"output differs from the {'source' if src else 'shard'} reference: max relative error "
                             f"{err:.3g} > {tolerance:g}"))
-        io_desc = shards.describe_io()
+    finally:
+        if shards is not None:
+            io_desc = shards.describe_io()
+            shards.close()
     report.deep = {
         "reference": f"source {against}" if src else "shard bytes (gguf dequantize)",
         "tolerance": tolerance,

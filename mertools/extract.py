@@ -7,7 +7,6 @@ the last file, is on disk; an interrupted or failed run never leaves an OUT that
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import xxhash
 
-from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
+from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_bytes, parse_manifest
 
 from . import __version__
 from .dense import write_dense
@@ -289,9 +288,8 @@ def extract(
         }
         parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
         mpath = staging / MANIFEST_NAME
-        with open(mpath, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.write("\n")
+        with open(mpath, "wb") as fh:
+            fh.write(manifest_bytes(manifest))  # with manifest_xxh3, so that verify notices any later edit
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from . import uring
 from .buffers import BufferPool
 from .errors import ShardIOError
+from .safeopen import clear_nonblock, kind_of
 
 BACKENDS = ("io_uring", "pread", "buffered")
 _RETRY = (errno.EINTR, errno.EAGAIN)
@@ -38,14 +40,28 @@ class Ticket:
 
 
 def _open(path: str, direct: bool) -> int:
-    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    # O_NONBLOCK + fstat: a shard replaced by a FIFO must not block the open forever, nor a device be read
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     try:
-        return os.open(path, flags)
+        fd = os.open(path, flags)
     except OSError as exc:
+        try:
+            mode = os.stat(path).st_mode  # O_DIRECT on a FIFO fails with EINVAL: say what the file is instead
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise ShardIOError(f"{path}: is {kind_of(mode)}, not a regular file; run `mertools verify` and "
+                               "re-extract") from None
         hint = ""
         if direct and exc.errno == errno.EINVAL:
             hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
         raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ShardIOError(f"{path}: is {kind_of(mode)}, not a regular file; run `mertools verify` and re-extract")
+    clear_nonblock(fd)
+    return fd
 
 
 def _short(path: str, offset: int, size: int) -> ShardIOError:

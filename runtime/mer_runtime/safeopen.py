@@ -25,6 +25,14 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def clear_nonblock(fd: int) -> None:
+    """Back to blocking mode once fstat has shown a regular file: io_uring answers EAGAIN instead of waiting on a
+    descriptor that has O_NONBLOCK (it does not punt the read to its workers)."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
 def open_regular(path: str | os.PathLike[str], *, flags: int = 0, error: type[MerError] = ShardIOError,
                  hint: str = "re-extract the model") -> tuple[int, os.stat_result]:
     """(fd, fstat) of a regular file opened read-only; anything else raises `error` naming the file and what to do.
@@ -49,6 +57,7 @@ def open_regular(path: str | os.PathLike[str], *, flags: int = 0, error: type[Me
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise fail(f"is {kind_of(st.st_mode)}, not a regular file")
+        clear_nonblock(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -27,6 +27,7 @@ from .kernels import dequantize_tensor, reference_ffn, reference_weights
 from .loader import Loader, Ticket
 from .manifest import Manifest, load_manifest
 from .prefetch import MarkovPrefetcher
+from .safeopen import read_regular
 from .shards import open_shards
 
 WORKLOADS = ("zipf", "markov", "uniform", "router", "replay")
@@ -305,7 +306,7 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
     act = m.model.get("activation", {"kind": "swiglu"})
     xs, ys, ids = [], [], []
     for e in m.experts:
-        w = reference_weights(np.frombuffer(m.path_of(e).read_bytes(), np.uint8), e)
+        w = reference_weights(np.frombuffer(read_regular(m.path_of(e), e.size), np.uint8), e)  # never a FIFO
         x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
         xs.append(x)
         ys.append(reference_ffn(w, x, act))

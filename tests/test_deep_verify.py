@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import xxhash
 
 from mertools import verify
-from mer_runtime import load_manifest
+from mertools.deep import _shard_reference, _source_reference, SourceReference, reference_ffn64
+from mer_runtime import load_manifest, open_shards
+from mer_runtime.manifest import manifest_bytes
 
 from conftest import ALL_MOE, REAL, parts_of, run_cli
 
@@ -24,7 +27,8 @@ def test_deep_verify_passes_on_every_fixture(src, extracted):
 
 
 def forge(folder, path, at):
-    """Change one byte and rewrite the file and projection checksums so that the shallow checks pass."""
+    """Change one byte and rewrite the file and projection checksums (and the manifest's own) so that the shallow
+    checks pass."""
     p = folder / path
     data = bytearray(p.read_bytes())
     data[at] = (data[at] + 0x55) & 0xFF
@@ -36,7 +40,7 @@ def forge(folder, path, at):
             e["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data))
             for t in e["tensors"].values():
                 t["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data[t["offset"]:t["offset"] + t["nbytes"]]))
-    mpath.write_text(json.dumps(raw))
+    mpath.write_bytes(manifest_bytes(raw))
 
 
 @pytest.mark.parametrize("src_name, role", [("mixtral-q4_0.gguf", "gate"), ("mixtral-q4_k_m.gguf", "down"),
@@ -58,9 +62,58 @@ def test_one_changed_byte_with_rewritten_checksums(tmp_path, extracted, src_name
     assert {p.path for p in r.problems} == {e.path}  # the other experts are fine
 
 
+REF_FIXTURES = ["mixtral-q4_0", "mixtral-q4_k_m", "mixtral-f16", "mixtral-perexpert-q8_0", "qwen2moe-q4_k_m",
+                "gptoss-mxfp4_moe"]
+
+
+@pytest.mark.parametrize("stem", REF_FIXTURES)
+def test_deep_references_equal_the_fixture_outputs(extracted, stem):
+    """The float64 references deep verify compares with (from the shard bytes, and from the source) equal the
+    fixture's own float64 outputs (computed by its author with numpy and gguf, outside this project), and so does
+    the runtime, to the deep tolerance. GPT-OSS is checked with its real activation and biases (y_gptoss_native)
+    and, without them, against the plain formula (y)."""
+    src = REAL / f"{stem}.gguf"
+    z = np.load(REAL / f"{stem}.ref.npz")
+    out = extracted(src)
+    m = load_manifest(out)
+    source = SourceReference(src)
+    x = z["x"][None].astype(np.float32)
+    act = m.model.get("activation", {"kind": "swiglu"})
+    with open_shards(out, cache_slots=2) as s:
+        for li, layer in enumerate(z["layers"]):
+            for e in range(int(z["n_experts"])):
+                entry = m.expert(int(layer), e)
+                want = z["y_gptoss_native"][li, e] if "y_gptoss_native" in z.files else z["y"][li, e]
+                probs = []
+                for w in (_shard_reference(m, entry), _source_reference(source, entry, probs)):
+                    got = reference_ffn64(w, x, act)[0]
+                    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max(), (layer, e)
+                    plain = {r: v for r, v in w.items() if not r.endswith("_bias")}
+                    got = reference_ffn64(plain, x, {"kind": "swiglu"})[0]
+                    assert np.abs(got - z["y"][li, e]).max() <= 1e-9 * np.abs(z["y"][li, e]).max(), (layer, e)
+                assert not probs
+                y = s.ffn(int(layer), e, x[0])
+                assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max(), (layer, e)
+
+
 def test_deep_without_source_checks_the_runtime_against_shard_bytes(extracted):
+    """Without --against the reference is computed from the shard bytes (shown equal to the fixture's outputs
+    above); the runtime's outputs must match it."""
     r = verify(extracted(REAL / "qwen2moe-q4_k_m.gguf"), deep=True)
     assert r.ok and r.deep["reference"].startswith("shard bytes")
+    assert r.deep["experts_run"] == 8 and 0 < r.deep["worst_rel_err"] < 1e-4
+
+
+def test_deep_without_source_sees_a_changed_byte_whose_checksums_were_not_rewritten(tmp_path, extracted):
+    out = tmp_path / "o"
+    shutil.copytree(extracted(REAL / "qwen2moe-q4_k_m.gguf"), out)
+    e = load_manifest(out).expert(1, 3)
+    p = out / e.path
+    data = bytearray(p.read_bytes())
+    data[e.tensors["up"].offset + 100] ^= 0x40
+    p.write_bytes(bytes(data))
+    r = verify(out, deep=True)
+    assert [x.path for x in r.problems] == [e.path] * 2 and r.deep["experts_run"] == 7  # reported, not run
 
 
 def test_cli_deep_json_and_failure_exit(tmp_path, extracted):

@@ -113,7 +113,7 @@ def test_width_other_than_d_ff_only_if_consistent(good):
 
 @pytest.mark.parametrize("act, needle", [
     ({"kind": "gelu"}, "activation 'gelu' is not one this reader knows"),
-    ("swiglu", "activation 'swiglu' is not one"),
+    ("swiglu", "field .activation. has the wrong type"),
     ({"kind": "swiglu_oai", "alpha": float("nan")}, "alpha nan must be a finite number"),
     ({"kind": "swiglu_oai", "limit": -7.0}, "limit -7.0 must be"),
     ({"kind": "swiglu_oai", "limit": 1e300}, "limit 1e\\+300 must be"),
@@ -175,3 +175,16 @@ def test_unreadable_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_nesting_that_json_can_parse_but_consumers_cannot_print(good):
+    """500 levels parse (below Python's recursion limit) but `inspect --json` would recurse printing them."""
+    nested = {}
+    for _ in range(500):
+        nested = {"x": [nested]}
+    bad(good, set_model("extra", nested), "field 'model' is nested more than 32 deep")
+
+
+@pytest.mark.parametrize("key", ["activation", "moe_layers"])
+def test_fields_inspect_prints_are_required(good, key):
+    bad(good, lambda r: r["model"].pop(key), f"missing field '{key}'")

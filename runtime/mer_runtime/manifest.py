@@ -52,6 +52,7 @@ MAX_FILE_BYTES = 1 << 40  # one expert file or dense.gguf
 MAX_TOTAL_BYTES = 1 << 50  # the whole folder
 MAX_ALIGNMENT = 1 << 24
 MAX_ACT_PARAM = 1e6  # |alpha|, limit of swiglu_oai
+MAX_DEPTH = 32  # nesting of the fields consumers pass on whole (model, source, ...): json.dumps of them must not recurse out
 
 HASH_FIELD = "manifest_xxh3"
 _ZERO_HASH = "0" * 16
@@ -201,7 +202,7 @@ def _check_model(model: dict[str, Any], where: str) -> None:
     _need_int(model, "n_experts_used", where, 0, n_experts)
     _need_int(model, "d_model", where, 1, MAX_DIM)
     _need_int(model, "d_ff", where, 1, MAX_DIM)
-    act = model.get("activation", {"kind": "swiglu"})
+    act = _need(model, "activation", dict, where)
     if not isinstance(act, dict) or act.get("kind") not in ACTIVATIONS:
         kind = act.get("kind") if isinstance(act, dict) else act
         raise ManifestError(f"{where}: activation {kind!r} is not one this reader knows ({', '.join(ACTIVATIONS)}); "
@@ -215,8 +216,8 @@ def _check_model(model: dict[str, Any], where: str) -> None:
             isinstance(v, str) and "{" not in v.replace("{layer}", "") and "}" not in v.replace("{layer}", "")
             for v in router.values()):
         raise ManifestError(f"{where}: router must map names to tensor-name templates with only {{layer}} to fill in")
-    moe_layers = model.get("moe_layers", [])
-    if not isinstance(moe_layers, list) or not all(
+    moe_layers = _need(model, "moe_layers", list, where)
+    if not all(
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x < model["n_layers"] for x in moe_layers):
         raise ManifestError(f"{where}: moe_layers must list block numbers below n_layers {model['n_layers']}")
 
@@ -247,6 +248,19 @@ class _Where:
         return format(str(self), spec)
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion (stops counting past MAX_DEPTH)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        children = v.values() if isinstance(v, dict) else v
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
 def _expected_shapes(role: str, d_model: int, width: int) -> tuple[int, ...] | None:
     """The shape a role must have for an expert of this width; None for a role whose shape this reader leaves free."""
     return {"gate": (width, d_model), "up": (width, d_model), "down": (d_model, width),
@@ -271,6 +285,10 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
             f"{where}: format_version {version} is not supported (this reader knows {FORMAT_VERSION}); "
             "upgrade mertools or re-extract the model"
         )
+    for key, value in raw.items():
+        # experts are checked field by field below; the rest is handed on whole (inspect prints it as JSON)
+        if key != "experts" and isinstance(value, (dict, list)) and _depth(value) > MAX_DEPTH:
+            raise ManifestError(f"{where}: field {key!r} is nested more than {MAX_DEPTH} deep; re-extract the model")
     if HASH_FIELD in raw and not _is_hex64(raw[HASH_FIELD]):
         raise ManifestError(f"{where}: {HASH_FIELD} must be 16 lowercase hex digits")
     alignment = _need_int(raw, "alignment", where, 1, MAX_ALIGNMENT)

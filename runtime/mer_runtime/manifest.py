@@ -146,9 +146,14 @@ class Manifest:
         """
         return self.resolve(entry.path, f"layer {entry.layer} expert {entry.expert}")
 
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root) + os.sep
+
     def resolve(self, rel: str, what: str) -> Path:
+        """root / rel, if it resolves (links followed) inside the folder; else ManifestError."""
         p = self.root / rel
-        if not os.path.realpath(p).startswith(os.path.realpath(self.root) + os.sep):
+        if not os.path.realpath(p).startswith(self._real_root):
             raise ManifestError(f"{p}: {what}: path {rel!r} resolves outside the output folder (a symlink?); "
                                 "re-extract the model")
         return p

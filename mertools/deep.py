@@ -145,7 +145,8 @@ def _shard_tensors(blob: np.ndarray, e: ExpertEntry) -> dict[str, _Tensor]:
             if r in NUMERIC_ROLES}
 
 
-def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray, problems: list[Problem]) -> dict[str, _Tensor]:
+def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray,
+                    problems: list[Problem]) -> dict[str, _Tensor]:
     """The source's tensors for this expert; every projection's bytes compared with the shard's, band by band."""
     out = {}
     for role, t in e.tensors.items():

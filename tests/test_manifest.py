@@ -32,7 +32,8 @@ def test_good_manifest_loads(good):
     assert len(m.experts) == 8 and m.alignment == 4096 and m.max_expert_size == m.experts[0].size
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "../x.bin", "experts/../../x.bin", "experts\\L001\\E0000.bin", "", "a//b"])
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x.bin", "experts/../../x.bin", "experts\\L001\\E0000.bin", "",
+                                  "a//b", "./x", "x/", "x/./y"])
 def test_paths_that_escape_or_are_odd(good, path):
     bad(good, lambda r: r["experts"][0].__setitem__("path", path), "path")
 

@@ -42,7 +42,8 @@ def open_in_child(folder):
     """open_shards + one ffn in a child process: (exit code, stderr); the child prints the MerError it got."""
     code = ("import sys, numpy as np\nfrom mer_runtime import open_shards, MerError\n"
             "try:\n    s = open_shards(sys.argv[1], cache_slots=2)\n"
-            "    [s.ffn(e.layer, e.expert, np.ones(s.manifest.model['d_model'], np.float32)) for e in s.manifest.experts]\n"
+            "    x = np.ones(s.manifest.model['d_model'], np.float32)\n"
+            "    [s.ffn(e.layer, e.expert, x) for e in s.manifest.experts]\n"
             "except MerError as exc:\n    print(exc, file=sys.stderr); sys.exit(2)\n")
     try:
         p = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=HANG)
@@ -208,8 +209,8 @@ def test_missing_shard_under_deep_exits_1(out):
     (out / m.experts[0].path).write_bytes(b"")
     p = cli("verify", out, "--deep", "--json")
     j = json.loads(p.stdout)
-    assert p.returncode == 1 and j["problems"][0] == {"path": m.experts[0].path,
-                                                      "problem": f"truncated: 0 bytes, manifest says {m.experts[0].size}"}
+    want = {"path": m.experts[0].path, "problem": f"truncated: 0 bytes, manifest says {m.experts[0].size}"}
+    assert p.returncode == 1 and j["problems"][0] == want
 
 
 def test_dense_replaced_by_fifo(out):

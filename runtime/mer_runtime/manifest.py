@@ -52,7 +52,8 @@ MAX_FILE_BYTES = 1 << 40  # one expert file or dense.gguf
 MAX_TOTAL_BYTES = 1 << 50  # the whole folder
 MAX_ALIGNMENT = 1 << 24
 MAX_ACT_PARAM = 1e6  # |alpha|, limit of swiglu_oai
-MAX_DEPTH = 32  # nesting of the fields consumers pass on whole (model, source, ...): json.dumps of them must not recurse out
+# nesting of the fields consumers pass on whole (model, source, ...): printing them as JSON must not recurse out
+MAX_DEPTH = 32
 
 HASH_FIELD = "manifest_xxh3"
 _ZERO_HASH = "0" * 16
@@ -215,7 +216,8 @@ def _check_model(model: dict[str, Any], where: str) -> None:
     if act["kind"] == "swiglu_oai":
         for k in ("alpha", "limit"):
             if k in act and not (_number(act[k]) and 0 < act[k] <= MAX_ACT_PARAM):
-                raise ManifestError(f"{where}: activation {k} {act[k]!r} must be a finite number in (0, {MAX_ACT_PARAM:g}]")
+                raise ManifestError(f"{where}: activation {k} {act[k]!r} must be a finite number in "
+                                    f"(0, {MAX_ACT_PARAM:g}]")
     router = model.get("router", {})
     if not isinstance(router, dict) or not all(
             isinstance(v, str) and "{" not in v.replace("{layer}", "") and "}" not in v.replace("{layer}", "")

@@ -22,6 +22,7 @@ from mer_runtime.manifest import (HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manife
                                   manifest_integrity, parse_manifest, read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
 
+from .deep import deep_verify
 from .report import Problem, VerifyReport
 
 __all__ = ["Problem", "VerifyReport", "check_dense", "check_expert", "check_manifest", "verify"]
@@ -158,8 +159,6 @@ def verify(
                 report.warnings.append(Problem(rel, "not listed in the manifest"))
     report.checksum_seconds = time.perf_counter() - t0
     if deep:
-        from .deep import deep_verify
-
         names = [f["name"] for f in m.source.get("files", [])]
         if against is not None and Path(against).name not in names:
             report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "

@@ -209,9 +209,8 @@ def _check_model(model: dict[str, Any], where: str) -> None:
     _need_int(model, "d_model", where, 1, MAX_DIM)
     _need_int(model, "d_ff", where, 1, MAX_DIM)
     act = _need(model, "activation", dict, where)
-    if not isinstance(act, dict) or act.get("kind") not in ACTIVATIONS:
-        kind = act.get("kind") if isinstance(act, dict) else act
-        raise ManifestError(f"{where}: activation {kind!r} is not one this reader knows ({', '.join(ACTIVATIONS)}); "
+    if act.get("kind") not in ACTIVATIONS:
+        raise ManifestError(f"{where}: activation {act.get('kind')!r} is not one this reader knows ({', '.join(ACTIVATIONS)}); "
                             "upgrade mer_runtime or re-extract the model")
     if act["kind"] == "swiglu_oai":
         for k in ("alpha", "limit"):

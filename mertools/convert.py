@@ -19,14 +19,13 @@ Nothing here creates, commits or removes OUT or the staging folder: that is ``ex
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
+from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_bytes, parse_manifest
 
 from . import __version__
 from .commit import test_point
@@ -215,9 +214,8 @@ def write_manifest(staging: Path, manifest: dict[str, Any], *, fsync: bool = Tru
     """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last)."""
     parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
     mpath = staging / MANIFEST_NAME
-    with open(mpath, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.write("\n")
+    with open(mpath, "wb") as fh:
+        fh.write(manifest_bytes(manifest))  # with manifest_xxh3, so that verify notices any later edit
         fh.flush()
         if fsync:
             os.fsync(fh.fileno())

@@ -91,7 +91,7 @@ def _expected(m: Manifest) -> dict[str, _Expect]:
         from mer_runtime.manifest import safe_relpath
 
         try:
-            path = safe_relpath(m.root, rec.get("path"), "reassembly")
+            path = safe_relpath(rec.get("path"), "reassembly")
         except ManifestError as exc:
             raise ArchiveError(str(exc)) from None
         if not isinstance(rec.get("size"), int) or not isinstance(rec.get("xxh3_64"), str):

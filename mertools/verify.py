@@ -1,7 +1,11 @@
-"""``verify``: every shard present, of the right size and alignment, every whole-file and projection checksum right.
+"""``verify``: every shard present, of the right size and alignment, every whole-file and projection checksum right,
+and the manifest itself unchanged (its ``manifest_xxh3``).
 
 One sequential pass per file (mer_runtime.checksum) feeds the whole-file hash and the hash of whichever projection
-the bytes belong to, so verification reads each byte once.
+the bytes belong to, so verification reads each byte once. Files are opened with ``open_regular`` (``O_NONBLOCK``,
+fstat), so an expert replaced by a FIFO, a device, a directory or a link out of the folder is one more problem in
+the list, never a hang. A damaged folder always gives a report with ``ok`` False (the CLI exits 1) listing every
+problem found; only bad arguments (a source that cannot be read for ``--against``) raise.
 """
 
 from __future__ import annotations
@@ -9,75 +13,77 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from mer_runtime.checksum import hash_file
-from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import ExpertEntry, Manifest, load_manifest
+from mer_runtime.checksum import hash_fd, hash_file
+from mer_runtime.errors import ManifestError, MerError
+from mer_runtime.manifest import (HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
+                                  manifest_integrity, parse_manifest, read_manifest_bytes)
+from mer_runtime.safeopen import open_regular
 
+from .deep import deep_verify
+from .report import Problem, VerifyReport
 
-
-@dataclass
-class Problem:
-    path: str
-    what: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.what}"
+__all__ = ["Problem", "VerifyReport", "check_dense", "check_expert", "check_manifest", "verify"]
 
 
-@dataclass
-class VerifyReport:
-    folder: Path
-    experts_checked: int = 0
-    bytes_read: int = 0
-    seconds: float = 0.0
-    checksum_seconds: float = 0.0
-    problems: list[Problem] = field(default_factory=list)
-    warnings: list[Problem] = field(default_factory=list)
-    deep: dict[str, Any] | None = None
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or str(exc)
 
-    @property
-    def gb_per_s(self) -> float:
-        """Checksum throughput: bytes read over the time of the checksum pass alone."""
-        return self.bytes_read / self.checksum_seconds / 1e9 if self.checksum_seconds else 0.0
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+def check_manifest(folder: str | os.PathLike[str]) -> tuple[Manifest | None, list[Problem], list[Problem]]:
+    """(the manifest or None if it cannot be used, problems, warnings) for folder/manifest.json.
 
-    def as_dict(self) -> dict[str, Any]:
-        d = {
-            "folder": str(self.folder),
-            "ok": self.ok,
-            "experts_checked": self.experts_checked,
-            "bytes_read": self.bytes_read,
-            "seconds": round(self.seconds, 4),
-            "gb_per_s": round(self.gb_per_s, 4),
-            "problems": [{"path": p.path, "problem": p.what} for p in self.problems],
-            "warnings": [{"path": p.path, "problem": p.what} for p in self.warnings],
-        }
-        if self.deep is not None:
-            d["deep"] = self.deep
-        return d
+    A manifest that parses but whose manifest_xxh3 does not match is returned with a problem, so that the shards
+    are still checked and the report lists everything.
+    """
+    root = Path(folder)
+    where = root / MANIFEST_NAME
+    try:
+        data = read_manifest_bytes(root)
+        raw = decode_manifest(data, where)
+        m = parse_manifest(raw, root)
+    except ManifestError as exc:
+        return None, [Problem(MANIFEST_NAME, str(exc))], []
+    try:
+        m.integrity = manifest_integrity(data, raw, where)
+    except ManifestError as exc:
+        return m, [Problem(MANIFEST_NAME, str(exc))], []
+    if m.integrity == "absent":
+        return m, [], [Problem(MANIFEST_NAME, f"has no {HASH_FIELD} (written by an older mertools), so an edit of "
+                                              "the manifest itself cannot be detected; re-extract to add one")]
+    return m, [], []
+
+
+def _open_listed(m: Manifest, rel: str, what: str, size: int) -> tuple[int | None, list[Problem]]:
+    """(fd, []) for a listed file of the expected size, else (None, [the problem])."""
+    if not os.path.lexists(m.root / rel):
+        return None, [Problem(rel, "missing")]
+    try:
+        fd, st = open_regular(m.resolve(rel, what))
+    except MerError as exc:
+        return None, [Problem(rel, _why(exc))]
+    if st.st_size != size:
+        os.close(fd)
+        short = "truncated" if st.st_size < size else "too long"
+        return None, [Problem(rel, f"{short}: {st.st_size} bytes, manifest says {size}")]
+    return fd, []
 
 
 def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for one expert file: present, a regular file inside the folder, size, checksums."""
     rel = e.path
-    path = m.path_of(e)
-    if not path.exists():
-        return [Problem(rel, "missing")], 0
-    if not path.is_file():
-        return [Problem(rel, "is not a regular file")], 0
-    size = path.stat().st_size
-    if size != e.size:
-        what = "truncated" if size < e.size else "too long"
-        return [Problem(rel, f"{what}: {size} bytes, manifest says {e.size}")], 0
-    ranges = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
-    whole, parts, n = hash_file(path, ranges, tick)
-    probs = []
+    fd, probs = _open_listed(m, rel, f"layer {e.layer} expert {e.expert}", e.size)
+    if fd is None:
+        return probs, 0
+    try:
+        ranges = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
+        whole, parts, n = hash_fd(fd, e.size, ranges, tick)
+    except (OSError, ValueError) as exc:
+        return [Problem(rel, f"cannot read ({exc})")], 0
+    finally:
+        os.close(fd)
     for role, t in e.tensors.items():
         if parts[role] != t.xxh3_64:
             probs.append(Problem(rel, f"{role} checksum mismatch (xxh3 {parts[role]}, manifest {t.xxh3_64})"))
@@ -96,14 +102,33 @@ def _check_reassembly_record(m: Manifest) -> list[Problem]:
     rel = rec.get("path") if isinstance(rec, dict) else None
     if not isinstance(rel, str) or "/" in rel or rel.startswith(".") or not rel:
         return [Problem("manifest.json", "reassembly: bad or missing path")]
-    path = m.root / rel
-    if not path.is_file():
-        return [Problem(rel, "missing")]
-    whole, _, n = hash_file(path)
+    try:
+        whole, _, n = hash_file(m.root / rel)  # opened as a regular file only (never a FIFO)
+    except MerError as exc:
+        return [Problem(rel, getattr(exc, "reason", str(exc)))]
     if n != rec.get("size") or whole != rec.get("xxh3_64"):
         return [Problem(rel, f"size {n} / xxh3 {whole} differ from the manifest's {rec.get('size')} / "
                              f"{rec.get('xxh3_64')}")]
     return []
+
+
+def check_dense(m: Manifest, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for dense.gguf, when the manifest lists one."""
+    if not m.dense:
+        return [], 0
+    d = m.dense
+    fd, probs = _open_listed(m, d["path"], "dense", d["size"])
+    if fd is None:
+        return probs, 0
+    try:
+        whole, _, n = hash_fd(fd, d["size"], (), tick)
+    except (OSError, ValueError) as exc:
+        return [Problem(d["path"], f"cannot read ({exc})")], 0
+    finally:
+        os.close(fd)
+    if whole != d["xxh3_64"]:
+        return [Problem(d["path"], f"checksum mismatch (xxh3 {whole}, manifest {d['xxh3_64']})")], n
+    return [], n
 
 
 def verify(
@@ -118,7 +143,8 @@ def verify(
     """Check an extracted folder; the report lists every problem found (empty when all is well).
 
     With deep=True every expert is also run through the runtime and compared with a float64 reference computed
-    from `against` (the source model) or, without it, from the shard bytes (see mertools.deep).
+    from `against` (the source model) or, without it, from the shard bytes (see mertools.deep). Experts with a
+    problem are not run.
 
     >>> report = verify("out/")                                        # doctest: +SKIP
     >>> report = verify("out/", deep=True, against="model.gguf")       # doctest: +SKIP
@@ -126,10 +152,10 @@ def verify(
     """
     t0 = time.perf_counter()
     report = VerifyReport(Path(folder))
-    try:
-        m = load_manifest(folder)
-    except ManifestError as exc:
-        report.problems.append(Problem("manifest.json", str(exc)))
+    m, probs, warns = check_manifest(folder)
+    report.problems += probs
+    report.warnings += warns
+    if m is None:
         report.seconds = time.perf_counter() - t0
         return report
     total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0)
@@ -140,37 +166,25 @@ def verify(
             report.problems.extend(probs)
             report.bytes_read += n
             report.experts_checked += 1
-    if m.dense:
-        d = m.dense
-        path = m.root / d["path"]
-        if not path.is_file():
-            report.problems.append(Problem(d["path"], "missing"))
-        elif path.stat().st_size != d["size"]:
-            report.problems.append(Problem(d["path"], f"{path.stat().st_size} bytes, manifest says {d['size']}"))
-        else:
-            whole, _, n = hash_file(path, (), tick)
-            report.bytes_read += n
-            if whole != d["xxh3_64"]:
-                report.problems.append(Problem(d["path"], f"checksum mismatch (xxh3 {whole}, manifest {d['xxh3_64']})"))
+    probs, n = check_dense(m, tick)
+    report.problems += probs
+    report.bytes_read += n
     report.problems.extend(_check_reassembly_record(m))
     listed = {e.path for e in m.experts}
     experts_dir = m.root / "experts"
-    if experts_dir.is_dir():
+    if experts_dir.is_dir() and not experts_dir.is_symlink():
         for p in sorted(experts_dir.rglob("*")):
             rel = p.relative_to(m.root).as_posix()
-            if p.is_file() and rel not in listed:
+            if rel not in listed and not p.is_dir():
                 report.warnings.append(Problem(rel, "not listed in the manifest"))
     report.checksum_seconds = time.perf_counter() - t0
     if deep:
-        from .deep import deep_verify
-
-        names = {f["name"] for f in m.source.get("files", [])}
+        names = [f["name"] for f in m.source.get("files", [])]
         folder_ok = against is not None and Path(against).is_dir() and names and all(
             (Path(against) / n).is_file() for n in names)
         if against is not None and Path(against).name not in names and not folder_ok:
             report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
-                                                         f"({', '.join(f['name'] for f in m.source['files'])})"))
-
+                                                         f"({', '.join(names) or 'the manifest names none'})"))
         deep_verify(report, m, against=against, io=io, progress=deep_progress)
     report.seconds = time.perf_counter() - t0
     return report

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import xxhash
 
 from mertools import verify
-from mer_runtime import load_manifest
+from mertools.deep import SourceReference, _map_shard, _shard_tensors, _source_tensors, reference_ffn64
+from mer_runtime import load_manifest, open_shards
+from mer_runtime.manifest import manifest_bytes
 
 from conftest import ALL_MOE, REAL, parts_of, run_cli
 
@@ -24,7 +27,8 @@ def test_deep_verify_passes_on_every_fixture(src, extracted):
 
 
 def forge(folder, path, at):
-    """Change one byte and rewrite the file and projection checksums so that the shallow checks pass."""
+    """Change one byte and rewrite the file and projection checksums (and the manifest's own) so that the shallow
+    checks pass."""
     p = folder / path
     data = bytearray(p.read_bytes())
     data[at] = (data[at] + 0x55) & 0xFF
@@ -36,7 +40,7 @@ def forge(folder, path, at):
             e["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data))
             for t in e["tensors"].values():
                 t["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data[t["offset"]:t["offset"] + t["nbytes"]]))
-    mpath.write_text(json.dumps(raw))
+    mpath.write_bytes(manifest_bytes(raw))
 
 
 @pytest.mark.parametrize("src_name, role", [("mixtral-q4_0.gguf", "gate"), ("mixtral-q4_k_m.gguf", "down"),
@@ -58,9 +62,60 @@ def test_one_changed_byte_with_rewritten_checksums(tmp_path, extracted, src_name
     assert {p.path for p in r.problems} == {e.path}  # the other experts are fine
 
 
+REF_FIXTURES = ["mixtral-q4_0", "mixtral-q4_k_m", "mixtral-f16", "mixtral-perexpert-q8_0", "qwen2moe-q4_k_m",
+                "gptoss-mxfp4_moe"]
+
+
+@pytest.mark.parametrize("stem", REF_FIXTURES)
+def test_deep_references_equal_the_fixture_outputs(extracted, stem):
+    """The float64 references deep verify compares with (from the shard bytes, and from the source) equal the
+    fixture's own float64 outputs (computed by its author with numpy and gguf, outside this project), and so does
+    the runtime, to the deep tolerance. GPT-OSS is checked with its real activation and biases (y_gptoss_native)
+    and, without them, against the plain formula (y)."""
+    src = REAL / f"{stem}.gguf"
+    z = np.load(REAL / f"{stem}.ref.npz")
+    out = extracted(src)
+    m = load_manifest(out)
+    source = SourceReference(src)
+    x = z["x"][None].astype(np.float32)
+    act = m.model.get("activation", {"kind": "swiglu"})
+    with open_shards(out, cache_slots=2) as s:
+        for li, layer in enumerate(z["layers"]):
+            for e in range(int(z["n_experts"])):
+                entry = m.expert(int(layer), e)
+                want = z["y_gptoss_native"][li, e] if "y_gptoss_native" in z.files else z["y"][li, e]
+                probs = []
+                blob = _map_shard(m, entry)
+                for tensors in (_shard_tensors(blob, entry), _source_tensors(source, entry, blob, probs)):
+                    w = {r: t.values() for r, t in tensors.items()}
+                    got = reference_ffn64(w, x, act)[0]
+                    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max(), (layer, e)
+                    plain = {r: v for r, v in w.items() if not r.endswith("_bias")}
+                    got = reference_ffn64(plain, x, {"kind": "swiglu"})[0]
+                    assert np.abs(got - z["y"][li, e]).max() <= 1e-9 * np.abs(z["y"][li, e]).max(), (layer, e)
+                assert not probs
+                y = s.ffn(int(layer), e, x[0])
+                assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max(), (layer, e)
+
+
 def test_deep_without_source_checks_the_runtime_against_shard_bytes(extracted):
+    """Without --against the reference is computed from the shard bytes (shown equal to the fixture's outputs
+    above); the runtime's outputs must match it."""
     r = verify(extracted(REAL / "qwen2moe-q4_k_m.gguf"), deep=True)
     assert r.ok and r.deep["reference"].startswith("shard bytes")
+    assert r.deep["experts_run"] == 8 and 0 < r.deep["worst_rel_err"] < 1e-4
+
+
+def test_deep_without_source_sees_a_changed_byte_whose_checksums_were_not_rewritten(tmp_path, extracted):
+    out = tmp_path / "o"
+    shutil.copytree(extracted(REAL / "qwen2moe-q4_k_m.gguf"), out)
+    e = load_manifest(out).expert(1, 3)
+    p = out / e.path
+    data = bytearray(p.read_bytes())
+    data[e.tensors["up"].offset + 100] ^= 0x40
+    p.write_bytes(bytes(data))
+    r = verify(out, deep=True)
+    assert [x.path for x in r.problems] == [e.path] * 2 and r.deep["experts_run"] == 7  # reported, not run
 
 
 def test_cli_deep_json_and_failure_exit(tmp_path, extracted):
@@ -91,3 +146,63 @@ def test_split_source_as_reference(extracted):
     src = GEN / "moe-split-q4_0-00001-of-00006.gguf"
     assert len(parts_of(src)) == 6
     assert verify(extracted(src), deep=True, against=src).ok
+
+
+def deep_report(out, src=None, **kw):
+    from mertools.deep import deep_verify
+    from mertools.report import VerifyReport
+
+    r = VerifyReport(out)
+    deep_verify(r, load_manifest(out), against=src, **kw)
+    return r
+
+
+@pytest.mark.parametrize("src_name", ["mixtral-q4_k_m.gguf", "gptoss-mxfp4_moe.gguf"])
+def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
+    """Sampled mode (every expert, SAMPLE_ROWS rows of each kernel against banded float64 rows) passes; the whole
+    output is compared for nobody here, as for the bulk of a big model's experts."""
+    src = REAL / src_name
+    r = deep_report(extracted(src), src, full_experts=0, full_below=0)
+    assert r.ok, [str(p) for p in r.problems]
+    assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
+    assert {x["checked"] for x in r.deep["per_expert"]} == {"32 sampled rows"}
+
+
+def test_bands_bound_the_reference(monkeypatch, extracted):
+    """References built a few rows at a time give the same answer as whole matrices (the band is a memory bound,
+    not a change of result)."""
+    import mertools.deep as deep
+
+    src = REAL / "mixtral-q4_0.gguf"
+    whole = deep_report(extracted(src), src)
+    monkeypatch.setattr(deep, "BAND_BYTES", 256 * 8 * 3)  # 3 rows of 256 float64 at a time
+    banded = deep_report(extracted(src), src)
+    assert banded.ok and [x["max_rel_err"] for x in banded.deep["per_expert"]] == pytest.approx(
+        [x["max_rel_err"] for x in whole.deep["per_expert"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, full):
+    """Fault injection into the runtime (not the verifier): Q4_0 blocks read with IQ4_NL's value table (same 18-byte
+    blocks, other values). Deep verify must report every expert, whole-output or sampled."""
+    import mer_runtime.kernels as kernels
+    import mer_runtime.shards as shards
+    import mertools.deep as deep
+
+    real, real_ffn = kernels.matvec, kernels.expert_ffn
+
+    def misread(dtype, raw, shape, x, **kw):
+        return real("IQ4_NL" if dtype == "Q4_0" else dtype, raw, shape, x, **kw)
+
+    def misread_ffn(tensors, x, activation, **kw):  # the whole-expert path (one C call) reads them the same way
+        relabel = {r: ("IQ4_NL" if d == "Q4_0" else d, s, raw) for r, (d, s, raw) in tensors.items()}
+        return real_ffn(relabel, x, activation, **kw)
+
+    monkeypatch.setattr(kernels, "matvec", misread)
+    monkeypatch.setattr(deep, "matvec", misread)
+    monkeypatch.setattr(shards, "expert_ffn", misread_ffn)
+    src = REAL / "mixtral-q4_0.gguf"
+    kw = {} if full else {"full_experts": 0, "full_below": 0}
+    for against in (src, None):
+        r = deep_report(extracted(src), against, **kw)
+        assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mer_runtime.manifest import manifest_bytes
 from mertools import extract
 from mertools.errors import MertoolsError
 from mertools.export_mer import export_mer
@@ -131,7 +132,7 @@ def test_biases_are_refused(extracted, tmp_path):
     shutil.copytree(extracted(REAL["moe-gptoss-mxfp4-bias.gguf"]), f)
     m = json.loads((f / "manifest.json").read_text())
     m["model"]["activation"] = {"kind": "swiglu"}
-    (f / "manifest.json").write_text(json.dumps(m))
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
     with pytest.raises(MertoolsError, match="no place for expert biases"):
         export_mer(f, tmp_path / "mer", fsync=False)
     assert not (tmp_path / "mer").exists()

@@ -115,8 +115,8 @@ def test_failing_opens_leave_nothing(folder, backend, attack, tmp_path):
             with pytest.raises(ShardIOError, match="E0000.bin: cannot open") as ei:
                 open_shards(dst, io=io, cache_slots=slots)
         else:
-            kind = "a FIFO" if attack == "fifo" else "a folder"
-            with pytest.raises(ShardIOError, match=f"E0000.bin: is {kind}, not a regular shard file") as ei:
+            kind = "a FIFO" if attack == "fifo" else "a directory"
+            with pytest.raises(ShardIOError, match=f"E0000.bin: is {kind}, not a regular file") as ei:
                 open_shards(dst, io=io, cache_slots=slots)
         return ei
 
@@ -143,7 +143,7 @@ def test_a_fifo_in_place_of_a_shard_is_an_error_not_a_hang(folder, backend, tmp_
     x = np.ones(256, np.float32)
     with open_shards(dst, io=backend, cache_slots=2) as s:
         s.ffn(0, 1, x)
-        with pytest.raises(ShardIOError, match=r"E0002.bin: is a FIFO, not a regular shard file"):
+        with pytest.raises(ShardIOError, match=r"E0002.bin: is a FIFO, not a regular file"):
             s.ffn(1, 2, x)
         assert s.prefetch(1, 2) is False and s.cache.stats.prefetch_failed == 1  # speculative: counted only
         with pytest.raises(ShardIOError, match=r"E0002.bin: is a FIFO"):

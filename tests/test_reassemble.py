@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from mer_runtime.manifest import manifest_bytes
 from mertools import extract
 from mertools.errors import MertoolsError
 from mertools.reassemble import RECORD_NAME, reassemble
@@ -60,7 +61,7 @@ def _strip_record(folder: Path, to: Path) -> Path:
     shutil.copytree(folder, to)
     m = json.loads((to / "manifest.json").read_text())
     del m["reassembly"]
-    (to / "manifest.json").write_text(json.dumps(m))
+    (to / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
     (to / RECORD_NAME).unlink()
     return to
 
@@ -175,7 +176,7 @@ def test_malformed_record_gives_our_error(edit, extracted, tmp_path):
     shutil.copytree(extracted(src), f)
     m = json.loads((f / "manifest.json").read_text())
     edit(m["reassembly"])
-    (f / "manifest.json").write_text(json.dumps(m))
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
     with pytest.raises(MertoolsError, match="malformed"):
         reassemble(f, tmp_path / "x.gguf", fsync=False)
 
@@ -210,7 +211,7 @@ def test_hostile_source_name_is_refused(extracted, tmp_path):
     shutil.copytree(extracted(src), f)
     m = json.loads((f / "manifest.json").read_text())
     m["source"]["files"][0]["name"] = "../../evil.gguf"
-    (f / "manifest.json").write_text(json.dumps(m))
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
     (tmp_path / "o").mkdir()
     with pytest.raises(MertoolsError, match="not plain file names"):
         reassemble(f, tmp_path / "o", fsync=False)

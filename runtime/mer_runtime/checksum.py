@@ -12,30 +12,45 @@ from typing import Callable, Sequence
 
 import xxhash
 
+from .safeopen import open_regular
+
 PIECE = 256 << 10
 
 
 def hash_file(path: str | os.PathLike[str], ranges: Sequence[tuple[int, int, str]] = (),
               tick: Callable[[int], None] = lambda n: None) -> tuple[str, dict[str, str], int]:
-    """(whole-file xxh3 hex, {name: xxh3 hex of bytes start..end}, bytes read) for (start, end, name) ranges."""
+    """(whole-file xxh3 hex, {name: xxh3 hex of bytes start..end}, bytes read) for (start, end, name) ranges.
+
+    The file is opened with `open_regular` (a FIFO, device or directory raises ShardIOError instead of hanging).
+
+    >>> whole, parts, n = hash_file("out/experts/L001/E0000.bin", [(0, 3456, "gate")])   # doctest: +SKIP
+    """
+    fd, st = open_regular(path)
+    try:
+        return hash_fd(fd, st.st_size, ranges, tick)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
+            tick: Callable[[int], None] = lambda n: None) -> tuple[str, dict[str, str], int]:
+    """`hash_file` of the first `size` bytes of an open regular file (the caller has checked its size and kind)."""
     whole = xxhash.xxh3_64()
     parts = {name: xxhash.xxh3_64() for _, _, name in ranges}
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0
-        with mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
-            m.madvise(mmap.MADV_SEQUENTIAL)
-            with memoryview(m) as mv:
-                for pos in range(0, size, PIECE):
-                    end = min(pos + PIECE, size)
-                    with mv[pos:end] as piece:
-                        whole.update(piece)
-                        for start, stop, name in ranges:
-                            lo, hi = max(start, pos), min(stop, end)
-                            if lo < hi:
-                                with piece[lo - pos:hi - pos] as part:
-                                    parts[name].update(part)
-                    tick(end - pos)
-                m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
+    if size == 0:
+        return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+        with memoryview(m) as mv:
+            for pos in range(0, size, PIECE):
+                end = min(pos + PIECE, size)
+                with mv[pos:end] as piece:
+                    whole.update(piece)
+                    for start, stop, name in ranges:
+                        lo, hi = max(start, pos), min(stop, end)
+                        if lo < hi:
+                            with piece[lo - pos:hi - pos] as part:
+                                parts[name].update(part)
+                tick(end - pos)
+            m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
     return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from . import uring
 from .buffers import BufferPool
 from .errors import NotRegularFileError, ShardIOError
+from .safeopen import clear_nonblock, kind_of
 
 BACKENDS = ("io_uring", "pread", "buffered")
 _RETRY = (errno.EINTR, errno.EAGAIN)
@@ -48,6 +49,12 @@ class Ticket:
     done: bool = False  # remaining == 0: the slot's bytes will not change any more
 
 
+def _not_regular(path: str, mode: int) -> NotRegularFileError:
+    # one argument, so that str() is the message alone (no "[Errno N]" in the CLI's one line)
+    return NotRegularFileError(f"{path}: is {kind_of(mode)}, not a regular file; the folder was tampered with: "
+                               "re-extract it")
+
+
 def _open(path: str, direct: bool) -> int:
     """Open a shard for reading: only a regular file, and never blocking on the way (a FIFO, a device, a folder in
     an expert's place gets a ShardIOError naming it, not a hang: O_NONBLOCK makes open() return at once, fstat
@@ -56,21 +63,21 @@ def _open(path: str, direct: bool) -> int:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
+        try:
+            mode = os.stat(path).st_mode  # O_DIRECT on a FIFO fails with EINVAL: say what the file is instead
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
         hint = ""
         if direct and exc.errno == errno.EINVAL:
-            _open(path, False)  # a FIFO or device refuses O_DIRECT too: say what it is, not "the filesystem"
             hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
         raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "not a regular file")
-            raise NotRegularFileError(errno.EINVAL, f"{path}: is {kind}, not a regular shard file; the folder was tampered "
-                                             "with: re-extract it")
-        # regular files ignore O_NONBLOCK for reads; clear it anyway so the fd is an ordinary blocking one
-        os.set_blocking(fd, True)
+            raise _not_regular(path, mode)
+        clear_nonblock(fd)  # io_uring answers EAGAIN on an O_NONBLOCK fd instead of punting the read
     except BaseException:
         os.close(fd)
         raise

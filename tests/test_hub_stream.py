@@ -148,3 +148,26 @@ def test_a_damaged_work_folder_is_refused_with_one_line(hub, env, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "pull again" in lines[0] and str(stage) in lines[0], p.stderr
     assert not out.exists()
+
+
+def test_a_resumed_pull_with_another_dtype_is_refused_with_one_line(hub, env, tmp_path, local):
+    out = tmp_path / "out"
+    kill = {**os.environ, **env, "MERTOOLS_TEST_KILL_AT": f"pull-converted:{SHARDS[2]}"}
+    subprocess.run([sys.executable, "-m", "mertools.cli", "pull", REPO, str(out), "--dtype", "q4_0", "--quiet"],
+                   env=kill, capture_output=True, timeout=300)
+    p = run_cli("pull", REPO, out, "-q", env=env)  # q4_0 shards of the first run must not mix with BF16 ones
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "--dtype q4_0" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    run_cli("pull", REPO, out, "--dtype", "q4_0", "-q", env=env, check=True)  # the same --dtype carries on
+    same_shards(out, local("q4_0"))
+
+
+def test_the_window_grows_only_when_an_expert_spans_more_than_two_shards():
+    from mertools.hub.stream import needed_window
+
+    assert needed_window([0, 1, 2, 3], [{0}, {0, 1}, {1}, {1, 2}, {2, 3}, {3}]) == 2  # adjacent spans stream in 2
+    assert needed_window([0, 1, 2, 3], [{0, 2}, {1}, {3}]) == 2  # shard 1 leaves before shard 2 must come
+    assert needed_window([0, 1, 2, 3], [{0, 2}, {1, 3}]) == 3  # 0 and 1 both wait for a later shard
+    assert needed_window([0, 1, 2, 3], [{0, 3}, {1, 3}, {2, 3}]) == 4
+    assert needed_window([2, 3], [{2}, {3}]) == 2  # a resumed run: only the shards still to come
+    assert needed_window([], []) == 2

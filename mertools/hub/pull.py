@@ -101,6 +101,8 @@ def pull(
     commit = resolve_commit(spec)
     done = None if overwrite else _already(out, spec, commit)
     if done is not None:
+        # a run killed between its commit and its clean-up left its folder (work/ shares OUT's files by hard links)
+        shutil.rmtree(staging_dir(out), ignore_errors=True)
         return PullResult(out, spec.repo_id, commit, done.get("format", "?"), done["hub"]["files"], 0, 0, False,
                           time.perf_counter() - t0, already=True)
     _check_out(out, overwrite)

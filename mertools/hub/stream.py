@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..commit import staged_output, test_point
-from ..errors import MertoolsError
+from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
+from ..units import human_bytes
 from .remote import CONFIG, ST_INDEX, Choice, HubError
 
 HEADERS = "headers.json"
+PLAN = "plan.json"
 PROGRESS = "progress.jsonl"
 MAX_HEADER = 100 << 20  # the safetensors library's own limit on a header
 
@@ -156,6 +159,7 @@ class SafeTensorsStreamer:
         self.src = src
         self.conv = plan(src, dtype=self.dtype)
         self.index_of = {name: i for i, name in enumerate(self.shard_names)}
+        self._check_plan_key()
         done_entries, done_dense = self._load_progress()
         self.dense = self._open_dense(done_dense)
         by_key = {(s.layer, s.expert): s for s in self.conv.shards}
@@ -177,8 +181,37 @@ class SafeTensorsStreamer:
         items += [self.dense._files_of(t) for k, t in enumerate(self.dense.tensors) if k not in self.dense.done]
         order = [self.index_of[n] for n in self.shard_names if n not in self.converted]
         self.window = needed_window(order, items, 2)
+        # what is still to be written, plus the largest shards still to come (as many as the window holds)
+        left = self.conv.expert_bytes - sum(e["size"] for e in self.entries) + src.dense_estimate()
+        left += sum(sorted((self.sizes[n] for n in self.shard_names if n not in self.converted), reverse=True)[
+            :self.window])
+        free = shutil.disk_usage(self.work).free
+        if free < left:
+            raise OutputError(f"{self.out}: the pull needs about {human_bytes(left)} free beside it (output + "
+                              f"{self.window} source shards) but only {human_bytes(free)} is; free some space or "
+                              "choose another OUT")
         self.total = self.conv.payload_bytes + sum(t.nbytes for t in src.dense_tensors())
         self.tick = self.progress(self.total, len(self.conv.shards)) if self.progress else (lambda n: None)
+
+    def _check_plan_key(self) -> None:
+        """work/ holds output of one plan (today: one --dtype); output of another must not be mixed in."""
+        key = {"dtype": self.dtype}
+        path = self.work / PLAN
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old == key:
+            return
+        if old is not None and self.converted:
+            raise OutputError(f"{self.out}: an earlier, unfinished pull into it used --dtype {old.get('dtype') or '(none)'}"
+                              f"; run it again with the same --dtype, or remove {self.work.parent} to start over")
+        for name in (PROGRESS, DENSE_NAME):
+            (self.work / name).unlink(missing_ok=True)
+        shutil.rmtree(self.work / "experts", ignore_errors=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(key), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _load_progress(self) -> tuple[list[dict[str, Any]], set[int]]:
         entries: dict[tuple[int, int], dict[str, Any]] = {}

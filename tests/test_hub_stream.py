@@ -171,3 +171,23 @@ def test_the_window_grows_only_when_an_expert_spans_more_than_two_shards():
     assert needed_window([0, 1, 2, 3], [{0, 3}, {1, 3}, {2, 3}]) == 4
     assert needed_window([2, 3], [{2}, {3}]) == 2  # a resumed run: only the shards still to come
     assert needed_window([], []) == 2
+
+
+GPTOSS = ST.parent / "gptoss-bf16"
+
+
+@pytest.mark.skipif(not GPTOSS.is_dir(), reason="../shared/fixtures/safetensors/gptoss-bf16 is not present")
+def test_a_single_file_repo_with_fused_experts_streams_too(tmp_path, monkeypatch):
+    from mertools import extract
+    from mertools.hub import pull
+
+    with HubServer() as hub:
+        hub.add_revision("org/gptoss", {p.name: p for p in GPTOSS.iterdir()})
+        for k, v in hub.env(tmp_path / "hf-home").items():
+            monkeypatch.setenv(k, v)
+        r = pull("org/gptoss", tmp_path / "out")
+        assert r.extract["streamed"]
+        assert hub.served("org/gptoss", "model.safetensors") == (
+            (GPTOSS / "model.safetensors").stat().st_size + header_bytes(GPTOSS / "model.safetensors"))
+    extract(GPTOSS, tmp_path / "local", fsync=False)
+    same_shards(tmp_path / "out", tmp_path / "local")

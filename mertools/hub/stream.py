@@ -73,7 +73,15 @@ def needed_window(order: list[int], items: list[set[int]], start: int = 2) -> in
 
 
 class SafeTensorsStreamer:
-    """The pull's SafeTensors converter (see the module docstring). Created by :func:`converter_for`."""
+    """The pull's SafeTensors converter (see the module docstring), made by :func:`mertools.hub.convert.converter_for`
+    and driven by :func:`mertools.hub.pull.run_pipeline`. Not thread-safe: one pipeline thread calls it.
+
+    >>> conv = SafeTensorsStreamer(choice, out, overwrite=False, source_extra=extra, fetch=get,
+    ...                            read_range=lambda p, a, b: read_range(spec, commit, p, a, b))  # doctest: +SKIP
+    >>> conv.begin(stage / "work", converted=set())          # plans; conv.window is now set   # doctest: +SKIP
+    >>> conv.convert_available({"model-00001-of-00005.safetensors": path})  # -> shards now unneeded  # doctest: +SKIP
+    >>> conv.finish()                                         # OUT committed                   # doctest: +SKIP
+    """
 
     window: int | None = 2
 
@@ -115,7 +123,7 @@ class SafeTensorsStreamer:
         try:
             kept = json.loads(cache.read_text(encoding="utf-8"))
             if sorted(kept) == sorted(self.shard_names):
-                return {n: (kept[n]["n"], kept[n]["header"].encode("utf-8"), self.sizes[n]) for n in self.shard_names}
+                return {n: (kept[n]["n"], kept[n]["header"].encode("latin-1"), self.sizes[n]) for n in self.shard_names}
         except (OSError, ValueError, KeyError, TypeError):
             pass
         assert self.read_range is not None
@@ -135,7 +143,7 @@ class SafeTensorsStreamer:
         with ThreadPoolExecutor(max_workers=8) as pool:
             got = dict(zip(self.shard_names, pool.map(one, self.shard_names)))
         tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({k: {"n": n, "header": b.decode("utf-8")} for k, (n, b, _s) in got.items()}),
+        tmp.write_text(json.dumps({k: {"n": n, "header": b.decode("latin-1")} for k, (n, b, _s) in got.items()}),
                        encoding="utf-8")
         os.replace(tmp, cache)
         return got
@@ -204,8 +212,9 @@ class SafeTensorsStreamer:
         if old == key:
             return
         if old is not None and self.converted:
-            raise OutputError(f"{self.out}: an earlier, unfinished pull into it used --dtype {old.get('dtype') or '(none)'}"
-                              f"; run it again with the same --dtype, or remove {self.work.parent} to start over")
+            was = old.get("dtype") or "(none)"
+            raise OutputError(f"{self.out}: an earlier, unfinished pull into it used --dtype {was}; run it again "
+                              f"with the same --dtype, or remove {self.work.parent} to start over")
         for name in (PROGRESS, DENSE_NAME):
             (self.work / name).unlink(missing_ok=True)
         shutil.rmtree(self.work / "experts", ignore_errors=True)

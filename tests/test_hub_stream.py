@@ -191,3 +191,23 @@ def test_a_single_file_repo_with_fused_experts_streams_too(tmp_path, monkeypatch
             (GPTOSS / "model.safetensors").stat().st_size + header_bytes(GPTOSS / "model.safetensors"))
     extract(GPTOSS, tmp_path / "local", fsync=False)
     same_shards(tmp_path / "out", tmp_path / "local")
+
+
+@pytest.mark.parametrize("point", ["writing", "pull-step", "before-commit"])
+def test_a_pull_killed_at_any_step_resumes_to_the_same_output(hub, env, tmp_path, local, point):
+    """writing: an expert shard half done and unacknowledged; pull-step: a step logged, its shards not yet handed
+    back; before-commit: every file linked into the staging folder, OUT not yet renamed into place."""
+    out = tmp_path / "out"
+    kill = {**os.environ, **env, "MERTOOLS_TEST_KILL_AT": point}
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "pull", REPO, str(out), "--quiet"], env=kill,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert not out.exists()
+    served = {s: hub.served(REPO, s) for s in SHARDS}
+    r = json.loads(run_cli("pull", REPO, out, "--json", env=env, check=True).stdout)
+    same_shards(out, local())
+    if point == "before-commit":  # everything was converted: nothing fetched or written again
+        assert {s: hub.served(REPO, s) for s in SHARDS} == served
+        assert r["extract"]["experts_resumed"] == 8 and r["extract"]["experts_written"] == 0
+    assert not (tmp_path / ".out.mertools-pull").exists()
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".out")] == []

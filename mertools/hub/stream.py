@@ -178,6 +178,11 @@ class SafeTensorsStreamer:
                 continue  # not in this plan, or its file is gone: written again if its sources are still at hand
             self.conv.written.add(key)
             self.entries.append(e)
+        kept = {e["path"] for e in self.entries}
+        if (self.work / "experts").is_dir():  # shards a kill cut short (never logged): written again from scratch
+            for f in (self.work / "experts").rglob("*"):
+                if f.is_file() and f.relative_to(self.work).as_posix() not in kept:
+                    f.unlink()
         self.stats["experts_resumed"] = len(self.entries)
         self.stats["dense_resumed"] = len(self.dense.done)
         lost = set(self.index_of[n] for n in self.converted) & self.conv.pending_files(self.dense)

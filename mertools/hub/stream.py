@@ -65,7 +65,7 @@ def needed_window(order: list[int], items: list[set[int]], start: int = 2) -> in
                 break
             present.add(i)
             left = [s for s in left if not s <= present]
-            present = {f for f in present if any(f in s for s in left)}
+            present &= set().union(*left)
         if not stalled:
             return w
         w += 1

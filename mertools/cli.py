@@ -509,7 +509,9 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
         how = "from the local cache" if r.offline else (
             f"downloaded {human_bytes(r.downloaded_bytes)}, reused {human_bytes(r.reused_bytes)}")
         click.echo(f"pulled {r.repo}@{r.commit[:12]} ({r.kind}, {len(r.files)} files, every sha256 checked; {how}) "
-                   f"into {r.out}: {r.extract.get('experts', '?')} experts in {r.seconds:.2f} s")
+                   f"into {r.out}: {r.extract.get('experts', '?')} experts in {r.seconds:.2f} s"
+                   + (f" ({r.extract['experts_resumed']} already written by an earlier run)"
+                      if r.extract.get("experts_resumed") else ""))
 
 
 @main.command()

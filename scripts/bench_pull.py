@@ -5,8 +5,12 @@ Builds a repo on disk (a sharded SafeTensors Mixtral-shaped checkpoint, BF16, or
 the loopback hub (tests/hubserver.py, in its own process), and measures in the same run:
   - download-only: every file the pull needs, fetched and sha256-checked the same way, nothing converted;
   - convert-only: `extract` of the same files from local disk;
-  - pull: the whole pipeline; wall time against the slower of the two (goal <= 1.15x), and peak disk use of the
-    pull's staging folder plus its output, sampled every 50 ms, against output + the two largest source files.
+  - pull: the whole pipeline; a SafeTensors repo is converted shard by shard (download of shard i+1 overlapping the
+    conversion of shard i, each shard deleted once converted: ``mertools.hub.stream``); wall time against the
+    slower of the two (goal <= 1.15x), and peak disk use of the pull's staging folder plus its output, sampled
+    every 50 ms, against output + the two largest source files (goal <= 1);
+  - for SafeTensors, also the download-all-then-extract pull (``--no-whole`` skips it): the peak disk that
+    streaming saves.
 
     python scripts/bench_pull.py --dir /tmp/mertools-bench-pull --size-gb 4 [--kind safetensors|gguf] [--keep]
     python scripts/bench_pull.py --size-gb 0.05 --d-model 256 --d-ff 512      # a smoke run
@@ -105,16 +109,21 @@ def build_gguf(repo: Path, size: float, d_model: int, d_ff: int) -> None:
 
 
 def tree_bytes(paths: list[Path]) -> int:
-    n = 0
+    """Bytes allocated under `paths`, each inode once (the streamed pull commits by hard links: work/ and OUT
+    share their files for a moment, on disk once)."""
+    n, seen = 0, set()
     for root in paths:
         if not root.exists():
             continue
         for dirpath, _, files in os.walk(root):
             for f in files:
                 try:
-                    n += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+                    st = os.lstat(os.path.join(dirpath, f))
                 except FileNotFoundError:
-                    pass
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    n += st.st_blocks * 512
     return n
 
 
@@ -150,6 +159,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--shards", type=int, default=8, help="SafeTensors shard files")
     ap.add_argument("--keep", action="store_true", help="keep the repo and outputs")
+    ap.add_argument("--no-whole", action="store_true", help="skip the download-all-then-extract pull")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -211,16 +221,30 @@ def main() -> None:
         area.mkdir()
         with PeakDisk([area]) as peak:
             t = time.perf_counter()
-            pull("bench/model", area / "out")
+            pr = pull("bench/model", area / "out")
             t_pull = time.perf_counter() - t
         slower = max(t_download, t_convert)
         res.update({
             "convert_only_s": round(t_convert, 3), "experts": r.experts,
             "pull_s": round(t_pull, 3), "pull_vs_slower": round(t_pull / slower, 3), "goal_pull_vs_slower": 1.15,
+            "streamed": bool(pr.extract.get("streamed")), "window": pr.extract.get("window"),
             "output_bytes": out_bytes, "peak_disk_bytes": peak.peak,
             "peak_vs_output_plus_two_sources": round(peak.peak / (out_bytes + two_largest), 3),
             "peak_vs_source": round(peak.peak / need, 3),
         })
+        if args.kind == "safetensors" and not args.no_whole:
+            from mertools.hub.convert import FolderConverter
+
+            shutil.rmtree(area)
+            area.mkdir()
+            subprocess.run(["sync"], check=False)
+            with PeakDisk([area]) as whole_peak:
+                t = time.perf_counter()
+                pull("bench/model", area / "out", converter=FolderConverter)
+                t_whole = time.perf_counter() - t
+            res.update({"whole_pull_s": round(t_whole, 3), "whole_peak_disk_bytes": whole_peak.peak,
+                        "whole_peak_vs_output_plus_two_sources": round(
+                            whole_peak.peak / (out_bytes + two_largest), 3)})
         print(json.dumps(res, indent=1))
         print(f"pull {t_pull:.2f} s = {t_pull / slower:.2f}x the slower of download-only {t_download:.2f} s and "
               f"convert-only {t_convert:.2f} s (goal <= 1.15); peak disk {peak.peak / 1e9:.2f} GB = "

@@ -133,6 +133,9 @@ class HubServer:
         self.requests: list[tuple[str, str, int]] = []
         self.commits: list[dict[str, Any]] = []
         self.chunk = CHUNK  # bytes per write of a download; small values give kill tests something to interrupt
+        # called as on_chunk((repo, path), first byte of the chunk) before each chunk of a download is sent, from the
+        # server's thread: lets a test watch the client's disk at every step of a transfer, without timing
+        self.on_chunk: Any = None
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ---------------------------------------------------------------------------------------
@@ -444,6 +447,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _Cut
                 for f in slow:
                     time.sleep(f.delay)
+                if hub.on_chunk is not None:
+                    hub.on_chunk(key, pos)
                 try:
                     self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):

@@ -12,13 +12,12 @@ Two implementations:
 
 - :class:`GGUFConverter`: a GGUF model (one file or a split set) is extracted once every part is present
   (``window`` None: all parts at once), with :func:`mertools.extract.extract`.
-- :class:`FolderConverter`: the fallback for SafeTensors: download all, then extract the folder with the same
-  call. A shard-by-shard SafeTensors converter (the ``mertools.sources`` SafeTensors source with a per-shard
-  writer) plugs in by implementing this protocol with ``window = 2``: in ``convert_available`` write every expert
-  whose tensors all lie in present files into ``work_dir`` and return the files no other unwritten expert needs;
-  ``begin`` gets the files the journal says were converted by an earlier run, whose experts are already in
-  ``work_dir``; ``finish`` writes dense.gguf and the manifest and renames ``work_dir`` to OUT. Register it in
-  :func:`converter_for`.
+- :class:`mertools.hub.stream.SafeTensorsStreamer`: SafeTensors shard by shard (``window = 2``): plans from
+  config.json and the shard headers (range requests), writes every expert and dense tensor whose bytes are on disk
+  into ``work_dir`` and returns the shards nothing unwritten needs; ``begin`` gets the files the journal says an
+  earlier run converted; ``finish`` writes the manifest and commits OUT through ``staged_output``.
+- :class:`FolderConverter`: the SafeTensors fallback (offline pulls from the HF cache, where every file is already
+  on disk): extract the folder with the same call as a local extract.
 """
 
 from __future__ import annotations
@@ -74,7 +73,8 @@ class _WholeConverter:
     resident: set[str] = set()
 
     def __init__(self, choice: Choice, out: Path, *, overwrite: bool, source_extra: dict[str, Any],
-                 dtype: str | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None):
+                 dtype: str | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None,
+                 **_hub: Any):  # fetch/read_range (what a streaming converter plans with): not needed here
         self.choice, self.out, self.overwrite = choice, out, overwrite
         self.source_extra, self.dtype, self.progress = source_extra, dtype, progress
         self.paths = {f.path for f in choice.files}
@@ -120,7 +120,20 @@ class FolderConverter(_WholeConverter):
 
 
 def converter_for(choice: Choice, out: Path, **kw: Any) -> StreamingConverter:
-    """The converter for a choice of files; the one place to register a streaming SafeTensors converter."""
+    """The converter for a choice of files: GGUF whole; SafeTensors shard by shard (window 2) where the
+    SafeTensors source can plan from headers, else the download-all fallback.
+
+    ``kw``: ``overwrite``, ``source_extra``, ``dtype``, ``progress``, and from an online pull ``fetch(path) -> Path``
+    (a verified resident file such as config.json) and ``read_range(path, first, last) -> bytes``.
+    """
     if choice.kind == "gguf":
         return GGUFConverter(choice, out, **kw)
-    return FolderConverter(choice, out, **kw)
+    try:
+        from ..sources.safetensors import SafeTensorsSource
+    except ImportError:
+        return FolderConverter(choice, out, **kw)
+    if not hasattr(SafeTensorsSource, "from_headers"):
+        return FolderConverter(choice, out, **kw)
+    from .stream import SafeTensorsStreamer
+
+    return SafeTensorsStreamer(choice, out, **kw)

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..commit import test_point
 from ..errors import OutputError
 from .convert import StreamingConverter, converter_for
 from .download import check_file, fetch
+from .inspect import read_range
 from .journal import Journal
 from .remote import (
     ST_INDEX, Choice, HubError, IntegrityError, RemoteFile, RepoSpec, add_index_shards, choose, endpoint, list_files,
@@ -99,6 +101,8 @@ def pull(
     commit = resolve_commit(spec)
     done = None if overwrite else _already(out, spec, commit)
     if done is not None:
+        # a run killed between its commit and its clean-up left its folder (work/ shares OUT's files by hard links)
+        shutil.rmtree(staging_dir(out), ignore_errors=True)
         return PullResult(out, spec.repo_id, commit, done.get("format", "?"), done["hub"]["files"], 0, 0, False,
                           time.perf_counter() - t0, already=True)
     _check_out(out, overwrite)
@@ -142,8 +146,11 @@ def pull(
             idx = next(f for f in choice.files if f.path == ST_INDEX)
             choice = add_index_shards(choice, listing, get(idx).read_bytes(), where)
         extra = _source_record(spec, commit, choice)
+        by_path = {f.path: f for f in choice.files}
         conv = (converter or converter_for)(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
-                                            progress=(lambda total, items: bar("convert", total)))
+                                            progress=(lambda total, items: bar("convert", total)),
+                                            fetch=lambda path: get(by_path[path]),
+                                            read_range=lambda path, a, b: read_range(spec, commit, path, a, b))
         result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
         journal.set(done=True)
         kept = None
@@ -202,6 +209,7 @@ def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Pa
                     present.pop(p).unlink(missing_ok=True)
                 if slots is not None and p not in resident:
                     slots.release()
+                test_point(f"pull-converted:{p}")
         return conv.finish()
     finally:
         stop.set()

@@ -139,6 +139,29 @@ class DenseWriter:
             "tensor_names": "huggingface",
         }
 
+    def adopt(self, path: Path, done: "set[int]") -> None:
+        """Carry on in the dense.gguf an earlier run of the same plan began at `path`, whose tensors `done` (indices
+        into ``tensors``) are written and flushed; this writer's own file (header only, sparse) is removed. Used by a
+        resumed ``pull``: no byte written before is copied or written again. Raises ValueError if `path` does not
+        start with the header this writer wrote (another plan, or a file cut short).
+
+        >>> dw = DenseWriter(src, scratch / "dense.gguf", fsync=True)   # doctest: +SKIP
+        >>> dw.adopt(work / "dense.gguf", {0, 1})                       # doctest: +SKIP
+        """
+        head = self.offsets[0] if self.offsets else os.fstat(self.fd).st_size
+        with open(self.path, "rb") as a, open(path, "rb") as b:
+            same = a.read(head) == b.read(head) and os.fstat(b.fileno()).st_size == os.fstat(self.fd).st_size
+        if not same:
+            raise ValueError("not the dense.gguf this plan writes (another plan, or cut short)")
+        if not set(done) <= set(range(len(self.tensors))):
+            raise ValueError("the progress log names dense tensors this plan does not have")
+        os.close(self.fd)
+        self.fd = -1
+        os.unlink(self.path)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY)
+        self.done = set(done)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

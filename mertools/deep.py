@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import gguf
 import numpy as np
 import xxhash
 
@@ -28,7 +27,7 @@ from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.shards import open_shards
 
 from .errors import SourceError
-from .gguf_source import split_parts
+from .gguf_source import _open_reader, split_parts
 from .verify import Problem, VerifyReport
 
 TOLERANCE = 1e-4
@@ -46,17 +45,18 @@ class SourceReference:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            self.tensors = {t.name: t for p in split_parts(self.path) for t in gguf.GGUFReader(p).tensors}
+            # The bounded reader: a hostile --against file is refused like a hostile extract source.
+            self.tensors = {t.name: t for p in split_parts(self.path) for t in _open_reader(p).tensors}
         except (ValueError, OSError) as exc:
             raise SourceError(f"{self.path}: cannot read the reference model ({exc})") from None
 
     def tensor(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
-        """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias]."""
-        kind = "bias" if role.endswith("_bias") else "weight"
-        base = role.removesuffix("_bias")
+        """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias|_scale]."""
+        kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
+        base = role.removesuffix("_bias").removesuffix("_scale")
         t = self.tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")
         if t is not None:
-            return t.tensor_type.name, t.data[expert]
+            return t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
         t = self.tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")
         if t is not None:
             d = t.data[expert]

@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterable
 
 import xxhash
 
-from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest
+from mer_runtime.manifest import MANIFEST_NAME, parse_manifest
 
 from . import __version__
 from .dense import write_dense
 from .errors import MertoolsError, OutputError
 from .gguf_source import ExpertPlan, GGUFSource, open_source
-from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
+from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, format_version_for, place
 from .units import human_bytes
 
 SEGMENT = 4 << 20  # bytes per write: large and sequential, and memory stays flat
@@ -274,7 +274,7 @@ def extract(
         entries = [_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
         dense = write_dense(src, staging / DENSE_NAME, fsync=fsync, tick=tick)
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version_for(plans),
             "alignment": ALIGNMENT,
             "created_by": f"mertools {__version__}",
             "model": src.model,

@@ -251,16 +251,16 @@ def scan_header(path: Path, buf: Any) -> Header:
                 break
         nbytes = n // block * tsize
         start = data_offset + off
+        if off % alignment:
+            raise SourceError(
+                f"{path}: {what} starts at data offset {off}, not a multiple of the file's alignment {alignment}; "
+                "the file is corrupt"
+            )
         if nbytes > w.size or start + nbytes > w.size:
             raise SourceError(
                 f"{path}: {what} ({qt.name} {list(ne)}, {nbytes if nbytes <= w.size else 'more than ' + str(w.size)}"
                 f" bytes at offset {start}) runs past the end of the file ({w.size} bytes); the file is truncated: "
                 "download or copy it again"
-            )
-        if off % alignment:
-            raise SourceError(
-                f"{path}: {what} starts at data offset {off}, not a multiple of the file's alignment {alignment}; "
-                "the file is corrupt"
             )
         tensors.append(TensorInfo(name, tid, ne, off, start, nbytes))
     ordered = sorted(tensors, key=lambda t: (t.start, t.nbytes))

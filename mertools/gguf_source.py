@@ -376,7 +376,7 @@ class GGUFSource:
         n_exp = max(len(d) for d in ts.values())
         for (role, kind), d in ts.items():
             if len(d) != n_exp or max(d) != n_exp - 1:
-                lost = [e for e in range(n_exp) if e not in d][:8]
+                lost = [e for e in range(min(max(d) + 1, n_exp + 64)) if e not in d][:8]  # bounded by the count
                 raise SourceError(
                     f"{self.path}: layer {layer}: blk.{layer}.ffn_{role}.E.{kind} is missing for experts {lost} "
                     f"(found {len(d)} of them, numbered up to {max(d)})"

@@ -149,6 +149,8 @@ def expert_ffn(tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]], x: n
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         dtype, shape, raw = tensors[role]
         y = matvec(dtype, raw, shape, v)
+        if f"{role}_scale" in tensors:  # per-expert output scale (format_version 2), applied before the bias
+            y = y * np.float32(dequantize_tensor(*tensors[f"{role}_scale"]).reshape(-1)[0])
         if f"{role}_bias" in tensors:
             y = y + dequantize_tensor(*tensors[f"{role}_bias"]).astype(np.float32)
         return y
@@ -159,12 +161,14 @@ def expert_ffn(tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]], x: n
 
 
 def reference_ffn(weights: dict[str, np.ndarray], x: np.ndarray, activation: dict[str, Any]) -> np.ndarray:
-    """float64 oracle: weights are role -> float64 arrays ([out, in] matrices, [n] biases)."""
+    """float64 oracle: weights are role -> float64 arrays ([out, in] matrices, [n] biases, [1] scales)."""
     x = np.asarray(x, dtype=np.float64)
     xt = x.T
 
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         y = (weights[role] @ v).T
+        if f"{role}_scale" in weights:
+            y = y * weights[f"{role}_scale"].reshape(-1)[0]
         return y + weights[f"{role}_bias"] if f"{role}_bias" in weights else y
 
     g, u = proj("gate", xt), proj("up", xt)

@@ -18,9 +18,15 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from .errors import ManifestError
 
 FORMAT_VERSION = 1
+# Version 2 = version 1 plus per-expert output scales (*_scale roles) that a reader must apply; written only for
+# folders that carry them, so that a version-1 reader refuses such a folder instead of ignoring the scales.
+SCALES_FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (FORMAT_VERSION, SCALES_FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
-# Roles a shard may hold, in the order they are written; *_bias only where the model has expert biases.
-ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+# Roles a shard may hold, in the order they are written; *_bias only where the model has expert biases, *_scale
+# (one float per expert multiplying the projection's output before its bias) only in format_version 2.
+ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias", "gate_scale", "up_scale", "down_scale")
+SCALE_ROLES = ("gate_scale", "up_scale", "down_scale")
 WEIGHT_ROLES = ("gate", "up", "down")
 
 
@@ -127,9 +133,9 @@ def _is_hex64(s: Any) -> bool:
 def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     where = str(root / MANIFEST_NAME)
     version = _need(raw, "format_version", int, where)
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ManifestError(
-            f"{where}: format_version {version} is not supported (this reader knows {FORMAT_VERSION}); "
+            f"{where}: format_version {version} is not supported (this reader knows {SUPPORTED_VERSIONS}); "
             "upgrade mertools or re-extract the model"
         )
     alignment = _need(raw, "alignment", int, where)
@@ -171,6 +177,8 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
         for role, t in _need(e, "tensors", dict, w).items():
             if role not in ROLES:
                 raise ManifestError(f"{w}: unknown tensor role {role!r} (expected one of {', '.join(ROLES)})")
+            if role in SCALE_ROLES and version < SCALES_FORMAT_VERSION:
+                raise ManifestError(f"{w}: role {role!r} needs format_version {SCALES_FORMAT_VERSION}, not {version}")
             tw = f"{w} {role}"
             dtype = _need(t, "dtype", str, tw)
             shape = tuple(_need(t, "shape", list, tw))

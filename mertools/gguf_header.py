@@ -140,17 +140,16 @@ class _Walk:
             self.string(what, self.size)
             return types
         et, n = self.array_head(what)
-        stack = [[et, n]]  # an explicit stack: nesting depth never becomes Python recursion
-        first = [True]
+        if n:
+            types.append(et)
+        # An explicit stack of [element type, elements left, element count, whether this array lies on the path
+        # of first elements that the gguf reader takes its type list from]: nesting never becomes recursion.
+        stack = [[et, n, n, True]]
         while stack:
             top = stack[-1]
-            et, n = top
-            if first[-1] and n:
-                types.append(et)
-            first[-1] = False
+            et, n, count, on_path = top
             if n == 0:
                 stack.pop()
-                first.pop()
                 continue
             if et in SCALAR_SIZES:
                 self.need(n * SCALAR_SIZES[et], what)
@@ -161,11 +160,14 @@ class _Walk:
                     self.string(f"an element of {what}", self.size)
                 top[1] = 0
             else:
+                first = on_path and n == count
                 top[1] = n - 1
                 if len(stack) >= MAX_DEPTH:
                     raise self.fail(f"{what} nests arrays more than {MAX_DEPTH} deep")
-                stack.append(list(self.array_head(what)))
-                first.append(True)
+                cet, cn = self.array_head(what)
+                if first and cn:
+                    types.append(cet)
+                stack.append([cet, cn, cn, first])
         return types
 
 

@@ -54,7 +54,6 @@ def refuse(tmp_path, blob: bytes, *needles: str, name: str = "bad.gguf") -> str:
     assert name in msg and "\n" not in msg
     for n in needles:
         assert n in msg, msg
-    out = tmp_path / "out"
     p = run_cli("inspect", f)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     return msg

@@ -44,8 +44,8 @@ def gguf_bytes(kvs: list[bytes], infos: list[bytes], data: bytes = b"", n_kv: in
     return head + data
 
 
-def refuse(tmp_path, blob: bytes, *needles: str, name: str = "bad.gguf") -> str:
-    """Both the library (SourceError) and the CLI (exit 2, one line, nothing written) refuse the file."""
+def refuse(tmp_path, blob: bytes, *needles: str, name: str = "bad.gguf", cli: bool = False) -> str:
+    """The library refuses the file with one SourceError line; with `cli`, so does `mertools inspect` (exit 2)."""
     f = tmp_path / name
     f.write_bytes(blob)
     with pytest.raises(SourceError) as ei:
@@ -54,6 +54,8 @@ def refuse(tmp_path, blob: bytes, *needles: str, name: str = "bad.gguf") -> str:
     assert name in msg and "\n" not in msg
     for n in needles:
         assert n in msg, msg
+    if not cli:
+        return msg
     p = run_cli("inspect", f)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     return msg
@@ -64,7 +66,7 @@ ARCH = kv("general.architecture", VT.STRING, s("llama"))
 
 def test_array_count_far_past_the_end(tmp_path):
     arr = kv("tokenizer.ggml.scores", VT.ARRAY, struct.pack("<IQ", VT.FLOAT32, 1 << 62) + b"\0" * 64)
-    refuse(tmp_path, gguf_bytes([ARCH, arr], []), "'tokenizer.ggml.scores'", "elements of FLOAT32")
+    refuse(tmp_path, gguf_bytes([ARCH, arr], []), "'tokenizer.ggml.scores'", "elements of FLOAT32", cli=True)
 
 
 def test_string_array_count_past_the_end(tmp_path):
@@ -74,7 +76,7 @@ def test_string_array_count_past_the_end(tmp_path):
 
 def test_arrays_nested_thousands_deep(tmp_path):
     payload = struct.pack("<IQ", VT.ARRAY, 1) * 5000 + struct.pack("<IQ", VT.UINT8, 1) + b"\x01"
-    refuse(tmp_path, gguf_bytes([ARCH, kv("deep", VT.ARRAY, payload)], []), "'deep'", f"more than {MAX_DEPTH} deep")
+    refuse(tmp_path, gguf_bytes([ARCH, kv("deep", VT.ARRAY, payload)], []), "'deep'", f"more than {MAX_DEPTH} deep", cli=True)
 
 
 def test_string_length_past_the_end(tmp_path):
@@ -96,7 +98,7 @@ def test_too_many_dimensions_and_zero_dims(tmp_path):
     refuse(tmp_path, gguf_bytes([ARCH], [tinfo("t", [1] * 5000, 0, 0)]), "'t'", "dimensions")
     # a zero-sized dimension and a huge expert dimension: refused at once, never planned expert by expert
     blob = gguf_bytes([ARCH], [tinfo("blk.0.ffn_gate_exps.weight", [0, 32, 1 << 40], 0, 0)], b"\0" * 64)
-    refuse(tmp_path, blob, "'blk.0.ffn_gate_exps.weight'", "zero-sized")
+    refuse(tmp_path, blob, "'blk.0.ffn_gate_exps.weight'", "zero-sized", cli=True)
 
 
 def test_element_count_that_would_wrap(tmp_path):
@@ -129,7 +131,7 @@ def test_forged_table_is_fine_when_honest(tmp_path):
 
 def test_overlapping_tensors_are_refused(tmp_path):
     blob = _moe_tensor_table({"blk.0.ffn_up_exps.weight": 4096})  # inside gate's 8192 bytes
-    refuse(tmp_path, blob, "'blk.0.ffn_gate_exps.weight'", "'blk.0.ffn_up_exps.weight'", "overlap")
+    refuse(tmp_path, blob, "'blk.0.ffn_gate_exps.weight'", "'blk.0.ffn_up_exps.weight'", "overlap", cli=True)
 
 
 def test_misaligned_tensor_is_refused(tmp_path):
@@ -186,7 +188,7 @@ def test_huge_block_number(tmp_path, digits, needles):
 def test_hostile_tensor_name_stays_on_one_line(tmp_path):
     name = "blk.0.ffn_gate_exps.weight\n" + "x" * 3000
     msg = refuse(tmp_path, _moe_tensor_table(names=[name, "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"]),
-                 "routed-expert")
+                 "routed-expert", cli=True)
     assert len(msg) < 2000
 
 
@@ -234,9 +236,13 @@ def rewrite(dst, extra=None, kv_override=None, drop=()):
 ])
 def test_metadata_of_the_wrong_type(tmp_path, key, value, vtype):
     f = rewrite(tmp_path / "t.gguf", kv_override={key: (value, vtype)})
-    p = run_cli("extract", f, tmp_path / "out", "-q")
-    assert p.returncode == 2 and key in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(SourceError) as ei:
+        open_source(f)
+    assert key in str(ei.value) and "t.gguf" in str(ei.value) and "\n" not in str(ei.value)
+    if vtype == VT.STRING:  # and through the CLI: exit 2, one line
+        p = run_cli("extract", f, tmp_path / "out", "-q")
+        assert p.returncode == 2 and key in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_nested_array_metadata_is_named_when_dense_cannot_copy_it(tmp_path):

@@ -121,7 +121,8 @@ def split_parts(path: Path) -> list[Path]:
 
 def _open_reader(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
-        raise SourceError(f"{path}: no such file")
+        what = "not a regular file (a FIFO, device or socket)" if path.exists() else "no such file"
+        raise SourceError(f"{path}: {what}")
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: the file is empty")
     with open(path, "rb") as fh:

@@ -4,6 +4,7 @@ quickly and without a traceback; per-expert `.scale` companions are carried and 
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import gguf
@@ -332,3 +333,10 @@ def test_walk_agrees_with_the_gguf_reader_on_every_fixture():
         assert h.alignment == r.alignment and h.data_offset == r.data_offset, p
         assert {k: f.types for k, f in r.fields.items() if not k.startswith("GGUF.")} == h.kv_types, p
         assert [(t.name, t.data_offset, t.n_bytes) for t in r.tensors] == [(t.name, t.start, t.nbytes) for t in h.tensors]
+
+
+def test_fifo_as_source_is_refused_without_blocking(tmp_path):
+    f = tmp_path / "pipe.gguf"
+    os.mkfifo(f)
+    with pytest.raises(SourceError, match="not a regular file"):
+        open_source(f)

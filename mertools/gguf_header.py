@@ -236,7 +236,7 @@ def scan_header(path: Path, buf: Any) -> Header:
             block, tsize = GGML_QUANT_SIZES[qt]
         except (ValueError, KeyError):
             raise SourceError(
-                f"{path}: {what} has type id {tid}, which gguf {_gguf_version()} does not know; upgrade the gguf "
+                f"{path}: {what} has type id {tid}, which gguf {gguf_version()} does not know; upgrade the gguf "
                 "package (pip install -U gguf) or re-quantize the model to a known type"
             ) from None
         if 0 in ne:
@@ -275,7 +275,7 @@ def scan_header(path: Path, buf: Any) -> Header:
     return Header(version, w.bo, alignment, data_offset, kv_types, tensors)
 
 
-def _gguf_version() -> str:
+def gguf_version() -> str:
     try:
         from importlib.metadata import version
 

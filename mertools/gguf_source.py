@@ -22,7 +22,7 @@ from gguf.constants import GGUFValueType
 from mer_runtime.manifest import ROLES
 
 from .errors import NotMoEError, SourceError
-from .gguf_header import _gguf_version, scan_header, show
+from .gguf_header import gguf_version, scan_header, show
 
 SPLIT_RE = re.compile(r"^(?P<base>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # Merged 3-D experts (ne = [in, out, E]); `gate_up` is the fused form, gate rows first. `.scale` is a per-expert
@@ -95,7 +95,6 @@ class _CheckedReader(gguf.GGUFReader):
     """
 
     def __init__(self, path: Path):
-        self._mt_path = path
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
             self.header = scan_header(path, m)
         super().__init__(path, "r")
@@ -156,8 +155,6 @@ def field_value(f: Any, raw_strings: bool = False) -> Any:
     if main == GGUFValueType.STRING:
         return text(f.parts[-1])
     return f.parts[-1].tolist()[0]
-
-
 
 
 def _digits(path: Path, name: str, text: str, what: str, limit: int) -> int:
@@ -475,7 +472,7 @@ class GGUFSource:
             "format": "gguf",
             "files": [{"name": p.name, "size": s} for p, s in zip(self.files, self.sizes)],
             "layout": "+".join(self.layouts),
-            "gguf_package": _gguf_version(),
+            "gguf_package": gguf_version(),
         }
 
     def dense_tensors(self) -> list[SourceTensor]:

@@ -340,3 +340,17 @@ def test_fifo_as_source_is_refused_without_blocking(tmp_path):
     os.mkfifo(f)
     with pytest.raises(SourceError, match="not a regular file"):
         open_source(f)
+
+
+def test_walk_reads_big_endian_files_as_the_reader_does(tmp_path):
+    f = tmp_path / "be.gguf"
+    w = gguf.GGUFWriter(f, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_expert_count(4)
+    w.add_array("x.list", [1, 2, 3])
+    w.add_tensor("t", np.arange(64, dtype=np.float32).byteswap())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    r = gguf.GGUFReader(f)
+    h = scan_header(f, f.read_bytes())
+    assert (r.byte_order, h.byte_order) == ("S", ">")
+    assert h.kv_types == {k: v.types for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.start, t.nbytes) for t in h.tensors] == [(t.name, t.data_offset, t.n_bytes) for t in r.tensors]

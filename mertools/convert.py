@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mer_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_bytes, parse_manifest
+from mer_runtime.manifest import MANIFEST_NAME, manifest_bytes, parse_manifest
 
 from . import __version__
 from .commit import test_point
 from .errors import MertoolsError
-from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, place
+from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, format_version_for, place
 from .ranges import Ranges, as_ranges
 from .sources import ExpertPlan, Source, with_dtype
 from .writer import ShardWriter
@@ -195,7 +195,7 @@ def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[
     if extra_source:
         source.update(extra_source)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(conv.plans),  # 2 only where scales are carried
         "alignment": ALIGNMENT,
         "created_by": f"mertools {__version__}",
         "model": conv.src.model,

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import mmap
 
-import gguf
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
@@ -39,7 +38,7 @@ from mer_runtime.safeopen import open_regular
 from mer_runtime.shards import open_shards
 
 from .errors import SourceError
-from .gguf_source import split_parts
+from .gguf_source import _open_reader, split_parts
 from .report import Problem, VerifyReport
 
 TOLERANCE = 1e-4
@@ -49,7 +48,7 @@ BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference, 
 SAMPLE_ROWS = 32
 FULL_EXPERTS = 2
 FULL_BELOW = 8 << 20
-NUMERIC_ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+NUMERIC_ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias", "gate_scale", "up_scale", "down_scale")
 
 
 def seeded_inputs(d_model: int, seed: int = SEED, n: int = N_INPUTS) -> np.ndarray:
@@ -71,7 +70,7 @@ class SourceReference:
         self.source = None
         if "://" not in os.fspath(path) and not self.path.is_dir():
             try:
-                self.tensors = {t.name: t for p in split_parts(self.path) for t in gguf.GGUFReader(p).tensors}
+                self.tensors = {t.name: t for p in split_parts(self.path) for t in _open_reader(p).tensors}
             except (ValueError, OSError) as exc:
                 raise SourceError(f"{self.path}: cannot read the reference model ({exc})") from None
             return
@@ -86,14 +85,14 @@ class SourceReference:
             self.source.close()
 
     def tensor(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
-        """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias]."""
+        """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias|_scale]."""
         if self.source is not None:
             return self._from_source(layer, expert, role)
-        kind = "bias" if role.endswith("_bias") else "weight"
-        base = role.removesuffix("_bias")
+        kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
+        base = role.removesuffix("_bias").removesuffix("_scale")
         t = self.tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")
         if t is not None:
-            return t.tensor_type.name, t.data[expert]
+            return t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
         t = self.tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")
         if t is not None:
             d = t.data[expert]
@@ -217,6 +216,11 @@ def _bias(w: dict[str, _Tensor], role: str, rows: np.ndarray | None = None) -> n
     return b if rows is None else b[rows]
 
 
+def _scale(w: dict[str, _Tensor], role: str) -> float:
+    """The per-expert output scale of a projection (format_version 2; 1 without one), applied before the bias."""
+    return float(w[f"{role}_scale"].values().reshape(-1)[0]) if f"{role}_scale" in w else 1.0
+
+
 def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dict[str, Any], y: np.ndarray,
                   full: bool, rng: np.random.Generator) -> float:
     """Max relative error of the runtime against the float64 reference for one expert (see the module docstring).
@@ -225,9 +229,9 @@ def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dic
     """
     x64 = x.astype(np.float64)
     if full:
-        g = w["gate"].rows_times(x64) + _bias(w, "gate")
-        u = w["up"].rows_times(x64) + _bias(w, "up")
-        ref = w["down"].rows_times(_act64(g, u, activation)) + _bias(w, "down")
+        g = w["gate"].rows_times(x64) * _scale(w, "gate") + _bias(w, "gate")
+        u = w["up"].rows_times(x64) * _scale(w, "up") + _bias(w, "up")
+        ref = w["down"].rows_times(_act64(g, u, activation)) * _scale(w, "down") + _bias(w, "down")
         return _rel(y, ref)
     width, d_model = w["gate"].shape[0], w["down"].shape[0]
 
@@ -238,11 +242,11 @@ def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dic
     errs, act = [], {}
     for role in ("gate", "up"):
         p = ex.tensors[role]
-        got = matvec(p.dtype, p.raw, p.shape, x).astype(np.float64) + _bias(w, role)  # the runtime's kernel
-        errs.append(_rel(got[:, rows_ff], w[role].rows_times(x64, rows_ff) + _bias(w, role, rows_ff)))
+        got = matvec(p.dtype, p.raw, p.shape, x).astype(np.float64) * _scale(w, role) + _bias(w, role)  # runtime's
+        errs.append(_rel(got[:, rows_ff], w[role].rows_times(x64, rows_ff) * _scale(w, role) + _bias(w, role, rows_ff)))
         act[role] = got
     h = _act64(act["gate"], act["up"], activation)
-    errs.append(_rel(y[:, rows_d], w["down"].rows_times(h, rows_d) + _bias(w, "down", rows_d)))
+    errs.append(_rel(y[:, rows_d], w["down"].rows_times(h, rows_d) * _scale(w, "down") + _bias(w, "down", rows_d)))
     return max(errs)
 
 

@@ -16,6 +16,7 @@ from gguf.constants import GGUFValueType
 from mer_runtime.checksum import hash_file
 
 from .errors import SourceError
+from .gguf_header import show
 from .gguf_source import GGUFSource, field_value
 
 # Keys the writer produces itself, or that describe the source's split and no longer hold.
@@ -23,23 +24,25 @@ _SKIP_PREFIXES = ("GGUF.", "split.")
 _SKIP_KEYS = {"general.architecture", "general.alignment"}
 
 
-def _raw_value(f: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
+def _raw_value(src: GGUFSource, f: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
     main = f.types[0]
-    if main == GGUFValueType.ARRAY and len(f.types) > 2:
-        raise SourceError(f"metadata key {f.name!r} is a nested array, which the gguf package cannot copy")
+    if main == GGUFValueType.ARRAY and GGUFValueType.ARRAY in f.types[1:]:
+        raise SourceError(
+            f"{src.files[0]}: metadata {show(f.name)} is an array of arrays, which the gguf package cannot write "
+            "(and llama.cpp cannot read); remove the key from the model or convert it again"
+        )
     return field_value(f, raw_strings=True), main, f.types[-1] if main == GGUFValueType.ARRAY else None
 
 
 def write_dense(src: GGUFSource, path: Path, *, fsync: bool, tick: Callable[[int], None]) -> dict[str, Any]:
     w = gguf.GGUFWriter(path, src.arch)
-    alignment = src.kv("general.alignment")
-    if alignment is not None:
-        w.add_custom_alignment(int(alignment))
+    if "general.alignment" in src.fields:
+        w.add_custom_alignment(src.alignment)
     dropped = []
     for name, f in src.fields.items():
         if name in _SKIP_KEYS or name.startswith(_SKIP_PREFIXES):
             continue
-        val, vtype, sub = _raw_value(f)
+        val, vtype, sub = _raw_value(src, f)
         if vtype == GGUFValueType.ARRAY and not val:
             dropped.append(name)  # the gguf writer refuses empty arrays; recorded in the manifest
             continue

@@ -1,13 +1,15 @@
 """Read a GGUF model (one file or a ``-0000N-of-0000M`` split set) and find where every expert's bytes live.
 
-Parsing is the ``gguf`` package's; this module only adds bounds and type checks that name the tensor, the
-detection of the three expert layouts, and the arithmetic that locates expert ``e`` inside a merged tensor.
-Nothing here reads tensor bytes: the result is a plan of (file, offset, length) ranges.
+Parsing is the ``gguf`` package's, after a bounded walk of the header (``gguf_header``) has accepted it; this module
+adds the type checks of the metadata it uses (one typed accessor, ``kv``), the detection of the three expert
+layouts, the refusal of expert tensors it does not know how to carry, and the arithmetic that locates expert
+``e`` inside a merged tensor. Nothing here reads tensor bytes: the result is a plan of (file, offset, length) ranges.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,19 +17,33 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGUFValueType
 
 from mer_runtime.manifest import ROLES
 
 from .errors import NotMoEError, SourceError
+from .gguf_header import gguf_version, scan_header, show
 
 SPLIT_RE = re.compile(r"^(?P<base>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-# Merged 3-D experts (ne = [in, out, E]); `gate_up` is the fused form, gate rows first.
-MERGED_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_up|gate|up|down)_exps\.(weight|bias)$")
+# Merged 3-D experts (ne = [in, out, E]); `gate_up` is the fused form, gate rows first. `.scale` is a per-expert
+# float multiplying the projection's output (llama.cpp's ffn_*_exps_s, NVFP4's second-level scale), shape [E].
+MERGED_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_up|gate|up|down)_exps\.(weight|bias|scale)$")
 # The pre-April-2024 naming: one 2-D tensor per expert, expert index last.
 PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias)$")
+# Anything named like a routed expert. What matches this and not the two above is refused, never sent to dense.gguf.
+EXPERT_LIKE_RE = re.compile(r"^blk\.[^.]*\.ffn_[^.]*exps(\.|$)|^blk\.[^.]*\.ffn_[^.]+\.\d+(\.|$)")
 SHARED_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
 DENSE_FFN_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
+
+MAX_LAYERS = 1 << 16  # block numbers and block_count
+MAX_EXPERTS = 1 << 16  # experts per layer (the largest models today: 512)
+MAX_WIDTH = 1 << 24  # d_model / d_ff and other widths read from metadata
+SCALE_TYPES = ("F32", "F16", "BF16")  # what a per-expert scale may be stored as (gguf dequantizes them all)
+_INT_TYPES = {
+    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16, GGUFValueType.UINT32,
+    GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+}
+_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 
 # Experts whose FFN is not plain SwiGLU; the runtime needs to know. Values from each model's reference code.
 ACTIVATIONS: dict[str, dict[str, Any]] = {
@@ -70,49 +86,18 @@ class ExpertPlan:
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """GGUFReader that refuses, naming the tensor, what it would otherwise turn into an opaque numpy error."""
+    """GGUFReader that only parses a header our bounded walk (gguf_header.scan_header) has already accepted.
+
+    The walk refuses, naming the file and the field or tensor, every count that runs past the end of the file or
+    past a sane limit, nesting too deep, tensor types the gguf package does not know, zero-sized dimensions, and
+    tensor data that leaves the file, breaks the alignment or overlaps another tensor; so the reader's own loops,
+    recursion and NumPy products below stay within what the file holds.
+    """
 
     def __init__(self, path: Path):
-        self._mt_path = path
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
+            self.header = scan_header(path, m)
         super().__init__(path, "r")
-
-    def _build_tensors(self, start_offs: int, fields: list) -> None:  # type: ignore[override]
-        size = len(self.data)
-        for f in fields:
-            _nl, name_data, _nd, dims, raw_dtype, offset = f.parts
-            name = bytes(name_data).decode("utf-8", "replace")
-            tid = int(raw_dtype[0])
-            try:
-                qt = GGMLQuantizationType(tid)
-            except ValueError:
-                raise SourceError(
-                    f"{self._mt_path}: tensor {name!r} has type id {tid}, which gguf {_gguf_version()} does not know; "
-                    "upgrade the gguf package (pip install -U gguf) or re-quantize the model to a known type"
-                ) from None
-            block, tsize = GGML_QUANT_SIZES[qt]
-            ne = [int(d) for d in dims]
-            if ne and ne[0] % block:
-                raise SourceError(
-                    f"{self._mt_path}: tensor {name!r} is {qt.name} with rows of {ne[0]} elements, not a multiple "
-                    f"of its block size {block}; the file is corrupt"
-                )
-            nbytes = math.prod(ne) // block * tsize
-            start = start_offs + int(offset[0])
-            if start + nbytes > size:
-                raise SourceError(
-                    f"{self._mt_path}: tensor {name!r} ({qt.name}, {nbytes} bytes at offset {start}) runs past the end "
-                    f"of the file ({size} bytes); the file is truncated: download or copy it again"
-                )
-        super()._build_tensors(start_offs, fields)
-
-
-def _gguf_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("gguf")
-    except Exception:  # pragma: no cover - metadata missing in odd installs
-        return "?"
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -135,7 +120,8 @@ def split_parts(path: Path) -> list[Path]:
 
 def _open_reader(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
-        raise SourceError(f"{path}: no such file")
+        what = "not a regular file (a FIFO, device or socket)" if path.exists() else "no such file"
+        raise SourceError(f"{path}: {what}")
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: the file is empty")
     with open(path, "rb") as fh:
@@ -146,6 +132,8 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         return _CheckedReader(path)
     except SourceError:
         raise
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (ValueError, IndexError, OverflowError, TypeError, UnicodeDecodeError, KeyError) as exc:
         raise SourceError(
             f"{path}: the GGUF header cannot be read: the file ({path.stat().st_size} bytes) is truncated or corrupt "
@@ -169,6 +157,13 @@ def field_value(f: Any, raw_strings: bool = False) -> Any:
     return f.parts[-1].tolist()[0]
 
 
+def _digits(path: Path, name: str, text: str, what: str, limit: int) -> int:
+    """A layer or expert number from a tensor name, refused (not parsed) when it is absurd."""
+    if len(text) > 9 or int(text) >= limit:
+        raise SourceError(f"{path}: tensor {show(name)} has {what} number {show(text, 24)}, out of range (limit {limit})")
+    return int(text)
+
+
 class GGUFSource:
     """An opened GGUF model: its parts, metadata, tensors, detected expert layout and the expert plan."""
 
@@ -180,36 +175,73 @@ class GGUFSource:
         self.readers = [_open_reader(p) for p in self.files]
         self.sizes = [p.stat().st_size for p in self.files]
         self.fields = self.readers[0].fields
+        self.alignment = self.readers[0].header.alignment
         self._check_split_set()
         self.tensors: dict[str, SourceTensor] = {}
         self.tensor_order: list[str] = []
         for i, r in enumerate(self.readers):
             for t in r.tensors:
                 if t.name in self.tensors:
-                    raise SourceError(f"{self.files[i]}: tensor {t.name!r} appears in two parts of the split set")
+                    raise SourceError(f"{self.files[i]}: tensor {show(t.name)} appears in two parts of the split set")
                 ne = tuple(int(d) for d in t.shape)
                 self.tensors[t.name] = SourceTensor(
                     t.name, i, t.tensor_type.name, ne, int(t.data_offset), int(t.n_bytes), t
                 )
                 self.tensor_order.append(t.name)
-        self.arch = str(self.kv("general.architecture") or "unknown")
+        self.arch = self.kv("general.architecture", str, "unknown")
         self.experts, self.layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
 
     # -- metadata -----------------------------------------------------------------------------------------
-    def kv(self, key: str, default: Any = None) -> Any:
-        f = self.fields.get(key)
-        return default if f is None else field_value(f)
+    def kv(self, key: str, kind: type = object, default: Any = None, *, lo: float | None = None,
+           hi: float | None = None) -> Any:
+        """The value of metadata `key` checked to be of `kind` (int, float, bool, str; object: any) and in
+        [lo, hi]; `default` when absent. The one place metadata is read, so a wrong type is always our error.
 
-    def arch_kv(self, suffix: str, default: Any = None) -> Any:
-        return self.kv(f"{self.arch}.{suffix}", default)
+        >>> src.kv("llama.expert_count", int, lo=1)  # doctest: +SKIP
+        8
+        """
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        main = f.types[0]
+        ok = {
+            int: main in _INT_TYPES,
+            float: main in _INT_TYPES or main in _FLOAT_TYPES,
+            bool: main == GGUFValueType.BOOL,
+            str: main == GGUFValueType.STRING,
+            object: True,
+        }[kind]
+        if not ok:
+            raise SourceError(
+                f"{self.files[0]}: metadata {show(key)} is a {main.name}, expected {kind.__name__}; the file is corrupt"
+            )
+        v = field_value(f)
+        if kind is float:
+            v = float(v)
+            if not math.isfinite(v):
+                raise SourceError(f"{self.files[0]}: metadata {show(key)} is {v}, expected a finite number")
+        if kind is bool:
+            v = bool(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise SourceError(
+                f"{self.files[0]}: metadata {show(key)} is {v}, outside {lo}..{hi}; the file is corrupt"
+            )
+        return v
+
+    def arch_kv(self, suffix: str, kind: type = object, default: Any = None, **bounds: Any) -> Any:
+        return self.kv(f"{self.arch}.{suffix}", kind, default, **bounds)
 
     def _check_split_set(self) -> None:
         if len(self.files) == 1:
             return
         for i, r in enumerate(self.readers):
             f = r.fields.get("split.count")
-            if f is not None and int(field_value(f)) != len(self.files):
+            if f is None:
+                continue
+            if f.types[0] not in _INT_TYPES:
+                raise SourceError(f"{self.files[i]}: metadata split.count is a {f.types[0].name}, expected an integer")
+            if int(field_value(f)) != len(self.files):
                 raise SourceError(
                     f"{self.files[i]}: says split.count={field_value(f)} but the set has {len(self.files)} parts"
                 )
@@ -221,41 +253,65 @@ class GGUFSource:
         for name in self.tensor_order:
             t = self.tensors[name]
             if m := MERGED_RE.match(name):
-                merged.setdefault(int(m[1]), {})[(m[2], m[3])] = t
+                layer = _digits(self.path, name, m[1], "block", MAX_LAYERS)
+                if m[3] == "scale" and m[2] == "gate_up":
+                    raise self._unknown(t, "a scale of the fused gate_up experts")
+                merged.setdefault(layer, {})[(m[2], m[3])] = t
             elif m := PER_EXPERT_RE.match(name):
-                per_expert.setdefault(int(m[1]), {}).setdefault((m[2], m[4]), {})[int(m[3])] = t
+                layer = _digits(self.path, name, m[1], "block", MAX_LAYERS)
+                e = _digits(self.path, name, m[3], "expert", MAX_EXPERTS)
+                per_expert.setdefault(layer, {}).setdefault((m[2], m[4]), {})[e] = t
+            elif EXPERT_LIKE_RE.match(name):
+                raise self._unknown(t, "named like a routed-expert tensor")
         if not merged and not per_expert:
             raise NotMoEError(
                 f"{self.path}: no routed-expert tensors (blk.N.ffn_*_exps or blk.N.ffn_*.E); architecture "
-                f"{self.arch!r} is not a Mixture-of-Experts model, so there is nothing to extract"
+                f"{show(self.arch)} is not a Mixture-of-Experts model, so there is nothing to extract"
             )
+        kv_e = self.arch_kv("expert_count", int, None, lo=1, hi=MAX_EXPERTS)
+        blocks = self.arch_kv("block_count", int, None, lo=1, hi=MAX_LAYERS)
         plans: list[ExpertPlan] = []
         layouts: set[str] = set()
         names: set[str] = set()
         for layer in sorted(set(merged) | set(per_expert)):
+            if blocks is not None and layer >= blocks:
+                raise SourceError(
+                    f"{self.path}: expert tensors of block {layer}, but {self.arch}.block_count is {blocks}; "
+                    "the file is inconsistent"
+                )
             if layer in merged and layer in per_expert:
                 raise SourceError(f"{self.path}: layer {layer} has both merged *_exps and per-expert tensors")
             if layer in merged:
-                lp, lay = self._plan_merged(layer, merged[layer])
+                lp, lay = self._plan_merged(layer, merged[layer], kv_e)
                 names.update(t.name for t in merged[layer].values())
             else:
-                lp, lay = self._plan_per_expert(layer, per_expert[layer])
+                lp, lay = self._plan_per_expert(layer, per_expert[layer], kv_e)
                 names.update(t.name for d in per_expert[layer].values() for t in d.values())
             layouts.add(lay)
             plans.extend(lp)
-        n_experts = {len([p for p in plans if p.layer == layer]) for layer in {p.layer for p in plans}}
-        kv_e = self.arch_kv("expert_count")
-        if kv_e is not None and n_experts != {int(kv_e)}:
-            raise SourceError(
-                f"{self.path}: {self.arch}.expert_count is {kv_e} but the tensors hold {sorted(n_experts)} experts "
-                "per layer; the file is inconsistent"
-            )
         return plans, sorted(layouts), names
 
     def _err(self, t: SourceTensor, msg: str) -> SourceError:
-        return SourceError(f"{self.files[t.file_index]}: tensor {t.name!r} {msg}")
+        return SourceError(f"{self.files[t.file_index]}: tensor {show(t.name)} {msg}")
 
-    def _plan_merged(self, layer: int, ts: dict[tuple[str, str], SourceTensor]) -> tuple[list[ExpertPlan], str]:
+    def _unknown(self, t: SourceTensor, why: str) -> SourceError:
+        return self._err(
+            t, f"is {why} that mertools does not know how to carry (it knows blk.N.ffn_{{gate,up,down,gate_up}}"
+               "_exps.{weight,bias}, ffn_{gate,up,down}_exps.scale and blk.N.ffn_{gate,up,down}.E.{weight,bias}); "
+               "refusing rather than lose it: extracting this model needs a newer mertools"
+        )
+
+    def _expert_count(self, layer: int, n: int, kv_e: int | None, t: SourceTensor) -> None:
+        if kv_e is not None and n != kv_e:
+            raise SourceError(
+                f"{self.path}: {self.arch}.expert_count is {kv_e} but tensor {show(t.name)} holds {n} experts "
+                f"(layer {layer}); the file is inconsistent"
+            )
+        if n > MAX_EXPERTS:
+            raise self._err(t, f"holds {n} experts, more than the {MAX_EXPERTS} this reader accepts")
+
+    def _plan_merged(self, layer: int, ts: dict[tuple[str, str], SourceTensor],
+                     kv_e: int | None) -> tuple[list[ExpertPlan], str]:
         fused = ("gate_up", "weight") in ts
         if fused and (("gate", "weight") in ts or ("up", "weight") in ts):
             raise SourceError(f"{self.path}: layer {layer} has both ffn_gate_up_exps and separate gate/up experts")
@@ -264,20 +320,23 @@ class GGUFSource:
         if missing:
             raise SourceError(f"{self.path}: layer {layer} lacks {', '.join(missing)}; the expert set is incomplete")
         counts = set()
-        for t in ts.values():
-            want = 3 if t.name.endswith(".weight") else 2
+        for (_role, kind), t in ts.items():
+            want = {"weight": 3, "bias": 2, "scale": 1}[kind]
             if len(t.ne) != want:
                 raise self._err(t, f"has {len(t.ne)} dimensions {list(t.ne)}, expected {want} (the last is experts)")
+            if kind == "scale" and t.dtype not in SCALE_TYPES:
+                raise self._err(t, f"is a per-expert scale of type {t.dtype}; only {', '.join(SCALE_TYPES)} are known")
             counts.add(t.ne[-1])
         if len(counts) != 1:
             raise SourceError(f"{self.path}: layer {layer}: expert tensors disagree on the expert count {sorted(counts)}")
         (n_exp,) = counts
+        self._expert_count(layer, n_exp, kv_e, ts[need[0]])
 
         def split(t: SourceTensor, e: int, halves: int = 1) -> list[tuple[int, int, tuple[int, ...]]]:
             per = t.nbytes // n_exp
             if per * n_exp != t.nbytes or per % halves:
                 raise self._err(t, "cannot be cut into equal expert slices")
-            shape = tuple(reversed(t.ne[:-1]))
+            shape = tuple(reversed(t.ne[:-1])) or (1,)
             if halves == 2:
                 if shape[0] % 2:
                     raise self._err(t, f"has an odd fused dimension {shape[0]}")
@@ -288,7 +347,7 @@ class GGUFSource:
         plans = []
         for e in range(n_exp):
             projs: list[Projection] = []
-            for kind, suffix in (("weight", ""), ("bias", "_bias")):
+            for kind, suffix in (("weight", ""), ("bias", "_bias"), ("scale", "_scale")):
                 if fused and ("gate_up", kind) in ts:
                     t = ts[("gate_up", kind)]
                     for role, (off, nb, shape) in zip(("gate", "up"), split(t, e, 2)):
@@ -299,25 +358,28 @@ class GGUFSource:
                         ((off, nb, shape),) = split(t, e)
                         projs.append(Projection(role + suffix, t.dtype, shape, t.file_index, off, nb, f"{t.name}[{e}]"))
             plans.append(ExpertPlan(layer, e, _ordered(projs)))
-        self._check_shapes(layer, plans)
+            if e == 0:
+                self._check_shapes(layer, plans)  # every expert of a merged tensor has the same shapes
         return plans, "fused" if fused else "merged"
 
     def _plan_per_expert(
-        self, layer: int, ts: dict[tuple[str, str], dict[int, SourceTensor]]
+        self, layer: int, ts: dict[tuple[str, str], dict[int, SourceTensor]], kv_e: int | None
     ) -> tuple[list[ExpertPlan], str]:
-        ids = {key: set(d) for key, d in ts.items()}
         weights = [(r, "weight") for r in ("gate", "up", "down")]
         missing = [f"blk.{layer}.ffn_{r}.E.weight" for r, k in weights if (r, k) not in ts]
         if missing:
             raise SourceError(f"{self.path}: layer {layer} lacks {', '.join(missing)}; the expert set is incomplete")
-        all_ids = set().union(*ids.values())
-        n_exp = max(all_ids) + 1
-        for (role, kind), got in ids.items():
-            if got != set(range(n_exp)):
-                lost = sorted(set(range(n_exp)) - got)
+        # Expert numbers must be exactly 0..n-1 for every projection; compared by count, so a huge number in a
+        # name never becomes a huge range.
+        n_exp = max(len(d) for d in ts.values())
+        for (role, kind), d in ts.items():
+            if len(d) != n_exp or max(d) != n_exp - 1:
+                lost = [e for e in range(min(max(d) + 1, n_exp + 64)) if e not in d][:8]  # bounded by the count
                 raise SourceError(
-                    f"{self.path}: layer {layer}: blk.{layer}.ffn_{role}.E.{kind} is missing for experts {lost}"
+                    f"{self.path}: layer {layer}: blk.{layer}.ffn_{role}.E.{kind} is missing for experts {lost} "
+                    f"(found {len(d)} of them, numbered up to {max(d)})"
                 )
+        self._expert_count(layer, n_exp, kv_e, ts[("gate", "weight")][0])
         plans = []
         for e in range(n_exp):
             projs = []
@@ -340,6 +402,7 @@ class GGUFSource:
             ok = s["up"] == (f_, h) and s["down"] == (h, f_)
             ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
             ok = ok and s.get("down_bias", (h,)) == (h,)
+            ok = ok and all(s.get(f"{r}_scale", (1,)) == (1,) for r in ("gate", "up", "down"))
             if not ok:
                 shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
                 raise SourceError(
@@ -353,34 +416,45 @@ class GGUFSource:
         first = self.experts[0]
         shapes = {q.role: q.shape for q in first.projections}
         d_ff, d_model = shapes["gate"]
-        n_exp = len([p for p in self.experts if p.layer == first.layer])
+        per_layer: dict[int, int] = {}
+        for p in self.experts:
+            per_layer[p.layer] = per_layer.get(p.layer, 0) + 1
+        if len(set(per_layer.values())) != 1:
+            raise SourceError(
+                f"{self.path}: layers hold different numbers of experts ({sorted(set(per_layer.values()))}); "
+                "the file is inconsistent"
+            )
+        n_exp = per_layer[first.layer]
         d_ffs = {next(q.shape[0] for q in p.projections if q.role == "gate") for p in self.experts}
-        emb = self.arch_kv("embedding_length")
-        if emb is not None and int(emb) != d_model:
+        emb = self.arch_kv("embedding_length", int, None, lo=1, hi=MAX_WIDTH)
+        if emb is not None and emb != d_model:
             raise SourceError(f"{self.path}: {self.arch}.embedding_length={emb} but the experts take {d_model} inputs")
         info: dict[str, Any] = {
             "architecture": self.arch,
-            "name": self.kv("general.name"),
-            "n_layers": int(self.arch_kv("block_count", max(moe_layers) + 1)),
+            "name": self.kv("general.name", str),
+            "n_layers": self.arch_kv("block_count", int, max(moe_layers) + 1, lo=1, hi=MAX_LAYERS),
             "n_experts": n_exp,
-            "n_experts_used": int(self.arch_kv("expert_used_count", 0)),
+            "n_experts_used": self.arch_kv("expert_used_count", int, 0, lo=0, hi=n_exp),
             "d_model": d_model,
             "d_ff": d_ff if len(d_ffs) == 1 else max(d_ffs),
             "moe_layers": moe_layers,
             "has_expert_biases": any(q.role.endswith("_bias") for q in first.projections),
             "activation": ACTIVATIONS.get(self.arch, DEFAULT_ACTIVATION),
         }
-        shexp = {int(m[1]) for n in self.tensors if (m := SHARED_RE.match(n))}
+        shexp = {int(m[1]) for n in self.tensors if (m := SHARED_RE.match(n)) and len(m[1]) <= 9}
         if shexp:
-            info["n_shared_experts"] = int(self.arch_kv("expert_shared_count", 1))
+            info["n_shared_experts"] = self.arch_kv("expert_shared_count", int, 1, lo=0, hi=MAX_EXPERTS)
             t = self.tensors.get(f"blk.{min(shexp)}.ffn_gate_shexp.weight")
-            info["d_ff_shared"] = int(self.arch_kv("expert_shared_feed_forward_length", t.ne[1] if t else 0))
-        dense_layers = sorted({int(m[1]) for n in self.tensors if (m := DENSE_FFN_RE.match(n))} - set(moe_layers))
-        lead = self.arch_kv("leading_dense_block_count")
+            default = t.ne[1] if t and len(t.ne) > 1 else 0
+            info["d_ff_shared"] = self.arch_kv("expert_shared_feed_forward_length", int, default, lo=0, hi=MAX_WIDTH)
+        dense_layers = sorted(
+            {int(m[1]) for n in self.tensors if (m := DENSE_FFN_RE.match(n)) and len(m[1]) <= 9} - set(moe_layers)
+        )
+        lead = self.arch_kv("leading_dense_block_count", int, None, lo=0, hi=MAX_LAYERS)
         if lead is not None or dense_layers:
-            info["n_dense_layers"] = int(lead) if lead is not None else len(dense_layers)
-        for key in ("expert_gating_func", "expert_weights_norm", "expert_weights_scale"):
-            v = self.arch_kv(key)
+            info["n_dense_layers"] = lead if lead is not None else len(dense_layers)
+        for key, kind in (("expert_gating_func", int), ("expert_weights_norm", bool), ("expert_weights_scale", float)):
+            v = self.arch_kv(key, kind)
             if v is not None:
                 info[key] = v
         layer = moe_layers[0]
@@ -398,7 +472,7 @@ class GGUFSource:
             "format": "gguf",
             "files": [{"name": p.name, "size": s} for p, s in zip(self.files, self.sizes)],
             "layout": "+".join(self.layouts),
-            "gguf_package": _gguf_version(),
+            "gguf_package": gguf_version(),
         }
 
     def dense_tensors(self) -> list[SourceTensor]:
@@ -410,6 +484,12 @@ def _ordered(projs: list[Projection]) -> list[Projection]:
 
 
 def open_source(path: str | os.PathLike[str]) -> GGUFSource:
+    """Open a GGUF model (or the first part of a split set) and plan its experts; SourceError on bad input.
+
+    >>> src = open_source("fixtures/real/mixtral-q4_0.gguf")  # doctest: +SKIP
+    >>> src.model["n_experts"], src.layouts  # doctest: +SKIP
+    (4, ['merged'])
+    """
     p = Path(path)
     if p.is_dir():
         raise SourceError(

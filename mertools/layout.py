@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mer_runtime.manifest import FORMAT_VERSION, SCALE_ROLES, SCALES_FORMAT_VERSION
+
 from .gguf_source import ExpertPlan, Projection
 
 ALIGNMENT = 4096  # one O_DIRECT read fetches a whole expert or one projection
@@ -43,3 +45,9 @@ def place(plan: ExpertPlan, alignment: int = ALIGNMENT) -> ShardLayout:
         placed.append(Placed(p, off))
         off = align_up(off + p.nbytes, alignment)
     return ShardLayout(plan.layer, plan.expert, expert_path(plan.layer, plan.expert), off, placed)
+
+
+def format_version_for(plans: list[ExpertPlan]) -> int:
+    """1, or 2 when any expert carries a *_scale role: a reader that does not apply scales must refuse the folder."""
+    scaled = any(p.role in SCALE_ROLES for plan in plans for p in plan.projections)
+    return SCALES_FORMAT_VERSION if scaled else FORMAT_VERSION

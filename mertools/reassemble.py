@@ -448,6 +448,7 @@ def _expert_tensor(base: str, pieces: list[Piece], dtype: str, shape: tuple[int,
 def _generated_header(dense: gguf.GGUFReader, tensors: list[OutTensor], alignment: int) -> bytes:
     """A new GGUF header from dense.gguf's metadata (minus mertools' own key and split.*), for ``tensors``."""
     import io
+    from types import SimpleNamespace
 
     from gguf.gguf_writer import WriterState
 
@@ -461,7 +462,7 @@ def _generated_header(dense: gguf.GGUFReader, tensors: list[OutTensor], alignmen
         if name.startswith(("GGUF.", _SPLIT_PREFIX)) or name in ("general.architecture", "general.alignment",
                                                                    _REMOVED_KEY):
             continue
-        val, vtype, sub = _raw_value(f)
+        val, vtype, sub = _raw_value(SimpleNamespace(files=[dense.data.filename]), f)  # names dense.gguf in errors
         w.add_key_value(name, val, vtype, sub)
     for t in tensors:
         try:

@@ -279,8 +279,9 @@ def _bias_f32(t: tuple[str, tuple[int, ...], np.ndarray]) -> np.ndarray:
 
 
 def _native_ok(experts: Sequence[Tensors]) -> bool:
+    # per-expert output scales (format_version 2) are applied by the per-projection path, not the C step
     return _LIB is not None and all(DTYPES.get(t[r][0], None) is not None and DTYPES[t[r][0]].path == "c"
-                                    for t in experts for r in ROLES)
+                                    and f"{r}_scale" not in t for t in experts for r in ROLES)
 
 
 def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np.ndarray,
@@ -358,6 +359,8 @@ def _ffn_by_projection(tensors: Tensors, x: np.ndarray, activation: dict[str, An
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         dtype, shape, raw = tensors[role]
         y = matvec(dtype, raw, shape, v, simd=simd, act=act)
+        if f"{role}_scale" in tensors:  # per-expert output scale (format_version 2), applied before the bias
+            y = y * np.float32(dequantize_tensor(*tensors[f"{role}_scale"]).reshape(-1)[0])
         if f"{role}_bias" in tensors:
             y = y + _bias_f32(tensors[f"{role}_bias"])
         return y
@@ -398,12 +401,14 @@ def expert_ffn(tensors: Tensors, x: np.ndarray, activation: dict[str, Any], *, a
 
 
 def reference_ffn(weights: dict[str, np.ndarray], x: np.ndarray, activation: dict[str, Any]) -> np.ndarray:
-    """float64 oracle: weights are role -> float64 arrays ([out, in] matrices, [n] biases)."""
+    """float64 oracle: weights are role -> float64 arrays ([out, in] matrices, [n] biases, [1] scales)."""
     x = np.asarray(x, dtype=np.float64)
     xt = x.T
 
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         y = (weights[role] @ v).T
+        if f"{role}_scale" in weights:
+            y = y * weights[f"{role}_scale"].reshape(-1)[0]
         return y + weights[f"{role}_bias"] if f"{role}_bias" in weights else y
 
     g, u = proj("gate", xt), proj("up", xt)

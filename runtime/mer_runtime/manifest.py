@@ -35,9 +35,15 @@ from .errors import ManifestError
 from .safeopen import read_regular
 
 FORMAT_VERSION = 1
+# Version 2 = version 1 plus per-expert output scales (*_scale roles) that a reader must apply; written only for
+# folders that carry them, so that a version-1 reader refuses such a folder instead of ignoring the scales.
+SCALES_FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (FORMAT_VERSION, SCALES_FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
-# Roles a shard may hold, in the order they are written; *_bias only where the model has expert biases.
-ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+# Roles a shard may hold, in the order they are written; *_bias only where the model has expert biases, *_scale
+# (one float per expert multiplying the projection's output before its bias) only in format_version 2.
+ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias", "gate_scale", "up_scale", "down_scale")
+SCALE_ROLES = ("gate_scale", "up_scale", "down_scale")
 WEIGHT_ROLES = ("gate", "up", "down")
 ACTIVATIONS = ("swiglu", "swiglu_oai")
 
@@ -270,7 +276,8 @@ def _depth(value: Any) -> int:
 def _expected_shapes(role: str, d_model: int, width: int) -> tuple[int, ...] | None:
     """The shape a role must have for an expert of this width; None for a role whose shape this reader leaves free."""
     return {"gate": (width, d_model), "up": (width, d_model), "down": (d_model, width),
-            "gate_bias": (width,), "up_bias": (width,), "down_bias": (d_model,)}.get(role)
+            "gate_bias": (width,), "up_bias": (width,), "down_bias": (d_model,),
+            "gate_scale": (1,), "up_scale": (1,), "down_scale": (1,)}.get(role)
 
 
 def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
@@ -286,9 +293,9 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: top level must be an object")
     version = _need(raw, "format_version", int, where)
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ManifestError(
-            f"{where}: format_version {version} is not supported (this reader knows {FORMAT_VERSION}); "
+            f"{where}: format_version {version} is not supported (this reader knows {SUPPORTED_VERSIONS}); "
             "upgrade mertools or re-extract the model"
         )
     for key, value in raw.items():
@@ -357,6 +364,8 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
         for role, t in ts.items():
             if role not in ROLES:
                 raise ManifestError(f"{w}: unknown tensor role {role!r} (expected one of {', '.join(ROLES)})")
+            if role in SCALE_ROLES and version < SCALES_FORMAT_VERSION:
+                raise ManifestError(f"{w}: role {role!r} needs format_version {SCALES_FORMAT_VERSION}, not {version}")
             tw = _Where(where, layer, expert, role)
             dtype = _need(t, "dtype", str, tw)
             shape = tuple(_need(t, "shape", list, tw))

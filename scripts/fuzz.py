@@ -1,0 +1,682 @@
+#!/usr/bin/env python3
+"""Seeded fuzzer over the GGUF reader path, the manifest reader and the shard-folder consumers.
+
+Every case is one seed: the seed alone picks the target, the starting file or folder (from the project's own
+fixtures) and the mutations, so any case replays exactly (`--replay SEED`). Cases run in children of a fork
+server: this process imports everything once and forks per case (a few milliseconds, not a new interpreter);
+each child has a wall-time limit (killed past it) and an address-space limit (RLIMIT_AS). Outcomes:
+
+- ok: the call returned; error: it raised our error (MerError: what bad input must give);
+- traceback: any other exception (the seed and the traceback are printed);
+- hang: killed at the time limit; crash: killed by a signal, or MemoryError under the memory limit.
+
+Targets: `gguf` (open_source + planning + describe, and extract + verify on some cases), `manifest`
+(mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn).
+
+    python scripts/fuzz.py --cases 20000 --target gguf          # prints the figures
+    python scripts/fuzz.py --replay 1234567 --target gguf       # one case, in this process, traceback visible
+    python scripts/fuzz.py --cases 500 --target folder --skip-classes manifest-fifo,expert-fifo
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "runtime"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+from mer_runtime.errors import MerError  # noqa: E402
+from mer_runtime.manifest import load_manifest  # noqa: E402
+from mer_runtime.shards import open_shards  # noqa: E402
+from mer_runtime.smoke import SmokeConfig, run_smoke  # noqa: E402
+from mertools.describe import describe  # noqa: E402
+from mertools.extract import extract  # noqa: E402
+from mertools.gguf_source import open_source  # noqa: E402
+from mertools.verify import verify  # noqa: E402
+
+TARGETS = ("gguf", "manifest", "folder")
+GEN = ROOT / "fixtures" / "generated"
+REAL = ROOT / "fixtures" / "real"
+# Folders extracted once per run and then attacked (small ones: each case copies its folder).
+FOLDER_SOURCES = ("moe-merged-q4_0.gguf", "moe-gptoss-mxfp4-bias.gguf", "moe-perexpert-f16.gguf", "moe-q4_k-q6_k.gguf")
+TB_LIMIT = 16_000  # a child's traceback text must fit the pipe without blocking
+
+U64 = [0, 1, 2, 3, 31, 32, 33, 255, 4095, 4096, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40,
+       (1 << 62), (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+VT_STRING, VT_ARRAY = 8, 9
+SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+# -- a map of the numeric fields of a valid GGUF (the fixtures are valid: this parser trusts them) -----------------
+@dataclass
+class FieldMap:
+    ints: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, offset, width)
+    kvs: list[tuple[int, int, str]] = field(default_factory=list)  # (record start, end, key)
+    names: list[tuple[int, int]] = field(default_factory=list)  # tensor name string (length field start, end)
+    tinfos: list[tuple[int, int]] = field(default_factory=list)  # (n_dims offset, offset-field offset)
+    kv_count_at: int = 16
+    header_end: int = 0
+    data_offset: int = 0
+    alignment: int = 32
+
+
+def field_map(b: bytes) -> FieldMap:
+    fm = FieldMap()
+    pos = 24
+    fm.ints += [("tensor_count", 8, 8), ("kv_count", 16, 8)]
+    n_tensors, n_kv = struct.unpack_from("<QQ", b, 8)
+
+    def string(kind: str) -> int:
+        nonlocal pos
+        fm.ints.append((kind, pos, 8))
+        n = struct.unpack_from("<Q", b, pos)[0]
+        pos += 8 + n
+        return n
+
+    def value(vt: int) -> None:
+        nonlocal pos
+        if vt == VT_STRING:
+            string("strlen")
+        elif vt == VT_ARRAY:
+            fm.ints.append(("arrtype", pos, 4))
+            et = struct.unpack_from("<I", b, pos)[0]
+            fm.ints.append(("arrcount", pos + 4, 8))
+            n = struct.unpack_from("<Q", b, pos + 4)[0]
+            pos += 12
+            if et in SCALAR_FMT:
+                pos += n * struct.calcsize(SCALAR_FMT[et])
+            else:
+                for _ in range(n):
+                    value(et)
+        else:
+            fm.ints.append(("scalar", pos, struct.calcsize(SCALAR_FMT[vt])))
+            pos += struct.calcsize(SCALAR_FMT[vt])
+
+    for _ in range(n_kv):
+        start = pos
+        klen = string("keylen")
+        key = b[start + 8:start + 8 + klen].decode()
+        fm.ints.append(("vtype", pos, 4))
+        vt = struct.unpack_from("<I", b, pos)[0]
+        pos += 4
+        if key == "general.alignment":
+            fm.alignment = struct.unpack_from("<I", b, pos)[0]
+        value(vt)
+        fm.kvs.append((start, pos, key))
+    for _ in range(n_tensors):
+        start = pos
+        string("namelen")
+        fm.names.append((start, pos))
+        nd_at = pos
+        fm.ints.append(("ndims", pos, 4))
+        nd = struct.unpack_from("<I", b, pos)[0]
+        pos += 4
+        for _ in range(nd):
+            fm.ints.append(("dim", pos, 8))
+            pos += 8
+        fm.ints.append(("ttype", pos, 4))
+        fm.ints.append(("toffset", pos + 4, 8))
+        fm.tinfos.append((nd_at, pos + 4))
+        pos += 12
+    fm.header_end = pos
+    fm.data_offset = -(-pos // fm.alignment) * fm.alignment
+    return fm
+
+
+def _s(x: bytes | str) -> bytes:
+    x = x.encode() if isinstance(x, str) else x
+    return struct.pack("<Q", len(x)) + x
+
+
+def _rebuild(b: bytes, fm: FieldMap, start: int, end: int, new: bytes, kv_delta: int = 0) -> bytes:
+    """Replace header bytes [start, end) and re-pad so that the data section keeps its relative offsets."""
+    head = bytearray(b[:start] + new + b[end:fm.header_end])
+    if kv_delta:
+        n = struct.unpack_from("<Q", head, fm.kv_count_at)[0] + kv_delta
+        struct.pack_into("<Q", head, fm.kv_count_at, n)
+    head += bytes(-len(head) % fm.alignment)
+    return bytes(head) + b[fm.data_offset:]
+
+
+def _hostile_value(rng: random.Random) -> bytes:
+    """A KV value record (type + payload) of a type nobody expects where an integer belongs."""
+    choice = rng.randrange(9)
+    if choice == 0:
+        return struct.pack("<If", 6, float("nan"))
+    if choice == 1:
+        return struct.pack("<Id", 12, rng.choice([float("inf"), -float("inf"), 1e300, -0.0]))
+    if choice == 2:
+        return struct.pack("<I", VT_STRING) + _s(rng.choice(["8", "", "x" * 300, "\u00e9"]))
+    if choice == 3:
+        n = rng.choice([0, 1, 3])
+        return struct.pack("<IIQ", VT_ARRAY, 4, n) + struct.pack(f"<{n}I", *([8] * n))
+    if choice == 4:
+        return struct.pack("<IIQ", VT_ARRAY, VT_ARRAY, 1) + struct.pack("<IQ", 4, 1) + struct.pack("<I", 8)
+    if choice == 5:
+        return struct.pack("<I?", 7, True)
+    if choice == 6:
+        return struct.pack("<Iq", 11, rng.choice([-1, -(1 << 63), 0]))
+    if choice == 7:
+        return struct.pack("<IQ", 10, rng.choice(U64))
+    return struct.pack("<Ii", 5, rng.choice([-8, 0, 1 << 30]))
+
+
+def _nested(depth: int, leaf_count: int = 1) -> bytes:
+    return struct.pack("<IQ", VT_ARRAY, 1) * (depth - 1) + struct.pack("<IQ", 0, leaf_count) + bytes(leaf_count)
+
+
+HOSTILE_NAMES = [
+    "blk.1.ffn_gate.99999999999.weight", "blk.1.ffn_up.{big}.weight", "blk.{big}.ffn_gate_exps.weight",
+    "blk.1.ffn_zzz_exps.weight", "blk.1.ffn_gate_exps.input_scale", "blk.1.ffn_gate_up_exps.scale",
+    "blk.1.ffn_down.0.scale", "blk.1.ffn_gate_exps.scale", "../../etc/passwd", "", "blk.1.ffn_gate_exps.weight\n",
+    "x" * 5000, "blk.0.ffn_gate.4294967296.weight", "blk.-1.ffn_up_exps.weight", "blk.1.ffn_up.007.weight",
+]
+
+
+def mutate_gguf(b: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One structural mutation of a valid GGUF, sometimes followed by blind ones; returns (bytes, class)."""
+    fm = field_map(b)
+    op = rng.choice(["bitflip", "truncate", "extreme", "extreme", "kvtype", "nested", "name", "dims", "offset",
+                     "alignment", "extreme"])
+    out = bytearray(b)
+    if op == "bitflip":
+        for _ in range(rng.randint(1, 8)):
+            hi = fm.header_end if rng.random() < 0.8 else len(out)
+            i = rng.randrange(hi)
+            out[i] ^= 1 << rng.randrange(8)
+    elif op == "truncate":
+        hi = fm.header_end if rng.random() < 0.6 else len(out)
+        out = out[:rng.randrange(hi)]
+    elif op == "extreme":
+        kind, at, width = rng.choice(fm.ints)
+        v = rng.choice(U64 + [len(b), len(b) - at, rng.getrandbits(64)]) % (1 << (8 * width))
+        out[at:at + width] = v.to_bytes(width, "little")
+        op = f"extreme-{kind}"
+    elif op == "kvtype":
+        start, end, key = rng.choice(fm.kvs)
+        klen = struct.unpack_from("<Q", b, start)[0]
+        new = b[start:start + 8 + klen] + _hostile_value(rng)
+        out = bytearray(_rebuild(b, fm, start, end, new))
+    elif op == "nested":
+        depth = rng.choice([2, 3, 8, 9, 50, 1000, 5000, 100_000])
+        new = _s(f"fuzz.nested.{depth}") + _nested(depth, rng.choice([0, 1, 5]))
+        out = bytearray(_rebuild(b, fm, fm.kvs[-1][1] if fm.kvs else 24, fm.kvs[-1][1] if fm.kvs else 24, new, 1))
+    elif op == "name":
+        start, end = rng.choice(fm.names)
+        name = rng.choice(HOSTILE_NAMES + [b[s + 8:e].decode() for s, e in fm.names[:3]] + ["\udcff"])
+        name = name.replace("{big}", "9" * rng.choice([10, 20, 4400]))
+        raw = name.encode("utf-8", "surrogateescape")
+        out = bytearray(_rebuild(b, fm, start, end, _s(raw)))
+    elif op == "dims":
+        kinds = [x for x in fm.ints if x[0] == "dim"]
+        kind, at, width = rng.choice(kinds)
+        v = rng.choice([0, 1, 2, 3, 31, 33, 1 << 20, 1 << 32, 1 << 40, 1 << 63, (1 << 64) - 1])
+        out[at:at + 8] = v.to_bytes(8, "little")
+        if rng.random() < 0.5:  # and a second one: a zero dim with a huge expert dim
+            kind, at, width = rng.choice(kinds)
+            out[at:at + 8] = rng.choice([0, 1 << 40]).to_bytes(8, "little")
+    elif op == "offset":
+        (_, a), (_, c) = rng.choice(fm.tinfos), rng.choice(fm.tinfos)
+        other = struct.unpack_from("<Q", b, c)[0]
+        v = rng.choice([other, other + 1, other + fm.alignment, other - fm.alignment, len(b), 1 << 40, 7])
+        out[a:a + 8] = (v % (1 << 64)).to_bytes(8, "little")
+    elif op == "alignment":
+        v = rng.choice([0, 1, 3, 16, 64, 4096, 1 << 20, 1 << 31])
+        rec = _s("general.alignment") + (struct.pack("<II", 4, v) if rng.random() < 0.8 else _hostile_value(rng))
+        hit = [k for k in fm.kvs if k[2] == "general.alignment"]
+        if hit:
+            out = bytearray(_rebuild(b, fm, hit[0][0], hit[0][1], rec))
+        else:
+            at = fm.kvs[-1][1] if fm.kvs else 24
+            out = bytearray(_rebuild(b, fm, at, at, rec, 1))
+    if rng.random() < 0.2 and op not in ("bitflip", "truncate") and len(out) > 24:
+        for _ in range(rng.randint(1, 3)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        op += "+bitflip"
+    return bytes(out), op
+
+
+# -- folder attacks ---------------------------------------------------------------------------------------------
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:4]):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _set(node: Any, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+
+
+HUGE_INT = "9" * 5000  # a JSON integer Python refuses to parse (more than 4300 digits)
+
+
+def mutate_folder(folder: Path, rng: random.Random, with_experts: bool) -> str:
+    """Attack a copied shard folder in place; returns the attack's class."""
+    mpath = folder / "manifest.json"
+    raw = json.loads(mpath.read_text())
+    classes = ["manifest-bitflip", "manifest-truncate", "manifest-value", "manifest-value", "manifest-not-utf8",
+               "manifest-dir", "manifest-fifo", "manifest-devzero", "manifest-deep-json", "manifest-huge-int",
+               "manifest-shape-lie", "manifest-empty-experts", "manifest-unknown-activation", "manifest-huge-size",
+               "manifest-missing-key", "manifest-big-file"]
+    if with_experts:
+        classes += ["expert-fifo", "expert-truncate", "expert-bitflip", "expert-devzero", "expert-missing",
+                    "expert-dir", "expert-extended"] * 2
+    cls = rng.choice(classes)
+    text = mpath.read_bytes()
+    entry = rng.choice(raw["experts"])
+    epath = folder / entry["path"]
+    if cls == "manifest-bitflip":
+        b = bytearray(text)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        mpath.write_bytes(bytes(b))
+    elif cls == "manifest-truncate":
+        mpath.write_bytes(text[:rng.randrange(len(text))])
+    elif cls == "manifest-value":
+        path = rng.choice(_paths(raw)[1:])
+        v = rng.choice([10 ** 30, -1, 0, 2 ** 64, 1e308, float("nan"), "x", "", [], {}, None, True, [[]], 3.5, -4096])
+        _set(raw, path, v)
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-not-utf8":
+        mpath.write_bytes(b"\xff\xfe" + text[2:] if rng.random() < 0.5 else text.replace(b'"', b'"\xc3', 1))
+    elif cls == "manifest-dir":
+        mpath.unlink()
+        mpath.mkdir()
+    elif cls == "manifest-fifo":
+        mpath.unlink()
+        os.mkfifo(mpath)
+    elif cls == "manifest-devzero":
+        mpath.unlink()
+        mpath.symlink_to(rng.choice(["/dev/zero", "/dev/urandom", "/proc/self/mem", "manifest.json"]))
+    elif cls == "manifest-deep-json":
+        depth = rng.choice([1000, 100_000])
+        key = rng.choice(["model", "source", "experts", "dense"])
+        raw[key] = "@@DEEP@@"
+        mpath.write_text(json.dumps(raw).replace('"@@DEEP@@"', "[" * depth + "]" * depth))
+    elif cls == "manifest-huge-int":
+        path = rng.choice(_paths(raw)[1:])
+        _set(raw, path, "@@HUGE@@")
+        mpath.write_text(json.dumps(raw).replace('"@@HUGE@@"', rng.choice([HUGE_INT, "1" + "0" * 400, "1e999"])))
+    elif cls == "manifest-shape-lie":
+        m = raw["model"]
+        how = rng.randrange(4)
+        if how == 0:
+            m["d_model"] = rng.choice([1, m["d_model"] * 2, 1 << 40])
+        elif how == 1:
+            m["d_ff"] = rng.choice([1, m["d_ff"] + 32, 1 << 40])
+        else:
+            t = rng.choice(list(entry["tensors"].values()))
+            t["shape"] = [rng.choice([1, 32, 1 << 20, 1 << 40]) for _ in t["shape"]]
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-empty-experts":
+        raw["experts"] = []
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-unknown-activation":
+        raw["model"]["activation"] = rng.choice([{"kind": "gelu"}, {"kind": "swiglu_oai", "limit": "x"},
+                                                 {"kind": "swiglu_oai", "alpha": float("nan"), "limit": -1},
+                                                 "swiglu", None, []])
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-huge-size":
+        entry["size"] = rng.choice([1 << 40, 1 << 50, 1 << 62, 1 << 64])
+        if rng.random() < 0.5:
+            t = rng.choice(list(entry["tensors"].values()))
+            t["offset"] = entry["size"] - 4096
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-missing-key":
+        path = rng.choice(_paths(raw)[1:])
+        node = raw
+        for k in path[:-1]:
+            node = node[k]
+        del node[path[-1]]
+        mpath.write_text(json.dumps(raw))
+    elif cls == "manifest-big-file":
+        mpath.write_bytes(text + b" " * (64 << 20))
+    elif cls == "expert-fifo":
+        epath.unlink()
+        os.mkfifo(epath)
+    elif cls == "expert-truncate":
+        with open(epath, "r+b") as fh:
+            fh.truncate(rng.randrange(entry["size"]))
+    elif cls == "expert-bitflip":
+        b = bytearray(epath.read_bytes())
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        epath.write_bytes(bytes(b))
+    elif cls == "expert-devzero":
+        epath.unlink()
+        epath.symlink_to("/dev/zero")
+    elif cls == "expert-missing":
+        epath.unlink()
+    elif cls == "expert-dir":
+        epath.unlink()
+        epath.mkdir()
+    elif cls == "expert-extended":
+        with open(epath, "ab") as fh:
+            fh.write(bytes(4096))
+    return cls
+
+
+# -- cases ------------------------------------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    ggufs: list[Path]
+    folders: list[Path]
+    sources: dict[Path, Path]  # folder -> the GGUF it was extracted from
+
+
+def build_corpus(work: Path, targets: tuple[str, ...]) -> Corpus:
+    ggufs = sorted(GEN.glob("*.gguf")) + sorted(REAL.glob("*.gguf"))
+    folders: list[Path] = []
+    sources: dict[Path, Path] = {}
+    if any(t != "gguf" for t in targets):
+        for name in FOLDER_SOURCES:
+            out = work / "folders" / Path(name).stem
+            if not (out / "manifest.json").exists():
+                extract(GEN / name, out, fsync=False)
+            folders.append(out)
+            sources[out] = GEN / name
+    return Corpus(ggufs, folders, sources)
+
+
+def pick_target(seed: int, targets: tuple[str, ...]) -> str:
+    return targets[random.Random(seed).randrange(len(targets))]
+
+
+def run_case(seed: int, target: str, corpus: Corpus, work: Path, extract_prob: float = 0.25,
+             on_class: Callable[[str], None] = lambda c: None) -> str:
+    """Build the case for `seed` under `work` and run it; returns its class (also given to `on_class` as soon as
+    the input is built, before the code under test runs). Raises what the code under test raises."""
+    rng = random.Random(seed * 7919 + TARGETS.index(target))
+    if target == "gguf":
+        src = rng.choice(corpus.ggufs)
+        if "-of-" in src.name:  # split sets: all parts beside each other, one of them mutated
+            base = src.name.split("-0000")[0]
+            parts = sorted(src.parent.glob(f"{base}-*-of-*.gguf"))
+            for p in parts:
+                shutil.copy(p, work / p.name)
+            victim = work / rng.choice(parts).name
+            data, cls = mutate_gguf(victim.read_bytes(), rng)
+            victim.write_bytes(data)
+            path = work / parts[0].name
+        else:
+            data, cls = mutate_gguf(src.read_bytes(), rng)
+            path = work / src.name
+            path.write_bytes(data)
+        on_class(cls)
+        open_source(path)
+        describe(path)
+        if rng.random() < extract_prob:
+            out = work / "out"
+            extract(path, out, fsync=False)
+            verify(out)
+            cls += "+extract"
+        return cls
+    folder = rng.choice(corpus.folders)
+    dst = work / folder.name
+    shutil.copytree(folder, dst)
+    cls = mutate_folder(dst, rng, with_experts=target == "folder")
+    on_class(cls)
+    if target == "manifest":
+        load_manifest(dst)
+        return cls
+    consumer = rng.choice(["verify", "deep", "deep-against", "smoke", "ffn"])
+    io = rng.choice(["auto", "pread", "buffered"])
+    if consumer == "verify":
+        verify(dst)
+    elif consumer == "deep":
+        verify(dst, deep=True, io=io)
+    elif consumer == "deep-against":
+        verify(dst, deep=True, against=corpus.sources[folder], io=io)
+    elif consumer == "smoke":
+        run_smoke(dst, SmokeConfig(tokens=rng.choice([1, 5, 20]), cache_slots=rng.choice([2, 3, 8]), io=io,
+                                   workload=rng.choice(["zipf", "markov", "uniform", "router"])))
+    else:
+        raw = json.loads((folder / "manifest.json").read_text())
+        e = rng.choice(raw["experts"])
+        with open_shards(dst, io=io, cache_slots=2) as s:
+            s.ffn(e["layer"], e["expert"], np.ones(raw["model"]["d_model"], np.float32))
+    return f"{cls}:{consumer}"
+
+
+# -- the fork server --------------------------------------------------------------------------------------------
+OK, OUR_ERROR, TRACEBACK, MEMORY = 0, 3, 4, 5
+
+
+@dataclass
+class Summary:
+    cases: int = 0
+    outcomes: Counter = field(default_factory=Counter)  # ok / error / traceback / hang / crash
+    errors: Counter = field(default_factory=Counter)  # our error classes
+    failures: list[dict[str, Any]] = field(default_factory=list)  # traceback / hang / crash, with seed
+    failing_classes: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cases": self.cases, "outcomes": dict(self.outcomes), "our_errors": dict(self.errors),
+                "failing_classes": dict(self.failing_classes), "failures": self.failures,
+                "seconds": round(self.seconds, 1)}
+
+
+def _child(seed: int, target: str, corpus: Corpus, work: Path, wfd: int, mem_bytes: int) -> None:
+    """In the forked child: limits, then the case. Writes its class (at once) and its outcome to the pipe."""
+    code, msg = OK, ""
+
+    def send(text: str) -> None:
+        os.write(wfd, text.encode("utf-8", "replace")[:TB_LIMIT + 1000])
+
+    try:
+        faulthandler.disable()  # a crash is reported by the parent, not dumped on the terminal
+        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        work.mkdir()
+        try:
+            run_case(seed, target, corpus, work, on_class=lambda c: send(c.replace("\n", " ") + "\n"))
+        except MerError as exc:
+            code, msg = OUR_ERROR, type(exc).__name__
+        except MemoryError:
+            code, msg = MEMORY, "MemoryError"
+        except BaseException:
+            code, msg = TRACEBACK, traceback.format_exc()[-TB_LIMIT:]
+    except BaseException:  # the harness itself
+        code, msg = TRACEBACK, "harness: " + traceback.format_exc()[-TB_LIMIT:]
+    finally:
+        try:
+            send(msg)
+        finally:
+            os._exit(code)
+
+
+_CLASS_CACHE: dict[tuple[int, str], str] = {}
+
+
+def _case_class(seed: int, target: str, corpus: Corpus) -> str:
+    """The attack class of a case, computed without running it (mutations only, in a scratch folder)."""
+    key = (seed, target)
+    if key not in _CLASS_CACHE:
+        with tempfile.TemporaryDirectory(prefix="fuzzcls-") as d:
+            rng = random.Random(seed * 7919 + TARGETS.index(target))
+            if target == "gguf":
+                src = rng.choice(corpus.ggufs)
+                if "-of-" in src.name:
+                    base = src.name.split("-0000")[0]
+                    parts = sorted(src.parent.glob(f"{base}-*-of-*.gguf"))
+                    src = src.parent / rng.choice(parts).name
+                _, cls = mutate_gguf(src.read_bytes(), rng)
+            else:
+                folder = rng.choice(corpus.folders)
+                dst = Path(d) / folder.name
+                shutil.copytree(folder, dst)
+                cls = mutate_folder(dst, rng, with_experts=target == "folder")
+        _CLASS_CACHE[key] = cls
+    return _CLASS_CACHE[key]
+
+
+def fuzz(seeds: list[int], targets: tuple[str, ...], corpus: Corpus, work: Path, *, timeout: float = 10.0,
+         mem_mb: int = 3072, jobs: int = 2, skip_classes: set[str] = frozenset(),
+         tick: Callable[[], None] | None = None) -> Summary:
+    """Run every seed in a forked child (at most `jobs` at once); classify each outcome."""
+    summary = Summary()
+    t0 = time.monotonic()
+    running: dict[int, tuple[int, str, float, int, Path]] = {}
+    pending = list(seeds)
+    mem = mem_mb << 20
+
+    def reap(pid: int, status: int | None) -> None:
+        seed, target, _start, rfd, wdir = running.pop(pid)
+        try:
+            data = b""
+            while True:
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(rfd)
+        cls, _, text = data.decode("utf-8", "replace").partition("\n")
+        info = {"msg": text, "cls": cls or "?"}
+        shutil.rmtree(wdir, ignore_errors=True)
+        summary.cases += 1
+        if status is None:
+            outcome = "hang"
+        elif os.WIFSIGNALED(status):
+            outcome, info["msg"] = "crash", f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            code = os.WEXITSTATUS(status)
+            outcome = {OK: "ok", OUR_ERROR: "error", TRACEBACK: "traceback", MEMORY: "crash"}.get(code, "crash")
+            if outcome == "error":
+                summary.errors[info["msg"]] += 1
+        summary.outcomes[outcome] += 1
+        if outcome in ("traceback", "hang", "crash"):
+            summary.failures.append({"seed": seed, "target": target, "class": cls, "outcome": outcome,
+                                     "detail": info["msg"]})
+            summary.failing_classes[f"{target}:{cls.split(':')[0].split('+')[0]}"] += 1
+        if tick:
+            tick()
+
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            target = pick_target(seed, targets)
+            if skip_classes and _case_class(seed, target, corpus).split("+")[0] in skip_classes:
+                continue
+            rfd, wfd = os.pipe()
+            wdir = work / f"case-{seed}"
+            pid = os.fork()
+            if pid == 0:
+                os.close(rfd)
+                _child(seed, target, corpus, wdir, wfd, mem)
+            os.close(wfd)
+            running[pid] = (seed, target, time.monotonic(), rfd, wdir)
+        done = False
+        for pid in list(running):
+            r, status = os.waitpid(pid, os.WNOHANG)
+            if r:
+                reap(pid, status)
+                done = True
+            elif time.monotonic() - running[pid][2] > timeout:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                reap(pid, None)
+                done = True
+        if not done:
+            time.sleep(0.002)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def render(s: Summary) -> str:
+    lines = [f"cases run: {s.cases} in {s.seconds:.0f} s"]
+    for k in ("ok", "error", "traceback", "hang", "crash"):
+        lines.append(f"  {k:10s} {s.outcomes.get(k, 0)}")
+    if s.errors:
+        lines.append("  clean errors by class: " + ", ".join(f"{k} {v}" for k, v in s.errors.most_common()))
+    if s.failing_classes:
+        lines.append("  failing attack classes: " + ", ".join(f"{k} {v}" for k, v in s.failing_classes.most_common()))
+    for f in s.failures[:20]:
+        lines.append(f"--- seed {f['seed']} target {f['target']} class {f['class']}: {f['outcome']}")
+        lines.append(f["detail"].rstrip()[-3000:])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=1, help="first case seed; cases are seed, seed+1, ...")
+    ap.add_argument("--target", default="all", help="gguf, manifest, folder, or all (comma-separated allowed)")
+    ap.add_argument("--replay", type=int, help="run one case seed in this process, traceback visible")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per case before it counts as a hang")
+    ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit of each case (RLIMIT_AS)")
+    ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--skip-classes", default="", help="attack classes not to generate (comma-separated)")
+    ap.add_argument("--work", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quiet", "-q", action="store_true")
+    a = ap.parse_args(argv)
+    targets = TARGETS if a.target == "all" else tuple(a.target.split(","))
+    for t in targets:
+        if t not in TARGETS:
+            ap.error(f"--target {t!r}: expected one of {', '.join(TARGETS)} or all")
+    work = Path(a.work or tempfile.mkdtemp(prefix="mertools-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(work, targets)
+    if a.replay is not None:
+        target = pick_target(a.replay, targets)
+        case = work / f"replay-{a.replay}"
+        shutil.rmtree(case, ignore_errors=True)
+        case.mkdir()
+        print(f"seed {a.replay} target {target}: case files in {case}", file=sys.stderr)
+        try:
+            print("ok:", run_case(a.replay, target, corpus, case))
+        except MerError as exc:
+            print(f"our error ({type(exc).__name__}): {exc}")
+        return 0
+    bar = None
+    if not a.quiet:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=a.cases, unit="case", file=sys.stderr)
+        except ImportError:
+            pass
+    s = fuzz(list(range(a.seed, a.seed + a.cases)), targets, corpus, work, timeout=a.timeout, mem_mb=a.mem_mb,
+             jobs=a.jobs, skip_classes={c for c in a.skip_classes.split(",") if c},
+             tick=(lambda: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(s.as_dict(), indent=1) if a.json else render(s))
+    return 1 if s.outcomes.get("traceback") or s.outcomes.get("hang") or s.outcomes.get("crash") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The fuzzer that stays: a few hundred seeded cases of scripts/fuzz.py, each in a forked child with time and
+memory limits. Any traceback, hang or crash fails the test and prints the seed to replay with
+`python scripts/fuzz.py --replay SEED --target TARGET`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("mertools_fuzz", ROOT / "scripts" / "fuzz.py")
+fuzz = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = fuzz  # dataclasses look their module up there
+spec.loader.exec_module(fuzz)
+
+# Folder attacks that the manifest reader and the runtime of THIS branch do not survive yet (tracebacks or hangs,
+# found by this fuzzer); they are hardened on other branches. After merging those, empty this set: every class
+# is then generated and must give a clean outcome.
+KNOWN_FAILING_ON_THIS_BRANCH: set[str] = set()  # every folder attack class is expected to pass
+TIMEOUT = 60.0  # generous: a loaded 2-core machine; a real hang is caught all the same
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fuzz")
+    return work, fuzz.build_corpus(work, fuzz.TARGETS)
+
+
+def _check(summary):
+    bad = [f"seed {f['seed']} ({f['target']}, {f['class']}): {f['outcome']}\n{f['detail']}" for f in summary.failures]
+    assert not bad, "\n\n".join(bad[:5])
+
+
+def test_gguf_reader_path(corpus):
+    work, c = corpus
+    s = fuzz.fuzz(list(range(1, 241)), ("gguf",), c, work, timeout=TIMEOUT, jobs=2)
+    _check(s)
+    assert s.cases == 240 and s.outcomes["error"] > 100 and s.outcomes["ok"] > 0  # it reaches both outcomes
+
+
+def test_manifest_and_folder_consumers(corpus):
+    work, c = corpus
+    s = fuzz.fuzz(list(range(1, 121)), ("manifest", "folder"), c, work, timeout=TIMEOUT, jobs=2,
+                  skip_classes=KNOWN_FAILING_ON_THIS_BRANCH)
+    _check(s)
+    assert s.cases > 20
+
+
+def test_same_seed_same_case(corpus):
+    _, c = corpus
+    fuzz._CLASS_CACHE.clear()
+    first = [fuzz._case_class(seed, "gguf", c) for seed in range(50, 60)]
+    fuzz._CLASS_CACHE.clear()
+    assert first == [fuzz._case_class(seed, "gguf", c) for seed in range(50, 60)]
+
+
+def test_harness_classifies_every_outcome(corpus, monkeypatch):
+    """The harness itself: a traceback, a hang, an allocation past the memory limit and a signal are each seen."""
+    work, c = corpus
+
+    def case(seed, target, corpus, work, on_class=lambda cl: None, **kw):
+        on_class(f"selftest-{seed}")
+        if seed == 1:
+            raise KeyError("not our error")
+        if seed == 2:
+            time.sleep(60)
+        if seed == 3:
+            bytearray(8 << 30)
+        if seed == 4:
+            os.kill(os.getpid(), 11)
+        if seed == 5:
+            from mer_runtime.errors import MerError
+            raise MerError("ours")
+        return "fine"
+
+    monkeypatch.setattr(fuzz, "run_case", case)
+    s = fuzz.fuzz([1, 2, 3, 4, 5, 6], ("gguf",), c, work, timeout=3.0, mem_mb=2048, jobs=2)
+    got = {f["seed"]: f["outcome"] for f in s.failures}
+    assert got == {1: "traceback", 2: "hang", 3: "crash", 4: "crash"}
+    assert s.outcomes["error"] == 1 and s.outcomes["ok"] == 1
+    assert "KeyError" in next(f["detail"] for f in s.failures if f["seed"] == 1)

@@ -235,12 +235,15 @@ def _signals_blocked() -> Iterator[None]:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -285,7 +288,7 @@ def recover(out: Path, fsync: bool = True) -> str | None:
         out.rmdir()
     os.rename(olds[0], out)
     if fsync:
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     return f"{out}: restored the previous output that an interrupted replace had moved aside"
 
 
@@ -365,7 +368,7 @@ def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync
             old = out.parent / f".{out.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             if fsync:
-                _fsync_dir(out.parent)  # the aside-rename must reach the disk before the old name is reused
+                fsync_dir(out.parent)  # the aside-rename must reach the disk before the old name is reused
             test_point("between-renames")
             try:
                 os.rename(staging, out)
@@ -373,7 +376,7 @@ def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync
                 os.rename(old, out)  # put the old output back: a failed replace must not lose it
                 raise
         if fsync:
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
     if old is not None:
         test_point("before-cleanup")
         shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .commit import MARKER, STAGING_MARK, staged_output  # noqa: F401  (STAGING_MARK: old import path)
+from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401  (STAGING_MARK: old import path)
 from .convert import build_manifest, plan, write_dense, write_experts, write_manifest
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
 from .reassemble import record_for_reassembly
@@ -57,14 +57,6 @@ def select(src: Source, layers: Iterable[int] | Ranges | None, experts: Iterable
 
 
 _Writer = ShardWriter  # the writer lives in writer.py (byte ranges or transformed bands, hashed as written)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def extract(
@@ -127,7 +119,7 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
         write_manifest(staging, manifest, fsync=fsync)
         if fsync:
             for d in {(staging / s.path).parent for s in shards} | {staging / "experts", staging}:
-                _fsync_dir(d)
+                fsync_dir(d)
     return ExtractResult(
         out, len(shards), len({s.layer for s in shards}), expert_bytes + dense["size"], expert_bytes, dense["size"],
         time.perf_counter() - t0,

@@ -55,7 +55,7 @@ def staged_folder(out: Path, *, overwrite: bool, fsync: bool) -> Iterator[Path]:
     >>> with staged_folder(Path("out"), overwrite=False, fsync=True) as staging:   # doctest: +SKIP
     ...     (staging / "manifest.json").write_text("{}")
     """
-    from .commit import staged_output
+    from .commit import fsync_dir, staged_output
 
     with staged_output(Path(out), overwrite=overwrite, fsync=fsync) as staging:
         yield staging
@@ -67,11 +67,7 @@ def staged_folder(out: Path, *, overwrite: bool, fsync: bool) -> Iterator[Path]:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(d)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
+from ..commit import fsync_dir
 from ..errors import OutputError
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 
@@ -99,7 +100,7 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
             "was converted from it. Run the pull again; if it repeats, the hub or a proxy serves corrupt data"
         )
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -185,9 +186,3 @@ def _backoff(what: str, exc: BaseException, fails: int) -> None:
     time.sleep(min(retry_wait() * 2 ** max(0, fails - 1), retry_wait() * 16))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..commit import staged_output, test_point
+from ..commit import fsync_dir, staged_output, test_point
 from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
 from ..units import human_bytes
@@ -296,7 +296,7 @@ class SafeTensorsStreamer:
             if new_dense:
                 os.fsync(self.dense.fd)
             for d in {(self.work / s.path).parent for s in ready}:
-                _fsync_dir(d)
+                fsync_dir(d)
             self._log({"experts": entries if ready else [], "dense": new_dense})
         pending = self.conv.pending_files(self.dense)
         done = set()
@@ -354,7 +354,7 @@ class SafeTensorsStreamer:
                 os.link(self.work / rel, staging / rel)
             write_manifest(staging, manifest, fsync=True)
             for d in {(staging / rel).parent for rel in files} | {staging}:
-                _fsync_dir(d)
+                fsync_dir(d)
         self.src.close()
         return _Summary({
             "out": str(self.out), "experts": len(self.conv.shards),
@@ -370,9 +370,3 @@ class _Summary(dict):
         return dict(self)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -68,7 +68,10 @@ class SourceReference:
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None):
         self.path = Path(path)
         self.source = None
-        if "://" not in os.fspath(path) and not self.path.is_dir():
+        dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
+        # a GGUF is read by name, independently of the converter's plan, unless the folder was converted with
+        # --dtype: then the reference bytes are the source's after the same quantizer, as for any other source
+        if "://" not in os.fspath(path) and not self.path.is_dir() and not dtype:
             try:
                 self.tensors = {t.name: t for p in split_parts(self.path) for t in _open_reader(p).tensors}
             except (ValueError, OSError) as exc:
@@ -77,7 +80,6 @@ class SourceReference:
         from .sources import open_source, with_dtype
 
         self.source = open_source(path)
-        dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
         self._plans = {(p.layer, p.expert): p for p in with_dtype(self.source.experts, dtype)}
 
     def close(self) -> None:

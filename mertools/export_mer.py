@@ -205,7 +205,8 @@ def export_mer(
     hist: Counter[str] = Counter()
     routers = 0
     buf = memoryview(bytearray(SEGMENT))
-    with staged_folder(Path(out), overwrite=overwrite, fsync=fsync) as staging:
+    with staged_folder(Path(out), overwrite=overwrite, fsync=fsync, sources=[m.root],
+                       marker="metadata.json") as staging:
         tick = progress(total, len(m.experts)) if progress else (lambda n: None)
         for li, layer in enumerate(layers):
             for e in range(n_exp):

@@ -111,8 +111,8 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
         dense = write_dense(conv, staging, fsync=fsync, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF
-        # models only, since only they have source bytes to give back
-        if src.kind == "gguf" and conv.complete:
+        # models extracted whole and unconverted, since only they give back the source bytes
+        if src.kind == "gguf" and conv.complete and conv.dtype is None:
             record = record_for_reassembly(src, staging, fsync=fsync)
             if record is not None:
                 manifest["reassembly"] = record

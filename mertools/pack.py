@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 import zstandard
@@ -46,7 +46,8 @@ class ArchiveError(MertoolsError):
 
 
 @contextmanager
-def staged_folder(out: Path, *, overwrite: bool, fsync: bool) -> Iterator[Path]:
+def staged_folder(out: Path, *, overwrite: bool, fsync: bool, sources: Iterable[str | os.PathLike[str]] = (),
+                  marker: str = MANIFEST_NAME) -> Iterator[Path]:
     """A hidden staging folder beside OUT, renamed to OUT when the block ends cleanly, removed when it does not.
 
     The one place transport commands use the output protocol of :func:`mertools.commit.staged_output` (lock,
@@ -57,7 +58,9 @@ def staged_folder(out: Path, *, overwrite: bool, fsync: bool) -> Iterator[Path]:
     """
     from .commit import fsync_dir, staged_output
 
-    with staged_output(Path(out), overwrite=overwrite, fsync=fsync) as staging:
+    # sources: what the command reads (refused with --overwrite when it lies inside OUT); marker: the file an
+    # earlier output of the same command holds, the only kind of folder --overwrite may replace
+    with staged_output(Path(out), overwrite=overwrite, fsync=fsync, sources=sources, marker=marker) as staging:
         yield staging
         if fsync:
             for d, _, files in os.walk(staging):
@@ -307,7 +310,7 @@ def unpack(
     if not archive.is_file():
         raise ArchiveError(f"{archive}: no such file")
     files = written = 0
-    with staged_folder(Path(out), overwrite=overwrite, fsync=fsync) as staging:
+    with staged_folder(Path(out), overwrite=overwrite, fsync=fsync, sources=[archive]) as staging:
         try:
             with open(archive, "rb") as fh:
                 reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)

@@ -101,8 +101,9 @@ def pull(
     commit = resolve_commit(spec)
     done = None if overwrite else _already(out, spec, commit)
     if done is not None:
-        # a run killed between its commit and its clean-up left its folder (work/ shares OUT's files by hard links)
-        shutil.rmtree(staging_dir(out), ignore_errors=True)
+        # a run killed between its commit and its clean-up left its folder (work/ shares OUT's files by hard links);
+        # removed only under its lock, never while another pull (e.g. with --overwrite) is using it
+        _remove_stage_if_free(staging_dir(out), out)
         return PullResult(out, spec.repo_id, commit, done.get("format", "?"), done["hub"]["files"], 0, 0, False,
                           time.perf_counter() - t0, already=True)
     _check_out(out, overwrite)
@@ -159,9 +160,9 @@ def pull(
                 shutil.rmtree(kept_dir)
             os.replace(files_dir, kept_dir)
             kept = str(kept_dir)
+        shutil.rmtree(stage, ignore_errors=True)  # still under the lock: no other pull can be using it now
     finally:
         _unlock(lock)
-    shutil.rmtree(stage, ignore_errors=True)
     return PullResult(out, spec.repo_id, commit, choice.kind, extra["hub"]["files"], counters["downloaded"],
                       counters["reused"], False, time.perf_counter() - t0,
                       result.as_dict() if hasattr(result, "as_dict") else {}, kept)
@@ -258,6 +259,20 @@ def _lock(stage: Path, out: Path) -> int:
 def _unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _remove_stage_if_free(stage: Path, out: Path) -> None:
+    """Remove a pull's leftover folder unless another pull holds its lock."""
+    if not stage.is_dir():
+        return
+    try:
+        lock = _lock(stage, out)
+    except OutputError:
+        return  # another pull is using it
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        _unlock(lock)
 
 
 # -- offline: the local Hugging Face cache ----------------------------------------------------------------

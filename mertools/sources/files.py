@@ -54,6 +54,9 @@ class MappedFiles:
     def close(self) -> None:
         with self._lock:
             for m, v in self._maps.values():
-                v.release()
-                m.close()
+                try:
+                    v.release()
+                    m.close()
+                except BufferError:
+                    pass  # a view is still alive (e.g. in a traceback being raised): the map goes with its last view
             self._maps.clear()

@@ -113,7 +113,7 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> l
     for plan in plans:
         projs = []
         for p in plan.projections:
-            if p.role.endswith("_bias") or target is None or (p.dtype == target and p.produce is None):
+            if p.role.endswith(("_bias", "_scale")) or target is None or (p.dtype == target and p.produce is None):
                 if p.dtype not in RUNTIME_TYPES:
                     raise SourceError(
                         f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "

@@ -83,3 +83,18 @@ def extracted(tmp_path_factory):
         return cache[src]
 
     return get
+
+
+@pytest.fixture
+def hub():
+    """A hub-compatible HTTP server on loopback (tests/hubserver.py), for the pull/push/inspect hf:// tests."""
+    from hubserver import HubServer
+
+    with HubServer() as h:
+        yield h
+
+
+@pytest.fixture
+def env(hub, tmp_path):
+    """The environment that points huggingface_hub (in-process or in a CLI subprocess) at `hub`."""
+    return hub.env(tmp_path / "hf-home")

@@ -17,23 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GEN, REAL, run_cli
-from hubserver import HubServer
+from conftest import FIX, GEN, REAL, run_cli
 
 MIX = REAL / "mixtral-q4_0.gguf"
 SPLIT = sorted(GEN.glob("moe-split-q4_0-*.gguf"))
-ST = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "safetensors" / "mixtral-bf16-sharded"
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as h:
-        yield h
-
-
-@pytest.fixture
-def env(hub, tmp_path):
-    return hub.env(tmp_path / "hf-home")
+ST = FIX / "safetensors" / "real" / "mixtral-bf16-sharded"  # transformers-made, copied from shared/ with provenance
 
 
 def sha256(p: Path) -> str:

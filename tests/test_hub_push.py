@@ -8,21 +8,9 @@ import json
 import pytest
 
 from conftest import GEN, REAL, run_cli
-from hubserver import HubServer
 from test_hub_pull import ST, one_line_error
 
 MIX = REAL / "mixtral-q4_0.gguf"
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as h:
-        yield h
-
-
-@pytest.fixture
-def env(hub, tmp_path):
-    return hub.env(tmp_path / "hf-home")
 
 
 def local_files(folder):

@@ -23,6 +23,7 @@ from mer_runtime.manifest import ROLES
 
 from .errors import NotMoEError, SourceError
 from .gguf_header import gguf_version, scan_header, show
+from .sources.plan import ExpertPlan, Projection, check_gated_shapes  # one plan type for every source
 
 SPLIT_RE = re.compile(r"^(?P<base>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # Merged 3-D experts (ne = [in, out, E]); `gate_up` is the fused form, gate rows first. `.scale` is a per-expert
@@ -61,28 +62,6 @@ class SourceTensor:
     offset: int  # absolute byte offset in its file
     nbytes: int
     reader_tensor: Any = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Projection:
-    role: str  # gate, up, down, gate_bias, up_bias, down_bias
-    dtype: str
-    shape: tuple[int, ...]  # [out, in] for weights (nn.Linear orientation), [n] for biases
-    file_index: int
-    offset: int  # absolute offset in the source file
-    nbytes: int
-    tensor: str  # human-readable origin, e.g. "blk.0.ffn_gate_exps.weight[3]"
-
-
-@dataclass
-class ExpertPlan:
-    layer: int
-    expert: int
-    projections: list[Projection]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.projections)
 
 
 class _CheckedReader(gguf.GGUFReader):
@@ -359,7 +338,7 @@ class GGUFSource:
                         projs.append(Projection(role + suffix, t.dtype, shape, t.file_index, off, nb, f"{t.name}[{e}]"))
             plans.append(ExpertPlan(layer, e, _ordered(projs)))
             if e == 0:
-                self._check_shapes(layer, plans)  # every expert of a merged tensor has the same shapes
+                check_gated_shapes(self.path, layer, plans)  # every expert of a merged tensor has the same shapes
         return plans, "fused" if fused else "merged"
 
     def _plan_per_expert(
@@ -392,23 +371,8 @@ class GGUFSource:
                     Projection(r, t.dtype, tuple(reversed(t.ne)), t.file_index, t.offset, t.nbytes, t.name)
                 )
             plans.append(ExpertPlan(layer, e, _ordered(projs)))
-        self._check_shapes(layer, plans)
+        check_gated_shapes(self.path, layer, plans)
         return plans, "per_expert"
-
-    def _check_shapes(self, layer: int, plans: list[ExpertPlan]) -> None:
-        for p in plans:
-            s = {q.role: q.shape for q in p.projections}
-            f_, h = s["gate"]
-            ok = s["up"] == (f_, h) and s["down"] == (h, f_)
-            ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
-            ok = ok and s.get("down_bias", (h,)) == (h,)
-            ok = ok and all(s.get(f"{r}_scale", (1,)) == (1,) for r in ("gate", "up", "down"))
-            if not ok:
-                shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
-                raise SourceError(
-                    f"{self.path}: layer {layer} expert {p.expert}: projection shapes do not fit a gated FFN ({shapes}); "
-                    "expected gate/up [d_ff, d_model] and down [d_model, d_ff]"
-                )
 
     # -- model summary ------------------------------------------------------------------------------------
     def _model_info(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mer_runtime.manifest import FORMAT_VERSION, SCALE_ROLES, SCALES_FORMAT_VERSION
 
-from .gguf_source import ExpertPlan, Projection
+from .sources.plan import ExpertPlan, Projection
 
 ALIGNMENT = 4096  # one O_DIRECT read fetches a whole expert or one projection
 EXPERTS_DIR = "experts"

@@ -1,13 +1,14 @@
 """The GGUF reader (``mertools.gguf_source``) behind the ``Source`` protocol.
 
-A thin adapter: planning stays in ``gguf_source.py``; this turns its projections into ``plan.Projection`` (plain
-byte ranges, with a float decoder for ``--dtype`` where the stored type is F32/F16/BF16) and gives byte access
-and the dense writer the protocol asks for. Every other attribute is the wrapped ``GGUFSource``'s.
+A thin adapter: planning stays in ``gguf_source.py`` (which builds ``plan.Projection`` byte ranges); this adds a
+float decoder for ``--dtype`` where the stored type is F32/F16/BF16, and gives byte access and the dense writer
+the protocol asks for. Every other attribute is the wrapped ``GGUFSource``'s.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ from gguf.quants import dequantize
 
 from ..gguf_source import GGUFSource as _GGUFSource
 from .files import MappedFiles
-from .plan import ExpertPlan, Projection, ViewOf
+from .plan import ExpertPlan, ViewOf
 
 _FLOAT = {"F32", "F16", "BF16"}
 
@@ -49,13 +50,9 @@ class GGUFSource(MappedFiles):
 
     def __init__(self, path: str | os.PathLike[str]):
         self.inner = _GGUFSource(path)
-        self.experts = [
-            ExpertPlan(e.layer, e.expert, [
-                Projection(q.role, q.dtype, tuple(q.shape), q.file_index, q.offset, q.nbytes, q.tensor,
-                           decode=_decoder(q))
-                for q in e.projections])
-            for e in self.inner.experts
-        ]
+        # the plan's projections are plain byte ranges already; float ones get a decoder for --dtype
+        self.experts = [ExpertPlan(e.layer, e.expert, [replace(q, decode=_decoder(q)) for q in e.projections])
+                        for e in self.inner.experts]
         self.files = self.inner.files
         self._init_maps()
 

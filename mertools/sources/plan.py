@@ -130,14 +130,15 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> l
 
 
 def check_gated_shapes(path: Any, layer: int, plans: list[ExpertPlan]) -> None:
-    """Every expert of a layer is a gated FFN: gate/up [d_ff, d_model], down [d_model, d_ff], biases to match.
-    (The same rule as ``GGUFSource._check_shapes``, for any source.)"""
+    """Every expert of a layer is a gated FFN: gate/up [d_ff, d_model], down [d_model, d_ff], biases to match,
+    output scales one value each. The one shape rule of every source (GGUF and SafeTensors)."""
     for p in plans:
         s = {q.role: q.shape for q in p.projections}
         f_, h = s["gate"]
         ok = s["up"] == (f_, h) and s["down"] == (h, f_)
         ok = ok and s.get("gate_bias", (f_,)) == (f_,) and s.get("up_bias", (f_,)) == (f_,)
         ok = ok and s.get("down_bias", (h,)) == (h,)
+        ok = ok and all(s.get(f"{r}_scale", (1,)) == (1,) for r in ("gate", "up", "down"))
         if not ok:
             shapes = ", ".join(f"{r} {list(v)}" for r, v in s.items())
             raise SourceError(f"{path}: layer {layer} expert {p.expert}: projection shapes do not fit a gated FFN "

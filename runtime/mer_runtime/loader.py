@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import stat
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from . import uring
 from .buffers import BufferPool
 from .errors import NotRegularFileError, ShardIOError
-from .safeopen import clear_nonblock, kind_of
+from .safeopen import NotRegular, kind_of, open_checked
 
 BACKENDS = ("io_uring", "pread", "buffered")
 _RETRY = (errno.EINTR, errno.EAGAIN)
@@ -57,44 +56,16 @@ def _not_regular(path: str, mode: int) -> NotRegularFileError:
 
 def _open(path: str, direct: bool) -> int:
     """Open a shard for reading: only a regular file, and never blocking on the way (a FIFO, a device, a folder in
-    an expert's place gets a ShardIOError naming it, not a hang: O_NONBLOCK makes open() return at once, fstat
-    says what it is)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (os.O_DIRECT if direct else 0)
+    an expert's place gets a NotRegularFileError naming it, not a hang; see safeopen.open_checked)."""
     try:
-        fd = os.open(path, flags)
+        return open_checked(path, os.O_DIRECT if direct else 0)[0]
+    except NotRegular as nr:
+        raise _not_regular(path, nr.mode) from None
     except OSError as exc:
-        try:
-            mode = os.stat(path).st_mode  # O_DIRECT on a FIFO fails with EINVAL: say what the file is instead
-        except OSError:
-            mode = stat.S_IFREG
-        if not stat.S_ISREG(mode):
-            raise _not_regular(path, mode) from None
         hint = ""
         if direct and exc.errno == errno.EINVAL:
             hint = "; the filesystem refuses O_DIRECT: use --io buffered (or auto, which falls back by itself)"
         raise ShardIOError(exc.errno, f"{path}: cannot open ({exc.strerror}){hint}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _not_regular(path, mode)
-        clear_nonblock(fd)  # io_uring answers EAGAIN on an O_NONBLOCK fd instead of punting the read
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_regular_file(path: str | os.PathLike[str]) -> bytes:
-    """The whole content of a regular file; a FIFO, device or folder in its place is a ShardIOError, never a hang.
-
-    >>> read_regular_file("out/experts/L0001/E0003.bin")[:4]    # doctest: +SKIP
-    """
-    fd = _open(os.fspath(path), False)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def check_regular_file(path: str | os.PathLike[str]) -> None:

@@ -33,6 +33,38 @@ def clear_nonblock(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
 
+class NotRegular(Exception):
+    """`open_checked` found something other than a regular file (its st_mode in `mode`)."""
+
+    def __init__(self, mode: int):
+        super().__init__(kind_of(mode))
+        self.mode = mode
+
+
+def open_checked(path: str | os.PathLike[str], flags: int = 0) -> tuple[int, os.stat_result]:
+    """The one way untrusted files are opened: (fd in blocking mode, fstat) of a regular file; NotRegular if it is
+    anything else (nothing left open); the open's own OSError otherwise. `flags` adds e.g. O_DIRECT."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    except OSError:
+        try:
+            mode = os.stat(path).st_mode  # O_DIRECT on a FIFO or device fails (EINVAL) before fstat could say so
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise NotRegular(mode) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(st.st_mode)
+        clear_nonblock(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def open_regular(path: str | os.PathLike[str], *, flags: int = 0, error: type[MerError] = ShardIOError,
                  hint: str = "re-extract the model") -> tuple[int, os.stat_result]:
     """(fd, fstat) of a regular file opened read-only; anything else raises `error` naming the file and what to do.
@@ -48,20 +80,13 @@ def open_regular(path: str | os.PathLike[str], *, flags: int = 0, error: type[Me
         return exc
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+        return open_checked(path, flags)
+    except NotRegular as nr:
+        raise fail(f"is {kind_of(nr.mode)}, not a regular file") from None
     except FileNotFoundError:
         raise fail("missing") from None
     except OSError as exc:
         raise fail(f"cannot open ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise fail(f"is {kind_of(st.st_mode)}, not a regular file")
-        clear_nonblock(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
 
 
 def read_regular(path: str | os.PathLike[str], limit: int, *, error: type[MerError] = ShardIOError,

@@ -24,8 +24,9 @@ from .buffers import BufferPool
 from .cache import ExpertCache
 from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
-from .loader import Loader, Ticket, check_regular_file, read_regular_file
+from .loader import Loader, Ticket, check_regular_file
 from .manifest import Manifest, load_manifest
+from .safeopen import read_regular
 from .prefetch import CostModel, MarkovPrefetcher
 from .shards import open_shards
 
@@ -318,7 +319,7 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
     act = m.model.get("activation", {"kind": "swiglu"})
     xs, ys, ids = [], [], []
     for e in m.experts:
-        w = reference_weights(np.frombuffer(read_regular_file(m.path_of(e)), np.uint8), e)
+        w = reference_weights(np.frombuffer(read_regular(m.path_of(e), e.size), np.uint8), e)  # never a FIFO
         x = rng.standard_normal(m.model["d_model"]).astype(np.float32)
         xs.append(x)
         ys.append(reference_ffn(w, x, act))

@@ -19,20 +19,11 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402  (its Mixtral-shaped Q4_0 builder)
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from bench_kernels import best  # noqa: E402  (best of N runs)
 
 
 def main() -> None:
@@ -56,7 +47,7 @@ def main() -> None:
             extract(src, out, fsync=False)
         files = [str(p) for p in sorted(out.rglob("*")) if p.is_file()] + [str(src)]
         size = sum(Path(f).stat().st_size for f in files)
-        read_s = best(lambda: subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True), a.repeat)
+        read_s = best(a.repeat, lambda: subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True))
         cmd = [sys.executable, "-m", "mertools.cli", "verify", str(out), "--deep", "--against", str(src), "--json",
                "-q"]
         result: dict = {}
@@ -67,7 +58,7 @@ def main() -> None:
                 raise SystemExit(f"verify --deep failed ({p.returncode}): {p.stdout[-2000:]}{p.stderr[-2000:]}")
             result.update(json.loads(p.stdout))
 
-        deep_s = best(deep, a.repeat)
+        deep_s = best(a.repeat, deep)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         from mer_runtime import load_manifest
 

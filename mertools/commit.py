@@ -1,8 +1,9 @@
 """Write a folder so that it appears whole or not at all, and nothing that was there before is lost.
 
-Every command that produces an output folder (``extract`` today; ``unpack`` and hub ``pull`` too) writes through
-:func:`staged_output`: a hidden staging folder beside OUT, an advisory lock held for the whole run, and a commit
-that puts the finished folder at OUT in one rename (or one atomic exchange, with ``overwrite``). The guarantees
+Every command that produces an output folder (``extract``; ``unpack``, ``export`` and hub ``pull`` too) writes
+through :func:`staged_output`: a hidden staging folder beside OUT, an advisory lock held for the whole run, one
+flush of the whole finished folder (:func:`flush_tree`), and a commit that puts it at OUT in one rename (or one
+atomic exchange, with ``overwrite``). The guarantees
 are written down in docs/format.md ("Guarantees of an output folder"); this module is their only implementation.
 
 Names beside OUT (all hidden, all derived from OUT's name, so two outputs in one parent never meet):
@@ -14,7 +15,8 @@ Names beside OUT (all hidden, all derived from OUT's name, so two outputs in one
 Test hooks (documented here because tests drive real processes through them; they do nothing unless set):
 ``MERTOOLS_TEST_KILL_AT=POINT`` makes the process SIGKILL itself at POINT, ``MERTOOLS_TEST_STOP_AT=POINT`` makes
 it SIGSTOP itself there once (a test then sends signals or runs a second process, and SIGCONTs it), and
-``MERTOOLS_TEST_NO_EXCHANGE=1`` forces the rename-aside replace. POINTs: ``locked`` (lock held, nothing written),
+``MERTOOLS_TEST_NO_EXCHANGE=1`` forces the rename-aside replace, ``MERTOOLS_TEST_NO_SYNCFS=1`` the parallel
+fsyncs that stand in where syncfs(2) is missing or refused. POINTs: ``locked`` (lock held, nothing written),
 ``writing`` (called by writers after their first file), ``before-commit``, ``between-renames`` (OUT moved aside,
 staging not yet in place), ``before-cleanup`` (new OUT in place, old copy not yet removed).
 """
@@ -31,9 +33,11 @@ import shutil
 import signal
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from mer_runtime.errors import MerError
 
@@ -244,6 +248,152 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+# -- flushing a finished tree -----------------------------------------------------------------------------------
+FLUSH_THREADS = 8  # fsyncs in flight at once where syncfs is missing: the disk merges them, one thread would not
+
+
+def _load_syncfs():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syncfs", None)  # glibc >= 2.14, musl; absent elsewhere (macOS)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+# Before Linux 5.8 syncfs returned 0 even when writeback failed (no errseq on the superblock): a failed write would
+# pass unnoticed, so there it is followed by the per-file fsyncs, which do report it.
+_SYNCFS_REPORTS_ERRORS = platform.system() == "Linux" and tuple(
+    int(x) for x in (platform.release().split("-")[0].split(".") + ["0", "0"])[:2] if x.isdigit()) >= (5, 8)
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What :func:`flush_tree` / :func:`flush_files` made durable: ``how`` is ``syncfs``, ``syncfs+fsync`` (an old
+    kernel whose syncfs hides errors) or ``fsync`` (syncfs missing or refused: parallel fsyncs)."""
+
+    files: int
+    dirs: int
+    bytes: int
+    how: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "dirs": self.dirs, "bytes": self.bytes, "how": self.how}
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) on the file system holding ``fd``; False where it is missing or refused (then fsync each file).
+
+    An I/O error is not "refused": it is raised, as a failed fsync would be.
+    """
+    if _SYNCFS is None or os.environ.get("MERTOOLS_TEST_NO_SYNCFS") == "1":
+        return False
+    if _SYNCFS(fd) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+        return False  # seccomp profiles that refuse it, exotic file systems: the fsyncs below still hold
+    raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_all(paths: list[str]) -> None:
+    if len(paths) <= 1:
+        for p in paths:
+            _fsync_path(p)
+        return
+    # fsync blocks in the kernel without the GIL: several in flight let the device and the journal batch them,
+    # where one after another each waits for its own commit and cache flush
+    with ThreadPoolExecutor(max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="mertools-fsync") as ex:
+        for f in [ex.submit(_fsync_path, p) for p in paths]:
+            f.result()  # the first error is raised (the others' files are gone with the staging folder anyway)
+
+
+def _flush(files: list[str], dirs: list[str], anchors: dict[int, str], size: int) -> Flushed:
+    """Every byte of ``files`` durable, then every entry of ``dirs``; ``anchors``: one path per file system
+    (st_dev) they lie on, each synced once."""
+    synced = True
+    for anchor in anchors.values():
+        fd = os.open(anchor, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            synced = _syncfs(fd) and synced
+        finally:
+            os.close(fd)
+    if not synced:
+        _fsync_all(files)
+        how = "fsync"
+    elif _SYNCFS_REPORTS_ERRORS:
+        how = "syncfs"
+    else:
+        _fsync_all(files)  # cheap after syncfs (nothing left to write), but it reports an I/O error syncfs hid
+        how = "syncfs+fsync"
+    # syncfs has written the entries too, but only an fsync of the folder is promised (by POSIX, and by every file
+    # system's own rules) to make a new name in it durable; all before the commit rename, so their order is free
+    _fsync_all(dirs)
+    return Flushed(len(files), len(dirs), size, how)
+
+
+def flush_tree(root: str | os.PathLike[str]) -> Flushed:
+    """Make everything under ``root`` durable at once: its files' bytes, then the entries of every folder in it
+    (``root`` included). One ``syncfs(2)`` of root's file system where it exists and works, else fsyncs of all the
+    files in parallel; the folders are fsync'd either way. Returns what was flushed.
+
+    Used by :func:`staged_output` on the finished staging folder, before the commit rename: once it returns, the
+    rename is the only thing left to reach the disk. Symbolic links are not followed (nothing of ours writes them).
+
+    Example:
+        >>> flush_tree("out/.out.mertools-staging-1-ab12cd34")          # doctest: +SKIP
+        Flushed(files=25, dirs=5, bytes=2394972160, how='syncfs')
+    """
+    root = os.fspath(root)
+    files: list[str] = []
+    dirs: list[str] = []
+    anchors = {os.stat(root).st_dev: root}
+    size = 0
+    for d, _, _ in os.walk(root):
+        dirs.append(d)
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    files.append(e.path)
+                    size += st.st_size
+                    anchors.setdefault(st.st_dev, e.path)  # a mount inside root: sync that file system too
+    return _flush(files, dirs, anchors, size)
+
+
+def flush_files(paths: Iterable[str | os.PathLike[str]], dirs: Iterable[str | os.PathLike[str]] = ()) -> Flushed:
+    """Make the given files durable, then the given folders' entries: like :func:`flush_tree` for a chosen set
+    (a step of a pull, the parts of a reassembled model). Returns what was flushed.
+
+    Example:
+        >>> flush_files(["work/experts/layer_000/expert_000.bin"], ["work/experts/layer_000"])  # doctest: +SKIP
+    """
+    files = [os.fspath(p) for p in paths]
+    dlist = [os.fspath(d) for d in dirs]
+    anchors: dict[int, str] = {}
+    size = 0
+    for p in files:
+        st = os.stat(p)
+        size += st.st_size
+        anchors.setdefault(st.st_dev, p)
+    if not files:
+        _fsync_all(dlist)  # only folder entries (e.g. after renames): nothing for syncfs to add
+        return Flushed(0, len(dlist), 0, "fsync")
+    return _flush(files, dlist, anchors, size)
+
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -408,6 +558,7 @@ def staged_output(
     wait: bool = False,
     need_bytes: int = 0,
     marker: str | None = MARKER,
+    report: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without an exception, its contents become OUT.
 
@@ -416,10 +567,15 @@ def staged_output(
         overwrite: replace a non-empty OUT, only once the new output is complete.
         sources: the files (or folders) read to make the output; refused with ``overwrite`` if any lies inside
             OUT (the replace would delete them). Pass every part of a split set.
-        fsync: flush the rename (the parent folder) to disk. Flushing the staged files is the caller's job.
+        fsync: make the output durable before it gets its name: once the block ends, every file and folder in
+            staging is flushed at once (:func:`flush_tree`: one syncfs, or parallel fsyncs), then the rename and
+            the parent folder. False: no flush at all (``--no-fsync``; a power cut may lose or tear the output).
+            Writers need not (and should not) flush their own files.
         wait: wait for another run writing the same OUT to finish, instead of failing at once.
         need_bytes: free space the output needs; refused before anything is written if the disk has less.
         marker: the file that identifies a folder ``overwrite`` may replace (None: any folder).
+        report: if given, ``report["flushed"]`` is set to what the flush covered (:meth:`Flushed.as_dict`), or
+            None without ``fsync``.
 
     Yields:
         the staging folder (``.OUT.mertools-staging-PID-RAND`` beside OUT), empty.
@@ -469,6 +625,9 @@ def staged_output(
             raise OutputError(f"{out.parent}: cannot write there ({exc.strerror}); choose another OUT") from None
         try:
             yield staging
+            flushed = flush_tree(staging) if fsync else None  # nothing is named OUT before all of it is durable
+            if report is not None:
+                report["flushed"] = flushed.as_dict() if flushed else None
             _commit(staging, out, overwrite, marker, fsync)
         except OSError as exc:
             if isinstance(exc, MerError):  # ours already says what happened (e.g. ShardIOError)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 from mer_runtime.manifest import MANIFEST_NAME, manifest_bytes, parse_manifest
 
 from . import __version__
-from .commit import test_point
+from .commit import flush_files, test_point
 from .errors import MertoolsError
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, format_version_for, place
 from .ranges import Ranges, as_ranges
@@ -98,9 +98,13 @@ def plan(src: Source, layers: Iterable[int] | Ranges | None = None, experts: Ite
                       len(chosen) == len(src.experts))
 
 
-def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | None = None, *, fsync: bool = True,
+def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | None = None, *, fsync: bool = False,
                   tick: Callable[[int], None] = lambda n: None, workers: int = WRITERS) -> list[dict[str, Any]]:
     """Write `shards` (default: all of the conversion) under `staging`; returns their manifest entries.
+
+    `fsync`: make this call's shards (and their folders' entries) durable before returning, all at once
+    (mertools.commit.flush_files). Writing into :func:`mertools.commit.staged_output` needs none: it flushes the
+    whole output before the commit. ``pull`` uses it to make each step durable before journalling it.
 
     Only the source files those shards need are opened. Call it again with further disjoint subsets as more
     source files arrive; each shard written is recorded in ``conv.written``. Not thread-safe across calls on one
@@ -111,7 +115,7 @@ def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | N
     for shard in shards:
         (staging / shard.path).parent.mkdir(parents=True, exist_ok=True)
     def write(sh: ShardLayout) -> tuple[str, dict[str, str]]:
-        r = writer.write_shard(sh, staging / sh.path, fsync)
+        r = writer.write_shard(sh, staging / sh.path)
         test_point("writing")
         return r
 
@@ -121,11 +125,13 @@ def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | N
         written = list(pool.map(write, shards))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error or a signal, stop at once
+    if fsync:
+        flush_files([staging / s.path for s in shards], {(staging / s.path).parent for s in shards})
     conv.written.update((s.layer, s.expert) for s in shards)
     return [shard_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
 
 
-def write_dense(conv: Conversion, staging: Path, *, fsync: bool = True,
+def write_dense(conv: Conversion, staging: Path, *, fsync: bool = False,
                 tick: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Write dense.gguf under `staging`; returns the manifest's ``dense`` object."""
     return conv.src.write_dense(staging / DENSE_NAME, fsync=fsync, tick=tick)
@@ -156,7 +162,7 @@ class _WholeDense:
         pass
 
 
-def open_dense(conv: Conversion, staging: Path, *, fsync: bool = True) -> Any:
+def open_dense(conv: Conversion, staging: Path, *, fsync: bool = False) -> Any:
     """A dense.gguf writer for piecewise conversion, with ``write_ready(present, tick)``, ``pending_files()``,
     ``finish() -> manifest dense object`` and ``close()``. SafeTensors sources write the header at once and each
     tensor as its file arrives; other sources write everything when all their files are present."""
@@ -210,8 +216,10 @@ def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[
     }
 
 
-def write_manifest(staging: Path, manifest: dict[str, Any], *, fsync: bool = True) -> Path:
-    """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last)."""
+def write_manifest(staging: Path, manifest: dict[str, Any], *, fsync: bool = False) -> Path:
+    """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last).
+
+    `fsync`: flush the file before returning (not needed inside ``staged_output``, which flushes everything)."""
     parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
     mpath = staging / MANIFEST_NAME
     with open(mpath, "wb") as fh:

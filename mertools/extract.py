@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401  (STAGING_MARK: old import path)
+from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401  (old import paths)
 from .convert import build_manifest, plan, write_dense, write_experts, write_manifest
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
 from .reassemble import record_for_reassembly
@@ -32,6 +32,7 @@ class ExtractResult:
     expert_bytes: int
     dense_bytes: int
     seconds: float
+    flushed: dict[str, Any] | None = None  # what the durable commit flushed (None: --no-fsync)
 
     @property
     def gb_per_s(self) -> float:
@@ -47,6 +48,7 @@ class ExtractResult:
             "dense_bytes": self.dense_bytes,
             "seconds": round(self.seconds, 4),
             "gb_per_s": round(self.gb_per_s, 4),
+            "flushed": self.flushed,
         }
 
 
@@ -104,23 +106,22 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
     shards = conv.shards
     expert_bytes = conv.expert_bytes
     total = conv.payload_bytes + sum(t.nbytes for t in src.dense_tensors())
+    report: dict[str, Any] = {}
+    # nothing below flushes a file: staged_output makes the whole folder durable at once before the commit
     with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait, marker=marker,
-                       need_bytes=expert_bytes + src.dense_estimate()) as staging:
+                       need_bytes=expert_bytes + src.dense_estimate(), report=report) as staging:
         tick = progress(total, len(shards)) if progress else (lambda n: None)
-        entries = write_experts(conv, staging, fsync=fsync, tick=tick, workers=WRITERS)
-        dense = write_dense(conv, staging, fsync=fsync, tick=tick)
+        entries = write_experts(conv, staging, tick=tick, workers=WRITERS)
+        dense = write_dense(conv, staging, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF
         # models extracted whole and unconverted, since only they give back the source bytes
         if src.kind == "gguf" and conv.complete and conv.dtype is None:
-            record = record_for_reassembly(src, staging, fsync=fsync)
+            record = record_for_reassembly(src, staging)
             if record is not None:
                 manifest["reassembly"] = record
-        write_manifest(staging, manifest, fsync=fsync)
-        if fsync:
-            for d in {(staging / s.path).parent for s in shards} | {staging / "experts", staging}:
-                fsync_dir(d)
+        write_manifest(staging, manifest)
     return ExtractResult(
         out, len(shards), len({s.layer for s in shards}), expert_bytes + dense["size"], expert_bytes, dense["size"],
-        time.perf_counter() - t0,
+        time.perf_counter() - t0, report.get("flushed"),
     )

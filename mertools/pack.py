@@ -51,26 +51,17 @@ def staged_folder(out: Path, *, overwrite: bool, fsync: bool, sources: Iterable[
     """A hidden staging folder beside OUT, renamed to OUT when the block ends cleanly, removed when it does not.
 
     The one place transport commands use the output protocol of :func:`mertools.commit.staged_output` (lock,
-    overwrite rules, crash recovery, signals); the staged files are flushed here, as that function leaves to callers.
+    overwrite rules, crash recovery, signals, and with `fsync` one flush of the whole folder before the commit).
 
     >>> with staged_folder(Path("out"), overwrite=False, fsync=True) as staging:   # doctest: +SKIP
     ...     (staging / "manifest.json").write_text("{}")
     """
-    from .commit import fsync_dir, staged_output
+    from .commit import staged_output
 
     # sources: what the command reads (refused with --overwrite when it lies inside OUT); marker: the file an
     # earlier output of the same command holds, the only kind of folder --overwrite may replace
     with staged_output(Path(out), overwrite=overwrite, fsync=fsync, sources=sources, marker=marker) as staging:
         yield staging
-        if fsync:
-            for d, _, files in os.walk(staging):
-                for f in files:
-                    fd = os.open(os.path.join(d, f), os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                fsync_dir(d)
 
 
 @dataclass

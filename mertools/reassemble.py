@@ -36,6 +36,7 @@ from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import ROLES, Manifest, load_manifest
 
+from .commit import flush_files
 from .errors import MertoolsError, OutputError
 
 RECORD_NAME = "reassembly.dat"
@@ -91,11 +92,11 @@ def _scan(path: Path, spans: list[tuple[int, int, str]]) -> tuple[str, dict[str,
     return whole.hexdigest(), {k: h.hexdigest() for k, h in hs.items()}
 
 
-def record_for_reassembly(src: Any, folder: Path, *, fsync: bool = True) -> dict[str, Any] | None:
+def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:
     """Write ``folder/reassembly.dat`` and return the manifest's ``reassembly`` field (None: nothing to record).
 
     Called by extract once per run; costs one xxh3 pass over the source (usually from the page cache) and the
-    size of the source's headers on disk.
+    size of the source's headers on disk. Not flushed here: extract's commit flushes the whole folder.
 
     >>> from mertools.gguf_source import open_source                       # doctest: +SKIP
     >>> record_for_reassembly(open_source("m.gguf"), Path("staging"))      # doctest: +SKIP
@@ -149,9 +150,6 @@ def record_for_reassembly(src: Any, folder: Path, *, fsync: bool = True) -> dict
     rec = folder / RECORD_NAME
     with open(rec, "wb") as fh:
         fh.write(blob)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
     return {"path": RECORD_NAME, "size": len(blob), "xxh3_64": xxhash.xxh3_64_hexdigest(bytes(blob)), "files": files}
 
 
@@ -326,10 +324,8 @@ class _Out:
             self.write(z[:k] if k < len(z) else z)
             n -= k
 
-    def close(self, fsync: bool) -> None:
+    def close(self) -> None:
         if self.fd >= 0:
-            if fsync:
-                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
 
@@ -563,7 +559,7 @@ def reassemble(
             assert rec is not None
             info, blob = rec
             for f, tensors, target in zip(info["files"], plan, targets):
-                outs.append(_write_exact(target, f, blob, tensors, buf, tick, fsync))
+                outs.append(_write_exact(target, f, blob, tensors, buf, tick))
             how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
         else:
             if rec is None:
@@ -582,18 +578,15 @@ def reassemble(
             for t in tensors:
                 o.zeros(-o.pos % align)
                 _write_tensor(o, t, buf, tick)
-            o.close(fsync)
+            o.close()
             _check_loads(o.tmp, tensors)
             how = "tensor-identical to the source; the file loads in gguf's reader"
+        if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
+            flush_files([o.tmp for o in outs])
         for o in outs:
             os.replace(o.tmp, o.final)
         if fsync:
-            for d in {o.final.parent for o in outs}:
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            flush_files([], {o.final.parent for o in outs})
     except BaseException as exc:
         for o in outs:
             o.discard()
@@ -610,7 +603,7 @@ def _joined_name(first_part: str) -> str:
 
 
 def _write_exact(target: Path, f: dict[str, Any], blob: bytes, tensors: list[OutTensor], buf: memoryview,
-                 tick: Callable[[int], None], fsync: bool) -> _Out:
+                 tick: Callable[[int], None]) -> _Out:
     o = _Out(target)
     try:
         h0, hn = f["header"]
@@ -620,7 +613,7 @@ def _write_exact(target: Path, f: dict[str, Any], blob: bytes, tensors: list[Out
             _fill(o, int(t.offset), gaps, blob)
             _write_tensor(o, t, buf, tick)
         _fill(o, int(f["size"]), gaps, blob)
-        o.close(fsync)
+        o.close()
     except BaseException:
         o.discard()
         raise

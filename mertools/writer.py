@@ -32,8 +32,12 @@ class ShardWriter:
     def close(self) -> None:
         """Nothing of its own to release: the source owns its memory maps (``src.close()``)."""
 
-    def write_shard(self, shard: ShardLayout, dst: Path, fsync: bool) -> tuple[str, dict[str, str]]:
-        """Write `shard` to `dst` (created, must not exist); returns (xxh3 of the file, {role: xxh3})."""
+    def write_shard(self, shard: ShardLayout, dst: Path) -> tuple[str, dict[str, str]]:
+        """Write `shard` to `dst` (created, must not exist); returns (xxh3 of the file, {role: xxh3}).
+
+        Not flushed: the output is made durable all at once (mertools.commit.flush_tree, or ``write_experts``'s
+        ``fsync``), which lets the disk take every shard's writeback together instead of one file at a time.
+        """
         whole = xxhash.xxh3_64()
         hashes: dict[str, str] = {}
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -51,8 +55,6 @@ class ShardWriter:
                 pos += p.nbytes
                 hashes[p.role] = h.hexdigest()
             self._pad(fd, pos, shard.size, whole)
-            if fsync:
-                os.fsync(fd)
         finally:
             os.close(fd)
         return whole.hexdigest(), hashes

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..commit import fsync_dir, staged_output, test_point
+from ..commit import staged_output, test_point
 from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
 from ..units import human_bytes
@@ -286,6 +286,7 @@ class SafeTensorsStreamer:
         if ready:
             from ..convert import write_experts
 
+            # fsync: the step's shards and their folders durable at once, before the progress line names them
             entries = write_experts(self.conv, self.work, ready, fsync=True, tick=self.tick)
             self.entries.extend(entries)
             self.stats["experts_written"] += len(entries)
@@ -295,8 +296,6 @@ class SafeTensorsStreamer:
         if ready or new_dense:
             if new_dense:
                 os.fsync(self.dense.fd)
-            for d in {(self.work / s.path).parent for s in ready}:
-                fsync_dir(d)
             self._log({"experts": entries if ready else [], "dense": new_dense})
         pending = self.conv.pending_files(self.dense)
         done = set()
@@ -352,9 +351,7 @@ class SafeTensorsStreamer:
             for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.work / rel, staging / rel)
-            write_manifest(staging, manifest, fsync=True)
-            for d in {(staging / rel).parent for rel in files} | {staging}:
-                fsync_dir(d)
+            write_manifest(staging, manifest)  # staged_output flushes it and every new link before the commit
         self.src.close()
         return _Summary({
             "out": str(self.out), "experts": len(self.conv.shards),

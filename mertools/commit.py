@@ -286,6 +286,35 @@ class Flushed:
         return {"files": self.files, "dirs": self.dirs, "bytes": self.bytes, "how": self.how}
 
 
+def _load_sync_file_range():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "sync_file_range", None)  # Linux only
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to begin writing ``fd``'s dirty pages now, without waiting for them (and without any
+    promise: a hint, never a substitute for :func:`flush_tree`).
+
+    Writers of a durable output call it after each file, so the disk works while the next files are still being
+    copied; otherwise nothing is written until the dirty-page limits or the final flush, and the flush then waits
+    for every byte. Errors are ignored (the flush reports them).
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def _syncfs(fd: int) -> bool:
     """syncfs(2) on the file system holding ``fd``; False where it is missing or refused (then fsync each file).
 

@@ -99,19 +99,22 @@ def plan(src: Source, layers: Iterable[int] | Ranges | None = None, experts: Ite
 
 
 def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | None = None, *, fsync: bool = False,
-                  tick: Callable[[int], None] = lambda n: None, workers: int = WRITERS) -> list[dict[str, Any]]:
+                  tick: Callable[[int], None] = lambda n: None, workers: int = WRITERS,
+                  writeback: bool = False) -> list[dict[str, Any]]:
     """Write `shards` (default: all of the conversion) under `staging`; returns their manifest entries.
 
     `fsync`: make this call's shards (and their folders' entries) durable before returning, all at once
     (mertools.commit.flush_files). Writing into :func:`mertools.commit.staged_output` needs none: it flushes the
     whole output before the commit. ``pull`` uses it to make each step durable before journalling it.
+    `writeback`: start writing each shard to disk as soon as it is complete (for an output that will be flushed:
+    the disk then works while the next shards are copied).
 
     Only the source files those shards need are opened. Call it again with further disjoint subsets as more
     source files arrive; each shard written is recorded in ``conv.written``. Not thread-safe across calls on one
     ``Conversion`` (one caller at a time); within a call, `workers` threads write shards in parallel.
     """
     shards = conv.shards if shards is None else shards
-    writer = ShardWriter(conv.src, tick)
+    writer = ShardWriter(conv.src, tick, writeback=writeback or fsync)
     for shard in shards:
         (staging / shard.path).parent.mkdir(parents=True, exist_ok=True)
     def write(sh: ShardLayout) -> tuple[str, dict[str, str]]:

@@ -111,7 +111,7 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
     with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait, marker=marker,
                        need_bytes=expert_bytes + src.dense_estimate(), report=report) as staging:
         tick = progress(total, len(shards)) if progress else (lambda n: None)
-        entries = write_experts(conv, staging, tick=tick, workers=WRITERS)
+        entries = write_experts(conv, staging, tick=tick, workers=WRITERS, writeback=fsync)
         dense = write_dense(conv, staging, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF

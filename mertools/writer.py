@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import xxhash
 
+from .commit import start_writeback
 from .errors import SourceError
 from .layout import ALIGNMENT, ShardLayout
 
@@ -25,9 +26,11 @@ _ZEROS = bytes(ALIGNMENT)
 class ShardWriter:
     """Writes shards of `src` (any ``sources.Source``); `tick(n)` is called with the bytes written."""
 
-    def __init__(self, src: Any, tick: Callable[[int], None]):
+    def __init__(self, src: Any, tick: Callable[[int], None], writeback: bool = False):
+        """writeback: start each shard's writeback as soon as it is written (for an output flushed at the end)."""
         self.src = src
         self.tick = tick
+        self.writeback = writeback
 
     def close(self) -> None:
         """Nothing of its own to release: the source owns its memory maps (``src.close()``)."""
@@ -55,6 +58,8 @@ class ShardWriter:
                 pos += p.nbytes
                 hashes[p.role] = h.hexdigest()
             self._pad(fd, pos, shard.size, whole)
+            if self.writeback:
+                start_writeback(fd)
         finally:
             os.close(fd)
         return whole.hexdigest(), hashes

@@ -266,16 +266,13 @@ def _load_syncfs():
 
 
 _SYNCFS = _load_syncfs()
-# Before Linux 5.8 syncfs returned 0 even when writeback failed (no errseq on the superblock): a failed write would
-# pass unnoticed, so there it is followed by the per-file fsyncs, which do report it.
-_SYNCFS_REPORTS_ERRORS = platform.system() == "Linux" and tuple(
-    int(x) for x in (platform.release().split("-")[0].split(".") + ["0", "0"])[:2] if x.isdigit()) >= (5, 8)
 
 
 @dataclass(frozen=True)
 class Flushed:
-    """What :func:`flush_tree` / :func:`flush_files` made durable: ``how`` is ``syncfs``, ``syncfs+fsync`` (an old
-    kernel whose syncfs hides errors) or ``fsync`` (syncfs missing or refused: parallel fsyncs)."""
+    """What :func:`flush_tree` / :func:`flush_files` made durable: ``how`` is ``syncfs+fsync`` (one syncfs writes
+    everything, then a parallel fsync of each file reports any write error of it) or ``fsync`` (syncfs missing or
+    refused: the parallel fsyncs do the writing too)."""
 
     files: int
     dirs: int
@@ -360,14 +357,12 @@ def _flush(files: list[str], dirs: list[str], anchors: dict[int, str], size: int
             synced = _syncfs(fd) and synced
         finally:
             os.close(fd)
-    if not synced:
-        _fsync_all(files)
-        how = "fsync"
-    elif _SYNCFS_REPORTS_ERRORS:
-        how = "syncfs"
-    else:
-        _fsync_all(files)  # cheap after syncfs (nothing left to write), but it reports an I/O error syncfs hid
-        how = "syncfs+fsync"
+    # After a syncfs every file is still fsync'd (in parallel): that writes nothing more, but it is what reports a
+    # failed write of that file to us. syncfs alone may not: before Linux 5.8 it reported no write error at all,
+    # and since then it reports a file system's error once, to whoever asks first (another process's syncfs may
+    # have taken it). A file's own error is seen only through its file, and only we have ours.
+    _fsync_all(files)
+    how = "syncfs+fsync" if synced else "fsync"
     # syncfs has written the entries too, but only an fsync of the folder is promised (by POSIX, and by every file
     # system's own rules) to make a new name in it durable; all before the commit rename, so their order is free
     _fsync_all(dirs)
@@ -376,15 +371,16 @@ def _flush(files: list[str], dirs: list[str], anchors: dict[int, str], size: int
 
 def flush_tree(root: str | os.PathLike[str]) -> Flushed:
     """Make everything under ``root`` durable at once: its files' bytes, then the entries of every folder in it
-    (``root`` included). One ``syncfs(2)`` of root's file system where it exists and works, else fsyncs of all the
-    files in parallel; the folders are fsync'd either way. Returns what was flushed.
+    (``root`` included). One ``syncfs(2)`` of root's file system writes it all where syncfs exists and works; then
+    every file and every folder is fsync'd, several at a time (after the syncfs they write nothing more and only
+    report a write error; without it they do the writing). Returns what was flushed.
 
     Used by :func:`staged_output` on the finished staging folder, before the commit rename: once it returns, the
     rename is the only thing left to reach the disk. Symbolic links are not followed (nothing of ours writes them).
 
     Example:
         >>> flush_tree("out/.out.mertools-staging-1-ab12cd34")          # doctest: +SKIP
-        Flushed(files=25, dirs=5, bytes=2394972160, how='syncfs')
+        Flushed(files=25, dirs=5, bytes=2394972160, how='syncfs+fsync')
     """
     root = os.fspath(root)
     files: list[str] = []

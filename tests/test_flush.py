@@ -106,3 +106,23 @@ def test_unpack_and_reassemble_still_durable_by_default(tmp_path, how):
     assert tree(tmp_path / "back")[:2] == tree(src)[:2]
     r = reassemble(src, tmp_path / "m.gguf")
     assert r.exact and (tmp_path / "m.gguf").read_bytes() == Q4.read_bytes()
+
+
+def test_killed_after_the_flush_before_the_rename(tmp_path):
+    """SIGKILL once the flush is done but before the rename: OUT is still the old output, the complete new one lies
+    under the staging name (flushed, never named OUT), and the next run removes it."""
+    import signal
+
+    from mertools.commit import STAGING_MARK
+
+    out = tmp_path / "out"
+    extract(Q4, out, fsync=False)
+    old = (out / "manifest.json").read_bytes()
+    p = run_cli("extract", GEN / "moe-merged-f16.gguf", out, "--overwrite", "-q",
+                env={"MERTOOLS_TEST_KILL_AT": "before-commit"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (out / "manifest.json").read_bytes() == old
+    (staging,) = [x for x in tmp_path.iterdir() if STAGING_MARK in x.name]
+    assert (staging / "manifest.json").is_file() and tree(staging)[0] == tree(out)[0]
+    run_cli("extract", GEN / "moe-merged-f16.gguf", out, "--overwrite", "-q", check=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]

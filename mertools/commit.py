@@ -249,7 +249,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 # -- flushing a finished tree -----------------------------------------------------------------------------------
-FLUSH_THREADS = 8  # fsyncs in flight at once where syncfs is missing: the disk merges them, one thread would not
+FLUSH_THREADS = 8  # fsyncs in flight at once: the disk and the journal merge them, one thread would not
 
 
 def _load_syncfs():
@@ -328,11 +328,14 @@ def _syncfs(fd: int) -> bool:
 
 
 def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # os.fsync names no file: say which one, or the user sees a bare "Input/output error"
+        raise OSError(e.errno, f"flushing to disk failed: {e.strerror}", path) from None
 
 
 def _fsync_all(paths: list[str]) -> None:
@@ -342,9 +345,13 @@ def _fsync_all(paths: list[str]) -> None:
         return
     # fsync blocks in the kernel without the GIL: several in flight let the device and the journal batch them,
     # where one after another each waits for its own commit and cache flush
-    with ThreadPoolExecutor(max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="mertools-fsync") as ex:
+    ex = ThreadPoolExecutor(max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="mertools-fsync")
+    try:
         for f in [ex.submit(_fsync_path, p) for p in paths]:
             f.result()  # the first error is raised (the others' files are gone with the staging folder anyway)
+    finally:
+        # on an error or Ctrl-C, drop the fsyncs not yet started: without syncfs each may write a whole file
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _flush(files: list[str], dirs: list[str], anchors: dict[int, str], size: int) -> Flushed:
@@ -387,7 +394,10 @@ def flush_tree(root: str | os.PathLike[str]) -> Flushed:
     dirs: list[str] = []
     anchors = {os.stat(root).st_dev: root}
     size = 0
-    for d, _, _ in os.walk(root):
+    def unreadable(e: OSError) -> None:
+        raise e  # a folder skipped here would be committed unflushed
+
+    for d, _, _ in os.walk(root, onerror=unreadable):
         dirs.append(d)
         with os.scandir(d) as it:
             for e in it:
@@ -593,7 +603,7 @@ def staged_output(
         sources: the files (or folders) read to make the output; refused with ``overwrite`` if any lies inside
             OUT (the replace would delete them). Pass every part of a split set.
         fsync: make the output durable before it gets its name: once the block ends, every file and folder in
-            staging is flushed at once (:func:`flush_tree`: one syncfs, or parallel fsyncs), then the rename and
+            staging is flushed at once (:func:`flush_tree`: one syncfs, then parallel fsyncs of every file and folder), then the rename and
             the parent folder. False: no flush at all (``--no-fsync``; a power cut may lose or tear the output).
             Writers need not (and should not) flush their own files.
         wait: wait for another run writing the same OUT to finish, instead of failing at once.

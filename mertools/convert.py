@@ -129,7 +129,11 @@ def write_experts(conv: Conversion, staging: Path, shards: list[ShardLayout] | N
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error or a signal, stop at once
     if fsync:
-        flush_files([staging / s.path for s in shards], {(staging / s.path).parent for s in shards})
+        # every folder from the shards up to staging itself: a new layer folder's name is an entry of its parent
+        dirs = {staging}
+        for s in shards:
+            dirs.update(p for p in (staging / s.path).parents if p.is_relative_to(staging))
+        flush_files([staging / s.path for s in shards], sorted(dirs))
     conv.written.update((s.layer, s.expert) for s in shards)
     return [shard_entry(shard, whole, hashes) for shard, (whole, hashes) in zip(shards, written)]
 

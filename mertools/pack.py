@@ -239,6 +239,10 @@ def pack(
             if fsync:
                 os.fsync(raw.fileno())
         os.replace(tmp, archive)
+        if fsync:
+            from .commit import fsync_dir
+
+            fsync_dir(archive.parent)  # the archive's name, not only its bytes
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):

@@ -126,3 +126,136 @@ def test_killed_after_the_flush_before_the_rename(tmp_path):
     assert (staging / "manifest.json").is_file() and tree(staging)[0] == tree(out)[0]
     run_cli("extract", GEN / "moe-merged-f16.gguf", out, "--overwrite", "-q", check=True)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+
+
+# -- what reached fsync(2), observed at the system-call boundary --------------------------------------------------
+# os.fsync (the stdlib's, not our code) is wrapped to record which file each call flushed, and at what size, through
+# /proc/self/fd; os.replace likewise records renames. The recorded order is what the guarantees are about.
+@pytest.fixture
+def syscalls(monkeypatch):
+    import threading
+
+    seen: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path, size = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size
+        real_fsync(fd)
+        with lock:
+            seen.append(("fsync", path, size))
+
+    def replace(a, b, **kw):
+        real_replace(a, b, **kw)
+        with lock:
+            seen.append(("replace", os.fspath(a), 0))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def _flushed_under(seen, parent):
+    """{path relative to the staging folder: size when fsync'd} for every fsync inside a staging folder of parent."""
+    from mertools.commit import STAGING_MARK
+
+    got = {}
+    for op, path, size in seen:
+        rel = os.path.relpath(path, parent).split(os.sep)
+        if op == "fsync" and STAGING_MARK in rel[0]:
+            got[os.sep.join(rel[1:]) or "."] = size
+    return got
+
+
+def test_every_file_and_folder_of_out_was_fsynced_whole_before_the_rename(tmp_path, how, syscalls):
+    out = tmp_path / "out"
+    extract(Q4, out)
+    got = _flushed_under(syscalls, tmp_path)
+    want = {}
+    for d, _, names in os.walk(out):
+        want[os.path.relpath(d, out)] = None
+        for n in names:
+            p = os.path.join(d, n)
+            want[os.path.relpath(p, out)] = os.path.getsize(p)
+    missing = [k for k in want if k not in got]
+    assert not missing, f"never fsync'd: {missing}"
+    short = [k for k, size in want.items() if size is not None and got[k] != size]
+    assert not short, f"fsync'd before their last byte: {short}"
+    # then, and only then, the parent (the rename's entry)
+    last_staged = max(i for i, (op, p, _) in enumerate(syscalls) if op == "fsync" and "staging" in p)
+    assert any(op == "fsync" and p == str(tmp_path) for op, p, _ in syscalls[last_staged + 1:])
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "E0001.bin", "L002"])
+def test_a_failed_fsync_fails_the_run_and_names_nothing_out(tmp_path, monkeypatch, victim):
+    import errno
+
+    from mertools.errors import OutputError
+
+    out = tmp_path / "out"
+    extract(Q4, out, fsync=False)
+    old = (out / "manifest.json").read_bytes()
+    real = os.fsync
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(victim):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OutputError, match="Input/output error"):
+        extract(GEN / "moe-merged-f16.gguf", out, overwrite=True)
+    assert (out / "manifest.json").read_bytes() == old  # the old output, untouched
+    with pytest.raises(OutputError, match="Input/output error"):
+        extract(Q4, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert sorted(x.name for x in tmp_path.iterdir() if "staging" in x.name) == []
+
+
+def test_a_failed_syncfs_fails_the_run(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+
+    from mertools import commit
+    from mertools.errors import OutputError
+
+    def syncfs(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(commit, "_SYNCFS", syncfs)
+    with pytest.raises(OutputError, match="syncfs"):
+        extract(Q4, tmp_path / "out")
+    assert sorted(x.name for x in tmp_path.iterdir() if not x.name.endswith("lock")) == []
+
+
+def test_reassemble_flushes_each_part_before_naming_it(tmp_path, syscalls):
+    src = tmp_path / "src"
+    extract(Q4, src, fsync=False)
+    syscalls.clear()
+    reassemble(src, tmp_path / "m.gguf")
+    renames = [(i, p) for i, (op, p, _) in enumerate(syscalls) if op == "replace"]
+    assert renames
+    for i, tmp in renames:
+        assert any(op == "fsync" and p == tmp for op, p, _ in syscalls[:i]), f"{tmp} renamed before its fsync"
+    assert any(op == "fsync" and p == str(tmp_path) for op, p, _ in syscalls[renames[-1][0]:])
+
+
+def test_a_flushed_step_of_a_pull_covers_every_new_folder_up_to_the_work_folder(tmp_path, syscalls):
+    """pull journals a step only after write_experts(fsync=True): a new layer folder's name lives in its parent, so
+    every folder from the shards up to the work folder must be fsync'd, or a power cut loses a journalled step."""
+    from mertools.convert import plan, write_experts
+    from mertools.sources import open_source
+
+    work = tmp_path / "work"
+    work.mkdir()
+    src = open_source(Q4)
+    try:
+        write_experts(plan(src), work, fsync=True)
+    finally:
+        src.close()
+    flushed = {p for op, p, _ in syscalls if op == "fsync"}
+    for d, _, names in os.walk(work):
+        assert d in flushed, f"folder {d} not fsync'd"
+        for n in names:
+            assert os.path.join(d, n) in flushed

@@ -316,10 +316,16 @@ class SafeTensorsStreamer:
                            "again")
 
     def _log(self, rec: dict[str, Any]) -> None:
-        with open(self.work / PROGRESS, "a", encoding="utf-8") as fh:
+        from ..commit import fsync_dir
+
+        path = self.work / PROGRESS
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if new:
+            fsync_dir(self.work)  # the journal's own name, or a power cut loses the steps it records
         test_point("pull-step")
 
     def _whole(self, present: Mapping[str, Path]) -> set[str]:

@@ -162,10 +162,12 @@ def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
     """Sampled mode (every expert, SAMPLE_ROWS rows of each kernel against banded float64 rows) passes; the whole
     output is compared for nobody here, as for the bulk of a big model's experts."""
     src = REAL / src_name
-    r = deep_report(extracted(src), src, full_experts=0, full_below=0)
+    r = deep_report(extracted(src), src, whole_budget=0, runtime_experts=0)
     assert r.ok, [str(p) for p in r.problems]
     assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
     assert {x["checked"] for x in r.deep["per_expert"]} == {"32 sampled rows"}
+    r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first two through the loader
+    assert r.ok and r.deep["experts_through_loader"] == 2 and r.deep["experts_whole_output"] == 0
 
 
 def test_bands_bound_the_reference(monkeypatch, extracted):
@@ -181,8 +183,8 @@ def test_bands_bound_the_reference(monkeypatch, extracted):
         [x["max_rel_err"] for x in whole.deep["per_expert"]], rel=1e-6)
 
 
-@pytest.mark.parametrize("full", [True, False])
-def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, full):
+@pytest.mark.parametrize("mode", ["whole", "loader", "rows"])
+def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, mode):
     """Fault injection into the runtime (not the verifier): Q4_0 blocks read with IQ4_NL's value table (same 18-byte
     blocks, other values). Deep verify must report every expert, whole-output or sampled."""
     import mer_runtime.kernels as kernels
@@ -202,7 +204,10 @@ def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, full):
     monkeypatch.setattr(deep, "matvec", misread)
     monkeypatch.setattr(shards, "expert_ffn", misread_ffn)
     src = REAL / "mixtral-q4_0.gguf"
-    kw = {} if full else {"full_experts": 0, "full_below": 0}
+    kw = {"whole": {}, "loader": {"whole_budget": 0, "runtime_experts": 8},
+          "rows": {"whole_budget": 0, "runtime_experts": 0}}[mode]
     for against in (src, None):
         r = deep_report(extracted(src), against, **kw)
         assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems
+        want = {"whole": "whole output", "loader": "32 sampled rows, loader and fused call", "rows": "32 sampled rows"}
+        assert {x["checked"] for x in r.deep["per_expert"]} == {want[mode]}

@@ -44,7 +44,7 @@ from mer_runtime.errors import MerError
 from mer_runtime.kernels import matvec
 from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.safeopen import open_regular
-from mer_runtime.shards import open_shards
+from mer_runtime.shards import ShardSet, open_shards
 
 from .errors import SourceError
 from .gguf_source import _open_reader, split_parts
@@ -57,7 +57,7 @@ BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
 PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
 RELEASE_BYTES = 64 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
 SAMPLE_ROWS = 32
-RUNTIME_EXPERTS = 2  # experts also loaded through the runtime's loader and computed by its fused call
+RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
 WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...
 WHOLE_SHARE = 1024  # ... or 1/WHOLE_SHARE of the folder's projection bytes (gguf's dequantization is ~100x a read)
 NUMERIC_ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias", "gate_scale", "up_scale", "down_scale")
@@ -67,10 +67,13 @@ _PAGE = mmap.PAGESIZE
 
 def _libc_memcmp() -> Callable[[int, int, int], int] | None:
     # libc's memcmp (vectorised, no temporary, and ctypes releases the GIL so threads compare in parallel)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        f = libc.memcmp
-    except (OSError, AttributeError):
+    for name in (None, "libc.so.6", ctypes.util.find_library("c")):  # None: this process's own symbols
+        try:
+            f = ctypes.CDLL(name).memcmp
+            break
+        except (OSError, AttributeError, TypeError):
+            continue
+    else:
         return None
     f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
     return f
@@ -482,6 +485,19 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
     return np.frombuffer(mm, np.uint8)
 
 
+def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = ()) -> ShardSet | MerError:
+    """The runtime's ShardSet for deep verify (2 cache slots, checksums left to verify), with the reads of `start`
+    begun in the background; or the MerError that refused it. verify opens it while its checksum pass runs, so the
+    ring's set-up and the first experts' reads overlap that pass."""
+    try:
+        shards = open_shards(m.root, io=io, cache_slots=2, checksums="never")
+    except MerError as exc:
+        return exc
+    for e in start:
+        shards.prefetch(e.layer, e.expert)
+    return shards
+
+
 def whole_budget_for(m: Manifest) -> int:
     """Projection bytes whose whole output gets a float64 reference by default (see the module docstring)."""
     return max(WHOLE_MIN, sum(t.nbytes for e in m.experts for t in e.tensors.values()) // WHOLE_SHARE)
@@ -490,7 +506,7 @@ def whole_budget_for(m: Manifest) -> int:
 def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike[str] | SourceReference | None = None,
                 io: str = "auto", seed: int = SEED, tolerance: float = TOLERANCE, whole_budget: int | None = None,
                 runtime_experts: int = RUNTIME_EXPERTS, compared: Collection[str] = (),
-                known: Sequence[Problem] = (),
+                known: Sequence[Problem] = (), shards: ShardSet | MerError | None = None,
                 progress: Callable[[int, int], Callable[[int], None]] | None = None) -> None:
     """Add per-expert numeric results (and any problems) to a shallow verify report.
 
@@ -499,7 +515,8 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     runtime's loader and fused call; the rest get sampled rows (see the module docstring). `against`: a path, or a
     `SourceReference` the caller opened (and closes). `compared`: paths of experts whose bytes the caller already
     compared with the source (`scan_shard` in verify's checksum pass), with the mismatches it found in `known`
-    (added to the report; those experts still run, so their numbers are reported too).
+    (added to the report; those experts still run, so their numbers are reported too). `shards`: what
+    `open_runtime` returned, if the caller opened it ahead (deep_verify closes it).
 
     >>> deep_verify(report, m, against="model.gguf")                   # doctest: +SKIP
     """
@@ -510,7 +527,11 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     extra_inputs: dict[int, np.ndarray] = {}
 
     def inputs(cols: int) -> np.ndarray:
-        return x if cols == x.shape[1] else extra_inputs.setdefault(cols, seeded_inputs(cols, seed + cols))
+        if cols == x.shape[1]:
+            return x
+        if cols not in extra_inputs:
+            extra_inputs[cols] = seeded_inputs(cols, seed + cols)
+        return extra_inputs[cols]
 
     activation = m.model.get("activation", {"kind": "swiglu"})
     tick = progress(len(m.experts), len(m.experts)) if progress else (lambda n: None)
@@ -520,10 +541,13 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     healthy = [e for e in m.experts if e.path not in broken]  # a damaged expert is reported, never run
     budget = whole_budget_for(m) if whole_budget is None else whole_budget
     io_desc = "not opened"
-    try:
-        shards = open_shards(m.root, io=io, cache_slots=2, checksums="never") if healthy else None
-    except MerError as exc:
-        report.problems.append(Problem(".", f"the runtime cannot open the folder: {exc}"))
+    if shards is None and healthy:
+        shards = open_runtime(m, io)
+    if isinstance(shards, MerError):
+        report.problems.append(Problem(".", f"the runtime cannot open the folder: {shards}"))
+        shards = None
+    elif not healthy and shards is not None:
+        shards.close()
         shards = None
     rng = np.random.default_rng(seed)
     n_whole = n_loaded = spent = 0
@@ -536,6 +560,7 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
             nbytes = sum(t.nbytes for t in e.tensors.values())
             whole = spent + nbytes <= budget
             loaded = whole or n_loaded < runtime_experts
+            regions: dict[str, Region] = {}
             try:
                 # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
                 blob = _map_shard(m, e)
@@ -562,6 +587,9 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))
                 continue
+            finally:
+                for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
+                    r.release(0, r.data.size)
             n_whole += whole
             n_loaded += loaded
             spent += nbytes if whole else 0

@@ -21,8 +21,9 @@ from mer_runtime.errors import ManifestError, MerError
 from mer_runtime.manifest import (HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
                                   manifest_integrity, parse_manifest, read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
+from mer_runtime.shards import ShardSet
 
-from .deep import SourceReference, deep_verify, scan_shard, source_regions
+from .deep import RUNTIME_EXPERTS, SourceReference, deep_verify, open_runtime, scan_shard, source_regions
 from .report import Problem, VerifyReport
 
 __all__ = ["Problem", "VerifyReport", "check_dense", "check_expert", "check_manifest", "verify"]
@@ -173,6 +174,9 @@ def verify(
     tick = progress(total, len(m.experts)) if progress else (lambda n: None)
     # with --against, the checksum pass also compares the bytes with the source: each shard byte is read once
     src = SourceReference(against, m) if deep and against is not None else None
+    # the runtime's ring and first expert load in the background, overlapping the checksum pass
+    ahead = ThreadPoolExecutor(max_workers=1) if deep and m.experts else None
+    runtime = ahead.submit(open_runtime, m, io, m.experts[:RUNTIME_EXPERTS]) if ahead else None
     try:
         mismatches: list[Problem] = []
         # xxhash and memcmp release the GIL: two or more files at once beat one sequential reader (bench_extract.py)
@@ -203,9 +207,14 @@ def verify(
                                                              f"({', '.join(names) or 'the manifest names none'})"))
             order = {e.path: i for i, e in enumerate(m.experts)}  # the pool's threads appended in any order
             mismatches.sort(key=lambda p: order.get(p.path, -1))
+            shards, runtime = runtime.result() if runtime else None, None
             deep_verify(report, m, against=src, io=io, progress=deep_progress,
-                        compared=compared if src is not None else (), known=mismatches)
+                        compared=compared if src is not None else (), known=mismatches, shards=shards)
     finally:
+        if runtime is not None and isinstance(shards := runtime.result(), ShardSet):
+            shards.close()  # deep_verify was not reached (it closes what it is given)
+        if ahead is not None:
+            ahead.shutdown()
         if src is not None:
             src.close()
     report.seconds = time.perf_counter() - t0

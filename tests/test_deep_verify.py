@@ -166,8 +166,8 @@ def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
     assert r.ok, [str(p) for p in r.problems]
     assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
     assert {x["checked"] for x in r.deep["per_expert"]} == {"32 sampled rows"}
-    r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first two through the loader
-    assert r.ok and r.deep["experts_through_loader"] == 2 and r.deep["experts_whole_output"] == 0
+    r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first one through the loader
+    assert r.ok and r.deep["experts_through_loader"] == 1 and r.deep["experts_whole_output"] == 0
 
 
 def test_bands_bound_the_reference(monkeypatch, extracted):

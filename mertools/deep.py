@@ -485,6 +485,57 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
     return np.frombuffer(mm, np.uint8)
 
 
+def plan_experts(experts: Sequence[ExpertEntry], whole_budget: int, runtime_experts: int) -> dict[str, str]:
+    """{path: "whole" | "loaded" | "rows"} in order: whole output while the budget lasts, then `runtime_experts` (whole
+    ones included) through the loader, the rest sampled rows only (see the module docstring)."""
+    plan, spent, loaded = {}, 0, 0
+    for e in experts:
+        nbytes = sum(t.nbytes for t in e.tensors.values())
+        if spent + nbytes <= whole_budget:
+            plan[e.path], spent, loaded = "whole", spent + nbytes, loaded + 1
+        elif loaded < runtime_experts:
+            plan[e.path], loaded = "loaded", loaded + 1
+        else:
+            plan[e.path] = "rows"
+    return plan
+
+
+class NumericCheck:
+    """What every expert's numeric check shares: the seeded inputs and the reference. Read-only once built, and each
+    expert gets its own generator seeded by (seed, layer, expert), so a result does not depend on which experts
+    were checked before it. (Running these checks in the checksum pass's threads was measured slower: they hold
+    the GIL in short NumPy calls, and a scanning thread then waits out the interpreter's switch interval.)"""
+
+    def __init__(self, m: Manifest, src: SourceReference | None, seed: int = SEED):
+        self.m, self.src, self.seed = m, src, seed
+        self.x = seeded_inputs(m.model["d_model"], seed)
+        cols = {t.shape[1] for e in m.experts for r, t in e.tensors.items() if r in WEIGHT_ROLES and len(t.shape) == 2}
+        self._inputs = {c: self.x if c == self.x.shape[1] else seeded_inputs(c, seed + c) for c in cols}
+
+    def inputs(self, cols: int) -> np.ndarray:
+        return self._inputs[cols] if cols in self._inputs else seeded_inputs(cols, self.seed + cols)
+
+    def rng(self, e: ExpertEntry) -> np.random.Generator:
+        return np.random.default_rng([self.seed, e.layer, e.expert])
+
+    def rows(self, e: ExpertEntry) -> float | None:
+        """`check_rows` of one expert, or None when its types or sizes differ from the source's (deep_verify reports
+        that). Raises MerError when the shard cannot be mapped."""
+        regions: dict[str, Region] = {}
+        try:
+            mine = _shard_tensors(_map_shard(self.m, e), e)
+            if self.src is None:
+                return check_rows(mine, mine, self.inputs, self.rng(e))
+            regions = source_regions(self.src, e, [])
+            if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
+                return None
+            ref = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
+            return check_rows(mine, ref, self.inputs, self.rng(e))
+        finally:
+            for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
+                r.release(0, r.data.size)
+
+
 def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = ()) -> ShardSet | MerError:
     """The runtime's ShardSet for deep verify (2 cache slots, checksums left to verify), with the reads of `start`
     begun in the background; or the MerError that refused it. verify opens it while its checksum pass runs, so the
@@ -511,35 +562,29 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     """Add per-expert numeric results (and any problems) to a shallow verify report.
 
     Experts the shallow pass found damaged are not run. `whole_budget`: projection bytes whose experts get their
-    whole output compared (default `whole_budget_for(m)`); `runtime_experts`: how many more also go through the
-    runtime's loader and fused call; the rest get sampled rows (see the module docstring). `against`: a path, or a
-    `SourceReference` the caller opened (and closes). `compared`: paths of experts whose bytes the caller already
-    compared with the source (`scan_shard` in verify's checksum pass), with the mismatches it found in `known`
-    (added to the report; those experts still run, so their numbers are reported too). `shards`: what
-    `open_runtime` returned, if the caller opened it ahead (deep_verify closes it).
+    whole output compared (default `whole_budget_for(m)`); `runtime_experts`: how many experts go through the
+    runtime's loader and fused call (whole ones included); the rest get sampled rows (`plan_experts`, and the
+    module docstring). `against`: a path, or a `SourceReference` the caller opened (and closes).
+
+    What verify's checksum pass already did, so that nothing is done twice: `compared`, the paths of experts whose
+    bytes it compared with the source (`scan_shard`), with the mismatches it found in `known` (added to the report;
+    those experts still run, so their numbers are reported too); `shards`, what `open_runtime` returned (deep_verify
+    closes it).
 
     >>> deep_verify(report, m, against="model.gguf")                   # doctest: +SKIP
     """
     t0 = time.perf_counter()
     own_src = against is not None and not isinstance(against, SourceReference)
     src = SourceReference(against, m) if own_src else against
-    x = seeded_inputs(m.model["d_model"], seed)
-    extra_inputs: dict[int, np.ndarray] = {}
-
-    def inputs(cols: int) -> np.ndarray:
-        if cols == x.shape[1]:
-            return x
-        if cols not in extra_inputs:
-            extra_inputs[cols] = seeded_inputs(cols, seed + cols)
-        return extra_inputs[cols]
-
+    numbers = NumericCheck(m, src, seed)
+    x = numbers.x
     activation = m.model.get("activation", {"kind": "swiglu"})
     tick = progress(len(m.experts), len(m.experts)) if progress else (lambda n: None)
     broken = {p.path for p in report.problems}
     report.problems.extend(known)
     results: list[dict[str, Any]] = []
     healthy = [e for e in m.experts if e.path not in broken]  # a damaged expert is reported, never run
-    budget = whole_budget_for(m) if whole_budget is None else whole_budget
+    plan = plan_experts(healthy, whole_budget_for(m) if whole_budget is None else whole_budget, runtime_experts)
     io_desc = "not opened"
     if shards is None and healthy:
         shards = open_runtime(m, io)
@@ -549,52 +594,48 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     elif not healthy and shards is not None:
         shards.close()
         shards = None
-    rng = np.random.default_rng(seed)
-    n_whole = n_loaded = spent = 0
-    bytes_compared = 0
+    n_whole = n_loaded = bytes_compared = 0
     w = mine = blob = None
     try:
         for e in healthy if shards else []:
             tick(1)
             probs: list[Problem] = []
-            nbytes = sum(t.nbytes for t in e.tensors.values())
-            whole = spent + nbytes <= budget
-            loaded = whole or n_loaded < runtime_experts
+            mode = plan[e.path]
             regions: dict[str, Region] = {}
             try:
-                # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
-                blob = _map_shard(m, e)
-                mine = _shard_tensors(blob, e)
                 if src is not None:
                     regions = source_regions(src, e, [] if e.path in compared else probs)
                     if e.path not in compared:
                         probs += _compare_regions(m, e, regions)
                     bytes_compared += sum(r.data.size for r in regions.values())
-                    w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
-                else:
-                    w = mine
                 report.problems.extend(probs)
-                if any(r not in w for r in e.tensors if r in NUMERIC_ROLES):
+                if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES) and src is not None:
                     continue  # a type or size differs from the source's: reported, and there is nothing to compare
-                if loaded:
+                if mode == "rows":
+                    err = numbers.rows(e)
+                    if err is None:
+                        continue
+                else:
+                    # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
+                    blob = _map_shard(m, e)
+                    mine = _shard_tensors(blob, e)
+                    w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
+                         } if src is not None else mine
                     with shards.load(e.layer, e.expert) as ex:
                         y = shards.compute(ex, x)
-                        err = check_numbers(w, ex, x, activation, y, whole, rng)
-                else:
-                    err = check_rows(mine, w, inputs, rng)
+                        err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
             except SourceError:
                 raise
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))
                 continue
             finally:
-                for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
+                for r in regions.values():  # references touch (and the kernel's faults map) more than they use
                     r.release(0, r.data.size)
-            n_whole += whole
-            n_loaded += loaded
-            spent += nbytes if whole else 0
-            checked = ("whole output" if whole else
-                       f"{SAMPLE_ROWS} sampled rows, loader and fused call" if loaded else f"{SAMPLE_ROWS} sampled rows")
+            n_whole += mode == "whole"
+            n_loaded += mode != "rows"
+            checked = {"whole": "whole output", "loaded": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
+                       "rows": f"{SAMPLE_ROWS} sampled rows"}[mode]
             results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err, "checked": checked})
             if not err <= tolerance:
                 report.problems.append(Problem(

@@ -177,8 +177,9 @@ def verify(
     # the runtime's ring and first expert load in the background, overlapping the checksum pass
     ahead = ThreadPoolExecutor(max_workers=1) if deep and m.experts else None
     runtime = ahead.submit(open_runtime, m, io, m.experts[:RUNTIME_EXPERTS]) if ahead else None
+    mismatches: list[Problem] = []
+
     try:
-        mismatches: list[Problem] = []
         # xxhash and memcmp release the GIL: two or more files at once beat one sequential reader (bench_extract.py)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             for probs, n in pool.map(lambda e: check_expert(m, e, tick, src, mismatches), m.experts):

@@ -56,7 +56,7 @@ N_INPUTS = 2
 BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
 PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
 RELEASE_BYTES = 64 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
-SAMPLE_ROWS = 32
+SAMPLE_ROWS = 16  # seeded rows a projection (plus its first and last); each costs ~0.2 ms on big rows
 RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
 WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...
 WHOLE_SHARE = 1024  # ... or 1/WHOLE_SHARE of the folder's projection bytes (gguf's dequantization is ~100x a read)
@@ -457,7 +457,8 @@ def check_rows(mine: dict[str, _Tensor], ref: dict[str, _Tensor], inputs: Callab
 
     `mine`: the shard's projections (what the kernel reads), `ref`: the reference's (gguf's dequantization of only
     the sampled rows' blocks), `inputs(cols)`: seeded float32 inputs [n, cols]. The cost is SAMPLE_ROWS + 2 rows a
-    projection, whatever its size.
+    projection, whatever its size. (One dequantize call for the rows of all three projections was measured 2.5x
+    slower: gguf's code then works on one long row, out of cache.)
     """
     errs = []
     for role in WEIGHT_ROLES:
@@ -470,7 +471,9 @@ def check_rows(mine: dict[str, _Tensor], ref: dict[str, _Tensor], inputs: Callab
 
 
 def _sample(n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.unique(np.concatenate([[0, n - 1], rng.choice(n, min(n, SAMPLE_ROWS), replace=False)]))
+    """The first and last rows and up to SAMPLE_ROWS seeded others, sorted, without repeats. (integers, not
+    choice(replace=False): that one costs a permutation of all n rows.)"""
+    return np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(n, SAMPLE_ROWS))]))
 
 
 def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
@@ -544,8 +547,14 @@ def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = (
         shards = open_shards(m.root, io=io, cache_slots=2, checksums="never")
     except MerError as exc:
         return exc
-    for e in start:
-        shards.prefetch(e.layer, e.expert)
+    try:
+        for e in start:
+            # a whole load, not prefetch(): the ring's completions are reaped only by a caller that waits, so a
+            # prefetch left alone gets no further than its first queue of reads
+            with shards.load(e.layer, e.expert):
+                pass
+    except MerError:
+        pass  # deep_verify loads it again and reports the error against the expert
     return shards
 
 

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from mertools import verify
-from mertools.deep import SourceReference, _map_shard, _shard_tensors, _source_tensors, reference_ffn64
+from mertools.deep import SAMPLE_ROWS, SourceReference, _map_shard, _shard_tensors, _source_tensors, reference_ffn64
 from mer_runtime import load_manifest, open_shards
 from mer_runtime.manifest import manifest_bytes
 
@@ -165,7 +165,7 @@ def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
     r = deep_report(extracted(src), src, whole_budget=0, runtime_experts=0)
     assert r.ok, [str(p) for p in r.problems]
     assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
-    assert {x["checked"] for x in r.deep["per_expert"]} == {"32 sampled rows"}
+    assert {x["checked"] for x in r.deep["per_expert"]} == {f"{SAMPLE_ROWS} sampled rows"}
     r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first one through the loader
     assert r.ok and r.deep["experts_through_loader"] == 1 and r.deep["experts_whole_output"] == 0
 
@@ -209,5 +209,6 @@ def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, mode):
     for against in (src, None):
         r = deep_report(extracted(src), against, **kw)
         assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems
-        want = {"whole": "whole output", "loader": "32 sampled rows, loader and fused call", "rows": "32 sampled rows"}
+        want = {"whole": "whole output", "loader": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
+                "rows": f"{SAMPLE_ROWS} sampled rows"}
         assert {x["checked"] for x in r.deep["per_expert"]} == {want[mode]}

@@ -595,13 +595,14 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
     healthy = [e for e in m.experts if e.path not in broken]  # a damaged expert is reported, never run
     plan = plan_experts(healthy, whole_budget_for(m) if whole_budget is None else whole_budget, runtime_experts)
     io_desc = "not opened"
-    if shards is None and healthy:
+    if not healthy:  # nothing to run: the runtime is not needed, and whether it opened does not matter
+        if isinstance(shards, ShardSet):
+            shards.close()
+        shards = None
+    elif shards is None:
         shards = open_runtime(m, io)
     if isinstance(shards, MerError):
         report.problems.append(Problem(".", f"the runtime cannot open the folder: {shards}"))
-        shards = None
-    elif not healthy and shards is not None:
-        shards.close()
         shards = None
     n_whole = n_loaded = bytes_compared = 0
     w = mine = blob = None

@@ -67,9 +67,10 @@ _PAGE = mmap.PAGESIZE
 
 def _libc_memcmp() -> Callable[[int, int, int], int] | None:
     # libc's memcmp (vectorised, no temporary, and ctypes releases the GIL so threads compare in parallel)
-    for name in (None, "libc.so.6", ctypes.util.find_library("c")):  # None: this process's own symbols
+    names = (None, "libc.so.6", lambda: ctypes.util.find_library("c"))  # None: this process's own symbols;
+    for name in names:  # find_library last, and only if needed: it runs ldconfig
         try:
-            f = ctypes.CDLL(name).memcmp
+            f = ctypes.CDLL(name() if callable(name) else name).memcmp
             break
         except (OSError, AttributeError, TypeError):
             continue

@@ -2,10 +2,10 @@
 and the manifest itself unchanged (its ``manifest_xxh3``).
 
 One sequential pass per file (mer_runtime.checksum) feeds the whole-file hash and the hash of whichever projection
-the bytes belong to, so verification reads each byte once; with ``--deep --against SRC`` the same pass also compares
-each projection's bytes with the source's (mertools.deep.scan_shard). Files are opened with ``open_regular`` (``O_NONBLOCK``,
-fstat), so an expert replaced by a FIFO, a device, a directory or a link out of the folder is one more problem in
-the list, never a hang. A damaged folder always gives a report with ``ok`` False (the CLI exits 1) listing every
+the bytes belong to, so verification reads each byte once; with ``--deep --against SRC`` the same pass also
+compares each projection's bytes with the source's (mertools.deep.scan_shard). Files are opened with
+``open_regular`` (``O_NONBLOCK``, fstat), so an expert replaced by a FIFO, a device, a directory or a link out of
+the folder is one more problem in the list, never a hang. A damaged folder always gives a report with ``ok`` False (the CLI exits 1) listing every
 problem found; only bad arguments (a source that cannot be read for ``--against``) raise.
 """
 

@@ -1,17 +1,24 @@
-"""``verify --deep``: run every expert through the runtime and compare with an independent float64 reference.
+"""``verify --deep``: the shard bytes against the source, exactly, and the runtime's kernels against an independent
+float64 reference, at about the speed of reading the shards and the source once.
 
-With `--against SRC` the expert's tensors are found in the source by name with the gguf package's reader (not
-through the converter's plan) and every projection's bytes are compared with the shard's, exactly, in bands (this
-alone catches any changed byte, checksums rewritten or not); the float64 reference is the gguf package's
-dequantization of the source bytes. Without `--against` the reference is the dequantization of the shard bytes as a
-plain read of the file sees them: it still checks the runtime's loaders and kernels.
+Bytes (with ``--against SRC``). The expert's tensors are found in the source by name with the gguf package's reader
+(not through the converter's plan); every projection's bytes are compared with the shard's exactly (libc
+``memcmp`` on the two mappings, a piece at a time, in the same pass that computes the shard's checksums: each shard
+byte is read from memory once, see ``scan_shard``). This alone catches any changed byte, checksums rewritten or
+not. Other sources go through the ``Source`` protocol (the bytes after the documented transform and ``--dtype``).
 
-Numbers, with memory bounded: references are dequantized in bands of rows (`BAND_BYTES` of float64 at a time), never
-a whole matrix. The whole output is compared for the first `FULL_EXPERTS` experts and for every expert whose
-projections are small (`FULL_BELOW` bytes); for the others, `SAMPLE_ROWS` seeded rows of gate and up (the runtime's
-kernel against the reference's rows) and of the expert's output (the runtime's whole path against the reference's
-down rows applied to the runtime's activations) are compared, so every kernel is still checked on every expert
-while the reference costs a few rows.
+Numbers. Every expert: ``SAMPLE_ROWS`` seeded rows of each projection (plus its first and last) run through the
+runtime's kernel (``mer_runtime.kernels.matvec`` on those rows' shard bytes) and compared with gguf's float64
+dequantization of only those rows' blocks in the source (or the shard without ``--against``): a bounded cost per
+projection, and a kernel that misreads a type misreads every row. The first ``RUNTIME_EXPERTS`` experts also go
+through the runtime's loader and its fused expert call (``ShardSet.load`` + ``compute``); their output is compared
+on sampled rows (float64 down rows applied to the runtime's activations). Whole outputs are compared (float64
+gate, up and down, every row) for the experts that fit the whole-output budget: every expert of a small model, and
+for a big one as many as fit in 1/``WHOLE_SHARE`` of its projection bytes (at least ``WHOLE_MIN`` bytes), because
+gguf's NumPy dequantization runs about 100x slower than a read (a Mixtral-shaped expert costs ~1 s).
+
+Memory stays bounded: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, references are dequantized
+``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds whole experts.
 
 Tolerance: max|y - y_ref| / max|y_ref| <= 1e-4. The runtime computes in float32 (weights exact, activations not
 quantized), whose rounding over a few thousand-term dot products stays near 1e-6; one changed weight byte moves
@@ -20,14 +27,16 @@ the output by far more on the seeded inputs.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import mmap
+from typing import Any, Callable, Collection, NamedTuple, Sequence
 
 import numpy as np
+import xxhash
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
@@ -35,7 +44,7 @@ from mer_runtime.errors import MerError
 from mer_runtime.kernels import matvec
 from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.safeopen import open_regular
-from mer_runtime.shards import open_shards
+from mer_runtime.shards import ShardSet, open_shards
 
 from .errors import SourceError
 from .gguf_source import _open_reader, split_parts
@@ -44,67 +53,182 @@ from .report import Problem, VerifyReport
 TOLERANCE = 1e-4
 SEED = 12648430
 N_INPUTS = 2
-BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference, and bytes compared at a time
-SAMPLE_ROWS = 32
-FULL_EXPERTS = 2
-FULL_BELOW = 8 << 20
+BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
+PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
+RELEASE_BYTES = 64 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
+SAMPLE_ROWS = 16  # seeded rows a projection (plus its first and last); each costs ~0.2 ms on big rows
+RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
+WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...
+WHOLE_SHARE = 1024  # ... or 1/WHOLE_SHARE of the folder's projection bytes (gguf's dequantization is ~100x a read)
 NUMERIC_ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias", "gate_scale", "up_scale", "down_scale")
+WEIGHT_ROLES = ("gate", "up", "down")
+_PAGE = mmap.PAGESIZE
+
+
+def _libc_memcmp() -> Callable[[int, int, int], int] | None:
+    # libc's memcmp (vectorised, no temporary, and ctypes releases the GIL so threads compare in parallel)
+    names = (None, "libc.so.6", lambda: ctypes.util.find_library("c"))  # None: this process's own symbols;
+    for name in names:  # find_library last, and only if needed: it runs ldconfig
+        try:
+            f = ctypes.CDLL(name() if callable(name) else name).memcmp
+            break
+        except (OSError, AttributeError, TypeError):
+            continue
+    else:
+        return None
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
+    return f
+
+
+_MEMCMP = _libc_memcmp()
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    """Index of the first byte where two equally long uint8 arrays differ, or None when they are equal.
+
+    >>> first_difference(np.frombuffer(b"abcd", np.uint8), np.frombuffer(b"abXd", np.uint8))
+    2
+    """
+    if a.size != b.size:
+        raise ValueError(f"{a.size} bytes against {b.size}")
+    if a.size == 0:
+        return None
+    if _MEMCMP is not None and a.flags.c_contiguous and b.flags.c_contiguous:
+        if _MEMCMP(a.ctypes.data, b.ctypes.data, a.size) == 0:
+            return None
+    elif np.array_equal(a, b):
+        return None
+    return int(np.flatnonzero(a != b)[0])
 
 
 def seeded_inputs(d_model: int, seed: int = SEED, n: int = N_INPUTS) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d_model)).astype(np.float32)
 
 
-class SourceReference:
-    """Expert tensors of the source model, for ``--against``.
+class Region(NamedTuple):
+    """One projection of one expert in the source: its type, a name for messages, its bytes (uint8, contiguous)
+    and how to drop bytes lo..hi of it from this process's mappings once compared (a no-op for copies)."""
 
-    A GGUF is read by tensor name with the gguf package's reader (not through the converter's plan). Any other
-    source (a SafeTensors checkpoint, or what a registered ``scheme://`` opener returns) goes through the
-    ``Source`` protocol: the projection's bytes are the source slice after its documented transform, converted to
-    the type the manifest records (``--dtype``) with the same quantizer; the transforms themselves are checked
-    against independent NumPy slicing in the tests.
+    dtype: str
+    name: str
+    data: np.ndarray
+    release: Callable[[int, int], None]
+
+
+def _no_release(lo: int, hi: int) -> None:
+    return None
+
+
+def _dropper(mm: mmap.mmap, base: int) -> Callable[[int, int], None]:
+    """release(lo, hi) for a region at byte `base` of mapping `mm`: whole pages inside it only (a neighbour's pages
+    are left alone, though dropping them would be harmless: a page dropped is faulted back from the page cache)."""
+
+    def release(lo: int, hi: int) -> None:
+        start = -(-(base + lo) // _PAGE) * _PAGE
+        stop = min((base + hi) // _PAGE * _PAGE, len(mm))
+        if stop > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    return release
+
+
+class SourceReference:
+    """Expert tensors of the source model, for ``--against``. Thread-safe once built (read-only lookups).
+
+    A GGUF is read by tensor name with the gguf package's reader (not through the converter's plan); its bytes are
+    then taken from a mapping of our own (the same file offsets), so that compared bytes can be dropped and memory
+    stays bounded. Any other source (a SafeTensors checkpoint, or what a registered ``scheme://`` opener returns)
+    goes through the ``Source`` protocol: the projection's bytes are the source slice after its documented
+    transform, converted to the type the manifest records (``--dtype``) with the same quantizer; the transforms
+    themselves are checked against independent NumPy slicing in the tests.
+
+    >>> src = SourceReference("model.gguf")                                # doctest: +SKIP
+    >>> src.region(0, 3, "gate").name                                       # doctest: +SKIP
+    'blk.0.ffn_gate_exps.weight[3]'
     """
 
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None):
         self.path = Path(path)
         self.source = None
+        self._maps: list[tuple[mmap.mmap, np.ndarray, int]] = []  # (mapping, its bytes, the reader's address)
         dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
         # a GGUF is read by name, independently of the converter's plan, unless the folder was converted with
         # --dtype: then the reference bytes are the source's after the same quantizer, as for any other source
         if "://" not in os.fspath(path) and not self.path.is_dir() and not dtype:
+            self.tensors, self._part_of = {}, {}
             try:
-                self.tensors = {t.name: t for p in split_parts(self.path) for t in _open_reader(p).tensors}
-            except (ValueError, OSError) as exc:
-                raise SourceError(f"{self.path}: cannot read the reference model ({exc})") from None
+                for part in split_parts(self.path):
+                    reader = _open_reader(part)
+                    for t in reader.tensors:
+                        self.tensors[t.name] = t
+                        self._part_of[t.name] = len(self._maps)
+                    self._maps.append(self._map(part, reader))
+            except (ValueError, OSError, MerError) as exc:
+                self.close()
+                raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)})"
+                                  ) from None
             return
         from .sources import open_source, with_dtype
 
         self.source = open_source(path)
         self._plans = {(p.layer, p.expert): p for p in with_dtype(self.source.experts, dtype)}
 
+    @staticmethod
+    def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int]:
+        fd, st = open_regular(part)
+        try:
+            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return mm, np.frombuffer(mm, np.uint8), int(reader.data.ctypes.data)
+
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        maps, self._maps = self._maps, []
+        for mm, arr, _ in maps:
+            del arr
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view: the mapping goes with the last one
+                pass
 
     def tensor(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
         """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias|_scale]."""
         if self.source is not None:
             return self._from_source(layer, expert, role)
+        return self._lookup(layer, expert, role)[1:]
+
+    def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, np.ndarray]:
         kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
         base = role.removesuffix("_bias").removesuffix("_scale")
-        t = self.tensors.get(f"blk.{layer}.ffn_{base}_exps.{kind}")
-        if t is not None:
-            return t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
-        t = self.tensors.get(f"blk.{layer}.ffn_gate_up_exps.{kind}")
-        if t is not None:
+        name = f"blk.{layer}.ffn_{base}_exps.{kind}"
+        if (t := self.tensors.get(name)) is not None:
+            return name, t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
+        name = f"blk.{layer}.ffn_gate_up_exps.{kind}"
+        if (t := self.tensors.get(name)) is not None:
             d = t.data[expert]
             half = d.shape[0] // 2
-            return t.tensor_type.name, d[:half] if base == "gate" else d[half:]
-        t = self.tensors.get(f"blk.{layer}.ffn_{base}.{expert}.{kind}")
-        if t is not None:
-            return t.tensor_type.name, t.data
+            return name, t.tensor_type.name, d[:half] if base == "gate" else d[half:]
+        name = f"blk.{layer}.ffn_{base}.{expert}.{kind}"
+        if (t := self.tensors.get(name)) is not None:
+            return name, t.tensor_type.name, t.data
         raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model the "
                           "folder was extracted from?")
+
+    def region(self, layer: int, expert: int, role: str) -> Region:
+        """The projection's source bytes (see `Region`); raises SourceError when the source has no such tensor."""
+        if self.source is not None:
+            dtype, raw = self._from_source(layer, expert, role)
+            return Region(dtype, f"{role} of layer {layer} expert {expert}",
+                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), _no_release)
+        name, dtype, view = self._lookup(layer, expert, role)
+        mm, arr, addr = self._maps[self._part_of[name]]
+        if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
+            return Region(dtype, f"{name}[{expert}]", np.ascontiguousarray(view).view(np.uint8).reshape(-1),
+                          _no_release)
+        off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
+        return Region(dtype, f"{name}[{expert}]", arr[off:off + view.nbytes], _dropper(mm, off))
 
     def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
         plan = self._plans.get((layer, expert))
@@ -118,6 +242,96 @@ class SourceReference:
         else:
             raw = np.concatenate([np.asarray(b, np.uint8).reshape(-1) for b in proj.produce(view_of)])
         return proj.dtype, raw
+
+
+def source_regions(src: SourceReference, e: ExpertEntry, problems: list[Problem]) -> dict[str, Region]:
+    """The source's region for each of the expert's projections whose type and size match the shard's; a type or
+    size that differs is a problem (and that projection has nothing to compare)."""
+    out = {}
+    for role, t in e.tensors.items():
+        if role not in NUMERIC_ROLES:
+            continue
+        reg = src.region(e.layer, e.expert, role)
+        if reg.dtype != t.dtype:
+            problems.append(Problem(e.path, f"{role} is {t.dtype} but the source has {reg.dtype} ({reg.name})"))
+        elif reg.data.size != t.nbytes:
+            problems.append(Problem(e.path, f"{role}: {t.nbytes} bytes but the source has {reg.data.size} "
+                                            f"({reg.name})"))
+        else:
+            out[role] = reg
+    return out
+
+
+def _mismatch(e: ExpertEntry, role: str, reg: Region, at: int) -> Problem:
+    return Problem(e.path, f"{role}: byte {at} of {reg.data.size} does not match the source bytes ({reg.name}, "
+                           f"file offset {e.tensors[role].offset + at}); re-extract this expert from the source")
+
+
+def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callable[[int], None] = lambda n: None
+               ) -> tuple[str, dict[str, str], int, list[Problem]]:
+    """(whole-file xxh3, {role: projection xxh3}, bytes read, byte mismatches) of an open shard file of e.size bytes.
+
+    One sequential pass over a read-only mapping, a `PIECE` at a time: each piece is hashed into the file's and its
+    projection's XXH3-64 and compared, exactly, with the same bytes of the source `regions` (`source_regions`);
+    the second and third touches find the piece in cache, so every shard byte comes from memory once. Mapped pages
+    of both sides are dropped every `RELEASE_BYTES`, which bounds the resident memory of any number of threads
+    running this at once (xxhash and memcmp release the GIL).
+    """
+    size = e.size
+    whole = xxhash.xxh3_64()
+    spans = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
+    parts = {role: xxhash.xxh3_64() for _, _, role in spans}
+    problems: list[Problem] = []
+    if size == 0:
+        return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0, problems
+    differ: set[str] = set()
+    released = dict.fromkeys(regions, 0)  # bytes of each source region already dropped
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        mine = np.frombuffer(mm, np.uint8)
+        try:
+            with memoryview(mm) as mv:
+                dropped = 0
+                for pos in range(0, size, PIECE):
+                    end = min(pos + PIECE, size)
+                    with mv[pos:end] as piece:
+                        whole.update(piece)
+                        for start, stop, role in spans:
+                            lo, hi = max(start, pos), min(stop, end)
+                            if lo >= hi:
+                                continue
+                            with piece[lo - pos:hi - pos] as part:
+                                parts[role].update(part)
+                            reg = regions.get(role)
+                            if reg is None:
+                                continue
+                            if role not in differ:
+                                at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
+                                if at is not None:
+                                    differ.add(role)
+                                    problems.append(_mismatch(e, role, reg, lo - start + at))
+                            if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
+                                reg.release(released[role], hi - start)
+                                released[role] = hi - start
+                    tick(end - pos)
+                    if end - dropped >= RELEASE_BYTES or end == size:
+                        mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)  # `dropped` is a multiple of PIECE
+                        dropped = end
+        finally:
+            del mine  # the mapping cannot close while a view of it is alive
+    return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size, problems
+
+
+def _compare_regions(m: Manifest, e: ExpertEntry, regions: dict[str, Region]) -> list[Problem]:
+    """The expert's projections against their source regions, exactly (`scan_shard`, its checksums unused): for
+    callers of `deep_verify` whose checksum pass did not compare bytes."""
+    fd, st = open_regular(m.path_of(e))
+    try:
+        if st.st_size != e.size:
+            return [Problem(e.path, f"{st.st_size} bytes, manifest says {e.size}")]
+        return scan_shard(fd, e, regions)[3]
+    finally:
+        os.close(fd)
 
 
 def _act64(g: np.ndarray, u: np.ndarray, activation: dict[str, Any]) -> np.ndarray:
@@ -164,7 +378,8 @@ class _Tensor:
         return dequantize(np.ascontiguousarray(self.raw), self.qt).astype(np.float64).reshape(self.shape)
 
     def rows_times(self, v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """float64 W[rows] @ v for v [n, cols] -> [n, len(rows)], dequantizing BAND_BYTES of float64 at a time."""
+        """float64 W[rows] @ v for v [n, cols] -> [n, len(rows)], dequantizing BAND_BYTES of float64 at a time
+        (only the blocks of those rows are read)."""
         idx = np.arange(self.raw.shape[0]) if rows is None else rows
         step = max(1, BAND_BYTES // (self.shape[-1] * 8))
         out = np.empty((v.shape[0], len(idx)))
@@ -180,30 +395,18 @@ def _shard_tensors(blob: np.ndarray, e: ExpertEntry) -> dict[str, _Tensor]:
             if r in NUMERIC_ROLES}
 
 
-def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray,
+def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray | None,
                     problems: list[Problem]) -> dict[str, _Tensor]:
-    """The source's tensors for this expert; every projection's bytes compared with the shard's, band by band."""
-    out = {}
-    for role, t in e.tensors.items():
-        if role not in NUMERIC_ROLES:
-            continue
-        dtype, data = src.tensor(e.layer, e.expert, role)
-        if dtype != t.dtype:
-            problems.append(Problem(e.path, f"{role} is {t.dtype} but the source has {dtype}"))
-            continue
-        ref = _Tensor(dtype, t.shape, data)
-        flat, mine = ref.raw.reshape(-1), shard[t.offset:t.offset + t.nbytes]
-        if flat.size != mine.size:
-            problems.append(Problem(e.path, f"{role}: {mine.size} bytes but the source has {flat.size}"))
-            continue
-        for i in range(0, flat.size, BAND_BYTES):
-            diff = np.flatnonzero(flat[i:i + BAND_BYTES] != mine[i:i + BAND_BYTES])
-            if diff.size:
-                problems.append(Problem(e.path, f"{role}: byte {i + int(diff[0])} of {flat.size} does not match the "
-                                                "source bytes"))
-                break
-        out[role] = ref
-    return out
+    """The source's tensors for this expert (those of the shard's type and size); with `shard` (the shard file's
+    bytes) every projection's bytes are also compared with it."""
+    regions = source_regions(src, e, problems)
+    if shard is not None:
+        for role, reg in regions.items():
+            t = e.tensors[role]
+            at = first_difference(shard[t.offset:t.offset + t.nbytes], reg.data)
+            if at is not None:
+                problems.append(_mismatch(e, role, reg, at))
+    return {role: _Tensor(reg.dtype, e.tensors[role].shape, reg.data) for role, reg in regions.items()}
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -237,10 +440,7 @@ def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dic
         return _rel(y, ref)
     width, d_model = w["gate"].shape[0], w["down"].shape[0]
 
-    def sample(n: int) -> np.ndarray:
-        return np.unique(np.concatenate([[0, n - 1], rng.choice(n, min(n, SAMPLE_ROWS), replace=False)]))
-
-    rows_ff, rows_d = sample(width), sample(d_model)
+    rows_ff, rows_d = _sample(width, rng), _sample(d_model, rng)
     errs, act = [], {}
     for role in ("gate", "up"):
         p = ex.tensors[role]
@@ -250,6 +450,31 @@ def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dic
     h = _act64(act["gate"], act["up"], activation)
     errs.append(_rel(y[:, rows_d], w["down"].rows_times(h, rows_d) * _scale(w, "down") + _bias(w, "down", rows_d)))
     return max(errs)
+
+
+def check_rows(mine: dict[str, _Tensor], ref: dict[str, _Tensor], inputs: Callable[[int], np.ndarray],
+               rng: np.random.Generator) -> float:
+    """Max relative error of the runtime's kernel on sampled rows of each projection against the float64 reference.
+
+    `mine`: the shard's projections (what the kernel reads), `ref`: the reference's (gguf's dequantization of only
+    the sampled rows' blocks), `inputs(cols)`: seeded float32 inputs [n, cols]. The cost is SAMPLE_ROWS + 2 rows a
+    projection, whatever its size. (One dequantize call for the rows of all three projections was measured 2.5x
+    slower: gguf's code then works on one long row, out of cache.)
+    """
+    errs = []
+    for role in WEIGHT_ROLES:
+        t = mine[role]
+        rows = _sample(t.shape[0], rng)
+        v = inputs(t.shape[1])
+        got = matvec(t.dtype, np.ascontiguousarray(t.raw[rows]), (len(rows), t.shape[1]), v)  # the runtime's
+        errs.append(_rel(got, ref[role].rows_times(v.astype(np.float64), rows)))
+    return max(errs)
+
+
+def _sample(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The first and last rows and up to SAMPLE_ROWS seeded others, sorted, without repeats. (integers, not
+    choice(replace=False): that one costs a permutation of all n rows.)"""
+    return np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(n, SAMPLE_ROWS))]))
 
 
 def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
@@ -264,75 +489,187 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
     return np.frombuffer(mm, np.uint8)
 
 
-def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike[str] | None = None,
-                io: str = "auto", seed: int = SEED, tolerance: float = TOLERANCE, full_experts: int = FULL_EXPERTS,
-                full_below: int = FULL_BELOW,
+def plan_experts(experts: Sequence[ExpertEntry], whole_budget: int, runtime_experts: int) -> dict[str, str]:
+    """{path: "whole" | "loaded" | "rows"} in order: whole output while the budget lasts, then `runtime_experts` (whole
+    ones included) through the loader, the rest sampled rows only (see the module docstring)."""
+    plan, spent, loaded = {}, 0, 0
+    for e in experts:
+        nbytes = sum(t.nbytes for t in e.tensors.values())
+        if spent + nbytes <= whole_budget:
+            plan[e.path], spent, loaded = "whole", spent + nbytes, loaded + 1
+        elif loaded < runtime_experts:
+            plan[e.path], loaded = "loaded", loaded + 1
+        else:
+            plan[e.path] = "rows"
+    return plan
+
+
+class NumericCheck:
+    """What every expert's numeric check shares: the seeded inputs and the reference. Read-only once built, and each
+    expert gets its own generator seeded by (seed, layer, expert), so a result does not depend on which experts
+    were checked before it. (Running these checks in the checksum pass's threads was measured slower: they hold
+    the GIL in short NumPy calls, and a scanning thread then waits out the interpreter's switch interval.)"""
+
+    def __init__(self, m: Manifest, src: SourceReference | None, seed: int = SEED):
+        self.m, self.src, self.seed = m, src, seed
+        self.x = seeded_inputs(m.model["d_model"], seed)
+        cols = {t.shape[1] for e in m.experts for r, t in e.tensors.items() if r in WEIGHT_ROLES and len(t.shape) == 2}
+        self._inputs = {c: self.x if c == self.x.shape[1] else seeded_inputs(c, seed + c) for c in cols}
+
+    def inputs(self, cols: int) -> np.ndarray:
+        return self._inputs[cols] if cols in self._inputs else seeded_inputs(cols, self.seed + cols)
+
+    def rng(self, e: ExpertEntry) -> np.random.Generator:
+        return np.random.default_rng([self.seed, e.layer, e.expert])
+
+    def rows(self, e: ExpertEntry) -> float | None:
+        """`check_rows` of one expert, or None when its types or sizes differ from the source's (deep_verify reports
+        that). Raises MerError when the shard cannot be mapped."""
+        regions: dict[str, Region] = {}
+        try:
+            mine = _shard_tensors(_map_shard(self.m, e), e)
+            if self.src is None:
+                return check_rows(mine, mine, self.inputs, self.rng(e))
+            regions = source_regions(self.src, e, [])
+            if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
+                return None
+            ref = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
+            return check_rows(mine, ref, self.inputs, self.rng(e))
+        finally:
+            for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
+                r.release(0, r.data.size)
+
+
+def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = ()) -> ShardSet | MerError:
+    """The runtime's ShardSet for deep verify (2 cache slots, checksums left to verify), with the reads of `start`
+    begun in the background; or the MerError that refused it. verify opens it while its checksum pass runs, so the
+    ring's set-up and the first experts' reads overlap that pass."""
+    try:
+        shards = open_shards(m.root, io=io, cache_slots=2, checksums="never")
+    except MerError as exc:
+        return exc
+    try:
+        for e in start:
+            # a whole load, not prefetch(): the ring's completions are reaped only by a caller that waits, so a
+            # prefetch left alone gets no further than its first queue of reads
+            with shards.load(e.layer, e.expert):
+                pass
+    except MerError:
+        pass  # deep_verify loads it again and reports the error against the expert
+    return shards
+
+
+def whole_budget_for(m: Manifest) -> int:
+    """Projection bytes whose whole output gets a float64 reference by default (see the module docstring)."""
+    return max(WHOLE_MIN, sum(t.nbytes for e in m.experts for t in e.tensors.values()) // WHOLE_SHARE)
+
+
+def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike[str] | SourceReference | None = None,
+                io: str = "auto", seed: int = SEED, tolerance: float = TOLERANCE, whole_budget: int | None = None,
+                runtime_experts: int = RUNTIME_EXPERTS, compared: Collection[str] = (),
+                known: Sequence[Problem] = (), shards: ShardSet | MerError | None = None,
                 progress: Callable[[int, int], Callable[[int], None]] | None = None) -> None:
     """Add per-expert numeric results (and any problems) to a shallow verify report.
 
-    Experts the shallow pass found damaged are not run. `full_experts` / `full_below`: which experts get their whole
-    output compared (the rest: sampled rows), see the module docstring.
+    Experts the shallow pass found damaged are not run. `whole_budget`: projection bytes whose experts get their
+    whole output compared (default `whole_budget_for(m)`); `runtime_experts`: how many experts go through the
+    runtime's loader and fused call (whole ones included); the rest get sampled rows (`plan_experts`, and the
+    module docstring). `against`: a path, or a `SourceReference` the caller opened (and closes).
+
+    What verify's checksum pass already did, so that nothing is done twice: `compared`, the paths of experts whose
+    bytes it compared with the source (`scan_shard`), with the mismatches it found in `known` (added to the report;
+    those experts still run, so their numbers are reported too); `shards`, what `open_runtime` returned (deep_verify
+    closes it).
 
     >>> deep_verify(report, m, against="model.gguf")                   # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    src = SourceReference(against, m) if against else None
-    x = seeded_inputs(m.model["d_model"], seed)
+    own_src = against is not None and not isinstance(against, SourceReference)
+    src = SourceReference(against, m) if own_src else against
+    numbers = NumericCheck(m, src, seed)
+    x = numbers.x
     activation = m.model.get("activation", {"kind": "swiglu"})
     tick = progress(len(m.experts), len(m.experts)) if progress else (lambda n: None)
     broken = {p.path for p in report.problems}
+    report.problems.extend(known)
     results: list[dict[str, Any]] = []
     healthy = [e for e in m.experts if e.path not in broken]  # a damaged expert is reported, never run
+    plan = plan_experts(healthy, whole_budget_for(m) if whole_budget is None else whole_budget, runtime_experts)
     io_desc = "not opened"
-    try:
-        shards = open_shards(m.root, io=io, cache_slots=2, checksums="never") if healthy else None
-    except MerError as exc:
-        report.problems.append(Problem(".", f"the runtime cannot open the folder: {exc}"))
+    if not healthy:  # nothing to run: the runtime is not needed, and whether it opened does not matter
+        if isinstance(shards, ShardSet):
+            shards.close()
         shards = None
-    rng = np.random.default_rng(seed)
-    n_full = 0
+    elif shards is None:
+        shards = open_runtime(m, io)
+    if isinstance(shards, MerError):
+        report.problems.append(Problem(".", f"the runtime cannot open the folder: {shards}"))
+        shards = None
+    n_whole = n_loaded = bytes_compared = 0
+    w = mine = blob = None
     try:
         for e in healthy if shards else []:
             tick(1)
             probs: list[Problem] = []
-            full = n_full < full_experts or sum(t.nbytes for t in e.tensors.values()) <= full_below
+            mode = plan[e.path]
+            regions: dict[str, Region] = {}
             try:
-                # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
-                blob = _map_shard(m, e)
-                w = _source_tensors(src, e, blob, probs) if src else _shard_tensors(blob, e)
+                if src is not None:
+                    regions = source_regions(src, e, [] if e.path in compared else probs)
+                    if e.path not in compared:
+                        probs += _compare_regions(m, e, regions)
+                    bytes_compared += sum(r.data.size for r in regions.values())
                 report.problems.extend(probs)
-                if any(r not in w for r in e.tensors if r in NUMERIC_ROLES):
+                if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES) and src is not None:
                     continue  # a type or size differs from the source's: reported, and there is nothing to compare
-                with shards.load(e.layer, e.expert) as ex:
-                    y = shards.compute(ex, x)
-                    err = check_numbers(w, ex, x, activation, y, full, rng)
+                if mode == "rows":
+                    err = numbers.rows(e)
+                    if err is None:
+                        continue
+                else:
+                    # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
+                    blob = _map_shard(m, e)
+                    mine = _shard_tensors(blob, e)
+                    w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
+                         } if src is not None else mine
+                    with shards.load(e.layer, e.expert) as ex:
+                        y = shards.compute(ex, x)
+                        err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
             except SourceError:
                 raise
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))
                 continue
-            n_full += full
-            results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err,
-                            "checked": "whole output" if full else f"{SAMPLE_ROWS} sampled rows"})
+            finally:
+                for r in regions.values():  # references touch (and the kernel's faults map) more than they use
+                    r.release(0, r.data.size)
+            n_whole += mode == "whole"
+            n_loaded += mode != "rows"
+            checked = {"whole": "whole output", "loaded": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
+                       "rows": f"{SAMPLE_ROWS} sampled rows"}[mode]
+            results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err, "checked": checked})
             if not err <= tolerance:
                 report.problems.append(Problem(
                     e.path, f"output differs from the {'source' if src else 'shard'} reference: max relative error "
                             f"{err:.3g} > {tolerance:g}"))
     finally:
-        w = blob = None  # views into the source's maps: gone before the maps are closed
+        w = mine = blob = None  # views into the maps: gone before the maps are closed
         if shards is not None:
             io_desc = shards.describe_io()
             shards.close()
-        if src is not None:
+        if own_src:
             src.close()
     report.deep = {
-        "reference": f"source {against}" if src else "shard bytes (gguf dequantize)",
+        "reference": f"source {src.path}" if src else "shard bytes (gguf dequantize)",
         "tolerance": tolerance,
         "seed": seed,
         "inputs": int(x.shape[0]),
         "io": io_desc,
         "experts_run": len(results),
-        "experts_whole_output": n_full,
+        "experts_whole_output": n_whole,
+        "experts_through_loader": n_loaded,
+        "sample_rows": SAMPLE_ROWS,
+        "bytes_compared": bytes_compared,
         "worst_rel_err": max((r["max_rel_err"] for r in results), default=0.0),
         "seconds": round(time.perf_counter() - t0, 3),
         "per_expert": results,

@@ -2,9 +2,10 @@
 and the manifest itself unchanged (its ``manifest_xxh3``).
 
 One sequential pass per file (mer_runtime.checksum) feeds the whole-file hash and the hash of whichever projection
-the bytes belong to, so verification reads each byte once. Files are opened with ``open_regular`` (``O_NONBLOCK``,
-fstat), so an expert replaced by a FIFO, a device, a directory or a link out of the folder is one more problem in
-the list, never a hang. A damaged folder always gives a report with ``ok`` False (the CLI exits 1) listing every
+the bytes belong to, so verification reads each byte once; with ``--deep --against SRC`` the same pass also
+compares each projection's bytes with the source's (mertools.deep.scan_shard). Files are opened with
+``open_regular`` (``O_NONBLOCK``, fstat), so an expert replaced by a FIFO, a device, a directory or a link out of
+the folder is one more problem in the list, never a hang. A damaged folder always gives a report with ``ok`` False (the CLI exits 1) listing every
 problem found; only bad arguments (a source that cannot be read for ``--against``) raise.
 """
 
@@ -21,8 +22,9 @@ from mer_runtime.errors import ManifestError, MerError
 from mer_runtime.manifest import (HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
                                   manifest_integrity, parse_manifest, read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
+from mer_runtime.shards import ShardSet
 
-from .deep import deep_verify
+from .deep import RUNTIME_EXPERTS, SourceReference, deep_verify, open_runtime, scan_shard, source_regions
 from .report import Problem, VerifyReport
 
 __all__ = ["Problem", "VerifyReport", "check_dense", "check_expert", "check_manifest", "verify"]
@@ -71,15 +73,26 @@ def _open_listed(m: Manifest, rel: str, what: str, size: int) -> tuple[int | Non
     return fd, []
 
 
-def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
-    """(problems, bytes read) for one expert file: present, a regular file inside the folder, size, checksums."""
+def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None], against: SourceReference | None = None,
+                 mismatches: list[Problem] | None = None) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for one expert file: present, a regular file inside the folder, size, checksums.
+
+    With `against` (verify --deep --against), the same pass also compares every projection's bytes with the source
+    (mertools.deep.scan_shard) and appends what differs to `mismatches`, kept apart because such an expert is still
+    run through the runtime.
+    """
     rel = e.path
     fd, probs = _open_listed(m, rel, f"layer {e.layer} expert {e.expert}", e.size)
     if fd is None:
         return probs, 0
     try:
-        ranges = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
-        whole, parts, n = hash_fd(fd, e.size, ranges, tick)
+        if against is not None:
+            found: list[Problem] = []
+            whole, parts, n, differ = scan_shard(fd, e, source_regions(against, e, found), tick)
+            mismatches.extend(found + differ)  # list.extend is atomic under the GIL: the pool's threads share it
+        else:
+            ranges = [(t.offset, t.offset + t.nbytes, role) for role, t in e.tensors.items()]
+            whole, parts, n = hash_fd(fd, e.size, ranges, tick)
     except (OSError, ValueError) as exc:
         return [Problem(rel, f"cannot read ({exc})")], 0
     finally:
@@ -160,31 +173,51 @@ def verify(
         return report
     total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0)
     tick = progress(total, len(m.experts)) if progress else (lambda n: None)
-    # xxhash releases the GIL: two or more files hashed at once beat one sequential reader (see bench_extract.py)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for probs, n in pool.map(lambda e: check_expert(m, e, tick), m.experts):
-            report.problems.extend(probs)
-            report.bytes_read += n
-            report.experts_checked += 1
-    probs, n = check_dense(m, tick)
-    report.problems += probs
-    report.bytes_read += n
-    report.problems.extend(_check_reassembly_record(m))
-    listed = {e.path for e in m.experts}
-    experts_dir = m.root / "experts"
-    if experts_dir.is_dir() and not experts_dir.is_symlink():
-        for p in sorted(experts_dir.rglob("*")):
-            rel = p.relative_to(m.root).as_posix()
-            if rel not in listed and not p.is_dir():
-                report.warnings.append(Problem(rel, "not listed in the manifest"))
-    report.checksum_seconds = time.perf_counter() - t0
-    if deep:
-        names = [f["name"] for f in m.source.get("files", [])]
-        folder_ok = against is not None and Path(against).is_dir() and names and all(
-            (Path(against) / n).is_file() for n in names)
-        if against is not None and Path(against).name not in names and not folder_ok:
-            report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
-                                                         f"({', '.join(names) or 'the manifest names none'})"))
-        deep_verify(report, m, against=against, io=io, progress=deep_progress)
+    # with --against, the checksum pass also compares the bytes with the source: each shard byte is read once
+    src = SourceReference(against, m) if deep and against is not None else None
+    # the runtime's ring and first expert load in the background, overlapping the checksum pass
+    ahead = ThreadPoolExecutor(max_workers=1) if deep and m.experts else None
+    runtime = ahead.submit(open_runtime, m, io, m.experts[:RUNTIME_EXPERTS]) if ahead else None
+    mismatches: list[Problem] = []
+
+    try:
+        # xxhash and memcmp release the GIL: two or more files at once beat one sequential reader (bench_extract.py)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            for probs, n in pool.map(lambda e: check_expert(m, e, tick, src, mismatches), m.experts):
+                report.problems.extend(probs)
+                report.bytes_read += n
+                report.experts_checked += 1
+        compared = {e.path for e in m.experts} - {p.path for p in report.problems}
+        probs, n = check_dense(m, tick)
+        report.problems += probs
+        report.bytes_read += n
+        report.problems.extend(_check_reassembly_record(m))
+        listed = {e.path for e in m.experts}
+        experts_dir = m.root / "experts"
+        if experts_dir.is_dir() and not experts_dir.is_symlink():
+            for p in sorted(experts_dir.rglob("*")):
+                rel = p.relative_to(m.root).as_posix()
+                if rel not in listed and not p.is_dir():
+                    report.warnings.append(Problem(rel, "not listed in the manifest"))
+        report.checksum_seconds = time.perf_counter() - t0
+        if deep:
+            names = [f["name"] for f in m.source.get("files", [])]
+            folder_ok = against is not None and Path(against).is_dir() and names and all(
+                (Path(against) / n).is_file() for n in names)
+            if against is not None and Path(against).name not in names and not folder_ok:
+                report.warnings.append(Problem(str(against), "is not the file this folder was extracted from "
+                                                             f"({', '.join(names) or 'the manifest names none'})"))
+            order = {e.path: i for i, e in enumerate(m.experts)}  # the pool's threads appended in any order
+            mismatches.sort(key=lambda p: order.get(p.path, -1))
+            shards, runtime = runtime.result() if runtime else None, None
+            deep_verify(report, m, against=src, io=io, progress=deep_progress,
+                        compared=compared if src is not None else (), known=mismatches, shards=shards)
+    finally:
+        if runtime is not None and isinstance(shards := runtime.result(), ShardSet):
+            shards.close()  # deep_verify was not reached (it closes what it is given)
+        if ahead is not None:
+            ahead.shutdown()
+        if src is not None:
+            src.close()
     report.seconds = time.perf_counter() - t0
     return report

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from mertools import verify
-from mertools.deep import SourceReference, _map_shard, _shard_tensors, _source_tensors, reference_ffn64
+from mertools.deep import SAMPLE_ROWS, SourceReference, _map_shard, _shard_tensors, _source_tensors, reference_ffn64
 from mer_runtime import load_manifest, open_shards
 from mer_runtime.manifest import manifest_bytes
 
@@ -162,10 +162,12 @@ def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
     """Sampled mode (every expert, SAMPLE_ROWS rows of each kernel against banded float64 rows) passes; the whole
     output is compared for nobody here, as for the bulk of a big model's experts."""
     src = REAL / src_name
-    r = deep_report(extracted(src), src, full_experts=0, full_below=0)
+    r = deep_report(extracted(src), src, whole_budget=0, runtime_experts=0)
     assert r.ok, [str(p) for p in r.problems]
     assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
-    assert {x["checked"] for x in r.deep["per_expert"]} == {"32 sampled rows"}
+    assert {x["checked"] for x in r.deep["per_expert"]} == {f"{SAMPLE_ROWS} sampled rows"}
+    r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first one through the loader
+    assert r.ok and r.deep["experts_through_loader"] == 1 and r.deep["experts_whole_output"] == 0
 
 
 def test_bands_bound_the_reference(monkeypatch, extracted):
@@ -181,8 +183,8 @@ def test_bands_bound_the_reference(monkeypatch, extracted):
         [x["max_rel_err"] for x in whole.deep["per_expert"]], rel=1e-6)
 
 
-@pytest.mark.parametrize("full", [True, False])
-def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, full):
+@pytest.mark.parametrize("mode", ["whole", "loader", "rows"])
+def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, mode):
     """Fault injection into the runtime (not the verifier): Q4_0 blocks read with IQ4_NL's value table (same 18-byte
     blocks, other values). Deep verify must report every expert, whole-output or sampled."""
     import mer_runtime.kernels as kernels
@@ -202,7 +204,115 @@ def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, full):
     monkeypatch.setattr(deep, "matvec", misread)
     monkeypatch.setattr(shards, "expert_ffn", misread_ffn)
     src = REAL / "mixtral-q4_0.gguf"
-    kw = {} if full else {"full_experts": 0, "full_below": 0}
+    kw = {"whole": {}, "loader": {"whole_budget": 0, "runtime_experts": 8},
+          "rows": {"whole_budget": 0, "runtime_experts": 0}}[mode]
     for against in (src, None):
         r = deep_report(extracted(src), against, **kw)
         assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems
+        want = {"whole": "whole output", "loader": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
+                "rows": f"{SAMPLE_ROWS} sampled rows"}
+        assert {x["checked"] for x in r.deep["per_expert"]} == {want[mode]}
+
+
+@pytest.mark.parametrize("role, where", [("gate", "first"), ("up", "last"), ("down", "middle")])
+@pytest.mark.parametrize("mode", ["cli", "sampled"])
+def test_one_changed_byte_anywhere_is_named(tmp_path, extracted, role, where, mode):
+    """A byte changed at the first, last or a middle byte of a projection, with every checksum rewritten: only the
+    comparison with the source can see it, in verify's checksum pass (the CLI) and in deep_verify alone with sampled
+    rows only (whose rows may well miss it). The problem names the file, the projection and the source tensor."""
+    src = REAL / "mixtral-q4_k_m.gguf"
+    out = tmp_path / "forged"
+    shutil.copytree(extracted(src), out)
+    e = load_manifest(out).experts[-1]
+    t = e.tensors[role]
+    at = {"first": 0, "last": t.nbytes - 1, "middle": t.nbytes // 3}[where]
+    forge(out, e.path, t.offset + at)
+    assert verify(out).ok
+    want = f"{role}: byte {at} of {t.nbytes} does not match the source bytes " \
+           f"(blk.{e.layer}.ffn_{role}_exps.weight[{e.expert}]"
+    if mode == "cli":
+        p = run_cli("verify", out, "--deep", "--against", src, "-q")
+        assert p.returncode == 1 and f"FAIL {e.path}: {want}" in p.stdout, p.stdout
+    else:
+        r = deep_report(out, src, whole_budget=0, runtime_experts=0)
+        assert {p.path for p in r.problems} == {e.path} and r.problems[0].what.startswith(want), r.problems
+
+
+def test_scan_releases_both_mappings_band_by_band(monkeypatch, extracted):
+    """Memory is bounded by the band, not by the file: scan_shard drops every source region in consecutive spans of
+    at most RELEASE_BYTES + PIECE that cover it all (and the shard's own mapping likewise), whatever the sizes. Run
+    with tiny bands on a real shard so that every projection takes many."""
+    import os
+
+    import mertools.deep as deep
+    from mer_runtime.safeopen import open_regular
+
+    monkeypatch.setattr(deep, "PIECE", 4096)
+    monkeypatch.setattr(deep, "RELEASE_BYTES", 3 * 4096)
+    src = REAL / "mixtral-q4_0.gguf"
+    m = load_manifest(extracted(src))
+    e = m.expert(1, 3)
+    ref = SourceReference(src, m)
+    spans: dict[str, list] = {}
+    try:
+        regions = deep.source_regions(ref, e, [])
+        assert set(regions) == {"gate", "up", "down"} and all(r.data.size > 8 * 4096 for r in regions.values())
+
+        def recorder(role, real):
+            def release(lo, hi):
+                spans.setdefault(role, []).append((lo, hi))
+                real(lo, hi)
+            return release
+
+        regions = {role: r._replace(release=recorder(role, r.release)) for role, r in regions.items()}
+        fd, _ = open_regular(m.path_of(e))
+        try:
+            whole, parts, n, probs = deep.scan_shard(fd, e, regions)
+        finally:
+            os.close(fd)
+    finally:
+        ref.close()
+    assert not probs and n == e.size and whole == e.xxh3_64
+    assert all(parts[r] == t.xxh3_64 for r, t in e.tensors.items())
+    for role, r in regions.items():
+        got = spans[role]
+        assert got[0][0] == 0 and got[-1][1] == r.data.size
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))  # consecutive, nothing held back
+        assert max(hi - lo for lo, hi in got) <= deep.RELEASE_BYTES + deep.PIECE
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps), whatever the page cache holds."""
+    total, mine = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            mine = line.rstrip().endswith(str(path))
+        elif mine and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+def test_mapped_source_pages_are_dropped(extracted):
+    """The pages a comparison or a reference touched in our own mapping of the source are dropped by the region's
+    release (resident size from /proc/self/smaps): they do not pile up over a folder."""
+    src = REAL / "mixtral-f16.gguf"
+    m = load_manifest(extracted(src))
+    ref = SourceReference(src, m)
+    try:
+        regs = [ref.region(0, e, "down") for e in range(m.model["n_experts"])]
+        kib = sum(r.data.size for r in regs) // 1024
+        assert kib >= 512
+        before = _mapped_kib(src.resolve())
+        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        touched = _mapped_kib(src.resolve())
+        assert touched - before >= kib - 8
+        for r in regs:
+            r.release(0, r.data.size)
+        after = _mapped_kib(src.resolve())
+        # all of it goes but each region's two partial end pages; the kernel's fault-around may have mapped up to
+        # 64 KiB on either side, which is not ours to drop
+        assert touched - after >= kib - 8 * len(regs) - 8 and after <= before + 2 * 64 + 8 * len(regs) + 8, (
+            before, touched, after)
+    finally:
+        ref.close()

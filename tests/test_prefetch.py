@@ -81,12 +81,14 @@ def test_cost_model_admits_a_guess_only_when_it_pays():
         cm.observe(wall_s=0.010, io_wait_s=0.009, misses=1, miss_latency_s=0.009)
     assert (cm.stall_s, cm.miss_step, cm.gain_s, cm.loss_s) == pytest.approx((0.009, 1.0, 0.009, 0.009))
     assert [cm.admit(p) for p in (0.3, 0.5, 0.6)] == [False, False, True]  # pays only above even odds
-    # right guesses were needed with 40% landed; wrong ones had read 10%: a 1-in-5 guess pays
+    # right guesses were needed with 40% landed; wrong ones had read 10%; a third of the guesses admitted with
+    # p 0.55 on average turned out right: p is worth 0.606 p, and a guess pays from p = 0.2 / 0.606
     for _ in range(20):
         cm.observe_used(0.4)
         cm.observe_stale(0.1, 0.0)
     assert (cm.landed_frac, cm.waste_frac) == pytest.approx((0.4, 0.1), abs=1e-4)
-    assert [cm.admit(p) for p in (0.15, 0.25)] == [False, True]
+    assert cm.calibration == pytest.approx(1 / 3 / 0.55, abs=1e-3)
+    assert [cm.admit(p) for p in (0.3, 0.36)] == [False, True]
     # steps without foreground reads: nothing for a wrong guess to delay
     for _ in range(20):
         cm.observe(wall_s=0.01, io_wait_s=0.0, misses=0, miss_latency_s=0.0)

@@ -80,6 +80,9 @@ class CostModel:
       x `miss_step` (the fraction of steps with a foreground read to delay). Every byte counts, even one read
       while the consumer computed: on a shared or throttled disk idle time is not free, and a gate that assumed
       it was would let prefetching lose.
+    p itself is calibrated: a first-order table says 1.0 after one sighting, so admit() judges p x `calibration`,
+    the ratio of the right guesses among those resolved (used, or withdrawn as wrong) to the mean p they were
+    admitted with (1 until guesses resolve).
     Both fractions start at `window_frac` and move from there (one sample never decides alone). Each figure is an
     exponential moving average (weight `alpha`). Until `warmup` misses have been measured nothing is admitted:
     speculation starts only once it can be judged. `admitted` and `refused` count the decisions.
@@ -92,7 +95,8 @@ class CostModel:
     >>> cm.observe(wall_s=1.0, io_wait_s=0.5, misses=5, miss_latency_s=0.5)  # stall 0.1 s, every step misses
     >>> cm.admit(0.6), cm.admit(0.4)    # gain 0.5 x 0.1 s, loss 0.5 x 0.1 s x 1: pays above even odds
     (True, False)
-    >>> for _ in range(30): cm.observe_stale(0.05, 0.0)   # wrong guesses were found having read 5% of an expert
+    >>> for _ in range(30):             # half the guesses were right (half landed), half wrong (5% read)
+    ...     cm.observe_used(0.5); cm.observe_stale(0.05, 0.0)
     >>> cm.admit(0.2)
     True
     """
@@ -105,6 +109,7 @@ class CostModel:
         self.stale_frac = 0.0
         self.misses_seen = self.steps_seen = self.stale_seen = self.used_seen = 0
         self.admitted = self.refused = 0
+        self.p_admitted = self.right = 0.5  # moving averages of admitted p and of outcomes: calibration 1 at first
 
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self.alpha * (new - old)
@@ -126,6 +131,7 @@ class CostModel:
         for _ in range(n):
             self.waste_frac = self._ema(self.waste_frac, min(1.0, max(0.0, read_frac)), False)
             self.stale_frac = self._ema(self.stale_frac, min(1.0, max(0.0, inflight_frac)), self.stale_seen == 0)
+            self.right = self._ema(self.right, 0.0, False)
             self.stale_seen += 1
         # the window a guess may read ahead: as large as lands before the next step (additive increase while
         # withdrawals find nothing in flight, halved when they find some)
@@ -135,7 +141,12 @@ class CostModel:
         """n right guesses were first needed with, on average, this fraction of their read complete."""
         for _ in range(n):
             self.landed_frac = self._ema(self.landed_frac, min(1.0, max(0.0, landed_frac)), False)
+            self.right = self._ema(self.right, 1.0, False)
             self.used_seen += 1
+
+    @property
+    def calibration(self) -> float:
+        return self.right / self.p_admitted if self.p_admitted > 0 else 1.0
 
     @property
     def gain_s(self) -> float:
@@ -147,9 +158,11 @@ class CostModel:
 
     def admit(self, p: float) -> bool:
         """Is a read of an expert predicted with probability p expected to gain more than it costs?"""
-        ok = self.misses_seen >= self.warmup and p * self.gain_s > (1.0 - p) * self.loss_s
+        q = min(1.0, p * self.calibration)
+        ok = self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * self.loss_s
         if ok:
             self.admitted += 1
+            self.p_admitted = self._ema(self.p_admitted, p, False)
         else:
             self.refused += 1
         return ok

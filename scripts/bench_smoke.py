@@ -1,54 +1,82 @@
 #!/usr/bin/env python3
-"""Smoke benchmark on a Mixtral-shaped Q4_0 model on disk (not a test).
+"""Smoke benchmark on a Mixtral-shaped Q4_0 model on disk (not a test): prefetch on against off, every workload.
 
 Builds (once) a GGUF with d_model 4096, d_ff 14336, 8 experts x 4 MoE layers (3.2 GB, Q4_0), extracts it, then runs
-the runtime's smoke loop (O_DIRECT loader, 16-slot cache, SwiGLU kernels) with and without the Markov prefetcher,
-and prints tokens/s (whole model and per layer step), hit rate, I/O share and read throughput for each. The
-hit rates of no prefetch / Markov / oracle on the same trace come from the same run.
+the runtime's smoke loop (O_DIRECT loader, 16-slot cache, C moe() kernel) with the Markov prefetcher on and off,
+ALTERNATED (on, off, on, off, ...) after one discarded warm-up run, so that a drift of the disk or of the machine
+(another process, the host's cache) falls on both sides alike. Per workload it prints the median tokens/s on and
+off, their ratio (on / off: >= 1.00 means prefetching did not lose) and the figures of the median runs: hit rate,
+I/O share, prefetches issued / used / cancelled. The hit rates of no prefetch / Markov / oracle on the same trace
+come from the same run.
 
-    python scripts/bench_smoke.py [--dir /tmp/mertools-bench] [--tokens 200] [--workload markov] [--io auto]
+    python scripts/bench_smoke.py [--dir /tmp/mertools-bench] [--tokens 40] [--reps 3] [--workload markov zipf]
+
+Run one workload per invocation on a shared machine (each takes about a minute at the defaults).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run whose tokens/s is the (lower) median: its other figures are printed beside the median."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mertools-bench"))
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=3, help="runs per side (on and off), alternated")
     ap.add_argument("--slots", type=int, default=16)
-    ap.add_argument("--workload", nargs="+", default=["markov", "zipf"])
+    ap.add_argument("--workload", nargs="+", default=["markov", "zipf", "uniform", "router"])
     ap.add_argument("--io", default="auto")
-    ap.add_argument("--json", type=Path, help="also write all results here")
+    ap.add_argument("--block", type=int, default=1 << 20, help="the loader's chunk in bytes")
+    ap.add_argument("--depth", type=int, default=32, help="chunks with the disk at most")
+    ap.add_argument("--json", type=Path, help="also write every run here")
     a = ap.parse_args()
     from bench_loader import ensure_folder
     from mer_runtime.smoke import SmokeConfig, run_smoke
 
     a.dir.mkdir(parents=True, exist_ok=True)
     folder = ensure_folder(a.dir, a.layers)
-    rows = []
+    out = []
     for workload in a.workload:
-        for prefetch in (False, True):
-            cfg = SmokeConfig(tokens=a.tokens, cache_slots=a.slots, workload=workload, io=a.io, prefetch=prefetch)
-            r = run_smoke(folder, cfg)
-            rows.append(r)
-            pol = r["hit_rate_by_policy"]
-            print(f"{workload:7s} prefetch {'on ' if prefetch else 'off'}: {r['tokens_per_s']:6.2f} tokens/s "
-                  f"({r['layer_steps_per_s']:6.2f} layer-steps/s), hit rate {r['hit_rate']:.1%} "
-                  f"(none {pol['none']['hit_rate']:.1%} / markov {pol['markov']['hit_rate']:.1%} / oracle "
-                  f"{pol['oracle']['hit_rate']:.1%}), I/O share {r['io_share']:.1%}, read "
-                  f"{r['read_mib_per_s']:.0f} MiB/s, compute p50 {r['compute_ms_per_expert']['p50']:.1f} ms/expert, "
-                  f"{r['backend']}", flush=True)
+        def run(prefetch: bool) -> dict:
+            cfg = SmokeConfig(tokens=a.tokens, cache_slots=a.slots, workload=workload, io=a.io, prefetch=prefetch,
+                              block_size=a.block, queue_depth=a.depth)
+            return run_smoke(folder, cfg)
+
+        run(True)  # warm-up, discarded: the first run of a process pays for imports and the host's cold cache
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for _ in range(a.reps):
+            for prefetch in (True, False):
+                runs[prefetch].append(run(prefetch))
+        med = {p: statistics.median(r["tokens_per_s"] for r in runs[p]) for p in (True, False)}
+        ratio = med[True] / med[False] if med[False] else float("nan")
+        on, off = _median_run(runs[True]), _median_run(runs[False])
+        pol = on["hit_rate_by_policy"]
+        fmt = {p: " ".join(f"{r['tokens_per_s']:.2f}" for r in runs[p]) for p in (True, False)}
+        print(f"{workload:8s} tokens/s on {med[True]:6.2f}  off {med[False]:6.2f}  on/off {ratio:.3f}  "
+              f"(medians of {a.reps} alternated runs of {a.tokens} tokens; "
+              f"all on: {fmt[True]}; all off: {fmt[False]})", flush=True)
+        print(f"{'':8s} hit rate on {on['hit_rate']:.1%} off {off['hit_rate']:.1%} (replayed without I/O: none "
+              f"{pol['none']['hit_rate']:.1%} / markov {pol['markov']['hit_rate']:.1%} / oracle "
+              f"{pol['oracle']['hit_rate']:.1%}); I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
+              f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} cancelled "
+              f"{on['prefetch_cancelled']} refused {on.get('prefetch_refused', 0)}; {on['backend']}", flush=True)
+        out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
+                    "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        a.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

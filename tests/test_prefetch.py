@@ -73,22 +73,40 @@ def test_workloads_are_seeded_and_valid(manifest, workload):
 
 
 def test_cost_model_admits_a_guess_only_when_it_pays():
-    """Decisions from given measurements (no clocks): p x stall > read x busy."""
-    cm = CostModel(alpha=0.5, warmup=4)
+    """Decisions from given measurements (no clocks): p x landed x stall > (1 - p) x waste x stall x miss_step."""
+    cm = CostModel(alpha=0.5, warmup=4, window_frac=1.0, window=8)
     assert not cm.admit(1.0)  # nothing measured yet: no speculation
-    # disk-bound: blocked 90% of the time, a miss stalls for as long as a read takes
+    # every step misses and stalls 9 ms; priors: a guess reads (and a right one lands) a whole expert
     for _ in range(4):
         cm.observe(wall_s=0.010, io_wait_s=0.009, misses=1, miss_latency_s=0.009)
-    assert (cm.stall_s, cm.read_s, cm.busy) == pytest.approx((0.009, 0.009, 0.9))
-    assert [cm.admit(p) for p in (0.5, 0.89, 0.95)] == [False, False, True]
-    # compute-bound: the disk idles 95% of the time: even a 1-in-10 guess is worth its read
-    for _ in range(30):
-        cm.observe(wall_s=0.100, io_wait_s=0.005, misses=1, miss_latency_s=0.009)
-    assert cm.busy == pytest.approx(0.05, abs=1e-6)
-    assert [cm.admit(p) for p in (0.02, 0.1)] == [False, True]
-    # steps without misses still count as time the disk was free
-    cm.observe(wall_s=0.1, io_wait_s=0.0, misses=0, miss_latency_s=0.0)
-    assert cm.busy == pytest.approx(0.025, abs=1e-6)
+    assert (cm.stall_s, cm.miss_step, cm.gain_s, cm.loss_s) == pytest.approx((0.009, 1.0, 0.009, 0.009))
+    assert [cm.admit(p) for p in (0.3, 0.5, 0.6)] == [False, False, True]  # pays only above even odds
+    # right guesses were needed with 40% landed; wrong ones had read 10%; a third of the guesses admitted with
+    # p 0.55 on average turned out right: p is worth 0.606 p, and a guess pays from p = 0.2 / 0.606
+    for _ in range(20):
+        cm.observe_used(0.4)
+        cm.observe_stale(0.1, 0.0)
+    assert (cm.landed_frac, cm.waste_frac) == pytest.approx((0.4, 0.1), abs=1e-4)
+    assert cm.calibration == pytest.approx(1 / 3 / 0.55, abs=1e-3)
+    assert [cm.admit(p) for p in (0.3, 0.36)] == [False, True]
+    # steps without foreground reads: nothing for a wrong guess to delay
+    for _ in range(20):
+        cm.observe(wall_s=0.01, io_wait_s=0.0, misses=0, miss_latency_s=0.0)
+    assert cm.miss_step < 1e-4 and cm.admit(0.01)
+    assert (cm.admitted, cm.refused) == (3, 4)
+
+
+def test_the_window_grows_while_guesses_land_in_time_and_halves_when_not():
+    cm = CostModel(window=32)
+    cm.window = 4
+    for _ in range(3):
+        cm.observe_stale(0.05, 0.0)
+    assert cm.window == 7
+    cm.observe_stale(0.05, 0.01)  # found with chunks still in flight: it took disk time from the next step
+    assert cm.window == 3
+    for _ in range(100):
+        cm.observe_stale(0.05, 0.0)
+    assert cm.window == 32  # never past the loader's queue
 
 
 def test_predictions_carry_their_probabilities():

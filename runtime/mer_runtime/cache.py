@@ -7,7 +7,10 @@ Rules:
   is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches,
   whether their reads have finished or not, never count towards that reserve, so the decision does not depend on
   how fast the disk was;
-- a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost).
+- a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost);
+- a stale prefetch (its step has passed, unused) is withdrawn by `cancel_stale`: its chunks not yet issued are
+  dropped, and its slot comes back once the chunks already issued have landed ("draining"), so a wrong guess costs
+  at most the reads that were with the disk when it was found wrong.
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
 counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
@@ -93,7 +96,10 @@ class CacheStats:
     prefetch_wasted: int = 0  # evicted before any use
     prefetch_skipped: int = 0  # no slot could be spared
     prefetch_failed: int = 0  # the read or the checksum failed (reported to whoever acquires it, if anyone)
-    prefetch_cancelled: int = 0  # withdrawn before any of it was read (stale: the step it was for has passed)
+    prefetch_cancelled: int = 0  # stale (the step it was for has passed, unused) and withdrawn before it completed
+    cancelled_inflight_bytes: int = 0  # of the withdrawn prefetches: bytes with the disk when withdrawn
+    cancelled_read_bytes: int = 0  # of the withdrawn prefetches: bytes read or being read (all they cost the disk)
+    prefetch_landed: float = 0.0  # summed over used prefetches: the fraction of the read complete at first use
     load_latency: Reservoir = field(default_factory=Reservoir)  # seconds, foreground misses: start to ready
     io_wait: float = 0.0  # seconds callers spent blocked on reads (summed over threads)
 
@@ -107,7 +113,8 @@ class CacheStats:
                 "evictions": self.evictions, "prefetch_issued": self.prefetch_issued,
                 "prefetch_used": self.prefetch_used, "prefetch_wasted": self.prefetch_wasted,
                 "prefetch_skipped": self.prefetch_skipped, "prefetch_failed": self.prefetch_failed,
-                "prefetch_cancelled": self.prefetch_cancelled}
+                "prefetch_cancelled": self.prefetch_cancelled, "cancelled_read_bytes": self.cancelled_read_bytes,
+                "cancelled_inflight_bytes": self.cancelled_inflight_bytes}
 
 
 class ExpertCache:
@@ -125,11 +132,31 @@ class ExpertCache:
         self.pool, self.loader, self.locate, self.check = pool, loader, locate, check
         self.entries: OrderedDict[Key, Entry] = OrderedDict()  # LRU order: first is least recently used
         self.free = list(range(pool.n_slots - 1, -1, -1))
+        self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
         self._closed = False
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
+    def _reclaim(self) -> None:
+        """Give back the slots of withdrawn prefetches whose issued chunks have all landed (never blocks)."""
+        if self._draining:
+            still = []
+            for t, slot in self._draining:
+                if self.loader.ready(t):
+                    self.free.append(slot)
+                else:
+                    still.append((t, slot))
+            self._draining = still
+
+    def _landed(self, e: Entry) -> float:
+        """The fraction of e's read that is complete (chunks of the loader's block size)."""
+        t = e.ticket
+        if t is None or self.loader.ready(t):  # ready() accounts for the chunks that have landed (io_uring)
+            return 1.0
+        chunks = max(1, -(-t.size // self.loader.block_size))
+        return max(0.0, 1.0 - t.remaining / chunks)
+
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
@@ -146,6 +173,7 @@ class ExpertCache:
         return v.slot
 
     def _take_slot_prefetch(self) -> int | None:
+        self._reclaim()
         spare = [e for e in self.entries.values() if e.used and not e.pinned and not e.holders]
         if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
             return None
@@ -155,6 +183,7 @@ class ExpertCache:
 
     def _take_slot_foreground(self) -> int | None:
         """A slot for a miss, or None after waiting (the caller looks again: another thread may have loaded it)."""
+        self._reclaim()
         if self.free:
             return self.free.pop()
         idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
@@ -170,6 +199,15 @@ class ExpertCache:
                 pass
             self.stats.io_wait += time.perf_counter() - t0
             return self._evict(v)
+        if self._draining:  # a withdrawn prefetch's last chunks are landing in its slot: the oldest is nearly done
+            t, slot = self._draining.pop(0)
+            t0 = time.perf_counter()
+            try:
+                self.loader.wait(t)
+            except Exception:  # ECANCELED, as withdrawn
+                pass
+            self.stats.io_wait += time.perf_counter() - t0
+            return slot
         me = threading.get_ident()
         # Waiting while holding a slot is the hold-and-wait of a deadlock (two threads each holding one of the
         # last slots and wanting another): a thread that holds one gets CacheError instead (ShardSet.moe then
@@ -262,6 +300,7 @@ class ExpertCache:
                             self.stats.hits += 1
                     if e.prefetched and not e.used:
                         self.stats.prefetch_used += 1
+                        self.stats.prefetch_landed += self._landed(e)
                     if e.ticket is not None:
                         self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
                     break
@@ -295,6 +334,7 @@ class ExpertCache:
             self._ensure_open()
             step = set(keys)
             todo: list[tuple[Key, int]] = []
+            self._reclaim()
             for key in dict.fromkeys(keys):
                 if key in self.entries:
                     continue
@@ -321,20 +361,44 @@ class ExpertCache:
             return len(todo)
 
     def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset()) -> int:
-        """Withdraw unused prefetches (not in keep) none of whose reads has been issued yet: their step has passed
-        and they would only take disk time from foreground reads. Returns how many were withdrawn."""
+        """Withdraw the unused prefetches (not in keep) whose reads have not completed: their step has passed and
+        the rest of their reads would only take disk time from foreground reads. A read none of whose chunks was
+        issued gives its slot back at once; one part-way through stops reading (its chunks already with the disk
+        land, counted in `stats.cancelled_inflight_bytes`) and its slot comes back when they have. A complete,
+        unused prefetch stays cached (it may still be needed; it is evicted like any idle expert).
+        Returns how many were withdrawn.
+
+        >>> cache.cancel_stale(keep={(3, 1), (3, 6)})   # doctest: +SKIP
+        1
+        """
         with self._cv:
             n = 0
             for e in list(self.entries.values()):
-                if (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
-                        and e.key not in keep and self.loader.cancel(e.ticket)):
-                    del self.entries[e.key]
+                if not (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
+                        and e.key not in keep):
+                    continue
+                if self.loader.cancel(e.ticket):
                     self.free.append(e.slot)  # nothing was in flight into it
-                    self.stats.prefetch_cancelled += 1
-                    n += 1
+                else:
+                    inflight = self.loader.withdraw(e.ticket)
+                    if inflight is None:  # its read completed meanwhile: keep it (unchecked; acquire checks it)
+                        continue
+                    self.stats.cancelled_inflight_bytes += inflight
+                    self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
+                    self._draining.append((e.ticket, e.slot))
+                del self.entries[e.key]
+                self.stats.prefetch_cancelled += 1
+                n += 1
+            self._reclaim()
             if n:
                 self._cv.notify_all()
             return n
+
+    def loaded(self, key: Key) -> bool:
+        """Is key in the cache with its read complete (an acquire would not wait for the disk)? Never blocks."""
+        with self._cv:
+            e = self.entries.get(key)
+            return e is not None and e.error is None and self._read_complete(e)
 
     def release(self, key: Key) -> None:
         """Give back what acquire(key) gave this thread; releasing what this thread does not hold is an error."""
@@ -367,9 +431,10 @@ class ExpertCache:
             return True
 
     def in_flight(self) -> int:
-        """Loads started and not yet finished and checked."""
+        """Loads started and not yet finished and checked, and withdrawn prefetches whose reads are still landing."""
         with self._cv:
-            return sum(1 for e in self.entries.values() if e.ticket is not None)
+            self._reclaim()
+            return sum(1 for e in self.entries.values() if e.ticket is not None) + len(self._draining)
 
     def pin(self, keys: list[Key]) -> None:
         with self._cv:
@@ -400,15 +465,19 @@ class ExpertCache:
         a failed read stays with its entry and is raised by the acquire that needs it."""
         with self._cv:
             tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
+            tickets += [t for t, _ in self._draining]
         for t in tickets:  # outside the lock: other threads may go on meanwhile
             try:
                 self.loader.wait(t)
             except Exception:
                 pass
+        with self._cv:
+            self._reclaim()  # the withdrawn prefetches' slots are free again
 
     def close(self) -> None:
         """Drain, then refuse every later call with CacheError."""
         self.drain()
         with self._cv:
+            self._reclaim()
             self._closed = True
             self._cv.notify_all()

@@ -46,6 +46,7 @@ class Ticket:
     issued: int = 0  # chunks ever handed to the kernel or a worker
     error: BaseException | None = None
     done: bool = False  # remaining == 0: the slot's bytes will not change any more
+    urgent: bool = False  # a foreground read (or a prefetch promoted since): never held back by `spec_window`
 
 
 def _not_regular(path: str, mode: int) -> NotRegularFileError:
@@ -101,6 +102,10 @@ class Loader:
         self._closed = False
         self._trace: deque | None = None
         self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet issued
+        # io_uring: at most this many chunks of speculative (not urgent) reads with the disk, none while an urgent
+        # chunk is, and at most this many of each speculative read until it is promoted (needed); None: no limit.
+        # A wrong guess then reads at most spec_window chunks, in the disk's idle time.
+        self.spec_window: int | None = None
 
     # -- the interface ------------------------------------------------------------------------------------
     def read(self, path: str, size: int, slot: int) -> None:
@@ -140,6 +145,7 @@ class Loader:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
         with self._cv:
             mine = [it for it in self._queue if it[0] is t]
+            t.urgent = True
             if mine:
                 self._queue = deque(it for it in self._queue if it[0] is not t)
                 self._queue.extendleft(reversed(mine))
@@ -155,6 +161,24 @@ class Loader:
             self._note("cancelled", t.id)
             self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
             return True
+
+    def withdraw(self, t: Ticket) -> int | None:
+        """Drop the chunks of a read that have not been issued yet, even if others have (a stale prefetch part-way
+        through): nothing more is read for it, and the ticket fails with ECANCELED once the chunks already with the
+        kernel or a worker complete (`ready`/`wait` say when the slot is no longer written). Returns the bytes still
+        in flight (the disk time the withdrawn read still takes), or None if the read was already done.
+
+        >>> loader.withdraw(t)        # doctest: +SKIP
+        4194304
+        """
+        with self._cv:
+            self._collect()  # chunks that landed are not "in flight"; nothing new is issued before the withdrawal
+            if t.done:
+                return None
+            self._note("withdrawn", t.id, t.in_flight)
+            inflight = t.in_flight * self.block_size
+            self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read withdrawn (a stale prefetch)"))
+            return inflight
 
     def ready(self, t: Ticket) -> bool:
         with self._cv:
@@ -195,6 +219,7 @@ class Loader:
     def _enqueue(self, tickets: list[Ticket], urgent: bool) -> None:
         items = []
         for t in tickets:
+            t.urgent = urgent
             mine = [(t, off, min(self.block_size, t.size - off)) for off in range(0, t.size, self.block_size)]
             t.remaining = len(mine)
             self._note("queued", t.id, urgent, len(mine))
@@ -209,6 +234,9 @@ class Loader:
 
     def _kick(self) -> None:
         """Queued work may be issued now."""
+
+    def _collect(self) -> None:
+        """Account for chunks that have completed, without issuing any (thread backends: already done)."""
 
     def _fail(self, t: Ticket, err: BaseException) -> None:
         """Record the first error and drop the ticket's queued chunks: nothing more is read for it."""
@@ -372,6 +400,7 @@ class UringLoader(Loader):
         self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet submitted
         self._chunks: dict[int, tuple[Ticket, int, int]] = {}  # user_data -> chunk with the kernel
         self._chunk_ids = itertools.count(1)
+        self._spec: set[int] = set()  # user_data of the speculative chunks with the kernel (for spec_window)
         self._reaping = False
 
     def describe(self) -> str:
@@ -381,12 +410,19 @@ class UringLoader(Loader):
     def _kick(self) -> None:
         self._pump()
 
-    def _pump(self) -> None:
+    def _pump(self, force: bool = False) -> None:
         r = self.ring
         while self._queue and r.in_flight + r.pending < self.queue_depth:
+            t = self._queue[0][0]
+            if not (t.urgent or force or self.spec_window is None) and (
+                    len(self._spec) >= self.spec_window or len(self._chunks) > len(self._spec)
+                    or t.issued >= self.spec_window):
+                break  # speculation only in the disk's idle time, at most spec_window chunks a guess until needed
             t, off, n = self._queue.popleft()
             cid = next(self._chunk_ids)
             self._chunks[cid] = (t, off, n)
+            if not t.urgent:
+                self._spec.add(cid)
             t.in_flight += 1
             t.issued += 1
             self._note("issue", t.id, off)
@@ -396,6 +432,7 @@ class UringLoader(Loader):
 
     def _complete(self, cid: int, res: int) -> None:
         t, off, n = self._chunks.pop(cid)
+        self._spec.discard(cid)
         if res < 0 and -res in _RETRY or 0 < res < n:  # retry, or continue a short read where it stopped
             if t.error is not None:  # the ticket failed meanwhile: drop the rest of this chunk
                 self._chunk_done(t, 0, None)
@@ -434,10 +471,17 @@ class UringLoader(Loader):
             self._cv.wait()
             return
         self._pump()
+        if self.ring.in_flight == 0:  # only held-back speculative chunks are left, and this thread needs one
+            self._pump(force=True)
         if self.ring.in_flight == 0:
             raise ShardIOError(errno.EIO, "io_uring: nothing in flight but reads are outstanding (a bug): "
                                           "use --io pread")
         self._reap_once()
+
+    def _collect(self) -> None:
+        if not self._reaping and not self.ring.fd < 0:
+            for cid, res in self.ring.reap():
+                self._complete(cid, res)
 
     def poll(self) -> None:
         with self._cv:

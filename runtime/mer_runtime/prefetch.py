@@ -9,7 +9,8 @@ probability is at least `threshold_scale / n_experts`: with hundreds of experts 
 fixed threshold would never fire. Prefetches in flight are bounded by the caller's cache (`max_inflight`).
 
 `CostModel` decides whether a predicted expert is worth a speculative read at all (see its docstring): a wasted
-read costs in full when the disk is the bottleneck, so the threshold alone can make prefetching lose.
+read costs in full when the disk is the bottleneck, so the threshold alone can make prefetching lose. Neither
+class is thread-safe: one of each per stream of tokens (smoke's driver).
 """
 
 from __future__ import annotations
@@ -69,26 +70,46 @@ class MarkovPrefetcher:
 
 
 class CostModel:
-    """Issue a speculative read only when it is expected to pay: p x stall > read x busy, measured online.
+    """Issue a speculative read only when it is expected to pay: p x gain > (1 - p) x loss, measured online.
 
-    - stall: seconds the consumer blocks per foreground miss (what a right guess saves);
-    - read: seconds one expert read takes from start to ready (the disk time a wrong guess uses);
-    - busy: the fraction of wall time the consumer is blocked on reads: the chance that a speculative read is in
-      the way of a foreground one. While compute dominates the disk idles, speculation is nearly free and any
-      likely expert is worth reading; when the disk is the bottleneck only near-certain guesses are.
-    Each is an exponential moving average (weight `alpha`) of what the caller observes per step. Until `warmup`
-    misses have been measured nothing is admitted: speculation starts only once it can be judged.
+    - gain: what a right guess saves: `landed_frac` (the fraction of its read complete when it is first needed,
+      measured at each use; the rest is still waited for) x `stall_s` (seconds the consumer blocks per
+      foreground miss);
+    - loss: the disk time a wrong guess takes from foreground reads: `waste_frac` (what it read, or was reading,
+      when it was found wrong and withdrawn, as a fraction of an expert; measured at each withdrawal) x `stall_s`
+      x `miss_step` (the fraction of steps with a foreground read to delay). Every byte counts, even one read
+      while the consumer computed: on a shared or throttled disk idle time is not free, and a gate that assumed
+      it was would let prefetching lose.
+    p itself is calibrated: a first-order table says 1.0 after one sighting, so admit() judges p x `calibration`,
+    the ratio of the right guesses among those resolved (used, or withdrawn as wrong) to the mean p they were
+    admitted with (1 until guesses resolve).
+    Both fractions start at `window_frac` and move from there (one sample never decides alone). Each figure is an
+    exponential moving average (weight `alpha`). Until `warmup` misses have been measured nothing is admitted:
+    speculation starts only once it can be judged. `admitted` and `refused` count the decisions.
 
-    >>> cm = CostModel(warmup=1)
-    >>> cm.observe(wall_s=1.0, io_wait_s=0.5, misses=5, miss_latency_s=0.5)  # stall 0.1 s, read 0.1 s, busy 0.5
-    >>> cm.admit(0.6), cm.admit(0.4)
+    `window` is how many chunks a guess may read before it is needed (the loader's `spec_window`): it grows by one
+    while withdrawals find nothing left in flight and halves when they find some, so that what a wrong guess reads
+    lands in the disk's idle time (`stale_frac`: the in-flight fraction found at withdrawals).
+
+    >>> cm = CostModel(warmup=1, window_frac=0.5)
+    >>> cm.observe(wall_s=1.0, io_wait_s=0.5, misses=5, miss_latency_s=0.5)  # stall 0.1 s, every step misses
+    >>> cm.admit(0.6), cm.admit(0.4)    # gain 0.5 x 0.1 s, loss 0.5 x 0.1 s x 1: pays above even odds
     (True, False)
+    >>> for _ in range(30):             # half the guesses were right (half landed), half wrong (5% read)
+    ...     cm.observe_used(0.5); cm.observe_stale(0.05, 0.0)
+    >>> cm.admit(0.2)
+    True
     """
 
-    def __init__(self, alpha: float = 0.2, warmup: int = 4):
+    def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32):
         self.alpha, self.warmup = alpha, warmup
-        self.stall_s = self.read_s = self.busy = 0.0
-        self.misses_seen = 0
+        self.max_window = self.window = max(1, window)
+        self.stall_s = self.read_s = self.miss_step = 0.0
+        self.waste_frac = self.landed_frac = min(1.0, max(0.0, window_frac))
+        self.stale_frac = 0.0
+        self.misses_seen = self.steps_seen = self.stale_seen = self.used_seen = 0
+        self.admitted = self.refused = 0
+        self.p_admitted = self.right = 0.5  # moving averages of admitted p and of outcomes: calibration 1 at first
 
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self.alpha * (new - old)
@@ -96,16 +117,52 @@ class CostModel:
     def observe(self, wall_s: float, io_wait_s: float, misses: int, miss_latency_s: float) -> None:
         """One step's figures: its wall time, the time blocked on reads, its foreground misses and their summed
         start-to-ready latency."""
-        if wall_s > 0:
-            self.busy = self._ema(self.busy, min(1.0, io_wait_s / wall_s), self.misses_seen == 0 and self.busy == 0)
+        self.miss_step = self._ema(self.miss_step, 1.0 if misses else 0.0, self.steps_seen == 0)
+        self.steps_seen += 1
         if misses:
             first = self.misses_seen == 0
             self.stall_s = self._ema(self.stall_s, io_wait_s / misses, first)
             self.read_s = self._ema(self.read_s, miss_latency_s / misses, first)
             self.misses_seen += misses
 
+    def observe_stale(self, read_frac: float, inflight_frac: float = 0.0, n: int = 1) -> None:
+        """n wrong guesses were withdrawn having read (or reading) read_frac of an expert on average, of which
+        inflight_frac was still with the disk."""
+        for _ in range(n):
+            self.waste_frac = self._ema(self.waste_frac, min(1.0, max(0.0, read_frac)), False)
+            self.stale_frac = self._ema(self.stale_frac, min(1.0, max(0.0, inflight_frac)), self.stale_seen == 0)
+            self.right = self._ema(self.right, 0.0, False)
+            self.stale_seen += 1
+        # the window a guess may read ahead: as large as lands before the next step (additive increase while
+        # withdrawals find nothing in flight, halved when they find some)
+        self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
+
+    def observe_used(self, landed_frac: float, n: int = 1) -> None:
+        """n right guesses were first needed with, on average, this fraction of their read complete."""
+        for _ in range(n):
+            self.landed_frac = self._ema(self.landed_frac, min(1.0, max(0.0, landed_frac)), False)
+            self.right = self._ema(self.right, 1.0, False)
+            self.used_seen += 1
+
+    @property
+    def calibration(self) -> float:
+        return self.right / self.p_admitted if self.p_admitted > 0 else 1.0
+
+    @property
+    def gain_s(self) -> float:
+        return self.landed_frac * self.stall_s
+
+    @property
+    def loss_s(self) -> float:
+        return self.waste_frac * self.stall_s * self.miss_step
+
     def admit(self, p: float) -> bool:
         """Is a read of an expert predicted with probability p expected to gain more than it costs?"""
-        if self.misses_seen < self.warmup:
-            return False
-        return p * self.stall_s > self.read_s * self.busy
+        q = min(1.0, p * self.calibration)
+        ok = self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * self.loss_s
+        if ok:
+            self.admitted += 1
+            self.p_admitted = self._ema(self.p_admitted, p, False)
+        else:
+            self.refused += 1
+        return ok

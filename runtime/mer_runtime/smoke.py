@@ -47,6 +47,8 @@ class SmokeConfig:
     max_inflight: int = 2
     compute: bool = True
     pin_top: int = 0  # pin the N experts this trace uses most (its routing profile) before the run
+    block_size: int = 1 << 20  # the loader's chunk; queue_depth chunks are with the disk at most
+    queue_depth: int = 32
 
 
 # -- routing traces -----------------------------------------------------------------------------------------
@@ -187,36 +189,74 @@ class NullLoader(Loader):
 
 
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
-           max_inflight: int, on_access: Callable[[int, int], None] | None = None, cost: CostModel | None = None
-           ) -> None:
-    """Run a trace through the cache. Each step's k experts are started together (`fetch`); after the step the
-    prefetcher's stale guesses are withdrawn and new ones issued if `cost` admits them (None: every prediction
-    above the threshold, as the I/O-free policy replay does)."""
+           max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None = None,
+           cost: CostModel | None = None) -> None:
+    """Run a trace through the cache, one layer step at a time:
+
+    1. the prefetcher's guesses for this step that were wrong are withdrawn (`cancel_stale`) before its reads
+       start: they take no more disk time than what was already with the disk;
+    2. the step's absent experts are started together (`fetch`), and the experts already cached are taken first,
+       so that computing them overlaps the reads of the others;
+    3. as soon as none of the step's experts is still being read (the disk would idle while they are computed),
+       the guesses for the next step are issued: those `cost` admits (None: every one above the threshold, as the
+       I/O-free replay does), at most `max_inflight` reads in flight.
+
+    `on_access(layer, expert, before_compute)` acquires the expert, calls `before_compute()` (if not None) once it
+    holds it, computes and releases; without it (the I/O-free replay), each expert is acquired and released and the
+    guesses follow the step. With policy "none" the
+    prefetcher is neither fed nor asked: prefetching off costs nothing per step."""
     T, L, _ = routes.shape
     st = cache.stats
+    markov = policy == "markov" and pf is not None
     for t in range(T):
         for li in range(L):
             experts = [int(e) for e in routes[t, li]]
             keys = [(layers[li], e) for e in experts]
             t0, w0, m0, l0 = time.perf_counter(), st.io_wait, st.misses, st.load_latency.total
+            if markov:
+                b0, r0, u0, f0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.prefetch_used, st.prefetch_landed
+                n = cache.cancel_stale(keep=set(keys))
+                if n and cost is not None:
+                    size = n * cache.locate(keys[0])[1]
+                    cost.observe_stale((st.cancelled_read_bytes - r0) / size, (st.cancelled_inflight_bytes - b0) / size, n)
+                    cache.loader.spec_window = cost.window
+            # hits first (stable), decided before the reads start, so that the LRU order, and with it the hit
+            # rate, is the same whatever the disk's speed (the I/O-free replay gives the same hits)
+            order = sorted(keys, key=lambda k: k not in cache.entries)
             cache.fetch(keys)
-            for key in keys:
-                if on_access:
-                    on_access(*key)
-                else:
-                    cache.acquire(key)
-                    cache.release(key)
-            if cost is not None:
-                cost.observe(time.perf_counter() - t0, st.io_wait - w0, st.misses - m0, st.load_latency.total - l0)
-            if policy == "markov" and pf is not None:
-                pf.observe(li, experts)
-                target, scored = pf.predict_scored(li)
-                cache.cancel_stale(keep={(layers[target], e) for e, _ in scored})
-                for e, p in scored:
+            guesses: list[tuple[int, float]] = []
+            target = 0
+            if markov:
+                pf.observe(li, experts)  # type: ignore[union-attr]
+                target, guesses = pf.predict_scored(li)  # type: ignore[union-attr]
+
+            def speculate(rest: list[tuple[int, int]]) -> None:
+                nonlocal guesses
+                if not guesses or not all(cache.loaded(k) for k in rest):
+                    return  # a read of this step is still under way: a guess would only slow it down
+                for e, p in guesses:
+                    key = (layers[target], e)
+                    if key in cache.entries:
+                        continue
                     if cache.in_flight() >= max_inflight or (cost is not None and not cost.admit(p)):
                         break  # ranked by p: if this one does not pay, the rest do not either
-                    cache.prefetch((layers[target], e))
-            elif policy == "oracle":
+                    cache.prefetch(key)
+                guesses = []
+
+            for i, key in enumerate(order):
+                hook = (lambda rest=order[i + 1:]: speculate(rest)) if markov else None
+                if on_access:
+                    on_access(*key, hook)
+                else:  # the I/O-free replay: nothing to overlap, so guesses go after the step, as room allows
+                    cache.acquire(key)
+                    cache.release(key)
+                    if hook:
+                        hook()
+            if cost is not None:
+                cost.observe(time.perf_counter() - t0, st.io_wait - w0, st.misses - m0, st.load_latency.total - l0)
+                if markov and st.prefetch_used > u0:
+                    cost.observe_used((st.prefetch_landed - f0) / (st.prefetch_used - u0), st.prefetch_used - u0)
+            if policy == "oracle":
                 nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
                 if nt < T:
                     for e in routes[nt, nl]:
@@ -246,7 +286,8 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int], Callable[[int], None]] | None = None
               ) -> dict[str, Any]:
-    with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first") as s:
+    with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first", block_size=cfg.block_size,
+                     queue_depth=cfg.queue_depth) as s:
         m = s.manifest
         routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
         T, L, k = routes.shape
@@ -256,11 +297,15 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
-        cost = CostModel() if cfg.prefetch else None
+        cost = CostModel(window=s.loader.queue_depth) if cfg.prefetch else None
+        if cost is not None:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
+            s.loader.spec_window = cost.window
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
 
-        def access(layer: int, e: int) -> None:
+        def access(layer: int, e: int, before_compute: Callable[[], None] | None) -> None:
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
+                if before_compute:
+                    before_compute()
                 if cfg.compute:
                     t0 = time.perf_counter()
                     s.compute(ex, x_bank[token_index[0] % len(x_bank)])
@@ -296,6 +341,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "layer_steps_per_s": round(T * L / wall, 3) if wall else 0.0,
         "cache_slots": cfg.cache_slots,
         **st.as_dict(),
+        "prefetch_refused": cost.refused if cost else 0,
         "prefetch": cfg.prefetch,
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,
@@ -341,7 +387,8 @@ def render(r: dict[str, Any]) -> str:
         f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
         f"evictions {r['evictions']}",
         f"  pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
-        f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}",
+        f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}, refused by the cost model "
+        f"{r['prefetch_refused']}",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
         f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",
         f"  read {r['bytes_read'] / 2**20:.1f} MiB at {r['read_mib_per_s']:.1f} MiB/s; I/O latency (misses) ms "

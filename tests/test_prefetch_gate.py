@@ -1,0 +1,207 @@
+"""Prefetch that never loses: the cost gate, stale guesses withdrawn, the idle-time window, results unchanged.
+
+Real shard files, the real loader (io_uring where the kernel allows it, else pread) and the real cache; the cost
+model is given its measurements (alpha=0 keeps them fixed), never a clock: no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from mer_runtime import load_manifest, open_shards, uring
+from mer_runtime.buffers import BufferPool
+from mer_runtime.cache import ExpertCache
+from mer_runtime.loader import open_loader
+from mer_runtime.prefetch import CostModel, MarkovPrefetcher
+from mer_runtime.smoke import _drive
+
+from conftest import REAL
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from mertools import extract
+
+    out = tmp_path_factory.mktemp("gate") / "q4"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    return load_manifest(out)
+
+
+def cycle_routes(m, tokens=40):
+    """A learnable trace: every layer follows the same 4-step cycle, longer than the cache holds."""
+    n = m.model["n_experts"]
+    cyc = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    return np.array([[[e % n for e in cyc[(t + li) % 4]] for li in range(len(m.layers))] for t in range(tokens)])
+
+
+def fixed_cost(stall=1.0, landed=1.0, waste=1.0) -> CostModel:
+    """A cost model with given measurements: every step misses, a miss stalls `stall` s."""
+    cm = CostModel(alpha=0.0, warmup=0)
+    cm.observe(wall_s=2 * stall, io_wait_s=stall, misses=1, miss_latency_s=stall)
+    cm.landed_frac, cm.waste_frac = landed, waste
+    return cm
+
+
+def run(m, routes, slots, policy, cost=None, outputs=None):
+    """One smoke pass over routes through a real ShardSet; returns the cache's counters."""
+    x = np.random.default_rng(3).standard_normal(m.model["d_model"]).astype(np.float32)
+    with open_shards(m.root, cache_slots=slots) as s:
+        pf = MarkovPrefetcher(m.layers, m.model["n_experts"])
+        if cost is not None:
+            s.loader.spec_window = cost.window
+
+        def access(layer, e, before_compute):
+            with s.load(layer, e) as ex:
+                if before_compute:
+                    before_compute()
+                if outputs is not None:
+                    outputs.append(((layer, e), s.compute(ex, x)))
+
+        _drive(s.cache, routes, m.layers, policy, pf, 2, on_access=access, cost=cost)
+        return s.cache.stats.as_dict()
+
+
+def test_the_gate_refuses_every_read_whose_expected_value_is_negative(folder):
+    routes = cycle_routes(folder)
+    base = run(folder, routes, 3, "none")
+    # a right guess would save nothing (none of it lands before it is needed), a wrong one costs a whole read:
+    # p x 0 > (1 - p) x 1 never holds, even for the certain guesses of this cycle
+    cm = fixed_cost(landed=0.0, waste=1.0)
+    refused = run(folder, routes, 3, "markov", cm)
+    assert refused["prefetch_issued"] == 0 and cm.admitted == 0 and cm.refused > 0
+    assert refused["hits"] == base["hits"] and refused["misses"] == base["misses"]
+
+
+def test_the_gate_admits_reads_that_pay_and_only_those(folder):
+    routes = cycle_routes(folder)
+    cm = fixed_cost(landed=1.0, waste=0.5)  # break-even p = 0.5 / 1.5 = 1/3
+    r = run(folder, routes, 5, "markov", cm)
+    assert r["prefetch_issued"] > 0 and cm.admitted > 0
+    # every admitted guess was started or found no slot: nothing is read that the gate did not admit
+    assert cm.admitted == r["prefetch_issued"] + r["prefetch_skipped"] + r["prefetch_failed"]
+    assert [cm.admit(p) for p in (0.3, 0.34)] == [False, True]
+
+
+def test_prefetching_never_changes_results(folder):
+    routes = cycle_routes(folder, 24)
+    routes[::5] = routes[::5][:, :, ::-1]  # some wrong guesses too
+    off, on = [], []
+    run(folder, routes, 5, "none", outputs=off)
+    r = run(folder, routes, 5, "markov", fixed_cost(landed=1.0, waste=0.0), outputs=on)
+    assert r["prefetch_issued"] > 0
+    k = routes.shape[2]  # within a step the cached experts go first, so compare step by step, by expert
+
+    def steps(outs):
+        return [sorted(outs[i:i + k], key=lambda kv: kv[0]) for i in range(0, len(outs), k)]
+
+    assert len(on) == len(off) == routes.size
+    for a, b in zip(steps(on), steps(off)):
+        assert [key for key, _ in a] == [key for key, _ in b]
+        assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))
+
+
+def big_file(tmp_path, size=1 << 20):
+    p = tmp_path / "big.bin"
+    p.write_bytes(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return p
+
+
+@pytest.fixture
+def window_cache(tmp_path):
+    """A 3-slot cache whose key (9, e) is a 1 MiB file read in 4 KiB chunks by io_uring."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    big = big_file(tmp_path)
+    pool = BufferPool(1 << 20, 3)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    cache = ExpertCache(pool, loader, lambda key: (str(big), 1 << 20))
+    yield cache, loader, pool, big
+    loader.close()
+    pool.close()
+
+
+def settle(loader, t):
+    """Let the chunks that were issued land (reaping them may issue no more: the window is full)."""
+    while t.in_flight:
+        loader.ready(t)
+
+
+def test_a_guess_reads_only_its_window_and_a_stale_one_is_withdrawn(window_cache):
+    cache, loader, pool, big = window_cache
+    trace = loader.record_issues()
+    loader.spec_window = 2
+    assert cache.prefetch((9, 0))
+    t = cache.entries[(9, 0)].ticket
+    settle(loader, t)
+    loader.ready(t)
+    assert t.issued == 2 and not t.done  # 2 of 256 chunks: the rest waits until the guess is needed
+    assert cache.cancel_stale(keep=set()) == 1
+    st = cache.stats
+    assert (st.prefetch_cancelled, st.cancelled_read_bytes, st.cancelled_inflight_bytes) == (1, 8192, 0)
+    assert loader.bytes_read == 8192  # a wrong guess cost two chunks, nothing more
+    cache.drain()
+    assert (9, 0) not in cache.entries and len(cache.free) == 3
+    assert not any(ev[:2] == ("issue", t.id) for ev in list(trace)[[e[0] for e in trace].index("withdrawn"):])
+
+
+def test_a_right_guess_is_promoted_and_read_whole(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 1
+    assert cache.prefetch((9, 1))
+    t = cache.entries[(9, 1)].ticket
+    settle(loader, t)
+    assert t.issued == 1
+    assert cache.cancel_stale(keep={(9, 1)}) == 0  # still predicted: kept
+    slot = cache.acquire((9, 1))  # needed now: promoted past the window
+    assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
+    cache.release((9, 1))
+    st = cache.stats
+    assert (st.hits, st.misses, st.prefetch_used) == (1, 0, 1) and 0 < st.prefetch_landed < 1
+
+
+def test_prefetch_withdraw_and_acquire_from_many_threads(folder):
+    """Readers acquire and check experts while another thread guesses and withdraws, with a small window."""
+    keys = [(layer, e) for layer in folder.layers for e in range(folder.model["n_experts"])]
+    want = {k: folder.path_of(folder.expert(*k)).read_bytes() for k in keys}
+    errors: list[BaseException] = []
+    with open_shards(folder.root, cache_slots=5, block_size=4096) as s:
+        s.loader.spec_window = 1
+        stop = threading.Event()
+
+        def reader(seed):
+            rng = random.Random(seed)
+            try:
+                for _ in range(60):
+                    k = rng.choice(keys)
+                    with s.load(*k) as ex:
+                        assert ex.buffer.tobytes() == want[k]
+            except BaseException as exc:
+                errors.append(exc)
+
+        def guesser():
+            rng = random.Random(9)
+            try:
+                while not stop.is_set():
+                    s.cache.prefetch(rng.choice(keys))
+                    s.cache.cancel_stale(keep={rng.choice(keys)})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+        g = threading.Thread(target=guesser)
+        g.start()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        stop.set()
+        g.join()
+        s.cache.drain()
+        assert not errors, errors
+        st = s.cache.stats
+        assert st.prefetch_issued > 0 and st.prefetch_cancelled > 0
+        assert len(s.cache.entries) + len(s.cache.free) == 5  # every slot accounted for

@@ -270,8 +270,9 @@ def test_portable_and_simd_paths_agree_when_split_across_threads(qtype):
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_q8_activations_are_close_not_exact(qtype):
-    """act="q8" quantizes x to Q8_0 blocks: the error is that of an 8-bit x (bounded, documented), and it is
-    really used (the result differs from the exact one); SIMD and portable agree on the integer sums."""
+    """act="q8" quantizes x to 8-bit blocks (Q8_0: 32 values a scale; for K-quant weights Q8_K: 256 values a scale):
+    the error is that of an 8-bit x (bounded, documented), and it is really used (the result differs from the exact
+    one); SIMD and portable agree on the integer sums."""
     rng = np.random.default_rng(12)
     rows, cols = 512, 2048
     raw = random_matrix(qtype, rows, cols, rng)
@@ -281,10 +282,11 @@ def test_q8_activations_are_close_not_exact(qtype):
     assert 1e-5 < rel(q8, ref) < 2e-2
     np.testing.assert_allclose(q8, matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=0), rtol=1e-4,
                                atol=1e-5 * np.abs(ref).max())
-    # x already on the Q8_0 grid (power-of-two scales, +-127 in every block): quantizing it loses nothing
-    q = rng.integers(-127, 128, (cols // 32, 32))
+    # x already on the activation grid (power-of-two scales, +-127 in every block): quantizing it loses nothing
+    ablk = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+    q = rng.integers(-127, 128, (cols // ablk, ablk))
     q[:, 0] = 127
-    xq = (q * 2.0 ** rng.integers(-8, 0, (cols // 32, 1))).astype(np.float32).reshape(-1)
+    xq = (q * 2.0 ** rng.integers(-8, 0, (cols // ablk, 1))).astype(np.float32).reshape(-1)
     exact = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64) @ xq.astype(np.float64)
     assert rel(matvec(qtype.name, raw, (rows, cols), xq, act="q8"), exact) < TOL
 

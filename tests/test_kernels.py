@@ -292,6 +292,31 @@ def test_q8_activations_are_close_not_exact(qtype):
 
 
 @needs_c
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_one_and_four_rows_per_pass_agree(qtype):
+    """The AVX2 kernels walk one row per pass by default; the four-row walk (mer_set_rows(4), kept for sweeps)
+    must give the same results: exact within TOL of float64, q8 within float rounding of the one-row walk, on a
+    row count that leaves a partial group of four and with a batch of 3 vectors."""
+    rng = np.random.default_rng(21)
+    rows, cols = 1030, 512
+    raw = random_matrix(qtype, rows, cols, rng)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qtype).astype(np.float64).T
+    got = {}
+    try:
+        for n in (1, 4):
+            kernels._LIB.mer_set_rows(n)
+            got[n] = [matvec(qtype.name, raw, (rows, cols), x, act=a)
+                      for a in (("f32", "q8") if qtype.name in kernels.Q8_ACT_TYPES else ("f32",))]
+    finally:
+        kernels._LIB.mer_set_rows(0)
+    for n in (1, 4):
+        assert rel(got[n][0], ref) < TOL
+    if len(got[1]) > 1:
+        np.testing.assert_allclose(got[4][1], got[1][1], rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@needs_c
 @pytest.mark.skipif(not kernels.VNNI, reason="this CPU has no AVX-VNNI: the maddubs path is what runs here")
 def test_vnni_equals_maddubs():
     rng = np.random.default_rng(13)

@@ -72,6 +72,21 @@ void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; 
 int64_t mer_get_prefetch(void) { return tuning_prefetch; }
 void mer_set_chunk(int64_t rows) { tuning_chunk = rows < 4 ? 4 : (rows + 3) / 4 * 4; }
 
+/* Rows per pass of the AVX2 kernels: 1 or 4 (0 = the per-type default of rows_per_pass). */
+static int tuning_rows = 0;
+void mer_set_rows(int n) { tuning_rows = n == 1 || n == 4 ? n : 0; }
+
+static int rows_per_pass(int type, int q8) {
+    if (tuning_rows) return tuning_rows;
+    (void)type; (void)q8;
+    /* One row at a time for every type and both activation forms: each thread then reads one sequential stream,
+     * which the hardware prefetcher follows best. Four interleaved rows (four streams a row apart, meant to keep
+     * more reads in flight) measured slower on the 2-core AMD EPYC development machine, alternated under the
+     * bench lock (GB/s, 14336x4096, 0.4 GB streamed, 4 rows -> 1 row): Q4_K q8 14.7 -> 24.7, Q6_K q8 15.0 -> 27.7,
+     * Q4_K exact 7.5 -> 11.5, Q6_K exact 7.8 -> 12.3, Q4_0 q8 13.3 -> 17.4; Q4_0 exact 10.0 -> 9.8 (a tie). */
+    return 1;
+}
+
 /* ------------------------------------------------------------------------------------------------------------
  * scalar helpers and the portable path
  * ---------------------------------------------------------------------------------------------------------- */
@@ -457,32 +472,33 @@ AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
 
 /* Driver: rows [r0, r1) x nvec vectors. QK/BB: elements/bytes per block step; TAIL: scalar tail for the
  * 8-element float types when cols is not a multiple of 8 (blocks always cover a row exactly otherwise). */
-#define DEFINE_ROWS(NAME, BLK, QK, BB, TAILTYPE)                                                                   \
+#define DEFINE_ROWS(NAME, BLK, QK, BB, TAILTYPE, NR)                                                                   \
     AVX2_FN void NAME(const mat_t *m, const float *x, int64_t nvec, int64_t xs, float *out, int64_t os,           \
                       int64_t r0, int64_t r1, int64_t pf) {                                                       \
         const int64_t nb = m->cols / (QK), rb = m->rowbytes, tail = m->cols - nb * (QK);                          \
         int64_t r = r0;                                                                                           \
-        for (; r + 4 <= r1; r += 4) {                                                                             \
-            const uint8_t *p0 = m->data + r * rb, *p1 = p0 + rb, *p2 = p1 + rb, *p3 = p2 + rb;                    \
+        for (; r + (NR) <= r1; r += (NR)) {                                                                             \
+            const uint8_t *p[NR];                                                                               \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + i) * rb;                    \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const float *xv = x + v * xs;                                                                     \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                       \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
                         for (int o = 0; o < (BB); o += 64) {                                                      \
-                            PF(p0 + b * (BB) + pf + o); PF(p1 + b * (BB) + pf + o);                               \
-                            PF(p2 + b * (BB) + pf + o); PF(p3 + b * (BB) + pf + o);                               \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                          \
                         }                                                                                         \
                     }                                                                                             \
-                    BLK(p0 + b * (BB), xv + b * (QK), &a0); BLK(p1 + b * (BB), xv + b * (QK), &a1);              \
-                    BLK(p2 + b * (BB), xv + b * (QK), &a2); BLK(p3 + b * (BB), xv + b * (QK), &a3);              \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xv + b * (QK), &a[i]);                    \
                 }                                                                                                 \
-                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
-                for (int i = 0; tail && i < 4; i++) {                                                             \
+                float t[NR];                                                                                      \
+                for (int i = 0; i < (NR); i++) t[i] = hsum256(a[i]);                                \
+                for (int i = 0; tail && i < (NR); i++) {                                                             \
                     const uint8_t *row = m->data + (r + i) * rb;                                                  \
                     for (int64_t j = nb * (QK); j < m->cols; j++) t[i] += elem_at(TAILTYPE, row + j * m->bb) * xv[j]; \
                 }                                                                                                 \
-                for (int i = 0; i < 4; i++) out[v * os + r + i] = t[i];                                           \
+                for (int i = 0; i < (NR); i++) out[v * os + r + i] = t[i];                                           \
             }                                                                                                     \
         }                                                                                                         \
         for (; r < r1; r++) {                                                                                     \
@@ -498,15 +514,24 @@ AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
         }                                                                                                         \
     }
 
-DEFINE_ROWS(rows_q4_0, blk_q4_0, 32, 18, T_Q4_0)
-DEFINE_ROWS(rows_q8_0, blk_q8_0, 32, 34, T_Q8_0)
-DEFINE_ROWS(rows_mxfp4, blk_mxfp4, 32, 17, T_MXFP4)
-DEFINE_ROWS(rows_q4_k, blk_q4_k, 256, 144, T_Q4_K)
-DEFINE_ROWS(rows_q5_k, blk_q5_k, 256, 176, T_Q5_K)
-DEFINE_ROWS(rows_q6_k, blk_q6_k, 256, 210, T_Q6_K)
-DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32)
-DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16)
-DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16)
+DEFINE_ROWS(rows_q4_0, blk_q4_0, 32, 18, T_Q4_0, 4)
+DEFINE_ROWS(rows_q4_0_1, blk_q4_0, 32, 18, T_Q4_0, 1)
+DEFINE_ROWS(rows_q8_0, blk_q8_0, 32, 34, T_Q8_0, 4)
+DEFINE_ROWS(rows_q8_0_1, blk_q8_0, 32, 34, T_Q8_0, 1)
+DEFINE_ROWS(rows_mxfp4, blk_mxfp4, 32, 17, T_MXFP4, 4)
+DEFINE_ROWS(rows_mxfp4_1, blk_mxfp4, 32, 17, T_MXFP4, 1)
+DEFINE_ROWS(rows_q4_k, blk_q4_k, 256, 144, T_Q4_K, 4)
+DEFINE_ROWS(rows_q4_k_1, blk_q4_k, 256, 144, T_Q4_K, 1)
+DEFINE_ROWS(rows_q5_k, blk_q5_k, 256, 176, T_Q5_K, 4)
+DEFINE_ROWS(rows_q5_k_1, blk_q5_k, 256, 176, T_Q5_K, 1)
+DEFINE_ROWS(rows_q6_k, blk_q6_k, 256, 210, T_Q6_K, 4)
+DEFINE_ROWS(rows_q6_k_1, blk_q6_k, 256, 210, T_Q6_K, 1)
+DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32, 4)
+DEFINE_ROWS(rows_f32_1, blk8_f32, 8, 32, T_F32, 1)
+DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16, 4)
+DEFINE_ROWS(rows_f16_1, blk8_f16, 8, 16, T_F16, 1)
+DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16, 4)
+DEFINE_ROWS(rows_bf16_1, blk8_bf16, 8, 16, T_BF16, 1)
 
 /* ---- permuted-x kernels: no byte shuffles ----
  * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
@@ -606,38 +631,42 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
 
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). */
-#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB)                                                               \
+#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB, NR)                                                               \
     AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
                       int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
-            const uint8_t *p[4];                                                                                  \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                              \
+            const uint8_t *p[NR];                                                                                  \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const float *xv = xp + v * nb * (XPB);                                                            \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                       \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
                         for (int o = 0; o < (BB); o += 64) {                                                      \
-                            PF(p[0] + b * (BB) + pf + o); PF(p[1] + b * (BB) + pf + o);                           \
-                            PF(p[2] + b * (BB) + pf + o); PF(p[3] + b * (BB) + pf + o);                           \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                          \
                         }                                                                                         \
                     }                                                                                             \
                     const float *xb = xv + b * (XPB);                                                             \
-                    BLK(p[0] + b * (BB), xb, &a0); BLK(p[1] + b * (BB), xb, &a1);                                 \
-                    BLK(p[2] + b * (BB), xb, &a2); BLK(p[3] + b * (BB), xb, &a3);                                 \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xb, &a[i]);                               \
                 }                                                                                                 \
-                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
+                float t[NR];                                                                                      \
+                for (int i = 0; i < (NR); i++) t[i] = hsum256(a[i]);                                \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0)
-DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
-DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
-DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
+DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 4)
+DEFINE_ROWS_P(prows_q4_0_1, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 1)
+DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0, 4)
+DEFINE_ROWS_P(prows_q8_0_1, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0, 1)
+DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 4)
+DEFINE_ROWS_P(prows_q4_k_1, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 1)
+DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 4)
+DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
 
 
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
@@ -658,23 +687,24 @@ AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
     return _mm256_cvtepi32_ps(p);
 }
 
-#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT)                                                            \
+#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
     __attribute__((target(TGT))) static void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec,  \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
                                                   int64_t pf) {                                                      \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                       \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                                 \
-            const uint8_t *p[4];                                                                                     \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                       \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                                 \
+            const uint8_t *p[NR];                                                                                     \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                                \
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
                 for (int64_t b = 0; b < nb; b++) {                                                                   \
                     __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * b));                                  \
                     if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
-                        for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf);                                        \
-                    for (int i = 0; i < 4; i++) {                                                                    \
+                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
+                    for (int i = 0; i < (NR); i++) {                                                                    \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
                         a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * dv[b]), DOT(WLOAD, y), a[i]);                  \
                     }                                                                                                \
@@ -761,31 +791,35 @@ AVX2 void kq8k_q6_k(const uint8_t *b, const q8k_t *y, __m256 *acc) {
     *acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(b + 208)) * y->d), _mm256_cvtepi32_ps(sumi), *acc);
 }
 
-#define DEFINE_ROWS_KQ8(NAME, BLK, BB)                                                                            \
+#define DEFINE_ROWS_KQ8(NAME, BLK, BB, NR)                                                                            \
     AVX2_FN void NAME(const mat_t *m, const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os,          \
                       int64_t r0, int64_t r1, int64_t pf) {                                                       \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
-            const uint8_t *p[4];                                                                                  \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                              \
+            const uint8_t *p[NR];                                                                                  \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const q8k_t *kv = kx + v * (xs / 256);                                                            \
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0)                                                                             \
                         for (int o = 0; o < (BB); o += 64)                                                        \
-                            for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf + o);                             \
-                    for (int i = 0; i < 4; i++) BLK(p[i] + b * (BB), kv + b, &a[i]);                              \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                             \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), kv + b, &a[i]);                              \
                 }                                                                                                 \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8k_q4_k, 144)
-DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8k_q5_k, 176)
-DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8k_q6_k, 210)
+DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8k_q4_k, 144, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q4_k_1, kq8k_q4_k, 144, 1)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8k_q5_k, 176, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k_1, kq8k_q5_k, 176, 1)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8k_q6_k, 210, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k_1, kq8k_q6_k, 210, 1)
 
 #define W_Q4_0 _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8))
 #define W_Q8_0 _mm256_loadu_si256((const __m256i *)(blk + 2))
@@ -793,9 +827,12 @@ DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8k_q6_k, 210)
 #define S_F16 _cvtsh_ss(*(const uint16_t *)blk)
 #define S_E8M0 e8m0_half(blk[0])
 
-DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs)
-DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs)
-DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs)
+DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs, 4)
+DEFINE_ROWS_Q8(rows_q8a_q4_0_1, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs, 1)
+DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 4)
+DEFINE_ROWS_Q8(rows_q8a_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 1)
+DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 4)
+DEFINE_ROWS_Q8(rows_q8a_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 1)
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MER_HAVE_VNNI 1
@@ -804,9 +841,12 @@ __attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
 }
-DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
-DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
-DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
+DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_q4_0_1, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
 #endif
 #endif /* MER_X86 */
 
@@ -862,26 +902,28 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const int8
                      const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
     int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
     int64_t pf = tuning_prefetch;
+    int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : qx != NULL)) == 1;
+#define PICK(f) (one ? f##_1 : f)
     if (q8_type(m->type) && (m->qk == 256 ? kx != NULL : qx != NULL)) {
 #ifdef MER_X86
         if (simd && m->qk == 256) {
-            if (m->type == T_Q4_K) rows_q8a_q4_k(m, kx, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q5_K) rows_q8a_q5_k(m, kx, nvec, xs, out, os, r0, r1, pf);
-            else rows_q8a_q6_k(m, kx, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_K) PICK(rows_q8a_q4_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q5_K) PICK(rows_q8a_q5_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_q6_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
             return;
         }
         if (simd) {
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
-                if (m->type == T_Q4_0) rows_vnni_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else if (m->type == T_Q8_0) rows_vnni_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else rows_vnni_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                else if (m->type == T_Q8_0) PICK(rows_vnni_q8_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_vnni_mxfp4)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
                 return;
             }
 #endif
-            if (m->type == T_Q4_0) rows_q8a_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q8_0) rows_q8a_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else rows_q8a_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_mxfp4)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
             return;
         }
 #endif
@@ -891,19 +933,20 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const int8
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if (xp) prows_q4_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q8_0: if (xp) prows_q8_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_MXFP4: rows_mxfp4(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: if (xp) prows_q4_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: if (xp) prows_q5_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K: rows_q6_k(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
-        case T_F32: rows_f32(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_F16: rows_f16(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_BF16: rows_bf16(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0: if (xp) PICK(prows_q4_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_MXFP4: PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q6_K: PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
+        case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         }
     }
 #endif
-    (void)simd; (void)pf; (void)xp;
+#undef PICK
+    (void)simd; (void)pf; (void)xp; (void)one;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 

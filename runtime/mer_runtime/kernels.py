@@ -74,6 +74,7 @@ def _load_native() -> ctypes.CDLL | None:
             lib.mer_set_prefetch.argtypes = [i64]
             lib.mer_get_prefetch.restype = i64
             lib.mer_set_chunk.argtypes = [i64]
+            lib.mer_set_rows.argtypes = [ci]
             for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
                 getattr(lib, f).restype = ci
             lib.mer_set_threads.argtypes = [ci]
@@ -207,7 +208,8 @@ def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *
            act: str = "f32", flags: int = 0) -> np.ndarray:
     """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
 
-    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to Q8_0 blocks where it applies;
+    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to 8-bit blocks where it applies
+    (Q8_0 blocks of 32; Q8_K blocks of 256 for K-quant weights);
     flags: extra FLAG_* bits for the C call (tests force the other SIMD variants with them).
 
     >>> w = np.eye(2, dtype=np.float32)

@@ -207,15 +207,29 @@ static int mat_init(mat_t *m, int type, const void *data, int64_t nbytes, int64_
     return MER_OK;
 }
 
-/* activations quantized to Q8_0 blocks: q[cols] int8, d[cols/32] float32 scales (kept in float32, not f16) */
-static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d) {
-    for (int64_t b = 0; b < n / 32; b++) {
+/* activations quantized to Q8_0 blocks (32 values, one float32 scale, not f16) with s8[i] = 8 * the sum of q over
+ * values 4i..4i+3: the lane sums of a maddubs + madd, so Q4_0 weights can be taken as their unsigned nibbles 0..15
+ * and the -8 applied as one subtraction per block (no sign trick). 96 bytes, q first and 32-byte aligned. */
+typedef struct {
+    int8_t q[32];
+    int32_t s8[8];
+    float d;
+    uint8_t pad[28];
+} q80_t;
+
+static void quantize_q8(const float *x, int64_t n, q80_t *y) {
+    for (int64_t b = 0; b < n / 32; b++, x += 32) {
         float amax = 0.f;
-        for (int j = 0; j < 32; j++) { float a = fabsf(x[32 * b + j]); if (a > amax) amax = a; }
+        for (int j = 0; j < 32; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
         float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
-        d[b] = s;
-        for (int j = 0; j < 32; j++) q[32 * b + j] = (int8_t)roundf(x[32 * b + j] * inv);
+        y[b].d = s;
+        for (int j = 0; j < 32; j++) y[b].q[j] = (int8_t)roundf(x[j] * inv);
+        for (int i = 0; i < 8; i++) y[b].s8[i] = 8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]);
     }
+}
+
+static q80_t *alloc_q80(int64_t nblocks) {
+    return aligned_alloc(32, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
 }
 
 /* activations for K-quant weights, one per 256 values (ggml's Q8_K idea: one float scale per weight block, so the
@@ -303,7 +317,7 @@ static float kq_block_q8k(int type, const uint8_t *b, const q8k_t *y) {
 }
 
 /* portable Q8 activations: integer dot per block, as the SIMD path computes it */
-static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, const q8k_t *kx, int64_t nvec,
+static void rows_portable_q8(const mat_t *m, const q80_t *ax, const q8k_t *kx, int64_t nvec,
                              int64_t xstride, float *out, int64_t ostride, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = m->data + r * m->rowbytes;
@@ -315,23 +329,23 @@ static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, 
                 out[v * ostride + r] = acc;
                 continue;
             }
-            const int8_t *qv = qx + v * xstride;
-            const float *dv = dx + v * (xstride / 32);
+            const q80_t *av = ax + v * (xstride / 32);
             for (int64_t b = 0; b < m->nblk; b++) {
                 const uint8_t *blk = row + b * m->bb;
+                const int8_t *qv = av[b].q;
                 int32_t s = 0;
                 float d;
                 if (m->type == T_Q4_0) {
                     d = rd_f16(blk);
-                    for (int j = 0; j < 16; j++) s += ((blk[2 + j] & 15) - 8) * qv[32 * b + j] + ((blk[2 + j] >> 4) - 8) * qv[32 * b + j + 16];
+                    for (int j = 0; j < 16; j++) s += ((blk[2 + j] & 15) - 8) * qv[j] + ((blk[2 + j] >> 4) - 8) * qv[j + 16];
                 } else if (m->type == T_Q8_0) {
                     d = rd_f16(blk);
-                    for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * qv[32 * b + j];
+                    for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * qv[j];
                 } else { /* MXFP4 */
                     d = e8m0_half(blk[0]);
-                    for (int j = 0; j < 16; j++) s += kvalues_mxfp4[blk[1 + j] & 15] * qv[32 * b + j] + kvalues_mxfp4[blk[1 + j] >> 4] * qv[32 * b + j + 16];
+                    for (int j = 0; j < 16; j++) s += kvalues_mxfp4[blk[1 + j] & 15] * qv[j] + kvalues_mxfp4[blk[1 + j] >> 4] * qv[j + 16];
                 }
-                acc += d * dv[b] * (float)s;
+                acc += d * av[b].d * (float)s;
             }
             out[v * ostride + r] = acc;
         }
@@ -681,14 +695,28 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
 }
 
 /* ---- Q8_0 activations: integer dot per block. w signed bytes, y signed bytes: ggml's sign trick for maddubs ---- */
-AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
+AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1));
     return _mm256_cvtepi32_ps(p);
 }
 
+/* Q4_0 nibbles unsigned (0..15), element order as nibbles32: one broadcast load, one shift, one mask */
+AVX2 __m256i nibbles32_u(const uint8_t *p) {
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(B, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* unsigned Q4_0 nibbles times Q8_0 activations, less 8 * the activations' lane sums: the same integers as
+ * (w - 8) * y, without the two sign instructions the signed form needs for maddubs */
+AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)a->s8)));
+}
+
 #define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
-    __attribute__((target(TGT))) static void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec,  \
+    __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
                                                   int64_t pf) {                                                      \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
@@ -697,16 +725,16 @@ AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
             const uint8_t *p[NR];                                                                                     \
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
-                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                                \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
                 __m256 a[NR];                                                                                     \
                 for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
                 for (int64_t b = 0; b < nb; b++) {                                                                   \
-                    __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * b));                                  \
+                    __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
                     if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
                         for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
                     for (int i = 0; i < (NR); i++) {                                                                    \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * dv[b]), DOT(WLOAD, y), a[i]);                  \
+                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i]);        \
                     }                                                                                                \
                 }                                                                                                    \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
@@ -822,13 +850,14 @@ DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8k_q6_k, 210, 4)
 DEFINE_ROWS_KQ8(rows_q8a_q6_k_1, kq8k_q6_k, 210, 1)
 
 #define W_Q4_0 _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8))
+#define W_Q4_0U nibbles32_u(blk + 2)
 #define W_Q8_0 _mm256_loadu_si256((const __m256i *)(blk + 2))
 #define W_MXFP4 mxfp4_vals(blk + 1)
 #define S_F16 _cvtsh_ss(*(const uint16_t *)blk)
 #define S_E8M0 e8m0_half(blk[0])
 
-DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs, 4)
-DEFINE_ROWS_Q8(rows_q8a_q4_0_1, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs, 1)
+DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 4)
+DEFINE_ROWS_Q8(rows_q8a_q4_0_1, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 1)
 DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 4)
 DEFINE_ROWS_Q8(rows_q8a_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 1)
 DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 4)
@@ -837,7 +866,8 @@ DEFINE_ROWS_Q8(rows_q8a_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_ma
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MER_HAVE_VNNI 1
 /* AVX-VNNI: one dpbusd does maddubs + madd (and cannot saturate) */
-__attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y) {
+__attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
 }
@@ -896,15 +926,15 @@ static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) 
     return NULL;
 }
 
-/* rows [r0, r1) of m times nvec vectors; qx/dx non-NULL = Q8 activations (only for q8_type) */
+/* rows [r0, r1) of m times nvec vectors; ax (Q8_0) / kx (Q8_K) non-NULL = Q8 activations (only for q8_type) */
 /* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL */
-static void rows_any(const mat_t *m, const float *x, const float *xp, const int8_t *qx, const float *dx,
+static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax,
                      const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
     int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
     int64_t pf = tuning_prefetch;
-    int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : qx != NULL)) == 1;
+    int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
-    if (q8_type(m->type) && (m->qk == 256 ? kx != NULL : qx != NULL)) {
+    if (q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) {
 #ifdef MER_X86
         if (simd && m->qk == 256) {
             if (m->type == T_Q4_K) PICK(rows_q8a_q4_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
@@ -915,19 +945,19 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const int8
         if (simd) {
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
-                if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else if (m->type == T_Q8_0) PICK(rows_vnni_q8_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else PICK(rows_vnni_mxfp4)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else if (m->type == T_Q8_0) PICK(rows_vnni_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_vnni_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
                 return;
             }
 #endif
-            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else PICK(rows_q8a_mxfp4)(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
             return;
         }
 #endif
-        rows_portable_q8(m, qx, dx, kx, nvec, xs, out, os, r0, r1);
+        rows_portable_q8(m, ax, kx, nvec, xs, out, os, r0, r1);
         return;
     }
 #ifdef MER_X86
@@ -1102,8 +1132,7 @@ __attribute__((constructor)) static void mer_init(void) { pthread_atfork(NULL, N
 typedef struct {
     const mat_t *m;
     const float *x, *xp;
-    const int8_t *qx;
-    const float *dx;
+    const q80_t *ax;
     const q8k_t *kx;
     int64_t nvec, chunk;
     float *out;
@@ -1113,7 +1142,7 @@ typedef struct {
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->xp, c->qx, c->dx, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
+    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -1127,20 +1156,19 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
     if ((n && cols > INT64_MAX / n) || (n && rows > INT64_MAX / n)) return MER_ESHAPE;
     if (x_len < n * cols || out_len < n * rows) return MER_ESHORT;
     if (!n || !rows) return MER_OK;
-    int8_t *qx = NULL; float *dx = NULL; q8k_t *kx = NULL;
+    q80_t *ax = NULL; q8k_t *kx = NULL;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type) && m.qk == 256) {
         if (!(kx = alloc_q8k(n * cols / 256))) return MER_ENOMEM;
         quantize_q8k(x, n * cols, kx);
     } else if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
-        qx = malloc((size_t)(n * cols)); dx = malloc(sizeof(float) * (size_t)(n * cols / 32));
-        if (!qx || !dx) { free(qx); free(dx); return MER_ENOMEM; }
-        quantize_q8(x, n * cols, qx, dx);
+        if (!(ax = alloc_q80(n * cols / 32))) return MER_ENOMEM;
+        quantize_q8(x, n * cols, ax);
     }
     float *xp = perm_prepare(perm_layout(type, flags), x, n, cols);
-    mv_ctx c = {&m, x, xp, qx, dx, kx, n, tuning_chunk, out, flags};
+    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
-    free(qx); free(dx); free(kx); free(xp);
+    free(ax); free(kx); free(xp);
     return MER_OK;
 }
 
@@ -1166,8 +1194,7 @@ typedef struct {
     int k, act, flags;
     float alpha, limit;
     const float *x;
-    const int8_t *qx; const float *dx;        /* x as Q8 blocks (phase 1) */
-    int8_t *qh; float *dh;                     /* h as Q8 blocks (phase 2) */
+    const q80_t *ax; q80_t *ah;                /* x and h as Q8_0 blocks */
     const q8k_t *kx; q8k_t *kh;                /* x and h as Q8_K blocks, for K-quant weights */
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
@@ -1184,9 +1211,9 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->qx, c->dx, c->kx, n, c->d_model, h, F, r0,
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
              r1, c->flags);
-    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->qx, c->dx, c->kx, n, c->d_model, u, F, r0,
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
              r1, c->flags);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
@@ -1209,8 +1236,7 @@ static void moe_phase2(void *c_, int64_t t) {
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
-        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->qh ? c->qh + (int64_t)e * n * F : NULL,
-                 c->dh ? c->dh + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
+        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
                  n, F, y, D, r0, r1, c->flags);
     }
     for (int64_t v = 0; v < n; v++) {
@@ -1262,7 +1288,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     c.h = malloc(sizeof(float) * nh); c.u_tmp = malloc(sizeof(float) * nh); c.y_tmp = malloc(sizeof(float) * ny);
     int rc = MER_OK;
     int q8 = (flags & MER_FLAG_ACT_Q8) && d_model % 32 == 0 && d_ff % 32 == 0;
-    int8_t *qx = NULL; float *dx = NULL; q8k_t *kx = NULL;
+    q80_t *ax = NULL; q8k_t *kx = NULL;
     /* which activation forms the weights want: Q8_0 blocks for Q4_0/Q8_0/MXFP4, Q8_K for the K-quants (a K-quant
      * projection's columns are a multiple of 256, so the Q8_K forms always fit) */
     int x0 = 0, xk = 0, h0 = 0, hk = 0;
@@ -1274,11 +1300,10 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     }
     if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
     if (x0 || h0) {
-        qx = malloc((size_t)(n * d_model)); dx = malloc(sizeof(float) * (size_t)(n * d_model / 32));
-        c.qh = malloc(nh); c.dh = malloc(sizeof(float) * (nh / 32));
-        if (!qx || !dx || !c.qh || !c.dh) { rc = MER_ENOMEM; goto done; }
-        quantize_q8(x, n * d_model, qx, dx);
-        c.qx = qx; c.dx = dx;
+        ax = alloc_q80(n * d_model / 32); c.ah = alloc_q80((int64_t)nh / 32);
+        if (!ax || !c.ah) { rc = MER_ENOMEM; goto done; }
+        quantize_q8(x, n * d_model, ax);
+        c.ax = ax;
     }
     if (xk || hk) {
         kx = alloc_q8k(n * d_model / 256); c.kh = alloc_q8k((int64_t)nh / 256);
@@ -1296,7 +1321,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     }
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
     /* the barrier is pool_run's join: h is complete */
-    if (h0) quantize_q8(c.h, (int64_t)nh, c.qh, c.dh);
+    if (h0) quantize_q8(c.h, (int64_t)nh, c.ah);
     if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh);
     for (int e = 0; e < k; e++)
         c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
@@ -1304,7 +1329,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
 done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);
-    free(c.h); free(c.u_tmp); free(c.y_tmp); free(qx); free(dx); free(c.qh); free(c.dh); free(kx); free(c.kh);
+    free(c.h); free(c.u_tmp); free(c.y_tmp); free(ax); free(c.ah); free(kx); free(c.kh);
     return rc;
 }
 

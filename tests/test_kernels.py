@@ -244,7 +244,7 @@ def test_kernel_paths_are_named():
 
 
 @needs_c
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.MXFP4], ids=lambda t: t.name)
 def test_byte_widening_kernels_too(qtype):
     """The AVX2 kernels that widen bytes in registers (used when the permuted copy of x cannot be allocated)."""
     rng = np.random.default_rng(21)

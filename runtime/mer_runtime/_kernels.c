@@ -6,8 +6,8 @@
  * Types (ggml ids, layouts in ggml-common.h / gguf's quants.py):
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
- * registers, four rows per pass with a software prefetch a fixed distance ahead in each row: one row per pass
- * leaves too few reads in flight to reach memory speed. The SIMD path is picked at run time with
+ * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
+ * fixed distance ahead. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -354,7 +354,7 @@ static void rows_portable_q8(const mat_t *m, const q80_t *ax, const q8k_t *kx, i
 
 /* ------------------------------------------------------------------------------------------------------------
  * AVX2 path: per-type block functions accumulate one block of one row into an 8-lane accumulator; a driver
- * generated per type walks four rows at once (four independent streams) with a prefetch `pf` bytes ahead.
+ * generated per type and rows-per-pass count (1, the default, or 4) walks the rows with a prefetch `pf` bytes ahead.
  * ---------------------------------------------------------------------------------------------------------- */
 #ifdef MER_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline

@@ -228,6 +228,8 @@ static void quantize_q8(const float *x, int64_t n, q80_t *y) {
     }
 }
 
+_Static_assert(sizeof(q80_t) % 32 == 0, "q80_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
+
 static q80_t *alloc_q80(int64_t nblocks) {
     return aligned_alloc(32, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
 }
@@ -258,6 +260,8 @@ static void quantize_q8k(const float *x, int64_t n, q8k_t *y) {
         for (int g = 0; g < 8; g++) y[b].bs32[g] = (int16_t)(y[b].bs16[2 * g] + y[b].bs16[2 * g + 1]);
     }
 }
+
+_Static_assert(sizeof(q8k_t) % 32 == 0, "q8k_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
 
 static q8k_t *alloc_q8k(int64_t nblocks) {
     return aligned_alloc(32, sizeof(q8k_t) * (size_t)(nblocks > 0 ? nblocks : 1));

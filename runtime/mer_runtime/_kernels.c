@@ -738,41 +738,31 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)a->s8)));
 }
 
-/* one block b of Q8_0-activation work for the NR rows into accumulators A (a macro: WLOAD/SCALE read `blk`) */
-#define Q8_STEP(WLOAD, SCALE, BB, DOT, NR, b, A)                                                                  \
-    do {                                                                                                          \
-        __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                                  \
-        if (pf && v == 0 && (((b) * (BB)) & 63) < (BB))                                                           \
-            for (int i = 0; i < (NR); i++) PF(p[i] + (b) * (BB) + pf);                                            \
-        for (int i = 0; i < (NR); i++) {                                                                          \
-            const uint8_t *blk = p[i] + (b) * (BB);                                                               \
-            A[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + (b)), A[i]);               \
-        }                                                                                                         \
-    } while (0)
-
-/* Two accumulators per row, even and odd blocks: with one row per pass a single accumulator makes every block
- * wait for the previous block's FMA (its latency, not the loads, would set the pace). */
-#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                      \
-    __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec, int64_t xs,      \
-                                                  float *out, int64_t os, int64_t r0, int64_t r1, int64_t pf) {   \
-        const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += (NR)) {                                                                 \
-            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                        \
-            const uint8_t *p[NR];                                                                                 \
-            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                          \
-            for (int64_t v = 0; v < nvec; v++) {                                                                  \
-                const q80_t *av = ax + v * (xs / 32);                                                             \
-                __m256 a[NR], a2[NR];                                                                             \
-                for (int i = 0; i < (NR); i++) a[i] = a2[i] = _mm256_setzero_ps();                                \
-                int64_t b = 0;                                                                                    \
-                for (; b + 1 < nb; b += 2) {                                                                      \
-                    Q8_STEP(WLOAD, SCALE, BB, DOT, NR, b, a);                                                     \
-                    Q8_STEP(WLOAD, SCALE, BB, DOT, NR, b + 1, a2);                                                \
-                }                                                                                                 \
-                if (b < nb) Q8_STEP(WLOAD, SCALE, BB, DOT, NR, b, a);                                             \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(_mm256_add_ps(a[i], a2[i]));           \
-            }                                                                                                     \
-        }                                                                                                         \
+#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
+    __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
+                                                  int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
+                                                  int64_t pf) {                                                      \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                       \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                                 \
+            const uint8_t *p[NR];                                                                                     \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
+            for (int64_t v = 0; v < nvec; v++) {                                                                     \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
+                for (int64_t b = 0; b < nb; b++) {                                                                   \
+                    __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
+                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
+                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
+                    for (int i = 0; i < (NR); i++) {                                                                    \
+                        const uint8_t *blk = p[i] + b * (BB);                                                        \
+                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i]);        \
+                    }                                                                                                \
+                }                                                                                                    \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
+            }                                                                                                        \
+        }                                                                                                            \
     }
 
 /* K-quants with Q8_K activations (one scale per 256): per 32 (Q6_K: per 16) values maddubs + madd by the 16-bit

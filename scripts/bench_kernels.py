@@ -11,6 +11,8 @@
    Q4_0 top-2 step and a Q4_K_M one (gate/up Q4_K, down Q6_K), all experts in memory, distinct experts each step;
    also in weight bytes per second against memory bandwidth; against ggml's graph of the same computation.
 4. --sweep-prefetch: matvec GB/s for several software prefetch distances (how the default was chosen).
+5. --sweep-rows: matvec GB/s (exact and q8) with the kernels walking 1 and 4 rows per pass (how the default, 1,
+   was chosen).
 
 Each number is the best of --repeat runs. On a shared machine they are indicative only.
 
@@ -201,6 +203,7 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--sweep-prefetch", action="store_true", help="also time several prefetch distances")
+    ap.add_argument("--sweep-rows", action="store_true", help="also time 1 and 4 rows per pass")
     ap.add_argument("--no-ggml", action="store_true")
     a = ap.parse_args()
     os.environ["MER_THREADS"] = str(a.threads)
@@ -251,6 +254,16 @@ def main() -> None:
                 res.append(f"{pf}: {total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x) for m in mats]) / 1e9:.2f}")
             kernels._LIB.mer_set_prefetch(default)
             print(f"       prefetch distance (bytes: GB/s): {', '.join(res)}")
+        if a.sweep_rows and kernels._LIB is not None:
+            res = []
+            for mode in ("f32", "q8") if name in kernels.Q8_ACT_TYPES else ("f32",):
+                for nr in (1, 4):
+                    kernels._LIB.mer_set_rows(nr)
+                    gbs = total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x, act=mode)
+                                                          for m in mats]) / 1e9
+                    res.append(f"{mode} {nr}: {gbs:.2f}")
+            kernels._LIB.mer_set_rows(0)
+            print(f"       rows per pass (GB/s): {', '.join(res)}")
         del mats
     mem = max(mem_all) if mem_all else float("nan")
 

@@ -244,7 +244,7 @@ def test_kernel_paths_are_named():
 
 
 @needs_c
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.MXFP4], ids=lambda t: t.name)
 def test_byte_widening_kernels_too(qtype):
     """The AVX2 kernels that widen bytes in registers (used when the permuted copy of x cannot be allocated)."""
     rng = np.random.default_rng(21)
@@ -270,8 +270,9 @@ def test_portable_and_simd_paths_agree_when_split_across_threads(qtype):
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_q8_activations_are_close_not_exact(qtype):
-    """act="q8" quantizes x to Q8_0 blocks: the error is that of an 8-bit x (bounded, documented), and it is
-    really used (the result differs from the exact one); SIMD and portable agree on the integer sums."""
+    """act="q8" quantizes x to 8-bit blocks (Q8_0: 32 values a scale; for K-quant weights Q8_K: 256 values a scale):
+    the error is that of an 8-bit x (bounded, documented), and it is really used (the result differs from the exact
+    one); SIMD and portable agree on the integer sums."""
     rng = np.random.default_rng(12)
     rows, cols = 512, 2048
     raw = random_matrix(qtype, rows, cols, rng)
@@ -281,12 +282,38 @@ def test_q8_activations_are_close_not_exact(qtype):
     assert 1e-5 < rel(q8, ref) < 2e-2
     np.testing.assert_allclose(q8, matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=0), rtol=1e-4,
                                atol=1e-5 * np.abs(ref).max())
-    # x already on the Q8_0 grid (power-of-two scales, +-127 in every block): quantizing it loses nothing
-    q = rng.integers(-127, 128, (cols // 32, 32))
+    # x already on the activation grid (power-of-two scales, +-127 in every block): quantizing it loses nothing
+    ablk = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+    q = rng.integers(-127, 128, (cols // ablk, ablk))
     q[:, 0] = 127
-    xq = (q * 2.0 ** rng.integers(-8, 0, (cols // 32, 1))).astype(np.float32).reshape(-1)
+    xq = (q * 2.0 ** rng.integers(-8, 0, (cols // ablk, 1))).astype(np.float32).reshape(-1)
     exact = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64) @ xq.astype(np.float64)
     assert rel(matvec(qtype.name, raw, (rows, cols), xq, act="q8"), exact) < TOL
+
+
+@needs_c
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_one_and_four_rows_per_pass_agree(qtype):
+    """The AVX2 kernels walk one row per pass by default; the four-row walk (mer_set_rows(4), kept for sweeps)
+    must give the same results: exact within TOL of float64, q8 within float rounding of the one-row walk, on a
+    row count that leaves a partial group of four and with a batch of 3 vectors."""
+    rng = np.random.default_rng(21)
+    rows, cols = 1030, 512
+    raw = random_matrix(qtype, rows, cols, rng)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qtype).astype(np.float64).T
+    got = {}
+    try:
+        for n in (1, 4):
+            kernels._LIB.mer_set_rows(n)
+            got[n] = [matvec(qtype.name, raw, (rows, cols), x, act=a)
+                      for a in (("f32", "q8") if qtype.name in kernels.Q8_ACT_TYPES else ("f32",))]
+    finally:
+        kernels._LIB.mer_set_rows(0)
+    for n in (1, 4):
+        assert rel(got[n][0], ref) < TOL
+    if len(got[1]) > 1:
+        np.testing.assert_allclose(got[4][1], got[1][1], rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
 @needs_c

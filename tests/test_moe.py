@@ -131,15 +131,16 @@ def test_moe_kernel_from_many_threads_at_once(extracted):
 
 @pytest.mark.skipif(kernels._LIB is None, reason="C kernel not built or MER_KERNELS=numpy")
 def test_q8_activations_error_on_the_mxfp4_and_q4_0_fixtures(extracted):
-    """act="q8" (opt-in): within 2% of the float64 reference on the real fixtures (the figure docs/runtime.md gives),
-    and really quantized (not exact); batched too, for the K-quants (Q4_K gate/up, Q6_K down)."""
+    """act="q8" (opt-in): within 2% of the float64 reference on the real fixtures (3% where the weights are K-quants,
+    whose activations are Q8_K: one scale per 256 values; the figures docs/runtime.md gives), and really quantized
+    (not exact); batched too, for the K-quants (Q4_K gate/up, Q6_K down)."""
     for name in ("mixtral-q4_0.gguf", "gptoss-mxfp4_moe.gguf", "mixtral-perexpert-q8_0.gguf", "mixtral-q4_k_m.gguf",
                  "qwen2moe-q4_k_m.gguf"):
         x, layers, y_ref = shared_ref(REAL / name)
         with open_shards(extracted(REAL / name), cache_slots=3) as s:
             got = s.moe(layers[-1], [2, 3], [0.5, 0.5], np.stack([x, x]), act="q8")
         want = 0.5 * (y_ref[-1, 2] + y_ref[-1, 3])
-        assert 1e-6 < rel(got, want) < 2e-2, name
+        assert 1e-6 < rel(got, want) < (3e-2 if "q4_k" in name else 2e-2), name
         np.testing.assert_array_equal(got[0], got[1])
 
 

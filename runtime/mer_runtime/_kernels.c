@@ -6,8 +6,8 @@
  * Types (ggml ids, layouts in ggml-common.h / gguf's quants.py):
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
- * registers, four rows per pass with a software prefetch a fixed distance ahead in each row: one row per pass
- * leaves too few reads in flight to reach memory speed. The SIMD path is picked at run time with
+ * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
+ * fixed distance ahead. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -71,6 +71,21 @@ static int64_t tuning_chunk = 64;     /* rows per task */
 void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }
 int64_t mer_get_prefetch(void) { return tuning_prefetch; }
 void mer_set_chunk(int64_t rows) { tuning_chunk = rows < 4 ? 4 : (rows + 3) / 4 * 4; }
+
+/* Rows per pass of the AVX2 kernels: 1 or 4 (0 = the per-type default of rows_per_pass). */
+static int tuning_rows = 0;
+void mer_set_rows(int n) { tuning_rows = n == 1 || n == 4 ? n : 0; }
+
+static int rows_per_pass(int type, int q8) {
+    if (tuning_rows) return tuning_rows;
+    (void)type; (void)q8;
+    /* One row at a time for every type and both activation forms: each thread then reads one sequential stream,
+     * which the hardware prefetcher follows best. Four interleaved rows (four streams a row apart, meant to keep
+     * more reads in flight) measured slower on the 2-core AMD EPYC development machine, alternated under the
+     * bench lock (GB/s, 14336x4096, 0.4 GB streamed, 4 rows -> 1 row): Q4_K q8 14.7 -> 24.7, Q6_K q8 15.0 -> 27.7,
+     * Q4_K exact 7.5 -> 11.5, Q6_K exact 7.8 -> 12.3, Q4_0 q8 13.3 -> 17.4; Q4_0 exact 10.0 -> 9.8 (a tie). */
+    return 1;
+}
 
 /* ------------------------------------------------------------------------------------------------------------
  * scalar helpers and the portable path
@@ -192,15 +207,64 @@ static int mat_init(mat_t *m, int type, const void *data, int64_t nbytes, int64_
     return MER_OK;
 }
 
-/* activations quantized to Q8_0 blocks: q[cols] int8, d[cols/32] float32 scales (kept in float32, not f16) */
-static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d) {
-    for (int64_t b = 0; b < n / 32; b++) {
+/* activations quantized to Q8_0 blocks (32 values, one float32 scale, not f16) with s8[i] = 8 * the sum of q over
+ * values 4i..4i+3: the lane sums of a maddubs + madd, so Q4_0 weights can be taken as their unsigned nibbles 0..15
+ * and the -8 applied as one subtraction per block (no sign trick). 96 bytes, q first and 32-byte aligned. */
+typedef struct {
+    int8_t q[32];
+    int32_t s8[8];
+    float d;
+    uint8_t pad[28];
+} q80_t;
+
+static void quantize_q8(const float *x, int64_t n, q80_t *y) {
+    for (int64_t b = 0; b < n / 32; b++, x += 32) {
         float amax = 0.f;
-        for (int j = 0; j < 32; j++) { float a = fabsf(x[32 * b + j]); if (a > amax) amax = a; }
+        for (int j = 0; j < 32; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
         float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
-        d[b] = s;
-        for (int j = 0; j < 32; j++) q[32 * b + j] = (int8_t)roundf(x[32 * b + j] * inv);
+        y[b].d = s;
+        for (int j = 0; j < 32; j++) y[b].q[j] = (int8_t)roundf(x[j] * inv);
+        for (int i = 0; i < 8; i++) y[b].s8[i] = 8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]);
     }
+}
+
+_Static_assert(sizeof(q80_t) % 32 == 0, "q80_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
+
+static q80_t *alloc_q80(int64_t nblocks) {
+    return aligned_alloc(32, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
+}
+
+/* activations for K-quant weights, one per 256 values (ggml's Q8_K idea: one float scale per weight block, so the
+ * integer sums of a whole block are formed before one conversion to float; the per-16 and per-32 sums of q let the
+ * kernels apply Q6_K's offset and Q4_K/Q5_K's minimums in integers). 320 bytes, q first and 32-byte aligned. */
+typedef struct {
+    int8_t q[256];
+    int16_t bs16[16]; /* sum of q over each 16 */
+    int16_t bs32[8];  /* sum of q over each 32 */
+    float d;
+    uint8_t pad[12];
+} q8k_t;
+
+static void quantize_q8k(const float *x, int64_t n, q8k_t *y) {
+    for (int64_t b = 0; b < n / 256; b++, x += 256) {
+        float amax = 0.f;
+        for (int j = 0; j < 256; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
+        float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
+        y[b].d = s;
+        for (int j = 0; j < 256; j++) y[b].q[j] = (int8_t)roundf(x[j] * inv);
+        for (int g = 0; g < 16; g++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += y[b].q[16 * g + j];
+            y[b].bs16[g] = (int16_t)sum;
+        }
+        for (int g = 0; g < 8; g++) y[b].bs32[g] = (int16_t)(y[b].bs16[2 * g] + y[b].bs16[2 * g + 1]);
+    }
+}
+
+_Static_assert(sizeof(q8k_t) % 32 == 0, "q8k_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
+
+static q8k_t *alloc_q8k(int64_t nblocks) {
+    return aligned_alloc(32, sizeof(q8k_t) * (size_t)(nblocks > 0 ? nblocks : 1));
 }
 
 static void rows_portable(const mat_t *m, const float *x, int64_t nvec, int64_t xstride, float *out,
@@ -222,74 +286,70 @@ static void rows_portable(const mat_t *m, const float *x, int64_t nvec, int64_t 
     }
 }
 
-/* One K-quant block (256 weights) against Q8 activations qv[256] with scales dv[8]: integer sums per 32 (per 16
- * for Q6_K's scales), scaled in float32; the same sums the SIMD path forms. */
-static float kq_block_q8(int type, const uint8_t *b, const int8_t *qv, const float *dv) {
-    float acc = 0.f;
+/* One K-quant block (256 weights) against a Q8_K activation block: the same integer sums the SIMD path forms,
+ * scaled once per block. */
+static float kq_block_q8k(int type, const uint8_t *b, const q8k_t *y) {
     if (type == T_Q6_K) {
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t *sc = (const int8_t *)(b + 192);
-        float d = rd_f16(b + 208);
-        for (int n = 0; n < 2; n++) {
-            for (int j = 0; j < 4; j++) {
-                int32_t s16[2] = {0, 0};
-                for (int l = 0; l < 32; l++) {
-                    int nib = (j & 2) ? ql[64 * n + l + 32 * (j & 1)] >> 4 : ql[64 * n + l + 32 * (j & 1)] & 15;
-                    int q = (nib | (((qh[32 * n + l] >> (2 * j)) & 3) << 4)) - 32;
-                    s16[l >> 4] += q * qv[128 * n + 32 * j + l];
-                }
-                acc += d * dv[4 * n + j] * ((float)sc[8 * n + 2 * j] * s16[0] + (float)sc[8 * n + 2 * j + 1] * s16[1]);
-            }
+        int32_t sumi = 0;
+        for (int e = 0; e < 256; e++) {
+            int n = e / 128, j = (e % 128) / 32, l = e % 32;
+            int nib = (j & 2) ? ql[64 * n + l + 32 * (j & 1)] >> 4 : ql[64 * n + l + 32 * (j & 1)] & 15;
+            int q = nib | (((qh[32 * n + l] >> (2 * j)) & 3) << 4); /* 0..63; the -32 offset via bs16 */
+            sumi += sc[e / 16] * q * y->q[e];
         }
-        return acc;
+        for (int k = 0; k < 16; k++) sumi -= 32 * sc[k] * y->bs16[k];
+        return rd_f16(b + 208) * y->d * (float)sumi;
     }
-    float d = rd_f16(b), dmin = rd_f16(b + 2);
     const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (type == T_Q5_K ? 48 : 16);
+    int32_t sumi = 0, summ = 0;
     for (int g = 0; g < 8; g++) {
         int c = g / 2, hi = g & 1;
         uint8_t scale, mn;
         scale_min_k4(g, sc, &scale, &mn);
-        int32_t isum = 0, ysum = 0;
+        int32_t isum = 0;
         for (int l = 0; l < 32; l++) {
             int q = hi ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
             if (type == T_Q5_K) q |= ((qh[l] >> g) & 1) << 4;
-            isum += q * qv[32 * g + l];
-            ysum += qv[32 * g + l];
+            isum += q * y->q[32 * g + l];
         }
-        acc += d * scale * dv[g] * (float)isum - dmin * mn * dv[g] * (float)ysum;
+        sumi += scale * isum;
+        summ += mn * y->bs32[g];
     }
-    return acc;
+    return rd_f16(b) * y->d * (float)sumi - rd_f16(b + 2) * y->d * (float)summ;
 }
 
 /* portable Q8 activations: integer dot per block, as the SIMD path computes it */
-static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xstride,
-                             float *out, int64_t ostride, int64_t r0, int64_t r1) {
+static void rows_portable_q8(const mat_t *m, const q80_t *ax, const q8k_t *kx, int64_t nvec,
+                             int64_t xstride, float *out, int64_t ostride, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = m->data + r * m->rowbytes;
         for (int64_t v = 0; v < nvec; v++) {
-            const int8_t *qv = qx + v * xstride;
-            const float *dv = dx + v * (xstride / 32);
             float acc = 0.f;
-            if (m->qk == 256) { /* K-quants: one weight block spans 8 activation blocks */
-                for (int64_t b = 0; b < m->nblk; b++) acc += kq_block_q8(m->type, row + b * m->bb, qv + 256 * b, dv + 8 * b);
+            if (m->qk == 256) { /* K-quants: Q8_K activations, one block per weight block */
+                const q8k_t *kv = kx + v * (xstride / 256);
+                for (int64_t b = 0; b < m->nblk; b++) acc += kq_block_q8k(m->type, row + b * m->bb, kv + b);
                 out[v * ostride + r] = acc;
                 continue;
             }
+            const q80_t *av = ax + v * (xstride / 32);
             for (int64_t b = 0; b < m->nblk; b++) {
                 const uint8_t *blk = row + b * m->bb;
+                const int8_t *qv = av[b].q;
                 int32_t s = 0;
                 float d;
                 if (m->type == T_Q4_0) {
                     d = rd_f16(blk);
-                    for (int j = 0; j < 16; j++) s += ((blk[2 + j] & 15) - 8) * qv[32 * b + j] + ((blk[2 + j] >> 4) - 8) * qv[32 * b + j + 16];
+                    for (int j = 0; j < 16; j++) s += ((blk[2 + j] & 15) - 8) * qv[j] + ((blk[2 + j] >> 4) - 8) * qv[j + 16];
                 } else if (m->type == T_Q8_0) {
                     d = rd_f16(blk);
-                    for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * qv[32 * b + j];
+                    for (int j = 0; j < 32; j++) s += (int8_t)blk[2 + j] * qv[j];
                 } else { /* MXFP4 */
                     d = e8m0_half(blk[0]);
-                    for (int j = 0; j < 16; j++) s += kvalues_mxfp4[blk[1 + j] & 15] * qv[32 * b + j] + kvalues_mxfp4[blk[1 + j] >> 4] * qv[32 * b + j + 16];
+                    for (int j = 0; j < 16; j++) s += kvalues_mxfp4[blk[1 + j] & 15] * qv[j] + kvalues_mxfp4[blk[1 + j] >> 4] * qv[j + 16];
                 }
-                acc += d * dv[b] * (float)s;
+                acc += d * av[b].d * (float)s;
             }
             out[v * ostride + r] = acc;
         }
@@ -298,7 +358,7 @@ static void rows_portable_q8(const mat_t *m, const int8_t *qx, const float *dx, 
 
 /* ------------------------------------------------------------------------------------------------------------
  * AVX2 path: per-type block functions accumulate one block of one row into an 8-lane accumulator; a driver
- * generated per type walks four rows at once (four independent streams) with a prefetch `pf` bytes ahead.
+ * generated per type and rows-per-pass count (1, the default, or 4) walks the rows with a prefetch `pf` bytes ahead.
  * ---------------------------------------------------------------------------------------------------------- */
 #ifdef MER_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
@@ -430,32 +490,33 @@ AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
 
 /* Driver: rows [r0, r1) x nvec vectors. QK/BB: elements/bytes per block step; TAIL: scalar tail for the
  * 8-element float types when cols is not a multiple of 8 (blocks always cover a row exactly otherwise). */
-#define DEFINE_ROWS(NAME, BLK, QK, BB, TAILTYPE)                                                                   \
+#define DEFINE_ROWS(NAME, BLK, QK, BB, TAILTYPE, NR)                                                                   \
     AVX2_FN void NAME(const mat_t *m, const float *x, int64_t nvec, int64_t xs, float *out, int64_t os,           \
                       int64_t r0, int64_t r1, int64_t pf) {                                                       \
         const int64_t nb = m->cols / (QK), rb = m->rowbytes, tail = m->cols - nb * (QK);                          \
         int64_t r = r0;                                                                                           \
-        for (; r + 4 <= r1; r += 4) {                                                                             \
-            const uint8_t *p0 = m->data + r * rb, *p1 = p0 + rb, *p2 = p1 + rb, *p3 = p2 + rb;                    \
+        for (; r + (NR) <= r1; r += (NR)) {                                                                             \
+            const uint8_t *p[NR];                                                                               \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + i) * rb;                    \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const float *xv = x + v * xs;                                                                     \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                       \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
                         for (int o = 0; o < (BB); o += 64) {                                                      \
-                            PF(p0 + b * (BB) + pf + o); PF(p1 + b * (BB) + pf + o);                               \
-                            PF(p2 + b * (BB) + pf + o); PF(p3 + b * (BB) + pf + o);                               \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                          \
                         }                                                                                         \
                     }                                                                                             \
-                    BLK(p0 + b * (BB), xv + b * (QK), &a0); BLK(p1 + b * (BB), xv + b * (QK), &a1);              \
-                    BLK(p2 + b * (BB), xv + b * (QK), &a2); BLK(p3 + b * (BB), xv + b * (QK), &a3);              \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xv + b * (QK), &a[i]);                    \
                 }                                                                                                 \
-                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
-                for (int i = 0; tail && i < 4; i++) {                                                             \
+                float t[NR];                                                                                      \
+                for (int i = 0; i < (NR); i++) t[i] = hsum256(a[i]);                                \
+                for (int i = 0; tail && i < (NR); i++) {                                                             \
                     const uint8_t *row = m->data + (r + i) * rb;                                                  \
                     for (int64_t j = nb * (QK); j < m->cols; j++) t[i] += elem_at(TAILTYPE, row + j * m->bb) * xv[j]; \
                 }                                                                                                 \
-                for (int i = 0; i < 4; i++) out[v * os + r + i] = t[i];                                           \
+                for (int i = 0; i < (NR); i++) out[v * os + r + i] = t[i];                                           \
             }                                                                                                     \
         }                                                                                                         \
         for (; r < r1; r++) {                                                                                     \
@@ -471,20 +532,29 @@ AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
         }                                                                                                         \
     }
 
-DEFINE_ROWS(rows_q4_0, blk_q4_0, 32, 18, T_Q4_0)
-DEFINE_ROWS(rows_q8_0, blk_q8_0, 32, 34, T_Q8_0)
-DEFINE_ROWS(rows_mxfp4, blk_mxfp4, 32, 17, T_MXFP4)
-DEFINE_ROWS(rows_q4_k, blk_q4_k, 256, 144, T_Q4_K)
-DEFINE_ROWS(rows_q5_k, blk_q5_k, 256, 176, T_Q5_K)
-DEFINE_ROWS(rows_q6_k, blk_q6_k, 256, 210, T_Q6_K)
-DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32)
-DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16)
-DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16)
+DEFINE_ROWS(rows_q4_0, blk_q4_0, 32, 18, T_Q4_0, 4)
+DEFINE_ROWS(rows_q4_0_1, blk_q4_0, 32, 18, T_Q4_0, 1)
+DEFINE_ROWS(rows_q8_0, blk_q8_0, 32, 34, T_Q8_0, 4)
+DEFINE_ROWS(rows_q8_0_1, blk_q8_0, 32, 34, T_Q8_0, 1)
+DEFINE_ROWS(rows_mxfp4, blk_mxfp4, 32, 17, T_MXFP4, 4)
+DEFINE_ROWS(rows_mxfp4_1, blk_mxfp4, 32, 17, T_MXFP4, 1)
+DEFINE_ROWS(rows_q4_k, blk_q4_k, 256, 144, T_Q4_K, 4)
+DEFINE_ROWS(rows_q4_k_1, blk_q4_k, 256, 144, T_Q4_K, 1)
+DEFINE_ROWS(rows_q5_k, blk_q5_k, 256, 176, T_Q5_K, 4)
+DEFINE_ROWS(rows_q5_k_1, blk_q5_k, 256, 176, T_Q5_K, 1)
+DEFINE_ROWS(rows_q6_k, blk_q6_k, 256, 210, T_Q6_K, 4)
+DEFINE_ROWS(rows_q6_k_1, blk_q6_k, 256, 210, T_Q6_K, 1)
+DEFINE_ROWS(rows_f32, blk8_f32, 8, 32, T_F32, 4)
+DEFINE_ROWS(rows_f32_1, blk8_f32, 8, 32, T_F32, 1)
+DEFINE_ROWS(rows_f16, blk8_f16, 8, 16, T_F16, 4)
+DEFINE_ROWS(rows_f16_1, blk8_f16, 8, 16, T_F16, 1)
+DEFINE_ROWS(rows_bf16, blk8_bf16, 8, 16, T_BF16, 4)
+DEFINE_ROWS(rows_bf16_1, blk8_bf16, 8, 16, T_BF16, 1)
 
 /* ---- permuted-x kernels: no byte shuffles ----
  * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
- * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K and MXFP4
- * (table lookup) were not faster this way and are not). These read
+ * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K was not faster this way and is not;
+ * MXFP4 is, with its table in a vpermps instead of a byte shuffle: streaming, 2 threads, 7.2 -> 7.6 GB/s). These read
  * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
  * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums
  * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */
@@ -536,6 +606,23 @@ AVX2 void pblk_q4_0(const uint8_t *b, const float *xp, __m256 *acc) {
     *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
 }
 
+/* MXFP4 on the Q4_0 permutation (same nibble order): the magnitude's 3 bits index a float table with one
+ * in-register permute (vpermps reads only the low 3 bits, so no mask), the 4th bit is moved to the sign */
+AVX2 void pblk_mxfp4(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 1)));
+    const __m256 T = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f);
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000u);
+    __m256 s = _mm256_setzero_ps();
+    for (int g = 0; g < 4; g++) {
+        __m256i sh = _mm256_setr_epi32(8 * g, 8 * g, 8 * g, 8 * g, 8 * g + 4, 8 * g + 4, 8 * g + 4, 8 * g + 4);
+        __m256i D = _mm256_srlv_epi32(B, sh);
+        __m256 v = _mm256_permutevar8x32_ps(T, D);
+        v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(D, 28), sgn)));
+        s = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp + 8 * g), s);
+    }
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(b[0])), s, *acc);
+}
+
 AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
     const __m256i W = _mm256_loadu_si256((const __m256i *)(b + 2));
     __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 24), 24)), _mm256_loadu_ps(xp));
@@ -579,38 +666,44 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
 
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). */
-#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB)                                                               \
+#define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB, NR)                                                               \
     AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
                       int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
-            const uint8_t *p[4];                                                                                  \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                              \
+            const uint8_t *p[NR];                                                                                  \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const float *xv = xp + v * nb * (XPB);                                                            \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                       \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
                         for (int o = 0; o < (BB); o += 64) {                                                      \
-                            PF(p[0] + b * (BB) + pf + o); PF(p[1] + b * (BB) + pf + o);                           \
-                            PF(p[2] + b * (BB) + pf + o); PF(p[3] + b * (BB) + pf + o);                           \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                          \
                         }                                                                                         \
                     }                                                                                             \
                     const float *xb = xv + b * (XPB);                                                             \
-                    BLK(p[0] + b * (BB), xb, &a0); BLK(p[1] + b * (BB), xb, &a1);                                 \
-                    BLK(p[2] + b * (BB), xb, &a2); BLK(p[3] + b * (BB), xb, &a3);                                 \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xb, &a[i]);                               \
                 }                                                                                                 \
-                float t[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                                \
+                float t[NR];                                                                                      \
+                for (int i = 0; i < (NR); i++) t[i] = hsum256(a[i]);                                \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0)
-DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0)
-DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45)
-DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45)
+DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 4)
+DEFINE_ROWS_P(prows_q4_0_1, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 1)
+DEFINE_ROWS_P(prows_mxfp4, pblk_mxfp4, perm_q4_0, 32, 17, XP_Q4_0, 4)
+DEFINE_ROWS_P(prows_mxfp4_1, pblk_mxfp4, perm_q4_0, 32, 17, XP_Q4_0, 1)
+DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0, 4)
+DEFINE_ROWS_P(prows_q8_0_1, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0, 1)
+DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 4)
+DEFINE_ROWS_P(prows_q4_k_1, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 1)
+DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 4)
+DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
 
 
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
@@ -625,31 +718,46 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
 }
 
 /* ---- Q8_0 activations: integer dot per block. w signed bytes, y signed bytes: ggml's sign trick for maddubs ---- */
-AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
+AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1));
     return _mm256_cvtepi32_ps(p);
 }
 
-#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT)                                                            \
-    __attribute__((target(TGT))) static void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec,  \
+/* Q4_0 nibbles unsigned (0..15), element order as nibbles32: one broadcast load, one shift, one mask */
+AVX2 __m256i nibbles32_u(const uint8_t *p) {
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(B, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* unsigned Q4_0 nibbles times Q8_0 activations, less 8 * the activations' lane sums: the same integers as
+ * (w - 8) * y, without the two sign instructions the signed form needs for maddubs */
+AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)a->s8)));
+}
+
+#define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
+    __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
                                                   int64_t pf) {                                                      \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                       \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                                 \
-            const uint8_t *p[4];                                                                                     \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                       \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                                 \
+            const uint8_t *p[NR];                                                                                     \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
-                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                                \
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
                 for (int64_t b = 0; b < nb; b++) {                                                                   \
-                    __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * b));                                  \
+                    __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
                     if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
-                        for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf);                                        \
-                    for (int i = 0; i < 4; i++) {                                                                    \
+                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
+                    for (int i = 0; i < (NR); i++) {                                                                    \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * dv[b]), DOT(WLOAD, y), a[i]);                  \
+                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i]);        \
                     }                                                                                                \
                 }                                                                                                    \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
@@ -657,50 +765,65 @@ AVX2 __m256 dot_i8_maddubs(__m256i w, __m256i y) {
         }                                                                                                            \
     }
 
-/* K-quants with Q8 activations: one 256-weight block against 8 activation blocks (qv[256], dv[8]).
- * Q4_K/Q5_K values are 0..31 (unsigned): maddubs takes them directly, and the min term uses the integer sum of
- * the activations. Q6_K: (q - 32) as q * y - 32 * y, both through maddubs; its scales cover 16 values, which are
- * the 32-bit lanes 0-3 and 4-7 after maddubs + madd (each 128-bit half holds 16 bytes). */
-AVX2 void kq8_qk45(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc, int five) {
-    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
-    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
-    const __m256i m4 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
-    __m256 a = *acc;
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-        __m256i q[2] = {_mm256_and_si256(W, m4), _mm256_and_si256(_mm256_srli_epi16(W, 4), m4)};
-        for (int h = 0; h < 2; h++) {
-            int g = 2 * c + h;
-            uint8_t scale, mn;
-            scale_min_k4(g, sc, &scale, &mn);
-            __m256i w = q[h];
-            if (five) {
-                const __m256i bit = _mm256_set1_epi8((char)(1 << g));
-                w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
-                                                        _mm256_set1_epi8(16)));
-            }
-            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 32 * g));
-            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones16));
-            __m256 sy = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16));
-            a = _mm256_fmadd_ps(_mm256_set1_ps(d * scale * dv[g]), p, a);
-            a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * mn * dv[g]), sy, a);
-        }
-    }
-    *acc = a;
+/* K-quants with Q8_K activations (one scale per 256): per 32 (Q6_K: per 16) values maddubs + madd by the 16-bit
+ * sub-block scale, summed in int32 over the whole block, converted and scaled once. Q4_K/Q5_K values are 0..31
+ * (unsigned, as maddubs wants); their minimums are one madd of the 8 mins with the activation's per-32 sums. Q6_K's
+ * values are taken 0..63 and its -32 offset is one madd of the 16 scales with the per-16 sums. Bounds: a maddubs
+ * pair is at most 2*63*127 < 32768, a block's int32 sum at most 256*63*127*128 < 2^31. */
+
+/* the 8 scales and 8 mins of a Q4_K/Q5_K block (12 bytes, 6 bits each) as bytes: scale_min_k4, four at a time */
+AVX2 void kq_scales_mins(const uint8_t *p, uint32_t sm[4]) {
+    uint32_t w0, w1, w2;
+    memcpy(&w0, p, 4); memcpy(&w1, p + 4, 4); memcpy(&w2, p + 8, 4);
+    sm[0] = w0 & 0x3f3f3f3fu;                                              /* scales 0-3 */
+    sm[1] = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);         /* scales 4-7 */
+    sm[2] = w1 & 0x3f3f3f3fu;                                              /* mins 0-3 */
+    sm[3] = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);  /* mins 4-7 */
 }
 
-AVX2 void kq8_q4_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 0); }
-AVX2 void kq8_q5_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) { kq8_qk45(b, qv, dv, acc, 1); }
+AVX2 void kq8k_qk45(const uint8_t *b, const q8k_t *y, __m256 *acc, int five) {
+    uint32_t sm[4];
+    kq_scales_mins(b + 4, sm);
+    const __m128i sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 2)));
+    const __m256i S = _mm256_broadcastsi128_si256(sc16);
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    const uint8_t *qs = b + (five ? 48 : 16);
+    __m256i sumi = _mm256_setzero_si256();
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(W, m4), hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), m4);
+        if (five) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+        }
+        const __m256i s0 = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
+        const __m256i s1 = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
+        const __m256i y0 = _mm256_load_si256((const __m256i *)(y->q + 64 * c));
+        const __m256i y1 = _mm256_load_si256((const __m256i *)(y->q + 64 * c + 32));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1));
+    }
+    const __m128i mins = _mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)y->bs32));
+    const float dy = y->d;
+    __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)b) * dy), _mm256_cvtepi32_ps(sumi), *acc);
+    *acc = _mm256_fnmadd_ps(_mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(b + 2)) * dy),
+                            _mm256_cvtepi32_ps(_mm256_inserti128_si256(_mm256_setzero_si256(), mins, 0)), a);
+}
 
-AVX2 void kq8_q6_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *acc) {
-    const int8_t *sc = (const int8_t *)(b + 192);
-    float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), ones8 = _mm256_set1_epi8(1);
-    const __m256i ones16 = _mm256_set1_epi16(1), c32 = _mm256_set1_epi32(32);
-    __m256 a = *acc;
+AVX2 void kq8k_q4_k(const uint8_t *b, const q8k_t *y, __m256 *acc) { kq8k_qk45(b, y, acc, 0); }
+AVX2 void kq8k_q5_k(const uint8_t *b, const q8k_t *y, __m256 *acc) { kq8k_qk45(b, y, acc, 1); }
+
+AVX2 void kq8k_q6_k(const uint8_t *b, const q8k_t *y, __m256 *acc) {
+    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    /* the offset: 32 * sum_k sc[k] * bs16[k] */
+    __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                    _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)y->bs16)), 5));
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
         const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i S = _mm256_permute2x128_si256(s16, s16, n ? 0x11 : 0x00); /* scales 8n..8n+7 in both lanes */
         __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
         __m256i h = _mm256_loadu_si256((const __m256i *)qh);
         __m256i q[4];
@@ -708,64 +831,75 @@ AVX2 void kq8_q6_k(const uint8_t *b, const int8_t *qv, const float *dv, __m256 *
         q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
         q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
         q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
-        for (int j = 0; j < 4; j++) {
-            const __m256i y = _mm256_loadu_si256((const __m256i *)(qv + 128 * n + 32 * j));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], y), ones16);
-            __m256i sy = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
-            p = _mm256_sub_epi32(p, _mm256_mullo_epi32(sy, c32));
-            float lo = d * sc[8 * n + 2 * j] * dv[4 * n + j], hi = d * sc[8 * n + 2 * j + 1] * dv[4 * n + j];
-            a = _mm256_fmadd_ps(_mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi), _mm256_cvtepi32_ps(p), a);
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+            /* low lane: scale 2j (16-bit word 2j of S), high lane: scale 2j+1 */
+            const short lo = (short)(0x0100 + 0x0202 * (2 * j)), hi = (short)(0x0100 + 0x0202 * (2 * j + 1));
+            const __m256i sv = _mm256_shuffle_epi8(S, _mm256_setr_epi16(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi));
+            const __m256i yv = _mm256_load_si256((const __m256i *)(y->q + 128 * n + 32 * j));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], yv), sv));
         }
     }
-    *acc = a;
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(*(const uint16_t *)(b + 208)) * y->d), _mm256_cvtepi32_ps(sumi), *acc);
 }
 
-#define DEFINE_ROWS_KQ8(NAME, BLK, BB)                                                                            \
-    AVX2_FN void NAME(const mat_t *m, const int8_t *qx, const float *dx, int64_t nvec, int64_t xs, float *out,     \
-                      int64_t os, int64_t r0, int64_t r1, int64_t pf) {                                           \
+#define DEFINE_ROWS_KQ8(NAME, BLK, BB, NR)                                                                            \
+    AVX2_FN void NAME(const mat_t *m, const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os,          \
+                      int64_t r0, int64_t r1, int64_t pf) {                                                       \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += 4) {                                                                    \
-            int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                                                              \
-            const uint8_t *p[4];                                                                                  \
-            for (int i = 0; i < 4; i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                              \
+            const uint8_t *p[NR];                                                                                  \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
-                const int8_t *qv = qx + v * xs; const float *dv = dx + v * (xs / 32);                             \
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+                const q8k_t *kv = kx + v * (xs / 256);                                                            \
+                __m256 a[NR];                                                                                     \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0)                                                                             \
                         for (int o = 0; o < (BB); o += 64)                                                        \
-                            for (int i = 0; i < 4; i++) PF(p[i] + b * (BB) + pf + o);                             \
-                    for (int i = 0; i < 4; i++) BLK(p[i] + b * (BB), qv + 256 * b, dv + 8 * b, &a[i]);            \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                             \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), kv + b, &a[i]);                              \
                 }                                                                                                 \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8_q4_k, 144)
-DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8_q5_k, 176)
-DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8_q6_k, 210)
+DEFINE_ROWS_KQ8(rows_q8a_q4_k, kq8k_q4_k, 144, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q4_k_1, kq8k_q4_k, 144, 1)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k, kq8k_q5_k, 176, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q5_k_1, kq8k_q5_k, 176, 1)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k, kq8k_q6_k, 210, 4)
+DEFINE_ROWS_KQ8(rows_q8a_q6_k_1, kq8k_q6_k, 210, 1)
 
 #define W_Q4_0 _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8))
+#define W_Q4_0U nibbles32_u(blk + 2)
 #define W_Q8_0 _mm256_loadu_si256((const __m256i *)(blk + 2))
 #define W_MXFP4 mxfp4_vals(blk + 1)
 #define S_F16 _cvtsh_ss(*(const uint16_t *)blk)
 #define S_E8M0 e8m0_half(blk[0])
 
-DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c", dot_i8_maddubs)
-DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs)
-DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs)
+DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 4)
+DEFINE_ROWS_Q8(rows_q8a_q4_0_1, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 1)
+DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 4)
+DEFINE_ROWS_Q8(rows_q8a_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 1)
+DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 4)
+DEFINE_ROWS_Q8(rows_q8a_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 1)
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MER_HAVE_VNNI 1
 /* AVX-VNNI: one dpbusd does maddubs + madd (and cannot saturate) */
-__attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y) {
+__attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
 }
-DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
-DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
-DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
+DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_q4_0_1, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
+DEFINE_ROWS_Q8(rows_vnni_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
 #endif
 #endif /* MER_X86 */
 
@@ -794,7 +928,7 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    if (type == T_Q4_0) return L_Q4_0;
+    if (type == T_Q4_0 || type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
 #else
@@ -815,54 +949,57 @@ static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) 
     return NULL;
 }
 
-/* rows [r0, r1) of m times nvec vectors; qx/dx non-NULL = Q8 activations (only for q8_type) */
+/* rows [r0, r1) of m times nvec vectors; ax (Q8_0) / kx (Q8_K) non-NULL = Q8 activations (only for q8_type) */
 /* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL */
-static void rows_any(const mat_t *m, const float *x, const float *xp, const int8_t *qx, const float *dx,
-                     int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
+static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax,
+                     const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
     int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
     int64_t pf = tuning_prefetch;
-    if (qx && q8_type(m->type)) {
+    int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
+#define PICK(f) (one ? f##_1 : f)
+    if (q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) {
 #ifdef MER_X86
         if (simd && m->qk == 256) {
-            if (m->type == T_Q4_K) rows_q8a_q4_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q5_K) rows_q8a_q5_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else rows_q8a_q6_k(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_K) PICK(rows_q8a_q4_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q5_K) PICK(rows_q8a_q5_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_q6_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
             return;
         }
         if (simd) {
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
-                if (m->type == T_Q4_0) rows_vnni_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else if (m->type == T_Q8_0) rows_vnni_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-                else rows_vnni_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+                if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else if (m->type == T_Q8_0) PICK(rows_vnni_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_vnni_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
                 return;
             }
 #endif
-            if (m->type == T_Q4_0) rows_q8a_q4_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q8_0) rows_q8a_q8_0(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
-            else rows_q8a_mxfp4(m, qx, dx, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
             return;
         }
 #endif
-        rows_portable_q8(m, qx, dx, nvec, xs, out, os, r0, r1);
+        rows_portable_q8(m, ax, kx, nvec, xs, out, os, r0, r1);
         return;
     }
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if (xp) prows_q4_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q8_0: if (xp) prows_q8_0(m, xp, nvec, out, os, r0, r1, pf); else rows_q8_0(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_MXFP4: rows_mxfp4(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: if (xp) prows_q4_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q4_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: if (xp) prows_q5_k(m, xp, nvec, out, os, r0, r1, pf); else rows_q5_k(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K: rows_q6_k(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
-        case T_F32: rows_f32(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_F16: rows_f16(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_BF16: rows_bf16(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0: if (xp) PICK(prows_q4_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q6_K: PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
+        case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         }
     }
 #endif
-    (void)simd; (void)pf; (void)xp;
+#undef PICK
+    (void)simd; (void)pf; (void)xp; (void)one;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 
@@ -1018,8 +1155,8 @@ __attribute__((constructor)) static void mer_init(void) { pthread_atfork(NULL, N
 typedef struct {
     const mat_t *m;
     const float *x, *xp;
-    const int8_t *qx;
-    const float *dx;
+    const q80_t *ax;
+    const q8k_t *kx;
     int64_t nvec, chunk;
     float *out;
     int flags;
@@ -1028,7 +1165,7 @@ typedef struct {
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->xp, c->qx, c->dx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
+    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -1042,17 +1179,19 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
     if ((n && cols > INT64_MAX / n) || (n && rows > INT64_MAX / n)) return MER_ESHAPE;
     if (x_len < n * cols || out_len < n * rows) return MER_ESHORT;
     if (!n || !rows) return MER_OK;
-    int8_t *qx = NULL; float *dx = NULL;
-    if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
-        qx = malloc((size_t)(n * cols)); dx = malloc(sizeof(float) * (size_t)(n * cols / 32));
-        if (!qx || !dx) { free(qx); free(dx); return MER_ENOMEM; }
-        quantize_q8(x, n * cols, qx, dx);
+    q80_t *ax = NULL; q8k_t *kx = NULL;
+    if ((flags & MER_FLAG_ACT_Q8) && q8_type(type) && m.qk == 256) {
+        if (!(kx = alloc_q8k(n * cols / 256))) return MER_ENOMEM;
+        quantize_q8k(x, n * cols, kx);
+    } else if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
+        if (!(ax = alloc_q80(n * cols / 32))) return MER_ENOMEM;
+        quantize_q8(x, n * cols, ax);
     }
     float *xp = perm_prepare(perm_layout(type, flags), x, n, cols);
-    mv_ctx c = {&m, x, xp, qx, dx, n, tuning_chunk, out, flags};
+    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
-    free(qx); free(dx); free(xp);
+    free(ax); free(kx); free(xp);
     return MER_OK;
 }
 
@@ -1078,8 +1217,8 @@ typedef struct {
     int k, act, flags;
     float alpha, limit;
     const float *x;
-    const int8_t *qx; const float *dx;        /* x as Q8 blocks (phase 1) */
-    int8_t *qh; float *dh;                     /* h as Q8 blocks (phase 2) */
+    const q80_t *ax; q80_t *ah;                /* x and h as Q8_0 blocks */
+    const q8k_t *kx; q8k_t *kh;                /* x and h as Q8_K blocks, for K-quant weights */
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
     int64_t n, d_model, d_ff, chunk, nchunk_ff;
@@ -1095,9 +1234,9 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->qx, c->dx, n, c->d_model, h, F, r0,
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
              r1, c->flags);
-    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->qx, c->dx, n, c->d_model, u, F, r0,
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
              r1, c->flags);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
@@ -1120,8 +1259,8 @@ static void moe_phase2(void *c_, int64_t t) {
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
-        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->qh ? c->qh + (int64_t)e * n * F : NULL,
-                 c->dh ? c->dh + (int64_t)e * n * (F / 32) : NULL, n, F, y, D, r0, r1, c->flags);
+        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
+                 n, F, y, D, r0, r1, c->flags);
     }
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1172,14 +1311,28 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     c.h = malloc(sizeof(float) * nh); c.u_tmp = malloc(sizeof(float) * nh); c.y_tmp = malloc(sizeof(float) * ny);
     int rc = MER_OK;
     int q8 = (flags & MER_FLAG_ACT_Q8) && d_model % 32 == 0 && d_ff % 32 == 0;
-    int8_t *qx = NULL; float *dx = NULL;
+    q80_t *ax = NULL; q8k_t *kx = NULL;
+    /* which activation forms the weights want: Q8_0 blocks for Q4_0/Q8_0/MXFP4, Q8_K for the K-quants (a K-quant
+     * projection's columns are a multiple of 256, so the Q8_K forms always fit) */
+    int x0 = 0, xk = 0, h0 = 0, hk = 0;
+    for (int e = 0; q8 && e < k; e++) {
+        const mat_t *gu[2] = {&c.g[e], &c.u[e]};
+        for (int i = 0; i < 2; i++)
+            if (q8_type(gu[i]->type)) { if (gu[i]->qk == 256) xk = 1; else x0 = 1; }
+        if (q8_type(c.dn[e].type)) { if (c.dn[e].qk == 256) hk = 1; else h0 = 1; }
+    }
     if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
-    if (q8) {
-        qx = malloc((size_t)(n * d_model)); dx = malloc(sizeof(float) * (size_t)(n * d_model / 32));
-        c.qh = malloc(nh); c.dh = malloc(sizeof(float) * (nh / 32));
-        if (!qx || !dx || !c.qh || !c.dh) { rc = MER_ENOMEM; goto done; }
-        quantize_q8(x, n * d_model, qx, dx);
-        c.qx = qx; c.dx = dx;
+    if (x0 || h0) {
+        ax = alloc_q80(n * d_model / 32); c.ah = alloc_q80((int64_t)nh / 32);
+        if (!ax || !c.ah) { rc = MER_ENOMEM; goto done; }
+        quantize_q8(x, n * d_model, ax);
+        c.ax = ax;
+    }
+    if (xk || hk) {
+        kx = alloc_q8k(n * d_model / 256); c.kh = alloc_q8k((int64_t)nh / 256);
+        if (!kx || !c.kh) { rc = MER_ENOMEM; goto done; }
+        if (xk) quantize_q8k(x, n * d_model, kx);
+        c.kx = kx;
     }
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
@@ -1191,14 +1344,15 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     }
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
     /* the barrier is pool_run's join: h is complete */
-    if (q8) quantize_q8(c.h, (int64_t)nh, c.qh, c.dh);
+    if (h0) quantize_q8(c.h, (int64_t)nh, c.ah);
+    if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh);
     for (int e = 0; e < k; e++)
         c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
     pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
 done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);
-    free(c.h); free(c.u_tmp); free(c.y_tmp); free(qx); free(dx); free(c.qh); free(c.dh);
+    free(c.h); free(c.u_tmp); free(c.y_tmp); free(ax); free(c.ah); free(kx); free(c.kh);
     return rc;
 }
 

@@ -5,8 +5,8 @@ computed; `kernel_for` and `matvec` both read it.
 
 - C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
   run time, portable C otherwise), on a persistent pthread pool inside the library. Activations stay float32 by
-  default (exact up to float32 rounding); `act="q8"` quantizes them to Q8_0 blocks and multiplies in integers for
-  Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
+  default (exact up to float32 rounding); `act="q8"` quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and
+  multiplies in integers for Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
 - `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
   in ONE call into C; `expert_ffn` is the same call with k=1.
 - Every other type the gguf package can dequantize (and every type when the C kernel was not built, or with
@@ -74,6 +74,7 @@ def _load_native() -> ctypes.CDLL | None:
             lib.mer_set_prefetch.argtypes = [i64]
             lib.mer_get_prefetch.restype = i64
             lib.mer_set_chunk.argtypes = [i64]
+            lib.mer_set_rows.argtypes = [ci]
             for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
                 getattr(lib, f).restype = ci
             lib.mer_set_threads.argtypes = [ci]
@@ -207,7 +208,8 @@ def matvec(dtype: str, raw: np.ndarray, shape: tuple[int, int], x: np.ndarray, *
            act: str = "f32", flags: int = 0) -> np.ndarray:
     """W @ x for W given as raw bytes of type `dtype` and shape [rows, cols]; x float32 [cols] or [n, cols].
 
-    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to Q8_0 blocks where it applies;
+    simd=0 forces the portable C path (tests check both); act="q8" quantizes x to 8-bit blocks where it applies
+    (Q8_0 blocks of 32; Q8_K blocks of 256 for K-quant weights);
     flags: extra FLAG_* bits for the C call (tests force the other SIMD variants with them).
 
     >>> w = np.eye(2, dtype=np.float32)

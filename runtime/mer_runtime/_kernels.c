@@ -217,13 +217,18 @@ typedef struct {
     uint8_t pad[28];
 } q80_t;
 
+/* n values to int8 with one scale amax/127, round to nearest (ggml's rule for Q8_0 and Q8_K); returns the scale */
+static float quantize_amax(const float *x, int n, int8_t *q) {
+    float amax = 0.f;
+    for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
+    float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
+    for (int j = 0; j < n; j++) q[j] = (int8_t)roundf(x[j] * inv);
+    return s;
+}
+
 static void quantize_q8(const float *x, int64_t n, q80_t *y) {
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
-        float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
-        y[b].d = s;
-        for (int j = 0; j < 32; j++) y[b].q[j] = (int8_t)roundf(x[j] * inv);
+        y[b].d = quantize_amax(x, 32, y[b].q);
         for (int i = 0; i < 8; i++) y[b].s8[i] = 8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]);
     }
 }
@@ -247,11 +252,7 @@ typedef struct {
 
 static void quantize_q8k(const float *x, int64_t n, q8k_t *y) {
     for (int64_t b = 0; b < n / 256; b++, x += 256) {
-        float amax = 0.f;
-        for (int j = 0; j < 256; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
-        float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
-        y[b].d = s;
-        for (int j = 0; j < 256; j++) y[b].q[j] = (int8_t)roundf(x[j] * inv);
+        y[b].d = quantize_amax(x, 256, y[b].q);
         for (int g = 0; g < 16; g++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) sum += y[b].q[16 * g + j];

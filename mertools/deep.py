@@ -10,8 +10,9 @@ not. Other sources go through the ``Source`` protocol (the bytes after the docum
 Numbers. Every expert: ``SAMPLE_ROWS`` seeded rows of each projection (plus its first and last) run through the
 runtime's kernel (``mer_runtime.kernels.matvec`` on those rows' shard bytes) and compared with gguf's float64
 dequantization of only those rows' blocks in the source (or the shard without ``--against``): a bounded cost per
-projection, and a kernel that misreads a type misreads every row. The first ``RUNTIME_EXPERTS`` experts also go
-through the runtime's loader and its fused expert call (``ShardSet.load`` + ``compute``); their output is compared
+projection, and a kernel that misreads a type misreads every row. The first ``RUNTIME_EXPERTS`` experts, and one of each type
+signature not yet covered, also go through the runtime's loader and its fused expert call (``ShardSet.load`` +
+``compute``); their output is compared
 on sampled rows (float64 down rows applied to the runtime's activations). Whole outputs are compared (float64
 gate, up and down, every row) for the experts that fit the whole-output budget: every expert of a small model, and
 for a big one as many as fit in 1/``WHOLE_SHARE`` of its projection bytes (at least ``WHOLE_MIN`` bytes), because
@@ -199,14 +200,21 @@ class SourceReference:
             return self._from_source(layer, expert, role)
         return self._lookup(layer, expert, role)[1:]
 
+    def _check_expert(self, name: str, t: Any, expert: int) -> None:
+        if not 0 <= expert < t.data.shape[0]:
+            raise SourceError(f"{self.path}: {name} has {t.data.shape[0]} experts, the folder has expert {expert}; "
+                              "is this the model the folder was extracted from?")
+
     def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, np.ndarray]:
         kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
         base = role.removesuffix("_bias").removesuffix("_scale")
         name = f"blk.{layer}.ffn_{base}_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
+            self._check_expert(name, t, expert)
             return name, t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
         name = f"blk.{layer}.ffn_gate_up_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
+            self._check_expert(name, t, expert)
             d = t.data[expert]
             half = d.shape[0] // 2
             return name, t.tensor_type.name, d[:half] if base == "gate" else d[half:]
@@ -251,7 +259,11 @@ def source_regions(src: SourceReference, e: ExpertEntry, problems: list[Problem]
     for role, t in e.tensors.items():
         if role not in NUMERIC_ROLES:
             continue
-        reg = src.region(e.layer, e.expert, role)
+        try:
+            reg = src.region(e.layer, e.expert, role)
+        except SourceError as exc:  # the source lacks this expert: a difference between folder and source
+            problems.append(Problem(e.path, f"{role}: {exc}"))
+            continue
         if reg.dtype != t.dtype:
             problems.append(Problem(e.path, f"{role} is {t.dtype} but the source has {reg.dtype} ({reg.name})"))
         elif reg.data.size != t.nbytes:
@@ -491,16 +503,23 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
 
 def plan_experts(experts: Sequence[ExpertEntry], whole_budget: int, runtime_experts: int) -> dict[str, str]:
     """{path: "whole" | "loaded" | "rows"} in order: whole output while the budget lasts, then `runtime_experts` (whole
-    ones included) through the loader, the rest sampled rows only (see the module docstring)."""
+    ones included) through the loader, and (unless `runtime_experts` is 0: sampled rows only) one more for each
+    signature (types and shapes of its tensors) not yet run whole or loaded; the rest sampled rows only (see the
+    module docstring)."""
     plan, spent, loaded = {}, 0, 0
+    covered: set[tuple] = set()
     for e in experts:
         nbytes = sum(t.nbytes for t in e.tensors.values())
+        # an expert whose types and shapes no fused run has covered yet is loaded too: a Q4_K_M model puts Q6_K on
+        # some layers' down and Q4_K on others, and the sampled rows alone never reach the fused, parallel path
+        sig = tuple(sorted((role, t.dtype, tuple(t.shape)) for role, t in e.tensors.items()))
         if spent + nbytes <= whole_budget:
             plan[e.path], spent, loaded = "whole", spent + nbytes, loaded + 1
-        elif loaded < runtime_experts:
+        elif loaded < runtime_experts or (runtime_experts and sig not in covered):
             plan[e.path], loaded = "loaded", loaded + 1
         else:
             plan[e.path] = "rows"
+        covered.add(sig)
     return plan
 
 

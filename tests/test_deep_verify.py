@@ -166,8 +166,11 @@ def test_sampled_rows_pass_on_clean_folders(extracted, src_name):
     assert r.ok, [str(p) for p in r.problems]
     assert r.deep["experts_whole_output"] == 0 and r.deep["experts_run"] == 8
     assert {x["checked"] for x in r.deep["per_expert"]} == {f"{SAMPLE_ROWS} sampled rows"}
-    r = deep_report(extracted(src), src, whole_budget=0)  # the default: the first one through the loader
-    assert r.ok and r.deep["experts_through_loader"] == 1 and r.deep["experts_whole_output"] == 0
+    # the default: the first one through the loader, and one more per type signature it does not share
+    r = deep_report(extracted(src), src, whole_budget=0)
+    sigs = {tuple(sorted((k, t.dtype, t.shape) for k, t in e.tensors.items()))
+            for e in load_manifest(extracted(src)).experts}
+    assert r.ok and r.deep["experts_through_loader"] == len(sigs) and r.deep["experts_whole_output"] == 0
 
 
 def test_bands_bound_the_reference(monkeypatch, extracted):
@@ -316,3 +319,40 @@ def test_mapped_source_pages_are_dropped(extracted):
             before, touched, after)
     finally:
         ref.close()
+
+
+def test_a_source_without_the_folders_expert_is_a_problem_not_a_crash(extracted):
+    """--against a model with fewer experts than the folder: the missing one is a problem naming the tensor (exit 1
+    through the CLI), not an IndexError from the slice."""
+    from mertools.deep import source_regions
+    from mertools.errors import SourceError
+
+    src = REAL / "mixtral-q4_0.gguf"
+    ref = SourceReference(src)
+    try:
+        with pytest.raises(SourceError, match="has 4 experts, the folder has expert 99"):
+            ref.region(0, 99, "gate")
+        import dataclasses
+
+        e = dataclasses.replace(load_manifest(extracted(src)).experts[0], expert=99)
+        found: list = []
+        assert source_regions(ref, e, found) == {}
+        assert [p.path for p in found] == [e.path] * 3 and all("expert 99" in p.what for p in found)
+    finally:
+        ref.close()
+
+
+def test_every_type_signature_goes_through_the_fused_path(extracted):
+    """Q4_K_M puts Q6_K on some layers' down and Q4_K on others: beyond runtime_experts, one expert of each signature
+    not yet covered is loaded, so no (type, shape) pair is checked by sampled rows alone."""
+    from mertools.deep import plan_experts
+
+    m = load_manifest(extracted(REAL / "mixtral-q4_k_m.gguf"))
+
+    def sig(e):
+        return tuple(sorted((r, t.dtype, tuple(t.shape)) for r, t in e.tensors.items()))
+
+    plan = plan_experts(m.experts, 0, 1)
+    loaded = [e for e in m.experts if plan[e.path] == "loaded"]
+    assert {sig(e) for e in loaded} == {sig(e) for e in m.experts}
+    assert len({sig(e) for e in m.experts}) >= 2 and len(loaded) == len({sig(e) for e in m.experts})

@@ -163,6 +163,44 @@ def test_a_right_guess_is_promoted_and_read_whole(window_cache):
     assert (st.hits, st.misses, st.prefetch_used) == (1, 0, 1) and 0 < st.prefetch_landed < 1
 
 
+def test_a_miss_that_needs_a_guess_slot_withdraws_the_guess_instead_of_reading_it(window_cache):
+    """Every idle slot holds a guess held back by the window: a foreground miss takes one by withdrawing it (two
+    chunks read for it in all), not by reading the whole guessed expert first with the cache's lock held."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 2
+    assert cache.prefetch((9, 0)) and cache.prefetch((9, 1))
+    for k in ((9, 0), (9, 1)):
+        settle(loader, cache.entries[k].ticket)
+    guessed = loader.bytes_read
+    slot = cache.acquire((1, 1))  # the free slot
+    cache.acquire((1, 2))  # no free slot: one guess must go
+    assert loader.bytes_read - guessed == 2 * (1 << 20)  # the two misses, and nothing more for the guess
+    assert cache.stats.prefetch_cancelled == 1 and cache.stats.cancelled_read_bytes == 8192
+    assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
+    cache.release((1, 1))
+    cache.release((1, 2))
+
+
+def test_close_withdraws_the_guesses_instead_of_reading_them(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 2
+    assert cache.prefetch((9, 0))
+    settle(loader, cache.entries[(9, 0)].ticket)
+    cache.close()
+    assert loader.bytes_read == 8192 and cache.stats.prefetch_cancelled == 1
+
+
+def test_a_guess_whose_read_is_complete_is_not_in_flight(window_cache):
+    """smoke bounds its guesses by in_flight(): two complete but unused guesses must not block speculation."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 1 << 10
+    assert cache.prefetch((9, 0))
+    t = cache.entries[(9, 0)].ticket
+    while not loader.ready(t):
+        pass
+    assert t.done and cache.in_flight() == 0 and (9, 0) in cache.entries
+
+
 def test_prefetch_withdraw_and_acquire_from_many_threads(folder):
     """Readers acquire and check experts while another thread guesses and withdraws, with a small window."""
     keys = [(layer, e) for layer in folder.layers for e in range(folder.model["n_experts"])]

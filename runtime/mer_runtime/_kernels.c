@@ -17,6 +17,7 @@
  * Every entry point takes buffer lengths and returns MER_E* (negative) instead of reading past an end.
  */
 #define _GNU_SOURCE
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -221,7 +222,8 @@ typedef struct {
 static float quantize_amax(const float *x, int n, int8_t *q) {
     float amax = 0.f;
     for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
-    float s = amax / 127.f, inv = s ? 1.f / s : 0.f;
+    /* below FLT_MIN, 1/s overflows and a cast of inf to int8 is undefined: such a block quantizes to zeros */
+    float s = amax / 127.f, inv = s >= FLT_MIN ? 1.f / s : 0.f;
     for (int j = 0; j < n; j++) q[j] = (int8_t)roundf(x[j] * inv);
     return s;
 }

@@ -181,6 +181,26 @@ class ExpertCache:
             return self.free.pop()
         return self._evict(spare[0])  # LRU among used experts: never an unused guess
 
+    def _withdraw(self, e: Entry) -> str:
+        """Withdraw an unused prefetch: "freed" (nothing was in flight: its slot is free now), "draining" (its
+        issued chunks are still landing: the slot comes back through `_reclaim`) or "done" (its read completed
+        meanwhile: nothing changed, the entry stays)."""
+        assert e.ticket is not None
+        if self.loader.cancel(e.ticket):
+            self.free.append(e.slot)
+            how = "freed"
+        else:
+            inflight = self.loader.withdraw(e.ticket)
+            if inflight is None:
+                return "done"
+            self.stats.cancelled_inflight_bytes += inflight
+            self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
+            self._draining.append((e.ticket, e.slot))
+            how = "draining"
+        del self.entries[e.key]
+        self.stats.prefetch_cancelled += 1
+        return how
+
     def _take_slot_foreground(self) -> int | None:
         """A slot for a miss, or None after waiting (the caller looks again: another thread may have loaded it)."""
         self._reclaim()
@@ -190,15 +210,14 @@ class ExpertCache:
         for e in idle:
             if self._read_complete(e):
                 return self._evict(e)
-        if idle:  # only unused prefetches still reading: wait for the oldest, then it can go
+        if not self._draining and idle:
+            # only unused prefetches still reading: withdraw the oldest (its chunks not yet issued are dropped; a
+            # guess held back by the speculative window would otherwise be read whole, with this lock held)
             v = idle[0]
-            t0 = time.perf_counter()
-            try:
-                self.loader.wait(v.ticket)  # type: ignore[arg-type]
-            except Exception:
-                pass
-            self.stats.io_wait += time.perf_counter() - t0
-            return self._evict(v)
+            if self._withdraw(v) == "done":
+                return self._evict(v)
+            if self.free:
+                return self.free.pop()
         if self._draining:  # a withdrawn prefetch's last chunks are landing in its slot: the oldest is nearly done
             t, slot = self._draining.pop(0)
             t0 = time.perf_counter()
@@ -377,17 +396,8 @@ class ExpertCache:
                 if not (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
                         and e.key not in keep):
                     continue
-                if self.loader.cancel(e.ticket):
-                    self.free.append(e.slot)  # nothing was in flight into it
-                else:
-                    inflight = self.loader.withdraw(e.ticket)
-                    if inflight is None:  # its read completed meanwhile: keep it (unchecked; acquire checks it)
-                        continue
-                    self.stats.cancelled_inflight_bytes += inflight
-                    self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
-                    self._draining.append((e.ticket, e.slot))
-                del self.entries[e.key]
-                self.stats.prefetch_cancelled += 1
+                if self._withdraw(e) == "done":  # its read completed meanwhile: keep it (unchecked; acquire checks it)
+                    continue
                 n += 1
             self._reclaim()
             if n:
@@ -434,7 +444,9 @@ class ExpertCache:
         """Loads started and not yet finished and checked, and withdrawn prefetches whose reads are still landing."""
         with self._cv:
             self._reclaim()
-            return sum(1 for e in self.entries.values() if e.ticket is not None) + len(self._draining)
+            # a guess whose read is complete (unused, unchecked) no longer takes disk time: not in flight
+            return sum(1 for e in self.entries.values()
+                       if e.ticket is not None and not self.loader.ready(e.ticket)) + len(self._draining)
 
     def pin(self, keys: list[Key]) -> None:
         with self._cv:
@@ -475,7 +487,9 @@ class ExpertCache:
             self._reclaim()  # the withdrawn prefetches' slots are free again
 
     def close(self) -> None:
-        """Drain, then refuse every later call with CacheError."""
+        """Withdraw the unused prefetches (nothing more is read for them), drain, then refuse every later call with
+        CacheError."""
+        self.cancel_stale(keep=frozenset())
         self.drain()
         with self._cv:
             self._reclaim()

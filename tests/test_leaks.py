@@ -132,14 +132,20 @@ def test_failing_opens_leave_nothing(folder, backend, attack, tmp_path):
     assert mapped_bytes() - mapped0 < pool_bytes  # no pool mapping left behind by a failed open
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_a_fifo_in_place_of_a_shard_is_an_error_not_a_hang(folder, backend, tmp_path):
+def _with_fifo(folder, tmp_path, layer: int, expert: int):
+    """A copy of folder (tmp_path/f) whose shard of (layer, expert) is a FIFO: opening it for reading would block."""
     dst = tmp_path / "f"
     shutil.copytree(folder, dst)
     m = load_manifest(dst)
-    victim = m.path_of(m.expert(1, 2))
+    victim = m.path_of(m.expert(layer, expert))
     victim.unlink()
     os.mkfifo(victim)
+    return dst
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_fifo_in_place_of_a_shard_is_an_error_not_a_hang(folder, backend, tmp_path):
+    dst = _with_fifo(folder, tmp_path, 1, 2)
     x = np.ones(256, np.float32)
     with open_shards(dst, io=backend, cache_slots=2) as s:
         s.ffn(0, 1, x)
@@ -154,12 +160,7 @@ def test_a_fifo_in_place_of_a_shard_is_an_error_not_a_hang(folder, backend, tmp_
 def test_smoke_and_golden_refuse_a_fifo(folder, tmp_path):
     from conftest import run_cli
 
-    dst = tmp_path / "f"
-    shutil.copytree(folder, dst)
-    m = load_manifest(dst)
-    victim = m.path_of(m.expert(1, 3))
-    victim.unlink()
-    os.mkfifo(victim)
+    dst = _with_fifo(folder, tmp_path, 1, 3)
     p = run_cli("smoke", dst, "--tokens", "20", "--cache-slots", "2", "--workload", "uniform")
     assert p.returncode == 2 and "E0003.bin: is a FIFO" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("smoke", dst, "--tokens", "5", "--emit-golden", tmp_path / "g.npz")

@@ -57,6 +57,17 @@ def test_split_set_joined_is_tensor_identical(extracted, tmp_path):
     assert not any(k.startswith("split.") for k in meta) and "mertools.experts_removed_from" not in meta
 
 
+def _fixture(name: str) -> Path:
+    return next(p for p in ALL_MOE if p.name == name)
+
+
+def _copy(extracted, name: str, tmp_path: Path) -> Path:
+    """A private copy (tmp_path/f) of the fixture's extracted folder, to damage."""
+    f = tmp_path / "f"
+    shutil.copytree(extracted(_fixture(name)), f)
+    return f
+
+
 def _strip_record(folder: Path, to: Path) -> Path:
     shutil.copytree(folder, to)
     m = json.loads((to / "manifest.json").read_text())
@@ -69,7 +80,7 @@ def _strip_record(folder: Path, to: Path) -> Path:
 @pytest.mark.parametrize("name", ["mixtral-q4_k_m.gguf", "moe-fused-q8_0.gguf", "moe-gptoss-mxfp4-bias.gguf",
                                   "moe-perexpert-f16.gguf", "mixtral-perexpert-q8_0.gguf"])
 def test_folder_without_record_is_tensor_identical(name, extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == name)
+    src = _fixture(name)
     old = _strip_record(extracted(src), tmp_path / "old")
     r = reassemble(old, tmp_path / "back.gguf", fsync=False)
     assert not r.exact and "no reassembly record" in r.notes[0]
@@ -83,7 +94,7 @@ def test_old_folder_refuses_split(extracted, tmp_path):
 
 
 def test_partial_extract_is_refused(tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
+    src = _fixture("mixtral-q4_0.gguf")
     extract(src, tmp_path / "part", layers={0}, fsync=False)
     with pytest.raises(MertoolsError, match="--layers/--experts"):
         reassemble(tmp_path / "part", tmp_path / "x.gguf")
@@ -98,9 +109,7 @@ def _damage(folder: Path, rel: str, at: int) -> None:
 
 
 def test_damaged_shard_is_caught_and_nothing_left(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "mixtral-q4_0.gguf", tmp_path)
     m = json.loads((f / "manifest.json").read_text())
     e = m["experts"][3]
     _damage(f, e["path"], e["tensors"]["down"]["offset"] + 17)
@@ -110,9 +119,7 @@ def test_damaged_shard_is_caught_and_nothing_left(extracted, tmp_path):
 
 
 def test_damaged_dense_is_caught(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_k_m.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "mixtral-q4_k_m.gguf", tmp_path)
     r = gguf.GGUFReader(f / "dense.gguf")
     at = int(r.tensors[-1].data_offset) + 5
     del r
@@ -123,16 +130,14 @@ def test_damaged_dense_is_caught(extracted, tmp_path):
 
 
 def test_damaged_record_is_caught(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "mixtral-q4_0.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "mixtral-q4_0.gguf", tmp_path)
     _damage(f, RECORD_NAME, 100)
     with pytest.raises(MertoolsError, match="reassembly record is damaged"):
         reassemble(f, tmp_path / "x.gguf", fsync=False)
 
 
 def test_existing_output_needs_overwrite(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    src = _fixture("moe-merged-q4_0.gguf")
     (tmp_path / "x.gguf").write_bytes(b"keep me")
     with pytest.raises(MertoolsError, match="--overwrite"):
         reassemble(extracted(src), tmp_path / "x.gguf")
@@ -142,7 +147,7 @@ def test_existing_output_needs_overwrite(extracted, tmp_path):
 
 
 def test_cli(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-bf16.gguf")
+    src = _fixture("moe-merged-bf16.gguf")
     p = run_cli("reassemble", extracted(src), tmp_path / "b.gguf", "--json", "--no-fsync", check=True)
     d = json.loads(p.stdout)
     assert d["exact"] is True and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
@@ -153,9 +158,7 @@ def test_cli(extracted, tmp_path):
 def test_verify_notices_a_changed_record(extracted, tmp_path):
     from mertools.verify import verify
 
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-q8_0.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "moe-merged-q8_0.gguf", tmp_path)
     assert verify(f).ok
     _damage(f, RECORD_NAME, 7)
     r = verify(f)
@@ -171,9 +174,7 @@ def test_verify_notices_a_changed_record(extracted, tmp_path):
     lambda r: r["files"][0].__setitem__("gaps", [[1, 2]]),
 ])
 def test_malformed_record_gives_our_error(edit, extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
     m = json.loads((f / "manifest.json").read_text())
     edit(m["reassembly"])
     (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
@@ -189,7 +190,7 @@ def test_split_to_a_file_name(extracted, tmp_path):
 
 
 def test_split_of_a_single_file_is_refused(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
+    src = _fixture("moe-merged-q4_0.gguf")
     with pytest.raises(MertoolsError, match="drop --split"):
         reassemble(extracted(src), tmp_path / "x.gguf", split=True)
 
@@ -199,16 +200,14 @@ def test_segments_smaller_than_tensors(monkeypatch, tmp_path):
     import mertools.reassemble as ra
 
     monkeypatch.setattr(ra, "SEGMENT", 4096 + 513)
-    src = next(p for p in ALL_MOE if p.name == "mixtral-f16.gguf")
+    src = _fixture("mixtral-f16.gguf")
     extract(src, tmp_path / "o", fsync=False)
     r = reassemble(tmp_path / "o", tmp_path / "b.gguf", fsync=False)
     assert r.exact and filecmp.cmp(src, tmp_path / "b.gguf", shallow=False)
 
 
 def test_hostile_source_name_is_refused(extracted, tmp_path):
-    src = next(p for p in ALL_MOE if p.name == "moe-merged-q4_0.gguf")
-    f = tmp_path / "f"
-    shutil.copytree(extracted(src), f)
+    f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
     m = json.loads((f / "manifest.json").read_text())
     m["source"]["files"][0]["name"] = "../../evil.gguf"
     (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3

@@ -106,6 +106,12 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
 
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _emit(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
@@ -148,12 +154,9 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
       mertools extract Mixtral-8x7B-Instruct-v0.1/ out/ --dtype q4_0
     """
     layer_sel, expert_sel = parse_ranges(layers, "layers"), parse_ranges(experts, "experts")
-    bar = _Bar(quiet or as_json, "extract")
-    try:
+    with _Bar(quiet or as_json, "extract") as bar:
         r = do_extract(src, out, layers=layer_sel, experts=expert_sel, overwrite=overwrite, fsync=not no_fsync,
                        wait=wait, progress=bar, dtype=dtype)
-    finally:
-        bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -201,14 +204,10 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
     """
     if against and not deep:
         _fail("--against needs --deep")
-    bar, deep_bar = _Bar(quiet or as_json, "verify"), _Bar(quiet or as_json, "deep", unit="expert")
     if not out.is_dir():
         raise MertoolsError(f"{out}: not a folder; give the folder extract wrote")
-    try:
+    with _Bar(quiet or as_json, "verify") as bar, _Bar(quiet or as_json, "deep", unit="expert") as deep_bar:
         r = do_verify(out, deep=deep, against=against, io=io, progress=bar, deep_progress=deep_bar)
-    finally:
-        bar.close()
-        deep_bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -266,11 +265,8 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
         raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the golden "
                             "file elsewhere")
     check_cache_memory(out, cache_slots)
-    bar = _Bar(quiet or as_json, "smoke", unit="tok")
-    try:
+    with _Bar(quiet or as_json, "smoke", unit="tok") as bar:
         r = run_smoke(out, cfg, progress=bar)
-    finally:
-        bar.close()
     if emit_golden:
         r["golden"] = do_golden(out, emit_golden, seed)
     if as_json:
@@ -330,11 +326,8 @@ def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: b
     """
     from .reassemble import reassemble as do_reassemble
 
-    bar = _Bar(quiet or as_json, "reassemble")
-    try:
+    with _Bar(quiet or as_json, "reassemble") as bar:
         r = do_reassemble(out, model, split=split, overwrite=overwrite, fsync=not no_fsync, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _emit(r.as_dict())
         return
@@ -364,12 +357,9 @@ def pack(out: Path, archive: Path, level: int, threads: int, no_long: bool, over
     """
     from .pack import pack as do_pack
 
-    bar = _Bar(quiet or as_json, "pack")
-    try:
+    with _Bar(quiet or as_json, "pack") as bar:
         r = do_pack(out, archive, overwrite=overwrite, level=level, threads=threads, long=not no_long,
                     progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -393,11 +383,8 @@ def unpack(archive: Path, out: Path, overwrite: bool, no_fsync: bool, as_json: b
     """
     from .pack import unpack as do_unpack
 
-    bar = _Bar(quiet or as_json, "unpack")
-    try:
+    with _Bar(quiet or as_json, "unpack") as bar:
         r = do_unpack(archive, out, overwrite=overwrite, fsync=not no_fsync, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _emit(r.as_dict())
     else:
@@ -427,11 +414,8 @@ def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no
     """
     from .export_mer import export_mer
 
-    bar = _Bar(quiet or as_json, "export")
-    try:
+    with _Bar(quiet or as_json, "export") as bar:
         r = export_mer(out, dest, router=router, overwrite=overwrite, fsync=not no_fsync, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _emit(r.as_dict())
     else:

@@ -78,7 +78,7 @@ def test_cost_model_admits_a_guess_only_when_it_pays():
     assert not cm.admit(1.0)  # nothing measured yet: no speculation
     # every step misses and stalls 9 ms; priors: a guess reads (and a right one lands) a whole expert
     for _ in range(4):
-        cm.observe(wall_s=0.010, io_wait_s=0.009, misses=1, miss_latency_s=0.009)
+        cm.observe(io_wait_s=0.009, misses=1)
     assert (cm.stall_s, cm.miss_step, cm.gain_s, cm.loss_s) == pytest.approx((0.009, 1.0, 0.009, 0.009))
     assert [cm.admit(p) for p in (0.3, 0.5, 0.6)] == [False, False, True]  # pays only above even odds
     # right guesses were needed with 40% landed; wrong ones had read 10%; a third of the guesses admitted with
@@ -91,7 +91,7 @@ def test_cost_model_admits_a_guess_only_when_it_pays():
     assert [cm.admit(p) for p in (0.3, 0.36)] == [False, True]
     # steps without foreground reads: nothing for a wrong guess to delay
     for _ in range(20):
-        cm.observe(wall_s=0.01, io_wait_s=0.0, misses=0, miss_latency_s=0.0)
+        cm.observe(io_wait_s=0.0, misses=0)
     assert cm.miss_step < 1e-4 and cm.admit(0.01)
     assert (cm.admitted, cm.refused) == (3, 4)
 
@@ -131,7 +131,7 @@ def test_a_disk_bound_replay_with_costs_issues_nothing_it_would_lose(manifest):
         pool = BufferPool(4096, 3)
         cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
         cm = CostModel(warmup=0)
-        cm.observe(wall_s=1.0, io_wait_s=1.0, misses=1, miss_latency_s=1.0)
+        cm.observe(io_wait_s=1.0, misses=1)
         cm.observe = lambda *a: None  # keep the measured saturation (NullLoader's steps take no time)
         pf = MarkovPrefetcher(manifest.layers, 4)
         _drive(cache, routes, manifest.layers, "markov" if name != "none" else "none", pf, 2, cost=cm)

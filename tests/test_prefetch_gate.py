@@ -41,7 +41,7 @@ def cycle_routes(m, tokens=40):
 def fixed_cost(stall=1.0, landed=1.0, waste=1.0) -> CostModel:
     """A cost model with given measurements: every step misses, a miss stalls `stall` s."""
     cm = CostModel(alpha=0.0, warmup=0)
-    cm.observe(wall_s=2 * stall, io_wait_s=stall, misses=1, miss_latency_s=stall)
+    cm.observe(io_wait_s=stall, misses=1)
     cm.landed_frac, cm.waste_frac = landed, waste
     return cm
 

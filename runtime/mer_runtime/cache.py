@@ -45,13 +45,12 @@ class Reservoir:
     """
 
     def __init__(self, capacity: int = 4096, seed: int = 0):
-        self.capacity, self.count, self.total = capacity, 0, 0.0
+        self.capacity, self.count = capacity, 0
         self._items: list[float] = []
         self._rng = random.Random(seed)  # seeded: the same run keeps the same samples
 
     def append(self, v: float) -> None:
         self.count += 1
-        self.total += v
         if len(self._items) < self.capacity:
             self._items.append(v)
         else:
@@ -80,10 +79,6 @@ class Entry:
     error: BaseException | None = None  # the load failed; waiters raise it
     foreground: bool = False  # started by a miss: its latency is recorded
     fetched: bool = False  # started by fetch(): the first acquire counts it as the miss
-
-    @property
-    def users(self) -> int:
-        return sum(self.holders.values())
 
 
 @dataclass
@@ -490,8 +485,7 @@ class ExpertCache:
         """Withdraw the unused prefetches (nothing more is read for them), drain, then refuse every later call with
         CacheError."""
         self.cancel_stale(keep=frozenset())
-        self.drain()
+        self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
         with self._cv:
-            self._reclaim()
             self._closed = True
             self._cv.notify_all()

@@ -89,10 +89,10 @@ class CostModel:
 
     `window` is how many chunks a guess may read before it is needed (the loader's `spec_window`): it grows by one
     while withdrawals find nothing left in flight and halves when they find some, so that what a wrong guess reads
-    lands in the disk's idle time (`stale_frac`: the in-flight fraction found at withdrawals).
+    lands in the disk's idle time.
 
     >>> cm = CostModel(warmup=1, window_frac=0.5)
-    >>> cm.observe(wall_s=1.0, io_wait_s=0.5, misses=5, miss_latency_s=0.5)  # stall 0.1 s, every step misses
+    >>> cm.observe(io_wait_s=0.5, misses=5)  # stall 0.1 s, every step misses
     >>> cm.admit(0.6), cm.admit(0.4)    # gain 0.5 x 0.1 s, loss 0.5 x 0.1 s x 1: pays above even odds
     (True, False)
     >>> for _ in range(30):             # half the guesses were right (half landed), half wrong (5% read)
@@ -104,25 +104,21 @@ class CostModel:
     def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32):
         self.alpha, self.warmup = alpha, warmup
         self.max_window = self.window = max(1, window)
-        self.stall_s = self.read_s = self.miss_step = 0.0
+        self.stall_s = self.miss_step = 0.0
         self.waste_frac = self.landed_frac = min(1.0, max(0.0, window_frac))
-        self.stale_frac = 0.0
-        self.misses_seen = self.steps_seen = self.stale_seen = self.used_seen = 0
+        self.misses_seen = self.steps_seen = 0
         self.admitted = self.refused = 0
         self.p_admitted = self.right = 0.5  # moving averages of admitted p and of outcomes: calibration 1 at first
 
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self.alpha * (new - old)
 
-    def observe(self, wall_s: float, io_wait_s: float, misses: int, miss_latency_s: float) -> None:
-        """One step's figures: its wall time, the time blocked on reads, its foreground misses and their summed
-        start-to-ready latency."""
+    def observe(self, io_wait_s: float, misses: int) -> None:
+        """One step's figures: the time blocked on reads and its foreground misses."""
         self.miss_step = self._ema(self.miss_step, 1.0 if misses else 0.0, self.steps_seen == 0)
         self.steps_seen += 1
         if misses:
-            first = self.misses_seen == 0
-            self.stall_s = self._ema(self.stall_s, io_wait_s / misses, first)
-            self.read_s = self._ema(self.read_s, miss_latency_s / misses, first)
+            self.stall_s = self._ema(self.stall_s, io_wait_s / misses, self.misses_seen == 0)
             self.misses_seen += misses
 
     def observe_stale(self, read_frac: float, inflight_frac: float = 0.0, n: int = 1) -> None:
@@ -130,9 +126,7 @@ class CostModel:
         inflight_frac was still with the disk."""
         for _ in range(n):
             self.waste_frac = self._ema(self.waste_frac, min(1.0, max(0.0, read_frac)), False)
-            self.stale_frac = self._ema(self.stale_frac, min(1.0, max(0.0, inflight_frac)), self.stale_seen == 0)
             self.right = self._ema(self.right, 0.0, False)
-            self.stale_seen += 1
         # the window a guess may read ahead: as large as lands before the next step (additive increase while
         # withdrawals find nothing in flight, halved when they find some)
         self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
@@ -142,7 +136,6 @@ class CostModel:
         for _ in range(n):
             self.landed_frac = self._ema(self.landed_frac, min(1.0, max(0.0, landed_frac)), False)
             self.right = self._ema(self.right, 1.0, False)
-            self.used_seen += 1
 
     @property
     def calibration(self) -> float:

@@ -212,7 +212,7 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
         for li in range(L):
             experts = [int(e) for e in routes[t, li]]
             keys = [(layers[li], e) for e in experts]
-            t0, w0, m0, l0 = time.perf_counter(), st.io_wait, st.misses, st.load_latency.total
+            w0, m0 = st.io_wait, st.misses
             if markov:
                 b0, r0, u0, f0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.prefetch_used, st.prefetch_landed
                 n = cache.cancel_stale(keep=set(keys))
@@ -234,13 +234,14 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 nonlocal guesses
                 if not guesses or not all(cache.loaded(k) for k in rest):
                     return  # a read of this step is still under way: a guess would only slow it down
+                flying = cache.in_flight()  # once: it takes the cache's lock and polls every read
                 for e, p in guesses:
                     key = (layers[target], e)
                     if key in cache.entries:
                         continue
-                    if cache.in_flight() >= max_inflight or (cost is not None and not cost.admit(p)):
+                    if flying >= max_inflight or (cost is not None and not cost.admit(p)):
                         break  # ranked by p: if this one does not pay, the rest do not either
-                    cache.prefetch(key)
+                    flying += cache.prefetch(key)
                 guesses = []
 
             for i, key in enumerate(order):
@@ -253,7 +254,7 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                     if hook:
                         hook()
             if cost is not None:
-                cost.observe(time.perf_counter() - t0, st.io_wait - w0, st.misses - m0, st.load_latency.total - l0)
+                cost.observe(st.io_wait - w0, st.misses - m0)
                 if markov and st.prefetch_used > u0:
                     cost.observe_used((st.prefetch_landed - f0) / (st.prefetch_used - u0), st.prefetch_used - u0)
             if policy == "oracle":

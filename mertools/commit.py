@@ -24,7 +24,6 @@ staging not yet in place), ``before-cleanup`` (new OUT in place, old copy not ye
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -95,11 +94,21 @@ _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347}
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    # the process's own symbols (libc is loaded in every CPython): find_library("c") would fork ldconfig
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # with use_errno: ctypes keeps errno per thread, so one handle serves every thread
+
+
 def _load_exchange():
     """libc's renameat2 (glibc >= 2.28), else the raw syscall where we know its number; None if neither."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:
+    libc = _LIBC
+    if libc is None:
         return None
     fn = getattr(libc, "renameat2", None)
     if fn is not None:
@@ -253,9 +262,8 @@ FLUSH_THREADS = 8  # fsyncs in flight at once: the disk and the journal merge th
 
 
 def _load_syncfs():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:
+    libc = _LIBC
+    if libc is None:
         return None
     fn = getattr(libc, "syncfs", None)  # glibc >= 2.14, musl; absent elsewhere (macOS)
     if fn is None:
@@ -284,9 +292,8 @@ class Flushed:
 
 
 def _load_sync_file_range():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:
+    libc = _LIBC
+    if libc is None:
         return None
     fn = getattr(libc, "sync_file_range", None)  # Linux only
     if fn is None:

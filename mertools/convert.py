@@ -223,15 +223,10 @@ def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[
     }
 
 
-def write_manifest(staging: Path, manifest: dict[str, Any], *, fsync: bool = False) -> Path:
-    """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last).
-
-    `fsync`: flush the file before returning (not needed inside ``staged_output``, which flushes everything)."""
+def write_manifest(staging: Path, manifest: dict[str, Any]) -> Path:
+    """Check `manifest` with the runtime's reader against the files in `staging`, then write it (last). Not flushed
+    here: ``staged_output`` flushes the whole output before naming it."""
     parse_manifest(manifest, staging)  # the writer must satisfy the reader every consumer uses
     mpath = staging / MANIFEST_NAME
-    with open(mpath, "wb") as fh:
-        fh.write(manifest_bytes(manifest))  # with manifest_xxh3, so that verify notices any later edit
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
+    mpath.write_bytes(manifest_bytes(manifest))  # with manifest_xxh3, so that verify notices any later edit
     return mpath

@@ -17,10 +17,7 @@ from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401
 from .convert import build_manifest, plan, write_dense, write_experts, write_manifest
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
 from .reassemble import record_for_reassembly
-from .sources import ExpertPlan, Source, open_source
-from .writer import PIECE, SEGMENT, ShardWriter  # noqa: F401  (SEGMENT/PIECE: re-exported for callers and tests)
-
-WRITERS = 2
+from .sources import Source, open_source
 
 
 @dataclass
@@ -52,13 +49,6 @@ class ExtractResult:
         }
 
 
-def select(src: Source, layers: Iterable[int] | Ranges | None, experts: Iterable[int] | Ranges | None
-           ) -> list[ExpertPlan]:
-    """The experts of ``src`` in the chosen layers and expert numbers (None: all); refuses numbers the model lacks."""
-    return plan(src, layers, experts).plans
-
-
-_Writer = ShardWriter  # the writer lives in writer.py (byte ranges or transformed bands, hashed as written)
 
 
 def extract(
@@ -111,7 +101,7 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
     with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait, marker=marker,
                        need_bytes=expert_bytes + src.dense_estimate(), report=report) as staging:
         tick = progress(total, len(shards)) if progress else (lambda n: None)
-        entries = write_experts(conv, staging, tick=tick, workers=WRITERS, writeback=fsync)
+        entries = write_experts(conv, staging, tick=tick, writeback=fsync)
         dense = write_dense(conv, staging, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF

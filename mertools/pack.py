@@ -31,7 +31,8 @@ import xxhash
 import zstandard
 
 from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
+from mer_runtime.manifest import (MANIFEST_NAME, Manifest, manifest_from_bytes, parse_manifest,
+                                  read_manifest_bytes)
 
 from .errors import MertoolsError, OutputError
 
@@ -201,7 +202,8 @@ def pack(
     t0 = time.perf_counter()
     folder, archive = Path(folder), Path(archive)
     try:
-        m = load_manifest(folder)
+        mbytes = read_manifest_bytes(folder)  # checked and archived: the same bytes, read once
+        m = manifest_from_bytes(mbytes, folder)
     except ManifestError as exc:
         raise ArchiveError(str(exc)) from None
     if archive.exists() and not overwrite:
@@ -209,7 +211,6 @@ def pack(
     if not archive.parent.is_dir():
         raise OutputError(f"{archive.parent}: no such folder")
     expect = _expected(m)
-    mbytes = (folder / MANIFEST_NAME).read_bytes()
     total = len(mbytes) + sum(e.size for e in expect.values())
     tick = progress(total, len(expect) + 1) if progress else (lambda n: None)
     tmp = archive.with_name(f".{archive.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

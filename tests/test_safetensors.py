@@ -388,7 +388,7 @@ def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted, name):
     assert not present and not list(dl.iterdir())  # every source file was deleted once converted
     if name.startswith("real/"):
         assert most < len(files)  # layer-ordered shards: files left before the last one arrived
-    write_manifest(staging, build_manifest(conv, entries, dense.finish(), {"repo": "org/model"}), fsync=False)
+    write_manifest(staging, build_manifest(conv, entries, dense.finish(), {"repo": "org/model"}))
     src.close()
     whole_dir = st_extracted(name)
     whole, staged = load_manifest(whole_dir), load_manifest(staging)

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..commit import fsync_dir
+
 JOURNAL_NAME = "pull-journal.json"
 VERSION = 1
 
@@ -70,8 +72,4 @@ class Journal:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.path.parent)

@@ -516,8 +516,13 @@ def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
     >>> m.expert(1, 3).tensors["gate"].dtype                          # doctest: +SKIP
     'Q4_0'
     """
+    return manifest_from_bytes(read_manifest_bytes(folder), folder)
+
+
+def manifest_from_bytes(data: bytes, folder: str | os.PathLike[str]) -> Manifest:
+    """`load_manifest`'s checks on bytes already read from folder/manifest.json (so that a caller that keeps the
+    bytes, like `mertools pack`, keeps the very bytes that were checked)."""
     root = Path(folder)
-    data = read_manifest_bytes(root)
     where = root / MANIFEST_NAME
     raw = decode_manifest(data, where)
     m = parse_manifest(raw, root)

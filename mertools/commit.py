@@ -401,14 +401,15 @@ def flush_tree(root: str | os.PathLike[str]) -> Flushed:
     dirs: list[str] = []
     anchors = {os.stat(root).st_dev: root}
     size = 0
-    def unreadable(e: OSError) -> None:
-        raise e  # a folder skipped here would be committed unflushed
-
-    for d, _, _ in os.walk(root, onerror=unreadable):
+    todo = [root]
+    while todo:  # one scandir per folder; an unreadable one raises (skipped, it would be committed unflushed)
+        d = todo.pop()
         dirs.append(d)
         with os.scandir(d) as it:
             for e in it:
-                if e.is_file(follow_symlinks=False):
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                elif e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
                     files.append(e.path)
                     size += st.st_size

@@ -8,6 +8,9 @@ install still succeeds.
 - `mer_runtime._uring_atomics`: acquire/release accesses to the io_uring ring indices. Without it io_uring is used
   on x86-64 only (its memory model makes plain loads and stores acquire and release); elsewhere `--io auto` falls
   back to pread and says why.
+- `mer_runtime._sigbus_guard`: turns SIGBUS from a mapped file that shrank while being read into a clear error
+  (mer_runtime.guard). Without it that error is still raised when the file shrank between two pieces, but a file
+  that shrinks during a piece ends the process.
 """
 
 from setuptools import Extension, setup
@@ -28,6 +31,13 @@ setup(
             "mer_runtime._uring_atomics",
             sources=["runtime/mer_runtime/_uring_atomics.c"],
             extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "mer_runtime._sigbus_guard",
+            sources=["runtime/mer_runtime/_sigbus_guard.c"],
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         ),
     ]

@@ -1,0 +1,155 @@
+"""A clear error, not a dead process, when a file shrinks while this process reads it through a memory map.
+
+Touching a mapped page past a file's new end (a download being rewritten, a ``truncate``, a full network file
+system) raises SIGBUS, which ends the process with no message in the middle of xxhash, memcmp or NumPy. Every
+read-only mapping of a file we do not own is registered here (`guard_mapping`, `map_file`); the small C handler
+``_sigbus_guard.c`` (built at install, loaded with ctypes) maps a zero page over a faulting page of a registered
+mapping, counts the fault and lets the interrupted code finish on zeros. Readers call `Guard.check` after each
+piece (one read of a counter: no system call) and `Guard.finish` at the end (also compares the file's size), which
+raise `FileChangedError` naming the file; the zeros read are never used, and the caller's usual clean-up runs.
+
+Without the compiled handler (no C compiler at install) `check` compares the file's size instead (one fstat), so a
+file that shrank between two pieces still gets the clear error; one that shrinks in the middle of a piece ends
+the process as before. ``GUARDED`` says which.
+
+Thread-safe: the C handler runs on the faulting thread and only reads the registration table; registration takes
+a lock. Faults outside registered mappings go to the previous handler (faulthandler's, or the default action).
+
+>>> import mmap, os
+>>> fd = os.open(__file__, os.O_RDONLY)
+>>> mm, g = map_file(fd, os.fstat(fd).st_size, __file__)
+>>> g.check(); g.close(); mm.close(); os.close(fd)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import mmap
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+from .errors import MerError
+
+
+class FileChangedError(MerError):
+    """A file changed size (or was truncated) while it was being read; re-run once it is complete."""
+
+
+def _load() -> tuple[ctypes.CDLL, Any] | None:
+    if os.environ.get("MER_SIGBUS_GUARD") == "off":  # the fallback, for tests and for comparison
+        return None
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_sigbus_guard{suffix}"
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            lib.mer_guard_install.restype = ctypes.c_int
+            lib.mer_guard_register.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.mer_guard_register.restype = ctypes.c_int
+            lib.mer_guard_unregister.argtypes = [ctypes.c_int]
+            lib.mer_guard_unregister.restype = None
+            faults = (ctypes.c_long * lib.mer_guard_slots()).in_dll(lib, "mer_guard_faults")
+            return lib, faults
+    return None
+
+
+_LOADED = _load()
+_LIB, _FAULTS = _LOADED if _LOADED else (None, None)
+GUARDED = _LIB is not None  # False: the size-check fallback (see the module docstring)
+
+
+def changed(path: str | os.PathLike[str], was: int, now: int | None) -> FileChangedError:
+    """The error for a file of `was` bytes that now has `now` (None: gone)."""
+    what = "is gone" if now is None else f"now {now}"
+    return FileChangedError(f"{path} changed size while being read (was {was} bytes, {what}): it is still being "
+                            "written (a download?) or was truncated or replaced; re-run when it is complete")
+
+
+class Guard:
+    """One registered read-only mapping of `size` bytes of a file (by `path`, or an open `fd` that stays open while
+    the guard is used). `check()` after each piece, `finish()` at the end; `close()` before the mapping goes (also
+    done when the mapped object is collected)."""
+
+    __slots__ = ("path", "fd", "size", "slot", "_fin", "__weakref__")
+
+    def __init__(self, owner: Any, addr: int, length: int, size: int, path: str | os.PathLike[str] | None = None,
+                 fd: int | None = None):
+        self.path, self.fd, self.size, self.slot = path, fd, size, -1
+        self._fin = None
+        if _LIB is not None and length > 0:
+            _LIB.mer_guard_install()  # again each time: faulthandler.enable() may have put its handler on top
+            self.slot = _LIB.mer_guard_register(addr, length)
+            if self.slot >= 0:
+                # the mapping may outlive this object's user (a view kept by NumPy): unregister with it
+                self._fin = weakref.finalize(owner, _LIB.mer_guard_unregister, self.slot)
+
+    def name(self) -> str:
+        if self.path is not None:
+            return os.fspath(self.path)
+        try:
+            return os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return f"file descriptor {self.fd}"
+
+    def _now(self) -> int | None:
+        try:
+            return (os.fstat(self.fd) if self.path is None else os.stat(self.path)).st_size
+        except OSError:
+            return None
+
+    def faulted(self) -> bool:
+        """Whether a page of the mapping could not be read (the file shrank under it)."""
+        return self._fin is not None and self._fin.alive and _FAULTS[self.slot] != 0
+
+    def check(self) -> None:
+        """Raise FileChangedError if the mapping faulted (without the C handler: if the file is now shorter)."""
+        if self._fin is not None:
+            if _FAULTS[self.slot] and self._fin.alive:
+                raise changed(self.name(), self.size, self._now())
+        elif (now := self._now()) is None or now < self.size:
+            raise changed(self.name(), self.size, now)
+
+    def finish(self) -> None:
+        """`check`, and the file still has the size it had when mapped (one stat)."""
+        self.check()
+        if (now := self._now()) != self.size:
+            raise changed(self.name(), self.size, now)
+
+    def close(self) -> None:
+        if self._fin is not None:
+            self._fin()
+
+
+def _address(buf: Any) -> int:
+    import numpy as np
+
+    a = np.frombuffer(buf, np.uint8)
+    try:
+        return int(a.ctypes.data)
+    finally:
+        del a
+
+
+def guard_mapping(mm: mmap.mmap, size: int, path: str | os.PathLike[str] | None = None,
+                  fd: int | None = None) -> Guard:
+    """Register an existing read-only mapping of a whole file of `size` bytes."""
+    return Guard(mm, _address(mm) if len(mm) else 0, len(mm), size, path, fd)
+
+
+def guard_array(arr: Any, size: int, path: str | os.PathLike[str]) -> Guard:
+    """Register the mapping behind a NumPy memmap (e.g. the gguf package's reader's ``data``) of a whole file."""
+    owner = getattr(arr, "_mmap", None) or arr
+    return Guard(owner, int(arr.ctypes.data), int(arr.nbytes), size, path)
+
+
+def map_file(fd: int, size: int, path: str | os.PathLike[str] | None = None) -> tuple[mmap.mmap, Guard]:
+    """A read-only mapping of the first `size` bytes of open file `fd`, and its guard (named by `path`, or
+    resolved from `fd`, which must then stay open while the guard is used)."""
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    return mm, guard_mapping(mm, size, path, None if path is not None else fd)

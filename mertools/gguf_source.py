@@ -19,6 +19,7 @@ from typing import Any
 import gguf
 from gguf.constants import GGUFValueType
 
+from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import ROLES
 
 from .errors import NotMoEError, SourceError
@@ -75,8 +76,17 @@ class _CheckedReader(gguf.GGUFReader):
 
     def __init__(self, path: Path):
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
-            self.header = scan_header(path, m)
+            g = guard_mapping(m, len(m), path)  # a file shrinking under the walk: a clear error, not SIGBUS
+            try:
+                self.header = scan_header(path, m)
+                g.check()
+            finally:
+                g.close()
         super().__init__(path, "r")
+        # the reader's own mapping: dense.gguf is copied from it, and the reference's lookups address it.
+        # (A file shrinking during the reader's parse above is not guarded: that parse reads only the header,
+        # which the walk has just read, and the window is a few milliseconds.)
+        self.guard = guard_array(self.data, int(self.data.nbytes), path)
 
 
 def split_parts(path: Path) -> list[Path]:

@@ -34,6 +34,7 @@ from gguf.constants import GGMLQuantizationType
 
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
+from mer_runtime.guard import guard_mapping
 from mer_runtime.manifest import ROLES, Manifest, load_manifest
 
 from .commit import flush_files
@@ -72,24 +73,35 @@ def _scan(path: Path, spans: list[tuple[int, int, str]]) -> tuple[str, dict[str,
     """One sequential pass: xxh3 of the whole file and of each (start, end, key) span (sorted, not overlapping)."""
     whole = xxhash.xxh3_64()
     hs = {k: xxhash.xxh3_64() for _, _, k in spans}
-    size = path.stat().st_size
-    i = 0
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m, memoryview(m) as mv:
-        m.madvise(mmap.MADV_SEQUENTIAL)
-        for pos in range(0, size, SEGMENT):
-            end = min(pos + SEGMENT, size)
-            with mv[pos:end] as seg:
-                whole.update(seg)
-                while i < len(spans) and spans[i][1] <= pos:
-                    i += 1
-                j = i
-                while j < len(spans) and spans[j][0] < end:
-                    lo, hi = max(spans[j][0], pos), min(spans[j][1], end)
-                    if lo < hi:
-                        with seg[lo - pos:hi - pos] as part:
-                            hs[spans[j][2]].update(part)
-                    j += 1
+        size = len(m)
+        guard = guard_mapping(m, size, path)  # the source shrinking meanwhile: FileChangedError, not SIGBUS
+        try:
+            _scan_mapped(mv, size, spans, whole, hs, guard)
+            guard.finish()
+        finally:
+            guard.close()
     return whole.hexdigest(), {k: h.hexdigest() for k, h in hs.items()}
+
+
+def _scan_mapped(mv: memoryview, size: int, spans: list[tuple[int, int, str]], whole: Any, hs: dict[str, Any],
+                 guard: Any) -> None:
+    """The hashing pass of `_scan` over its mapping, a SEGMENT at a time, checking the guard after each."""
+    i = 0
+    for pos in range(0, size, SEGMENT):
+        end = min(pos + SEGMENT, size)
+        with mv[pos:end] as seg:
+            whole.update(seg)
+            while i < len(spans) and spans[i][1] <= pos:
+                i += 1
+            j = i
+            while j < len(spans) and spans[j][0] < end:
+                lo, hi = max(spans[j][0], pos), min(spans[j][1], end)
+                if lo < hi:
+                    with seg[lo - pos:hi - pos] as part:
+                        hs[spans[j][2]].update(part)
+                j += 1
+        guard.check()
 
 
 def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:

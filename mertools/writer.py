@@ -84,7 +84,7 @@ class ShardWriter:
                     with seg[p:p + PIECE] as piece:
                         for h in hashers:
                             h.update(piece)
-                _write_all(dst, seg)
+                self._write_read(dst, seg, fi)
                 self.tick(len(seg))
 
     def _produce(self, p: Any, produce: Any, dst: int, hashers: Iterable[Any]) -> None:
@@ -93,11 +93,26 @@ class ShardWriter:
             mv = memoryview(band).cast("B")
             for h in hashers:
                 h.update(mv)
-            _write_all(dst, mv)
+            self._write_read(dst, mv, None)
             done += len(mv)
             self.tick(len(mv))
         if done != p.nbytes:  # a transform that disagrees with its own plan must not pass silently
             raise SourceError(f"{p.tensor}: its {p.transform} transform gave {done} bytes, the plan says {p.nbytes}")
+
+
+    def _write_read(self, dst: int, data: memoryview, fi: int | None) -> None:
+        """Write bytes read from the source, then make sure they were really read: a source file that shrank
+        meanwhile raises FileChangedError (mer_runtime.guard) naming it, also when write() itself found the
+        mapped pages gone (EFAULT)."""
+        check = getattr(self.src, "check", None)
+        try:
+            _write_all(dst, data)
+        except OSError:
+            if check is not None:
+                check(fi)
+            raise
+        if check is not None:
+            check(fi)
 
 
 def _write_all(fd: int, data: memoryview) -> None:

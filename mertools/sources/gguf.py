@@ -73,7 +73,20 @@ class GGUFSource(MappedFiles):
         return sum(src.sizes) - sum(t.nbytes for t in src.tensors.values()) + sum(
             t.nbytes for t in src.dense_tensors())
 
+    def check(self, i: int | None = None) -> None:
+        """``MappedFiles.check``, and the gguf reader's own mapping of each file (dense.gguf is copied from it)."""
+        super().check(i)
+        for k, r in enumerate(self.inner.readers):
+            if i is None or i == k:
+                r.guard.check()
+
     def write_dense(self, path: Path, *, fsync: bool, tick: Callable[[int], None]) -> dict[str, Any]:
         from ..dense import write_dense
 
-        return write_dense(self.inner, path, fsync=fsync, tick=tick)
+        try:
+            entry = write_dense(self.inner, path, fsync=fsync, tick=tick)
+        except OSError:  # write() of mapped pages that are gone fails with EFAULT: say which file shrank
+            self.check()
+            raise
+        self.check()  # what was copied was really read (zeros from a shrunk file are never kept)
+        return entry

@@ -98,9 +98,14 @@ class DenseWriter:
             if len(data) != self.sizes[k]:
                 raise RuntimeError(f"{t.name}: {len(data)} bytes, planned {self.sizes[k]}")
             mv, pos = memoryview(data), self.offsets[k]
-            while len(mv):
-                w = os.pwrite(self.fd, mv, pos)
-                mv, pos = mv[w:], pos + w
+            try:
+                while len(mv):
+                    w = os.pwrite(self.fd, mv, pos)
+                    mv, pos = mv[w:], pos + w
+            except OSError:  # EFAULT when the mapped source pages are gone: say which file shrank
+                self.src.check()
+                raise
+            self.src.check()  # the bytes written were really read (a shrunk source reads zeros: mer_runtime.guard)
             self.done.add(k)
             tick(t.nbytes)
             n += 1

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import xxhash
 
+from .guard import map_file
 from .safeopen import open_regular
 
 PIECE = 256 << 10
@@ -34,23 +35,32 @@ def hash_file(path: str | os.PathLike[str], ranges: Sequence[tuple[int, int, str
 
 def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
             tick: Callable[[int], None] = lambda n: None) -> tuple[str, dict[str, str], int]:
-    """`hash_file` of the first `size` bytes of an open regular file (the caller has checked its size and kind)."""
+    """`hash_file` of the first `size` bytes of an open regular file (the caller has checked its size and kind).
+
+    A file that shrinks meanwhile raises FileChangedError naming it (mer_runtime.guard), never SIGBUS.
+    """
     whole = xxhash.xxh3_64()
     parts = {name: xxhash.xxh3_64() for _, _, name in ranges}
     if size == 0:
         return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-        m.madvise(mmap.MADV_SEQUENTIAL)
-        with memoryview(m) as mv:
-            for pos in range(0, size, PIECE):
-                end = min(pos + PIECE, size)
-                with mv[pos:end] as piece:
-                    whole.update(piece)
-                    for start, stop, name in ranges:
-                        lo, hi = max(start, pos), min(stop, end)
-                        if lo < hi:
-                            with piece[lo - pos:hi - pos] as part:
-                                parts[name].update(part)
-                tick(end - pos)
-            m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
+    m, guard = map_file(fd, size)
+    with m:
+        try:
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            with memoryview(m) as mv:
+                for pos in range(0, size, PIECE):
+                    end = min(pos + PIECE, size)
+                    with mv[pos:end] as piece:
+                        whole.update(piece)
+                        for start, stop, name in ranges:
+                            lo, hi = max(start, pos), min(stop, end)
+                            if lo < hi:
+                                with piece[lo - pos:hi - pos] as part:
+                                    parts[name].update(part)
+                    guard.check()
+                    tick(end - pos)
+                m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
+            guard.finish()
+        finally:
+            guard.close()  # before the unmap: the range may be reused at once
     return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size

@@ -42,6 +42,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from mer_runtime.errors import MerError
+from mer_runtime.guard import FileChangedError, Guard, map_file
 from mer_runtime.kernels import matvec
 from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.safeopen import open_regular
@@ -107,13 +108,16 @@ def seeded_inputs(d_model: int, seed: int = SEED, n: int = N_INPUTS) -> np.ndarr
 
 
 class Region(NamedTuple):
-    """One projection of one expert in the source: its type, a name for messages, its bytes (uint8, contiguous)
-    and how to drop bytes lo..hi of it from this process's mappings once compared (a no-op for copies)."""
+    """One projection of one expert in the source: its type, a name for messages, its bytes (uint8, contiguous),
+    how to drop bytes lo..hi of it from this process's mappings once compared (a no-op for copies), and how to
+    make sure the bytes used were really read: `check()` raises FileChangedError when the source file shrank under
+    its mapping (the pages gone read as zeros, mer_runtime.guard; a no-op for copies, checked when made)."""
 
     dtype: str
     name: str
     data: np.ndarray
     release: Callable[[int, int], None]
+    check: Callable[[], None] = lambda: None
 
 
 def _no_release(lo: int, hi: int) -> None:
@@ -151,15 +155,17 @@ class SourceReference:
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None):
         self.path = Path(path)
         self.source = None
-        self._maps: list[tuple[mmap.mmap, np.ndarray, int]] = []  # (mapping, its bytes, the reader's address)
+        # (mapping, its bytes, the reader's address, the mapping's guard)
+        self._maps: list[tuple[mmap.mmap, np.ndarray, int, Guard]] = []
         dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
         # a GGUF is read by name, independently of the converter's plan, unless the folder was converted with
         # --dtype: then the reference bytes are the source's after the same quantizer, as for any other source
         if "://" not in os.fspath(path) and not self.path.is_dir() and not dtype:
-            self.tensors, self._part_of = {}, {}
+            self.tensors, self._part_of, self._readers = {}, {}, []
             try:
                 for part in split_parts(self.path):
                     reader = _open_reader(part)
+                    self._readers.append(reader)
                     for t in reader.tensors:
                         self.tensors[t.name] = t
                         self._part_of[t.name] = len(self._maps)
@@ -175,20 +181,21 @@ class SourceReference:
         self._plans = {(p.layer, p.expert): p for p in with_dtype(self.source.experts, dtype)}
 
     @staticmethod
-    def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int]:
+    def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int, Guard]:
         fd, st = open_regular(part)
         try:
-            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+            mm, guard = map_file(fd, st.st_size, part)
         finally:
             os.close(fd)
-        return mm, np.frombuffer(mm, np.uint8), int(reader.data.ctypes.data)
+        return mm, np.frombuffer(mm, np.uint8), int(reader.data.ctypes.data), guard
 
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
         maps, self._maps = self._maps, []
-        for mm, arr, _ in maps:
+        for mm, arr, _, guard in maps:
             del arr
+            guard.close()
             try:
                 mm.close()
             except BufferError:  # a caller still holds a view: the mapping goes with the last one
@@ -228,15 +235,18 @@ class SourceReference:
         """The projection's source bytes (see `Region`); raises SourceError when the source has no such tensor."""
         if self.source is not None:
             dtype, raw = self._from_source(layer, expert, role)
+            check = getattr(self.source, "check", None) or (lambda: None)  # MappedFiles' (any scheme:// opener's)
+            check()  # a transform's copy was made from the mapping just now
             return Region(dtype, f"{role} of layer {layer} expert {expert}",
-                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), _no_release)
+                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), _no_release, check)
         name, dtype, view = self._lookup(layer, expert, role)
-        mm, arr, addr = self._maps[self._part_of[name]]
+        mm, arr, addr, guard = self._maps[self._part_of[name]]
         if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
-            return Region(dtype, f"{name}[{expert}]", np.ascontiguousarray(view).view(np.uint8).reshape(-1),
-                          _no_release)
+            data = np.ascontiguousarray(view).view(np.uint8).reshape(-1)
+            self._readers[self._part_of[name]].guard.check()  # copied from the reader's own mapping
+            return Region(dtype, f"{name}[{expert}]", data, _no_release)
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
-        return Region(dtype, f"{name}[{expert}]", arr[off:off + view.nbytes], _dropper(mm, off))
+        return Region(dtype, f"{name}[{expert}]", arr[off:off + view.nbytes], _dropper(mm, off), guard.check)
 
     def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
         plan = self._plans.get((layer, expert))
@@ -298,7 +308,8 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
         return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0, problems
     differ: set[str] = set()
     released = dict.fromkeys(regions, 0)  # bytes of each source region already dropped
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+    mm, guard = map_file(fd, size)  # a shard or source shrinking meanwhile: FileChangedError, not SIGBUS
+    with mm:
         mm.madvise(mmap.MADV_SEQUENTIAL)
         mine = np.frombuffer(mm, np.uint8)
         try:
@@ -319,17 +330,21 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                                 continue
                             if role not in differ:
                                 at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
+                                reg.check()  # before a difference is believed: zeros from a source that shrank
                                 if at is not None:
                                     differ.add(role)
                                     problems.append(_mismatch(e, role, reg, lo - start + at))
                             if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
                                 reg.release(released[role], hi - start)
                                 released[role] = hi - start
+                    guard.check()
                     tick(end - pos)
                     if end - dropped >= RELEASE_BYTES or end == size:
                         mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)  # `dropped` is a multiple of PIECE
                         dropped = end
+            guard.finish()
         finally:
+            guard.close()
             del mine  # the mapping cannot close while a view of it is alive
     return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size, problems
 
@@ -416,6 +431,7 @@ def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray | No
         for role, reg in regions.items():
             t = e.tensors[role]
             at = first_difference(shard[t.offset:t.offset + t.nbytes], reg.data)
+            reg.check()
             if at is not None:
                 problems.append(_mismatch(e, role, reg, at))
     return {role: _Tensor(reg.dtype, e.tensors[role].shape, reg.data) for role, reg in regions.items()}
@@ -489,16 +505,27 @@ def _sample(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(n, SAMPLE_ROWS))]))
 
 
-def _map_shard(m: Manifest, e: ExpertEntry) -> np.ndarray:
-    """The shard file as a plain read-only mapping (not through the runtime's loaders), safely opened."""
-    fd, st = open_regular(m.path_of(e))
+def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:
+    """The shard file as a plain read-only mapping (not through the runtime's loaders), safely opened, and its
+    guard (check it once the bytes are used: a shard that shrank meanwhile reads zeros, see mer_runtime.guard).
+    The mapping goes with the array's last view; the guard is unregistered with it."""
+    path = m.path_of(e)
+    fd, st = open_regular(path)
     try:
         if st.st_size != e.size:
-            raise MerError(f"{m.path_of(e)}: {st.st_size} bytes, manifest says {e.size}")
-        mm = mmap.mmap(fd, e.size, prot=mmap.PROT_READ)
+            raise MerError(f"{path}: {st.st_size} bytes, manifest says {e.size}")
+        mm, guard = map_file(fd, e.size, path)
     finally:
         os.close(fd)
-    return np.frombuffer(mm, np.uint8)
+    return np.frombuffer(mm, np.uint8), guard
+
+
+def _check_all(guard: Guard | None, regions: dict[str, Region]) -> None:
+    """Raise FileChangedError if the shard (`guard`) or a source region shrank while its bytes were used."""
+    if guard is not None:
+        guard.check()
+    for r in regions.values():
+        r.check()
 
 
 def plan_experts(experts: Sequence[ExpertEntry], whole_budget: int, runtime_experts: int) -> dict[str, str]:
@@ -546,14 +573,19 @@ class NumericCheck:
         that). Raises MerError when the shard cannot be mapped."""
         regions: dict[str, Region] = {}
         try:
-            mine = _shard_tensors(_map_shard(self.m, e), e)
+            blob, guard = _map_shard(self.m, e)
+            mine = _shard_tensors(blob, e)
             if self.src is None:
-                return check_rows(mine, mine, self.inputs, self.rng(e))
+                err = check_rows(mine, mine, self.inputs, self.rng(e))
+                guard.check()
+                return err
             regions = source_regions(self.src, e, [])
             if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
                 return None
             ref = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
-            return check_rows(mine, ref, self.inputs, self.rng(e))
+            err = check_rows(mine, ref, self.inputs, self.rng(e))
+            _check_all(guard, regions)
+            return err
         finally:
             for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
                 r.release(0, r.data.size)
@@ -647,14 +679,15 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                         continue
                 else:
                     # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
-                    blob = _map_shard(m, e)
+                    blob, guard = _map_shard(m, e)
                     mine = _shard_tensors(blob, e)
                     w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
                          } if src is not None else mine
                     with shards.load(e.layer, e.expert) as ex:
                         y = shards.compute(ex, x)
                         err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
-            except SourceError:
+                    _check_all(guard, regions)
+            except (SourceError, FileChangedError):
                 raise
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))

@@ -85,7 +85,7 @@ def test_deep_references_equal_the_fixture_outputs(extracted, stem):
                 entry = m.expert(int(layer), e)
                 want = z["y_gptoss_native"][li, e] if "y_gptoss_native" in z.files else z["y"][li, e]
                 probs = []
-                blob = _map_shard(m, entry)
+                blob, _ = _map_shard(m, entry)
                 for tensors in (_shard_tensors(blob, entry), _source_tensors(source, entry, blob, probs)):
                     w = {r: t.values() for r, t in tensors.items()}
                     got = reference_ffn64(w, x, act)[0]

@@ -36,17 +36,23 @@ static uintptr_t page_mask;
 static void on_sigbus(int sig, siginfo_t *si, void *ctx) {
     uintptr_t a = (uintptr_t)si->si_addr;
     if (si->si_code > 0) { /* a real fault (kill/raise give SI_USER/SI_TKILL, <= 0) */
+        int mapped = 0;
+        /* every matching slot counts it: a slot whose mapping was just unmapped (unregistered a moment later) must
+         * not hide the live mapping now at the same address */
         for (int i = 0; i < MER_GUARD_SLOTS; i++) {
             uintptr_t s = __atomic_load_n(&slot_start[i], __ATOMIC_ACQUIRE);
             if (s == 0 || a < s || a - s >= __atomic_load_n(&slot_len[i], __ATOMIC_RELAXED))
                 continue;
-            void *page = (void *)(a & page_mask);
-            if (mmap(page, ~page_mask + 1, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
-                __atomic_fetch_add(&mer_guard_faults[i], 1, __ATOMIC_RELEASE);
-                return; /* the faulting load runs again and reads zeros */
+            if (!mapped) {
+                void *page = (void *)(a & page_mask);
+                if (mmap(page, ~page_mask + 1, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+                    break; /* cannot map the page: let the previous disposition have it */
+                mapped = 1;
             }
-            break; /* cannot map the page: let the previous disposition have it */
+            __atomic_fetch_add(&mer_guard_faults[i], 1, __ATOMIC_RELEASE);
         }
+        if (mapped)
+            return; /* the faulting load runs again and reads zeros */
     }
     /* not ours: put the previous disposition back; a fault re-runs into it on return, a sent signal stays pending
      * (SIGBUS is blocked while this runs) and is delivered to it */

@@ -48,6 +48,7 @@ from mer_runtime.manifest import ExpertEntry, Manifest
 from mer_runtime.safeopen import open_regular
 from mer_runtime.shards import ShardSet, open_shards
 
+from .commit import test_point
 from .errors import SourceError
 from .gguf_source import _open_reader, split_parts
 from .report import Problem, VerifyReport
@@ -172,13 +173,17 @@ class SourceReference:
                     self._maps.append(self._map(part, reader))
             except (ValueError, OSError, MerError) as exc:
                 self.close()
+                if isinstance(exc, FileChangedError):
+                    raise
                 raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)})"
                                   ) from None
+            test_point("reference-mapped")
             return
         from .sources import open_source, with_dtype
 
         self.source = open_source(path)
         self._plans = {(p.layer, p.expert): p for p in with_dtype(self.source.experts, dtype)}
+        test_point("reference-mapped")
 
     @staticmethod
     def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int, Guard]:
@@ -316,6 +321,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
             with memoryview(mm) as mv:
                 dropped = 0
                 for pos in range(0, size, PIECE):
+                    guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
                     end = min(pos + PIECE, size)
                     with mv[pos:end] as piece:
                         whole.update(piece)
@@ -329,6 +335,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                             if reg is None:
                                 continue
                             if role not in differ:
+                                reg.check()  # before touching too: the fallback (no C handler) must not fault
                                 at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
                                 reg.check()  # before a difference is believed: zeros from a source that shrank
                                 if at is not None:
@@ -337,7 +344,6 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                             if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
                                 reg.release(released[role], hi - start)
                                 released[role] = hi - start
-                    guard.check()
                     tick(end - pos)
                     if end - dropped >= RELEASE_BYTES or end == size:
                         mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)  # `dropped` is a multiple of PIECE

@@ -34,7 +34,7 @@ from gguf.constants import GGMLQuantizationType
 
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
-from mer_runtime.guard import guard_mapping
+from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import ROLES, Manifest, load_manifest
 
 from .commit import flush_files
@@ -89,6 +89,7 @@ def _scan_mapped(mv: memoryview, size: int, spans: list[tuple[int, int, str]], w
     """The hashing pass of `_scan` over its mapping, a SEGMENT at a time, checking the guard after each."""
     i = 0
     for pos in range(0, size, SEGMENT):
+        guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
         end = min(pos + SEGMENT, size)
         with mv[pos:end] as seg:
             whole.update(seg)
@@ -101,7 +102,6 @@ def _scan_mapped(mv: memoryview, size: int, spans: list[tuple[int, int, str]], w
                     with seg[lo - pos:hi - pos] as part:
                         hs[spans[j][2]].update(part)
                 j += 1
-        guard.check()
 
 
 def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:
@@ -256,9 +256,13 @@ def _dense_reader(m: Manifest) -> gguf.GGUFReader:
     if not path.is_file():
         raise ReassemblyError(f"{path}: missing; the folder is damaged (run `mertools verify`)")
     try:
-        return gguf.GGUFReader(path, "r")
+        reader = gguf.GGUFReader(path, "r")
     except (ValueError, OSError, IndexError) as exc:
         raise ReassemblyError(f"{path}: unreadable GGUF ({exc}); the folder is damaged (run `mertools verify`)") from None
+    # its fields are views of the reader's mapping, read again for the generated header: a dense.gguf that shrinks
+    # meanwhile is FileChangedError (checked after that), not SIGBUS
+    reader.guard = guard_array(reader.data, int(reader.data.nbytes), path)  # type: ignore[attr-defined]
+    return reader
 
 
 def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
@@ -584,6 +588,7 @@ def reassemble(
             tensors = [t for part in plan for t in part]
             align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
             header = _generated_header(dense, tensors, align)
+            dense.guard.check()  # type: ignore[attr-defined]
             o = _Out(targets[0])
             outs.append(o)
             o.write(header)

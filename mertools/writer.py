@@ -78,7 +78,10 @@ class ShardWriter:
         if end > len(view):
             raise SourceError(f"{self.src.files[fi]}: {len(view)} bytes, but a projection needs bytes up to {end}; "
                               "the file is truncated")
+        check = getattr(self.src, "check", None)
         for seg_start in range(offset, end, SEGMENT):
+            if check is not None:
+                check(fi)  # before touching: without the C guard a shrunk file must be caught here
             with view[seg_start:min(seg_start + SEGMENT, end)] as seg:
                 for p in range(0, len(seg), PIECE):
                     with seg[p:p + PIECE] as piece:

@@ -49,6 +49,7 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
             m.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(m) as mv:
                 for pos in range(0, size, PIECE):
+                    guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
                     end = min(pos + PIECE, size)
                     with mv[pos:end] as piece:
                         whole.update(piece)
@@ -57,7 +58,6 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
                             if lo < hi:
                                 with piece[lo - pos:hi - pos] as part:
                                     parts[name].update(part)
-                    guard.check()
                     tick(end - pos)
                 m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
             guard.finish()

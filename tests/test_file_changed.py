@@ -1,0 +1,286 @@
+"""A file we read through a memory map shrinks meanwhile (a download being rewritten, a ``truncate``): the process
+raises one clear FileChangedError naming the file (the CLI exits 2 with one line), cleans up, and never dies of
+SIGBUS. Real files truncated at real moments: from a progress callback between pieces, or while the real CLI is
+stopped at a test point. Every case runs in a child process, since a failure here kills the process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mer_runtime import guard
+from mertools.commit import STAGING_MARK
+
+from conftest import FIX
+
+GGUF = FIX / "real" / "mixtral-f16.gguf"
+ST = FIX / "safetensors" / "real" / "mixtral-bf16-sharded"
+CHANGED = "changed size while being read"
+MODES = ["guard", "fallback"] if guard.GUARDED else ["fallback"]
+
+
+def _env(mode: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MERTOOLS_TEST_STOP_AT", None)
+    if mode == "fallback":
+        env["MER_SIGBUS_GUARD"] = "off"
+    return env
+
+
+def _python(code: str, mode: str = "guard", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**_env(mode), **env}, timeout=120)
+
+
+def _cli_stopped(args: list[str], stop_at: str, while_stopped, mode: str = "guard") -> subprocess.CompletedProcess:
+    """Run `mertools ARGS`, let it stop itself at test point `stop_at`, call while_stopped(), let it go on."""
+    env = {**_env(mode), "MERTOOLS_TEST_STOP_AT": stop_at}
+    p = subprocess.Popen([sys.executable, "-m", "mertools.cli", *map(str, args), "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, status = os.waitpid(p.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"exited before {stop_at}: {p.stderr.read()}"
+        while_stopped()
+        os.kill(p.pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _one_line_error(p: subprocess.CompletedProcess, name: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])  # -7 would be SIGBUS: the old behaviour
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert CHANGED in lines[0] and name in lines[0] and "re-run when it is complete" in lines[0], lines[0]
+
+
+def _no_staging(parent: Path) -> None:
+    assert not [p for p in parent.iterdir() if STAGING_MARK in p.name]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hash_file_truncated_between_pieces(tmp_path, mode):
+    """verify's checksum pass (mer_runtime.checksum): the file shrinks after its first piece."""
+    p = _python(f"""
+        import os
+        from mer_runtime.checksum import hash_file, PIECE
+        from mer_runtime.guard import FileChangedError
+        p = {str(tmp_path / 'f.bin')!r}
+        open(p, "wb").write(os.urandom(8 * PIECE))
+        def tick(n):
+            os.truncate(p, PIECE + 4096)  # mid-file: later pieces are past the end
+        try:
+            hash_file(p, [(0, 8 * PIECE, "all")], tick)
+        except FileChangedError as e:
+            print("RAISED", e)
+        else:
+            print("NOT RAISED")
+    """, mode)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"RAISED {tmp_path / 'f.bin'} {CHANGED} (was {8 * (256 << 10)} bytes, now {(256 << 10) + 4096})" in p.stdout
+
+
+@pytest.mark.skipif(not guard.GUARDED, reason="needs the compiled SIGBUS guard")
+def test_truncated_inside_a_piece_is_caught():
+    """With the C handler even a page that vanishes in the middle of xxhash's pass is caught (the file is cut
+    by another thread while one huge piece is hashed, many times over)."""
+    p = _python("""
+        import os, tempfile, threading
+        import mer_runtime.checksum as c
+        from mer_runtime.guard import FileChangedError
+        c.PIECE = 64 << 20  # one piece: the cut lands inside it
+        d = tempfile.mkdtemp()
+        raised = 0
+        for i in range(6):
+            p = os.path.join(d, f"f{i}")
+            open(p, "wb").write(os.urandom(48 << 20))
+            t = threading.Thread(target=os.truncate, args=(p, 4096))
+            t.start()
+            try:
+                c.hash_file(p)
+            except FileChangedError as e:
+                raised += 1
+                assert "changed size" in str(e)
+            t.join()
+            os.unlink(p)
+        print("DONE", raised)
+    """)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("DONE ")
+
+
+def test_threads_only_the_shrunk_file_fails(tmp_path):
+    """Four threads hash four files at once; one shrinks under its reader. Only that one raises, naming it; the
+    other three get their right hashes (the handler's record is per mapping, and thread-safe)."""
+    p = _python(f"""
+        import os, xxhash
+        from concurrent.futures import ThreadPoolExecutor
+        from mer_runtime.checksum import hash_file, PIECE
+        from mer_runtime.guard import FileChangedError
+        d = {str(tmp_path)!r}
+        paths = [os.path.join(d, f"f{{i}}") for i in range(4)]
+        want = []
+        for p in paths:
+            b = os.urandom(12 * PIECE)
+            open(p, "wb").write(b)
+            want.append(xxhash.xxh3_64_hexdigest(b))
+        def run(i):
+            cut = [False]
+            def tick(n):
+                if i == 2 and not cut[0]:
+                    cut[0] = True
+                    os.truncate(paths[2], 3 * PIECE)
+            try:
+                return hash_file(paths[i], (), tick)[0]
+            except FileChangedError as e:
+                return "ERR " + str(e)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(run, range(4)))
+        for i, g in enumerate(got):
+            print(i, g == want[i], g[:60] if g.startswith("ERR") else "")
+    """)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "0 True " and lines[1] == "1 True " and lines[3] == "3 True ", p.stdout
+    assert lines[2].startswith(f"2 False ERR {tmp_path / 'f2'} {CHANGED}"[:62]), p.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_extract_cli_gguf_source_truncated(tmp_path, mode):
+    """The source GGUF shrinks after the first shard is written: exit 2 with one line naming it; OUT never
+    appears and the staging folder is gone."""
+    src = tmp_path / "src" / GGUF.name
+    src.parent.mkdir()
+    shutil.copyfile(GGUF, src)
+    out = tmp_path / "o" / "out"
+    out.parent.mkdir()
+    p = _cli_stopped(["extract", src, out], "writing", lambda: os.truncate(src, src.stat().st_size // 3), mode)
+    _one_line_error(p, str(src))
+    assert not out.exists()
+    _no_staging(out.parent)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_extract_cli_safetensors_source_truncated(tmp_path, mode):
+    """A SafeTensors checkpoint whose mapped files shrink mid-extract (those not yet mapped are refused when
+    mapped, by their header's size)."""
+    src = tmp_path / "src"
+    shutil.copytree(ST, src)
+    out = tmp_path / "o" / "out"
+    out.parent.mkdir()
+
+    def cut() -> None:
+        for f in src.glob("*.safetensors"):
+            os.truncate(f, 4096 * 2)
+
+    p = _cli_stopped(["extract", src, out], "writing", cut, mode)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line, = p.stderr.strip().splitlines()
+    assert ".safetensors" in line and (CHANGED in line or "but its header said" in line), line
+    assert not out.exists()
+    _no_staging(out.parent)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from mertools import extract
+
+    out = tmp_path_factory.mktemp("fc") / "out"
+    extract(GGUF, out, fsync=False)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_deep_against_source_truncated(folder, tmp_path, mode):
+    """verify --deep --against: the source shrinks after deep verify mapped it, before the bytes are compared."""
+    src = tmp_path / GGUF.name
+    shutil.copyfile(GGUF, src)
+    p = _cli_stopped(["verify", folder, "--deep", "--against", src], "reference-mapped",
+                     lambda: os.truncate(src, 8192), mode)
+    _one_line_error(p, str(src))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_dense_truncated_while_hashed(folder, tmp_path, mode):
+    """verify's checksum pass over dense.gguf (several pieces): the file shrinks after its first piece."""
+    f = tmp_path / "f"
+    shutil.copytree(folder, f)
+    dense = f / "dense.gguf"
+    assert dense.stat().st_size > 2 * (256 << 10)
+    p = _python(f"""
+        from pathlib import Path
+        import os
+        from mertools.verify import verify
+        from mer_runtime.guard import FileChangedError
+        dense = Path({str(dense)!r})
+        experts = sum(p.stat().st_size for p in Path({str(f)!r}).glob("experts/**/*.bin"))
+        def progress(total, n):
+            seen = [0]
+            def tick(k):
+                seen[0] += k
+                if seen[0] > experts and dense.stat().st_size > 4096:
+                    os.truncate(dense, 4096)
+            return tick
+        try:
+            verify({str(f)!r}, progress=progress)
+        except FileChangedError as e:
+            print("RAISED", e)
+    """, mode)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(f"RAISED {dense} {CHANGED}"), p.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reassemble_shard_truncated(folder, tmp_path, mode):
+    """reassemble reads shards with pread (a short read is refused by name) and dense.gguf's header through the
+    guarded reader: a shard cut while the output is written leaves no output and no temporary."""
+    f = tmp_path / "f"
+    shutil.copytree(folder, f)
+    last = sorted(f.glob("experts/**/*.bin"))[-1]
+    out = tmp_path / "back.gguf"
+    p = _python(f"""
+        import os
+        from mertools.reassemble import reassemble
+        from mertools.errors import MertoolsError
+        def progress(total, n):
+            def tick(k):
+                if os.stat({str(last)!r}).st_size:
+                    os.truncate({str(last)!r}, 0)
+            return tick
+        try:
+            reassemble({str(f)!r}, {str(out)!r}, progress=progress, fsync=False)
+        except MertoolsError as e:
+            print("RAISED", e)
+    """, mode)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(f"RAISED {last}: shorter than the manifest says"), p.stdout
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["f"]  # no output, no temporary
+
+
+def test_fault_outside_guarded_mappings_still_kills(tmp_path):
+    """A SIGBUS the guard does not own goes to the handler installed before it (here faulthandler, which names
+    the fault) and then the default action."""
+    p = _python(f"""
+        import faulthandler, mmap, os
+        faulthandler.enable()
+        from mer_runtime.checksum import hash_file
+        p = {str(tmp_path / 'g')!r}
+        open(p, "wb").write(os.urandom(1 << 20))
+        hash_file(p)  # installs the guard
+        fd = os.open(p, os.O_RDONLY)
+        m = mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ)  # not registered
+        os.truncate(p, 0)
+        print(m[900000])
+    """)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr)
+    assert "Bus error" in p.stderr

@@ -240,10 +240,19 @@ class SourceReference:
         """The projection's source bytes (see `Region`); raises SourceError when the source has no such tensor."""
         if self.source is not None:
             dtype, raw = self._from_source(layer, expert, role)
+            proj = self._projection(layer, expert, role)
             check = getattr(self.source, "check", None) or (lambda: None)  # MappedFiles' (any scheme:// opener's)
             check()  # a transform's copy was made from the mapping just now
+            drop = getattr(self.source, "drop", None)
+            release = _no_release
+            if drop is not None and proj.produce is None:  # a view of the mapping: dropped band by band
+                def release(lo: int, hi: int, fi: int = proj.file_index, base: int = proj.offset) -> None:
+                    drop(fi, base + lo, base + hi)
+            elif drop is not None:  # a transform's copy: the source pages it read are not needed again
+                for fi, lo, hi in proj.source_spans:
+                    drop(fi, lo, hi)
             return Region(dtype, f"{role} of layer {layer} expert {expert}",
-                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), _no_release, check)
+                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), release, check)
         name, dtype, view = self._lookup(layer, expert, role)
         mm, arr, addr, guard = self._maps[self._part_of[name]]
         if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
@@ -253,12 +262,16 @@ class SourceReference:
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
         return Region(dtype, f"{name}[{expert}]", arr[off:off + view.nbytes], _dropper(mm, off), guard.check)
 
-    def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
+    def _projection(self, layer: int, expert: int, role: str) -> Any:
         plan = self._plans.get((layer, expert))
         proj = next((q for q in plan.projections if q.role == role), None) if plan else None
         if proj is None:
             raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model "
                               "the folder was extracted from?")
+        return proj
+
+    def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
+        proj = self._projection(layer, expert, role)
         view_of = self.source.view
         if proj.produce is None:
             raw = np.frombuffer(view_of(proj.file_index), np.uint8, count=proj.nbytes, offset=proj.offset)
@@ -574,27 +587,17 @@ class NumericCheck:
     def rng(self, e: ExpertEntry) -> np.random.Generator:
         return np.random.default_rng([self.seed, e.layer, e.expert])
 
-    def rows(self, e: ExpertEntry) -> float | None:
-        """`check_rows` of one expert, or None when its types or sizes differ from the source's (deep_verify reports
-        that). Raises MerError when the shard cannot be mapped."""
-        regions: dict[str, Region] = {}
-        try:
-            blob, guard = _map_shard(self.m, e)
-            mine = _shard_tensors(blob, e)
-            if self.src is None:
-                err = check_rows(mine, mine, self.inputs, self.rng(e))
-                guard.check()
-                return err
-            regions = source_regions(self.src, e, [])
-            if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
-                return None
-            ref = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
-            err = check_rows(mine, ref, self.inputs, self.rng(e))
-            _check_all(guard, regions)
-            return err
-        finally:
-            for r in regions.values():  # the kernel's faults map far more than the sampled rows: drop them
-                r.release(0, r.data.size)
+    def rows(self, e: ExpertEntry, regions: dict[str, Region] | None = None) -> float:
+        """`check_rows` of one expert against `regions` (`source_regions`, every numeric role present), or against
+        its own shard bytes (None: without a source, or bytes already found equal to the source's). Raises MerError
+        when the shard cannot be mapped. The caller releases the regions."""
+        blob, guard = _map_shard(self.m, e)
+        mine = _shard_tensors(blob, e)
+        ref = mine if regions is None else {
+            role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
+        err = check_rows(mine, ref, self.inputs, self.rng(e))
+        _check_all(guard, regions or {})
+        return err
 
 
 def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = ()) -> ShardSet | MerError:
@@ -663,6 +666,10 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
         report.problems.append(Problem(".", f"the runtime cannot open the folder: {shards}"))
         shards = None
     n_whole = n_loaded = bytes_compared = 0
+    # experts whose every projection the checksum pass found equal, byte for byte, to the source's (after its
+    # transform): their reference is computed from the shard's bytes, which are those very bytes, so each expert's
+    # source is read (and transformed) once, in that pass
+    same = set(compared) - {p.path for p in known}
     w = mine = blob = None
     try:
         for e in healthy if shards else []:
@@ -671,24 +678,25 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
             mode = plan[e.path]
             regions: dict[str, Region] = {}
             try:
-                if src is not None:
+                from_source = src is not None and e.path not in same
+                if from_source:
                     regions = source_regions(src, e, [] if e.path in compared else probs)
                     if e.path not in compared:
                         probs += _compare_regions(m, e, regions)
                     bytes_compared += sum(r.data.size for r in regions.values())
+                elif src is not None:
+                    bytes_compared += sum(t.nbytes for r, t in e.tensors.items() if r in NUMERIC_ROLES)
                 report.problems.extend(probs)
-                if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES) and src is not None:
+                if from_source and any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
                     continue  # a type or size differs from the source's: reported, and there is nothing to compare
                 if mode == "rows":
-                    err = numbers.rows(e)
-                    if err is None:
-                        continue
+                    err = numbers.rows(e, regions if from_source else None)
                 else:
                     # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
                     blob, guard = _map_shard(m, e)
                     mine = _shard_tensors(blob, e)
                     w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
-                         } if src is not None else mine
+                         } if from_source else mine
                     with shards.load(e.layer, e.expert) as ex:
                         y = shards.compute(ex, x)
                         err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))

@@ -356,3 +356,105 @@ def test_every_type_signature_goes_through_the_fused_path(extracted):
     loaded = [e for e in m.experts if plan[e.path] == "loaded"]
     assert {sig(e) for e in loaded} == {sig(e) for e in m.experts}
     assert len({sig(e) for e in m.experts}) >= 2 and len(loaded) == len({sig(e) for e in m.experts})
+
+
+ST_REAL = REAL.parent / "safetensors" / "real"
+
+
+def _mapped_kib_all(paths) -> int:
+    return sum(_mapped_kib(p.resolve()) for p in paths)
+
+
+def test_safetensors_source_pages_are_dropped(extracted):
+    """A SafeTensors source (the Source protocol): a projection that is a plain byte range is dropped from our
+    mapping by its region's release, as for GGUF; one made by a transform (GPT-OSS' fused, transposed gate_up) has
+    the source pages the transform read dropped as soon as its copy is made. Resident sizes from smaps."""
+    src = ST_REAL / "mixtral-bf16-sharded"
+    files = sorted(src.glob("*.safetensors"))
+    m = load_manifest(extracted(src))
+    ref = SourceReference(src, m)
+    try:
+        regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
+        kib = sum(r.data.size for r in regs) // 1024
+        assert kib >= 1024
+        before = _mapped_kib_all(files)
+        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        touched = _mapped_kib_all(files)
+        assert touched - before >= kib - 8 * len(regs)
+        for r in regs:
+            r.release(0, r.data.size)
+        after = _mapped_kib_all(files)
+        # each region's partial end pages stay, and what the kernel's fault-around mapped beside them
+        assert after <= before + 8 * len(regs) + 64 * len(files), (before, touched, after)
+    finally:
+        ref.close()
+
+    src = ST_REAL / "gptoss-bf16"
+    m = load_manifest(extracted(src))
+    ref = SourceReference(src, m)
+    try:
+        regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
+        assert all(r.release is not None for r in regs)
+        kib = sum(r.data.size for r in regs) // 1024
+        left = _mapped_kib_all(list(src.glob("*.safetensors")))
+        # the transforms read it all; what stays is the header's page and, at each end of the two stacked tensors
+        # of a layer, what the kernel's fault-around (64 KiB windows) mapped of their neighbours, and partial pages
+        n_layers = len({e.layer for e in m.experts})
+        assert kib >= 1024 and left <= 64 * (4 * n_layers + 1) + 4 * len(regs), (kib, left)
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("name", ["gptoss-bf16", "mixtral-bf16-sharded"])
+def test_each_source_transform_runs_once_per_expert(monkeypatch, extracted, name):
+    """verify --deep --against a SafeTensors checkpoint reads (and, for fused or transposed layouts, transforms)
+    each expert's source projections once: in the checksum pass, which compares the bytes; the numeric checks then
+    use the shard's bytes, found equal. Counted by wrapping the reference's one source read, from several threads."""
+    import threading
+    from collections import Counter
+
+    import mertools.deep as deep
+
+    calls: Counter = Counter()
+    lock = threading.Lock()
+    real = deep.SourceReference._from_source
+
+    def counted(self, layer, expert, role):
+        with lock:
+            calls[(layer, expert, role)] += 1
+        return real(self, layer, expert, role)
+
+    monkeypatch.setattr(deep.SourceReference, "_from_source", counted)
+    src = ST_REAL / name
+    out = extracted(src)
+    m = load_manifest(out)
+    r = verify(out, deep=True, against=src)
+    assert r.ok, r.problems
+    assert r.deep["experts_run"] == len(m.experts) and r.deep["bytes_compared"] > 0
+    assert r.deep["experts_whole_output"] >= 1  # the small model: whole outputs too, from the shard's bytes
+    want = {(e.layer, e.expert, role) for e in m.experts for role in e.tensors}
+    assert set(calls) == want and set(calls.values()) == {1}, calls
+
+
+def test_damaged_expert_still_gets_a_source_reference(tmp_path, extracted):
+    """An expert whose bytes differ from the source's is run against the source's bytes (not its own): its numbers
+    are reported as differing too."""
+    src = ST_REAL / "mixtral-bf16-sharded"
+    out = tmp_path / "f"
+    shutil.copytree(extracted(src), out)
+    m = load_manifest(out)
+    e = m.experts[1]
+    t = e.tensors["down"]
+    p = out / e.path
+    raw = bytearray(p.read_bytes())
+    raw[t.offset + 2 * 1 + 1] ^= 0x40  # the high byte of a BF16 weight: a large change
+    p.write_bytes(bytes(raw))
+    mf = json.loads((out / "manifest.json").read_text())
+    ent = next(x for x in mf["experts"] if x["path"] == e.path)
+    ent["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(raw))
+    ent["tensors"]["down"]["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(raw[t.offset:t.offset + t.nbytes]))
+    (out / "manifest.json").write_bytes(manifest_bytes(mf))
+    r = verify(out, deep=True, against=src)
+    whats = [pr.what for pr in r.problems if pr.path == e.path]
+    assert any("does not match the source bytes" in w for w in whats), r.problems
+    assert any("output differs from the source reference" in w for w in whats), r.problems

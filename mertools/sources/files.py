@@ -57,6 +57,19 @@ class MappedFiles:
                 self._guards[i] = guard
             return self._maps[i][1]
 
+    def drop(self, i: int, start: int, stop: int) -> None:
+        """Drop this process's mapped pages of bytes start..stop of file `i` (whole pages inside the range only):
+        they stay in the page cache, a later read faults them back. Bounds the resident memory of a long pass
+        (deep verify) to what it is using. A no-op when the file is not mapped."""
+        with self._lock:
+            if i not in self._maps:
+                return
+            m = self._maps[i][0]
+            lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+            hi = min(stop // mmap.PAGESIZE * mmap.PAGESIZE, len(m))
+            if hi > lo:
+                m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def check(self, i: int | None = None) -> None:
         """Raise FileChangedError if source file `i` (None: any mapped one) shrank while mapped: what was read from
         it since the last check may be zeros (see mer_runtime.guard). Cheap: one counter read per file."""

@@ -41,12 +41,20 @@ class Projection:
     tensor: str  # the source tensor and slice, for the manifest's `source`
     transform: str = "none"
     files: tuple[int, ...] = ()  # every source file the bytes come from (file_index included)
+    # (file index, start, stop): the source bytes a transform reads, when not offset..offset+nbytes of file_index
+    # (deep verify drops them from its mappings once the transform has run)
+    spans: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
     produce: Produce | None = field(default=None, compare=False, repr=False)
     decode: Decode | None = field(default=None, compare=False, repr=False)
 
     @property
     def file_indices(self) -> tuple[int, ...]:
         return self.files or (self.file_index,)
+
+    @property
+    def source_spans(self) -> tuple[tuple[int, int, int], ...]:
+        """(file index, start, stop) of every source byte the projection's bytes are made from."""
+        return self.spans or ((self.file_index, self.offset, self.offset + self.nbytes),)
 
 
 @dataclass
@@ -95,7 +103,7 @@ def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
             yield quantize(np.ascontiguousarray(band, dtype=np.float32), qt).reshape(-1)
 
     steps = "quantize" if p.transform == "none" else f"{p.transform}+quantize"
-    return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce)
+    return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce, spans=p.source_spans)
 
 
 def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> list[ExpertPlan]:

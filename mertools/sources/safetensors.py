@@ -394,8 +394,10 @@ class SafeTensorsSource(MappedFiles):
                 w = w * s[rows][:, cols]
             return w
 
+        spans = ((t.file_index, t.offset, t.offset + t.nbytes),) + (
+            ((scale.file_index, scale.offset, scale.offset + scale.nbytes),) if scale else ())
         return Projection(role, t.dtype, t.shape, t.file_index, t.offset, t.nbytes, t.name,
-                          files=files, decode=decode if t.dtype in FLOAT_TYPES else None)
+                          files=files, decode=decode if t.dtype in FLOAT_TYPES else None, spans=spans)
 
     def _stacked(self, role: str, part: Part, t: STTensor, e: int, n_exp: int) -> Projection:
         shape = t.shape
@@ -445,7 +447,8 @@ class SafeTensorsSource(MappedFiles):
 
         return Projection(role, t.dtype, out_shape, t.file_index, t.offset + e * per, nbytes, desc,
                           transform=part.transform(), produce=produce,
-                          decode=decode if t.dtype in FLOAT_TYPES else None)
+                          decode=decode if t.dtype in FLOAT_TYPES else None,
+                          spans=((t.file_index, t.offset + e * per, t.offset + (e + 1) * per),))
 
     def _mxfp4(self, role: str, part: Part, blocks: STTensor, scales: STTensor, e: int, n_exp: int) -> Projection:
         if len(blocks.shape) != 4 or blocks.shape[3] != 16 or blocks.shape[0] != n_exp or blocks.dtype != "U8" \
@@ -478,9 +481,12 @@ class SafeTensorsSource(MappedFiles):
 
         desc = f"{blocks.name}+{scales.name.rsplit('.', 1)[-1]}[{e}]" + (
             f"[{sel.start}::2]" if part.take in ("even", "odd") else "")
+        bper, sper = blocks.nbytes // n_exp, scales.nbytes // n_exp  # one expert's slice of each
         return Projection(role, "MXFP4", out_shape, blocks.file_index, blocks.offset, rows * nblk * 17, desc,
                           transform=part.transform(), files=(blocks.file_index, scales.file_index),
-                          produce=produce, decode=decode)
+                          produce=produce, decode=decode,
+                          spans=((blocks.file_index, blocks.offset + e * bper, blocks.offset + (e + 1) * bper),
+                                 (scales.file_index, scales.offset + e * sper, scales.offset + (e + 1) * sper)))
 
     # -- model summary -----------------------------------------------------------------------------------------
     def _model_info(self) -> dict[str, Any]:

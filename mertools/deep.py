@@ -7,6 +7,11 @@ Bytes (with ``--against SRC``). The expert's tensors are found in the source by 
 byte is read from memory once, see ``scan_shard``). This alone catches any changed byte, checksums rewritten or
 not. Other sources go through the ``Source`` protocol (the bytes after the documented transform and ``--dtype``).
 
+The source is read once per expert: an expert whose bytes verify's checksum pass found equal to the source's takes
+its float64 reference (below) from the shard's bytes, which are then the source's own, so a fused or transposed
+SafeTensors layout is transformed once. Every mapping here is guarded (``mer_runtime.guard``): a shard or source that
+shrinks meanwhile raises FileChangedError naming it, never SIGBUS.
+
 Numbers. Every expert: ``SAMPLE_ROWS`` seeded rows of each projection (plus its first and last) run through the
 runtime's kernel (``mer_runtime.kernels.matvec`` on those rows' shard bytes) and compared with gguf's float64
 dequantization of only those rows' blocks in the source (or the shard without ``--against``): a bounded cost per

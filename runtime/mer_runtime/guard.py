@@ -66,6 +66,10 @@ GUARDED = _LIB is not None  # False: the size-check fallback (see the module doc
 
 def changed(path: str | os.PathLike[str], was: int, now: int | None) -> FileChangedError:
     """The error for a file of `was` bytes that now has `now` (None: gone)."""
+    if now == was:  # a page failed to read, yet the size is back (rewritten meanwhile) or never changed (EIO)
+        return FileChangedError(f"{path}: part of it could not be read while it was mapped ({was} bytes; an I/O error, "
+                                "or the file was truncated and rewritten meanwhile); check it, and re-run when it is "
+                                "complete")
     what = "is gone" if now is None else f"now {now}"
     return FileChangedError(f"{path} changed size while being read (was {was} bytes, {what}): it is still being "
                             "written (a download?) or was truncated or replaced; re-run when it is complete")

@@ -156,4 +156,5 @@ def map_file(fd: int, size: int, path: str | os.PathLike[str] | None = None) -> 
     """A read-only mapping of the first `size` bytes of open file `fd`, and its guard (named by `path`, or
     resolved from `fd`, which must then stay open while the guard is used)."""
     mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    return mm, guard_mapping(mm, size, path, None if path is not None else fd)
+    # the file's own size, not the mapping's: `finish` then also holds for a caller reading only a prefix
+    return mm, guard_mapping(mm, os.fstat(fd).st_size, path, None if path is not None else fd)

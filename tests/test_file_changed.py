@@ -90,6 +90,29 @@ def test_hash_file_truncated_between_pieces(tmp_path, mode):
     assert f"RAISED {tmp_path / 'f.bin'} {CHANGED} (was {8 * (256 << 10)} bytes, now {(256 << 10) + 4096})" in p.stdout
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_shrunk_after_its_size_was_taken(tmp_path, mode):
+    """The file shrinks after the caller took its size (verify opens and checks a shard, then hashes it): refused
+    when it is mapped, with the same clear error (not mmap's ValueError, which verify would report as unreadable)."""
+    p = _python(f"""
+        import os
+        import mer_runtime.checksum as c
+        from mer_runtime.guard import FileChangedError
+        c.PIECE = 8 << 20
+        p = {str(tmp_path / 'f.bin')!r}
+        open(p, "wb").write(os.urandom(8 << 20))
+        fd = os.open(p, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        os.truncate(p, 3 << 20)
+        try:
+            c.hash_fd(fd, size)
+        except FileChangedError as e:
+            print("RAISED", e)
+    """, mode)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(f"RAISED {tmp_path / 'f.bin'} {CHANGED} (was {8 << 20} bytes, now {3 << 20})"), p.stdout
+
+
 @pytest.mark.skipif(not guard.GUARDED, reason="needs the compiled SIGBUS guard")
 def test_truncated_inside_a_piece_is_caught():
     """With the C handler even a page that vanishes in the middle of xxhash's pass is caught (the file is cut
@@ -104,7 +127,7 @@ def test_truncated_inside_a_piece_is_caught():
         for i in range(6):
             p = os.path.join(d, f"f{i}")
             open(p, "wb").write(os.urandom(48 << 20))
-            t = threading.Thread(target=os.truncate, args=(p, 4096))
+            t = threading.Timer(0.002, os.truncate, args=(p, 4096))  # most land inside the piece
             t.start()
             try:
                 c.hash_file(p)

@@ -94,12 +94,7 @@ class Guard:
                 self._fin = weakref.finalize(owner, _LIB.mer_guard_unregister, self.slot)
 
     def name(self) -> str:
-        if self.path is not None:
-            return os.fspath(self.path)
-        try:
-            return os.readlink(f"/proc/self/fd/{self.fd}")
-        except OSError:
-            return f"file descriptor {self.fd}"
+        return _name_of(self.path, self.fd)
 
     def _now(self) -> int | None:
         try:
@@ -130,6 +125,15 @@ class Guard:
             self._fin()
 
 
+def _name_of(path: str | os.PathLike[str] | None, fd: int | None) -> str:
+    if path is not None:
+        return os.fspath(path)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")  # only when an error is raised: never on the fast path
+    except OSError:
+        return f"file descriptor {fd}"
+
+
 def _address(buf: Any) -> int:
     import numpy as np
 
@@ -155,6 +159,12 @@ def guard_array(arr: Any, size: int, path: str | os.PathLike[str]) -> Guard:
 def map_file(fd: int, size: int, path: str | os.PathLike[str] | None = None) -> tuple[mmap.mmap, Guard]:
     """A read-only mapping of the first `size` bytes of open file `fd`, and its guard (named by `path`, or
     resolved from `fd`, which must then stay open while the guard is used)."""
-    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    try:
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except ValueError:  # "mmap length is greater than file size": it shrank since the caller looked
+        now = os.fstat(fd).st_size
+        if now >= size:
+            raise
+        raise changed(_name_of(path, fd), size, now) from None
     # the file's own size, not the mapping's: `finish` then also holds for a caller reading only a prefix
     return mm, guard_mapping(mm, os.fstat(fd).st_size, path, None if path is not None else fd)

@@ -102,7 +102,6 @@ class ShardWriter:
         if done != p.nbytes:  # a transform that disagrees with its own plan must not pass silently
             raise SourceError(f"{p.tensor}: its {p.transform} transform gave {done} bytes, the plan says {p.nbytes}")
 
-
     def _write_read(self, dst: int, data: memoryview, fi: int | None) -> None:
         """Write bytes read from the source, then make sure they were really read: a source file that shrank
         meanwhile raises FileChangedError (mer_runtime.guard) naming it, also when write() itself found the

@@ -182,11 +182,15 @@ def verify(
 
     try:
         # xxhash and memcmp release the GIL: two or more files at once beat one sequential reader (bench_extract.py)
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        try:
             for probs, n in pool.map(lambda e: check_expert(m, e, tick, src, mismatches), m.experts):
                 report.problems.extend(probs)
                 report.bytes_read += n
                 report.experts_checked += 1
+        finally:
+            # an error (a shard that shrank, Ctrl-C) stops the pass now, not after every queued expert is hashed
+            pool.shutdown(cancel_futures=True)
         compared = {e.path for e in m.experts} - {p.path for p in report.problems}
         probs, n = check_dense(m, tick)
         report.problems += probs

@@ -202,6 +202,8 @@ class SourceReference:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        for reader in getattr(self, "_readers", ()):
+            reader.guard.close()  # before its memmap can go (mer_runtime.guard.Guard)
         maps, self._maps = self._maps, []
         for mm, arr, _, guard in maps:
             del arr
@@ -532,7 +534,7 @@ def _sample(n: int, rng: np.random.Generator) -> np.ndarray:
 def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:
     """The shard file as a plain read-only mapping (not through the runtime's loaders), safely opened, and its
     guard (check it once the bytes are used: a shard that shrank meanwhile reads zeros, see mer_runtime.guard).
-    The mapping goes with the array's last view; the guard is unregistered with it."""
+    The mapping goes with the array's last view: close the guard before dropping it (mer_runtime.guard.Guard)."""
     path = m.path_of(e)
     fd, st = open_regular(path)
     try:
@@ -597,12 +599,15 @@ class NumericCheck:
         its own shard bytes (None: without a source, or bytes already found equal to the source's). Raises MerError
         when the shard cannot be mapped. The caller releases the regions."""
         blob, guard = _map_shard(self.m, e)
-        mine = _shard_tensors(blob, e)
-        ref = mine if regions is None else {
-            role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
-        err = check_rows(mine, ref, self.inputs, self.rng(e))
-        _check_all(guard, regions or {})
-        return err
+        try:
+            mine = _shard_tensors(blob, e)
+            ref = mine if regions is None else {
+                role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
+            err = check_rows(mine, ref, self.inputs, self.rng(e))
+            _check_all(guard, regions or {})
+            return err
+        finally:
+            guard.close()  # while `blob` still holds the mapping: unregistered before it is unmapped
 
 
 def open_runtime(m: Manifest, io: str = "auto", start: Sequence[ExpertEntry] = ()) -> ShardSet | MerError:
@@ -699,13 +704,16 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                 else:
                     # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
                     blob, guard = _map_shard(m, e)
-                    mine = _shard_tensors(blob, e)
-                    w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
-                         } if from_source else mine
-                    with shards.load(e.layer, e.expert) as ex:
-                        y = shards.compute(ex, x)
-                        err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
-                    _check_all(guard, regions)
+                    try:
+                        mine = _shard_tensors(blob, e)
+                        w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
+                             } if from_source else mine
+                        with shards.load(e.layer, e.expert) as ex:
+                            y = shards.compute(ex, x)
+                            err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
+                        _check_all(guard, regions)
+                    finally:
+                        guard.close()  # while `blob` still holds the mapping (unregistered before the unmap)
             except (SourceError, FileChangedError):
                 raise
             except MerError as exc:

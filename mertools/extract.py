@@ -110,6 +110,9 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
             record = record_for_reassembly(src, staging)
             if record is not None:
                 manifest["reassembly"] = record
+        check = getattr(src, "check", None)
+        if check is not None:  # every mapped source still whole (one fstat each) before anything becomes durable
+            check()
         write_manifest(staging, manifest)
     return ExtractResult(
         out, len(shards), len({s.layer for s in shards}), expert_bytes + dense["size"], expert_bytes, dense["size"],

@@ -181,6 +181,12 @@ class GGUFSource:
         self.experts, self.layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
 
+    def close(self) -> None:
+        """Unregister the readers' mapping guards while the mappings still exist (the memmaps themselves go with
+        their last view; see mer_runtime.guard.Guard). The readers are not to be used afterwards."""
+        for r in self.readers:
+            r.guard.close()
+
     # -- metadata -----------------------------------------------------------------------------------------
     def kv(self, key: str, kind: type = object, default: Any = None, *, lo: float | None = None,
            hi: float | None = None) -> Any:

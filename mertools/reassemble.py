@@ -535,83 +535,87 @@ def reassemble(
     m = _open_folder(folder)
     rec = _record(m)
     dense = _dense_reader(m)
-    src_files = [f["name"] for f in m.source.get("files", []) if isinstance(f, dict) and "name" in f]
-    notes: list[str] = []
-    bad = [n for n in src_files if not isinstance(n, str) or "/" in n or "\0" in n or n.startswith(".") or not n]
-    if bad or not src_files:
-        raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
-                              "names; the manifest is damaged, re-extract the model")
-    if split and len(src_files) < 2:
-        raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
-    if split and rec is None:
-        raise ReassemblyError(f"{folder}: --split needs the reassembly record, which this folder (extracted by an "
-                              "older mertools) lacks; drop --split to get one tensor-identical file")
-    if rec is not None and rec[0].get("incomplete"):
-        notes.append(rec[0]["incomplete"])
-    exact = rec is not None and (len(src_files) == 1 or split)
-    out_names = src_files if exact else [src_files[0] if len(src_files) == 1 else _joined_name(src_files[0])]
-    targets = _targets(Path(out), out_names)
-    for t in targets:
-        if t.exists() and not overwrite:
-            raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
-        if t.exists() and not t.is_file():
-            raise OutputError(f"{t}: exists and is not a file; choose another name")
-        if not t.parent.is_dir():
-            raise OutputError(f"{t.parent}: no such folder")
-    experts = _expert_pieces(m)
-    if rec is not None:
-        plan = [_tensor_list(m, dense, experts, f["tensors"]) for f in rec[0]["files"]]
-    else:
-        plan = [_tensor_list(m, dense, experts, None)]
-    if experts:
-        raise ReassemblyError(f"{folder}: the shards hold {', '.join(sorted(experts)[:3])} which the source's "
-                              "header does not list; the reassembly record does not belong to this folder")
-    total = sum(t.nbytes for part in plan for t in part)
-    tick = progress(total, sum(len(p) for p in plan)) if progress else (lambda n: None)
-    buf = memoryview(bytearray(SEGMENT))
-    outs: list[_Out] = []
     try:
-        if exact:
-            assert rec is not None
-            info, blob = rec
-            for f, tensors, target in zip(info["files"], plan, targets):
-                outs.append(_write_exact(target, f, blob, tensors, buf, tick))
-            how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
+        src_files = [f["name"] for f in m.source.get("files", []) if isinstance(f, dict) and "name" in f]
+        notes: list[str] = []
+        bad = [n for n in src_files if not isinstance(n, str) or "/" in n or "\0" in n or n.startswith(".") or not n]
+        if bad or not src_files:
+            raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
+                                  "names; the manifest is damaged, re-extract the model")
+        if split and len(src_files) < 2:
+            raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
+        if split and rec is None:
+            raise ReassemblyError(f"{folder}: --split needs the reassembly record, which this folder (extracted by an "
+                                  "older mertools) lacks; drop --split to get one tensor-identical file")
+        if rec is not None and rec[0].get("incomplete"):
+            notes.append(rec[0]["incomplete"])
+        exact = rec is not None and (len(src_files) == 1 or split)
+        out_names = src_files if exact else [src_files[0] if len(src_files) == 1 else _joined_name(src_files[0])]
+        targets = _targets(Path(out), out_names)
+        for t in targets:
+            if t.exists() and not overwrite:
+                raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
+            if t.exists() and not t.is_file():
+                raise OutputError(f"{t}: exists and is not a file; choose another name")
+            if not t.parent.is_dir():
+                raise OutputError(f"{t.parent}: no such folder")
+        experts = _expert_pieces(m)
+        if rec is not None:
+            plan = [_tensor_list(m, dense, experts, f["tensors"]) for f in rec[0]["files"]]
         else:
-            if rec is None:
-                notes.append("this folder has no reassembly record (extracted by an older mertools): every tensor's "
-                             "bytes are the source's, the header is made anew from dense.gguf")
+            plan = [_tensor_list(m, dense, experts, None)]
+        if experts:
+            raise ReassemblyError(f"{folder}: the shards hold {', '.join(sorted(experts)[:3])} which the source's "
+                                  "header does not list; the reassembly record does not belong to this folder")
+        total = sum(t.nbytes for part in plan for t in part)
+        tick = progress(total, sum(len(p) for p in plan)) if progress else (lambda n: None)
+        buf = memoryview(bytearray(SEGMENT))
+        outs: list[_Out] = []
+        try:
+            if exact:
+                assert rec is not None
+                info, blob = rec
+                for f, tensors, target in zip(info["files"], plan, targets):
+                    outs.append(_write_exact(target, f, blob, tensors, buf, tick))
+                how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
             else:
-                notes.append("a split source joined into one file: every tensor's bytes are the source's, the "
-                             "header is made anew (use --split for the source's own parts, byte for byte)")
-            _check_dense(m)
-            tensors = [t for part in plan for t in part]
-            align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
-            header = _generated_header(dense, tensors, align)
-            dense.guard.check()  # type: ignore[attr-defined]
-            o = _Out(targets[0])
-            outs.append(o)
-            o.write(header)
-            for t in tensors:
-                o.zeros(-o.pos % align)
-                _write_tensor(o, t, buf, tick)
-            o.close()
-            _check_loads(o.tmp, tensors)
-            how = "tensor-identical to the source; the file loads in gguf's reader"
-        if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
-            flush_files([o.tmp for o in outs])
-        for o in outs:
-            os.replace(o.tmp, o.final)
-        if fsync:
-            flush_files([], {o.final.parent for o in outs})
-    except BaseException as exc:
-        for o in outs:
-            o.discard()
-        if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-            raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; nothing was left behind") from None
-        raise
-    return ReassembleResult([o.final for o in outs], exact, how, sum(len(p) for p in plan),
-                            sum(o.pos for o in outs), time.perf_counter() - t0, notes)
+                if rec is None:
+                    notes.append("this folder has no reassembly record (extracted by an older mertools): every tensor's "
+                                 "bytes are the source's, the header is made anew from dense.gguf")
+                else:
+                    notes.append("a split source joined into one file: every tensor's bytes are the source's, the "
+                                 "header is made anew (use --split for the source's own parts, byte for byte)")
+                _check_dense(m)
+                tensors = [t for part in plan for t in part]
+                align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
+                header = _generated_header(dense, tensors, align)
+                dense.guard.check()  # type: ignore[attr-defined]
+                o = _Out(targets[0])
+                outs.append(o)
+                o.write(header)
+                for t in tensors:
+                    o.zeros(-o.pos % align)
+                    _write_tensor(o, t, buf, tick)
+                o.close()
+                _check_loads(o.tmp, tensors)
+                how = "tensor-identical to the source; the file loads in gguf's reader"
+            dense.guard.finish()  # type: ignore[attr-defined]  # the header came from its bytes: no zeros of a cut file
+            if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
+                flush_files([o.tmp for o in outs])
+            for o in outs:
+                os.replace(o.tmp, o.final)
+            if fsync:
+                flush_files([], {o.final.parent for o in outs})
+        except BaseException as exc:
+            for o in outs:
+                o.discard()
+            if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
+                raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; nothing was left behind") from None
+            raise
+        return ReassembleResult([o.final for o in outs], exact, how, sum(len(p) for p in plan),
+                                sum(o.pos for o in outs), time.perf_counter() - t0, notes)
+    finally:
+        dense.guard.close()  # type: ignore[attr-defined]  # before the mapping goes (mer_runtime.guard.Guard)
 
 
 def _joined_name(first_part: str) -> str:

@@ -73,6 +73,10 @@ class GGUFSource(MappedFiles):
         return sum(src.sizes) - sum(t.nbytes for t in src.tensors.values()) + sum(
             t.nbytes for t in src.dense_tensors())
 
+    def close(self) -> None:
+        super().close()
+        self.inner.close()
+
     def check(self, i: int | None = None) -> None:
         """``MappedFiles.check``, and the gguf reader's own mapping of each file (dense.gguf is copied from it)."""
         super().check(i)

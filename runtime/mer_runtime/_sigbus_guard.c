@@ -4,18 +4,28 @@
  * A file truncated while it is mapped (a download being rewritten, a `truncate`, a full network file system) makes
  * the next touch of a page past its new end raise SIGBUS, and the process dies without a word, in the middle of
  * xxhash, memcmp or NumPy. This handler turns such a fault inside a registered mapping into a recorded event: it maps
- * an anonymous zero page over the faulting page (MAP_FIXED, same protection), counts the fault in the mapping's
- * slot and returns, so the interrupted code finishes reading zeros. Python reads the slot's counter after each
+ * anonymous zeros over the faulting page AND everything after it up to the end of the registered range (one
+ * MAP_FIXED mmap, same protection), counts the fault in the mapping's slot and returns, so the interrupted code
+ * finishes reading zeros. Zeros to the end, not one page: a file truncated to 0 then read every other page would
+ * otherwise split the mapping in tens of thousands of pieces, past vm.max_map_count, and mmap would fail; this way
+ * one file costs one signal and one extra kernel mapping. (The pages after the faulting one are past the new end
+ * too: truncation cuts a file's tail.) Python reads the slot's counter after each
  * piece (`mer_guard_faults`, a plain exported array) and raises a clear error naming the file; the zeros are
  * never used. The later munmap of the whole mapping removes the zero pages with it.
  *
  * A fault outside every registered mapping (or a SIGBUS sent by kill) is not ours: the previous disposition is put
- * back and the fault re-runs into it (pytest's faulthandler, or the default action that ends the process).
+ * back and the fault re-runs into it (pytest's faulthandler, or the default action that ends the process). The
+ * handler stays uninstalled only until the next registration re-installs it (mer_guard_install runs with each
+ * Guard): a foreign fault normally ends the process anyway, and one that a previous handler survives (it fixed
+ * the page) needs no guard until our next mapping.
  *
  * Async-signal-safety: the handler only loads the slot table with atomic loads, calls mmap (a system call) and
- * sigaction, and adds to an atomic counter. Registration takes a mutex (never taken by the handler); a slot's
+ * sigaction, adds to an atomic counter, and saves and restores errno (mmap may set it under the interrupted code).
+ * `previous` is written under the lock while our handler is not installed (before the sigaction that installs it),
+ * so the handler, which can only run once installed, never sees it half-written. Registration takes a mutex (never taken by the handler); a slot's
  * length is published before its start (release), and the handler reads the start first (acquire). */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
@@ -34,6 +44,7 @@ static struct sigaction previous;
 static uintptr_t page_mask;
 
 static void on_sigbus(int sig, siginfo_t *si, void *ctx) {
+    int saved_errno = errno;
     uintptr_t a = (uintptr_t)si->si_addr;
     if (si->si_code > 0) { /* a real fault (kill/raise give SI_USER/SI_TKILL, <= 0) */
         int mapped = 0;
@@ -44,21 +55,26 @@ static void on_sigbus(int sig, siginfo_t *si, void *ctx) {
             if (s == 0 || a < s || a - s >= __atomic_load_n(&slot_len[i], __ATOMIC_RELAXED))
                 continue;
             if (!mapped) {
-                void *page = (void *)(a & page_mask);
-                if (mmap(page, ~page_mask + 1, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
-                    break; /* cannot map the page: let the previous disposition have it */
+                uintptr_t page = a & page_mask;
+                uintptr_t end = (s + __atomic_load_n(&slot_len[i], __ATOMIC_RELAXED) + ~page_mask) & page_mask;
+                if (mmap((void *)page, end - page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+                    == MAP_FAILED)
+                    break; /* cannot map: let the previous disposition have it */
                 mapped = 1;
             }
             __atomic_fetch_add(&mer_guard_faults[i], 1, __ATOMIC_RELEASE);
         }
-        if (mapped)
+        if (mapped) {
+            errno = saved_errno;
             return; /* the faulting load runs again and reads zeros */
+        }
     }
     /* not ours: put the previous disposition back; a fault re-runs into it on return, a sent signal stays pending
      * (SIGBUS is blocked while this runs) and is delivered to it */
     sigaction(SIGBUS, &previous, NULL);
     if (si->si_code <= 0)
         raise(sig);
+    errno = saved_errno;
     (void)ctx;
 }
 

@@ -4,13 +4,17 @@ Touching a mapped page past a file's new end (a download being rewritten, a ``tr
 system) raises SIGBUS, which ends the process with no message in the middle of xxhash, memcmp or NumPy. Every
 read-only mapping of a file we do not own is registered here (`guard_mapping`, `map_file`); the small C handler
 ``_sigbus_guard.c`` (built at install, loaded with ctypes) maps a zero page over a faulting page of a registered
-mapping, counts the fault and lets the interrupted code finish on zeros. Readers call `Guard.check` after each
-piece (one read of a counter: no system call) and `Guard.finish` at the end (also compares the file's size), which
-raise `FileChangedError` naming the file; the zeros read are never used, and the caller's usual clean-up runs.
+mapping (from the faulting page to the end of the mapping, in one go: one signal and one kernel mapping per file,
+however many pages are touched), counts the fault and lets the interrupted code finish on zeros. Readers call
+`Guard.check` after each piece and before the bytes read are used (a counter read and one fstat of a descriptor
+the guard holds) and `Guard.finish` at the end, which raise `FileChangedError` naming the file; the zeros read are
+never used, and the caller's usual clean-up runs. The size is compared in both modes because a file cut in the
+middle of a page raises no SIGBUS at all: the kernel zero-fills the rest of that page.
 
-Without the compiled handler (no C compiler at install) `check` compares the file's size instead (one fstat), so a
-file that shrank between two pieces still gets the clear error; one that shrinks in the middle of a piece ends
-the process as before. ``GUARDED`` says which.
+Without the compiled handler (no C compiler at install) `check` is the size comparison alone, so a file that shrank
+between two pieces still gets the clear error; one that shrinks in the middle of a piece ends the process as
+before. ``GUARDED`` says which. Not seen in either mode: a file cut and regrown to its old size in place between
+two checks (its bytes are then whatever the writer put back).
 
 Thread-safe: the C handler runs on the faulting thread and only reads the registration table; registration takes
 a lock. Faults outside registered mappings go to the previous handler (faulthandler's, or the default action).
@@ -27,6 +31,7 @@ import ctypes
 import importlib.machinery
 import mmap
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -76,53 +81,94 @@ def changed(path: str | os.PathLike[str], was: int, now: int | None) -> FileChan
 
 
 class Guard:
-    """One registered read-only mapping of `size` bytes of a file (by `path`, or an open `fd` that stays open while
-    the guard is used). `check()` after each piece, `finish()` at the end; `close()` before the mapping goes (also
-    done when the mapped object is collected)."""
+    """One registered read-only mapping of `size` bytes of a file (by `path`, or an open `fd`). `check()` after
+    each piece and before the bytes read are used, `finish()` at the end; `close()` BEFORE the mapping is unmapped
+    (a slot left registered over memory that is gone could swallow the SIGBUS of an unrelated mapping that the
+    kernel puts at the same address; collecting the mapped object also unregisters, but CPython unmaps first).
 
-    __slots__ = ("path", "fd", "size", "slot", "_fin", "__weakref__")
+    The guard keeps its own descriptor of the file (a dup of `fd`, or `path` opened), so `check` is one fstat of
+    the very file mapped (a rename over the path does not hide it); `close()` closes it."""
+
+    __slots__ = ("path", "fd", "size", "slot", "_own", "_fin", "__weakref__")
 
     def __init__(self, owner: Any, addr: int, length: int, size: int, path: str | os.PathLike[str] | None = None,
                  fd: int | None = None):
         self.path, self.fd, self.size, self.slot = path, fd, size, -1
-        self._fin = None
+        self._own = _own_fd(path, fd)
         if _LIB is not None and length > 0:
             _LIB.mer_guard_install()  # again each time: faulthandler.enable() may have put its handler on top
             self.slot = _LIB.mer_guard_register(addr, length)
-            if self.slot >= 0:
-                # the mapping may outlive this object's user (a view kept by NumPy): unregister with it
-                self._fin = weakref.finalize(owner, _LIB.mer_guard_unregister, self.slot)
+            if self.slot < 0:
+                _slots_full()
+        # the mapping may outlive this object's user (a view kept by NumPy): unregister (late) and close with it
+        self._fin = weakref.finalize(owner, _release, self.slot, self._own)
 
     def name(self) -> str:
         return _name_of(self.path, self.fd)
 
     def _now(self) -> int | None:
         try:
+            if self._own is not None and self._fin.alive:
+                return os.fstat(self._own).st_size
             return (os.fstat(self.fd) if self.path is None else os.stat(self.path)).st_size
         except OSError:
             return None
 
     def faulted(self) -> bool:
         """Whether a page of the mapping could not be read (the file shrank under it)."""
-        return self._fin is not None and self._fin.alive and _FAULTS[self.slot] != 0
+        return self.slot >= 0 and self._fin.alive and _FAULTS[self.slot] != 0
 
     def check(self) -> None:
-        """Raise FileChangedError if the mapping faulted (without the C handler: if the file is now shorter)."""
-        if self._fin is not None:
-            if _FAULTS[self.slot] and self._fin.alive:
-                raise changed(self.name(), self.size, self._now())
-        elif (now := self._now()) is None or now < self.size:
+        """Raise FileChangedError if the mapping faulted or the file is now shorter than when mapped (one fstat).
+
+        Both, in both modes: a file cut in the middle of a page raises no SIGBUS (the kernel zero-fills the rest of
+        that page), so only the size tells. Not seen: a file cut and regrown to its size between two checks."""
+        if self.slot >= 0 and self._fin.alive and _FAULTS[self.slot]:
+            raise changed(self.name(), self.size, self._now())
+        if (now := self._now()) is None or now < self.size:
             raise changed(self.name(), self.size, now)
 
     def finish(self) -> None:
-        """`check`, and the file still has the size it had when mapped (one stat)."""
+        """`check`, and the file still has the size it had when mapped."""
         self.check()
         if (now := self._now()) != self.size:
             raise changed(self.name(), self.size, now)
 
     def close(self) -> None:
-        if self._fin is not None:
-            self._fin()
+        """Unregister and close the guard's descriptor; call it before the mapping is unmapped. Idempotent."""
+        self._fin()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _own_fd(path: str | os.PathLike[str] | None, fd: int | None) -> int | None:
+    try:
+        return os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else None
+    except OSError:  # out of descriptors (or the path is gone): `check` stats the path instead
+        return None
+
+
+def _release(slot: int, fd: int | None) -> None:
+    if slot >= 0 and _LIB is not None:
+        _LIB.mer_guard_unregister(slot)
+    if fd is not None:
+        os.close(fd)
+
+
+_warned_full = False
+
+
+def _slots_full() -> None:
+    global _warned_full
+    if not _warned_full:
+        _warned_full = True
+        warnings.warn(f"mer_runtime.guard: all {_LIB.mer_guard_slots()} SIGBUS guard slots are taken; further "
+                      "mappings are checked by size only (a file cut in the middle of a piece may end the process "
+                      "with SIGBUS)", RuntimeWarning, stacklevel=4)
 
 
 def _name_of(path: str | os.PathLike[str] | None, fd: int | None) -> str:

@@ -580,8 +580,8 @@ def reassemble(
                 how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
             else:
                 if rec is None:
-                    notes.append("this folder has no reassembly record (extracted by an older mertools): every tensor's "
-                                 "bytes are the source's, the header is made anew from dense.gguf")
+                    notes.append("this folder has no reassembly record (extracted by an older mertools): every "
+                                 "tensor's bytes are the source's, the header is made anew from dense.gguf")
                 else:
                     notes.append("a split source joined into one file: every tensor's bytes are the source's, the "
                                  "header is made anew (use --split for the source's own parts, byte for byte)")
@@ -610,7 +610,8 @@ def reassemble(
             for o in outs:
                 o.discard()
             if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-                raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; nothing was left behind") from None
+                raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; nothing was left behind"
+                                  ) from None
             raise
         return ReassembleResult([o.final for o in outs], exact, how, sum(len(p) for p in plan),
                                 sum(o.pos for o in outs), time.perf_counter() - t0, notes)

@@ -22,8 +22,9 @@
  * Async-signal-safety: the handler only loads the slot table with atomic loads, calls mmap (a system call) and
  * sigaction, adds to an atomic counter, and saves and restores errno (mmap may set it under the interrupted code).
  * `previous` is written under the lock while our handler is not installed (before the sigaction that installs it),
- * so the handler, which can only run once installed, never sees it half-written. Registration takes a mutex (never taken by the handler); a slot's
- * length is published before its start (release), and the handler reads the start first (acquire). */
+ * so the handler, which can only run once installed, never sees it half-written. Registration takes a mutex (never
+ * taken by the handler); a slot's length is published before its start (release), and the handler reads the start
+ * first (acquire). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>

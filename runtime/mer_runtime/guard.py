@@ -3,11 +3,11 @@
 Touching a mapped page past a file's new end (a download being rewritten, a ``truncate``, a full network file
 system) raises SIGBUS, which ends the process with no message in the middle of xxhash, memcmp or NumPy. Every
 read-only mapping of a file we do not own is registered here (`guard_mapping`, `map_file`); the small C handler
-``_sigbus_guard.c`` (built at install, loaded with ctypes) maps a zero page over a faulting page of a registered
-mapping (from the faulting page to the end of the mapping, in one go: one signal and one kernel mapping per file,
-however many pages are touched), counts the fault and lets the interrupted code finish on zeros. Readers call
-`Guard.check` after each piece and before the bytes read are used (a counter read and one fstat of a descriptor
-the guard holds) and `Guard.finish` at the end, which raise `FileChangedError` naming the file; the zeros read are
+``_sigbus_guard.c`` (built at install, loaded with ctypes) maps zeros over a registered mapping from the faulting
+page to its end, in one go (one signal and one kernel mapping per file, however many pages are touched), counts
+the fault and lets the interrupted code finish on zeros. Readers call
+`Guard.check` after each piece and before the bytes read are used (a counter read and one fstat of the mapped
+file) and `Guard.finish` at the end, which raise `FileChangedError` naming the file; the zeros read are
 never used, and the caller's usual clean-up runs. The size is compared in both modes because a file cut in the
 middle of a page raises no SIGBUS at all: the kernel zero-fills the rest of that page.
 
@@ -86,30 +86,35 @@ class Guard:
     (a slot left registered over memory that is gone could swallow the SIGBUS of an unrelated mapping that the
     kernel puts at the same address; collecting the mapped object also unregisters, but CPython unmaps first).
 
-    The guard keeps its own descriptor of the file (a dup of `fd`, or `path` opened), so `check` is one fstat of
-    the very file mapped (a rename over the path does not hide it); `close()` closes it."""
+    `check` takes the size with one fstat of the descriptor the mapping object itself keeps (``mmap.size()``; no
+    descriptor of our own, so a split set of hundreds of files costs none extra): the very file mapped, whatever
+    was renamed over its path since. Without an mmap object (or once it is closed) it stats `path`, or `fd`."""
 
-    __slots__ = ("path", "fd", "size", "slot", "_own", "_fin", "__weakref__")
+    __slots__ = ("path", "fd", "size", "slot", "_mm", "_fin", "__weakref__")
 
     def __init__(self, owner: Any, addr: int, length: int, size: int, path: str | os.PathLike[str] | None = None,
                  fd: int | None = None):
         self.path, self.fd, self.size, self.slot = path, fd, size, -1
-        self._own = _own_fd(path, fd)
+        self._mm = weakref.ref(owner) if isinstance(owner, mmap.mmap) else None
         if _LIB is not None and length > 0:
             _LIB.mer_guard_install()  # again each time: faulthandler.enable() may have put its handler on top
             self.slot = _LIB.mer_guard_register(addr, length)
             if self.slot < 0:
                 _slots_full()
-        # the mapping may outlive this object's user (a view kept by NumPy): unregister (late) and close with it
-        self._fin = weakref.finalize(owner, _release, self.slot, self._own)
+        # the mapping may outlive this object's user (a view kept by NumPy): unregister with it (late: see above)
+        self._fin = weakref.finalize(owner, _release, self.slot)
 
     def name(self) -> str:
         return _name_of(self.path, self.fd)
 
     def _now(self) -> int | None:
+        mm = self._mm() if self._mm is not None else None
+        if mm is not None:
+            try:
+                return mm.size()
+            except (ValueError, OSError):  # closed (ValueError); or the descriptor failed: ask by name below
+                pass
         try:
-            if self._own is not None and self._fin.alive:
-                return os.fstat(self._own).st_size
             return (os.fstat(self.fd) if self.path is None else os.stat(self.path)).st_size
         except OSError:
             return None
@@ -135,7 +140,7 @@ class Guard:
             raise changed(self.name(), self.size, now)
 
     def close(self) -> None:
-        """Unregister and close the guard's descriptor; call it before the mapping is unmapped. Idempotent."""
+        """Unregister; call it before the mapping is unmapped. Idempotent."""
         self._fin()
 
     def __enter__(self) -> "Guard":
@@ -145,18 +150,9 @@ class Guard:
         self.close()
 
 
-def _own_fd(path: str | os.PathLike[str] | None, fd: int | None) -> int | None:
-    try:
-        return os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else None
-    except OSError:  # out of descriptors (or the path is gone): `check` stats the path instead
-        return None
-
-
-def _release(slot: int, fd: int | None) -> None:
+def _release(slot: int) -> None:
     if slot >= 0 and _LIB is not None:
         _LIB.mer_guard_unregister(slot)
-    if fd is not None:
-        os.close(fd)
 
 
 _warned_full = False

@@ -125,24 +125,194 @@ def test_truncated_inside_a_piece_is_caught():
         import mer_runtime.checksum as c
         from mer_runtime.guard import FileChangedError
         c.PIECE = 64 << 20  # one piece: the cut lands inside it
+        import xxhash
         d = tempfile.mkdtemp()
         raised = 0
         for i in range(6):
             p = os.path.join(d, f"f{i}")
-            open(p, "wb").write(os.urandom(48 << 20))
+            data = os.urandom(48 << 20)
+            open(p, "wb").write(data)
             t = threading.Timer(0.002, os.truncate, args=(p, 4096))  # most land inside the piece
             t.start()
             try:
-                c.hash_file(p)
+                got = c.hash_file(p)[0]
             except FileChangedError as e:
                 raised += 1
                 assert "changed size" in str(e)
+            else:  # the pass ended before the cut: its hash must be the whole file's, never one of zeros
+                assert got == xxhash.xxh3_64_hexdigest(data), "a hash of zeros passed"
             t.join()
             os.unlink(p)
         print("DONE", raised)
     """)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("DONE ")
+
+
+@NEEDS_HANDLER
+def test_fault_inside_a_piece_is_counted(tmp_path):
+    """Pages touched past the new end between two checks (inside one piece) are counted by the C handler, and the
+    next check raises naming the file (deterministic twin of the test above)."""
+    p = _python(f"""
+        import os
+        import numpy as np
+        from mer_runtime.guard import map_file, FileChangedError
+        p = {str(tmp_path / 'f')!r}
+        open(p, "wb").write(b"\\xff" * (1 << 20))
+        fd = os.open(p, os.O_RDONLY)
+        mm, g = map_file(fd, 1 << 20, p)
+        a = np.frombuffer(mm, np.uint8)
+        os.truncate(p, 0)
+        print("SUM", int(a[::4096].sum()), "FAULTED", g.faulted())
+        try:
+            g.check()
+        except FileChangedError as e:
+            print("RAISED", e)
+    """)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert "SUM 0 FAULTED True" in p.stdout, p.stdout
+    assert f"RAISED {tmp_path / 'f'} {CHANGED} (was {1 << 20} bytes, now 0)" in p.stdout, p.stdout
+
+
+def test_guard_is_loaded_where_it_was_built():
+    """The compiled handler, where the build made it, is the one in use: a .so that is built but fails to load
+    (a missing symbol, a wrong name) must not silently leave every mapping on the weaker fallback."""
+    here = Path(guard.__file__).parent
+    built = [p for p in here.iterdir() if p.name.startswith("_sigbus_guard") and p.suffix in (".so", ".pyd")]
+    if not built:
+        pytest.skip("no compiled _sigbus_guard here (no C compiler at install): the size-check fallback is in use")
+    if os.environ.get("MER_SIGBUS_GUARD") == "off":
+        pytest.skip("MER_SIGBUS_GUARD=off asks for the fallback")
+    assert guard.GUARDED, f"{built[0]} exists but mer_runtime.guard did not load it"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cut_in_the_middle_of_a_page(tmp_path, mode):
+    """A file cut inside a page raises no SIGBUS (the kernel zero-fills the rest of the page): check() must still
+    see it, by the size, in both modes."""
+    p = _python(f"""
+        import os
+        from mer_runtime.guard import map_file, FileChangedError
+        p = {str(tmp_path / 'f')!r}
+        open(p, "wb").write(b"\\xff" * 10000)
+        fd = os.open(p, os.O_RDONLY)
+        mm, g = map_file(fd, 10000, p)
+        os.truncate(p, 5000)
+        b = bytes(mm[4096:8192])  # the page holding the new end: no fault
+        print("ZEROS", b[5000 - 4096:].count(0))
+        try:
+            g.check()
+        except FileChangedError as e:
+            print("RAISED", e)
+        else:
+            print("NOT RAISED")
+    """, mode)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert f"ZEROS {8192 - 5000}" in p.stdout, p.stdout
+    assert f"RAISED {tmp_path / 'f'} {CHANGED} (was 10000 bytes, now 5000)" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_extract_gguf_cut_in_the_middle_of_its_last_page(tmp_path, mode):
+    """The source GGUF loses the tail of its last page (output_norm's bytes, copied into dense.gguf) once the
+    first shard is written: extract refuses; no OUT with a dense.gguf of zeros."""
+    src = tmp_path / GGUF.name
+    shutil.copyfile(GGUF, src)
+    cut = src.stat().st_size - 912
+    assert cut % 4096 and cut // 4096 == (src.stat().st_size - 1) // 4096  # inside the last page
+    out = tmp_path / "out"
+    p = _python(f"""
+        import os
+        from mertools import extract
+        from mer_runtime.guard import FileChangedError
+        src = {str(src)!r}
+        def progress(total, n):
+            def tick(k):
+                if os.path.getsize(src) != {cut}:
+                    os.truncate(src, {cut})
+            return tick
+        try:
+            extract(src, {str(out)!r}, fsync=False, progress=progress)
+        except FileChangedError as e:
+            print("RAISED", e)
+        else:
+            print("NOT RAISED")
+    """, mode)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.startswith(f"RAISED {src} {CHANGED}"), p.stdout
+    assert not out.exists()
+    _no_staging(tmp_path)
+
+
+@NEEDS_HANDLER
+def test_many_faults_in_one_mapping(tmp_path):
+    """A 600 MB (sparse) file truncated to 0, then every other page read: one fault, not tens of thousands of
+    zero pages that would split the mapping past vm.max_map_count and kill the process."""
+    p = _python(f"""
+        import os
+        import numpy as np
+        from mer_runtime import guard
+        p = {str(tmp_path / 'sparse')!r}
+        with open(p, "wb") as f:
+            f.truncate(600 << 20)
+        fd = os.open(p, os.O_RDONLY)
+        mm, g = guard.map_file(fd, 600 << 20, p)
+        a = np.frombuffer(mm, np.uint8)
+        os.truncate(p, 0)
+        print("SUM", int(a[::8192].sum()), "FAULTS", guard._FAULTS[g.slot])
+        try:
+            g.check()
+        except guard.FileChangedError:
+            print("RAISED")
+    """)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["SUM", "0", "FAULTS", "1", "RAISED"], p.stdout
+
+
+def test_sources_unregister_before_their_mappings_go():
+    """CPython unmaps an mmap before it runs its weak references: a guard left to the finalizer stays registered
+    over memory that is gone (a new mapping there would have its SIGBUS swallowed). Closing a GGUF source, and
+    deep verify's reference, unregisters their readers' guards while the mappings are still alive."""
+    from mertools.deep import SourceReference
+    from mertools.sources import open_source
+
+    src = open_source(GGUF)
+    src.view(0)
+    held = [(r.guard, r.data) for r in src.inner.readers]  # the memmaps stay alive through `held`
+    src.close()
+    assert held and all(not g._fin.alive for g, _ in held)
+    ref = SourceReference(GGUF)
+    held = [(r.guard, r.data) for r in ref._readers]
+    ref.close()
+    assert held and all(not g._fin.alive for g, _ in held)
+
+
+@NEEDS_HANDLER
+def test_slot_table_full_warns_once(tmp_path):
+    """More live guarded mappings than the handler has slots: one RuntimeWarning, and the rest still checked (by
+    size)."""
+    p = _python(f"""
+        import mmap, os, warnings
+        from mer_runtime import guard
+        p = {str(tmp_path / 'f')!r}
+        open(p, "wb").write(b"x" * 8192)
+        fd = os.open(p, os.O_RDONLY)
+        mm = mmap.mmap(fd, 8192, prot=mmap.PROT_READ)
+        addr = guard._address(mm)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            gs = [guard.Guard(mm, addr, 8192, 8192, p) for _ in range(guard._LIB.mer_guard_slots() + 5)]
+        print("WARNINGS", len(w), "UNGUARDED", sum(g.slot < 0 for g in gs))
+        os.truncate(p, 100)
+        try:
+            gs[-1].check()
+        except guard.FileChangedError:
+            print("RAISED")
+        for g in gs:
+            g.close()
+    """)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["WARNINGS", "1", "UNGUARDED", "5", "RAISED"], p.stdout
 
 
 def test_threads_only_the_shrunk_file_fails(tmp_path):
@@ -227,12 +397,17 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_verify_deep_against_source_truncated(folder, tmp_path, mode):
-    """verify --deep --against: the source shrinks after deep verify mapped it, before the bytes are compared."""
+@pytest.mark.parametrize("cut", ["start", "mid-page"])
+def test_verify_deep_against_source_truncated(folder, tmp_path, mode, cut):
+    """verify --deep --against: the source shrinks after deep verify mapped it, before the bytes are compared;
+    also when cut in the middle of a page of expert bytes (no SIGBUS: the page's rest reads as zeros), which must
+    not be reported as a good shard that does not match."""
     src = tmp_path / GGUF.name
     shutil.copyfile(GGUF, src)
+    at = 8192 if cut == "start" else src.stat().st_size - 4912
+    assert cut == "start" or at % 4096
     p = _cli_stopped(["verify", folder, "--deep", "--against", src], "reference-mapped",
-                     lambda: os.truncate(src, 8192), mode)
+                     lambda: os.truncate(src, at), mode)
     _one_line_error(p, str(src))
 
 

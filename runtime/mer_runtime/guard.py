@@ -5,10 +5,9 @@ system) raises SIGBUS, which ends the process with no message in the middle of x
 read-only mapping of a file we do not own is registered here (`guard_mapping`, `map_file`); the small C handler
 ``_sigbus_guard.c`` (built at install, loaded with ctypes) maps zeros over a registered mapping from the faulting
 page to its end, in one go (one signal and one kernel mapping per file, however many pages are touched), counts
-the fault and lets the interrupted code finish on zeros. Readers call
-`Guard.check` after each piece and before the bytes read are used (a counter read and one fstat of the mapped
-file) and `Guard.finish` at the end, which raise `FileChangedError` naming the file; the zeros read are
-never used, and the caller's usual clean-up runs. The size is compared in both modes because a file cut in the
+the fault and lets the interrupted code finish on zeros. Readers call `Guard.check` after each piece and before the
+bytes read are used (a counter read and one fstat of the mapped file) and `Guard.finish` at the end, which raise
+`FileChangedError` naming the file; the zeros read are never used, and the caller's usual clean-up runs. The size is compared in both modes because a file cut in the
 middle of a page raises no SIGBUS at all: the kernel zero-fills the rest of that page.
 
 Without the compiled handler (no C compiler at install) `check` is the size comparison alone, so a file that shrank

@@ -341,7 +341,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
             with memoryview(mm) as mv:
                 dropped = 0
                 for pos in range(0, size, PIECE):
-                    guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
+                    guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
                     end = min(pos + PIECE, size)
                     with mv[pos:end] as piece:
                         whole.update(piece)

@@ -89,7 +89,7 @@ def _scan_mapped(mv: memoryview, size: int, spans: list[tuple[int, int, str]], w
     """The hashing pass of `_scan` over its mapping, a SEGMENT at a time, checking the guard after each."""
     i = 0
     for pos in range(0, size, SEGMENT):
-        guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
+        guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
         end = min(pos + SEGMENT, size)
         with mv[pos:end] as seg:
             whole.update(seg)

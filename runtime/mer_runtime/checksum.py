@@ -49,7 +49,7 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
             m.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(m) as mv:
                 for pos in range(0, size, PIECE):
-                    guard.check()  # before each piece: the fallback (no C handler) must not touch a shrunk file
+                    guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
                     end = min(pos + PIECE, size)
                     with mv[pos:end] as piece:
                         whole.update(piece)

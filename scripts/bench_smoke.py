@@ -69,10 +69,13 @@ def main() -> None:
               f"(medians of {a.reps} alternated runs of {a.tokens} tokens; "
               f"all on: {fmt[True]}; all off: {fmt[False]})", flush=True)
         print(f"{'':8s} hit rate on {on['hit_rate']:.1%} off {off['hit_rate']:.1%} (replayed without I/O: none "
-              f"{pol['none']['hit_rate']:.1%} / markov {pol['markov']['hit_rate']:.1%} / oracle "
-              f"{pol['oracle']['hit_rate']:.1%}); I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
-              f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} cancelled "
-              f"{on['prefetch_cancelled']} refused {on.get('prefetch_refused', 0)}; {on['backend']}", flush=True)
+              f"{pol['none']['hit_rate']:.1%} / markov behind the gate {pol['markov']['hit_rate']:.1%} "
+              f"({pol['markov']['prefetch_issued'] - pol['markov']['prefetch_used']} wasted) / ungated "
+              f"{pol['markov_ungated']['hit_rate']:.1%} / oracle {pol['oracle']['hit_rate']:.1%}); "
+              f"I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
+              f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} withdrawn "
+              f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
+              f"{on['backend']}", flush=True)
         out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
                     "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:

@@ -76,6 +76,7 @@ def main() -> None:
               f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} withdrawn "
               f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
               f"{on['backend']}", flush=True)
+        print(f"{'':8s} gate (median run on): {on.get('prefetch_gate')}", flush=True)
         out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
                     "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:

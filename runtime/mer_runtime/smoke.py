@@ -248,8 +248,12 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
 
                 def admit(victim: tuple[int, int] | None, q: float) -> bool:
                     nonlocal refused
-                    pv = 0.0 if victim is None else pf.prob_next(index[victim[0]], victim[1])  # type: ignore[union-attr]
-                    refused = not cost.admit(q, pv)  # type: ignore[union-attr]
+                    if victim is None:
+                        refused = not cost.admit(q)  # type: ignore[union-attr]
+                    else:
+                        lv = index[victim[0]]
+                        refused = not cost.admit(q, pf.prob_next(lv, victim[1]),  # type: ignore[union-attr]
+                                                 (lv - target) % L + 1)  # type: ignore[union-attr]
                     return not refused
 
                 for e, q in guesses:
@@ -370,6 +374,11 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "cache_slots": cfg.cache_slots,
         **st.as_dict(),
         "prefetch_refused": cost.refused if cost else 0,
+        # what the gate had learned by the end: the figures it weighs (docs/runtime.md, "Prefetcher")
+        "prefetch_gate": {"stall_ms": round(cost.stall_s * 1e3, 3), "miss_step": round(cost.miss_step, 4),
+                          "landed_frac": round(cost.landed_frac, 4), "waste_frac": round(cost.waste_frac, 4),
+                          "window": cost.window, "calibration": round(pf.calibration, 4),
+                          "admitted": cost.admitted, "right": cost.right, "wrong": cost.wrong} if cost else None,
         "prefetch": cfg.prefetch,
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,

@@ -104,11 +104,13 @@ def test_cost_model_admits_a_guess_only_when_it_pays():
     assert [cm.admit(0.49, p_victim=0.3), cm.admit(0.51, p_victim=0.3)] == [False, True]
     # an expert certain to be needed next is not evicted for an even-odds guess
     assert not cm.admit(0.5, p_victim=1.0)
+    # ... unless its layer comes after a step that misses (every step does here): that miss would evict it anyway
+    assert cm.admit(0.3, p_victim=1.0, victim_steps=2)
     # steps without foreground reads: nothing for a wrong guess to delay
     for _ in range(20):
         cm.observe(io_wait_s=0.0, misses=0)
     assert cm.miss_step < 1e-4 and cm.admit(0.01)
-    assert (cm.admitted, cm.refused) == (4, 6)
+    assert (cm.admitted, cm.refused) == (5, 6)
 
 
 def test_one_sighting_is_weak_evidence_and_many_are_strong():

@@ -223,8 +223,8 @@ def test_prefetch_withdraw_and_acquire_from_many_threads(folder):
         def guesser():
             rng = random.Random(9)
             try:
-                while not stop.is_set():
-                    s.cache.prefetch(rng.choice(keys))
+                while not stop.is_set():  # guesses with and without a gate that refuses some victims
+                    s.cache.prefetch(rng.choice(keys), rng.choice([None, lambda v: v is None or v[1] % 2 == 0]))
                     s.cache.cancel_stale(keep={rng.choice(keys)})
             except BaseException as exc:
                 errors.append(exc)

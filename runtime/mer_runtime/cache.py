@@ -327,8 +327,8 @@ class ExpertCache:
                             self.stats.misses += 1
                         else:
                             self.stats.hits += 1
-                    if e.prefetched and not e.used:
-                        self.stats.prefetch_used += 1
+                    if e.prefetched and not e.used and not e.stale:  # a stale guess needed later is a plain hit:
+                        self.stats.prefetch_used += 1                   # it was already counted wrong
                         self.stats.prefetch_landed += self._landed(e)
                     if e.ticket is not None:
                         self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches

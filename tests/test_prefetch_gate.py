@@ -321,3 +321,15 @@ def test_every_wrong_guess_is_fed_back_with_its_own_size(tmp_path):
     finally:
         loader.close()
         pool.close()
+
+
+def test_a_guess_never_evicts_an_expert_its_step_is_about_to_use(window_cache):
+    """smoke issues guesses before the step's last expert is computed: that expert, a hit, must not be the victim."""
+    cache, loader, pool, big = window_cache
+    for k in ((1, 0), (1, 1), (1, 2)):
+        cache.acquire(k)
+        cache.release(k)
+    asked = []
+    assert cache.prefetch((9, 0), admit=lambda v: asked.append(v) or True, keep={(1, 0)})
+    assert asked == [(1, 1)] and (1, 0) in cache.entries and (1, 1) not in cache.entries
+    cache.drain()

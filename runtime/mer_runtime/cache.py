@@ -176,11 +176,13 @@ class ExpertCache:
             self.stats.prefetch_wasted += 1
         return v.slot
 
-    def _take_slot_prefetch(self, admit: Callable[[Key | None], bool] | None) -> int | None | bool:
+    def _take_slot_prefetch(self, admit: Callable[[Key | None], bool] | None, keep: set[Key] | frozenset[Key]
+                            ) -> int | None | bool:
         """A slot for a guess; None if none can be spared, False if `admit` refused the victim."""
         self._reclaim()
         # a stale guess's read is complete (that is what made it stale rather than withdrawn)
-        spare = [e for e in self.entries.values() if (e.used or e.stale) and not e.pinned and not e.holders]
+        spare = [e for e in self.entries.values() if (e.used or e.stale) and not e.pinned and not e.holders
+                 and e.key not in keep]
         if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
             return None
         victim = None if self.free else spare[0]  # LRU among used experts and stale guesses: never a live guess
@@ -433,12 +435,13 @@ class ExpertCache:
                 raise CacheError(f"release({key}) without a matching acquire by this thread")
             self._drop_hold(e)
 
-    def prefetch(self, key: Key, admit: Callable[[Key | None], bool] | None = None) -> bool:
+    def prefetch(self, key: Key, admit: Callable[[Key | None], bool] | None = None,
+                 keep: set[Key] | frozenset[Key] = frozenset()) -> bool:
         """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
 
         `admit(victim)`, if given, is asked (under the cache's lock: it must not call the cache) with the expert the
         load would evict, or None for a free slot; False leaves the cache as it was. Without it any spare slot is
-        taken.
+        taken. `keep`: experts the caller is about to use (the rest of its step): never evicted for a guess.
 
         A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
         mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
@@ -446,7 +449,7 @@ class ExpertCache:
             self._ensure_open()
             if key in self.entries:
                 return False
-            slot = self._take_slot_prefetch(admit)
+            slot = self._take_slot_prefetch(admit, keep)
             if slot is None:
                 self.stats.prefetch_skipped += 1
                 return False

@@ -94,22 +94,27 @@ class MarkovPrefetcher:
         a = self.prior
         return (self.seen[li] + a * min(1.0, self.k / self.n)) / (self.steps[li] + a)
 
-    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray) -> np.ndarray:
+    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray,
+                lower: bool = False) -> np.ndarray:
         a = self.prior
-        rows = (table[sources] + a * base) / (totals[sources, None] + a)
+        n = totals[sources, None] + a
+        rows = (table[sources] + a * base) / n
+        if lower:  # one standard deviation below: the Beta posterior's sd, large while a source has been seen little
+            rows = rows - np.sqrt(rows * (1.0 - rows) / (n + 1.0))
         return rows.max(axis=0)  # the best evidence among the source experts
 
-    def _raw(self, target: int) -> np.ndarray:
-        """Uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed."""
+    def _raw(self, target: int, lower: bool = False) -> np.ndarray:
+        """Uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed (lower:
+        one standard deviation below, for the gate: a guess from little evidence must clear the bar by more)."""
         base = self._base(target)
         if self.cur_token[target] is not None:  # seen this token: its next step is the next token's
-            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base)
+            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base, lower)
         probs = np.zeros(self.n)
         if self.prev_token[target] is not None:
-            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base)
+            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base, lower)
         if target > 0 and self.cur_token[target - 1] is not None:
             probs = np.maximum(probs, self._shrunk(self.cross[target], self.cross_n[target],
-                                                   self.cur_token[target - 1], base))
+                                                   self.cur_token[target - 1], base, lower))
         return probs if probs.any() else base
 
     def prob_next(self, li: int, expert: int) -> float:
@@ -123,7 +128,9 @@ class MarkovPrefetcher:
 
     def predict_scored(self, li: int, cached: set[int] | frozenset[int] = frozenset()
                        ) -> tuple[int, list[tuple[int, float]]]:
-        """As predict(), with each expert's calibrated probability. Nothing is predicted from no evidence (a layer
+        """As predict(), with each expert's calibrated probability, taken one standard deviation below its estimate
+        (what the gate weighs: never losing matters more than the last guess that might pay), ranked by it.
+        Nothing is predicted from no evidence (a layer
         and source never seen followed). `cached`: experts of the target layer already in the cache; they are
         neither returned nor scored, so the calibration measures the guesses that would be read (an expert the
         cache already holds was chosen recently, and is likelier to be chosen again than one it does not)."""
@@ -136,7 +143,7 @@ class MarkovPrefetcher:
         if not has:
             return target, []
         raw = self._raw(target).copy()
-        q = np.minimum(1.0, raw * self.calibration)
+        q = np.minimum(1.0, np.maximum(0.0, self._raw(target, lower=True)) * self.calibration)
         if cached:
             raw[list(cached)] = 0.0
         # candidates by the raw estimate: a threshold on the calibrated one would, with a pessimistic start, never

@@ -243,6 +243,7 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 nonlocal guesses
                 if not guesses or not all(cache.loaded(k) for k in rest):
                     return  # a read of this step is still under way: a guess would only slow it down
+                keep = set(rest)
                 flying = cache.in_flight()  # once: it takes the cache's lock and polls every read
                 refused = False
 
@@ -262,7 +263,8 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                         continue
                     if flying >= max_inflight:
                         break
-                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)))
+                    # the step's experts not computed yet are never evicted for a guess (a hit lost for a maybe)
+                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep)
                     if refused:
                         break  # ranked by q, and the next would face the same victim: it would not pay either
                 guesses = []

@@ -243,15 +243,19 @@ class CostModel:
     def loss_s(self) -> float:
         return self.waste_frac * self.stall_s * self.miss_step
 
+    def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
+        """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
+        q = min(1.0, max(0.0, q))
+        pv = min(1.0, max(0.0, p_victim)) * (1.0 - self.miss_step) ** max(0, victim_steps - 1)
+        return self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
+
     def admit(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
         takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which
         comes `victim_steps` steps from now (1: the step the guess is for)? A victim whose layer comes later is lost
         only if no step before it misses (a miss would evict it anyway, being least recently used): its odds are
         discounted by (1 - miss_step) per step in between."""
-        q = min(1.0, max(0.0, q))
-        pv = min(1.0, max(0.0, p_victim)) * (1.0 - self.miss_step) ** max(0, victim_steps - 1)
-        ok = self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
+        ok = self.pays(q, p_victim, victim_steps)
         if ok:
             self.admitted += 1
         else:

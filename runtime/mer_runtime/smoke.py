@@ -238,6 +238,10 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 tl = li + 1 if li + 1 < L else 0
                 target, guesses = pf.predict_scored(  # type: ignore[union-attr]
                     li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
+                if cost is not None:  # what would not pay even in a free slot is refused now, without asking the
+                    n_all = len(guesses)  # cache or the loader anything (that polling is most of the path's cost)
+                    guesses = [(e, q) for e, q in guesses if cost.pays(q)]
+                    cost.refused += n_all - len(guesses)
 
             def speculate(rest: list[tuple[int, int]]) -> None:
                 nonlocal guesses

@@ -10,7 +10,8 @@ Rules:
 - a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost), unless
   that guess is stale (below);
 - a prefetch evicts an expert only if its caller's `admit(victim)` agrees (the prefetcher weighs the victim's
-  chance of being needed against the guess's): a guess never silently pushes out a warmer expert;
+  chance of being needed against the guess's), and never one in its caller's `keep` (the experts its step has
+  still to compute): a guess never silently pushes out a warmer expert;
 - a stale prefetch (its step has passed, unused) is withdrawn by `cancel_stale`: its chunks not yet issued are
   dropped, and its slot comes back once the chunks already issued have landed ("draining"), so a wrong guess costs
   at most the reads that were with the disk when it was found wrong. A stale prefetch whose read had already

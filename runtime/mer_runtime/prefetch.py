@@ -74,12 +74,14 @@ class MarkovPrefetcher:
             self.came_true += e in chosen
         self.k = max(self.k, len(experts))
         prev = self.prev_token[li]
-        if prev is not None:
-            self.same[li][np.ix_(prev, experts)] += 1
+        if prev is not None:  # plain loops: k x k increments, cheaper than building an np.ix_ index each step
+            for s in prev:
+                self.same[li, s, experts] += 1
             self.same_n[li][prev] += 1
         if li > 0 and self.cur_token[li - 1] is not None:
             src = self.cur_token[li - 1]
-            self.cross[li][np.ix_(src, experts)] += 1
+            for s in src:
+                self.cross[li, s, experts] += 1
             self.cross_n[li][src] += 1
         self.seen[li][experts] += 1
         self.steps[li] += 1
@@ -94,28 +96,31 @@ class MarkovPrefetcher:
         a = self.prior
         return (self.seen[li] + a * min(1.0, self.k / self.n)) / (self.steps[li] + a)
 
-    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray,
-                lower: bool = False) -> np.ndarray:
+    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray
+                ) -> np.ndarray:
+        """[2, E]: the estimate, and one standard deviation below it (the Beta posterior's sd, large while a source
+        has been seen little), each the best evidence among the source experts."""
         a = self.prior
         n = totals[sources, None] + a
         rows = (table[sources] + a * base) / n
-        if lower:  # one standard deviation below: the Beta posterior's sd, large while a source has been seen little
-            rows = rows - np.sqrt(rows * (1.0 - rows) / (n + 1.0))
-        return rows.max(axis=0)  # the best evidence among the source experts
+        return np.stack([rows.max(axis=0), (rows - np.sqrt(rows * (1.0 - rows) / (n + 1.0))).max(axis=0)])
 
-    def _raw(self, target: int, lower: bool = False) -> np.ndarray:
-        """Uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed (lower:
-        one standard deviation below, for the gate: a guess from little evidence must clear the bar by more)."""
+    def _both(self, target: int) -> np.ndarray:
+        """[2, E]: uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed,
+        and one standard deviation below it (for the gate: a guess from little evidence must clear the bar by more)."""
         base = self._base(target)
         if self.cur_token[target] is not None:  # seen this token: its next step is the next token's
-            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base, lower)
-        probs = np.zeros(self.n)
+            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base)
+        probs = None
         if self.prev_token[target] is not None:
-            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base, lower)
+            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base)
         if target > 0 and self.cur_token[target - 1] is not None:
-            probs = np.maximum(probs, self._shrunk(self.cross[target], self.cross_n[target],
-                                                   self.cur_token[target - 1], base, lower))
-        return probs if probs.any() else base
+            cross = self._shrunk(self.cross[target], self.cross_n[target], self.cur_token[target - 1], base)
+            probs = cross if probs is None else np.maximum(probs, cross)
+        return probs if probs is not None else np.stack([base, base])
+
+    def _raw(self, target: int, lower: bool = False) -> np.ndarray:
+        return self._both(target)[1 if lower else 0]
 
     def prob_next(self, li: int, expert: int) -> float:
         """Calibrated probability that `expert` is chosen at layer index li's next step."""
@@ -142,8 +147,9 @@ class MarkovPrefetcher:
                 self.prev_token[target] is not None and self.same_n[target][self.prev_token[target]].any())
         if not has:
             return target, []
-        raw = self._raw(target).copy()
-        q = np.minimum(1.0, np.maximum(0.0, self._raw(target, lower=True)) * self.calibration)
+        both = self._both(target)
+        raw = both[0].copy()
+        q = np.minimum(1.0, np.maximum(0.0, both[1]) * self.calibration)
         if cached:
             raw[list(cached)] = 0.0
         # candidates by the raw estimate: a threshold on the calibrated one would, with a pessimistic start, never

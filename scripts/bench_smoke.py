@@ -3,7 +3,7 @@
 
 Builds (once) a GGUF with d_model 4096, d_ff 14336, 8 experts x 4 MoE layers (3.2 GB, Q4_0), extracts it, then runs
 the runtime's smoke loop (O_DIRECT loader, 16-slot cache, C moe() kernel) with the Markov prefetcher on and off,
-ALTERNATED (on, off, on, off, ...) after one discarded warm-up run, so that a drift of the disk or of the machine
+ALTERNATED (on off, off on, on off, ...) after one discarded warm-up run, so that a drift of the disk or of the machine
 (another process, the host's cache) falls on both sides alike. Per workload it prints the median tokens/s on and
 off, their ratio (on / off: >= 1.00 means prefetching did not lose) and the figures of the median runs: hit rate,
 I/O share, prefetches issued / used / cancelled. The hit rates of no prefetch / Markov / oracle on the same trace
@@ -57,8 +57,8 @@ def main() -> None:
 
         run(True)  # warm-up, discarded: the first run of a process pays for imports and the host's cold cache
         runs: dict[bool, list[dict]] = {True: [], False: []}
-        for _ in range(a.reps):
-            for prefetch in (True, False):
+        for i in range(a.reps):  # on off, off on, on off, ...: a drift, or an edge of the second run of a pair
+            for prefetch in ((True, False) if i % 2 == 0 else (False, True)):  # (a warmed host cache), falls on both
                 runs[prefetch].append(run(prefetch))
         med = {p: statistics.median(r["tokens_per_s"] for r in runs[p]) for p in (True, False)}
         ratio = med[True] / med[False] if med[False] else float("nan")
@@ -69,10 +69,14 @@ def main() -> None:
               f"(medians of {a.reps} alternated runs of {a.tokens} tokens; "
               f"all on: {fmt[True]}; all off: {fmt[False]})", flush=True)
         print(f"{'':8s} hit rate on {on['hit_rate']:.1%} off {off['hit_rate']:.1%} (replayed without I/O: none "
-              f"{pol['none']['hit_rate']:.1%} / markov {pol['markov']['hit_rate']:.1%} / oracle "
-              f"{pol['oracle']['hit_rate']:.1%}); I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
-              f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} cancelled "
-              f"{on['prefetch_cancelled']} refused {on.get('prefetch_refused', 0)}; {on['backend']}", flush=True)
+              f"{pol['none']['hit_rate']:.1%} / markov behind the gate {pol['markov']['hit_rate']:.1%} "
+              f"({pol['markov']['prefetch_issued'] - pol['markov']['prefetch_used']} wasted) / ungated "
+              f"{pol['markov_ungated']['hit_rate']:.1%} / oracle {pol['oracle']['hit_rate']:.1%}); "
+              f"I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
+              f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} withdrawn "
+              f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
+              f"{on['backend']}", flush=True)
+        print(f"{'':8s} gate (median run on): {on.get('prefetch_gate')}", flush=True)
         out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
                     "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:

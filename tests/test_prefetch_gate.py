@@ -67,11 +67,11 @@ def run(m, routes, slots, policy, cost=None, outputs=None):
 
 def test_the_gate_refuses_every_read_whose_expected_value_is_negative(folder):
     routes = cycle_routes(folder)
-    base = run(folder, routes, 3, "none")
+    base = run(folder, routes, 5, "none")
     # a right guess would save nothing (none of it lands before it is needed), a wrong one costs a whole read:
     # p x 0 > (1 - p) x 1 never holds, even for the certain guesses of this cycle
     cm = fixed_cost(landed=0.0, waste=1.0)
-    refused = run(folder, routes, 3, "markov", cm)
+    refused = run(folder, routes, 5, "markov", cm)
     assert refused["prefetch_issued"] == 0 and cm.admitted == 0 and cm.refused > 0
     assert refused["hits"] == base["hits"] and refused["misses"] == base["misses"]
 
@@ -223,8 +223,8 @@ def test_prefetch_withdraw_and_acquire_from_many_threads(folder):
         def guesser():
             rng = random.Random(9)
             try:
-                while not stop.is_set():
-                    s.cache.prefetch(rng.choice(keys))
+                while not stop.is_set():  # guesses with and without a gate that refuses some victims
+                    s.cache.prefetch(rng.choice(keys), rng.choice([None, lambda v: v is None or v[1] % 2 == 0]))
                     s.cache.cancel_stale(keep={rng.choice(keys)})
             except BaseException as exc:
                 errors.append(exc)
@@ -243,3 +243,93 @@ def test_prefetch_withdraw_and_acquire_from_many_threads(folder):
         st = s.cache.stats
         assert st.prefetch_issued > 0 and st.prefetch_cancelled > 0
         assert len(s.cache.entries) + len(s.cache.free) == 5  # every slot accounted for
+
+
+def test_two_guesses_each_read_their_window(window_cache):
+    """A guess held back at its window must not hold back the guess queued behind it."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 2
+    assert cache.prefetch((9, 0)) and cache.prefetch((9, 1))
+    a, b = cache.entries[(9, 0)].ticket, cache.entries[(9, 1)].ticket
+    for _ in range(4):
+        settle(loader, a)
+        settle(loader, b)
+    assert (a.issued, b.issued) == (2, 2) and not a.done and not b.done
+    assert cache.cancel_stale(keep=set()) == 2 and cache.stats.cancelled_read_bytes == 4 * 4096
+    cache.drain()
+    assert len(cache.free) == 3
+
+
+def test_a_guess_takes_a_slot_only_if_admitted_with_its_victim(window_cache):
+    cache, loader, pool, big = window_cache
+    for k in ((1, 0), (1, 1), (1, 2)):
+        cache.acquire(k)
+        cache.release(k)
+    asked = []
+    assert not cache.prefetch((9, 0), admit=lambda v: asked.append(v) or False)
+    assert asked == [(1, 0)]  # the least recently used expert is what it would evict
+    assert list(cache.entries) == [(1, 0), (1, 1), (1, 2)] and cache.stats.evictions == 0
+    assert cache.prefetch((9, 0), admit=lambda v: True)
+    assert (1, 0) not in cache.entries and cache.stats.evictions == 1
+    cache.drain()
+
+
+def test_a_stale_guess_read_whole_is_demoted_and_counted_once(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window = None
+    for k in ((1, 0), (1, 1)):
+        cache.acquire(k)
+        cache.release(k)
+    assert cache.prefetch((9, 0))  # the free slot
+    while not loader.ready(cache.entries[(9, 0)].ticket):
+        pass
+    assert cache.cancel_stale(keep=set()) == 0  # nothing to withdraw: it was read whole
+    assert cache.stats.prefetch_stale == 1 and next(iter(cache.entries)) == (9, 0)
+    assert cache.cancel_stale(keep=set()) == 0 and cache.stats.prefetch_stale == 1
+    cache.acquire((1, 2))  # a miss: the wrong guess goes first, not the least recently used expert
+    cache.release((1, 2))
+    assert (9, 0) not in cache.entries and (1, 0) in cache.entries
+    assert cache.stats.prefetch_wasted == 1
+
+
+def test_every_wrong_guess_is_fed_back_with_its_own_size(tmp_path):
+    """A withdrawn guess's waste is a fraction of ITS expert (not of the step's), and a guess read whole before it
+    was found wrong counts as wrong with all it read."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    big = big_file(tmp_path)
+    small = tmp_path / "small.bin"
+    small.write_bytes(big.read_bytes()[:65536])
+    pool = BufferPool(1 << 20, 4)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    cache = ExpertCache(pool, loader, lambda key: (str(big), 1 << 20) if key[0] == 9 else (str(small), 65536))
+    try:
+        loader.spec_window = 2
+        assert cache.prefetch((9, 0))
+        settle(loader, cache.entries[(9, 0)].ticket)
+        cm = CostModel(alpha=1.0)  # each figure is its last sample
+        _drive(cache, np.array([[[0, 1]]]), [1], "markov", MarkovPrefetcher([1], 4), 2, cost=cm)
+        assert cache.stats.cancelled_size_bytes == 1 << 20
+        assert cm.wrong == 1 and cm.waste_frac == pytest.approx(8192 / (1 << 20))
+        loader.spec_window = None
+        assert cache.prefetch((9, 1))
+        while not loader.ready(cache.entries[(9, 1)].ticket):
+            pass
+        _drive(cache, np.array([[[2, 3]]]), [1], "markov", MarkovPrefetcher([1], 4), 2, cost=cm)
+        assert cm.wrong == 2 and cm.waste_frac == 1.0 and cache.stats.prefetch_stale == 1
+        cache.drain()
+    finally:
+        loader.close()
+        pool.close()
+
+
+def test_a_guess_never_evicts_an_expert_its_step_is_about_to_use(window_cache):
+    """smoke issues guesses before the step's last expert is computed: that expert, a hit, must not be the victim."""
+    cache, loader, pool, big = window_cache
+    for k in ((1, 0), (1, 1), (1, 2)):
+        cache.acquire(k)
+        cache.release(k)
+    asked = []
+    assert cache.prefetch((9, 0), admit=lambda v: asked.append(v) or True, keep={(1, 0)})
+    assert asked == [(1, 1)] and (1, 0) in cache.entries and (1, 1) not in cache.entries
+    cache.drain()

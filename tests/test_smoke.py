@@ -39,11 +39,13 @@ def test_smoke_reports_everything(out, workload):
     assert min(sizes) * loads + 4096 <= r["bytes_read"] <= max(sizes) * loads + 4096
     assert r["prefetch_used"] + r["prefetch_wasted"] <= r["prefetch_issued"]
     assert r["hits"] >= r["prefetch_used"]
+    # every read the gate admitted was started (or failed to open): nothing is read that it did not weigh
+    assert r["prefetch_gate"]["admitted"] == r["prefetch_issued"] + r["prefetch_failed"]
     for key in ("io_latency_ms_misses", "compute_ms_per_expert"):
         assert set(r[key]) == {"p50", "p95", "p99"}
     assert r["layer_steps_per_s"] == pytest.approx(2 * r["tokens_per_s"], rel=1e-3)
     pol = r["hit_rate_by_policy"]
-    assert set(pol) == {"none", "markov", "oracle"}
+    assert set(pol) == {"none", "markov", "markov_ungated", "oracle"}
     assert pol["oracle"]["hit_rate"] > pol["none"]["hit_rate"]  # knowing the next step must help on 3 slots
     assert pol["none"]["prefetch_issued"] == 0 and pol["markov"]["hits"] + pol["markov"]["misses"] == 800
     if workload == "markov":  # the policy replay is seeded and I/O-free: the same again, whatever the disk did

@@ -7,10 +7,16 @@ Rules:
   is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches,
   whether their reads have finished or not, never count towards that reserve, so the decision does not depend on
   how fast the disk was;
-- a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost);
+- a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost), unless
+  that guess is stale (below);
+- a prefetch evicts an expert only if its caller's `admit(victim)` agrees (the prefetcher weighs the victim's
+  chance of being needed against the guess's), and never one in its caller's `keep` (the experts its step has
+  still to compute): a guess never silently pushes out a warmer expert;
 - a stale prefetch (its step has passed, unused) is withdrawn by `cancel_stale`: its chunks not yet issued are
   dropped, and its slot comes back once the chunks already issued have landed ("draining"), so a wrong guess costs
-  at most the reads that were with the disk when it was found wrong.
+  at most the reads that were with the disk when it was found wrong. A stale prefetch whose read had already
+  completed stays cached but moves to the least-recently-used end: it never earned its recency, so it is the
+  first to go (counted in `prefetch_stale`).
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
 counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
@@ -79,6 +85,7 @@ class Entry:
     error: BaseException | None = None  # the load failed; waiters raise it
     foreground: bool = False  # started by a miss: its latency is recorded
     fetched: bool = False  # started by fetch(): the first acquire counts it as the miss
+    stale: bool = False  # an unused prefetch whose step passed with its read complete: first in line for eviction
 
 
 @dataclass
@@ -94,6 +101,8 @@ class CacheStats:
     prefetch_cancelled: int = 0  # stale (the step it was for has passed, unused) and withdrawn before it completed
     cancelled_inflight_bytes: int = 0  # of the withdrawn prefetches: bytes with the disk when withdrawn
     cancelled_read_bytes: int = 0  # of the withdrawn prefetches: bytes read or being read (all they cost the disk)
+    cancelled_size_bytes: int = 0  # of the withdrawn prefetches: their whole sizes (what the fractions are of)
+    prefetch_stale: int = 0  # stale (unused when their step passed) with their reads complete: kept, demoted
     prefetch_landed: float = 0.0  # summed over used prefetches: the fraction of the read complete at first use
     load_latency: Reservoir = field(default_factory=Reservoir)  # seconds, foreground misses: start to ready
     io_wait: float = 0.0  # seconds callers spent blocked on reads (summed over threads)
@@ -108,7 +117,8 @@ class CacheStats:
                 "evictions": self.evictions, "prefetch_issued": self.prefetch_issued,
                 "prefetch_used": self.prefetch_used, "prefetch_wasted": self.prefetch_wasted,
                 "prefetch_skipped": self.prefetch_skipped, "prefetch_failed": self.prefetch_failed,
-                "prefetch_cancelled": self.prefetch_cancelled, "cancelled_read_bytes": self.cancelled_read_bytes,
+                "prefetch_cancelled": self.prefetch_cancelled, "prefetch_stale": self.prefetch_stale,
+                "cancelled_read_bytes": self.cancelled_read_bytes, "cancelled_size_bytes": self.cancelled_size_bytes,
                 "cancelled_inflight_bytes": self.cancelled_inflight_bytes}
 
 
@@ -167,14 +177,19 @@ class ExpertCache:
             self.stats.prefetch_wasted += 1
         return v.slot
 
-    def _take_slot_prefetch(self) -> int | None:
+    def _take_slot_prefetch(self, admit: Callable[[Key | None], bool] | None, keep: set[Key] | frozenset[Key]
+                            ) -> int | None | bool:
+        """A slot for a guess; None if none can be spared, False if `admit` refused the victim."""
         self._reclaim()
-        spare = [e for e in self.entries.values() if e.used and not e.pinned and not e.holders]
+        # a stale guess's read is complete (that is what made it stale rather than withdrawn)
+        spare = [e for e in self.entries.values() if (e.used or e.stale) and not e.pinned and not e.holders
+                 and e.key not in keep]
         if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
             return None
-        if self.free:
-            return self.free.pop()
-        return self._evict(spare[0])  # LRU among used experts: never an unused guess
+        victim = None if self.free else spare[0]  # LRU among used experts and stale guesses: never a live guess
+        if admit is not None and not admit(None if victim is None else victim.key):
+            return False
+        return self.free.pop() if victim is None else self._evict(victim)
 
     def _withdraw(self, e: Entry) -> str:
         """Withdraw an unused prefetch: "freed" (nothing was in flight: its slot is free now), "draining" (its
@@ -190,8 +205,11 @@ class ExpertCache:
                 return "done"
             self.stats.cancelled_inflight_bytes += inflight
             self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
+            self.stats.cancelled_size_bytes += e.ticket.size
             self._draining.append((e.ticket, e.slot))
             how = "draining"
+        if how == "freed":
+            self.stats.cancelled_size_bytes += e.ticket.size
         del self.entries[e.key]
         self.stats.prefetch_cancelled += 1
         return how
@@ -312,8 +330,8 @@ class ExpertCache:
                             self.stats.misses += 1
                         else:
                             self.stats.hits += 1
-                    if e.prefetched and not e.used:
-                        self.stats.prefetch_used += 1
+                    if e.prefetched and not e.used and not e.stale:  # a stale guess needed later is a plain hit:
+                        self.stats.prefetch_used += 1                   # it was already counted wrong
                         self.stats.prefetch_landed += self._landed(e)
                     if e.ticket is not None:
                         self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
@@ -378,8 +396,10 @@ class ExpertCache:
         """Withdraw the unused prefetches (not in keep) whose reads have not completed: their step has passed and
         the rest of their reads would only take disk time from foreground reads. A read none of whose chunks was
         issued gives its slot back at once; one part-way through stops reading (its chunks already with the disk
-        land, counted in `stats.cancelled_inflight_bytes`) and its slot comes back when they have. A complete,
-        unused prefetch stays cached (it may still be needed; it is evicted like any idle expert).
+        land, counted in `stats.cancelled_inflight_bytes`) and its slot comes back when they have; the withdrawn
+        guesses' whole sizes are summed in `stats.cancelled_size_bytes`. A complete, unused prefetch stays cached
+        (it may still be needed) but moves to the least-recently-used end, first to be evicted, and is counted
+        once in `stats.prefetch_stale`: it was a wrong guess too, and read whole.
         Returns how many were withdrawn.
 
         >>> cache.cancel_stale(keep={(3, 1), (3, 6)})   # doctest: +SKIP
@@ -388,10 +408,13 @@ class ExpertCache:
         with self._cv:
             n = 0
             for e in list(self.entries.values()):
-                if not (e.prefetched and not e.used and e.ticket is not None and not e.holders and not e.finishing
-                        and e.key not in keep):
+                if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
+                        and not e.finishing and e.key not in keep):
                     continue
                 if self._withdraw(e) == "done":  # its read completed meanwhile: keep it (unchecked; acquire checks it)
+                    e.stale = True
+                    self.entries.move_to_end(e.key, last=False)
+                    self.stats.prefetch_stale += 1
                     continue
                 n += 1
             self._reclaim()
@@ -413,8 +436,13 @@ class ExpertCache:
                 raise CacheError(f"release({key}) without a matching acquire by this thread")
             self._drop_hold(e)
 
-    def prefetch(self, key: Key) -> bool:
+    def prefetch(self, key: Key, admit: Callable[[Key | None], bool] | None = None,
+                 keep: set[Key] | frozenset[Key] = frozenset()) -> bool:
         """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
+
+        `admit(victim)`, if given, is asked (under the cache's lock: it must not call the cache) with the expert the
+        load would evict, or None for a free slot; False leaves the cache as it was. Without it any spare slot is
+        taken. `keep`: experts the caller is about to use (the rest of its step): never evicted for a guess.
 
         A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
         mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
@@ -422,9 +450,11 @@ class ExpertCache:
             self._ensure_open()
             if key in self.entries:
                 return False
-            slot = self._take_slot_prefetch()
+            slot = self._take_slot_prefetch(admit, keep)
             if slot is None:
                 self.stats.prefetch_skipped += 1
+                return False
+            if slot is False:
                 return False
             try:
                 e = self._start(key, slot, urgent=False)

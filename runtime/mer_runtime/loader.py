@@ -412,21 +412,29 @@ class UringLoader(Loader):
 
     def _pump(self, force: bool = False) -> None:
         r = self.ring
-        while self._queue and r.in_flight + r.pending < self.queue_depth:
-            t = self._queue[0][0]
-            if not (t.urgent or force or self.spec_window is None) and (
-                    len(self._spec) >= self.spec_window or len(self._chunks) > len(self._spec)
-                    or t.issued >= self.spec_window):
-                break  # speculation only in the disk's idle time, at most spec_window chunks a guess until needed
-            t, off, n = self._queue.popleft()
-            cid = next(self._chunk_ids)
-            self._chunks[cid] = (t, off, n)
-            if not t.urgent:
-                self._spec.add(cid)
-            t.in_flight += 1
-            t.issued += 1
-            self._note("issue", t.id, off)
-            r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
+        passed: list[tuple[Ticket, int, int]] = []  # chunks of guesses that have read their window, kept in order
+        try:
+            while self._queue and r.in_flight + r.pending < self.queue_depth:
+                t = self._queue[0][0]
+                if not (t.urgent or force or self.spec_window is None):
+                    if len(self._spec) >= self.spec_window or len(self._chunks) > len(self._spec):
+                        break  # speculation only in the disk's idle time (urgent chunks are queued ahead of guesses)
+                    if t.issued >= self.spec_window:
+                        # this guess has read its window until it is needed; the guess (or anything) behind it may
+                        # still go: stopping here would hold back every read queued after it
+                        passed.append(self._queue.popleft())
+                        continue
+                t, off, n = self._queue.popleft()
+                cid = next(self._chunk_ids)
+                self._chunks[cid] = (t, off, n)
+                if not t.urgent:
+                    self._spec.add(cid)
+                t.in_flight += 1
+                t.issued += 1
+                self._note("issue", t.id, off)
+                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
+        finally:
+            self._queue.extendleft(reversed(passed))
         if r.pending:
             r.submit()
 

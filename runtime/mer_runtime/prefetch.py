@@ -1,15 +1,26 @@
-"""First-order Markov expert prefetcher.
+"""First-order Markov expert prefetcher, with estimates shrunk towards base rates and calibrated on its own record.
 
 Two transition tables, learned online from the routing it observes:
 - same-layer: experts of layer L at token t-1 -> experts of layer L at token t;
 - cross-layer: experts of layer L-1 at token t -> experts of layer L at token t.
 After layer L of token t it predicts layer L+1 of the same token (cross-layer table), and after the last layer it
-predicts the first layer of the next token (same-layer table). An expert is prefetched when its estimated
-probability is at least `threshold_scale / n_experts`: with hundreds of experts every probability is small, so a
-fixed threshold would never fire. Prefetches in flight are bounded by the caller's cache (`max_inflight`).
+predicts the first layer of the next token (same-layer table).
+
+Probabilities, not frequencies: P(e in the next step | source s) is estimated as (c[s, e] + a x b[e]) / (n[s] + a),
+where c counts how often e followed s, n how often s was followed at all, b[e] is e's base rate at that layer (its
+share of that layer's steps, itself shrunk towards k / n_experts) and a = `prior` pseudo-sightings: one sighting is
+weak evidence, not certainty. Every prediction is scored against the step that follows (whether or not a read was
+issued for it), and the estimates are scaled by the ratio of what came true to what was predicted, starting
+pessimistic (`calibration_prior`, worth `calibration_weight` predictions): a guess needs evidence before it is
+believed. An expert is a candidate when its estimate is at least `threshold_scale / n_experts` (2/E: a fixed
+threshold never fires with hundreds of experts); candidates are returned with their calibrated probabilities,
+ranked, for the gate to judge.
+
+`prob_next(li, e)` is the same estimate for any expert of any layer at that layer's next step: the cache asks it
+for the expert a speculative load would evict (see `CostModel.admit`).
 
 `CostModel` decides whether a predicted expert is worth a speculative read at all (see its docstring): a wasted
-read costs in full when the disk is the bottleneck, so the threshold alone can make prefetching lose. Neither
+read costs in full when the disk is the bottleneck, and a load that evicts a warmer expert loses a hit. Neither
 class is thread-safe: one of each per stream of tokens (smoke's driver).
 """
 
@@ -19,102 +30,194 @@ import numpy as np
 
 
 class MarkovPrefetcher:
+    """
+    >>> pf = MarkovPrefetcher([0, 1], 8)
+    >>> for _ in range(20):
+    ...     pf.observe(0, [1, 2]); _ = pf.predict(0); pf.observe(1, [5, 6]); _ = pf.predict(1)
+    >>> pf.predict(0)                    # after layer 0 chose [1, 2]: layer 1 will choose 5 and 6
+    (1, [5, 6])
+    >>> pf.prob_next(1, 5) > 0.9, pf.prob_next(1, 3) < 0.01   # 20 of 20 sightings; never seen
+    (True, True)
+    """
+
     def __init__(self, layers: list[int], n_experts: int, *, threshold_scale: float = 2.0, max_inflight: int = 2,
-                 max_per_step: int | None = None):
+                 max_per_step: int | None = None, prior: float = 2.0, calibration_prior: float = 0.5,
+                 calibration_weight: float = 4.0):
         self.layers = list(layers)
         self.n = n_experts
         self.threshold = min(1.0, threshold_scale / n_experts)
         self.max_inflight = max_inflight
         self.max_per_step = max_per_step
+        self.prior = prior
         L = len(self.layers)
-        self.same = np.zeros((L, n_experts, n_experts), np.float32)
-        self.cross = np.zeros((L, n_experts, n_experts), np.float32)
+        self.same = np.zeros((L, n_experts, n_experts), np.float64)  # c[s, e]
+        self.same_n = np.zeros((L, n_experts), np.float64)  # n[s]: sightings of s with a successor step
+        self.cross = np.zeros((L, n_experts, n_experts), np.float64)
+        self.cross_n = np.zeros((L, n_experts), np.float64)
+        self.seen = np.zeros((L, n_experts), np.float64)  # how often e was chosen at each layer
+        self.steps = np.zeros(L, np.float64)
+        self.k = 1
         self.prev_token: list[list[int] | None] = [None] * L  # last seen experts per layer (previous token)
         self.cur_token: list[list[int] | None] = [None] * L
+        # self-scoring: the candidates predicted for a layer's next step, (expert, raw p), until that step is seen
+        self._pending: dict[int, list[tuple[int, float]]] = {}
+        self.cal_prior, self.cal_weight = calibration_prior, calibration_weight
+        self.predicted = self.came_true = 0.0  # summed raw p of scored candidates; how many were chosen
 
     def observe(self, li: int, experts: list[int]) -> None:
         """Layer index li (position in `layers`) of the current token routed to `experts`."""
         if li == 0:
             self.prev_token, self.cur_token = self.cur_token, [None] * len(self.layers)
+        chosen = set(experts)
+        for e, p in self._pending.pop(li, ()):
+            self.predicted += p
+            self.came_true += e in chosen
+        self.k = max(self.k, len(experts))
         prev = self.prev_token[li]
-        if prev is not None:
-            self.same[li][np.ix_(prev, experts)] += 1
+        if prev is not None:  # plain loops: k x k increments, cheaper than building an np.ix_ index each step
+            for s in prev:
+                self.same[li, s, experts] += 1
+            self.same_n[li][prev] += 1
         if li > 0 and self.cur_token[li - 1] is not None:
-            self.cross[li][np.ix_(self.cur_token[li - 1], experts)] += 1
+            src = self.cur_token[li - 1]
+            for s in src:
+                self.cross[li, s, experts] += 1
+            self.cross_n[li][src] += 1
+        self.seen[li][experts] += 1
+        self.steps[li] += 1
         self.cur_token[li] = list(experts)
 
-    def _probs(self, table: np.ndarray, sources: list[int] | None) -> np.ndarray:
-        if not sources:
-            return np.zeros(self.n, np.float32)
-        rows = table[sources]
-        totals = rows.sum(axis=1, keepdims=True)
-        return (rows / np.maximum(totals, 1)).max(axis=0)  # the best evidence among the source experts
+    @property
+    def calibration(self) -> float:
+        """What came true per unit of predicted probability, from a pessimistic start."""
+        return (self.came_true + self.cal_prior * self.cal_weight) / (self.predicted + self.cal_weight)
+
+    def _base(self, li: int) -> np.ndarray:
+        a = self.prior
+        return (self.seen[li] + a * min(1.0, self.k / self.n)) / (self.steps[li] + a)
+
+    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray
+                ) -> np.ndarray:
+        """[2, E]: the estimate, and one standard deviation below it (the Beta posterior's sd, large while a source
+        has been seen little), each the best evidence among the source experts."""
+        a = self.prior
+        n = totals[sources, None] + a
+        rows = (table[sources] + a * base) / n
+        return np.stack([rows.max(axis=0), (rows - np.sqrt(rows * (1.0 - rows) / (n + 1.0))).max(axis=0)])
+
+    def _both(self, target: int) -> np.ndarray:
+        """[2, E]: uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed,
+        and one standard deviation below it (for the gate: a guess from little evidence must clear the bar by more)."""
+        base = self._base(target)
+        if self.cur_token[target] is not None:  # seen this token: its next step is the next token's
+            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base)
+        probs = None
+        if self.prev_token[target] is not None:
+            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base)
+        if target > 0 and self.cur_token[target - 1] is not None:
+            cross = self._shrunk(self.cross[target], self.cross_n[target], self.cur_token[target - 1], base)
+            probs = cross if probs is None else np.maximum(probs, cross)
+        return probs if probs is not None else np.stack([base, base])
+
+    def _raw(self, target: int, lower: bool = False) -> np.ndarray:
+        return self._both(target)[1 if lower else 0]
+
+    def prob_next(self, li: int, expert: int) -> float:
+        """Calibrated probability that `expert` is chosen at layer index li's next step."""
+        return min(1.0, float(self._raw(li)[expert]) * self.calibration)
 
     def predict(self, li: int) -> tuple[int, list[int]]:
         """After observing layer index li: (layer index to prefetch for, experts ranked by probability)."""
         target, scored = self.predict_scored(li)
         return target, [e for e, _ in scored]
 
-    def predict_scored(self, li: int) -> tuple[int, list[tuple[int, float]]]:
-        """As predict(), with each expert's estimated probability."""
-        if li + 1 < len(self.layers):
-            target = li + 1
-            probs = np.maximum(self._probs(self.cross[target], self.cur_token[li]),
-                               self._probs(self.same[target], self.prev_token[target]))
+    def predict_scored(self, li: int, cached: set[int] | frozenset[int] = frozenset()
+                       ) -> tuple[int, list[tuple[int, float]]]:
+        """As predict(), with each expert's calibrated probability, taken one standard deviation below its estimate
+        (what the gate weighs: never losing matters more than the last guess that might pay), ranked by it.
+        Nothing is predicted from no evidence (a layer
+        and source never seen followed). `cached`: experts of the target layer already in the cache; they are
+        neither returned nor scored, so the calibration measures the guesses that would be read (an expert the
+        cache already holds was chosen recently, and is likelier to be chosen again than one it does not)."""
+        target = li + 1 if li + 1 < len(self.layers) else 0
+        if target == 0:
+            has = self.cur_token[0] is not None and self.same_n[0][self.cur_token[0]].any()
         else:
-            target = 0
-            probs = self._probs(self.same[0], self.cur_token[0])
-        picks = np.flatnonzero(probs >= self.threshold)
-        picks = picks[np.argsort(-probs[picks], kind="stable")]
-        return target, [(int(e), float(probs[e])) for e in picks[: self.max_per_step or len(picks)]]
+            has = (self.cur_token[li] is not None and self.cross_n[target][self.cur_token[li]].any()) or (
+                self.prev_token[target] is not None and self.same_n[target][self.prev_token[target]].any())
+        if not has:
+            return target, []
+        both = self._both(target)
+        raw = both[0].copy()
+        q = np.minimum(1.0, np.maximum(0.0, both[1]) * self.calibration)
+        if cached:
+            raw[list(cached)] = 0.0
+        # candidates by the raw estimate: a threshold on the calibrated one would, with a pessimistic start, never
+        # predict, so never be scored, so never learn; the gate judges the calibrated one
+        picks = np.flatnonzero(raw >= self.threshold)
+        picks = picks[np.argsort(-q[picks], kind="stable")][: self.max_per_step or len(picks)]
+        self._pending[target] = [(int(e), float(raw[e])) for e in picks]
+        return target, [(int(e), float(q[e])) for e in picks]
 
 
 class CostModel:
-    """Issue a speculative read only when it is expected to pay: p x gain > (1 - p) x loss, measured online.
+    """Issue a speculative read only when it is expected to pay, measured online:
 
+        q x gain > (1 - q) x (loss + p_victim x stall_s)
+
+    - q: the guess's (calibrated) probability of being needed at the step it is read for;
     - gain: what a right guess saves: `landed_frac` (the fraction of its read complete when it is first needed,
       measured at each use; the rest is still waited for) x `stall_s` (seconds the consumer blocks per
       foreground miss);
     - loss: the disk time a wrong guess takes from foreground reads: `waste_frac` (what it read, or was reading,
-      when it was found wrong and withdrawn, as a fraction of an expert; measured at each withdrawal) x `stall_s`
-      x `miss_step` (the fraction of steps with a foreground read to delay). Every byte counts, even one read
-      while the consumer computed: on a shared or throttled disk idle time is not free, and a gate that assumed
-      it was would let prefetching lose.
-    p itself is calibrated: a first-order table says 1.0 after one sighting, so admit() judges p x `calibration`,
-    the ratio of the right guesses among those resolved (used, or withdrawn as wrong) to the mean p they were
-    admitted with (1 until guesses resolve).
-    Both fractions start at `window_frac` and move from there (one sample never decides alone). Each figure is an
-    exponential moving average (weight `alpha`). Until `warmup` misses have been measured nothing is admitted:
-    speculation starts only once it can be judged. `admitted` and `refused` count the decisions.
+      when it was found wrong, as a fraction of an expert: measured at each withdrawal, and 1 for a wrong guess
+      whose read had completed) x `stall_s` x `miss_step` (the fraction of steps with a foreground read to delay).
+      Every byte counts, even one read while the consumer computed: on a shared or throttled disk idle time is not
+      free, and a gate that assumed it was would let prefetching lose;
+    - p_victim x stall_s: the load takes a slot; if that slot holds an expert (the cache's LRU victim), evicting it
+      costs a whole miss if the guess is wrong and the victim is needed before the next miss would have evicted it
+      anyway, about its probability of being chosen at its layer's next step (`MarkovPrefetcher.prob_next`). A
+      right guess costs no victim: the miss it saves would have evicted that same least recently used expert. A
+      free slot costs nothing.
+    Both fractions start at `window_frac` (what a guess may read before it is needed, as a fraction of an expert)
+    and move from there (one sample never decides alone). Each figure is an exponential moving average (weight
+    `alpha`). Until `warmup` misses have been measured nothing is admitted: speculation starts only once it can be
+    judged. `admitted` and `refused` count the decisions, `right` and `wrong` the outcomes fed back.
 
     `window` is how many chunks a guess may read before it is needed (the loader's `spec_window`): it grows by one
-    while withdrawals find nothing left in flight and halves when they find some, so that what a wrong guess reads
+    while withdrawals find nothing in flight and halves when they find some, so that what a wrong guess reads
     lands in the disk's idle time.
 
     >>> cm = CostModel(warmup=1, window_frac=0.5)
     >>> cm.observe(io_wait_s=0.5, misses=5)  # stall 0.1 s, every step misses
     >>> cm.admit(0.6), cm.admit(0.4)    # gain 0.5 x 0.1 s, loss 0.5 x 0.1 s x 1: pays above even odds
     (True, False)
-    >>> for _ in range(30):             # half the guesses were right (half landed), half wrong (5% read)
+    >>> cm.admit(0.6, p_victim=0.3)     # ... but not at the price of a victim needed three times in ten
+    False
+    >>> for _ in range(30):             # right guesses landed half-way, wrong ones had read 5%
     ...     cm.observe_used(0.5); cm.observe_stale(0.05, 0.0)
     >>> cm.admit(0.2)
     True
     """
 
-    def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32):
-        self.alpha, self.warmup = alpha, warmup
+    def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32,
+                 unit_stall: float | None = None):
+        """unit_stall: price every miss at this many seconds instead of the time measured (I/O-free replays)."""
+        self.alpha, self.warmup, self.unit_stall = alpha, warmup, unit_stall
         self.max_window = self.window = max(1, window)
         self.stall_s = self.miss_step = 0.0
         self.waste_frac = self.landed_frac = min(1.0, max(0.0, window_frac))
         self.misses_seen = self.steps_seen = 0
         self.admitted = self.refused = 0
-        self.p_admitted = self.right = 0.5  # moving averages of admitted p and of outcomes: calibration 1 at first
+        self.right = self.wrong = 0
 
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self.alpha * (new - old)
 
     def observe(self, io_wait_s: float, misses: int) -> None:
         """One step's figures: the time blocked on reads and its foreground misses."""
+        if self.unit_stall is not None:
+            io_wait_s = misses * self.unit_stall
         self.miss_step = self._ema(self.miss_step, 1.0 if misses else 0.0, self.steps_seen == 0)
         self.steps_seen += 1
         if misses:
@@ -122,24 +225,21 @@ class CostModel:
             self.misses_seen += misses
 
     def observe_stale(self, read_frac: float, inflight_frac: float = 0.0, n: int = 1) -> None:
-        """n wrong guesses were withdrawn having read (or reading) read_frac of an expert on average, of which
-        inflight_frac was still with the disk."""
+        """n wrong guesses were found stale having read (or reading) read_frac of an expert on average, of which
+        inflight_frac was still with the disk (1.0, 0.0 for a guess whose read had completed)."""
         for _ in range(n):
             self.waste_frac = self._ema(self.waste_frac, min(1.0, max(0.0, read_frac)), False)
-            self.right = self._ema(self.right, 0.0, False)
+        self.wrong += n
         # the window a guess may read ahead: as large as lands before the next step (additive increase while
         # withdrawals find nothing in flight, halved when they find some)
-        self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
+        if n:
+            self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
 
     def observe_used(self, landed_frac: float, n: int = 1) -> None:
         """n right guesses were first needed with, on average, this fraction of their read complete."""
         for _ in range(n):
             self.landed_frac = self._ema(self.landed_frac, min(1.0, max(0.0, landed_frac)), False)
-            self.right = self._ema(self.right, 1.0, False)
-
-    @property
-    def calibration(self) -> float:
-        return self.right / self.p_admitted if self.p_admitted > 0 else 1.0
+        self.right += n
 
     @property
     def gain_s(self) -> float:
@@ -149,13 +249,21 @@ class CostModel:
     def loss_s(self) -> float:
         return self.waste_frac * self.stall_s * self.miss_step
 
-    def admit(self, p: float) -> bool:
-        """Is a read of an expert predicted with probability p expected to gain more than it costs?"""
-        q = min(1.0, p * self.calibration)
-        ok = self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * self.loss_s
+    def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
+        """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
+        q = min(1.0, max(0.0, q))
+        pv = min(1.0, max(0.0, p_victim)) * (1.0 - self.miss_step) ** max(0, victim_steps - 1)
+        return self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
+
+    def admit(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
+        """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
+        takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which
+        comes `victim_steps` steps from now (1: the step the guess is for)? A victim whose layer comes later is lost
+        only if no step before it misses (a miss would evict it anyway, being least recently used): its odds are
+        discounted by (1 - miss_step) per step in between."""
+        ok = self.pays(q, p_victim, victim_steps)
         if ok:
             self.admitted += 1
-            self.p_admitted = self._ema(self.p_admitted, p, False)
         else:
             self.refused += 1
         return ok

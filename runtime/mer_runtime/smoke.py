@@ -194,12 +194,13 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
     """Run a trace through the cache, one layer step at a time:
 
     1. the prefetcher's guesses for this step that were wrong are withdrawn (`cancel_stale`) before its reads
-       start: they take no more disk time than what was already with the disk;
+       start: they take no more disk time than what was already with the disk; every wrong guess, withdrawn or
+       read whole, is fed back to `cost` with what it read;
     2. the step's absent experts are started together (`fetch`), and the experts already cached are taken first,
        so that computing them overlaps the reads of the others;
     3. as soon as none of the step's experts is still being read (the disk would idle while they are computed),
-       the guesses for the next step are issued: those `cost` admits (None: every one above the threshold, as the
-       I/O-free replay does), at most `max_inflight` reads in flight.
+       the guesses for the next step are issued: those `cost` admits, weighing the expert each would evict (None:
+       every one above the threshold that finds a spare slot), at most `max_inflight` reads in flight.
 
     `on_access(layer, expert, before_compute)` acquires the expert, calls `before_compute()` (if not None) once it
     holds it, computes and releases; without it (the I/O-free replay), each expert is acquired and released and the
@@ -208,17 +209,23 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
     T, L, _ = routes.shape
     st = cache.stats
     markov = policy == "markov" and pf is not None
+    index = {layer: li for li, layer in enumerate(layers)}
     for t in range(T):
         for li in range(L):
             experts = [int(e) for e in routes[t, li]]
             keys = [(layers[li], e) for e in experts]
             w0, m0 = st.io_wait, st.misses
             if markov:
-                b0, r0, u0, f0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.prefetch_used, st.prefetch_landed
+                b0, r0, z0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.cancelled_size_bytes
+                s0, u0, f0 = st.prefetch_stale, st.prefetch_used, st.prefetch_landed
                 n = cache.cancel_stale(keep=set(keys))
-                if n and cost is not None:
-                    size = n * cache.locate(keys[0])[1]
-                    cost.observe_stale((st.cancelled_read_bytes - r0) / size, (st.cancelled_inflight_bytes - b0) / size, n)
+                if cost is not None:
+                    size = st.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
+                    if n and size:
+                        cost.observe_stale((st.cancelled_read_bytes - r0) / size,
+                                           (st.cancelled_inflight_bytes - b0) / size, n)
+                    if st.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
+                        cost.observe_stale(1.0, 0.0, st.prefetch_stale - s0)
                     cache.loader.spec_window = cost.window
             # hits first (stable), decided before the reads start, so that the LRU order, and with it the hit
             # rate, is the same whatever the disk's speed (the I/O-free replay gives the same hits)
@@ -228,20 +235,42 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
             target = 0
             if markov:
                 pf.observe(li, experts)  # type: ignore[union-attr]
-                target, guesses = pf.predict_scored(li)  # type: ignore[union-attr]
+                tl = li + 1 if li + 1 < L else 0
+                target, guesses = pf.predict_scored(  # type: ignore[union-attr]
+                    li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
+                if cost is not None:  # what would not pay even in a free slot is refused now, without asking the
+                    n_all = len(guesses)  # cache or the loader anything (that polling is most of the path's cost)
+                    guesses = [(e, q) for e, q in guesses if cost.pays(q)]
+                    cost.refused += n_all - len(guesses)
 
             def speculate(rest: list[tuple[int, int]]) -> None:
                 nonlocal guesses
                 if not guesses or not all(cache.loaded(k) for k in rest):
                     return  # a read of this step is still under way: a guess would only slow it down
+                keep = set(rest)
                 flying = cache.in_flight()  # once: it takes the cache's lock and polls every read
-                for e, p in guesses:
+                refused = False
+
+                def admit(victim: tuple[int, int] | None, q: float) -> bool:
+                    nonlocal refused
+                    if victim is None:
+                        refused = not cost.admit(q)  # type: ignore[union-attr]
+                    else:
+                        lv = index[victim[0]]
+                        refused = not cost.admit(q, pf.prob_next(lv, victim[1]),  # type: ignore[union-attr]
+                                                 (lv - target) % L + 1)  # type: ignore[union-attr]
+                    return not refused
+
+                for e, q in guesses:
                     key = (layers[target], e)
                     if key in cache.entries:
                         continue
-                    if flying >= max_inflight or (cost is not None and not cost.admit(p)):
-                        break  # ranked by p: if this one does not pay, the rest do not either
-                    flying += cache.prefetch(key)
+                    if flying >= max_inflight:
+                        break
+                    # the step's experts not computed yet are never evicted for a guess (a hit lost for a maybe)
+                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep)
+                    if refused:
+                        break  # ranked by q, and the next would face the same victim: it would not pay either
                 guesses = []
 
             for i, key in enumerate(order):
@@ -265,13 +294,19 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
 
 
 def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConfig) -> dict[str, dict[str, Any]]:
-    """Hit rates of no prefetch, the Markov prefetcher and an oracle (knows the next step), same trace and slots."""
+    """Hit rates of no prefetch, the Markov prefetcher and an oracle (knows the next step), same trace and slots.
+
+    "markov" is the prefetcher behind the same gate as a real run (`CostModel`, the victim's odds included), with
+    I/O priced in misses: every miss stalls one unit, a right guess lands whole and a wrong one costs a whole read.
+    "markov_ungated" takes every candidate above the threshold that finds a spare slot (the hit rate the tables
+    alone would give)."""
     out = {}
-    for policy in ("none", "markov", "oracle"):
+    for policy in ("none", "markov", "markov_ungated", "oracle"):
         pool = BufferPool(4096, slots)
         cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
-        _drive(cache, routes, m.layers, policy, pf, cfg.max_inflight)
+        cost = CostModel(unit_stall=1.0) if policy == "markov" else None
+        _drive(cache, routes, m.layers, policy.split("_")[0], pf, cfg.max_inflight, cost=cost)
         out[policy] = cache.stats.as_dict()
         pool.close()
     return out
@@ -298,7 +333,9 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale,
                               max_inflight=cfg.max_inflight)
         token_index = [0]
-        cost = CostModel(window=s.loader.queue_depth) if cfg.prefetch else None
+        # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
+        frac = min(1.0, s.loader.queue_depth * s.loader.block_size / max(e.size for e in m.experts))
+        cost = CostModel(window=s.loader.queue_depth, window_frac=frac) if cfg.prefetch else None
         if cost is not None:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
             s.loader.spec_window = cost.window
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
@@ -343,6 +380,11 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "cache_slots": cfg.cache_slots,
         **st.as_dict(),
         "prefetch_refused": cost.refused if cost else 0,
+        # what the gate had learned by the end: the figures it weighs (docs/runtime.md, "Prefetcher")
+        "prefetch_gate": {"stall_ms": round(cost.stall_s * 1e3, 3), "miss_step": round(cost.miss_step, 4),
+                          "landed_frac": round(cost.landed_frac, 4), "waste_frac": round(cost.waste_frac, 4),
+                          "window": cost.window, "calibration": round(pf.calibration, 4),
+                          "admitted": cost.admitted, "right": cost.right, "wrong": cost.wrong} if cost else None,
         "prefetch": cfg.prefetch,
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,

@@ -622,19 +622,20 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
 static void perm_q4_0x(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 32, xp += XP_Q4_0X)
         for (int g = 0; g < 4; g++) {
-            const float f = ldexpf(1.f, -8 * g);
-            for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g] * f; xp[8 * g + 4 + i] = x[16 + 4 * i + g] * f; }
+            const float f = ldexpf(1.f, -8 * g), fh = ldexpf(1.f, -8 * g - 4);
+            for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g] * f; xp[8 * g + 4 + i] = x[16 + 4 * i + g] * fh; }
         }
 }
 
 AVX2 void pblk_q4_0x(const uint8_t *b, const float *xp, __m256 *acc) {
-    const __m256i B = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2))),
-                                        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(B, _mm256_set1_epi32(15)),
-                                                                 _mm256_set1_epi32(8))), _mm256_loadu_ps(xp));
-    _Pragma("GCC unroll 3") for (int g = 1; g < 4; g++) {
-        __m256i q = _mm256_sub_epi32(_mm256_and_si256(B, _mm256_set1_epi32(15 << (8 * g))), _mm256_set1_epi32(8 << (8 * g)));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s);
+    const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2)));
+    __m256 s = _mm256_setzero_ps();
+    _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+        const int lo = 15 << (8 * g), hi = (int)(240u << (8 * g)), l8 = 8 << (8 * g), h8 = (int)(128u << (8 * g));
+        __m256i q = _mm256_sub_epi32(_mm256_and_si256(B, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)),
+                                     _mm256_setr_epi32(l8, l8, l8, l8, h8, h8, h8, h8));
+        s = g ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s)
+              : _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp));
     }
     *acc = _mm256_fmadd_ps(h2f_t(b), s, *acc);
 }

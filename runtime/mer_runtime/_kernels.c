@@ -955,7 +955,8 @@ DEFINE_ROWS_KQ8(rows_q8a_q6_k_1, kq8k_q6_k, 210, 1)
 #define S_E8M0 e8m0_half(blk[0])
 
 DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 4)
-#define SP_F16 &f16_table[*(const uint16_t *)blk]
+AVX2 const float *f16_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return &f16_table[h]; }
+#define SP_F16 f16_at(blk)
 #define SP_E8M0 &e8m0_table[blk[0]]
 DEFINE_ROWS_Q8_1(rows_q8a_q4_0_1, W_Q4_0U, SP_F16, 18, "avx2,fma,f16c", dot_u4_q8)
 DEFINE_ROWS_Q8_1(rows_q8a_q8_0_1, W_Q8_0, SP_F16, 34, "avx2,fma,f16c", dot_i8_maddubs)

@@ -608,14 +608,16 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
 }
 
 /* Q4_0, exact: the same float32 products (q - 8) * x as a plain decode, with two vector instructions fewer per 8
- * values than shifting each nibble down. One shift per block brings every high nibble to its low nibble's place;
- * then the nibble of byte g of each dword is masked where it lies (bits 8g..8g+3) and 8 << 8g subtracted, which
- * gives the integer (q - 8) * 2^(8g), exact in float32, and x is permuted with the factor 2^(-8g) already applied
- * (a power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
- * Down-scaling cannot overflow; it makes values below 2^-102 subnormal in the last group, so an x whose largest
+ * values than shifting each nibble down, and no shift at all: in the broadcast 16 bytes, lane i < 4 takes the low
+ * nibble of byte g of its dword and lane 4 + i the high one, each masked where it lies (bits 8g + 4h .. +3, h = 0
+ * low, 1 high) with 8 << (8g + 4h) subtracted (at g = 3, h = 1 the subtraction wraps to the right signed value):
+ * the integer (q - 8) * 2^(8g+4h), exact in float32. x is permuted with the factor 2^-(8g+4h) already applied (a
+ * power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
+ * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group, so an x whose largest
  * |value| is below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL).
  * Measured and not kept (2-core Zen 3, alternated under the bench lock, streaming 0.7 GB): taking the nibbles
- * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over this) loses
+ * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over the first form
+ * of this kernel, which still had a shift a block) loses
  * exactness where it matters: an outlier 10^4 x the rest of its block on a column whose weights are all 0 gave
  * 8e-5 relative error (1e-3 outlier: 6e-6; this kernel: 1.6e-7 on both); two blocks a pass (one 256-bit load, no
  * broadcast or shift, 16 constants) ran 10% slower than this. */

@@ -208,6 +208,68 @@ def test_q4_0_extreme_scales_and_nibbles():
                                    atol=1e-3 * np.abs(ref).max())
 
 
+def _adversarial_q4_0_inputs(raw, rows, cols, rng):
+    """(name, raw, x): activations that break a kernel which is not exact per product: one outlier per block on a
+    column whose weights are all 0 (a kernel that takes the nibbles unsigned and subtracts 8 * sum(x) afterwards
+    loses the other values of the block to cancellation: 8e-5 at 1e4), values over 17 orders of magnitude within
+    a block, exact cancellation (x and -x under equal weights), and whole vectors near float32's ends (the exact
+    kernel pre-scales x by powers of two; below 2^-90 it hands over to the kernel that reads x as it is)."""
+    x = rng.standard_normal(cols).astype(np.float32)
+    zero_col = raw.reshape(rows, cols // 32, 18).copy()
+    zero_col[:, :, 2] = (zero_col[:, :, 2] & 0xF0) | 8  # element 0 of every block: nibble 8, weight 0
+    for r in (1e3, 1e4, 1e6):
+        xo = x.copy()
+        xo[::32] *= r
+        yield f"outlier {r:g} on a zero column", zero_col.reshape(-1), xo
+        yield f"outlier {r:g}", raw, xo
+    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
+    pair = raw.reshape(rows, cols // 32, 18).copy()
+    pair[:, :, 3] = pair[:, :, 2]  # elements 0/1 and 16/17 share their weights
+    xc = x.copy()
+    xc[1::32], xc[17::32] = -xc[0::32], -xc[16::32]
+    xc[0::32] *= 1e5
+    xc[1::32] *= 1e5
+    yield "cancelling pairs", pair.reshape(-1), xc
+    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -80, 1e30):
+        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_q4_0_exact_on_adversarial_activations(simd):
+    """Exact means per product: the float64 reference within 1e-5 of the output's largest value on activations
+    chosen to expose a kernel that trades exactness for speed (see _adversarial_q4_0_inputs)."""
+    rng = np.random.default_rng(808)
+    rows, cols = 64, 1024
+    raw = random_matrix(T.Q4_0, rows, cols, rng)
+    for name, r, x in _adversarial_q4_0_inputs(raw, rows, cols, rng):
+        w = dequantize(r.reshape(rows, -1), T.Q4_0).astype(np.float64)
+        ref = w @ x.astype(np.float64)
+        got = matvec("Q4_0", r, (rows, cols), x, simd=simd)
+        assert np.all(np.isfinite(got)), name
+        # float32 products summed: each row within a few roundings of the sum of |w x| (the weight-0 outliers do not
+        # count); cancelling pairs 1e5 above the rest lose what float32 cannot hold, so the plain ratio skips them
+        err = np.abs(got - ref)
+        assert np.all(err <= 1e-6 * (np.abs(w) @ np.abs(x.astype(np.float64)))), (name, err.max())
+        if name != "cancelling pairs":
+            assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
+@needs_c
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
+def test_q8_activations_on_an_odd_number_of_blocks(qtype):
+    """The one-row q8 kernels take blocks two at a time: a row of 7 blocks ends with one alone. On the activation
+    grid the result is exact."""
+    rng = np.random.default_rng(31)
+    rows, cols = 9, 224
+    raw = random_matrix(qtype, rows, cols, rng)
+    q = rng.integers(-127, 128, (cols // 32, 32))
+    q[:, 0] = 127
+    xq = (q * 2.0 ** rng.integers(-8, 0, (cols // 32, 1))).astype(np.float32).reshape(-1)
+    exact = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64) @ xq.astype(np.float64)
+    for simd in SIMD:
+        assert rel(matvec(qtype.name, raw, (rows, cols), xq, act="q8", simd=simd), exact) < TOL, simd
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
 def test_c_block_decoder_equals_gguf(qtype):

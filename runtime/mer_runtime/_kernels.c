@@ -44,7 +44,7 @@
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
-enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, N_LAYOUTS = 4 };
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, N_LAYOUTS = 5 };
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -66,7 +66,10 @@ static int type_block(int type, int64_t *qk, int64_t *bb) {
 
 int mer_has_type(int type) { int64_t a, b; return type_block(type, &a, &b); }
 
-static int64_t tuning_prefetch = 1024; /* bytes ahead in each row: best of 0-4096 in a quick, indicative sweep (bench --sweep-prefetch) */
+/* bytes ahead in each row. 2048 over 1024, alternated under the bench lock (2-core Zen 3, streaming 0.7 GB, medians
+ * of 4-6 rounds): Q4_0 act="q8" 19.4 -> 20.8 and 19.5 -> 21.7 GB/s, Q4_K q8 22.1 -> 24.2, Q6_K q8 17.7 -> 18.8,
+ * Q8_0 exact 16.8 -> 17.8, Q4_0 exact 12.7 -> 13.2 (4096: as 2048 within noise) */
+static int64_t tuning_prefetch = 2048;
 static int64_t tuning_chunk = 64;     /* rows per task */
 
 void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }
@@ -76,6 +79,7 @@ void mer_set_chunk(int64_t rows) { tuning_chunk = rows < 4 ? 4 : (rows + 3) / 4 
 /* Rows per pass of the AVX2 kernels: 1 or 4 (0 = the per-type default of rows_per_pass). */
 static int tuning_rows = 0;
 void mer_set_rows(int n) { tuning_rows = n == 1 || n == 4 ? n : 0; }
+
 
 static int rows_per_pass(int type, int q8) {
     if (tuning_rows) return tuning_rows;
@@ -100,6 +104,11 @@ static inline float f16_to_f32(uint16_t h) {
     else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
     float f; memcpy(&f, &bits, 4); return f;
 }
+
+/* every f16 as float32: the SIMD kernels read a block's scale with one scalar load and one broadcast from memory
+ * (no vector instruction) instead of an insert, a conversion and a shuffle on the vector pipes they are bound by */
+static float f16_table[65536];
+static float e8m0_table[256]; /* MXFP4's block scales, the same way */
 
 static inline float rd_f16(const uint8_t *p) { return f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
 
@@ -375,6 +384,7 @@ AVX2 float hsum256(__m256 acc) {
 }
 
 AVX2 __m256 h2f(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _mm256_set1_ps(_cvtsh_ss(h)); }
+AVX2 __m256 h2f_t(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _mm256_broadcast_ss(&f16_table[h]); }
 
 /* sum of 32 products q[j] * x[j], q signed bytes in a __m256i, as 8 float lanes */
 AVX2 __m256 dot32_i8(__m256i q, const float *x) {
@@ -597,16 +607,42 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
     }
 }
 
-AVX2 void pblk_q4_0(const uint8_t *b, const float *xp, __m256 *acc) {
+/* Q4_0, exact: the same float32 products (q - 8) * x as a plain decode, with two vector instructions fewer per 8
+ * values than shifting each nibble down, and no shift at all: in the broadcast 16 bytes, lane i < 4 takes the low
+ * nibble of byte g of its dword and lane 4 + i the high one, each masked where it lies (bits 8g + 4h .. +3, h = 0
+ * low, 1 high) with 8 << (8g + 4h) subtracted (at g = 3, h = 1 the subtraction wraps to the right signed value):
+ * the integer (q - 8) * 2^(8g+4h), exact in float32. x is permuted with the factor 2^-(8g+4h) already applied (a
+ * power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
+ * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group, so an x whose largest
+ * |value| is below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL).
+ * Measured and not kept (2-core Zen 3, alternated under the bench lock, streaming 0.7 GB): taking the nibbles
+ * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over the first form
+ * of this kernel, which still had a shift a block) loses
+ * exactness where it matters: an outlier 10^4 x the rest of its block on a column whose weights are all 0 gave
+ * 8e-5 relative error (1e-3 outlier: 6e-6; this kernel: 1.6e-7 on both); two blocks a pass (one 256-bit load, no
+ * broadcast or shift, 16 constants) ran 10% slower than this. */
+#define XP_Q4_0X 32
+#define Q4_0X_TINY 0x1p-90f
+
+static void perm_q4_0x(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 32, xp += XP_Q4_0X)
+        for (int g = 0; g < 4; g++) {
+            const float f = ldexpf(1.f, -8 * g), fh = ldexpf(1.f, -8 * g - 4);
+            for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g] * f; xp[8 * g + 4 + i] = x[16 + 4 * i + g] * fh; }
+        }
+}
+
+AVX2 void pblk_q4_0x(const uint8_t *b, const float *xp, __m256 *acc) {
     const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 2)));
-    const __m256i m4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
     __m256 s = _mm256_setzero_ps();
-    for (int g = 0; g < 4; g++) {
-        __m256i sh = _mm256_setr_epi32(8 * g, 8 * g, 8 * g, 8 * g, 8 * g + 4, 8 * g + 4, 8 * g + 4, 8 * g + 4);
-        __m256i q = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(B, sh), m4), eight);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s);
+    _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+        const int lo = 15 << (8 * g), hi = (int)(240u << (8 * g)), l8 = 8 << (8 * g), h8 = (int)(128u << (8 * g));
+        __m256i q = _mm256_sub_epi32(_mm256_and_si256(B, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)),
+                                     _mm256_setr_epi32(l8, l8, l8, l8, h8, h8, h8, h8));
+        s = g ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp + 8 * g), s)
+              : _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp));
     }
-    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+    *acc = _mm256_fmadd_ps(h2f_t(b), s, *acc);
 }
 
 /* MXFP4 on the Q4_0 permutation (same nibble order): the magnitude's 3 bits index a float table with one
@@ -623,7 +659,7 @@ AVX2 void pblk_mxfp4(const uint8_t *b, const float *xp, __m256 *acc) {
         v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(D, 28), sgn)));
         s = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp + 8 * g), s);
     }
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(b[0])), s, *acc);
+    *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&e8m0_table[b[0]]), s, *acc);
 }
 
 AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
@@ -632,7 +668,7 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
     s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 16), 24)), _mm256_loadu_ps(xp + 8), s);
     s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(W, 8), 24)), _mm256_loadu_ps(xp + 16), s);
     s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(W, 24)), _mm256_loadu_ps(xp + 24), s);
-    *acc = _mm256_fmadd_ps(h2f(b), s, *acc);
+    *acc = _mm256_fmadd_ps(h2f_t(b), s, *acc);
 }
 
 AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
@@ -669,18 +705,21 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
 
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). */
+/* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
+ * is permuted once, not once per task). Two accumulators, blocks alternating between them, measured slower here
+ * (Q4_K and Q5_K exact 0.75x, Q8_0 0.87x; Q4_0 a tie in cache). */
 #define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB, NR)                                                               \
     AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
                       int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
-        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
-            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                              \
-            const uint8_t *p[NR];                                                                                  \
-            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                 \
+            int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                        \
+            const uint8_t *p[NR];                                                                                 \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                          \
             for (int64_t v = 0; v < nvec; v++) {                                                                  \
                 const float *xv = xp + v * nb * (XPB);                                                            \
                 __m256 a[NR];                                                                                     \
-                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                       \
+                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps();                                        \
                 for (int64_t b = 0; b < nb; b++) {                                                                \
                     if (pf && v == 0 && (((b * (BB)) & 63) < (BB) || (BB) >= 64)) {                               \
                         for (int o = 0; o < (BB); o += 64) {                                                      \
@@ -690,15 +729,13 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
                     const float *xb = xv + b * (XPB);                                                             \
                     for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xb, &a[i]);                               \
                 }                                                                                                 \
-                float t[NR];                                                                                      \
-                for (int i = 0; i < (NR); i++) t[i] = hsum256(a[i]);                                \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = t[i];                                          \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_ROWS_P(prows_q4_0, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 4)
-DEFINE_ROWS_P(prows_q4_0_1, pblk_q4_0, perm_q4_0, 32, 18, XP_Q4_0, 1)
+DEFINE_ROWS_P(prows_q4_0x, pblk_q4_0x, perm_q4_0x, 32, 18, XP_Q4_0X, 4)
+DEFINE_ROWS_P(prows_q4_0x_1, pblk_q4_0x, perm_q4_0x, 32, 18, XP_Q4_0X, 1)
 DEFINE_ROWS_P(prows_mxfp4, pblk_mxfp4, perm_q4_0, 32, 17, XP_Q4_0, 4)
 DEFINE_ROWS_P(prows_mxfp4_1, pblk_mxfp4, perm_q4_0, 32, 17, XP_Q4_0, 1)
 DEFINE_ROWS_P(prows_q8_0, pblk_q8_0, perm_q8_0, 32, 34, XP_Q8_0, 4)
@@ -710,10 +747,17 @@ DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
 
 
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
-    int64_t xpb = layout == L_QK45 ? XP_QK45 : 32, qk = layout == L_QK45 ? 256 : 32, nb = cols / qk;
+    int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q4_0X ? XP_Q4_0X : 32, qk = layout == L_QK45 ? 256 : 32;
+    int64_t nb = cols / qk;
+    if (layout == L_Q4_0X) {
+        float amax = 0.f;
+        for (int64_t j = 0; j < n * cols; j++) { float a = fabsf(x[j]); amax = a > amax ? a : amax; }
+        if (amax > 0.f && amax < Q4_0X_TINY) return NULL;
+    }
     float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
     for (int64_t v = 0; xp && v < n; v++) {
         if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
+        else if (layout == L_Q4_0X) perm_q4_0x(x + v * cols, xp + v * nb * xpb, nb);
         else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
         else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
     }
@@ -764,6 +808,39 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
                     }                                                                                                \
                 }                                                                                                    \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+/* One row a pass, for the default: both scales broadcast straight from memory (the weight's through f16_table), so
+ * no vector instruction converts or shuffles them, and two accumulators for alternate blocks. */
+#define DEFINE_ROWS_Q8_1(NAME, WLOAD, SCALEP, BB, TGT, DOT)                                                          \
+    __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
+                                                  int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
+                                                  int64_t pf) {                                                      \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+        for (int64_t r = r0; r < r1; r++) {                                                                          \
+            const uint8_t *p = m->data + r * rb;                                                                     \
+            for (int64_t v = 0; v < nvec; v++) {                                                                     \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
+                __m256 a[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                                            \
+                int64_t b = 0;                                                                                       \
+                for (; b + 2 <= nb; b += 2) {                                                                        \
+                    for (int i = 0; i < 2; i++) {                                                                    \
+                        const uint8_t *blk = p + (b + i) * (BB);                                                     \
+                        if (pf && v == 0 && (((b + i) * (BB)) & 63) < (BB)) PF(blk + pf);                           \
+                        const __m256i y = _mm256_load_si256((const __m256i *)av[b + i].q);                           \
+                        const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), DOT(WLOAD, y, av + b + i));     \
+                        a[i] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&av[b + i].d), a[i]);                         \
+                    }                                                                                                \
+                }                                                                                                    \
+                for (; b < nb; b++) {                                                                                \
+                    const uint8_t *blk = p + b * (BB);                                                               \
+                    const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                   \
+                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), DOT(WLOAD, y, av + b));             \
+                    a[0] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&av[b].d), a[0]);                                 \
+                }                                                                                                    \
+                out[v * os + r] = hsum256(_mm256_add_ps(a[0], a[1]));                                                \
             }                                                                                                        \
         }                                                                                                            \
     }
@@ -883,11 +960,14 @@ DEFINE_ROWS_KQ8(rows_q8a_q6_k_1, kq8k_q6_k, 210, 1)
 #define S_E8M0 e8m0_half(blk[0])
 
 DEFINE_ROWS_Q8(rows_q8a_q4_0, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 4)
-DEFINE_ROWS_Q8(rows_q8a_q4_0_1, W_Q4_0U, S_F16, 18, "avx2,fma,f16c", dot_u4_q8, 1)
+AVX2 const float *f16_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return &f16_table[h]; }
+#define SP_F16 f16_at(blk)
+#define SP_E8M0 &e8m0_table[blk[0]]
+DEFINE_ROWS_Q8_1(rows_q8a_q4_0_1, W_Q4_0U, SP_F16, 18, "avx2,fma,f16c", dot_u4_q8)
+DEFINE_ROWS_Q8_1(rows_q8a_q8_0_1, W_Q8_0, SP_F16, 34, "avx2,fma,f16c", dot_i8_maddubs)
+DEFINE_ROWS_Q8_1(rows_q8a_mxfp4_1, W_MXFP4, SP_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs)
 DEFINE_ROWS_Q8(rows_q8a_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 4)
-DEFINE_ROWS_Q8(rows_q8a_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c", dot_i8_maddubs, 1)
 DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 4)
-DEFINE_ROWS_Q8(rows_q8a_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_maddubs, 1)
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MER_HAVE_VNNI 1
@@ -931,7 +1011,8 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    if (type == T_Q4_0 || type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
+    if (type == T_Q4_0) return L_Q4_0X;
+    if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
 #else
@@ -977,9 +1058,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
                 return;
             }
 #endif
-            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-            else PICK(rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_0) (one ? rows_q8a_q4_0_1 : rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) (one ? rows_q8a_q8_0_1 : rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else (one ? rows_q8a_mxfp4_1 : rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
             return;
         }
 #endif
@@ -989,7 +1070,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if (xp) PICK(prows_q4_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0: if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
@@ -1148,7 +1229,11 @@ static void atfork_child(void) {
     P.tids = NULL; P.nworkers = 0; P.started = 0; P.stop = 0; P.active = 0;
 }
 
-__attribute__((constructor)) static void mer_init(void) { pthread_atfork(NULL, NULL, atfork_child); }
+__attribute__((constructor)) static void mer_init(void) {
+    for (uint32_t h = 0; h < 65536; h++) f16_table[h] = f16_to_f32((uint16_t)h);
+    for (int e = 0; e < 256; e++) e8m0_table[e] = e8m0_half((uint8_t)e);
+    pthread_atfork(NULL, NULL, atfork_child);
+}
 
 /* ------------------------------------------------------------------------------------------------------------
  * entry points

@@ -213,7 +213,8 @@ def _adversarial_q4_0_inputs(raw, rows, cols, rng):
     column whose weights are all 0 (a kernel that takes the nibbles unsigned and subtracts 8 * sum(x) afterwards
     loses the other values of the block to cancellation: 8e-5 at 1e4), values over 17 orders of magnitude within
     a block, exact cancellation (x and -x under equal weights), and whole vectors near float32's ends (the exact
-    kernel pre-scales x by powers of two; below 2^-90 it hands over to the kernel that reads x as it is)."""
+    kernel pre-scales x by powers of two; an x holding any nonzero value below 2^-98 goes to the kernel that reads x
+    as it is)."""
     x = rng.standard_normal(cols).astype(np.float32)
     zero_col = raw.reshape(rows, cols // 32, 18).copy()
     zero_col[:, :, 2] = (zero_col[:, :, 2] & 0xF0) | 8  # element 0 of every block: nibble 8, weight 0
@@ -232,6 +233,11 @@ def _adversarial_q4_0_inputs(raw, rows, cols, rng):
     yield "cancelling pairs", pair.reshape(-1), xc
     for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -80, 1e30):
         yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    # one large value on a weight-0 column and the rest about 1e-35: the largest |x| is 1, but the rest would turn
+    # subnormal under the 2^-28 pre-scaling (a guard that tests only the largest value let this lose 4e-3)
+    tiny = (x * np.float32(1e-35)).astype(np.float32)
+    tiny[0] = 1.0
+    yield "large value on a zero column, the rest 1e-35", zero_col.reshape(-1), tiny
 
 
 @pytest.mark.parametrize("simd", SIMD)
@@ -254,6 +260,21 @@ def test_q4_0_exact_on_adversarial_activations(simd):
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
 
 
+@pytest.mark.parametrize("simd", SIMD)
+def test_q4_0_exact_batch_with_a_tiny_token(simd):
+    """Each token of a batch is exact on its own scale: a token 1e-33 the size of its neighbour (whose values keep
+    the batch's largest far from the pre-scaling guard) is judged against its own reference, not the batch's."""
+    rng = np.random.default_rng(809)
+    rows, cols = 64, 1024
+    raw = random_matrix(T.Q4_0, rows, cols, rng)
+    xb = rng.standard_normal((2, cols)).astype(np.float32)
+    xb[1] *= np.float32(1e-33)
+    ref = xb.astype(np.float64) @ dequantize(raw.reshape(rows, -1), T.Q4_0).astype(np.float64).T
+    got = matvec("Q4_0", raw, (rows, cols), xb, simd=simd).reshape(2, rows)
+    for t in range(2):
+        assert rel(got[t], ref[t]) < 1e-6, (t, rel(got[t], ref[t]))
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 def test_q8_activations_on_an_odd_number_of_blocks(qtype):
@@ -268,6 +289,23 @@ def test_q8_activations_on_an_odd_number_of_blocks(qtype):
     exact = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64) @ xq.astype(np.float64)
     for simd in SIMD:
         assert rel(matvec(qtype.name, raw, (rows, cols), xq, act="q8", simd=simd), exact) < TOL, simd
+
+
+@needs_c
+def test_q8_activations_with_huge_mxfp4_scales():
+    """MXFP4 scales reach 2^127: the weight scale must meet the activation scale before the integer dot (a kernel
+    that multiplied weight scale x dot first overflowed to inf, then NaN, where every other path is finite)."""
+    rng = np.random.default_rng(2)
+    rows, cols = 8, 256
+    raw = random_matrix(T.MXFP4, rows, cols, rng).reshape(rows, cols // 32, 17)
+    raw[:, :, 0] = 245  # E8M0 2^118: weights up to 6 * 2^118, finite float32
+    raw = raw.reshape(-1)
+    x = (rng.standard_normal(cols) * 2.0 ** -100).astype(np.float32)
+    ref = dequantize(raw.reshape(rows, -1), T.MXFP4).astype(np.float64) @ x.astype(np.float64)
+    for simd in SIMD:
+        got = matvec("MXFP4", raw, (rows, cols), x, act="q8", simd=simd)
+        assert np.all(np.isfinite(got)), simd
+        assert rel(got, ref) < 0.05, (simd, rel(got, ref))
 
 
 @needs_c

@@ -613,8 +613,9 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
  * low, 1 high) with 8 << (8g + 4h) subtracted (at g = 3, h = 1 the subtraction wraps to the right signed value):
  * the integer (q - 8) * 2^(8g+4h), exact in float32. x is permuted with the factor 2^-(8g+4h) already applied (a
  * power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
- * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group, so an x whose largest
- * |value| is below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL).
+ * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group (2^-28), so an x with ANY
+ * nonzero |value| below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL): testing
+ * only the largest value let a tiny element beside a large one (or a tiny token in a batch) lose bits.
  * Measured and not kept (2-core Zen 3, alternated under the bench lock, streaming 0.7 GB): taking the nibbles
  * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over the first form
  * of this kernel, which still had a shift a block) loses
@@ -622,7 +623,7 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
  * 8e-5 relative error (1e-3 outlier: 6e-6; this kernel: 1.6e-7 on both); two blocks a pass (one 256-bit load, no
  * broadcast or shift, 16 constants) ran 10% slower than this. */
 #define XP_Q4_0X 32
-#define Q4_0X_TINY 0x1p-90f
+#define Q4_0X_TINY 0x1p-98f /* 2^-126 (smallest normal) / 2^-28 (the largest down-scaling) */
 
 static void perm_q4_0x(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 32, xp += XP_Q4_0X)
@@ -750,9 +751,10 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
     int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q4_0X ? XP_Q4_0X : 32, qk = layout == L_QK45 ? 256 : 32;
     int64_t nb = cols / qk;
     if (layout == L_Q4_0X) {
-        float amax = 0.f;
-        for (int64_t j = 0; j < n * cols; j++) { float a = fabsf(x[j]); amax = a > amax ? a : amax; }
-        if (amax > 0.f && amax < Q4_0X_TINY) return NULL;
+        for (int64_t j = 0; j < n * cols; j++) {
+            float a = fabsf(x[j]);
+            if (a != 0.f && a < Q4_0X_TINY) return NULL;
+        }
     }
     float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
     for (int64_t v = 0; xp && v < n; v++) {
@@ -830,15 +832,15 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
                         const uint8_t *blk = p + (b + i) * (BB);                                                     \
                         if (pf && v == 0 && (((b + i) * (BB)) & 63) < (BB)) PF(blk + pf);                           \
                         const __m256i y = _mm256_load_si256((const __m256i *)av[b + i].q);                           \
-                        const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), DOT(WLOAD, y, av + b + i));     \
-                        a[i] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&av[b + i].d), a[i]);                         \
+                        const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b + i].d)); \
+                        a[i] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b + i), a[i]);                                 \
                     }                                                                                                \
                 }                                                                                                    \
                 for (; b < nb; b++) {                                                                                \
                     const uint8_t *blk = p + b * (BB);                                                               \
                     const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                   \
-                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), DOT(WLOAD, y, av + b));             \
-                    a[0] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&av[b].d), a[0]);                                 \
+                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b].d));     \
+                    a[0] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b), a[0]);                                         \
                 }                                                                                                    \
                 out[v * os + r] = hsum256(_mm256_add_ps(a[0], a[1]));                                                \
             }                                                                                                        \

@@ -39,8 +39,10 @@ def test_smoke_reports_everything(out, workload):
     assert min(sizes) * loads + 4096 <= r["bytes_read"] <= max(sizes) * loads + 4096
     assert r["prefetch_used"] + r["prefetch_wasted"] <= r["prefetch_issued"]
     assert r["hits"] >= r["prefetch_used"]
-    # every read the gate admitted was started (or failed to open): nothing is read that it did not weigh
-    assert r["prefetch_gate"]["admitted"] == r["prefetch_issued"] + r["prefetch_failed"]
+    # every read the gate admitted was started or failed to open (prefetch_failed also counts reads that failed
+    # after they started): nothing is read that it did not weigh, and nothing it admitted is lost uncounted
+    g = r["prefetch_gate"]
+    assert r["prefetch_issued"] <= g["admitted"] <= r["prefetch_issued"] + r["prefetch_failed"]
     for key in ("io_latency_ms_misses", "compute_ms_per_expert"):
         assert set(r[key]) == {"p50", "p95", "p99"}
     assert r["layer_steps_per_s"] == pytest.approx(2 * r["tokens_per_s"], rel=1e-3)

@@ -4,9 +4,9 @@ Rules:
 - a pinned expert, or one in use (between `acquire` and `release`), is never evicted;
 - a slot whose read is still in flight is never handed to another expert;
 - a prefetch may take a slot only if, after it, one slot is still free or holds an expert that has been used and
-  is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches,
-  whether their reads have finished or not, never count towards that reserve, so the decision does not depend on
-  how fast the disk was;
+  is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches that
+  are not stale (below), whether their reads have finished or not, never count towards that reserve, so the
+  decision does not depend on how fast the disk was;
 - a prefetch never evicts another prefetched expert that has not been used yet (its read would be lost), unless
   that guess is stale (below);
 - a prefetch evicts an expert only if its caller's `admit(victim)` agrees (the prefetcher weighs the victim's
@@ -205,11 +205,9 @@ class ExpertCache:
                 return "done"
             self.stats.cancelled_inflight_bytes += inflight
             self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
-            self.stats.cancelled_size_bytes += e.ticket.size
             self._draining.append((e.ticket, e.slot))
             how = "draining"
-        if how == "freed":
-            self.stats.cancelled_size_bytes += e.ticket.size
+        self.stats.cancelled_size_bytes += e.ticket.size
         del self.entries[e.key]
         self.stats.prefetch_cancelled += 1
         return how

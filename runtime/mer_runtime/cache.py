@@ -126,8 +126,10 @@ class ExpertCache:
     """`locate(key) -> (path, size)` says where an expert lives; `check(key, slot)` validates a finished load.
 
     >>> slot = cache.acquire((1, 3))      # doctest: +SKIP
-    >>> ...                               # pool.view(slot) holds expert 3 of layer 1 until:
+    >>> view = pool.view(slot)            # doctest: +SKIP
     >>> cache.release((1, 3))             # doctest: +SKIP
+
+    The view holds expert 3 of layer 1 until the release.
     """
 
     def __init__(self, pool: BufferPool, loader: Loader, locate: Callable[[Key], tuple[str, int]],

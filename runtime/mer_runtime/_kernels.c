@@ -687,14 +687,24 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
 AVX2 __m256i shift_epi32(__m256i v, int n) { return n >= 0 ? _mm256_slli_epi32(v, n) : _mm256_srli_epi32(v, -n); }
 
 AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
-    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
-    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
+    /* the 8 scales and 8 mins times d and dmin in two vector multiplies, each then one broadcast load: a scalar
+     * conversion, multiply and broadcast per scale took as many vector-pipe slots as a third of the decode */
+    uint32_t u[4];
+    memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3F3F3F3F;
+    u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3F3F3F3F; /* bytes: scales 0..7, then mins 0..7 (as scale_min_k4) */
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    float f[16];
+    _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+    const uint8_t *qs = b + (five ? 48 : 16);
     const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
     const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
     __m256 a = *acc;
     _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-        uint8_t s1, m1, s2, m2;
-        scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
         __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
         if (five) {
             L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
@@ -706,10 +716,10 @@ AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
             lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(L, m)), _mm256_loadu_ps(xp + 64 * c + 8 * k), lo);
             hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(U, m)), _mm256_loadu_ps(xp + 64 * c + 32 + 8 * k), hi);
         }
-        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s1), lo, a);
-        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m1), _mm256_loadu_ps(xp + 256 + 16 * c), a);
-        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s2), hi, a);
-        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), _mm256_loadu_ps(xp + 256 + 16 * c + 8), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c), lo, a);
+        a = _mm256_fnmadd_ps(_mm256_broadcast_ss(f + 8 + 2 * c), _mm256_loadu_ps(xp + 256 + 16 * c), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c + 1), hi, a);
+        a = _mm256_fnmadd_ps(_mm256_broadcast_ss(f + 9 + 2 * c), _mm256_loadu_ps(xp + 256 + 16 * c + 8), a);
     }
     *acc = a;
 }

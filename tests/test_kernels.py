@@ -275,6 +275,63 @@ def test_q4_0_exact_batch_with_a_tiny_token(simd):
         assert rel(got[t], ref[t]) < 1e-6, (t, rel(got[t], ref[t]))
 
 
+def _adversarial_qk45_inputs(qtype, raw, rows, cols, rng):
+    """(name, raw, x) as _adversarial_q4_0_inputs for Q4_K/Q5_K (their exact kernel pre-scales x by 2^-8k):
+    the zero column is element 0 of every 32-element sub-block (quant 0, every min of the super-block 0), the
+    cancelling pairs are elements 0/1 of every sub-block (byte 1 of each chunk's quants, and of qh, = byte 0)."""
+    bb, qs = (144, 16) if qtype == T.Q4_K else (176, 48)
+    x = rng.standard_normal(cols).astype(np.float32)
+    zero_col = raw.reshape(rows, cols // 256, bb).copy()
+    zero_col[:, :, 8:12] = 0  # mins 0..3 and the high bits of mins 4..7
+    zero_col[:, :, 12:16] &= 0x0F  # the low bits of mins 4..7 (scales untouched)
+    zero_col[:, :, qs:qs + 128:32] = 0  # elements 64c and 64c + 32: both nibbles of each chunk's byte 0
+    if qtype == T.Q5_K:
+        zero_col[:, :, 16] = 0  # their fifth bits
+    zero_col = zero_col.reshape(-1)
+    assert not dequantize(zero_col.reshape(rows, -1), qtype)[:, ::32].any()
+    for r in (1e3, 1e4, 1e6):
+        xo = x.copy()
+        xo[::32] *= r
+        yield f"outlier {r:g} on a zero column", zero_col, xo
+        yield f"outlier {r:g}", raw, xo
+    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
+    pair = raw.reshape(rows, cols // 256, bb).copy()
+    pair[:, :, qs + 1:qs + 128:32] = pair[:, :, qs:qs + 128:32]
+    if qtype == T.Q5_K:
+        pair[:, :, 17] = pair[:, :, 16]
+    xc = x.copy()
+    xc[1::32] = -xc[0::32]
+    xc[0::32] *= 1e5
+    xc[1::32] *= 1e5
+    yield "cancelling pairs", pair.reshape(-1), xc
+    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
+        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    tiny = (x * np.float32(1e-35)).astype(np.float32)  # the largest |x| is 1, the rest would go subnormal scaled
+    tiny[0] = 1.0
+    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_qk45_exact_on_adversarial_activations(qtype, simd):
+    """As test_q4_0_exact_on_adversarial_activations, for the K-quants whose exact kernel reads pre-scaled x."""
+    rng = np.random.default_rng(809)
+    rows, cols = 64, 1024
+    raw = random_matrix(qtype, rows, cols, rng)
+    for name, r, x in _adversarial_qk45_inputs(qtype, raw, rows, cols, rng):
+        w = dequantize(r.reshape(rows, -1), qtype).astype(np.float64)
+        ref = w @ x.astype(np.float64)
+        got = matvec(qtype.name, r, (rows, cols), x, simd=simd)
+        assert np.all(np.isfinite(got)), name
+        err = np.abs(got - ref)
+        bound = np.abs(w) @ np.abs(x.astype(np.float64))
+        if os.environ.get("MER_SHOW_ADVERSARIAL"):
+            print(f"{qtype.name} simd={simd} {name}: err/bound {np.max(err / bound):.2e} rel {rel(got, ref):.2e}")
+        assert np.all(err <= 1e-6 * bound), (name, err.max())
+        if name != "cancelling pairs":
+            assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 def test_q8_activations_on_an_odd_number_of_blocks(qtype):

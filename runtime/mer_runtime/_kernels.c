@@ -590,19 +590,22 @@ static void perm_q8_0(const float *x, float *xp, int64_t nb) {
 }
 
 /* Q4_K/Q5_K chunk c (64 elements): its 32 bytes of qs as 8 dwords; group k: byte k of dword i, low nibble =
- * element 64c+4i+k (scale 2c), high nibble = element 64c+32+4i+k (scale 2c+1). After the 256 values, per chunk
- * the 8-lane sums of x over the low and over the high elements (for the min term). */
+ * element 64c+4i+k (scale 2c), high nibble = element 64c+32+4i+k (scale 2c+1). Both values of group k are stored
+ * times 2^-8k (pblk_qk45 reads their quants where they lie, bits 8k..; exact, see QK45_TINY). After the 256 values,
+ * per chunk the 8-lane sums of x over the low and over the high elements, unscaled (for the min term). */
 static void perm_qk45(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 256, xp += XP_QK45) {
         for (int c = 0; c < 4; c++) {
             float *slo = xp + 256 + 16 * c, *shi = slo + 8;
             for (int i = 0; i < 8; i++) { slo[i] = 0.f; shi[i] = 0.f; }
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < 4; k++) {
+                const float f = ldexpf(1.f, -8 * k);
                 for (int i = 0; i < 8; i++) {
                     float lo = x[64 * c + 4 * i + k], hi = x[64 * c + 32 + 4 * i + k];
-                    xp[64 * c + 8 * k + i] = lo; xp[64 * c + 32 + 8 * k + i] = hi;
+                    xp[64 * c + 8 * k + i] = lo * f; xp[64 * c + 32 + 8 * k + i] = hi * f;
                     slo[i] += lo; shi[i] += hi;
                 }
+            }
         }
     }
 }
@@ -672,31 +675,52 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
     *acc = _mm256_fmadd_ps(h2f_t(b), s, *acc);
 }
 
+/* Q4_K/Q5_K, exact, as pblk_q4_0x: the quant of group k is masked where it lies (bits 8k..8k+3, or +4 with Q5_K's
+ * fifth bit), the integer q * 2^8k (below 2^29: exact in float32, never the sign bit) times x stored times 2^-8k
+ * is the float32 product q * x. The high nibbles are shifted down 4 once per chunk (srli, no mask needed: the mask
+ * of group k drops what came down from byte k + 1), so low and high share one scaling and one mask constant. Q5_K's
+ * fifth bits (bit 8k + 2c of H for the low values, + 1 for the high) are moved once per chunk to bit 8k + 4 and
+ * or-ed in under the nibbles: per 8 values and + cvt + fma, against srli, and (and srli, and, slli, or) before.
+ * Down-scaling cannot overflow; below 2^-102 the scaled x would be subnormal, so an x with any nonzero |value|
+ * below QK45_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL). */
+#define QK45_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
+
+AVX2 __m256i shift_epi32(__m256i v, int n) { return n >= 0 ? _mm256_slli_epi32(v, n) : _mm256_srli_epi32(v, -n); }
+
 AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
-    float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
-    const uint8_t *sc = b + 4, *qs = b + (five ? 48 : 16);
-    const __m256i m4 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
+    /* the 8 scales and 8 mins times d and dmin in two vector multiplies, each then one broadcast load: a scalar
+     * conversion, multiply and broadcast per scale took as many vector-pipe slots as a third of the decode */
+    uint32_t u[4];
+    memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3F3F3F3F;
+    u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3F3F3F3F; /* bytes: scales 0..7, then mins 0..7 (as scale_min_k4) */
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    float f[16];
+    _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+    const uint8_t *qs = b + (five ? 48 : 16);
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
     const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
     __m256 a = *acc;
     _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-        uint8_t s1, m1, s2, m2;
-        scale_min_k4(2 * c, sc, &s1, &m1); scale_min_k4(2 * c + 1, sc, &s2, &m2);
-        const __m256i W = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
+        if (five) {
+            L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
+            U = _mm256_or_si256(_mm256_and_si256(U, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
+        }
         __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
         _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
-            __m256i ql = _mm256_and_si256(_mm256_srli_epi32(W, 8 * k), m4);
-            __m256i qh = _mm256_and_si256(_mm256_srli_epi32(W, 8 * k + 4), m4);
-            if (five) {
-                ql = _mm256_or_si256(ql, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(H, 8 * k + 2 * c), one), 4));
-                qh = _mm256_or_si256(qh, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(H, 8 * k + 2 * c + 1), one), 4));
-            }
-            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ql), _mm256_loadu_ps(xp + 64 * c + 8 * k), lo);
-            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qh), _mm256_loadu_ps(xp + 64 * c + 32 + 8 * k), hi);
+            const __m256i m = _mm256_set1_epi32((five ? 31 : 15) << (8 * k));
+            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(L, m)), _mm256_loadu_ps(xp + 64 * c + 8 * k), lo);
+            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(U, m)), _mm256_loadu_ps(xp + 64 * c + 32 + 8 * k), hi);
         }
-        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s1), lo, a);
-        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m1), _mm256_loadu_ps(xp + 256 + 16 * c), a);
-        a = _mm256_fmadd_ps(_mm256_set1_ps(d * s2), hi, a);
-        a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), _mm256_loadu_ps(xp + 256 + 16 * c + 8), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c), lo, a);
+        a = _mm256_fnmadd_ps(_mm256_broadcast_ss(f + 8 + 2 * c), _mm256_loadu_ps(xp + 256 + 16 * c), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(f + 2 * c + 1), hi, a);
+        a = _mm256_fnmadd_ps(_mm256_broadcast_ss(f + 9 + 2 * c), _mm256_loadu_ps(xp + 256 + 16 * c + 8), a);
     }
     *acc = a;
 }
@@ -750,10 +774,11 @@ DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
     int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q4_0X ? XP_Q4_0X : 32, qk = layout == L_QK45 ? 256 : 32;
     int64_t nb = cols / qk;
-    if (layout == L_Q4_0X) {
-        for (int64_t j = 0; j < n * cols; j++) {
+    if (layout == L_Q4_0X || layout == L_QK45) { /* the layouts stored pre-scaled: a tiny x would go subnormal */
+        const float tiny = layout == L_QK45 ? QK45_TINY : Q4_0X_TINY;
+        for (int64_t j = 0; j < n * cols; j++) { /* every element: one tiny value beside a large one counts too */
             float a = fabsf(x[j]);
-            if (a != 0.f && a < Q4_0X_TINY) return NULL;
+            if (a != 0.f && a < tiny) return NULL;
         }
     }
     float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));

@@ -27,15 +27,14 @@ a lock. Faults outside registered mappings go to the previous handler (faulthand
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import mmap
 import os
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any
 
 from .errors import MerError
+from .native import load_library
 
 
 class FileChangedError(MerError):
@@ -45,22 +44,16 @@ class FileChangedError(MerError):
 def _load() -> tuple[ctypes.CDLL, Any] | None:
     if os.environ.get("MER_SIGBUS_GUARD") == "off":  # the fallback, for tests and for comparison
         return None
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_sigbus_guard{suffix}"
-        if path.exists():
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError:
-                return None
-            lib.mer_guard_install.restype = ctypes.c_int
-            lib.mer_guard_register.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            lib.mer_guard_register.restype = ctypes.c_int
-            lib.mer_guard_unregister.argtypes = [ctypes.c_int]
-            lib.mer_guard_unregister.restype = None
-            faults = (ctypes.c_long * lib.mer_guard_slots()).in_dll(lib, "mer_guard_faults")
-            return lib, faults
-    return None
+    lib = load_library("_sigbus_guard")
+    if lib is None:
+        return None
+    lib.mer_guard_install.restype = ctypes.c_int
+    lib.mer_guard_register.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.mer_guard_register.restype = ctypes.c_int
+    lib.mer_guard_unregister.argtypes = [ctypes.c_int]
+    lib.mer_guard_unregister.restype = None
+    faults = (ctypes.c_long * lib.mer_guard_slots()).in_dll(lib, "mer_guard_faults")
+    return lib, faults
 
 
 _LOADED = _load()

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import importlib.machinery
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,6 +33,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import MerError
+from .native import load_library
 
 BAND_BYTES = 4 << 20  # rows widened or dequantized at a time for the NumPy paths
 MAX_EXPERTS_PER_CALL = 8  # the C call's limit on k; moe() splits larger k into several calls
@@ -54,33 +53,26 @@ class KernelError(MerError, ValueError):
 def _load_native() -> ctypes.CDLL | None:
     if os.environ.get("MER_KERNELS") == "numpy":
         return None
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        lib_path = here / f"_kernels{suffix}"
-        if lib_path.exists():
-            try:
-                lib = ctypes.CDLL(str(lib_path))
-                lib.mer_moe  # an old build without the MoE entry point is as good as none
-            except (OSError, AttributeError):
-                return None
-            i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            lib.mer_matvec.argtypes = [ci, vp, i64, i64, i64, vp, i64, i64, vp, i64, ci]
-            lib.mer_matvec.restype = ci
-            lib.mer_moe.argtypes = [ci, vp, vp, vp, i64, i64, i64, i64, vp, i64, ci, ctypes.c_float,
-                                    ctypes.c_float, ci, ctypes.POINTER(ci)]
-            lib.mer_moe.restype = ci
-            lib.mer_dequantize.argtypes = [ci, vp, i64, i64, vp, i64]
-            lib.mer_dequantize.restype = ci
-            lib.mer_set_prefetch.argtypes = [i64]
-            lib.mer_get_prefetch.restype = i64
-            lib.mer_set_chunk.argtypes = [i64]
-            lib.mer_set_rows.argtypes = [ci]
-            for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
-                getattr(lib, f).restype = ci
-            lib.mer_set_threads.argtypes = [ci]
-            atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
-            return lib
-    return None
+    lib = load_library("_kernels")
+    if lib is None or not hasattr(lib, "mer_moe"):  # an old build without the MoE entry point is as good as none
+        return None
+    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.mer_matvec.argtypes = [ci, vp, i64, i64, i64, vp, i64, i64, vp, i64, ci]
+    lib.mer_matvec.restype = ci
+    lib.mer_moe.argtypes = [ci, vp, vp, vp, i64, i64, i64, i64, vp, i64, ci, ctypes.c_float,
+                            ctypes.c_float, ci, ctypes.POINTER(ci)]
+    lib.mer_moe.restype = ci
+    lib.mer_dequantize.argtypes = [ci, vp, i64, i64, vp, i64]
+    lib.mer_dequantize.restype = ci
+    lib.mer_set_prefetch.argtypes = [i64]
+    lib.mer_get_prefetch.restype = i64
+    lib.mer_set_chunk.argtypes = [i64]
+    lib.mer_set_rows.argtypes = [ci]
+    for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
+        getattr(lib, f).restype = ci
+    lib.mer_set_threads.argtypes = [ci]
+    atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
+    return lib
 
 
 _LIB = _load_native()

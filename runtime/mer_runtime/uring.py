@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.machinery
 import mmap
 import os
 import platform
-from pathlib import Path
+from .native import load_library
 
 # Syscall numbers are the same on every architecture that has io_uring (they were added after the unification).
 SYS_IO_URING_SETUP = 425
@@ -55,17 +54,13 @@ TSO_MACHINES = ("x86_64", "AMD64", "i386", "i686")
 
 
 def _load_atomics() -> ctypes.CDLL | None:
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_uring_atomics{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            lib.mer_load_acquire_u32.argtypes = [ctypes.c_void_p]
-            lib.mer_load_acquire_u32.restype = ctypes.c_uint32
-            lib.mer_store_release_u32.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-            lib.mer_store_release_u32.restype = None
-            return lib
-    return None
+    lib = load_library("_uring_atomics")
+    if lib is not None:
+        lib.mer_load_acquire_u32.argtypes = [ctypes.c_void_p]
+        lib.mer_load_acquire_u32.restype = ctypes.c_uint32
+        lib.mer_store_release_u32.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        lib.mer_store_release_u32.restype = None
+    return lib
 
 
 _ATOMICS = None if os.environ.get("MER_URING_ATOMICS") == "plain" else _load_atomics()

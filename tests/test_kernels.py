@@ -208,6 +208,15 @@ def test_q4_0_extreme_scales_and_nibbles():
                                    atol=1e-3 * np.abs(ref).max())
 
 
+def _hand_over_inputs(raw, cols, rng, thr):
+    """Vectors whose every |value| lies in [1, 2) x 2^e, at the pre-scaled kernels' hand-over (e = thr: the smallest
+    exponent still pre-scaled, every product exact), one below (the unscaled kernel) and eight below (where a
+    threshold set too low would leave values subnormal and lose bits)."""
+    mant = (rng.choice([-1.0, 1.0], cols) * (1 + rng.uniform(0, 1, cols)))
+    for e in (thr, thr - 1, thr - 8):
+        yield f"x in [1, 2) x 2^{e}", raw, (mant * 2.0 ** e).astype(np.float32)
+
+
 def _adversarial_q4_0_inputs(raw, rows, cols, rng):
     """(name, raw, x): activations that break a kernel which is not exact per product: one outlier per block on a
     column whose weights are all 0 (a kernel that takes the nibbles unsigned and subtracts 8 * sum(x) afterwards
@@ -233,6 +242,7 @@ def _adversarial_q4_0_inputs(raw, rows, cols, rng):
     yield "cancelling pairs", pair.reshape(-1), xc
     for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -80, 1e30):
         yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    yield from _hand_over_inputs(raw, cols, rng, -98)  # 2^-126 / 2^-28, the deepest pre-scaling of Q4_0
     # one large value on a weight-0 column and the rest about 1e-35: the largest |x| is 1, but the rest would turn
     # subnormal under the 2^-28 pre-scaling (a guard that tests only the largest value let this lose 4e-3)
     tiny = (x * np.float32(1e-35)).astype(np.float32)
@@ -306,6 +316,7 @@ def _adversarial_qk45_inputs(qtype, raw, rows, cols, rng):
     yield "cancelling pairs", pair.reshape(-1), xc
     for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
         yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling of Q4_K/Q5_K
     tiny = (x * np.float32(1e-35)).astype(np.float32)  # the largest |x| is 1, the rest would go subnormal scaled
     tiny[0] = 1.0
     yield "large value on a zero column, the rest 1e-35", zero_col, tiny

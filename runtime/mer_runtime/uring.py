@@ -28,6 +28,7 @@ import errno
 import mmap
 import os
 import platform
+
 from .native import load_library
 
 # Syscall numbers are the same on every architecture that has io_uring (they were added after the unification).

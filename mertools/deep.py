@@ -340,34 +340,31 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
         try:
             with memoryview(mm) as mv:
                 dropped = 0
-                for pos in range(0, size, PIECE):
-                    guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
-                    end = min(pos + PIECE, size)
-                    with mv[pos:end] as piece:
-                        whole.update(piece)
-                        for start, stop, role in spans:
-                            lo, hi = max(start, pos), min(stop, end)
-                            if lo >= hi:
-                                continue
-                            with piece[lo - pos:hi - pos] as part:
-                                parts[role].update(part)
-                            reg = regions.get(role)
-                            if reg is None:
-                                continue
-                            if role not in differ:
-                                if not GUARDED:
-                                    reg.check()  # before touching: the fallback (no C handler) must not fault
-                                at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
-                                if at is not None or hi == stop:
-                                    # before a difference is believed, and once the region is done (one fstat: a
-                                    # source cut mid-page reads zeros with no fault, only its size tells)
-                                    reg.check()
-                                if at is not None:
-                                    differ.add(role)
-                                    problems.append(_mismatch(e, role, reg, lo - start + at))
-                            if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
-                                reg.release(released[role], hi - start)
-                                released[role] = hi - start
+                for pos, end, piece in guard.pieces(mv, size, PIECE):
+                    whole.update(piece)
+                    for start, stop, role in spans:
+                        lo, hi = max(start, pos), min(stop, end)
+                        if lo >= hi:
+                            continue
+                        with piece[lo - pos:hi - pos] as part:
+                            parts[role].update(part)
+                        reg = regions.get(role)
+                        if reg is None:
+                            continue
+                        if role not in differ:
+                            if not GUARDED:
+                                reg.check()  # before touching: the fallback (no C handler) must not fault
+                            at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
+                            if at is not None or hi == stop:
+                                # before a difference is believed, and once the region is done (one fstat: a
+                                # source cut mid-page reads zeros with no fault, only its size tells)
+                                reg.check()
+                            if at is not None:
+                                differ.add(role)
+                                problems.append(_mismatch(e, role, reg, lo - start + at))
+                        if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
+                            reg.release(released[role], hi - start)
+                            released[role] = hi - start
                     tick(end - pos)
                     if end - dropped >= RELEASE_BYTES or end == size:
                         mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)  # `dropped` is a multiple of PIECE

@@ -88,20 +88,17 @@ def _scan_mapped(mv: memoryview, size: int, spans: list[tuple[int, int, str]], w
                  guard: Any) -> None:
     """The hashing pass of `_scan` over its mapping, a SEGMENT at a time, checking the guard after each."""
     i = 0
-    for pos in range(0, size, SEGMENT):
-        guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
-        end = min(pos + SEGMENT, size)
-        with mv[pos:end] as seg:
-            whole.update(seg)
-            while i < len(spans) and spans[i][1] <= pos:
-                i += 1
-            j = i
-            while j < len(spans) and spans[j][0] < end:
-                lo, hi = max(spans[j][0], pos), min(spans[j][1], end)
-                if lo < hi:
-                    with seg[lo - pos:hi - pos] as part:
-                        hs[spans[j][2]].update(part)
-                j += 1
+    for pos, end, seg in guard.pieces(mv, size, SEGMENT):
+        whole.update(seg)
+        while i < len(spans) and spans[i][1] <= pos:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < end:
+            lo, hi = max(spans[j][0], pos), min(spans[j][1], end)
+            if lo < hi:
+                with seg[lo - pos:hi - pos] as part:
+                    hs[spans[j][2]].update(part)
+            j += 1
 
 
 def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:

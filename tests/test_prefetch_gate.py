@@ -124,6 +124,13 @@ def window_cache(tmp_path):
     pool.close()
 
 
+def use(cache, *keys):
+    """Acquire and release each key in turn: the cache then holds them, least recently used first."""
+    for k in keys:
+        cache.acquire(k)
+        cache.release(k)
+
+
 def settle(loader, t):
     """Let the chunks that were issued land (reaping them may issue no more: the window is full)."""
     while t.in_flight:
@@ -262,9 +269,7 @@ def test_two_guesses_each_read_their_window(window_cache):
 
 def test_a_guess_takes_a_slot_only_if_admitted_with_its_victim(window_cache):
     cache, loader, pool, big = window_cache
-    for k in ((1, 0), (1, 1), (1, 2)):
-        cache.acquire(k)
-        cache.release(k)
+    use(cache, (1, 0), (1, 1), (1, 2))
     asked = []
     assert not cache.prefetch((9, 0), admit=lambda v: asked.append(v) or False)
     assert asked == [(1, 0)]  # the least recently used expert is what it would evict
@@ -277,9 +282,7 @@ def test_a_guess_takes_a_slot_only_if_admitted_with_its_victim(window_cache):
 def test_a_stale_guess_read_whole_is_demoted_and_counted_once(window_cache):
     cache, loader, pool, big = window_cache
     loader.spec_window = None
-    for k in ((1, 0), (1, 1)):
-        cache.acquire(k)
-        cache.release(k)
+    use(cache, (1, 0), (1, 1))
     assert cache.prefetch((9, 0))  # the free slot
     while not loader.ready(cache.entries[(9, 0)].ticket):
         pass
@@ -326,9 +329,7 @@ def test_every_wrong_guess_is_fed_back_with_its_own_size(tmp_path):
 def test_a_guess_never_evicts_an_expert_its_step_is_about_to_use(window_cache):
     """smoke issues guesses before the step's last expert is computed: that expert, a hit, must not be the victim."""
     cache, loader, pool, big = window_cache
-    for k in ((1, 0), (1, 1), (1, 2)):
-        cache.acquire(k)
-        cache.release(k)
+    use(cache, (1, 0), (1, 1), (1, 2))
     asked = []
     assert cache.prefetch((9, 0), admit=lambda v: asked.append(v) or True, keep={(1, 0)})
     assert asked == [(1, 1)] and (1, 0) in cache.entries and (1, 1) not in cache.entries

@@ -72,7 +72,7 @@ class MappedFiles:
 
     def check(self, i: int | None = None) -> None:
         """Raise FileChangedError if source file `i` (None: any mapped one) shrank while mapped: what was read from
-        it since the last check may be zeros (see mer_runtime.guard). Cheap: one counter read per file."""
+        it since the last check may be zeros (see mer_runtime.guard). Cheap: one counter read and one fstat per file."""
         with self._lock:
             guards = [self._guards.get(i)] if i is not None else list(self._guards.values())
         for g in guards:

@@ -729,8 +729,6 @@ AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
 AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
 
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
- * is permuted once, not once per task). */
-/* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). Two accumulators, blocks alternating between them, measured slower here
  * (Q4_K and Q5_K exact 0.75x, Q8_0 0.87x; Q4_0 a tie in cache). */
 #define DEFINE_ROWS_P(NAME, BLK, PERM, QK, BB, XPB, NR)                                                               \
@@ -1085,9 +1083,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
                 return;
             }
 #endif
-            if (m->type == T_Q4_0) (one ? rows_q8a_q4_0_1 : rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-            else if (m->type == T_Q8_0) (one ? rows_q8a_q8_0_1 : rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-            else (one ? rows_q8a_mxfp4_1 : rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            if (m->type == T_Q4_0) PICK(rows_q8a_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else if (m->type == T_Q8_0) PICK(rows_q8a_q8_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            else PICK(rows_q8a_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
             return;
         }
 #endif
@@ -1452,10 +1450,11 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
+    unsigned tried = 0; /* layouts already prepared, or refused (NULL: a tiny x), so each is scanned once */
     for (int e = 0; e < k; e++) {
         int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
-        if (lg && !c.xpl[lg]) c.xpl[lg] = perm_prepare(lg, x, n, d_model);
-        if (lu && !c.xpl[lu]) c.xpl[lu] = perm_prepare(lu, x, n, d_model);
+        if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model); }
+        if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model); }
     }
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
     /* the barrier is pool_run's join: h is complete */

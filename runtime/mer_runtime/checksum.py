@@ -48,16 +48,13 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
         try:
             m.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(m) as mv:
-                for pos in range(0, size, PIECE):
-                    guard.poll()  # before each piece: the fallback (no C handler) must not touch a shrunk file
-                    end = min(pos + PIECE, size)
-                    with mv[pos:end] as piece:
-                        whole.update(piece)
-                        for start, stop, name in ranges:
-                            lo, hi = max(start, pos), min(stop, end)
-                            if lo < hi:
-                                with piece[lo - pos:hi - pos] as part:
-                                    parts[name].update(part)
+                for pos, end, piece in guard.pieces(mv, size, PIECE):
+                    whole.update(piece)
+                    for start, stop, name in ranges:
+                        lo, hi = max(start, pos), min(stop, end)
+                        if lo < hi:
+                            with piece[lo - pos:hi - pos] as part:
+                                parts[name].update(part)
                     tick(end - pos)
                 m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
             guard.finish()

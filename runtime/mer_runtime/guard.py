@@ -31,7 +31,7 @@ import mmap
 import os
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import MerError
 from .native import load_library
@@ -73,8 +73,8 @@ def changed(path: str | os.PathLike[str], was: int, now: int | None) -> FileChan
 
 
 class Guard:
-    """One registered read-only mapping of `size` bytes of a file (by `path`, or an open `fd`). `check()` after
-    each piece and before the bytes read are used, `finish()` at the end; `close()` BEFORE the mapping is unmapped
+    """One registered read-only mapping of `size` bytes of a file (by `path`, or an open `fd`). `poll()` before
+    each piece (or walk them with `pieces`), `check()` before the bytes read are used, `finish()` at the end; `close()` BEFORE the mapping is unmapped
     (a slot left registered over memory that is gone could swallow the SIGBUS of an unrelated mapping that the
     kernel puts at the same address; collecting the mapped object also unregisters, but CPython unmaps first).
 
@@ -120,7 +120,7 @@ class Guard:
 
         Both, in both modes: a file cut in the middle of a page raises no SIGBUS (the kernel zero-fills the rest of
         that page), so only the size tells. Not seen: a file cut and regrown to its size between two checks."""
-        if self.slot >= 0 and self._fin.alive and _FAULTS[self.slot]:
+        if self.faulted():
             raise changed(self.name(), self.size, self._now())
         if (now := self._now()) is None or now < self.size:
             raise changed(self.name(), self.size, now)
@@ -135,27 +135,40 @@ class Guard:
         >>> mm, g = map_file(fd, os.fstat(fd).st_size, __file__)
         >>> g.poll(); g.finish(); g.close(); mm.close(); os.close(fd)
         """
-        if self.slot >= 0 and self._fin.alive:
-            if _FAULTS[self.slot]:
-                raise changed(self.name(), self.size, self._now())
-        else:
+        if self.slot < 0 or not self._fin.alive:
             self.check()
+        elif self.faulted():
+            raise changed(self.name(), self.size, self._now())
+
+    def pieces(self, mv: memoryview, size: int, step: int) -> Iterator[tuple[int, int, memoryview]]:
+        """(pos, end, mv[pos:end]) over the first `size` bytes, `step` at a time, each `poll`ed before it is touched
+        (the fallback must not touch a page of a shrunk file) and released when the caller moves on. The caller
+        still `finish()`es before using what it computed.
+
+        >>> import os
+        >>> fd = os.open(__file__, os.O_RDONLY)
+        >>> mm, g = map_file(fd, os.fstat(fd).st_size, __file__)
+        >>> with memoryview(mm) as mv:
+        ...     sum(end - pos for pos, end, piece in g.pieces(mv, len(mm), 4096)) == len(mm)
+        True
+        >>> g.finish(); g.close(); mm.close(); os.close(fd)
+        """
+        for pos in range(0, size, step):
+            self.poll()
+            end = min(pos + step, size)
+            with mv[pos:end] as piece:
+                yield pos, end, piece
 
     def finish(self) -> None:
-        """`check`, and the file still has the size it had when mapped."""
-        self.check()
+        """`check`, and the file still has the size it had when mapped (one fstat for both)."""
+        if self.faulted():
+            raise changed(self.name(), self.size, self._now())
         if (now := self._now()) != self.size:
             raise changed(self.name(), self.size, now)
 
     def close(self) -> None:
         """Unregister; call it before the mapping is unmapped. Idempotent."""
         self._fin()
-
-    def __enter__(self) -> "Guard":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _release(slot: int) -> None:

@@ -12,7 +12,10 @@ Rules:
 - a prefetch evicts an expert only if its caller's `admit(victim)` agrees (the prefetcher weighs the victim's
   chance of being needed against the guess's), and never one in its caller's `keep` (the experts its step has
   still to compute): a guess never silently pushes out a warmer expert;
-- a stale prefetch (its step has passed, unused) is withdrawn by `cancel_stale`: its chunks not yet issued are
+- a stale prefetch (its step has passed, unused) is withdrawn by `cancel_stale`: a guess issued with `due` (the
+  step it is for, on the caller's clock) is stale only once `cancel_stale(now=...)` reaches that step, so it survives
+  the steps in between (a guess made a token ahead); one without `due` is stale at the next `cancel_stale`. Its
+  chunks not yet issued are
   dropped, and its slot comes back once the chunks already issued have landed ("draining"), so a wrong guess costs
   at most the reads that were with the disk when it was found wrong. A stale prefetch whose read had already
   completed stays cached but moves to the least-recently-used end: it never earned its recency, so it is the
@@ -86,6 +89,7 @@ class Entry:
     foreground: bool = False  # started by a miss: its latency is recorded
     fetched: bool = False  # started by fetch(): the first acquire counts it as the miss
     stale: bool = False  # an unused prefetch whose step passed with its read complete: first in line for eviction
+    due: int | None = None  # a prefetch: the step it is for (the caller's clock); None: the next cancel_stale's
 
 
 @dataclass
@@ -392,7 +396,7 @@ class ExpertCache:
                 self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it
             return len(todo)
 
-    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset()) -> int:
+    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset(), now: int | None = None) -> int:
         """Withdraw the unused prefetches (not in keep) whose reads have not completed: their step has passed and
         the rest of their reads would only take disk time from foreground reads. A read none of whose chunks was
         issued gives its slot back at once; one part-way through stops reading (its chunks already with the disk
@@ -400,16 +404,22 @@ class ExpertCache:
         guesses' whole sizes are summed in `stats.cancelled_size_bytes`. A complete, unused prefetch stays cached
         (it may still be needed) but moves to the least-recently-used end, first to be evicted, and is counted
         once in `stats.prefetch_stale`: it was a wrong guess too, and read whole.
+        `now`: the step being routed (the clock of `prefetch(due=...)`): a guess due at a later step is left alone
+        (its step has not come), one due at `now` or before is judged; without `now` every guess is.
         Returns how many were withdrawn.
 
         >>> cache.cancel_stale(keep={(3, 1), (3, 6)})   # doctest: +SKIP
         1
+        >>> cache.cancel_stale(keep={(3, 1)}, now=17)   # a guess prefetch(..., due=20) stays   # doctest: +SKIP
+        0
         """
         with self._cv:
             n = 0
             for e in list(self.entries.values()):
                 if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
                         and not e.finishing and e.key not in keep):
+                    continue
+                if now is not None and e.due is not None and e.due > now:
                     continue
                 if self._withdraw(e) == "done":  # its read completed meanwhile: keep it (unchecked; acquire checks it)
                     e.stale = True
@@ -437,12 +447,13 @@ class ExpertCache:
             self._drop_hold(e)
 
     def prefetch(self, key: Key, admit: Callable[[Key | None], bool] | None = None,
-                 keep: set[Key] | frozenset[Key] = frozenset()) -> bool:
+                 keep: set[Key] | frozenset[Key] = frozenset(), due: int | None = None) -> bool:
         """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
 
         `admit(victim)`, if given, is asked (under the cache's lock: it must not call the cache) with the expert the
         load would evict, or None for a free slot; False leaves the cache as it was. Without it any spare slot is
         taken. `keep`: experts the caller is about to use (the rest of its step): never evicted for a guess.
+        `due`: the step the guess is for, on the caller's clock (see `cancel_stale(now=...)`); None: the next step.
 
         A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
         mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
@@ -462,6 +473,7 @@ class ExpertCache:
                 self.stats.prefetch_failed += 1
                 return False
             e.prefetched = True
+            e.due = due
             self.stats.prefetch_issued += 1
             return True
 

@@ -106,6 +106,12 @@ class Loader:
         # chunk is, and at most this many of each speculative read until it is promoted (needed); None: no limit.
         # A wrong guess then reads at most spec_window chunks, in the disk's idle time.
         self.spec_window: int | None = None
+        # False: a speculative read is not stopped at spec_window chunks of its own (a guess made a token ahead has
+        # the time to land whole); the window still bounds the speculative chunks with the disk at once
+        self.spec_cap_each = True
+        # speculative chunks that were with the disk when a foreground read was queued, summed: what foreground
+        # reads queued behind (at most spec_window each time)
+        self.spec_in_way = 0
 
     # -- the interface ------------------------------------------------------------------------------------
     def read(self, path: str, size: int, slot: int) -> None:
@@ -216,7 +222,17 @@ class Loader:
         if self._trace is not None:
             self._trace.append(event)
 
+    def poll(self) -> None:
+        """Hand out what completed and issue what may go now, without blocking (io_uring: speculative chunks are
+        issued only from calls into the loader, so a caller that computes between them calls this first)."""
+
+    def _spec_with_disk(self) -> int:
+        return 0
+
     def _enqueue(self, tickets: list[Ticket], urgent: bool) -> None:
+        if urgent:
+            self._collect()  # chunks that have landed are in nobody's way
+            self.spec_in_way += self._spec_with_disk()
         items = []
         for t in tickets:
             t.urgent = urgent
@@ -402,6 +418,10 @@ class UringLoader(Loader):
         self._chunk_ids = itertools.count(1)
         self._spec: set[int] = set()  # user_data of the speculative chunks with the kernel (for spec_window)
         self._reaping = False
+        self._background: threading.Thread | None = None
+        # True: a thread of the loader's own reaps speculative chunks and issues the next ones while the caller
+        # computes (without it they go only from calls into the loader: `poll`, `ready`, `wait`)
+        self.spec_background = False
 
     def describe(self) -> str:
         return super().describe() + (", fixed buffers" if self.fixed else ", plain READ") + \
@@ -409,6 +429,23 @@ class UringLoader(Loader):
 
     def _kick(self) -> None:
         self._pump()
+        if self._spec and self.spec_background and self._background is None and not self._closed:
+            self._background = threading.Thread(target=self._feed_speculation, name="mer-io_uring-spec",
+                                                daemon=True)
+            self._background.start()
+        if self._spec:
+            self._cv.notify_all()
+
+    def _feed_speculation(self) -> None:
+        """The background thread: while speculative chunks are with the disk, be the reaper until a window's
+        worth of them has completed (one wake-up per window, not per chunk), then issue the next ones (`_pump`,
+        which issues nothing speculative while a foreground chunk is with the disk). Sleeps otherwise."""
+        with self._cv:
+            while not (self._closed and (not self._chunks or self.ring.fd < 0)):
+                if self._reaping or not self._spec or self.ring.fd < 0:
+                    self._cv.wait()
+                    continue
+                self._reap_once(min(len(self._spec), self.ring.in_flight))
 
     def _pump(self, force: bool = False) -> None:
         r = self.ring
@@ -419,7 +456,7 @@ class UringLoader(Loader):
                 if not (t.urgent or force or self.spec_window is None):
                     if len(self._spec) >= self.spec_window or len(self._chunks) > len(self._spec):
                         break  # speculation only in the disk's idle time (urgent chunks are queued ahead of guesses)
-                    if t.issued >= self.spec_window:
+                    if self.spec_cap_each and t.issued >= self.spec_window:
                         # this guess has read its window until it is needed; the guess (or anything) behind it may
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
@@ -457,18 +494,19 @@ class UringLoader(Loader):
             self._chunk_done(t, n, None)
         self._retire(t)
 
-    def _reap_once(self) -> None:
-        """Under the lock: become the reaper, sleep in the kernel for one completion, hand out what came."""
+    def _reap_once(self, n: int = 1) -> None:
+        """Under the lock: become the reaper, sleep in the kernel for n completions (n <= those in flight: only the
+        reaper reaps), hand out what came."""
         self._reaping = True
         try:
             self._cv.release()
             try:
-                self.ring.wait_cqe(1)
+                self.ring.wait_cqe(max(1, n))
             finally:
                 self._cv.acquire()
             for cid, res in self.ring.reap():
                 self._complete(cid, res)
-            self._pump()
+            self._kick()
         finally:
             self._reaping = False
             self._cv.notify_all()
@@ -486,6 +524,9 @@ class UringLoader(Loader):
                                           "use --io pread")
         self._reap_once()
 
+    def _spec_with_disk(self) -> int:
+        return len(self._spec)
+
     def _collect(self) -> None:
         if not self._reaping and not self.ring.fd < 0:
             for cid, res in self.ring.reap():
@@ -496,7 +537,7 @@ class UringLoader(Loader):
             if not self._reaping and not self.ring.fd < 0:
                 for cid, res in self.ring.reap():
                     self._complete(cid, res)
-                self._pump()
+                self._kick()
 
     def ready(self, t: Ticket) -> bool:
         self.poll()
@@ -530,6 +571,9 @@ class UringLoader(Loader):
                         t.fd = -1
                 self.ring.close()
                 self._cv.notify_all()
+        bg = self._background
+        if bg is not None and bg is not threading.current_thread():
+            bg.join()
 
 
 def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:

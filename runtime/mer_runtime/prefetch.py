@@ -56,6 +56,7 @@ class MarkovPrefetcher:
         self.seen = np.zeros((L, n_experts), np.float64)  # how often e was chosen at each layer
         self.steps = np.zeros(L, np.float64)
         self.k = 1
+        self.clock = 0  # layer steps observed: the index of the next one (what `ExpertCache.prefetch(due=...)` uses)
         self.prev_token: list[list[int] | None] = [None] * L  # last seen experts per layer (previous token)
         self.cur_token: list[list[int] | None] = [None] * L
         # self-scoring: the candidates predicted for a layer's next step, (expert, raw p), until that step is seen
@@ -65,6 +66,7 @@ class MarkovPrefetcher:
 
     def observe(self, li: int, experts: list[int]) -> None:
         """Layer index li (position in `layers`) of the current token routed to `experts`."""
+        self.clock += 1
         if li == 0:
             self.prev_token, self.cur_token = self.cur_token, [None] * len(self.layers)
         chosen = set(experts)
@@ -152,6 +154,27 @@ class MarkovPrefetcher:
                 self.prev_token[target] is not None and self.same_n[target][self.prev_token[target]].any())
         if not has:
             return target, []
+        return target, self._scored(target, cached)
+
+    def predict_token_ahead(self, li: int, cached: set[int] | frozenset[int] = frozenset()
+                            ) -> list[tuple[int, float]]:
+        """After observing layer index li of token t: the experts of layer index li at token t+1 (same-layer table),
+        ranked, with calibrated probabilities taken as in predict_scored(). A guess made a whole token ahead has the
+        other layers' steps to land in, instead of one expert's compute.
+
+        >>> pf = MarkovPrefetcher([0, 1], 8)
+        >>> for t in range(20):
+        ...     pf.observe(0, [1, 2] if t % 2 else [3, 4]); _ = pf.predict_token_ahead(0); pf.observe(1, [5, 6])
+        >>> [e for e, _ in pf.predict_token_ahead(0)]     # the last token (t = 19) chose [1, 2]: [3, 4] comes next
+        [3, 4]
+        """
+        cur = self.cur_token[li]
+        if cur is None or not self.same_n[li][cur].any():
+            return []
+        return self._scored(li, cached)
+
+    def _scored(self, target: int, cached: set[int] | frozenset[int]) -> list[tuple[int, float]]:
+        """The candidates for layer index target's next step, recorded for scoring against it."""
         both = self._both(target)
         raw = both[0].copy()
         q = np.minimum(1.0, np.maximum(0.0, both[1]) * self.calibration)
@@ -162,7 +185,7 @@ class MarkovPrefetcher:
         picks = np.flatnonzero(raw >= self.threshold)
         picks = picks[np.argsort(-q[picks], kind="stable")][: self.max_per_step or len(picks)]
         self._pending[target] = [(int(e), float(raw[e])) for e in picks]
-        return target, [(int(e), float(q[e])) for e in picks]
+        return [(int(e), float(q[e])) for e in picks]
 
 
 class CostModel:
@@ -204,12 +227,51 @@ class CostModel:
     ...     cm.observe_used(0.5); cm.observe_stale(0.05, 0.0)
     >>> cm.admit(0.2)
     True
+
+    `chunk_frac` set (a chunk's share of an expert): the guesses are made a token ahead and read only in the disk's
+    idle time, behind a loader window of `window` chunks (io_uring's `spec_window`: a speculative chunk is issued
+    only while no foreground chunk is with the disk, at most `window` at once). Then what a guess takes from the
+    foreground is not its bytes but the time foreground reads queue behind speculative chunks already with the
+    disk, measured (`observe_in_way`: such chunks per guess issued, starting at a whole window per guess), and the
+    test is
+
+        q x gain > in_way x chunk_frac x stall_s + read_s + p_victim x stall_s
+
+    with the victim priced whether the guess is right or wrong: held for a token, a guess evicts its victim
+    that much earlier than the miss it saves would have. `read_s` is what reading one expert while the consumer
+    computes costs the computation, right guess or wrong: on a virtual machine the guest's CPUs do work for every
+    byte read (on the 2-core bench VM a concurrent O_DIRECT read, even `dd`, slowed the expert kernel from 9.7 to
+    14-15 ms, about 20 ms of compute per 99 MB expert), so idle disk time is not free. Measured online
+    (`observe_compute`: each expert's compute time against the bytes that landed meanwhile), priced at a whole miss
+    until `warmup` overlapped computations have been seen; `read_frac` fixes it at that fraction of a miss instead
+    (the I/O-free replay, given the real run's measurement).
+
+    >>> cm = CostModel(warmup=1, window_frac=1.0, window=4, chunk_frac=0.01, expert_bytes=100 << 20)
+    >>> cm.observe(io_wait_s=0.5, misses=5)
+    >>> cm.observe_compute(0.010, 0); cm.observe_compute(0.010, 50 << 20)  # reads cost no compute (yet)
+    >>> cm.admit(0.1), cm.admit(0.03)   # 0.1 x 0.1 s > 4 x 0.01 x 0.1 s: a one-in-ten guess pays when it lands
+    (True, False)
+    >>> cm.admit(0.3, p_victim=0.3)     # but never at the price of a victim as likely as itself
+    False
+    >>> for _ in range(30): cm.observe_compute(0.015, 25 << 20)   # 25 MiB landing cost 5 ms: 20 ms an expert
+    >>> cm.admit(0.2), cm.admit(0.3)    # 20 + 4 ms a guess: now it must be right a quarter of the time
+    (False, True)
     """
 
     def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32,
-                 unit_stall: float | None = None):
-        """unit_stall: price every miss at this many seconds instead of the time measured (I/O-free replays)."""
+                 unit_stall: float | None = None, chunk_frac: float | None = None, expert_bytes: int = 0,
+                 read_frac: float | None = None):
+        """unit_stall: price every miss at this many seconds instead of the time measured (I/O-free replays).
+        chunk_frac: guesses read in idle time only (see above); None: every byte a guess reads is priced.
+        expert_bytes: the size of a guess's read (for read_s); read_frac: read_s as a fraction of a miss, fixed."""
         self.alpha, self.warmup, self.unit_stall = alpha, warmup, unit_stall
+        self.chunk_frac, self.expert_bytes, self.read_frac = chunk_frac, expert_bytes, read_frac
+        self.compute_base = 0.0  # seconds an expert's compute takes with nothing landing meanwhile (EMA)
+        self.base_seen = 0
+        self.read_cost = 0.0  # extra compute seconds per byte that lands while an expert computes (EMA)
+        self.read_seen = 0
+        self.in_way_chunks = 0.0  # speculative chunks found with the disk by foreground reads, summed
+        self.in_way_guesses = 0  # guesses issued over the same period
         self.max_window = self.window = max(1, window)
         self.stall_s = self.miss_step = 0.0
         self.waste_frac = self.landed_frac = min(1.0, max(0.0, window_frac))
@@ -238,7 +300,7 @@ class CostModel:
         self.wrong += n
         # the window a guess may read ahead: as large as lands before the next step (additive increase while
         # withdrawals find nothing in flight, halved when they find some)
-        if n:
+        if n and self.chunk_frac is None:  # idle-time guesses read whole: the window bounds only what is in the way
             self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
 
     def observe_used(self, landed_frac: float, n: int = 1) -> None:
@@ -251,15 +313,52 @@ class CostModel:
     def gain_s(self) -> float:
         return self.landed_frac * self.stall_s
 
+    def observe_compute(self, seconds: float, bytes_landed: int) -> None:
+        """One expert computed in `seconds` while `bytes_landed` bytes of reads (any) completed."""
+        if bytes_landed <= 0:
+            self.compute_base = self._ema(self.compute_base, seconds, self.base_seen == 0)
+            self.base_seen += 1
+        elif self.base_seen:
+            self.read_cost = self._ema(self.read_cost, max(0.0, seconds - self.compute_base) / bytes_landed,
+                                       self.read_seen == 0)
+            self.read_seen += 1
+
+    @property
+    def read_s(self) -> float:
+        """What reading one guess costs the computation it overlaps (see the class docstring)."""
+        if self.read_frac is not None:
+            return self.read_frac * self.stall_s
+        if self.read_seen < self.warmup:
+            return self.stall_s
+        return self.read_cost * self.expert_bytes
+
+    def observe_in_way(self, chunks: int, guesses: int) -> None:
+        """Foreground reads found `chunks` speculative chunks with the disk while `guesses` guesses were issued."""
+        self.in_way_chunks += chunks
+        self.in_way_guesses += guesses
+
+    @property
+    def in_way(self) -> float:
+        """Speculative chunks a foreground read queues behind, per guess issued: a whole window per guess until
+        measured (four guesses' worth of evidence)."""
+        w = 4.0
+        return (self.in_way_chunks + self.window * w) / (self.in_way_guesses + w)
+
     @property
     def loss_s(self) -> float:
+        if self.chunk_frac is not None:
+            return self.in_way * self.chunk_frac * self.stall_s + self.read_s
         return self.waste_frac * self.stall_s * self.miss_step
 
     def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
         q = min(1.0, max(0.0, q))
         pv = min(1.0, max(0.0, p_victim)) * (1.0 - self.miss_step) ** max(0, victim_steps - 1)
-        return self.misses_seen >= self.warmup and q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
+        if self.misses_seen < self.warmup:
+            return False
+        if self.chunk_frac is not None:
+            return q * self.gain_s > self.loss_s + pv * self.stall_s
+        return q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
 
     def admit(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it

@@ -49,6 +49,10 @@ class SmokeConfig:
     pin_top: int = 0  # pin the N experts this trace uses most (its routing profile) before the run
     block_size: int = 1 << 20  # the loader's chunk; queue_depth chunks are with the disk at most
     queue_depth: int = 32
+    # "token": guess the same layer of the next token, read only in the disk's idle time (io_uring's window);
+    # "step": guess the next layer step (what the pread and buffered backends get: they have no window)
+    prefetch_ahead: str = "token"
+    spec_window: int = 4  # "token": speculative chunks with the disk at once (what a foreground read may wait behind)
 
 
 # -- routing traces -----------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ class NullLoader(Loader):
 
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
            max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None = None,
-           cost: CostModel | None = None) -> None:
+           cost: CostModel | None = None, ahead: str = "step") -> None:
     """Run a trace through the cache, one layer step at a time:
 
     1. the prefetcher's guesses for this step that were wrong are withdrawn (`cancel_stale`) before its reads
@@ -202,6 +206,11 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
        the guesses for the next step are issued: those `cost` admits, weighing the expert each would evict (None:
        every one above the threshold that finds a spare slot), at most `max_inflight` reads in flight.
 
+    With `ahead="token"` the guesses are for the same layer of the next token instead (`predict_token_ahead`),
+    issued as soon as they are made and held until that step (`prefetch(due=...)`, `cancel_stale(now=...)`): the
+    loader reads them only while no foreground read is with the disk (its `spec_window`), and `before_compute` lets
+    it issue their chunks before each expert is computed; `cost` is fed what foreground reads queued behind them.
+
     `on_access(layer, expert, before_compute)` acquires the expert, calls `before_compute()` (if not None) once it
     holds it, computes and releases; without it (the I/O-free replay), each expert is acquired and released and the
     guesses follow the step. With policy "none" the
@@ -209,6 +218,7 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
     T, L, _ = routes.shape
     st = cache.stats
     markov = policy == "markov" and pf is not None
+    token_ahead = markov and ahead == "token"
     index = {layer: li for li, layer in enumerate(layers)}
     for t in range(T):
         for li in range(L):
@@ -216,9 +226,10 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
             keys = [(layers[li], e) for e in experts]
             w0, m0 = st.io_wait, st.misses
             if markov:
+                now = pf.clock  # type: ignore[union-attr]
                 b0, r0, z0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.cancelled_size_bytes
                 s0, u0, f0 = st.prefetch_stale, st.prefetch_used, st.prefetch_landed
-                n = cache.cancel_stale(keep=set(keys))
+                n = cache.cancel_stale(keep=set(keys), now=now if token_ahead else None)
                 if cost is not None:
                     size = st.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
                     if n and size:
@@ -226,7 +237,10 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                                            (st.cancelled_inflight_bytes - b0) / size, n)
                     if st.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
                         cost.observe_stale(1.0, 0.0, st.prefetch_stale - s0)
-                    cache.loader.spec_window = cost.window
+                    if token_ahead:
+                        cost.observe_in_way(cache.loader.spec_in_way, st.prefetch_issued)
+                    else:
+                        cache.loader.spec_window = cost.window
             # hits first (stable), decided before the reads start, so that the LRU order, and with it the hit
             # rate, does not depend on the disk's speed. The I/O-free replay still differs from a real run: its
             # reads complete at once (no guess is ever withdrawn part-way, every wrong one is read whole) and it
@@ -238,8 +252,13 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
             if markov:
                 pf.observe(li, experts)  # type: ignore[union-attr]
                 tl = li + 1 if li + 1 < L else 0
-                target, guesses = pf.predict_scored(  # type: ignore[union-attr]
-                    li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
+                if token_ahead:
+                    target = li
+                    guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
+                        li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
+                else:
+                    target, guesses = pf.predict_scored(  # type: ignore[union-attr]
+                        li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
                 if cost is not None:  # what would not pay even in a free slot is refused now, without asking the
                     n_all = len(guesses)  # cache or the loader anything (that polling is most of the path's cost)
                     guesses = [(e, q) for e, q in guesses if cost.pays(q)]
@@ -247,7 +266,7 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
 
             def speculate(rest: list[tuple[int, int]]) -> None:
                 nonlocal guesses
-                if not guesses or not all(cache.loaded(k) for k in rest):
+                if not guesses or not token_ahead and not all(cache.loaded(k) for k in rest):
                     return  # a read of this step is still under way: a guess would only slow it down
                 keep = set(rest)
                 flying = cache.in_flight()  # once: it takes the cache's lock and polls every read
@@ -259,8 +278,9 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                         refused = not cost.admit(q)  # type: ignore[union-attr]
                     else:
                         lv = index[victim[0]]
+                        # steps until the victim's layer comes (the first is the next step's, tl)
                         refused = not cost.admit(q, pf.prob_next(lv, victim[1]),  # type: ignore[union-attr]
-                                                 (lv - target) % L + 1)  # type: ignore[union-attr]
+                                                 (lv - tl) % L + 1)  # type: ignore[union-attr]
                     return not refused
 
                 for e, q in guesses:
@@ -270,13 +290,19 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                     if flying >= max_inflight:
                         break
                     # the step's experts not computed yet are never evicted for a guess (a hit lost for a maybe)
-                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep)
+                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep,
+                                             due=now + L if token_ahead else None)
                     if refused:
                         break  # ranked by q, and the next would face the same victim: it would not pay either
                 guesses = []
 
+            if token_ahead:  # the loader holds them back while this step's own reads are with the disk
+                speculate(order)
             for i, key in enumerate(order):
-                hook = (lambda rest=order[i + 1:]: speculate(rest)) if markov else None
+                if token_ahead:
+                    hook = cache.loader.poll  # their chunks go in the disk's idle time: while this expert computes
+                else:
+                    hook = (lambda rest=order[i + 1:]: speculate(rest)) if markov else None
                 if on_access:
                     on_access(*key, hook)
                 else:  # the I/O-free replay: nothing to overlap, so guesses go after the step, as room allows
@@ -295,8 +321,8 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                         cache.prefetch((layers[nl], int(e)))
 
 
-def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConfig, window_frac: float = 1.0
-                     ) -> dict[str, dict[str, Any]]:
+def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConfig, window_frac: float = 1.0,
+                     chunk_frac: float | None = None, read_frac: float = 0.0) -> dict[str, dict[str, Any]]:
     """Hit rates of no prefetch, the Markov prefetcher and an oracle (knows the next step), same trace and slots.
 
     "markov" is the prefetcher behind the same gate as a real run (`CostModel`, the victim's odds included), with
@@ -305,7 +331,9 @@ def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConf
     there they move to what the replay measures: its reads complete at once, so a right guess lands whole and a
     wrong one costs a whole read (nothing is withdrawn part-way), and nothing is pinned.
     "markov_ungated" takes every candidate above the threshold that finds a spare slot (the hit rate the tables
-    alone would give).
+    alone would give). `chunk_frac` given: the guesses are made a token ahead (`_drive(ahead="token")`) behind the
+    idle-time gate, as a real run on io_uring makes them (no speculative chunk is ever in a read's way here), each
+    read priced at `read_frac` of a miss (what it cost the computation it overlapped in the real run).
 
     >>> r = compare_policies(manifest, routes, 16, SmokeConfig(), window_frac=0.25)  # doctest: +SKIP
     >>> r["markov"]["hit_rate"] >= r["none"]["hit_rate"]                             # doctest: +SKIP
@@ -315,8 +343,10 @@ def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConf
         pool = BufferPool(4096, slots)
         cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
-        cost = CostModel(unit_stall=1.0, window_frac=window_frac) if policy == "markov" else None
-        _drive(cache, routes, m.layers, policy.split("_")[0], pf, cfg.max_inflight, cost=cost)
+        cost = CostModel(unit_stall=1.0, window_frac=window_frac, window=cfg.spec_window if chunk_frac else 32,
+                         chunk_frac=chunk_frac, read_frac=read_frac) if policy == "markov" else None
+        _drive(cache, routes, m.layers, policy.split("_")[0], pf, cfg.max_inflight, cost=cost,
+               ahead="token" if chunk_frac is not None else "step")
         out[policy] = cache.stats.as_dict()
         pool.close()
     return out
@@ -344,28 +374,47 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         token_index = [0]
         # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
         frac = min(1.0, s.loader.queue_depth * s.loader.block_size / max(e.size for e in m.experts))
-        cost = CostModel(window=s.loader.queue_depth, window_frac=frac) if cfg.prefetch else None
-        if cost is not None:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
+        if cfg.prefetch_ahead not in ("token", "step"):
+            raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
+        # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
+        ahead = "token" if cfg.prefetch_ahead == "token" and s.loader.name == "io_uring" else "step"
+        chunk_frac = s.loader.block_size / max(e.size for e in m.experts) if ahead == "token" else None
+        cost = None
+        if cfg.prefetch and ahead == "token":
+            cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=chunk_frac,
+                             expert_bytes=max(e.size for e in m.experts))
+            s.loader.spec_window, s.loader.spec_cap_each = cfg.spec_window, False
+            s.loader.spec_background = True  # type: ignore[attr-defined]  # io_uring: reads on while experts compute
+        elif cfg.prefetch:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
+            cost = CostModel(window=s.loader.queue_depth, window_frac=frac)
             s.loader.spec_window = cost.window
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
+
+        measure_reads = cost is not None and ahead == "token"
 
         def access(layer: int, e: int, before_compute: Callable[[], None] | None) -> None:
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
                 if before_compute:
                     before_compute()
                 if cfg.compute:
+                    b0 = s.loader.bytes_read
                     t0 = time.perf_counter()
                     s.compute(ex, x_bank[token_index[0] % len(x_bank)])
                     compute_times.append(time.perf_counter() - t0)
+                    if measure_reads:  # what reads landing meanwhile cost the computation (CostModel.read_s)
+                        s.loader.poll()
+                        cost.observe_compute(compute_times[-1], s.loader.bytes_read - b0)  # type: ignore[union-attr]
 
         t_start = time.perf_counter()
         for t in range(T):
             token_index[0] = t
             _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none", pf if cfg.prefetch else None,
-                   cfg.max_inflight, on_access=access, cost=cost)
+                   cfg.max_inflight, on_access=access, cost=cost, ahead=ahead)
             tick(1)
         wall = time.perf_counter() - t_start
         st = s.cache.stats
+        # the replay's gate prices a guess's read as this run measured it (a whole miss if nothing was measured)
+        read_frac = cost.read_s / cost.stall_s if measure_reads and cost.stall_s else 1.0  # type: ignore[union-attr]
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
         # compute time excludes the wait for the shard: ffn() blocks on I/O inside, so subtract it
         io_wait = st.io_wait
@@ -392,7 +441,10 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         # what the gate had learned by the end: the figures it weighs (docs/runtime.md, "Prefetcher")
         "prefetch_gate": {"stall_ms": round(cost.stall_s * 1e3, 3), "miss_step": round(cost.miss_step, 4),
                           "landed_frac": round(cost.landed_frac, 4), "waste_frac": round(cost.waste_frac, 4),
-                          "window": cost.window, "calibration": round(pf.calibration, 4),
+                          "window": cost.window, "calibration": round(pf.calibration, 4), "ahead": ahead,
+                          "in_way_chunks_per_guess": round(cost.in_way, 3) if chunk_frac else None,
+                          "read_ms": round(cost.read_s * 1e3, 3) if chunk_frac else None,  # a guess's read's price
+                          "compute_base_ms": round(cost.compute_base * 1e3, 3) if chunk_frac else None,
                           "admitted": cost.admitted, "right": cost.right, "wrong": cost.wrong} if cost else None,
         "prefetch": cfg.prefetch,
         "pinned": [list(k) for k in pinned],
@@ -405,7 +457,8 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "io_share": round(io_wait / wall, 4) if wall else 0.0,
         "io": io_desc,
         "backend": backend,
-        "hit_rate_by_policy": compare_policies(m, routes, cfg.cache_slots, cfg, window_frac=frac),
+        "hit_rate_by_policy": compare_policies(m, routes, cfg.cache_slots, cfg, window_frac=frac,
+                                               chunk_frac=chunk_frac, read_frac=read_frac),
     }
     return result
 

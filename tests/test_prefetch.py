@@ -219,3 +219,64 @@ def test_a_replay_gated_at_a_fixed_stall_issues_guesses_and_loses_no_hits(manife
     assert results["none"]["prefetch_issued"] == 0
     assert results["gated"]["prefetch_issued"] > 0
     assert results["gated"]["hits"] >= results["none"]["hits"]
+
+
+def test_a_token_ahead_prediction_uses_the_same_layer_table():
+    """After layer 0 of token t: layer 0 of token t+1, whatever layer 1 does in between (a guess made a whole token
+    before it is needed); scored against that step when it comes."""
+    pf = MarkovPrefetcher([0, 1], 8)
+    assert pf.predict_token_ahead(0) == []  # no evidence yet
+    for t in range(12):
+        pf.observe(0, [1, 2] if t % 2 else [3, 4])
+        pf.predict_token_ahead(0)
+        pf.observe(1, [t % 8, (t + 1) % 8])
+    assert pf.clock == 24  # steps observed: the clock `ExpertCache.prefetch(due=...)` runs on
+    pf.observe(0, [1, 2])
+    assert sorted(e for e, _ in pf.predict_token_ahead(0)[:2]) == [3, 4]  # ranked first (1, 2: their base rate)
+    ahead = pf.predict_token_ahead(0, cached={3})
+    assert ahead[0][0] == 4 and 3 not in [e for e, _ in ahead]  # a cached expert is not guessed
+    before = pf.came_true
+    pf.observe(1, [0, 5])  # layer 1 in between scores nothing of layer 0's guess
+    assert pf.came_true == before
+    pf.observe(0, [3, 4])
+    assert pf.came_true == before + 1  # of the guesses for this step (3 was cached), 4 came true
+
+
+def test_an_idle_time_guess_is_priced_at_what_it_costs_the_foreground_and_the_computation():
+    """Given measurements (no clocks): q x landed x stall > in_way x chunk_frac x stall + read_s + p_victim x stall,
+    the read priced at a whole miss until overlapped computations have been measured."""
+    cm = CostModel(alpha=0.0, warmup=2, window_frac=1.0, window=4, chunk_frac=0.01, expert_bytes=100 << 20)
+    cm.observe(io_wait_s=0.1, misses=1)
+    cm.observe(io_wait_s=0.1, misses=1)  # stall 0.1 s, every step misses
+    assert not cm.pays(0.99)  # a read priced at a whole miss never pays
+    cm.observe_compute(0.010, 0)
+    for _ in range(2):
+        cm.observe_compute(0.010, 10 << 20)  # landing reads cost the computation nothing here
+    assert cm.read_s == 0.0
+    assert cm.loss_s == pytest.approx(4 * 0.01 * 0.1)  # a window in the way per guess until measured
+    assert cm.pays(0.05) and not cm.pays(0.03)
+    cm.observe_in_way(chunks=0, guesses=96)  # 100 guesses' worth of evidence: nothing was in the way
+    assert cm.in_way == pytest.approx(16 / 100) and cm.pays(0.01)
+    assert not cm.pays(0.5, p_victim=0.6)  # the victim is priced even for a right guess
+    cm.alpha = 1.0
+    cm.observe_compute(0.015, 25 << 20)  # 25 MiB landing cost 5 ms: 20 ms a 100 MiB read
+    assert cm.read_s == pytest.approx(0.020)
+    assert not cm.pays(0.2) and cm.pays(0.21)
+    fixed = CostModel(warmup=0, chunk_frac=0.01, read_frac=0.5, unit_stall=1.0)  # the replay's: half a miss
+    fixed.observe(io_wait_s=0.0, misses=1)
+    assert fixed.read_s == 0.5
+
+
+def test_the_token_ahead_replay_gains_on_a_learnable_trace_and_never_loses(manifest):
+    cycle = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    routes = np.array([[cycle[t % 4], cycle[(t + 1) % 4]] for t in range(400)])
+    # 4 slots: one guess held across the other layer's step (held guesses are evicted last: 0% used otherwise)
+    r = compare_policies(manifest, routes, 4, SmokeConfig(max_inflight=2), chunk_frac=0.01, read_frac=0.0)
+    assert r["markov"]["hit_rate"] > r["none"]["hit_rate"] + 0.15
+    assert r["markov"]["prefetch_used"] > 0.9 * r["markov"]["prefetch_issued"]
+    for workload in ("zipf", "markov", "uniform", "router"):
+        routes = make_routes(manifest, workload, 400, 7)
+        r = compare_policies(manifest, routes, 5, SmokeConfig(), chunk_frac=0.01, read_frac=0.0)
+        assert r["markov"]["hits"] >= r["none"]["hits"] - 0.005 * routes.size, workload
+        priced = compare_policies(manifest, routes, 5, SmokeConfig(), chunk_frac=0.01, read_frac=1.0)
+        assert priced["markov"]["prefetch_issued"] == 0, workload  # a read that costs a miss never pays

@@ -334,3 +334,127 @@ def test_a_guess_never_evicts_an_expert_its_step_is_about_to_use(window_cache):
     assert cache.prefetch((9, 0), admit=lambda v: asked.append(v) or True, keep={(1, 0)})
     assert asked == [(1, 1)] and (1, 0) in cache.entries and (1, 1) not in cache.entries
     cache.drain()
+
+
+# -- guesses made a token ahead -------------------------------------------------------------------------------
+def test_a_guess_for_a_later_step_survives_the_steps_in_between_and_is_used(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window, loader.spec_cap_each = 2, False
+    assert cache.prefetch((9, 0), due=12)  # made at step 10 for step 12 (the same layer, next token)
+    t = cache.entries[(9, 0)].ticket
+    for now in (10, 11):  # the steps in between: other layers' experts; the guess is not theirs to judge
+        assert cache.cancel_stale(keep={(1, now)}, now=now) == 0
+        use(cache, (1, now))
+    assert (9, 0) in cache.entries and cache.stats.prefetch_cancelled == cache.stats.prefetch_stale == 0
+    assert cache.cancel_stale(keep={(9, 0)}, now=12) == 0  # its step, and it is needed
+    slot = cache.acquire((9, 0))
+    assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
+    cache.release((9, 0))
+    st = cache.stats
+    assert (st.prefetch_used, st.hits, st.misses) == (1, 1, 2) and t.issued == 256
+
+
+def test_a_guess_is_withdrawn_exactly_when_its_own_step_is_routed_without_it(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window, loader.spec_cap_each = 2, False
+    assert cache.prefetch((9, 0), due=12)
+    assert cache.prefetch((9, 1))  # no due: judged at the next step, as before
+    assert cache.cancel_stale(keep=set(), now=11) == 1  # the one without a step; the other's has not come
+    assert (9, 0) in cache.entries and (9, 1) not in cache.entries
+    assert cache.cancel_stale(keep={(9, 5)}, now=12) == 1  # its step came, routed to another expert
+    assert (9, 0) not in cache.entries and cache.stats.prefetch_cancelled == 2
+    cache.drain()
+    assert len(cache.free) == 3
+
+
+def test_a_miss_evicts_a_guess_held_for_a_later_step_last(window_cache):
+    cache, loader, pool, big = window_cache
+    loader.spec_window = None
+    use(cache, (1, 0))
+    assert cache.prefetch((9, 0), due=5)  # least recently used of the two
+    while not loader.ready(cache.entries[(9, 0)].ticket):
+        pass
+    use(cache, (1, 1))
+    use(cache, (1, 2))  # no free slot: the used expert goes, not the guess still waiting for its step
+    assert (9, 0) in cache.entries and (1, 0) not in cache.entries and cache.stats.prefetch_wasted == 0
+
+
+def test_a_foreground_read_waits_behind_no_more_than_the_window(window_cache):
+    """Speculative chunks go only while no foreground chunk is with the disk, at most spec_window at once; a
+    foreground read queued while a guess streams goes ahead of every chunk of it not yet issued."""
+    cache, loader, pool, big = window_cache
+    trace = loader.record_issues()
+    loader.spec_window, loader.spec_cap_each = 2, False
+    assert cache.prefetch((9, 0), due=3)
+    g = cache.entries[(9, 0)].ticket
+    while g.issued <= 2:  # each poll reaps what landed and issues what the window allows
+        loader.poll()
+    assert not g.done  # not stopped at its window: it streams while the disk is idle
+    before = loader.spec_in_way
+    cache.fetch([(1, 0)])  # a miss
+    f = cache.entries[(1, 0)].ticket
+    assert loader.spec_in_way - before <= 2  # what the miss found with the disk: the window at most
+    events = list(trace)
+    queued = next(i for i, ev in enumerate(events) if ev[:2] == ("queued", f.id))
+    while not f.done:
+        loader.ready(f)
+    events = list(trace)
+    last = max(i for i, ev in enumerate(events) if ev[:2] == ("issue", f.id))
+    assert not any(ev[:2] == ("issue", g.id) for ev in events[queued:last])  # no guess chunk in between
+    cache.acquire((1, 0))
+    cache.release((1, 0))
+    cache.close()
+
+
+def test_a_background_thread_streams_guesses_while_the_caller_does_not_call(window_cache):
+    """io_uring's spec_background: the guess's chunks are reaped and the next issued by the loader's own thread,
+    so a guess lands while the caller computes (makes no call into the loader)."""
+    import time
+
+    cache, loader, pool, big = window_cache
+    loader.spec_window, loader.spec_cap_each, loader.spec_background = 2, False, True
+    assert cache.prefetch((9, 0), due=3)
+    t = cache.entries[(9, 0)].ticket
+    deadline = time.monotonic() + 60  # a liveness bound, not a timing: without the thread it never completes
+    while not t.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.done and t.issued == 256 and loader.bytes_read >= 1 << 20
+    slot = cache.acquire((9, 0))
+    assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
+    cache.release((9, 0))
+
+
+def test_token_ahead_prefetching_never_changes_results_and_uses_its_guesses(folder):
+    """The whole path on real shards: guesses a token ahead, held across the other layers' steps, used at theirs;
+    the outputs are those of prefetching off."""
+    routes = cycle_routes(folder, 24)
+    routes[::5] = routes[::5][:, :, ::-1]
+    off, on = [], []
+    x = np.random.default_rng(3).standard_normal(folder.model["d_model"]).astype(np.float32)
+    for outs, policy in ((off, "none"), (on, "markov")):
+        with open_shards(folder.root, cache_slots=4) as s:
+            pf = MarkovPrefetcher(folder.layers, folder.model["n_experts"])
+            cm = CostModel(alpha=0.0, warmup=0, window=2, chunk_frac=0.01, read_frac=0.0, unit_stall=1.0)
+            cm.observe(io_wait_s=0.0, misses=1)
+            s.loader.spec_window, s.loader.spec_cap_each = 2, False
+
+            def access(layer, e, before_compute):
+                with s.load(layer, e) as ex:
+                    if before_compute:
+                        before_compute()
+                    outs.append(((layer, e), s.compute(ex, x)))
+
+            _drive(s.cache, routes, folder.layers, policy, pf, 2, on_access=access, cost=cm, ahead="token")
+            st = s.cache.stats
+            if policy == "markov":
+                assert st.prefetch_issued > 0 and st.prefetch_used > 0
+                assert len(s.cache.entries) + len(s.cache.free) + len(s.cache._draining) == 4
+    k = routes.shape[2]
+
+    def steps(outs):
+        return [sorted(outs[i:i + k], key=lambda kv: kv[0]) for i in range(0, len(outs), k)]
+
+    assert len(on) == len(off) == routes.size
+    for a, b in zip(steps(on), steps(off)):
+        assert [key for key, _ in a] == [key for key, _ in b]
+        assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))

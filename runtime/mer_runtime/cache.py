@@ -168,6 +168,11 @@ class ExpertCache:
         chunks = max(1, -(-t.size // self.loader.block_size))
         return max(0.0, 1.0 - t.remaining / chunks)
 
+    @staticmethod
+    def _held_for_later(e: Entry) -> bool:
+        """An unused guess made for a step that has not come (`prefetch(due=...)`)."""
+        return e.prefetched and not e.used and not e.stale and e.due is not None
+
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
@@ -224,7 +229,8 @@ class ExpertCache:
         if self.free:
             return self.free.pop()
         idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
-        for e in idle:
+        # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost
+        for e in sorted(idle, key=self._held_for_later):
             if self._read_complete(e):
                 return self._evict(e)
         if not self._draining and idle:
@@ -376,8 +382,9 @@ class ExpertCache:
                     continue
                 slot = self.free.pop() if self.free else None
                 if slot is None:  # a complete, idle entry that is not part of this step
-                    v = next((e for e in self.entries.values() if not e.pinned and not e.holders
-                              and e.key not in step and self._read_complete(e)), None)
+                    v = next((e for e in sorted(self.entries.values(), key=self._held_for_later)
+                              if not e.pinned and not e.holders and e.key not in step and self._read_complete(e)),
+                             None)
                     if v is None:
                         break
                     slot = self._evict(v)
@@ -431,6 +438,12 @@ class ExpertCache:
             if n:
                 self._cv.notify_all()
             return n
+
+    def speculating(self) -> bool:
+        """Is a guess's read still under way (never blocks, collects nothing)?"""
+        with self._cv:
+            return any(e.prefetched and not e.used and e.ticket is not None and not e.ticket.done
+                       for e in self.entries.values())
 
     def loaded(self, key: Key) -> bool:
         """Is key in the cache with its read complete (an acquire would not wait for the disk)? Never blocks."""

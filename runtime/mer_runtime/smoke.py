@@ -299,8 +299,8 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
             if token_ahead:  # the loader holds them back while this step's own reads are with the disk
                 speculate(order)
             for i, key in enumerate(order):
-                if token_ahead:
-                    hook = cache.loader.poll  # their chunks go in the disk's idle time: while this expert computes
+                if token_ahead:  # their chunks go in the disk's idle time: while this expert computes
+                    hook = lambda: cache.speculating() and cache.loader.poll()  # noqa: E731
                 else:
                     hook = (lambda rest=order[i + 1:]: speculate(rest)) if markov else None
                 if on_access:
@@ -397,13 +397,12 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                 if before_compute:
                     before_compute()
                 if cfg.compute:
-                    b0 = s.loader.bytes_read
+                    b0 = s.loader.landed_bytes() if measure_reads else 0
                     t0 = time.perf_counter()
                     s.compute(ex, x_bank[token_index[0] % len(x_bank)])
                     compute_times.append(time.perf_counter() - t0)
-                    if measure_reads:  # what reads landing meanwhile cost the computation (CostModel.read_s)
-                        s.loader.poll()
-                        cost.observe_compute(compute_times[-1], s.loader.bytes_read - b0)  # type: ignore[union-attr]
+                    if measure_reads:  # what reads landing meanwhile (foreground or not) cost the computation
+                        cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0)  # type: ignore
 
         t_start = time.perf_counter()
         for t in range(T):

@@ -63,6 +63,18 @@ def test_no_prefetch_and_backends_agree(out):
         assert (r["hits"], r["misses"], r["backend"]) == (base["hits"], base["misses"], io)
 
 
+def test_guesses_go_a_token_ahead_only_where_the_loader_keeps_them_to_idle_time(out):
+    """io_uring has the speculative window (a foreground read waits behind at most spec_window chunks): guesses a
+    token ahead; pread has none: the one-step guesses, as before."""
+    from mer_runtime import uring
+
+    assert smoke(out, "--tokens", "30", "--cache-slots", "3", "--io", "pread")["prefetch_gate"]["ahead"] == "step"
+    if uring.probe():
+        pytest.skip(uring.probe())
+    r = smoke(out, "--tokens", "30", "--cache-slots", "3", "--io", "io_uring")
+    assert r["prefetch_gate"]["ahead"] == "token" and r["prefetch_gate"]["read_ms"] is not None
+
+
 def test_pin_top_keeps_the_hottest_experts(out):
     r = smoke(out, "--tokens", "100", "--cache-slots", "4", "--workload", "zipf", "--pin-top", "3", "--no-prefetch")
     assert len(r["pinned"]) == 3

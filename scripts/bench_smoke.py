@@ -10,6 +10,7 @@ I/O share, prefetches issued / used / cancelled. The hit rates of no prefetch / 
 come from the same run.
 
     python scripts/bench_smoke.py [--dir /tmp/mertools-bench] [--tokens 40] [--reps 3] [--workload markov zipf]
+                                  [--ahead step|token] [--spec-window 4]
 
 Run one workload per invocation on a shared machine (each takes about a minute at the defaults).
 """
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--io", default="auto")
     ap.add_argument("--block", type=int, default=1 << 20, help="the loader's chunk in bytes")
     ap.add_argument("--depth", type=int, default=32, help="chunks with the disk at most")
+    ap.add_argument("--ahead", choices=("step", "token"), default="step",
+                    help="guess the next layer step, or the same layer of the next token (io_uring only)")
+    ap.add_argument("--spec-window", type=int, default=4, help="--ahead token: speculative chunks with the disk")
     ap.add_argument("--json", type=Path, help="also write every run here")
     a = ap.parse_args()
     from bench_loader import ensure_folder
@@ -52,7 +56,8 @@ def main() -> None:
     for workload in a.workload:
         def run(prefetch: bool) -> dict:
             cfg = SmokeConfig(tokens=a.tokens, cache_slots=a.slots, workload=workload, io=a.io, prefetch=prefetch,
-                              block_size=a.block, queue_depth=a.depth)
+                              block_size=a.block, queue_depth=a.depth, prefetch_ahead=a.ahead,
+                              spec_window=a.spec_window)
             return run_smoke(folder, cfg)
 
         run(True)  # warm-up, discarded: the first run of a process pays for imports and the host's cold cache

@@ -49,9 +49,11 @@ class SmokeConfig:
     pin_top: int = 0  # pin the N experts this trace uses most (its routing profile) before the run
     block_size: int = 1 << 20  # the loader's chunk; queue_depth chunks are with the disk at most
     queue_depth: int = 32
-    # "token": guess the same layer of the next token, read only in the disk's idle time (io_uring's window);
-    # "step": guess the next layer step (what the pread and buffered backends get: they have no window)
-    prefetch_ahead: str = "token"
+    # "step": guess the next layer step; "token": the same layer of the next token, read only in the disk's idle
+    # time (io_uring's window; pread and buffered have none and keep "step"). "step" by default: on the 2-core bench
+    # VM a read beside the kernel costs it about 20 ms an expert, the gate measures 2-5 ms of it, admits 3-13
+    # guesses a run, and markov ran 0.97x off (docs/runtime.md, "Guesses a token ahead")
+    prefetch_ahead: str = "step"
     spec_window: int = 4  # "token": speculative chunks with the disk at once (what a foreground read may wait behind)
 
 

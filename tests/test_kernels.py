@@ -343,6 +343,62 @@ def test_qk45_exact_on_adversarial_activations(qtype, simd):
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
 
 
+def _adversarial_q6k_inputs(raw, rows, cols, rng):
+    """(name, raw, x) as _adversarial_q4_0_inputs for Q6_K (its exact kernel pre-scales x by 2^-8k): the zero column
+    is element 0 of every 32 (both nibbles of ql bytes 0 and 32 of each half are 0 and their qh byte 0b10101010:
+    quant 32, weight 0), the cancelling pairs are elements 0/1 of every 32 (ql bytes 1 and 33, qh byte 1 = bytes 0
+    and 32, 0), which share a sub-block scale."""
+    x = rng.standard_normal(cols).astype(np.float32)
+    zero_col = raw.reshape(rows, cols // 256, 210).copy()
+    for n in range(2):
+        zero_col[:, :, 64 * n] = 0
+        zero_col[:, :, 64 * n + 32] = 0
+        zero_col[:, :, 128 + 32 * n] = 0xAA
+    zero_col = zero_col.reshape(-1)
+    assert not dequantize(zero_col.reshape(rows, -1), T.Q6_K)[:, ::32].any()
+    for r in (1e3, 1e4, 1e6):
+        xo = x.copy()
+        xo[::32] *= r
+        yield f"outlier {r:g} on a zero column", zero_col, xo
+        yield f"outlier {r:g}", raw, xo
+    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
+    pair = raw.reshape(rows, cols // 256, 210).copy()
+    for n in range(2):
+        for o in (64 * n, 64 * n + 32, 128 + 32 * n):
+            pair[:, :, o + 1] = pair[:, :, o]
+    xc = x.copy()
+    xc[1::32] = -xc[0::32]
+    xc[0::32] *= 1e5
+    xc[1::32] *= 1e5
+    yield "cancelling pairs", pair.reshape(-1), xc
+    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
+        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling of Q6_K
+    tiny = (x * np.float32(1e-35)).astype(np.float32)
+    tiny[0] = 1.0
+    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_q6k_exact_on_adversarial_activations(simd):
+    """As test_q4_0_exact_on_adversarial_activations, for Q6_K, whose exact kernel reads pre-scaled x."""
+    rng = np.random.default_rng(810)
+    rows, cols = 64, 1024
+    raw = random_matrix(T.Q6_K, rows, cols, rng)
+    for name, r, x in _adversarial_q6k_inputs(raw, rows, cols, rng):
+        w = dequantize(r.reshape(rows, -1), T.Q6_K).astype(np.float64)
+        ref = w @ x.astype(np.float64)
+        got = matvec("Q6_K", r, (rows, cols), x, simd=simd)
+        assert np.all(np.isfinite(got)), name
+        err = np.abs(got - ref)
+        bound = np.abs(w) @ np.abs(x.astype(np.float64))
+        if os.environ.get("MER_SHOW_ADVERSARIAL"):
+            print(f"Q6_K simd={simd} {name}: err/bound {np.max(err / bound):.2e} rel {rel(got, ref):.2e}")
+        assert np.all(err <= 1e-6 * bound), (name, err.max())
+        if name != "cancelling pairs":
+            assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 def test_q8_activations_on_an_odd_number_of_blocks(qtype):

@@ -44,7 +44,7 @@
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
-enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, N_LAYOUTS = 5 };
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, N_LAYOUTS = 6 };
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -728,6 +728,61 @@ AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
 AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 0); }
 AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
 
+/* Q6_K, exact, as pblk_q4_0x: each half (128 values) is ql[0..63] and qh[0..31] read as dwords; dword i of ql,
+ * ql + 32 and qh holds l = 4i..4i+3, byte k = l 4i+k. The four 6-bit quants of a byte position (j = 0..3: low
+ * nibble of ql, of ql + 32, high nibble of ql, of ql + 32, with qh's bits 2j..2j+1 on top) are assembled once per
+ * 32 values in the byte where they lie (and, shift, and, or); per 8 values group k is masked where it lies and
+ * 32 << 8k subtracted: the integer (q - 32) * 2^8k (|.| <= 2^29: exact), times x stored times 2^-8k, is the
+ * float32 product (q - 32) * x of a plain decode. Lanes 0-3 hold l < 16 and lanes 4-7 l >= 16, which is exactly
+ * the split between the sub-block scales 2j and 2j + 1: each j's 8-lane sum is multiplied by the vector of those
+ * two scales (d * sc, one permute of the block's 8 scales a half), so the per-16 scale costs no broadcast.
+ * Before (the bytes widened with vpmovsxbd, a scale broadcast per 16 values, every product on one accumulator
+ * chain): see docs/runtime.md. Below 2^-102 the scaled x would be subnormal: such an x goes to the kernel that
+ * reads x as it is (Q6K_TINY, every element tested, as QK45_TINY). */
+#define XP_Q6K 256
+#define Q6K_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
+
+/* position 128n + 32j + 8k + i holds x[128n + 32j + 4i + k] * 2^-8k */
+static void perm_q6k(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb * 8; b++, x += 32, xp += 32)
+        for (int k = 0; k < 4; k++) {
+            const float f = ldexpf(1.f, -8 * k);
+            for (int i = 0; i < 8; i++) xp[8 * k + i] = x[4 * i + k] * f;
+        }
+}
+
+AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256 d = h2f_t(b + 208);
+    const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 192)))));
+    const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 200)))));
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
+    __m256 a = *acc;
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i Q[4];
+        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
+        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
+        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
+        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4), _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        const __m256 S = n ? S1 : S0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+            const float *xj = xp + 128 * n + 32 * j;
+            __m256 s = _mm256_setzero_ps();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256i q = _mm256_sub_epi32(_mm256_and_si256(Q[j], _mm256_set1_epi32(63 << (8 * k))),
+                                                   _mm256_set1_epi32(32 << (8 * k)));
+                s = k ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj + 8 * k), s)
+                      : _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj));
+            }
+            const __m256 sc = _mm256_permutevar8x32_ps(S, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1));
+            a = _mm256_fmadd_ps(sc, s, a);
+        }
+    }
+    *acc = a;
+}
+
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). Two accumulators, blocks alternating between them, measured slower here
  * (Q4_K and Q5_K exact 0.75x, Q8_0 0.87x; Q4_0 a tie in cache). */
@@ -767,13 +822,15 @@ DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 4)
 DEFINE_ROWS_P(prows_q4_k_1, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 1)
 DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 4)
 DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
+DEFINE_ROWS_P(prows_q6_k, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 4)
+DEFINE_ROWS_P(prows_q6_k_1, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 1)
 
 
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
-    int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q4_0X ? XP_Q4_0X : 32, qk = layout == L_QK45 ? 256 : 32;
-    int64_t nb = cols / qk;
-    if (layout == L_Q4_0X || layout == L_QK45) { /* the layouts stored pre-scaled: a tiny x would go subnormal */
-        const float tiny = layout == L_QK45 ? QK45_TINY : Q4_0X_TINY;
+    int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q6K ? XP_Q6K : layout == L_Q4_0X ? XP_Q4_0X : 32;
+    int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
+    if (layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K) { /* stored pre-scaled: a tiny x would go subnormal */
+        const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
         for (int64_t j = 0; j < n * cols; j++) { /* every element: one tiny value beside a large one counts too */
             float a = fabsf(x[j]);
             if (a != 0.f && a < tiny) return NULL;
@@ -784,6 +841,7 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
         if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
         else if (layout == L_Q4_0X) perm_q4_0x(x + v * cols, xp + v * nb * xpb, nb);
         else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
+        else if (layout == L_Q6K) perm_q6k(x + v * cols, xp + v * nb * xpb, nb);
         else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
     }
     return xp;
@@ -1040,6 +1098,7 @@ static int perm_layout(int type, int flags) {
     if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
+    if (type == T_Q6_K) return L_Q6K;
 #else
     (void)type; (void)flags;
 #endif
@@ -1100,7 +1159,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K: PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
+        case T_Q6_K: if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;

@@ -215,6 +215,11 @@ def _hand_over_inputs(raw, cols, rng, thr):
     mant = (rng.choice([-1.0, 1.0], cols) * (1 + rng.uniform(0, 1, cols)))
     for e in (thr, thr - 1, thr - 8):
         yield f"x in [1, 2) x 2^{e}", raw, (mant * 2.0 ** e).astype(np.float32)
+    # below the hand-over a vector is scaled up by 2^E, unless its largest value would then pass 2^64: this one
+    # (range 2^170) is read as it is
+    wide = (mant * 2.0 ** (thr - 8)).astype(np.float32)
+    wide[1] = 2.0 ** 60
+    yield f"one value 2^60, the rest at 2^{thr - 8}", raw, wide
 
 
 def _adversarial_q4_0_inputs(raw, rows, cols, rng):
@@ -397,6 +402,23 @@ def test_q6k_exact_on_adversarial_activations(simd):
         assert np.all(err <= 1e-6 * bound), (name, err.max())
         if name != "cancelling pairs":
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_q8_activations_round_half_away_from_zero(qtype):
+    """Activations exactly halfway between two steps round away from zero (roundf, ggml's rule), on the SIMD
+    quantizer as on the scalar one: round-half-to-even (the vector unit's default) is 8e-3 off here."""
+    rng = np.random.default_rng(32)
+    rows, cols = 16, 512
+    blk = 256 if qtype == T.Q6_K else 32
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = (rng.integers(-120, 120, cols) + 0.5).astype(np.float32)
+    x[::blk] = 127  # each block's scale is 1: every other value is a tie
+    q = np.where(x >= 0, np.floor(x + 0.5), np.ceil(x - 0.5)).astype(np.float64)
+    assert rel(w @ np.round(x.astype(np.float64)), w @ q) > 1e-3  # the test can tell the two rules apart
+    for simd in SIMD:
+        assert rel(matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd), w @ q) < 1e-6, simd
 
 
 @needs_c

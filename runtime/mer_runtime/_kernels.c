@@ -227,8 +227,45 @@ typedef struct {
     uint8_t pad[28];
 } q80_t;
 
+#ifdef MER_X86
+/* quantize_amax for n a multiple of 32, the same int8 values bit for bit: max of |x| (a NaN is skipped, as by the
+ * scalar comparison), then roundf's rule (half away from zero) built from a truncation and the exact remainder,
+ * not the vector unit's ties-to-even (finite x; a NaN quantizes to -128 here, to whatever the cast gives there). The scalar loop called roundf per value: a moe() step with act="q8"
+ * spent 0.1-0.25 ms between its phases quantizing h (28672 values) on one thread. */
+__attribute__((target("avx2,fma,f16c"))) static float quantize_amax_avx2(const float *x, int n, int8_t *q) {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), absm), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float s = amax / 127.f, inv = s >= FLT_MIN ? 1.f / s : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int j = 0; j < n; j += 32) {
+        __m256i r[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * i), vinv);
+            const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(v, t), absm), half, _CMP_GE_OQ);
+            const __m256 away = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(v, sign))); /* copysign(1, v) or 0 */
+            r[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, away));
+        }
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + j), _mm256_permutevar8x32_epi32(p, order));
+    }
+    return s;
+}
+static int have_avx2(void);
+#endif
+
 /* n values to int8 with one scale amax/127, round to nearest (ggml's rule for Q8_0 and Q8_K); returns the scale */
 static float quantize_amax(const float *x, int n, int8_t *q) {
+#ifdef MER_X86
+    if (n % 32 == 0 && have_avx2()) return quantize_amax_avx2(x, n, q);
+#endif
     float amax = 0.f;
     for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
     /* below FLT_MIN, 1/s overflows and a cast of inf to int8 is undefined: such a block quantizes to zeros */
@@ -616,9 +653,9 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
  * low, 1 high) with 8 << (8g + 4h) subtracted (at g = 3, h = 1 the subtraction wraps to the right signed value):
  * the integer (q - 8) * 2^(8g+4h), exact in float32. x is permuted with the factor 2^-(8g+4h) already applied (a
  * power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
- * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group (2^-28), so an x with ANY
- * nonzero |value| below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL): testing
- * only the largest value let a tiny element beside a large one (or a tiny token in a batch) lose bits.
+ * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group (2^-28), so a vector with
+ * ANY nonzero |value| below Q4_0X_TINY is first scaled up by a power of two (perm_prepare_x86): testing only the
+ * largest value let a tiny element beside a large one (or a tiny token in a batch) lose bits.
  * Measured and not kept (2-core Zen 3, alternated under the bench lock, streaming 0.7 GB): taking the nibbles
  * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over the first form
  * of this kernel, which still had a shift a block) loses
@@ -681,8 +718,8 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
  * of group k drops what came down from byte k + 1), so low and high share one scaling and one mask constant. Q5_K's
  * fifth bits (bit 8k + 2c of H for the low values, + 1 for the high) are moved once per chunk to bit 8k + 4 and
  * or-ed in under the nibbles: per 8 values and + cvt + fma, against srli, and (and srli, and, slli, or) before.
- * Down-scaling cannot overflow; below 2^-102 the scaled x would be subnormal, so an x with any nonzero |value|
- * below QK45_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL). */
+ * Down-scaling cannot overflow; below 2^-102 the scaled x would be subnormal, so a vector with any nonzero |value|
+ * below QK45_TINY is first scaled up by a power of two (perm_prepare_x86). */
 #define QK45_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
 
 AVX2 __m256i shift_epi32(__m256i v, int n) { return n >= 0 ? _mm256_slli_epi32(v, n) : _mm256_srli_epi32(v, -n); }
@@ -737,8 +774,8 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
  * the split between the sub-block scales 2j and 2j + 1: each j's 8-lane sum is multiplied by the vector of those
  * two scales (d * sc, one permute of the block's 8 scales a half), so the per-16 scale costs no broadcast.
  * Before (the bytes widened with vpmovsxbd, a scale broadcast per 16 values, every product on one accumulator
- * chain): see docs/runtime.md. Below 2^-102 the scaled x would be subnormal: such an x goes to the kernel that
- * reads x as it is (Q6K_TINY, every element tested, as QK45_TINY). */
+ * chain): see docs/runtime.md. Below 2^-102 the scaled x would be subnormal: a vector holding such a value is
+ * first scaled up by a power of two (Q6K_TINY, every element tested, as QK45_TINY; perm_prepare_x86). */
 #define XP_Q6K 256
 #define Q6K_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
 
@@ -790,6 +827,7 @@ AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
     AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
                       int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        const float *vs = xp + nvec * nb * (XPB); /* per vector: 2^-E of perm_prepare_x86 */                      \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                 \
             int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                        \
             const uint8_t *p[NR];                                                                                 \
@@ -807,7 +845,7 @@ AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
                     const float *xb = xv + b * (XPB);                                                             \
                     for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xb, &a[i]);                               \
                 }                                                                                                 \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]) * vs[v];                         \
             }                                                                                                     \
         }                                                                                                         \
     }
@@ -826,24 +864,53 @@ DEFINE_ROWS_P(prows_q6_k, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 4)
 DEFINE_ROWS_P(prows_q6_k_1, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 1)
 
 
+/* x [n, cols] permuted for `layout`, then n floats: the factor each vector's outputs are multiplied by.
+ * The pre-scaled layouts store x times 2^-s (s up to D = 28 for Q4_0, 24 for the K-quants), so a nonzero |x| below
+ * 2^(D-126) (the layout's TINY) would turn subnormal and lose bits. Such a vector is stored times 2^E first (E the
+ * smallest that lifts its smallest nonzero |value| to TINY; a power of two: exact, and every product and sum is
+ * then the plain kernel's times 2^E) and its outputs are multiplied by 2^-E. Only a vector whose largest |value|
+ * would then pass 2^64 (a range within one vector beyond about 2^160: products and sums stay far below float32's
+ * overflow below that) goes to the kernel that reads x as it is (NULL). Before, any tiny value sent the whole
+ * vector there: the down projection of a SwiGLU step whose gate saw one value below about -75 (silu of it is
+ * below 2^-102) ran at the slower kernel's speed. */
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
     int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q6K ? XP_Q6K : layout == L_Q4_0X ? XP_Q4_0X : 32;
     int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
-    if (layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K) { /* stored pre-scaled: a tiny x would go subnormal */
-        const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
-        for (int64_t j = 0; j < n * cols; j++) { /* every element: one tiny value beside a large one counts too */
-            float a = fabsf(x[j]);
-            if (a != 0.f && a < tiny) return NULL;
+    const int scaled = layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K;
+    const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
+    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb + n)), *tmp = NULL;
+    if (!xp) return NULL;
+    float *vscale = xp + n * nb * xpb;
+    for (int64_t v = 0; v < n; v++) {
+        const float *xv = x + v * cols;
+        int E = 0;
+        vscale[v] = 1.f;
+        if (scaled) { /* every element: one tiny value beside a large one counts too */
+            float mn = FLT_MAX, mx = 0.f;
+            for (int64_t j = 0; j < cols; j++) {
+                float a = fabsf(xv[j]);
+                if (a != 0.f && a < mn) mn = a;
+                if (a > mx) mx = a;
+            }
+            if (mn < tiny) {
+                int et, em, ex;
+                frexpf(tiny, &et); frexpf(mn, &em); frexpf(mx, &ex);
+                E = et - em + 1; /* mn >= 2^(em-1), tiny = 2^(et-1) */
+                if (!(mx <= FLT_MAX) || ex + E > 64) { free(xp); free(tmp); return NULL; }
+                if (!tmp && !(tmp = malloc(sizeof(float) * (size_t)cols))) { free(xp); return NULL; }
+                for (int64_t j = 0; j < cols; j++) tmp[j] = ldexpf(xv[j], E);
+                xv = tmp;
+                vscale[v] = ldexpf(1.f, -E);
+            }
         }
+        float *out = xp + v * nb * xpb;
+        if (layout == L_Q4_0) perm_q4_0(xv, out, nb);
+        else if (layout == L_Q4_0X) perm_q4_0x(xv, out, nb);
+        else if (layout == L_Q8_0) perm_q8_0(xv, out, nb);
+        else if (layout == L_Q6K) perm_q6k(xv, out, nb);
+        else perm_qk45(xv, out, nb);
     }
-    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
-    for (int64_t v = 0; xp && v < n; v++) {
-        if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
-        else if (layout == L_Q4_0X) perm_q4_0x(x + v * cols, xp + v * nb * xpb, nb);
-        else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
-        else if (layout == L_Q6K) perm_q6k(x + v * cols, xp + v * nb * xpb, nb);
-        else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
-    }
+    free(tmp);
     return xp;
 }
 
@@ -1076,6 +1143,10 @@ int mer_has_avx2(void) {
     return 0;
 #endif
 }
+
+#ifdef MER_X86
+static int have_avx2(void) { return mer_has_avx2(); }
+#endif
 
 int mer_has_vnni(void) {
 #if defined(MER_X86) && defined(MER_HAVE_VNNI)
@@ -1406,10 +1477,20 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
+#ifdef MER_V_INTERLEAVE
+    for (int64_t q0 = r0; q0 < r1; q0 += MER_V_INTERLEAVE) {
+        int64_t q1 = q0 + MER_V_INTERLEAVE < r1 ? q0 + MER_V_INTERLEAVE : r1;
+        rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, q0,
+                 q1, c->flags);
+        rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, q0,
+                 q1, c->flags);
+    }
+#else
     rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
              r1, c->flags);
     rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
              r1, c->flags);
+#endif
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1428,7 +1509,11 @@ static void moe_phase1(void *c_, int64_t t) {
 static void moe_phase2(void *c_, int64_t t) {
     moe_ctx *c = c_;
     int64_t D = c->d_model, F = c->d_ff, n = c->n;
+#ifdef MER_V_P2CHUNK
+    int64_t r0 = t * MER_V_P2CHUNK, r1 = r0 + MER_V_P2CHUNK < D ? r0 + MER_V_P2CHUNK : D;
+#else
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
+#endif
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
@@ -1454,6 +1539,10 @@ static int proj_init(mat_t *m, const mer_proj *p, int64_t rows, int64_t cols) {
     return MER_OK;
 }
 
+#ifdef MER_PROFILE
+#include <time.h>
+double prof_us[4];
+#endif
 /* out[v] = sum_e wk[e] * down_e(act(gate_e x[v] + bg, up_e x[v] + bu)) + bd  for v < n, in one call.
  * k <= 8 experts; x float32 [n, d_model] (x_len floats); out float32 [n, d_model] (out_len floats).
  * act: 0 SwiGLU, 1 GPT-OSS clamped (alpha, limit). On error returns MER_E* and *bad = 3*e + projection
@@ -1515,13 +1604,31 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model); }
         if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model); }
     }
+#ifdef MER_PROFILE
+    struct timespec T0, T1, T2, T3; clock_gettime(CLOCK_MONOTONIC, &T0);
+#endif
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T1);
+#endif
     /* the barrier is pool_run's join: h is complete */
     if (h0) quantize_q8(c.h, (int64_t)nh, c.ah);
     if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh);
     for (int e = 0; e < k; e++)
         c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T2);
+#endif
+#ifdef MER_V_P2CHUNK
+    pool_run(moe_phase2, &c, (d_model + MER_V_P2CHUNK - 1) / MER_V_P2CHUNK, pflags);
+#else
     pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
+#endif
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T3);
+#define DT(a, b) ((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3)
+    prof_us[0] += DT(T0, T1); prof_us[1] += DT(T1, T2); prof_us[2] += DT(T2, T3); prof_us[3] += 1;
+#endif
 done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);

@@ -404,6 +404,7 @@ def test_q6k_exact_on_adversarial_activations(simd):
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
 
 
+@needs_c
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K], ids=lambda t: t.name)
 def test_q8_activations_round_half_away_from_zero(qtype):
     """Activations exactly halfway between two steps round away from zero (roundf, ggml's rule), on the SIMD

@@ -1477,20 +1477,10 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-#ifdef MER_V_INTERLEAVE
-    for (int64_t q0 = r0; q0 < r1; q0 += MER_V_INTERLEAVE) {
-        int64_t q1 = q0 + MER_V_INTERLEAVE < r1 ? q0 + MER_V_INTERLEAVE : r1;
-        rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, q0,
-                 q1, c->flags);
-        rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, q0,
-                 q1, c->flags);
-    }
-#else
     rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
              r1, c->flags);
     rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
              r1, c->flags);
-#endif
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1509,11 +1499,7 @@ static void moe_phase1(void *c_, int64_t t) {
 static void moe_phase2(void *c_, int64_t t) {
     moe_ctx *c = c_;
     int64_t D = c->d_model, F = c->d_ff, n = c->n;
-#ifdef MER_V_P2CHUNK
-    int64_t r0 = t * MER_V_P2CHUNK, r1 = r0 + MER_V_P2CHUNK < D ? r0 + MER_V_P2CHUNK : D;
-#else
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
-#endif
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
@@ -1619,11 +1605,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T2);
 #endif
-#ifdef MER_V_P2CHUNK
-    pool_run(moe_phase2, &c, (d_model + MER_V_P2CHUNK - 1) / MER_V_P2CHUNK, pflags);
-#else
     pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
-#endif
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T3);
 #define DT(a, b) ((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3)

@@ -610,6 +610,7 @@ DEFINE_ROWS(rows_bf16_1, blk8_bf16, 8, 16, T_BF16, 1)
  * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */
 #define XP_Q4_0 32
 #define XP_Q8_0 32
+static const float pow2m8[4] = {1.f, 0x1p-8f, 0x1p-16f, 0x1p-24f}; /* the pre-scalings 2^-8k (no libm call per block) */
 #define XP_QK45 (256 + 64) /* 256 permuted values, then 4 chunks x (low, high) x 8 lanes of sums of x */
 
 /* Q4_0: lane i < 4, group g: low nibble of byte 4i+g (element 4i+g); lane 4+i: high nibble (element 16+4i+g) */
@@ -636,7 +637,7 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
             float *slo = xp + 256 + 16 * c, *shi = slo + 8;
             for (int i = 0; i < 8; i++) { slo[i] = 0.f; shi[i] = 0.f; }
             for (int k = 0; k < 4; k++) {
-                const float f = ldexpf(1.f, -8 * k);
+                const float f = pow2m8[k];
                 for (int i = 0; i < 8; i++) {
                     float lo = x[64 * c + 4 * i + k], hi = x[64 * c + 32 + 4 * i + k];
                     xp[64 * c + 8 * k + i] = lo * f; xp[64 * c + 32 + 8 * k + i] = hi * f;
@@ -668,7 +669,7 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
 static void perm_q4_0x(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 32, xp += XP_Q4_0X)
         for (int g = 0; g < 4; g++) {
-            const float f = ldexpf(1.f, -8 * g), fh = ldexpf(1.f, -8 * g - 4);
+            const float f = pow2m8[g], fh = pow2m8[g] * 0x1p-4f;
             for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g] * f; xp[8 * g + 4 + i] = x[16 + 4 * i + g] * fh; }
         }
 }
@@ -783,7 +784,7 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
 static void perm_q6k(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb * 8; b++, x += 32, xp += 32)
         for (int k = 0; k < 4; k++) {
-            const float f = ldexpf(1.f, -8 * k);
+            const float f = pow2m8[k];
             for (int i = 0; i < 8; i++) xp[8 * k + i] = x[4 * i + k] * f;
         }
 }
@@ -898,7 +899,8 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
                 E = et - em + 1; /* mn >= 2^(em-1), tiny = 2^(et-1) */
                 if (!(mx <= FLT_MAX) || ex + E > 64) { free(xp); free(tmp); return NULL; }
                 if (!tmp && !(tmp = malloc(sizeof(float) * (size_t)cols))) { free(xp); return NULL; }
-                for (int64_t j = 0; j < cols; j++) tmp[j] = ldexpf(xv[j], E);
+                const float up = ldexpf(1.f, E); /* E <= 53 (mn >= 2^-149); x * up exact: no overflow, see above */
+                for (int64_t j = 0; j < cols; j++) tmp[j] = xv[j] * up;
                 xv = tmp;
                 vscale[v] = ldexpf(1.f, -E);
             }

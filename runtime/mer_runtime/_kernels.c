@@ -219,12 +219,14 @@ static int mat_init(mat_t *m, int type, const void *data, int64_t nbytes, int64_
 
 /* activations quantized to Q8_0 blocks (32 values, one float32 scale, not f16) with s8[i] = 8 * the sum of q over
  * values 4i..4i+3: the lane sums of a maddubs + madd, so Q4_0 weights can be taken as their unsigned nibbles 0..15
- * and the -8 applied as one subtraction per block (no sign trick). 96 bytes, q first and 32-byte aligned. */
+ * and the -8 applied as one widening and one subtraction per block (no sign trick). 64 bytes, q first and 32-byte
+ * aligned: int32 sums (96 bytes) put the 43 KB of a 14336-wide h past L1 in the down projection; int16 made the
+ * moe() step with act="q8" 5.9% faster (Q4_0, 6 of 6 alternated rounds, 20.7 -> 22.0 GB/s). */
 typedef struct {
     int8_t q[32];
-    int32_t s8[8];
+    int16_t s8[8];  /* |8 * 4 * 127| < 2^15 */
     float d;
-    uint8_t pad[28];
+    uint8_t pad[12];
 } q80_t;
 
 #ifdef MER_X86
@@ -277,7 +279,7 @@ static float quantize_amax(const float *x, int n, int8_t *q) {
 static void quantize_q8(const float *x, int64_t n, q80_t *y) {
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
         y[b].d = quantize_amax(x, 32, y[b].q);
-        for (int i = 0; i < 8; i++) y[b].s8[i] = 8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]);
+        for (int i = 0; i < 8; i++) y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
     }
 }
 
@@ -934,7 +936,7 @@ AVX2 __m256i nibbles32_u(const uint8_t *p) {
  * (w - 8) * y, without the two sign instructions the signed form needs for maddubs */
 AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)a->s8)));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
 }
 
 #define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \

@@ -605,7 +605,8 @@ DEFINE_ROWS(rows_bf16_1, blk8_bf16, 8, 16, T_BF16, 1)
 
 /* ---- permuted-x kernels: no byte shuffles ----
  * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
- * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K was not faster this way and is not;
+ * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K's first permuted form was not faster,
+ * its masked one is (pblk_q6k);
  * MXFP4 is, with its table in a vpermps instead of a byte shuffle: streaming, 2 threads, 7.2 -> 7.6 GB/s). These read
  * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
  * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums

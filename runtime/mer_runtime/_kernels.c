@@ -232,7 +232,7 @@ typedef struct {
 #ifdef MER_X86
 /* quantize_amax for n a multiple of 32, the same int8 values bit for bit: max of |x| (a NaN is skipped, as by the
  * scalar comparison), then roundf's rule (half away from zero) built from a truncation and the exact remainder,
- * not the vector unit's ties-to-even (finite x; a NaN quantizes to -128 here, to whatever the cast gives there). The scalar loop called roundf per value: a moe() step with act="q8"
+ * not the vector unit's ties-to-even (for finite x; a NaN gives -128 here, whatever the cast gives there). The scalar loop called roundf per value: a moe() step with act="q8"
  * spent 0.1-0.25 ms between its phases quantizing h (28672 values) on one thread. */
 __attribute__((target("avx2,fma,f16c"))) static float quantize_amax_avx2(const float *x, int n, int8_t *q) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -279,7 +279,8 @@ static float quantize_amax(const float *x, int n, int8_t *q) {
 static void quantize_q8(const float *x, int64_t n, q80_t *y) {
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
         y[b].d = quantize_amax(x, 32, y[b].q);
-        for (int i = 0; i < 8; i++) y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
+        for (int i = 0; i < 8; i++)
+            y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
     }
 }
 
@@ -794,8 +795,9 @@ static void perm_q6k(const float *x, float *xp, int64_t nb) {
 
 AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
     const __m256 d = h2f_t(b + 208);
-    const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 192)))));
-    const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 200)))));
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
     const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
     __m256 a = *acc;
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
@@ -806,7 +808,8 @@ AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
         Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
         Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
         Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
-        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4), _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
+                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
         const __m256 S = n ? S1 : S0;
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
             const float *xj = xp + 128 * n + 32 * j;
@@ -817,8 +820,8 @@ AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
                 s = k ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj + 8 * k), s)
                       : _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj));
             }
-            const __m256 sc = _mm256_permutevar8x32_ps(S, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1));
-            a = _mm256_fmadd_ps(sc, s, a);
+            const int lo = 2 * j, hi = 2 * j + 1;
+            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)), s, a);
         }
     }
     *acc = a;
@@ -1181,8 +1184,8 @@ static int perm_layout(int type, int flags) {
     return 0;
 }
 
-/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0 or memory is short (the kernels that read
- * x as it is then run: same results) */
+/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0, memory is short or a vector is too wide
+ * to scale (the kernels that read x as it is then run: same results) */
 static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) {
 #ifdef MER_X86
     if (layout) return perm_prepare_x86(layout, x, n, cols);
@@ -1235,7 +1238,10 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K: if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q6_K:
+            if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
+            else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);
+            return;
         case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
@@ -1589,7 +1595,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
-    unsigned tried = 0; /* layouts already prepared, or refused (NULL: a tiny x), so each is scanned once */
+    unsigned tried = 0; /* layouts prepared or refused (NULL: too wide to scale, no memory): each scanned once */
     for (int e = 0; e < k; e++) {
         int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
         if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model); }

@@ -18,6 +18,8 @@ Each number is the best of --repeat runs. On a shared machine they are indicativ
 
     python scripts/bench_kernels.py [--gb 1.1] [--threads N] [--repeat 3] [--d-model 4096 --d-ff 14336]
     python scripts/bench_kernels.py --gb 0.01 --d-model 256 --d-ff 512 --repeat 1   # smoke run, seconds
+    python scripts/bench_kernels.py --types none --moe Q4_0   # only the moe() row (memory measured on its own)
+    python scripts/bench_kernels.py --types Q6_K --moe none   # only the Q6_K matvec row
 """
 
 from __future__ import annotations

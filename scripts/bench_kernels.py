@@ -18,6 +18,8 @@ Each number is the best of --repeat runs. On a shared machine they are indicativ
 
     python scripts/bench_kernels.py [--gb 1.1] [--threads N] [--repeat 3] [--d-model 4096 --d-ff 14336]
     python scripts/bench_kernels.py --gb 0.01 --d-model 256 --d-ff 512 --repeat 1   # smoke run, seconds
+    python scripts/bench_kernels.py --types none --moe Q4_0   # only the moe() row (memory measured on its own)
+    python scripts/bench_kernels.py --types Q6_K --moe none   # only the Q6_K matvec row
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--d-model", type=int, default=4096)
     ap.add_argument("--d-ff", type=int, default=14336)
-    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--types", default=",".join(TYPES), help="matvec rows to run ('none': only moe())")
+    ap.add_argument("--moe", default="Q4_0,Q4_K_M", help="moe() rows to run: Q4_0, Q4_K_M ('none': only matvec)")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--sweep-prefetch", action="store_true", help="also time several prefetch distances")
     ap.add_argument("--sweep-rows", action="store_true", help="also time 1 and 4 rows per pass")
@@ -228,7 +231,7 @@ def main() -> None:
     mem_all = []
     print(f"{'type':6s} {'MB each':>8s} {'n':>4s} {'memory GB/s':>12s} {'exact GB/s':>11s} {'x mem':>6s} "
           f"{'q8 GB/s':>8s} {'ggml GB/s':>10s} {'exact/ggml':>10s} {'max rel err':>11s}")
-    for name in a.types.split(","):
+    for name in [t for t in a.types.split(",") if t and t != "none"]:
         info = kernels.DTYPES[name]
         per = info.nbytes(rows, cols)
         n = max(1, int(np.ceil(a.gb * 1e9 / per)))
@@ -265,11 +268,20 @@ def main() -> None:
             kernels._LIB.mer_set_rows(0)
             print(f"       rows per pass (GB/s): {', '.join(res)}")
         del mats
+    moe_rows = [t for t in a.moe.split(",") if t and t != "none"]
+    if moe_rows and not mem_all:  # moe() only: its ratio still needs the memory bandwidth of this run
+        probe = [random_blocks("Q8_0", rows, cols, rng) for _ in range(max(1, int(a.gb * 1e9 / (rows * cols * 34 / 32))))]
+        mem_all.append(memory_bandwidth(probe, a.threads, a.repeat))
+        del probe
     mem = max(mem_all) if mem_all else float("nan")
+    if not moe_rows:
+        return
 
     print(f"\nmoe(): top-{a.top_k} layer steps, all experts in memory, distinct experts each step "
           f"(memory bandwidth {mem:.2f} GB/s, best of the runs above)")
     for label, (gt, ut, dt) in (("Q4_0", ("Q4_0", "Q4_0", "Q4_0")), ("Q4_K_M", ("Q4_K", "Q4_K", "Q6_K"))):
+        if label not in moe_rows:
+            continue
         per_exp = kernels.DTYPES[gt].nbytes(rows, cols) * 2 + kernels.DTYPES[dt].nbytes(cols, rows)
         n_exp = max(a.top_k, int(np.ceil(a.gb * 1e9 / per_exp)))
         experts = [((gt, random_blocks(gt, rows, cols, rng)), (ut, random_blocks(ut, rows, cols, rng)),

@@ -215,6 +215,11 @@ def _hand_over_inputs(raw, cols, rng, thr):
     mant = (rng.choice([-1.0, 1.0], cols) * (1 + rng.uniform(0, 1, cols)))
     for e in (thr, thr - 1, thr - 8):
         yield f"x in [1, 2) x 2^{e}", raw, (mant * 2.0 ** e).astype(np.float32)
+    # below the hand-over a vector is scaled up by 2^E, unless its largest value would then pass 2^64: this one
+    # (range 2^170) is read as it is
+    wide = (mant * 2.0 ** (thr - 8)).astype(np.float32)
+    wide[1] = 2.0 ** 60
+    yield f"one value 2^60, the rest at 2^{thr - 8}", raw, wide
 
 
 def _adversarial_q4_0_inputs(raw, rows, cols, rng):
@@ -341,6 +346,80 @@ def test_qk45_exact_on_adversarial_activations(qtype, simd):
         assert np.all(err <= 1e-6 * bound), (name, err.max())
         if name != "cancelling pairs":
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
+def _adversarial_q6k_inputs(raw, rows, cols, rng):
+    """(name, raw, x) as _adversarial_q4_0_inputs for Q6_K (its exact kernel pre-scales x by 2^-8k): the zero column
+    is element 0 of every 32 (both nibbles of ql bytes 0 and 32 of each half are 0 and their qh byte 0b10101010:
+    quant 32, weight 0), the cancelling pairs are elements 0/1 of every 32 (ql bytes 1 and 33, qh byte 1 = bytes 0
+    and 32, 0), which share a sub-block scale."""
+    x = rng.standard_normal(cols).astype(np.float32)
+    zero_col = raw.reshape(rows, cols // 256, 210).copy()
+    for n in range(2):
+        zero_col[:, :, 64 * n] = 0
+        zero_col[:, :, 64 * n + 32] = 0
+        zero_col[:, :, 128 + 32 * n] = 0xAA
+    zero_col = zero_col.reshape(-1)
+    assert not dequantize(zero_col.reshape(rows, -1), T.Q6_K)[:, ::32].any()
+    for r in (1e3, 1e4, 1e6):
+        xo = x.copy()
+        xo[::32] *= r
+        yield f"outlier {r:g} on a zero column", zero_col, xo
+        yield f"outlier {r:g}", raw, xo
+    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
+    pair = raw.reshape(rows, cols // 256, 210).copy()
+    for n in range(2):
+        for o in (64 * n, 64 * n + 32, 128 + 32 * n):
+            pair[:, :, o + 1] = pair[:, :, o]
+    xc = x.copy()
+    xc[1::32] = -xc[0::32]
+    xc[0::32] *= 1e5
+    xc[1::32] *= 1e5
+    yield "cancelling pairs", pair.reshape(-1), xc
+    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
+        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling of Q6_K
+    tiny = (x * np.float32(1e-35)).astype(np.float32)
+    tiny[0] = 1.0
+    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_q6k_exact_on_adversarial_activations(simd):
+    """As test_q4_0_exact_on_adversarial_activations, for Q6_K, whose exact kernel reads pre-scaled x."""
+    rng = np.random.default_rng(810)
+    rows, cols = 64, 1024
+    raw = random_matrix(T.Q6_K, rows, cols, rng)
+    for name, r, x in _adversarial_q6k_inputs(raw, rows, cols, rng):
+        w = dequantize(r.reshape(rows, -1), T.Q6_K).astype(np.float64)
+        ref = w @ x.astype(np.float64)
+        got = matvec("Q6_K", r, (rows, cols), x, simd=simd)
+        assert np.all(np.isfinite(got)), name
+        err = np.abs(got - ref)
+        bound = np.abs(w) @ np.abs(x.astype(np.float64))
+        if os.environ.get("MER_SHOW_ADVERSARIAL"):
+            print(f"Q6_K simd={simd} {name}: err/bound {np.max(err / bound):.2e} rel {rel(got, ref):.2e}")
+        assert np.all(err <= 1e-6 * bound), (name, err.max())
+        if name != "cancelling pairs":
+            assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+
+
+@needs_c
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_q8_activations_round_half_away_from_zero(qtype):
+    """Activations exactly halfway between two steps round away from zero (roundf, ggml's rule), on the SIMD
+    quantizer as on the scalar one: round-half-to-even (the vector unit's default) is 8e-3 off here."""
+    rng = np.random.default_rng(32)
+    rows, cols = 16, 512
+    blk = 256 if qtype == T.Q6_K else 32
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = (rng.integers(-120, 120, cols) + 0.5).astype(np.float32)
+    x[::blk] = 127  # each block's scale is 1: every other value is a tie
+    q = np.where(x >= 0, np.floor(x + 0.5), np.ceil(x - 0.5)).astype(np.float64)
+    assert rel(w @ np.round(x.astype(np.float64)), w @ q) > 1e-3  # the test can tell the two rules apart
+    for simd in SIMD:
+        assert rel(matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd), w @ q) < 1e-6, simd
 
 
 @needs_c

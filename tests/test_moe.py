@@ -164,3 +164,38 @@ def test_bad_calls_are_refused(extracted):
             wrong = dict(t, up=(t["up"][0], (128, 256), t["up"][2]))
             with pytest.raises(KernelError):
                 kernels.moe([wrong], [1.0], x, s.activation)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("down", ["Q4_0", "Q4_K", "Q6_K"])
+def test_moe_exact_when_h_is_tiny(down, simd):
+    """Gates near -87.5 (float32's expf of 88 still fits) make every value of h about 2^-113, below the pre-scaled
+    down kernels' hand-over (2^-98 for Q4_0, 2^-102 for the K-quants): h is scaled by a power of two for the down
+    projection (pre-scaled as it is, it would be subnormal with 8-12 bits left) and the step equals the float64
+    oracle."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    rng = np.random.default_rng(85)
+    d = 256
+    eye = np.eye(d, dtype=np.float32).view(np.uint8).reshape(-1)
+    experts, ws = [], []
+    for _ in range(2):
+        raw = rng.integers(0, 256, size=(d, d // 256 * {"Q4_0": 8, "Q4_K": 1, "Q6_K": 1}[down],
+                                         {"Q4_0": 18, "Q4_K": 144, "Q6_K": 210}[down]), dtype=np.uint8)
+        scale = rng.uniform(0.001, 0.05, raw.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+        if down == "Q4_0":
+            raw[..., :2] = scale
+        elif down == "Q4_K":
+            raw[..., :2], raw[..., 2:4] = scale, scale
+        else:
+            raw[..., 208:210] = scale
+        raw = raw.reshape(-1)
+        experts.append({"gate": ("F32", (d, d), eye), "up": ("F32", (d, d), eye), "down": (down, (d, d), raw)})
+        ws.append(dequantize(raw.reshape(d, -1), T[down]).astype(np.float64))
+    x = (-87.5 + rng.uniform(-0.5, 0.5, d)).astype(np.float32)
+    g = x.astype(np.float64)
+    h = g / (1 + np.exp(-g)) * g
+    assert np.abs(h).max() < 2.0 ** -102
+    want = sum(0.5 * (w @ h) for w in ws)
+    got = kernels.moe(experts, [0.5, 0.5], x, {"kind": "swiglu"}, simd=simd)
+    assert rel(got, want) < 1e-6, rel(got, want)

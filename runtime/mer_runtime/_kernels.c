@@ -44,7 +44,7 @@
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
-enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, N_LAYOUTS = 5 };
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, N_LAYOUTS = 6 };
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -219,16 +219,55 @@ static int mat_init(mat_t *m, int type, const void *data, int64_t nbytes, int64_
 
 /* activations quantized to Q8_0 blocks (32 values, one float32 scale, not f16) with s8[i] = 8 * the sum of q over
  * values 4i..4i+3: the lane sums of a maddubs + madd, so Q4_0 weights can be taken as their unsigned nibbles 0..15
- * and the -8 applied as one subtraction per block (no sign trick). 96 bytes, q first and 32-byte aligned. */
+ * and the -8 applied as one widening and one subtraction per block (no sign trick). 64 bytes, q first and 32-byte
+ * aligned: int32 sums (96 bytes) put the 43 KB of a 14336-wide h past L1 in the down projection; int16 made the
+ * moe() step with act="q8" 5.9% faster (Q4_0, 6 of 6 alternated rounds, 20.7 -> 22.0 GB/s). */
 typedef struct {
     int8_t q[32];
-    int32_t s8[8];
+    int16_t s8[8];  /* |8 * 4 * 127| < 2^15 */
     float d;
-    uint8_t pad[28];
+    uint8_t pad[12];
 } q80_t;
+
+#ifdef MER_X86
+/* quantize_amax for n a multiple of 32, the same int8 values bit for bit: max of |x| (a NaN is skipped, as by the
+ * scalar comparison), then roundf's rule (half away from zero) built from a truncation and the exact remainder,
+ * not the vector unit's ties-to-even (for finite x; a NaN gives -128 here, whatever the cast gives there). The scalar loop called roundf per value: a moe() step with act="q8"
+ * spent 0.1-0.25 ms between its phases quantizing h (28672 values) on one thread. */
+__attribute__((target("avx2,fma,f16c"))) static float quantize_amax_avx2(const float *x, int n, int8_t *q) {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), absm), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float s = amax / 127.f, inv = s >= FLT_MIN ? 1.f / s : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int j = 0; j < n; j += 32) {
+        __m256i r[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * i), vinv);
+            const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(v, t), absm), half, _CMP_GE_OQ);
+            const __m256 away = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(v, sign))); /* copysign(1, v) or 0 */
+            r[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, away));
+        }
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + j), _mm256_permutevar8x32_epi32(p, order));
+    }
+    return s;
+}
+static int have_avx2(void);
+#endif
 
 /* n values to int8 with one scale amax/127, round to nearest (ggml's rule for Q8_0 and Q8_K); returns the scale */
 static float quantize_amax(const float *x, int n, int8_t *q) {
+#ifdef MER_X86
+    if (n % 32 == 0 && have_avx2()) return quantize_amax_avx2(x, n, q);
+#endif
     float amax = 0.f;
     for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
     /* below FLT_MIN, 1/s overflows and a cast of inf to int8 is undefined: such a block quantizes to zeros */
@@ -240,7 +279,8 @@ static float quantize_amax(const float *x, int n, int8_t *q) {
 static void quantize_q8(const float *x, int64_t n, q80_t *y) {
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
         y[b].d = quantize_amax(x, 32, y[b].q);
-        for (int i = 0; i < 8; i++) y[b].s8[i] = 8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]);
+        for (int i = 0; i < 8; i++)
+            y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
     }
 }
 
@@ -566,13 +606,15 @@ DEFINE_ROWS(rows_bf16_1, blk8_bf16, 8, 16, T_BF16, 1)
 
 /* ---- permuted-x kernels: no byte shuffles ----
  * The cross-lane byte-to-dword widening (vpmovzxbd) runs on one port and limits the kernels above (in-cache,
- * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K was not faster this way and is not;
+ * one thread, indicative: Q4_0 +47%, Q8_0 +27%, Q4_K +43%, Q5_K +17%; Q6_K's first permuted form was not faster,
+ * its masked one is (pblk_q6k);
  * MXFP4 is, with its table in a vpermps instead of a byte shuffle: streaming, 2 threads, 7.2 -> 7.6 GB/s). These read
  * the quantized bytes as dwords instead (broadcast load, variable shift, mask: no shuffle) and so visit elements
  * in the dwords' natural order; x is permuted once per call into that order (and, for the K-quants, per-lane sums
  * of x are stored beside it for the min term). The arithmetic is unchanged: float32 products and sums. */
 #define XP_Q4_0 32
 #define XP_Q8_0 32
+static const float pow2m8[4] = {1.f, 0x1p-8f, 0x1p-16f, 0x1p-24f}; /* the pre-scalings 2^-8k (no libm call per block) */
 #define XP_QK45 (256 + 64) /* 256 permuted values, then 4 chunks x (low, high) x 8 lanes of sums of x */
 
 /* Q4_0: lane i < 4, group g: low nibble of byte 4i+g (element 4i+g); lane 4+i: high nibble (element 16+4i+g) */
@@ -599,7 +641,7 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
             float *slo = xp + 256 + 16 * c, *shi = slo + 8;
             for (int i = 0; i < 8; i++) { slo[i] = 0.f; shi[i] = 0.f; }
             for (int k = 0; k < 4; k++) {
-                const float f = ldexpf(1.f, -8 * k);
+                const float f = pow2m8[k];
                 for (int i = 0; i < 8; i++) {
                     float lo = x[64 * c + 4 * i + k], hi = x[64 * c + 32 + 4 * i + k];
                     xp[64 * c + 8 * k + i] = lo * f; xp[64 * c + 32 + 8 * k + i] = hi * f;
@@ -616,9 +658,9 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
  * low, 1 high) with 8 << (8g + 4h) subtracted (at g = 3, h = 1 the subtraction wraps to the right signed value):
  * the integer (q - 8) * 2^(8g+4h), exact in float32. x is permuted with the factor 2^-(8g+4h) already applied (a
  * power of two: exact), so each product equals (q - 8) * x. The block's scale is one broadcast from f16_table.
- * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group (2^-28), so an x with ANY
- * nonzero |value| below Q4_0X_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL): testing
- * only the largest value let a tiny element beside a large one (or a tiny token in a batch) lose bits.
+ * Down-scaling cannot overflow; it makes values below 2^-98 subnormal in the last group (2^-28), so a vector with
+ * ANY nonzero |value| below Q4_0X_TINY is first scaled up by a power of two (perm_prepare_x86): testing only the
+ * largest value let a tiny element beside a large one (or a tiny token in a batch) lose bits.
  * Measured and not kept (2-core Zen 3, alternated under the bench lock, streaming 0.7 GB): taking the nibbles
  * unsigned and the -8 through stored lane sums of x (one instruction fewer per 8 values, +7% over the first form
  * of this kernel, which still had a shift a block) loses
@@ -631,7 +673,7 @@ static void perm_qk45(const float *x, float *xp, int64_t nb) {
 static void perm_q4_0x(const float *x, float *xp, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 32, xp += XP_Q4_0X)
         for (int g = 0; g < 4; g++) {
-            const float f = ldexpf(1.f, -8 * g), fh = ldexpf(1.f, -8 * g - 4);
+            const float f = pow2m8[g], fh = pow2m8[g] * 0x1p-4f;
             for (int i = 0; i < 4; i++) { xp[8 * g + i] = x[4 * i + g] * f; xp[8 * g + 4 + i] = x[16 + 4 * i + g] * fh; }
         }
 }
@@ -681,8 +723,8 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
  * of group k drops what came down from byte k + 1), so low and high share one scaling and one mask constant. Q5_K's
  * fifth bits (bit 8k + 2c of H for the low values, + 1 for the high) are moved once per chunk to bit 8k + 4 and
  * or-ed in under the nibbles: per 8 values and + cvt + fma, against srli, and (and srli, and, slli, or) before.
- * Down-scaling cannot overflow; below 2^-102 the scaled x would be subnormal, so an x with any nonzero |value|
- * below QK45_TINY goes to the kernel that reads x as it is (perm_prepare returns NULL). */
+ * Down-scaling cannot overflow; below 2^-102 the scaled x would be subnormal, so a vector with any nonzero |value|
+ * below QK45_TINY is first scaled up by a power of two (perm_prepare_x86). */
 #define QK45_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
 
 AVX2 __m256i shift_epi32(__m256i v, int n) { return n >= 0 ? _mm256_slli_epi32(v, n) : _mm256_srli_epi32(v, -n); }
@@ -728,6 +770,63 @@ AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
 AVX2 void pblk_q4_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 0); }
 AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(b, xp, acc, 1); }
 
+/* Q6_K, exact, as pblk_q4_0x: each half (128 values) is ql[0..63] and qh[0..31] read as dwords; dword i of ql,
+ * ql + 32 and qh holds l = 4i..4i+3, byte k = l 4i+k. The four 6-bit quants of a byte position (j = 0..3: low
+ * nibble of ql, of ql + 32, high nibble of ql, of ql + 32, with qh's bits 2j..2j+1 on top) are assembled once per
+ * 32 values in the byte where they lie (and, shift, and, or); per 8 values group k is masked where it lies and
+ * 32 << 8k subtracted: the integer (q - 32) * 2^8k (|.| <= 2^29: exact), times x stored times 2^-8k, is the
+ * float32 product (q - 32) * x of a plain decode. Lanes 0-3 hold l < 16 and lanes 4-7 l >= 16, which is exactly
+ * the split between the sub-block scales 2j and 2j + 1: each j's 8-lane sum is multiplied by the vector of those
+ * two scales (d * sc, one permute of the block's 8 scales a half), so the per-16 scale costs no broadcast.
+ * Before (the bytes widened with vpmovsxbd, a scale broadcast per 16 values, every product on one accumulator
+ * chain): see docs/runtime.md. Below 2^-102 the scaled x would be subnormal: a vector holding such a value is
+ * first scaled up by a power of two (Q6K_TINY, every element tested, as QK45_TINY; perm_prepare_x86). */
+#define XP_Q6K 256
+#define Q6K_TINY 0x1p-102f /* 2^-126 (smallest normal) / 2^-24 (the deepest down-scaling) */
+
+/* position 128n + 32j + 8k + i holds x[128n + 32j + 4i + k] * 2^-8k */
+static void perm_q6k(const float *x, float *xp, int64_t nb) {
+    for (int64_t b = 0; b < nb * 8; b++, x += 32, xp += 32)
+        for (int k = 0; k < 4; k++) {
+            const float f = pow2m8[k];
+            for (int i = 0; i < 8; i++) xp[8 * k + i] = x[4 * i + k] * f;
+        }
+}
+
+AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
+    const __m256 d = h2f_t(b + 208);
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
+    __m256 a = *acc;
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i Q[4];
+        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
+        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
+        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
+        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
+                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        const __m256 S = n ? S1 : S0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+            const float *xj = xp + 128 * n + 32 * j;
+            __m256 s = _mm256_setzero_ps();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256i q = _mm256_sub_epi32(_mm256_and_si256(Q[j], _mm256_set1_epi32(63 << (8 * k))),
+                                                   _mm256_set1_epi32(32 << (8 * k)));
+                s = k ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj + 8 * k), s)
+                      : _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xj));
+            }
+            const int lo = 2 * j, hi = 2 * j + 1;
+            a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)), s, a);
+        }
+    }
+    *acc = a;
+}
+
 /* Same walk as DEFINE_ROWS over vectors already permuted for the type (perm_prepare: once per call, so a batch
  * is permuted once, not once per task). Two accumulators, blocks alternating between them, measured slower here
  * (Q4_K and Q5_K exact 0.75x, Q8_0 0.87x; Q4_0 a tie in cache). */
@@ -735,6 +834,7 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
     AVX2_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,          \
                       int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                             \
+        const float *vs = xp + nvec * nb * (XPB); /* per vector: 2^-E of perm_prepare_x86 */                      \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                 \
             int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                        \
             const uint8_t *p[NR];                                                                                 \
@@ -752,7 +852,7 @@ AVX2 void pblk_q5_k(const uint8_t *b, const float *xp, __m256 *acc) { pblk_qk45(
                     const float *xb = xv + b * (XPB);                                                             \
                     for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xb, &a[i]);                               \
                 }                                                                                                 \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                 \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]) * vs[v];                         \
             }                                                                                                     \
         }                                                                                                         \
     }
@@ -767,25 +867,58 @@ DEFINE_ROWS_P(prows_q4_k, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 4)
 DEFINE_ROWS_P(prows_q4_k_1, pblk_q4_k, perm_qk45, 256, 144, XP_QK45, 1)
 DEFINE_ROWS_P(prows_q5_k, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 4)
 DEFINE_ROWS_P(prows_q5_k_1, pblk_q5_k, perm_qk45, 256, 176, XP_QK45, 1)
+DEFINE_ROWS_P(prows_q6_k, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 4)
+DEFINE_ROWS_P(prows_q6_k_1, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 1)
 
 
+/* x [n, cols] permuted for `layout`, then n floats: the factor each vector's outputs are multiplied by.
+ * The pre-scaled layouts store x times 2^-s (s up to D = 28 for Q4_0, 24 for the K-quants), so a nonzero |x| below
+ * 2^(D-126) (the layout's TINY) would turn subnormal and lose bits. Such a vector is stored times 2^E first (E the
+ * smallest that lifts its smallest nonzero |value| to TINY; a power of two: exact, and every product and sum is
+ * then the plain kernel's times 2^E) and its outputs are multiplied by 2^-E. Only a vector whose largest |value|
+ * would then pass 2^64 (a range within one vector beyond about 2^160: products and sums stay far below float32's
+ * overflow below that) goes to the kernel that reads x as it is (NULL). Before, any tiny value sent the whole
+ * vector there: the down projection of a SwiGLU step whose gate saw one value below about -75 (silu of it is
+ * below 2^-102) ran at the slower kernel's speed. */
 static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
-    int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q4_0X ? XP_Q4_0X : 32, qk = layout == L_QK45 ? 256 : 32;
-    int64_t nb = cols / qk;
-    if (layout == L_Q4_0X || layout == L_QK45) { /* the layouts stored pre-scaled: a tiny x would go subnormal */
-        const float tiny = layout == L_QK45 ? QK45_TINY : Q4_0X_TINY;
-        for (int64_t j = 0; j < n * cols; j++) { /* every element: one tiny value beside a large one counts too */
-            float a = fabsf(x[j]);
-            if (a != 0.f && a < tiny) return NULL;
+    int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q6K ? XP_Q6K : layout == L_Q4_0X ? XP_Q4_0X : 32;
+    int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
+    const int scaled = layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K;
+    const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
+    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb + n)), *tmp = NULL;
+    if (!xp) return NULL;
+    float *vscale = xp + n * nb * xpb;
+    for (int64_t v = 0; v < n; v++) {
+        const float *xv = x + v * cols;
+        int E = 0;
+        vscale[v] = 1.f;
+        if (scaled) { /* every element: one tiny value beside a large one counts too */
+            float mn = FLT_MAX, mx = 0.f;
+            for (int64_t j = 0; j < cols; j++) {
+                float a = fabsf(xv[j]);
+                if (a != 0.f && a < mn) mn = a;
+                if (a > mx) mx = a;
+            }
+            if (mn < tiny) {
+                int et, em, ex;
+                frexpf(tiny, &et); frexpf(mn, &em); frexpf(mx, &ex);
+                E = et - em + 1; /* mn >= 2^(em-1), tiny = 2^(et-1) */
+                if (!(mx <= FLT_MAX) || ex + E > 64) { free(xp); free(tmp); return NULL; }
+                if (!tmp && !(tmp = malloc(sizeof(float) * (size_t)cols))) { free(xp); return NULL; }
+                const float up = ldexpf(1.f, E); /* E <= 53 (mn >= 2^-149); x * up exact: no overflow, see above */
+                for (int64_t j = 0; j < cols; j++) tmp[j] = xv[j] * up;
+                xv = tmp;
+                vscale[v] = ldexpf(1.f, -E);
+            }
         }
+        float *out = xp + v * nb * xpb;
+        if (layout == L_Q4_0) perm_q4_0(xv, out, nb);
+        else if (layout == L_Q4_0X) perm_q4_0x(xv, out, nb);
+        else if (layout == L_Q8_0) perm_q8_0(xv, out, nb);
+        else if (layout == L_Q6K) perm_q6k(xv, out, nb);
+        else perm_qk45(xv, out, nb);
     }
-    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb));
-    for (int64_t v = 0; xp && v < n; v++) {
-        if (layout == L_Q4_0) perm_q4_0(x + v * cols, xp + v * nb * xpb, nb);
-        else if (layout == L_Q4_0X) perm_q4_0x(x + v * cols, xp + v * nb * xpb, nb);
-        else if (layout == L_Q8_0) perm_q8_0(x + v * cols, xp + v * nb * xpb, nb);
-        else perm_qk45(x + v * cols, xp + v * nb * xpb, nb);
-    }
+    free(tmp);
     return xp;
 }
 
@@ -807,7 +940,7 @@ AVX2 __m256i nibbles32_u(const uint8_t *p) {
  * (w - 8) * y, without the two sign instructions the signed form needs for maddubs */
 AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)a->s8)));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
 }
 
 #define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
@@ -1019,6 +1152,10 @@ int mer_has_avx2(void) {
 #endif
 }
 
+#ifdef MER_X86
+static int have_avx2(void) { return mer_has_avx2(); }
+#endif
+
 int mer_has_vnni(void) {
 #if defined(MER_X86) && defined(MER_HAVE_VNNI)
     return mer_has_avx2() && __builtin_cpu_supports("avxvnni");
@@ -1040,14 +1177,15 @@ static int perm_layout(int type, int flags) {
     if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
+    if (type == T_Q6_K) return L_Q6K;
 #else
     (void)type; (void)flags;
 #endif
     return 0;
 }
 
-/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0 or memory is short (the kernels that read
- * x as it is then run: same results) */
+/* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0, memory is short or a vector is too wide
+ * to scale (the kernels that read x as it is then run: same results) */
 static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) {
 #ifdef MER_X86
     if (layout) return perm_prepare_x86(layout, x, n, cols);
@@ -1100,7 +1238,10 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K: PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf); return; /* a permuted form measured slower */
+        case T_Q6_K:
+            if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
+            else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);
+            return;
         case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
@@ -1395,6 +1536,12 @@ static int proj_init(mat_t *m, const mer_proj *p, int64_t rows, int64_t cols) {
     return MER_OK;
 }
 
+#ifdef MER_PROFILE
+/* -DMER_PROFILE (never in the shipped build): microseconds summed over calls in phase 1, between the phases, in
+ * phase 2, and the call count, read with ctypes; how docs/runtime.md's "Where moe() spends its time" was measured */
+#include <time.h>
+double prof_us[4];
+#endif
 /* out[v] = sum_e wk[e] * down_e(act(gate_e x[v] + bg, up_e x[v] + bu)) + bd  for v < n, in one call.
  * k <= 8 experts; x float32 [n, d_model] (x_len floats); out float32 [n, d_model] (out_len floats).
  * act: 0 SwiGLU, 1 GPT-OSS clamped (alpha, limit). On error returns MER_E* and *bad = 3*e + projection
@@ -1450,19 +1597,33 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
-    unsigned tried = 0; /* layouts already prepared, or refused (NULL: a tiny x), so each is scanned once */
+    unsigned tried = 0; /* layouts prepared or refused (NULL: too wide to scale, no memory): each scanned once */
     for (int e = 0; e < k; e++) {
         int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
         if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model); }
         if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model); }
     }
+#ifdef MER_PROFILE
+    struct timespec T0, T1, T2, T3; clock_gettime(CLOCK_MONOTONIC, &T0);
+#endif
     pool_run(moe_phase1, &c, (int64_t)k * c.nchunk_ff, pflags);
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T1);
+#endif
     /* the barrier is pool_run's join: h is complete */
     if (h0) quantize_q8(c.h, (int64_t)nh, c.ah);
     if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh);
     for (int e = 0; e < k; e++)
         c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T2);
+#endif
     pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
+#ifdef MER_PROFILE
+    clock_gettime(CLOCK_MONOTONIC, &T3);
+#define DT(a, b) ((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3)
+    prof_us[0] += DT(T0, T1); prof_us[1] += DT(T1, T2); prof_us[2] += DT(T2, T3); prof_us[3] += 1;
+#endif
 done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);

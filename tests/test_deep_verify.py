@@ -259,7 +259,7 @@ def test_scan_releases_both_mappings_band_by_band(monkeypatch, extracted):
     spans: dict[str, list] = {}
     try:
         regions = deep.source_regions(ref, e, [])
-        assert set(regions) == {"gate", "up", "down"} and all(r.data.size > 8 * 4096 for r in regions.values())
+        assert set(regions) == {"gate", "up", "down"} and all(r.size > 8 * 4096 for r in regions.values())
 
         def recorder(role, real):
             def release(lo, hi):
@@ -279,7 +279,7 @@ def test_scan_releases_both_mappings_band_by_band(monkeypatch, extracted):
     assert all(parts[r] == t.xxh3_64 for r, t in e.tensors.items())
     for role, r in regions.items():
         got = spans[role]
-        assert got[0][0] == 0 and got[-1][1] == r.data.size
+        assert got[0][0] == 0 and got[-1][1] == r.size
         assert all(a[1] == b[0] for a, b in zip(got, got[1:]))  # consecutive, nothing held back
         assert max(hi - lo for lo, hi in got) <= deep.RELEASE_BYTES + deep.PIECE
 
@@ -304,14 +304,14 @@ def test_mapped_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(0, e, "down") for e in range(m.model["n_experts"])]
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
         assert kib >= 512
         before = _mapped_kib(src.resolve())
-        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        assert sum(int(r.read(0, r.size).astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
         touched = _mapped_kib(src.resolve())
         assert touched - before >= kib - 8
         for r in regs:
-            r.release(0, r.data.size)
+            r.release(0, r.size)
         after = _mapped_kib(src.resolve())
         # all of it goes but each region's two partial end pages; the kernel's fault-around may have mapped up to
         # 64 KiB on either side, which is not ours to drop
@@ -375,14 +375,14 @@ def test_safetensors_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
         assert kib >= 1024
         before = _mapped_kib_all(files)
-        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        assert sum(int(r.read(0, r.size).astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
         touched = _mapped_kib_all(files)
         assert touched - before >= kib - 8 * len(regs)
         for r in regs:
-            r.release(0, r.data.size)
+            r.release(0, r.size)
         after = _mapped_kib_all(files)
         # each region's partial end pages stay, and what the kernel's fault-around mapped beside them
         assert after <= before + 8 * len(regs) + 64 * len(files), (before, touched, after)
@@ -394,8 +394,11 @@ def test_safetensors_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
-        assert all(r.release is not None for r in regs)
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
+        for r in regs:  # each transform runs as it is read, and what it read of the source goes at its end
+            for lo in range(0, r.size, 1 << 16):
+                r.read(lo, min(r.size, lo + (1 << 16)))
+            r.release(0, r.size)
         left = _mapped_kib_all(list(src.glob("*.safetensors")))
         # the transforms read it all; what stays is the header's page and, at each end of the two stacked tensors
         # of a layer, what the kernel's fault-around (64 KiB windows) mapped of their neighbours, and partial pages
@@ -417,14 +420,14 @@ def test_each_source_transform_runs_once_per_expert(monkeypatch, extracted, name
 
     calls: Counter = Counter()
     lock = threading.Lock()
-    real = deep.SourceReference._from_source
+    real = deep.SourceReference._read_source
 
     def counted(self, layer, expert, role):
         with lock:
             calls[(layer, expert, role)] += 1
         return real(self, layer, expert, role)
 
-    monkeypatch.setattr(deep.SourceReference, "_from_source", counted)
+    monkeypatch.setattr(deep.SourceReference, "_read_source", counted)
     src = ST_REAL / name
     out = extracted(src)
     m = load_manifest(out)
@@ -458,3 +461,120 @@ def test_damaged_expert_still_gets_a_source_reference(tmp_path, extracted):
     whats = [pr.what for pr in r.problems if pr.path == e.path]
     assert any("does not match the source bytes" in w for w in whats), r.problems
     assert any("output differs from the source reference" in w for w in whats), r.problems
+
+
+def _write_safetensors(path, tensors):
+    """A .safetensors file written by hand (header JSON, then the raw bytes): {name: (dtype, array)}."""
+    header, off = {}, 0
+    for name, (dtype, arr) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
+        off += arr.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for _, arr in tensors.values():
+            fh.write(arr.tobytes())
+
+
+def _bf16(shape, seed):
+    x = np.random.default_rng(seed).standard_normal(shape, np.float32) * 0.05
+    return (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def llama4_wide(tmp_path_factory):
+    """A Llama-4-layout checkpoint (gate_up [E, H, 2F] input-major, down [E, F, H]: every projection transposed, gate
+    and up fused) with one expert of 16 MiB projections (BF16, H 512, F 16384), and its extracted folder: each
+    projection is four of the transform's 4 MiB bands, so a copy of one is plainly more than the bands."""
+    from mertools import extract
+
+    root = tmp_path_factory.mktemp("l4w")
+    h, f = 512, 16384
+    p = "model.layers.0.feed_forward."
+    _write_safetensors(root / "model.safetensors", {
+        "model.embed_tokens.weight": ("BF16", _bf16((8, h), 1)),
+        p + "router.weight": ("BF16", _bf16((1, h), 2)),
+        p + "experts.gate_up_proj": ("BF16", _bf16((1, h, 2 * f), 3)),
+        p + "experts.down_proj": ("BF16", _bf16((1, f, h), 4))})
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "llama4_text", "hidden_size": h, "num_hidden_layers": 1, "num_local_experts": 1,
+        "num_experts_per_tok": 1, "intermediate_size": f}))
+    extract(root, root / "out", fsync=False)
+    return root, root / "out"
+
+
+def _peak_mib(fn):
+    """(fn(), the peak of memory allocated meanwhile beyond what was allocated before, in MiB): tracemalloc sees
+    NumPy's buffers, not mapped file pages (the page cache), which is what the bound is about."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, (tracemalloc.get_traced_memory()[1] - base) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_transformed_projections_are_compared_in_bands(llama4_wide, tmp_path, monkeypatch):
+    """verify --deep --against a fused, transposed layout holds the transform's bands, not its matrices: the
+    checksum pass's comparison of one expert, and deep_verify's comparison and float64 references from the source
+    (sampled rows and whole outputs, for an expert whose three projections each differ by a byte), allocate less
+    than one 16 MiB projection at their peak (the old code held transformed copies of all three: 64 MiB)."""
+    import importlib
+
+    import mertools.deep as deep
+
+    verify_mod = importlib.import_module("mertools.verify")
+    src, out = llama4_wide
+    m = load_manifest(out)
+    e = m.experts[0]
+    proj = max(t.nbytes for t in e.tensors.values())
+    assert proj == 16 << 20
+    ref = SourceReference(src, m)
+    try:
+        found: list = []
+        (probs, n), peak = _peak_mib(lambda: verify_mod.check_expert(m, e, lambda k: None, ref, found))
+    finally:
+        ref.close()
+    assert not probs and not found and n == e.size
+    assert peak < proj / 2**20, peak
+
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    with open(forged / e.path, "r+b") as fh:
+        for t in e.tensors.values():
+            fh.seek(t.offset + t.nbytes // 2)
+            b = fh.read(1)
+            fh.seek(t.offset + t.nbytes // 2)
+            fh.write(bytes([b[0] ^ 0x40]))
+    monkeypatch.setattr(deep, "BAND_BYTES", 1 << 20)  # the float64 reference's band, for a bound this small
+    for kw in ({"whole_budget": 0, "runtime_experts": 0}, {"whole_budget": 1 << 30}):
+        r, peak = _peak_mib(lambda: deep_report(forged, src, **kw))
+        assert peak < proj / 2**20, (kw, peak)
+        whats = [p.what for p in r.problems]
+        assert [w.split(":")[0] for w in whats if "does not match the source bytes" in w] == ["gate", "up", "down"]
+        assert r.deep["experts_run"] == 1
+
+
+def test_transformed_folder_verifies(llama4_wide):
+    """The same folder passes verify --deep --against its checkpoint, whole output included."""
+    src, out = llama4_wide
+    r = verify(out, deep=True, against=src)
+    assert r.ok, r.problems
+    assert r.deep["bytes_compared"] == 3 * (16 << 20)
+
+
+def test_converted_to_f16_verifies_against_its_checkpoint(extracted, tmp_path):
+    """--dtype f16 from a SafeTensors checkpoint: the transform's bands are float16 arrays, whose bytes (not their
+    values cast to bytes, as the old code did: every projection 'half the size of the shard's') are compared."""
+    from mertools import extract
+
+    src = ST_REAL / "gptoss-bf16"
+    out = tmp_path / "o"
+    extract(src, out, fsync=False, dtype="f16")
+    r = verify(out, deep=True, against=src)
+    assert r.ok, r.problems[:3]
+    assert deep_report(out, src, whole_budget=0).ok

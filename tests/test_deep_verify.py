@@ -578,3 +578,20 @@ def test_converted_to_f16_verifies_against_its_checkpoint(extracted, tmp_path):
     r = verify(out, deep=True, against=src)
     assert r.ok, r.problems[:3]
     assert deep_report(out, src, whole_budget=0).ok
+
+
+def test_hashing_a_big_shard_keeps_little_of_it_mapped(llama4_wide):
+    """verify's checksum pass without --against (and deep verify without a source) hashes each shard through a
+    mapping whose pages are dropped every RELEASE bytes, not only at the end: resident pages of our mapping (smaps),
+    sampled after every piece of a 48 MiB shard, stay near RELEASE (four threads hashing experts of hundreds of
+    MiB would otherwise keep all of theirs mapped)."""
+    from mer_runtime import checksum
+
+    _, out = llama4_wide
+    e = load_manifest(out).experts[0]
+    path = (out / e.path).resolve()
+    seen: list[int] = []
+    whole, _, n = checksum.hash_file(path, (), lambda k: seen.append(_mapped_kib(path)))
+    assert whole == e.xxh3_64 and n == e.size >= 3 * checksum.RELEASE
+    assert max(seen) <= (checksum.RELEASE + checksum.PIECE) // 1024 + 2 * 64, max(seen)
+    assert _mapped_kib(path) == 0

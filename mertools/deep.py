@@ -10,7 +10,8 @@ not. Other sources go through the ``Source`` protocol (the bytes after the docum
 The source is read once per expert: an expert whose bytes verify's checksum pass found equal to the source's takes
 its float64 reference (below) from the shard's bytes, which are then the source's own, so a fused or transposed
 SafeTensors layout is transformed once. Every mapping here is guarded (``mer_runtime.guard``): a shard or source that
-shrinks meanwhile raises FileChangedError naming it, never SIGBUS.
+shrinks meanwhile raises FileChangedError naming it, never SIGBUS (a mapping the handler does not cover, its slot
+table being full, is size-checked before each piece is touched: ``Region.guarded``).
 
 Numbers. Every expert: ``SAMPLE_ROWS`` seeded rows of each projection (plus its first and last) run through the
 runtime's kernel (``mer_runtime.kernels.matvec`` on those rows' shard bytes) and compared with gguf's float64
@@ -23,8 +24,10 @@ gate, up and down, every row) for the experts that fit the whole-output budget: 
 for a big one as many as fit in 1/``WHOLE_SHARE`` of its projection bytes (at least ``WHOLE_MIN`` bytes), because
 gguf's NumPy dequantization runs about 100x slower than a read (a Mixtral-shaped expert costs ~1 s).
 
-Memory stays bounded: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, references are dequantized
-``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds whole experts.
+Memory stays bounded whatever an expert's size: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, a
+transform's output is never held whole (``_Bands``: its own bands are made as the reads go forward and let go behind
+them), references are dequantized ``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds
+whole experts.
 
 Tolerance: max|y - y_ref| / max|y_ref| <= 1e-4. The runtime computes in float32 (weights exact, activations not
 quantized), whose rounding over a few thousand-term dot products stays near 1e-6; one changed weight byte moves

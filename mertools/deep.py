@@ -265,7 +265,8 @@ class SourceReference:
         if "://" not in os.fspath(path) and not self.path.is_dir() and not dtype:
             self.tensors, self._part_of, self._readers = {}, {}, []
             try:
-                for part in split_parts(self.path):
+                self._parts = split_parts(self.path)
+                for part in self._parts:
                     reader = _open_reader(part)
                     self._readers.append(reader)
                     for t in reader.tensors:
@@ -276,8 +277,9 @@ class SourceReference:
                 self.close()
                 if isinstance(exc, FileChangedError):
                     raise
-                raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)})"
-                                  ) from None
+                raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)}); "
+                                  "--against takes the model the folder was extracted from (a GGUF file, the first "
+                                  "part of a split one, or a SafeTensors checkpoint folder)") from None
             test_point("reference-mapped")
             return
         from .sources import open_source, with_dtype
@@ -314,22 +316,25 @@ class SourceReference:
             raise SourceError(f"{self.path}: {name} has {t.data.shape[0]} experts, the folder has expert {expert}; "
                               "is this the model the folder was extracted from?")
 
-    def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, np.ndarray]:
+    def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, str, np.ndarray]:
+        """(tensor name, the slice's description for messages, type name, the slice as the reader holds it)."""
         kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
         base = role.removesuffix("_bias").removesuffix("_scale")
         name = f"blk.{layer}.ffn_{base}_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
             self._check_expert(name, t, expert)
-            return name, t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
+            view = t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
+            return name, f"{name}[{expert}]", t.tensor_type.name, view
         name = f"blk.{layer}.ffn_gate_up_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
             self._check_expert(name, t, expert)
             d = t.data[expert]
             half = d.shape[0] // 2
-            return name, t.tensor_type.name, d[:half] if base == "gate" else d[half:]
+            rows = f":{half}" if base == "gate" else f"{half}:"
+            return name, f"{name}[{expert}][{rows}]", t.tensor_type.name, d[:half] if base == "gate" else d[half:]
         name = f"blk.{layer}.ffn_{base}.{expert}.{kind}"
         if (t := self.tensors.get(name)) is not None:
-            return name, t.tensor_type.name, t.data
+            return name, name, t.tensor_type.name, t.data
         raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model the "
                           "folder was extracted from?")
 
@@ -338,15 +343,17 @@ class SourceReference:
         A transform's bytes are made as they are read (`_Bands`), so nothing the size of a matrix is held."""
         if self.source is not None:
             return self._source_region(layer, expert, role)
-        name, dtype, view = self._lookup(layer, expert, role)
-        mm, arr, addr, guard = self._maps[self._part_of[name]]
+        name, desc, dtype, view = self._lookup(layer, expert, role)
+        part = self._part_of[name]
+        desc = f"{desc} in {self._parts[part].name}"
+        mm, arr, addr, guard = self._maps[part]
         if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
             data = np.ascontiguousarray(view).view(np.uint8).reshape(-1)
-            self._readers[self._part_of[name]].guard.check()  # copied from the reader's own mapping
-            return Region(dtype, f"{name}[{expert}]", data.size, _slicer(data), _no_release, guarded=True)
+            self._readers[part].guard.check()  # copied from the reader's own mapping
+            return Region(dtype, desc, data.size, _slicer(data), _no_release, guarded=True)
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
-        return Region(dtype, f"{name}[{expert}]", view.nbytes, _slicer(arr[off:off + view.nbytes]), _dropper(mm, off),
-                      guard.check, guard.guarded)
+        return Region(dtype, desc, view.nbytes, _slicer(arr[off:off + view.nbytes]), _dropper(mm, off), guard.check,
+                      guard.guarded)
 
     def _projection(self, layer: int, expert: int, role: str) -> Any:
         plan = self._plans.get((layer, expert))
@@ -361,7 +368,8 @@ class SourceReference:
         src = self.source
         check = getattr(src, "check", None) or _no_check  # MappedFiles' (any scheme:// opener's)
         drop = getattr(src, "drop", None)
-        name = f"{role} of layer {layer} expert {expert}"
+        files = getattr(src, "files", None)
+        name = proj.tensor + (f" in {Path(files[proj.file_index]).name}" if files else "")
         if proj.produce is None:  # a view of the mapping: dropped band by band
             data = self._read_source(layer, expert, role)
             release = _no_release
@@ -684,7 +692,8 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:
     fd, st = open_regular(path)
     try:
         if st.st_size != e.size:
-            raise MerError(f"{path}: {st.st_size} bytes, manifest says {e.size}")
+            raise MerError(f"{path}: {st.st_size} bytes, manifest says {e.size} (it changed since the checksum pass); "
+                           "re-run verify")
         mm, guard = map_file(fd, e.size, path)
     finally:
         os.close(fd)
@@ -877,9 +886,18 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                        "rows": f"{SAMPLE_ROWS} sampled rows"}[mode]
             results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err, "checked": checked})
             if not err <= tolerance:
+                if src is None:
+                    hint = "re-extract it, or verify it --against the source model to tell a changed byte from a " \
+                           "kernel error"
+                elif regions:  # what is left of them: the projections whose bytes differ from the source's
+                    which = "" if e.path in compared else f" {', '.join(regions)}"  # verify's pass: listed above
+                    hint = f"its{which} bytes differ from the source's: re-extract it"
+                else:
+                    types = ", ".join(sorted({t.dtype for r, t in e.tensors.items() if r in WEIGHT_ROLES}))
+                    hint = f"its bytes equal the source's, so the runtime computes {types} wrongly: report this bug"
                 report.problems.append(Problem(
                     e.path, f"output differs from the {'source' if src else 'shard'} reference: max relative error "
-                            f"{err:.3g} > {tolerance:g}"))
+                            f"{err:.3g} > {tolerance:g}; {hint}"))
     finally:
         w = mine = blob = None  # views into the maps: gone before the maps are closed
         if shards is not None:

@@ -58,7 +58,8 @@ def test_one_changed_byte_with_rewritten_checksums(tmp_path, extracted, src_name
     assert not r.ok
     whats = [p.what for p in r.problems if p.path == e.path]
     assert any("does not match the source bytes" in w for w in whats)
-    assert any(w.startswith("output differs from the source reference") for w in whats)
+    assert any(w.startswith("output differs from the source reference") and w.endswith(
+        "its bytes differ from the source's: re-extract it") for w in whats), whats
     assert {p.path for p in r.problems} == {e.path}  # the other experts are fine
 
 
@@ -212,6 +213,10 @@ def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, mode):
     for against in (src, None):
         r = deep_report(extracted(src), against, **kw)
         assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems
+        # what to do: the bytes are the source's, so it is the kernel; without a source, how to tell
+        hint = "its bytes equal the source's, so the runtime computes Q4_0 wrongly" if against else \
+            "verify it --against the source model"
+        assert all(hint in p.what for p in r.problems), r.problems[0]
         want = {"whole": "whole output", "loader": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
                 "rows": f"{SAMPLE_ROWS} sampled rows"}
         assert {x["checked"] for x in r.deep["per_expert"]} == {want[mode]}
@@ -232,7 +237,7 @@ def test_one_changed_byte_anywhere_is_named(tmp_path, extracted, role, where, mo
     forge(out, e.path, t.offset + at)
     assert verify(out).ok
     want = f"{role}: byte {at} of {t.nbytes} does not match the source bytes " \
-           f"(blk.{e.layer}.ffn_{role}_exps.weight[{e.expert}]"
+           f"(blk.{e.layer}.ffn_{role}_exps.weight[{e.expert}] in {src.name}, "
     if mode == "cli":
         p = run_cli("verify", out, "--deep", "--against", src, "-q")
         assert p.returncode == 1 and f"FAIL {e.path}: {want}" in p.stdout, p.stdout
@@ -461,6 +466,9 @@ def test_damaged_expert_still_gets_a_source_reference(tmp_path, extracted):
     whats = [pr.what for pr in r.problems if pr.path == e.path]
     assert any("does not match the source bytes" in w for w in whats), r.problems
     assert any("output differs from the source reference" in w for w in whats), r.problems
+    # deep_verify alone compares the bytes itself, and so names the projections that differ
+    r = deep_report(out, src)
+    assert r.problems[-1].what.endswith("its down bytes differ from the source's: re-extract it"), r.problems
 
 
 def _write_safetensors(path, tensors):
@@ -556,6 +564,7 @@ def test_transformed_projections_are_compared_in_bands(llama4_wide, tmp_path, mo
         assert peak < proj / 2**20, (kw, peak)
         whats = [p.what for p in r.problems]
         assert [w.split(":")[0] for w in whats if "does not match the source bytes" in w] == ["gate", "up", "down"]
+        assert "(model.layers.0.feed_forward.experts.gate_up_proj[0][:, 16384:].T in model.safetensors" in whats[1]
         assert r.deep["experts_run"] == 1
 
 

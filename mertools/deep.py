@@ -61,6 +61,7 @@ from .commit import test_point
 from .errors import SourceError
 from .gguf_source import _open_reader, split_parts
 from .report import Problem, VerifyReport
+from .sources.files import MappedFiles
 
 TOLERANCE = 1e-4
 SEED = 12648430
@@ -367,6 +368,10 @@ class SourceReference:
         proj = self._projection(layer, expert, role)
         src = self.source
         check = getattr(src, "check", None) or _no_check  # MappedFiles' (any scheme:// opener's)
+        if isinstance(src, MappedFiles):  # only the files this projection reads: an unguarded region is checked
+            def check(fis: tuple[int, ...] = proj.file_indices) -> None:  # before each piece, and a sharded
+                for i in fis:  # checkpoint may have hundreds of files
+                    src.check(i)
         drop = getattr(src, "drop", None)
         files = getattr(src, "files", None)
         name = proj.tensor + (f" in {Path(files[proj.file_index]).name}" if files else "")

@@ -535,3 +535,41 @@ def test_deep_compare_checks_a_source_the_full_slot_table_left_unguarded(folder,
     """)
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])  # -7: SIGBUS, the old behaviour
     assert p.stdout.split() == ["COVERED", "True", "UNCOVERED", "True", "RAISED", "True"], p.stdout
+
+
+def test_deep_compare_checks_only_the_files_a_projection_reads(tmp_path):
+    """Without the handler every piece of a comparison is size-checked first; for a sharded SafeTensors checkpoint
+    that check covers the files the projection reads, not every file mapped (hundreds for a big checkpoint, each an
+    fstat per piece). A shard the expert does not read may shrink meanwhile without failing its comparison (the
+    expert that reads it fails); its own shrinking still raises, naming it."""
+    from mertools import extract
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ST, src)
+    extract(src, out, fsync=False)
+    p = _python(f"""
+        import os
+        from mer_runtime import guard, load_manifest
+        from mer_runtime.safeopen import open_regular
+        from mertools.deep import SourceReference, scan_shard, source_regions
+        m = load_manifest({str(out)!r})
+        ref = SourceReference({str(src)!r}, m)
+        files = ref.source.files
+        reads = {{e.path: {{ref._projection(e.layer, e.expert, r).file_index for r in e.tensors}} for e in m.experts}}
+        e = next(x for x in m.experts if len(reads[x.path]) == 1)
+        other = next(x for x in m.experts if not reads[x.path] & reads[e.path])
+        source_regions(ref, other, [])  # maps the other expert's file too
+        mine, = reads[e.path]
+        theirs = min(reads[other.path])
+        print("UNGUARDED", not any(r.guarded for r in source_regions(ref, e, []).values()))
+        os.truncate(files[theirs], 8192)
+        fd, _ = open_regular(m.path_of(e))
+        print("PROBLEMS", len(scan_shard(fd, e, source_regions(ref, e, []))[3]))
+        os.truncate(files[mine], 8192)
+        try:
+            scan_shard(fd, e, source_regions(ref, e, []))
+        except guard.FileChangedError as exc:
+            print("RAISED", str(files[mine]) in str(exc))
+    """, "fallback")
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["UNGUARDED", "True", "PROBLEMS", "0", "RAISED", "True"], p.stdout

@@ -155,8 +155,8 @@ class _Bands:
 
     `start()` gives a fresh iterator over the transform's bands (any dtype: their bytes are used); `read(lo, hi)`
     runs it as far as `hi` and lets go of the bands wholly before `lo` (and of all once read to the end), so what is
-    held is about the bands one read spans, whatever the projection's size: memory is bounded by the transform's band (a few MiB), not by the
-    expert. A read before the held bands starts the transform again (forward readers, as here, never do).
+    held is about the bands one read spans: memory is bounded by the transform's band (a few MiB), not by the
+    projection's size. A read before the held bands starts the transform again (forward readers, as here, never do).
     `before()`, when given, runs before each band is made (the size check an unguarded mapping needs before it is
     touched). Not thread-safe: one reader at a time.
 
@@ -190,6 +190,8 @@ class _Bands:
     def read(self, lo: int, hi: int) -> np.ndarray:
         if not 0 <= lo <= hi <= self.size:
             raise ValueError(f"{self.name}: bytes {lo}..{hi} of {self.size}")
+        if lo == hi:
+            return np.empty(0, np.uint8)
         held = self._held
         if self._it is None or lo < (held[0][0] if held else self._end):
             self.close()
@@ -207,8 +209,6 @@ class _Bands:
             if self._end > lo:
                 held.append((start, b))
             del b  # a band skipped over is not kept alive while the next one is made
-        if lo == hi:
-            return np.empty(0, np.uint8)
         s0, b0 = held[0]
         if hi <= s0 + b0.size:  # inside one band: a view, no copy
             out = b0[lo - s0:hi - s0]

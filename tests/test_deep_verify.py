@@ -604,3 +604,29 @@ def test_hashing_a_big_shard_keeps_little_of_it_mapped(llama4_wide):
     assert whole == e.xxh3_64 and n == e.size >= 3 * checksum.RELEASE
     assert max(seen) <= (checksum.RELEASE + checksum.PIECE) // 1024 + 2 * 64, max(seen)
     assert _mapped_kib(path) == 0
+
+
+def test_bands_read_forward_and_say_when_a_transform_is_short():
+    """_Bands (a transform's bytes made as they are read): reads inside a band, across bands and to the end give the
+    bytes; only a read behind what is held starts the transform again; a transform that gives fewer or more bytes
+    than planned is a SourceError naming the projection, not a short comparison."""
+    from mertools.deep import _Bands
+    from mertools.errors import SourceError
+
+    data = np.arange(40, dtype=np.uint16)  # bands of any type: their bytes count (an F16 band is not cast)
+    starts = []
+
+    def start():
+        starts.append(1)
+        return iter([data[:7], data[7:20], data[20:]])
+
+    b = _Bands(start, data.nbytes, "gate_up_proj[0].T")
+    raw = data.view(np.uint8)
+    for lo, hi in [(0, 3), (3, 20), (20, 41), (41, 80)]:  # within, across two, across two again, to the end
+        assert b.read(lo, hi).tobytes() == raw[lo:hi].tobytes()
+    assert len(starts) == 1 and b.read(80, 80).size == 0 and len(starts) == 1
+    assert b.read(10, 12).tobytes() == raw[10:12].tobytes() and len(starts) == 2  # behind: made again
+    with pytest.raises(SourceError, match=r"gate_up_proj\[0\]\.T: its transform gave 14 bytes where 80"):
+        _Bands(lambda: iter([data[:7]]), data.nbytes, "gate_up_proj[0].T").read(0, 80)
+    with pytest.raises(SourceError, match="more than the 10 bytes planned"):
+        _Bands(lambda: iter([data[:7]]), 10, "x").read(0, 10)

@@ -11,7 +11,7 @@ alternating the two, --repeat times each, and reporting medians:
     JSON report (excluded). The ratio read/deep uses the wall time, so it is the conservative figure.
 Peak memory: the child's ru_maxrss (from wait4, so only that child) minus the same for a child that only imports
 the CLI's modules (its baseline); mapped page-cache pages count in ru_maxrss, so the bound is honest. Also the peak
-of the child's anonymous memory (RssAnon, /proc/PID/status polled every 2 ms): what it allocated, page cache apart.
+of the child's anonymous memory (RssAnon, /proc/PID/status polled every 10 ms): what it allocated, page cache apart.
 
 --layout llama4 benchmarks a transformed SafeTensors source instead: a Llama-4-layout BF16 checkpoint (gate_up
 [E, d_model, 2 d_ff] input-major and down [E, d_ff, d_model], so every projection is transposed and gate/up fused),
@@ -63,7 +63,7 @@ def run_child(cmd: list[str], keep_output: bool = True) -> tuple[float, int, str
             if pid:
                 break
             anon = max(anon, _anon_bytes(p.pid))
-            time.sleep(0.002)
+            time.sleep(0.01)  # coarse: polling must not cost the 2 cores the measured child runs on
         wall = time.perf_counter() - t0
         ANON_PEAKS.append(anon)
         p.returncode = os.waitstatus_to_exitcode(status)

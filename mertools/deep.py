@@ -609,7 +609,8 @@ def _shard_tensors(blob: np.ndarray, e: ExpertEntry) -> dict[str, _Tensor]:
 def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray | None,
                     problems: list[Problem]) -> dict[str, _Tensor]:
     """The source's tensors for this expert (those of the shard's type and size); with `shard` (the shard file's
-    bytes) every projection's bytes are also compared with it."""
+    bytes) every projection's bytes are also compared with it, each read whole (for tests and small models: verify
+    compares in `scan_shard`, a piece at a time)."""
     regions = source_regions(src, e, problems)
     if shard is not None:
         for role, reg in regions.items():

@@ -10,7 +10,8 @@ not. Other sources go through the ``Source`` protocol (the bytes after the docum
 The source is read once per expert: an expert whose bytes verify's checksum pass found equal to the source's takes
 its float64 reference (below) from the shard's bytes, which are then the source's own, so a fused or transposed
 SafeTensors layout is transformed once. Every mapping here is guarded (``mer_runtime.guard``): a shard or source that
-shrinks meanwhile raises FileChangedError naming it, never SIGBUS.
+shrinks meanwhile raises FileChangedError naming it, never SIGBUS (a mapping the handler does not cover, its slot
+table being full, is size-checked before each piece is touched: ``Region.guarded``).
 
 Numbers. Every expert: ``SAMPLE_ROWS`` seeded rows of each projection (plus its first and last) run through the
 runtime's kernel (``mer_runtime.kernels.matvec`` on those rows' shard bytes) and compared with gguf's float64
@@ -23,8 +24,10 @@ gate, up and down, every row) for the experts that fit the whole-output budget: 
 for a big one as many as fit in 1/``WHOLE_SHARE`` of its projection bytes (at least ``WHOLE_MIN`` bytes), because
 gguf's NumPy dequantization runs about 100x slower than a read (a Mixtral-shaped expert costs ~1 s).
 
-Memory stays bounded: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, references are dequantized
-``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds whole experts.
+Memory stays bounded whatever an expert's size: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, a
+transform's output is never held whole (``_Bands``: its own bands are made as the reads go forward and let go behind
+them), references are dequantized ``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds
+whole experts.
 
 Tolerance: max|y - y_ref| / max|y_ref| <= 1e-4. The runtime computes in float32 (weights exact, activations not
 quantized), whose rounding over a few thousand-term dot products stays near 1e-6; one changed weight byte moves
@@ -38,8 +41,9 @@ import ctypes.util
 import mmap
 import os
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Collection, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
@@ -57,13 +61,14 @@ from .commit import test_point
 from .errors import SourceError
 from .gguf_source import _open_reader, split_parts
 from .report import Problem, VerifyReport
+from .sources.files import MappedFiles
 
 TOLERANCE = 1e-4
 SEED = 12648430
 N_INPUTS = 2
 BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
 PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
-RELEASE_BYTES = 64 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
+RELEASE_BYTES = 16 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
 SAMPLE_ROWS = 16  # seeded rows a projection (plus its first and last); each costs ~0.2 ms on big rows
 RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
 WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...
@@ -113,17 +118,109 @@ def seeded_inputs(d_model: int, seed: int = SEED, n: int = N_INPUTS) -> np.ndarr
     return np.random.default_rng(seed).standard_normal((n, d_model)).astype(np.float32)
 
 
+def _no_check() -> None:
+    return None
+
+
 class Region(NamedTuple):
-    """One projection of one expert in the source: its type, a name for messages, its bytes (uint8, contiguous),
-    how to drop bytes lo..hi of it from this process's mappings once compared (a no-op for copies), and how to
-    make sure the bytes used were really read: `check()` raises FileChangedError when the source file shrank under
-    its mapping (the pages gone read as zeros, mer_runtime.guard; a no-op for copies, checked when made)."""
+    """One projection of one expert in the source, read forward a piece at a time (not thread-safe: one reader).
+
+    `dtype` and `name` (for messages); `size`, its bytes after the documented transform; `read(lo, hi)`, bytes
+    lo..hi as a uint8 array (a view of the source's mapping for a plain byte range; for a transform, the bands its
+    transform made that cover them, made as the reads go forward: see `_Bands`); `release(lo, hi)`, drop bytes
+    lo..hi from this process once compared (mapped pages; for a transform, once released to its end, its bands and
+    the source pages it read); `check()` raises FileChangedError when the source file shrank under its mapping (the
+    pages gone read as zeros, mer_runtime.guard); `guarded`, whether the SIGBUS handler covers every mapping the
+    bytes are read from: when not (no compiled handler, or its slot table was full), `check()` must come before
+    each touch."""
 
     dtype: str
     name: str
-    data: np.ndarray
+    size: int
+    read: Callable[[int, int], np.ndarray]
     release: Callable[[int, int], None]
-    check: Callable[[], None] = lambda: None
+    check: Callable[[], None] = _no_check
+    guarded: bool = False
+
+
+def _slicer(data: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    def read(lo: int, hi: int) -> np.ndarray:
+        return data[lo:hi]
+
+    return read
+
+
+class _Bands:
+    """The bytes of a transformed projection, made by its transform a band at a time as forward reads need them.
+
+    `start()` gives a fresh iterator over the transform's bands (any dtype: their bytes are used); `read(lo, hi)`
+    runs it as far as `hi` and lets go of the bands wholly before `lo` (and of all once read to the end), so what is
+    held is about the bands one read spans: memory is bounded by the transform's band (a few MiB), not by the
+    projection's size. A read before the held bands starts the transform again (forward readers, as here, never do).
+    `before()`, when given, runs before each band is made (the size check an unguarded mapping needs before it is
+    touched). Not thread-safe: one reader at a time.
+
+    >>> b = _Bands(lambda: iter([np.arange(4, dtype=np.uint8), np.arange(4, 8, dtype=np.uint8)]), 8, "t")
+    >>> b.read(2, 6).tolist(), b.read(6, 8).tolist()
+    ([2, 3, 4, 5], [6, 7])
+    """
+
+    def __init__(self, start: Callable[[], Iterator[Any]], size: int, name: str,
+                 before: Callable[[], None] | None = None):
+        self._start, self.size, self.name, self._before = start, size, name, before
+        self._it: Iterator[Any] | None = None
+        self._held: deque[tuple[int, np.ndarray]] = deque()  # (offset, band bytes), consecutive
+        self._end = 0  # offset after the last band made
+
+    def close(self) -> None:
+        """Let go of the bands and the transform (its frame holds views of the source's mapping)."""
+        it, self._it = self._it, None
+        self._held.clear()
+        self._end = 0
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def _next_band(self) -> np.ndarray:
+        band = next(self._it, None)
+        if band is None:
+            raise SourceError(f"{self.name}: its transform gave {self._end} bytes where {self.size} were planned; "
+                              "report this as a bug")
+        return np.ascontiguousarray(band).view(np.uint8).reshape(-1)  # an F16 band's bytes, not its values
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        if not 0 <= lo <= hi <= self.size:
+            raise ValueError(f"{self.name}: bytes {lo}..{hi} of {self.size}")
+        if lo == hi:
+            return np.empty(0, np.uint8)
+        held = self._held
+        if self._it is None or lo < (held[0][0] if held else self._end):
+            self.close()
+            self._it = iter(self._start())
+        while held and held[0][0] + held[0][1].size <= lo:
+            held.popleft()
+        while self._end < hi:
+            if self._before is not None:
+                self._before()
+            start, b = self._end, self._next_band()
+            self._end += b.size
+            if self._end > self.size:
+                raise SourceError(f"{self.name}: its transform gave more than the {self.size} bytes planned; report "
+                                  "this as a bug")
+            if self._end > lo:
+                held.append((start, b))
+            del b  # a band skipped over is not kept alive while the next one is made
+        s0, b0 = held[0]
+        if hi <= s0 + b0.size:  # inside one band: a view, no copy
+            out = b0[lo - s0:hi - s0]
+        else:
+            out = np.empty(hi - lo, np.uint8)  # across bands: a copy of just these bytes
+            for s, b in held:
+                a, z = max(lo, s), min(hi, s + b.size)
+                if a < z:
+                    out[a - lo:z - lo] = b[a - s:z - s]
+        if hi == self.size:  # read to its end: nothing more is held (a view returned keeps its band while used)
+            held.clear()
+        return out
 
 
 def _no_release(lo: int, hi: int) -> None:
@@ -169,7 +266,8 @@ class SourceReference:
         if "://" not in os.fspath(path) and not self.path.is_dir() and not dtype:
             self.tensors, self._part_of, self._readers = {}, {}, []
             try:
-                for part in split_parts(self.path):
+                self._parts = split_parts(self.path)
+                for part in self._parts:
                     reader = _open_reader(part)
                     self._readers.append(reader)
                     for t in reader.tensors:
@@ -180,8 +278,9 @@ class SourceReference:
                 self.close()
                 if isinstance(exc, FileChangedError):
                     raise
-                raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)})"
-                                  ) from None
+                raise SourceError(f"{self.path}: cannot read the reference model ({getattr(exc, 'reason', exc)}); "
+                                  "--against takes the model the folder was extracted from (a GGUF file, the first "
+                                  "part of a split one, or a SafeTensors checkpoint folder)") from None
             test_point("reference-mapped")
             return
         from .sources import open_source, with_dtype
@@ -213,61 +312,49 @@ class SourceReference:
             except BufferError:  # a caller still holds a view: the mapping goes with the last one
                 pass
 
-    def tensor(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
-        """(type name, the expert's slice as the reader holds it) for role gate/up/down[_bias|_scale]."""
-        if self.source is not None:
-            return self._from_source(layer, expert, role)
-        return self._lookup(layer, expert, role)[1:]
-
     def _check_expert(self, name: str, t: Any, expert: int) -> None:
         if not 0 <= expert < t.data.shape[0]:
             raise SourceError(f"{self.path}: {name} has {t.data.shape[0]} experts, the folder has expert {expert}; "
                               "is this the model the folder was extracted from?")
 
-    def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, np.ndarray]:
+    def _lookup(self, layer: int, expert: int, role: str) -> tuple[str, str, str, np.ndarray]:
+        """(tensor name, the slice's description for messages, type name, the slice as the reader holds it)."""
         kind = role.rpartition("_")[2] if role.endswith(("_bias", "_scale")) else "weight"
         base = role.removesuffix("_bias").removesuffix("_scale")
         name = f"blk.{layer}.ffn_{base}_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
             self._check_expert(name, t, expert)
-            return name, t.tensor_type.name, t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
+            view = t.data[expert:expert + 1] if kind == "scale" else t.data[expert]
+            return name, f"{name}[{expert}]", t.tensor_type.name, view
         name = f"blk.{layer}.ffn_gate_up_exps.{kind}"
         if (t := self.tensors.get(name)) is not None:
             self._check_expert(name, t, expert)
             d = t.data[expert]
             half = d.shape[0] // 2
-            return name, t.tensor_type.name, d[:half] if base == "gate" else d[half:]
+            rows = f":{half}" if base == "gate" else f"{half}:"
+            return name, f"{name}[{expert}][{rows}]", t.tensor_type.name, d[:half] if base == "gate" else d[half:]
         name = f"blk.{layer}.ffn_{base}.{expert}.{kind}"
         if (t := self.tensors.get(name)) is not None:
-            return name, t.tensor_type.name, t.data
+            return name, name, t.tensor_type.name, t.data
         raise SourceError(f"{self.path}: no tensor for layer {layer} expert {expert} {role}; is this the model the "
                           "folder was extracted from?")
 
     def region(self, layer: int, expert: int, role: str) -> Region:
-        """The projection's source bytes (see `Region`); raises SourceError when the source has no such tensor."""
+        """The projection's source bytes (see `Region`); raises SourceError when the source has no such tensor.
+        A transform's bytes are made as they are read (`_Bands`), so nothing the size of a matrix is held."""
         if self.source is not None:
-            dtype, raw = self._from_source(layer, expert, role)
-            proj = self._projection(layer, expert, role)
-            check = getattr(self.source, "check", None) or (lambda: None)  # MappedFiles' (any scheme:// opener's)
-            check()  # a transform's copy was made from the mapping just now
-            drop = getattr(self.source, "drop", None)
-            release = _no_release
-            if drop is not None and proj.produce is None:  # a view of the mapping: dropped band by band
-                def release(lo: int, hi: int, fi: int = proj.file_index, base: int = proj.offset) -> None:
-                    drop(fi, base + lo, base + hi)
-            elif drop is not None:  # a transform's copy: the source pages it read are not needed again
-                for fi, lo, hi in proj.source_spans:
-                    drop(fi, lo, hi)
-            return Region(dtype, f"{role} of layer {layer} expert {expert}",
-                          np.ascontiguousarray(np.asarray(raw).view(np.uint8).reshape(-1)), release, check)
-        name, dtype, view = self._lookup(layer, expert, role)
-        mm, arr, addr, guard = self._maps[self._part_of[name]]
+            return self._source_region(layer, expert, role)
+        name, desc, dtype, view = self._lookup(layer, expert, role)
+        part = self._part_of[name]
+        desc = f"{desc} in {self._parts[part].name}"
+        mm, arr, addr, guard = self._maps[part]
         if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
             data = np.ascontiguousarray(view).view(np.uint8).reshape(-1)
-            self._readers[self._part_of[name]].guard.check()  # copied from the reader's own mapping
-            return Region(dtype, f"{name}[{expert}]", data, _no_release)
+            self._readers[part].guard.check()  # copied from the reader's own mapping
+            return Region(dtype, desc, data.size, _slicer(data), _no_release, guarded=True)
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
-        return Region(dtype, f"{name}[{expert}]", arr[off:off + view.nbytes], _dropper(mm, off), guard.check)
+        return Region(dtype, desc, view.nbytes, _slicer(arr[off:off + view.nbytes]), _dropper(mm, off), guard.check,
+                      guard.guarded)
 
     def _projection(self, layer: int, expert: int, role: str) -> Any:
         plan = self._plans.get((layer, expert))
@@ -277,14 +364,55 @@ class SourceReference:
                               "the folder was extracted from?")
         return proj
 
-    def _from_source(self, layer: int, expert: int, role: str) -> tuple[str, np.ndarray]:
+    def _source_region(self, layer: int, expert: int, role: str) -> Region:
         proj = self._projection(layer, expert, role)
-        view_of = self.source.view
+        src = self.source
+        check = getattr(src, "check", None) or _no_check  # MappedFiles' (any scheme:// opener's)
+        if isinstance(src, MappedFiles):  # only the files this projection reads: an unguarded region is checked
+            def check(fis: tuple[int, ...] = proj.file_indices) -> None:  # before each piece, and a sharded
+                for i in fis:  # checkpoint may have hundreds of files
+                    src.check(i)
+        drop = getattr(src, "drop", None)
+        files = getattr(src, "files", None)
+        name = proj.tensor + (f" in {Path(files[proj.file_index]).name}" if files else "")
+        if proj.produce is None:  # a view of the mapping: dropped band by band
+            data = self._read_source(layer, expert, role)
+            release = _no_release
+            if drop is not None:
+                def release(lo: int, hi: int, fi: int = proj.file_index, base: int = proj.offset) -> None:
+                    drop(fi, base + lo, base + hi)
+            return Region(proj.dtype, name, proj.nbytes, _slicer(data), release, check, self._guarded(proj))
+        guarded = self._guarded(proj)
+        bands = _Bands(lambda: self._read_source(layer, expert, role), proj.nbytes, name,
+                       None if guarded else check)
+
+        def release_bands(lo: int, hi: int) -> None:
+            if hi >= proj.nbytes:  # read to its end: the bands, and the source pages the transform read, go
+                bands.close()
+                for fi, a, b in proj.source_spans if drop is not None else ():
+                    drop(fi, a, b)
+
+        return Region(proj.dtype, name, proj.nbytes, bands.read, release_bands, check, guarded)
+
+    def _guarded(self, proj: Any) -> bool:
+        """Whether every source file the projection is read from is mapped under the SIGBUS handler (MappedFiles;
+        an opener without `guarded` counts as unguarded: its regions are checked before each touch)."""
+        guarded = getattr(self.source, "guarded", None)
+        if not GUARDED or guarded is None:
+            return False
+        for fi in proj.file_indices:
+            self.source.view(fi)  # mapped (and its guard registered) before it is asked
+            if not guarded(fi):
+                return False
+        return True
+
+    def _read_source(self, layer: int, expert: int, role: str) -> Any:
+        """The one place the source's bytes are read: a plain byte range as a view of its mapping, or a transform's
+        band iterator (made lazily, so each call is one run of the transform: tests count them)."""
+        proj = self._projection(layer, expert, role)
         if proj.produce is None:
-            raw = np.frombuffer(view_of(proj.file_index), np.uint8, count=proj.nbytes, offset=proj.offset)
-        else:
-            raw = np.concatenate([np.asarray(b, np.uint8).reshape(-1) for b in proj.produce(view_of)])
-        return proj.dtype, raw
+            return np.frombuffer(self.source.view(proj.file_index), np.uint8, count=proj.nbytes, offset=proj.offset)
+        return proj.produce(self.source.view)
 
 
 def source_regions(src: SourceReference, e: ExpertEntry, problems: list[Problem]) -> dict[str, Region]:
@@ -301,8 +429,8 @@ def source_regions(src: SourceReference, e: ExpertEntry, problems: list[Problem]
             continue
         if reg.dtype != t.dtype:
             problems.append(Problem(e.path, f"{role} is {t.dtype} but the source has {reg.dtype} ({reg.name})"))
-        elif reg.data.size != t.nbytes:
-            problems.append(Problem(e.path, f"{role}: {t.nbytes} bytes but the source has {reg.data.size} "
+        elif reg.size != t.nbytes:
+            problems.append(Problem(e.path, f"{role}: {t.nbytes} bytes but the source has {reg.size} "
                                             f"({reg.name})"))
         else:
             out[role] = reg
@@ -310,12 +438,12 @@ def source_regions(src: SourceReference, e: ExpertEntry, problems: list[Problem]
 
 
 def _mismatch(e: ExpertEntry, role: str, reg: Region, at: int) -> Problem:
-    return Problem(e.path, f"{role}: byte {at} of {reg.data.size} does not match the source bytes ({reg.name}, "
+    return Problem(e.path, f"{role}: byte {at} of {reg.size} does not match the source bytes ({reg.name}, "
                            f"file offset {e.tensors[role].offset + at}); re-extract this expert from the source")
 
 
-def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callable[[int], None] = lambda n: None
-               ) -> tuple[str, dict[str, str], int, list[Problem]]:
+def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callable[[int], None] = lambda n: None,
+               differ: set[str] | None = None) -> tuple[str, dict[str, str], int, list[Problem]]:
     """(whole-file xxh3, {role: projection xxh3}, bytes read, byte mismatches) of an open shard file of e.size bytes.
 
     One sequential pass over a read-only mapping, a `PIECE` at a time: each piece is hashed into the file's and its
@@ -331,7 +459,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
     problems: list[Problem] = []
     if size == 0:
         return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0, problems
-    differ: set[str] = set()
+    differ = set() if differ is None else differ  # roles found different (the caller's set, when given)
     released = dict.fromkeys(regions, 0)  # bytes of each source region already dropped
     mm, guard = map_file(fd, size)  # a shard or source shrinking meanwhile: FileChangedError, not SIGBUS
     with mm:
@@ -352,9 +480,11 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                         if reg is None:
                             continue
                         if role not in differ:
-                            if not GUARDED:
-                                reg.check()  # before touching: the fallback (no C handler) must not fault
-                            at = first_difference(mine[lo:hi], reg.data[lo - start:hi - start])
+                            if not reg.guarded:
+                                # before touching: a mapping the C handler does not cover (no handler, or its slot
+                                # table was full) must not fault
+                                reg.check()
+                            at = first_difference(mine[lo:hi], reg.read(lo - start, hi - start))
                             if at is not None or hi == stop:
                                 # before a difference is believed, and once the region is done (one fstat: a
                                 # source cut mid-page reads zeros with no fault, only its size tells)
@@ -376,14 +506,15 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
     return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size, problems
 
 
-def _compare_regions(m: Manifest, e: ExpertEntry, regions: dict[str, Region]) -> list[Problem]:
-    """The expert's projections against their source regions, exactly (`scan_shard`, its checksums unused): for
-    callers of `deep_verify` whose checksum pass did not compare bytes."""
+def _compare_regions(m: Manifest, e: ExpertEntry, regions: dict[str, Region]) -> tuple[list[Problem], set[str]]:
+    """(problems, roles not found equal) of the expert's projections against their source regions, exactly
+    (`scan_shard`, its checksums unused): for callers of `deep_verify` whose checksum pass did not compare bytes."""
     fd, st = open_regular(m.path_of(e))
     try:
         if st.st_size != e.size:
-            return [Problem(e.path, f"{st.st_size} bytes, manifest says {e.size}")]
-        return scan_shard(fd, e, regions)[3]
+            return [Problem(e.path, f"{st.st_size} bytes, manifest says {e.size}")], set(regions)
+        differ: set[str] = set()
+        return scan_shard(fd, e, regions, differ=differ)[3], differ
     finally:
         os.close(fd)
 
@@ -419,26 +550,52 @@ def reference_ffn64(w: dict[str, np.ndarray], x: np.ndarray, activation: dict[st
 
 
 class _Tensor:
-    """A projection's raw bytes as rows ([rows, row_bytes] uint8, no copy), its type and shape."""
+    """A projection's raw bytes as rows, its type and shape: `raw` ([rows, row_bytes] uint8, no copy) for bytes in
+    memory (a shard's mapping), or `read(lo, hi)` for a source region read forward (`Region.read`: a transform's
+    bytes are made as its rows are asked for, in order, so a reference never holds the whole matrix)."""
 
-    def __init__(self, dtype: str, shape: tuple[int, ...], raw: np.ndarray):
+    def __init__(self, dtype: str, shape: tuple[int, ...], raw: np.ndarray | None = None,
+                 read: Callable[[int, int], np.ndarray] | None = None, nbytes: int = 0):
         self.dtype, self.shape = dtype, tuple(shape)
         self.qt = GGMLQuantizationType[dtype]
-        rows = shape[0] if len(shape) == 2 else 1
-        self.raw = np.asarray(raw).view(np.uint8).reshape(rows, -1)
+        self.n_rows = shape[0] if len(shape) == 2 else 1
+        self.raw = None if raw is None else np.asarray(raw).view(np.uint8).reshape(self.n_rows, -1)
+        self._read, self._row_bytes = read, nbytes // self.n_rows
+        self._values: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, region: Region, shape: tuple[int, ...]) -> "_Tensor":
+        return cls(region.dtype, shape, read=region.read, nbytes=region.size)
+
+    def _rows(self, rows: np.ndarray | slice) -> np.ndarray:
+        """[len(rows), row_bytes] uint8 of rows (a sorted index array, or a slice)."""
+        if self.raw is not None:
+            return self.raw[rows]
+        rb = self._row_bytes
+        if isinstance(rows, slice):
+            r0, r1, _ = rows.indices(self.n_rows)
+            return self._read(r0 * rb, r1 * rb).reshape(r1 - r0, rb)
+        out = np.empty((len(rows), rb), np.uint8)
+        for i, r in enumerate(rows):  # copied at once: a view would keep its whole band alive
+            out[i] = self._read(int(r) * rb, (int(r) + 1) * rb)
+        return out
 
     def values(self) -> np.ndarray:
-        """All values in float64 (for biases and small matrices)."""
-        return dequantize(np.ascontiguousarray(self.raw), self.qt).astype(np.float64).reshape(self.shape)
+        """All values in float64 (for biases and scales: small; read once and kept)."""
+        if self._values is None:
+            raw = self._rows(slice(None))
+            self._values = dequantize(np.ascontiguousarray(raw), self.qt).astype(np.float64).reshape(self.shape)
+        return self._values
 
     def rows_times(self, v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float64 W[rows] @ v for v [n, cols] -> [n, len(rows)], dequantizing BAND_BYTES of float64 at a time
-        (only the blocks of those rows are read)."""
-        idx = np.arange(self.raw.shape[0]) if rows is None else rows
+        (only the blocks of those rows are read; `rows` sorted, as `_sample` gives them, so a source region is
+        read forward, once)."""
+        n = self.n_rows if rows is None else len(rows)
         step = max(1, BAND_BYTES // (self.shape[-1] * 8))
-        out = np.empty((v.shape[0], len(idx)))
-        for i in range(0, len(idx), step):
-            band = self.raw[i:i + step] if rows is None else self.raw[idx[i:i + step]]
+        out = np.empty((v.shape[0], n))
+        for i in range(0, n, step):
+            band = self._rows(slice(i, i + step) if rows is None else rows[i:i + step])
             w = dequantize(np.ascontiguousarray(band), self.qt).astype(np.float64)
             out[:, i:i + step] = v @ w.T
         return out
@@ -452,16 +609,17 @@ def _shard_tensors(blob: np.ndarray, e: ExpertEntry) -> dict[str, _Tensor]:
 def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray | None,
                     problems: list[Problem]) -> dict[str, _Tensor]:
     """The source's tensors for this expert (those of the shard's type and size); with `shard` (the shard file's
-    bytes) every projection's bytes are also compared with it."""
+    bytes) every projection's bytes are also compared with it, each read whole (for tests and small models: verify
+    compares in `scan_shard`, a piece at a time)."""
     regions = source_regions(src, e, problems)
     if shard is not None:
         for role, reg in regions.items():
             t = e.tensors[role]
-            at = first_difference(shard[t.offset:t.offset + t.nbytes], reg.data)
+            at = first_difference(shard[t.offset:t.offset + t.nbytes], reg.read(0, reg.size))
             reg.check()
             if at is not None:
                 problems.append(_mismatch(e, role, reg, at))
-    return {role: _Tensor(reg.dtype, e.tensors[role].shape, reg.data) for role, reg in regions.items()}
+    return {role: _Tensor.of(reg, e.tensors[role].shape) for role, reg in regions.items()}
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -540,7 +698,8 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:
     fd, st = open_regular(path)
     try:
         if st.st_size != e.size:
-            raise MerError(f"{path}: {st.st_size} bytes, manifest says {e.size}")
+            raise MerError(f"{path}: {st.st_size} bytes, manifest says {e.size} (it changed since the checksum pass); "
+                           "re-run verify")
         mm, guard = map_file(fd, e.size, path)
     finally:
         os.close(fd)
@@ -596,14 +755,13 @@ class NumericCheck:
         return np.random.default_rng([self.seed, e.layer, e.expert])
 
     def rows(self, e: ExpertEntry, regions: dict[str, Region] | None = None) -> float:
-        """`check_rows` of one expert against `regions` (`source_regions`, every numeric role present), or against
-        its own shard bytes (None: without a source, or bytes already found equal to the source's). Raises MerError
-        when the shard cannot be mapped. The caller releases the regions."""
+        """`check_rows` of one expert against `regions` (`source_regions`) where given, and against its own shard
+        bytes for the roles without one (without a source, or bytes already found equal to the source's). Raises
+        MerError when the shard cannot be mapped. The caller releases the regions."""
         blob, guard = _map_shard(self.m, e)
         try:
             mine = _shard_tensors(blob, e)
-            ref = mine if regions is None else {
-                role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()}
+            ref = {**mine, **{role: _Tensor.of(r, e.tensors[role].shape) for role, r in (regions or {}).items()}}
             err = check_rows(mine, ref, self.inputs, self.rng(e))
             _check_all(guard, regions or {})
             return err
@@ -692,23 +850,28 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                 from_source = src is not None and e.path not in same
                 if from_source:
                     regions = source_regions(src, e, [] if e.path in compared else probs)
+                    bytes_compared += sum(r.size for r in regions.values())
+                    differ = set(regions)
                     if e.path not in compared:
-                        probs += _compare_regions(m, e, regions)
-                    bytes_compared += sum(r.data.size for r in regions.values())
+                        found, differ = _compare_regions(m, e, regions)
+                        probs += found
+                    report.problems.extend(probs)
+                    if any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
+                        continue  # a type or size differs from the source's: reported, nothing to compare
+                    # a projection found equal is the source's own bytes: its reference comes from the shard's, as
+                    # for the experts verify's checksum pass compared (so a transform runs once)
+                    for role in set(regions) - differ:
+                        regions.pop(role).release(0, e.tensors[role].nbytes)
                 elif src is not None:
                     bytes_compared += sum(t.nbytes for r, t in e.tensors.items() if r in NUMERIC_ROLES)
-                report.problems.extend(probs)
-                if from_source and any(r not in regions for r in e.tensors if r in NUMERIC_ROLES):
-                    continue  # a type or size differs from the source's: reported, and there is nothing to compare
                 if mode == "rows":
-                    err = numbers.rows(e, regions if from_source else None)
+                    err = numbers.rows(e, regions)
                 else:
                     # the mapping is unmapped when its last view goes, at the end of this iteration (no copy is held)
                     blob, guard = _map_shard(m, e)
                     try:
                         mine = _shard_tensors(blob, e)
-                        w = {role: _Tensor(r.dtype, e.tensors[role].shape, r.data) for role, r in regions.items()
-                             } if from_source else mine
+                        w = {**mine, **{role: _Tensor.of(r, e.tensors[role].shape) for role, r in regions.items()}}
                         with shards.load(e.layer, e.expert) as ex:
                             y = shards.compute(ex, x)
                             err = check_numbers(w, ex, x, activation, y, mode == "whole", numbers.rng(e))
@@ -722,16 +885,25 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                 continue
             finally:
                 for r in regions.values():  # references touch (and the kernel's faults map) more than they use
-                    r.release(0, r.data.size)
+                    r.release(0, r.size)
             n_whole += mode == "whole"
             n_loaded += mode != "rows"
             checked = {"whole": "whole output", "loaded": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
                        "rows": f"{SAMPLE_ROWS} sampled rows"}[mode]
             results.append({"layer": e.layer, "expert": e.expert, "max_rel_err": err, "checked": checked})
             if not err <= tolerance:
+                if src is None:
+                    hint = "re-extract it, or verify it --against the source model to tell a changed byte from a " \
+                           "kernel error"
+                elif regions:  # what is left of them: the projections whose bytes differ from the source's
+                    which = "" if e.path in compared else f" {', '.join(regions)}"  # verify's pass: listed above
+                    hint = f"its{which} bytes differ from the source's: re-extract it"
+                else:
+                    types = ", ".join(sorted({t.dtype for r, t in e.tensors.items() if r in WEIGHT_ROLES}))
+                    hint = f"its bytes equal the source's, so the runtime computes {types} wrongly: report this bug"
                 report.problems.append(Problem(
                     e.path, f"output differs from the {'source' if src else 'shard'} reference: max relative error "
-                            f"{err:.3g} > {tolerance:g}"))
+                            f"{err:.3g} > {tolerance:g}; {hint}"))
     finally:
         w = mine = blob = None  # views into the maps: gone before the maps are closed
         if shards is not None:

@@ -10,12 +10,18 @@ alternating the two, --repeat times each, and reporting medians:
     twice: the child's wall time (interpreter start and imports included) and verify()'s own `seconds` from the
     JSON report (excluded). The ratio read/deep uses the wall time, so it is the conservative figure.
 Peak memory: the child's ru_maxrss (from wait4, so only that child) minus the same for a child that only imports
-the CLI's modules (its baseline); mapped page-cache pages count in ru_maxrss, so the bound is honest.
+the CLI's modules (its baseline); mapped page-cache pages count in ru_maxrss, so the bound is honest. Also the peak
+of the child's anonymous memory (RssAnon, /proc/PID/status polled every 10 ms): what it allocated, page cache apart.
+
+--layout llama4 benchmarks a transformed SafeTensors source instead: a Llama-4-layout BF16 checkpoint (gate_up
+[E, d_model, 2 d_ff] input-major and down [E, d_ff, d_model], so every projection is transposed and gate/up fused),
+built once under DIR/llama4-... with --experts experts of one layer (default d_model 5120, d_ff 8192: Llama 4's).
 Goal (issue 8 item 7): read / deep >= 0.5, peak beyond baseline < 1 GB.
 
     python scripts/bench_deep.py --dir /tmp/mertools-deep [--layers 2] [--repeat 5]
     python scripts/bench_deep.py --dir /tmp/mertools-deep4 --src /tmp/mertools-bench/mixtral-shaped-q4_0-4L.gguf
     python scripts/bench_deep.py --dir /tmp/x --d-model 256 --d-ff 512 --layers 2 --repeat 1   # a smoke run
+    python scripts/bench_deep.py --dir /tmp/mertools-l4 --layout llama4 --experts 4 --repeat 3
 """
 
 from __future__ import annotations
@@ -34,13 +40,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402  (its Mixtral-shaped Q4_0 builder)
 
 
+def _anon_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) << 10 for line in fh if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
+ANON_PEAKS: list[int] = []  # peak RssAnon of each run_child, in bytes (polled: a lower bound)
+
+
 def run_child(cmd: list[str], keep_output: bool = True) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes of this child alone, stdout) of a command; exits on failure."""
+    """(wall seconds, peak RSS in bytes of this child alone, stdout) of a command; exits on failure. Its peak
+    anonymous memory goes to ANON_PEAKS."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out if keep_output else subprocess.DEVNULL, stderr=err)
-        _, status, ru = os.wait4(p.pid, 0)  # wait4, not wait: the rusage of this child alone
+        anon = 0
+        while True:  # wait4, not wait: the rusage of this child alone
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, _anon_bytes(p.pid))
+            time.sleep(0.01)  # coarse: polling must not cost the 2 cores the measured child runs on
         wall = time.perf_counter() - t0
+        ANON_PEAKS.append(anon)
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -58,10 +83,21 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=bench_extract.D_MODEL)
     ap.add_argument("--d-ff", type=int, default=bench_extract.D_FF)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--layout", choices=("gguf", "llama4"), default="gguf",
+                    help="llama4: a transformed SafeTensors source (see above) instead of a Q4_0 GGUF")
+    ap.add_argument("--experts", type=int, default=4, help="experts of the llama4 layout's one layer")
     a = ap.parse_args()
+    if a.layout == "llama4" and (a.d_model, a.d_ff) == (bench_extract.D_MODEL, bench_extract.D_FF):
+        a.d_model, a.d_ff = 5120, 8192
     bench_extract.D_MODEL, bench_extract.D_FF = a.d_model, a.d_ff
     a.dir.mkdir(parents=True, exist_ok=True)
-    src, out = a.src or a.dir / "model.gguf", a.dir / "out"
+    if a.layout == "llama4":
+        src = a.src or a.dir / f"llama4-{a.d_model}-{a.d_ff}-{a.experts}"
+        out = a.dir / f"out-{src.name}"
+        if not (src / "config.json").exists():
+            build_llama4(src, a.d_model, a.d_ff, a.experts)
+    else:
+        src, out = a.src or a.dir / "model.gguf", a.dir / "out"
     if not src.exists():
         tmp = src.with_suffix(".tmp")
         bench_extract.build_model(tmp, a.layers)
@@ -70,7 +106,8 @@ def main() -> None:
         from mertools import extract
 
         extract(src, out, fsync=False)
-    files = [str(p) for p in sorted(out.rglob("*")) if p.is_file()] + [str(src)]
+    files = [str(p) for p in sorted(out.rglob("*")) if p.is_file()] + (
+        [str(p) for p in sorted(src.iterdir()) if p.is_file()] if src.is_dir() else [str(src)])
     size = sum(Path(f).stat().st_size for f in files)
     cat = ["cat", *files]
     deep = [sys.executable, "-m", "mertools.cli", "verify", str(out), "--deep", "--against", str(src), "--json",
@@ -78,11 +115,13 @@ def main() -> None:
     base = [sys.executable, "-c", "import mertools.cli, mertools.verify, mertools.deep, mer_runtime"]
     run_child(cat, False)  # warm the page cache: both measurements below start from the same (warm) state
     _, base_rss, _ = run_child(base)
-    reads, walls, insides, rss = [], [], [], []
+    base_anon = ANON_PEAKS[-1]
+    reads, walls, insides, rss, anons = [], [], [], [], []
     report: dict = {}
     for _ in range(a.repeat):  # alternated, so a neighbour's load hits both alike
         reads.append(run_child(cat, False)[0])
         wall, peak, text = run_child(deep)
+        anons.append(ANON_PEAKS[-1])
         report = json.loads(text)
         if not report["ok"]:
             raise SystemExit(f"verify --deep reported problems: {report['problems'][:5]}")
@@ -106,6 +145,40 @@ def main() -> None:
     print(f"peak RSS of verify: {max(rss) / 2**20:.0f} MiB; baseline (imports only) {base_rss / 2**20:.0f} MiB; "
           f"beyond baseline {(max(rss) - base_rss) / 2**20:.0f} MiB, of which the runtime's cache (2 slots) "
           f"{cache / 2**20:.0f} MiB (goal < 1024 MiB beyond the cache)")
+    print(f"peak anonymous memory (RssAnon) of verify: {max(anons) / 2**20:.0f} MiB, baseline "
+          f"{base_anon / 2**20:.0f} MiB; beyond the baseline and the cache "
+          f"{(max(anons) - base_anon - cache) / 2**20:.0f} MiB")
+
+
+def build_llama4(root: Path, h: int, f: int, n_exp: int) -> None:
+    """A Llama-4-layout BF16 checkpoint with one MoE layer of `n_exp` experts (random weights), written by hand
+    (8-byte header length, JSON header, raw bytes), a tensor at a time so that memory stays small."""
+    import numpy as np
+
+    tmp = root.with_name(root.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = "model.layers.0.feed_forward."
+    shapes = {"model.embed_tokens.weight": (8, h), p + "router.weight": (n_exp, h),
+              p + "experts.gate_up_proj": (n_exp, h, 2 * f), p + "experts.down_proj": (n_exp, f, h)}
+    header, off = {}, 0
+    for name, shape in shapes.items():
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(0)
+    with open(tmp / "model.safetensors", "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for shape in shapes.values():
+            rows = int(np.prod(shape[:-1]))
+            for r0 in range(0, rows, 4096):  # BF16 of float32 normals, a band of rows at a time
+                x = rng.standard_normal((min(4096, rows - r0), shape[-1]), np.float32) * 0.05
+                fh.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    (tmp / "config.json").write_text(json.dumps({
+        "model_type": "llama4_text", "hidden_size": h, "num_hidden_layers": 1, "num_local_experts": n_exp,
+        "num_experts_per_tok": 1, "intermediate_size": f}))
+    tmp.rename(root)
 
 
 def fmt(v: list[float]) -> str:

@@ -58,7 +58,8 @@ def test_one_changed_byte_with_rewritten_checksums(tmp_path, extracted, src_name
     assert not r.ok
     whats = [p.what for p in r.problems if p.path == e.path]
     assert any("does not match the source bytes" in w for w in whats)
-    assert any(w.startswith("output differs from the source reference") for w in whats)
+    assert any(w.startswith("output differs from the source reference") and w.endswith(
+        "its bytes differ from the source's: re-extract it") for w in whats), whats
     assert {p.path for p in r.problems} == {e.path}  # the other experts are fine
 
 
@@ -212,6 +213,10 @@ def test_a_kernel_that_misreads_a_type_fails(monkeypatch, extracted, mode):
     for against in (src, None):
         r = deep_report(extracted(src), against, **kw)
         assert len(r.problems) == 8 and all("output differs" in p.what for p in r.problems), r.problems
+        # what to do: the bytes are the source's, so it is the kernel; without a source, how to tell
+        hint = "its bytes equal the source's, so the runtime computes Q4_0 wrongly" if against else \
+            "verify it --against the source model"
+        assert all(hint in p.what for p in r.problems), r.problems[0]
         want = {"whole": "whole output", "loader": f"{SAMPLE_ROWS} sampled rows, loader and fused call",
                 "rows": f"{SAMPLE_ROWS} sampled rows"}
         assert {x["checked"] for x in r.deep["per_expert"]} == {want[mode]}
@@ -232,7 +237,7 @@ def test_one_changed_byte_anywhere_is_named(tmp_path, extracted, role, where, mo
     forge(out, e.path, t.offset + at)
     assert verify(out).ok
     want = f"{role}: byte {at} of {t.nbytes} does not match the source bytes " \
-           f"(blk.{e.layer}.ffn_{role}_exps.weight[{e.expert}]"
+           f"(blk.{e.layer}.ffn_{role}_exps.weight[{e.expert}] in {src.name}, "
     if mode == "cli":
         p = run_cli("verify", out, "--deep", "--against", src, "-q")
         assert p.returncode == 1 and f"FAIL {e.path}: {want}" in p.stdout, p.stdout
@@ -259,7 +264,7 @@ def test_scan_releases_both_mappings_band_by_band(monkeypatch, extracted):
     spans: dict[str, list] = {}
     try:
         regions = deep.source_regions(ref, e, [])
-        assert set(regions) == {"gate", "up", "down"} and all(r.data.size > 8 * 4096 for r in regions.values())
+        assert set(regions) == {"gate", "up", "down"} and all(r.size > 8 * 4096 for r in regions.values())
 
         def recorder(role, real):
             def release(lo, hi):
@@ -279,7 +284,7 @@ def test_scan_releases_both_mappings_band_by_band(monkeypatch, extracted):
     assert all(parts[r] == t.xxh3_64 for r, t in e.tensors.items())
     for role, r in regions.items():
         got = spans[role]
-        assert got[0][0] == 0 and got[-1][1] == r.data.size
+        assert got[0][0] == 0 and got[-1][1] == r.size
         assert all(a[1] == b[0] for a, b in zip(got, got[1:]))  # consecutive, nothing held back
         assert max(hi - lo for lo, hi in got) <= deep.RELEASE_BYTES + deep.PIECE
 
@@ -304,14 +309,14 @@ def test_mapped_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(0, e, "down") for e in range(m.model["n_experts"])]
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
         assert kib >= 512
         before = _mapped_kib(src.resolve())
-        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        assert sum(int(r.read(0, r.size).astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
         touched = _mapped_kib(src.resolve())
         assert touched - before >= kib - 8
         for r in regs:
-            r.release(0, r.data.size)
+            r.release(0, r.size)
         after = _mapped_kib(src.resolve())
         # all of it goes but each region's two partial end pages; the kernel's fault-around may have mapped up to
         # 64 KiB on either side, which is not ours to drop
@@ -375,14 +380,14 @@ def test_safetensors_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
         assert kib >= 1024
         before = _mapped_kib_all(files)
-        assert sum(int(r.data.astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
+        assert sum(int(r.read(0, r.size).astype(np.uint64).sum()) for r in regs) >= 0  # touch every page
         touched = _mapped_kib_all(files)
         assert touched - before >= kib - 8 * len(regs)
         for r in regs:
-            r.release(0, r.data.size)
+            r.release(0, r.size)
         after = _mapped_kib_all(files)
         # each region's partial end pages stay, and what the kernel's fault-around mapped beside them
         assert after <= before + 8 * len(regs) + 64 * len(files), (before, touched, after)
@@ -394,8 +399,11 @@ def test_safetensors_source_pages_are_dropped(extracted):
     ref = SourceReference(src, m)
     try:
         regs = [ref.region(e.layer, e.expert, role) for e in m.experts for role in ("gate", "up", "down")]
-        assert all(r.release is not None for r in regs)
-        kib = sum(r.data.size for r in regs) // 1024
+        kib = sum(r.size for r in regs) // 1024
+        for r in regs:  # each transform runs as it is read, and what it read of the source goes at its end
+            for lo in range(0, r.size, 1 << 16):
+                r.read(lo, min(r.size, lo + (1 << 16)))
+            r.release(0, r.size)
         left = _mapped_kib_all(list(src.glob("*.safetensors")))
         # the transforms read it all; what stays is the header's page and, at each end of the two stacked tensors
         # of a layer, what the kernel's fault-around (64 KiB windows) mapped of their neighbours, and partial pages
@@ -417,14 +425,14 @@ def test_each_source_transform_runs_once_per_expert(monkeypatch, extracted, name
 
     calls: Counter = Counter()
     lock = threading.Lock()
-    real = deep.SourceReference._from_source
+    real = deep.SourceReference._read_source
 
     def counted(self, layer, expert, role):
         with lock:
             calls[(layer, expert, role)] += 1
         return real(self, layer, expert, role)
 
-    monkeypatch.setattr(deep.SourceReference, "_from_source", counted)
+    monkeypatch.setattr(deep.SourceReference, "_read_source", counted)
     src = ST_REAL / name
     out = extracted(src)
     m = load_manifest(out)
@@ -458,3 +466,173 @@ def test_damaged_expert_still_gets_a_source_reference(tmp_path, extracted):
     whats = [pr.what for pr in r.problems if pr.path == e.path]
     assert any("does not match the source bytes" in w for w in whats), r.problems
     assert any("output differs from the source reference" in w for w in whats), r.problems
+    # deep_verify alone compares the bytes itself, and so names the projections that differ
+    r = deep_report(out, src)
+    assert r.problems[-1].what.endswith("its down bytes differ from the source's: re-extract it"), r.problems
+
+
+def _write_safetensors(path, tensors):
+    """A .safetensors file written by hand (header JSON, then the raw bytes): {name: (dtype, array)}."""
+    header, off = {}, 0
+    for name, (dtype, arr) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
+        off += arr.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for _, arr in tensors.values():
+            fh.write(arr.tobytes())
+
+
+def _bf16(shape, seed):
+    x = np.random.default_rng(seed).standard_normal(shape, np.float32) * 0.05
+    return (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def llama4_wide(tmp_path_factory):
+    """A Llama-4-layout checkpoint (gate_up [E, H, 2F] input-major, down [E, F, H]: every projection transposed, gate
+    and up fused) with one expert of 16 MiB projections (BF16, H 512, F 16384), and its extracted folder: each
+    projection is four of the transform's 4 MiB bands, so a copy of one is plainly more than the bands."""
+    from mertools import extract
+
+    root = tmp_path_factory.mktemp("l4w")
+    h, f = 512, 16384
+    p = "model.layers.0.feed_forward."
+    _write_safetensors(root / "model.safetensors", {
+        "model.embed_tokens.weight": ("BF16", _bf16((8, h), 1)),
+        p + "router.weight": ("BF16", _bf16((1, h), 2)),
+        p + "experts.gate_up_proj": ("BF16", _bf16((1, h, 2 * f), 3)),
+        p + "experts.down_proj": ("BF16", _bf16((1, f, h), 4))})
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "llama4_text", "hidden_size": h, "num_hidden_layers": 1, "num_local_experts": 1,
+        "num_experts_per_tok": 1, "intermediate_size": f}))
+    extract(root, root / "out", fsync=False)
+    return root, root / "out"
+
+
+def _peak_mib(fn):
+    """(fn(), the peak of memory allocated meanwhile beyond what was allocated before, in MiB): tracemalloc sees
+    NumPy's buffers, not mapped file pages (the page cache), which is what the bound is about."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, (tracemalloc.get_traced_memory()[1] - base) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_transformed_projections_are_compared_in_bands(llama4_wide, tmp_path, monkeypatch):
+    """verify --deep --against a fused, transposed layout holds the transform's bands, not its matrices: the
+    checksum pass's comparison of one expert, and deep_verify's comparison and float64 references from the source
+    (sampled rows and whole outputs, for an expert whose three projections each differ by a byte), allocate less
+    than one 16 MiB projection at their peak (the old code held transformed copies of all three: 64 MiB)."""
+    import importlib
+
+    import mertools.deep as deep
+
+    verify_mod = importlib.import_module("mertools.verify")
+    src, out = llama4_wide
+    m = load_manifest(out)
+    e = m.experts[0]
+    proj = max(t.nbytes for t in e.tensors.values())
+    assert proj == 16 << 20
+    ref = SourceReference(src, m)
+    try:
+        found: list = []
+        (probs, n), peak = _peak_mib(lambda: verify_mod.check_expert(m, e, lambda k: None, ref, found))
+    finally:
+        ref.close()
+    assert not probs and not found and n == e.size
+    assert peak < proj / 2**20, peak
+
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    with open(forged / e.path, "r+b") as fh:
+        for t in e.tensors.values():
+            fh.seek(t.offset + t.nbytes // 2)
+            b = fh.read(1)
+            fh.seek(t.offset + t.nbytes // 2)
+            fh.write(bytes([b[0] ^ 0x40]))
+    monkeypatch.setattr(deep, "BAND_BYTES", 1 << 20)  # the float64 reference's band, for a bound this small
+    for kw in ({"whole_budget": 0, "runtime_experts": 0}, {"whole_budget": 1 << 30}):
+        r, peak = _peak_mib(lambda: deep_report(forged, src, **kw))
+        assert peak < proj / 2**20, (kw, peak)
+        whats = [p.what for p in r.problems]
+        assert [w.split(":")[0] for w in whats if "does not match the source bytes" in w] == ["gate", "up", "down"]
+        assert "(model.layers.0.feed_forward.experts.gate_up_proj[0][:, 16384:].T in model.safetensors" in whats[1]
+        assert r.deep["experts_run"] == 1
+
+
+def test_transformed_folder_verifies(llama4_wide):
+    """The same folder passes verify --deep --against its checkpoint, whole output included."""
+    src, out = llama4_wide
+    r = verify(out, deep=True, against=src)
+    assert r.ok, r.problems
+    assert r.deep["bytes_compared"] == 3 * (16 << 20)
+
+
+def test_converted_to_f16_verifies_against_its_checkpoint(extracted, tmp_path):
+    """--dtype f16 from a SafeTensors checkpoint: the transform's bands are float16 arrays, whose bytes (not their
+    values cast to bytes, as the old code did: every projection 'half the size of the shard's') are compared."""
+    from mertools import extract
+
+    src = ST_REAL / "gptoss-bf16"
+    out = tmp_path / "o"
+    extract(src, out, fsync=False, dtype="f16")
+    r = verify(out, deep=True, against=src)
+    assert r.ok, r.problems[:3]
+    assert deep_report(out, src, whole_budget=0).ok
+
+
+def test_hashing_a_big_shard_keeps_little_of_it_mapped(llama4_wide):
+    """verify's checksum pass without --against (and deep verify without a source) hashes each shard through a
+    mapping whose pages are dropped every RELEASE bytes, not only at the end: resident pages of our mapping (smaps),
+    sampled every 4th piece of a 48 MiB shard, stay near RELEASE (four threads hashing experts of hundreds of
+    MiB would otherwise keep all of theirs mapped)."""
+    from mer_runtime import checksum
+
+    _, out = llama4_wide
+    e = load_manifest(out).experts[0]
+    path = (out / e.path).resolve()
+    seen: list[int] = []
+    ticks = iter(range(1 << 30))
+
+    def tick(k):  # every 4th piece (reading smaps is slow), the last one of each RELEASE included
+        if next(ticks) % 4 == 3:
+            seen.append(_mapped_kib(path))
+
+    whole, _, n = checksum.hash_file(path, (), tick)
+    assert whole == e.xxh3_64 and n == e.size >= 3 * checksum.RELEASE
+    assert max(seen) <= (checksum.RELEASE + checksum.PIECE) // 1024 + 2 * 64, max(seen)
+    assert _mapped_kib(path) == 0
+
+
+def test_bands_read_forward_and_say_when_a_transform_is_short():
+    """_Bands (a transform's bytes made as they are read): reads inside a band, across bands and to the end give the
+    bytes; only a read behind what is held starts the transform again; a transform that gives fewer or more bytes
+    than planned is a SourceError naming the projection, not a short comparison."""
+    from mertools.deep import _Bands
+    from mertools.errors import SourceError
+
+    data = np.arange(40, dtype=np.uint16)  # bands of any type: their bytes count (an F16 band is not cast)
+    starts = []
+
+    def start():
+        starts.append(1)
+        return iter([data[:7], data[7:20], data[20:]])
+
+    b = _Bands(start, data.nbytes, "gate_up_proj[0].T")
+    raw = data.view(np.uint8)
+    for lo, hi in [(0, 3), (3, 20), (20, 41), (41, 80)]:  # within, across two, across two again, to the end
+        assert b.read(lo, hi).tobytes() == raw[lo:hi].tobytes()
+    assert len(starts) == 1 and b.read(80, 80).size == 0 and len(starts) == 1
+    assert b.read(10, 12).tobytes() == raw[10:12].tobytes() and len(starts) == 2  # behind: made again
+    with pytest.raises(SourceError, match=r"gate_up_proj\[0\]\.T: its transform gave 14 bytes where 80"):
+        _Bands(lambda: iter([data[:7]]), data.nbytes, "gate_up_proj[0].T").read(0, 80)
+    with pytest.raises(SourceError, match="more than the 10 bytes planned"):
+        _Bands(lambda: iter([data[:7]]), 10, "x").read(0, 10)

@@ -485,3 +485,91 @@ def test_fault_outside_guarded_mappings_still_kills(tmp_path):
     """)
     assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr)
     assert "Bus error" in p.stderr
+
+
+@NEEDS_HANDLER
+@pytest.mark.parametrize("name", ["mixtral-f16.gguf", "gptoss-bf16"])
+def test_deep_compare_checks_a_source_the_full_slot_table_left_unguarded(folder, tmp_path, name):
+    """The handler is loaded (GUARDED) but its slot table is full when deep verify maps the source: that mapping is
+    not covered, so its region says so (Region.guarded False) and the comparison checks the size before each piece
+    it touches. A source cut meanwhile is a FileChangedError naming it, not a process dead of SIGBUS (the old code
+    went by GUARDED alone and touched the gone pages). A GGUF (views of the mapping) and a SafeTensors checkpoint
+    whose projections are made by a transform (GPT-OSS' fused, transposed gate_up)."""
+    from mertools import extract
+
+    if name.endswith(".gguf"):
+        src, out = tmp_path / name, folder
+        shutil.copyfile(GGUF, src)
+    else:
+        src, out = tmp_path / name, tmp_path / "out"
+        shutil.copytree(ST.parent / name, src)
+        extract(src, out, fsync=False)
+    cut = src if src.is_file() else src / "model.safetensors"
+    p = _python(f"""
+        import mmap, os, warnings
+        from mer_runtime import guard, load_manifest
+        from mer_runtime.safeopen import open_regular
+        from mertools.deep import SourceReference, scan_shard, source_regions
+        src, out, cut = {str(src)!r}, {str(out)!r}, {str(cut)!r}
+        m = load_manifest(out)
+        e = m.experts[-1]
+        ref = SourceReference(src, m)
+        print("COVERED", all(r.guarded for r in source_regions(ref, e, []).values()))
+        ref.close()
+        filler = os.path.join(os.path.dirname(cut), "filler")
+        open(filler, "wb").write(b"x" * 8192)
+        fd = os.open(filler, os.O_RDONLY)
+        mm = mmap.mmap(fd, 8192, prot=mmap.PROT_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gs = [guard.Guard(mm, guard._address(mm), 8192, 8192, filler) for _ in range(guard._LIB.mer_guard_slots())]
+            ref = SourceReference(src, m)
+            regions = source_regions(ref, e, [])
+        print("UNCOVERED", not any(r.guarded for r in regions.values()) and len(regions) >= 3)
+        os.truncate(cut, 8192)
+        sfd, _ = open_regular(m.path_of(e))
+        try:
+            scan_shard(sfd, e, regions)
+        except guard.FileChangedError as exc:
+            print("RAISED", cut in str(exc))
+    """)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])  # -7: SIGBUS, the old behaviour
+    assert p.stdout.split() == ["COVERED", "True", "UNCOVERED", "True", "RAISED", "True"], p.stdout
+
+
+def test_deep_compare_checks_only_the_files_a_projection_reads(tmp_path):
+    """Without the handler every piece of a comparison is size-checked first; for a sharded SafeTensors checkpoint
+    that check covers the files the projection reads, not every file mapped (hundreds for a big checkpoint, each an
+    fstat per piece). A shard the expert does not read may shrink meanwhile without failing its comparison (the
+    expert that reads it fails); its own shrinking still raises, naming it."""
+    from mertools import extract
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ST, src)
+    extract(src, out, fsync=False)
+    p = _python(f"""
+        import os
+        from mer_runtime import guard, load_manifest
+        from mer_runtime.safeopen import open_regular
+        from mertools.deep import SourceReference, scan_shard, source_regions
+        m = load_manifest({str(out)!r})
+        ref = SourceReference({str(src)!r}, m)
+        files = ref.source.files
+        reads = {{e.path: {{ref._projection(e.layer, e.expert, r).file_index for r in e.tensors}} for e in m.experts}}
+        e = next(x for x in m.experts if len(reads[x.path]) == 1)
+        other = next(x for x in m.experts if not reads[x.path] & reads[e.path])
+        source_regions(ref, other, [])  # maps the other expert's file too
+        mine, = reads[e.path]
+        theirs = min(reads[other.path])
+        print("UNGUARDED", not any(r.guarded for r in source_regions(ref, e, []).values()))
+        os.truncate(files[theirs], 8192)
+        fd, _ = open_regular(m.path_of(e))
+        print("PROBLEMS", len(scan_shard(fd, e, source_regions(ref, e, []))[3]))
+        os.truncate(files[mine], 8192)
+        try:
+            scan_shard(fd, e, source_regions(ref, e, []))
+        except guard.FileChangedError as exc:
+            print("RAISED", str(files[mine]) in str(exc))
+    """, "fallback")
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["UNGUARDED", "True", "PROBLEMS", "0", "RAISED", "True"], p.stdout

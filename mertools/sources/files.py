@@ -79,6 +79,13 @@ class MappedFiles:
             if g is not None:
                 g.check()
 
+    def guarded(self, i: int) -> bool:
+        """Whether source file `i` is mapped and its mapping is covered by the SIGBUS handler (``Guard.guarded``);
+        when not, a reader must ``check(i)`` before it touches the file's pages."""
+        with self._lock:
+            g = self._guards.get(i)
+            return g is not None and g.guarded
+
     def release(self, i: int) -> None:
         """Unmap source file `i`; a later ``view(i)`` maps it again."""
         with self._lock:

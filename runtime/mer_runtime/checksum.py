@@ -16,6 +16,7 @@ from .guard import map_file
 from .safeopen import open_regular
 
 PIECE = 256 << 10
+RELEASE = 16 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many: a big shard's RSS stays bounded
 
 
 def hash_file(path: str | os.PathLike[str], ranges: Sequence[tuple[int, int, str]] = (),
@@ -48,6 +49,7 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
         try:
             m.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(m) as mv:
+                dropped = 0  # a multiple of PIECE, so of the page size
                 for pos, end, piece in guard.pieces(mv, size, PIECE):
                     whole.update(piece)
                     for start, stop, name in ranges:
@@ -56,7 +58,11 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
                             with piece[lo - pos:hi - pos] as part:
                                 parts[name].update(part)
                     tick(end - pos)
-                m.madvise(mmap.MADV_DONTNEED)  # drop our mapping's page references early; measured faster
+                    if end - dropped >= RELEASE or end == size:
+                        # drop our mapping's page references as we go (early: measured faster; as we go: several
+                        # threads hashing experts of hundreds of MiB would otherwise each keep theirs mapped)
+                        m.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)
+                        dropped = end
             guard.finish()
         finally:
             guard.close()  # before the unmap: the range may be reused at once

@@ -111,6 +111,23 @@ class Guard:
         except OSError:
             return None
 
+    @property
+    def guarded(self) -> bool:
+        """Whether the C handler covers this mapping now: False without the compiled handler, when its slot table
+        was full at registration (more than its slots of live mappings; see the RuntimeWarning), or once closed.
+        An unguarded mapping must be `check`ed before each touch (a page past a shrunk file's end is SIGBUS).
+
+        >>> import os
+        >>> fd = os.open(__file__, os.O_RDONLY)
+        >>> mm, g = map_file(fd, os.fstat(fd).st_size, __file__)
+        >>> g.guarded == GUARDED
+        True
+        >>> g.close(); g.guarded
+        False
+        >>> mm.close(); os.close(fd)
+        """
+        return self.slot >= 0 and self._fin.alive
+
     def faulted(self) -> bool:
         """Whether a page of the mapping could not be read (the file shrank under it)."""
         return self.slot >= 0 and self._fin.alive and _FAULTS[self.slot] != 0
@@ -135,7 +152,7 @@ class Guard:
         >>> mm, g = map_file(fd, os.fstat(fd).st_size, __file__)
         >>> g.poll(); g.finish(); g.close(); mm.close(); os.close(fd)
         """
-        if self.slot < 0 or not self._fin.alive:
+        if not self.guarded:
             self.check()
         elif self.faulted():
             raise changed(self.name(), self.size, self._now())

@@ -147,6 +147,9 @@ class ExpertCache:
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
         self._closed = False
+        # the latest step cancel_stale(now=...) saw: a guess due at it or before is no longer held for later, even
+        # if the caller never judged it at its step (it would otherwise be held, and evicted last, for ever)
+        self._last_now: int | None = None
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
     def _reclaim(self) -> None:
@@ -168,10 +171,10 @@ class ExpertCache:
         chunks = max(1, -(-t.size // self.loader.block_size))
         return max(0.0, 1.0 - t.remaining / chunks)
 
-    @staticmethod
-    def _held_for_later(e: Entry) -> bool:
+    def _held_for_later(self, e: Entry) -> bool:
         """An unused guess made for a step that has not come (`prefetch(due=...)`)."""
-        return e.prefetched and not e.used and not e.stale and e.due is not None
+        return (e.prefetched and not e.used and not e.stale and e.due is not None
+                and (self._last_now is None or e.due > self._last_now))
 
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
@@ -229,14 +232,17 @@ class ExpertCache:
         if self.free:
             return self.free.pop()
         idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
-        # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost
-        for e in sorted(idle, key=self._held_for_later):
-            if self._read_complete(e):
-                return self._evict(e)
+        # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost.
+        # Two passes rather than a sort: the first finds a victim at once unless guesses are held (the default path)
+        v = next((e for e in idle if not self._held_for_later(e) and self._read_complete(e)), None) or \
+            next((e for e in idle if self._read_complete(e)), None)
+        if v is not None:
+            return self._evict(v)
         if not self._draining and idle:
-            # only unused prefetches still reading: withdraw the oldest (its chunks not yet issued are dropped; a
-            # guess held back by the speculative window would otherwise be read whole, with this lock held)
-            v = idle[0]
+            # only unused prefetches still reading: withdraw the oldest, one held for a later step last (its chunks
+            # not yet issued are dropped; a guess held back by the speculative window would otherwise be read whole,
+            # with this lock held)
+            v = next((e for e in idle if not self._held_for_later(e)), idle[0])
             if self._withdraw(v) == "done":
                 return self._evict(v)
             if self.free:
@@ -381,10 +387,11 @@ class ExpertCache:
                 if key in self.entries:
                     continue
                 slot = self.free.pop() if self.free else None
-                if slot is None:  # a complete, idle entry that is not part of this step
-                    v = next((e for e in sorted(self.entries.values(), key=self._held_for_later)
-                              if not e.pinned and not e.holders and e.key not in step and self._read_complete(e)),
-                             None)
+                if slot is None:  # a complete, idle entry that is not part of this step, one held for later last
+                    def idle() -> Iterator[Entry]:
+                        return (e for e in self.entries.values() if not e.pinned and not e.holders
+                                and e.key not in step and self._read_complete(e))
+                    v = next((e for e in idle() if not self._held_for_later(e)), None) or next(idle(), None)
                     if v is None:
                         break
                     slot = self._evict(v)
@@ -421,6 +428,8 @@ class ExpertCache:
         0
         """
         with self._cv:
+            if now is not None and (self._last_now is None or now > self._last_now):
+                self._last_now = now
             n = 0
             for e in list(self.entries.values()):
                 if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
@@ -528,19 +537,25 @@ class ExpertCache:
         with self._cv:
             tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
             tickets += [t for t, _ in self._draining]
+        other: BaseException | None = None
         for t in tickets:  # outside the lock: other threads may go on meanwhile
             try:
                 self.loader.wait(t)
-            except Exception:
-                pass
+            except Exception as exc:
+                if t.error is None and other is None:  # not the read's own error (e.g. the loader's thread failed)
+                    other = exc
         with self._cv:
             self._reclaim()  # the withdrawn prefetches' slots are free again
+        if other is not None:
+            raise other
 
     def close(self) -> None:
         """Withdraw the unused prefetches (nothing more is read for them), drain, then refuse every later call with
         CacheError."""
         self.cancel_stale(keep=frozenset())
-        self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
+        try:
+            self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()

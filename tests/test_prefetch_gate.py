@@ -449,13 +449,17 @@ def test_a_background_thread_streams_guesses_while_the_caller_does_not_call(wind
     loader.spec_window, loader.spec_cap_each, loader.spec_background = 2, False, True
     assert cache.prefetch((9, 0), due=3)
     t = cache.entries[(9, 0)].ticket
+    th = loader._background
+    assert th is not None
     deadline = time.monotonic() + 60  # a liveness bound, not a timing: without the thread it never completes
-    while not t.done and time.monotonic() < deadline:
+    while not t.done and time.monotonic() < deadline and th.is_alive():  # a thread that died fails at once
         time.sleep(0.01)
     assert t.done and t.issued == 256 and loader.bytes_read >= 1 << 20
     slot = cache.acquire((9, 0))
     assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
     cache.release((9, 0))
+    loader.close()
+    assert not th.is_alive()
 
 
 def test_token_ahead_prefetching_never_changes_results_and_uses_its_guesses(folder):

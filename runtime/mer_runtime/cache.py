@@ -20,10 +20,10 @@ Rules:
   at most the reads that were with the disk when it was found wrong. A stale prefetch whose read had already
   completed stays cached but moves to the least-recently-used end: it never earned its recency, so it is the
   first to go (counted in `prefetch_stale`);
-- a foreground miss (acquire or fetch) takes, in order: a free slot, an idle expert whose read is complete and that
-  is not a guess held for a later step, then such a held guess; failing those it withdraws a guess still reading,
-  one not held for a later step first. A guess is held until its `due` step; once `cancel_stale(now=...)` has seen
-  that step (judged or not) it is an ordinary entry again.
+- a foreground miss takes, in order: a free slot, an idle expert whose read is complete and that is not a guess
+  held for a later step, then such a held guess (fetch stops there); failing those, acquire withdraws a guess
+  still reading, one not held for a later step first. A guess is held until its `due` step; once
+  `cancel_stale(now=...)` has seen that step (judged or not) it is an ordinary entry again.
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
 counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert

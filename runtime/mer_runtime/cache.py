@@ -180,6 +180,18 @@ class ExpertCache:
         return (e.prefetched and not e.used and not e.stale and e.due is not None
                 and (self._last_now is None or e.due > self._last_now))
 
+    def _victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
+        """The least recently used idle entry (neither pinned nor held) that ok() accepts, one held for a later step
+        only if there is no other."""
+        held: Entry | None = None
+        for e in self.entries.values():
+            if e.pinned or e.holders or not ok(e):
+                continue
+            if not self._held_for_later(e):
+                return e
+            if held is None:
+                held = e
+        return held
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
@@ -235,18 +247,16 @@ class ExpertCache:
         self._reclaim()
         if self.free:
             return self.free.pop()
-        idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
         # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost.
-        # Two passes rather than a sort: the first finds a victim at once unless guesses are held (the default path)
-        v = next((e for e in idle if not self._held_for_later(e) and self._read_complete(e)), None) or \
-            next((e for e in idle if self._read_complete(e)), None)
+        # One pass that stops at the first victim (LRU first), not a sort: the cost of the default path, where no
+        # guess is held, does not grow with the cache
+        v = self._victim(lambda e: self._read_complete(e))
         if v is not None:
             return self._evict(v)
-        if not self._draining and idle:
+        if not self._draining and (v := self._victim(lambda e: True)) is not None:
             # only unused prefetches still reading: withdraw the oldest, one held for a later step last (its chunks
             # not yet issued are dropped; a guess held back by the speculative window would otherwise be read whole,
             # with this lock held)
-            v = next((e for e in idle if not self._held_for_later(e)), idle[0])
             if self._withdraw(v) == "done":
                 return self._evict(v)
             if self.free:
@@ -392,10 +402,7 @@ class ExpertCache:
                     continue
                 slot = self.free.pop() if self.free else None
                 if slot is None:  # a complete, idle entry that is not part of this step, one held for later last
-                    def idle() -> Iterator[Entry]:
-                        return (e for e in self.entries.values() if not e.pinned and not e.holders
-                                and e.key not in step and self._read_complete(e))
-                    v = next((e for e in idle() if not self._held_for_later(e)), None) or next(idle(), None)
+                    v = self._victim(lambda e: e.key not in step and self._read_complete(e))
                     if v is None:
                         break
                     slot = self._evict(v)

@@ -543,8 +543,10 @@ class ExpertCache:
             self._cv.notify_all()
 
     def drain(self) -> None:
-        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked or raised here:
-        a failed read stays with its entry and is raised by the acquire that needs it."""
+        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked here, and a failed
+        read is not raised: it stays with its entry and is raised by the acquire that needs it. An error of the
+        loader's own (a wait that failed with its read not failed, e.g. io_uring's background thread reporting what
+        ended it) is raised once every read has been waited for."""
         with self._cv:
             tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
             tickets += [t for t, _ in self._draining]

@@ -370,13 +370,47 @@ def test_a_guess_is_withdrawn_exactly_when_its_own_step_is_routed_without_it(win
 def test_a_miss_evicts_a_guess_held_for_a_later_step_last(window_cache):
     cache, loader, pool, big = window_cache
     loader.spec_window = None
-    use(cache, (1, 0))
-    assert cache.prefetch((9, 0), due=5)  # least recently used of the two
+    assert cache.prefetch((9, 0), due=5)  # the least recently used entry: plain LRU would evict it first
     while not loader.ready(cache.entries[(9, 0)].ticket):
         pass
-    use(cache, (1, 1))
+    use(cache, (1, 0), (1, 1))
+    assert list(cache.entries) == [(9, 0), (1, 0), (1, 1)]
     use(cache, (1, 2))  # no free slot: the used expert goes, not the guess still waiting for its step
     assert (9, 0) in cache.entries and (1, 0) not in cache.entries and cache.stats.prefetch_wasted == 0
+    assert cache.fetch([(1, 3)]) == 1  # fetch's choice of victim follows the same rule
+    assert (9, 0) in cache.entries and (1, 1) not in cache.entries
+    cache.acquire((1, 3))
+    cache.release((1, 3))
+
+
+def test_a_guess_whose_step_has_passed_is_no_longer_held(window_cache):
+    """A caller that never judged a guess at its step (here it kept it) must not have it held, and evicted last,
+    for ever: once the cache has seen a later step the guess is an ordinary entry, LRU first."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = None
+    assert cache.prefetch((9, 0), due=5)
+    while not loader.ready(cache.entries[(9, 0)].ticket):
+        pass
+    use(cache, (1, 0), (1, 1))
+    assert cache.cancel_stale(keep={(9, 0)}, now=6) == 0  # its step went by without a judgement
+    use(cache, (1, 2))
+    assert (9, 0) not in cache.entries and (1, 0) in cache.entries and cache.stats.prefetch_wasted == 1
+
+
+def test_a_miss_withdraws_a_guess_held_for_a_later_step_last(window_cache):
+    """Every idle slot holds a guess still reading: the miss withdraws the one not held for a later step, even
+    when the held one is older."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = 2
+    assert cache.prefetch((9, 0), due=7) and cache.prefetch((9, 1))
+    for k in ((9, 0), (9, 1)):
+        settle(loader, cache.entries[k].ticket)
+    cache.acquire((1, 1))  # the free slot, held
+    cache.acquire((1, 2))  # nothing complete is idle: a guess is withdrawn
+    cache.release((1, 1))
+    cache.release((1, 2))
+    assert (9, 0) in cache.entries and (9, 1) not in cache.entries and cache.stats.prefetch_cancelled == 1
+    cache.drain()
 
 
 def test_a_foreground_read_waits_behind_no_more_than_the_window(window_cache):
@@ -415,13 +449,17 @@ def test_a_background_thread_streams_guesses_while_the_caller_does_not_call(wind
     loader.spec_window, loader.spec_cap_each, loader.spec_background = 2, False, True
     assert cache.prefetch((9, 0), due=3)
     t = cache.entries[(9, 0)].ticket
+    th = loader._background
+    assert th is not None
     deadline = time.monotonic() + 60  # a liveness bound, not a timing: without the thread it never completes
-    while not t.done and time.monotonic() < deadline:
+    while not t.done and time.monotonic() < deadline and th.is_alive():  # a thread that died fails at once
         time.sleep(0.01)
     assert t.done and t.issued == 256 and loader.bytes_read >= 1 << 20
     slot = cache.acquire((9, 0))
     assert pool.view(slot, 1 << 20).tobytes() == big.read_bytes()
     cache.release((9, 0))
+    loader.close()
+    assert not th.is_alive()
 
 
 def test_token_ahead_prefetching_never_changes_results_and_uses_its_guesses(folder):

@@ -19,7 +19,11 @@ Rules:
   dropped, and its slot comes back once the chunks already issued have landed ("draining"), so a wrong guess costs
   at most the reads that were with the disk when it was found wrong. A stale prefetch whose read had already
   completed stays cached but moves to the least-recently-used end: it never earned its recency, so it is the
-  first to go (counted in `prefetch_stale`).
+  first to go (counted in `prefetch_stale`);
+- a foreground miss takes, in order: a free slot, an idle expert whose read is complete and that is not a guess
+  held for a later step, then such a held guess (fetch stops there); failing those, acquire withdraws a guess
+  still reading, one not held for a later step first. A guess is held until its `due` step; once
+  `cancel_stale(now=...)` has seen that step (judged or not) it is an ordinary entry again.
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
 counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
@@ -147,6 +151,9 @@ class ExpertCache:
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
         self._closed = False
+        # the latest step cancel_stale(now=...) saw: a guess due at it or before is no longer held for later, even
+        # if the caller never judged it at its step (it would otherwise be held, and evicted last, for ever)
+        self._last_now: int | None = None
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
     def _reclaim(self) -> None:
@@ -168,11 +175,23 @@ class ExpertCache:
         chunks = max(1, -(-t.size // self.loader.block_size))
         return max(0.0, 1.0 - t.remaining / chunks)
 
-    @staticmethod
-    def _held_for_later(e: Entry) -> bool:
+    def _held_for_later(self, e: Entry) -> bool:
         """An unused guess made for a step that has not come (`prefetch(due=...)`)."""
-        return e.prefetched and not e.used and not e.stale and e.due is not None
+        return (e.prefetched and not e.used and not e.stale and e.due is not None
+                and (self._last_now is None or e.due > self._last_now))
 
+    def _victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
+        """The least recently used idle entry (neither pinned nor held) that ok() accepts, one held for a later step
+        only if there is no other."""
+        held: Entry | None = None
+        for e in self.entries.values():
+            if e.pinned or e.holders or not ok(e):
+                continue
+            if not self._held_for_later(e):
+                return e
+            if held is None:
+                held = e
+        return held
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
@@ -228,15 +247,16 @@ class ExpertCache:
         self._reclaim()
         if self.free:
             return self.free.pop()
-        idle = [e for e in self.entries.values() if not e.pinned and not e.holders]
-        # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost
-        for e in sorted(idle, key=self._held_for_later):
-            if self._read_complete(e):
-                return self._evict(e)
-        if not self._draining and idle:
-            # only unused prefetches still reading: withdraw the oldest (its chunks not yet issued are dropped; a
-            # guess held back by the speculative window would otherwise be read whole, with this lock held)
-            v = idle[0]
+        # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost.
+        # One pass that stops at the first victim (LRU first), not a sort: the cost of the default path, where no
+        # guess is held, does not grow with the cache
+        v = self._victim(lambda e: self._read_complete(e))
+        if v is not None:
+            return self._evict(v)
+        if not self._draining and (v := self._victim(lambda e: True)) is not None:
+            # only unused prefetches still reading: withdraw the oldest, one held for a later step last (its chunks
+            # not yet issued are dropped; a guess held back by the speculative window would otherwise be read whole,
+            # with this lock held)
             if self._withdraw(v) == "done":
                 return self._evict(v)
             if self.free:
@@ -381,10 +401,8 @@ class ExpertCache:
                 if key in self.entries:
                     continue
                 slot = self.free.pop() if self.free else None
-                if slot is None:  # a complete, idle entry that is not part of this step
-                    v = next((e for e in sorted(self.entries.values(), key=self._held_for_later)
-                              if not e.pinned and not e.holders and e.key not in step and self._read_complete(e)),
-                             None)
+                if slot is None:  # a complete, idle entry that is not part of this step, one held for later last
+                    v = self._victim(lambda e: e.key not in step and self._read_complete(e))
                     if v is None:
                         break
                     slot = self._evict(v)
@@ -421,6 +439,8 @@ class ExpertCache:
         0
         """
         with self._cv:
+            if now is not None and (self._last_now is None or now > self._last_now):
+                self._last_now = now
             n = 0
             for e in list(self.entries.values()):
                 if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
@@ -523,24 +543,32 @@ class ExpertCache:
             self._cv.notify_all()
 
     def drain(self) -> None:
-        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked or raised here:
-        a failed read stays with its entry and is raised by the acquire that needs it."""
+        """Wait for every read in flight (before the pool or loader goes away). Nothing is checked here, and a failed
+        read is not raised: it stays with its entry and is raised by the acquire that needs it. An error of the
+        loader's own (a wait that failed with its read not failed, e.g. io_uring's background thread reporting what
+        ended it) is raised once every read has been waited for."""
         with self._cv:
             tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
             tickets += [t for t, _ in self._draining]
+        other: BaseException | None = None
         for t in tickets:  # outside the lock: other threads may go on meanwhile
             try:
                 self.loader.wait(t)
-            except Exception:
-                pass
+            except Exception as exc:
+                if t.error is None and other is None:  # not the read's own error (e.g. the loader's thread failed)
+                    other = exc
         with self._cv:
             self._reclaim()  # the withdrawn prefetches' slots are free again
+        if other is not None:
+            raise other
 
     def close(self) -> None:
         """Withdraw the unused prefetches (nothing more is read for them), drain, then refuse every later call with
         CacheError."""
         self.cancel_stale(keep=frozenset())
-        self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
+        try:
+            self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()

@@ -152,6 +152,7 @@ class Loader:
         with self._cv:
             mine = [it for it in self._queue if it[0] is t]
             t.urgent = True
+            self._promoted(t)
             if mine:
                 self._queue = deque(it for it in self._queue if it[0] is not t)
                 self._queue.extendleft(reversed(mine))
@@ -221,6 +222,9 @@ class Loader:
     def _note(self, *event: object) -> None:
         if self._trace is not None:
             self._trace.append(event)
+
+    def _promoted(self, t: Ticket) -> None:
+        """Under the lock: t is needed now; its chunks with the disk are no longer speculative."""
 
     def poll(self) -> None:
         """Hand out what completed and issue what may go now, without blocking (io_uring: speculative chunks are
@@ -425,6 +429,11 @@ class UringLoader(Loader):
         self._spec: set[int] = set()  # user_data of the speculative chunks with the kernel (for spec_window)
         self._reaping = False
         self._background: threading.Thread | None = None
+        # what ended the background thread, reported once by the next wait() (once its ticket is done) or close();
+        # no new thread is started until then, so a failure that repeats does not start one thread per call
+        self._background_error: BaseException | None = None
+        # why the background thread could not be started (speculative chunks then go from calls into the loader)
+        self.spec_background_refused: str | None = None
         # True: a thread of the loader's own reaps speculative chunks and issues the next ones while the caller
         # computes (without it they go only from calls into the loader: `poll`, `ready`, `wait`)
         self.spec_background = False
@@ -435,23 +444,54 @@ class UringLoader(Loader):
 
     def _kick(self) -> None:
         self._pump()
-        if self._spec and self.spec_background and self._background is None and not self._closed:
-            self._background = threading.Thread(target=self._feed_speculation, name="mer-io_uring-spec",
-                                                daemon=True)
-            self._background.start()
+        if (self._spec and self.spec_background and self._background is None and not self._closed
+                and self._background_error is None and self.spec_background_refused is None):
+            th = threading.Thread(target=self._feed_speculation, name="mer-io_uring-spec", daemon=True)
+            self._background = th
+            try:
+                th.start()
+            except BaseException as exc:
+                # the guess's chunks are already with the kernel: failing here would make the caller give their
+                # slot back while they land in it. Speculation goes on from calls into the loader instead.
+                self._background = None
+                self.spec_background_refused = f"the background speculation thread could not start ({exc})"
         if self._spec:
             self._cv.notify_all()
 
     def _feed_speculation(self) -> None:
         """The background thread: while speculative chunks are with the disk, be the reaper until a window's
         worth of them has completed (one wake-up per window, not per chunk), then issue the next ones (`_pump`,
-        which issues nothing speculative while a foreground chunk is with the disk). Sleeps otherwise."""
+        which issues nothing speculative while a foreground chunk is with the disk). Sleeps otherwise.
+
+        An error (the kernel refusing a submission or a wait) ends the thread: it is kept for the next wait() or
+        close() to raise, and speculation goes on from calls into the loader until it has been reported."""
         with self._cv:
-            while not (self._closed and (not self._chunks or self.ring.fd < 0)):
-                if self._reaping or not self._spec or self.ring.fd < 0:
-                    self._cv.wait()
-                    continue
-                self._reap_once(min(len(self._spec), self.ring.in_flight))
+            try:
+                while not (self._closed and (not self._chunks or self.ring.fd < 0)):
+                    if self._reaping or not self._spec or self.ring.fd < 0:
+                        self._cv.wait()
+                        continue
+                    r = self.ring
+                    if r.in_flight == 0 and r.pending:  # a submission failed earlier: its SQEs are still queued
+                        r.submit()
+                    if r.in_flight == 0:  # nothing the kernel could complete: sleeping in it would be for ever
+                        self._cv.wait()
+                        continue
+                    self._reap_once(min(len(self._spec), r.in_flight))
+            except BaseException as exc:
+                self._background_error = exc
+            finally:
+                if self._background is threading.current_thread():
+                    self._background = None
+                self._cv.notify_all()
+
+    def _raise_background_error(self) -> None:
+        """Under the lock: report (once) what ended the background thread."""
+        exc, self._background_error = self._background_error, None
+        if exc is not None:
+            raise ShardIOError(getattr(exc, "errno", None) or errno.EIO,
+                               f"io_uring: the background speculation thread failed ({exc}); guesses were read "
+                               "from calls into the loader since; use --io pread if it recurs") from exc
 
     def _pump(self, force: bool = False) -> None:
         r = self.ring
@@ -533,6 +573,12 @@ class UringLoader(Loader):
     def _spec_with_disk(self) -> int:
         return len(self._spec)
 
+    def _promoted(self, t: Ticket) -> None:
+        # a foreground read queued now waits for them as for its own, and the background thread stops reaping
+        # for them
+        if t.in_flight:
+            self._spec.difference_update([cid for cid in self._spec if self._chunks[cid][0] is t])
+
     def landed_bytes(self) -> int:
         with self._cv:  # the reaper moves completions into bytes_read under it (and never closes the ring)
             r = self.ring
@@ -561,6 +607,8 @@ class UringLoader(Loader):
         with self._cv:
             while not t.done:
                 self._progress()
+            if t.error is None:  # only once t is done: a caller that gets an error may reuse t's slot at once
+                self._raise_background_error()
         if t.error is not None:
             raise t.error
 
@@ -587,6 +635,8 @@ class UringLoader(Loader):
         bg = self._background
         if bg is not None and bg is not threading.current_thread():
             bg.join()
+        with self._cv:
+            self._raise_background_error()
 
 
 def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:

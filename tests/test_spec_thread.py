@@ -1,6 +1,7 @@
 """io_uring's background speculation thread (`UringLoader.spec_background`): it starts, streams guesses while the
 caller makes no call, survives what the kernel refuses, never sleeps in the kernel with nothing there to complete,
-and is gone after close().
+and is gone after close(). Also what the kernel refuses on the caller's own thread (a submission, a wait): the
+cache never hands out a slot that a read may still write.
 
 Real files, the real ring. Where a failure must be provoked, the ring's own syscall wrapper is made to fail once
 with the error the kernel gives (the stdlib's Thread.start likewise): nothing of the loader's logic is replaced.
@@ -11,6 +12,7 @@ asserted.
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 
@@ -187,9 +189,10 @@ def test_an_error_nobody_waited_for_is_raised_by_close(streaming, monkeypatch):
     loader.close()  # idempotent, reported once
 
 
-def test_the_thread_never_sleeps_in_the_kernel_with_nothing_submitted(streaming, files, monkeypatch):
-    """A submission the kernel refused leaves its SQEs queued and nothing in flight: the thread used to wait in
-    io_uring_enter for a completion that could never come, as the reaper, so every wait() and close() hung."""
+def test_a_refused_submission_leaves_nothing_queued_for_the_thread(streaming, files, monkeypatch):
+    """A submission the kernel refused used to leave its SQEs queued, nothing in flight, and the error raised from
+    start() (the cache then gave back a slot those SQEs would still write); the thread could also sleep in the
+    kernel for a completion that could never come. Now the refused SQEs are taken back and their read fails."""
     cache, loader, pool = streaming
     big, small = files
     assert cache.prefetch((1, 0), due=1)  # starts the thread; it reads the small guess and goes idle
@@ -199,19 +202,114 @@ def test_the_thread_never_sleeps_in_the_kernel_with_nothing_submitted(streaming,
     fail_once(monkeypatch, loader.ring, "submit",
               uring.UringError(errno.EAGAIN, "io_uring_enter: Resource temporarily unavailable"),
               when=lambda *_: not in_spec_thread())
-    with pytest.raises(uring.UringError):
-        loader.start(str(small), SMALL, 2)  # a guess: its two chunks are prepared, their submission refused
-    t = next(t for t, _, _ in loader._chunks.values())
-    assert loader.ring.pending == 2 and loader.ring.in_flight == 0
-    try:
-        with loader._cv:  # any wake-up (another ticket finishing, say) that issues nothing itself
-            loader._cv.notify_all()
-        # the thread stays alive when it hangs: this bound is what ends the wait then (a fix makes it milliseconds)
-        until(lambda: t.done, "the thread submits what is queued instead of sleeping on nothing", bound=10, alive=th)
-    finally:
-        if not t.done:  # the old code's hang: free the sleeping reaper so that teardown can close
-            loader.ring.submit()
-    assert t.error is None and pool.view(2, SMALL).tobytes() == small.read_bytes()
+    t = loader.start(str(small), SMALL, 2)  # a guess: its two chunks are prepared, their submission refused
+    assert t.done and t.fd < 0 and t.issued == 0
+    assert loader.ring.pending == 0 and loader.ring.in_flight == 0 and not loader._chunks
+    with pytest.raises(ShardIOError, match=f"{small}: the kernel refused.*retry.*--io pread"):
+        loader.wait(t)
+    t2 = loader.start(str(small), SMALL, 2)  # the kernel takes it now: the thread reads it
+    until(lambda: t2.done, "the thread reads the retried guess", alive=th)
+    assert t2.error is None and pool.view(2, SMALL).tobytes() == small.read_bytes()
+
+
+@pytest.fixture
+def tight(files, tmp_path):
+    """A 2-slot cache over an io_uring loader, no background thread: (9, e) is the 4 MiB file, (1, e) its first
+    8 KiB, (2, e) 8 KiB of other bytes (what an overwrite by the big file's reads would show)."""
+    big, small = files
+    other = tmp_path / "other.bin"
+    other.write_bytes(np.random.default_rng(6).integers(0, 256, SMALL, dtype=np.uint8).tobytes())
+    paths = {9: (str(big), SIZE), 1: (str(small), SMALL), 2: (str(other), SMALL)}
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    assert isinstance(loader, UringLoader)
+    cache = ExpertCache(pool, loader, lambda key: paths[key[0]])
+    yield cache, loader, pool, other
+    loader.close()
+    pool.close()
+
+
+def chunks_by_slot(loader) -> dict[int, int]:
+    """Slot -> chunks the loader has with the kernel or queued in the SQ for it (what may still write the slot)."""
+    out: dict[int, int] = {}
+    for t, _, _ in loader._chunks.values():
+        out[t.slot] = out.get(t.slot, 0) + 1
+    return out
+
+
+def test_a_submission_refused_on_a_miss_frees_its_slot_only_with_nothing_queued(tight, files, monkeypatch):
+    """The refusal used to escape from start() with the SQEs still queued: the cache freed the slot, and the next
+    submission sent them, to land in whatever expert had the slot by then."""
+    cache, loader, pool, other = tight
+    big, _ = files
+    seen: list = []
+    fail_once(monkeypatch, loader.ring, "submit",
+              uring.UringError(errno.EAGAIN, "io_uring_enter: Resource temporarily unavailable"),
+              when=lambda *_: seen.append(chunks_by_slot(loader)) or True)
+    with pytest.raises(OSError) as raised:
+        cache.acquire((9, 0))
+    (refused,) = seen[0]  # the slot the refused SQEs targeted
+    assert chunks_by_slot(loader) == {} and loader.ring.pending == 0  # nothing can write it any more
+    assert refused in cache.free and not cache.entries and not cache._draining
+    assert isinstance(raised.value, ShardIOError)
+    assert re.search(f"{big}: the kernel refused to start the read.*retry.*--io pread", str(raised.value))
+    slot = cache.acquire((2, 0))
+    assert slot == refused  # the recycled slot
+    assert pool.view(slot, SMALL).tobytes() == other.read_bytes()
+    cache.release((2, 0))
+    assert loader.ring.in_flight == 0 and not loader._chunks
+
+
+def test_a_submission_refused_part_way_through_a_read_fails_it_once_its_chunks_landed(tight, files, monkeypatch):
+    """A guess has chunks with the kernel when its promotion's submission is refused: the read fails, but only
+    once those chunks have landed, so its slot is free only then."""
+    cache, loader, pool, other = tight
+    big, _ = files
+    loader.spec_window = 2  # nobody reaps (no background thread): exactly 2 chunks stay with the kernel
+    assert cache.prefetch((9, 0), due=1)
+    t = cache.entries[(9, 0)].ticket
+    slot = t.slot
+    assert t.in_flight == 2 and loader.ring.in_flight == 2
+    seen: list = []
+    fail_once(monkeypatch, loader.ring, "submit",
+              uring.UringError(errno.ENOMEM, "io_uring_enter: Cannot allocate memory"),
+              when=lambda *_: seen.append((t.in_flight, loader.ring.pending)) or True)
+    with pytest.raises(OSError) as raised:
+        cache.acquire((9, 0))  # promoted: 6 more chunks prepared, their submission refused
+    assert seen == [(8, 6)]  # 2 submitted, 6 refused
+    assert t.done and t.in_flight == 0 and t.issued == 2 and t.fd < 0  # raised only once the 2 landed
+    assert loader.ring.in_flight == 0 and not loader._chunks
+    assert slot in cache.free and (9, 0) not in cache.entries
+    assert isinstance(raised.value, ShardIOError)
+    assert re.search(f"{big}: the kernel refused to start the read.*Cannot allocate", str(raised.value))
+    got = cache.acquire((2, 0))
+    assert got == slot
+    assert pool.view(got, SMALL).tobytes() == other.read_bytes()
+    cache.release((2, 0))
+
+
+def test_a_failed_wait_quarantines_the_slot_until_its_read_lands(tight, files, monkeypatch):
+    """wait_cqe failing on the caller's thread used to make the cache free the slot with the whole read still
+    with the kernel: the next expert loaded there could be overwritten after its checksum."""
+    cache, loader, pool, other = tight
+    big, _ = files
+    cache.pin([(1, 0)])  # one slot pinned: the next miss can only get the failed read's slot
+    fail_once(monkeypatch, loader.ring, "wait_cqe",
+              uring.UringError(errno.ENOMEM, "io_uring_enter: Cannot allocate memory"))
+    with pytest.raises(OSError) as raised:
+        cache.acquire((9, 0))
+    assert set(chunks_by_slot(loader)) == {1 - cache.entries[(1, 0)].slot}  # the read is still with the kernel
+    assert not set(chunks_by_slot(loader)) & set(cache.free)  # so its slot is not free: it is quarantined
+    ((t, slot),) = cache._draining
+    assert t.path == str(big) and not t.done and (9, 0) not in cache.entries
+    assert isinstance(raised.value, ShardIOError)
+    assert re.search(f"{big}: waiting for the read failed.*Cannot allocate.*--io pread", str(raised.value))
+    assert cache.in_flight() == 1
+    got = cache.acquire((2, 0))  # waits for the quarantined read, then reuses its slot
+    assert got == slot and t.done and t.error is None and slot not in chunks_by_slot(loader)
+    assert pool.view(got, SMALL).tobytes() == other.read_bytes()
+    cache.release((2, 0))
+    assert not cache._draining and loader.ring.in_flight == 0
 
 
 def test_a_promoted_guess_s_chunks_are_no_longer_speculative(files):

@@ -76,6 +76,30 @@ def test_errors_come_back_as_negative_errno(data_file):
         os.close(fd)
 
 
+@needs_uring
+def test_retract_takes_back_what_the_kernel_has_not_consumed(data_file):
+    """After a refused submission the loader takes its SQEs back: they must never reach the kernel afterwards (their
+    buffers may be given to another read)."""
+    pool = BufferPool(4096, 2)
+    fd = os.open(data_file, os.O_RDONLY | os.O_DIRECT)
+    blob = data_file.read_bytes()
+    pool.view(1)[:] = 0xAB
+    with uring.Ring(4) as ring:
+        ring.prep_read(fd, pool.address(0), 4096, 0, 1, None)
+        ring.submit()
+        ring.prep_read(fd, pool.address(1), 4096, 4096, 2, None)
+        ring.prep_read(fd, pool.address(1), 4096, 8192, 3, None)
+        assert ring.retract() == [2, 3]
+        assert ring.pending == 0 and ring.in_flight == 1
+        assert ring.wait(1) == [(1, 4096)]
+        ring.prep_read(fd, pool.address(0), 4096, 12288, 4, None)
+        assert ring.wait(1) == [(4, 4096)]  # the retracted reads never ran (they would complete with it)
+        assert ring.in_flight == 0 and ring.reap() == []
+    os.close(fd)
+    assert pool.view(1).tobytes() == b"\xab" * 4096
+    assert pool.view(0).tobytes() == blob[12288:16384]
+
+
 def child(code: str, env: dict | None = None) -> dict:
     p = subprocess.run([sys.executable, "-c", f"import sys, json; sys.path.insert(0, {str(ROOT / 'tests')!r})\n" + code],
                        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})

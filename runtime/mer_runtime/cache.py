@@ -2,7 +2,8 @@
 
 Rules:
 - a pinned expert, or one in use (between `acquire` and `release`), is never evicted;
-- a slot whose read is still in flight is never handed to another expert;
+- a slot whose read is still in flight is never handed to another expert, even when the read failed or the wait
+  for it did (the slot is then quarantined with the withdrawn prefetches' until the loader says it landed);
 - a prefetch may take a slot only if, after it, one slot is still free or holds an expert that has been used and
   is neither pinned nor in use: a foreground load never waits behind prefetches for room. Unused prefetches that
   are not stale (below), whether their reads have finished or not, never count towards that reserve, so the
@@ -266,9 +267,12 @@ class ExpertCache:
             t0 = time.perf_counter()
             try:
                 self.loader.wait(t)
-            except Exception:  # ECANCELED, as withdrawn
-                pass
-            self.stats.io_wait += time.perf_counter() - t0
+            except Exception:  # ECANCELED, as withdrawn; or the wait itself failed, the read still under way
+                if not self.loader.ready(t):
+                    self._draining.insert(0, (t, slot))  # still quarantined: never hand out a slot being written
+                    raise
+            finally:
+                self.stats.io_wait += time.perf_counter() - t0
             return slot
         me = threading.get_ident()
         # Waiting while holding a slot is the hold-and-wait of a deadlock (two threads each holding one of the
@@ -329,7 +333,10 @@ class ExpertCache:
                     self.stats.prefetch_failed += 1
                 if self.entries.get(e.key) is e:
                     del self.entries[e.key]
-                self.free.append(e.slot)  # the loader finished with the slot: wait() returns only then
+                if self.loader.ready(ticket):  # a failed read raises only once nothing of it is with the kernel
+                    self.free.append(e.slot)
+                else:  # the wait itself failed: the kernel may still write the slot; it comes back once it landed
+                    self._draining.append((ticket, e.slot))
             self._cv.notify_all()
         if e.error is not None:
             self._drop_hold(e)

@@ -472,8 +472,8 @@ class UringLoader(Loader):
                         self._cv.wait()
                         continue
                     r = self.ring
-                    if r.in_flight == 0 and r.pending:  # a submission failed earlier: its SQEs are still queued
-                        r.submit()
+                    if r.in_flight == 0 and r.pending:  # never left queued (`_submit` retracts them): be safe
+                        self._submit()
                     if r.in_flight == 0:  # nothing the kernel could complete: sleeping in it would be for ever
                         self._cv.wait()
                         continue
@@ -507,19 +507,53 @@ class UringLoader(Loader):
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
                         continue
-                t, off, n = self._queue.popleft()
+                item = self._queue.popleft()
+                t, off, n = item
                 cid = next(self._chunk_ids)
+                try:  # may submit what is queued first (a full SQ): refused, this chunk was not queued
+                    r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
+                except OSError as exc:
+                    self._queue.appendleft(item)
+                    self._refused(exc)
+                    break
                 self._chunks[cid] = (t, off, n)
                 if not t.urgent:
                     self._spec.add(cid)
                 t.in_flight += 1
                 t.issued += 1
                 self._note("issue", t.id, off)
-                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
         finally:
             self._queue.extendleft(reversed(passed))
         if r.pending:
-            r.submit()
+            self._submit()
+
+    def _submit(self) -> None:
+        """Under the lock: pass the queued SQEs to the kernel; if it refuses, their reads fail (`_refused`)."""
+        try:
+            self.ring.submit()
+        except OSError as exc:
+            self._refused(exc)
+
+    def _refused(self, exc: OSError) -> None:
+        """Under the lock: the kernel refused a submission (e.g. EAGAIN/ENOMEM: short of memory). Raising from here
+        would reach a caller (start, promote, wait) that may give the slots back while the chunks these tickets
+        submitted earlier still land in them, and the refused SQEs would go with the next submission. So the
+        refused SQEs are taken back, and their tickets fail: each is done (and its error raised by wait) only once
+        the chunks it had already submitted have landed, so its slot is never reused while the kernel writes it."""
+        failed: dict[int, Ticket] = {}
+        for cid in self.ring.retract():
+            t, _, _ = self._chunks.pop(cid)
+            self._spec.discard(cid)
+            t.in_flight -= 1
+            t.issued -= 1  # never with the kernel
+            t.remaining -= 1
+            failed[id(t)] = t
+        why = exc.strerror or os.strerror(exc.errno or errno.EIO)
+        for t in failed.values():
+            self._note("refused", t.id)
+            self._fail(t, ShardIOError(exc.errno or errno.EIO,
+                                       f"{t.path}: the kernel refused to start the read ({why}); the file is not "
+                                       "at fault: retry, and use --io pread if it recurs"))
 
     def _complete(self, cid: int, res: int) -> None:
         t, off, n = self._chunks.pop(cid)
@@ -557,14 +591,17 @@ class UringLoader(Loader):
             self._reaping = False
             self._cv.notify_all()
 
-    def _progress(self) -> None:
-        """Under the lock: make progress towards some completion (reap, or wait for whoever is reaping)."""
+    def _progress(self, t: Ticket | None = None) -> None:
+        """Under the lock: make progress towards some completion (reap, or wait for whoever is reaping); returns
+        early once `t` is done (a refused submission can finish it with nothing in flight)."""
         if self._reaping:
             self._cv.wait()
             return
         self._pump()
         if self.ring.in_flight == 0:  # only held-back speculative chunks are left, and this thread needs one
             self._pump(force=True)
+        if t is not None and t.done:
+            return
         if self.ring.in_flight == 0:
             raise ShardIOError(errno.EIO, "io_uring: nothing in flight but reads are outstanding (a bug): "
                                           "use --io pread")
@@ -606,7 +643,16 @@ class UringLoader(Loader):
     def wait(self, t: Ticket) -> None:
         with self._cv:
             while not t.done:
-                self._progress()
+                try:
+                    self._progress(t)
+                except uring.UringError as exc:
+                    # the wait itself failed (io_uring_enter refused): t's chunks are still with the kernel, and t
+                    # stays not done (ready() False) until a later wait, poll or close has seen them land: whoever
+                    # owns the slot must keep it until then (ExpertCache quarantines it)
+                    raise ShardIOError(exc.errno or errno.EIO,
+                                       f"{t.path}: waiting for the read failed ({exc.strerror}); the read is still "
+                                       "with the kernel and its buffer stays reserved until it lands: retry, and "
+                                       "use --io pread if it recurs") from exc
             if t.error is None:  # only once t is done: a caller that gets an error may reuse t's slot at once
                 self._raise_background_error()
         if t.error is not None:

@@ -274,6 +274,24 @@ class Ring:
         self.in_flight += ret
         self.pending -= ret
 
+    def retract(self) -> list[int]:
+        """Take back the SQEs queued but not yet consumed by the kernel (after `submit` raised: the kernel consumed
+        none of them); returns their user_data, oldest first. Safe because this ring has no SQPOLL thread: the
+        kernel reads the SQ only inside an io_uring_enter with to_submit > 0, which only the owner makes.
+
+        >>> r.prep_read(fd, addr, 4096, 0, user_data=7, buf_index=None)   # doctest: +SKIP
+        >>> r.retract()                                                    # doctest: +SKIP
+        [7]
+        """
+        head = self.sq_head.load()  # acquire: how far the kernel has consumed
+        n = (self._tail - head) & 0xFFFFFFFF
+        out = [self.sqes[self.sq_array[(head + i) & self.sq_mask]].user_data for i in range(n)]
+        self._tail = head
+        self.sq_tail.store(head)
+        self.in_flight += max(0, self.pending - n)  # consumed without being counted (never, when submit raised)
+        self.pending = 0
+        return out
+
     def wait_cqe(self, n: int = 1) -> None:
         """Block until at least n completions are in the CQ; submits nothing and reads no user-side index, so it
         may run while another thread holds the owner's lock (and submits)."""

@@ -598,7 +598,9 @@ class UringLoader(Loader):
             self._cv.wait()
             return
         self._pump()
-        if self.ring.in_flight == 0:  # only held-back speculative chunks are left, and this thread needs one
+        # only held-back speculative chunks are left, and this thread needs one; a refused submission fails the
+        # tickets it was for and drops their queued chunks, so each round either submits or shortens the queue
+        while self.ring.in_flight == 0 and self._queue and not (t is not None and t.done):
             self._pump(force=True)
         if t is not None and t.done:
             return

@@ -131,8 +131,10 @@ class Region(NamedTuple):
     lo..hi from this process once compared (mapped pages; for a transform, once released to its end, its bands and
     the source pages it read); `check()` raises FileChangedError when the source file shrank under its mapping (the
     pages gone read as zeros, mer_runtime.guard); `guarded`, whether the SIGBUS handler covers every mapping the
-    bytes are read from: when not (no compiled handler, or its slot table was full), `check()` must come before
-    each touch."""
+    bytes are read from: when not (no compiled handler, or its slot table was full), `read()` runs `check()` before
+    it touches the mapping, so the byte scan and the numeric reference are both covered. Until a transformed
+    projection is released to its end, the source slice its transform reads stays mapped (clean file pages, about
+    the projection's source size: a fused gate_up holds both halves)."""
 
     dtype: str
     name: str
@@ -143,8 +145,12 @@ class Region(NamedTuple):
     guarded: bool = False
 
 
-def _slicer(data: np.ndarray) -> Callable[[int, int], np.ndarray]:
+def _slicer(data: np.ndarray, before: Callable[[], None] | None = None) -> Callable[[int, int], np.ndarray]:
+    """Reads of a plain byte range; `before` (an unguarded mapping's size check) runs before each: the numeric
+    reference touches these bytes too, not only the byte scan."""
     def read(lo: int, hi: int) -> np.ndarray:
+        if before is not None:
+            before()
         return data[lo:hi]
 
     return read
@@ -353,8 +359,9 @@ class SourceReference:
             self._readers[part].guard.check()  # copied from the reader's own mapping
             return Region(dtype, desc, data.size, _slicer(data), _no_release, guarded=True)
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
-        return Region(dtype, desc, view.nbytes, _slicer(arr[off:off + view.nbytes]), _dropper(mm, off), guard.check,
-                      guard.guarded)
+        before = None if guard.guarded else guard.check
+        return Region(dtype, desc, view.nbytes, _slicer(arr[off:off + view.nbytes], before), _dropper(mm, off),
+                      guard.check, guard.guarded)
 
     def _projection(self, layer: int, expert: int, role: str) -> Any:
         plan = self._plans.get((layer, expert))
@@ -374,15 +381,18 @@ class SourceReference:
                     src.check(i)
         drop = getattr(src, "drop", None)
         files = getattr(src, "files", None)
-        name = proj.tensor + (f" in {Path(files[proj.file_index]).name}" if files else "")
+        # every file the bytes come from (an MXFP4 projection's scales may lie in another shard than its blocks)
+        name = proj.tensor + (" in " + ", ".join(dict.fromkeys(Path(files[i]).name for i in proj.file_indices))
+                              if files else "")
+        guarded = self._guarded(proj)
         if proj.produce is None:  # a view of the mapping: dropped band by band
             data = self._read_source(layer, expert, role)
             release = _no_release
             if drop is not None:
                 def release(lo: int, hi: int, fi: int = proj.file_index, base: int = proj.offset) -> None:
                     drop(fi, base + lo, base + hi)
-            return Region(proj.dtype, name, proj.nbytes, _slicer(data), release, check, self._guarded(proj))
-        guarded = self._guarded(proj)
+            return Region(proj.dtype, name, proj.nbytes, _slicer(data, None if guarded else check), release, check,
+                          guarded)
         bands = _Bands(lambda: self._read_source(layer, expert, role), proj.nbytes, name,
                        None if guarded else check)
 
@@ -480,10 +490,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                         if reg is None:
                             continue
                         if role not in differ:
-                            if not reg.guarded:
-                                # before touching: a mapping the C handler does not cover (no handler, or its slot
-                                # table was full) must not fault
-                                reg.check()
+                            # an unguarded region's read() size-checks before it touches its mapping
                             at = first_difference(mine[lo:hi], reg.read(lo - start, hi - start))
                             if at is not None or hi == stop:
                                 # before a difference is believed, and once the region is done (one fstat: a
@@ -512,7 +519,8 @@ def _compare_regions(m: Manifest, e: ExpertEntry, regions: dict[str, Region]) ->
     fd, st = open_regular(m.path_of(e))
     try:
         if st.st_size != e.size:
-            return [Problem(e.path, f"{st.st_size} bytes, manifest says {e.size}")], set(regions)
+            return [Problem(e.path, f"{st.st_size} bytes, manifest says {e.size}: the file changed or was cut; "
+                                    "re-run verify, and re-extract this expert if it persists")], set(regions)
         differ: set[str] = set()
         return scan_shard(fd, e, regions, differ=differ)[3], differ
     finally:

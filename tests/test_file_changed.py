@@ -488,13 +488,16 @@ def test_fault_outside_guarded_mappings_still_kills(tmp_path):
 
 
 @NEEDS_HANDLER
+@pytest.mark.parametrize("how", ["scan", "read"])
 @pytest.mark.parametrize("name", ["mixtral-f16.gguf", "gptoss-bf16"])
-def test_deep_compare_checks_a_source_the_full_slot_table_left_unguarded(folder, tmp_path, name):
+def test_deep_compare_checks_a_source_the_full_slot_table_left_unguarded(folder, tmp_path, name, how):
     """The handler is loaded (GUARDED) but its slot table is full when deep verify maps the source: that mapping is
-    not covered, so its region says so (Region.guarded False) and the comparison checks the size before each piece
-    it touches. A source cut meanwhile is a FileChangedError naming it, not a process dead of SIGBUS (the old code
-    went by GUARDED alone and touched the gone pages). A GGUF (views of the mapping) and a SafeTensors checkpoint
-    whose projections are made by a transform (GPT-OSS' fused, transposed gate_up)."""
+    not covered, so its region says so (Region.guarded False) and every read of it checks the size before it
+    touches the mapping: the byte scan ("scan") and any other reader, such as the float64 reference of an expert
+    found different ("read"). A source cut meanwhile is a FileChangedError naming it, not a process dead of SIGBUS
+    (the old code went by GUARDED alone and touched the gone pages; then only the scan checked). A GGUF (views of
+    the mapping) and a SafeTensors checkpoint whose projections are made by a transform (GPT-OSS' fused, transposed
+    gate_up)."""
     from mertools import extract
 
     if name.endswith(".gguf"):
@@ -529,7 +532,11 @@ def test_deep_compare_checks_a_source_the_full_slot_table_left_unguarded(folder,
         os.truncate(cut, 8192)
         sfd, _ = open_regular(m.path_of(e))
         try:
-            scan_shard(sfd, e, regions)
+            if {how!r} == "scan":
+                scan_shard(sfd, e, regions)
+            else:
+                for r in regions.values():
+                    r.read(r.size - 1, r.size).sum()
         except guard.FileChangedError as exc:
             print("RAISED", cut in str(exc))
     """)

@@ -280,7 +280,7 @@ class CostModel:
         self.chunk_frac, self.expert_bytes, self.read_frac = chunk_frac, expert_bytes, read_frac
         self.compute_base = 0.0  # seconds an expert's compute takes with nothing landing meanwhile (EMA)
         self.base_seen = 0
-        self.read_cost = 0.0  # extra compute seconds per byte that lands while an expert computes (EMA)
+        self._extra_s = self._extra_bytes = 0.0  # beside a guess: compute beyond the base, bytes landed (EMAs)
         self.read_seen = 0  # computations measured beside a guess's read
         self.explore_frac = explore_frac
         self.elapsed_s = 0.0  # I/O wait plus compute observed: what the exploration budget is a share of
@@ -346,9 +346,17 @@ class CostModel:
                 self.compute_base = self._ema(self.compute_base, seconds, self.base_seen == 0)
                 self.base_seen += 1
         elif self.base_seen and bytes_landed > 0:
-            self.read_cost = self._ema(self.read_cost, max(0.0, seconds - self.compute_base) / bytes_landed,
-                                       self.read_seen == 0)
+            # extra seconds and bytes averaged apart, not their ratio: a computation with little landing (a guess
+            # held back behind a miss) would give a per-byte figure all noise, and weigh as much as a whole stream
+            first = self.read_seen == 0
+            self._extra_s = self._ema(self._extra_s, max(0.0, seconds - self.compute_base), first)
+            self._extra_bytes = self._ema(self._extra_bytes, float(bytes_landed), first)
             self.read_seen += 1
+
+    @property
+    def read_cost(self) -> float:
+        """Extra compute seconds per byte that lands beside a guess (0 until measured)."""
+        return self._extra_s / self._extra_bytes if self._extra_bytes else 0.0
 
     @property
     def read_measured(self) -> bool:

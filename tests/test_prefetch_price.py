@@ -129,3 +129,13 @@ def test_real_shards_the_gate_learns_the_price_from_computations_beside_guesses(
         assert cm.read_measured or cm.explored == 0
     else:
         assert cm.read_measured and cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)
+
+
+def test_a_gate_measured_shut_stops_predicting_and_reopens_if_misses_grow_dearer():
+    cm = gate(window_frac=0.34)  # a right guess lands a third of its read, as smoke starts on the bench model
+    simulate(cm, spec_ms_per_mib=0.2, steps=300)
+    assert cm.shut() and not cm.pays(1.0)  # 19 ms a read against a 30 ms stall x 0.34 landed
+    for _ in range(40):
+        cm.observe(io_wait_s=0.200, misses=1)  # misses now stall 200 ms: a certain guess pays again
+    assert not cm.shut() and cm.pays(1.0)
+    assert not gate().shut()  # unmeasured: exploration may still admit

@@ -412,6 +412,13 @@ class CostModel:
         charge = other + self.read_s - q * self.gain_s
         return self.explore_spent_s + charge <= self.explore_frac * self.elapsed_s, charge
 
+    def shut(self) -> bool:
+        """A token ahead, with the price of a read measured: not even a certain guess in a free slot would pay, so
+        nothing need be predicted (the prediction is most of the prefetch path's own cost). It reopens if the stall
+        grows."""
+        return (self.chunk_frac is not None and self.misses_seen >= self.warmup and self.read_measured
+                and not self._decide(1.0, 0.0, 1)[0])
+
     def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
         return self._decide(q, p_victim, victim_steps)[0]

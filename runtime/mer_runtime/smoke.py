@@ -256,8 +256,9 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 tl = li + 1 if li + 1 < L else 0
                 if token_ahead:
                     target = li
-                    guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
-                        li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
+                    if cost is None or not cost.shut():  # the tables still learn while it is shut
+                        guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
+                            li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
                 else:
                     target, guesses = pf.predict_scored(  # type: ignore[union-attr]
                         li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})

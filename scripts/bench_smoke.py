@@ -82,6 +82,11 @@ def main() -> None:
               f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
               f"{on['backend']}", flush=True)
         print(f"{'':8s} gate (median run on): {on.get('prefetch_gate')}", flush=True)
+        gates = [r.get("prefetch_gate") or {} for r in runs[True]]
+        print(f"{'':8s} every run on: admitted {[g.get('admitted') for g in gates]}, of which explored "
+              f"{[g.get('explored') for g in gates]}; read ms/MiB {[g.get('read_ms_per_mib') for g in gates]}; "
+              f"MiB read on {[r['bytes_read'] >> 20 for r in runs[True]]} off "
+              f"{[r['bytes_read'] >> 20 for r in runs[False]]}", flush=True)
         out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
                     "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:

@@ -244,14 +244,15 @@ def test_a_token_ahead_prediction_uses_the_same_layer_table():
 
 def test_an_idle_time_guess_is_priced_at_what_it_costs_the_foreground_and_the_computation():
     """Given measurements (no clocks): q x landed x stall > in_way x chunk_frac x stall + read_s + p_victim x stall,
-    the read priced at a whole miss until overlapped computations have been measured."""
-    cm = CostModel(alpha=0.0, warmup=2, window_frac=1.0, window=4, chunk_frac=0.01, expert_bytes=100 << 20)
+    the read priced at a whole miss until computations beside a guess have been measured (no exploration here)."""
+    cm = CostModel(alpha=0.0, warmup=2, window_frac=1.0, window=4, chunk_frac=0.01, expert_bytes=100 << 20,
+                   explore_frac=0.0)
     cm.observe(io_wait_s=0.1, misses=1)
     cm.observe(io_wait_s=0.1, misses=1)  # stall 0.1 s, every step misses
     assert not cm.pays(0.99)  # a read priced at a whole miss never pays
-    cm.observe_compute(0.010, 0)
+    cm.observe_compute(0.010, 0, False)
     for _ in range(2):
-        cm.observe_compute(0.010, 10 << 20)  # landing reads cost the computation nothing here
+        cm.observe_compute(0.010, 10 << 20, True)  # a guess landing costs the computation nothing here
     assert cm.read_s == 0.0
     assert cm.loss_s == pytest.approx(4 * 0.01 * 0.1)  # a window in the way per guess until measured
     assert cm.pays(0.05) and not cm.pays(0.03)
@@ -259,7 +260,7 @@ def test_an_idle_time_guess_is_priced_at_what_it_costs_the_foreground_and_the_co
     assert cm.in_way == pytest.approx(16 / 100) and cm.pays(0.01)
     assert not cm.pays(0.5, p_victim=0.6)  # the victim is priced even for a right guess
     cm.alpha = 1.0
-    cm.observe_compute(0.015, 25 << 20)  # 25 MiB landing cost 5 ms: 20 ms a 100 MiB read
+    cm.observe_compute(0.015, 25 << 20, True)  # 25 MiB landing beside a guess cost 5 ms: 20 ms a 100 MiB read
     assert cm.read_s == pytest.approx(0.020)
     assert not cm.pays(0.2) and cm.pays(0.21)
     fixed = CostModel(warmup=0, chunk_frac=0.01, read_frac=0.5, unit_stall=1.0)  # the replay's: half a miss

@@ -80,6 +80,24 @@ def test_guesses_go_a_token_ahead_only_where_the_loader_keeps_them_to_idle_time(
     assert smoke(out, "--tokens", "10", "--cache-slots", "3")["prefetch_gate"]["ahead"] == "step"  # the default
 
 
+def test_token_ahead_smoke_learns_a_reads_price_only_beside_its_guesses_within_its_budget(out):
+    """A real token-ahead run on the tiny fixture: the price of a read comes only from computations with a guess
+    under way (none admitted: none measured), the guesses admitted before it was known were exploration, and what
+    exploring was charged stays within 1% of the time observed (I/O wait plus compute)."""
+    from mer_runtime import uring
+    from mer_runtime.smoke import SmokeConfig, run_smoke
+
+    if uring.probe():
+        pytest.skip(uring.probe())
+    r = run_smoke(out, SmokeConfig(tokens=120, cache_slots=4, workload="markov", io="io_uring",
+                                   prefetch_ahead="token"))
+    g = r["prefetch_gate"]
+    assert g["ahead"] == "token" and g["explored"] <= g["admitted"] and r["prefetch_issued"] <= g["admitted"]
+    assert g["admitted"] > 0 or g["read_samples"] == 0
+    assert g["read_samples"] <= r["expert_calls"] and g["read_ms_per_mib"] >= 0
+    assert g["explore_spent_ms"] <= 10 * (r["io_wait_s"] + r["compute_s"]) + 0.01
+
+
 def test_pin_top_keeps_the_hottest_experts(out):
     r = smoke(out, "--tokens", "100", "--cache-slots", "4", "--workload", "zipf", "--pin-top", "3", "--no-prefetch")
     assert len(r["pinned"]) == 3

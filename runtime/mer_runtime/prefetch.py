@@ -240,36 +240,52 @@ class CostModel:
     with the victim priced whether the guess is right or wrong: held for a token, a guess evicts its victim
     that much earlier than the miss it saves would have. `read_s` is what reading one expert while the consumer
     computes costs the computation, right guess or wrong: on a virtual machine the guest's CPUs do work for every
-    byte read (on the 2-core bench VM a concurrent O_DIRECT read, even `dd`, slowed the expert kernel from 9.7 to
-    14-15 ms, about 20 ms of compute per 99 MB expert), so idle disk time is not free. Measured online
-    (`observe_compute`: each expert's compute time against the bytes that landed meanwhile), priced at a whole miss
-    until `warmup` overlapped computations have been seen; `read_frac` fixes it at that fraction of a miss instead
-    (the I/O-free replay, given the real run's measurement).
+    byte read (on the 2-core bench VM a guess streaming beside the expert kernel slowed it from 9.7 to 14-15 ms,
+    about 0.2 ms of compute per MiB read, 20 ms per 99 MB expert), so idle disk time is not free.
+
+    How `read_s` is learned (`observe_compute(seconds, bytes_landed, speculating)`): an expert computed with no
+    guess under way and nothing landing sets the base compute time; an expert computed while a guess's chunks are
+    with the disk prices a read at (seconds - base) / bytes landed meanwhile, per byte, so the price scales with the
+    size of the expert a guess reads (`expert_bytes`). Computations beside a foreground miss's reads alone are not
+    used: a miss lands in bursts early in a computation (about 0.06 ms a MiB here), a guess streams through it.
+    Until `warmup` such computations are measured a read is priced at a whole miss (pessimistic), and the only
+    guesses admitted are exploration: one that would pay if reads cost nothing, admitted while what exploration has
+    been charged (each explored guess at its expected net cost with the read at a whole miss) stays within
+    `explore_frac` of the time observed so far (I/O wait plus compute: about 1% of the run). Once measured,
+    exploration stops for good and the measured price decides; where reads are expensive the gate then stays shut,
+    where they are free it admits. `read_frac` fixes the price at that fraction of a miss instead (the I/O-free
+    replay).
 
     >>> cm = CostModel(warmup=1, window_frac=1.0, window=4, chunk_frac=0.01, expert_bytes=100 << 20)
     >>> cm.observe(io_wait_s=0.5, misses=5)
-    >>> cm.observe_compute(0.010, 0); cm.observe_compute(0.010, 50 << 20)  # reads cost no compute (yet)
+    >>> cm.observe_compute(0.010, 0, False); cm.observe_compute(0.010, 50 << 20, True)  # reads cost no compute
     >>> cm.admit(0.1), cm.admit(0.03)   # 0.1 x 0.1 s > 4 x 0.01 x 0.1 s: a one-in-ten guess pays when it lands
     (True, False)
     >>> cm.admit(0.3, p_victim=0.3)     # but never at the price of a victim as likely as itself
     False
-    >>> for _ in range(30): cm.observe_compute(0.015, 25 << 20)   # 25 MiB landing cost 5 ms: 20 ms an expert
-    >>> cm.admit(0.2), cm.admit(0.3)    # 20 + 4 ms a guess: now it must be right a quarter of the time
-    (False, True)
+    >>> for _ in range(30): cm.observe_compute(0.015, 25 << 20, True)   # 25 MiB beside a guess cost 5 ms
+    >>> round(cm.read_ms_per_mib, 3), cm.admit(0.2), cm.admit(0.3)      # 20 + 4 ms a guess: right 1 in 4
+    (0.2, False, True)
     """
 
     def __init__(self, alpha: float = 0.2, warmup: int = 4, window_frac: float = 1.0, window: int = 32,
                  unit_stall: float | None = None, chunk_frac: float | None = None, expert_bytes: int = 0,
-                 read_frac: float | None = None):
+                 read_frac: float | None = None, explore_frac: float = 0.01):
         """unit_stall: price every miss at this many seconds instead of the time measured (I/O-free replays).
         chunk_frac: guesses read in idle time only (see above); None: every byte a guess reads is priced.
-        expert_bytes: the size of a guess's read (for read_s); read_frac: read_s as a fraction of a miss, fixed."""
+        expert_bytes: the size of a guess's read (for read_s); read_frac: read_s as a fraction of a miss, fixed.
+        explore_frac: what guesses admitted only to measure a read's price may cost, as a share of the time observed
+        (0: none, and the price of a read is never learned)."""
         self.alpha, self.warmup, self.unit_stall = alpha, warmup, unit_stall
         self.chunk_frac, self.expert_bytes, self.read_frac = chunk_frac, expert_bytes, read_frac
         self.compute_base = 0.0  # seconds an expert's compute takes with nothing landing meanwhile (EMA)
         self.base_seen = 0
-        self.read_cost = 0.0  # extra compute seconds per byte that lands while an expert computes (EMA)
-        self.read_seen = 0
+        self._extra_s = self._extra_bytes = 0.0  # beside a guess: compute beyond the base, bytes landed (EMAs)
+        self.read_seen = 0  # computations measured beside a guess's read
+        self.explore_frac = explore_frac
+        self.elapsed_s = 0.0  # I/O wait plus compute observed: what the exploration budget is a share of
+        self.explore_spent_s = 0.0  # explored guesses, each charged at its expected net cost, the read at a miss
+        self.explored = 0
         self.in_way_chunks = 0.0  # speculative chunks found with the disk by foreground reads, summed
         self.in_way_guesses = 0  # guesses issued over the same period
         self.max_window = self.window = max(1, window)
@@ -286,6 +302,7 @@ class CostModel:
         """One step's figures: the time blocked on reads and its foreground misses."""
         if self.unit_stall is not None:
             io_wait_s = misses * self.unit_stall
+        self.elapsed_s += io_wait_s
         self.miss_step = self._ema(self.miss_step, 1.0 if misses else 0.0, self.steps_seen == 0)
         self.steps_seen += 1
         if misses:
@@ -313,22 +330,50 @@ class CostModel:
     def gain_s(self) -> float:
         return self.landed_frac * self.stall_s
 
-    def observe_compute(self, seconds: float, bytes_landed: int) -> None:
-        """One expert computed in `seconds` while `bytes_landed` bytes of reads (any) completed."""
-        if bytes_landed <= 0:
-            self.compute_base = self._ema(self.compute_base, seconds, self.base_seen == 0)
-            self.base_seen += 1
-        elif self.base_seen:
-            self.read_cost = self._ema(self.read_cost, max(0.0, seconds - self.compute_base) / bytes_landed,
-                                       self.read_seen == 0)
+    def observe_compute(self, seconds: float, bytes_landed: int, speculating: bool) -> None:
+        """One expert computed in `seconds` while `bytes_landed` bytes of reads (any) completed; `speculating`: a
+        guess's read was under way meanwhile (see the class docstring for which computations price a read).
+
+        >>> cm = CostModel(warmup=2, chunk_frac=0.01, expert_bytes=10 << 20)
+        >>> cm.observe_compute(0.010, 0, False)          # the base: nothing landing, no guess
+        >>> cm.observe_compute(0.013, 30 << 20, False)   # a miss's burst: not a guess's price
+        >>> cm.read_seen, cm.observe_compute(0.012, 10 << 20, True), cm.read_seen
+        (0, None, 1)
+        """
+        self.elapsed_s += seconds
+        if not speculating:
+            if bytes_landed <= 0:
+                self.compute_base = self._ema(self.compute_base, seconds, self.base_seen == 0)
+                self.base_seen += 1
+        elif self.base_seen and bytes_landed > 0:
+            # extra seconds and bytes averaged apart, not their ratio: a computation with little landing (a guess
+            # held back behind a miss) would give a per-byte figure all noise, and weigh as much as a whole stream
+            first = self.read_seen == 0
+            self._extra_s = self._ema(self._extra_s, max(0.0, seconds - self.compute_base), first)
+            self._extra_bytes = self._ema(self._extra_bytes, float(bytes_landed), first)
             self.read_seen += 1
 
     @property
+    def read_cost(self) -> float:
+        """Extra compute seconds per byte that lands beside a guess (0 until measured)."""
+        return self._extra_s / self._extra_bytes if self._extra_bytes else 0.0
+
+    @property
+    def read_measured(self) -> bool:
+        return self.read_frac is not None or self.read_seen >= self.warmup
+
+    @property
+    def read_ms_per_mib(self) -> float:
+        """The measured price of a read, in ms of compute per MiB (0 until measured)."""
+        return self.read_cost * 1e3 * (1 << 20)
+
+    @property
     def read_s(self) -> float:
-        """What reading one guess costs the computation it overlaps (see the class docstring)."""
+        """What reading one guess costs the computation it overlaps (see the class docstring): a whole miss until
+        measured."""
         if self.read_frac is not None:
             return self.read_frac * self.stall_s
-        if self.read_seen < self.warmup:
+        if not self.read_measured:
             return self.stall_s
         return self.read_cost * self.expert_bytes
 
@@ -350,25 +395,47 @@ class CostModel:
             return self.in_way * self.chunk_frac * self.stall_s + self.read_s
         return self.waste_frac * self.stall_s * self.miss_step
 
-    def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
-        """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
+    def _decide(self, q: float, p_victim: float, victim_steps: int) -> tuple[bool, float]:
+        """(admit?, what exploring costs: 0.0 for a guess admitted on its measured merits)."""
         q = min(1.0, max(0.0, q))
         pv = min(1.0, max(0.0, p_victim)) * (1.0 - self.miss_step) ** max(0, victim_steps - 1)
         if self.misses_seen < self.warmup:
-            return False
-        if self.chunk_frac is not None:
-            return q * self.gain_s > self.loss_s + pv * self.stall_s
-        return q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s)
+            return False, 0.0
+        if self.chunk_frac is None:
+            return q * self.gain_s > (1.0 - q) * (self.loss_s + pv * self.stall_s), 0.0
+        other = self.in_way * self.chunk_frac * self.stall_s + pv * self.stall_s
+        if q * self.gain_s > other + self.read_s:
+            return True, 0.0
+        if self.read_measured or q * self.gain_s <= other:
+            return False, 0.0  # measured and too dear, or not worth it even were reads free
+        # the read's price is unknown: explore, within the budget, with a guess that pays if reads are cheap
+        charge = other + self.read_s - q * self.gain_s
+        return self.explore_spent_s + charge <= self.explore_frac * self.elapsed_s, charge
+
+    def shut(self) -> bool:
+        """A token ahead, with the price of a read measured: not even a certain guess in a free slot would pay, so
+        nothing need be predicted (the prediction is most of the prefetch path's own cost). It reopens if the stall
+        grows."""
+        return (self.chunk_frac is not None and self.misses_seen >= self.warmup and self.read_measured
+                and not self._decide(1.0, 0.0, 1)[0])
+
+    def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
+        """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
+        return self._decide(q, p_victim, victim_steps)[0]
 
     def admit(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
         takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which
         comes `victim_steps` steps from now (1: the step the guess is for)? A victim whose layer comes later is lost
         only if no step before it misses (a miss would evict it anyway, being least recently used): its odds are
-        discounted by (1 - miss_step) per step in between."""
-        ok = self.pays(q, p_victim, victim_steps)
+        discounted by (1 - miss_step) per step in between. A guess admitted to explore (a token ahead, the price of
+        a read not yet measured) is charged against the exploration budget."""
+        ok, charge = self._decide(q, p_victim, victim_steps)
         if ok:
             self.admitted += 1
+            if charge:
+                self.explored += 1
+                self.explore_spent_s += charge
         else:
             self.refused += 1
         return ok

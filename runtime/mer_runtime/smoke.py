@@ -51,8 +51,8 @@ class SmokeConfig:
     queue_depth: int = 32
     # "step": guess the next layer step; "token": the same layer of the next token, read only in the disk's idle
     # time (io_uring's window; pread and buffered have none and keep "step"). "step" by default: on the 2-core bench
-    # VM a read beside the kernel costs it about 20 ms an expert, the gate measures 2-5 ms of it, admits 3-13
-    # guesses a run, and markov ran 0.97x off (docs/runtime.md, "Guesses a token ahead")
+    # VM a read beside the kernel costs it about 20 ms an expert, so a token ahead admits (almost) nothing there
+    # either; the integrator decides the default (docs/runtime.md, "Guesses a token ahead")
     prefetch_ahead: str = "step"
     spec_window: int = 4  # "token": speculative chunks with the disk at once (what a foreground read may wait behind)
 
@@ -256,8 +256,9 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 tl = li + 1 if li + 1 < L else 0
                 if token_ahead:
                     target = li
-                    guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
-                        li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
+                    if cost is None or not cost.shut():  # the tables still learn while it is shut
+                        guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
+                            li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
                 else:
                     target, guesses = pf.predict_scored(  # type: ignore[union-attr]
                         li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
@@ -400,12 +401,15 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                 if before_compute:
                     before_compute()
                 if cfg.compute:
+                    # a guess under way now streams through this computation (none is issued during it): what
+                    # its landing costs the kernel is the price of a read (CostModel.observe_compute)
+                    spec = measure_reads and s.cache.speculating()
                     b0 = s.loader.landed_bytes() if measure_reads else 0
                     t0 = time.perf_counter()
                     s.compute(ex, x_bank[token_index[0] % len(x_bank)])
                     compute_times.append(time.perf_counter() - t0)
-                    if measure_reads:  # what reads landing meanwhile (foreground or not) cost the computation
-                        cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0)  # type: ignore
+                    if measure_reads:
+                        cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0, spec)  # type: ignore
 
         t_start = time.perf_counter()
         for t in range(T):
@@ -445,6 +449,12 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                           "in_way_chunks_per_guess": round(cost.in_way, 3) if chunk_frac else None,
                           "read_ms": round(cost.read_s * 1e3, 3) if chunk_frac else None,  # a guess's read's price
                           "compute_base_ms": round(cost.compute_base * 1e3, 3) if chunk_frac else None,
+                          # ms of compute a MiB landing beside a guess cost, from read_samples computations (the
+                          # price is a whole miss until `warmup` of them); guesses admitted only to measure it
+                          "read_ms_per_mib": round(cost.read_ms_per_mib, 4) if chunk_frac else None,
+                          "read_samples": cost.read_seen if chunk_frac else None,
+                          "explored": cost.explored if chunk_frac else None,
+                          "explore_spent_ms": round(cost.explore_spent_s * 1e3, 3) if chunk_frac else None,
                           "admitted": cost.admitted, "right": cost.right, "wrong": cost.wrong} if cost else None,
         "prefetch": cfg.prefetch,
         "pinned": [list(k) for k in pinned],

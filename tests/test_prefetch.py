@@ -258,6 +258,10 @@ def test_an_idle_time_guess_is_priced_at_what_it_costs_the_foreground_and_the_co
     assert cm.pays(0.05) and not cm.pays(0.03)
     cm.observe_in_way(chunks=0, guesses=96)  # 100 guesses' worth of evidence: nothing was in the way
     assert cm.in_way == pytest.approx(16 / 100) and cm.pays(0.01)
+    cm.observe_in_way(chunks=0, guesses=96)  # running totals, read once a step: the same totals again add nothing
+    assert cm.in_way == pytest.approx(16 / 100)
+    cm.observe_in_way(chunks=8, guesses=100)  # since then 4 more guesses found 8 chunks in the way
+    assert cm.in_way == pytest.approx((8 + 16) / 104)
     assert not cm.pays(0.5, p_victim=0.6)  # the victim is priced even for a right guess
     cm.alpha = 1.0
     cm.observe_compute(0.015, 25 << 20, True)  # 25 MiB landing beside a guess cost 5 ms: 20 ms a 100 MiB read

@@ -286,7 +286,7 @@ class CostModel:
         self.elapsed_s = 0.0  # I/O wait plus compute observed: what the exploration budget is a share of
         self.explore_spent_s = 0.0  # explored guesses, each charged at its expected net cost, the read at a miss
         self.explored = 0
-        self.in_way_chunks = 0.0  # speculative chunks found with the disk by foreground reads, summed
+        self.in_way_chunks = 0.0  # speculative chunks found with the disk by foreground reads, in all
         self.in_way_guesses = 0  # guesses issued over the same period
         self.max_window = self.window = max(1, window)
         self.stall_s = self.miss_step = 0.0
@@ -378,9 +378,11 @@ class CostModel:
         return self.read_cost * self.expert_bytes
 
     def observe_in_way(self, chunks: int, guesses: int) -> None:
-        """Foreground reads found `chunks` speculative chunks with the disk while `guesses` guesses were issued."""
-        self.in_way_chunks += chunks
-        self.in_way_guesses += guesses
+        """Running totals, not increments (the loader's `spec_in_way` and the cache's `prefetch_issued`, read once a
+        step): foreground reads have found `chunks` speculative chunks with the disk while `guesses` guesses were
+        issued."""
+        self.in_way_chunks = chunks
+        self.in_way_guesses = guesses
 
     @property
     def in_way(self) -> float:

@@ -125,7 +125,9 @@ def test_real_shards_the_gate_learns_the_price_from_computations_beside_guesses(
         issued = s.cache.stats.prefetch_issued
     assert cm.explore_spent_s <= 0.01 * cm.elapsed_s
     if expensive:
-        assert issued <= cm.admitted == cm.explored <= 3
+        # how many explorations the price takes depends on how many computations happen to see a guess under way
+        # (real reads' timing): bounded by the budget above and by one a sample the price needs
+        assert issued <= cm.admitted == cm.explored <= cm.warmup
         assert cm.read_measured or cm.explored == 0
     else:
         assert cm.read_measured and cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)

@@ -302,11 +302,12 @@ def test_a_failed_wait_quarantines_the_slot_until_its_read_lands(tight, files, m
     assert not set(chunks_by_slot(loader)) & set(cache.free)  # so its slot is not free: it is quarantined
     ((t, slot),) = cache._draining
     assert t.path == str(big) and not t.done and (9, 0) not in cache.entries
+    assert not any(it[0] is t for it in loader._queue)  # nothing more is issued into a slot nobody will use
     assert isinstance(raised.value, ShardIOError)
     assert re.search(f"{big}: waiting for the read failed.*Cannot allocate.*--io pread", str(raised.value))
     assert cache.in_flight() == 1
     got = cache.acquire((2, 0))  # waits for the quarantined read, then reuses its slot
-    assert got == slot and t.done and t.error is None and slot not in chunks_by_slot(loader)
+    assert got == slot and t.done and t.error is raised.value and slot not in chunks_by_slot(loader)
     assert pool.view(got, SMALL).tobytes() == other.read_bytes()
     cache.release((2, 0))
     assert not cache._draining and loader.ring.in_flight == 0

@@ -650,11 +650,14 @@ class UringLoader(Loader):
                 except uring.UringError as exc:
                     # the wait itself failed (io_uring_enter refused): t's chunks are still with the kernel, and t
                     # stays not done (ready() False) until a later wait, poll or close has seen them land: whoever
-                    # owns the slot must keep it until then (ExpertCache quarantines it)
-                    raise ShardIOError(exc.errno or errno.EIO,
+                    # owns the slot must keep it until then (ExpertCache quarantines it). Its chunks not issued yet
+                    # are dropped, so the slot comes back once those already with the kernel land
+                    err = ShardIOError(exc.errno or errno.EIO,
                                        f"{t.path}: waiting for the read failed ({exc.strerror}); the read is still "
                                        "with the kernel and its buffer stays reserved until it lands: retry, and "
-                                       "use --io pread if it recurs") from exc
+                                       "use --io pread if it recurs")
+                    self._fail(t, err)
+                    raise err from exc
             if t.error is None:  # only once t is done: a caller that gets an error may reuse t's slot at once
                 self._raise_background_error()
         if t.error is not None:

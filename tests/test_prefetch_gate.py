@@ -22,6 +22,20 @@ from mer_runtime.smoke import _drive
 from conftest import REAL
 
 
+def assert_same_outputs(on, off, routes):
+    """The (key, output) lists of a run with prefetching and one without hold the same experts and the same bytes,
+    step by step (within a step the cached experts go first, so each step is compared sorted by expert)."""
+    k = routes.shape[2]
+
+    def steps(outs):
+        return [sorted(outs[i:i + k], key=lambda kv: kv[0]) for i in range(0, len(outs), k)]
+
+    assert len(on) == len(off) == routes.size
+    for a, b in zip(steps(on), steps(off)):
+        assert [key for key, _ in a] == [key for key, _ in b]
+        assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     from mertools import extract
@@ -93,15 +107,7 @@ def test_prefetching_never_changes_results(folder):
     run(folder, routes, 5, "none", outputs=off)
     r = run(folder, routes, 5, "markov", fixed_cost(landed=1.0, waste=0.0), outputs=on)
     assert r["prefetch_issued"] > 0
-    k = routes.shape[2]  # within a step the cached experts go first, so compare step by step, by expert
-
-    def steps(outs):
-        return [sorted(outs[i:i + k], key=lambda kv: kv[0]) for i in range(0, len(outs), k)]
-
-    assert len(on) == len(off) == routes.size
-    for a, b in zip(steps(on), steps(off)):
-        assert [key for key, _ in a] == [key for key, _ in b]
-        assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))
+    assert_same_outputs(on, off, routes)
 
 
 def big_file(tmp_path, size=1 << 20):
@@ -487,12 +493,4 @@ def test_token_ahead_prefetching_never_changes_results_and_uses_its_guesses(fold
             if policy == "markov":
                 assert st.prefetch_issued > 0 and st.prefetch_used > 0
                 assert len(s.cache.entries) + len(s.cache.free) + len(s.cache._draining) == 4
-    k = routes.shape[2]
-
-    def steps(outs):
-        return [sorted(outs[i:i + k], key=lambda kv: kv[0]) for i in range(0, len(outs), k)]
-
-    assert len(on) == len(off) == routes.size
-    for a, b in zip(steps(on), steps(off)):
-        assert [key for key, _ in a] == [key for key, _ in b]
-        assert all(np.array_equal(ya, yb) for (_, ya), (_, yb) in zip(a, b))
+    assert_same_outputs(on, off, routes)

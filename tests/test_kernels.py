@@ -422,6 +422,58 @@ def test_q8_activations_round_half_away_from_zero(qtype):
         assert rel(matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd), w @ q) < 1e-6, simd
 
 
+def _nonfinite_pattern(a):
+    a = np.asarray(a, np.float64)
+    return np.isnan(a), np.isposinf(a), np.isneginf(a)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_q8_activations_propagate_nan(qtype):
+    """A NaN in x makes every output of its vector NaN, as in float64, on the SIMD and the portable quantizer: the
+    block holding it gets scale NaN (the AVX2 conversion turned NaN into -128, which broke the sign trick, the
+    scalar cast gave 0; both paths returned finite numbers that disagreed). The other vector of the batch, and
+    the blocks of a vector without NaN, stay as they were."""
+    rng = np.random.default_rng(44)
+    rows, cols = 8, 512
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    x[0, 5] = np.nan
+    with np.errstate(invalid="ignore"):
+        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
+    assert np.isnan(ref[0]).all() and np.isfinite(ref[1]).all()
+    for simd in SIMD:
+        got = matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd)
+        assert (np.isnan(got) == np.isnan(ref)).all(), (simd, got)
+        assert rel(got[1], ref[1]) < 0.05, simd
+
+
+@pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
+def test_exact_paths_follow_float64_on_inf(qtype):
+    """A single +inf in x (and a -inf in another vector) gives the float64 reference's pattern of +inf, -inf and
+    NaN on every exact path: the K-quant SIMD kernels subtract dmin * m * sum(x) apart from d * sc * sum(q * x),
+    which is inf - inf = NaN where the reference has w * inf = +-inf, so such a call takes the unfactored path."""
+    rng = np.random.default_rng(45)
+    rows, cols = 16, 512
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    x[0, 7] = np.inf
+    x[1, 300] = -np.inf
+    x[1, 40] = 1e-38  # beside a tiny value too (the pre-scaled kernels' other branch)
+    with np.errstate(invalid="ignore"):
+        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
+    assert np.isinf(ref[:2]).any() and np.isfinite(ref[2]).all()
+    variants = [(simd, 0) for simd in SIMD]
+    if kernels._LIB is not None:
+        variants.append((-1, kernels.FLAG_NO_PERM))
+    for simd, flags in variants:
+        got = matvec(qtype.name, raw, (rows, cols), x, simd=simd, flags=flags)
+        for g, r in zip(_nonfinite_pattern(got), _nonfinite_pattern(ref)):
+            assert (g == r).all(), (simd, flags, got[:2], ref[:2])
+        assert rel(got[2], ref[2]) < TOL, (simd, flags)
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 def test_q8_activations_on_an_odd_number_of_blocks(qtype):

@@ -9,6 +9,7 @@ from contextlib import ExitStack
 
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from mer_runtime import kernels, open_shards
@@ -199,3 +200,68 @@ def test_moe_exact_when_h_is_tiny(down, simd):
     want = sum(0.5 * (w @ h) for w in ws)
     got = kernels.moe(experts, [0.5, 0.5], x, {"kind": "swiglu"}, simd=simd)
     assert rel(got, want) < 1e-6, rel(got, want)
+
+
+
+def _positive_k_blocks(rng, qtype, rows, cols):
+    """K-quant blocks whose every weight is positive (dmin 0, every scale and quant nonzero): one +inf in x makes
+    every row +inf, never NaN."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as T
+
+    bb = GGML_QUANT_SIZES[T[qtype]][1]
+    raw = rng.integers(1, 16, size=(rows, cols // 256, bb), dtype=np.uint8) * np.uint8(17)
+    raw[..., :2] = rng.uniform(0.001, 0.05, raw.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+    raw[..., 2:4] = 0  # dmin
+    raw[..., 4:16] = 0x11  # scales 17 and 1, all nonzero
+    w = dequantize(raw.reshape(rows, -1), T[qtype]).astype(np.float64)
+    assert (w > 0).all()
+    return raw.reshape(-1), w
+
+
+@pytest.mark.parametrize("act", ["f32", "q8"])
+@pytest.mark.parametrize("simd", SIMD)
+def test_moe_follows_float64_on_inf_and_nan(simd, act):
+    """An inf in x gives the float64 oracle's outputs on the exact path: through Q4_K/Q5_K gate and up (+inf on
+    every row, which the GPT-OSS clamp turns into 7: finite outputs; with SwiGLU, h is +inf) and through h into a
+    Q4_K down (+inf on the rows of positive weights, NaN on those of mixed signs). The AVX2 Q4_K/Q5_K kernels
+    subtract the minimums apart (inf - 0 * inf = NaN where the oracle has +inf): such a call takes the unfactored
+    path. A NaN in x gives NaN outputs, with act="q8" too (its block's scale is NaN). The finite vector of the
+    batch is unaffected."""
+    rng = np.random.default_rng(86)
+    d = 256
+    gq, g64 = _positive_k_blocks(rng, "Q4_K", d, d)
+    uq, u64 = _positive_k_blocks(rng, "Q5_K", d, d)
+    dq, d64 = _positive_k_blocks(rng, "Q4_K", d, d)
+    dq = dq.reshape(d, -1, 144)
+    dq[::3, :, 2:4] = np.float16(0.3).reshape(1).view(np.uint8)  # a third of the down rows with mixed signs
+    dq = dq.reshape(-1)
+    d64 = dequantize(dq.reshape(d, -1), T.Q4_K).astype(np.float64)
+    x = (rng.standard_normal((3, d)) * 0.01).astype(np.float32)
+    x[0, 9] = np.inf
+    x[1, 100] = np.nan
+    xs = x.astype(np.float64)
+    tol = 1e-5 if act == "f32" else 0.05
+    with np.errstate(all="ignore"):
+        def mv(w, v):  # elementwise, not BLAS: 0 * inf must stay NaN
+            return (w[None] * v[:, None, :]).sum(-1)
+
+        g, u = mv(g64, xs), mv(u64, xs)
+        gc, uc = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
+        want = mv(d64, (uc + 1) * gc / (1 + np.exp(-1.702 * gc)))
+        experts = [{"gate": ("Q4_K", (d, d), gq), "up": ("Q5_K", (d, d), uq), "down": ("Q4_K", (d, d), dq)}]
+        oai = {"kind": "swiglu_oai", "alpha": 1.702, "limit": 7.0}
+        got = kernels.moe(experts, [1.0], x, oai, simd=simd, act=act)
+        assert np.isnan(got[1]).all() and np.isnan(want[1]).all()
+        assert np.isfinite(want[0]).all() and rel(got[2], want[2]) < tol
+        if act == "f32":  # q8: a block holding inf has scale inf and quants 0, so NaN (no float64 counterpart)
+            assert rel(got[0], want[0]) < tol, got[0]
+
+        want = mv(d64, g / (1 + np.exp(-g)) * u)
+        got = kernels.moe(experts, [1.0], x, {"kind": "swiglu"}, simd=simd, act=act)
+    assert np.isposinf(want[0]).any() and np.isnan(want[0]).any() and np.isnan(want[1]).all()
+    assert np.isnan(got[1]).all()
+    if act == "f32":
+        for f in (np.isnan, np.isposinf, np.isneginf):
+            assert (f(got[0]) == f(want[0])).all(), (f.__name__, got[0], want[0])
+    assert rel(got[2], want[2]) < tol

@@ -230,14 +230,20 @@ typedef struct {
 } q80_t;
 
 #ifdef MER_X86
-/* quantize_amax for n a multiple of 32, the same int8 values bit for bit: max of |x| (a NaN is skipped, as by the
- * scalar comparison), then roundf's rule (half away from zero) built from a truncation and the exact remainder,
- * not the vector unit's ties-to-even (for finite x; a NaN gives -128 here, whatever the cast gives there). The scalar loop called roundf per value: a moe() step with act="q8"
- * spent 0.1-0.25 ms between its phases quantizing h (28672 values) on one thread. */
+/* quantize_amax for n a multiple of 32, the same int8 values bit for bit: max of |x|, then roundf's rule (half away
+ * from zero) built from a truncation and the exact remainder, not the vector unit's ties-to-even. A block holding
+ * a NaN returns scale NaN and zeros, as the scalar loop does (the conversion would make NaN -128, which the sign
+ * trick of the Q8_0/MXFP4 kernels cannot take). The scalar loop called roundf per value: a moe() step with
+ * act="q8" spent 0.1-0.25 ms between its phases quantizing h (28672 values) on one thread. */
 __attribute__((target("avx2,fma,f16c"))) static float quantize_amax_avx2(const float *x, int n, int8_t *q) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 m = _mm256_setzero_ps();
-    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), absm), m);
+    __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        m = _mm256_max_ps(_mm256_and_ps(v, absm), m);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan)) { memset(q, 0, (size_t)n); return NAN; }
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -260,25 +266,29 @@ __attribute__((target("avx2,fma,f16c"))) static float quantize_amax_avx2(const f
     }
     return s;
 }
-static int have_avx2(void);
 #endif
 
-/* n values to int8 with one scale amax/127, round to nearest (ggml's rule for Q8_0 and Q8_K); returns the scale */
-static float quantize_amax(const float *x, int n, int8_t *q) {
+/* n values to int8 with one scale amax/127, round to nearest (ggml's rule for Q8_0 and Q8_K); returns the scale.
+ * simd: the caller's choice (MER_FLAG_PORTABLE and the CPU, asked once per call), so simd=0 runs this loop. A block
+ * holding a NaN gets scale NaN and zeros: its products are then NaN, as in float arithmetic, on every path. */
+static float quantize_amax(const float *x, int n, int8_t *q, int simd) {
 #ifdef MER_X86
-    if (n % 32 == 0 && have_avx2()) return quantize_amax_avx2(x, n, q);
+    if (simd && n % 32 == 0) return quantize_amax_avx2(x, n, q);
 #endif
+    (void)simd;
     float amax = 0.f;
-    for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; }
+    int nan = 0;
+    for (int j = 0; j < n; j++) { float a = fabsf(x[j]); if (a > amax) amax = a; nan |= a != a; }
+    if (nan) { memset(q, 0, (size_t)n); return NAN; }
     /* below FLT_MIN, 1/s overflows and a cast of inf to int8 is undefined: such a block quantizes to zeros */
     float s = amax / 127.f, inv = s >= FLT_MIN ? 1.f / s : 0.f;
     for (int j = 0; j < n; j++) q[j] = (int8_t)roundf(x[j] * inv);
     return s;
 }
 
-static void quantize_q8(const float *x, int64_t n, q80_t *y) {
+static void quantize_q8(const float *x, int64_t n, q80_t *y, int simd) {
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
-        y[b].d = quantize_amax(x, 32, y[b].q);
+        y[b].d = quantize_amax(x, 32, y[b].q, simd);
         for (int i = 0; i < 8; i++)
             y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
     }
@@ -301,9 +311,9 @@ typedef struct {
     uint8_t pad[12];
 } q8k_t;
 
-static void quantize_q8k(const float *x, int64_t n, q8k_t *y) {
+static void quantize_q8k(const float *x, int64_t n, q8k_t *y, int simd) {
     for (int64_t b = 0; b < n / 256; b++, x += 256) {
-        y[b].d = quantize_amax(x, 256, y[b].q);
+        y[b].d = quantize_amax(x, 256, y[b].q, simd);
         for (int g = 0; g < 16; g++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) sum += y[b].q[16 * g + j];
@@ -879,8 +889,11 @@ DEFINE_ROWS_P(prows_q6_k_1, pblk_q6k, perm_q6k, 256, 210, XP_Q6K, 1)
  * would then pass 2^64 (a range within one vector beyond about 2^160: products and sums stay far below float32's
  * overflow below that) goes to the kernel that reads x as it is (NULL). Before, any tiny value sent the whole
  * vector there: the down projection of a SwiGLU step whose gate saw one value below about -75 (silu of it is
- * below 2^-102) ran at the slower kernel's speed. */
-static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols) {
+ * below 2^-102) ran at the slower kernel's speed.
+ * *inf: set to 1 when a vector holds +-inf, to 0 when the pre-scaled layouts scanned every vector and found none
+ * (left as it was otherwise: not scanned, or stopped early). The Q4_K/Q5_K layout then returns NULL: see
+ * kq45_unfactored. The scan is the one that finds the largest |value| anyway. */
+static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t cols, int *inf) {
     int64_t xpb = layout == L_QK45 ? XP_QK45 : layout == L_Q6K ? XP_Q6K : layout == L_Q4_0X ? XP_Q4_0X : 32;
     int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
     const int scaled = layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K;
@@ -888,6 +901,7 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
     float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb + n)), *tmp = NULL;
     if (!xp) return NULL;
     float *vscale = xp + n * nb * xpb;
+    int seen_inf = 0;
     for (int64_t v = 0; v < n; v++) {
         const float *xv = x + v * cols;
         int E = 0;
@@ -899,11 +913,15 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
                 if (a != 0.f && a < mn) mn = a;
                 if (a > mx) mx = a;
             }
+            if (mx > FLT_MAX) {
+                if (layout == L_QK45) { *inf = 1; free(xp); free(tmp); return NULL; }
+                seen_inf = 1;
+            }
             if (mn < tiny) {
                 int et, em, ex;
                 frexpf(tiny, &et); frexpf(mn, &em); frexpf(mx, &ex);
                 E = et - em + 1; /* mn >= 2^(em-1), tiny = 2^(et-1) */
-                if (!(mx <= FLT_MAX) || ex + E > 64) { free(xp); free(tmp); return NULL; }
+                if (!(mx <= FLT_MAX) || ex + E > 64) { if (seen_inf) *inf = 1; free(xp); free(tmp); return NULL; }
                 if (!tmp && !(tmp = malloc(sizeof(float) * (size_t)cols))) { free(xp); return NULL; }
                 const float up = ldexpf(1.f, E); /* E <= 53 (mn >= 2^-149); x * up exact: no overflow, see above */
                 for (int64_t j = 0; j < cols; j++) tmp[j] = xv[j] * up;
@@ -919,6 +937,7 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
         else perm_qk45(xv, out, nb);
     }
     free(tmp);
+    if (scaled) *inf = seen_inf;
     return xp;
 }
 
@@ -1152,9 +1171,8 @@ int mer_has_avx2(void) {
 #endif
 }
 
-#ifdef MER_X86
-static int have_avx2(void) { return mer_has_avx2(); }
-#endif
+/* the AVX2 paths run: the CPU has them and the caller did not ask for the portable one (asked once per call) */
+static int use_simd(int flags) { return !(flags & MER_FLAG_PORTABLE) && mer_has_avx2(); }
 
 int mer_has_vnni(void) {
 #if defined(MER_X86) && defined(MER_HAVE_VNNI)
@@ -1185,22 +1203,39 @@ static int perm_layout(int type, int flags) {
 }
 
 /* x [n, cols] permuted for `layout` (caller frees); NULL if layout is 0, memory is short or a vector is too wide
- * to scale (the kernels that read x as it is then run: same results) */
-static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols) {
+ * to scale (the kernels that read x as it is then run: same results). *inf as perm_prepare_x86 says. */
+static float *perm_prepare(int layout, const float *x, int64_t n, int64_t cols, int *inf) {
 #ifdef MER_X86
-    if (layout) return perm_prepare_x86(layout, x, n, cols);
+    if (layout) return perm_prepare_x86(layout, x, n, cols, inf);
 #else
-    (void)x; (void)n; (void)cols;
+    (void)x; (void)n; (void)cols; (void)inf;
 #endif
     (void)layout;
     return NULL;
 }
 
+static int is_kq45(int type) { return type == T_Q4_K || type == T_Q5_K; }
+
+static int has_inf(const float *x, int64_t len) {
+    for (int64_t j = 0; j < len; j++) if (fabsf(x[j]) > FLT_MAX) return 1;
+    return 0;
+}
+
+/* Whether the float32 (not Q8) Q4_K/Q5_K product with x must take the unfactored (portable) path: the AVX2
+ * kernels subtract dmin * m * sum(x) from d * sc * sum(q * x), which is inf - inf = NaN where w * inf is +-inf
+ * in the float64 reference. known: what perm_prepare found (1, 0, or -1 when it did not scan); only the fallbacks
+ * that prepare nothing (MER_FLAG_NO_PERM, no memory) scan here. Activations that overflow are an error upstream
+ * anyway, so such a call may be slow; it must not be wrong. */
+static int kq45_unfactored(int type, int flags, int known, const float *x, int64_t len) {
+    if (!is_kq45(type) || !use_simd(flags)) return 0;
+    return known >= 0 ? known : has_inf(x, len);
+}
+
 /* rows [r0, r1) of m times nvec vectors; ax (Q8_0) / kx (Q8_K) non-NULL = Q8 activations (only for q8_type) */
-/* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL */
-static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax,
-                     const q8k_t *kx, int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags) {
-    int simd = !(flags & MER_FLAG_PORTABLE) && mer_has_avx2();
+/* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL; xinf: kq45_unfactored's answer */
+static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
+                     int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
+    int simd = use_simd(flags);
     int64_t pf = tuning_prefetch;
     int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
@@ -1230,6 +1265,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         rows_portable_q8(m, ax, kx, nvec, xs, out, os, r0, r1);
         return;
     }
+    if (xinf > 0 && is_kq45(m->type)) simd = 0;
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
@@ -1413,13 +1449,13 @@ typedef struct {
     const q8k_t *kx;
     int64_t nvec, chunk;
     float *out;
-    int flags;
+    int flags, xinf;
 } mv_ctx;
 
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags);
+    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags, c->xinf);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -1436,13 +1472,15 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
     q80_t *ax = NULL; q8k_t *kx = NULL;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type) && m.qk == 256) {
         if (!(kx = alloc_q8k(n * cols / 256))) return MER_ENOMEM;
-        quantize_q8k(x, n * cols, kx);
+        quantize_q8k(x, n * cols, kx, use_simd(flags));
     } else if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
         if (!(ax = alloc_q80(n * cols / 32))) return MER_ENOMEM;
-        quantize_q8(x, n * cols, ax);
+        quantize_q8(x, n * cols, ax, use_simd(flags));
     }
-    float *xp = perm_prepare(perm_layout(type, flags), x, n, cols);
-    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags};
+    int xinf = -1;
+    float *xp = perm_prepare(perm_layout(type, flags), x, n, cols, &xinf);
+    xinf = ax || kx ? 0 : kq45_unfactored(type, flags, xinf, x, n * cols);
+    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags, xinf};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
     free(ax); free(kx); free(xp);
@@ -1475,6 +1513,7 @@ typedef struct {
     const q8k_t *kx; q8k_t *kh;                /* x and h as Q8_K blocks, for K-quant weights */
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
+    int x_inf, h_inf[8];                       /* kq45_unfactored for x (gate/up) and each expert's h (down) */
     int64_t n, d_model, d_ff, chunk, nchunk_ff;
     float *h, *u_tmp, *y_tmp, *out;
 } moe_ctx;
@@ -1489,9 +1528,9 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
     rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
-             r1, c->flags);
+             r1, c->flags, c->x_inf);
     rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
-             r1, c->flags);
+             r1, c->flags, c->x_inf);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1514,7 +1553,7 @@ static void moe_phase2(void *c_, int64_t t) {
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
-                 n, F, y, D, r0, r1, c->flags);
+                 n, F, y, D, r0, r1, c->flags, c->h_inf[e]);
     }
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1585,24 +1624,29 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     if (x0 || h0) {
         ax = alloc_q80(n * d_model / 32); c.ah = alloc_q80((int64_t)nh / 32);
         if (!ax || !c.ah) { rc = MER_ENOMEM; goto done; }
-        quantize_q8(x, n * d_model, ax);
+        quantize_q8(x, n * d_model, ax, use_simd(flags));
         c.ax = ax;
     }
     if (xk || hk) {
         kx = alloc_q8k(n * d_model / 256); c.kh = alloc_q8k((int64_t)nh / 256);
         if (!kx || !c.kh) { rc = MER_ENOMEM; goto done; }
-        if (xk) quantize_q8k(x, n * d_model, kx);
+        if (xk) quantize_q8k(x, n * d_model, kx, use_simd(flags));
         c.kx = kx;
     }
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
     unsigned tried = 0; /* layouts prepared or refused (NULL: too wide to scale, no memory): each scanned once */
+    int known = -1;
     for (int e = 0; e < k; e++) {
         int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
-        if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model); }
-        if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model); }
+        if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model, &known); }
+        if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model, &known); }
     }
+    /* with Q8_K activations (xk) every K-quant gate and up takes the q8 path */
+    for (int e = 0; !xk && e < k && !c.x_inf; e++)
+        c.x_inf = kq45_unfactored(c.g[e].type, flags, known, x, n * d_model) ||
+                  kq45_unfactored(c.u[e].type, flags, known, x, n * d_model);
 #ifdef MER_PROFILE
     struct timespec T0, T1, T2, T3; clock_gettime(CLOCK_MONOTONIC, &T0);
 #endif
@@ -1611,10 +1655,14 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     clock_gettime(CLOCK_MONOTONIC, &T1);
 #endif
     /* the barrier is pool_run's join: h is complete */
-    if (h0) quantize_q8(c.h, (int64_t)nh, c.ah);
-    if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh);
-    for (int e = 0; e < k; e++)
-        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), c.h + (int64_t)e * n * d_ff, n, d_ff);
+    if (h0) quantize_q8(c.h, (int64_t)nh, c.ah, use_simd(flags));
+    if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh, use_simd(flags));
+    for (int e = 0; e < k; e++) {
+        const float *he = c.h + (int64_t)e * n * d_ff;
+        int hinf = -1;
+        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), he, n, d_ff, &hinf);
+        c.h_inf[e] = hk ? 0 : kq45_unfactored(c.dn[e].type, flags, hinf, he, n * d_ff);
+    }
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T2);
 #endif

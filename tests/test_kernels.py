@@ -259,18 +259,25 @@ def _adversarial_q4_0_inputs(raw, rows, cols, rng):
 def test_q4_0_exact_on_adversarial_activations(simd):
     """Exact means per product: the float64 reference within 1e-5 of the output's largest value on activations
     chosen to expose a kernel that trades exactness for speed (see _adversarial_q4_0_inputs)."""
-    rng = np.random.default_rng(808)
+    _check_exact_on_adversarial(T.Q4_0, _adversarial_q4_0_inputs, 808, simd)
+
+
+def _check_exact_on_adversarial(qtype, inputs, seed, simd):
+    rng = np.random.default_rng(seed)
     rows, cols = 64, 1024
-    raw = random_matrix(T.Q4_0, rows, cols, rng)
-    for name, r, x in _adversarial_q4_0_inputs(raw, rows, cols, rng):
-        w = dequantize(r.reshape(rows, -1), T.Q4_0).astype(np.float64)
+    raw = random_matrix(qtype, rows, cols, rng)
+    for name, r, x in inputs(raw, rows, cols, rng):
+        w = dequantize(r.reshape(rows, -1), qtype).astype(np.float64)
         ref = w @ x.astype(np.float64)
-        got = matvec("Q4_0", r, (rows, cols), x, simd=simd)
+        got = matvec(qtype.name, r, (rows, cols), x, simd=simd)
         assert np.all(np.isfinite(got)), name
         # float32 products summed: each row within a few roundings of the sum of |w x| (the weight-0 outliers do not
         # count); cancelling pairs 1e5 above the rest lose what float32 cannot hold, so the plain ratio skips them
         err = np.abs(got - ref)
-        assert np.all(err <= 1e-6 * (np.abs(w) @ np.abs(x.astype(np.float64)))), (name, err.max())
+        bound = np.abs(w) @ np.abs(x.astype(np.float64))
+        if os.environ.get("MER_SHOW_ADVERSARIAL"):
+            print(f"{qtype.name} simd={simd} {name}: err/bound {np.max(err / bound):.2e} rel {rel(got, ref):.2e}")
+        assert np.all(err <= 1e-6 * bound), (name, err.max())
         if name != "cancelling pairs":
             assert rel(got, ref) < 1e-6, (name, rel(got, ref))
 
@@ -387,21 +394,7 @@ def _adversarial_q6k_inputs(raw, rows, cols, rng):
 @pytest.mark.parametrize("simd", SIMD)
 def test_q6k_exact_on_adversarial_activations(simd):
     """As test_q4_0_exact_on_adversarial_activations, for Q6_K, whose exact kernel reads pre-scaled x."""
-    rng = np.random.default_rng(810)
-    rows, cols = 64, 1024
-    raw = random_matrix(T.Q6_K, rows, cols, rng)
-    for name, r, x in _adversarial_q6k_inputs(raw, rows, cols, rng):
-        w = dequantize(r.reshape(rows, -1), T.Q6_K).astype(np.float64)
-        ref = w @ x.astype(np.float64)
-        got = matvec("Q6_K", r, (rows, cols), x, simd=simd)
-        assert np.all(np.isfinite(got)), name
-        err = np.abs(got - ref)
-        bound = np.abs(w) @ np.abs(x.astype(np.float64))
-        if os.environ.get("MER_SHOW_ADVERSARIAL"):
-            print(f"Q6_K simd={simd} {name}: err/bound {np.max(err / bound):.2e} rel {rel(got, ref):.2e}")
-        assert np.all(err <= 1e-6 * bound), (name, err.max())
-        if name != "cancelling pairs":
-            assert rel(got, ref) < 1e-6, (name, rel(got, ref))
+    _check_exact_on_adversarial(T.Q6_K, _adversarial_q6k_inputs, 810, simd)
 
 
 @needs_c

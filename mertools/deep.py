@@ -50,6 +50,7 @@ import xxhash
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from mer_runtime.checksum import RELEASE
 from mer_runtime.errors import MerError
 from mer_runtime.guard import GUARDED, FileChangedError, Guard, map_file
 from mer_runtime.kernels import matvec
@@ -68,7 +69,7 @@ SEED = 12648430
 N_INPUTS = 2
 BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
 PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
-RELEASE_BYTES = 16 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
+RELEASE_BYTES = RELEASE  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
 SAMPLE_ROWS = 16  # seeded rows a projection (plus its first and last); each costs ~0.2 ms on big rows
 RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
 WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...

@@ -32,6 +32,8 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def main() -> None:
+    from mer_runtime.smoke import SmokeConfig, run_smoke
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mertools-bench"))
     ap.add_argument("--layers", type=int, default=4)
@@ -42,13 +44,13 @@ def main() -> None:
     ap.add_argument("--io", default="auto")
     ap.add_argument("--block", type=int, default=1 << 20, help="the loader's chunk in bytes")
     ap.add_argument("--depth", type=int, default=32, help="chunks with the disk at most")
-    ap.add_argument("--ahead", choices=("step", "token"), default="step",
+    ap.add_argument("--ahead", choices=("step", "token"), default=SmokeConfig.prefetch_ahead,
                     help="guess the next layer step, or the same layer of the next token (io_uring only)")
-    ap.add_argument("--spec-window", type=int, default=4, help="--ahead token: speculative chunks with the disk")
+    ap.add_argument("--spec-window", type=int, default=SmokeConfig.spec_window,
+                    help="--ahead token: speculative chunks with the disk")
     ap.add_argument("--json", type=Path, help="also write every run here")
     a = ap.parse_args()
     from bench_loader import ensure_folder
-    from mer_runtime.smoke import SmokeConfig, run_smoke
 
     a.dir.mkdir(parents=True, exist_ok=True)
     folder = ensure_folder(a.dir, a.layers)

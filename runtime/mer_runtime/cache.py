@@ -251,7 +251,7 @@ class ExpertCache:
         # a guess held for a later step goes last: evicting it would lose its read and the victim it already cost.
         # One pass that stops at the first victim (LRU first), not a sort: the cost of the default path, where no
         # guess is held, does not grow with the cache
-        v = self._victim(lambda e: self._read_complete(e))
+        v = self._victim(self._read_complete)
         if v is not None:
             return self._evict(v)
         if not self._draining and (v := self._victim(lambda e: True)) is not None:
@@ -571,7 +571,8 @@ class ExpertCache:
 
     def close(self) -> None:
         """Withdraw the unused prefetches (nothing more is read for them), drain, then refuse every later call with
-        CacheError."""
+        CacheError. The cache is closed even when the drain raises the loader's own error (its speculation
+        thread's failure), which is then raised."""
         self.cancel_stale(keep=frozenset())
         try:
             self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back

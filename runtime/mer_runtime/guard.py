@@ -130,7 +130,7 @@ class Guard:
 
     def faulted(self) -> bool:
         """Whether a page of the mapping could not be read (the file shrank under it)."""
-        return self.slot >= 0 and self._fin.alive and _FAULTS[self.slot] != 0
+        return self.guarded and _FAULTS[self.slot] != 0
 
     def check(self) -> None:
         """Raise FileChangedError if the mapping faulted or the file is now shorter than when mapped (one fstat).

@@ -228,7 +228,8 @@ class Loader:
 
     def poll(self) -> None:
         """Hand out what completed and issue what may go now, without blocking (io_uring: speculative chunks are
-        issued only from calls into the loader, so a caller that computes between them calls this first)."""
+        issued only from calls into the loader unless its `spec_background` thread runs, so a caller that computes
+        between them calls this first)."""
 
     def _spec_with_disk(self) -> int:
         return 0
@@ -404,7 +405,9 @@ class UringLoader(Loader):
     Threads: the ring's submission side and its completion side are touched only under `_cv`. One waiting thread
     at a time (the "reaper", `_reaping`) blocks in io_uring_enter without the lock; the others wait on `_cv` and
     are woken when the reaper has handed out what completed. Only the reaper reaps while it is reaping, so the
-    completion it sleeps for cannot be taken from under it.
+    completion it sleeps for cannot be taken from under it. The reaper may be the loader's own `mer-io_uring-spec`
+    thread (`spec_background`), which waits for up to a window of completions a wake-up: a caller's `wait()` then
+    sleeps on `_cv` until it has handed them out.
     """
 
     name = "io_uring"
@@ -472,7 +475,7 @@ class UringLoader(Loader):
                         self._cv.wait()
                         continue
                     r = self.ring
-                    if r.in_flight == 0 and r.pending:  # never left queued (`_submit` retracts them): be safe
+                    if r.in_flight == 0 and r.pending:  # a submit the kernel took only part of, with no error
                         self._submit()
                     if r.in_flight == 0:  # nothing the kernel could complete: sleeping in it would be for ever
                         self._cv.wait()

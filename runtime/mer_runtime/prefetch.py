@@ -4,7 +4,8 @@ Two transition tables, learned online from the routing it observes:
 - same-layer: experts of layer L at token t-1 -> experts of layer L at token t;
 - cross-layer: experts of layer L-1 at token t -> experts of layer L at token t.
 After layer L of token t it predicts layer L+1 of the same token (cross-layer table), and after the last layer it
-predicts the first layer of the next token (same-layer table).
+predicts the first layer of the next token (same-layer table); `predict_token_ahead` predicts layer L of token t+1
+(same-layer table), for guesses read over a whole token.
 
 Probabilities, not frequencies: P(e in the next step | source s) is estimated as (c[s, e] + a x b[e]) / (n[s] + a),
 where c counts how often e followed s, n how often s was followed at all, b[e] is e's base rate at that layer (its
@@ -360,6 +361,7 @@ class CostModel:
 
     @property
     def read_measured(self) -> bool:
+        """The price of a read is known: fixed (`read_frac`, the replay's) or measured over `warmup` computations."""
         return self.read_frac is not None or self.read_seen >= self.warmup
 
     @property
@@ -419,7 +421,7 @@ class CostModel:
         nothing need be predicted (the prediction is most of the prefetch path's own cost). It reopens if the stall
         grows."""
         return (self.chunk_frac is not None and self.misses_seen >= self.warmup and self.read_measured
-                and not self._decide(1.0, 0.0, 1)[0])
+                and not self.pays(1.0))
 
     def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""

@@ -377,16 +377,17 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
         token_index = [0]
         # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
-        frac = min(1.0, s.loader.queue_depth * s.loader.block_size / max(e.size for e in m.experts))
+        biggest = max(e.size for e in m.experts)
+        frac = min(1.0, s.loader.queue_depth * s.loader.block_size / biggest)
         if cfg.prefetch_ahead not in ("token", "step"):
             raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
         # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
         ahead = "token" if cfg.prefetch_ahead == "token" and s.loader.name == "io_uring" else "step"
-        chunk_frac = s.loader.block_size / max(e.size for e in m.experts) if ahead == "token" else None
+        chunk_frac = s.loader.block_size / biggest if ahead == "token" else None
         cost = None
         if cfg.prefetch and ahead == "token":
             cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=chunk_frac,
-                             expert_bytes=max(e.size for e in m.experts))
+                             expert_bytes=biggest)
             s.loader.spec_window, s.loader.spec_cap_each = cfg.spec_window, False
             s.loader.spec_background = True  # type: ignore[attr-defined]  # io_uring: reads on while experts compute
         elif cfg.prefetch:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess

@@ -4,8 +4,8 @@ Written from the stable kernel ABI (io_uring(7), include/uapi/linux/io_uring.h) 
 serve O_DIRECT: `liburing` reads only into bytearrays, which cannot be 4096-aligned. Only what the loader needs is
 here: reads into registered (fixed) buffers, with plain READ as a fallback when the kernel refuses to register them.
 
-Threads: a `Ring` is not thread-safe by itself. Its owner (`loader.UringLoader`) calls `prep_read`, `submit` and
-`reap` under one lock; only `wait_cqe` (a blocking io_uring_enter that submits nothing and touches no user-side
+Threads: a `Ring` is not thread-safe by itself. Its owner (`loader.UringLoader`) calls `prep_read`, `submit`,
+`retract` and `reap` under one lock; only `wait_cqe` (a blocking io_uring_enter that submits nothing and touches no user-side
 ring index) may run without that lock, from one thread at a time.
 
 Memory ordering: the rings are shared with the kernel, which asks (io_uring(7); liburing's

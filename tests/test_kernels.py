@@ -8,6 +8,7 @@ valid blocks. With MER_KERNELS=numpy (no C kernel) the same tests check the fall
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -286,15 +287,30 @@ def _check_exact_on_adversarial(qtype, inputs, seed, simd):
 def test_q4_0_exact_batch_with_a_tiny_token(simd):
     """Each token of a batch is exact on its own scale: a token 1e-33 the size of its neighbour (whose values keep
     the batch's largest far from the pre-scaling guard) is judged against its own reference, not the batch's."""
-    rng = np.random.default_rng(809)
-    rows, cols = 64, 1024
-    raw = random_matrix(T.Q4_0, rows, cols, rng)
-    xb = rng.standard_normal((2, cols)).astype(np.float32)
-    xb[1] *= np.float32(1e-33)
-    ref = xb.astype(np.float64) @ dequantize(raw.reshape(rows, -1), T.Q4_0).astype(np.float64).T
-    got = matvec("Q4_0", raw, (rows, cols), xb, simd=simd).reshape(2, rows)
-    for t in range(2):
-        assert rel(got[t], ref[t]) < 1e-6, (t, rel(got[t], ref[t]))
+    _check_exact_on_adversarial(qtype, functools.partial(_adversarial_qk45_inputs, qtype), 809, simd)
+
+
+def _prescaled_adversarial(raw, zero_col, pair, x, cols, rng):
+    """The inputs every pre-scaled exact kernel (Q4_K, Q5_K, Q6_K) is tried on, given its zero column and its
+    cancelling pairs (type-specific): outliers, a wide range, scales around the hand-over, one large value beside
+    values that would go subnormal once scaled."""
+    for r in (1e3, 1e4, 1e6):
+        xo = x.copy()
+        xo[::32] *= r
+        yield f"outlier {r:g} on a zero column", zero_col, xo
+        yield f"outlier {r:g}", raw, xo
+    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
+    xc = x.copy()
+    xc[1::32] = -xc[0::32]
+    xc[0::32] *= 1e5
+    xc[1::32] *= 1e5
+    yield "cancelling pairs", pair, xc
+    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
+        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
+    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling
+    tiny = (x * np.float32(1e-35)).astype(np.float32)  # the largest |x| is 1, the rest would go subnormal scaled
+    tiny[0] = 1.0
+    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
 
 
 def _adversarial_qk45_inputs(qtype, raw, rows, cols, rng):
@@ -311,27 +327,11 @@ def _adversarial_qk45_inputs(qtype, raw, rows, cols, rng):
         zero_col[:, :, 16] = 0  # their fifth bits
     zero_col = zero_col.reshape(-1)
     assert not dequantize(zero_col.reshape(rows, -1), qtype)[:, ::32].any()
-    for r in (1e3, 1e4, 1e6):
-        xo = x.copy()
-        xo[::32] *= r
-        yield f"outlier {r:g} on a zero column", zero_col, xo
-        yield f"outlier {r:g}", raw, xo
-    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
     pair = raw.reshape(rows, cols // 256, bb).copy()
     pair[:, :, qs + 1:qs + 128:32] = pair[:, :, qs:qs + 128:32]
     if qtype == T.Q5_K:
         pair[:, :, 17] = pair[:, :, 16]
-    xc = x.copy()
-    xc[1::32] = -xc[0::32]
-    xc[0::32] *= 1e5
-    xc[1::32] *= 1e5
-    yield "cancelling pairs", pair.reshape(-1), xc
-    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
-        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
-    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling of Q4_K/Q5_K
-    tiny = (x * np.float32(1e-35)).astype(np.float32)  # the largest |x| is 1, the rest would go subnormal scaled
-    tiny[0] = 1.0
-    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
+    yield from _prescaled_adversarial(raw, zero_col, pair.reshape(-1), x, cols, rng)
 
 
 @pytest.mark.parametrize("simd", SIMD)
@@ -368,27 +368,11 @@ def _adversarial_q6k_inputs(raw, rows, cols, rng):
         zero_col[:, :, 128 + 32 * n] = 0xAA
     zero_col = zero_col.reshape(-1)
     assert not dequantize(zero_col.reshape(rows, -1), T.Q6_K)[:, ::32].any()
-    for r in (1e3, 1e4, 1e6):
-        xo = x.copy()
-        xo[::32] *= r
-        yield f"outlier {r:g} on a zero column", zero_col, xo
-        yield f"outlier {r:g}", raw, xo
-    yield "wide range", raw, (x * np.exp(rng.uniform(-20, 20, cols))).astype(np.float32)
     pair = raw.reshape(rows, cols // 256, 210).copy()
     for n in range(2):
         for o in (64 * n, 64 * n + 32, 128 + 32 * n):
             pair[:, :, o + 1] = pair[:, :, o]
-    xc = x.copy()
-    xc[1::32] = -xc[0::32]
-    xc[0::32] *= 1e5
-    xc[1::32] *= 1e5
-    yield "cancelling pairs", pair.reshape(-1), xc
-    for scale in (2.0 ** -120, 2.0 ** -100, 2.0 ** -92, 2.0 ** -88, 2.0 ** -80, 1e30):
-        yield f"x * {scale:g}", raw, (x * scale).astype(np.float32)
-    yield from _hand_over_inputs(raw, cols, rng, -102)  # 2^-126 / 2^-24, the deepest pre-scaling of Q6_K
-    tiny = (x * np.float32(1e-35)).astype(np.float32)
-    tiny[0] = 1.0
-    yield "large value on a zero column, the rest 1e-35", zero_col, tiny
+    yield from _prescaled_adversarial(raw, zero_col, pair.reshape(-1), x, cols, rng)
 
 
 @pytest.mark.parametrize("simd", SIMD)

@@ -478,8 +478,7 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
         mine = np.frombuffer(mm, np.uint8)
         try:
             with memoryview(mm) as mv:
-                dropped = 0
-                for pos, end, piece in guard.pieces(mv, size, PIECE):
+                for pos, end, piece in guard.pieces(mv, size, PIECE, drop=RELEASE_BYTES):
                     whole.update(piece)
                     for start, stop, role in spans:
                         lo, hi = max(start, pos), min(stop, end)
@@ -504,9 +503,6 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                             reg.release(released[role], hi - start)
                             released[role] = hi - start
                     tick(end - pos)
-                    if end - dropped >= RELEASE_BYTES or end == size:
-                        mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)  # `dropped` is a multiple of PIECE
-                        dropped = end
             guard.finish()
         finally:
             guard.close()

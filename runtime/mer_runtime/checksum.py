@@ -49,8 +49,7 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
         try:
             m.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(m) as mv:
-                dropped = 0  # a multiple of PIECE, so of the page size
-                for pos, end, piece in guard.pieces(mv, size, PIECE):
+                for pos, end, piece in guard.pieces(mv, size, PIECE, drop=RELEASE):
                     whole.update(piece)
                     for start, stop, name in ranges:
                         lo, hi = max(start, pos), min(stop, end)
@@ -58,11 +57,6 @@ def hash_fd(fd: int, size: int, ranges: Sequence[tuple[int, int, str]] = (),
                             with piece[lo - pos:hi - pos] as part:
                                 parts[name].update(part)
                     tick(end - pos)
-                    if end - dropped >= RELEASE or end == size:
-                        # drop our mapping's page references as we go (early: measured faster; as we go: several
-                        # threads hashing experts of hundreds of MiB would otherwise each keep theirs mapped)
-                        m.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)
-                        dropped = end
             guard.finish()
         finally:
             guard.close()  # before the unmap: the range may be reused at once

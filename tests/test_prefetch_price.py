@@ -126,9 +126,12 @@ def test_real_shards_the_gate_learns_the_price_from_computations_beside_guesses(
     assert cm.explore_spent_s <= 0.01 * cm.elapsed_s
     if expensive:
         # how many explorations the price takes depends on how many computations happen to see a guess under way
-        # (real reads' timing): bounded by the budget above and by one a sample the price needs
-        assert issued <= cm.admitted == cm.explored <= cm.warmup
+        # (real reads' timing: 2-5 across runs), so their number is bounded by the budget above, not by a constant;
+        # what does not depend on timing: nothing is admitted but explorations, and once the price is measured the
+        # gate is shut (a 45 ms read against a 30 ms stall: not even a certain guess pays)
+        assert issued <= cm.admitted == cm.explored
         assert cm.read_measured or cm.explored == 0
+        assert cm.shut() or not cm.read_measured
     else:
         assert cm.read_measured and cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)
 

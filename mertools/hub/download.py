@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,19 +21,14 @@ from urllib.parse import quote
 
 from ..commit import fsync_dir
 from ..errors import OutputError
+from .http import (  # noqa: F401  (RETRIES, RETRY_STATUS and retry_wait were defined here first)
+    RETRIES, RETRY_STATUS, backoff, check_retry_after, is_transport_error, permanent_transport_error, retry_after,
+    retry_wait, timeout,
+)
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 
 CHUNK = 1 << 20
-RETRIES = 6  # attempts in a row that bring no new byte before giving up
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-def retry_wait() -> float:
-    """Base backoff in seconds (doubles per failed attempt, capped at 16x): MERTOOLS_HUB_RETRY_WAIT, default 1."""
-    try:
-        return max(0.0, float(os.environ.get("MERTOOLS_HUB_RETRY_WAIT", "1")))
-    except ValueError:
-        raise HubError(f"MERTOOLS_HUB_RETRY_WAIT={os.environ['MERTOOLS_HUB_RETRY_WAIT']!r}: expected seconds") from None
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
 def resolve_url(spec: RepoSpec, commit: str, path: str) -> str:
@@ -69,32 +66,42 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
           stop: threading.Event | None = None) -> Path:
     """Download ``f`` at ``commit`` to ``dest`` (resuming ``dest.part``), verify it, and return ``dest``.
 
+    Whatever the hub answers, ``dest`` appears only holding the bytes the listing's hash names; every other outcome
+    is one :class:`HubError` (:class:`IntegrityError` when the hub's bytes or sizes contradict its listing).
+
     >>> fetch(RepoSpec("org/model"), sha, remote_file, Path("staging/model.gguf"))   # doctest: +SKIP
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     url = resolve_url(spec, commit, f.path)
     what = f"{spec.repo_id}@{commit[:12]}: {f.path}"
-    sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-    have = 0
-    if part.exists():
-        have = part.stat().st_size
-        if have > f.size:
-            part.unlink()
-            have = 0
-        else:
-            with open(part, "rb") as fh:  # the hash must cover the bytes a previous run wrote
-                while b := fh.read(CHUNK):
-                    sha.update(b)
-            tick(have)
-    try:
-        digest = _transfer(url, what, f, part, sha, have, tick, stop)
-    except IntegrityError:
-        part.unlink(missing_ok=True)  # bytes the hub did not list must not be resumed from
-        raise
     want = f.sha256 or f.git_oid
-    if want and digest != want:
+    if not want:
+        raise HubError(f"{what}: the hub lists no hash for it, so its bytes could not be checked; refusing")
+    for attempt in (1, 2):
+        sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+        have = 0
+        if part.exists():
+            have = part.stat().st_size
+            if have > f.size:
+                part.unlink()
+                have = 0
+            else:
+                with open(part, "rb") as fh:  # the hash must cover the bytes a previous run wrote
+                    while b := fh.read(CHUNK):
+                        sha.update(b)
+                tick(have)
+        _check_space(part, f.size - have, what)
+        try:
+            digest = _transfer(url, what, f, part, sha, have, tick, stop)
+        except IntegrityError:
+            part.unlink(missing_ok=True)  # bytes the hub did not list must not be resumed from
+            raise
+        if digest == want:
+            break
         part.unlink()
+        if attempt == 1 and have:
+            continue  # the kept prefix (from an earlier run, or an earlier hub) may be what is wrong: once afresh
         raise IntegrityError(
             f"{what}: downloaded bytes hash to {digest}, the hub lists {want}; the file was deleted and nothing "
             "was converted from it. Run the pull again; if it repeats, the hub or a proxy serves corrupt data"
@@ -104,63 +111,117 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
     return dest
 
 
+def _check_space(part: Path, need: int, what: str) -> None:
+    """A listed size the disk cannot hold is refused before a byte is written (nothing is preallocated either)."""
+    free = shutil.disk_usage(part.parent).free
+    if need > free:
+        raise OutputError(f"{what}: the hub lists {need} bytes still to download and only {free} are free on "
+                          f"{part.parent}; free some space or choose another OUT")
+
+
+def _expected_length(r: Any, have: int, f: RemoteFile, what: str) -> None:
+    """The answer's headers must describe the listed file: Content-Range's total and Content-Length agree with the
+    listing, before a body byte is written. A mismatch is the hub contradicting itself: IntegrityError, no retry."""
+    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if enc not in ("", "identity"):
+        raise IntegrityError(f"{what}: the hub sent it {enc}-encoded although asked for identity; the listed sizes "
+                             "and hashes are of the plain bytes: check HF_ENDPOINT or the proxy")
+    start = have if r.status_code == 206 else 0
+    length = r.headers.get("Content-Length")
+    if r.status_code == 206:
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", "").strip())
+        if not m or int(m[1]) != have or (m[3] != "*" and int(m[3]) != f.size) or int(m[2]) != f.size - 1:
+            raise IntegrityError(f"{what}: asked for bytes {have}-{f.size - 1} of {f.size}, the hub answered "
+                                 f"{r.headers.get('Content-Range')!r}")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise IntegrityError(f"{what}: the hub's Content-Length {length[:40]!r} is not a number") from None
+        if n != f.size - start:
+            pointer = n < 1024 and f.sha256 and r.read().startswith(LFS_POINTER)
+            if pointer:
+                raise IntegrityError(f"{what}: the hub served a Git LFS pointer file instead of its {f.size} bytes "
+                                     "(the LFS object is missing on the hub, or a mirror does not resolve LFS); "
+                                     "nothing was converted: check HF_ENDPOINT or report it to the repo's owner")
+            raise IntegrityError(f"{what}: the hub's answer holds {n} bytes where its listing says "
+                                 f"{f.size - start} (of {f.size}); the hub contradicts itself, nothing was converted: "
+                                 "run the pull again later, or check HF_ENDPOINT")
+
+
 def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: int, tick: Callable[[int], None],
               stop: threading.Event | None) -> str:
-    """Append the rest of ``f`` to ``part`` (from byte ``have``), retrying; return the hex digest of the whole."""
+    """Append the rest of ``f`` to ``part`` (from byte ``have``), retrying; return the hex digest of the whole.
+
+    An attempt counts as progress only if the file grows past the furthest it has been: a hub that ignores Range
+    and cuts every answer at the same byte would otherwise be retried for ever.
+    """
     from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers
 
-    headers = build_hf_headers()
+    # identity: the listed size and hash are of the plain bytes, and ranges must count them
+    headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
     fails = 0
+    furthest = have
     session = get_session()
     with open(part, "ab", buffering=0) as out:  # unbuffered: what arrived survives a kill, for the next run
         while have < f.size:
             if stop is not None and stop.is_set():
                 raise HubError(f"{what}: stopped")
-            got_any = False
+            wait_hint = None
             try:
                 h = dict(headers)
                 if have:
                     h["Range"] = f"bytes={have}-"
-                with session.stream("GET", url, headers=h, follow_redirects=True, timeout=30) as r:
+                with session.stream("GET", url, headers=h, follow_redirects=True, timeout=timeout()) as r:
                     if r.status_code in RETRY_STATUS:
+                        check_retry_after(what, r.status_code, r.headers)
+                        wait_hint = retry_after(r.headers)
                         raise _Retry(f"HTTP {r.status_code}")
                     if r.status_code == 404:
-                        raise HubError(f"{what}: not found on the hub (HTTP 404)")
+                        raise HubError(f"{what}: not found on the hub (HTTP 404); check the repo and --revision")
                     if r.status_code in (401, 403):
                         raise HubError(f"{what}: access denied (HTTP {r.status_code}); a gated or private repo "
                                        "needs HF_TOKEN or `hf auth login`")
                     if r.status_code not in (200, 206):
-                        raise HubError(f"{what}: the hub answered HTTP {r.status_code}")
-                    if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                        raise IntegrityError(f"{what}: asked for bytes from {have}, the hub answered "
-                                             f"{r.headers.get('Content-Range')!r}")
+                        raise HubError(f"{what}: the hub answered HTTP {r.status_code}; run the pull again later, "
+                                       "or check HF_ENDPOINT")
+                    _expected_length(r, have, f, what)
                     if have and r.status_code == 200:  # the range was ignored: start over
                         out.truncate(0)
                         out.seek(0)
                         sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
                         have = 0
-                    for b in r.iter_bytes():  # as the network delivers: a cut keeps what arrived
+                    for b in r.iter_raw():  # as the network delivers: a cut keeps what arrived
                         if stop is not None and stop.is_set():
                             raise HubError(f"{what}: stopped")
                         if have + len(b) > f.size:
-                            raise IntegrityError(f"{what}: the hub sent more than the {f.size} bytes it lists")
+                            raise IntegrityError(f"{what}: the hub sent more than the {f.size} bytes it lists; "
+                                                 "nothing was converted: check HF_ENDPOINT or the proxy")
                         _write_all(out, b, part)
                         sha.update(b)
                         have += len(b)
-                        got_any = True
                         tick(len(b))
                 if have < f.size:
                     raise _Retry("connection closed early")
             except _Retry as exc:
-                _backoff(what, exc, fails := 0 if got_any else fails + 1)
+                fails, furthest = _progress(fails, furthest, have)
+                _backoff(what, exc, fails, wait_hint)
+            except (HubError, OutputError):
+                raise
             except Exception as exc:
-                if type(exc).__module__.startswith(("httpx", "httpcore", "h11")):
-                    _backoff(what, exc, fails := 0 if got_any else fails + 1)
-                else:
+                if not is_transport_error(exc):
                     raise
+                if (why := permanent_transport_error(exc)) is not None:
+                    raise HubError(f"{what}: {why}") from None
+                fails, furthest = _progress(fails, furthest, have)
+                _backoff(what, exc, fails)
         os.fsync(out.fileno())
     return sha.hexdigest()
+
+
+def _progress(fails: int, furthest: int, have: int) -> tuple[int, int]:
+    return (0, have) if have > furthest else (fails + 1, furthest)
 
 
 class _Retry(Exception):
@@ -178,11 +239,9 @@ def _write_all(out: Any, b: bytes, part: Path) -> None:
                           "What was written so far is kept for the next run") from None
 
 
-def _backoff(what: str, exc: BaseException, fails: int) -> None:
+def _backoff(what: str, exc: BaseException, fails: int, wait_hint: float | None = None) -> None:
     if fails >= RETRIES:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HubError(f"{what}: gave up after {RETRIES} attempts without progress ({detail}); run the pull again "
                        "later: the bytes downloaded so far are kept") from None
-    time.sleep(min(retry_wait() * 2 ** max(0, fails - 1), retry_wait() * 16))
-
-
+    time.sleep(backoff(fails, wait_hint))

@@ -20,7 +20,8 @@ from typing import Any
 from ..units import human_bytes
 from .download import resolve_url
 from .remote import (
-    CONFIG, ST_INDEX, HubError, RemoteFile, RepoSpec, add_index_shards, choose, hub_call, list_files, resolve_commit,
+    CONFIG, ST_INDEX, HubError, RemoteFile, RepoSpec, add_index_shards, check_needed, choose, list_files,
+    resolve_commit,
 )
 
 FIRST = 64 << 10  # then 4x per try: a large tokenizer header (~8 MiB) takes 5 small requests
@@ -28,20 +29,10 @@ MAX_HEADER = 1 << 30  # a GGUF header (metadata + tensor infos) past 1 GiB is no
 
 
 def read_range(spec: RepoSpec, commit: str, path: str, start: int, end: int) -> bytes:
-    """Bytes [start, end] (inclusive) of a repo file, by one range request."""
-    from huggingface_hub import get_session
-    from huggingface_hub.utils import build_hf_headers
+    """Bytes [start, end] (inclusive) of a repo file, by one range request (bounded: see :func:`http.get_range`)."""
+    from .http import get_range
 
-    def get() -> bytes:
-        r = get_session().get(resolve_url(spec, commit, path), headers={**build_hf_headers(),
-                              "Range": f"bytes={start}-{end}"}, follow_redirects=True, timeout=30)
-        if r.status_code == 206:
-            return r.content
-        if r.status_code == 200:
-            return r.content[start:end + 1]
-        raise HubError(f"{spec.repo_id}@{commit[:12]}: {path}: range request answered HTTP {r.status_code}")
-
-    return hub_call(f"{spec.repo_id}: {path}", get)
+    return get_range(resolve_url(spec, commit, path), f"{spec.repo_id}@{commit[:12]}: {path}", start, end)
 
 
 def _gguf_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) -> Path:
@@ -81,6 +72,7 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
     choice = choose(listing, gguf=gguf, where=where)
+    check_needed(choice.files, listing.unusable, where)
     hub = {"repo": spec.repo_id, "revision": spec.revision or "main", "commit": commit}
     if choice.kind == "gguf":
         from ..describe import describe
@@ -101,6 +93,7 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
                 (folder / f.path).write_bytes(small[f.path])
         if choice.index_needed:
             choice = add_index_shards(choice, listing, small[ST_INDEX], where)
+            check_needed(choice.files, listing.unusable, where)
         headers = {f.path: _safetensors_header_file(spec, commit, f, folder)
                    for f in choice.files if f.path.endswith(".safetensors")}
         plan = _plan_from_headers(folder)

@@ -35,8 +35,8 @@ from .download import check_file, fetch
 from .inspect import read_range
 from .journal import Journal
 from .remote import (
-    ST_INDEX, Choice, HubError, IntegrityError, RemoteFile, RepoSpec, add_index_shards, choose, endpoint, list_files,
-    offline, resolve_commit,
+    ST_INDEX, Choice, HubError, IntegrityError, RemoteFile, RepoSpec, add_index_shards, check_needed, choose, endpoint,
+    list_files, offline, resolve_commit,
 )
 
 PULL_MARK = ".mertools-pull"
@@ -113,6 +113,7 @@ def pull(
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
     choice = choose(listing, gguf=gguf, include=include, where=where)
+    check_needed(choice.files, listing.unusable, where)
 
     stage = staging_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def pull(
         if choice.index_needed:
             idx = next(f for f in choice.files if f.path == ST_INDEX)
             choice = add_index_shards(choice, listing, get(idx).read_bytes(), where)
+            check_needed(choice.files, listing.unusable, where)
         extra = _source_record(spec, commit, choice)
         by_path = {f.path: f for f in choice.files}
         conv = (converter or converter_for)(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,

@@ -95,28 +95,33 @@ def api() -> Any:
 
 
 def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-    """Run one huggingface_hub call, retrying 429/5xx answers with backoff (bounded, as downloads are), and turn
-    its exceptions into one clear HubError line."""
+    """Run one huggingface_hub call (push's), retrying 429/5xx answers with backoff (bounded, as downloads are), and
+    turn its exceptions, malformed answers included, into one clear HubError line."""
     import time
 
     from huggingface_hub import errors as hf
 
-    from .download import RETRIES, RETRY_STATUS, retry_wait
+    from .http import RETRIES, RETRY_STATUS, backoff, check_retry_after, retry_after
 
     for attempt in range(1, RETRIES + 1):
         try:
             return _hub_call_once(what, fn, *args, **kw)
         except hf.HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
+            headers = exc.response.headers if exc.response is not None else {}
+            if status in RETRY_STATUS:
+                check_retry_after(what, status, headers)
             if status not in RETRY_STATUS or attempt == RETRIES:
                 raise HubError(f"{what}: the hub answered HTTP {status}"
                                f"{f' {attempt} times' if attempt > 1 else ''}; try again later") from None
-            time.sleep(min(retry_wait() * 2 ** (attempt - 1), retry_wait() * 16))
+            time.sleep(backoff(attempt, retry_after(headers)))
     raise AssertionError("unreachable")
 
 
 def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from huggingface_hub import errors as hf
+
+    from .http import is_transport_error, permanent_transport_error
 
     try:
         return fn(*args, **kw)
@@ -129,11 +134,20 @@ def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         raise HubError(f"{what}: file not found in the repo") from None
     except hf.HfHubHTTPError:
         raise  # hub_call retries or reports it (it is an OSError too)
+    except MertoolsError:
+        raise
     except OSError as exc:  # httpx transport errors are OSError-like in spirit but not subclasses
         raise HubError(f"{what}: cannot reach {endpoint()} ({_first_line(exc)}); check the network or set "
                        "HF_HUB_OFFLINE=1 to use the local cache") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        # huggingface_hub parses answers with r.json() and Model(**fields): a hub that sends something else
+        # surfaces here (JSONDecodeError, "argument after ** must be a mapping", a missing key)
+        raise HubError(f"{what}: the hub's answer is not what a hub sends ({type(exc).__name__}: "
+                       f"{_first_line(exc)[:120]}); check HF_ENDPOINT") from None
     except Exception as exc:
-        if type(exc).__module__.startswith(("httpx", "httpcore")):
+        if is_transport_error(exc):
+            if (why := permanent_transport_error(exc)) is not None:
+                raise HubError(f"{what}: {why}") from None
             raise HubError(f"{what}: cannot reach {endpoint()} ({type(exc).__name__}: {_first_line(exc)}); check the "
                            "network or set HF_HUB_OFFLINE=1 to use the local cache") from None
         raise
@@ -144,32 +158,192 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+SHA_RE = re.compile(r"[0-9a-f]{40}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def resolve_commit(spec: RepoSpec) -> str:
-    """The commit sha a branch, tag or sha names now (one request)."""
-    info = hub_call(str(spec), api().model_info, spec.repo_id, revision=spec.revision)
-    if not info.sha:
-        raise HubError(f"{spec}: the hub did not say which commit this revision is")
-    return str(info.sha)
+    """The commit sha a branch, tag or sha names now (one request, as ``HfApi.model_info`` makes it).
+
+    The answer is checked: a sha that is not 40 hex digits, or another sha than the one asked for, is refused (it
+    would be put into every URL and the journal).
+    """
+    from urllib.parse import quote
+
+    from .http import get_json
+
+    url = f"{endpoint()}/api/models/{spec.repo_id}"
+    if spec.revision:
+        url += f"/revision/{quote(spec.revision, safe='')}"
+    info, _ = get_json(url, str(spec))
+    sha = info.get("sha") if isinstance(info, dict) else None
+    if not isinstance(sha, str) or not SHA_RE.fullmatch(sha):
+        raise HubError(f"{spec}: the hub did not say which commit this revision is (its answer has "
+                       f"{'no' if sha is None else 'a malformed'} commit sha); check HF_ENDPOINT")
+    if spec.revision and SHA_RE.fullmatch(spec.revision) and sha != spec.revision:
+        raise HubError(f"{spec}: asked for commit {spec.revision}, the hub answered with commit {sha}; refusing a "
+                       "hub that changes a pinned commit: check HF_ENDPOINT")
+    return sha
 
 
-def list_files(spec: RepoSpec, commit: str) -> list[RemoteFile]:
-    """Every file at ``commit`` with its size and sha256 (LFS) or git oid (others)."""
-    from huggingface_hub.hf_api import RepoFile
+MAX_ENTRIES = 1_000_000  # files and folders in one listing; the largest model repos hold some 10^4
+MAX_PAGES = 10_000
+NAME_MAX = 255 - len(".part")  # a file is downloaded as NAME.part beside its final name
+PATH_MAX = 1024
 
-    out = []
-    for e in hub_call(str(spec), lambda: list(api().list_repo_tree(spec.repo_id, revision=commit, recursive=True))):
-        if isinstance(e, RepoFile):
-            check_repo_path(e.path, str(spec))
-            out.append(RemoteFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None,
-                                  None if e.lfs else e.blob_id))
-    return out
+
+@dataclass
+class Listing:
+    """A repo's files at one commit: the ones a pull can stage (``files``) and the ones it cannot (``unusable``:
+    path -> why), which are fine to skip unless the conversion needs them (see :func:`check_needed`)."""
+
+    files: list[RemoteFile]
+    unusable: dict[str, str]
+
+    def __iter__(self):  # noqa: ANN204  (a listing reads as its files)
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_files(spec: RepoSpec, commit: str) -> Listing:
+    """Every file at ``commit`` with its size and sha256 (LFS) or git oid (others), checked as it is read.
+
+    A listing that cannot come from a git tree (a path with ``..``, ``.`` or empty parts, absolute, with a NUL; the
+    same path twice; a path both a file and a folder; pagination that loops) is refused whole: the hub, or something
+    between, is lying. A path git allows but that cannot be staged here (a backslash or control character, a part
+    over NAME_MAX bytes, not UTF-8) and an entry with a field of the wrong type are ``unusable``: skipped, and an
+    error only if the conversion needs that file.
+    """
+    from urllib.parse import quote
+
+    from .http import get_json, same_origin
+
+    where = f"{spec.repo_id}@{commit[:12]}"
+    url: str | None = f"{endpoint()}/api/models/{spec.repo_id}/tree/{quote(commit, safe='')}"
+    params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+    seen_urls: set[str] = set()
+    files: list[RemoteFile] = []
+    unusable: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    pages = 0
+    while url is not None:
+        seen_urls.add(url)
+        page, headers = get_json(url, f"{where}: listing", params=params)
+        params = None  # a next link carries its own query
+        pages += 1
+        if not isinstance(page, list):
+            raise HubError(f"{where}: the hub's file listing is not a list; check HF_ENDPOINT")
+        for e in page:
+            _read_entry(e, where, files, unusable, kinds)
+        if len(kinds) > MAX_ENTRIES:
+            raise HubError(f"{where}: the hub lists more than {MAX_ENTRIES} entries; refusing (check HF_ENDPOINT)")
+        url = _next_link(headers)
+        if url is not None:
+            if not same_origin(url, endpoint()):
+                raise HubError(f"{where}: the listing's next page is on another host ({url[:80]}); refusing")
+            if url in seen_urls or pages >= MAX_PAGES:
+                raise HubError(f"{where}: the hub's listing pages loop; refusing (check HF_ENDPOINT)")
+    _check_tree(kinds, where)
+    return Listing(files, unusable)
+
+
+def _next_link(headers: Any) -> str | None:
+    """The ``rel="next"`` URL of a ``Link`` header (GitHub's pagination format, which the hub uses), or None."""
+    for part in (headers.get("Link") or "").split(","):
+        m = re.match(r'\s*<([^>]*)>\s*;(.*)$', part)
+        if m and re.search(r'(^|;)\s*rel="?next"?\s*(;|$)', m[2]):
+            return m[1]
+    return None
+
+
+def _read_entry(e: Any, where: str, files: list[RemoteFile], unusable: dict[str, str], kinds: dict[str, str]) -> None:
+    if not isinstance(e, dict) or not isinstance(e.get("path"), str) or e.get("type") not in ("file", "directory"):
+        raise HubError(f"{where}: the hub's file listing holds an entry that is not a file or folder "
+                       f"({str(e)[:60]!r}); check HF_ENDPOINT")
+    path = e["path"]
+    check_repo_path(path, where)
+    if path in kinds:
+        raise HubError(f"{where}: the hub lists {path!r} twice; its listing is not a repo tree, refusing")
+    kinds[path] = e["type"]
+    if e["type"] != "file":
+        return
+    why = unstageable(path)
+    size, oid, lfs = e.get("size"), e.get("oid"), e.get("lfs")
+    sha256 = None
+    if why is None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        why = f"its size is {str(size)[:40]!r}, not a byte count"
+    if why is None and lfs is not None:
+        sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
+        if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+            why = f"its LFS sha256 is {str(sha256)[:70]!r}, not 64 hex digits"
+        elif lfs.get("size", size) != size:
+            why = f"its LFS size {str(lfs.get('size'))[:40]!r} is not its size {size}"
+    if why is None and lfs is None and (not isinstance(oid, str) or not SHA_RE.fullmatch(oid)):
+        why = f"its git oid is {str(oid)[:50]!r}, not 40 hex digits: its bytes could not be checked"
+    if why is not None:
+        unusable[path] = why
+        files.append(RemoteFile(path, size if isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                                else 0, None, None))
+        return
+    files.append(RemoteFile(path, size, sha256, None if lfs is not None else oid))
+
+
+def _check_tree(kinds: dict[str, str], where: str) -> None:
+    for path, kind in kinds.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if kinds.get("/".join(parts[:i])) == "file":
+                raise HubError(f"{where}: the hub lists {'/'.join(parts[:i])!r} as a file and as the folder of "
+                               f"{path!r}; its listing is not a repo tree, refusing")
 
 
 def check_repo_path(path: str, where: str) -> None:
     """Refuse a listed path that would land outside the staging folder (the listing comes from the network)."""
     parts = path.split("/")
-    if not path or path.startswith("/") or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
-        raise HubError(f"{where}: the hub lists a file named {path!r}, which is not a safe relative path; refusing")
+    if not path or path.startswith("/") or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise HubError(f"{where}: the hub lists a file named {path[:200]!r}, which is not a safe relative path; "
+                       "refusing (a git tree cannot hold it: check HF_ENDPOINT)")
+
+
+def unstageable(path: str) -> str | None:
+    """Why a path git allows cannot be staged here as a file of its own name, or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "its name holds a control character"
+    if "\\" in path:
+        return "its name holds a backslash (a folder separator on Windows)"
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if len(raw) > PATH_MAX or any(len(p.encode()) > NAME_MAX for p in path.split("/")):
+        return f"its name is longer than a file system allows ({len(raw)} bytes)"
+    return None
+
+
+def check_needed(files: Iterable[RemoteFile], unusable: dict[str, str], where: str) -> None:
+    """Refuse a conversion that needs a file which cannot be staged safely: unusable, or colliding with another
+    needed file on a case-insensitive file system, or with another's download name (NAME.part)."""
+    fs = list(files)
+    for f in fs:
+        if f.path in unusable:
+            raise HubError(f"{where}: the conversion needs {f.path[:200]!r}, but {unusable[f.path]}; refusing. If "
+                           "the repo really holds it, download it by hand and extract the local copy")
+        if not (f.sha256 or f.git_oid):
+            raise HubError(f"{where}: the hub lists no hash for {f.path!r}, so its bytes could not be checked; "
+                           "refusing: check HF_ENDPOINT")
+    folded: dict[str, str] = {}
+    names = {f.path for f in fs}
+    for f in fs:
+        key = f.path.casefold()
+        if key in folded:
+            raise HubError(f"{where}: the conversion needs {folded[key]!r} and {f.path!r}, which differ only in case "
+                           "and would overwrite each other on a case-insensitive file system; refusing")
+        folded[key] = f.path
+        if f.path + ".part" in names:
+            raise HubError(f"{where}: the conversion needs {f.path!r} and {f.path + '.part'!r}; the second is the "
+                           "first one's download name: refusing")
 
 
 # -- what a conversion needs ------------------------------------------------------------------------------

@@ -16,7 +16,11 @@ mertools does (read from the library's own source, ``hf_api.py``, ``file_downloa
 - ``POST /api/validate-yaml``
 
 Fault injection (:meth:`HubServer.fault`): cut the connection after N body bytes, corrupt a byte, answer 5xx N
-times, or send slowly. Counters: body bytes served per (repo, path), requests, LFS uploads per oid.
+times, or send slowly; and a hub that lies or attacks (each kind documented on :class:`Fault`): answers that never
+come (``hang``), redirects (``redirect``), raw or edited JSON (``body``, ``json``), a Range ignored (``norange``),
+a Content-Length that lies (``declare``), bytes past the body (``extra``, ``nolength``), a wrong ETag (``etag``), an
+LFS pointer for the file (``pointer``), the branch's bytes for a pinned commit (``ignore_rev``), and a callback on a
+request (``hook``). Counters: body bytes served per (repo, path), requests, request headers, LFS uploads per oid.
 
 >>> with HubServer() as hub:                                      # doctest: +SKIP
 ...     sha = hub.add_revision("org/model", {"model.gguf": Path("fixtures/real/mixtral-q4_0.gguf")})
@@ -102,12 +106,21 @@ class Blob:
 class Fault:
     """An injected failure on matching requests. ``times`` None: every time."""
 
-    kind: str  # "cut" | "corrupt" | "error" | "slow"
+    kind: str
     pattern: str  # fnmatch over the request path, e.g. "*/resolve/*/model-00002*"
     times: int | None = 1
-    after: int = 0  # cut: body bytes sent before the connection is closed; corrupt: offset of the flipped byte
-    status: int = 503
-    delay: float = 0.0  # slow: seconds per chunk
+    # cut: body bytes sent before the connection is closed; corrupt: offset of the flipped byte;
+    # declare: added to the true Content-Length (negative: less; the body sent is the shorter of the two, then the
+    # connection closes); extra / nolength: junk bytes written after the body (nolength: no Content-Length, the body
+    # ends when the connection closes)
+    after: int = 0
+    status: int = 503  # error: the status; redirect: 301/302/307/308
+    delay: float = 0.0  # slow: seconds per chunk; hang: longest wait before the connection is closed unanswered
+    headers: dict[str, str] = field(default_factory=dict)  # error, redirect: extra response headers
+    body: bytes = b""  # body: the raw bytes answered (200, application/json) instead of the real answer
+    location: str = ""  # redirect: Location ("{url}" is the server's base URL, "{path}" the request's path)
+    edit: Any = None  # json: edit(value) -> value, applied to a JSON answer; hook: call(handler) before handling
+    value: str = ""  # etag: the ETag sent
     fired: int = 0
 
 
@@ -136,6 +149,8 @@ class HubServer:
         # called as on_chunk((repo, path), first byte of the chunk) before each chunk of a download is sent, from the
         # server's thread: lets a test watch the client's disk at every step of a transfer, without timing
         self.on_chunk: Any = None
+        self.seen_headers: list[tuple[str, dict[str, str]]] = []  # (path, request headers) of every request
+        self._stopping = threading.Event()  # releases "hang" faults when the server stops
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ---------------------------------------------------------------------------------------
@@ -198,10 +213,11 @@ class HubServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -219,6 +235,11 @@ class HubServer:
         self.stop()
 
     # -- used by the handler ---------------------------------------------------------------------------
+    def active(self, path: str, kind: str) -> list[Fault]:
+        """Faults of ``kind`` matching ``path`` that apply to every request (no ``times`` budget used)."""
+        with self.lock:
+            return [f for f in self.faults if f.kind == kind and fnmatch.fnmatch(path, f.pattern)]
+
     def take_fault(self, path: str, kinds: tuple[str, ...]) -> Fault | None:
         with self.lock:
             for f in self.faults:
@@ -273,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.server_hub.requests.append((self.command, self.path, status))
 
     def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        if status == 200 and (f := self.server_hub.take_fault(unquote(urlsplit(self.path).path), ("json",))):
+            obj = f.edit(obj) if f.edit is not None else obj
+            headers = {**(headers or {}), **f.headers}
         self._send(status, json.dumps(obj).encode(), headers)
 
     def _error(self, status: int, code: str, msg: str) -> None:
@@ -282,10 +306,25 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server_hub
         url = urlsplit(self.path)
         path = unquote(url.path)
-        f = hub.take_fault(path, ("error",))
+        with hub.lock:
+            hub.seen_headers.append((path, dict(self.headers.items())))
+        if (f := hub.take_fault(path, ("hook",))) is not None:
+            f.edit(self)
+        f = hub.take_fault(path, ("error", "hang", "redirect", "body"))
         if f is not None:
             self._body()
-            self._send(f.status, b'{"error": "injected"}')
+            if f.kind == "hang":  # accept the request, never answer: only a client timeout gets out
+                hub._stopping.wait(f.delay or 60)
+                self.close_connection = True
+                return
+            if f.kind == "redirect":
+                loc = f.location.replace("{url}", hub.url).replace("{path}", self.path)
+                self._send(f.status if 300 <= f.status < 400 else 302, b"", {"Location": loc, **f.headers})
+                return
+            if f.kind == "body":
+                self._send(200, f.body)
+                return
+            self._send(f.status, b'{"error": "injected"}', f.headers)
             return
         try:
             if m := _RESOLVE.match(path):
@@ -377,12 +416,18 @@ class _Handler(BaseHTTPRequestHandler):
         if r is None:
             return self._not_found(repo_id, rev)
         sha, blobs = r
+        upath = unquote(urlsplit(self.path).path)
+        if hub.active(upath, "ignore_rev"):  # a hub that serves the branch's head whatever commit was asked for
+            sha, blobs = hub.resolve(repo_id, "main")  # type: ignore[misc]
         b = blobs.get(path)
         if b is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist at {rev}")
+        if hub.active(upath, "pointer"):  # the LFS pointer where the file's bytes belong
+            ptr = f"version https://git-lfs.github.com/spec/v1\noid sha256:{b.sha256}\nsize {b.size}\n".encode()
+            b = Blob(len(ptr), hashlib.sha256(ptr).hexdigest(), git_blob_sha1(ptr), False, None, ptr)
         start, end = 0, b.size - 1
         status = 200
-        rng = self.headers.get("Range")
+        rng = None if hub.active(upath, "norange") else self.headers.get("Range")
         if rng and (m := re.match(r"bytes=(\d*)-(\d*)$", rng.strip())):
             if m[1] == "":
                 start = max(0, b.size - int(m[2]))
@@ -394,14 +439,24 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{b.size}"})
             status = 206
         n = end - start + 1
+        declare = hub.take_fault(upath, ("declare",))
+        extra = hub.take_fault(upath, ("extra", "nolength"))
+        etag = hub.take_fault(upath, ("etag",))
         self.send_response(status)
         headers = {
             "Content-Type": "application/octet-stream",
-            "Content-Length": str(n),
+            "Content-Length": str(n + (declare.after if declare else 0)),
             "Accept-Ranges": "bytes",
             "X-Repo-Commit": sha,
-            "ETag": f'"{b.etag}"',
+            "ETag": f'"{etag.value if etag else b.etag}"',
         }
+        if declare is not None:
+            n = min(n, n + declare.after)
+            self.close_connection = True
+        if extra is not None and extra.kind == "nolength":
+            del headers["Content-Length"]
+            headers["Connection"] = "close"
+            self.close_connection = True
         if b.lfs:
             headers.update({"X-Linked-Etag": f'"{b.sha256}"', "X-Linked-Size": str(b.size)})
         if status == 206:
@@ -422,6 +477,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._sent = 0
         try:
             self._stream(b, key, start, n, cut, corrupt, slow)
+            if extra is not None:
+                self.wfile.write(b"\xee" * extra.after)
+                self.wfile.flush()
         finally:
             with hub.lock:
                 hub.transfers.append((key, start, self._sent))

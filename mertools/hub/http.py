@@ -9,8 +9,8 @@ raises KeyError/TypeError on a field of the wrong type. The session (proxies, ce
 and the headers (token, user agent) are still huggingface_hub's.
 
 Settings, read at call time: ``MERTOOLS_HUB_TIMEOUT`` (seconds without a byte before a request is given up, default
-30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x; a ``Retry-After`` up to that
-cap is honoured, a longer one ends the pull at once with the wait in the message).
+30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x). A ``Retry-After`` of up to
+60 s is honoured; a longer one ends the pull at once with the wait in the message.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .remote import HubError
 
 RETRIES = 6  # attempts in a row that bring nothing new before giving up
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER = 60.0  # seconds of Retry-After honoured; a longer wait ends the pull with the wait in the message
 MAX_JSON = 64 << 20  # one API answer; a page of a tree listing is about 1 MB
 
 
@@ -50,11 +51,11 @@ def timeout() -> float:
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
-    """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1 failed in a row)."""
-    cap = retry_wait() * 16
-    wait = min(retry_wait() * 2 ** max(0, attempt - 1), cap)
+    """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1 failed in a row): our backoff, or the
+    hub's ``Retry-After`` where that is longer (:func:`check_retry_after` has refused one over MAX_RETRY_AFTER)."""
+    wait = min(retry_wait() * 2 ** max(0, attempt - 1), retry_wait() * 16)
     if retry_after is not None:
-        wait = max(wait, min(retry_after, cap))
+        wait = max(wait, min(retry_after, MAX_RETRY_AFTER))
     return wait
 
 
@@ -65,9 +66,9 @@ def retry_after(headers: Any) -> float | None:
 
 
 def check_retry_after(what: str, status: int, headers: Any) -> None:
-    """A hub asking to wait longer than our longest backoff: say so now instead of sleeping for it."""
+    """A hub asking to wait longer than MAX_RETRY_AFTER: say so now instead of sleeping for it."""
     ra = retry_after(headers)
-    if ra is not None and ra > retry_wait() * 16:
+    if ra is not None and ra > MAX_RETRY_AFTER:
         raise HubError(f"{what}: the hub answered HTTP {status} and asks to wait {int(ra)} s before trying again "
                        "(rate limited or busy); run the pull again after that: what was downloaded is kept")
 
@@ -137,6 +138,9 @@ def get_json(url: str, what: str, *, params: dict[str, str] | None = None) -> tu
             return decode_json(body, what), headers
         fails += 1
         if fails >= RETRIES:
+            if problem.startswith("HTTP"):
+                raise HubError(f"{what}: the hub answered {problem} {RETRIES} times in a row; try again later "
+                               "(HF_HUB_OFFLINE=1 uses the local cache)")
             raise HubError(f"{what}: cannot reach {endpoint()}: {RETRIES} attempts failed ({problem}); check the "
                            "network or try again later (HF_HUB_OFFLINE=1 uses the local cache)")
         time.sleep(backoff(fails, retry_after(headers) if headers is not None else None))

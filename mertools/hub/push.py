@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import MertoolsError
 from ..units import human_bytes
 from .download import CHUNK, git_blob_sha1_file
-from .remote import RepoSpec, api, hub_call
+from .remote import RepoSpec, api, hub_call, list_files
 
 CARD_NAME = "README.md"
 
@@ -32,7 +32,6 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
     >>> push("out/", "me/mixtral-8x7b-mer-shards", private=True)   # doctest: +SKIP
     """
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.hf_api import RepoFile
 
     from ..verify import verify
 
@@ -55,10 +54,8 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
     hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
     if rev != "main":
         hub_call(spec.repo_id, h.create_branch, spec.repo_id, branch=rev, exist_ok=True)
-    remote: dict[str, tuple[str | None, str | None]] = {}
-    for e in hub_call(spec.repo_id, lambda: list(h.list_repo_tree(spec.repo_id, revision=rev, recursive=True))):
-        if isinstance(e, RepoFile):
-            remote[e.path] = (e.lfs.sha256 if e.lfs else None, e.blob_id)
+    # the listing is read as pull reads it (bounded, validated): a malformed entry only means that file is sent again
+    remote = {f.path: (f.sha256, f.git_oid) for f in list_files(RepoSpec(spec.repo_id, rev), rev)}
 
     card = model_card(m.raw, folder).encode()
     ops, skipped, sent = [], 0, 0

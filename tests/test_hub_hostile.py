@@ -1,0 +1,483 @@
+"""`mertools pull` against a hub that lies or attacks: real HTTP on loopback (tests/hubserver.py's fault kinds).
+
+For every case: one MerError subclass whose one-line message names the repo (and the file where there is one) and
+what to do; nothing written outside OUT and its staging folder; nothing left that looks complete (OUT absent, and
+every file in the staging folder without ``.part`` verified against the true bytes); and once the server behaves,
+a pull into the same OUT succeeds and is byte-identical to a local extract of the same file.
+
+Decisions these tests pin (README, "From and to the Hugging Face Hub"):
+- a listing that no git tree can produce (``..``/``.``/empty parts, absolute, NUL, the same path twice, a path
+  that is both a file and a folder, pagination that loops) is refused whole, needed file or not;
+- a name git allows but that cannot be staged here (backslash, control character, a part over 250 bytes) and an
+  entry with a field of the wrong type are skipped when the conversion does not need them, refused when it does;
+- ETag and X-Linked-Etag are not trusted: the listing's sha256 (or git oid) is checked against the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import GEN, run_cli
+from hubserver import HubServer
+from test_hub_pull import one_line_error, same_shards
+
+MODEL = GEN / "moe-merged-q4_0.gguf"  # 155 KB: every case downloads it once or twice
+OTHER = GEN / "moe-merged-q8_0.gguf"
+SPLIT = sorted(GEN.glob("moe-split-q4_0-*.gguf"))
+REPO = "org/m"
+
+
+@pytest.fixture
+def live(hub, env, monkeypatch):
+    """The hub's environment in this process too (in-process pulls), with a short timeout for silent servers."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "0.5")
+    return hub
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "root" / "deep" / "out"
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and "hf-home" not in p.parts}
+
+
+def pull_fails(out: Path, *want: str, repo: str = REPO, **kw):
+    """In-process pull that must fail with one MerError line naming the repo and each of ``want``."""
+    from mer_runtime.errors import MerError
+
+    from mertools.hub import pull
+
+    with pytest.raises(MerError) as ei:
+        pull(repo, out, **kw)
+    msg = str(ei.value)
+    assert "\n" not in msg and repo in msg, msg
+    for w in want:
+        assert w in msg, (w, msg)
+    return ei.value
+
+
+def nothing_looks_complete(tmp_path: Path, out: Path, truth: dict[str, bytes]) -> None:
+    """OUT absent; everything written lies in OUT's staging folder; a staged file without .part is the true bytes."""
+    stage = out.parent / f".{out.name}.mertools-pull"
+    assert not out.exists()
+    for p in files_under(tmp_path):
+        assert p.is_relative_to(stage), p
+    files = stage / "files"
+    for p in files.rglob("*") if files.is_dir() else []:
+        if p.is_file() and not p.name.endswith(".part"):
+            assert p.read_bytes() == truth[p.relative_to(files).as_posix()], p
+
+
+def pull_ok(out: Path, src: Path, extracted, **kw) -> None:
+    from mertools.hub import pull
+
+    pull(REPO, out, **kw)
+    same_shards(out, extracted(src))
+
+
+def cli(env: dict, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """The real command, bounded: a client that never gives up fails the test instead of hanging it."""
+    return subprocess.run([sys.executable, "-m", "mertools.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout)
+
+
+def add_model(hub: HubServer, **extra) -> str:
+    return hub.add_revision(REPO, {MODEL.name: MODEL, **extra})
+
+
+def tree_adds(*entries: dict):
+    """A json-fault edit that appends entries to a tree listing."""
+    def edit(v):
+        return v + list(entries) if isinstance(v, list) else v
+    return edit
+
+
+def tree_sets(path: str, **fields):
+    """A json-fault edit that changes fields of one tree entry."""
+    def edit(v):
+        if isinstance(v, list):
+            for e in v:
+                if e.get("path") == path:
+                    e.update(fields)
+        return v
+    return edit
+
+
+def entry(path: str, size: int = 10, **kw) -> dict:
+    return {"type": "file", "path": path, "size": size, "oid": "1" * 40, **kw}
+
+
+TREE = f"/api/models/{REPO}/tree/*"
+RESOLVE = f"/{REPO}/resolve/*"
+
+
+# -- names ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../escape.safetensors", "a/../../b.gguf", "/etc/evil.gguf", "x\0y.gguf",
+                                  "./m.gguf", "a//b.gguf", "", "dir/", ".."])
+def test_a_listing_no_git_tree_can_hold_is_refused_whole(live, out, tmp_path, extracted, name):
+    add_model(live)
+    live.fault("json", TREE, times=None, edit=tree_adds(entry(name)))
+    pull_fails(out, "not a safe relative path")
+    nothing_looks_complete(tmp_path, out, {})
+    assert live.served(REPO, MODEL.name) == 0
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+@pytest.mark.parametrize("extra", [
+    [entry(MODEL.name)],  # the same path twice
+    [entry("model-dir"), entry("model-dir/x.txt")],  # a file that is also a folder
+    [{"type": "directory", "path": MODEL.name}],  # the model is also listed as a folder
+], ids=["twice", "file-and-folder", "model-also-folder"])
+def test_a_listing_that_is_not_a_tree_is_refused(live, out, tmp_path, extracted, extra):
+    add_model(live)
+    live.fault("json", TREE, times=None, edit=tree_adds(*extra))
+    pull_fails(out, "not a repo tree")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_names_git_allows_but_we_cannot_stage_are_skipped_when_not_needed(live, out, tmp_path, extracted):
+    odd = {"notes\nevil.md": b"x", "docs\\win.md": b"y", "l" * 300 + ".md": b"z", "README.md": b"a",
+           "readme.MD": b"b", "sub/README.md": b"c"}
+    add_model(live, **odd)
+    pull_ok(out, MODEL, extracted)
+    assert all(live.served(REPO, n) == 0 for n in odd)
+    assert {p.name for p in files_under(tmp_path)} <= {p.name for p in files_under(out)}
+
+
+@pytest.mark.parametrize("name", ["m\\odel.gguf", "mo\ndel.gguf", "m" * 251 + ".gguf", "m\x7f.gguf"])
+def test_a_needed_file_with_a_name_we_cannot_stage_is_refused(live, out, tmp_path, name):
+    live.add_revision(REPO, {name: MODEL})
+    err = pull_fails(out, "conversion needs", "refusing")
+    assert repr(name)[1:40] in str(err)
+    nothing_looks_complete(tmp_path, out, {})
+    assert live.served(REPO, name) == 0
+
+
+def st_repo(hub: HubServer, shards: list[str]) -> None:
+    index = {"metadata": {}, "weight_map": {f"t{i}": s for i, s in enumerate(shards)}}
+    hub.add_revision(REPO, {"config.json": b'{"model_type": "mixtral"}', "model.safetensors.index.json":
+                            json.dumps(index).encode(), **{s: b"\0" * 64 for s in shards}})
+
+
+@pytest.mark.parametrize("shards,why", [
+    (["model-1.safetensors", "Model-1.safetensors"], "differ only in case"),
+    (["a.safetensors", "a.safetensors.part"], "download name"),
+])
+def test_needed_files_that_would_overwrite_each_other_are_refused(live, out, tmp_path, shards, why):
+    st_repo(live, shards)
+    pull_fails(out, why)
+    assert not out.exists() and all(live.served(REPO, s) == 0 for s in shards)
+
+
+# -- sizes and bytes that lie ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("delta", [-1000, 1000])
+def test_a_content_length_that_contradicts_the_listing_is_refused_then_resumed(live, out, tmp_path, extracted, delta):
+    add_model(live)
+    live.fault("declare", RESOLVE, times=None, after=delta)
+    err = pull_fails(out, MODEL.name, "listing says")
+    assert type(err).__name__ == "IntegrityError"
+    assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 1  # no retry of a hub contradicting itself
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_bytes_past_the_declared_body_poison_only_their_connection(live, out, extracted):
+    live.add_revision(REPO, {p.name: p for p in SPLIT})
+    live.fault("extra", RESOLVE, times=2, after=5000)  # junk where the next answer on the connection would start
+    pull_ok(out, SPLIT[0], extracted)
+
+
+def test_a_body_longer_than_the_listing_is_refused(live, out, tmp_path, extracted):
+    add_model(live)
+    live.fault("nolength", RESOLVE, times=None, after=4096)
+    pull_fails(out, MODEL.name, "more than")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_a_hub_that_ignores_range_and_cuts_every_answer_is_given_up_on(hub, env, out, tmp_path, extracted):
+    # each answer starts again at byte 0 and stops at the same byte: attempts bring nothing new (the old client
+    # counted every byte as progress and retried for ever)
+    add_model(hub)
+    hub.chunk = 4096
+    hub.fault("norange", RESOLVE, times=None)
+    hub.fault("cut", RESOLVE, times=None, after=50_000)
+    err = one_line_error(cli(env, "pull", REPO, out, "-q"))
+    assert "gave up after 6 attempts" in err and MODEL.name in err and REPO in err and "run the pull again" in err
+    nothing_looks_complete(tmp_path, out, {})
+    hub.clear_faults()
+    run_cli("pull", REPO, out, "-q", env=env, check=True)
+    same_shards(out, extracted(MODEL))
+
+
+def test_a_kept_prefix_from_a_bad_hub_does_not_poison_the_resumed_pull(live, out, tmp_path, extracted):
+    add_model(live)
+    live.chunk = 4096
+    live.fault("corrupt", RESOLVE, times=None, after=1000)
+    live.fault("norange", RESOLVE, times=None)
+    live.fault("cut", RESOLVE, times=None, after=50_000)
+    pull_fails(out, "gave up")
+    part = out.parent / f".{out.name}.mertools-pull" / "files" / f"{MODEL.name}.part"
+    assert part.stat().st_size == 50_000 and part.read_bytes() != MODEL.read_bytes()[:50_000]
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)  # resumed from the bad prefix, found the hash wrong, fetched afresh once
+    starts = live.range_starts[(REPO, MODEL.name)]
+    assert starts[-2:] == [50_000, 0]
+
+
+def test_a_huge_listed_size_is_refused_before_a_byte_is_written(live, out, tmp_path, extracted):
+    add_model(live)
+    huge = 1 << 60
+    live.fault("json", TREE, times=None, edit=tree_sets(MODEL.name, size=huge, lfs={
+        "oid": hashlib.sha256(MODEL.read_bytes()).hexdigest(), "size": huge, "pointerSize": 134}))
+    err = pull_fails(out, MODEL.name, "free")
+    assert type(err).__name__ == "OutputError"
+    assert live.served(REPO, MODEL.name) == 0
+    assert not [p for p in files_under(tmp_path) if "files" in p.parts]  # the journal and lock only
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_a_listed_sha256_the_bytes_do_not_have_is_refused(live, out, tmp_path, extracted):
+    add_model(live)
+    live.fault("json", TREE, times=None, edit=tree_sets(MODEL.name, lfs={
+        "oid": "0" * 64, "size": MODEL.stat().st_size, "pointerSize": 134}))
+    pull_fails(out, MODEL.name, "0" * 64, "nothing was converted")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_an_etag_that_lies_is_not_trusted_the_bytes_are_checked(live, out, extracted):
+    add_model(live)
+    live.fault("etag", RESOLVE, times=None, value="f" * 64)
+    pull_ok(out, MODEL, extracted)
+
+
+def test_an_lfs_pointer_served_for_the_file_is_named_as_such(live, out, tmp_path, extracted):
+    add_model(live)
+    live.fault("pointer", RESOLVE, times=None)
+    pull_fails(out, MODEL.name, "Git LFS pointer")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+# -- protocol -------------------------------------------------------------------------------------------------
+def test_429_and_5xx_with_a_short_retry_after_are_retried(live, out, extracted):
+    add_model(live)
+    live.fault("error", RESOLVE, times=2, status=429, headers={"Retry-After": "0"})
+    live.fault("error", TREE, times=2, status=502, headers={"Retry-After": "1"})
+    live.fault("error", f"/api/models/{REPO}", times=1, status=500)
+    pull_ok(out, MODEL, extracted)
+    assert [s for _m, _p, s in live.requests if s >= 400] == [500, 502, 502, 429, 429]
+
+
+@pytest.mark.parametrize("where", [TREE, RESOLVE])
+def test_a_retry_after_longer_than_our_longest_wait_ends_the_pull_at_once(hub, env, out, tmp_path, extracted, where):
+    # huggingface_hub's pagination sleeps Retry-After + 1 s whatever it says: the old listing waited an hour here
+    add_model(hub)
+    hub.fault("error", where, times=None, status=429, headers={"Retry-After": "3600"})
+    err = one_line_error(cli(env, "pull", REPO, out, "-q", timeout=60))
+    assert "3600 s" in err and REPO in err and "again" in err
+    assert sum(1 for _m, _p, s in hub.requests if s == 429) == 1
+    nothing_looks_complete(tmp_path, out, {})
+    hub.clear_faults()
+    run_cli("pull", REPO, out, "-q", env=env, check=True)
+    same_shards(out, extracted(MODEL))
+
+
+@pytest.mark.parametrize("where", [TREE, RESOLVE])
+def test_endless_5xx_is_bounded_and_names_what_to_do(live, out, tmp_path, extracted, where):
+    add_model(live)
+    live.fault("error", where, times=None, status=500)
+    pull_fails(out, "6", "again")
+    assert sum(1 for _m, _p, s in live.requests if s == 500) == 6
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+def test_a_redirect_loop_is_one_error_not_retried(live, out, tmp_path, extracted):
+    add_model(live)
+    live.fault("redirect", RESOLVE, times=None, location="{path}")
+    pull_fails(out, MODEL.name, "redirects loop")
+    assert sum(1 for _m, p, s in live.requests if s == 302) <= 25
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://x/"])
+def test_a_redirect_to_another_scheme_is_refused(live, out, tmp_path, location):
+    add_model(live)
+    live.fault("redirect", RESOLVE, times=None, location=location)
+    pull_fails(out, MODEL.name, "not http(s)")
+    nothing_looks_complete(tmp_path, out, {})
+
+
+def test_a_redirect_to_another_host_is_followed_without_the_token(live, out, extracted):
+    # the hub sends LFS downloads to a CDN on another host: followed, bytes checked, the token not sent there
+    add_model(live)
+    with HubServer() as cdn:
+        cdn.add_revision(REPO, {MODEL.name: MODEL})
+        live.fault("redirect", RESOLVE, times=None, status=302, location=cdn.url + "{path}")
+        pull_ok(out, MODEL, extracted)
+        assert cdn.served(REPO, MODEL.name) == MODEL.stat().st_size
+        assert cdn.seen_headers and not any("authorization" in {k.lower() for k in h} for _p, h in cdn.seen_headers)
+    assert any("authorization" in {k.lower() for k in h} for _p, h in live.seen_headers)
+
+
+def test_a_hub_that_never_answers_times_out(hub, env, out, tmp_path, extracted):
+    # huggingface_hub's client has no timeout: the old repo-info call waited for ever here
+    add_model(hub)
+    hub.fault("hang", f"/api/models/{REPO}", times=None, delay=30)
+    slow = {**env, "MERTOOLS_HUB_TIMEOUT": "0.3"}
+    err = one_line_error(cli(slow, "pull", REPO, out, "-q", timeout=60))
+    assert "Timeout" in err and REPO in err and "try again" in err
+    nothing_looks_complete(tmp_path, out, {})
+    hub.clear_faults()
+    hub.fault("hang", RESOLVE, times=2, delay=30)  # a download that stalls twice: retried, then fine
+    run_cli("pull", REPO, out, "-q", env=slow, check=True)
+    same_shards(out, extracted(MODEL))
+
+
+def test_a_bad_timeout_setting_is_one_clear_error(live, out, monkeypatch):
+    add_model(live)
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", bad)
+        from mertools.hub.remote import HubError
+
+        with pytest.raises(HubError, match="MERTOOLS_HUB_TIMEOUT"):
+            from mertools.hub import pull
+
+            pull(REPO, out)
+
+
+NESTED = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("where,body", [
+    (f"/api/models/{REPO}", b"<html>hub is down</html>"),
+    (f"/api/models/{REPO}", b"[1, 2, 3]"),
+    (f"/api/models/{REPO}", NESTED),
+    (f"/api/models/{REPO}", b'{"sha": 12345}'),
+    (f"/api/models/{REPO}", b'{"sha": "../../../etc"}'),
+    (f"/api/models/{REPO}", b'{"sha": null, "siblings": "x"}'),
+    (TREE, b"not json"),
+    (TREE, b'{"files": []}'),
+    (TREE, NESTED),
+    (TREE, b'[1, "x", null]'),
+    (TREE, b'[{"type": "file", "path": 7}]'),
+    (TREE, b'[{"path": "a.gguf", "size": 3}]'),
+], ids=["info-html", "info-list", "info-deep", "info-sha-int", "info-sha-path", "info-null", "tree-text",
+        "tree-object", "tree-deep", "tree-scalars", "tree-path-int", "tree-no-type"])
+def test_json_that_is_not_what_a_hub_sends_is_one_clear_error(live, out, tmp_path, extracted, where, body):
+    add_model(live)
+    live.fault("body", where, times=None, body=body)
+    pull_fails(out, "HF_ENDPOINT")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    pull_ok(out, MODEL, extracted)
+
+
+@pytest.mark.parametrize("fields,why", [
+    ({"size": "big"}, "size"), ({"size": -5}, "size"), ({"size": True}, "size"), ({"size": None}, "size"),
+    ({"lfs": "x"}, "LFS sha256"), ({"lfs": {"oid": "zz", "size": 1}}, "LFS sha256"), ({"lfs": [1]}, "LFS sha256"),
+    ({"lfs": {"oid": "a" * 64, "size": 3}}, "LFS size"), ({"lfs": None, "oid": 5}, "git oid"),
+    ({"lfs": None, "oid": None}, "git oid"),
+])
+def test_wrong_field_types_skip_an_unneeded_file_and_refuse_a_needed_one(live, out, tmp_path, extracted, fields,
+                                                                         why):
+    add_model(live, **{"notes.md": b"hello\n"})
+    live.fault("json", TREE, times=None, edit=tree_sets(MODEL.name, **fields))
+    pull_fails(out, MODEL.name, why, "conversion needs")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    live.fault("json", TREE, times=None, edit=tree_sets("notes.md", **fields))
+    pull_ok(out, MODEL, extracted)
+
+
+@pytest.mark.parametrize("link,why", [
+    ('<{url}/api/models/org/m/tree/{sha}?recursive=true&expand=false>; rel="next"', "loop"),
+    ('<http://127.0.0.2:9/x>; rel="next"', "another host"),
+])
+def test_listing_pages_that_loop_or_leave_the_hub_are_refused(live, out, tmp_path, link, why):
+    sha = add_model(live)
+    # empty pages, so that only the links themselves can stop the client
+    live.fault("json", TREE, times=None, edit=lambda v: [],
+               headers={"Link": link.replace("{url}", live.url).replace("{sha}", sha)})
+    pull_fails(out, why)
+    nothing_looks_complete(tmp_path, out, {})
+
+
+def test_a_listing_split_over_pages_is_read_whole(live, out, extracted):
+    sha = add_model(live)
+    page2 = f"{live.url}/api/models/{REPO}/tree/{sha}?page=2"
+    live.fault("json", TREE, times=1, edit=lambda v: [], headers={"Link": f'<{page2}>; rel="next"'})
+    pull_ok(out, MODEL, extracted)
+
+
+# -- the revision moves ---------------------------------------------------------------------------------------
+def test_a_branch_moved_between_listing_and_download_still_pulls_the_listed_commit(live, out, extracted):
+    old = add_model(live)
+
+    def move(_handler):
+        live.add_revision(REPO, {MODEL.name: OTHER})  # main now names other bytes under the same path
+
+    live.fault("hook", TREE, times=1, edit=move)
+    from mertools.hub import pull
+
+    r = pull(REPO, out)
+    assert r.commit == old
+    same_shards(out, extracted(MODEL))
+    assert not any("/resolve/main/" in p for _m, p, _s in live.requests)
+    assert all(f"/resolve/{old}/" in p for _m, p, _s in live.requests if "/resolve/" in p)
+
+
+def test_a_hub_serving_the_branch_head_for_a_pinned_commit_is_caught(live, out, tmp_path, extracted):
+    add_model(live)
+    live.add_revision(REPO, {MODEL.name: OTHER}, branch="next")
+    old_main = live.repos[REPO].refs["main"]
+    live.fault("hook", TREE, times=1, edit=lambda h: live.repos[REPO].refs.update(main=live.repos[REPO].refs["next"]))
+    live.fault("ignore_rev", RESOLVE, times=None)
+    pull_fails(out, MODEL.name, "nothing was converted")
+    nothing_looks_complete(tmp_path, out, {})
+    live.clear_faults()
+    live.repos[REPO].refs["main"] = old_main
+    pull_ok(out, MODEL, extracted)
+
+
+def test_a_hub_that_answers_another_commit_for_a_pinned_sha_is_refused(live, out):
+    add_model(live)
+    asked = "ab" * 20
+    live.fault("body", f"/api/models/{REPO}/revision/*", times=None,
+               body=json.dumps({"sha": live.repos[REPO].refs["main"]}).encode())
+    pull_fails(out, asked, "pinned", revision=asked)
+
+
+def test_push_reads_a_malformed_remote_listing_as_one_error(live, tmp_path, extracted):
+    from mer_runtime.errors import MerError
+
+    from mertools.hub.push import push
+
+    live.add_revision("me/shards", {})
+    live.fault("body", "/api/models/me/shards/tree/*", times=None, body=b"<html>")
+    with pytest.raises(MerError, match="not valid JSON"):
+        push(extracted(MODEL), "me/shards")

@@ -283,6 +283,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               ctype: str = "application/json") -> None:
+        # recorded before the answer leaves: a client that has its answer finds the request counted
+        self.server_hub.requests.append((self.command, self.path, status))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -291,7 +293,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server_hub.requests.append((self.command, self.path, status))
 
     def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         if status == 200 and (f := self.server_hub.take_fault(unquote(urlsplit(self.path).path), ("json",))):
@@ -461,10 +462,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{b.sha256}"', "X-Linked-Size": str(b.size)})
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{b.size}"
+        hub.requests.append((self.command, self.path, status))
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        hub.requests.append((self.command, self.path, status))
         if self.command == "HEAD":
             return
         key = (repo_id, path)

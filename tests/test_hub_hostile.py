@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -479,3 +480,22 @@ def test_push_reads_a_malformed_remote_listing_as_one_error(live, tmp_path, extr
     live.fault("body", "/api/models/me/shards/tree/*", times=None, body=b"<html>")
     with pytest.raises(MerError, match="not valid JSON"):
         push(extracted(MODEL), "me/shards")
+
+
+def test_a_range_read_the_hub_answers_with_the_whole_file_reads_only_what_it_asked(live):
+    # planning a SafeTensors pull and `inspect hf://` read headers by range requests; the old reader took a 200's
+    # whole body into memory (a 100 GB shard from a hub that ignores Range)
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import RepoSpec
+
+    data = os.urandom(8 << 20)
+    sha = live.add_revision(REPO, {"big.bin": data})
+    live.chunk = 64 << 10
+    live.fault("norange", RESOLVE, times=None)
+    live.fault("slow", RESOLVE, times=None, delay=0.005)
+    assert read_range(RepoSpec(REPO), sha, "big.bin", 100, 107) == data[100:108]
+    deadline = time.monotonic() + 30
+    while not live.transfers and time.monotonic() < deadline:  # the server notices the closed connection
+        time.sleep(0.01)
+    (key, first, sent), = live.transfers
+    assert key == (REPO, "big.bin") and first == 0 and sent < len(data) // 2

@@ -21,9 +21,9 @@ from urllib.parse import quote
 
 from ..commit import fsync_dir
 from ..errors import OutputError
-from .http import (  # noqa: F401  (RETRIES, RETRY_STATUS and retry_wait were defined here first)
+from .http import (
     RETRIES, RETRY_STATUS, backoff, check_retry_after, is_transport_error, permanent_transport_error, retry_after,
-    retry_wait, timeout,
+    timeout,
 )
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 

@@ -142,7 +142,7 @@ def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         # huggingface_hub parses answers with r.json() and Model(**fields): a hub that sends something else
         # surfaces here (JSONDecodeError, "argument after ** must be a mapping", a missing key)
-        raise HubError(f"{what}: the hub's answer is not what a hub sends ({type(exc).__name__}: "
+        raise HubError(f"{what}: huggingface_hub could not read the hub's answer ({type(exc).__name__}: "
                        f"{_first_line(exc)[:120]}); check HF_ENDPOINT") from None
     except Exception as exc:
         if is_transport_error(exc):

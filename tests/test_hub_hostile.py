@@ -499,3 +499,11 @@ def test_a_range_read_the_hub_answers_with_the_whole_file_reads_only_what_it_ask
         time.sleep(0.01)
     (key, first, sent), = live.transfers
     assert key == (REPO, "big.bin") and first == 0 and sent < len(data) // 2
+
+
+def test_inspect_of_a_file_listed_at_an_impossible_size_is_one_error(live, env):
+    add_model(live)
+    live.fault("json", TREE, times=None, edit=tree_sets(MODEL.name, size=1 << 62, lfs={
+        "oid": hashlib.sha256(MODEL.read_bytes()).hexdigest(), "size": 1 << 62, "pointerSize": 134}))
+    err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
+    assert MODEL.name in err and REPO in err and "HF_ENDPOINT" in err

@@ -44,7 +44,7 @@ def _gguf_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) 
         data = read_range(spec, commit, f.path, 0, n - 1)
         with open(dest, "wb") as fh:
             fh.write(data)
-            fh.truncate(f.size)  # sparse: the tensor data is never fetched
+            _sparse_size(fh, f, spec)  # sparse: the tensor data is never fetched
         try:
             r = gguf.GGUFReader(dest)
             if r.data_offset <= n or n >= f.size:
@@ -147,8 +147,18 @@ def _safetensors_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder:
         raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: the SafeTensors header is not a JSON object")
     with open(folder / f.path, "wb") as fh:
         fh.write(data[:8 + n])
-        fh.truncate(f.size)
+        _sparse_size(fh, f, spec)
     return header
+
+
+def _sparse_size(fh: Any, f: RemoteFile, spec: RepoSpec) -> None:
+    """Give the header-only file its listed size without writing it (a hole); a size no file system can hold is
+    the hub's lie, not a local problem."""
+    try:
+        fh.truncate(f.size)
+    except (OSError, OverflowError):
+        raise HubError(f"{spec.repo_id}: {f.path}: the hub lists it at {f.size} bytes, more than a file can hold "
+                       "here; its listing is damaged: check HF_ENDPOINT") from None
 
 
 def _plan_from_headers(folder: Path) -> dict[str, Any] | None:

@@ -507,3 +507,10 @@ def test_inspect_of_a_file_listed_at_an_impossible_size_is_one_error(live, env):
         "oid": hashlib.sha256(MODEL.read_bytes()).hexdigest(), "size": 1 << 62, "pointerSize": 134}))
     err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
     assert MODEL.name in err and REPO in err and "HF_ENDPOINT" in err
+
+
+def test_repo_info_fields_the_pull_does_not_read_may_be_anything(live, out, extracted):
+    sha = add_model(live)
+    live.fault("body", f"/api/models/{REPO}", times=None,
+               body=json.dumps({"sha": sha, "siblings": 5, "private": "maybe", "id": [None]}).encode())
+    pull_ok(out, MODEL, extracted)

@@ -440,3 +440,44 @@ def test_a_close_that_reports_an_error_neither_hangs_nor_escapes(files, monkeypa
         monkeypatch.undo()
         loader.close()
         pool.close()
+
+
+def test_a_ring_the_kernel_refuses_is_our_error(monkeypatch):
+    """UringLoader made directly used to let io_uring_setup's refusal escape as a raw UringError."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    import ctypes
+
+    real = uring._syscall
+
+    def refusing(nr, *a):
+        if nr == uring.SYS_IO_URING_SETUP:
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+        return real(nr, *a)
+
+    monkeypatch.setattr(uring, "_syscall", refusing)
+    pool = BufferPool(SMALL, 2)
+    try:
+        with pytest.raises(ShardIOError, match="io_uring is not available here.*Cannot allocate memory.*--io auto") \
+                as raised:
+            UringLoader(pool)
+        assert not isinstance(raised.value, uring.UringError)
+    finally:
+        pool.close()
+
+
+def test_worker_threads_that_cannot_start_are_our_error_and_leave_none_behind(files, monkeypatch):
+    """A pread loader whose second worker could not start used to raise the stdlib's raw RuntimeError."""
+    from mer_runtime.loader import PreadLoader
+
+    fired = fail_once(monkeypatch, threading.Thread, "start", RuntimeError("can't start new thread"),
+                      when=lambda th: th.name == "mer-pread-1")
+    pool = BufferPool(SMALL, 2)
+    try:
+        with pytest.raises(ShardIOError, match=r"pread: could not start reader thread 2 of 3.*fewer --threads"):
+            PreadLoader(pool, threads=3)
+        assert fired
+        assert not [t for t in threading.enumerate() if t.name.startswith("mer-pread-")]  # the first was joined
+    finally:
+        pool.close()

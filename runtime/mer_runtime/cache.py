@@ -432,10 +432,12 @@ class ExpertCache:
             try:
                 reads = [(*self.locate(k), slot) for k, slot in todo]
                 tickets = self.loader.start_many(reads, urgent=True)
-            except MerError:  # e.g. a file that cannot be opened: the acquire that needs it reports it
+            except BaseException as exc:  # nothing was started: every slot taken goes back, whatever the error
                 self.free.extend(slot for _, slot in todo)
                 self._cv.notify_all()
-                return 0
+                if isinstance(exc, MerError):  # e.g. a file that cannot be opened: the acquire that needs it says so
+                    return 0
+                raise
             now = time.perf_counter()
             for (key, slot), t in zip(todo, tickets):
                 self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it

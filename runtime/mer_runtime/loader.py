@@ -346,8 +346,12 @@ class PreadLoader(Loader):
                 w = threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
                 w.start()
                 self._workers.append(w)
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close()  # the workers already started are joined
+            if isinstance(exc, RuntimeError):  # "can't start new thread": the process is out of threads
+                raise ShardIOError(errno.EAGAIN, f"{self.name}: could not start reader thread {i + 1} of "
+                                                 f"{max(1, self.threads)} ({exc}); use fewer --threads, or "
+                                                 "--io io_uring, which needs none") from exc
             raise
 
     def _kick(self) -> None:
@@ -439,7 +443,12 @@ class UringLoader(Loader):
     def __init__(self, pool: BufferPool, **kw):
         super().__init__(pool, **kw)
         entries = 1 << max(1, (self.queue_depth - 1).bit_length())
-        self.ring = uring.Ring(entries)
+        try:
+            self.ring = uring.Ring(entries)
+        except OSError as exc:  # our error, with the reason probe() gives (seccomp, sysctl, old kernel, memlock)
+            why = uring.probe() or f"io_uring_setup failed ({exc.strerror or exc})"
+            raise ShardIOError(exc.errno or errno.EIO, f"--io io_uring is not available here: {why}; use --io auto "
+                                                       "(it falls back by itself) or --io pread") from exc
         self.fixed = True
         try:
             self.ring.register_buffers(pool.regions())

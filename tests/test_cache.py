@@ -248,3 +248,27 @@ def test_fetch_starts_a_steps_experts_together_ahead_of_guesses(folder, tmp_path
         assert pool.view(slot, e.size).tobytes() == folder.path_of(e).read_bytes()
     assert (cache.stats.misses, cache.stats.hits) == (3, 1)  # fetched loads count once, as misses
     assert cache.fetch([(0, 1), (0, 2)]) == 0
+
+
+def test_a_fetch_that_fails_for_a_reason_of_its_own_gives_its_slots_back(folder):
+    """fetch() gave back the slots it had taken only for a MerError: anything else (here a size the slots cannot
+    hold, a ValueError from the loader) lost them for good."""
+    m = folder
+    pool = BufferPool(m.max_expert_size, 3)
+    loader = open_loader("auto", pool)
+
+    def locate(key):
+        e = m.expert(*key)
+        return str(m.path_of(e)), (e.size if key[1] != 2 else pool.slot_size + 4096)
+
+    cache = ExpertCache(pool, loader, locate)
+    try:
+        with pytest.raises(ValueError, match="does not fit slot size"):
+            cache.fetch([(0, 1), (0, 2)])
+        assert len(cache.free) == 3 and not cache.entries
+        for e in (0, 1, 3):
+            cache.acquire((0, e))
+            cache.release((0, e))
+    finally:
+        loader.close()
+        pool.close()

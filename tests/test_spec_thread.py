@@ -12,6 +12,7 @@ asserted.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import threading
 import time
@@ -294,6 +295,9 @@ def test_a_failed_wait_quarantines_the_slot_until_its_read_lands(tight, files, m
     cache, loader, pool, other = tight
     big, _ = files
     cache.pin([(1, 0)])  # one slot pinned: the next miss can only get the failed read's slot
+    # 1 MiB chunks: the read is still with the kernel when the cache looks (4 KiB ones could all land in between,
+    # and the slot is then rightly free at once: that is not the case under test)
+    loader.block_size = 1 << 20
     fail_once(monkeypatch, loader.ring, "wait_cqe",
               uring.UringError(errno.ENOMEM, "io_uring_enter: Cannot allocate memory"))
     with pytest.raises(OSError) as raised:
@@ -305,7 +309,8 @@ def test_a_failed_wait_quarantines_the_slot_until_its_read_lands(tight, files, m
     assert not any(it[0] is t for it in loader._queue)  # nothing more is issued into a slot nobody will use
     assert isinstance(raised.value, ShardIOError)
     assert re.search(f"{big}: waiting for the read failed.*Cannot allocate.*--io pread", str(raised.value))
-    assert cache.in_flight() == 1
+    n = cache.in_flight()  # polls: the read may land now, and its slot then comes back
+    assert n == (0 if t.done else 1) and len(cache._draining) == n
     got = cache.acquire((2, 0))  # waits for the quarantined read, then reuses its slot
     assert got == slot and t.done and t.error is raised.value and slot not in chunks_by_slot(loader)
     assert pool.view(got, SMALL).tobytes() == other.read_bytes()
@@ -333,4 +338,150 @@ def test_a_promoted_guess_s_chunks_are_no_longer_speculative(files):
         assert pool.view(0, SIZE).tobytes() == big.read_bytes()
     finally:
         loader.close()
+        pool.close()
+
+
+def test_the_thread_s_error_is_not_swallowed_by_an_eviction(streaming, files, monkeypatch):
+    """An eviction of a finished guess used to wait() for it and count any error as the guess's failure: the
+    background thread's once-only error was taken there and never seen. Now it reaches the next call that waits
+    for a read, exactly once, naming the file it was reading, and the read it came with is kept."""
+    cache, loader, pool = streaming
+    big, small = files
+    for e in (0, 1):  # two of the three slots hold used experts
+        cache.acquire((1, e))
+        cache.release((1, e))
+    fail_once(monkeypatch, loader.ring, "wait_cqe",
+              uring.UringError(errno.ENOMEM, "io_uring_enter: Cannot allocate memory"), when=in_spec_thread)
+    assert cache.prefetch((9, 0), due=3)
+    t = cache.entries[(9, 0)].ticket
+    th = loader._background
+    until(lambda: not th.is_alive(), "the thread ends on the kernel's error")
+    until(lambda: loader.ready(t), "the guess is read from calls into the loader")
+    assert cache.cancel_stale(keep=set(), now=3) == 0 and cache.stats.prefetch_stale == 1  # complete, demoted
+    reported: list[str] = []
+
+    def call(fn, *a):
+        try:
+            return fn(*a)
+        except ShardIOError as exc:
+            reported.append(str(exc))
+
+    call(cache.acquire, (1, 2))  # no free slot: the stale guess is evicted, then (1, 2) is read
+    assert (9, 0) not in cache.entries and cache.stats.prefetch_failed == 0  # the guess did not fail
+    assert len(reported) == 1
+    assert re.search(f"{big}: the background speculation thread failed.*Cannot allocate memory.*not at fault.*"
+                     "retry.*--io pread", reported[0])
+    slot = cache.acquire((1, 2))  # kept, checked now, a plain hit
+    assert pool.view(slot, SMALL).tobytes() == small.read_bytes()
+    cache.release((1, 2))
+    for e in (0, 1, 2):
+        call(cache.acquire, (1, e))
+        cache.release((1, e))
+    call(cache.close)
+    call(loader.close)
+    assert len(reported) == 1  # exactly once
+
+
+def test_a_close_whose_wait_fails_raises_our_error_and_still_releases_everything(files, monkeypatch):
+    """close() used to let the kernel's refusal of its wait escape as a raw UringError. Now: a ShardIOError
+    naming the file and what to do, the ring and every fd closed all the same, the read still with the kernel
+    never reported ready (its slot may still be written), its waiters told at once, and a second close() a
+    no-op."""
+    big, small = files
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    try:
+        t = loader.start(str(big), SIZE, 0)
+        assert t.in_flight == 8 and t.fd >= 0
+        fail_once(monkeypatch, loader.ring, "wait_cqe",
+                  uring.UringError(errno.ENOMEM, "io_uring_enter: Cannot allocate memory"))
+        with pytest.raises(ShardIOError) as raised:
+            loader.close()
+        assert not isinstance(raised.value, uring.UringError)
+        assert re.search(f"{big}: closing the io_uring loader failed.*8 read.*Cannot allocate memory.*close the "
+                         "buffer pool.*--io pread", str(raised.value))
+        assert loader.ring.fd < 0 and t.fd < 0
+        assert set(os.listdir("/proc/self/fd")) == fds  # the ring's fd and the file's: nothing leaked
+        loader.close()  # a no-op: nothing raised twice, nothing closed twice
+        assert not loader.ready(t)  # never reported ready: the kernel may still write its slot
+        with pytest.raises(ShardIOError, match="closing the io_uring loader failed"):
+            loader.wait(t)  # at once, not a wait on a closed ring
+    finally:
+        loader.close()
+        pool.close()
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "pread"])
+def test_a_close_that_reports_an_error_neither_hangs_nor_escapes(files, monkeypatch, backend):
+    """close(2) releases the fd even when it reports EIO; a ticket's fd closed that way used to raise out of a
+    pread worker half-way through finishing the ticket (the worker died and its waiters slept for ever) or out of
+    io_uring's wait as a raw OSError."""
+    big, small = files
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=2)
+    real, fired = os.close, []
+
+    def closing(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real(fd)
+        if not fired and target == str(small):
+            fired.append(threading.current_thread().name)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "close", closing)
+    try:
+        t = loader.start(str(small), SMALL, 1)
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(loader.wait(t) or "ok"), daemon=True)
+        waiter.start()
+        waiter.join(30)  # a liveness bound
+        assert fired and got == ["ok"], "the wait hung or raised"
+        assert t.fd < 0 and pool.view(1, SMALL).tobytes() == small.read_bytes()
+        loader.read(str(small), SMALL, 0)  # the loader still works (a pread worker did not die)
+        assert pool.view(0, SMALL).tobytes() == small.read_bytes()
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()
+
+
+def test_a_ring_the_kernel_refuses_is_our_error(monkeypatch):
+    """UringLoader made directly used to let io_uring_setup's refusal escape as a raw UringError."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    import ctypes
+
+    real = uring._syscall
+
+    def refusing(nr, *a):
+        if nr == uring.SYS_IO_URING_SETUP:
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+        return real(nr, *a)
+
+    monkeypatch.setattr(uring, "_syscall", refusing)
+    pool = BufferPool(SMALL, 2)
+    try:
+        with pytest.raises(ShardIOError, match="io_uring is not available here.*Cannot allocate memory.*--io auto") \
+                as raised:
+            UringLoader(pool)
+        assert not isinstance(raised.value, uring.UringError)
+    finally:
+        pool.close()
+
+
+def test_worker_threads_that_cannot_start_are_our_error_and_leave_none_behind(files, monkeypatch):
+    """A pread loader whose second worker could not start used to raise the stdlib's raw RuntimeError."""
+    from mer_runtime.loader import PreadLoader
+
+    fired = fail_once(monkeypatch, threading.Thread, "start", RuntimeError("can't start new thread"),
+                      when=lambda th: th.name == "mer-pread-1")
+    pool = BufferPool(SMALL, 2)
+    try:
+        with pytest.raises(ShardIOError, match=r"pread: could not start reader thread 2 of 3.*fewer --threads"):
+            PreadLoader(pool, threads=3)
+        assert fired
+        assert not [t for t in threading.enumerate() if t.name.startswith("mer-pread-")]  # the first was joined
+    finally:
         pool.close()

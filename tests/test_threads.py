@@ -239,3 +239,165 @@ def test_ffn_from_8_threads_many_rounds(extracted, backend):
         for _ in range(40):
             hammer(work)
         assert not bad, bad[:5]
+
+
+def _random_experts(rng, n, d_model, d_ff, dtype="F32"):
+    np_t = {"F32": np.float32, "F16": np.float16}[dtype]
+    shapes = {"gate": (d_ff, d_model), "up": (d_ff, d_model), "down": (d_model, d_ff)}
+    return [{r: (dtype, s, (rng.standard_normal(s) * 0.05).astype(np_t).view(np.uint8).reshape(-1))
+             for r, s in shapes.items()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_the_kernel_pool_entered_from_several_threads_at_once_gives_the_same_bytes(dtype):
+    """The C kernels' one persistent pthread pool, entered by several Python threads at once (ctypes releases the
+    GIL): a caller that finds it busy runs its job alone. Matrices above the size that goes to the pool; every
+    result byte-exact against the same call made alone, single- and multi-row, k = 1 and 2."""
+    from mer_runtime.kernels import moe
+
+    rng = np.random.default_rng(11)
+    d_model, d_ff = 512, 1024  # 2 MiB (F32) a projection: well above the pool's threshold
+    experts = _random_experts(rng, 3, d_model, d_ff, dtype)
+    act = {"kind": "swiglu"}
+    jobs = []
+    for i in range(N_THREADS):
+        x = rng.standard_normal((d_model,) if i % 2 else (3, d_model)).astype(np.float32)
+        ks = [i % 3] if i % 4 == 0 else [i % 3, (i + 1) % 3]
+        w = rng.random(len(ks)).astype(np.float32)
+        jobs.append(([experts[k] for k in ks], w, x))
+    alone = [moe(e, w, x, act).tobytes() for e, w, x in jobs]
+    bad: list[int] = []
+
+    def work(i):
+        e, w, x = jobs[i]
+        for _ in range(15):
+            if moe(e, w, x, act).tobytes() != alone[i]:
+                bad.append(i)
+
+    hammer(work)
+    assert not bad, f"results differ from the same call made alone: jobs {sorted(set(bad))}"
+
+
+@pytest.mark.parametrize("slots", [3, 8])
+def test_moe_from_8_threads_is_byte_exact_against_one_thread(extracted, slots):
+    """ShardSet.moe hammered from 8 threads on one ShardSet (a cache too small for everyone's k experts at once
+    with 3 slots: steps are split between calls into C) gives the bytes a single thread gets."""
+    x, layers, y = reference("mixtral-q4_0")
+    out = extracted(REAL / "mixtral-q4_0.gguf")
+    n_exp = y.shape[1]
+    rng = np.random.default_rng(3)
+    steps = []
+    for _ in range(24):
+        ks = [int(v) for v in rng.choice(n_exp, size=2, replace=False)]
+        steps.append((layers[int(rng.integers(len(layers)))], ks, rng.random(2).astype(np.float32)))
+    xb = np.stack([x, -x, 0.5 * x]).astype(np.float32)
+    with open_shards(out, cache_slots=16, checksums="always") as s:
+        alone = [(s.moe(layer, ks, w, x).tobytes(), s.moe(layer, ks, w, xb).tobytes()) for layer, ks, w in steps]
+    with open_shards(out, cache_slots=slots, block_size=16384, queue_depth=3, checksums="always") as s:
+        bad: list[tuple] = []
+
+        def work(i):
+            for j in range(len(steps)):
+                layer, ks, w = steps[(i * 5 + j) % len(steps)]
+                got = (s.moe(layer, ks, w, x).tobytes(), s.moe(layer, ks, w, xb).tobytes())
+                if got != alone[(i * 5 + j) % len(steps)]:
+                    bad.append((i, j))
+
+        hammer(work)
+        assert not bad, bad[:5]
+        assert all(not e.holders for e in s.cache.entries.values())
+        assert len(s.cache.entries) + len(s.cache.free) == slots
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_close_racing_with_loads_either_finishes_a_call_or_refuses_it(extracted, backend):
+    """close() from one thread while 6 others call ffn/moe/prefetch/load in a loop: each call returns the right
+    result or is refused with the shard set's CacheError; nothing else is raised, nothing hangs, and every fd the
+    shard set opened is closed afterwards."""
+    import os
+
+    x, layers, y = reference("mixtral-q4_0")
+    out = extracted(REAL / "mixtral-q4_0.gguf")
+    fds = set(os.listdir("/proc/self/fd"))
+    s = open_shards(out, io=backend, cache_slots=3, block_size=16384, queue_depth=3, threads=2)
+    n_exp = y.shape[1]
+    wrong: list[tuple] = []
+    refused = [0] * N_THREADS
+    started = threading.Barrier(N_THREADS)
+
+    def work(i):
+        rng = np.random.default_rng(i)
+        if i == 0:
+            started.wait()
+            for _ in range(3):  # let the others get going (not a timing assertion)
+                s.ffn(layers[0], 0, x)
+            s.close()
+            return
+        started.wait()
+        while True:
+            li = int(rng.integers(len(layers)))
+            e = int(rng.integers(n_exp))
+            try:
+                if i % 3 == 0:
+                    s.prefetch(layers[li], (e + 1) % n_exp)
+                    got = s.moe(layers[li], [e], [1.0], x)
+                elif i % 3 == 1:
+                    with s.load(layers[li], e) as ex:
+                        got = s.compute(ex, x)
+                else:
+                    got = s.ffn(layers[li], e, x)
+            except CacheError as exc:
+                assert "closed" in str(exc), exc
+                refused[i] += 1
+                return
+            if rel_err(got, y[li, e]) > 1e-4:
+                wrong.append((i, li, e))
+
+    hammer(work)
+    assert not wrong, wrong[:5]
+    assert all(refused[1:])
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
+def test_the_prefetcher_is_single_threaded_and_refuses_a_second_thread_loudly():
+    """MarkovPrefetcher and CostModel are one per stream of tokens by design: a call made while another thread is
+    inside one of their methods raises ConcurrentUseError (it used to interleave and corrupt the tables silently).
+    The other thread is held inside predict_token_ahead by its own `cached` argument, a set that blocks when read:
+    no timing involved."""
+    from mer_runtime.errors import ConcurrentUseError
+    from mer_runtime.prefetch import CostModel, MarkovPrefetcher
+
+    pf = MarkovPrefetcher([0, 1], 8)
+    for _ in range(6):
+        pf.observe(0, [1, 2])
+        pf.observe(1, [3, 4])
+    inside, go = threading.Event(), threading.Event()
+
+    class Blocking(set):
+        def __iter__(self):
+            inside.set()
+            go.wait(60)
+            return super().__iter__()
+
+    got: list = []
+    th = threading.Thread(target=lambda: got.append(pf.predict_token_ahead(0, Blocking({5}))), daemon=True)
+    th.start()
+    assert inside.wait(60)
+    before = (pf.clock, pf.same.copy())
+    with pytest.raises(ConcurrentUseError, match=r"MarkovPrefetcher\.observe\(\) called while another thread.*"
+                                                 "single-threaded.*its own"):
+        pf.observe(0, [1, 2])
+    with pytest.raises(ConcurrentUseError):
+        pf.prob_next(1, 3)
+    assert pf.clock == before[0] and (pf.same == before[1]).all()  # refused before touching anything
+    go.set()
+    th.join(60)
+    assert got and [e for e, _ in got[0]] == [1, 2]
+    pf.observe(0, [1, 2])  # once the other thread is out, any thread may use it (handing over is fine)
+    t2 = threading.Thread(target=pf.observe, args=(1, [3, 4]))
+    t2.start()
+    t2.join()
+    assert pf.clock == before[0] + 2
+    cm = CostModel()
+    cm.observe(0.01, 1)  # guarded the same way (its methods take no callback to hold a thread inside one)
+    assert isinstance(ConcurrentUseError("x"), MerError)

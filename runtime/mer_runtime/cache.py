@@ -198,9 +198,10 @@ class ExpertCache:
 
     def _evict(self, v: Entry) -> int:
         if v.ticket is not None:  # an unused prefetch whose read is complete: nothing to check, the fd is gone
-            try:
-                self.loader.wait(v.ticket)
-            except Exception:
+            # settle, not wait: wait() would also hand over the loader's own pending error (its background thread's
+            # failure), meant for the user and lost here; it stays for the next wait that reports to a caller
+            self.loader.settle(v.ticket)
+            if v.ticket.error is not None:
                 self.stats.prefetch_failed += 1
         del self.entries[v.key]
         self.stats.evictions += 1
@@ -266,11 +267,12 @@ class ExpertCache:
             t, slot = self._draining.pop(0)
             t0 = time.perf_counter()
             try:
-                self.loader.wait(t)
-            except Exception:  # ECANCELED, as withdrawn; or the wait itself failed, the read still under way
-                if not self.loader.ready(t):
-                    self._draining.insert(0, (t, slot))  # still quarantined: never hand out a slot being written
-                    raise
+                # its read's error (ECANCELED, as withdrawn) is nobody's business; the loader's own is left for the
+                # next wait that reports to a caller (settle does not take it)
+                self.loader.settle(t)
+            except Exception:  # the wait itself failed, the read still under way
+                self._draining.insert(0, (t, slot))  # still quarantined: never hand out a slot being written
+                raise
             finally:
                 self.stats.io_wait += time.perf_counter() - t0
             return slot
@@ -311,9 +313,14 @@ class ExpertCache:
             ticket = e.ticket
             self._cv.release()
             err: BaseException | None = None
+            own = False  # err is the loader's own (not this read's, not the check's)
             t0 = time.perf_counter()
             try:
-                self.loader.wait(ticket)
+                try:
+                    self.loader.wait(ticket)
+                except BaseException:
+                    own = ticket.done and ticket.error is None
+                    raise
                 if self.check:
                     self.check(e.key, e.slot)
             except BaseException as exc:
@@ -323,6 +330,12 @@ class ExpertCache:
                 self._cv.acquire()
             self.stats.io_wait += waited
             e.finishing = False
+            if own:
+                # the loader's own error (its background thread failed), not this read's: the bytes are fine and
+                # stay cached (the next acquire checks them); this caller is the one it is reported to, once
+                self._cv.notify_all()
+                self._drop_hold(e)
+                raise err
             if err is None:
                 e.ticket = None
                 if e.foreground:
@@ -419,10 +432,12 @@ class ExpertCache:
             try:
                 reads = [(*self.locate(k), slot) for k, slot in todo]
                 tickets = self.loader.start_many(reads, urgent=True)
-            except MerError:  # e.g. a file that cannot be opened: the acquire that needs it reports it
+            except BaseException as exc:  # nothing was started: every slot taken goes back, whatever the error
                 self.free.extend(slot for _, slot in todo)
                 self._cv.notify_all()
-                return 0
+                if isinstance(exc, MerError):  # e.g. a file that cannot be opened: the acquire that needs it says so
+                    return 0
+                raise
             now = time.perf_counter()
             for (key, slot), t in zip(todo, tickets):
                 self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it

@@ -19,3 +19,7 @@ class CacheError(MerError, ValueError):
 
 class NotRegularFileError(ShardIOError):
     """A FIFO, device, socket or folder where a shard file belongs: refused without blocking on it."""
+
+
+class ConcurrentUseError(MerError, RuntimeError):
+    """An object documented as single-threaded (one per stream of tokens) was called from two threads at once."""

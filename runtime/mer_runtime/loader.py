@@ -79,6 +79,17 @@ def _short(path: str, offset: int, size: int) -> ShardIOError:
                                    "truncated: run `mertools verify` and re-extract")
 
 
+def _close_fd(t: Ticket) -> None:
+    """Close a ticket's fd once. close(2) releases the descriptor even when it reports an error (EIO, EINTR), and a
+    read-only fd has nothing left to lose: raising here would escape from a worker or the reaper half-way through
+    handing out a completion (its waiters would never be woken), so the error is dropped."""
+    fd, t.fd = t.fd, -1
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _closed_error(path: str) -> ShardIOError:
     return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
 
@@ -193,7 +204,22 @@ class Loader:
 
     def wait(self, t: Ticket) -> None:
         """Block until the ticket is done; raise its error (ShardIOError naming the file) if it failed. Several
-        threads may wait for the same ticket."""
+        threads may wait for the same ticket. It also raises, once, an error of the loader's own that no wait has
+        reported yet (io_uring: what ended its background thread), after t is done and only if t's read did not
+        fail: `t.done and t.error is None` then tells the caller that t's bytes are fine all the same."""
+        self.settle(t)
+        if t.error is not None:
+            raise t.error
+
+    def settle(self, t: Ticket) -> None:
+        """Block until the ticket is done without raising its read's error (it stays in `t.error`) or the loader's
+        own (the next `wait` reports it): for a caller that only needs the slot quiet, e.g. a cache evicting a
+        finished guess, which would otherwise swallow an error meant for the user. Raises only if the waiting
+        itself failed (io_uring: the kernel refused the wait), t then not done: its slot may still be written.
+
+        >>> loader.settle(t); t.done, t.error     # doctest: +SKIP
+        (True, None)
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -293,8 +319,7 @@ class Loader:
     def _retire(self, t: Ticket) -> None:
         """The one place a ticket's fd is closed: once done and no chunk of it is with the kernel or a worker."""
         if t.fd >= 0 and t.done and t.in_flight == 0:
-            os.close(t.fd)
-            t.fd = -1
+            _close_fd(t)
 
     def _cancel_queued(self) -> None:
         for t in {id(it[0]): it[0] for it in self._queue}.values():
@@ -321,8 +346,12 @@ class PreadLoader(Loader):
                 w = threading.Thread(target=self._work, name=f"mer-{self.name}-{i}", daemon=True)
                 w.start()
                 self._workers.append(w)
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close()  # the workers already started are joined
+            if isinstance(exc, RuntimeError):  # "can't start new thread": the process is out of threads
+                raise ShardIOError(errno.EAGAIN, f"{self.name}: could not start reader thread {i + 1} of "
+                                                 f"{max(1, self.threads)} ({exc}); use fewer --threads, or "
+                                                 "--io io_uring, which needs none") from exc
             raise
 
     def _kick(self) -> None:
@@ -362,12 +391,10 @@ class PreadLoader(Loader):
                 raise _short(t.path, offset + done, t.size)
             done += n
 
-    def wait(self, t: Ticket) -> None:
+    def settle(self, t: Ticket) -> None:
         with self._cv:
             while not t.done:
                 self._cv.wait()
-        if t.error is not None:
-            raise t.error
 
     def close(self) -> None:
         """Cancel queued reads (their waiters get an error), let the workers finish the chunk in hand, join them."""
@@ -416,7 +443,12 @@ class UringLoader(Loader):
     def __init__(self, pool: BufferPool, **kw):
         super().__init__(pool, **kw)
         entries = 1 << max(1, (self.queue_depth - 1).bit_length())
-        self.ring = uring.Ring(entries)
+        try:
+            self.ring = uring.Ring(entries)
+        except OSError as exc:  # our error, with the reason probe() gives (seccomp, sysctl, old kernel, memlock)
+            why = uring.probe() or f"io_uring_setup failed ({exc.strerror or exc})"
+            raise ShardIOError(exc.errno or errno.EIO, f"--io io_uring is not available here: {why}; use --io auto "
+                                                       "(it falls back by itself) or --io pread") from exc
         self.fixed = True
         try:
             self.ring.register_buffers(pool.regions())
@@ -435,6 +467,7 @@ class UringLoader(Loader):
         # what ended the background thread, reported once by the next wait() (once its ticket is done) or close();
         # no new thread is started until then, so a failure that repeats does not start one thread per call
         self._background_error: BaseException | None = None
+        self._background_files: list[str] = []  # the files whose guesses it was reading when it failed
         # why the background thread could not be started (speculative chunks then go from calls into the loader)
         self.spec_background_refused: str | None = None
         # True: a thread of the loader's own reaps speculative chunks and issues the next ones while the caller
@@ -483,6 +516,8 @@ class UringLoader(Loader):
                     self._reap_once(min(len(self._spec), r.in_flight))
             except BaseException as exc:
                 self._background_error = exc
+                # the files it was reading for, named in the report (they are not at fault)
+                self._background_files = list(dict.fromkeys(self._chunks[c][0].path for c in self._spec))
             finally:
                 if self._background is threading.current_thread():
                     self._background = None
@@ -492,9 +527,13 @@ class UringLoader(Loader):
         """Under the lock: report (once) what ended the background thread."""
         exc, self._background_error = self._background_error, None
         if exc is not None:
+            files = self._background_files
+            where = (f"{files[0]}" + (f" and {len(files) - 1} other file(s)" if len(files) > 1 else "")
+                     if files else "io_uring")
             raise ShardIOError(getattr(exc, "errno", None) or errno.EIO,
-                               f"io_uring: the background speculation thread failed ({exc}); guesses were read "
-                               "from calls into the loader since; use --io pread if it recurs") from exc
+                               f"{where}: the background speculation thread failed while reading ahead ({exc}); the "
+                               "file is not at fault and no read was lost (guesses were read from calls into the "
+                               "loader since): retry, and use --io pread if it recurs") from exc
 
     def _pump(self, force: bool = False) -> None:
         r = self.ring
@@ -647,28 +686,39 @@ class UringLoader(Loader):
 
     def wait(self, t: Ticket) -> None:
         with self._cv:
-            while not t.done:
-                try:
-                    self._progress(t)
-                except uring.UringError as exc:
-                    # the wait itself failed (io_uring_enter refused): t's chunks are still with the kernel, and t
-                    # stays not done (ready() False) until a later wait, poll or close has seen them land: whoever
-                    # owns the slot must keep it until then (ExpertCache quarantines it). Its chunks not issued yet
-                    # are dropped, so the slot comes back once those already with the kernel land
-                    err = ShardIOError(exc.errno or errno.EIO,
-                                       f"{t.path}: waiting for the read failed ({exc.strerror}); the read is still "
-                                       "with the kernel and its buffer stays reserved until it lands: retry, and "
-                                       "use --io pread if it recurs")
-                    self._fail(t, err)
-                    raise err from exc
+            self._settle(t)
             if t.error is None:  # only once t is done: a caller that gets an error may reuse t's slot at once
                 self._raise_background_error()
         if t.error is not None:
             raise t.error
 
+    def settle(self, t: Ticket) -> None:
+        with self._cv:
+            self._settle(t)
+
+    def _settle(self, t: Ticket) -> None:
+        """Under the lock: make progress until t is done; raises only if the wait itself failed."""
+        while not t.done:
+            if self.ring.fd < 0:  # closed with t's chunks still with the kernel (close's own wait failed)
+                raise t.error or _closed_error(t.path)
+            try:
+                self._progress(t)
+            except uring.UringError as exc:
+                # the wait itself failed (io_uring_enter refused): t's chunks are still with the kernel, and t
+                # stays not done (ready() False) until a later wait, poll or close has seen them land: whoever
+                # owns the slot must keep it until then (ExpertCache quarantines it). Its chunks not issued yet
+                # are dropped, so the slot comes back once those already with the kernel land
+                err = ShardIOError(exc.errno or errno.EIO,
+                                   f"{t.path}: waiting for the read failed ({exc.strerror}); the read is still "
+                                   "with the kernel and its buffer stays reserved until it lands: retry, and "
+                                   "use --io pread if it recurs")
+                self._fail(t, err)
+                raise err from exc
+
     def close(self) -> None:
         """Cancel queued reads, wait for those with the kernel (their slots must not be written after this),
         close every fd and the ring. Idempotent."""
+        err: ShardIOError | None = None
         with self._cv:
             if self._closed:
                 while self.ring.fd >= 0:
@@ -679,18 +729,46 @@ class UringLoader(Loader):
             try:
                 while self._chunks:
                     self._progress()
+            except OSError as exc:  # the kernel refused the wait: what is still with it cannot be waited for
+                err = self._close_failed(exc)
             finally:
-                for t, _, _ in list(self._chunks.values()):
-                    if t.fd >= 0:  # only after an error from the kernel: the fds must go regardless
-                        os.close(t.fd)
-                        t.fd = -1
-                self.ring.close()
-                self._cv.notify_all()
+                self._abandon(err)
         bg = self._background
         if bg is not None and bg is not threading.current_thread():
-            bg.join()
+            bg.join()  # it ends once it sees the ring closed (it never sleeps in the kernel without being the reaper)
         with self._cv:
-            self._raise_background_error()
+            if err is None:
+                self._raise_background_error()
+        if err is not None:
+            raise err
+
+    def _close_failed(self, exc: OSError) -> ShardIOError:
+        """Under the lock: close() could not wait for the reads still with the kernel; the error it raises (once,
+        with the background thread's unreported error folded in: a second close() is a no-op)."""
+        paths = list(dict.fromkeys(t.path for t, _, _ in self._chunks.values()))
+        bg, self._background_error = self._background_error, None
+        also = f"; earlier, the background speculation thread had failed too ({bg})" if bg is not None else ""
+        first = paths[0] if paths else "io_uring"
+        more = f" and {len(paths) - 1} other file(s)" if len(paths) > 1 else ""
+        return ShardIOError(exc.errno or errno.EIO,
+                            f"{first}{more}: closing the io_uring loader failed while waiting for "
+                            f"{len(self._chunks)} read(s) still with the kernel ({exc.strerror or exc}); the ring and "
+                            "every file were closed regardless and the kernel finishes those reads on its own, so "
+                            "their buffers may still be written for a moment: close the buffer pool rather than "
+                            f"reuse it, and use --io pread if it recurs{also}")
+
+    def _abandon(self, err: ShardIOError | None) -> None:
+        """Under the lock, closing: give back every fd and the ring, even after an error. A ticket whose chunks are
+        still with the kernel (only after `err`) keeps done=False: its slot may still be written, so whoever owns it
+        keeps it reserved (`ready` stays False), and its waiters get `err` at once instead of a closed ring."""
+        for t, _, _ in self._chunks.values():
+            if err is not None or t.error is None:  # err says what matters now: the slot may still be written
+                t.error = err or _closed_error(t.path)
+            if t.fd >= 0:
+                _close_fd(t)
+        self._spec.clear()
+        self.ring.close()
+        self._cv.notify_all()
 
 
 def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:

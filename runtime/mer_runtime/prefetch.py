@@ -21,13 +21,55 @@ ranked, for the gate to judge.
 for the expert a speculative load would evict (see `CostModel.admit`).
 
 `CostModel` decides whether a predicted expert is worth a speculative read at all (see its docstring): a wasted
-read costs in full when the disk is the bottleneck, and a load that evicts a warmer expert loses a hit. Neither
-class is thread-safe: one of each per stream of tokens (smoke's driver).
+read costs in full when the disk is the bottleneck, and a load that evicts a warmer expert loses a hit.
+
+Threads: neither class is thread-safe, deliberately (their state is one stream's history, and a lock per call on
+smoke's per-step path would buy nothing): use one of each per stream of tokens (smoke's driver). They refuse
+misuse loudly: a call made while another thread is inside one of their methods raises `ConcurrentUseError`
+instead of corrupting the tables. Handing one to another thread between calls is fine.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from typing import Callable, TypeVar
+
 import numpy as np
+
+from .errors import ConcurrentUseError
+
+F = TypeVar("F", bound=Callable)
+
+
+def _one_thread(fn: F) -> F:
+    """Refuse a call while another thread is inside any guarded method of the same object (the same thread may
+    nest calls). Costs one non-blocking lock acquire a call: misuse is caught, never waited for.
+
+    >>> class C:
+    ...     _busy, _owner = threading.Lock(), None
+    ...     @_one_thread
+    ...     def f(self): return 1
+    >>> C().f()
+    1
+    """
+    @functools.wraps(fn)
+    def guarded(self, *a, **kw):
+        me = threading.get_ident()
+        if self._owner == me:
+            return fn(self, *a, **kw)
+        if not self._busy.acquire(False):
+            raise ConcurrentUseError(
+                f"{type(self).__name__}.{fn.__name__}() called while another thread is using the same "
+                f"{type(self).__name__}: it is single-threaded; give each stream of tokens (each thread) its own")
+        self._owner = me
+        try:
+            return fn(self, *a, **kw)
+        finally:
+            self._owner = None
+            self._busy.release()
+
+    return guarded  # type: ignore[return-value]
 
 
 class MarkovPrefetcher:
@@ -44,6 +86,7 @@ class MarkovPrefetcher:
     def __init__(self, layers: list[int], n_experts: int, *, threshold_scale: float = 2.0,
                  max_per_step: int | None = None, prior: float = 2.0, calibration_prior: float = 0.5,
                  calibration_weight: float = 4.0):
+        self._busy, self._owner = threading.Lock(), None  # see _one_thread
         self.layers = list(layers)
         self.n = n_experts
         self.threshold = min(1.0, threshold_scale / n_experts)
@@ -65,6 +108,7 @@ class MarkovPrefetcher:
         self.cal_prior, self.cal_weight = calibration_prior, calibration_weight
         self.predicted = self.came_true = 0.0  # summed raw p of scored candidates; how many were chosen
 
+    @_one_thread
     def observe(self, li: int, experts: list[int]) -> None:
         """Layer index li (position in `layers`) of the current token routed to `experts`."""
         self.clock += 1
@@ -124,6 +168,7 @@ class MarkovPrefetcher:
     def _raw(self, target: int) -> np.ndarray:
         return self._both(target)[0]
 
+    @_one_thread
     def prob_next(self, li: int, expert: int) -> float:
         """Probability that `expert` is chosen at layer index li's next step, scaled by max(1, calibration).
 
@@ -134,11 +179,13 @@ class MarkovPrefetcher:
         overpriced: the gate errs towards keeping it)."""
         return min(1.0, float(self._raw(li)[expert]) * max(1.0, self.calibration))
 
+    @_one_thread
     def predict(self, li: int) -> tuple[int, list[int]]:
         """After observing layer index li: (layer index to prefetch for, experts ranked by probability)."""
         target, scored = self.predict_scored(li)
         return target, [e for e, _ in scored]
 
+    @_one_thread
     def predict_scored(self, li: int, cached: set[int] | frozenset[int] = frozenset()
                        ) -> tuple[int, list[tuple[int, float]]]:
         """As predict(), with each expert's calibrated probability, taken one standard deviation below its estimate
@@ -157,6 +204,7 @@ class MarkovPrefetcher:
             return target, []
         return target, self._scored(target, cached)
 
+    @_one_thread
     def predict_token_ahead(self, li: int, cached: set[int] | frozenset[int] = frozenset()
                             ) -> list[tuple[int, float]]:
         """After observing layer index li of token t: the experts of layer index li at token t+1 (same-layer table),
@@ -277,6 +325,7 @@ class CostModel:
         expert_bytes: the size of a guess's read (for read_s); read_frac: read_s as a fraction of a miss, fixed.
         explore_frac: what guesses admitted only to measure a read's price may cost, as a share of the time observed
         (0: none, and the price of a read is never learned)."""
+        self._busy, self._owner = threading.Lock(), None  # see _one_thread
         self.alpha, self.warmup, self.unit_stall = alpha, warmup, unit_stall
         self.chunk_frac, self.expert_bytes, self.read_frac = chunk_frac, expert_bytes, read_frac
         self.compute_base = 0.0  # seconds an expert's compute takes with nothing landing meanwhile (EMA)
@@ -299,6 +348,7 @@ class CostModel:
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self.alpha * (new - old)
 
+    @_one_thread
     def observe(self, io_wait_s: float, misses: int) -> None:
         """One step's figures: the time blocked on reads and its foreground misses."""
         if self.unit_stall is not None:
@@ -310,6 +360,7 @@ class CostModel:
             self.stall_s = self._ema(self.stall_s, io_wait_s / misses, self.misses_seen == 0)
             self.misses_seen += misses
 
+    @_one_thread
     def observe_stale(self, read_frac: float, inflight_frac: float = 0.0, n: int = 1) -> None:
         """n wrong guesses were found stale having read (or reading) read_frac of an expert on average, of which
         inflight_frac was still with the disk (1.0, 0.0 for a guess whose read had completed)."""
@@ -321,6 +372,7 @@ class CostModel:
         if n and self.chunk_frac is None:  # idle-time guesses read whole: the window bounds only what is in the way
             self.window = min(self.max_window, self.window + 1) if inflight_frac <= 0 else max(1, self.window // 2)
 
+    @_one_thread
     def observe_used(self, landed_frac: float, n: int = 1) -> None:
         """n right guesses were first needed with, on average, this fraction of their read complete."""
         for _ in range(n):
@@ -331,6 +383,7 @@ class CostModel:
     def gain_s(self) -> float:
         return self.landed_frac * self.stall_s
 
+    @_one_thread
     def observe_compute(self, seconds: float, bytes_landed: int, speculating: bool) -> None:
         """One expert computed in `seconds` while `bytes_landed` bytes of reads (any) completed; `speculating`: a
         guess's read was under way meanwhile (see the class docstring for which computations price a read).
@@ -379,6 +432,7 @@ class CostModel:
             return self.stall_s
         return self.read_cost * self.expert_bytes
 
+    @_one_thread
     def observe_in_way(self, chunks: int, guesses: int) -> None:
         """Running totals, not increments (the loader's `spec_in_way` and the cache's `prefetch_issued`, read once a
         step): foreground reads have found `chunks` speculative chunks with the disk while `guesses` guesses were
@@ -416,6 +470,7 @@ class CostModel:
         charge = other + self.read_s - q * self.gain_s
         return self.explore_spent_s + charge <= self.explore_frac * self.elapsed_s, charge
 
+    @_one_thread
     def shut(self) -> bool:
         """A token ahead, with the price of a read measured: not even a certain guess in a free slot would pay, so
         nothing need be predicted (the prediction is most of the prefetch path's own cost). It reopens if the stall
@@ -423,10 +478,12 @@ class CostModel:
         return (self.chunk_frac is not None and self.misses_seen >= self.warmup and self.read_measured
                 and not self.pays(1.0))
 
+    @_one_thread
     def pays(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """admit()'s decision without counting it (a free slot when p_victim is 0: the most a guess can hope for)."""
         return self._decide(q, p_victim, victim_steps)[0]
 
+    @_one_thread
     def admit(self, q: float, p_victim: float = 0.0, victim_steps: int = 1) -> bool:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
         takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which

@@ -7,8 +7,8 @@
         y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
         y = s.moe(1, [3, 5], [0.6, 0.4], x)  # a routed layer step: one call into the C kernel
 
-Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `compute`, `prefetch`, `pin` and
-`describe_io` are safe to call concurrently (the cache and the loader each have one lock; see docs/runtime.md).
+Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`
+and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it
 from inside a `load()` block of the same thread is an error, not a deadlock.
 """

@@ -187,7 +187,7 @@ class NullLoader(Loader):
     def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
         return [Ticket(path, size, slot, next(self._ids), done=True) for path, size, slot in reads]
 
-    def wait(self, t: Ticket) -> None:
+    def settle(self, t: Ticket) -> None:
         pass
 
     def ready(self, t: Ticket) -> bool:

@@ -139,8 +139,10 @@ def test_truncated_inside_a_piece_is_caught():
             except FileChangedError as e:
                 raised += 1
                 assert "changed size" in str(e)
-            else:  # the pass ended before the cut: its hash must be the whole file's, never one of zeros
-                assert got == xxhash.xxh3_64_hexdigest(data), "a hash of zeros passed"
+            else:  # the pass ended before the cut (the whole file's hash) or began after it, on a loaded machine
+                # (the 4096 bytes left): never a hash over the vanished pages
+                assert got in (xxhash.xxh3_64_hexdigest(data), xxhash.xxh3_64_hexdigest(data[:4096])), \
+                    "a hash over vanished pages passed"
             t.join()
             os.unlink(p)
         print("DONE", raised)

@@ -624,7 +624,7 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
     elif cls == "entry-wrong-type":
         where = rng.choice([(name,), (name, "data_offsets"), (name, "dtype")])
         _set(h, where, rng.choice(HOSTILE_VALUES))
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 and isinstance(h[name], dict):
             h[name]["extra"] = rng.choice(HOSTILE_VALUES)
         if rng.random() < 0.3 and isinstance(h[name], dict):
             h[name].pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
@@ -751,7 +751,7 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
     elif cls == "extra-files":  # things a folder may hold besides the checkpoint
         rng.choice([lambda: (folder / "model.safetensors").write_bytes(b) if indexed else
                     (folder / ST_INDEX).write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in names}})),
-                    lambda: os.mkfifo(folder / "tokenizer.json"),
+                    lambda: (folder / "tokenizer.json").unlink(missing_ok=True) or os.mkfifo(folder / "tokenizer.json"),
                     lambda: (folder / "extra.safetensors").write_bytes(b"\x00" * 8),
                     lambda: (folder / "manifest.json").write_text("{}")])()
     elif cls.startswith(("index-", "shards-")):
@@ -948,6 +948,12 @@ def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract
         if not r.ok:
             raise AssertionError(f"verify of a finished extract failed: {[str(x) for x in r.problems][:3]}")
         cls += "+extract"
+        if rng.random() < 0.3:  # the source's own bytes against the shards, and the kernels on them
+            r = verify(out, deep=True, against=ck)
+            if not r.ok and os.environ.get("FUZZ_DEEP_STRICT"):
+                raise AssertionError(f"verify --deep --against of a finished extract failed: "
+                                     f"{[str(x) for x in r.problems][:3]}")
+            cls += "+deep"
     return cls
 
 

@@ -267,7 +267,7 @@ class SafeTensorsSource(MappedFiles):
         mt = model_type_of(config)
         if not isinstance(mt, str) or mt not in MODEL_TYPES:
             known = ", ".join(sorted(MODEL_TYPES))
-            raise NotMoEError(f"{root / 'config.json'}: model_type {str(mt)[:80]!r} is not a Mixture-of-Experts layout this "
+            raise NotMoEError(f"{root / 'config.json'}: model_type {repr(mt)[:80]} is not a Mixture-of-Experts layout this "
                               f"version knows ({known}); nothing to extract")
         self.model_type = mt
         self.spec = MODEL_TYPES[mt]
@@ -418,7 +418,11 @@ class SafeTensorsSource(MappedFiles):
                 elif part.kind == "stacked":
                     projs.append(self._stacked(role, part, got[key][None][0], e, n_exp))
                 else:
-                    projs.append(self._mxfp4(role, part, got[key][None][0], got[role + "_scales"][None][0], e, n_exp))
+                    blocks = got[key][None][0]
+                    if role + "_scales" not in got:
+                        raise self._err(blocks, f"has no {blocks.name.removesuffix('_blocks')}_scales beside it: "
+                                                "MXFP4 blocks without their scales; the checkpoint is incomplete")
+                    projs.append(self._mxfp4(role, part, blocks, got[role + "_scales"][None][0], e, n_exp))
             plans.append(ExpertPlan(layer, e, projs))
         check_gated_shapes(self.path, layer, plans)
         return plans

@@ -434,6 +434,11 @@ class SafeTensorsSource(MappedFiles):
                              offset=t.offset).reshape(t.shape)
 
     def _check_dims(self, t: STTensor) -> None:
+        """An expert's weight (or bias) tensor: a float type the plan can carry, no zero dimension."""
+        if t.dtype not in FLOAT_TYPES:
+            raise self._err(t, f"is {t.dtype}; expert weights must be BF16, F16, F32 or F8_E4M3 (or GPT-OSS's MXFP4 "
+                               "blocks): the header is corrupt, or the checkpoint is quantized in a format this "
+                               "version does not read")
         if 0 in t.shape:
             raise self._err(t, f"has shape {list(t.shape)}, with a zero dimension: an expert with no weights; the "
                                "checkpoint is corrupt")
@@ -541,7 +546,8 @@ class SafeTensorsSource(MappedFiles):
                 or scales.shape != blocks.shape[:3] or scales.dtype != "U8":
             raise self._err(blocks, f"{list(blocks.shape)} with scales {list(scales.shape)} is not an MXFP4 pair "
                                     f"[{n_exp}, rows, in/32, 16] + [{n_exp}, rows, in/32] of U8")
-        self._check_dims(blocks)
+        if 0 in blocks.shape:
+            raise self._err(blocks, f"has shape {list(blocks.shape)}, with a zero dimension; the checkpoint is corrupt")
         _n, rows, nblk, _ = blocks.shape
         if part.take:
             if rows % 2:

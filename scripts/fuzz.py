@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seeded fuzzer over the GGUF reader path, the manifest reader and the shard-folder consumers.
+"""Seeded fuzzer over the GGUF reader, SafeTensors checkpoints, the manifest reader and the shard-folder consumers.
 
 Every case is one seed: the seed alone picks the target, the starting file or folder (from the project's own
 fixtures) and the mutations, so any case replays exactly (`--replay SEED`). Cases run in children of a fork
@@ -11,11 +11,17 @@ each child has a wall-time limit (killed past it) and an address-space limit (RL
 - hang: killed at the time limit; crash: killed by a signal, or MemoryError under the memory limit.
 
 Targets: `gguf` (open_source + planning + describe, and extract + verify on some cases), `manifest`
-(mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn).
+(mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn),
+`safetensors` (a checkpoint folder from fixtures/safetensors/ attacked in its header length, header JSON, offsets,
+shapes, dtypes, index, config.json, tensor names and file kinds; then describe = open_source + plan, and on a quarter
+of the cases extract (with --dtype on some) + verify, checking that nothing is written outside OUT and that a
+refused extract leaves nothing behind; deep verify --against on some of those, whose failures count only with
+FUZZ_DEEP_STRICT=1, see `_run_checkpoint_case`).
 
     python scripts/fuzz.py --cases 20000 --target gguf          # prints the figures
     python scripts/fuzz.py --replay 1234567 --target gguf       # one case, in this process, traceback visible
     python scripts/fuzz.py --cases 500 --target folder --skip-classes manifest-fifo,expert-fifo
+    python scripts/fuzz.py --cases 20000 --target safetensors --jobs 1
 """
 
 from __future__ import annotations
@@ -1125,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1, help="first case seed; cases are seed, seed+1, ...")
-    ap.add_argument("--target", default="all", help="gguf, manifest, folder, safetensors, or all (comma-separated allowed)")
+    ap.add_argument("--target", default="all",
+                    help="gguf, manifest, folder, safetensors, or all (comma-separated allowed)")
     ap.add_argument("--replay", type=int, help="run one case seed in this process, traceback visible")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit of each case (RLIMIT_AS)")

@@ -267,8 +267,8 @@ class SafeTensorsSource(MappedFiles):
         mt = model_type_of(config)
         if not isinstance(mt, str) or mt not in MODEL_TYPES:
             known = ", ".join(sorted(MODEL_TYPES))
-            raise NotMoEError(f"{root / 'config.json'}: model_type {repr(mt)[:80]} is not a Mixture-of-Experts layout this "
-                              f"version knows ({known}); nothing to extract")
+            raise NotMoEError(f"{root / 'config.json'}: model_type {repr(mt)[:80]} is not a Mixture-of-Experts layout "
+                              f"this version knows ({known}); nothing to extract")
         self.model_type = mt
         self.spec = MODEL_TYPES[mt]
         self.arch = self.spec.gguf_arch

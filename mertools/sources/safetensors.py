@@ -749,9 +749,14 @@ def _read_json(p: Path, what: str, unique: bool = False) -> dict[str, Any]:
     _regular(p, what)
     try:
         with open(p, "rb") as fh:
-            raw = fh.read((64 << 20) + 1)  # bounded: a file that grows under us cannot exhaust memory
-        if len(raw) > 64 << 20:
-            raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
+            size = os.fstat(fh.fileno()).st_size
+            if size > 64 << 20:
+                raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
+            # bounded by the size seen (not by the 64 MiB limit: read(n) allocates n at once), so a file that grows
+            # under us cannot exhaust memory; one byte more than the size shows that it grew
+            raw = fh.read(size + 1)
+        if len(raw) > size > 0:  # (size 0 with bytes: a /proc-like file, refused below as not JSON)
+            raise SourceError(f"{p}: {what} grew while it was read; wait until it is fully written")
         d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
     except OSError as exc:
         raise SourceError(f"{p}: cannot be read ({exc.strerror})") from None

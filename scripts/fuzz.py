@@ -27,6 +27,7 @@ FUZZ_DEEP_STRICT=1, see `_run_checkpoint_case`).
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import json
 import os
@@ -410,6 +411,11 @@ ST_NAME_ATTACKS = ["{p}mlp.experts.4294967296.gate_proj.weight", "{p}mlp.experts
                    "x" * 5000, "\udcff", "__metadata__", "{p}feed_forward.experts.gate_up_proj"]
 
 
+def _hostile(rng: random.Random, extra: tuple[Any, ...] | list[Any] = ()) -> Any:
+    """A fresh copy of a hostile value: the same [] or {} put in two places would make a circular structure."""
+    return copy.deepcopy(rng.choice(HOSTILE_VALUES + list(extra)))
+
+
 def st_split(b: bytes) -> tuple[int, dict[str, Any], bytes]:
     """(header length, header (ordered), data section) of a valid .safetensors file."""
     n = int.from_bytes(b[:8], "little")
@@ -629,9 +635,9 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
         write_header(h)
     elif cls == "entry-wrong-type":
         where = rng.choice([(name,), (name, "data_offsets"), (name, "dtype")])
-        _set(h, where, rng.choice(HOSTILE_VALUES))
+        _set(h, where, _hostile(rng))
         if rng.random() < 0.3 and isinstance(h[name], dict):
-            h[name]["extra"] = rng.choice(HOSTILE_VALUES)
+            h[name]["extra"] = _hostile(rng)
         if rng.random() < 0.3 and isinstance(h[name], dict):
             h[name].pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
         write_header(h)
@@ -702,7 +708,7 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
         cpath.write_text(rng.choice(["[]", "1", '"mixtral"', "null", "[" + json.dumps(config) + "]"]))
     elif cls == "config-value":
         path = rng.choice(_paths(config)[1:])
-        _set(config, path, rng.choice(HOSTILE_VALUES))
+        _set(config, path, _hostile(rng))
         cpath.write_text(json.dumps(config))
     elif cls == "config-count":
         key = rng.choice(["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "hidden_size",
@@ -712,7 +718,7 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
                           "swiglu_limit", "n_shared_experts", "shared_expert_intermediate_size",
                           "routed_scaling_factor", "moe_layer_interval", "interleave_moe_layer_step"])
         scope = config["text_config"] if isinstance(config.get("text_config"), dict) and rng.random() < 0.6 else config
-        scope[key] = rng.choice(HOSTILE_VALUES + [1 << 20, (1 << 20) - 1, 3, 1000, [0, 1, 99999999], ["0"], 2])
+        scope[key] = _hostile(rng, [1 << 20, (1 << 20) - 1, 3, 1000, [0, 1, 99999999], ["0"], 2])
         cpath.write_text(json.dumps(config))
     elif cls == "config-non-moe":
         how = rng.randrange(3)
@@ -790,7 +796,7 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
             where = rng.choice([("weight_map",), ("weight_map", key), ("metadata",), ("metadata", "total_size")])
             if where[0] == "metadata" and not isinstance(idx.get("metadata"), dict):
                 idx["metadata"] = {}
-            _set(idx, where, rng.choice(HOSTILE_VALUES))
+            _set(idx, where, _hostile(rng))
         elif cls == "index-extra-tensor":
             wm[rng.choice(["model.layers.0.mlp.experts.0.gate_proj.weight.x", "ghost", key + "_scale_inv"])] = wm[key]
         elif cls == "index-huge":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seeded fuzzer over the GGUF reader path, the manifest reader and the shard-folder consumers.
+"""Seeded fuzzer over the GGUF reader, SafeTensors checkpoints, the manifest reader and the shard-folder consumers.
 
 Every case is one seed: the seed alone picks the target, the starting file or folder (from the project's own
 fixtures) and the mutations, so any case replays exactly (`--replay SEED`). Cases run in children of a fork
@@ -11,16 +11,23 @@ each child has a wall-time limit (killed past it) and an address-space limit (RL
 - hang: killed at the time limit; crash: killed by a signal, or MemoryError under the memory limit.
 
 Targets: `gguf` (open_source + planning + describe, and extract + verify on some cases), `manifest`
-(mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn).
+(mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn),
+`safetensors` (a checkpoint folder from fixtures/safetensors/ attacked in its header length, header JSON, offsets,
+shapes, dtypes, index, config.json, tensor names and file kinds; then describe = open_source + plan, and on a quarter
+of the cases extract (with --dtype on some) + verify, checking that nothing is written outside OUT and that a
+refused extract leaves nothing behind; deep verify --against on some of those, whose failures count only with
+FUZZ_DEEP_STRICT=1, see `_run_checkpoint_case`).
 
     python scripts/fuzz.py --cases 20000 --target gguf          # prints the figures
     python scripts/fuzz.py --replay 1234567 --target gguf       # one case, in this process, traceback visible
     python scripts/fuzz.py --cases 500 --target folder --skip-classes manifest-fifo,expert-fifo
+    python scripts/fuzz.py --cases 20000 --target safetensors --jobs 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import json
 import os
@@ -54,7 +61,7 @@ from mertools.extract import extract  # noqa: E402
 from mertools.gguf_source import open_source  # noqa: E402
 from mertools.verify import verify  # noqa: E402
 
-TARGETS = ("gguf", "manifest", "folder")
+TARGETS = ("gguf", "manifest", "folder", "safetensors")
 GEN = ROOT / "fixtures" / "generated"
 REAL = ROOT / "fixtures" / "real"
 # Folders extracted once per run and then attacked (small ones: each case copies its folder).
@@ -383,12 +390,446 @@ def mutate_folder(folder: Path, rng: random.Random, with_experts: bool) -> str:
     return cls
 
 
+# -- SafeTensors checkpoint attacks -----------------------------------------------------------------------------
+ST_GEN = ROOT / "fixtures" / "safetensors" / "gen"
+ST_REAL = ROOT / "fixtures" / "safetensors" / "real"
+ST_INDEX = "model.safetensors.index.json"
+HOSTILE_VALUES = [10 ** 30, -1, 0, 1, 2 ** 64, 1e308, float("nan"), float("inf"), "x", "", "2", [], {}, None, True,
+                  [[]], 3.5, -4096, 1 << 40, [2, 2]]
+HOSTILE_DTYPES = ["F4", "F6_E2M3", "F8_E4M3FNUZ", "Q4_0", "f32", "", "BOOL", "F8_E5M2", "F8_E8M0", "U8", "I64",
+                  "F64", "U16", 7, None, ["F32"], {"a": 1}, "C64", "STRING"]
+HOSTILE_SHARDS = ["../x.safetensors", "/etc/x.safetensors", "/dev/zero", "a/../../b.safetensors", "sub/m.safetensors",
+                  "x\x00.safetensors", "x\n.safetensors", "..safetensors", ".hidden.safetensors", "C:\\x.safetensors",
+                  "model.safetensors.index.json", "config.json", "", "model-00009-of-00009.safetensors",
+                  "\udcff.safetensors", "x" * 300 + ".safetensors"]
+ST_NAME_ATTACKS = ["{p}mlp.experts.4294967296.gate_proj.weight", "{p}mlp.experts.99999999999999999999.up_proj.weight",
+                   "{p}block_sparse_moe.experts.007.w1.weight", "{p}mlp.experts.01.down_proj.weight",
+                   "model.layers.99999999999999999999.mlp.experts.0.gate_proj.weight",
+                   "model.layers.4294967296.block_sparse_moe.experts.0.w2.weight", "", "../../etc/passwd",
+                   "{p}mlp.experts.0.gate_proj.weight\n", "{p}mlp.experts.0.gate_proj.weight\x00",
+                   "{p}mlp.experts.gate_up_proj", "{p}mlp.experts.down_proj_bias", "{p}mlp.experts.0.zzz.weight",
+                   "x" * 5000, "\udcff", "__metadata__", "{p}feed_forward.experts.gate_up_proj"]
+
+
+def _hostile(rng: random.Random, extra: tuple[Any, ...] | list[Any] = ()) -> Any:
+    """A fresh copy of a hostile value: the same [] or {} put in two places would make a circular structure."""
+    return copy.deepcopy(rng.choice(HOSTILE_VALUES + list(extra)))
+
+
+def st_split(b: bytes) -> tuple[int, dict[str, Any], bytes]:
+    """(header length, header (ordered), data section) of a valid .safetensors file."""
+    n = int.from_bytes(b[:8], "little")
+    return n, json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def st_join(header: bytes, data: bytes, n: int | None = None) -> bytes:
+    return (len(header) if n is None else n).to_bytes(8, "little") + header + data
+
+
+def st_relayout(entries: dict[str, tuple[Any, Any, bytes]], meta: Any = None) -> bytes:
+    """A file whose header is consistent with its bytes: name -> (dtype, shape, raw bytes), laid out in order."""
+    head: dict[str, Any] = {} if meta is None else {"__metadata__": meta}
+    pos, parts = 0, []
+    for name, (dt, shape, raw) in entries.items():
+        head[name] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + len(raw)]}
+        pos += len(raw)
+        parts.append(raw)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    return st_join(text + b" " * (-len(text) % 8), b"".join(parts))
+
+
+def st_entries(b: bytes) -> tuple[dict[str, tuple[Any, Any, bytes]], Any]:
+    _n, h, data = st_split(b)
+    ent = {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+           for k, v in h.items() if k != "__metadata__"}
+    return ent, h.get("__metadata__")
+
+
+def _elem(dt: Any) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(
+        dt if isinstance(dt, str) else "", 1)
+
+
+def _nbytes(dt: Any, shape: list[int]) -> int:
+    n = _elem(dt)
+    for d in shape:
+        n *= d
+    return n
+
+
+def _prefix_of(names: list[str]) -> str:
+    for n in names:
+        if ".layers.1." in n:
+            return n.split(".layers.1.")[0] + ".layers.1."
+    return "model.layers.1."
+
+
+def mutate_safetensors(folder: Path, rng: random.Random) -> str:
+    """Attack a copied SafeTensors checkpoint folder in place; returns the attack's class."""
+    shards = sorted(folder.glob("*.safetensors"))
+    indexed = (folder / ST_INDEX).exists()
+    classes = ["hlen-huge", "hlen-zero", "hlen-past-eof", "hlen-odd", "hdr-not-utf8", "hdr-not-object", "hdr-deep",
+               "hdr-dup-keys", "hdr-huge-int", "hdr-bitflip", "off-float", "off-negative", "off-reversed",
+               "off-overlap", "off-past-file", "off-not-covering", "off-gap", "shape-lie", "shape-negative",
+               "shape-huge", "shape-zero", "shape-rank", "shape-type", "dtype-unknown", "dtype-mismatch",
+               "meta-wrong-type", "entry-wrong-type", "data-truncate", "data-bitflip", "data-extended",
+               "tensor-reshape", "tensor-reshape", "tensor-reshape", "tensor-retype", "tensor-rename", "tensor-rename",
+               "tensor-drop", "tensor-drop", "tensor-dup", "config-missing", "config-not-json", "config-not-object",
+               "config-value", "config-value", "config-count", "config-count", "config-count", "config-non-moe",
+               "config-huge-int", "config-deep", "shard-fifo", "shard-dir", "shard-symlink", "shard-devzero",
+               "shard-empty", "config-special", "index-special", "extra-files"]
+    if indexed:
+        classes += ["index-missing-file", "index-traversal", "index-traversal", "index-dup-tensor",
+                    "index-missing-tensor", "index-not-json", "index-wrong-types", "index-extra-tensor",
+                    "index-huge", "shards-swapped", "index-dup-keys"]
+    cls = rng.choice(classes)
+    victim = rng.choice(shards)
+    b = victim.read_bytes()
+    n, h, data = st_split(b)
+    names = [k for k in h if k != "__metadata__"]
+    expertish = [k for k in names if ".experts." in k] or names
+    name = rng.choice(expertish if rng.random() < 0.7 else names)
+    cpath = folder / "config.json"
+    config = json.loads(cpath.read_text())
+
+    def write_header(hd: dict[str, Any] | bytes, nn: int | None = None, d: bytes = data) -> None:
+        text = hd if isinstance(hd, bytes) else json.dumps(hd, separators=(",", ":")).encode()
+        victim.write_bytes(st_join(text, d, nn))
+
+    def replace_token(hd: dict[str, Any], path: tuple, token: str) -> bytes:
+        _set(hd, path, "@@TOKEN@@")
+        return json.dumps(hd).replace('"@@TOKEN@@"', token).encode()
+
+    if cls == "hlen-huge":
+        write_header(json.dumps(h).encode(), rng.choice([1 << 40, (1 << 64) - 1, 100_000_001, 100_000_000, 1 << 63]))
+    elif cls == "hlen-zero":
+        write_header(json.dumps(h).encode(), 0)
+    elif cls == "hlen-past-eof":
+        victim.write_bytes((len(b) - 8 + rng.choice([1, 7, 4096])).to_bytes(8, "little") + b[8:])
+    elif cls == "hlen-odd":
+        victim.write_bytes((n + rng.choice([-7, -3, -2, -1, 1, 2, 3, 9, 64])).to_bytes(8, "little") + b[8:])
+    elif cls == "hdr-not-utf8":
+        text = b[8:8 + n]
+        at = rng.randrange(len(text))
+        text = text[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf"]) + text[at + 1:]
+        write_header(text)
+    elif cls == "hdr-not-object":
+        write_header(rng.choice([b"[]", b"null", b"1", b'"x"', b"[" + json.dumps(h).encode() + b"]", b"", b"{",
+                                 b"\x00" * 16, b"{}", b'{"__metadata__":{}}', b"NaN", b"  " * 100]))
+    elif cls == "hdr-deep":
+        depth = rng.choice([100, 1000, 100_000])
+        where = rng.choice([(name,), (name, "shape"), (name, "data_offsets"), ("__metadata__",), (name, "dtype")])
+        if where == ("__metadata__",):
+            h["__metadata__"] = None
+        write_header(replace_token(h, where, "[" * depth + "]" * depth))
+    elif cls == "hdr-dup-keys":
+        text = json.dumps(h)
+        other = rng.choice(names)
+        how = rng.randrange(3)
+        if how == 0:  # the same tensor twice with different offsets (Python's json keeps the last)
+            dup = json.dumps({name: h[other]})[1:-1]
+            text = text[:-1] + ", " + dup + "}"
+        elif how == 1:  # a key twice inside one entry
+            text = text.replace(json.dumps(name) + ': {', json.dumps(name) + ': {"dtype": "F32", ', 1)
+        else:
+            text = text.replace('{"__metadata__"', '{"__metadata__": 1, "__metadata__"', 1)
+        write_header(text.encode())
+    elif cls == "hdr-huge-int":
+        where = rng.choice([(name, "data_offsets", 0), (name, "data_offsets", 1), (name, "shape", 0)])
+        write_header(replace_token(h, where, rng.choice([HUGE_INT, "1" + "0" * 400, "1e999", "-0", "1.0"])))
+    elif cls == "hdr-bitflip":
+        text = bytearray(b[8:8 + n])
+        for _ in range(rng.randint(1, 6)):
+            text[rng.randrange(len(text))] ^= 1 << rng.randrange(8)
+        write_header(bytes(text))
+    elif cls == "off-float":
+        o = h[name]["data_offsets"]
+        h[name]["data_offsets"] = rng.choice([[float(o[0]), float(o[1])], [o[0] + 0.5, o[1]],
+                                              [float("nan"), o[1]], [o[0], 1e300], [str(o[0]), o[1]]])
+        write_header(h)
+    elif cls == "off-negative":
+        o = h[name]["data_offsets"]
+        h[name]["data_offsets"] = rng.choice([[-1, o[1]], [o[0] - (o[1] - o[0]) - 1, o[0] - 1], [-o[1], -o[0]],
+                                              [o[0], -1]])
+        write_header(h)
+    elif cls == "off-reversed":
+        o = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [o[1], o[0]]
+        write_header(h)
+    elif cls == "off-overlap":
+        other = h[rng.choice(names)]["data_offsets"]
+        o = h[name]["data_offsets"]
+        size = o[1] - o[0]
+        start = rng.choice([other[0], other[0] + 1, other[1] - 1, max(0, other[1] - size // 2)])
+        h[name]["data_offsets"] = [start, start + size]
+        write_header(h)
+    elif cls == "off-past-file":
+        o = h[name]["data_offsets"]
+        size = o[1] - o[0]
+        start = rng.choice([len(data), len(data) - size + 1, 1 << 40, (1 << 64) - size, (1 << 63)])
+        h[name]["data_offsets"] = [start, start + size]
+        write_header(h)
+    elif cls == "off-not-covering":
+        how = rng.randrange(3)
+        if how == 0:
+            write_header(h, d=data + bytes(rng.choice([1, 8, 4096])))  # trailing bytes no tensor owns
+        elif how == 1:
+            for v in h.values():
+                if isinstance(v, dict) and "data_offsets" in v:
+                    v["data_offsets"] = [v["data_offsets"][0] + 64, v["data_offsets"][1] + 64]
+            write_header(h, d=bytes(64) + data)  # a hole before the first tensor
+        else:
+            del h[name]  # its bytes stay, owned by nobody
+            write_header(h)
+    elif cls == "off-gap":
+        o = h[name]["data_offsets"]
+        k = rng.choice([1, 2, 8, 64])
+        for v in h.values():
+            if isinstance(v, dict) and "data_offsets" in v and v["data_offsets"][0] >= o[1]:
+                v["data_offsets"] = [v["data_offsets"][0] + k, v["data_offsets"][1] + k]
+        write_header(h, d=data[:o[1]] + bytes(k) + data[o[1]:])
+    elif cls == "shape-lie":
+        s = list(h[name]["shape"])
+        if s:
+            i = rng.randrange(len(s))
+            s[i] = rng.choice([s[i] + 1, max(0, s[i] - 1), s[i] * 2, s[i] // 2])
+        h[name]["shape"] = s if rng.random() < 0.7 else list(reversed(s)) + [1]
+        write_header(h)
+    elif cls == "shape-negative":
+        s = list(h[name]["shape"]) or [1]
+        s[rng.randrange(len(s))] = rng.choice([-1, -s[0], -(1 << 63)])
+        if rng.random() < 0.5:
+            s.append(-1)
+        h[name]["shape"] = s
+        write_header(h)
+    elif cls == "shape-huge":
+        s = list(h[name]["shape"]) or [1]
+        s[rng.randrange(len(s))] = rng.choice([1 << 40, 1 << 47, 1 << 48, 1 << 62, (1 << 64) - 1, 1 << 100])
+        h[name]["shape"] = s + ([0] if rng.random() < 0.3 else [])  # a zero dim makes the product fit again
+        write_header(h)
+    elif cls == "shape-zero":
+        s = list(h[name]["shape"]) or [1]
+        s[rng.randrange(len(s))] = 0
+        h[name]["shape"] = s
+        if rng.random() < 0.5:
+            o = h[name]["data_offsets"]
+            h[name]["data_offsets"] = [o[0], o[0]]
+        write_header(h)
+    elif cls == "shape-rank":
+        h[name]["shape"] = rng.choice([[], [1] * 5, [1] * 64, [2, 1, 1, 1, 1] + list(h[name]["shape"])])
+        write_header(h)
+    elif cls == "shape-type":
+        s = list(h[name]["shape"]) or [1]
+        s[rng.randrange(len(s))] = rng.choice([2.0, "2", None, True, [2], {"a": 2}, float("nan")])
+        h[name]["shape"] = rng.choice([s, "32x64", None, {"0": 2}, 64])
+        write_header(h)
+    elif cls == "dtype-unknown":
+        h[name]["dtype"] = rng.choice(HOSTILE_DTYPES)
+        write_header(h)
+    elif cls == "dtype-mismatch":  # a known dtype of another width: the bytes no longer fit the shape
+        h[name]["dtype"] = rng.choice(["F32", "F16", "BF16", "F64", "I8", "U8", "BOOL", "F8_E4M3", "I32", "U64"])
+        write_header(h)
+    elif cls == "meta-wrong-type":
+        h["__metadata__"] = rng.choice([[], 1, "x", {"format": 1}, {"a": {"b": 1}}, None, {"format": ["pt"]},
+                                        {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, True])
+        write_header(h)
+    elif cls == "entry-wrong-type":
+        where = rng.choice([(name,), (name, "data_offsets"), (name, "dtype")])
+        _set(h, where, _hostile(rng))
+        if rng.random() < 0.3 and isinstance(h[name], dict):
+            h[name]["extra"] = _hostile(rng)
+        if rng.random() < 0.3 and isinstance(h[name], dict):
+            h[name].pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
+        write_header(h)
+    elif cls == "data-truncate":
+        victim.write_bytes(b[:rng.randrange(8 + n, len(b))] if rng.random() < 0.8 else b[:rng.randrange(8 + n)])
+    elif cls == "data-bitflip":
+        out = bytearray(b)
+        for _ in range(rng.randint(1, 16)):
+            i = rng.randrange(8 + n, len(out))
+            out[i] ^= 1 << rng.randrange(8)
+        victim.write_bytes(bytes(out))
+    elif cls == "data-extended":
+        victim.write_bytes(b + bytes(rng.choice([1, 4096])))
+    elif cls.startswith("tensor-"):
+        ent, meta = st_entries(b)
+        if cls == "tensor-reshape":
+            dt, shape, _raw = ent[name]
+            s = list(shape)
+            how = rng.randrange(7)
+            if how == 0 and len(s) > 1:
+                s = s[::-1]
+            elif how == 1 and s:
+                s = s[1:] if rng.random() < 0.5 else s[:-1]
+            elif how == 2:
+                s = s + [1] if rng.random() < 0.5 else [1] + s
+            elif how == 3 and s:
+                i = rng.randrange(len(s))
+                s[i] = rng.choice([s[i] * 2, s[i] + 1, max(1, s[i] - 1), 3, 1])
+            elif how == 4 and s:
+                s[rng.randrange(len(s))] = 0
+            elif how == 5 and s:
+                s[0] = rng.choice([1, 3, s[0] * 4, 4096])
+            else:
+                s = [rng.choice([1, 2, 3, 16, 17, 32, 33])] * rng.choice([1, 2, 3, 4])
+            size = _nbytes(dt, s)
+            if size > 64 << 20:
+                s, size = [1], _elem(dt)
+            ent[name] = (dt, s, bytes(rng.getrandbits(8) for _ in range(min(size, 64))) * (size // 64 + 1))
+            ent[name] = (dt, s, ent[name][2][:size])
+        elif cls == "tensor-retype":
+            dt, shape, raw = ent[name]
+            new = rng.choice(["F32", "F16", "BF16", "F64", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "I32", "U16",
+                              "F8_E8M0", "I64"])
+            size = _nbytes(new, shape)
+            ent[name] = (new, shape, (raw * (size // max(1, len(raw)) + 1))[:size] if raw else bytes(size))
+        elif cls == "tensor-rename":
+            new = rng.choice(ST_NAME_ATTACKS).replace("{p}", _prefix_of(names))
+            ent = {(new if k == name else k): v for k, v in ent.items()}
+            if rng.random() < 0.3:  # and keep the original too (a second copy under the hostile name)
+                ent[name] = st_entries(b)[0][name]
+        elif cls == "tensor-drop":
+            del ent[name]
+        elif cls == "tensor-dup":  # the same tensor in two shards (or twice, shape changed, in another one)
+            others = [s for s in shards if s != victim]
+            target = rng.choice(others) if others else victim
+            t_ent, t_meta = st_entries(target.read_bytes())
+            t_ent[name] = ent[name]
+            target.write_bytes(st_relayout(t_ent, t_meta))
+            return cls
+        victim.write_bytes(st_relayout(ent, meta))
+    elif cls == "config-missing":
+        cpath.unlink()
+    elif cls == "config-not-json":
+        raw = cpath.read_bytes()
+        cpath.write_bytes(rng.choice([raw[:rng.randrange(len(raw))], b"\xff\xfe" + raw, b"", b"[]", b"null",
+                                      raw.replace(b'"', b'"\xc3', 1)]))
+    elif cls == "config-not-object":
+        cpath.write_text(rng.choice(["[]", "1", '"mixtral"', "null", "[" + json.dumps(config) + "]"]))
+    elif cls == "config-value":
+        path = rng.choice(_paths(config)[1:])
+        _set(config, path, _hostile(rng))
+        cpath.write_text(json.dumps(config))
+    elif cls == "config-count":
+        key = rng.choice(["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "hidden_size",
+                          "num_hidden_layers", "intermediate_size", "moe_intermediate_size", "model_type",
+                          "first_k_dense_replace", "num_experts_per_tok", "text_config", "ffn_config",
+                          "expert_layer_period", "decoder_sparse_step", "moe_layers", "mlp_only_layers",
+                          "swiglu_limit", "n_shared_experts", "shared_expert_intermediate_size",
+                          "routed_scaling_factor", "moe_layer_interval", "interleave_moe_layer_step"])
+        scope = config["text_config"] if isinstance(config.get("text_config"), dict) and rng.random() < 0.6 else config
+        scope[key] = _hostile(rng, [1 << 20, (1 << 20) - 1, 3, 1000, [0, 1, 99999999], ["0"], 2])
+        cpath.write_text(json.dumps(config))
+    elif cls == "config-non-moe":
+        how = rng.randrange(3)
+        if how == 0:
+            config["model_type"] = rng.choice(["llama", "mistral", "bert", "", "MIXTRAL", "gpt_oss "])
+        elif how == 1:
+            config.pop("model_type", None)
+            if isinstance(config.get("text_config"), dict):
+                config["text_config"].pop("model_type", None)
+        else:
+            config["model_type"] = rng.choice(["mixtral", "gpt_oss", "dbrx", "llama4", "qwen3_5_moe", "deepseek_v3"])
+        cpath.write_text(json.dumps(config))
+    elif cls == "config-huge-int":
+        path = rng.choice(_paths(config)[1:])
+        _set(config, path, "@@HUGE@@")
+        cpath.write_text(json.dumps(config).replace('"@@HUGE@@"', rng.choice([HUGE_INT, "1" + "0" * 400, "1e999"])))
+    elif cls == "config-deep":
+        depth = rng.choice([1000, 100_000])
+        config[rng.choice(["text_config", "num_local_experts", "model_type", "x"])] = "@@DEEP@@"
+        cpath.write_text(json.dumps(config).replace('"@@DEEP@@"', "[" * depth + "]" * depth))
+    elif cls in ("shard-fifo", "shard-dir", "shard-symlink", "shard-devzero", "shard-empty", "config-special",
+                 "index-special"):
+        p = {"config-special": cpath, "index-special": folder / ST_INDEX}.get(cls, victim)
+        if p.exists() or p.is_symlink():
+            p.unlink()
+        kind = {"shard-fifo": "fifo", "shard-dir": "dir", "shard-devzero": "devzero", "shard-empty": "empty",
+                "shard-symlink": "symlink"}.get(cls) or rng.choice(["fifo", "dir", "devzero", "symlink", "empty"])
+        if kind == "fifo":
+            os.mkfifo(p)
+        elif kind == "dir":
+            p.mkdir()
+            (p / "model.safetensors").write_bytes(b)
+        elif kind == "devzero":
+            p.symlink_to(rng.choice(["/dev/zero", "/dev/urandom", "/dev/null", "/proc/self/mem", "/proc/self/status"]))
+        elif kind == "empty":
+            p.write_bytes(b"")
+        else:  # outside the folder: a copy elsewhere (HF's cache does this: fine), a missing file, a loop, a dir
+            outside = folder.parent / ("outside-" + p.name)
+            outside.write_bytes(b if p != cpath else json.dumps(config).encode())
+            p.symlink_to(rng.choice([outside, Path("/etc/passwd"), folder.parent / "nowhere", p, Path("/"),
+                                     Path("..") / outside.name]))
+    elif cls == "extra-files":  # things a folder may hold besides the checkpoint
+        rng.choice([lambda: (folder / "model.safetensors").write_bytes(b) if indexed else
+                    (folder / ST_INDEX).write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in names}})),
+                    lambda: (folder / "tokenizer.json").unlink(missing_ok=True) or os.mkfifo(folder / "tokenizer.json"),
+                    lambda: (folder / "extra.safetensors").write_bytes(b"\x00" * 8),
+                    lambda: (folder / "manifest.json").write_text("{}")])()
+    elif cls.startswith(("index-", "shards-")):
+        ipath = folder / ST_INDEX
+        idx = json.loads(ipath.read_text())
+        wm = idx["weight_map"]
+        key = rng.choice(list(wm))
+        if cls == "index-missing-file":
+            wm[key] = "model-00009-of-00009.safetensors"
+        elif cls == "index-traversal":
+            wm[key] = rng.choice(HOSTILE_SHARDS)
+            if rng.random() < 0.3:
+                for k in wm:
+                    wm[k] = wm[key]
+        elif cls == "index-dup-tensor":  # two shards claim it: JSON with the key twice
+            text = json.dumps(idx)
+            other = next((v for v in sorted(set(wm.values())) if v != wm[key]), wm[key])
+            ipath.write_text(text.replace('"weight_map": {', '"weight_map": {' + json.dumps(key) + ": "
+                                          + json.dumps(other) + ", ", 1))
+            return cls
+        elif cls == "index-missing-tensor":
+            for k in rng.sample(list(wm), rng.choice([1, 3, len(wm)])):
+                del wm[k]
+        elif cls == "index-not-json":
+            raw = ipath.read_bytes()
+            ipath.write_bytes(rng.choice([raw[:rng.randrange(len(raw))], b"\xff" + raw, b"", b"[]", b"{}",
+                                          b'{"weight_map": []}', b'{"weight_map": null}']))
+            return cls
+        elif cls == "index-wrong-types":
+            where = rng.choice([("weight_map",), ("weight_map", key), ("metadata",), ("metadata", "total_size")])
+            if where[0] == "metadata" and not isinstance(idx.get("metadata"), dict):
+                idx["metadata"] = {}
+            _set(idx, where, _hostile(rng))
+        elif cls == "index-extra-tensor":
+            wm[rng.choice(["model.layers.0.mlp.experts.0.gate_proj.weight.x", "ghost", key + "_scale_inv"])] = wm[key]
+        elif cls == "index-huge":
+            ipath.write_text(json.dumps(idx).replace(json.dumps(key), json.dumps(key), 1) + " " * (65 << 20))
+            return cls
+        elif cls == "index-dup-keys":
+            ipath.write_text(json.dumps(idx).replace("{", '{"weight_map": {}, ', 1))
+            return cls
+        elif cls == "shards-swapped":
+            a, c = rng.sample(shards, 2) if len(shards) > 1 else (shards[0], shards[0])
+            ba, bc = a.read_bytes(), c.read_bytes()
+            a.write_bytes(bc)
+            c.write_bytes(ba)
+            return cls
+        ipath.write_text(json.dumps(idx))
+    if rng.random() < 0.15 and cls not in ("data-bitflip", "hdr-bitflip"):
+        for p in rng.sample(shards, 1):
+            if p.is_file() and not p.is_symlink() and p.stat().st_size > 8:
+                out = bytearray(p.read_bytes())
+                for _ in range(rng.randint(1, 3)):
+                    out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+                p.write_bytes(bytes(out))
+                cls += "+bitflip"
+    return cls
+
+
 # -- cases ------------------------------------------------------------------------------------------------------
 @dataclass
 class Corpus:
     ggufs: list[Path]
     folders: list[Path]
     sources: dict[Path, Path]  # folder -> the GGUF it was extracted from
+    checkpoints: list[Path] = field(default_factory=list)  # SafeTensors checkpoint folders
 
 
 def build_corpus(work: Path, targets: tuple[str, ...]) -> Corpus:
@@ -402,7 +843,8 @@ def build_corpus(work: Path, targets: tuple[str, ...]) -> Corpus:
                 extract(GEN / name, out, fsync=False)
             folders.append(out)
             sources[out] = GEN / name
-    return Corpus(ggufs, folders, sources)
+    checkpoints = sorted(p for p in ST_GEN.iterdir() if p.is_dir()) + sorted(p for p in ST_REAL.iterdir() if p.is_dir())
+    return Corpus(ggufs, folders, sources, checkpoints)
 
 
 def pick_target(seed: int, targets: tuple[str, ...]) -> str:
@@ -414,6 +856,8 @@ def run_case(seed: int, target: str, corpus: Corpus, work: Path, extract_prob: f
     """Build the case for `seed` under `work` and run it; returns its class (also given to `on_class` as soon as
     the input is built, before the code under test runs). Raises what the code under test raises."""
     rng = random.Random(seed * 7919 + TARGETS.index(target))
+    if target == "safetensors":
+        return _run_checkpoint_case(rng, corpus, work, extract_prob, on_class)
     if target == "gguf":
         src = rng.choice(corpus.ggufs)
         if "-of-" in src.name:  # split sets: all parts beside each other, one of them mutated
@@ -463,6 +907,66 @@ def run_case(seed: int, target: str, corpus: Corpus, work: Path, extract_prob: f
         with open_shards(dst, io=io, cache_slots=2) as s:
             s.ffn(e["layer"], e["expert"], np.ones(raw["model"]["d_model"], np.float32))
     return f"{cls}:{consumer}"
+
+
+def _checkpoint_copy(rng: random.Random, corpus: Corpus, work: Path) -> tuple[Path, str]:
+    """Copy a checkpoint folder chosen by `rng` to work/ck/NAME and attack it; returns (folder, class)."""
+    src = rng.choice(corpus.checkpoints)
+    dst = work / "ck" / src.name
+    shutil.copytree(src, dst, symlinks=True)
+    return dst, mutate_safetensors(dst, rng)
+
+
+def _tree(root: Path, skip: Path) -> set[str]:
+    """Every path under `root` (symlinks not followed), but for those under `skip`."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if d == skip or skip in d.parents:
+            dirnames[:] = []
+            continue
+        out.update(str((d / n).relative_to(root)) for n in dirnames + filenames)
+    return out
+
+
+def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract_prob: float,
+                         on_class: Callable[[str], None]) -> str:
+    """describe (= open_source + plan, what `inspect` runs) on an attacked checkpoint folder; on some cases also
+    extract + verify, checking that nothing is written outside OUT and that a refused extract leaves nothing."""
+    ck, cls = _checkpoint_copy(rng, corpus, work)
+    on_class(cls)
+    describe(ck)
+    if rng.random() < extract_prob:
+        dtype = rng.choice([None, None, None, "bf16", "q8_0"])
+        if dtype is None and "fp8" in ck.name:
+            dtype = "bf16"
+        out = work / "out"
+        before = _tree(work, ck.parent)
+        try:
+            extract(ck, out, fsync=False, dtype=dtype)
+        except MerError:
+            left = _tree(work, ck.parent) - before
+            if left:
+                raise AssertionError(f"a refused extract left {sorted(left)[:5]} behind") from None
+            raise
+        new = _tree(work, ck.parent) - before
+        stray = sorted(p for p in new if p != "out" and not p.startswith("out/"))
+        if stray:
+            raise AssertionError(f"extract wrote outside OUT: {stray[:5]}")
+        for p in new:
+            if (work / p).is_symlink():
+                raise AssertionError(f"extract left a symlink in OUT: {p}")
+        r = verify(out)
+        if not r.ok:
+            raise AssertionError(f"verify of a finished extract failed: {[str(x) for x in r.problems][:3]}")
+        cls += "+extract"
+        if rng.random() < 0.3:  # the source's own bytes against the shards, and the kernels on them
+            r = verify(out, deep=True, against=ck)
+            if not r.ok and os.environ.get("FUZZ_DEEP_STRICT"):
+                raise AssertionError(f"verify --deep --against of a finished extract failed: "
+                                     f"{[str(x) for x in r.problems][:3]}")
+            cls += "+deep"
+    return cls
 
 
 # -- the fork server --------------------------------------------------------------------------------------------
@@ -524,7 +1028,9 @@ def _case_class(seed: int, target: str, corpus: Corpus) -> str:
     if key not in _CLASS_CACHE:
         with tempfile.TemporaryDirectory(prefix="fuzzcls-") as d:
             rng = random.Random(seed * 7919 + TARGETS.index(target))
-            if target == "gguf":
+            if target == "safetensors":
+                _, cls = _checkpoint_copy(rng, corpus, Path(d))
+            elif target == "gguf":
                 src = rng.choice(corpus.ggufs)
                 if "-of-" in src.name:
                     base = src.name.split("-0000")[0]
@@ -631,7 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1, help="first case seed; cases are seed, seed+1, ...")
-    ap.add_argument("--target", default="all", help="gguf, manifest, folder, or all (comma-separated allowed)")
+    ap.add_argument("--target", default="all",
+                    help="gguf, manifest, folder, safetensors, or all (comma-separated allowed)")
     ap.add_argument("--replay", type=int, help="run one case seed in this process, traceback visible")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit of each case (RLIMIT_AS)")

@@ -51,6 +51,23 @@ def test_manifest_and_folder_consumers(corpus):
     assert s.cases > 20
 
 
+def test_safetensors_checkpoints(corpus):
+    """Attacked SafeTensors checkpoint folders through describe (open_source + plan), and extract + verify (and
+    deep verify against the attacked folder) on some: one clean outcome each, nothing written outside OUT."""
+    work, c = corpus
+    s = fuzz.fuzz(list(range(1, 301)), ("safetensors",), c, work, timeout=TIMEOUT, jobs=2)
+    _check(s)
+    assert s.cases == 300 and s.outcomes["error"] > 150 and s.outcomes["ok"] > 20  # it reaches both outcomes
+
+
+def test_safetensors_attack_classes_are_all_generated(corpus):
+    _, c = corpus
+    fuzz._CLASS_CACHE.clear()
+    seen = {fuzz._case_class(seed, "safetensors", c).split("+")[0] for seed in range(1, 301)}
+    assert {"hlen-huge", "hdr-huge-int", "off-overlap", "shape-zero", "dtype-unknown", "index-traversal",
+            "config-count", "shard-fifo", "tensor-reshape"} <= seen
+
+
 def test_same_seed_same_case(corpus):
     _, c = corpus
     fuzz._CLASS_CACHE.clear()

@@ -8,6 +8,7 @@ through ml_dtypes) with plain NumPy slicing that states each layout independentl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -546,3 +547,207 @@ def test_overlapping_tensors_in_a_header_are_refused(tmp_path):
     with pytest.raises(SourceError, match="share bytes"):
         SafeTensorsSource.from_headers(tmp_path, json.loads((GEN / "olmoe" / "config.json").read_text()),
                                        {f.name: (n, h, f.stat().st_size)})
+
+
+# -- hostile checkpoints: each bug class the fuzzer (scripts/fuzz.py --target safetensors) found ------------------
+def _split(f: Path) -> tuple[dict, bytes]:
+    """(header JSON, data section) of a .safetensors file, read by hand (not by the code under test)."""
+    blob = f.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def _write(f: Path, header: dict | str | bytes, data: bytes) -> None:
+    text = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _relayout(f: Path, edit) -> None:
+    """Rewrite `f` with a header consistent with its bytes after `edit(entries)`, where entries maps
+    name -> [dtype, shape, raw bytes] in file order (a dict `edit` may change)."""
+    h, data = _split(f)
+    ent = {k: [v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]]
+           for k, v in h.items() if k != "__metadata__"}
+    edit(ent)
+    head, pos, parts = {}, 0, []
+    for k, (dt, shape, raw) in ent.items():
+        head[k] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + len(raw)]}
+        pos += len(raw)
+        parts.append(raw)
+    _write(f, head, b"".join(parts))
+
+
+def _config(ck: Path, **kv) -> None:
+    c = json.loads((ck / "config.json").read_text())
+    c.update(kv)
+    (ck / "config.json").write_text(json.dumps(c))
+
+
+def _h_huge_int(ck):  # a 5000-digit offset: json raises ValueError, not JSONDecodeError
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    k = next(k for k in h if k != "__metadata__")
+    h[k]["data_offsets"][1] = "@@"
+    _write(f, json.dumps(h).replace('"@@"', "9" * 5000), data)
+
+
+def _h_dtype_unhashable(ck):
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    h[next(k for k in h if ".experts." in k)]["dtype"] = ["BF16"]
+    _write(f, h, data)
+
+
+def _h_duplicate_key(ck):  # Python keeps the last copy, other readers the first
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    a, b = [k for k in h if ".experts." in k][:2]
+    _write(f, json.dumps(h)[:-1] + ", " + json.dumps({a: h[b]})[1:], data)
+
+
+def _h_hole(ck):
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    _write(f, h, data + bytes(4096))
+
+
+def _h_surrogate_name(ck):
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    k = next(k for k in h if k.endswith("norm.weight"))
+    _write(f, json.dumps(h).replace(json.dumps(k), '"\\udcff"'), data)
+
+
+def _h_zero_dim(ck):  # a stacked tensor with zero rows per expert: once a ZeroDivisionError
+    def edit(ent):
+        name = "language_model.model.layers.0.feed_forward.experts.down_proj"
+        ent[name] = [ent[name][0], [2, 0, 64], b""]
+    _relayout(ck / "model.safetensors", edit)
+
+
+def _h_mxfp4_no_scales(ck):
+    _relayout(ck / "model.safetensors", lambda ent: ent.pop("model.layers.1.mlp.experts.down_proj_scales"))
+
+
+def _h_expert_huge_index(ck):  # once a set(range(n)) of every index up to it (hang or MemoryError for 10^11)
+    def edit(ent):
+        k = "model.layers.1.mlp.experts.1.up_proj.weight"
+        ent[k.replace("experts.1.", "experts.99999999999.")] = ent.pop(k)
+    _relayout(ck / "model.safetensors", edit)
+
+
+def _h_expert_twice(ck):  # "experts.01." and "experts.1." are both expert 1
+    def edit(ent):
+        k = "model.layers.1.mlp.experts.1.up_proj.weight"
+        ent[k.replace("experts.1.", "experts.01.")] = ent[k]
+    _relayout(ck / "model.safetensors", edit)
+
+
+def _h_int_expert(ck):  # an I32 expert: once extracted, then refused by every load of the folder
+    def edit(ent):
+        for k in ent:
+            if k.startswith("model.layers.1.mlp.experts.") and k.endswith("gate_proj.weight"):
+                ent[k][0], ent[k][2] = "I32", ent[k][2] * 2
+    _relayout(ck / "model.safetensors", edit)
+
+
+def _h_fp8_scale_shape(ck):  # a scale that does not cover its weight: once an IndexError under --dtype
+    def edit(ent):
+        k = "model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"
+        ent[k] = [ent[k][0], [1, 1], ent[k][2][:4]]
+    _relayout(ck / "model.safetensors", edit)
+
+
+def _h_shard_fifo(ck):
+    (ck / "model.safetensors").unlink()
+    os.mkfifo(ck / "model.safetensors")
+
+
+def _h_index_nul(ck):
+    idx = json.loads((ck / "model.safetensors.index.json").read_text())
+    k = next(iter(idx["weight_map"]))
+    idx["weight_map"][k] = "model-00001\x00.safetensors"
+    (ck / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+
+def _h_index_dup(ck):  # one tensor mapped to two shards
+    p = ck / "model.safetensors.index.json"
+    text = p.read_text()
+    idx = json.loads(text)
+    k, v = next((k, v) for k, v in idx["weight_map"].items() if v != "model-00002-of-00003.safetensors")
+    p.write_text(text.replace('"weight_map": {', '"weight_map": {' + json.dumps(k)
+                              + ': "model-00002-of-00003.safetensors", ', 1))
+
+
+HOSTILE = [
+    ("olmoe", _h_huge_int, "not valid JSON"),
+    ("olmoe", _h_dtype_unhashable, "malformed header entry"),
+    ("olmoe", _h_duplicate_key, "twice"),
+    ("olmoe", _h_hole, "belong to no tensor"),
+    ("olmoe", _h_surrogate_name, "not valid Unicode"),
+    ("llama4", _h_zero_dim, "zero dimension"),
+    ("gpt_oss_mxfp4", _h_mxfp4_no_scales, "without their scales"),
+    ("qwen3_moe", _h_expert_huge_index, "past the 65536 experts"),
+    ("qwen3_moe", _h_expert_twice, "are both up of layer 1 expert 1"),
+    ("qwen3_moe", _h_int_expert, "is I32; expert weights must be"),
+    (FP8, _h_fp8_scale_shape, "not the block scale"),
+    ("olmoe", _h_shard_fifo, "not a regular file"),
+    ("deepseek_v2", _h_index_nul, "not a plain .safetensors file name"),
+    ("deepseek_v2", _h_index_dup, "twice"),
+    ("mixtral", lambda ck: _config(ck, num_local_experts="2"), "num_local_experts is '2' \\(str\\)"),
+    ("mixtral", lambda ck: _config(ck, hidden_size=""), "hidden_size is '' \\(str\\)"),
+    ("mixtral", lambda ck: _config(ck, num_experts_per_tok=[2]), "num_experts_per_tok is '\\[2\\]' \\(list\\)"),
+    ("mixtral", lambda ck: _config(ck, num_hidden_layers=1e308), "num_hidden_layers is '1e\\+308' \\(float\\)"),
+    ("mixtral", lambda ck: _config(ck, model_type=["mixtral"]), "model_type \\['mixtral'\\] is not"),
+    ("llama4", lambda ck: _config(ck, text_config=3.5), "text_config is '3.5' \\(float\\)"),
+    ("real/gptoss-bf16", lambda ck: _config(ck, swiglu_limit="x"), "swiglu_limit is 'x' \\(str\\)"),
+    ("deepseek_v2", lambda ck: _config(ck, norm_topk_prob="yes"), "norm_topk_prob is 'yes'"),
+    ("mixtral", lambda ck: (ck / "config.json").write_text('{"model_type": "mixtral", "x": ' + "1" * 5000 + "}"),
+     "config.json is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("name,damage,msg", HOSTILE, ids=[d.__name__.strip("_") if d.__name__ != "<lambda>"
+                                                          else f"config-{i}" for i, (_n, d, _m) in enumerate(HOSTILE)])
+def test_hostile_checkpoints_give_one_clear_error(tmp_path, name, damage, msg):
+    """Each of these once gave a traceback, a hang, or a folder the runtime could not load; now `inspect` and
+    `extract` refuse them with one SourceError/NotMoEError naming the file (and the tensor or key), and a refused
+    extract leaves nothing behind."""
+    from mertools import extract
+    from mertools.describe import describe
+    from mertools.errors import MertoolsError
+
+    ck = tmp_path / "ck"
+    shutil.copytree(folder(name), ck)
+    damage(ck)
+    with pytest.raises(MertoolsError, match=msg) as exc:
+        describe(ck)
+    assert str(ck) in str(exc.value)
+    with pytest.raises(MertoolsError, match=msg):
+        extract(ck, tmp_path / "out", fsync=False, dtype="bf16" if name == FP8 else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no OUT, no staging folder, no lock file
+
+
+def test_hostile_checkpoint_on_the_cli_is_one_line(tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(GEN / "mixtral", ck)
+    _config(ck, num_local_experts="2")
+    for cmd in (("inspect", ck), ("extract", ck, tmp_path / "out")):
+        p = run_cli(*cmd)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "num_local_experts" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_linked_from_elsewhere_still_reads(tmp_path):
+    """Hugging Face's cache links every file of a snapshot to a blob outside the folder: the regular-file check
+    follows symlinks, so such a folder extracts as before."""
+    from mertools.describe import describe
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snap.mkdir()
+    for f in (GEN / "deepseek_v2").iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("..") / "blobs" / f.name)
+    assert describe(snap)["experts"] == describe(GEN / "deepseek_v2")["experts"]

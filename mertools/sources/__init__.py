@@ -75,8 +75,10 @@ REMOTE_OPENERS: dict[str, Callable[[str], Source]] = {}
 
 
 def is_safetensors_folder(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and (
-        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+    """A folder with config.json and model.safetensors or its index, whatever kind of file each is (lexists): a
+    FIFO or a folder in their place is then refused by the reader, naming it, rather than taken for a non-checkpoint."""
+    return p.is_dir() and os.path.lexists(p / "config.json") and (
+        os.path.lexists(p / "model.safetensors") or os.path.lexists(p / "model.safetensors.index.json"))
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import SourceError
+
 PREFIXES = (
     "model.layers.{layer}.",
     "model.language_model.layers.{layer}.",
@@ -228,10 +230,62 @@ def config_value(config: dict[str, Any], what: str) -> Any:
     return None
 
 
+def config_key(config: dict[str, Any], what: str) -> tuple[str | None, Any]:
+    """(the config.json key that gave it, value) for `what`, as ``config_value`` finds it; (None, None) if absent."""
+    for scope, prefix in ((config.get("text_config") or {}, "text_config."), (config, "")):
+        for key in ALIASES[what]:
+            v: Any = scope
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            if v is not None:
+                return prefix + key, v
+    return None, None
+
+
+def config_int(config: dict[str, Any], what: str, where: Any, lo: int = 0, hi: int = 1 << 24) -> int | None:
+    """``config_value`` as a whole number in [lo, hi], None when absent; anything else (a string, a float, a list,
+    a bool, a number out of range) is refused naming config.json and the key, since every count and width of the
+    plan comes from here.
+
+    >>> config_int({"num_local_experts": 8}, "n_experts", "config.json")
+    8
+    """
+    key, v = config_key(config, what)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise SourceError(f"{where}: {key} is {str(v)[:60]!r} ({type(v).__name__}), expected a whole number from "
+                          f"{lo} to {hi}; fix config.json (or download it again)")
+    return v
+
+
+def config_float(config: dict[str, Any], what: str, where: Any) -> float | None:
+    """``config_value`` as a finite number, None when absent; anything else is refused naming the key."""
+    key, v = config_key(config, what)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not abs(v) < 1e30:
+        raise SourceError(f"{where}: {key} is {str(v)[:60]!r} ({type(v).__name__}), expected a finite number; "
+                          "fix config.json (or download it again)")
+    return float(v)
+
+
+def check_config(config: dict[str, Any], where: Any) -> None:
+    """The parts of config.json every reader of it relies on: ``text_config`` (multimodal wrappers) is an object."""
+    tc = config.get("text_config")
+    if tc is not None and not isinstance(tc, dict):
+        raise SourceError(f"{where}: text_config is {str(tc)[:60]!r} ({type(tc).__name__}), expected an object; "
+                          "fix config.json (or download it again)")
+
+
 def model_type_of(config: dict[str, Any]) -> str | None:
+    """``model_type``, or the text model's for a multimodal wrapper whose own type is not in the table; a value
+    that is not a string is returned as is (the caller refuses it)."""
     mt = config.get("model_type")
-    if mt not in MODEL_TYPES and isinstance(config.get("text_config"), dict):
-        mt = config["text_config"].get("model_type", mt)
+    known = isinstance(mt, str) and mt in MODEL_TYPES
+    tc = config.get("text_config")
+    if not known and isinstance(tc, dict) and "model_type" in tc:
+        mt = tc["model_type"]
     return mt
 
 

@@ -16,14 +16,18 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
+from mer_runtime.kernels import DTYPES as _KERNEL_TYPES
+
 from ..errors import SourceError
 
 ViewOf = Callable[[int], memoryview]
 Produce = Callable[[ViewOf], Iterator[np.ndarray]]
 Decode = Callable[[ViewOf, int, int], np.ndarray]
 
-# Output types the runtime computes with (kernels.py): anything else must be converted with --dtype.
-RUNTIME_TYPES = {"F32", "F16", "BF16", "MXFP4"} | {t.name for t in GGMLQuantizationType}
+# Output types the runtime computes with (kernels.py): anything else must be converted with --dtype. Asked of the
+# runtime itself: ggml's integer types, F64, Q8_1, Q8_K and Q1_0 are ggml types it knows but cannot compute with
+# (an I32 expert used to be extracted, and then refused by every load).
+RUNTIME_TYPES = {t for t, info in _KERNEL_TYPES.items() if info.path != "unsupported"}
 DTYPE_CHOICES = ("q4_0", "q8_0", "f16", "bf16")
 BAND_BYTES = 16 << 20  # float32 bytes per quantization band: memory stays flat whatever the matrix size
 
@@ -122,6 +126,12 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> l
         projs = []
         for p in plan.projections:
             if p.role.endswith(("_bias", "_scale")) or target is None or (p.dtype == target and p.produce is None):
+                if p.dtype not in RUNTIME_TYPES and p.decode is None:
+                    raise SourceError(
+                        f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with and --dtype cannot "
+                        "convert (only float sources, BF16/F16/F32/FP8, and MXFP4 can be converted); the experts of "
+                        "this model cannot be extracted (a corrupt header, or a layout to report)"
+                    )
                 if p.dtype not in RUNTIME_TYPES:
                     raise SourceError(
                         f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "

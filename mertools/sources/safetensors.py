@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +24,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import NotMoEError, SourceError
-from .layouts import MODEL_TYPES, PREFIXES, Layout, Part, config_value, model_type_of, moe_layers_from_config
+from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_value,
+                      model_type_of, moe_layers_from_config)
 from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
 
@@ -31,6 +33,9 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128  # weight_scale_inv covers 128 x 128 blocks (quantization_config.weight_block_size)
+MAX_LAYERS = 1 << 16  # block numbers in tensor names (as for GGUF sources)
+MAX_EXPERTS = 1 << 16  # experts per layer (the largest models today: 512)
+SCALE_DTYPES = ("F32", "BF16", "F16")  # what a weight_scale_inv may be stored as
 
 # safetensors dtype -> (bytes per element, numpy dtype used to read it, gguf type it is written as or None)
 DTYPES: dict[str, tuple[int, Any, str | None]] = {
@@ -91,21 +96,47 @@ def parse_header(blob: bytes, where: str, file_size: int | None = None) -> tuple
     if len(blob) < 8 + n:
         raise SourceError(f"{where}: header of {n} bytes but only {len(blob) - 8} given")
     try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SourceError(f"{where}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
+        header = json.loads(blob[8:8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise SourceError(f"{where}: the safetensors header holds the key {str(exc)[:200]} twice; the file is "
+                          "corrupt (or made to be read differently by different readers): download it again") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, bad UTF-8, > 4300-digit integers
+        raise SourceError(f"{where}: the safetensors header is not valid JSON ({str(exc)[:200]}); the file is "
+                          "corrupt") from None
     check_header(header, where, None if file_size is None else file_size - 8 - n)
     return n, header
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is refused (Python keeps the last, other readers the first)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _DuplicateKey(repr(dup))
+    return d
+
+
 def check_header(header: Any, where: str, data_size: int | None) -> None:
-    """Refuse a header whose entries are malformed, do not fit their shape or the file, or overlap."""
+    """Refuse a header whose entries are malformed, do not fit their shape or the file, overlap, or leave bytes of
+    the data section to no tensor (the format forbids holes, as the safetensors library does).
+    `data_size`: bytes after the header (None: unknown, the end is not checked)."""
     if not isinstance(header, dict):
         raise SourceError(f"{where}: the safetensors header is not a JSON object")
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        ok = isinstance(t, dict) and t.get("dtype") in DTYPES and isinstance(t.get("shape"), list) \
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SourceError(f"{where}: tensor name {name!r} is not valid Unicode (a lone surrogate escape); the "
+                              "file is corrupt") from None
+        ok = isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES \
+            and isinstance(t.get("shape"), list) \
             and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in t["shape"]) \
             and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2 \
             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in t["data_offsets"])
@@ -121,6 +152,15 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
     for (_b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
         if b1 < e0 and e1 > b1:
             raise SourceError(f"{where}: tensors {k0!r} and {k1!r} share bytes; the header is corrupt")
+    end = 0
+    for b, e, k in spans:
+        if b > end:
+            raise SourceError(f"{where}: data bytes {end}..{b} belong to no tensor (a hole before {k!r}); the "
+                              "format forbids holes: the file is corrupt or not a safetensors file")
+        end = max(end, e)
+    if data_size is not None and end != data_size:
+        raise SourceError(f"{where}: {data_size - end} bytes after the last tensor belong to no tensor; the file is "
+                          "corrupt or not a safetensors file: download it again")
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -158,10 +198,11 @@ class SafeTensorsSource(MappedFiles):
     def __init__(self, path: str | os.PathLike[str]):
         root = Path(path)
         config = _read_json(root / "config.json", "config.json")
-        if (root / INDEX_NAME).is_file():
-            index = _read_json(root / INDEX_NAME, INDEX_NAME)
+        indexed = os.path.lexists(root / INDEX_NAME)
+        if indexed:
+            index = _read_json(root / INDEX_NAME, INDEX_NAME, unique=True)
             names = _index_files(index, root / INDEX_NAME)
-        elif (root / SINGLE_NAME).is_file():
+        elif os.path.lexists(root / SINGLE_NAME):
             names = [SINGLE_NAME]
         else:
             raise SourceError(f"{root}: has config.json but neither {SINGLE_NAME} nor {INDEX_NAME}; is this a "
@@ -169,11 +210,12 @@ class SafeTensorsSource(MappedFiles):
         headers = {}
         for n in names:
             p = root / n
-            if not p.is_file():
+            if not os.path.lexists(p):
                 raise SourceError(f"{p}: listed in {INDEX_NAME} but missing; download every shard")
+            _regular(p, "a shard of the checkpoint")
             hl, h = read_header(p)
             headers[n] = (hl, h, p.stat().st_size)
-        if (root / INDEX_NAME).is_file():
+        if indexed:
             check_index(index, headers, root / INDEX_NAME)
         self._build(root, config, headers)
 
@@ -200,6 +242,9 @@ class SafeTensorsSource(MappedFiles):
     # -- building --------------------------------------------------------------------------------------------
     def _build(self, root: Path, config: dict[str, Any], headers: dict[str, tuple[int, dict[str, Any], int]]) -> None:
         self.path = root
+        if not isinstance(config, dict):
+            raise SourceError(f"{root / 'config.json'}: is not a JSON object")
+        check_config(config, root / "config.json")
         self.config = config
         self.files = [root / n for n in headers]
         self.sizes = [size for (_n, _h, size) in headers.values()]
@@ -220,13 +265,14 @@ class SafeTensorsSource(MappedFiles):
                 self.tensors[name] = STTensor(name, i, t["dtype"], tuple(t["shape"]), 8 + n + b, e - b)
                 self.tensor_order.append(name)
         mt = model_type_of(config)
-        if mt not in MODEL_TYPES:
+        if not isinstance(mt, str) or mt not in MODEL_TYPES:
             known = ", ".join(sorted(MODEL_TYPES))
-            raise NotMoEError(f"{root / 'config.json'}: model_type {mt!r} is not a Mixture-of-Experts layout this "
-                              f"version knows ({known}); nothing to extract")
+            raise NotMoEError(f"{root / 'config.json'}: model_type {repr(mt)[:80]} is not a Mixture-of-Experts layout "
+                              f"this version knows ({known}); nothing to extract")
         self.model_type = mt
         self.spec = MODEL_TYPES[mt]
         self.arch = self.spec.gguf_arch
+        self._check_fp8_scales()
         self.prefix = self._find_prefix()
         self.experts, self.layer_layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
@@ -257,10 +303,24 @@ class SafeTensorsSource(MappedFiles):
         for name in self.tensor_order:
             for li, role, suf, rx in rxs:
                 if m := rx.match(name):
+                    t = self.tensors[name]
+                    # bounded before int(): a 5000-digit block number must not reach int() or a range()
+                    if len(m["layer"]) > 6 or int(m["layer"]) >= MAX_LAYERS:
+                        raise self._err(t, f"names block {m['layer'][:20]}, past the {MAX_LAYERS} this version "
+                                           "reads; the checkpoint is corrupt")
                     layer = int(m["layer"])
-                    e = int(m["expert"]) if "expert" in rx.groupindex else None
-                    found.setdefault((layer, li), {}).setdefault(role + suf, {}).setdefault(e, []).append(
-                        self.tensors[name])
+                    e = None
+                    if "expert" in rx.groupindex:
+                        if len(m["expert"]) > 6 or int(m["expert"]) >= MAX_EXPERTS:
+                            raise self._err(t, f"names expert {m['expert'][:20]}, past the {MAX_EXPERTS} experts "
+                                               "per layer this version reads; the checkpoint is corrupt")
+                        e = int(m["expert"])
+                    bucket = found.setdefault((layer, li), {}).setdefault(role + suf, {}).setdefault(e, [])
+                    if bucket:  # "experts.01." and "experts.1.": which one is expert 1 is anybody's guess
+                        raise self._err(t, f"and {bucket[0].name!r} are both {role + suf} of layer {layer}"
+                                           + (f" expert {e}" if e is not None else "")
+                                           + "; the checkpoint is corrupt or merged from two saves")
+                    bucket.append(t)
         if not found:
             raise NotMoEError(f"{self.path}: model_type {self.model_type!r} but no routed-expert tensors found "
                               f"(looked for {self.spec.layouts[0].roles['gate'].pattern.replace('{p}', self.prefix)}"
@@ -288,7 +348,7 @@ class SafeTensorsSource(MappedFiles):
         names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in self.tensors}
         self._check_uncarried(names)
         self._check_moe_layers(set(layouts))
-        n_exp = config_value(self.config, "n_experts")
+        n_exp = config_int(self.config, "n_experts", self.path / "config.json", 1, MAX_EXPERTS)
         per_layer = {}
         for p in plans:
             per_layer[p.layer] = per_layer.get(p.layer, 0) + 1
@@ -312,8 +372,8 @@ class SafeTensorsSource(MappedFiles):
 
     def _check_moe_layers(self, found: set[int]) -> None:
         """Blocks the config says are MoE must all hold experts (a half-copied checkpoint must not pass)."""
-        n_layers = config_value(self.config, "n_layers")
-        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 < n_layers < 1 << 20:
+        n_layers = config_int(self.config, "n_layers", self.path / "config.json", 1, MAX_LAYERS)
+        if n_layers is None:
             return
         want = moe_layers_from_config(self.config, n_layers)
         missing = sorted(want - found)
@@ -336,8 +396,8 @@ class SafeTensorsSource(MappedFiles):
         part = lay.roles["gate"]
         t = got["gate" + ("_blocks" if part.kind == "mxfp4" else "")][None][0]
         if part.experts_flat:
-            n = config_value(self.config, "n_experts")
-            if not n or t.shape[0] % int(n):
+            n = config_int(self.config, "n_experts", self.path / "config.json", 1, MAX_EXPERTS)
+            if not n or not t.shape or t.shape[0] % n:
                 raise self._err(t, f"is {list(t.shape)}, flat over experts, but config.json's expert count {n} does "
                                    "not divide it")
             return int(n)
@@ -358,7 +418,11 @@ class SafeTensorsSource(MappedFiles):
                 elif part.kind == "stacked":
                     projs.append(self._stacked(role, part, got[key][None][0], e, n_exp))
                 else:
-                    projs.append(self._mxfp4(role, part, got[key][None][0], got[role + "_scales"][None][0], e, n_exp))
+                    blocks = got[key][None][0]
+                    if role + "_scales" not in got:
+                        raise self._err(blocks, f"has no {blocks.name.removesuffix('_blocks')}_scales beside it: "
+                                                "MXFP4 blocks without their scales; the checkpoint is incomplete")
+                    projs.append(self._mxfp4(role, part, blocks, got[role + "_scales"][None][0], e, n_exp))
             plans.append(ExpertPlan(layer, e, projs))
         check_gated_shapes(self.path, layer, plans)
         return plans
@@ -369,6 +433,16 @@ class SafeTensorsSource(MappedFiles):
         return np.frombuffer(view_of(t.file_index), dtype=npt, count=t.nbytes // np.dtype(npt).itemsize,
                              offset=t.offset).reshape(t.shape)
 
+    def _check_dims(self, t: STTensor) -> None:
+        """An expert's weight (or bias) tensor: a float type the plan can carry, no zero dimension."""
+        if t.dtype not in FLOAT_TYPES:
+            raise self._err(t, f"is {t.dtype}; expert weights must be BF16, F16, F32 or F8_E4M3 (or GPT-OSS's MXFP4 "
+                               "blocks): the header is corrupt, or the checkpoint is quantized in a format this "
+                               "version does not read")
+        if 0 in t.shape:
+            raise self._err(t, f"has shape {list(t.shape)}, with a zero dimension: an expert with no weights; the "
+                               "checkpoint is corrupt")
+
     def _scales_of(self, t: STTensor) -> STTensor | None:
         if t.dtype != "F8_E4M3":
             return None
@@ -377,10 +451,26 @@ class SafeTensorsSource(MappedFiles):
             raise self._err(t, "is FP8 but has no weight_scale_inv beside it; the checkpoint is incomplete")
         return s
 
+    def _check_fp8_scales(self) -> None:
+        """Every FP8 weight's weight_scale_inv is a float tensor covering it in 128 x 128 blocks (one value for a
+        tensor that is not 2-D), so that applying it indexes inside it."""
+        for name in self.tensor_order:
+            t = self.tensors[name]
+            s = self.tensors.get(name + "_scale_inv")
+            if t.dtype != "F8_E4M3" or s is None:
+                continue
+            want = tuple(-(-d // FP8_BLOCK) for d in t.shape) if len(t.shape) == 2 else None
+            n = int(np.prod(s.shape, dtype=object))
+            if s.dtype not in SCALE_DTYPES or (s.shape != want if want is not None else n != 1):
+                raise SourceError(f"{self.files[s.file_index]}: tensor {s.name!r} ({s.dtype} {list(s.shape)}) is "
+                                  f"not the block scale of {name!r} {list(t.shape)} (expected "
+                                  f"{list(want) if want else [1]} of F32/BF16/F16); the checkpoint is corrupt")
+
     def _per_expert(self, role: str, t: STTensor) -> Projection:
         want = 1 if role.endswith("_bias") else 2
         if len(t.shape) != want:
             raise self._err(t, f"has shape {list(t.shape)}, expected {want} dimensions")
+        self._check_dims(t)
         scale = self._scales_of(t)
         files = (t.file_index,) + ((scale.file_index,) if scale else ())
 
@@ -407,6 +497,7 @@ class SafeTensorsSource(MappedFiles):
         if len(shape) != (2 if bias else 3) or shape[0] != n_exp:
             raise self._err(t, f"has shape {list(t.shape)}, expected [{n_exp}, ...] with "
                                f"{2 if bias else 3} dimensions")
+        self._check_dims(t)
         if self._scales_of(t) is not None:
             raise self._err(t, "is a stacked FP8 tensor, which this version does not convert")
         sub = list(shape[1:])
@@ -455,8 +546,12 @@ class SafeTensorsSource(MappedFiles):
                 or scales.shape != blocks.shape[:3] or scales.dtype != "U8":
             raise self._err(blocks, f"{list(blocks.shape)} with scales {list(scales.shape)} is not an MXFP4 pair "
                                     f"[{n_exp}, rows, in/32, 16] + [{n_exp}, rows, in/32] of U8")
+        if 0 in blocks.shape:
+            raise self._err(blocks, f"has shape {list(blocks.shape)}, with a zero dimension; the checkpoint is corrupt")
         _n, rows, nblk, _ = blocks.shape
         if part.take:
+            if rows % 2:
+                raise self._err(blocks, f"has an odd number of fused rows {rows}; gate and up cannot be split")
             rows //= 2
         out_shape = (rows, nblk * 32)
         sel = {None: slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2),
@@ -494,18 +589,19 @@ class SafeTensorsSource(MappedFiles):
         first = self.experts[0]
         shapes = {q.role: q.shape for q in first.projections}
         d_ff, d_model = shapes["gate"]
-        cfg_model = config_value(self.config, "d_model")
-        if cfg_model is not None and int(cfg_model) != d_model:
+        cfg = self.path / "config.json"
+        cfg_model = config_int(self.config, "d_model", cfg, 1, 1 << 24)
+        if cfg_model is not None and cfg_model != d_model:
             raise SourceError(f"{self.path / 'config.json'}: hidden size {cfg_model} but the experts take {d_model} "
                               "inputs; config and weights disagree")
-        n_layers = int(config_value(self.config, "n_layers") or max(moe_layers) + 1)
+        n_layers = config_int(self.config, "n_layers", cfg, 1, MAX_LAYERS) or max(moe_layers) + 1
         mtp = [layer for layer in moe_layers if layer >= n_layers]
         info: dict[str, Any] = {
             "architecture": self.arch,
-            "name": self.config.get("_name_or_path") or (self.config.get("architectures") or [None])[0],
+            "name": _model_name(self.config),
             "n_layers": n_layers + len(mtp),
             "n_experts": len([p for p in self.experts if p.layer == first.layer]),
-            "n_experts_used": int(config_value(self.config, "n_experts_used") or 0),
+            "n_experts_used": config_int(self.config, "n_experts_used", cfg, 0, MAX_EXPERTS) or 0,
             "d_model": d_model,
             "d_ff": max(p.projections[0].shape[0] for p in self.experts),
             "moe_layers": moe_layers,
@@ -513,9 +609,9 @@ class SafeTensorsSource(MappedFiles):
             "activation": dict(self.spec.activation),
         }
         if info["activation"]["kind"] == "swiglu_oai":
-            limit = config_value(self.config, "swiglu_limit")
+            limit = config_float(self.config, "swiglu_limit", cfg)
             if limit is not None:
-                info["activation"]["limit"] = float(limit)
+                info["activation"]["limit"] = limit
         if mtp:
             info["n_mtp_layers"] = len(mtp)
         lay = self.layer_layouts[moe_layers[0]]
@@ -523,22 +619,27 @@ class SafeTensorsSource(MappedFiles):
         shared = [p for p in lay.shared if any(n.startswith(prefix.format(layer=moe_layers[0]) + p)
                                                for n in self.tensor_order)]
         if shared:
-            n_sh = config_value(self.config, "n_shared_experts")
-            info["n_shared_experts"] = int(n_sh) if n_sh else 1
-            d_sh = config_value(self.config, "d_ff_shared")
+            n_sh = config_int(self.config, "n_shared_experts", cfg, 0, MAX_EXPERTS)
+            info["n_shared_experts"] = n_sh or 1
+            d_sh = config_int(self.config, "d_ff_shared", cfg, 0, 1 << 24)
             if d_sh is None:
                 t = next((self.tensors[n] for n in self.tensor_order
                           if n.startswith(prefix.format(layer=moe_layers[0]) + shared[0])
                           and n.endswith(("gate_proj.weight", "w1.weight", "input_linear.weight"))), None)
                 d_sh = t.shape[0] // (2 if "input_linear" in t.name else 1) if t else 0
             info["d_ff_shared"] = int(d_sh)
-        lead = config_value(self.config, "n_dense_layers")
+        lead = config_int(self.config, "n_dense_layers", cfg, 0, MAX_LAYERS)
         if lead:
-            info["n_dense_layers"] = int(lead)
-        for key in ("expert_weights_scale", "expert_weights_norm"):
-            v = config_value(self.config, key)
-            if v is not None:
-                info[key] = v
+            info["n_dense_layers"] = lead
+        scale = config_float(self.config, "expert_weights_scale", cfg)
+        if scale is not None:
+            info["expert_weights_scale"] = scale
+        norm = config_value(self.config, "expert_weights_norm")
+        if norm is not None:
+            if not isinstance(norm, bool):
+                raise SourceError(f"{cfg}: norm_topk_prob is {str(norm)[:60]!r}, expected true or false; fix "
+                                  "config.json (or download it again)")
+            info["expert_weights_norm"] = norm
         router: dict[str, str] = {}
         for key, rel in (("weight", lay.router), ("bias", lay.router_bias), ("selection_bias", lay.selection_bias)):
             if rel and (prefix + rel).format(layer=moe_layers[0]) in self.tensors:
@@ -596,6 +697,15 @@ class SafeTensorsSource(MappedFiles):
         return DenseWriter(self, path, fsync=fsync)
 
 
+def _model_name(config: dict[str, Any]) -> str | None:
+    """The model's name for the manifest: ``_name_or_path`` or the first of ``architectures``, when a string."""
+    arch = config.get("architectures")
+    for v in (config.get("_name_or_path"), arch[0] if isinstance(arch, list) and arch else None):
+        if isinstance(v, str) and v:
+            return v.encode("utf-8", "replace").decode("utf-8")[:200]
+    return None
+
+
 TILE = 64  # source rows per tile of a transposed copy: each tile is read sequentially, written in cache
 
 
@@ -633,15 +743,28 @@ def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out.reshape(rows, nblk * 17)
 
 
-def _read_json(p: Path, what: str) -> dict[str, Any]:
+def _read_json(p: Path, what: str, unique: bool = False) -> dict[str, Any]:
+    """A JSON object file of at most 64 MiB. `unique`: a key given twice is refused (the index: which shard holds
+    a tensor must not depend on the reader); config.json keeps Python's last-wins, as transformers reads it."""
+    _regular(p, what)
     try:
-        if p.stat().st_size > 64 << 20:
-            raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
-        d = json.loads(p.read_text(encoding="utf-8"))
+        with open(p, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > 64 << 20:
+                raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
+            # bounded by the size seen (not by the 64 MiB limit: read(n) allocates n at once), so a file that grows
+            # under us cannot exhaust memory; one byte more than the size shows that it grew
+            raw = fh.read(size + 1)
+        if len(raw) > size > 0:  # (size 0 with bytes: a /proc-like file, refused below as not JSON)
+            raise SourceError(f"{p}: {what} grew while it was read; wait until it is fully written")
+        d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
     except OSError as exc:
         raise SourceError(f"{p}: cannot be read ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SourceError(f"{p}: {what} is not valid JSON ({exc})") from None
+    except _DuplicateKey as exc:
+        raise SourceError(f"{p}: {what} holds the key {str(exc)[:200]} twice; it is corrupt: download it again") \
+            from None
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, bad UTF-8, > 4300-digit integers
+        raise SourceError(f"{p}: {what} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(d, dict):
         raise SourceError(f"{p}: {what} is not a JSON object")
     return d
@@ -657,10 +780,26 @@ def check_index(index: dict[str, Any], headers: dict[str, tuple[int, dict[str, A
 
 def _index_files(index: dict[str, Any], where: Path) -> list[str]:
     wm = index.get("weight_map")
-    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()) or not wm:
         raise SourceError(f"{where}: has no weight_map of tensor -> file; the index is corrupt")
     names = sorted(set(wm.values()))
     for n in names:
-        if "/" in n or "\\" in n or n.startswith(".") or not n.endswith(".safetensors"):
-            raise SourceError(f"{where}: names shard {n!r}, which is not a plain .safetensors file name beside it")
+        if "/" in n or "\\" in n or n.startswith(".") or not n.endswith(".safetensors") or len(n) > 255 \
+                or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in n):
+            raise SourceError(f"{where}: names shard {n[:300]!r}, which is not a plain .safetensors file name beside "
+                              "it; the index is corrupt (or hostile): download it again")
     return names
+
+
+def _regular(p: Path, what: str) -> None:
+    """Refuse what is not a regular file (a FIFO would block the open, /dev/zero never ends, a folder...),
+    following symlinks: Hugging Face's cache links every file of a snapshot to its blob."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise SourceError(f"{p}: missing ({what}); download every file of the checkpoint") from None
+    except OSError as exc:
+        raise SourceError(f"{p}: cannot be read ({exc.strerror}); {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"{p}: is not a regular file ({what}; a folder, FIFO or device is in its place): put the "
+                          "downloaded file there")

@@ -104,7 +104,9 @@ def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
     def produce(view_of: ViewOf) -> Iterator[np.ndarray]:
         for r0 in range(0, rows, step):
             band = decode(view_of, r0, min(rows, r0 + step))
-            yield quantize(np.ascontiguousarray(band, dtype=np.float32), qt).reshape(-1)
+            with np.errstate(invalid="ignore", over="ignore"):  # a source's NaN/inf: quantized as gguf does, quietly
+                q = quantize(np.ascontiguousarray(band, dtype=np.float32), qt)
+            yield q.reshape(-1)
 
     steps = "quantize" if p.transform == "none" else f"{p.transform}+quantize"
     return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce, spans=p.source_spans)

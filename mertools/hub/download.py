@@ -204,7 +204,7 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
             return True
         return False
 
-    def give_up(problem: str) -> str:
+    def give_up(problem: str, _transport: bool) -> str:
         return (f"{what}: gave up after {RETRIES} attempts in a row that brought less than "
                 f"{MIN_PROGRESS >> 10} KiB ({problem}); run the pull again later: the bytes downloaded so far are "
                 "kept (if it repeats, check HF_ENDPOINT or the proxy)")

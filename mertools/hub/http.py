@@ -134,16 +134,17 @@ def same_origin(url: str, base: str) -> bool:
     return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
 
 
-def with_retries(what: str, once: Callable[[], Any], give_up: Callable[[str], str], *,
+def with_retries(what: str, once: Callable[[], Any], give_up: Callable[[str, bool], str], *,
                  progress: Callable[[], bool] | None = None, stop: threading.Event | None = None) -> Any:
     """``once()``'s value, calling it again (with backoff) while it raises :class:`Retry` or a transport error.
 
-    Gives up with ``HubError(give_up(problem))`` after RETRIES failed attempts in a row; ``progress()`` (asked after
+    Gives up with ``HubError(give_up(problem, transport))`` after RETRIES failed attempts in a row (``transport``:
+    the last failure was the network's, not an answer's); ``progress()`` (asked after
     each failure) True means the attempt brought enough to reset that count. A transport error no retry can mend is
     one HubError at once; our own errors (MertoolsError) and bugs pass through. ``stop`` ends the wait between
     attempts at once (an interrupted pull must not sleep out a Retry-After).
 
-    >>> with_retries("org/m", lambda: 42, lambda p: f"org/m: gave up ({p})")
+    >>> with_retries("org/m", lambda: 42, lambda p, t: f"org/m: gave up ({p})")
     42
     """
     fails = 0
@@ -153,7 +154,7 @@ def with_retries(what: str, once: Callable[[], Any], give_up: Callable[[str], st
         try:
             return once()
         except Retry as exc:
-            problem, wait = str(exc), exc.wait
+            problem, wait, transport = str(exc), exc.wait, False
         except MertoolsError:
             raise
         except Exception as exc:
@@ -161,10 +162,10 @@ def with_retries(what: str, once: Callable[[], Any], give_up: Callable[[str], st
                 raise
             if (why := permanent_transport_error(exc)) is not None:
                 raise HubError(f"{what}: {why}") from None
-            problem, wait = f"{type(exc).__name__}: {first_line(exc)}", None
+            problem, wait, transport = f"{type(exc).__name__}: {first_line(exc)}", None, True
         fails = 0 if progress is not None and progress() else fails + 1
         if fails >= RETRIES:
-            raise HubError(give_up(problem)) from None
+            raise HubError(give_up(problem, transport)) from None
         delay = backoff(fails, wait)
         if stop is None:
             time.sleep(delay)
@@ -218,11 +219,14 @@ def get_json(url: str, what: str, *, params: dict[str, str] | None = None) -> tu
             body = _read_json_body(r, what, deadline)
             return decode_json(body, what), r.headers
 
-    def give_up(problem: str) -> str:
+    def give_up(problem: str, transport: bool) -> str:
         if problem.startswith("HTTP"):
             return f"{what}: the hub answered {problem} {RETRIES} times in a row; try again later"
-        return (f"{what}: cannot reach {endpoint()}: {RETRIES} attempts failed ({problem}); check the network or "
-                "HF_ENDPOINT, or try again later")
+        if transport:
+            return (f"{what}: cannot reach {endpoint()}: {RETRIES} attempts failed ({problem}); check the network "
+                    "or HF_ENDPOINT, or try again later")
+        return (f"{what}: no usable answer from {endpoint()} in {RETRIES} attempts ({problem}); try again later, or "
+                "check HF_ENDPOINT or the proxy")
 
     return with_retries(what, once, give_up)
 
@@ -331,7 +335,7 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
                 return bytes(buf)
             raise Retry(f"{len(buf)} of {want} bytes arrived")
 
-    return with_retries(what, once, lambda problem: f"{what}: gave up after {RETRIES} attempts ({problem}); run it "
+    return with_retries(what, once, lambda problem, _: f"{what}: gave up after {RETRIES} attempts ({problem}); run it "
                                                     "again later, or check HF_ENDPOINT")
 
 

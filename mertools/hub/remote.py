@@ -114,7 +114,7 @@ def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
             raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
 
     with session_timeout():
-        return with_retries(what, once, lambda problem: f"{what}: the hub answered {problem} {RETRIES} times; try "
+        return with_retries(what, once, lambda problem, _: f"{what}: the hub answered {problem} {RETRIES} times; try "
                                                         "again later")
 
 

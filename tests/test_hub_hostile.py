@@ -94,6 +94,12 @@ def cli(env: dict, *args: str, timeout: float = 90) -> subprocess.CompletedProce
                           env={**os.environ, **env}, timeout=timeout)
 
 
+def run_ok(env: dict, *args: str) -> bool:
+    r = cli(env, *args)
+    assert r.returncode == 0, r.stderr
+    return True
+
+
 def add_model(hub: HubServer, **extra) -> str:
     return hub.add_revision(REPO, {MODEL.name: MODEL, **extra})
 
@@ -595,17 +601,18 @@ def test_a_retry_after_that_is_junk_or_a_past_date_is_a_plain_retry(live, out, e
 def test_push_has_a_timeout_and_gives_the_client_its_setting_back(live, env, extracted):
     from huggingface_hub import get_session
 
-    from mertools.hub.push import push
+    from mertools.hub.remote import hub_call
 
     folder = extracted(MODEL)
     live.fault("hang", "/api/repos/create", times=None, delay=120)  # accepted, never answered
     err = one_line_error(cli({**env, "MERTOOLS_HUB_TIMEOUT": "1"}, "push", folder, "me/pushed", "-q", timeout=60))
     assert "Timeout" in err and "me/pushed" in err and "pull" not in err and "OFFLINE" not in err
     live.clear_faults()
+    assert run_ok(env, "push", folder, "me/pushed", "-q") and "dense.gguf" in live.files_at("me/pushed")
+    # in this process: the shared client carries our timeout only while a push's call runs
     before = get_session().timeout
-    push(folder, "me/pushed", quiet=True)
-    assert "dense.gguf" in live.files_at("me/pushed")
-    assert get_session().timeout == before
+    during = hub_call("me/pushed", lambda: get_session().timeout)
+    assert during.read == 5.0 and get_session().timeout == before != during
 
 
 @pytest.mark.parametrize("where,status,headers", [

@@ -654,3 +654,25 @@ def _fetch_into(errors, fetch, spec, sha, f, dest, stop):
         fetch(spec, sha, f, dest, stop=stop)
     except Exception as exc:  # noqa: BLE001 - handed to the test
         errors.append(exc)
+
+
+def test_a_hub_that_ignores_range_and_cuts_past_a_mib_is_given_up_on(live, tmp_path):
+    # each answer restarts at byte 0 and brings more than the 1 MiB that counts as progress, but never past where the
+    # file has been: a progress mark reset with the restart would retry for ever
+    import threading
+
+    from mertools.hub.download import fetch
+    from mertools.hub.remote import RepoSpec, list_files
+
+    sha = live.add_revision(REPO, {"big.bin": os.urandom(3 << 20)})
+    f, = [f for f in list_files(RepoSpec(REPO), sha) if f.path == "big.bin"]
+    live.fault("norange", RESOLVE, times=None)
+    live.fault("cut", RESOLVE, times=None, after=3 << 19)
+    errors: list[Exception] = []
+    t = threading.Thread(target=lambda: _fetch_into(errors, fetch, RepoSpec(REPO), sha, f, tmp_path / "big.bin",
+                                                    None), daemon=True)
+    t.start()
+    t.join(timeout=120)  # a liveness bound: the bug retried for ever
+    assert not t.is_alive(), "retried for ever"
+    assert len(errors) == 1 and "gave up after 6 attempts" in str(errors[0]) and "big.bin" in str(errors[0])
+    assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 7  # 1 that got furthest, then 6 that did not

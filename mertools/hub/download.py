@@ -184,7 +184,7 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
                 out.truncate(0)
                 out.seek(0)
                 st["sha"] = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-                st["have"] = st["mark"] = 0
+                st["have"] = 0  # mark stays: a hub that ignores Range and cuts at the same byte makes no progress
             for b in r.iter_raw():  # as the network delivers: a cut keeps what arrived
                 if stop is not None and stop.is_set():
                     raise HubError(f"{what}: stopped")

@@ -355,7 +355,8 @@ def session_timeout() -> Iterator[None]:
 
     The client has no timeout by default (``timeout=None``), and those calls pass none of their own. Only the
     client's default is changed, never the client: nothing is closed or replaced under another thread, and
-    nested or concurrent blocks restore the setting once, when the last ends.
+    nested or concurrent blocks restore the setting once, when the last ends. An upload huggingface_hub hands to
+    ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that library's own policy.
 
     >>> with session_timeout():                                              # doctest: +SKIP
     ...     HfApi().create_commit(...)

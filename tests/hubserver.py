@@ -19,8 +19,10 @@ Fault injection (:meth:`HubServer.fault`): cut the connection after N body bytes
 times, or send slowly; and a hub that lies or attacks (each kind documented on :class:`Fault`): answers that never
 come (``hang``), redirects (``redirect``), raw or edited JSON (``body``, ``json``), a Range ignored (``norange``),
 a Content-Length that lies (``declare``), bytes past the body (``extra``, ``nolength``), a wrong ETag (``etag``), an
-LFS pointer for the file (``pointer``), the branch's bytes for a pinned commit (``ignore_rev``), and a callback on a
-request (``hook``). Counters: body bytes served per (repo, path), requests, request headers, LFS uploads per oid.
+LFS pointer for the file (``pointer``), the branch's bytes for a pinned commit (``ignore_rev``), a callback on a
+request (``hook``), JSON gzip-compressed when the client accepts it, as a CDN does (``gzip``), an answer that
+trickles one byte at a time for ever (``trickle``), and a download that stops after N bytes until the client has
+gone (``stall``). Counters: body bytes served per (repo, path), requests, request headers, LFS uploads per oid.
 
 >>> with HubServer() as hub:                                      # doctest: +SKIP
 ...     sha = hub.add_revision("org/model", {"model.gguf": Path("fixtures/real/mixtral-q4_0.gguf")})
@@ -31,9 +33,12 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import gzip
 import hashlib
 import json
 import re
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,6 +126,9 @@ class Fault:
     location: str = ""  # redirect: Location ("{url}" is the server's base URL, "{path}" the request's path)
     edit: Any = None  # json: edit(value) -> value, applied to a JSON answer; hook: call(handler) before handling
     value: str = ""  # etag: the ETag sent
+    # gzip: every matching JSON answer, no budget used; trickle: one byte every ``delay`` s until the client goes;
+    # stall: after ``after`` body bytes of a download, wait (at most ``delay`` s, default 30) until the client has
+    # closed the connection, then send the rest if it has not
     fired: int = 0
 
 
@@ -150,6 +158,7 @@ class HubServer:
         # server's thread: lets a test watch the client's disk at every step of a transfer, without timing
         self.on_chunk: Any = None
         self.seen_headers: list[tuple[str, dict[str, str]]] = []  # (path, request headers) of every request
+        self.gzipped = 0  # JSON answers sent gzip-compressed (gzip fault)
         self._stopping = threading.Event()  # releases "hang" faults when the server stops
         self._server: ThreadingHTTPServer | None = None
 
@@ -296,10 +305,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        if status == 200 and (f := self.server_hub.take_fault(unquote(urlsplit(self.path).path), ("json",))):
+        hub = self.server_hub
+        path = unquote(urlsplit(self.path).path)
+        if status == 200 and (f := hub.take_fault(path, ("json",))):
             obj = f.edit(obj) if f.edit is not None else obj
             headers = {**(headers or {}), **f.headers}
-        self._send(status, json.dumps(obj).encode(), headers)
+        body = json.dumps(obj).encode()
+        accept = [e.split(";")[0].strip().lower() for e in self.headers.get("Accept-Encoding", "").split(",")]
+        if hub.active(path, "gzip") and "gzip" in accept:
+            body = gzip.compress(body)
+            headers = {**(headers or {}), "Content-Encoding": "gzip"}
+            with hub.lock:
+                hub.gzipped += 1
+        self._send(status, body, headers)
 
     def _error(self, status: int, code: str, msg: str) -> None:
         self._json({"error": msg}, status, {"X-Error-Code": code, "X-Error-Message": msg})
@@ -312,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             hub.seen_headers.append((path, dict(self.headers.items())))
         if (f := hub.take_fault(path, ("hook",))) is not None:
             f.edit(self)
-        f = hub.take_fault(path, ("error", "hang", "redirect", "body"))
+        f = hub.take_fault(path, ("error", "hang", "redirect", "body", "trickle"))
         if f is not None:
             self._body()
             if f.kind == "hang":  # accept the request, never answer: only a client timeout gets out
@@ -324,7 +342,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(f.status if 300 <= f.status < 400 else 302, b"", {"Location": loc, **f.headers})
                 return
             if f.kind == "body":
-                self._send(200, f.body)
+                self._send(200, f.body, f.headers)
+                return
+            if f.kind == "trickle":  # every byte well within a read timeout, the answer never complete
+                hub.requests.append((self.command, self.path, 200))
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 30))
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    while not hub._stopping.wait(f.delay or 0.1):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                except OSError:  # the client has gone
+                    pass
                 return
             self._send(f.status, b'{"error": "injected"}', f.headers)
             return
@@ -476,9 +507,10 @@ class _Handler(BaseHTTPRequestHandler):
         cut = hub.take_fault(full, ("cut",)) or hub.take_fault(unquote(urlsplit(full).path), ("cut",))
         corrupt = [f for f in hub.faults if f.kind == "corrupt" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
         slow = [f for f in hub.faults if f.kind == "slow" and fnmatch.fnmatch(unquote(urlsplit(full).path), f.pattern)]
+        stall = hub.take_fault(unquote(urlsplit(full).path), ("stall",))
         self._sent = 0
         try:
-            self._stream(b, key, start, n, cut, corrupt, slow)
+            self._stream(b, key, start, n, cut, corrupt, slow, stall)
             if extra is not None:
                 self.wfile.write(b"\xee" * extra.after)
                 self.wfile.flush()
@@ -487,7 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.transfers.append((key, start, self._sent))
 
     def _stream(self, b: Blob, key: tuple[str, str], start: int, n: int, cut: Fault | None, corrupt: list[Fault],
-                slow: list[Fault]) -> None:
+                slow: list[Fault], stall: Fault | None = None) -> None:
         hub = self.server_hub
         sent = self._sent = 0
         with b.open() as fh:
@@ -505,6 +537,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self._sent = sent + len(chunk)
                     self.wfile.flush()
                     raise _Cut
+                if stall is not None and sent >= stall.after and self._client_gone(stall.delay or 30):
+                    raise _Cut
+                stall = None if stall is not None and sent >= stall.after else stall
                 for f in slow:
                     time.sleep(f.delay)
                 if hub.on_chunk is not None:
@@ -517,6 +552,17 @@ class _Handler(BaseHTTPRequestHandler):
                 sent += len(chunk)
                 self._sent = sent
                 pos += len(chunk)
+
+    def _client_gone(self, wait: float) -> bool:
+        """Wait up to ``wait`` s for the client to close its end (readable with nothing to read, or reset)."""
+        end = time.monotonic() + wait
+        while (left := end - time.monotonic()) > 0 and not self.server_hub._stopping.is_set():
+            if select.select([self.connection], [], [], min(left, 0.5))[0]:
+                try:
+                    return self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
+        return False
 
     def _count(self, key: tuple[str, str], n: int) -> None:
         hub = self.server_hub

@@ -14,20 +14,17 @@ import os
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
 from ..commit import fsync_dir
 from ..errors import OutputError
-from .http import (
-    RETRIES, RETRY_STATUS, backoff, check_retry_after, is_transport_error, permanent_transport_error, retry_after,
-    timeout,
-)
+from .http import RETRIES, Retry, retry_status, timeout, with_retries
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 
 CHUNK = 1 << 20
+MIN_PROGRESS = CHUNK  # new bytes that make a run of failed attempts count as progress (see _transfer)
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
@@ -153,79 +150,70 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
               stop: threading.Event | None) -> str:
     """Append the rest of ``f`` to ``part`` (from byte ``have``), retrying; return the hex digest of the whole.
 
-    An attempt counts as progress only if the file grows past the furthest it has been: a hub that ignores Range
-    and cuts every answer at the same byte would otherwise be retried for ever.
+    Failed attempts in a row are counted until the file has grown by MIN_PROGRESS bytes (or to its end) since the
+    last time the count was reset: a hub that ignores Range and cuts every answer at the same byte, or one that sends
+    one new byte per answer, is given up on after RETRIES attempts instead of being retried for ever.
     """
     from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers
 
     # identity: the listed size and hash are of the plain bytes, and ranges must count them
     headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
-    fails = 0
-    furthest = have
     session = get_session()
+    again = "run the pull again after that: what was downloaded is kept"
+    st = {"have": have, "sha": sha, "mark": have}  # mark: the size at the last reset of the failure count
+
+    def once(out: Any) -> None:
+        if st["have"] >= f.size:  # a transport error after the last byte: nothing left to ask for
+            return
+        h = dict(headers)
+        if st["have"]:
+            h["Range"] = f"bytes={st['have']}-"
+        with session.stream("GET", url, headers=h, follow_redirects=True, timeout=timeout()) as r:
+            retry_status(what, r, again)
+            if r.status_code == 404:
+                raise HubError(f"{what}: not found on the hub (HTTP 404); check the repo and --revision")
+            if r.status_code in (401, 403):
+                raise HubError(f"{what}: access denied (HTTP {r.status_code}); a gated or private repo "
+                               "needs HF_TOKEN or `hf auth login`")
+            if r.status_code not in (200, 206):
+                raise HubError(f"{what}: the hub answered HTTP {r.status_code}; run the pull again later, "
+                               "or check HF_ENDPOINT")
+            _expected_length(r, st["have"], f, what)
+            if st["have"] and r.status_code == 200:  # the range was ignored: start over
+                out.truncate(0)
+                out.seek(0)
+                st["sha"] = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+                st["have"] = 0  # mark stays: a hub that ignores Range and cuts at the same byte makes no progress
+            for b in r.iter_raw():  # as the network delivers: a cut keeps what arrived
+                if stop is not None and stop.is_set():
+                    raise HubError(f"{what}: stopped")
+                if st["have"] + len(b) > f.size:
+                    raise IntegrityError(f"{what}: the hub sent more than the {f.size} bytes it lists; "
+                                         "nothing was converted: check HF_ENDPOINT or the proxy")
+                _write_all(out, b, part)
+                st["sha"].update(b)
+                st["have"] += len(b)
+                tick(len(b))
+        if st["have"] < f.size:
+            raise Retry("connection closed early")
+
+    def progress() -> bool:
+        if st["have"] - st["mark"] >= min(MIN_PROGRESS, f.size - st["mark"]):
+            st["mark"] = st["have"]
+            return True
+        return False
+
+    def give_up(problem: str, _transport: bool) -> str:
+        return (f"{what}: gave up after {RETRIES} attempts in a row that brought less than "
+                f"{MIN_PROGRESS >> 10} KiB ({problem}); run the pull again later: the bytes downloaded so far are "
+                "kept (if it repeats, check HF_ENDPOINT or the proxy)")
+
     with open(part, "ab", buffering=0) as out:  # unbuffered: what arrived survives a kill, for the next run
-        while have < f.size:
-            if stop is not None and stop.is_set():
-                raise HubError(f"{what}: stopped")
-            wait_hint = None
-            try:
-                h = dict(headers)
-                if have:
-                    h["Range"] = f"bytes={have}-"
-                with session.stream("GET", url, headers=h, follow_redirects=True, timeout=timeout()) as r:
-                    if r.status_code in RETRY_STATUS:
-                        check_retry_after(what, r.status_code, r.headers)
-                        wait_hint = retry_after(r.headers)
-                        raise _Retry(f"HTTP {r.status_code}")
-                    if r.status_code == 404:
-                        raise HubError(f"{what}: not found on the hub (HTTP 404); check the repo and --revision")
-                    if r.status_code in (401, 403):
-                        raise HubError(f"{what}: access denied (HTTP {r.status_code}); a gated or private repo "
-                                       "needs HF_TOKEN or `hf auth login`")
-                    if r.status_code not in (200, 206):
-                        raise HubError(f"{what}: the hub answered HTTP {r.status_code}; run the pull again later, "
-                                       "or check HF_ENDPOINT")
-                    _expected_length(r, have, f, what)
-                    if have and r.status_code == 200:  # the range was ignored: start over
-                        out.truncate(0)
-                        out.seek(0)
-                        sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-                        have = 0
-                    for b in r.iter_raw():  # as the network delivers: a cut keeps what arrived
-                        if stop is not None and stop.is_set():
-                            raise HubError(f"{what}: stopped")
-                        if have + len(b) > f.size:
-                            raise IntegrityError(f"{what}: the hub sent more than the {f.size} bytes it lists; "
-                                                 "nothing was converted: check HF_ENDPOINT or the proxy")
-                        _write_all(out, b, part)
-                        sha.update(b)
-                        have += len(b)
-                        tick(len(b))
-                if have < f.size:
-                    raise _Retry("connection closed early")
-            except _Retry as exc:
-                fails, furthest = _progress(fails, furthest, have)
-                _backoff(what, exc, fails, wait_hint)
-            except (HubError, OutputError):
-                raise
-            except Exception as exc:
-                if not is_transport_error(exc):
-                    raise
-                if (why := permanent_transport_error(exc)) is not None:
-                    raise HubError(f"{what}: {why}") from None
-                fails, furthest = _progress(fails, furthest, have)
-                _backoff(what, exc, fails)
+        if st["have"] < f.size:
+            with_retries(what, lambda: once(out), give_up, progress=progress, stop=stop)
         os.fsync(out.fileno())
-    return sha.hexdigest()
-
-
-def _progress(fails: int, furthest: int, have: int) -> tuple[int, int]:
-    return (0, have) if have > furthest else (fails + 1, furthest)
-
-
-class _Retry(Exception):
-    pass
+    return st["sha"].hexdigest()
 
 
 def _write_all(out: Any, b: bytes, part: Path) -> None:
@@ -237,11 +225,3 @@ def _write_all(out: Any, b: bytes, part: Path) -> None:
     except OSError as exc:
         raise OutputError(f"{part}: cannot write the download ({exc.strerror}); free space or choose another OUT. "
                           "What was written so far is kept for the next run") from None
-
-
-def _backoff(what: str, exc: BaseException, fails: int, wait_hint: float | None = None) -> None:
-    if fails >= RETRIES:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HubError(f"{what}: gave up after {RETRIES} attempts without progress ({detail}); run the pull again "
-                       "later: the bytes downloaded so far are kept") from None
-    time.sleep(backoff(fails, wait_hint))

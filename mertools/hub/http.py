@@ -1,5 +1,5 @@
-"""The pull's HTTP policy toward the hub, one place for all of it: timeouts, bounded retries, Retry-After, and JSON
-answers read with limits.
+"""The HTTP policy toward the hub, one place for all of it: timeouts, deadlines, bounded retries, Retry-After, and
+JSON answers read with limits.
 
 Why our own requests for the two JSON calls a pull makes (repo info, tree listing) rather than ``HfApi``: read from
 ``huggingface_hub`` 2.x, its shared client has no timeout (``timeout=None``: a hub that accepts the connection and
@@ -10,23 +10,44 @@ and the headers (token, user agent) are still huggingface_hub's.
 
 Settings, read at call time: ``MERTOOLS_HUB_TIMEOUT`` (seconds without a byte before a request is given up, default
 30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x). A ``Retry-After`` of up to
-60 s is honoured; a longer one ends the pull at once with the wait in the message.
+60 s is honoured; a longer one ends the command at once with the wait in the message. A JSON answer or a range read
+must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB asked), so a
+hub that trickles one byte per almost-timeout cannot hold a call for ever; a late answer counts as a failed attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import json
 import os
+import re
+import threading
 import time
-from typing import Any
+import zlib
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+from ..errors import MertoolsError
 from .remote import HubError
 
 RETRIES = 6  # attempts in a row that bring nothing new before giving up
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-MAX_RETRY_AFTER = 60.0  # seconds of Retry-After honoured; a longer wait ends the pull with the wait in the message
-MAX_JSON = 64 << 20  # one API answer; a page of a tree listing is about 1 MB
+MAX_RETRY_AFTER = 60.0  # seconds of Retry-After honoured; a longer wait ends the command with the wait in the message
+MAX_RETRY_AFTER_SHOWN = 999_999_999  # a longer Retry-After is shown as this (it only ever ends the command)
+# one API answer, decoded: a page of a tree listing is about 1 MB; 8 MB of JSON is already ~100 MB of Python objects
+MAX_JSON = 8 << 20
+DEADLINE_FACTOR = 4  # a whole JSON answer or range read within this many timeouts (plus RANGE_RATE's allowance)
+RANGE_RATE = 64 << 10  # bytes per second a range read is allowed on top of its deadline
+
+
+class Retry(Exception):
+    """One attempt failed in a way a later attempt may mend; ``wait``: the hub's Retry-After, if it sent one."""
+
+    def __init__(self, problem: str, wait: float | None = None) -> None:
+        super().__init__(problem)
+        self.wait = wait
 
 
 def _seconds(name: str, default: str, *, positive: bool) -> float:
@@ -60,17 +81,33 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 
 
 def retry_after(headers: Any) -> float | None:
-    """The ``Retry-After`` delay in seconds (the delay-seconds form; a date or junk counts as absent)."""
+    """The ``Retry-After`` delay in seconds, at most MAX_RETRY_AFTER_SHOWN; junk counts as absent.
+
+    >>> retry_after({"Retry-After": "120"}), retry_after({"Retry-After": "9" * 400}), retry_after({"Retry-After": "²"})
+    (120.0, 999999999.0, None)
+    """
     v = (headers.get("Retry-After") or "").strip()
-    return float(v) if v.isdigit() else None
+    if re.fullmatch(r"[0-9]+", v, re.ASCII):  # ASCII: str.isdigit() takes "²", which float() refuses
+        return float(int(v)) if len(v) <= 9 else float(MAX_RETRY_AFTER_SHOWN)
+    if not v or len(v) > 64:
+        return None
+    try:  # the HTTP-date form
+        when = email.utils.parsedate_to_datetime(v)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        delay = (when - datetime.now(timezone.utc)).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return float(min(max(0.0, delay), MAX_RETRY_AFTER_SHOWN))
 
 
-def check_retry_after(what: str, status: int, headers: Any) -> None:
-    """A hub asking to wait longer than MAX_RETRY_AFTER: say so now instead of sleeping for it."""
+def check_retry_after(what: str, status: int, headers: Any, again: str = "try again after that") -> None:
+    """A hub asking to wait longer than MAX_RETRY_AFTER: say so now instead of sleeping for it; ``again`` says
+    what to do (the command's own words)."""
     ra = retry_after(headers)
     if ra is not None and ra > MAX_RETRY_AFTER:
         raise HubError(f"{what}: the hub answered HTTP {status} and asks to wait {int(ra)} s before trying again "
-                       "(rate limited or busy); run the pull again after that: what was downloaded is kept")
+                       f"(rate limited or busy); {again}")
 
 
 def is_transport_error(exc: BaseException) -> bool:
@@ -83,11 +120,11 @@ def permanent_transport_error(exc: BaseException) -> str | None:
     if name == "TooManyRedirects":
         return "the hub's redirects loop (more than the limit); check HF_ENDPOINT or the proxy"
     if name in ("UnsupportedProtocol", "InvalidURL"):
-        return f"the hub redirected to a URL that is not http(s) ({_first_line(exc)}); refusing to follow it"
+        return f"the hub redirected to a URL that is not http(s) ({first_line(exc)}); refusing to follow it"
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
@@ -97,53 +134,137 @@ def same_origin(url: str, base: str) -> bool:
     return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
 
 
-def get_json(url: str, what: str, *, params: dict[str, str] | None = None) -> tuple[Any, Any]:
-    """GET a JSON answer from the hub: (decoded value, response headers); retried on 429/5xx and transport errors
-    (bounded), size-limited, and every failure one HubError naming ``what``."""
-    from huggingface_hub import get_session
-    from huggingface_hub.utils import build_hf_headers
+def with_retries(what: str, once: Callable[[], Any], give_up: Callable[[str, bool], str], *,
+                 progress: Callable[[], bool] | None = None, stop: threading.Event | None = None) -> Any:
+    """``once()``'s value, calling it again (with backoff) while it raises :class:`Retry` or a transport error.
 
-    from .remote import endpoint
+    Gives up with ``HubError(give_up(problem, transport))`` after RETRIES failed attempts in a row (``transport``:
+    the last failure was the network's, not an answer's); ``progress()`` (asked after
+    each failure) True means the attempt brought enough to reset that count. A transport error no retry can mend is
+    one HubError at once; our own errors (MertoolsError) and bugs pass through. ``stop`` ends the wait between
+    attempts at once (an interrupted pull must not sleep out a Retry-After).
 
+    >>> with_retries("org/m", lambda: 42, lambda p, t: f"org/m: gave up ({p})")
+    42
+    """
     fails = 0
     while True:
-        status, headers, body, problem = None, None, b"", None
+        if stop is not None and stop.is_set():
+            raise HubError(f"{what}: stopped")
         try:
-            with get_session().stream("GET", url, params=params, headers=build_hf_headers(), timeout=timeout(),
-                                      follow_redirects=True) as r:
-                status, headers = r.status_code, r.headers
-                if status in RETRY_STATUS:
-                    check_retry_after(what, status, headers)
-                    problem = f"HTTP {status}"
-                elif status >= 400:
-                    raise HubError(_status_message(what, status, headers))
-                else:
-                    chunks, n = [], 0
-                    for b in r.iter_raw():
-                        n += len(b)
-                        if n > MAX_JSON:
-                            raise HubError(f"{what}: the hub's answer is larger than {MAX_JSON >> 20} MiB; it is not "
-                                           "what a hub sends: check HF_ENDPOINT")
-                        chunks.append(b)
-                    body = b"".join(chunks)
-        except HubError:
+            return once()
+        except Retry as exc:
+            problem, wait, transport = str(exc), exc.wait, False
+        except MertoolsError:
             raise
         except Exception as exc:
             if not is_transport_error(exc):
                 raise
             if (why := permanent_transport_error(exc)) is not None:
                 raise HubError(f"{what}: {why}") from None
-            problem = f"{type(exc).__name__}: {_first_line(exc)}"
-        if problem is None:
-            return decode_json(body, what), headers
-        fails += 1
+            problem, wait, transport = f"{type(exc).__name__}: {first_line(exc)}", None, True
+        fails = 0 if progress is not None and progress() else fails + 1
         if fails >= RETRIES:
-            if problem.startswith("HTTP"):
-                raise HubError(f"{what}: the hub answered {problem} {RETRIES} times in a row; try again later "
-                               "(HF_HUB_OFFLINE=1 uses the local cache)")
-            raise HubError(f"{what}: cannot reach {endpoint()}: {RETRIES} attempts failed ({problem}); check the "
-                           "network or try again later (HF_HUB_OFFLINE=1 uses the local cache)")
-        time.sleep(backoff(fails, retry_after(headers) if headers is not None else None))
+            raise HubError(give_up(problem, transport)) from None
+        delay = backoff(fails, wait)
+        if stop is None:
+            time.sleep(delay)
+        elif stop.wait(delay):
+            raise HubError(f"{what}: stopped")
+
+
+def retry_status(what: str, r: Any, again: str = "try again after that") -> None:
+    """Raise :class:`Retry` for a status worth another attempt (a Retry-After too long is one HubError now)."""
+    if r.status_code in RETRY_STATUS:
+        check_retry_after(what, r.status_code, r.headers, again)
+        raise Retry(f"HTTP {r.status_code}", retry_after(r.headers))
+
+
+class Deadline:
+    """The time one answer may take in all: per-read timeouts alone let one byte per almost-timeout go on for ever."""
+
+    def __init__(self, what: str, extra: float = 0.0) -> None:
+        self.what, self.seconds = what, DEADLINE_FACTOR * timeout() + extra
+        self.end = time.monotonic() + self.seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise Retry(f"the answer took longer than {self.seconds:g} s")
+
+
+def _encoding(r: Any) -> str:
+    return (r.headers.get("Content-Encoding") or "identity").strip().lower()
+
+
+def get_json(url: str, what: str, *, params: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """GET a JSON answer from the hub: (decoded value, response headers); retried on 429/5xx and transport errors
+    (bounded), size-limited after decompression (gzip is accepted, as CDNs send it), within a deadline, and every
+    failure one HubError naming ``what``.
+
+    >>> info, headers = get_json(f"{endpoint()}/api/models/org/m", "org/m")   # doctest: +SKIP
+    """
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import build_hf_headers
+
+    from .remote import endpoint
+
+    def once() -> tuple[Any, Any]:
+        h = {**build_hf_headers(), "Accept-Encoding": "gzip"}  # only what we decode, bounded, below
+        deadline = Deadline(what)
+        with get_session().stream("GET", url, params=params, headers=h, timeout=timeout(),
+                                  follow_redirects=True) as r:
+            retry_status(what, r)
+            if r.status_code >= 400:
+                raise HubError(_status_message(what, r.status_code, r.headers))
+            body = _read_json_body(r, what, deadline)
+            return decode_json(body, what), r.headers
+
+    def give_up(problem: str, transport: bool) -> str:
+        if problem.startswith("HTTP"):
+            return f"{what}: the hub answered {problem} {RETRIES} times in a row; try again later"
+        if transport:
+            return (f"{what}: cannot reach {endpoint()}: {RETRIES} attempts failed ({problem}); check the network "
+                    "or HF_ENDPOINT, or try again later")
+        return (f"{what}: no usable answer from {endpoint()} in {RETRIES} attempts ({problem}); try again later, or "
+                "check HF_ENDPOINT or the proxy")
+
+    return with_retries(what, once, give_up)
+
+
+def _read_json_body(r: Any, what: str, deadline: Deadline) -> bytes:
+    """The answer's bytes, decoded from gzip where the hub sent that; at most MAX_JSON bytes after decoding (a small
+    gzip can inflate to gigabytes: the cap is applied to what decompression produces, as it produces it)."""
+    enc = _encoding(r)
+    if enc in ("gzip", "x-gzip"):
+        z: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif enc in ("", "identity"):
+        z = None
+    else:
+        raise HubError(f"{what}: the hub sent its answer {enc[:40]}-encoded although asked for gzip or identity; "
+                       "check HF_ENDPOINT or the proxy")
+    too_big = HubError(f"{what}: the hub's answer is larger than {MAX_JSON >> 20} MiB; it is not what a hub sends: "
+                       "check HF_ENDPOINT")
+    chunks, n = [], 0
+    try:
+        for b in r.iter_raw():
+            deadline.check()
+            if z is not None:
+                if z.eof:
+                    if b:
+                        raise zlib.error("bytes after the end of the gzip stream")
+                    continue
+                b = z.decompress(b, MAX_JSON + 1 - n)
+                if z.unconsumed_tail:
+                    raise too_big
+            n += len(b)
+            if n > MAX_JSON:
+                raise too_big
+            chunks.append(b)
+        if z is not None and not z.eof:
+            raise zlib.error("the gzip stream ends early")
+    except zlib.error as exc:
+        raise Retry(f"a broken gzip answer ({exc})") from None
+    return b"".join(chunks)
 
 
 def decode_json(body: bytes, what: str) -> Any:
@@ -175,61 +296,89 @@ def _status_message(what: str, status: int, headers: Any) -> str:
 def get_range(url: str, what: str, start: int, end: int) -> bytes:
     """Bytes [start, end] (inclusive) of a hub file by one range request, retried like :func:`get_json`; never
     reads more than asked, whatever the hub sends (an ignored Range gets a 200 with the whole file: only its first
-    ``end + 1`` bytes are read, then the connection is dropped)."""
+    ``end + 1`` bytes are read, then the connection is dropped).
+
+    >>> get_range(resolve_url(RepoSpec("org/m"), sha, "model.safetensors"), "org/m", 0, 7)   # doctest: +SKIP
+    """
     from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers
 
     want = end - start + 1
-    fails = 0
-    while True:
-        headers, problem = None, None
-        try:
-            h = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-            with get_session().stream("GET", url, headers=h, timeout=timeout(), follow_redirects=True) as r:
-                headers = r.headers
-                if r.status_code in RETRY_STATUS:
-                    check_retry_after(what, r.status_code, headers)
-                    problem = f"HTTP {r.status_code}"
-                elif r.status_code >= 400:
-                    raise HubError(_status_message(what, r.status_code, headers))
-                elif r.status_code not in (200, 206):
-                    raise HubError(f"{what}: range request answered HTTP {r.status_code}; check HF_ENDPOINT")
-                else:
-                    skip = start if r.status_code == 200 else 0
-                    if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(
-                            f"bytes {start}-"):
-                        raise HubError(f"{what}: asked for bytes {start}-{end}, the hub answered "
-                                       f"{r.headers.get('Content-Range')!r}; check HF_ENDPOINT")
-                    buf = bytearray()
-                    for b in r.iter_raw():
-                        if skip:
-                            cut = min(skip, len(b))
-                            b, skip = b[cut:], skip - cut
-                        buf += b[:want - len(buf)]
-                        if len(buf) >= want:
-                            break
-                    if len(buf) == want or (len(buf) < want and not skip and _short_ok(r, start, len(buf))):
-                        return bytes(buf)
-                    problem = f"{len(buf)} of {want} bytes arrived"
-        except HubError:
-            raise
-        except Exception as exc:
-            if not is_transport_error(exc):
-                raise
-            if (why := permanent_transport_error(exc)) is not None:
-                raise HubError(f"{what}: {why}") from None
-            problem = f"{type(exc).__name__}: {_first_line(exc)}"
-        fails += 1
-        if fails >= RETRIES:
-            raise HubError(f"{what}: gave up after {RETRIES} attempts ({problem}); run it again later, or check "
-                           "HF_ENDPOINT")
-        time.sleep(backoff(fails, retry_after(headers) if headers is not None else None))
+
+    def once() -> bytes:
+        deadline = Deadline(what, (end + 1) / RANGE_RATE)
+        # identity: a range counts the file's plain bytes
+        h = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        with get_session().stream("GET", url, headers=h, timeout=timeout(), follow_redirects=True) as r:
+            retry_status(what, r)
+            if r.status_code >= 400:
+                raise HubError(_status_message(what, r.status_code, r.headers))
+            if r.status_code not in (200, 206):
+                raise HubError(f"{what}: range request answered HTTP {r.status_code}; check HF_ENDPOINT")
+            if (enc := _encoding(r)) not in ("", "identity"):
+                raise HubError(f"{what}: the hub sent it {enc[:40]}-encoded although asked for identity; a range "
+                               "counts the plain bytes: check HF_ENDPOINT or the proxy")
+            skip = start if r.status_code == 200 else 0
+            if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(f"bytes {start}-"):
+                raise HubError(f"{what}: asked for bytes {start}-{end}, the hub answered "
+                               f"{r.headers.get('Content-Range')!r}; check HF_ENDPOINT")
+            buf = bytearray()
+            for b in r.iter_raw():
+                deadline.check()
+                if skip:
+                    cut = min(skip, len(b))
+                    b, skip = b[cut:], skip - cut
+                buf += b[:want - len(buf)]
+                if len(buf) >= want:
+                    break
+            if len(buf) == want or (len(buf) < want and not skip and _short_ok(r, start, len(buf))):
+                return bytes(buf)
+            raise Retry(f"{len(buf)} of {want} bytes arrived")
+
+    return with_retries(what, once, lambda problem, _: f"{what}: gave up after {RETRIES} attempts ({problem}); run it "
+                                                    "again later, or check HF_ENDPOINT")
 
 
 def _short_ok(r: Any, start: int, got: int) -> bool:
     """A range past the end of the file legitimately comes back shorter: the whole rest arrived."""
     m = (r.headers.get("Content-Range") or "").rsplit("/", 1)
     total = m[1] if len(m) == 2 else None
-    if total is None or not total.strip().isdigit():
+    if total is None or not re.fullmatch(r"[0-9]{1,20}", total.strip(), re.ASCII):
         return False
     return start + got == int(total)
+
+
+@contextlib.contextmanager
+def session_timeout() -> Iterator[None]:
+    """huggingface_hub's shared client with our timeout while the block runs (push's HfApi calls: create_repo,
+    create_branch, create_commit, LFS uploads), then the caller's own setting back.
+
+    The client has no timeout by default (``timeout=None``), and those calls pass none of their own. Only the
+    client's default is changed, never the client: nothing is closed or replaced under another thread, and
+    nested or concurrent blocks restore the setting once, when the last ends. An upload huggingface_hub hands to
+    ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that library's own policy.
+
+    >>> with session_timeout():                                              # doctest: +SKIP
+    ...     HfApi().create_commit(...)
+    """
+    from huggingface_hub import get_session
+
+    seconds = timeout()
+    with _SCOPE_LOCK:
+        if _SCOPE["depth"] == 0:  # the first block sets and saves; the blocks within it share that setting
+            client = get_session()
+            _SCOPE.update(client=client, saved=client.timeout)
+            client.timeout = type(client.timeout)(seconds)
+        _SCOPE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SCOPE_LOCK:
+            _SCOPE["depth"] -= 1
+            if _SCOPE["depth"] == 0:
+                _SCOPE["client"].timeout = _SCOPE["saved"]
+                _SCOPE.update(client=None, saved=None)
+
+
+_SCOPE_LOCK = threading.Lock()
+_SCOPE: dict[str, Any] = {"depth": 0, "client": None, "saved": None}

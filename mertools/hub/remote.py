@@ -95,15 +95,14 @@ def api() -> Any:
 
 
 def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-    """Run one huggingface_hub call (push's), retrying 429/5xx answers with backoff (bounded, as downloads are), and
-    turn its exceptions, malformed answers included, into one clear HubError line."""
-    import time
-
+    """Run one huggingface_hub call (push's) under our timeout (:func:`http.session_timeout`), retrying 429/5xx
+    answers with backoff (bounded, as downloads are), and turn its exceptions, malformed answers included, into one
+    clear HubError line."""
     from huggingface_hub import errors as hf
 
-    from .http import RETRIES, RETRY_STATUS, backoff, check_retry_after, retry_after
+    from .http import RETRIES, RETRY_STATUS, Retry, check_retry_after, retry_after, session_timeout, with_retries
 
-    for attempt in range(1, RETRIES + 1):
+    def once() -> Any:
         try:
             return _hub_call_once(what, fn, *args, **kw)
         except hf.HfHubHTTPError as exc:
@@ -111,17 +110,18 @@ def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
             headers = exc.response.headers if exc.response is not None else {}
             if status in RETRY_STATUS:
                 check_retry_after(what, status, headers)
-            if status not in RETRY_STATUS or attempt == RETRIES:
-                raise HubError(f"{what}: the hub answered HTTP {status}"
-                               f"{f' {attempt} times' if attempt > 1 else ''}; try again later") from None
-            time.sleep(backoff(attempt, retry_after(headers)))
-    raise AssertionError("unreachable")
+                raise Retry(f"HTTP {status}", retry_after(headers)) from None
+            raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
+
+    with session_timeout():
+        return with_retries(what, once, lambda problem, _: f"{what}: the hub answered {problem} {RETRIES} times; try "
+                                                        "again later")
 
 
 def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from huggingface_hub import errors as hf
 
-    from .http import is_transport_error, permanent_transport_error
+    from .http import first_line, is_transport_error, permanent_transport_error
 
     try:
         return fn(*args, **kw)
@@ -137,25 +137,20 @@ def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
     except MertoolsError:
         raise
     except OSError as exc:  # httpx transport errors are OSError-like in spirit but not subclasses
-        raise HubError(f"{what}: cannot reach {endpoint()} ({_first_line(exc)}); check the network or set "
-                       "HF_HUB_OFFLINE=1 to use the local cache") from None
+        raise HubError(f"{what}: cannot reach {endpoint()} ({first_line(exc)}); check the network or "
+                       "HF_ENDPOINT, or try again later") from None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         # huggingface_hub parses answers with r.json() and Model(**fields): a hub that sends something else
         # surfaces here (JSONDecodeError, "argument after ** must be a mapping", a missing key)
         raise HubError(f"{what}: huggingface_hub could not read the hub's answer ({type(exc).__name__}: "
-                       f"{_first_line(exc)[:120]}); check HF_ENDPOINT") from None
+                       f"{first_line(exc)[:120]}); check HF_ENDPOINT") from None
     except Exception as exc:
         if is_transport_error(exc):
             if (why := permanent_transport_error(exc)) is not None:
                 raise HubError(f"{what}: {why}") from None
-            raise HubError(f"{what}: cannot reach {endpoint()} ({type(exc).__name__}: {_first_line(exc)}); check the "
-                           "network or set HF_HUB_OFFLINE=1 to use the local cache") from None
+            raise HubError(f"{what}: cannot reach {endpoint()} ({type(exc).__name__}: {first_line(exc)}); check the "
+                           "network or HF_ENDPOINT, or try again later") from None
         raise
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 SHA_RE = re.compile(r"[0-9a-f]{40}")

@@ -694,3 +694,40 @@ def test_advice_fits_the_backend(files, monkeypatch):
     finally:
         monkeypatch.undo()
         pool.close()
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "pread"])
+def test_a_double_close_after_the_read_failed_is_raised_by_the_next_wait(tmp_path, monkeypatch, backend):
+    """A read that already failed (a truncated file) keeps its own error; the double close of its fd found after
+    that is the loader's, raised once by the next wait whose read is fine."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    short, good = tmp_path / "short.bin", tmp_path / "good.bin"
+    short.write_bytes(os.urandom(SMALL))
+    good.write_bytes(os.urandom(SMALL))
+    pool = BufferPool(16384, 2)
+    loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
+    real, fired = os.close, []
+
+    def closing(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real(fd)
+        if not fired and target == str(short):
+            fired.append(True)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(os, "close", closing)
+    try:
+        t = loader.start(str(short), 12288, 0)
+        with pytest.raises(ShardIOError, match="truncated"):
+            loader.wait(t)
+        assert fired
+        t2 = loader.start(str(good), SMALL, 1)
+        with pytest.raises(ShardIOError, match=f"{short}: its file descriptor .* had already been closed"):
+            loader.wait(t2)
+        assert t2.done and t2.error is None and pool.view(1, SMALL).tobytes() == good.read_bytes()
+        loader.read(str(good), SMALL, 0)  # raised once
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()

@@ -245,8 +245,9 @@ class Loader:
         self.settle(t)
         if t.error is not None:
             raise t.error
-        with self._cv:
-            self._raise_internal_error()
+        if self._internal_error is not None:  # read without the lock first: the common path takes it once only
+            with self._cv:
+                self._raise_internal_error()
 
     def settle(self, t: Ticket) -> None:
         """Block until the ticket is done without raising its read's error (it stays in `t.error`) or the loader's

@@ -834,8 +834,8 @@ class UringLoader(Loader):
         still with the kernel (only after `err`) keeps done=False: its slot may still be written, so whoever owns it
         keeps it reserved (`ready` stays False), and its waiters get its own error if its read had already failed
         (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a closed ring.
-        Chunks still queued (a read the close's own wait re-queued, or one interrupted before it was issued) are
-        failed, their tickets finished and their fds closed."""
+        Chunks still queued (left by an exception out of the close's own wait) are failed, their tickets finished
+        and their fds closed: nothing stays queued on a closed ring."""
         self._cancel_queued()
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still

@@ -398,6 +398,32 @@ def test_the_prefetcher_is_single_threaded_and_refuses_a_second_thread_loudly():
     t2.start()
     t2.join()
     assert pf.clock == before[0] + 2
+    # CostModel is guarded the same way. Its methods take no callback, but their arithmetic does: a number whose
+    # addition blocks holds a thread inside observe()
     cm = CostModel()
-    cm.observe(0.01, 1)  # guarded the same way (its methods take no callback to hold a thread inside one)
+    inside.clear()
+    go.clear()
+
+    class SlowSeconds:
+        def __radd__(self, other):
+            inside.set()
+            go.wait(60)
+            return other + 0.01
+
+        def __truediv__(self, n):
+            return 0.01 / n
+
+    th = threading.Thread(target=cm.observe, args=(SlowSeconds(), 1), daemon=True)
+    th.start()
+    assert inside.wait(60)
+    with pytest.raises(ConcurrentUseError, match=r"CostModel\.observe\(\) called while another thread"):
+        cm.observe(0.01, 1)
+    with pytest.raises(ConcurrentUseError, match=r"CostModel\.admit\(\)"):
+        cm.admit(0.5)
+    assert cm.steps_seen == 0  # refused before touching anything
+    go.set()
+    th.join(60)
+    assert not th.is_alive() and cm.steps_seen == 1
+    cm.observe(0.01, 1)  # free again once the other thread is out
+    assert cm.steps_seen == 2
     assert isinstance(ConcurrentUseError("x"), MerError)

@@ -429,14 +429,26 @@ class ExpertCache:
                 todo.append((key, slot))
             if not todo:
                 return 0
+            created: list[Ticket] = []
             try:
                 reads = [(*self.locate(k), slot) for k, slot in todo]
-                tickets = self.loader.start_many(reads, urgent=True)
-            except BaseException as exc:  # nothing was started: every slot taken goes back, whatever the error
+                tickets = self.loader.start_many(reads, urgent=True, created=created)
+            except (MerError, ValueError) as exc:  # raised before anything was queued: every slot taken goes back
                 self.free.extend(slot for _, slot in todo)
                 self._cv.notify_all()
                 if isinstance(exc, MerError):  # e.g. a file that cannot be opened: the acquire that needs it says so
                     return 0
+                raise
+            except BaseException:
+                # anything else (a KeyboardInterrupt after the reads were submitted) may have left reads with the
+                # kernel: their slots are quarantined until those land, nothing more is issued for them, and only
+                # the slots no read was created for go back
+                for t in created:
+                    self.loader.withdraw(t)
+                    self._draining.append((t, t.slot))
+                busy = {t.slot for t in created}
+                self.free.extend(slot for _, slot in todo if slot not in busy)
+                self._cv.notify_all()
                 raise
             now = time.perf_counter()
             for (key, slot), t in zip(todo, tickets):

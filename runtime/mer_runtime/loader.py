@@ -79,15 +79,39 @@ def _short(path: str, offset: int, size: int) -> ShardIOError:
                                    "truncated: run `mertools verify` and re-extract")
 
 
-def _close_fd(t: Ticket) -> None:
-    """Close a ticket's fd once. close(2) releases the descriptor even when it reports an error (EIO, EINTR), and a
-    read-only fd has nothing left to lose: raising here would escape from a worker or the reaper half-way through
-    handing out a completion (its waiters would never be woken), so the error is dropped."""
+def _close_fd(t: Ticket) -> ShardIOError | None:
+    """Close a ticket's fd once; never raises (that would escape from a worker or the reaper half-way through
+    handing out a completion, and its waiters would never be woken). close(2) releases the descriptor even when it
+    reports EIO or EINTR, and a read-only fd has nothing left to lose: those are dropped. EBADF is not: it means the
+    fd had been closed already (a double close, which may have closed a descriptor another thread had just been
+    given for the same number, and the ticket's reads may have gone to that file), a bug of ours: returned, for
+    the caller to report (`Loader._close_ticket_fd`)."""
     fd, t.fd = t.fd, -1
     try:
         os.close(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return ShardIOError(errno.EBADF, f"{t.path}: its file descriptor {fd} had already been closed (a bug in "
+                                             "mer_runtime; the read may have gone to another file): retry, and use "
+                                             "--io pread if it recurs")
+    return None
+
+
+def _others(paths: list[str], default: str) -> str:
+    """'first file and N other file(s)': where an error about several files says it happened."""
+    if not paths:
+        return default
+    return paths[0] + (f" and {len(paths) - 1} other file(s)" if len(paths) > 1 else "")
+
+
+def _fresh(err: BaseException) -> BaseException:
+    """A new exception for one waiter, raised `from` the shared one: raising one object in several threads at once
+    would have them write its __traceback__ over each other's."""
+    if not isinstance(err, ShardIOError):
+        return err
+    new = type(err)(*err.args)
+    new.__cause__ = err
+    return new
 
 
 def _closed_error(path: str) -> ShardIOError:
@@ -112,6 +136,9 @@ class Loader:
         self._cv = threading.Condition(threading.Lock())  # not reentrant: no path takes it twice
         self._closed = False
         self._trace: deque | None = None
+        # an internal error (a double close: `_close_ticket_fd`) found after its ticket had already failed: raised
+        # once by the next wait() whose own read did not fail, or by close()
+        self._internal_error: ShardIOError | None = None
         self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet issued
         # io_uring: at most this many chunks of speculative (not urgent) reads with the disk, none while an urgent
         # chunk is, and at most this many of each speculative read until it is promoted (needed); None: no limit.
@@ -132,8 +159,12 @@ class Loader:
         """Begin reading `size` bytes of `path` into `slot`; urgent (foreground) reads jump the queue."""
         return self.start_many([(path, size, slot)], urgent=urgent)[0]
 
-    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
+    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False,
+                   created: list[Ticket] | None = None) -> list[Ticket]:
         """Begin several reads at once (e.g. the k experts of one step), queued together in this order.
+        `created`: a list the tickets are appended to as soon as they exist, for a caller interrupted by an
+        asynchronous exception (KeyboardInterrupt) raised after some were issued: it still knows which slots the
+        kernel may be writing.
 
         >>> ts = loader.start_many([(p1, n1, 0), (p2, n2, 1)], urgent=True)   # doctest: +SKIP
         >>> for t in ts: loader.wait(t)                                        # doctest: +SKIP
@@ -151,6 +182,8 @@ class Loader:
                 for (path, size, slot), fd in zip(reads, fds):
                     t = Ticket(path, size, slot, next(self._ids), fd=fd)
                     tickets.append(t)
+                    if created is not None:
+                        created.append(t)
                 fds = []  # the tickets own them now
                 self._enqueue(tickets, urgent)
                 return tickets
@@ -161,6 +194,8 @@ class Loader:
     def promote(self, t: Ticket) -> None:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
         with self._cv:
+            if self._closed:  # close() failed every queued read; nothing is issued any more
+                return
             mine = [it for it in self._queue if it[0] is t]
             t.urgent = True
             self._promoted(t)
@@ -210,6 +245,9 @@ class Loader:
         self.settle(t)
         if t.error is not None:
             raise t.error
+        if self._internal_error is not None:  # read without the lock first: the common path takes it once only
+            with self._cv:
+                self._raise_internal_error()
 
     def settle(self, t: Ticket) -> None:
         """Block until the ticket is done without raising its read's error (it stays in `t.error`) or the loader's
@@ -225,6 +263,22 @@ class Loader:
     def close(self) -> None:
         with self._cv:
             self._closed = True
+
+    def _raise_internal_error(self) -> None:
+        """Under the lock: report (once) an internal error no ticket could carry."""
+        exc, self._internal_error = self._internal_error, None
+        if exc is not None:
+            raise exc
+
+    def _close_ticket_fd(self, t: Ticket) -> None:
+        """Under the lock: close t's fd; a double close (EBADF) becomes t's error, or, if t already failed, the
+        loader's own, raised by the next wait (never raised from here: see `_close_fd`)."""
+        err = _close_fd(t)
+        if err is not None:
+            if t.error is None:
+                t.error = err
+            elif self._internal_error is None:
+                self._internal_error = err
 
     def record_issues(self, limit: int = 1 << 16) -> deque:
         """Start recording, in order, when reads are queued, promoted and issued (for tests and diagnostics):
@@ -319,7 +373,7 @@ class Loader:
     def _retire(self, t: Ticket) -> None:
         """The one place a ticket's fd is closed: once done and no chunk of it is with the kernel or a worker."""
         if t.fd >= 0 and t.done and t.in_flight == 0:
-            _close_fd(t)
+            self._close_ticket_fd(t)
 
     def _cancel_queued(self) -> None:
         for t in {id(it[0]): it[0] for it in self._queue}.values():
@@ -349,9 +403,11 @@ class PreadLoader(Loader):
         except BaseException as exc:
             self.close()  # the workers already started are joined
             if isinstance(exc, RuntimeError):  # "can't start new thread": the process is out of threads
+                # io_uring needs no threads, but it reads with O_DIRECT: no way out for buffered reads, which were
+                # chosen because the filesystem refuses O_DIRECT
+                alt = ", or --io io_uring, which needs none" if self.direct else ""
                 raise ShardIOError(errno.EAGAIN, f"{self.name}: could not start reader thread {i + 1} of "
-                                                 f"{max(1, self.threads)} ({exc}); use fewer --threads, or "
-                                                 "--io io_uring, which needs none") from exc
+                                                 f"{max(1, self.threads)} ({exc}); use fewer --threads{alt}") from exc
             raise
 
     def _kick(self) -> None:
@@ -409,6 +465,8 @@ class PreadLoader(Loader):
             self._view.release()
         except BufferError:
             pass  # a slice still referenced somewhere: it goes with the last reference
+        with self._cv:
+            self._raise_internal_error()
 
 
 class BufferedLoader(PreadLoader):
@@ -447,8 +505,10 @@ class UringLoader(Loader):
             self.ring = uring.Ring(entries)
         except OSError as exc:  # our error, with the reason probe() gives (seccomp, sysctl, old kernel, memlock)
             why = uring.probe() or f"io_uring_setup failed ({exc.strerror or exc})"
-            raise ShardIOError(exc.errno or errno.EIO, f"--io io_uring is not available here: {why}; use --io auto "
-                                                       "(it falls back by itself) or --io pread") from exc
+            err = ShardIOError(exc.errno or errno.EIO, f"--io io_uring is not available here: {why}; use --io auto "
+                                                       "(it falls back by itself) or --io pread")
+            err.reason = why  # what `--io auto` records: the advice to use --io auto is not for it
+            raise err from exc
         self.fixed = True
         try:
             self.ring.register_buffers(pool.regions())
@@ -479,6 +539,8 @@ class UringLoader(Loader):
             f"; ring indices: {uring.ORDERING}"
 
     def _kick(self) -> None:
+        if self.ring.fd < 0:  # closed: nothing is issued any more (and the ring's memory is unmapped)
+            return
         self._pump()
         if (self._spec and self.spec_background and self._background is None and not self._closed
                 and self._background_error is None and self.spec_background_refused is None):
@@ -525,11 +587,10 @@ class UringLoader(Loader):
 
     def _raise_background_error(self) -> None:
         """Under the lock: report (once) what ended the background thread."""
+        self._raise_internal_error()
         exc, self._background_error = self._background_error, None
         if exc is not None:
-            files = self._background_files
-            where = (f"{files[0]}" + (f" and {len(files) - 1} other file(s)" if len(files) > 1 else "")
-                     if files else "io_uring")
+            where = _others(self._background_files, "io_uring")
             raise ShardIOError(getattr(exc, "errno", None) or errno.EIO,
                                f"{where}: the background speculation thread failed while reading ahead ({exc}); the "
                                "file is not at fault and no read was lost (guesses were read from calls into the "
@@ -603,6 +664,10 @@ class UringLoader(Loader):
         if res < 0 and -res in _RETRY or 0 < res < n:  # retry, or continue a short read where it stopped
             if t.error is not None:  # the ticket failed meanwhile: drop the rest of this chunk
                 self._chunk_done(t, 0, None)
+            elif self._closed:  # nothing is issued any more: the rest of the chunk would stay queued for ever
+                done = max(res, 0)
+                self.bytes_read += done
+                self._chunk_done(t, 0, self._cut_short(t, off + done))
             else:
                 t.in_flight -= 1
                 done = max(res, 0)
@@ -615,6 +680,15 @@ class UringLoader(Loader):
         else:
             self._chunk_done(t, n, None)
         self._retire(t)
+
+    def _cut_short(self, t: Ticket, offset: int) -> ShardIOError:
+        """Under the lock, closed: why t's read stops at `offset`. A truncated file is what its reader must hear
+        about (re-extract), not that the loader was closed: the rest is not read, but the file's size says."""
+        try:
+            end = os.fstat(t.fd).st_size
+        except OSError:
+            end = t.size
+        return _short(t.path, end, t.size) if end < t.size else _closed_error(t.path)
 
     def _reap_once(self, n: int = 1) -> None:
         """Under the lock: become the reaper, sleep in the kernel for n completions (n <= those in flight: only the
@@ -675,8 +749,7 @@ class UringLoader(Loader):
     def poll(self) -> None:
         with self._cv:
             if not self._reaping and not self.ring.fd < 0:
-                for cid, res in self.ring.reap():
-                    self._complete(cid, res)
+                self._collect()
                 self._kick()
 
     def ready(self, t: Ticket) -> bool:
@@ -700,7 +773,7 @@ class UringLoader(Loader):
         """Under the lock: make progress until t is done; raises only if the wait itself failed."""
         while not t.done:
             if self.ring.fd < 0:  # closed with t's chunks still with the kernel (close's own wait failed)
-                raise t.error or _closed_error(t.path)
+                raise _fresh(t.error or _closed_error(t.path))
             try:
                 self._progress(t)
             except uring.UringError as exc:
@@ -729,7 +802,7 @@ class UringLoader(Loader):
             try:
                 while self._chunks:
                     self._progress()
-            except OSError as exc:  # the kernel refused the wait: what is still with it cannot be waited for
+            except uring.UringError as exc:  # the kernel refused the wait: what is with it cannot be waited for
                 err = self._close_failed(exc)
             finally:
                 self._abandon(err)
@@ -745,14 +818,13 @@ class UringLoader(Loader):
     def _close_failed(self, exc: OSError) -> ShardIOError:
         """Under the lock: close() could not wait for the reads still with the kernel; the error it raises (once,
         with the background thread's unreported error folded in: a second close() is a no-op)."""
-        paths = list(dict.fromkeys(t.path for t, _, _ in self._chunks.values()))
+        tickets = list({id(t): t for t, _, _ in self._chunks.values()}.values())
+        paths = list(dict.fromkeys(t.path for t in tickets))
         bg, self._background_error = self._background_error, None
         also = f"; earlier, the background speculation thread had failed too ({bg})" if bg is not None else ""
-        first = paths[0] if paths else "io_uring"
-        more = f" and {len(paths) - 1} other file(s)" if len(paths) > 1 else ""
         return ShardIOError(exc.errno or errno.EIO,
-                            f"{first}{more}: closing the io_uring loader failed while waiting for "
-                            f"{len(self._chunks)} read(s) still with the kernel ({exc.strerror or exc}); the ring and "
+                            f"{_others(paths, 'io_uring')}: closing the io_uring loader failed while waiting for "
+                            f"{len(tickets)} read(s) still with the kernel ({exc.strerror or exc}); the ring and "
                             "every file were closed regardless and the kernel finishes those reads on its own, so "
                             "their buffers may still be written for a moment: close the buffer pool rather than "
                             f"reuse it, and use --io pread if it recurs{also}")
@@ -760,12 +832,18 @@ class UringLoader(Loader):
     def _abandon(self, err: ShardIOError | None) -> None:
         """Under the lock, closing: give back every fd and the ring, even after an error. A ticket whose chunks are
         still with the kernel (only after `err`) keeps done=False: its slot may still be written, so whoever owns it
-        keeps it reserved (`ready` stays False), and its waiters get `err` at once instead of a closed ring."""
+        keeps it reserved (`ready` stays False), and its waiters get its own error if its read had already failed
+        (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a closed ring.
+        Chunks still queued (left by an exception out of the close's own wait) are failed, their tickets finished
+        and their fds closed: nothing stays queued on a closed ring."""
+        self._cancel_queued()
         for t, _, _ in self._chunks.values():
-            if err is not None or t.error is None:  # err says what matters now: the slot may still be written
+            # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
+            # be written
+            if t.error is None or err is not None and getattr(t.error, "errno", None) == errno.ECANCELED:
                 t.error = err or _closed_error(t.path)
             if t.fd >= 0:
-                _close_fd(t)
+                self._close_ticket_fd(t)
         self._spec.clear()
         self.ring.close()
         self._cv.notify_all()
@@ -808,7 +886,7 @@ def open_loader(io: str, pool: BufferPool, *, probe_file: str | None = None, **k
         except NotRegularFileError:
             raise
         except OSError as exc:
-            why.append(f"io_uring read failed ({exc})")
+            why.append(getattr(exc, "reason", None) or f"io_uring read failed ({exc})")
     else:
         why.append(reason)
     try:

@@ -184,7 +184,8 @@ class NullLoader(Loader):
     name = "none"
     direct = False
 
-    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False) -> list[Ticket]:
+    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False,
+                   created: list[Ticket] | None = None) -> list[Ticket]:
         return [Ticket(path, size, slot, next(self._ids), done=True) for path, size, slot in reads]
 
     def settle(self, t: Ticket) -> None:

@@ -674,3 +674,42 @@ def test_a_source_holding_nan_and_inf_verifies_and_a_changed_byte_still_fails(tm
     forge(out, e["path"], gate["offset"] + gate["nbytes"] - 1)  # the poisoned projection's last (finite) row
     r = verify(out, deep=True, against=src)
     assert not r.ok and any(e["path"] in str(p) for p in r.problems), r.problems
+
+
+@pytest.mark.parametrize("mode", ["whole", "loader", "rows"])
+def test_a_wrong_kernel_is_caught_on_an_expert_whose_output_is_all_nan(monkeypatch, tmp_path, mode):
+    """One NaN in expert 0's gate makes its whole output NaN on both sides, so the output comparison has nothing
+    finite left: the kernel's rows are then checked one by one. A runtime 1% off (fault injected into the runtime,
+    not the verifier) must be reported for every expert, the poisoned one included."""
+    import mer_runtime.kernels as kernels
+    import mer_runtime.shards as shards
+    import mertools.deep as deep
+    from mertools import extract
+
+    src = _with_non_finite(REAL.parent.parent / "fixtures/safetensors/gen/mixtral", tmp_path / "ck")
+    out = tmp_path / "o"
+    extract(src, out, fsync=False)
+    real, real_ffn = kernels.matvec, kernels.expert_ffn
+    monkeypatch.setattr(kernels, "matvec", lambda *a, **kw: real(*a, **kw) * np.float32(1.01))
+    monkeypatch.setattr(deep, "matvec", kernels.matvec)
+    monkeypatch.setattr(shards, "expert_ffn", lambda *a, **kw: real_ffn(*a, **kw) * np.float32(1.01))
+    kw = {"whole": {}, "loader": {"whole_budget": 0}, "rows": {"whole_budget": 0, "runtime_experts": 0}}[mode]
+    r = deep_report(out, src, **kw)
+    n = len(json.loads((out / "manifest.json").read_text())["experts"])
+    assert len(r.problems) == n, r.problems
+    e0 = next(x for x in r.deep["per_expert"] if x["layer"] == 0 and x["expert"] == 0)
+    assert e0["max_rel_err"] > 1e-3, e0
+
+
+def test_rel_compares_the_finite_values_and_requires_the_same_non_finite_ones():
+    from mertools.deep import _rel
+
+    nan, inf = float("nan"), float("inf")
+    want = np.array([[1.0, nan, inf, -inf, 4.0]])
+    assert _rel(np.array([[1.0, nan, inf, -inf, 4.0]]), want) == 0.0
+    assert _rel(np.array([[1.0, nan, inf, -inf, 4.4]]), want) == pytest.approx(0.1)  # over the finite part's max
+    for got in ([1.0, 0.0, inf, -inf, 4.0], [1.0, nan, -inf, -inf, 4.0], [1.0, nan, inf, nan, 4.0],
+                [nan, nan, inf, -inf, 4.0], [1.0, nan, inf, -inf, inf]):  # each one value off its class
+        assert _rel(np.array([got]), want) == inf, got
+    assert _rel(np.array([[2.0, 2.0], [2.0, 2.0]]), np.array([2.0, 2.0])) == 0.0  # a reference row broadcast
+    assert _rel(np.array([[nan, nan]]), np.array([[nan, nan]])) == 0.0  # nothing finite: _or_rows_alone's case

@@ -82,6 +82,22 @@ def fail_once(monkeypatch, obj, name: str, err: BaseException, when=lambda *a: T
     return fired
 
 
+def close_fails_once(monkeypatch, path, code: int) -> list:
+    """Make os.close fail with errno `code` the first time it closes `path`'s fd, after the fd really is closed
+    (close(2) releases the fd even when it reports an error); returns the threads it failed in."""
+    real, fired = os.close, []
+
+    def closing(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real(fd)
+        if not fired and target == str(path):
+            fired.append(threading.current_thread().name)
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "close", closing)
+    return fired
+
+
 def in_spec_thread(*_) -> bool:
     return threading.current_thread().name == "mer-io_uring-spec"
 
@@ -430,16 +446,7 @@ def test_a_close_that_reports_an_error_neither_hangs_nor_escapes(files, monkeypa
     pool = BufferPool(SIZE, 2)
     # one worker: a worker killed by the error would leave none to make the follow-up read
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(small):
-            fired.append(threading.current_thread().name)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, small, errno.EIO)
     try:
         t = loader.start(str(small), SMALL, 1)
         got: list = []
@@ -538,16 +545,7 @@ def test_a_double_close_of_a_ticket_s_fd_is_reported_not_dropped(files, monkeypa
     big, small = files
     pool = BufferPool(SIZE, 2)
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(small):
-            fired.append(threading.current_thread().name)
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, small, errno.EBADF)
     try:
         t = loader.start(str(small), SMALL, 1)
         with pytest.raises(ShardIOError, match=f"{small}: its file descriptor .* had already been closed.*a bug") \
@@ -707,16 +705,7 @@ def test_a_double_close_after_the_read_failed_is_raised_by_the_next_wait(tmp_pat
     good.write_bytes(os.urandom(SMALL))
     pool = BufferPool(16384, 2)
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(short):
-            fired.append(True)
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, short, errno.EBADF)
     try:
         t = loader.start(str(short), 12288, 0)
         with pytest.raises(ShardIOError, match="truncated"):

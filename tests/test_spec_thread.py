@@ -82,6 +82,22 @@ def fail_once(monkeypatch, obj, name: str, err: BaseException, when=lambda *a: T
     return fired
 
 
+def close_fails_once(monkeypatch, path, code: int) -> list:
+    """Make os.close fail with errno `code` the first time it closes `path`'s fd, after the fd really is closed
+    (close(2) releases the fd even when it reports an error); returns the threads it failed in."""
+    real, fired = os.close, []
+
+    def closing(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real(fd)
+        if not fired and target == str(path):
+            fired.append(threading.current_thread().name)
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "close", closing)
+    return fired
+
+
 def in_spec_thread(*_) -> bool:
     return threading.current_thread().name == "mer-io_uring-spec"
 
@@ -430,16 +446,7 @@ def test_a_close_that_reports_an_error_neither_hangs_nor_escapes(files, monkeypa
     pool = BufferPool(SIZE, 2)
     # one worker: a worker killed by the error would leave none to make the follow-up read
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(small):
-            fired.append(threading.current_thread().name)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, small, errno.EIO)
     try:
         t = loader.start(str(small), SMALL, 1)
         got: list = []
@@ -538,16 +545,7 @@ def test_a_double_close_of_a_ticket_s_fd_is_reported_not_dropped(files, monkeypa
     big, small = files
     pool = BufferPool(SIZE, 2)
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(small):
-            fired.append(threading.current_thread().name)
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, small, errno.EBADF)
     try:
         t = loader.start(str(small), SMALL, 1)
         with pytest.raises(ShardIOError, match=f"{small}: its file descriptor .* had already been closed.*a bug") \
@@ -707,16 +705,7 @@ def test_a_double_close_after_the_read_failed_is_raised_by_the_next_wait(tmp_pat
     good.write_bytes(os.urandom(SMALL))
     pool = BufferPool(16384, 2)
     loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=1)
-    real, fired = os.close, []
-
-    def closing(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        real(fd)
-        if not fired and target == str(short):
-            fired.append(True)
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-    monkeypatch.setattr(os, "close", closing)
+    fired = close_fails_once(monkeypatch, short, errno.EBADF)
     try:
         t = loader.start(str(short), 12288, 0)
         with pytest.raises(ShardIOError, match="truncated"):
@@ -731,3 +720,117 @@ def test_a_double_close_after_the_read_failed_is_raised_by_the_next_wait(tmp_pat
         monkeypatch.undo()
         loader.close()
         pool.close()
+
+
+@pytest.fixture(params=["io_uring", "pread"])
+def two_slots(request, tmp_path):
+    """A 2-slot cache over either backend (one pread worker): key (9, e) is a 4 MiB file, (1, e) and (2, e) 8 KiB
+    files of other bytes (what an overwrite by the big file's reads would show)."""
+    if request.param == "io_uring" and uring.probe():
+        pytest.skip(uring.probe())
+    rng = np.random.default_rng(7)
+    paths = {}
+    for k, size in ((9, SIZE), (1, SMALL), (2, SMALL)):
+        p = tmp_path / f"{k}.bin"
+        p.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        paths[k] = (str(p), size)
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader(request.param, pool, block_size=4096, queue_depth=8, threads=1)
+    cache = ExpertCache(pool, loader, lambda key: paths[key[0]])
+    yield cache, loader, pool, paths
+    loader.close()
+    pool.close()
+
+
+def interrupt_after(monkeypatch, obj, name: str, when=lambda *a: True) -> list:
+    """Make obj.name raise KeyboardInterrupt once, after it has done its work (as Python raises a signal's
+    exception at the next bytecode): returns whether it fired."""
+    real, fired = getattr(obj, name), []
+
+    def wrapper(*a, **kw):
+        out = real(*a, **kw)
+        if not fired and when(*a):
+            fired.append(True)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return fired
+
+
+@pytest.mark.parametrize("op", ["acquire", "prefetch"])
+def test_an_interrupt_after_a_miss_or_a_guess_was_queued_quarantines_the_slot(two_slots, monkeypatch, op):
+    """acquire() and prefetch() (through `_start`) gave the slot back on any exception, even a KeyboardInterrupt
+    raised once the read was queued: the next miss got the slot while the interrupted read still wrote it. The
+    interrupt is raised as the loader's `_kick` returns (the chunks queued, or with the kernel); the slot must be
+    quarantined then, not free."""
+    cache, loader, pool, paths = two_slots
+    fired = interrupt_after(monkeypatch, loader, "_kick")
+    with pytest.raises(KeyboardInterrupt):
+        getattr(cache, op)((9, 0))
+    monkeypatch.undo()
+    assert fired and (9, 0) not in cache.entries and len(cache._draining) == 1
+    ((t, slot),) = cache._draining
+    assert t.slot == slot and slot not in cache.free  # quarantined, not free
+    assert not any(it[0] is t for it in loader._queue)  # nothing more is read for it
+    cache.pin([(1, 0)])  # the slots come back (the interrupted read's once it has landed), with the right bytes
+    got = cache.acquire((2, 0))
+    assert t.done and t.fd < 0 and not cache._draining
+    for k, s in ((1, cache.entries[(1, 0)].slot), (2, got)):
+        with open(paths[k][0], "rb") as f:
+            assert pool.view(s, SMALL).tobytes() == f.read()
+    cache.release((2, 0))
+
+
+class _InterruptedOnAdd(list):
+    """A `created` list whose filling is interrupted right after the tickets went in (as a signal would be)."""
+
+    def append(self, t):
+        super().append(t)
+        raise KeyboardInterrupt
+
+    def extend(self, ts):
+        super().extend(ts)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_start_many_publishes_its_tickets_closes_each_fd_once(two_slots):
+    """start_many published a ticket in `created` before giving up its own claim on the fd: interrupted between
+    the two, its finally closed the fd and the caller's withdraw closed it again, which closed whatever file had
+    got that number meanwhile (or reported a double close)."""
+    cache, loader, pool, paths = two_slots
+    created, fds = _InterruptedOnAdd(), set(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        loader.start_many([(paths[1][0], SMALL, 0)], urgent=True, created=created)
+    (t,) = created
+    assert t.fd >= 0 and os.readlink(f"/proc/self/fd/{t.fd}") == paths[1][0]  # the ticket's fd is still open
+    with open(paths[2][0], "rb") as victim:  # another file opened meanwhile (its number is not the ticket's)
+        loader.withdraw(t)
+        loader.settle(t)
+        assert t.done and t.fd < 0 and t.error is not None and t.error.errno == errno.ECANCELED
+        assert os.fstat(victim.fileno()) and os.readlink(f"/proc/self/fd/{victim.fileno()}") == paths[2][0]
+    assert set(os.listdir("/proc/self/fd")) == fds  # closed once, by the withdrawal: none leaked
+    assert loader._internal_error is None  # no double close was found
+    loader.read(paths[2][0], SMALL, 1)  # the loader still works
+    with open(paths[2][0], "rb") as f:
+        assert pool.view(1, SMALL).tobytes() == f.read()
+
+
+def test_an_interrupt_inside_enqueue_leaves_no_ticket_waiting_for_chunks_that_do_not_exist(two_slots, monkeypatch):
+    """An interrupt inside the loader's `_enqueue` (after a ticket's `remaining` was set, before its chunks were
+    queued) left a ticket that withdraw never finished: the next miss settled it for ever, holding the cache's
+    lock. The interrupt is raised by the loader's trace hook at the "queued" event, which sits in that window."""
+    cache, loader, pool, paths = two_slots
+    fired = fail_once(monkeypatch, loader, "_note", KeyboardInterrupt(), when=lambda *ev: ev[0] == "queued")
+    with pytest.raises(KeyboardInterrupt):
+        cache.fetch([(1, 0), (9, 0)])
+    monkeypatch.undo()
+    assert fired and not cache.entries
+    assert len(cache._draining) == 2 and all(t.done for t, _ in cache._draining)  # nothing of theirs will land
+    assert all(t.fd < 0 for t, _ in cache._draining)
+    for k in (2, 1):  # both slots come back, with the right bytes
+        slot = cache.acquire((k, 0))
+        with open(paths[k][0], "rb") as f:
+            assert pool.view(slot, SMALL).tobytes() == f.read()
+        cache.release((k, 0))
+    assert not cache._draining

@@ -286,14 +286,26 @@ class ExpertCache:
             return None
         raise CacheError("every cache slot is pinned or in use; use more --cache-slots or pin fewer")
 
-    def _start(self, key: Key, slot: int, urgent: bool) -> Entry:
+    def _start_reads(self, todo: list[tuple[Key, int]], urgent: bool) -> list[Ticket]:
+        """Start the reads of `todo` ((key, slot) each). On any exception the slots go back, except those a read was
+        created for: an asynchronous exception (KeyboardInterrupt) raised after the reads were handed over may leave
+        chunks with the kernel, so those reads are withdrawn (nothing more is issued) and their slots quarantined in
+        `_draining` until what was in flight has landed; a slot handed out sooner would be overwritten."""
+        created: list[Ticket] = []
         try:
-            path, size = self.locate(key)
-            ticket = self.loader.start(path, size, slot, urgent=urgent)
+            reads = [(*self.locate(k), slot) for k, slot in todo]
+            return self.loader.start_many(reads, urgent=urgent, created=created)
         except BaseException:
-            self.free.append(slot)
+            for t in created:
+                self.loader.withdraw(t)
+                self._draining.append((t, t.slot))
+            busy = {t.slot for t in created}
+            self.free.extend(slot for _, slot in todo if slot not in busy)
             self._cv.notify_all()
             raise
+
+    def _start(self, key: Key, slot: int, urgent: bool) -> Entry:
+        ticket, = self._start_reads([(key, slot)], urgent)
         e = Entry(key, slot, ticket, time.perf_counter(), foreground=urgent)
         self.entries[key] = e
         return e
@@ -429,27 +441,10 @@ class ExpertCache:
                 todo.append((key, slot))
             if not todo:
                 return 0
-            created: list[Ticket] = []
             try:
-                reads = [(*self.locate(k), slot) for k, slot in todo]
-                tickets = self.loader.start_many(reads, urgent=True, created=created)
-            except (MerError, ValueError) as exc:  # raised before anything was queued: every slot taken goes back
-                self.free.extend(slot for _, slot in todo)
-                self._cv.notify_all()
-                if isinstance(exc, MerError):  # e.g. a file that cannot be opened: the acquire that needs it says so
-                    return 0
-                raise
-            except BaseException:
-                # anything else (a KeyboardInterrupt after the reads were submitted) may have left reads with the
-                # kernel: their slots are quarantined until those land, nothing more is issued for them, and only
-                # the slots no read was created for go back
-                for t in created:
-                    self.loader.withdraw(t)
-                    self._draining.append((t, t.slot))
-                busy = {t.slot for t in created}
-                self.free.extend(slot for _, slot in todo if slot not in busy)
-                self._cv.notify_all()
-                raise
+                tickets = self._start_reads(todo, urgent=True)  # the slots taken go back (or are quarantined)
+            except MerError:  # e.g. a file that cannot be opened: the acquire that needs it says so
+                return 0
             now = time.perf_counter()
             for (key, slot), t in zip(todo, tickets):
                 self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it

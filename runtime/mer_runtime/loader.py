@@ -162,9 +162,10 @@ class Loader:
     def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False,
                    created: list[Ticket] | None = None) -> list[Ticket]:
         """Begin several reads at once (e.g. the k experts of one step), queued together in this order.
-        `created`: a list the tickets are appended to as soon as they exist, for a caller interrupted by an
-        asynchronous exception (KeyboardInterrupt) raised after some were issued: it still knows which slots the
-        kernel may be writing.
+        `created`: a list the tickets are added to (all at once, before anything is queued), for a caller
+        interrupted by an asynchronous exception (KeyboardInterrupt) raised after they were issued: it still knows
+        which slots the kernel may be writing, and `withdraw` on each makes it safe. A ticket in `created` owns its
+        fd (its withdrawal closes it); the fds of tickets never published there are closed here.
 
         >>> ts = loader.start_many([(p1, n1, 0), (p2, n2, 1)], urgent=True)   # doctest: +SKIP
         >>> for t in ts: loader.wait(t)                                        # doctest: +SKIP
@@ -172,24 +173,30 @@ class Loader:
         for _, size, slot in reads:
             self._check(size, slot)
         fds: list[int] = []
+        tickets: list[Ticket] = []
         try:
             for path, _, _ in reads:
                 fds.append(_open(path, self.direct))
             with self._cv:
                 if self._closed:
                     raise ShardIOError(errno.EBADF, f"{reads[0][0] if reads else '?'}: the loader is closed")
-                tickets = []
                 for (path, size, slot), fd in zip(reads, fds):
-                    t = Ticket(path, size, slot, next(self._ids), fd=fd)
-                    tickets.append(t)
-                    if created is not None:
-                        created.append(t)
+                    tickets.append(Ticket(path, size, slot, next(self._ids), fd=fd))
+                if created is not None:
+                    # one C call: an interrupt comes before it (nobody knows the tickets: the finally closes their
+                    # fds) or after it (the caller's withdraw closes them), never half-way
+                    created.extend(tickets)
                 fds = []  # the tickets own them now
                 self._enqueue(tickets, urgent)
                 return tickets
         finally:
-            for fd in fds:
-                os.close(fd)
+            if fds:
+                # an interrupt between publishing the tickets and `fds = []`: a published ticket's fd is closed by
+                # its withdrawal; closing it here too would close whatever file got the number meanwhile
+                owned = {t.fd for t in tickets if created is not None and any(c is t for c in created)}
+                for fd in fds:
+                    if fd not in owned:
+                        os.close(fd)
 
     def promote(self, t: Ticket) -> None:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
@@ -212,7 +219,7 @@ class Loader:
             if t.done or t.issued:
                 return False
             self._note("cancelled", t.id)
-            self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
+            self._drop(t, ShardIOError(errno.ECANCELED, f"{t.path}: read cancelled (a stale prefetch)"))
             return True
 
     def withdraw(self, t: Ticket) -> int | None:
@@ -230,8 +237,20 @@ class Loader:
                 return None
             self._note("withdrawn", t.id, t.in_flight)
             inflight = t.in_flight * self.block_size
-            self._fail(t, ShardIOError(errno.ECANCELED, f"{t.path}: read withdrawn (a stale prefetch)"))
+            self._drop(t, ShardIOError(errno.ECANCELED, f"{t.path}: read withdrawn (a stale prefetch)"))
             return inflight
+
+    def _drop(self, t: Ticket, err: BaseException) -> None:
+        """Under the lock, from a caller (never from inside `_pump`, where chunks are briefly out of the queue):
+        fail t and drop its queued chunks; it is done once the chunks really with the kernel or a worker land.
+        `remaining` is recounted from them rather than decremented: an interrupt inside `_enqueue` (after it was
+        set, before the chunks were queued) would otherwise leave a ticket waiting for chunks that do not exist,
+        and whoever settles it (a cache taking its slot back) blocks for ever."""
+        self._fail(t, err)
+        if not t.done:
+            t.remaining = t.in_flight
+            if t.remaining == 0:
+                self._finish(t)
 
     def ready(self, t: Ticket) -> bool:
         with self._cv:

@@ -91,14 +91,19 @@ class TestLoaderConformance:
             at = events.index(("queued", tb.id, True, nb))
             after = [ev[1] for ev in events[at + 1:] if ev[0] == "issue"]
             assert after[:nb] == [tb.id] * nb and set(after[nb:]) <= {ta.id}
-            # queued together (one step's experts): the urgent ones are issued first, all of them
-            trace.clear()
-            tc, td = loader.start_many([(str(big), 4 << 20, 2), (str(folder.path_of(b)), b.size, 0)])
-            te = loader.start(str(folder.path_of(b)), b.size, 1, urgent=True)
-            loader.promote(td)  # a prefetch that became needed
-            for t in (td, te, tc):
-                loader.wait(t)
-            events = list(trace)
+            # queued together (one step's experts): the urgent ones are issued first, all of them. On a loaded
+            # machine the worker may issue all of td before promote() runs (nothing left to promote, no event):
+            # that round says nothing about promotion and is run again
+            for _ in range(5):
+                trace.clear()
+                tc, td = loader.start_many([(str(big), 4 << 20, 2), (str(folder.path_of(b)), b.size, 0)])
+                te = loader.start(str(folder.path_of(b)), b.size, 1, urgent=True)
+                loader.promote(td)  # a prefetch that became needed
+                for t in (td, te, tc):
+                    loader.wait(t)
+                events = list(trace)
+                if any(ev[:2] == ("promoted", td.id) for ev in events):
+                    break
             issued = [ev[1] for ev in events if ev[0] == "issue"]
             at_e = events.index(("queued", te.id, True, nb))
             at_p = next(i for i, ev in enumerate(events) if ev[:2] == ("promoted", td.id))

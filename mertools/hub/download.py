@@ -20,11 +20,10 @@ from urllib.parse import quote
 
 from ..commit import fsync_dir
 from ..errors import OutputError
-from .http import RETRIES, Retry, retry_status, timeout, with_retries
+from .http import RETRIES, Retry, _encoding, progress_step, retry_status, timeout, with_retries
 from .remote import HubError, IntegrityError, RemoteFile, RepoSpec, endpoint
 
 CHUNK = 1 << 20
-MIN_PROGRESS = CHUNK  # new bytes that make a run of failed attempts count as progress (see _transfer)
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
@@ -76,7 +75,7 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
     if not want:
         raise HubError(f"{what}: the hub lists no hash for it, so its bytes could not be checked; refusing")
     for attempt in (1, 2):
-        sha = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+        sha = _hasher(f)
         have = 0
         if part.exists():
             have = part.stat().st_size
@@ -108,6 +107,15 @@ def fetch(spec: RepoSpec, commit: str, f: RemoteFile, dest: Path, *, tick: Calla
     return dest
 
 
+def _hasher(f: RemoteFile) -> Any:
+    """The hash the listing names for ``f``: sha256 for LFS files, git's blob sha1 for the others."""
+    return hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+
+
+def _kib(n: int) -> str:
+    return f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} bytes"
+
+
 def _check_space(part: Path, need: int, what: str) -> None:
     """A listed size the disk cannot hold is refused before a byte is written (nothing is preallocated either)."""
     free = shutil.disk_usage(part.parent).free
@@ -119,7 +127,7 @@ def _check_space(part: Path, need: int, what: str) -> None:
 def _expected_length(r: Any, have: int, f: RemoteFile, what: str) -> None:
     """The answer's headers must describe the listed file: Content-Range's total and Content-Length agree with the
     listing, before a body byte is written. A mismatch is the hub contradicting itself: IntegrityError, no retry."""
-    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
+    enc = _encoding(r)
     if enc not in ("", "identity"):
         raise IntegrityError(f"{what}: the hub sent it {enc}-encoded although asked for identity; the listed sizes "
                              "and hashes are of the plain bytes: check HF_ENDPOINT or the proxy")
@@ -150,9 +158,9 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
               stop: threading.Event | None) -> str:
     """Append the rest of ``f`` to ``part`` (from byte ``have``), retrying; return the hex digest of the whole.
 
-    Failed attempts in a row are counted until the file has grown by MIN_PROGRESS bytes (or to its end) since the
-    last time the count was reset: a hub that ignores Range and cuts every answer at the same byte, or one that sends
-    one new byte per answer, is given up on after RETRIES attempts instead of being retried for ever.
+    Failed attempts in a row are counted until the file has grown by :func:`http.progress_step` bytes (1 MiB, or a
+    RETRIES-th of a smaller file; or to its end) since the last time the count was reset: a hub that ignores Range
+    and cuts every answer at the same byte, or one that sends one new byte per answer, is given up on after RETRIES attempts instead of being retried for ever.
     """
     from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers
@@ -183,7 +191,7 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
             if st["have"] and r.status_code == 200:  # the range was ignored: start over
                 out.truncate(0)
                 out.seek(0)
-                st["sha"] = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+                st["sha"] = _hasher(f)
                 st["have"] = 0  # mark stays: a hub that ignores Range and cuts at the same byte makes no progress
             for b in r.iter_raw():  # as the network delivers: a cut keeps what arrived
                 if stop is not None and stop.is_set():
@@ -199,15 +207,15 @@ def _transfer(url: str, what: str, f: RemoteFile, part: Path, sha: Any, have: in
             raise Retry("connection closed early")
 
     def progress() -> bool:
-        if st["have"] - st["mark"] >= min(MIN_PROGRESS, f.size - st["mark"]):
+        if st["have"] - st["mark"] >= min(progress_step(f.size), f.size - st["mark"]):
             st["mark"] = st["have"]
             return True
         return False
 
     def give_up(problem: str, _transport: bool) -> str:
         return (f"{what}: gave up after {RETRIES} attempts in a row that brought less than "
-                f"{MIN_PROGRESS >> 10} KiB ({problem}); run the pull again later: the bytes downloaded so far are "
-                "kept (if it repeats, check HF_ENDPOINT or the proxy)")
+                f"{_kib(progress_step(f.size))} ({problem}); run the pull again later: the bytes downloaded so far "
+                "are kept (if it repeats, check HF_ENDPOINT or the proxy)")
 
     with open(part, "ab", buffering=0) as out:  # unbuffered: what arrived survives a kill, for the next run
         if st["have"] < f.size:

@@ -12,7 +12,8 @@ Settings, read at call time: ``MERTOOLS_HUB_TIMEOUT`` (seconds without a byte be
 30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x). A ``Retry-After`` of up to
 60 s is honoured; a longer one ends the command at once with the wait in the message. A JSON answer or a range read
 must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB asked), so a
-hub that trickles one byte per almost-timeout cannot hold a call for ever; a late answer counts as a failed attempt.
+hub that trickles one byte per almost-timeout cannot hold a call for ever; a late answer counts as a failed attempt
+(a range read keeps what arrived and asks only for the rest next time).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ MAX_RETRY_AFTER_SHOWN = 999_999_999  # a longer Retry-After is shown as this (it
 MAX_JSON = 8 << 20
 DEADLINE_FACTOR = 4  # a whole JSON answer or range read within this many timeouts (plus RANGE_RATE's allowance)
 RANGE_RATE = 64 << 10  # bytes per second a range read is allowed on top of its deadline
+MIN_PROGRESS = 1 << 20  # new bytes that make a run of failed attempts count as progress (see progress_step)
 
 
 class Retry(Exception):
@@ -293,10 +295,22 @@ def _status_message(what: str, status: int, headers: Any) -> str:
     return f"{what}: the hub answered HTTP {status}; check the repo id and HF_ENDPOINT"
 
 
+def progress_step(size: int) -> int:
+    """New bytes that make a run of failed attempts count as progress, for a transfer of ``size`` bytes: 1 MiB, or
+    a RETRIES-th of a smaller transfer (so a small file cut every few KB still gets through, while a hub that sends
+    one new byte per answer is still given up on).
+
+    >>> progress_step(50 << 20), progress_step(700_000), progress_step(3)
+    (1048576, 116666, 1)
+    """
+    return min(MIN_PROGRESS, max(1, size // RETRIES))
+
+
 def get_range(url: str, what: str, start: int, end: int) -> bytes:
-    """Bytes [start, end] (inclusive) of a hub file by one range request, retried like :func:`get_json`; never
-    reads more than asked, whatever the hub sends (an ignored Range gets a 200 with the whole file: only its first
-    ``end + 1`` bytes are read, then the connection is dropped).
+    """Bytes [start, end] (inclusive) of a hub file by range requests, retried like :func:`get_json`; never
+    reads more than asked, whatever the hub sends (an ignored Range gets a 200 with the whole file: only the bytes
+    up to ``end`` are read, then the connection is dropped). A failed attempt keeps what arrived and the next asks
+    only for the rest; attempts that bring less than :func:`progress_step` new bytes count toward giving up.
 
     >>> get_range(resolve_url(RepoSpec("org/m"), sha, "model.safetensors"), "org/m", 0, 7)   # doctest: +SKIP
     """
@@ -304,11 +318,14 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
     from huggingface_hub.utils import build_hf_headers
 
     want = end - start + 1
+    buf = bytearray()  # across attempts: a late or cut answer keeps what it brought
+    st = {"mark": 0, "done": False}
 
     def once() -> bytes:
-        deadline = Deadline(what, (end + 1) / RANGE_RATE)
+        pos = start + len(buf)
+        deadline = Deadline(what, (end - pos + 1) / RANGE_RATE)  # the allowance is for the bytes asked this time
         # identity: a range counts the file's plain bytes
-        h = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        h = {**build_hf_headers(), "Range": f"bytes={pos}-{end}", "Accept-Encoding": "identity"}
         with get_session().stream("GET", url, headers=h, timeout=timeout(), follow_redirects=True) as r:
             retry_status(what, r)
             if r.status_code >= 400:
@@ -318,25 +335,34 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
             if (enc := _encoding(r)) not in ("", "identity"):
                 raise HubError(f"{what}: the hub sent it {enc[:40]}-encoded although asked for identity; a range "
                                "counts the plain bytes: check HF_ENDPOINT or the proxy")
-            skip = start if r.status_code == 200 else 0
-            if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(f"bytes {start}-"):
-                raise HubError(f"{what}: asked for bytes {start}-{end}, the hub answered "
+            skip = pos if r.status_code == 200 else 0
+            if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(f"bytes {pos}-"):
+                raise HubError(f"{what}: asked for bytes {pos}-{end}, the hub answered "
                                f"{r.headers.get('Content-Range')!r}; check HF_ENDPOINT")
-            buf = bytearray()
+            got = 0
             for b in r.iter_raw():
-                deadline.check()
                 if skip:
                     cut = min(skip, len(b))
                     b, skip = b[cut:], skip - cut
-                buf += b[:want - len(buf)]
+                b = b[:want - len(buf)]
+                buf.extend(b)
+                got += len(b)
                 if len(buf) >= want:
                     break
-            if len(buf) == want or (len(buf) < want and not skip and _short_ok(r, start, len(buf))):
+                deadline.check()
+            if len(buf) == want or (len(buf) < want and not skip and _short_ok(r, pos, got)):
                 return bytes(buf)
             raise Retry(f"{len(buf)} of {want} bytes arrived")
 
-    return with_retries(what, once, lambda problem, _: f"{what}: gave up after {RETRIES} attempts ({problem}); run it "
-                                                    "again later, or check HF_ENDPOINT")
+    def progress() -> bool:
+        if len(buf) - st["mark"] >= min(progress_step(want), want - st["mark"]):
+            st["mark"] = len(buf)
+            return True
+        return False
+
+    return with_retries(what, once, lambda problem, _: f"{what}: gave up after {RETRIES} attempts in a row that "
+                        f"brought less than {progress_step(want)} new bytes ({problem}); run it again later, or check "
+                        "HF_ENDPOINT", progress=progress)
 
 
 def _short_ok(r: Any, start: int, got: int) -> bool:
@@ -349,16 +375,20 @@ def _short_ok(r: Any, start: int, got: int) -> bool:
 
 
 @contextlib.contextmanager
-def session_timeout() -> Iterator[None]:
+def session_timeout(*, read: bool = True) -> Iterator[None]:
     """huggingface_hub's shared client with our timeout while the block runs (push's HfApi calls: create_repo,
     create_branch, create_commit, LFS uploads), then the caller's own setting back.
 
     The client has no timeout by default (``timeout=None``), and those calls pass none of their own. Only the
-    client's default is changed, never the client: nothing is closed or replaced under another thread, and
-    nested or concurrent blocks restore the setting once, when the last ends. An upload huggingface_hub hands to
-    ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that library's own policy.
+    fields the caller left unset (None) get ours: a timeout set through ``set_client_factory`` is kept. ``read``
+    False leaves the read timeout unset: a commit of thousands of files may take the hub minutes to answer, and
+    giving up on it would report a failure for a commit that may still land (connect, write and pool stay bounded).
+    Only the client's default is changed, never the client: nothing is closed or replaced under another thread,
+    and nested or concurrent blocks share the first block's setting and restore it once, when the last ends. An
+    upload huggingface_hub hands to ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that
+    library's own policy.
 
-    >>> with session_timeout():                                              # doctest: +SKIP
+    >>> with session_timeout(read=False):                                    # doctest: +SKIP
     ...     HfApi().create_commit(...)
     """
     from huggingface_hub import get_session
@@ -367,8 +397,15 @@ def session_timeout() -> Iterator[None]:
     with _SCOPE_LOCK:
         if _SCOPE["depth"] == 0:  # the first block sets and saves; the blocks within it share that setting
             client = get_session()
-            _SCOPE.update(client=client, saved=client.timeout)
-            client.timeout = type(client.timeout)(seconds)
+            saved = client.timeout
+            _SCOPE.update(client=client, saved=saved)
+
+            def keep(field: str, ours: float | None) -> float | None:
+                mine = getattr(saved, field, None)
+                return mine if mine is not None else ours
+
+            client.timeout = type(saved)(connect=keep("connect", seconds), write=keep("write", seconds),
+                                         read=keep("read", seconds if read else None), pool=keep("pool", seconds))
         _SCOPE["depth"] += 1
     try:
         yield

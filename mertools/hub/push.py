@@ -76,7 +76,7 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
         sent += len(card)
     commit = None
     if ops:
-        info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev,
+        info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev, long_answer=True,
                         commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}")
         commit = info.oid
     return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops), "uploaded_bytes": sent,

@@ -94,10 +94,12 @@ def api() -> Any:
     return HfApi(endpoint=endpoint())
 
 
-def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+def hub_call(what: str, fn: Any, *args: Any, long_answer: bool = False, **kw: Any) -> Any:
     """Run one huggingface_hub call (push's) under our timeout (:func:`http.session_timeout`), retrying 429/5xx
     answers with backoff (bounded, as downloads are), and turn its exceptions, malformed answers included, into one
-    clear HubError line."""
+    clear HubError line. A transport error is not retried (the call may have taken effect: a commit must not be
+    sent twice). ``long_answer``: no read timeout (create_commit: the hub may take minutes to write thousands of
+    files, and a client that gives up would report a commit that still lands)."""
     from huggingface_hub import errors as hf
 
     from .http import RETRIES, RETRY_STATUS, Retry, check_retry_after, retry_after, session_timeout, with_retries
@@ -113,7 +115,7 @@ def hub_call(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
                 raise Retry(f"HTTP {status}", retry_after(headers)) from None
             raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
 
-    with session_timeout():
+    with session_timeout(read=not long_answer):
         return with_retries(what, once, lambda problem, _: f"{what}: the hub answered {problem} {RETRIES} times; try "
                                                         "again later")
 
@@ -206,12 +208,12 @@ def list_files(spec: RepoSpec, commit: str) -> Listing:
     """Every file at ``commit`` with its size and sha256 (LFS) or git oid (others), checked as it is read.
 
     A listing that cannot come from a git tree (a path with ``..``, ``.`` or empty parts, absolute, with a NUL; the
-    same path twice; a path both a file and a folder; pagination that loops) is refused whole: the hub, or something
-    between, is lying. A path git allows but that cannot be staged here (a backslash or control character, a part
+    same path twice; a path both a file and a folder; pagination that loops or sends an empty page with a next link)
+    is refused whole: the hub, or something between, is lying. A path git allows but that cannot be staged here (a backslash or control character, a part
     over NAME_MAX bytes, not UTF-8) and an entry with a field of the wrong type are ``unusable``: skipped, and an
     error only if the conversion needs that file.
     """
-    from urllib.parse import quote
+    from urllib.parse import quote, urlencode
 
     from .http import get_json, same_origin
 
@@ -225,6 +227,8 @@ def list_files(spec: RepoSpec, commit: str) -> Listing:
     pages = 0
     while url is not None:
         seen_urls.add(url)
+        if params:  # the first page's own URL too, as a next link would spell it
+            seen_urls.add(f"{url}?{urlencode(params)}")
         page, headers = get_json(url, f"{where}: listing", params=params)
         params = None  # a next link carries its own query
         pages += 1
@@ -240,6 +244,9 @@ def list_files(spec: RepoSpec, commit: str) -> Listing:
                 raise HubError(f"{where}: the listing's next page is on another host ({url[:80]}); refusing")
             if url in seen_urls or pages >= MAX_PAGES:
                 raise HubError(f"{where}: the hub's listing pages loop; refusing (check HF_ENDPOINT)")
+            if not page:  # each page has its own deadline: empty pages would let a hub hold the listing for days
+                raise HubError(f"{where}: the hub sent an empty listing page with a next page; refusing (check "
+                               "HF_ENDPOINT)")
     _check_tree(kinds, where)
     return Listing(files, unusable)
 

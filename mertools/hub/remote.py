@@ -38,7 +38,9 @@ class RepoSpec:
 
     @classmethod
     def parse(cls, text: str, revision: str | None = None) -> "RepoSpec":
-        """>>> RepoSpec.parse("hf://mistralai/Mixtral-8x7B-v0.1@main")
+        """A repo spec from `hf://owner/name[@revision]` (or `owner/name`); `revision` when the text names none.
+
+        >>> RepoSpec.parse("hf://mistralai/Mixtral-8x7B-v0.1@main")
         RepoSpec(repo_id='mistralai/Mixtral-8x7B-v0.1', revision='main')
         """
         t = re.sub(r"^hf:/+", "", text.strip())

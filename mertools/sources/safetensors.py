@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import re
+import reprlib
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_RANK = 8  # dimensions of one tensor; models use up to 5 (conv3d), the product of a shape is quadratic in it
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128  # weight_scale_inv covers 128 x 128 blocks (quantization_config.weight_block_size)
@@ -121,6 +123,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+def _cut(x: Any, n: int = 200) -> str:
+    """At most `n` characters of a header value for a message (a hostile shape may hold 100000 numbers)."""
+    r = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    r.maxlist, r.maxdict, r.maxstring, r.maxother = 12, 8, 60, 60
+    s = r.repr(x)
+    return s if len(s) <= n else s[:n] + "..."
+
+
 def check_header(header: Any, where: str, data_size: int | None) -> None:
     """Refuse a header whose entries are malformed, do not fit their shape or the file, overlap, or leave bytes of
     the data section to no tensor (the format forbids holes, as the safetensors library does).
@@ -135,29 +145,33 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
         except UnicodeEncodeError:
             raise SourceError(f"{where}: tensor name {name!r} is not valid Unicode (a lone surrogate escape); the "
                               "file is corrupt") from None
+        # the rank is bounded before anything walks the shape: the product below costs quadratic time in the rank
+        # (a 3 MB header of 160000 dimensions of 2**47 hung it); no model has tensors of more than a few dimensions
         ok = isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES \
-            and isinstance(t.get("shape"), list) \
+            and isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_RANK \
             and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in t["shape"]) \
             and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2 \
             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in t["data_offsets"])
         if not ok:
-            raise SourceError(f"{where}: tensor {name!r} has a malformed header entry {str(t)[:200]}; the file is "
-                              "corrupt or of a type this version does not read (F4/F6)")
+            raise SourceError(f"{where}: tensor {name!r} has a malformed header entry {_cut(t)}; the file is "
+                              f"corrupt or of a type this version does not read (F4/F6; rank above {MAX_RANK})")
         b, e = t["data_offsets"]
         want = int(np.prod(t["shape"], dtype=object)) * DTYPES[t["dtype"]][0]
         if e - b != want or (data_size is not None and e > data_size):
-            raise SourceError(f"{where}: tensor {name!r} ({t['dtype']} {t['shape']}) has bytes {b}..{e}, which do "
+            raise SourceError(f"{where}: tensor {name!r} ({t['dtype']} {_cut(t['shape'])}) has bytes {b}..{e}, which do "
                               "not fit its shape or the file; the file is corrupt or truncated")
     spans = sorted((t["data_offsets"][0], t["data_offsets"][1], k) for k, t in header.items() if k != "__metadata__")
-    for (_b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0 and e1 > b1:
-            raise SourceError(f"{where}: tensors {k0!r} and {k1!r} share bytes; the header is corrupt")
-    end = 0
+    # each start is compared with the furthest end so far, not only with its neighbour's: a zero-size tensor
+    # between two overlapping ones must not hide the overlap
+    end, holder = 0, ""
     for b, e, k in spans:
+        if b < end and e > b:
+            raise SourceError(f"{where}: tensors {holder!r} and {k!r} share bytes; the header is corrupt")
         if b > end:
             raise SourceError(f"{where}: data bytes {end}..{b} belong to no tensor (a hole before {k!r}); the "
                               "format forbids holes: the file is corrupt or not a safetensors file")
-        end = max(end, e)
+        if e > end:
+            end, holder = e, k
     if data_size is not None and end != data_size:
         raise SourceError(f"{where}: {data_size - end} bytes after the last tensor belong to no tensor; the file is "
                           "corrupt or not a safetensors file: download it again")

@@ -812,3 +812,25 @@ def test_a_checkpoint_linked_from_elsewhere_still_reads(tmp_path):
         shutil.copy(f, blobs / f.name)
         (snap / f.name).symlink_to(Path("..") / "blobs" / f.name)
     assert describe(snap)["experts"] == describe(GEN / "deepseek_v2")["experts"]
+
+
+def test_read_header_never_blocks_on_a_fifo(tmp_path):
+    """read_header opens as the runtime opens untrusted files (non-blocking, fstat on the descriptor): a FIFO put
+    where a shard was, even after any check on the name, is refused instead of blocking the open. (Before, the open
+    waited for a writer: the thread below is that writer, so the old code got past the open and misread the FIFO.)"""
+    import threading
+
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import read_header
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(SourceError, match="model.safetensors: is a FIFO, not a regular file"):
+            read_header(fifo)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # a reader, so that the writer's open returns
+        writer.join()
+

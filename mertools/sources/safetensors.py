@@ -17,12 +17,12 @@ import mmap
 import os
 import re
 import reprlib
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from mer_runtime.safeopen import open_regular, read_regular
 
 from ..errors import NotMoEError, SourceError
 from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_value,
@@ -179,9 +179,10 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(N, header) of a .safetensors file on disk."""
+    fd, st = open_regular(path, error=SourceError, hint="a shard of the checkpoint: put the downloaded file there")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        size = st.st_size
+        with os.fdopen(fd, "rb") as fh:
             head = fh.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
             blob = head + fh.read(min(n, MAX_HEADER, max(0, size - 8)))
@@ -226,7 +227,6 @@ class SafeTensorsSource(MappedFiles):
             p = root / n
             if not os.path.lexists(p):
                 raise SourceError(f"{p}: listed in {INDEX_NAME} but missing; download every shard")
-            _regular(p, "a shard of the checkpoint")
             hl, h = read_header(p)
             headers[n] = (hl, h, p.stat().st_size)
         if indexed:
@@ -759,28 +759,29 @@ def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def _read_json(p: Path, what: str, unique: bool = False) -> dict[str, Any]:
     """A JSON object file of at most 64 MiB. `unique`: a key given twice is refused (the index: which shard holds
-    a tensor must not depend on the reader); config.json keeps Python's last-wins, as transformers reads it."""
-    _regular(p, what)
+    a tensor must not depend on the reader); config.json keeps Python's last-wins, as transformers reads it.
+    Opened as the runtime opens untrusted files (non-blocking, then fstat on the descriptor: a FIFO swapped in after
+    a check on the name cannot block the open) and read to the size fstat gave, so a growing file cannot exhaust
+    memory; symlinks are followed (Hugging Face's cache links every file of a snapshot to its blob)."""
+    raw = read_regular(p, 64 << 20, error=SourceError, hint=f"{what}: put the downloaded file there")
+    return json_object(raw, str(p), what, unique)
+
+
+def json_object(raw: bytes, where: str, what: str, unique: bool = False) -> dict[str, Any]:
+    """The JSON object in `raw` (config.json or the index, local or from the hub: one loader, one set of checks).
+
+    >>> json_object(b'{"model_type": "mixtral"}', "config.json", "config.json")
+    {'model_type': 'mixtral'}
+    """
     try:
-        with open(p, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > 64 << 20:
-                raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
-            # bounded by the size seen (not by the 64 MiB limit: read(n) allocates n at once), so a file that grows
-            # under us cannot exhaust memory; one byte more than the size shows that it grew
-            raw = fh.read(size + 1)
-        if len(raw) > size > 0:  # (size 0 with bytes: a /proc-like file, refused below as not JSON)
-            raise SourceError(f"{p}: {what} grew while it was read; wait until it is fully written")
         d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
-    except OSError as exc:
-        raise SourceError(f"{p}: cannot be read ({exc.strerror})") from None
     except _DuplicateKey as exc:
-        raise SourceError(f"{p}: {what} holds the key {str(exc)[:200]} twice; it is corrupt: download it again") \
+        raise SourceError(f"{where}: {what} holds the key {str(exc)[:200]} twice; it is corrupt: download it again") \
             from None
     except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, bad UTF-8, > 4300-digit integers
-        raise SourceError(f"{p}: {what} is not valid JSON ({str(exc)[:200]})") from None
+        raise SourceError(f"{where}: {what} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(d, dict):
-        raise SourceError(f"{p}: {what} is not a JSON object")
+        raise SourceError(f"{where}: {what} is not a JSON object")
     return d
 
 
@@ -803,17 +804,3 @@ def _index_files(index: dict[str, Any], where: Path) -> list[str]:
             raise SourceError(f"{where}: names shard {n[:300]!r}, which is not a plain .safetensors file name beside "
                               "it; the index is corrupt (or hostile): download it again")
     return names
-
-
-def _regular(p: Path, what: str) -> None:
-    """Refuse what is not a regular file (a FIFO would block the open, /dev/zero never ends, a folder...),
-    following symlinks: Hugging Face's cache links every file of a snapshot to its blob."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise SourceError(f"{p}: missing ({what}); download every file of the checkpoint") from None
-    except OSError as exc:
-        raise SourceError(f"{p}: cannot be read ({exc.strerror}); {what}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SourceError(f"{p}: is not a regular file ({what}; a folder, FIFO or device is in its place): put the "
-                          "downloaded file there")

@@ -831,6 +831,7 @@ def test_read_header_never_blocks_on_a_fifo(tmp_path):
         with pytest.raises(SourceError, match="model.safetensors: is a FIFO, not a regular file"):
             read_header(fifo)
     finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # a reader, so that the writer's open returns
-        writer.join()
+        while writer.is_alive():  # a reader, so that the writer's open returns (it may not have begun yet)
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            writer.join(0.05)
 

@@ -95,7 +95,11 @@ def _describe_source(src: Any, path: str, dtype: str | None = None) -> dict[str,
         "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
     }
     if conv is None:
-        d["needs_dtype"] = sorted(set(native) - RUNTIME_TYPES)
+        # a type --dtype can convert needs it; one it cannot (GGUF's integer types, F64, Q8_1, Q8_K, Q1_0) is not
+        # extractable at all: saying "needs --dtype" of it sent the user to a refusal
+        foreign = [q for e in src.experts for q in e.projections if q.dtype not in RUNTIME_TYPES]
+        d["needs_dtype"] = sorted({q.dtype for q in foreign if q.decode is not None})
+        d["not_extractable"] = sorted({q.dtype for q in foreign if q.decode is None})
     else:
         d["would_write"] = {
             "shards": len(conv.shards),
@@ -146,7 +150,10 @@ def _render_local(d: dict[str, Any]) -> str:
         types = " ".join(f"{r}={t}" for r, t in row["types"].items())
         lines.append(f"  {row['layer']:5d}  {row['experts']:7d}  {types:34s} {human_bytes(row['bytes_per_expert'])}")
     lines.append("  kernels: " + ", ".join(f"{t}: {k}" for t, k in d["kernels"].items()))
-    if d.get("needs_dtype"):
+    if d.get("not_extractable"):
+        lines.append(f"  experts are {', '.join(d['not_extractable'])}: not extractable (the runtime cannot compute "
+                     "with them and --dtype converts only float sources and MXFP4)")
+    elif d.get("needs_dtype"):
         lines.append(f"  experts are {', '.join(d['needs_dtype'])}: extract needs --dtype (bf16, f16, q8_0 or q4_0)")
     elif d["kind"] != "shards":
         w = d["would_write"]

@@ -15,8 +15,9 @@ Targets: `gguf` (open_source + planning + describe, and extract + verify on some
 `safetensors` (a checkpoint folder from fixtures/safetensors/ attacked in its header length, header JSON, offsets,
 shapes, dtypes, index, config.json, tensor names and file kinds; then describe = open_source + plan, and on a quarter
 of the cases extract (with --dtype on some) + verify, checking that nothing is written outside OUT and that a
-refused extract leaves nothing behind; deep verify --against on some of those, whose failures count only with
-FUZZ_DEEP_STRICT=1, see `_run_checkpoint_case`).
+refused extract leaves nothing behind; deep verify --against on some of those, whose failures count as
+tracebacks; FUZZ_DEEP_LAX=1 ignores them, for hunting other bugs while one such failure is known, see
+`_run_checkpoint_case`).
 
     python scripts/fuzz.py --cases 20000 --target gguf          # prints the figures
     python scripts/fuzz.py --replay 1234567 --target gguf       # one case, in this process, traceback visible
@@ -962,7 +963,8 @@ def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract
         cls += "+extract"
         if rng.random() < 0.3:  # the source's own bytes against the shards, and the kernels on them
             r = verify(out, deep=True, against=ck)
-            if not r.ok and os.environ.get("FUZZ_DEEP_STRICT"):
+            # strict since the NaN fix of deep verify (d55c071): 9,200 strict cases passed after it
+            if not r.ok and not os.environ.get("FUZZ_DEEP_LAX"):
                 raise AssertionError(f"verify --deep --against of a finished extract failed: "
                                      f"{[str(x) for x in r.problems][:3]}")
             cls += "+deep"

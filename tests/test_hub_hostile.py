@@ -746,3 +746,63 @@ def test_an_empty_listing_page_with_a_next_page_is_refused(live, out, tmp_path):
                    headers={"Link": f'<{live.url}/api/models/{REPO}/tree/{sha}?page={n}>; rel="next"'})
     pull_fails(out, "empty listing page")
     nothing_looks_complete(tmp_path, out, {})
+
+
+# -- SafeTensors headers, config and index from the hub: the local reader's checks ----------------------------------
+OLMOE = FIX_ST = GEN.parent / "safetensors" / "gen" / "olmoe"
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def _st_file(edit) -> bytes:
+    """olmoe's model.safetensors with its header JSON replaced by `edit(header dict)` (bytes, or a dict to dump)."""
+    raw = (OLMOE / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    h = json.loads(raw[8:8 + n])
+    new = edit(h)
+    text = new if isinstance(new, bytes) else json.dumps(new).encode()
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
+def _expert(h: dict) -> str:
+    return next(k for k in h if ".experts." in k)
+
+
+ST_HOSTILE = {
+    "dtype-list": ({"model.safetensors": _st_file(lambda h: {**h, _expert(h): {**h[_expert(h)], "dtype": ["BF16"]}})},
+                   "malformed header entry"),
+    "entry-int": ({"model.safetensors": _st_file(lambda h: {**h, _expert(h): 5})}, "malformed header entry"),
+    "header-deep": ({"model.safetensors": _st_file(lambda h: DEEP)}, "not valid JSON"),
+    "header-dup": ({"model.safetensors": _st_file(lambda h: json.dumps(h)[:-1].encode() + b", "
+                                                  + json.dumps({_expert(h): h[_expert(h)]})[1:].encode())}, "twice"),
+    "config-deep": ({"config.json": DEEP}, "config.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ST_HOSTILE))
+def test_safetensors_from_the_hub_gets_the_local_checks(live, env, out, tmp_path, case):
+    """A hostile header or config.json on the hub once gave "unhashable type: 'list'", "'int' object is not
+    subscriptable" or a RecursionError from inspect and pull (they indexed raw headers): now the same checks as a
+    local folder, one line naming the file; the pull leaves nothing that looks complete."""
+    files, want = ST_HOSTILE[case]
+    served = {"config.json": (OLMOE / "config.json").read_bytes(),
+              "model.safetensors": (OLMOE / "model.safetensors").read_bytes(), **files}
+    live.add_revision(REPO, served)
+    err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
+    assert want in err and ("config.json" if case.startswith("config") else "model.safetensors") in err, err
+    pull_fails(out, want)
+    nothing_looks_complete(tmp_path, out, served)
+
+
+def test_an_index_from_the_hub_gets_the_local_checks(live, env, out, tmp_path):
+    """A SafeTensors index nested 100,000 deep or naming one tensor twice: one line, from inspect and pull."""
+    idx = json.loads((GEN.parent / "safetensors" / "gen" / "deepseek_v2" / "model.safetensors.index.json").read_text())
+    k, v = next(iter(idx["weight_map"].items()))
+    dup = json.dumps(idx).replace('"weight_map": {', '"weight_map": {' + json.dumps(k) + ": " + json.dumps(v) + ", ", 1)
+    for body, want in ((DEEP, "not valid JSON"), (dup.encode(), "twice")):
+        served = {"config.json": b'{"model_type": "deepseek_v2"}', "model.safetensors.index.json": body,
+                  **{s: b"\0" * 64 for s in set(idx["weight_map"].values())}}
+        live.add_revision(REPO, served)
+        err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
+        assert want in err and "model.safetensors.index.json" in err, err
+        pull_fails(out, want)
+        nothing_looks_complete(tmp_path, out, served)

@@ -486,6 +486,37 @@ def test_dtype_refuses_an_already_quantized_gguf(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--dtype" in p.stderr
 
 
+def _int_expert_gguf(path: Path) -> Path:
+    """moe-merged-f32.gguf with its expert weights stored as I32 (a ggml type the runtime cannot compute with)."""
+    r = gguf.GGUFReader(FIX / "generated" / "moe-merged-f32.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_expert_count(4)
+    w.add_expert_used_count(2)
+    for t in r.tensors:
+        if "_exps" in t.name and t.name.endswith(".weight"):
+            w.add_tensor(t.name, np.zeros([int(x) for x in reversed(t.shape)], np.int32))
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_experts_of_a_type_nothing_converts_are_not_sent_in_a_circle(tmp_path):
+    """An I32 expert can neither be copied (the runtime cannot compute with it) nor converted: inspect says so
+    instead of "needs --dtype", and extract --dtype does not advise dropping --dtype."""
+    src = _int_expert_gguf(tmp_path / "int.gguf")
+    p = run_cli("inspect", src)
+    assert p.returncode == 0 and "not extractable" in p.stdout and "needs --dtype" not in p.stdout, p.stdout
+    for extra in ((), ("--dtype", "q8_0")):
+        p = run_cli("extract", src, tmp_path / "o", *extra)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "cannot be extracted" in p.stderr and "drop --dtype" not in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("name,role", [("gpt_oss_mxfp4", "up"), ("llama4", "down"),
                                        ("real/mixtral-bf16-sharded", "gate")])
 def test_one_changed_byte_is_caught_against_the_checkpoint(tmp_path, st_extracted, name, role):
@@ -611,6 +642,33 @@ def _h_hole(ck):
     _write(f, h, data + bytes(4096))
 
 
+def _h_gap(ck):  # a real gap between two tensors (the last one moved 64 bytes on), the file's end still covered
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    last = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    b, e = h[last]["data_offsets"]
+    h[last]["data_offsets"] = [b + 64, e + 64]
+    _write(f, h, data[:b] + bytes(64) + data[b:])
+
+
+def _h_overlap_behind_empty(ck):  # a zero-size tensor between two overlapping ones once hid the overlap
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    first = min((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    b, e = h[first]["data_offsets"]
+    assert e - b > 8
+    h["zz.empty"] = {"dtype": "U8", "shape": [0], "data_offsets": [b + 1, b + 1]}
+    h["zz.inside"] = {"dtype": "U8", "shape": [4], "data_offsets": [b + 1, b + 5]}
+    _write(f, h, data)
+
+
+def _h_long_shape(ck):  # 160000 dimensions once hung inspect (the shape's product is quadratic in the rank)
+    f = ck / "model.safetensors"
+    h, data = _split(f)
+    h[next(k for k in h if ".experts." in k)]["shape"] = [2 ** 47 - 1] * 3000
+    _write(f, h, data)
+
+
 def _h_surrogate_name(ck):
     f = ck / "model.safetensors"
     h, data = _split(f)
@@ -684,6 +742,9 @@ HOSTILE = [
     ("olmoe", _h_dtype_unhashable, "malformed header entry"),
     ("olmoe", _h_duplicate_key, "twice"),
     ("olmoe", _h_hole, "belong to no tensor"),
+    ("olmoe", _h_gap, "belong to no tensor \\(a hole before"),
+    ("olmoe", _h_overlap_behind_empty, "'zz.inside' share bytes"),
+    ("olmoe", _h_long_shape, "malformed header entry .{0,260}; the file"),
     ("olmoe", _h_surrogate_name, "not valid Unicode"),
     ("llama4", _h_zero_dim, "zero dimension"),
     ("gpt_oss_mxfp4", _h_mxfp4_no_scales, "without their scales"),
@@ -751,3 +812,26 @@ def test_a_checkpoint_linked_from_elsewhere_still_reads(tmp_path):
         shutil.copy(f, blobs / f.name)
         (snap / f.name).symlink_to(Path("..") / "blobs" / f.name)
     assert describe(snap)["experts"] == describe(GEN / "deepseek_v2")["experts"]
+
+
+def test_read_header_never_blocks_on_a_fifo(tmp_path):
+    """read_header opens as the runtime opens untrusted files (non-blocking, fstat on the descriptor): a FIFO put
+    where a shard was, even after any check on the name, is refused instead of blocking the open. (Before, the open
+    waited for a writer: the thread below is that writer, so the old code got past the open and misread the FIFO.)"""
+    import threading
+
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import read_header
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(SourceError, match="model.safetensors: is a FIFO, not a regular file"):
+            read_header(fifo)
+    finally:
+        while writer.is_alive():  # a reader, so that the writer's open returns (it may not have begun yet)
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            writer.join(0.05)
+

@@ -84,6 +84,8 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
         d["path"] = f"hf://{spec.repo_id}@{commit[:12]}/{choice.main}"
         d["hub"] = {**hub, "would_download": choice.as_dict()}
         return d
+    from ..sources.safetensors import json_object
+
     with tempfile.TemporaryDirectory(prefix="mertools-inspect-") as tmp:
         folder = Path(tmp)
         small = {}
@@ -91,16 +93,16 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
             if f.path.endswith(".json"):
                 small[f.path] = read_range(spec, commit, f.path, 0, f.size - 1)
                 (folder / f.path).write_bytes(small[f.path])
+        # the loader of local folders: nesting too deep, a key twice in the index, not an object: one SourceError
+        config = json_object(small[CONFIG], f"{where}: {CONFIG}", CONFIG)
+        if ST_INDEX in small:
+            json_object(small[ST_INDEX], f"{where}: {ST_INDEX}", ST_INDEX, unique=True)
         if choice.index_needed:
             choice = add_index_shards(choice, listing, small[ST_INDEX], where)
             check_needed(choice.files, listing.unusable, where)
         headers = {f.path: _safetensors_header_file(spec, commit, f, folder)
                    for f in choice.files if f.path.endswith(".safetensors")}
         plan = _plan_from_headers(folder)
-    try:
-        config = json.loads(small[CONFIG])
-    except ValueError:
-        raise HubError(f"{where}: config.json is not JSON") from None
     dtypes: Counter = Counter()
     nbytes, experts_bytes, expert_tensors = 0, 0, 0
     for header in headers.values():
@@ -134,17 +136,16 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
 
 def _safetensors_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) -> dict[str, Any]:
     """The shard's JSON header, by range requests; the shard is also written as a sparse file holding only it."""
+    from ..sources.safetensors import parse_header
+
     first = read_range(spec, commit, f.path, 0, min(f.size, FIRST) - 1)
     n = int.from_bytes(first[:8], "little")
     if len(first) < 8 or n > MAX_HEADER or 8 + n > f.size:
         raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: not a SafeTensors file (header size {n})")
     data = first if 8 + n <= len(first) else first + read_range(spec, commit, f.path, len(first), 8 + n - 1)
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError:
-        raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: the SafeTensors header is not JSON") from None
-    if not isinstance(header, dict):
-        raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: the SafeTensors header is not a JSON object")
+    # the local reader's checks (entries, dtypes, shapes, offsets, duplicate keys, nesting), before anything here
+    # indexes the header's entries
+    _n, header = parse_header(data[:8 + n], f"{spec.repo_id}@{commit[:12]}: {f.path}", f.size)
     with open(folder / f.path, "wb") as fh:
         fh.write(data[:8 + n])
         _sparse_size(fh, f, spec)

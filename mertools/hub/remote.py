@@ -7,7 +7,6 @@ LFS sha256), pointed at ``HF_ENDPOINT`` as read at call time, so tests and mirro
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -428,8 +427,11 @@ def _gguf_choice(where: str, first: str, parts: list[RemoteFile]) -> Choice:
 
 def add_index_shards(choice: Choice, files: list[RemoteFile], index_bytes: bytes, where: str) -> Choice:
     """Complete a SafeTensors choice once its index is read: the shards its ``weight_map`` names, in order."""
+    from ..sources.safetensors import json_object
+
+    # the loader of local folders: nesting too deep, a key given twice, not an object give one SourceError
+    index = json_object(index_bytes, f"{where}: {ST_INDEX}", ST_INDEX, unique=True)
     try:
-        index = json.loads(index_bytes)
         shards = sorted(set(index["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise HubError(f"{where}: {ST_INDEX} is not a SafeTensors index (no weight_map); the repo is damaged") from None

@@ -115,7 +115,15 @@ class SafeTensorsStreamer:
         if self.fetch is None or self.read_range is None:
             return  # no hub at hand (offline: everything is local): plan once the files are present
         work_dir.mkdir(parents=True, exist_ok=True)
-        self._plan(json.loads(self.fetch(CONFIG).read_bytes()), self._remote_headers())
+        from ..sources.safetensors import json_object
+
+        config = json_object(self.fetch(CONFIG).read_bytes(), f"{self._where()}: {CONFIG}", CONFIG)
+        self._plan(config, self._remote_headers())
+
+    def _where(self) -> str:
+        """repo@commit, for messages about the files of this pull."""
+        hub = self.source_extra.get("hub", {})
+        return f"{hub.get('repo', '?')}@{str(hub.get('commit', ''))[:12]}"
 
     def _remote_headers(self) -> dict[str, tuple[int, bytes, int]]:
         """Each shard's header: from work/headers.json of an earlier run, else by range requests (in parallel)."""
@@ -124,8 +132,8 @@ class SafeTensorsStreamer:
             kept = json.loads(cache.read_text(encoding="utf-8"))
             if sorted(kept) == sorted(self.shard_names):
                 return {n: (kept[n]["n"], kept[n]["header"].encode("latin-1"), self.sizes[n]) for n in self.shard_names}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            pass  # damaged (ours, but the work folder may have been edited): read the headers again
         assert self.read_range is not None
 
         def one(name: str) -> tuple[int, bytes, int]:
@@ -150,20 +158,20 @@ class SafeTensorsStreamer:
 
     def _plan(self, config: dict[str, Any], raw: dict[str, tuple[int, bytes, int]]) -> None:
         from ..convert import plan
-        from ..sources.safetensors import SafeTensorsSource, check_index
+        from ..sources.safetensors import SafeTensorsSource, _index_files, check_index, json_object, parse_header
 
         self.raw_headers = raw
         headers = {}
-        for name in self.shard_names:
+        for name in self.shard_names:  # the local reader's checks (nesting, duplicate keys, entries, offsets)
             n, blob, size = raw[name]
-            try:
-                headers[name] = (n, json.loads(blob), size)
-            except ValueError:
-                raise HubError(f"{name}: the SafeTensors header is not JSON; the repo is damaged") from None
+            headers[name] = (*parse_header(n.to_bytes(8, "little") + blob, f"{self._where()}: {name}", size), size)
         files_dir = self.work.parent / "files"
         src = SafeTensorsSource.from_headers(files_dir, config, headers)
         if ST_INDEX in self.paths and self.fetch is not None:
-            check_index(json.loads(self.fetch(ST_INDEX).read_bytes()), headers, files_dir / ST_INDEX)
+            index = json_object(self.fetch(ST_INDEX).read_bytes(), f"{self._where()}: {ST_INDEX}", ST_INDEX,
+                                unique=True)
+            _index_files(index, files_dir / ST_INDEX)
+            check_index(index, headers, files_dir / ST_INDEX)
         self.src = src
         self.conv = plan(src, dtype=self.dtype)
         self.index_of = {name: i for i, name in enumerate(self.shard_names)}

@@ -29,6 +29,9 @@ Decode = Callable[[ViewOf, int, int], np.ndarray]
 # (an I32 expert used to be extracted, and then refused by every load).
 RUNTIME_TYPES = {t for t, info in _KERNEL_TYPES.items() if info.path != "unsupported"}
 DTYPE_CHOICES = ("q4_0", "q8_0", "f16", "bf16")
+NOT_EXTRACTABLE = ("a type the runtime cannot compute with and --dtype cannot convert (only float sources, "
+                   "BF16/F16/F32/FP8, and MXFP4 can be converted): the experts of this model cannot be extracted, "
+                   "with or without --dtype")
 BAND_BYTES = 16 << 20  # float32 bytes per quantization band: memory stays flat whatever the matrix size
 
 
@@ -85,6 +88,8 @@ def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
     """The projection converted to `dtype` (a gguf type name) by gguf's quantizer, a band of rows at a time."""
     qt = GGMLQuantizationType[dtype]
     if p.decode is None:
+        if p.dtype not in RUNTIME_TYPES:  # no way out: advising to drop --dtype would send the user in a circle
+            raise SourceError(f"{where}{p.tensor}: is {p.dtype}, {NOT_EXTRACTABLE}")
         raise SourceError(
             f"{where}{p.tensor}: is {p.dtype}, which --dtype cannot convert (only float sources, BF16/F16/F32/FP8, and "
             "MXFP4 can be converted); drop --dtype to copy it as it is"
@@ -129,11 +134,7 @@ def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> l
         for p in plan.projections:
             if p.role.endswith(("_bias", "_scale")) or target is None or (p.dtype == target and p.produce is None):
                 if p.dtype not in RUNTIME_TYPES and p.decode is None:
-                    raise SourceError(
-                        f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with and --dtype cannot "
-                        "convert (only float sources, BF16/F16/F32/FP8, and MXFP4 can be converted); the experts of "
-                        "this model cannot be extracted (a corrupt header, or a layout to report)"
-                    )
+                    raise SourceError(f"{where}{p.tensor}: is {p.dtype}, {NOT_EXTRACTABLE}")
                 if p.dtype not in RUNTIME_TYPES:
                     raise SourceError(
                         f"{where}{p.tensor}: is {p.dtype}, a type the runtime cannot compute with; convert it during "

@@ -16,12 +16,13 @@ import json
 import mmap
 import os
 import re
-import stat
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from mer_runtime.safeopen import open_regular, read_regular
 
 from ..errors import NotMoEError, SourceError
 from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_value,
@@ -30,6 +31,7 @@ from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_RANK = 8  # dimensions of one tensor; models use up to 5 (conv3d), the product of a shape is quadratic in it
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128  # weight_scale_inv covers 128 x 128 blocks (quantization_config.weight_block_size)
@@ -121,6 +123,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+def _cut(x: Any, n: int = 200) -> str:
+    """At most `n` characters of a header value for a message (a hostile shape may hold 100000 numbers)."""
+    r = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    r.maxlist, r.maxdict, r.maxstring, r.maxother = 12, 8, 60, 60
+    s = r.repr(x)
+    return s if len(s) <= n else s[:n] + "..."
+
+
 def check_header(header: Any, where: str, data_size: int | None) -> None:
     """Refuse a header whose entries are malformed, do not fit their shape or the file, overlap, or leave bytes of
     the data section to no tensor (the format forbids holes, as the safetensors library does).
@@ -135,29 +145,33 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
         except UnicodeEncodeError:
             raise SourceError(f"{where}: tensor name {name!r} is not valid Unicode (a lone surrogate escape); the "
                               "file is corrupt") from None
+        # the rank is bounded before anything walks the shape: the product below costs quadratic time in the rank
+        # (a 3 MB header of 160000 dimensions of 2**47 hung it); no model has tensors of more than a few dimensions
         ok = isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES \
-            and isinstance(t.get("shape"), list) \
+            and isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_RANK \
             and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in t["shape"]) \
             and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2 \
             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in t["data_offsets"])
         if not ok:
-            raise SourceError(f"{where}: tensor {name!r} has a malformed header entry {str(t)[:200]}; the file is "
-                              "corrupt or of a type this version does not read (F4/F6)")
+            raise SourceError(f"{where}: tensor {name!r} has a malformed header entry {_cut(t)}; the file is "
+                              f"corrupt or of a type this version does not read (F4/F6; rank above {MAX_RANK})")
         b, e = t["data_offsets"]
         want = int(np.prod(t["shape"], dtype=object)) * DTYPES[t["dtype"]][0]
         if e - b != want or (data_size is not None and e > data_size):
-            raise SourceError(f"{where}: tensor {name!r} ({t['dtype']} {t['shape']}) has bytes {b}..{e}, which do "
+            raise SourceError(f"{where}: tensor {name!r} ({t['dtype']} {_cut(t['shape'])}) has bytes {b}..{e}, which do "
                               "not fit its shape or the file; the file is corrupt or truncated")
     spans = sorted((t["data_offsets"][0], t["data_offsets"][1], k) for k, t in header.items() if k != "__metadata__")
-    for (_b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0 and e1 > b1:
-            raise SourceError(f"{where}: tensors {k0!r} and {k1!r} share bytes; the header is corrupt")
-    end = 0
+    # each start is compared with the furthest end so far, not only with its neighbour's: a zero-size tensor
+    # between two overlapping ones must not hide the overlap
+    end, holder = 0, ""
     for b, e, k in spans:
+        if b < end and e > b:
+            raise SourceError(f"{where}: tensors {holder!r} and {k!r} share bytes; the header is corrupt")
         if b > end:
             raise SourceError(f"{where}: data bytes {end}..{b} belong to no tensor (a hole before {k!r}); the "
                               "format forbids holes: the file is corrupt or not a safetensors file")
-        end = max(end, e)
+        if e > end:
+            end, holder = e, k
     if data_size is not None and end != data_size:
         raise SourceError(f"{where}: {data_size - end} bytes after the last tensor belong to no tensor; the file is "
                           "corrupt or not a safetensors file: download it again")
@@ -165,9 +179,10 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(N, header) of a .safetensors file on disk."""
+    fd, st = open_regular(path, error=SourceError, hint="a shard of the checkpoint: put the downloaded file there")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        size = st.st_size
+        with os.fdopen(fd, "rb") as fh:
             head = fh.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
             blob = head + fh.read(min(n, MAX_HEADER, max(0, size - 8)))
@@ -212,7 +227,6 @@ class SafeTensorsSource(MappedFiles):
             p = root / n
             if not os.path.lexists(p):
                 raise SourceError(f"{p}: listed in {INDEX_NAME} but missing; download every shard")
-            _regular(p, "a shard of the checkpoint")
             hl, h = read_header(p)
             headers[n] = (hl, h, p.stat().st_size)
         if indexed:
@@ -745,28 +759,29 @@ def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def _read_json(p: Path, what: str, unique: bool = False) -> dict[str, Any]:
     """A JSON object file of at most 64 MiB. `unique`: a key given twice is refused (the index: which shard holds
-    a tensor must not depend on the reader); config.json keeps Python's last-wins, as transformers reads it."""
-    _regular(p, what)
+    a tensor must not depend on the reader); config.json keeps Python's last-wins, as transformers reads it.
+    Opened as the runtime opens untrusted files (non-blocking, then fstat on the descriptor: a FIFO swapped in after
+    a check on the name cannot block the open) and read to the size fstat gave, so a growing file cannot exhaust
+    memory; symlinks are followed (Hugging Face's cache links every file of a snapshot to its blob)."""
+    raw = read_regular(p, 64 << 20, error=SourceError, hint=f"{what}: put the downloaded file there")
+    return json_object(raw, str(p), what, unique)
+
+
+def json_object(raw: bytes, where: str, what: str, unique: bool = False) -> dict[str, Any]:
+    """The JSON object in `raw` (config.json or the index, local or from the hub: one loader, one set of checks).
+
+    >>> json_object(b'{"model_type": "mixtral"}', "config.json", "config.json")
+    {'model_type': 'mixtral'}
+    """
     try:
-        with open(p, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > 64 << 20:
-                raise SourceError(f"{p}: {what} is larger than 64 MiB; not a Hugging Face {what}")
-            # bounded by the size seen (not by the 64 MiB limit: read(n) allocates n at once), so a file that grows
-            # under us cannot exhaust memory; one byte more than the size shows that it grew
-            raw = fh.read(size + 1)
-        if len(raw) > size > 0:  # (size 0 with bytes: a /proc-like file, refused below as not JSON)
-            raise SourceError(f"{p}: {what} grew while it was read; wait until it is fully written")
         d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
-    except OSError as exc:
-        raise SourceError(f"{p}: cannot be read ({exc.strerror})") from None
     except _DuplicateKey as exc:
-        raise SourceError(f"{p}: {what} holds the key {str(exc)[:200]} twice; it is corrupt: download it again") \
+        raise SourceError(f"{where}: {what} holds the key {str(exc)[:200]} twice; it is corrupt: download it again") \
             from None
     except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, bad UTF-8, > 4300-digit integers
-        raise SourceError(f"{p}: {what} is not valid JSON ({str(exc)[:200]})") from None
+        raise SourceError(f"{where}: {what} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(d, dict):
-        raise SourceError(f"{p}: {what} is not a JSON object")
+        raise SourceError(f"{where}: {what} is not a JSON object")
     return d
 
 
@@ -789,17 +804,3 @@ def _index_files(index: dict[str, Any], where: Path) -> list[str]:
             raise SourceError(f"{where}: names shard {n[:300]!r}, which is not a plain .safetensors file name beside "
                               "it; the index is corrupt (or hostile): download it again")
     return names
-
-
-def _regular(p: Path, what: str) -> None:
-    """Refuse what is not a regular file (a FIFO would block the open, /dev/zero never ends, a folder...),
-    following symlinks: Hugging Face's cache links every file of a snapshot to its blob."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise SourceError(f"{p}: missing ({what}); download every file of the checkpoint") from None
-    except OSError as exc:
-        raise SourceError(f"{p}: cannot be read ({exc.strerror}); {what}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SourceError(f"{p}: is not a regular file ({what}; a folder, FIFO or device is in its place): put the "
-                          "downloaded file there")

@@ -220,14 +220,7 @@ def config_value(config: dict[str, Any], what: str) -> Any:
     >>> config_value({"ffn_config": {"moe_num_experts": 16}}, "n_experts")
     16
     """
-    for scope in (config.get("text_config") or {}, config):
-        for key in ALIASES[what]:
-            v: Any = scope
-            for part in key.split("."):
-                v = v.get(part) if isinstance(v, dict) else None
-            if v is not None:
-                return v
-    return None
+    return config_key(config, what)[1]
 
 
 def config_key(config: dict[str, Any], what: str) -> tuple[str | None, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 from mer_runtime.safeopen import open_regular, read_regular
 
 from ..errors import NotMoEError, SourceError
-from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_value,
+from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_key,
                       model_type_of, moe_layers_from_config)
 from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
@@ -648,10 +648,10 @@ class SafeTensorsSource(MappedFiles):
         scale = config_float(self.config, "expert_weights_scale", cfg)
         if scale is not None:
             info["expert_weights_scale"] = scale
-        norm = config_value(self.config, "expert_weights_norm")
+        key, norm = config_key(self.config, "expert_weights_norm")
         if norm is not None:
             if not isinstance(norm, bool):
-                raise SourceError(f"{cfg}: norm_topk_prob is {str(norm)[:60]!r}, expected true or false; fix "
+                raise SourceError(f"{cfg}: {key} is {str(norm)[:60]!r}, expected true or false; fix "
                                   "config.json (or download it again)")
             info["expert_weights_norm"] = norm
         router: dict[str, str] = {}

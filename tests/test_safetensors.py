@@ -365,7 +365,7 @@ def test_convert_shard_by_shard_from_headers(tmp_path, st_extracted, name):
     src_dir = folder(name)
     cfg = json.loads((src_dir / "config.json").read_text())
     files = sorted(src_dir.glob("model-*.safetensors"))
-    headers = {f.name: (*read_header(f), f.stat().st_size) for f in files}
+    headers = {f.name: read_header(f) for f in files}
     dl = tmp_path / "dl"
     dl.mkdir()
     src = SafeTensorsSource.from_headers(dl, cfg, headers)  # no shard file on disk yet
@@ -407,7 +407,7 @@ def test_a_missing_shard_is_named(tmp_path):
     src_dir = GEN / "deepseek_v2"
     files = sorted(src_dir.glob("model-*.safetensors"))
     src = SafeTensorsSource.from_headers(tmp_path, json.loads((src_dir / "config.json").read_text()),
-                                         {f.name: (*read_header(f), f.stat().st_size) for f in files})
+                                         {f.name: read_header(f) for f in files})
     with pytest.raises(SourceError, match="missing"):
         write_experts(plan(src), tmp_path, fsync=False)
 
@@ -568,7 +568,7 @@ def test_overlapping_tensors_in_a_header_are_refused(tmp_path):
     from mertools.sources.safetensors import SafeTensorsSource, read_header
 
     f = GEN / "olmoe" / "model.safetensors"
-    n, h = read_header(f)
+    n, h, _ = read_header(f)
     names = [k for k in h if k != "__metadata__"]
     a, b = h[names[0]], h[names[1]]
     if a["data_offsets"][1] - a["data_offsets"][0] == b["data_offsets"][1] - b["data_offsets"][0]:

@@ -177,8 +177,8 @@ def check_header(header: Any, where: str, data_size: int | None) -> None:
                           "corrupt or not a safetensors file: download it again")
 
 
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(N, header) of a .safetensors file on disk."""
+def read_header(path: Path) -> tuple[int, dict[str, Any], int]:
+    """(N, header, file size) of a .safetensors file on disk (the size its header was checked against)."""
     fd, st = open_regular(path, error=SourceError, hint="a shard of the checkpoint: put the downloaded file there")
     try:
         size = st.st_size
@@ -188,7 +188,7 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
             blob = head + fh.read(min(n, MAX_HEADER, max(0, size - 8)))
     except OSError as exc:
         raise SourceError(f"{path}: cannot be read ({exc.strerror})") from None
-    return parse_header(blob, str(path), size)
+    return (*parse_header(blob, str(path), size), size)
 
 
 def _compile(pattern: str, prefix: str) -> re.Pattern[str]:
@@ -227,8 +227,7 @@ class SafeTensorsSource(MappedFiles):
             p = root / n
             if not os.path.lexists(p):
                 raise SourceError(f"{p}: listed in {INDEX_NAME} but missing; download every shard")
-            hl, h = read_header(p)
-            headers[n] = (hl, h, p.stat().st_size)
+            headers[n] = read_header(p)
         if indexed:
             check_index(index, headers, root / INDEX_NAME)
         self._build(root, config, headers)

@@ -190,13 +190,11 @@ class Loader:
                 self._enqueue(tickets, urgent)
                 return tickets
         finally:
-            if fds:
-                # an interrupt between publishing the tickets and `fds = []`: a published ticket's fd is closed by
-                # its withdrawal; closing it here too would close whatever file got the number meanwhile
-                owned = {t.fd for t in tickets if created is not None and any(c is t for c in created)}
+            # an interrupt between publishing the tickets (all at once) and `fds = []`: published tickets' fds are
+            # closed by their withdrawal; closing them here too would close whatever file got the number meanwhile
+            if fds and not (created is not None and tickets and any(c is tickets[0] for c in created)):
                 for fd in fds:
-                    if fd not in owned:
-                        os.close(fd)
+                    os.close(fd)
 
     def promote(self, t: Ticket) -> None:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""

@@ -806,3 +806,60 @@ def test_an_index_from_the_hub_gets_the_local_checks(live, env, out, tmp_path):
         assert want in err and "model.safetensors.index.json" in err, err
         pull_fails(out, want)
         nothing_looks_complete(tmp_path, out, served)
+
+
+# -- final review: the uploads keep the read timeout; concurrent blocks share the client -------------------------
+def test_an_upload_server_that_takes_the_body_and_never_answers_does_not_hang_push(live, env, extracted):
+    # only the commit may wait without a read timeout; the LFS uploads before it keep theirs
+    live.fault("hang", "/lfs-upload/*", times=None, delay=120)
+    err = one_line_error(cli({**env, "MERTOOLS_HUB_TIMEOUT": "1"}, "push", extracted(MODEL), "me/hung", "-q",
+                             timeout=100))
+    assert "me/hung" in err and "pull" not in err
+    assert "dense.gguf" not in live.files_at("me/hung")  # nothing was committed
+    live.clear_faults()
+    assert run_ok(env, "push", extracted(MODEL), "me/hung", "-q") and "dense.gguf" in live.files_at("me/hung")
+
+
+@pytest.mark.parametrize("order", ["bounded-first", "unbounded-first"])
+def test_concurrent_push_calls_keep_the_read_timeout_unset_while_any_commit_runs(live, order):
+    # push A in create_repo (read timeout) while push B waits for its commit (none): B must not get A's timeout
+    import threading
+
+    from huggingface_hub import get_session
+
+    from mertools.hub.http import session_timeout
+
+    def block(read: bool):
+        entered, leave = threading.Event(), threading.Event()
+
+        def run() -> None:
+            with session_timeout(read=read):
+                entered.set()
+                leave.wait(60)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert entered.wait(60)
+        return leave, t
+
+    def read_now():
+        return get_session().timeout.read
+
+    before = get_session().timeout
+    if order == "bounded-first":
+        leave_a, a = block(True)
+        assert read_now() == 5.0
+        leave_b, b = block(False)
+        assert read_now() is None
+        leave_a.set(); a.join(60)
+        assert read_now() is None  # A's end must not bring its read timeout back under B's commit
+        leave_b.set(); b.join(60)
+    else:
+        leave_b, b = block(False)
+        assert read_now() is None
+        leave_a, a = block(True)
+        assert read_now() is None  # A's start must not give B's commit a read timeout
+        leave_b.set(); b.join(60)
+        assert read_now() == 5.0  # B gone: A's calls are bounded again
+        leave_a.set(); a.join(60)
+    assert get_session().timeout == before

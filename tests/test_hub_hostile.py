@@ -863,3 +863,11 @@ def test_concurrent_push_calls_keep_the_read_timeout_unset_while_any_commit_runs
         assert read_now() == 5.0  # B gone: A's calls are bounded again
         leave_a.set(); a.join(60)
     assert get_session().timeout == before
+
+
+@pytest.mark.parametrize("shard", ["weights.bin", "model-1.safetensors\x7f"])
+def test_an_index_naming_no_plain_safetensors_file_is_refused_before_any_download(live, out, shard):
+    # the local reader's plain-file-name check, not a weaker copy of it ("/" and a leading "." only)
+    st_repo(live, [shard])
+    pull_fails(out, "plain .safetensors file name")
+    assert not out.exists() and live.served(REPO, shard) == 0

@@ -183,7 +183,7 @@ def st_repo(hub: HubServer, shards: list[str]) -> None:
 
 @pytest.mark.parametrize("shards,why", [
     (["model-1.safetensors", "Model-1.safetensors"], "differ only in case"),
-    (["a.safetensors", "a.safetensors.part"], "download name"),
+    (["a.safetensors", "a.safetensors.part"], "plain .safetensors file name"),  # the index check comes first
 ])
 def test_needed_files_that_would_overwrite_each_other_are_refused(live, out, tmp_path, shards, why):
     st_repo(live, shards)

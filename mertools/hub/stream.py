@@ -167,7 +167,8 @@ class SafeTensorsStreamer:
         headers = {}
         for name in self.shard_names:  # the local reader's checks (nesting, duplicate keys, entries, offsets)
             _n, blob, size = raw[name]
-            headers[name] = (*parse_header(len(blob).to_bytes(8, "little") + blob, f"{self._where()}: {name}", size), size)
+            head = len(blob).to_bytes(8, "little") + blob
+            headers[name] = (*parse_header(head, f"{self._where()}: {name}", size), size)
         files_dir = self.work.parent / "files"
         src = SafeTensorsSource.from_headers(files_dir, config, headers)
         if ST_INDEX in self.paths and self.fetch is not None:

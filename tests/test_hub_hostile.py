@@ -42,6 +42,9 @@ def live(hub, env, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "5")
+    # read once, when huggingface_hub was first imported (maybe by another test, without the hub's env): this
+    # server speaks LFS, not Xet, for in-process pushes too
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
     return hub
 
 

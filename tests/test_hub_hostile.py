@@ -42,6 +42,9 @@ def live(hub, env, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "5")
+    # read once, when huggingface_hub was first imported (maybe by another test, without the hub's env): this
+    # server speaks LFS, not Xet, for in-process pushes too
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
     return hub
 
 
@@ -183,7 +186,7 @@ def st_repo(hub: HubServer, shards: list[str]) -> None:
 
 @pytest.mark.parametrize("shards,why", [
     (["model-1.safetensors", "Model-1.safetensors"], "differ only in case"),
-    (["a.safetensors", "a.safetensors.part"], "download name"),
+    (["a.safetensors", "a.safetensors.part"], "plain .safetensors file name"),  # the index check comes first
 ])
 def test_needed_files_that_would_overwrite_each_other_are_refused(live, out, tmp_path, shards, why):
     st_repo(live, shards)
@@ -806,3 +809,68 @@ def test_an_index_from_the_hub_gets_the_local_checks(live, env, out, tmp_path):
         assert want in err and "model.safetensors.index.json" in err, err
         pull_fails(out, want)
         nothing_looks_complete(tmp_path, out, served)
+
+
+# -- final review: the uploads keep the read timeout; concurrent blocks share the client -------------------------
+def test_an_upload_server_that_takes_the_body_and_never_answers_does_not_hang_push(live, env, extracted):
+    # only the commit may wait without a read timeout; the LFS uploads before it keep theirs
+    live.fault("hang", "/lfs-upload/*", times=None, delay=120)
+    err = one_line_error(cli({**env, "MERTOOLS_HUB_TIMEOUT": "1"}, "push", extracted(MODEL), "me/hung", "-q",
+                             timeout=100))
+    assert "me/hung" in err and "pull" not in err
+    assert "dense.gguf" not in live.files_at("me/hung")  # nothing was committed
+    live.clear_faults()
+    assert run_ok(env, "push", extracted(MODEL), "me/hung", "-q") and "dense.gguf" in live.files_at("me/hung")
+
+
+@pytest.mark.parametrize("order", ["bounded-first", "unbounded-first"])
+def test_concurrent_push_calls_keep_the_read_timeout_unset_while_any_commit_runs(live, order):
+    # push A in create_repo (read timeout) while push B waits for its commit (none): B must not get A's timeout
+    import threading
+
+    from huggingface_hub import get_session
+
+    from mertools.hub.http import session_timeout
+
+    def block(read: bool):
+        entered, leave = threading.Event(), threading.Event()
+
+        def run() -> None:
+            with session_timeout(read=read):
+                entered.set()
+                leave.wait(60)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert entered.wait(60)
+        return leave, t
+
+    def read_now():
+        return get_session().timeout.read
+
+    before = get_session().timeout
+    if order == "bounded-first":
+        leave_a, a = block(True)
+        assert read_now() == 5.0
+        leave_b, b = block(False)
+        assert read_now() is None
+        leave_a.set(); a.join(60)
+        assert read_now() is None  # A's end must not bring its read timeout back under B's commit
+        leave_b.set(); b.join(60)
+    else:
+        leave_b, b = block(False)
+        assert read_now() is None
+        leave_a, a = block(True)
+        assert read_now() is None  # A's start must not give B's commit a read timeout
+        leave_b.set(); b.join(60)
+        assert read_now() == 5.0  # B gone: A's calls are bounded again
+        leave_a.set(); a.join(60)
+    assert get_session().timeout == before
+
+
+@pytest.mark.parametrize("shard", ["weights.bin", "model-1.safetensors\x7f"])
+def test_an_index_naming_no_plain_safetensors_file_is_refused_before_any_download(live, out, shard):
+    # the local reader's plain-file-name check, not a weaker copy of it ("/" and a leading "." only)
+    st_repo(live, [shard])
+    pull_fails(out, "plain .safetensors file name")
+    assert not out.exists() and live.served(REPO, shard) == 0

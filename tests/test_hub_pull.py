@@ -467,3 +467,18 @@ def test_offline_refuses_a_safetensors_snapshot_missing_a_shard(hub, env, tmp_pa
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     err = one_line_error(run_cli("pull", f"org/st@{commit}", tmp_path / "out", "-q", env=offline))
     assert "incomplete" in err and "model-00005-of-00005.safetensors" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not ST.is_dir(), reason="../shared/fixtures/safetensors is not present")
+def test_offline_refuses_an_index_that_is_a_fifo_instead_of_hanging(hub, env, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    commit = hub.add_revision("org/st", {p.name: p for p in ST.iterdir()})
+    cache = Path(env["HF_HUB_CACHE"])
+    snap = Path(snapshot_download("org/st", cache_dir=cache, endpoint=hub.url, token=False))
+    index = snap / "model.safetensors.index.json"
+    index.unlink()
+    os.mkfifo(index)  # read_bytes() would wait for a writer for ever
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    err = one_line_error(run_cli("pull", f"org/st@{commit}", tmp_path / "out", "-q", env=offline))
+    assert "model.safetensors.index.json" in err and "HF_HUB_OFFLINE" in err and not (tmp_path / "out").exists()

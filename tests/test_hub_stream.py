@@ -211,3 +211,27 @@ def test_a_pull_killed_at_any_step_resumes_to_the_same_output(hub, env, tmp_path
         assert r["extract"]["experts_resumed"] == 8 and r["extract"]["experts_written"] == 0
     assert not (tmp_path / ".out.mertools-pull").exists()
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".out")] == []
+
+
+@pytest.mark.parametrize("damage", ["negative-n", "string-n", "header-not-text"])
+def test_an_edited_headers_cache_is_read_again_or_ignored_not_a_traceback(hub, env, tmp_path, local, damage):
+    # "n" once came from the cache into int.to_bytes: -1 gave OverflowError, "x" AttributeError, outside the
+    # try meant for a damaged cache; the length is now the header's own
+    out = tmp_path / "out"
+    stage = tmp_path / ".out.mertools-pull"
+    kill = {**os.environ, **env, "MERTOOLS_TEST_KILL_AT": f"pull-converted:{SHARDS[0]}"}
+    subprocess.run([sys.executable, "-m", "mertools.cli", "pull", REPO, str(out), "--quiet"], env=kill,
+                   capture_output=True, timeout=300)
+    cache = stage / "work" / "headers.json"
+    kept = json.loads(cache.read_text())
+    for v in kept.values():
+        if damage == "negative-n":
+            v["n"] = -1
+        elif damage == "string-n":
+            v["n"] = "x"
+        else:
+            v["header"] = 5
+    cache.write_text(json.dumps(kept))
+    p = run_cli("pull", REPO, out, "-q", env=env)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    same_shards(out, local())

@@ -383,8 +383,9 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
     fields the caller left unset (None) get ours: a timeout set through ``set_client_factory`` is kept. ``read``
     False leaves the read timeout unset: a commit of thousands of files may take the hub minutes to answer, and
     giving up on it would report a failure for a commit that may still land (connect, write and pool stay bounded).
-    Only the client's default is changed, never the client: nothing is closed or replaced under another thread,
-    and nested or concurrent blocks share the first block's setting and restore it once, when the last ends. An
+    Only the client's default is changed, never the client: nothing is closed or replaced under another thread.
+    Nested or concurrent blocks share the client, so the read timeout stays unset while any open block asked for
+    ``read=False``; the caller's setting comes back once, when the last block ends. An
     upload huggingface_hub hands to ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that
     library's own policy.
 
@@ -395,27 +396,39 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
 
     seconds = timeout()
     with _SCOPE_LOCK:
-        if _SCOPE["depth"] == 0:  # the first block sets and saves; the blocks within it share that setting
+        if _SCOPE["depth"] == 0:  # the first block saves the caller's setting; the last one puts it back
             client = get_session()
-            saved = client.timeout
-            _SCOPE.update(client=client, saved=saved)
-
-            def keep(field: str, ours: float | None) -> float | None:
-                mine = getattr(saved, field, None)
-                return mine if mine is not None else ours
-
-            client.timeout = type(saved)(connect=keep("connect", seconds), write=keep("write", seconds),
-                                         read=keep("read", seconds if read else None), pool=keep("pool", seconds))
+            _SCOPE.update(client=client, saved=client.timeout, seconds=seconds)
         _SCOPE["depth"] += 1
+        _SCOPE["unbounded"] += 0 if read else 1
+        _apply_scope()
     try:
         yield
     finally:
         with _SCOPE_LOCK:
             _SCOPE["depth"] -= 1
+            _SCOPE["unbounded"] -= 0 if read else 1
             if _SCOPE["depth"] == 0:
                 _SCOPE["client"].timeout = _SCOPE["saved"]
-                _SCOPE.update(client=None, saved=None)
+                _SCOPE.update(client=None, saved=None, seconds=None)
+            else:
+                _apply_scope()
+
+
+def _apply_scope() -> None:
+    """Set the shared client's timeout for the blocks now open (call with _SCOPE_LOCK held). The read timeout is
+    unset while any open block asked for ``read=False``: the client is shared, so one thread's create_commit would
+    otherwise time out on the read timeout another thread's create_repo set (or keep it after that block ended)."""
+    saved, seconds = _SCOPE["saved"], _SCOPE["seconds"]
+
+    def keep(field: str, ours: float | None) -> float | None:
+        mine = getattr(saved, field, None)
+        return mine if mine is not None else ours
+
+    read = None if _SCOPE["unbounded"] > 0 else seconds
+    _SCOPE["client"].timeout = type(saved)(connect=keep("connect", seconds), write=keep("write", seconds),
+                                           read=keep("read", read), pool=keep("pool", seconds))
 
 
 _SCOPE_LOCK = threading.Lock()
-_SCOPE: dict[str, Any] = {"depth": 0, "client": None, "saved": None}
+_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "client": None, "saved": None, "seconds": None}

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mer_runtime.safeopen import read_regular
+
 from ..commit import test_point
 from ..errors import OutputError
 from .convert import StreamingConverter, converter_for
@@ -334,7 +336,10 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
     broken = [f.path for f in listing if f.size < 0]
     choice = choose(listing, gguf=gguf, include=include, where=where)
     if choice.index_needed:
-        choice = add_index_shards(choice, listing, (snap / ST_INDEX).read_bytes(), where)
+        # not read_bytes(): a FIFO or a device put in the cache would hang the pull or read without end
+        raw = read_regular(snap / ST_INDEX, 64 << 20, error=HubError,
+                           hint=f"{where}: pull once online to download it again, or unset HF_HUB_OFFLINE")
+        choice = add_index_shards(choice, listing, raw, where)
     missing = [f.path for f in choice.files if f.path in broken]
     if missing:  # a link whose blob is gone or never finished
         raise HubError(f"{where}: incomplete: {', '.join(missing[:4])} not in the cache (a download was "

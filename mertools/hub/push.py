@@ -47,9 +47,10 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
 
     m = load_manifest(folder)
     if quiet:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
 
-        disable_progress_bars()
+        disable_progress_bars()  # as the bars: the library's own retry warnings are not printed either (one line)
+        hf_logging.set_verbosity_error()
     h = api()
     hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
     if rev != "main":
@@ -76,6 +77,10 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
         sent += len(card)
     commit = None
     if ops:
+        # The uploads keep the read timeout (an upload server that takes the body and never answers must not hang
+        # the push); only the commit, which may take the hub minutes to answer, waits without one. create_commit
+        # skips the operations preupload_lfs_files has already sent.
+        hub_call(spec.repo_id, h.preupload_lfs_files, spec.repo_id, additions=ops, revision=rev)
         info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev, long_answer=True,
                         commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}")
         commit = info.oid

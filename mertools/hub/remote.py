@@ -148,6 +148,12 @@ def _hub_call_once(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         raise HubError(f"{what}: huggingface_hub could not read the hub's answer ({type(exc).__name__}: "
                        f"{first_line(exc)[:120]}); check HF_ENDPOINT") from None
     except Exception as exc:
+        if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, Exception):
+            # an upload's failure comes wrapped ("Error while uploading 'x' to the Hub.") from its real cause
+            if isinstance(exc.__cause__, hf.HfHubHTTPError):
+                raise exc.__cause__ from None  # hub_call retries or reports it
+            if is_transport_error(exc.__cause__):
+                exc = exc.__cause__
         if is_transport_error(exc):
             if (why := permanent_transport_error(exc)) is not None:
                 raise HubError(f"{what}: {why}") from None
@@ -427,22 +433,17 @@ def _gguf_choice(where: str, first: str, parts: list[RemoteFile]) -> Choice:
 
 def add_index_shards(choice: Choice, files: list[RemoteFile], index_bytes: bytes, where: str) -> Choice:
     """Complete a SafeTensors choice once its index is read: the shards its ``weight_map`` names, in order."""
-    from ..sources.safetensors import json_object
+    from ..sources.safetensors import _index_files, json_object
 
-    # the loader of local folders: nesting too deep, a key given twice, not an object give one SourceError
+    # the loader of local folders: nesting too deep, a key given twice, not an object give one SourceError; the
+    # same plain-file-name check on every shard name (no path, no control characters, a .safetensors name)
     index = json_object(index_bytes, f"{where}: {ST_INDEX}", ST_INDEX, unique=True)
-    try:
-        shards = sorted(set(index["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise HubError(f"{where}: {ST_INDEX} is not a SafeTensors index (no weight_map); the repo is damaged") from None
+    shards = _index_files(index, f"{where}: {ST_INDEX}")  # type: ignore[arg-type]  # only printed
     by_path = {f.path: f for f in files}
     missing = [s for s in shards if s not in by_path]
     if missing:
         raise HubError(f"{where}: incomplete: {ST_INDEX} names {len(missing)} shard(s) that are not there "
                        f"({', '.join(missing[:3])}); nothing was converted")
-    bad = [s for s in shards if "/" in s or s.startswith(".")]
-    if bad:
-        raise HubError(f"{where}: {ST_INDEX} names shard paths outside its folder ({bad[:3]}); refusing")
     return Choice("safetensors", choice.files + [by_path[s] for s in shards], choice.main)
 
 

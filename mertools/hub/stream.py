@@ -131,7 +131,10 @@ class SafeTensorsStreamer:
         try:
             kept = json.loads(cache.read_text(encoding="utf-8"))
             if sorted(kept) == sorted(self.shard_names):
-                return {n: (kept[n]["n"], kept[n]["header"].encode("latin-1"), self.sizes[n]) for n in self.shard_names}
+                # The length is the blob's own (an older cache's "n" is ignored: an edited one must not reach
+                # int.to_bytes as a negative number or a string)
+                blobs = {n: kept[n]["header"].encode("latin-1") for n in self.shard_names}
+                return {n: (len(b), b, self.sizes[n]) for n, b in blobs.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             pass  # damaged (ours, but the work folder may have been edited): read the headers again
         assert self.read_range is not None
@@ -151,7 +154,7 @@ class SafeTensorsStreamer:
         with ThreadPoolExecutor(max_workers=8) as pool:
             got = dict(zip(self.shard_names, pool.map(one, self.shard_names)))
         tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({k: {"n": n, "header": b.decode("latin-1")} for k, (n, b, _s) in got.items()}),
+        tmp.write_text(json.dumps({k: {"header": b.decode("latin-1")} for k, (_n, b, _s) in got.items()}),
                        encoding="utf-8")
         os.replace(tmp, cache)
         return got
@@ -163,8 +166,9 @@ class SafeTensorsStreamer:
         self.raw_headers = raw
         headers = {}
         for name in self.shard_names:  # the local reader's checks (nesting, duplicate keys, entries, offsets)
-            n, blob, size = raw[name]
-            headers[name] = (*parse_header(n.to_bytes(8, "little") + blob, f"{self._where()}: {name}", size), size)
+            _n, blob, size = raw[name]
+            head = len(blob).to_bytes(8, "little") + blob
+            headers[name] = (*parse_header(head, f"{self._where()}: {name}", size), size)
         files_dir = self.work.parent / "files"
         src = SafeTensorsSource.from_headers(files_dir, config, headers)
         if ST_INDEX in self.paths and self.fetch is not None:

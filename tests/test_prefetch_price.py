@@ -133,7 +133,12 @@ def test_real_shards_the_gate_learns_the_price_from_computations_beside_guesses(
         assert cm.read_measured or cm.explored == 0
         assert cm.shut() or not cm.read_measured
     else:
-        assert cm.read_measured and cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)
+        # a free read never shuts the gate; once measured (whether a computation saw a guess under way at all is
+        # real reads' timing: a loaded CI machine once saw none) its price is nothing and the gate admits far more
+        # than it explores
+        assert not cm.shut()
+        if cm.read_measured:
+            assert cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)
 
 
 def test_a_gate_measured_shut_stops_predicting_and_reopens_if_misses_grow_dearer():

@@ -114,8 +114,13 @@ def _fresh(err: BaseException) -> BaseException:
     return new
 
 
-def _closed_error(path: str) -> ShardIOError:
-    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
+def _closed_error(path: str, why: BaseException | None = None) -> ShardIOError:
+    """`why`: the internal error that ended the close, for a read it dropped before the kernel had it."""
+    if why is None:
+        return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
+    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, on an internal "
+                                         f"error ({why}); nothing of it reached the kernel and its buffer is free: "
+                                         "retry, and use --io pread if it recurs")
 
 
 class Loader:
@@ -809,6 +814,7 @@ class UringLoader(Loader):
         """Cancel queued reads, wait for those with the kernel (their slots must not be written after this),
         close every fd and the ring. Idempotent."""
         err: ShardIOError | None = None
+        other: BaseException | None = None  # a bug of ours ("nothing in flight") or an interrupt: raised as it is
         with self._cv:
             if self._closed:
                 while self.ring.fd >= 0:
@@ -821,11 +827,17 @@ class UringLoader(Loader):
                     self._progress()
             except uring.UringError as exc:  # the kernel refused the wait: what is with it cannot be waited for
                 err = self._close_failed(exc)
+            except BaseException as exc:
+                other = exc
             finally:
-                self._abandon(err)
+                # the ring, every fd and every ticket the kernel never had are released in any case; raising from
+                # inside the lock would also skip joining the background thread
+                self._abandon(err, other)
         bg = self._background
         if bg is not None and bg is not threading.current_thread():
             bg.join()  # it ends once it sees the ring closed (it never sleeps in the kernel without being the reaper)
+        if other is not None:
+            raise other
         with self._cv:
             if err is None:
                 self._raise_background_error()
@@ -846,14 +858,28 @@ class UringLoader(Loader):
                             "their buffers may still be written for a moment: close the buffer pool rather than "
                             f"reuse it, and use --io pread if it recurs{also}")
 
-    def _abandon(self, err: ShardIOError | None) -> None:
+    def _abandon(self, err: ShardIOError | None, other: BaseException | None = None) -> None:
         """Under the lock, closing: give back every fd and the ring, even after an error. A ticket whose chunks are
-        still with the kernel (only after `err`) keeps done=False: its slot may still be written, so whoever owns it
-        keeps it reserved (`ready` stays False), and its waiters get its own error if its read had already failed
-        (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a closed ring.
-        Chunks still queued (left by an exception out of the close's own wait) are failed, their tickets finished
-        and their fds closed: nothing stays queued on a closed ring."""
+        still with the kernel (only after `err` or `other`) keeps done=False: its slot may still be written, so
+        whoever owns it keeps it reserved (`ready` stays False), and its waiters get its own error if its read had
+        already failed (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a
+        closed ring. Chunks still queued (left by an exception out of the close's own wait) are failed, their
+        tickets finished and their fds closed: nothing stays queued on a closed ring. So are the chunks whose SQEs
+        the kernel never consumed (a bug of ours found by the close's wait, `other`: nothing in flight, yet reads
+        outstanding; or a submission the kernel took only part of): they are taken back from the SQ, so nothing
+        can write their slots, and a ticket left with no chunk anywhere is done (its slot reusable) rather than
+        waiting for ever for a completion that cannot come."""
+        while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
+            self._cv.wait()
         self._cancel_queued()
+        for cid in self.ring.retract():
+            t, _, _ = self._chunks.pop(cid)
+            self._spec.discard(cid)
+            t.in_flight -= 1
+            t.issued -= 1  # never with the kernel
+            t.remaining -= 1
+            self._fail(t, err or _closed_error(t.path, other))  # finishes t once nothing of it is anywhere
+            self._retire(t)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
             # be written

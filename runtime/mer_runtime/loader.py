@@ -632,15 +632,13 @@ class UringLoader(Loader):
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
                         continue
-                item = self._queue.popleft()
-                t, off, n = item
+                t, off, n = self._queue.popleft()
                 cid = next(self._chunk_ids)
-                try:  # may submit what is queued first (a full SQ): refused, this chunk was not queued
-                    r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
-                except OSError as exc:
-                    self._queue.appendleft(item)
-                    self._refused(exc)
-                    break
+                # never submits by itself (so never raises the kernel's refusal): the SQ holds only the `pending`
+                # SQEs, fewer than queue_depth by the loop's condition, and it has at least queue_depth entries (a
+                # power of two >= queue_depth; test_a_pump_never_submits_behind_its_own_back); what is prepared goes
+                # to the kernel in `_submit` below, whose refusal `_refused` handles
+                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
                 self._chunks[cid] = (t, off, n)
                 if not t.urgent:
                     self._spec.add(cid)

@@ -429,6 +429,7 @@ class PreadLoader(Loader):
         # window is taken anyway (the waiter needs it; io_uring's forced pump), else a wait for a guess never
         # promoted would last for ever
         self._waited: dict[int, int] = {}
+        self._held = False  # a worker found only chunks the window holds back: wake it when a chunk returns
         self._workers: list[threading.Thread] = []
         try:
             for i in range(max(1, self.threads)):
@@ -481,6 +482,7 @@ class PreadLoader(Loader):
                 while (item := self._take() if self._queue else None) is None:
                     if self._closed and not self._queue:
                         return
+                    self._held = bool(self._queue)
                     self._cv.wait()
                 t, off, n = item
                 spec = not t.urgent
@@ -506,7 +508,8 @@ class PreadLoader(Loader):
                         del self._spec_by[t.id]
                 self._note("returned", t.id, off)
                 self._chunk_done(t, n, err)
-                if self._queue:  # a chunk held back by the window may go now
+                if self._held:  # a chunk held back by the window may go now (only then: waiters sleep meanwhile)
+                    self._held = False
                     self._cv.notify_all()
 
     def _spec_with_disk(self) -> int:

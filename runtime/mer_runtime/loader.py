@@ -953,7 +953,8 @@ class UringLoader(Loader):
             t.in_flight -= 1
             t.issued -= 1  # never with the kernel
             t.remaining -= 1
-            self._fail(t, err or _closed_error(t.path, other))  # finishes t once nothing of it is anywhere
+            # not err ("buffers may still be written"): nothing of these chunks reached the kernel
+            self._fail(t, _closed_error(t.path, other))  # finishes t once nothing of it is anywhere
             self._retire(t)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still

@@ -445,6 +445,94 @@ def test_exact_paths_follow_float64_on_inf(qtype):
         assert rel(got[2], ref[2]) < TOL, (simd, flags)
 
 
+Q8_VARIANTS = [(simd, 0) for simd in SIMD] + ([(-1, kernels.FLAG_NO_VNNI), (-1, kernels.FLAG_NO_PERM)]
+                                              if kernels._LIB is not None else [])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # MER_KERNELS=numpy: inf x 0, as float64
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_q8_activations_follow_float64_on_inf(qtype):
+    """act="q8" with an infinity in x used to give NaN for every output of its vector (the block's scale inf, its
+    quants 0, inf * 0), where the float64 reference on the dequantized weights gives +inf, -inf or NaN row by row,
+    as the exact path does. Now such a call computes with float32 activations, as act="f32" (the rule of
+    docs/runtime.md), on the SIMD and the portable quantizer: the same pattern as float64, the finite vector close
+    to it. With MER_KERNELS=numpy, act="q8" is float32 already: the same assertions hold."""
+    rng = np.random.default_rng(46)
+    rows, cols = 16, 512
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    x[0, 7] = np.inf
+    x[1, 300] = -np.inf
+    with np.errstate(invalid="ignore"):
+        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
+    assert np.isinf(ref[:2]).any() and np.isfinite(ref[2]).all()  # the test can tell NaN from +-inf
+    for simd, flags in Q8_VARIANTS:
+        for xs in (x, x[0]):  # a batch, and one vector
+            got = matvec(qtype.name, raw, (rows, cols), xs, act="q8", simd=simd, flags=flags)
+            want = ref if xs.ndim == 2 else ref[0]
+            for g, r in zip(_nonfinite_pattern(got), _nonfinite_pattern(want)):
+                assert (g == r).all(), (simd, flags, got, want)
+        assert rel(got := matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd, flags=flags)[2], ref[2]) \
+            < TOL, (simd, flags, got)  # float32 activations for the whole call
+
+
+def _signed_rows_q6_k(signs, cols: int, rng) -> np.ndarray:
+    """Q6_K rows whose every weight is nonzero and has its row's sign: q - 32 in 1..15 (qh's 2 bits set to 2, ql's
+    nibbles 1..15), positive scales, d = sign * 0.01 (block layout: ql[128], qh[64], scales[16], d f16)."""
+    out = np.zeros((len(signs), cols // 256, 210), np.uint8)
+    lo = rng.integers(1, 16, out.shape[:2] + (128, 2))
+    out[..., :128] = lo[..., 0] | lo[..., 1] << 4
+    out[..., 128:192] = 0xAA
+    out[..., 192:208] = rng.integers(1, 64, out.shape[:2] + (16,))
+    out[..., 208:210] = (np.asarray(signs, np.float16)[:, None, None] * np.float16(0.01)).view(np.uint8)
+    return out.reshape(-1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # MER_KERNELS=numpy: inf x 0, as float64
+@pytest.mark.parametrize("down", [T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_q8_moe_follows_float64_on_inf(down):
+    """The same in one moe() call, where an infinity in x also makes h infinite before `down`: gate and up have
+    positive weights in x's infinite column, so h is +inf on every row, and each down row has one sign, so the
+    float64 reference is +inf or -inf row by row (NaN where both experts disagree). act="q8" used to give NaN
+    everywhere (x's block, then h's blocks, quantized with an infinite scale); the finite vector stays close."""
+    rng = np.random.default_rng(47)
+    d_model, d_ff = 256, 256
+    signs = np.where(rng.random(d_model) < 0.5, -1.0, 1.0)
+
+    def q8_0(m):
+        return quantize(m.astype(np.float32), T.Q8_0).reshape(-1)
+
+    experts, refw = [], []
+    for e in range(2):
+        gu = []
+        for _ in range(2):
+            m = rng.standard_normal((d_ff, d_model)) * 0.05
+            m[:, 3] = rng.uniform(0.2, 0.5, d_ff)  # x[0, 3] = +inf: every row of gate and up is +inf
+            gu.append(q8_0(m))
+        if down == T.Q8_0:
+            dn = q8_0(signs[:, None] * rng.uniform(0.01, 0.05, (d_model, d_ff)))
+        else:
+            dn = _signed_rows_q6_k(signs if e == 0 else np.where(np.arange(d_model) < 8, -signs, signs), d_ff, rng)
+        t = {"gate": ("Q8_0", (d_ff, d_model), gu[0]), "up": ("Q8_0", (d_ff, d_model), gu[1]),
+             "down": (down.name, (d_model, d_ff), dn)}
+        experts.append(t)
+        refw.append({r: dequantize_tensor(*t[r]) for r in kernels.ROLES})
+    x = (rng.standard_normal((2, d_model)) * 0.5).astype(np.float32)
+    x[0, 3] = np.inf
+    wk = np.array([0.6, 0.4], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = sum(float(k) * kernels.reference_ffn(w, x, {"kind": "swiglu"}) for k, w in zip(wk, refw))
+    assert np.isposinf(ref[0]).any() and np.isneginf(ref[0]).any() and np.isfinite(ref[1]).all()
+    for simd, flags in Q8_VARIANTS:
+        if flags:
+            continue  # moe() takes no extra flags; the one-projection variants are checked above
+        got = kernels.moe(experts, wk, x, {"kind": "swiglu"}, act="q8", simd=simd)
+        for g, r in zip(_nonfinite_pattern(got), _nonfinite_pattern(ref)):
+            assert (g == r).all(), (simd, got[0], ref[0])
+        assert rel(got[1], ref[1]) < 0.05, simd  # q8 activations for the finite vector... or float32 ones
+
+
 @needs_c
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 def test_q8_activations_on_an_odd_number_of_blocks(qtype):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,70 @@ class TestLoaderConformance:
             assert pool.view(2).tobytes() == big.read_bytes()
         finally:
             loader.close()
+
+    @pytest.mark.parametrize("cap_each", [False, True])
+    def test_urgent_reads_wait_behind_no_more_than_the_spec_window(self, folder, backend, tmp_path, cap_each):
+        """spec_window on every backend: at most that many speculative chunks with the disk (or the workers) at
+        once, none issued while a foreground chunk is queued or with the disk, so a foreground read queued while
+        a guess streams finds at most the window ahead of it (`spec_in_way`). pread (and buffered) used to have
+        no window: all its workers could be reading a guess when a miss came. Checked by replaying the loader's
+        own record of issued and returned chunks (written under its lock), not on timings: 8 workers, a window of
+        2, a 1024-chunk guess streaming, then two foreground reads. With cap_each the guess stops at its window
+        until it is needed, and a wait() for it still gets it read (nothing else with the disk: it is forced)."""
+        big = tmp_path / "big.bin"
+        big.write_bytes(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+        pool = BufferPool(4 << 20, 3)
+        loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=8)
+        loader.spec_window, loader.spec_cap_each = 2, cap_each
+        trace = loader.record_issues()
+        b = folder.experts[1]
+        try:
+            g = loader.start(str(big), 4 << 20, 0)  # a guess
+            deadline = time.monotonic() + 60  # a liveness bound, not a timing
+            while g.issued < (2 if cap_each else 64) and time.monotonic() < deadline:
+                loader.poll()  # io_uring issues guesses from calls into it; pread's workers on their own
+                time.sleep(0.0005)
+            assert g.issued >= 2
+            before = loader.spec_in_way
+            fg = [loader.start(str(folder.path_of(b)), b.size, 1 + i, urgent=True) for i in range(2)]
+            assert loader.spec_in_way - before <= 4  # two foreground reads, each behind the window at most
+            for t in fg:
+                loader.wait(t)
+                assert pool.view(t.slot, b.size).tobytes() == folder.path_of(b).read_bytes()
+            if cap_each:
+                assert g.issued == 2 and not g.done  # its window, until needed
+            waited = len(trace)  # from here the guess is needed: what a wait forces is not speculation
+            loader.wait(g)  # needed now, without a promotion: still read whole
+            assert pool.view(0).tobytes() == big.read_bytes()
+            events = list(trace)
+        finally:
+            loader.close()
+            pool.close()
+        urgent: dict[int, bool] = {}
+        unissued: dict[int, int] = {}  # chunks queued and not yet issued, per ticket
+        with_disk: dict[int, int] = {}
+        spec_most, fg_found = 0, []
+        for i, ev in enumerate(events):
+            kind, tid = ev[0], ev[1]
+            if i == waited:
+                urgent[g.id] = True
+            if kind == "queued":
+                urgent[tid], unissued[tid] = ev[2], ev[3]
+                if ev[2]:
+                    fg_found.append(sum(n for t, n in with_disk.items() if not urgent[t]))
+            elif kind == "issue":
+                unissued[tid] -= 1
+                with_disk[tid] = with_disk.get(tid, 0) + 1
+                spec = sum(n for t, n in with_disk.items() if not urgent[t])
+                spec_most = max(spec_most, spec)
+                if not urgent[tid]:
+                    fg_busy = [t for t in urgent if urgent[t] and (unissued[t] or with_disk.get(t, 0))]
+                    assert not fg_busy, f"a guess chunk issued while foreground read(s) {fg_busy} needed the disk"
+            elif kind == "returned":
+                with_disk[tid] -= 1
+        assert sum(with_disk.values()) == 0 and not any(unissued.values())
+        assert g.issued == 1024 and spec_most <= 2, spec_most
+        assert len(fg_found) == 2 and max(fg_found) <= 2, fg_found
 
     def test_missing_file_names_it(self, folder, backend, tmp_path):
         pool, loader = self.make(folder, backend)

@@ -834,3 +834,57 @@ def test_an_interrupt_inside_enqueue_leaves_no_ticket_waiting_for_chunks_that_do
             assert pool.view(slot, SMALL).tobytes() == f.read()
         cache.release((k, 0))
     assert not cache._draining
+
+
+def test_a_bug_found_while_closing_fails_and_frees_the_reads_the_kernel_never_saw(files, monkeypatch):
+    """The loader's own "a bug" error raised inside close() (nothing in flight, yet reads outstanding) used to
+    leave those reads' tickets not done for ever: their SQEs had never reached the kernel, so nothing would ever
+    complete them, ready() stayed False and whoever owned their slots kept them quarantined for good. Now close()
+    takes the SQEs back, fails and finishes every such ticket (its waiters get a ShardIOError at once, from any
+    thread), and a second close() is a no-op. Provoked as above: io_uring_enter takes none of the SQEs it is
+    given; a guess and a miss, the guess queued behind its window so that its fd is also closed by the cancel."""
+    import ctypes
+
+    big, small = files
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(SIZE, 3)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    real = uring._syscall
+
+    def taking_none(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[1] > 0:  # (fd, to_submit, min_complete, flags, sigset, size)
+            ctypes.set_errno(0)
+            return 0
+        return real(nr, *a)
+
+    try:
+        monkeypatch.setattr(uring, "_syscall", taking_none)
+        miss = loader.start(str(small), SMALL, 0, urgent=True)
+        guess = loader.start(str(big), SIZE, 1)
+        assert loader.ring.pending == 8 and loader.ring.in_flight == 0 and loader._queue
+        with pytest.raises(ShardIOError, match="a bug"):
+            loader.close()
+        monkeypatch.undo()
+        for t in (miss, guess):
+            assert t.done and loader.ready(t) and t.fd < 0  # its slot may be reused: the kernel never had it
+            assert isinstance(t.error, ShardIOError)
+        assert not loader._chunks and not loader._queue and loader.ring.pending == 0 and loader.ring.fd < 0
+        assert set(os.listdir("/proc/self/fd")) == fds
+        got: list = []
+
+        def waiting():
+            try:
+                loader.wait(miss)
+            except ShardIOError as exc:
+                got.append(exc)
+
+        th = threading.Thread(target=waiting, daemon=True)
+        th.start()
+        th.join(30)  # a liveness bound
+        assert len(got) == 1 and re.search(f"{small}: .*closed", str(got[0])), "the wait hung or said nothing"
+        loader.close()  # a no-op: nothing raised twice, nothing closed twice
+        loader.settle(guess)  # returns at once: done
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()

@@ -164,3 +164,45 @@ def test_plain_access_on_x86_64_reads_the_same(tmp_path):
                 "print(json.dumps({'ord': uring.ORDERING, 'bytes': p.view(1).tobytes().hex()}))",
                 env={"MER_URING_ATOMICS": "plain"})
     assert got["ord"] == "plain loads/stores (x86-64 TSO)" and bytes.fromhex(got["bytes"]) == data.read_bytes()
+
+
+@needs_uring
+@pytest.mark.parametrize("depth", [1, 2, 3, 8, 9, 33])
+def test_a_pump_never_submits_behind_its_own_back(tmp_path, monkeypatch, depth):
+    """UringLoader._pump prepares up to queue_depth SQEs, then submits them once; Ring.prep_read submits by itself
+    only when the SQ is full, which this loader's ring (at least queue_depth entries) never is. So the kernel's
+    refusal can come only from that one submission (handled by `_refused`), never from preparing a chunk: the
+    try/except that used to guard prep_read in `_pump` was dead code, removed. Counted on the real ring: the
+    kernel is made to take none of the SQEs (the ring's syscall wrapper answers 0, as in test_spec_thread), so
+    all queue_depth of them stay in the SQ at once, and one read's start makes exactly one submitting
+    io_uring_enter."""
+    import ctypes
+
+    from mer_runtime.loader import UringLoader
+
+    path = tmp_path / "d.bin"
+    path.write_bytes(os.urandom(4096 * 2 * depth))
+    pool = BufferPool(4096 * 2 * depth, 1)
+    loader = UringLoader(pool, block_size=4096, queue_depth=depth)
+    real, submits = uring._syscall, []
+
+    def taking_none(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[1] > 0:  # (fd, to_submit, min_complete, flags, sigset, size)
+            submits.append(a[1])
+            ctypes.set_errno(0)
+            return 0
+        return real(nr, *a)
+
+    try:
+        assert loader.ring.entries >= depth
+        monkeypatch.setattr(uring, "_syscall", taking_none)
+        t = loader.start(str(path), 4096 * 2 * depth, 0)
+        assert submits == [depth] and loader.ring.pending == depth and t.error is None
+        monkeypatch.undo()
+        loader.ring.submit()  # now the kernel takes them: the read completes as usual
+        loader.wait(t)
+        assert pool.view(0, 4096 * 2 * depth).tobytes() == path.read_bytes()
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()

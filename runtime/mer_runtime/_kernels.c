@@ -286,12 +286,18 @@ static float quantize_amax(const float *x, int n, int8_t *q, int simd) {
     return s;
 }
 
-static void quantize_q8(const float *x, int64_t n, q80_t *y, int simd) {
+/* Returns 1 if a block of x holds an infinity (its scale is then inf and its quants 0: inf * 0 would make every
+ * output of its vector NaN, where float64 gives +-inf or NaN row by row), for the caller to compute that x with
+ * float32 activations instead (q8_fallback); the scale is inf only then (|x| <= FLT_MAX gives amax / 127 finite). */
+static int quantize_q8(const float *x, int64_t n, q80_t *y, int simd) {
+    int inf = 0;
     for (int64_t b = 0; b < n / 32; b++, x += 32) {
         y[b].d = quantize_amax(x, 32, y[b].q, simd);
+        inf |= isinf(y[b].d) != 0;
         for (int i = 0; i < 8; i++)
             y[b].s8[i] = (int16_t)(8 * (y[b].q[4 * i] + y[b].q[4 * i + 1] + y[b].q[4 * i + 2] + y[b].q[4 * i + 3]));
     }
+    return inf;
 }
 
 _Static_assert(sizeof(q80_t) % 32 == 0, "q80_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
@@ -311,9 +317,12 @@ typedef struct {
     uint8_t pad[12];
 } q8k_t;
 
-static void quantize_q8k(const float *x, int64_t n, q8k_t *y, int simd) {
+/* Returns 1 if a block holds an infinity, as quantize_q8. */
+static int quantize_q8k(const float *x, int64_t n, q8k_t *y, int simd) {
+    int inf = 0;
     for (int64_t b = 0; b < n / 256; b++, x += 256) {
         y[b].d = quantize_amax(x, 256, y[b].q, simd);
+        inf |= isinf(y[b].d) != 0;
         for (int g = 0; g < 16; g++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) sum += y[b].q[16 * g + j];
@@ -321,6 +330,7 @@ static void quantize_q8k(const float *x, int64_t n, q8k_t *y, int simd) {
         }
         for (int g = 0; g < 8; g++) y[b].bs32[g] = (int16_t)(y[b].bs16[2 * g] + y[b].bs16[2 * g + 1]);
     }
+    return inf;
 }
 
 _Static_assert(sizeof(q8k_t) % 32 == 0, "q8k_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
@@ -1470,12 +1480,17 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
     if (x_len < n * cols || out_len < n * rows) return MER_ESHORT;
     if (!n || !rows) return MER_OK;
     q80_t *ax = NULL; q8k_t *kx = NULL;
+    int inf = 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type) && m.qk == 256) {
         if (!(kx = alloc_q8k(n * cols / 256))) return MER_ENOMEM;
-        quantize_q8k(x, n * cols, kx, use_simd(flags));
+        inf = quantize_q8k(x, n * cols, kx, use_simd(flags));
     } else if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) {
         if (!(ax = alloc_q80(n * cols / 32))) return MER_ENOMEM;
-        quantize_q8(x, n * cols, ax, use_simd(flags));
+        inf = quantize_q8(x, n * cols, ax, use_simd(flags));
+    }
+    if (inf) { /* x holds an infinity: the call is computed exactly as with float32 activations (q8_fallback) */
+        free(ax); free(kx); ax = NULL; kx = NULL;
+        flags &= ~MER_FLAG_ACT_Q8;
     }
     int xinf = -1;
     float *xp = perm_prepare(perm_layout(type, flags), x, n, cols, &xinf);
@@ -1514,6 +1529,8 @@ typedef struct {
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
     int x_inf, h_inf[8];                       /* kq45_unfactored for x (gate/up) and each expert's h (down) */
+    int xflags, hflags[8];                     /* flags for phase 1 and each expert's down: without ACT_Q8 where
+                                                  x (h) holds an infinity, so that it runs with float32 values */
     int64_t n, d_model, d_ff, chunk, nchunk_ff;
     float *h, *u_tmp, *y_tmp, *out;
 } moe_ctx;
@@ -1527,10 +1544,10 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->flags)], c->ax, c->kx, n, c->d_model, h, F, r0,
-             r1, c->flags, c->x_inf);
-    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->flags)], c->ax, c->kx, n, c->d_model, u, F, r0,
-             r1, c->flags, c->x_inf);
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, h, F, r0,
+             r1, c->xflags, c->x_inf);
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, u, F, r0,
+             r1, c->xflags, c->x_inf);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1552,8 +1569,9 @@ static void moe_phase2(void *c_, int64_t t) {
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
-        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL, c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
-                 n, F, y, D, r0, r1, c->flags, c->h_inf[e]);
+        const int q8 = (c->hflags[e] & MER_FLAG_ACT_Q8) != 0;
+        rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], q8 && c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL,
+                 q8 && c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL, n, F, y, D, r0, r1, c->hflags[e], c->h_inf[e]);
     }
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1621,32 +1639,35 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         if (q8_type(c.dn[e].type)) { if (c.dn[e].qk == 256) hk = 1; else h0 = 1; }
     }
     if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
+    int xinf_q8 = 0; /* x holds an infinity: gate and up run with float32 activations (q8_fallback) */
+    c.xflags = flags;
     if (x0 || h0) {
         ax = alloc_q80(n * d_model / 32); c.ah = alloc_q80((int64_t)nh / 32);
         if (!ax || !c.ah) { rc = MER_ENOMEM; goto done; }
-        quantize_q8(x, n * d_model, ax, use_simd(flags));
+        xinf_q8 |= quantize_q8(x, n * d_model, ax, use_simd(flags));
         c.ax = ax;
     }
     if (xk || hk) {
         kx = alloc_q8k(n * d_model / 256); c.kh = alloc_q8k((int64_t)nh / 256);
         if (!kx || !c.kh) { rc = MER_ENOMEM; goto done; }
-        if (xk) quantize_q8k(x, n * d_model, kx, use_simd(flags));
+        if (xk) xinf_q8 |= quantize_q8k(x, n * d_model, kx, use_simd(flags));
         c.kx = kx;
     }
+    if (xinf_q8) { c.ax = NULL; c.kx = NULL; xk = 0; c.xflags = flags & ~MER_FLAG_ACT_Q8; }
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
     unsigned tried = 0; /* layouts prepared or refused (NULL: too wide to scale, no memory): each scanned once */
     int known = -1;
     for (int e = 0; e < k; e++) {
-        int lg = perm_layout(c.g[e].type, flags), lu = perm_layout(c.u[e].type, flags);
+        int lg = perm_layout(c.g[e].type, c.xflags), lu = perm_layout(c.u[e].type, c.xflags);
         if (lg && !(tried & 1u << lg)) { tried |= 1u << lg; c.xpl[lg] = perm_prepare(lg, x, n, d_model, &known); }
         if (lu && !(tried & 1u << lu)) { tried |= 1u << lu; c.xpl[lu] = perm_prepare(lu, x, n, d_model, &known); }
     }
     /* with Q8_K activations (xk) every K-quant gate and up takes the q8 path */
     for (int e = 0; !xk && e < k && !c.x_inf; e++)
-        c.x_inf = kq45_unfactored(c.g[e].type, flags, known, x, n * d_model) ||
-                  kq45_unfactored(c.u[e].type, flags, known, x, n * d_model);
+        c.x_inf = kq45_unfactored(c.g[e].type, c.xflags, known, x, n * d_model) ||
+                  kq45_unfactored(c.u[e].type, c.xflags, known, x, n * d_model);
 #ifdef MER_PROFILE
     struct timespec T0, T1, T2, T3; clock_gettime(CLOCK_MONOTONIC, &T0);
 #endif
@@ -1655,13 +1676,16 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     clock_gettime(CLOCK_MONOTONIC, &T1);
 #endif
     /* the barrier is pool_run's join: h is complete */
-    if (h0) quantize_q8(c.h, (int64_t)nh, c.ah, use_simd(flags));
-    if (hk) quantize_q8k(c.h, (int64_t)nh, c.kh, use_simd(flags));
     for (int e = 0; e < k; e++) {
         const float *he = c.h + (int64_t)e * n * d_ff;
+        /* per expert: an infinite h (from an infinite x, or an overflow) sends that expert's down to float32 */
+        int hinf_q8 = 0;
+        if (h0) hinf_q8 |= quantize_q8(he, n * d_ff, c.ah + (int64_t)e * n * (d_ff / 32), use_simd(flags));
+        if (hk) hinf_q8 |= quantize_q8k(he, n * d_ff, c.kh + (int64_t)e * n * (d_ff / 256), use_simd(flags));
+        c.hflags[e] = hinf_q8 ? flags & ~MER_FLAG_ACT_Q8 : flags;
         int hinf = -1;
-        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, flags), he, n, d_ff, &hinf);
-        c.h_inf[e] = hk ? 0 : kq45_unfactored(c.dn[e].type, flags, hinf, he, n * d_ff);
+        c.hp[e] = perm_prepare(perm_layout(c.dn[e].type, c.hflags[e]), he, n, d_ff, &hinf);
+        c.h_inf[e] = hk && !hinf_q8 ? 0 : kq45_unfactored(c.dn[e].type, c.hflags[e], hinf, he, n * d_ff);
     }
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T2);

@@ -114,8 +114,13 @@ def _fresh(err: BaseException) -> BaseException:
     return new
 
 
-def _closed_error(path: str) -> ShardIOError:
-    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
+def _closed_error(path: str, why: BaseException | None = None) -> ShardIOError:
+    """`why`: the internal error that ended the close, for a read it dropped before the kernel had it."""
+    if why is None:
+        return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
+    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, on an internal "
+                                         f"error ({why}); nothing of it reached the kernel and its buffer is free: "
+                                         "retry, and use --io pread if it recurs")
 
 
 class Loader:
@@ -140,9 +145,10 @@ class Loader:
         # once by the next wait() whose own read did not fail, or by close()
         self._internal_error: ShardIOError | None = None
         self._queue: deque[tuple[Ticket, int, int]] = deque()  # (ticket, offset, length) not yet issued
-        # io_uring: at most this many chunks of speculative (not urgent) reads with the disk, none while an urgent
-        # chunk is, and at most this many of each speculative read until it is promoted (needed); None: no limit.
-        # A wrong guess then reads at most spec_window chunks, in the disk's idle time.
+        # every backend: at most this many chunks of speculative (not urgent) reads with the disk (io_uring) or the
+        # workers (pread, buffered), none while an urgent chunk is queued or in flight, and at most this many of
+        # each speculative read until it is promoted (needed); None: no limit. A wrong guess then reads at most
+        # spec_window chunks, in the disk's idle time, and a foreground read queues behind at most spec_window.
         self.spec_window: int | None = None
         # False: a speculative read is not stopped at spec_window chunks of its own (a guess made a token ahead has
         # the time to land whole); the window still bounds the speculative chunks with the disk at once
@@ -299,7 +305,9 @@ class Loader:
 
     def record_issues(self, limit: int = 1 << 16) -> deque:
         """Start recording, in order, when reads are queued, promoted and issued (for tests and diagnostics):
-        ("queued", ticket id, urgent, chunks), ("promoted", ticket id, chunks), ("issue", ticket id, offset)."""
+        ("queued", ticket id, urgent, chunks), ("promoted", ticket id, chunks), ("issue", ticket id, offset),
+        ("returned", ticket id, offset): an issued chunk is back from the kernel or a worker (read, failed, short,
+        or never taken by the kernel), so it no longer occupies the disk."""
         with self._cv:
             self._trace = deque(maxlen=limit)
             return self._trace
@@ -401,6 +409,9 @@ class PreadLoader(Loader):
     """O_DIRECT preadv on a few worker threads: for kernels or containers where io_uring is disabled.
 
     Chunks wait in one queue; urgent (foreground) loads go to its front, so a miss never queues behind prefetches.
+    `spec_window` holds speculation to the workers' idle time as io_uring's does to the disk's: a worker takes a
+    speculative chunk only while no urgent chunk is with a worker (urgent ones are queued first) and fewer than
+    spec_window speculative chunks are, so a miss finds at most the window ahead of it whatever the thread count.
     The workers are joined by close(); a worker finishing a ticket's last chunk closes its fd.
     """
 
@@ -411,6 +422,14 @@ class PreadLoader(Loader):
         super().__init__(pool, **kw)
         self._queue: deque[tuple[Ticket, int, int]] = deque()
         self._view = memoryview(pool.array)
+        self._busy = 0  # chunks with a worker now
+        self._spec_n = 0  # of them, speculative: taken from a ticket not urgent and not promoted since
+        self._spec_by: dict[int, int] = {}  # ticket id -> its speculative chunks with a worker (until promoted)
+        # ticket id -> threads in settle() for it: with no chunk at a worker, a chunk of a guess held back by its
+        # window is taken anyway (the waiter needs it; io_uring's forced pump), else a wait for a guess never
+        # promoted would last for ever
+        self._waited: dict[int, int] = {}
+        self._held = False  # a worker found only chunks the window holds back: wake it when a chunk returns
         self._workers: list[threading.Thread] = []
         try:
             for i in range(max(1, self.threads)):
@@ -430,14 +449,47 @@ class PreadLoader(Loader):
     def _kick(self) -> None:
         self._cv.notify_all()
 
+    def _take(self) -> tuple[Ticket, int, int] | None:
+        """Under the lock: the next chunk a worker may read now, or None (only speculative chunks are queued, and
+        the window says they must wait). As `UringLoader._pump`: a guess that has read its window is passed over,
+        so it does not hold back the guesses queued behind it."""
+        window = self.spec_window
+        if window is None:
+            return self._queue.popleft()
+        passed: list[tuple[Ticket, int, int]] = []
+        try:
+            while self._queue:
+                t = self._queue[0][0]
+                if not t.urgent:
+                    if self._spec_n >= window or self._busy > self._spec_n:
+                        break  # speculation only in the idle time (urgent chunks are queued ahead of it)
+                    if self.spec_cap_each and t.issued >= window:
+                        passed.append(self._queue.popleft())
+                        continue
+                return self._queue.popleft()
+        finally:
+            self._queue.extendleft(reversed(passed))
+        if self._busy == 0 and self._waited:  # held back, but somebody waits for it and the workers are idle
+            for i, item in enumerate(self._queue):
+                if item[0].id in self._waited:
+                    del self._queue[i]
+                    return item
+        return None
+
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closed:
+                while (item := self._take() if self._queue else None) is None:
+                    if self._closed and not self._queue:
+                        return
+                    self._held = bool(self._queue)
                     self._cv.wait()
-                if not self._queue:
-                    return
-                t, off, n = self._queue.popleft()
+                t, off, n = item
+                spec = not t.urgent
+                if spec:
+                    self._spec_n += 1
+                    self._spec_by[t.id] = self._spec_by.get(t.id, 0) + 1
+                self._busy += 1
                 t.in_flight += 1
                 t.issued += 1
                 self._note("issue", t.id, off)
@@ -448,7 +500,25 @@ class PreadLoader(Loader):
             except BaseException as exc:  # handed to the waiters
                 err = exc
             with self._cv:
+                self._busy -= 1
+                if spec and t.id in self._spec_by:  # not promoted since (that moved its count out already)
+                    self._spec_n -= 1
+                    self._spec_by[t.id] -= 1
+                    if not self._spec_by[t.id]:
+                        del self._spec_by[t.id]
+                self._note("returned", t.id, off)
                 self._chunk_done(t, n, err)
+                if self._held:  # a chunk held back by the window may go now (only then: waiters sleep meanwhile)
+                    self._held = False
+                    self._cv.notify_all()
+
+    def _spec_with_disk(self) -> int:
+        return self._spec_n
+
+    def _promoted(self, t: Ticket) -> None:
+        # needed now: its chunks with the workers are no longer speculative (a foreground read waits for them as
+        # for its own)
+        self._spec_n -= self._spec_by.pop(t.id, 0)
 
     def _read(self, t: Ticket, dest: memoryview, offset: int) -> None:
         done = 0
@@ -466,8 +536,17 @@ class PreadLoader(Loader):
 
     def settle(self, t: Ticket) -> None:
         with self._cv:
-            while not t.done:
-                self._cv.wait()
+            if t.done:
+                return
+            self._waited[t.id] = self._waited.get(t.id, 0) + 1
+            try:
+                self._cv.notify_all()  # a guess held back by its window is needed now
+                while not t.done:
+                    self._cv.wait()
+            finally:
+                self._waited[t.id] -= 1
+                if not self._waited[t.id]:
+                    del self._waited[t.id]
 
     def close(self) -> None:
         """Cancel queued reads (their waiters get an error), let the workers finish the chunk in hand, join them."""
@@ -627,15 +706,13 @@ class UringLoader(Loader):
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
                         continue
-                item = self._queue.popleft()
-                t, off, n = item
+                t, off, n = self._queue.popleft()
                 cid = next(self._chunk_ids)
-                try:  # may submit what is queued first (a full SQ): refused, this chunk was not queued
-                    r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
-                except OSError as exc:
-                    self._queue.appendleft(item)
-                    self._refused(exc)
-                    break
+                # never submits by itself (so never raises the kernel's refusal): the SQ holds only the `pending`
+                # SQEs, fewer than queue_depth by the loop's condition, and it has at least queue_depth entries (a
+                # power of two >= queue_depth; test_a_pump_never_submits_behind_its_own_back); what is prepared goes
+                # to the kernel in `_submit` below, whose refusal `_refused` handles
+                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
                 self._chunks[cid] = (t, off, n)
                 if not t.urgent:
                     self._spec.add(cid)
@@ -662,8 +739,9 @@ class UringLoader(Loader):
         the chunks it had already submitted have landed, so its slot is never reused while the kernel writes it."""
         failed: dict[int, Ticket] = {}
         for cid in self.ring.retract():
-            t, _, _ = self._chunks.pop(cid)
+            t, off, _ = self._chunks.pop(cid)
             self._spec.discard(cid)
+            self._note("returned", t.id, off)
             t.in_flight -= 1
             t.issued -= 1  # never with the kernel
             t.remaining -= 1
@@ -678,6 +756,7 @@ class UringLoader(Loader):
     def _complete(self, cid: int, res: int) -> None:
         t, off, n = self._chunks.pop(cid)
         self._spec.discard(cid)
+        self._note("returned", t.id, off)
         if res < 0 and -res in _RETRY or 0 < res < n:  # retry, or continue a short read where it stopped
             if t.error is not None:  # the ticket failed meanwhile: drop the rest of this chunk
                 self._chunk_done(t, 0, None)
@@ -809,6 +888,7 @@ class UringLoader(Loader):
         """Cancel queued reads, wait for those with the kernel (their slots must not be written after this),
         close every fd and the ring. Idempotent."""
         err: ShardIOError | None = None
+        other: BaseException | None = None  # a bug of ours ("nothing in flight") or an interrupt: raised as it is
         with self._cv:
             if self._closed:
                 while self.ring.fd >= 0:
@@ -821,11 +901,17 @@ class UringLoader(Loader):
                     self._progress()
             except uring.UringError as exc:  # the kernel refused the wait: what is with it cannot be waited for
                 err = self._close_failed(exc)
+            except BaseException as exc:
+                other = exc
             finally:
-                self._abandon(err)
+                # the ring, every fd and every ticket the kernel never had are released in any case; raising from
+                # inside the lock would also skip joining the background thread
+                self._abandon(err, other)
         bg = self._background
         if bg is not None and bg is not threading.current_thread():
             bg.join()  # it ends once it sees the ring closed (it never sleeps in the kernel without being the reaper)
+        if other is not None:
+            raise other
         with self._cv:
             if err is None:
                 self._raise_background_error()
@@ -846,14 +932,30 @@ class UringLoader(Loader):
                             "their buffers may still be written for a moment: close the buffer pool rather than "
                             f"reuse it, and use --io pread if it recurs{also}")
 
-    def _abandon(self, err: ShardIOError | None) -> None:
+    def _abandon(self, err: ShardIOError | None, other: BaseException | None = None) -> None:
         """Under the lock, closing: give back every fd and the ring, even after an error. A ticket whose chunks are
-        still with the kernel (only after `err`) keeps done=False: its slot may still be written, so whoever owns it
-        keeps it reserved (`ready` stays False), and its waiters get its own error if its read had already failed
-        (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a closed ring.
-        Chunks still queued (left by an exception out of the close's own wait) are failed, their tickets finished
-        and their fds closed: nothing stays queued on a closed ring."""
+        still with the kernel (only after `err` or `other`) keeps done=False: its slot may still be written, so
+        whoever owns it keeps it reserved (`ready` stays False), and its waiters get its own error if its read had
+        already failed (EIO, a truncation: what the user must act on), else `err`, at once instead of a wait on a
+        closed ring. Chunks still queued (left by an exception out of the close's own wait) are failed, their
+        tickets finished and their fds closed: nothing stays queued on a closed ring. So are the chunks whose SQEs
+        the kernel never consumed (a bug of ours found by the close's wait, `other`: nothing in flight, yet reads
+        outstanding; or a submission the kernel took only part of): they are taken back from the SQ, so nothing
+        can write their slots, and a ticket left with no chunk anywhere is done (its slot reusable) rather than
+        waiting for ever for a completion that cannot come."""
+        while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
+            self._cv.wait()
         self._cancel_queued()
+        for cid in self.ring.retract():
+            t, off, _ = self._chunks.pop(cid)
+            self._spec.discard(cid)
+            self._note("returned", t.id, off)
+            t.in_flight -= 1
+            t.issued -= 1  # never with the kernel
+            t.remaining -= 1
+            # not err ("buffers may still be written"): nothing of these chunks reached the kernel
+            self._fail(t, _closed_error(t.path, other))  # finishes t once nothing of it is anywhere
+            self._retire(t)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
             # be written

@@ -874,3 +874,57 @@ def test_an_index_naming_no_plain_safetensors_file_is_refused_before_any_downloa
     st_repo(live, [shard])
     pull_fails(out, "plain .safetensors file name")
     assert not out.exists() and live.served(REPO, shard) == 0
+
+
+# -- leftovers: a range read's allowance for the prefix a 200 skips, the listed size -------------------------------
+def test_a_retry_answered_with_the_whole_file_is_allowed_the_time_to_skip_its_prefix(live, monkeypatch):
+    # the first answer is cut; the hub then ignores Range and sends the whole file at 640 KiB/s, ten times the rate a
+    # range read is allowed: the deadline counted only the bytes asked for (4x0.5 s + 0.4 s), not the 2 MiB prefix
+    # read and thrown away, so every retry ran out of time and the correct bytes were refused
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import RepoSpec
+
+    monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "0.5")
+    data = os.urandom(3 << 20)
+    sha = live.add_revision(REPO, {"big.bin": data})
+    live.chunk = 64 << 10
+    live.fault("cut", RESOLVE, times=1, after=8 << 10)
+    live.fault("slow", RESOLVE, times=None, delay=0.1)
+    answers: list[int] = []
+
+    def norange_from_the_second(_handler) -> None:
+        answers.append(1)
+        if len(answers) == 2:
+            live.fault("norange", RESOLVE, times=None)
+
+    live.fault("hook", RESOLVE, times=None, edit=norange_from_the_second)
+    start, end = 2 << 20, (2 << 20) + (24 << 10) - 1
+    assert read_range(RepoSpec(REPO), sha, "big.bin", start, end) == data[start:end + 1]
+    assert [s for _m, p, s in live.requests if "/resolve/" in p] == [206, 200]
+
+
+@pytest.mark.parametrize("norange", [False, True])
+@pytest.mark.parametrize("delta", [-100, 1000])
+def test_a_range_answer_that_contradicts_the_listed_size_is_refused(live, norange, delta):
+    # a 200 (Range ignored) whose Content-Length is not the listed size was read as far as asked and taken: a body
+    # longer (or shorter) than the file the listing names is the hub contradicting itself, as for a download
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import IntegrityError, RepoSpec
+
+    sha = add_model(live)
+    size = MODEL.stat().st_size
+    if norange:
+        live.fault("norange", RESOLVE, times=None)
+    live.fault("declare", RESOLVE, times=None, after=delta)
+    with pytest.raises(IntegrityError, match="listing says the file has") as ei:
+        read_range(RepoSpec(REPO), sha, MODEL.name, 1000, 1999, size)
+    assert MODEL.name in str(ei.value) and "\n" not in str(ei.value)
+    assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 1  # not retried
+
+
+def test_inspect_refuses_a_range_answer_that_contradicts_the_listing(live, env):
+    add_model(live)
+    live.fault("norange", RESOLVE, times=None)
+    live.fault("declare", RESOLVE, times=None, after=4096)
+    err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
+    assert MODEL.name in err and "listing says" in err and "HF_ENDPOINT" in err

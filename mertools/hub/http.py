@@ -189,6 +189,11 @@ class Deadline:
         self.what, self.seconds = what, DEADLINE_FACTOR * timeout() + extra
         self.end = time.monotonic() + self.seconds
 
+    def extend(self, seconds: float) -> None:
+        """Allow ``seconds`` more (a range read answered with the whole file: the prefix it skips is read too)."""
+        self.seconds += seconds
+        self.end += seconds
+
     def check(self) -> None:
         if time.monotonic() > self.end:
             raise Retry(f"the answer took longer than {self.seconds:g} s")
@@ -306,11 +311,19 @@ def progress_step(size: int) -> int:
     return min(MIN_PROGRESS, max(1, size // RETRIES))
 
 
-def get_range(url: str, what: str, start: int, end: int) -> bytes:
+def get_range(url: str, what: str, start: int, end: int, *, size: int | None = None) -> bytes:
     """Bytes [start, end] (inclusive) of a hub file by range requests, retried like :func:`get_json`; never
     reads more than asked, whatever the hub sends (an ignored Range gets a 200 with the whole file: only the bytes
     up to ``end`` are read, then the connection is dropped). A failed attempt keeps what arrived and the next asks
     only for the rest; attempts that bring less than :func:`progress_step` new bytes count toward giving up.
+
+    ``size``: the file's size as the listing gives it. An answer whose headers say otherwise (a 200's
+    Content-Length, a 206's Content-Range total or Content-Length) is the hub contradicting its listing:
+    :class:`IntegrityError` at once, no retry, as a download does.
+
+    The deadline of an attempt (:class:`Deadline`) allows RANGE_RATE for the bytes it reads: those asked for, and,
+    where the hub ignored Range, the prefix of the whole file it skips (the bytes before ``start`` plus what earlier
+    attempts kept). A hub that ignores Range is slow to answer a read far into a file, not wrong.
 
     >>> get_range(resolve_url(RepoSpec("org/m"), sha, "model.safetensors"), "org/m", 0, 7)   # doctest: +SKIP
     """
@@ -323,7 +336,7 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
 
     def once() -> bytes:
         pos = start + len(buf)
-        deadline = Deadline(what, (end - pos + 1) / RANGE_RATE)  # the allowance is for the bytes asked this time
+        deadline = Deadline(what, (end - pos + 1) / RANGE_RATE)  # the bytes asked this time; a 200 adds its prefix
         # identity: a range counts the file's plain bytes
         h = {**build_hf_headers(), "Range": f"bytes={pos}-{end}", "Accept-Encoding": "identity"}
         with get_session().stream("GET", url, headers=h, timeout=timeout(), follow_redirects=True) as r:
@@ -335,10 +348,13 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
             if (enc := _encoding(r)) not in ("", "identity"):
                 raise HubError(f"{what}: the hub sent it {enc[:40]}-encoded although asked for identity; a range "
                                "counts the plain bytes: check HF_ENDPOINT or the proxy")
-            skip = pos if r.status_code == 200 else 0
             if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(f"bytes {pos}-"):
                 raise HubError(f"{what}: asked for bytes {pos}-{end}, the hub answered "
                                f"{r.headers.get('Content-Range')!r}; check HF_ENDPOINT")
+            if size is not None:
+                _check_range_sizes(r, what, pos, end, size)
+            skip = pos if r.status_code == 200 else 0
+            deadline.extend(skip / RANGE_RATE)  # the whole file from byte 0: the prefix is read and thrown away
             got = 0
             for b in r.iter_raw():
                 if skip:
@@ -363,6 +379,33 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
     return with_retries(what, once, lambda problem, _: f"{what}: gave up after {RETRIES} attempts in a row that "
                         f"brought less than {progress_step(want)} new bytes ({problem}); run it again later, or check "
                         "HF_ENDPOINT", progress=progress)
+
+
+def _check_range_sizes(r: Any, what: str, pos: int, end: int, size: int) -> None:
+    """The answer's headers against the listed ``size`` (before a body byte is read): a 200 holds the whole file, a
+    206 the asked bytes that exist, of a file of ``size`` bytes."""
+    from .remote import IntegrityError
+
+    def number(v: str | None) -> int | None:
+        return int(v.strip()) if v is not None and re.fullmatch(r"\s*[0-9]{1,20}\s*", v, re.ASCII) else None
+
+    def refuse(holds: str) -> IntegrityError:
+        return IntegrityError(f"{what}: the hub's answer {holds} where its listing says the file has {size} bytes; "
+                              "the hub contradicts itself: check HF_ENDPOINT or the proxy")
+
+    length = r.headers.get("Content-Length")
+    if length is not None and number(length) is None:
+        raise IntegrityError(f"{what}: the hub's Content-Length {length[:40]!r} is not a number; check HF_ENDPOINT")
+    n = number(length)
+    if r.status_code == 200:
+        if n is not None and n != size:
+            raise refuse(f"holds {n} bytes of the whole file (it ignored the range)")
+        return
+    total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
+    if total.strip() != "*" and number(total) != size:
+        raise refuse(f"gives the file's size as {total.strip()[:40]!r}")
+    if n is not None and n != min(end, size - 1) - pos + 1:
+        raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
 
 
 def _short_ok(r: Any, start: int, got: int) -> bool:

@@ -178,10 +178,12 @@ def test_a_needed_file_with_a_name_we_cannot_stage_is_refused(live, out, tmp_pat
     assert live.served(REPO, name) == 0
 
 
-def st_repo(hub: HubServer, shards: list[str]) -> None:
+def st_repo(hub: HubServer, shards: list[str]) -> dict[str, bytes]:
     index = {"metadata": {}, "weight_map": {f"t{i}": s for i, s in enumerate(shards)}}
-    hub.add_revision(REPO, {"config.json": b'{"model_type": "mixtral"}', "model.safetensors.index.json":
-                            json.dumps(index).encode(), **{s: b"\0" * 64 for s in shards}})
+    files = {"config.json": b'{"model_type": "mixtral"}', "model.safetensors.index.json": json.dumps(index).encode(),
+             **{s: b"\0" * 64 for s in shards}}
+    hub.add_revision(REPO, files)
+    return files
 
 
 @pytest.mark.parametrize("shards,why", [
@@ -928,3 +930,49 @@ def test_inspect_refuses_a_range_answer_that_contradicts_the_listing(live, env):
     live.fault("declare", RESOLVE, times=None, after=4096)
     err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
     assert MODEL.name in err and "listing says" in err and "HF_ENDPOINT" in err
+
+
+# -- leftovers: our download names (NAME.part) cannot clash with a needed file ------------------------------------
+# A needed file is a GGUF part (*.gguf), config.json, the SafeTensors index, or a shard the index names, which the
+# local reader's plain-name check holds to *.safetensors (case-sensitive): no needed name ends in ".part", in any
+# case, so no needed file is another's download name. What remains to prove: an index naming such a name is refused
+# before anything is fetched, and a repo that really holds files named as our downloads are does not disturb a pull.
+@pytest.mark.parametrize("shards", [
+    ["a.safetensors", "a.safetensors.part"],
+    ["a.safetensors", "A.SAFETENSORS.PART"],  # the same on a case-insensitive file system
+    ["a.safetensors.part"],
+])
+def test_an_index_naming_a_download_name_is_refused_with_nothing_left_that_looks_complete(live, out, tmp_path,
+                                                                                         shards):
+    served = st_repo(live, shards)
+    pull_fails(out, "plain .safetensors file name", shards[-1])
+    nothing_looks_complete(tmp_path, out, served)
+    assert all(live.served(REPO, s) == 0 for s in shards)
+    stage = out.parent / f".{out.name}.mertools-pull" / "files"
+    assert not any(p.name.endswith(".part") for p in stage.rglob("*")) if stage.is_dir() else True
+
+
+def test_repo_files_named_as_our_downloads_are_never_fetched_nor_clash(live, out, extracted):
+    # the repo holds model.gguf.part (junk) beside model.gguf: the pull writes its own model.gguf.part while it
+    # downloads, and must neither fetch the repo's nor take it for its own
+    add_model(live, **{MODEL.name + ".part": b"\x00junk" * 1000})
+    pull_ok(out, MODEL, extracted)
+    assert live.served(REPO, MODEL.name + ".part") == 0
+
+
+def test_a_safetensors_repo_holding_files_named_as_our_downloads_pulls_the_checkpoint(live, out, tmp_path):
+    from mertools import extract
+    from mertools.hub import pull
+    from test_hub_pull import ST, _sources_available
+
+    if not _sources_available():
+        pytest.skip("needs the SafeTensors source (mertools.sources)")
+    files: dict = {p.name: p for p in ST.iterdir()}
+    needed = [n for n in files if n.endswith((".safetensors", ".json"))]
+    files.update({n + ".part": b"\x00junk" * 1000 for n in needed})  # config.json.part, the index's, each shard's
+    live.add_revision(REPO, files)
+    pull(REPO, out)
+    assert all(live.served(REPO, n + ".part") == 0 for n in needed)
+    local = tmp_path / "local"
+    extract(ST, local, fsync=False)
+    same_shards(out, local)

@@ -236,3 +236,26 @@ def test_the_package_gives_the_push_function_even_once_its_module_is_imported():
     from mertools.hub import push
 
     assert callable(push) and push.__module__ == "mertools.hub.push"
+
+
+def test_the_xet_timeouts_the_readme_names_are_hf_xets_and_take_a_unit():
+    # README ("From and to the Hugging Face Hub"): Xet uploads use hf_xet's own timeouts, not MERTOOLS_HUB_TIMEOUT;
+    # this pins what it says of them against the installed hf_xet (read in a fresh process: once per process)
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("hf_xet")
+    code = ("import hf_xet; c = hf_xet.XetConfig(); "
+            "print(c.get('client.connect_timeout').total_seconds(), c.get('client.read_timeout').total_seconds())")
+
+    def timeouts(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("HF_XET_")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+        return tuple(float(x) for x in out)
+
+    default = timeouts()
+    assert default[0] > 0 and default[1] > 0
+    assert timeouts(HF_XET_CLIENT_CONNECT_TIMEOUT="7s", HF_XET_CLIENT_READ_TIMEOUT="2m") == (7.0, 120.0)
+    assert timeouts(HF_XET_CLIENT_READ_TIMEOUT="45") == default  # no unit: ignored, as the README warns

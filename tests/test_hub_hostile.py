@@ -976,3 +976,27 @@ def test_a_safetensors_repo_holding_files_named_as_our_downloads_pulls_the_check
     local = tmp_path / "local"
     extract(ST, local, fsync=False)
     same_shards(out, local)
+
+
+# -- leftovers: a client huggingface_hub makes anew in the middle of a push keeps our timeout --------------------
+def test_a_client_made_anew_after_a_connection_error_keeps_the_push_timeout(live):
+    # huggingface_hub's http_backoff calls close_session() on a ConnectError and makes a new client from its
+    # factory at the next request: that client had no timeout, for the rest of the push
+    import huggingface_hub
+    from huggingface_hub import get_session
+
+    from mertools.hub.remote import hub_call
+
+    def after_a_connection_error():
+        huggingface_hub.close_session()  # what http_backoff does on a ConnectError
+        return get_session().timeout
+
+    from huggingface_hub.utils import _http
+
+    factory, before = _http._GLOBAL_CLIENT_FACTORY, get_session().timeout
+    during = hub_call("me/x", after_a_connection_error)
+    assert (during.connect, during.read, during.write, during.pool) == (5.0, 5.0, 5.0, 5.0)
+    unbounded = hub_call("me/x", after_a_connection_error, long_answer=True)
+    assert unbounded.read is None and unbounded.connect == 5.0
+    # afterwards: the new client is the library's own again, and so is its factory
+    assert get_session().timeout == before and _http._GLOBAL_CLIENT_FACTORY is factory

@@ -428,9 +428,13 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
     giving up on it would report a failure for a commit that may still land (connect, write and pool stay bounded).
     Only the client's default is changed, never the client: nothing is closed or replaced under another thread.
     Nested or concurrent blocks share the client, so the read timeout stays unset while any open block asked for
-    ``read=False``; the caller's setting comes back once, when the last block ends. An
-    upload huggingface_hub hands to ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that
-    library's own policy.
+    ``read=False``; the caller's setting comes back once, when the last block ends.
+
+    huggingface_hub closes its shared client on a connection error and makes a new one from its factory at the next
+    request (``http_backoff``): while a block is open, the factory is wrapped so that a client made then gets the
+    same timeout (without that, the rest of a push after one connection error ran with none), and each client a
+    block touched gets its own setting back at the end. An upload huggingface_hub hands to ``hf_xet`` (a
+    Xet-backed repo) does not go through this client and keeps that library's own policy (README).
 
     >>> with session_timeout(read=False):                                    # doctest: +SKIP
     ...     HfApi().create_commit(...)
@@ -439,39 +443,87 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
 
     seconds = timeout()
     with _SCOPE_LOCK:
-        if _SCOPE["depth"] == 0:  # the first block saves the caller's setting; the last one puts it back
-            client = get_session()
-            _SCOPE.update(client=client, saved=client.timeout, seconds=seconds)
+        if _SCOPE["depth"] == 0:  # the first block wraps the factory; the last one puts everything back
+            _SCOPE["seconds"] = seconds
+            _wrap_factory()
         _SCOPE["depth"] += 1
         _SCOPE["unbounded"] += 0 if read else 1
-        _apply_scope()
     try:
+        # outside our lock: get_session may call the factory under huggingface_hub's lock, and the wrapped factory
+        # takes ours (the other order would deadlock)
+        client = get_session()
+        with _SCOPE_LOCK:
+            _track(client)
+            _apply_scope()
         yield
     finally:
         with _SCOPE_LOCK:
             _SCOPE["depth"] -= 1
             _SCOPE["unbounded"] -= 0 if read else 1
             if _SCOPE["depth"] == 0:
-                _SCOPE["client"].timeout = _SCOPE["saved"]
-                _SCOPE.update(client=None, saved=None, seconds=None)
+                for c, saved in _SCOPE["clients"]:
+                    c.timeout = saved
+                _SCOPE["clients"] = []
+                _unwrap_factory()
+                _SCOPE["seconds"] = None
             else:
                 _apply_scope()
 
 
+def _hf_http() -> Any:
+    import importlib
+
+    return importlib.import_module("huggingface_hub.utils._http")
+
+
+def _wrap_factory() -> None:
+    """(with _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get our timeout. The
+    factory is a private global of huggingface_hub: where a release has none, clients made mid-block are not
+    bounded, as before this wrapper existed."""
+    mod = _hf_http()
+    factory = getattr(mod, "_GLOBAL_CLIENT_FACTORY", None)
+    if factory is None or factory is _scoped_factory:
+        return
+    _SCOPE["factory"] = factory
+    mod._GLOBAL_CLIENT_FACTORY = _scoped_factory
+
+
+def _unwrap_factory() -> None:
+    """(with _SCOPE_LOCK held) The caller's factory back, unless the caller has set another meanwhile."""
+    mod = _hf_http()
+    if getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is _scoped_factory and _SCOPE["factory"] is not None:
+        mod._GLOBAL_CLIENT_FACTORY = _SCOPE["factory"]
+    _SCOPE["factory"] = None
+
+
+def _scoped_factory() -> Any:
+    with _SCOPE_LOCK:
+        factory = _SCOPE["factory"] or _hf_http().default_client_factory
+    client = factory()  # the caller's factory, outside our lock
+    with _SCOPE_LOCK:
+        if _SCOPE["depth"] > 0:
+            _track(client)
+            _apply_scope()
+    return client
+
+
+def _track(client: Any) -> None:
+    """(with _SCOPE_LOCK held) Remember ``client``'s own timeout, once, to give it back when the last block ends."""
+    if all(c is not client for c, _ in _SCOPE["clients"]):
+        _SCOPE["clients"].append((client, client.timeout))
+
+
 def _apply_scope() -> None:
-    """Set the shared client's timeout for the blocks now open (call with _SCOPE_LOCK held). The read timeout is
+    """Set the timeout of the clients the open blocks use (call with _SCOPE_LOCK held). The read timeout is
     unset while any open block asked for ``read=False``: the client is shared, so one thread's create_commit would
     otherwise time out on the read timeout another thread's create_repo set (or keep it after that block ended)."""
-    saved, seconds = _SCOPE["saved"], _SCOPE["seconds"]
-
-    def keep(field: str, ours: float | None) -> float | None:
-        mine = getattr(saved, field, None)
-        return mine if mine is not None else ours
-
-    read = None if _SCOPE["unbounded"] > 0 else seconds
-    _SCOPE["client"].timeout = type(saved)(connect=keep("connect", seconds), write=keep("write", seconds),
-                                           read=keep("read", read), pool=keep("pool", seconds))
+    seconds = _SCOPE["seconds"]
+    ours = {"connect": seconds, "write": seconds, "pool": seconds,
+            "read": None if _SCOPE["unbounded"] > 0 else seconds}
+    for client, saved in _SCOPE["clients"]:
+        mine = {k: getattr(saved, k, None) for k in ours}
+        client.timeout = type(saved)(**{k: mine[k] if mine[k] is not None else v for k, v in ours.items()})
 
 
 _SCOPE_LOCK = threading.Lock()
-_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "client": None, "saved": None, "seconds": None}
+_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "factory": None, "clients": []}

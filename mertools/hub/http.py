@@ -11,7 +11,7 @@ and the headers (token, user agent) are still huggingface_hub's.
 Settings, read at call time: ``MERTOOLS_HUB_TIMEOUT`` (seconds without a byte before a request is given up, default
 30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x). A ``Retry-After`` of up to
 60 s is honoured; a longer one ends the command at once with the wait in the message. A JSON answer or a range read
-must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB asked), so a
+must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB it reads), so a
 hub that trickles one byte per almost-timeout cannot hold a call for ever; a late answer counts as a failed attempt
 (a range read keeps what arrived and asks only for the rest next time).
 """

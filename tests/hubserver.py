@@ -126,7 +126,8 @@ class Fault:
     location: str = ""  # redirect: Location ("{url}" is the server's base URL, "{path}" the request's path)
     edit: Any = None  # json: edit(value) -> value, applied to a JSON answer; hook: call(handler) before handling
     value: str = ""  # etag: the ETag sent
-    # gzip: every matching JSON answer, no budget used; trickle: one byte every ``delay`` s until the client goes;
+    # gzip: every matching JSON answer, no budget used; trickle: one byte every ``delay`` s until the client goes
+    # (a 200 with no Content-Length);
     # stall: after ``after`` body bytes of a download, wait (at most ``delay`` s, default 30) until the client has
     # closed the connection, then send the rest if it has not
     fired: int = 0
@@ -347,7 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
             if f.kind == "trickle":  # every byte well within a read timeout, the answer never complete
                 hub.requests.append((self.command, self.path, 200))
                 self.send_response(200)
-                self.send_header("Content-Length", str(1 << 30))
+                # no Content-Length (the body ends when the connection does): a declared length that is not the
+                # file's would be a hub contradicting its listing, refused at once before any deadline matters
+                self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
                 try:

@@ -178,10 +178,12 @@ def test_a_needed_file_with_a_name_we_cannot_stage_is_refused(live, out, tmp_pat
     assert live.served(REPO, name) == 0
 
 
-def st_repo(hub: HubServer, shards: list[str]) -> None:
+def st_repo(hub: HubServer, shards: list[str]) -> dict[str, bytes]:
     index = {"metadata": {}, "weight_map": {f"t{i}": s for i, s in enumerate(shards)}}
-    hub.add_revision(REPO, {"config.json": b'{"model_type": "mixtral"}', "model.safetensors.index.json":
-                            json.dumps(index).encode(), **{s: b"\0" * 64 for s in shards}})
+    files = {"config.json": b'{"model_type": "mixtral"}', "model.safetensors.index.json": json.dumps(index).encode(),
+             **{s: b"\0" * 64 for s in shards}}
+    hub.add_revision(REPO, files)
+    return files
 
 
 @pytest.mark.parametrize("shards,why", [
@@ -874,3 +876,127 @@ def test_an_index_naming_no_plain_safetensors_file_is_refused_before_any_downloa
     st_repo(live, [shard])
     pull_fails(out, "plain .safetensors file name")
     assert not out.exists() and live.served(REPO, shard) == 0
+
+
+# -- leftovers: a range read's allowance for the prefix a 200 skips, the listed size -------------------------------
+def test_a_retry_answered_with_the_whole_file_is_allowed_the_time_to_skip_its_prefix(live, monkeypatch):
+    # the first answer is cut; the hub then ignores Range and sends the whole file at 640 KiB/s, ten times the rate a
+    # range read is allowed: the deadline counted only the bytes asked for (4x0.5 s + 0.4 s), not the 2 MiB prefix
+    # read and thrown away, so every retry ran out of time and the correct bytes were refused
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import RepoSpec
+
+    monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "0.5")
+    data = os.urandom(3 << 20)
+    sha = live.add_revision(REPO, {"big.bin": data})
+    live.chunk = 64 << 10
+    live.fault("cut", RESOLVE, times=1, after=8 << 10)
+    live.fault("slow", RESOLVE, times=None, delay=0.1)
+    answers: list[int] = []
+
+    def norange_from_the_second(_handler) -> None:
+        answers.append(1)
+        if len(answers) == 2:
+            live.fault("norange", RESOLVE, times=None)
+
+    live.fault("hook", RESOLVE, times=None, edit=norange_from_the_second)
+    start, end = 2 << 20, (2 << 20) + (24 << 10) - 1
+    assert read_range(RepoSpec(REPO), sha, "big.bin", start, end) == data[start:end + 1]
+    assert [s for _m, p, s in live.requests if "/resolve/" in p] == [206, 200]
+
+
+@pytest.mark.parametrize("norange", [False, True])
+@pytest.mark.parametrize("delta", [-100, 1000])
+def test_a_range_answer_that_contradicts_the_listed_size_is_refused(live, norange, delta):
+    # a 200 (Range ignored) whose Content-Length is not the listed size was read as far as asked and taken: a body
+    # longer (or shorter) than the file the listing names is the hub contradicting itself, as for a download
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import IntegrityError, RepoSpec
+
+    sha = add_model(live)
+    size = MODEL.stat().st_size
+    if norange:
+        live.fault("norange", RESOLVE, times=None)
+    live.fault("declare", RESOLVE, times=None, after=delta)
+    with pytest.raises(IntegrityError, match="listing says the file has") as ei:
+        read_range(RepoSpec(REPO), sha, MODEL.name, 1000, 1999, size)
+    assert MODEL.name in str(ei.value) and "\n" not in str(ei.value)
+    assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 1  # not retried
+
+
+def test_inspect_refuses_a_range_answer_that_contradicts_the_listing(live, env):
+    add_model(live)
+    live.fault("norange", RESOLVE, times=None)
+    live.fault("declare", RESOLVE, times=None, after=4096)
+    err = one_line_error(cli(env, "inspect", f"hf://{REPO}"))
+    assert MODEL.name in err and "listing says" in err and "HF_ENDPOINT" in err
+
+
+# -- leftovers: our download names (NAME.part) cannot clash with a needed file ------------------------------------
+# A needed file is a GGUF part (*.gguf), config.json, the SafeTensors index, or a shard the index names, which the
+# local reader's plain-name check holds to *.safetensors (case-sensitive): no needed name ends in ".part", in any
+# case, so no needed file is another's download name. What remains to prove: an index naming such a name is refused
+# before anything is fetched, and a repo that really holds files named as our downloads are does not disturb a pull.
+@pytest.mark.parametrize("shards", [
+    ["a.safetensors", "a.safetensors.part"],
+    ["a.safetensors", "A.SAFETENSORS.PART"],  # the same on a case-insensitive file system
+    ["a.safetensors.part"],
+])
+def test_an_index_naming_a_download_name_is_refused_with_nothing_left_that_looks_complete(live, out, tmp_path,
+                                                                                         shards):
+    served = st_repo(live, shards)
+    pull_fails(out, "plain .safetensors file name", shards[-1])
+    nothing_looks_complete(tmp_path, out, served)
+    assert all(live.served(REPO, s) == 0 for s in shards)
+    stage = out.parent / f".{out.name}.mertools-pull" / "files"
+    assert not any(p.name.endswith(".part") for p in stage.rglob("*")) if stage.is_dir() else True
+
+
+def test_repo_files_named_as_our_downloads_are_never_fetched_nor_clash(live, out, extracted):
+    # the repo holds model.gguf.part (junk) beside model.gguf: the pull writes its own model.gguf.part while it
+    # downloads, and must neither fetch the repo's nor take it for its own
+    add_model(live, **{MODEL.name + ".part": b"\x00junk" * 1000})
+    pull_ok(out, MODEL, extracted)
+    assert live.served(REPO, MODEL.name + ".part") == 0
+
+
+def test_a_safetensors_repo_holding_files_named_as_our_downloads_pulls_the_checkpoint(live, out, tmp_path):
+    from mertools import extract
+    from mertools.hub import pull
+    from test_hub_pull import ST, _sources_available
+
+    if not _sources_available():
+        pytest.skip("needs the SafeTensors source (mertools.sources)")
+    files: dict = {p.name: p for p in ST.iterdir()}
+    needed = [n for n in files if n.endswith((".safetensors", ".json"))]
+    files.update({n + ".part": b"\x00junk" * 1000 for n in needed})  # config.json.part, the index's, each shard's
+    live.add_revision(REPO, files)
+    pull(REPO, out)
+    assert all(live.served(REPO, n + ".part") == 0 for n in needed)
+    local = tmp_path / "local"
+    extract(ST, local, fsync=False)
+    same_shards(out, local)
+
+
+# -- leftovers: a client huggingface_hub makes anew in the middle of a push keeps our timeout --------------------
+def test_a_client_made_anew_after_a_connection_error_keeps_the_push_timeout(live):
+    # huggingface_hub's http_backoff calls close_session() on a ConnectError and makes a new client from its
+    # factory at the next request: that client had no timeout, for the rest of the push
+    import huggingface_hub
+    from huggingface_hub import get_session
+
+    from mertools.hub.remote import hub_call
+
+    def after_a_connection_error():
+        huggingface_hub.close_session()  # what http_backoff does on a ConnectError
+        return get_session().timeout
+
+    from huggingface_hub.utils import _http
+
+    factory, before = _http._GLOBAL_CLIENT_FACTORY, get_session().timeout
+    during = hub_call("me/x", after_a_connection_error)
+    assert (during.connect, during.read, during.write, during.pool) == (5.0, 5.0, 5.0, 5.0)
+    unbounded = hub_call("me/x", after_a_connection_error, long_answer=True)
+    assert unbounded.read is None and unbounded.connect == 5.0
+    # afterwards: the new client is the library's own again, and so is its factory
+    assert get_session().timeout == before and _http._GLOBAL_CLIENT_FACTORY is factory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import pytest
 
@@ -96,3 +97,165 @@ def test_inspect_a_safetensors_repo_reads_headers_and_config(hub, env):
                                                                          *shards]
     for s in shards:  # headers only, by range requests
         assert hub.served("org/st", s) < (ST / s).stat().st_size
+
+
+# -- push(quiet=True) is scoped: the caller's logging and bars come back, and a loud push beside it stays loud -----
+MODEL = GEN / "moe-merged-q4_0.gguf"
+
+
+@pytest.fixture
+def live(hub, env, monkeypatch):
+    """In-process pushes to the loopback hub (LFS, not Xet: see test_hub_hostile's fixture of the same name)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
+    return hub
+
+
+class Records(logging.Handler):
+    """huggingface_hub's log records as they reach the library's root logger: (thread ident, message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.got: list[tuple[int, str]] = []
+
+    def emit(self, record):
+        self.got.append((record.thread, record.getMessage()))
+
+    def __enter__(self):
+        logging.getLogger("huggingface_hub").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("huggingface_hub").removeHandler(self)
+
+
+def hf_logging_state():
+    import importlib
+
+    bars = importlib.import_module("huggingface_hub.utils.tqdm").progress_bar_states
+    loggers = [logging.getLogger(n) for n in sorted(logging.root.manager.loggerDict) if n.startswith("huggingface_hub")]
+    return (logging.getLogger("huggingface_hub").level, dict(bars),
+            {lg.name: list(lg.filters) for lg in loggers if isinstance(lg, logging.Logger) and lg.filters})
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_quiet_push_silences_its_warnings_then_gives_the_callers_logging_and_bars_back(live, extracted, monkeypatch,
+                                                                                      fails):
+    # push(quiet=True) set huggingface_hub's level to ERROR and turned every bar off for the rest of the process
+    from mertools.hub import push
+    from mertools.hub.remote import HubError
+
+    import importlib
+
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")  # by name: utils.tqdm is also a class
+    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # the environment leaves bars to code
+    monkeypatch.setattr(bars, "progress_bar_states", {"_global": True, "huggingface_hub.mine": False})  # the user's
+    importlib.import_module("huggingface_hub.utils.logging")  # it sets its own level once, when first imported
+    hf_root = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hf_root, "level", logging.INFO)  # the user's own logging configuration
+    before = hf_logging_state()
+    # a 503 once on each LFS upload: huggingface_hub's own retry warns, in its upload worker threads
+    live.fault("error", "/lfs-upload/*", times=3, status=503)
+    if fails:
+        live.fault("error", "/api/models/me/q/commit/*", times=None, status=500)
+    with Records() as rec:
+        if fails:
+            with pytest.raises(HubError, match="HTTP 500"):
+                push(extracted(MODEL), "me/q", quiet=True)
+        else:
+            push(extracted(MODEL), "me/q", quiet=True)
+    assert sum(1 for _m, p, s in live.requests if "/lfs-upload/" in p and s == 503) >= 1
+    assert [m for _t, m in rec.got if "503" in m or "Retrying" in m] == []
+    assert hf_logging_state() == before
+    # the same with a loud push: the warnings are there to be silenced (the test can fail)
+    live.clear_faults()
+    live.fault("error", "/lfs-upload/*", times=1, status=503)
+    with Records() as rec:
+        push(extracted(OTHER), "me/loud", quiet=False)
+    assert any("503" in m for _t, m in rec.got), rec.got
+    assert hf_logging_state() == before
+
+
+OTHER = GEN / "moe-merged-q8_0.gguf"
+
+
+def test_a_loud_push_beside_a_quiet_one_keeps_its_warnings(live, extracted):
+    # two threads, one quiet push and one loud, both inside their LFS batch call when the hub answers it 503 once:
+    # the quiet one's level change silenced the loud one too (and whichever ended last decided the level after)
+    import threading
+
+    from mertools.hub import push
+
+    entered = {"me/q": threading.Event(), "me/l": threading.Event()}
+
+    def meet(repo, other):
+        def edit(_handler):
+            entered[repo].set()
+            entered[other].wait(30)  # both pushes are in their batch call before either is answered
+        return edit
+
+    for repo, other in (("me/q", "me/l"), ("me/l", "me/q")):
+        live.fault("hook", f"/{repo}.git/info/lfs/objects/batch", times=1, edit=meet(repo, other))
+        live.fault("error", f"/{repo}.git/info/lfs/objects/batch", times=1, status=503)
+    errors: list[BaseException] = []
+    idents: dict[str, int] = {}
+
+    def run(repo, src, quiet):
+        idents[repo] = threading.get_ident()
+        try:
+            push(extracted(src), repo, quiet=quiet)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    extracted(MODEL), extracted(OTHER)  # extracted in this thread, before the race
+    before = hf_logging_state()
+    with Records() as rec:
+        threads = [threading.Thread(target=run, args=("me/q", MODEL, True)),
+                   threading.Thread(target=run, args=("me/l", OTHER, False))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors and all(not t.is_alive() for t in threads), errors
+    assert entered["me/q"].is_set() and entered["me/l"].is_set()
+    assert "dense.gguf" in live.files_at("me/q") and "dense.gguf" in live.files_at("me/l")
+    loud = [m for t, m in rec.got if t == idents["me/l"]]
+    quiet = [m for t, m in rec.got if t == idents["me/q"] or "me/q" in m]
+    assert any("503" in m and "me/l.git" in m for m in loud), rec.got
+    assert quiet == [], quiet
+    assert hf_logging_state() == before
+
+
+def test_the_package_gives_the_push_function_even_once_its_module_is_imported():
+    # push was provided lazily by the package's __getattr__: once mertools.hub.push (the module) was imported, the
+    # package attribute was the module and `from mertools.hub import push; push(...)` raised TypeError
+    import importlib
+
+    importlib.import_module("mertools.hub.push")
+    from mertools.hub import push
+
+    assert callable(push) and push.__module__ == "mertools.hub.push"
+
+
+def test_the_xet_timeouts_the_readme_names_are_hf_xets_and_take_a_unit():
+    # README ("From and to the Hugging Face Hub"): Xet uploads use hf_xet's own timeouts, not MERTOOLS_HUB_TIMEOUT;
+    # this pins what it says of them against the installed hf_xet (read in a fresh process: once per process)
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("hf_xet")
+    code = ("import hf_xet; c = hf_xet.XetConfig(); "
+            "print(c.get('client.connect_timeout').total_seconds(), c.get('client.read_timeout').total_seconds())")
+
+    def timeouts(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("HF_XET_")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+        return tuple(float(x) for x in out)
+
+    default = timeouts()
+    assert default[0] > 0 and default[1] > 0
+    assert timeouts(HF_XET_CLIENT_CONNECT_TIMEOUT="7s", HF_XET_CLIENT_READ_TIMEOUT="2m") == (7.0, 120.0)
+    assert timeouts(HF_XET_CLIENT_READ_TIMEOUT="45") == default  # no unit: ignored, as the README warns

@@ -8,17 +8,17 @@
 
 from .convert import StreamingConverter
 from .pull import PullResult, pull
+# eager, not lazy: the submodule of the same name, once imported (mertools.hub.push), would replace a lazily
+# provided function as the package's attribute, and `from mertools.hub import push` gave the module (push.py
+# imports huggingface_hub only inside its functions, so this costs nothing at import)
+from .push import push
 from .remote import HubError, IntegrityError, RepoSpec
 
 __all__ = ["HubError", "IntegrityError", "PullResult", "RepoSpec", "StreamingConverter", "pull", "push",
            "describe_remote"]
 
 
-def __getattr__(name: str):  # push and inspect import more of huggingface_hub; load them when asked
-    if name == "push":
-        from .push import push
-
-        return push
+def __getattr__(name: str):  # inspect imports more of huggingface_hub; load them when asked
     if name == "describe_remote":
         from .inspect import describe_remote
 

@@ -11,7 +11,7 @@ and the headers (token, user agent) are still huggingface_hub's.
 Settings, read at call time: ``MERTOOLS_HUB_TIMEOUT`` (seconds without a byte before a request is given up, default
 30), ``MERTOOLS_HUB_RETRY_WAIT`` (base backoff, default 1 s, doubling, capped at 16x). A ``Retry-After`` of up to
 60 s is honoured; a longer one ends the command at once with the wait in the message. A JSON answer or a range read
-must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB asked), so a
+must also be complete within DEADLINE_FACTOR x the timeout (a range read: plus one second per 64 KiB it reads), so a
 hub that trickles one byte per almost-timeout cannot hold a call for ever; a late answer counts as a failed attempt
 (a range read keeps what arrived and asks only for the rest next time).
 """
@@ -189,6 +189,11 @@ class Deadline:
         self.what, self.seconds = what, DEADLINE_FACTOR * timeout() + extra
         self.end = time.monotonic() + self.seconds
 
+    def extend(self, seconds: float) -> None:
+        """Allow ``seconds`` more (a range read answered with the whole file: the prefix it skips is read too)."""
+        self.seconds += seconds
+        self.end += seconds
+
     def check(self) -> None:
         if time.monotonic() > self.end:
             raise Retry(f"the answer took longer than {self.seconds:g} s")
@@ -306,11 +311,19 @@ def progress_step(size: int) -> int:
     return min(MIN_PROGRESS, max(1, size // RETRIES))
 
 
-def get_range(url: str, what: str, start: int, end: int) -> bytes:
+def get_range(url: str, what: str, start: int, end: int, *, size: int | None = None) -> bytes:
     """Bytes [start, end] (inclusive) of a hub file by range requests, retried like :func:`get_json`; never
     reads more than asked, whatever the hub sends (an ignored Range gets a 200 with the whole file: only the bytes
     up to ``end`` are read, then the connection is dropped). A failed attempt keeps what arrived and the next asks
     only for the rest; attempts that bring less than :func:`progress_step` new bytes count toward giving up.
+
+    ``size``: the file's size as the listing gives it. An answer whose headers say otherwise (a 200's
+    Content-Length, a 206's Content-Range total or Content-Length) is the hub contradicting its listing:
+    :class:`IntegrityError` at once, no retry, as a download does.
+
+    The deadline of an attempt (:class:`Deadline`) allows RANGE_RATE for the bytes it reads: those asked for, and,
+    where the hub ignored Range, the prefix of the whole file it skips (the bytes before ``start`` plus what earlier
+    attempts kept). A hub that ignores Range is slow to answer a read far into a file, not wrong.
 
     >>> get_range(resolve_url(RepoSpec("org/m"), sha, "model.safetensors"), "org/m", 0, 7)   # doctest: +SKIP
     """
@@ -323,7 +336,7 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
 
     def once() -> bytes:
         pos = start + len(buf)
-        deadline = Deadline(what, (end - pos + 1) / RANGE_RATE)  # the allowance is for the bytes asked this time
+        deadline = Deadline(what, (end - pos + 1) / RANGE_RATE)  # the bytes asked this time; a 200 adds its prefix
         # identity: a range counts the file's plain bytes
         h = {**build_hf_headers(), "Range": f"bytes={pos}-{end}", "Accept-Encoding": "identity"}
         with get_session().stream("GET", url, headers=h, timeout=timeout(), follow_redirects=True) as r:
@@ -335,10 +348,13 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
             if (enc := _encoding(r)) not in ("", "identity"):
                 raise HubError(f"{what}: the hub sent it {enc[:40]}-encoded although asked for identity; a range "
                                "counts the plain bytes: check HF_ENDPOINT or the proxy")
-            skip = pos if r.status_code == 200 else 0
             if r.status_code == 206 and not r.headers.get("Content-Range", "").strip().startswith(f"bytes {pos}-"):
                 raise HubError(f"{what}: asked for bytes {pos}-{end}, the hub answered "
                                f"{r.headers.get('Content-Range')!r}; check HF_ENDPOINT")
+            if size is not None:
+                _check_range_sizes(r, what, pos, end, size)
+            skip = pos if r.status_code == 200 else 0
+            deadline.extend(skip / RANGE_RATE)  # the whole file from byte 0: the prefix is read and thrown away
             got = 0
             for b in r.iter_raw():
                 if skip:
@@ -365,6 +381,33 @@ def get_range(url: str, what: str, start: int, end: int) -> bytes:
                         "HF_ENDPOINT", progress=progress)
 
 
+def _check_range_sizes(r: Any, what: str, pos: int, end: int, size: int) -> None:
+    """The answer's headers against the listed ``size`` (before a body byte is read): a 200 holds the whole file, a
+    206 the asked bytes that exist, of a file of ``size`` bytes."""
+    from .remote import IntegrityError
+
+    def number(v: str | None) -> int | None:
+        return int(v.strip()) if v is not None and re.fullmatch(r"\s*[0-9]{1,20}\s*", v, re.ASCII) else None
+
+    def refuse(holds: str) -> IntegrityError:
+        return IntegrityError(f"{what}: the hub's answer {holds} where its listing says the file has {size} bytes; "
+                              "the hub contradicts itself: check HF_ENDPOINT or the proxy")
+
+    length = r.headers.get("Content-Length")
+    if length is not None and number(length) is None:
+        raise IntegrityError(f"{what}: the hub's Content-Length {length[:40]!r} is not a number; check HF_ENDPOINT")
+    n = number(length)
+    if r.status_code == 200:
+        if n is not None and n != size:
+            raise refuse(f"holds {n} bytes of the whole file (it ignored the range)")
+        return
+    total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
+    if total.strip() != "*" and number(total) != size:
+        raise refuse(f"gives the file's size as {total.strip()[:40]!r}")
+    if n is not None and n != min(end, size - 1) - pos + 1:
+        raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
+
+
 def _short_ok(r: Any, start: int, got: int) -> bool:
     """A range past the end of the file legitimately comes back shorter: the whole rest arrived."""
     m = (r.headers.get("Content-Range") or "").rsplit("/", 1)
@@ -385,9 +428,13 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
     giving up on it would report a failure for a commit that may still land (connect, write and pool stay bounded).
     Only the client's default is changed, never the client: nothing is closed or replaced under another thread.
     Nested or concurrent blocks share the client, so the read timeout stays unset while any open block asked for
-    ``read=False``; the caller's setting comes back once, when the last block ends. An
-    upload huggingface_hub hands to ``hf_xet`` (a Xet-backed repo) does not go through this client and keeps that
-    library's own policy.
+    ``read=False``; the caller's setting comes back once, when the last block ends.
+
+    huggingface_hub closes its shared client on a connection error and makes a new one from its factory at the next
+    request (``http_backoff``): while a block is open, the factory is wrapped so that a client made then gets the
+    same timeout (without that, the rest of a push after one connection error ran with none), and each client a
+    block touched gets its own setting back at the end. An upload huggingface_hub hands to ``hf_xet`` (a
+    Xet-backed repo) does not go through this client and keeps that library's own policy (README).
 
     >>> with session_timeout(read=False):                                    # doctest: +SKIP
     ...     HfApi().create_commit(...)
@@ -396,39 +443,87 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
 
     seconds = timeout()
     with _SCOPE_LOCK:
-        if _SCOPE["depth"] == 0:  # the first block saves the caller's setting; the last one puts it back
-            client = get_session()
-            _SCOPE.update(client=client, saved=client.timeout, seconds=seconds)
+        if _SCOPE["depth"] == 0:  # the first block wraps the factory; the last one puts everything back
+            _SCOPE["seconds"] = seconds
+            _wrap_factory()
         _SCOPE["depth"] += 1
         _SCOPE["unbounded"] += 0 if read else 1
-        _apply_scope()
     try:
+        # outside our lock: get_session may call the factory under huggingface_hub's lock, and the wrapped factory
+        # takes ours (the other order would deadlock)
+        client = get_session()
+        with _SCOPE_LOCK:
+            _track(client)
+            _apply_scope()
         yield
     finally:
         with _SCOPE_LOCK:
             _SCOPE["depth"] -= 1
             _SCOPE["unbounded"] -= 0 if read else 1
             if _SCOPE["depth"] == 0:
-                _SCOPE["client"].timeout = _SCOPE["saved"]
-                _SCOPE.update(client=None, saved=None, seconds=None)
+                for c, saved in _SCOPE["clients"]:
+                    c.timeout = saved
+                _SCOPE["clients"] = []
+                _unwrap_factory()
+                _SCOPE["seconds"] = None
             else:
                 _apply_scope()
 
 
+def _hf_http() -> Any:
+    import importlib
+
+    return importlib.import_module("huggingface_hub.utils._http")
+
+
+def _wrap_factory() -> None:
+    """(with _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get our timeout. The
+    factory is a private global of huggingface_hub: where a release has none, clients made mid-block are not
+    bounded, as before this wrapper existed."""
+    mod = _hf_http()
+    factory = getattr(mod, "_GLOBAL_CLIENT_FACTORY", None)
+    if factory is None or factory is _scoped_factory:
+        return
+    _SCOPE["factory"] = factory
+    mod._GLOBAL_CLIENT_FACTORY = _scoped_factory
+
+
+def _unwrap_factory() -> None:
+    """(with _SCOPE_LOCK held) The caller's factory back, unless the caller has set another meanwhile."""
+    mod = _hf_http()
+    if getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is _scoped_factory and _SCOPE["factory"] is not None:
+        mod._GLOBAL_CLIENT_FACTORY = _SCOPE["factory"]
+    _SCOPE["factory"] = None
+
+
+def _scoped_factory() -> Any:
+    with _SCOPE_LOCK:
+        factory = _SCOPE["factory"] or _hf_http().default_client_factory
+    client = factory()  # the caller's factory, outside our lock
+    with _SCOPE_LOCK:
+        if _SCOPE["depth"] > 0:
+            _track(client)
+            _apply_scope()
+    return client
+
+
+def _track(client: Any) -> None:
+    """(with _SCOPE_LOCK held) Remember ``client``'s own timeout, once, to give it back when the last block ends."""
+    if all(c is not client for c, _ in _SCOPE["clients"]):
+        _SCOPE["clients"].append((client, client.timeout))
+
+
 def _apply_scope() -> None:
-    """Set the shared client's timeout for the blocks now open (call with _SCOPE_LOCK held). The read timeout is
+    """Set the timeout of the clients the open blocks use (call with _SCOPE_LOCK held). The read timeout is
     unset while any open block asked for ``read=False``: the client is shared, so one thread's create_commit would
     otherwise time out on the read timeout another thread's create_repo set (or keep it after that block ended)."""
-    saved, seconds = _SCOPE["saved"], _SCOPE["seconds"]
-
-    def keep(field: str, ours: float | None) -> float | None:
-        mine = getattr(saved, field, None)
-        return mine if mine is not None else ours
-
-    read = None if _SCOPE["unbounded"] > 0 else seconds
-    _SCOPE["client"].timeout = type(saved)(connect=keep("connect", seconds), write=keep("write", seconds),
-                                           read=keep("read", read), pool=keep("pool", seconds))
+    seconds = _SCOPE["seconds"]
+    ours = {"connect": seconds, "write": seconds, "pool": seconds,
+            "read": None if _SCOPE["unbounded"] > 0 else seconds}
+    for client, saved in _SCOPE["clients"]:
+        mine = {k: getattr(saved, k, None) for k in ours}
+        client.timeout = type(saved)(**{k: mine[k] if mine[k] is not None else v for k, v in ours.items()})
 
 
 _SCOPE_LOCK = threading.Lock()
-_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "client": None, "saved": None, "seconds": None}
+_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "factory": None, "clients": []}

@@ -28,11 +28,12 @@ FIRST = 64 << 10  # then 4x per try: a large tokenizer header (~8 MiB) takes 5 s
 MAX_HEADER = 1 << 30  # a GGUF header (metadata + tensor infos) past 1 GiB is not a model we can inspect
 
 
-def read_range(spec: RepoSpec, commit: str, path: str, start: int, end: int) -> bytes:
-    """Bytes [start, end] (inclusive) of a repo file, by one range request (bounded: see :func:`http.get_range`)."""
+def read_range(spec: RepoSpec, commit: str, path: str, start: int, end: int, size: int | None = None) -> bytes:
+    """Bytes [start, end] (inclusive) of a repo file, by range requests (bounded: see :func:`http.get_range`);
+    ``size``: the listed size, which the hub's answer must agree with."""
     from .http import get_range
 
-    return get_range(resolve_url(spec, commit, path), f"{spec.repo_id}@{commit[:12]}: {path}", start, end)
+    return get_range(resolve_url(spec, commit, path), f"{spec.repo_id}@{commit[:12]}: {path}", start, end, size=size)
 
 
 def _gguf_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) -> Path:
@@ -41,7 +42,7 @@ def _gguf_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder: Path) 
     dest = folder / f.path.rpartition("/")[2]
     n = min(FIRST, f.size)
     while True:
-        data = read_range(spec, commit, f.path, 0, n - 1)
+        data = read_range(spec, commit, f.path, 0, n - 1, f.size)
         with open(dest, "wb") as fh:
             fh.write(data)
             _sparse_size(fh, f, spec)  # sparse: the tensor data is never fetched
@@ -91,7 +92,7 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
         small = {}
         for f in choice.files:  # config.json and the index (or the single model.safetensors)
             if f.path.endswith(".json"):
-                small[f.path] = read_range(spec, commit, f.path, 0, f.size - 1)
+                small[f.path] = read_range(spec, commit, f.path, 0, f.size - 1, f.size)
                 (folder / f.path).write_bytes(small[f.path])
         # the loader of local folders: nesting too deep, a key twice in the index, not an object: one SourceError
         config = json_object(small[CONFIG], f"{where}: {CONFIG}", CONFIG)
@@ -138,11 +139,11 @@ def _safetensors_header_file(spec: RepoSpec, commit: str, f: RemoteFile, folder:
     """The shard's JSON header, by range requests; the shard is also written as a sparse file holding only it."""
     from ..sources.safetensors import parse_header
 
-    first = read_range(spec, commit, f.path, 0, min(f.size, FIRST) - 1)
+    first = read_range(spec, commit, f.path, 0, min(f.size, FIRST) - 1, f.size)
     n = int.from_bytes(first[:8], "little")
     if len(first) < 8 or n > MAX_HEADER or 8 + n > f.size:
         raise HubError(f"{spec.repo_id}@{commit[:12]}: {f.path}: not a SafeTensors file (header size {n})")
-    data = first if 8 + n <= len(first) else first + read_range(spec, commit, f.path, len(first), 8 + n - 1)
+    data = first if 8 + n <= len(first) else first + read_range(spec, commit, f.path, len(first), 8 + n - 1, f.size)
     # the local reader's checks (entries, dtypes, shapes, offsets, duplicate keys, nesting), before anything here
     # indexes the header's entries
     _n, header = parse_header(data[:8 + n], f"{spec.repo_id}@{commit[:12]}: {f.path}", f.size)

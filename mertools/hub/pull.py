@@ -155,7 +155,8 @@ def pull(
         conv = (converter or converter_for)(choice, out, overwrite=overwrite, source_extra=extra, dtype=dtype,
                                             progress=(lambda total, items: bar("convert", total)),
                                             fetch=lambda path: get(by_path[path]),
-                                            read_range=lambda path, a, b: read_range(spec, commit, path, a, b))
+                                            read_range=lambda path, a, b: read_range(spec, commit, path, a, b,
+                                                                                 by_path[path].size))
         result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
         journal.set(done=True)
         kept = None

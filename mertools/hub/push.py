@@ -5,8 +5,9 @@ the target revision with the same content (sha256 for LFS files, git blob oid fo
 commit; LFS objects uploaded by an interrupted run are not sent again (the LFS batch answer has no upload action
 for objects the hub stores), so a re-run sends only what is missing and then commits once.
 
-Thread safety: pushes of different folders or to different repos may run at once; two pushes to the same branch
-race at the commit, which the hub orders (the later one wins for files both change).
+Thread safety: pushes of different folders or to different repos may run at once (quiet or not: see
+:mod:`mertools.hub.quiet`); two pushes to the same branch race at the commit, which the hub orders (the later one
+wins for files both change).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from ..errors import MertoolsError
 from ..units import human_bytes
 from .download import CHUNK, git_blob_sha1_file
+from .quiet import quiet_scope
 from .remote import RepoSpec, api, hub_call, list_files
 
 CARD_NAME = "README.md"
@@ -29,10 +31,12 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
          quiet: bool = True) -> dict[str, Any]:
     """Verify ``out`` and upload it to ``repo``; returns a summary dict.
 
+    ``quiet``: no progress bars and no huggingface_hub records below ERROR from this push, for its duration only;
+    the caller's logging configuration and bar settings are never changed (:mod:`mertools.hub.quiet` says how,
+    and what a quiet and a loud push running at once see).
+
     >>> push("out/", "me/mixtral-8x7b-mer-shards", private=True)   # doctest: +SKIP
     """
-    from huggingface_hub import CommitOperationAdd
-
     from ..verify import verify
 
     folder = Path(out)
@@ -46,11 +50,14 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
     from mer_runtime.manifest import load_manifest
 
     m = load_manifest(folder)
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+    # quiet: the library's own retry warnings are not printed either (one line), for this push only (see quiet.py)
+    with quiet_scope(quiet):
+        return _push(folder, spec, rev, private, m, report)
 
-        disable_progress_bars()  # as the bars: the library's own retry warnings are not printed either (one line)
-        hf_logging.set_verbosity_error()
+
+def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report: Any) -> dict[str, Any]:
+    from huggingface_hub import CommitOperationAdd
+
     h = api()
     hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
     if rev != "main":

@@ -333,7 +333,11 @@ def unstageable(path: str) -> str | None:
 
 def check_needed(files: Iterable[RemoteFile], unusable: dict[str, str], where: str) -> None:
     """Refuse a conversion that needs a file which cannot be staged safely: unusable, or colliding with another
-    needed file on a case-insensitive file system, or with another's download name (NAME.part)."""
+    needed file on a case-insensitive file system, or with another's download name (NAME.part).
+
+    The last cannot happen with what :func:`choose` and :func:`add_index_shards` pick (GGUF parts, config.json, the
+    index, and shards the index names, held to plain ``*.safetensors`` names): none ends in ``.part``. It stays as a
+    guard for a future kind of needed file; tests/test_hub_hostile.py pins the reasons."""
     fs = list(files)
     for f in fs:
         if f.path in unusable:

@@ -1,0 +1,123 @@
+"""``push(quiet=True)``: huggingface_hub's warnings and progress bars silenced for that push, and only for it.
+
+Why not ``huggingface_hub.logging.set_verbosity_error()`` and ``disable_progress_bars()`` (what push did): both
+change process-wide settings and nothing put them back, so a user's own logging configuration was clobbered for
+the rest of the process, and two threads pushing (one quiet, one not) raced on the library's logger level.
+
+Here a scope (:func:`quiet_scope`, entered by every push, quiet or not) adds one :class:`logging.Filter` to
+huggingface_hub's loggers while any push runs, and takes it off when the last one ends; levels, handlers and the
+user's own filters are never touched. The filter lets ERROR and above through and decides the rest by the thread
+that logs:
+
+- a thread running a push follows that push (its innermost one): quiet drops, loud keeps;
+- any other thread (huggingface_hub's upload workers, which its LFS uploads run on, have no link back to the push
+  that started them) is dropped only while every open push is quiet: a loud push running anywhere keeps them all,
+  so a quiet push never hides what a loud one asked to see (a quiet push's worker warnings may then show).
+
+Progress bars have no per-thread switch in huggingface_hub (one module-level table, read when a bar is made): they
+are off while at least one quiet push runs, and the table is put back as it was when the last quiet push ends
+(a loud push running at the same time shows no bar meanwhile). ``HF_HUB_DISABLE_PROGRESS_BARS`` set in the
+environment keeps its priority, as huggingface_hub gives it.
+
+Thread-safe: the scopes' bookkeeping is under one lock; nested scopes in one thread stack.
+
+>>> with quiet_scope(True):                     # doctest: +SKIP
+...     HfApi().create_commit(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+from typing import Any, Iterator
+
+LIBRARY = "huggingface_hub"
+
+_LOCK = threading.Lock()
+_OWNERS: dict[int, list[bool]] = {}  # thread ident -> quiet flag of each of its open scopes, innermost last
+_OPEN = {"quiet": 0, "loud": 0}
+_FILTERED: list[logging.Logger] = []  # the loggers the filter was added to, to take it off again
+_SAVED_BARS: dict[str, Any] = {}  # {"states": the bar table as it was} while quiet scopes hold the bars off
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        with _LOCK:
+            stack = _OWNERS.get(record.thread or 0)
+            if stack:
+                return not stack[-1]
+            return not (_OPEN["quiet"] and not _OPEN["loud"])
+
+
+_FILTER = _QuietFilter()
+
+
+def _library_loggers() -> list[logging.Logger]:
+    """huggingface_hub's loggers that exist now (a logger's filter sees only its own records, not its children's,
+    so each one that logs needs the filter)."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n == LIBRARY or n.startswith(LIBRARY + ".")]
+    out = [logging.getLogger(LIBRARY)]
+    for n in names:
+        lg = logging.root.manager.loggerDict.get(n)
+        if isinstance(lg, logging.Logger) and lg not in out:
+            out.append(lg)
+    return out
+
+
+def _bars_module() -> Any:
+    # by name: huggingface_hub.utils re-exports a class called tqdm, which hides the module of that name
+    return importlib.import_module(f"{LIBRARY}.utils.tqdm")
+
+
+def _bars_off() -> None:
+    mod = _bars_module()
+    if mod.HF_HUB_DISABLE_PROGRESS_BARS is not None:  # set in the environment: it has priority, as the library says
+        return
+    _SAVED_BARS["states"] = dict(mod.progress_bar_states)
+    mod.progress_bar_states.clear()
+    mod.progress_bar_states["_global"] = False
+
+
+def _bars_back() -> None:
+    saved = _SAVED_BARS.pop("states", None)
+    if saved is not None:
+        table = _bars_module().progress_bar_states
+        table.clear()
+        table.update(saved)
+
+
+@contextlib.contextmanager
+def quiet_scope(quiet: bool) -> Iterator[None]:
+    """Run the block as one push, quiet or loud (see the module's doc); everything is put back on every exit."""
+    import huggingface_hub.hf_api  # noqa: F401  (its modules create their loggers on import: filter them all)
+
+    me = threading.get_ident()
+    kind = "quiet" if quiet else "loud"
+    with _LOCK:
+        for lg in _library_loggers():  # every scope: loggers of modules imported since the first one
+            if _FILTER not in lg.filters:
+                lg.addFilter(_FILTER)
+                _FILTERED.append(lg)
+        _OWNERS.setdefault(me, []).append(quiet)
+        _OPEN[kind] += 1
+        if quiet and _OPEN["quiet"] == 1:
+            _bars_off()
+    try:
+        yield
+    finally:
+        with _LOCK:
+            stack = _OWNERS[me]
+            stack.pop()
+            if not stack:
+                del _OWNERS[me]
+            _OPEN[kind] -= 1
+            if quiet and _OPEN["quiet"] == 0:
+                _bars_back()
+            if _OPEN["quiet"] == 0 and _OPEN["loud"] == 0:
+                for lg in _FILTERED:
+                    lg.removeFilter(_FILTER)
+                _FILTERED.clear()

@@ -490,7 +490,7 @@ def test_a_hub_that_answers_another_commit_for_a_pinned_sha_is_refused(live, out
 def test_push_reads_a_malformed_remote_listing_as_one_error(live, tmp_path, extracted):
     from mer_runtime.errors import MerError
 
-    from mertools.hub.push import push
+    from mertools.hub.pushing import push
 
     live.add_revision("me/shards", {})
     live.fault("body", "/api/models/me/shards/tree/*", times=None, body=b"<html>")
@@ -689,7 +689,7 @@ def test_a_commit_slower_than_the_timeout_still_lands_and_a_set_timeout_is_kept(
     # a commit of thousands of files may take the hub minutes: the read timeout reported "cannot reach" for it
     from huggingface_hub import get_session
 
-    from mertools.hub.push import push
+    from mertools.hub.pushing import push
     from mertools.hub.remote import hub_call
 
     monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "1")

@@ -227,15 +227,21 @@ def test_a_loud_push_beside_a_quiet_one_keeps_its_warnings(live, extracted):
     assert hf_logging_state() == before
 
 
-def test_the_package_gives_the_push_function_even_once_its_module_is_imported():
-    # push was provided lazily by the package's __getattr__: once mertools.hub.push (the module) was imported, the
-    # package attribute was the module and `from mertools.hub import push; push(...)` raised TypeError
+def test_the_package_gives_the_functions_and_the_modules_stay_importable(monkeypatch):
+    # a submodule named like the function is the package's attribute once imported: either the function hid the
+    # module (`import mertools.hub.push as m` gave a function; monkeypatch("mertools.hub.push.api") broke) or the
+    # module hid the function (`from mertools.hub import push; push(...)` raised TypeError)
     import importlib
+    import types
 
-    importlib.import_module("mertools.hub.push")
-    from mertools.hub import push
+    mods = {n: importlib.import_module(f"mertools.hub.{n}") for n in ("pushing", "pulling")}
+    from mertools.hub import pull, push
 
-    assert callable(push) and push.__module__ == "mertools.hub.push"
+    assert all(isinstance(m, types.ModuleType) for m in mods.values())
+    assert callable(push) and push is mods["pushing"].push and push.__module__ == "mertools.hub.pushing"
+    assert callable(pull) and pull is mods["pulling"].pull and pull.__module__ == "mertools.hub.pulling"
+    monkeypatch.setattr("mertools.hub.pushing.api", lambda: None)  # the dotted path resolves to the module
+    assert mods["pushing"].api() is None
 
 
 def test_the_xet_timeouts_the_readme_names_are_hf_xets_and_take_a_unit():

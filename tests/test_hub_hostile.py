@@ -924,6 +924,21 @@ def test_a_range_answer_that_contradicts_the_listed_size_is_refused(live, norang
     assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 1  # not retried
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_range_answer_shorter_than_asked_but_consistent_is_resumed(live, listed):
+    # a 206 holding 1000 bytes of the 5000 asked, its Content-Range and Content-Length agreeing, was refused as the
+    # hub contradicting itself (Content-Length compared with the span asked, not the span answered)
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import RepoSpec
+
+    sha = add_model(live)
+    size = MODEL.stat().st_size
+    live.fault("cap", RESOLVE, times=None, after=1000)
+    got = read_range(RepoSpec(REPO), sha, MODEL.name, 1000, 5999, size if listed else None)
+    assert got == MODEL.read_bytes()[1000:6000]
+    assert live.range_starts[(REPO, MODEL.name)] == [1000, 2000, 3000, 4000, 5000]
+
+
 def test_inspect_refuses_a_range_answer_that_contradicts_the_listing(live, env):
     add_model(live)
     live.fault("norange", RESOLVE, times=None)

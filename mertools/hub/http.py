@@ -318,8 +318,9 @@ def get_range(url: str, what: str, start: int, end: int, *, size: int | None = N
     only for the rest; attempts that bring less than :func:`progress_step` new bytes count toward giving up.
 
     ``size``: the file's size as the listing gives it. An answer whose headers say otherwise (a 200's
-    Content-Length, a 206's Content-Range total or Content-Length) is the hub contradicting its listing:
-    :class:`IntegrityError` at once, no retry, as a download does.
+    Content-Length, a 206's Content-Range total, or a Content-Length that is not the span its Content-Range names)
+    is the hub contradicting its listing: :class:`IntegrityError` at once, no retry, as a download does. A 206
+    holding fewer bytes than asked, consistently, is a short read: the rest is asked for again.
 
     The deadline of an attempt (:class:`Deadline`) allows RANGE_RATE for the bytes it reads: those asked for, and,
     where the hub ignored Range, the prefix of the whole file it skips (the bytes before ``start`` plus what earlier
@@ -401,11 +402,23 @@ def _check_range_sizes(r: Any, what: str, pos: int, end: int, size: int) -> None
         if n is not None and n != size:
             raise refuse(f"holds {n} bytes of the whole file (it ignored the range)")
         return
-    total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
+    crange = (r.headers.get("Content-Range") or "").strip()
+    total = crange.rpartition("/")[2]
     if total.strip() != "*" and number(total) != size:
         raise refuse(f"gives the file's size as {total.strip()[:40]!r}")
-    if n is not None and n != min(end, size - 1) - pos + 1:
-        raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
+    # A 206 may hold fewer bytes than asked (a server or CDN that caps its answers): its Content-Length is checked
+    # against the span its own Content-Range names, and the rest is a short read, asked for again. Only a span past
+    # the file's end, or a length that is not the span's, is the hub contradicting itself.
+    span = re.fullmatch(r"bytes\s+([0-9]{1,20})-([0-9]{1,20})/\S+", crange, re.ASCII)
+    if span is None:
+        if n is not None and n != min(end, size - 1) - pos + 1:
+            raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
+        return
+    first, last = int(span[1]), int(span[2])
+    if last < first or last > size - 1:
+        raise refuse(f"holds bytes {first}-{last}")
+    if n is not None and n != last - first + 1:
+        raise refuse(f"holds {n} bytes for its bytes {first}-{last}")
 
 
 def _short_ok(r: Any, start: int, got: int) -> bool:

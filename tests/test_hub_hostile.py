@@ -1015,3 +1015,57 @@ def test_a_client_made_anew_after_a_connection_error_keeps_the_push_timeout(live
     assert unbounded.read is None and unbounded.connect == 5.0
     # afterwards: the new client is the library's own again, and so is its factory
     assert get_session().timeout == before and _http._GLOBAL_CLIENT_FACTORY is factory
+
+
+def test_a_factory_read_while_a_block_was_open_still_makes_clients_with_the_callers_factory(live):
+    # another thread's get_session may load the wrapped factory while a block is open and call it after the last
+    # block ended: the wrapper read the factory back from the scope, found None, and made the client with
+    # huggingface_hub's default, bypassing the caller's set_client_factory (proxy, certificates)
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from mertools.hub.http import session_timeout
+
+    def mine():
+        client = _http.default_client_factory()
+        client.headers["X-Mine"] = "proxy"  # stands for the caller's proxy and certificates
+        return client
+
+    old = _http._GLOBAL_CLIENT_FACTORY
+    huggingface_hub.set_client_factory(mine)
+    try:
+        with session_timeout():
+            loaded = _http._GLOBAL_CLIENT_FACTORY  # what the other thread's get_session read
+        assert _http._GLOBAL_CLIENT_FACTORY is mine
+        with loaded() as client:  # ... and called, after the block
+            client.get(f"{live.url}/api/models/{REPO}")
+        assert live.seen_headers[-1][1].get("X-Mine") == "proxy", live.seen_headers[-1]
+    finally:
+        huggingface_hub.set_client_factory(old)
+
+
+def test_opening_and_closing_a_block_waits_for_huggingface_hubs_own_lock(live):
+    # the factory was read and written without huggingface_hub's lock: a set_client_factory in another thread
+    # between our read and our write was lost (the factory we had wrapped was put back over it)
+    import threading
+
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import _http
+
+    from mertools.hub.http import session_timeout
+
+    lock = getattr(_http, "_CLIENT_LOCK", None)
+    if lock is None:
+        pytest.skip("this huggingface_hub has no _CLIENT_LOCK")
+    def one_block():
+        with session_timeout():
+            pass
+
+    get_session()  # a shared client exists: only our read and write of the factory may wait for the lock
+    t = threading.Thread(target=one_block, daemon=True)
+    with lock:  # as set_client_factory holds it
+        t.start()
+        t.join(1.0)
+        blocked = t.is_alive()
+    t.join(60)
+    assert blocked and not t.is_alive()

@@ -455,22 +455,21 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
     from huggingface_hub import get_session
 
     seconds = timeout()
-    with _SCOPE_LOCK:
+    with _client_lock(), _SCOPE_LOCK:
         if _SCOPE["depth"] == 0:  # the first block wraps the factory; the last one puts everything back
             _SCOPE["seconds"] = seconds
             _wrap_factory()
         _SCOPE["depth"] += 1
         _SCOPE["unbounded"] += 0 if read else 1
     try:
-        # outside our lock: get_session may call the factory under huggingface_hub's lock, and the wrapped factory
-        # takes ours (the other order would deadlock)
+        # outside our locks: get_session takes huggingface_hub's lock and may call the factory under it
         client = get_session()
         with _SCOPE_LOCK:
             _track(client)
             _apply_scope()
         yield
     finally:
-        with _SCOPE_LOCK:
+        with _client_lock(), _SCOPE_LOCK:
             _SCOPE["depth"] -= 1
             _SCOPE["unbounded"] -= 0 if read else 1
             if _SCOPE["depth"] == 0:
@@ -489,35 +488,57 @@ def _hf_http() -> Any:
     return importlib.import_module("huggingface_hub.utils._http")
 
 
+def _client_lock() -> Any:
+    """huggingface_hub's own lock over its factory and shared client, where the release has one: held around our
+    read and write of the factory, a ``set_client_factory`` from another thread in between is not lost.
+
+    Lock order: huggingface_hub's, then ours (_SCOPE_LOCK). ``get_session`` calls the factory with its lock held,
+    and the wrapped factory takes ours: the same order, so no deadlock."""
+    lock = getattr(_hf_http(), "_CLIENT_LOCK", None)
+    return lock if lock is not None else contextlib.nullcontext()
+
+
 def _wrap_factory() -> None:
-    """(with _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get our timeout. The
-    factory is a private global of huggingface_hub: where a release has none, clients made mid-block are not
-    bounded, as before this wrapper existed."""
+    """(with _client_lock() and _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get
+    our timeout. The factory is a private global of huggingface_hub: where a release has none, clients made
+    mid-block are not bounded, as before this wrapper existed."""
     mod = _hf_http()
     factory = getattr(mod, "_GLOBAL_CLIENT_FACTORY", None)
-    if factory is None or factory is _scoped_factory:
+    if factory is None:
         return
-    _SCOPE["factory"] = factory
-    mod._GLOBAL_CLIENT_FACTORY = _scoped_factory
+    # a wrapper of ours set back by the caller (set_client_factory with what it read mid-block): wrap what it wraps
+    factory = getattr(factory, "_mertools_wraps", factory)
+    wrapper = _scoped_factory(factory)
+    _SCOPE["wrapper"] = wrapper
+    mod._GLOBAL_CLIENT_FACTORY = wrapper
 
 
 def _unwrap_factory() -> None:
-    """(with _SCOPE_LOCK held) The caller's factory back, unless the caller has set another meanwhile."""
+    """(with _client_lock() and _SCOPE_LOCK held) The caller's factory back, unless the caller has set another
+    meanwhile."""
     mod = _hf_http()
-    if getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is _scoped_factory and _SCOPE["factory"] is not None:
-        mod._GLOBAL_CLIENT_FACTORY = _SCOPE["factory"]
-    _SCOPE["factory"] = None
+    wrapper = _SCOPE["wrapper"]
+    if wrapper is not None and getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is wrapper:
+        mod._GLOBAL_CLIENT_FACTORY = wrapper._mertools_wraps
+    _SCOPE["wrapper"] = None
 
 
-def _scoped_factory() -> Any:
-    with _SCOPE_LOCK:
-        factory = _SCOPE["factory"] or _hf_http().default_client_factory
-    client = factory()  # the caller's factory, outside our lock
-    with _SCOPE_LOCK:
-        if _SCOPE["depth"] > 0:
-            _track(client)
-            _apply_scope()
-    return client
+def _scoped_factory(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """``factory`` wrapped: its clients get the open blocks' timeout. The wrapper holds ``factory`` itself, never
+    reads it back from the scope: another thread's ``get_session`` may have loaded the wrapper while a block was
+    open and call it after the last block ended, and it must still make the client with the caller's factory
+    (proxy, certificates), not huggingface_hub's default."""
+
+    def scoped() -> Any:
+        client = factory()  # the caller's factory, outside our lock
+        with _SCOPE_LOCK:
+            if _SCOPE["depth"] > 0:
+                _track(client)
+                _apply_scope()
+        return client
+
+    scoped._mertools_wraps = factory  # type: ignore[attr-defined]
+    return scoped
 
 
 def _track(client: Any) -> None:
@@ -539,4 +560,4 @@ def _apply_scope() -> None:
 
 
 _SCOPE_LOCK = threading.Lock()
-_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "factory": None, "clients": []}
+_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "wrapper": None, "clients": []}

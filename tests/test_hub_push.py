@@ -265,6 +265,49 @@ def test_the_first_quiet_push_of_a_fresh_process_is_quiet(hub, env, extracted):
     assert {"huggingface_hub._commit_api", "huggingface_hub.lfs"} <= {n for n, _l in got["loud"]}, got["loud"]
 
 
+class _TableThatRefusesWrites(dict):
+    def __setitem__(self, key, value):
+        raise RuntimeError("this bar table takes no writes")
+
+
+def test_a_quiet_push_that_fails_to_open_leaves_no_filter_behind(live, extracted, monkeypatch):
+    # the scope's counts went up and the filter on before turning the bars off, outside any try: a failure there
+    # left huggingface_hub's loggers filtered, and every later record of other threads judged by a quiet push
+    # that no longer ran
+    import importlib
+
+    from mertools.hub import push
+
+    importlib.import_module("huggingface_hub.hf_api")  # its import sets the library's level once: not ours to see
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(bars, "progress_bar_states", _TableThatRefusesWrites({"_global": True}))
+    before = hf_logging_state()
+    with pytest.raises(RuntimeError, match="takes no writes"):
+        push(extracted(MODEL), "me/broken", quiet=True)
+    assert hf_logging_state() == before
+    assert dict(bars.progress_bar_states) == {"_global": True}
+
+
+def test_without_thread_ids_in_records_a_quiet_push_alone_is_still_quiet(live, extracted, monkeypatch):
+    # logging.logThreads = False makes record.thread None: such a record follows the rule for threads that run no
+    # push (dropped only while every open push is quiet)
+    monkeypatch.setattr(logging, "logThreads", False)
+    from mertools.hub import push
+
+    __import__("huggingface_hub.utils.logging")  # it sets the library's level once, when first imported
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "level", logging.INFO)
+    live.fault("error", "/lfs-upload/*", times=1, status=503)
+    with Records() as rec:
+        push(extracted(MODEL), "me/nothreads-q", quiet=True)
+    assert sum(1 for _m, p, s in live.requests if "/lfs-upload/" in p and s == 503) == 1
+    assert [m for _t, m in rec.got if "503" in m] == []
+    live.fault("error", "/lfs-upload/*", times=1, status=503)
+    with Records() as rec:
+        push(extracted(OTHER), "me/nothreads-l", quiet=False)
+    assert any("503" in m for _t, m in rec.got) and all(t is None for t, _m in rec.got), rec.got
+
+
 def test_the_package_gives_the_functions_and_the_modules_stay_importable(monkeypatch):
     # a submodule named like the function is the package's attribute once imported: either the function hid the
     # module (`import mertools.hub.push as m` gave a function; monkeypatch("mertools.hub.push.api") broke) or the

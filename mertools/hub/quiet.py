@@ -50,7 +50,9 @@ class _QuietFilter(logging.Filter):
         if record.levelno >= logging.ERROR:
             return True
         with _LOCK:
-            stack = _OWNERS.get(record.thread or 0)
+            # record.thread is None where logging.logThreads is off: no thread to follow, so the rule for threads
+            # that run no push (dropped only while every open push is quiet)
+            stack = _OWNERS.get(record.thread) if record.thread is not None else None
             if stack:
                 return not stack[-1]
             return not (_OPEN["quiet"] and not _OPEN["loud"])
@@ -134,20 +136,32 @@ def quiet_scope(quiet: bool) -> Iterator[None]:
                 _FILTERED.append(lg)
         _OWNERS.setdefault(me, []).append(quiet)
         _OPEN[kind] += 1
-        if quiet and _OPEN["quiet"] == 1:
-            _bars_off()
+        try:
+            if quiet and _OPEN["quiet"] == 1:
+                _bars_off()
+        except BaseException:
+            _leave(me, kind, quiet)  # a scope that did not open must not leave the filter or its count behind
+            raise
     try:
         yield
     finally:
         with _LOCK:
-            stack = _OWNERS[me]
-            stack.pop()
-            if not stack:
-                del _OWNERS[me]
-            _OPEN[kind] -= 1
-            if quiet and _OPEN["quiet"] == 0:
-                _bars_back()
-            if _OPEN["quiet"] == 0 and _OPEN["loud"] == 0:
-                for lg in _FILTERED:
-                    lg.removeFilter(_FILTER)
-                _FILTERED.clear()
+            _leave(me, kind, quiet)
+
+
+def _leave(me: int, kind: str, quiet: bool) -> None:
+    """(with _LOCK held) One scope of thread ``me`` ends: the bars back after the last quiet one, the filter off
+    after the last one."""
+    stack = _OWNERS[me]
+    stack.pop()
+    if not stack:
+        del _OWNERS[me]
+    _OPEN[kind] -= 1
+    try:
+        if quiet and _OPEN["quiet"] == 0:
+            _bars_back()
+    finally:
+        if _OPEN["quiet"] == 0 and _OPEN["loud"] == 0:
+            for lg in _FILTERED:
+                lg.removeFilter(_FILTER)
+            _FILTERED.clear()

@@ -477,7 +477,7 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
       mertools pull TheBloke/Mixtral-8x7B-v0.1-GGUF out/ --gguf '*Q4_0.gguf'
       mertools pull mistralai/Mixtral-8x7B-v0.1 out/ --revision main --json
     """
-    from .hub.pull import pull as do_pull
+    from .hub.pulling import pull as do_pull
 
     bars = _Bars(quiet or as_json)
     try:
@@ -515,7 +515,7 @@ def push(out: Path, repo: str, revision: str | None, private: bool, as_json: boo
       mertools push out/ me/mixtral-8x7b-mer-shards
       mertools push out/ me/mixtral-8x7b-mer-shards --revision q4_0 --private
     """
-    from .hub.push import push as do_push
+    from .hub.pushing import push as do_push
 
     r = do_push(out, repo, revision=revision, private=private, quiet=quiet or as_json)
     if as_json:

@@ -127,7 +127,8 @@ class Fault:
     edit: Any = None  # json: edit(value) -> value, applied to a JSON answer; hook: call(handler) before handling
     value: str = ""  # etag: the ETag sent
     # gzip: every matching JSON answer, no budget used; trickle: one byte every ``delay`` s until the client goes
-    # (a 200 with no Content-Length);
+    # (a 200 with no Content-Length); cap: a 206 holds at most ``after`` bytes, its Content-Range and Content-Length
+    # saying so (a server or CDN that caps range answers);
     # stall: after ``after`` body bytes of a download, wait (at most ``delay`` s, default 30) until the client has
     # closed the connection, then send the rest if it has not
     fired: int = 0
@@ -474,6 +475,8 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= b.size:
                 return self._send(416, b"", {"Content-Range": f"bytes */{b.size}"})
             status = 206
+            if (cap := hub.take_fault(upath, ("cap",))) is not None:  # a server that caps its answers, consistently
+                end = min(end, start + cap.after - 1)
         n = end - start + 1
         declare = hub.take_fault(upath, ("declare",))
         extra = hub.take_fault(upath, ("extra", "nolength"))

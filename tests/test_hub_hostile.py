@@ -490,7 +490,7 @@ def test_a_hub_that_answers_another_commit_for_a_pinned_sha_is_refused(live, out
 def test_push_reads_a_malformed_remote_listing_as_one_error(live, tmp_path, extracted):
     from mer_runtime.errors import MerError
 
-    from mertools.hub.push import push
+    from mertools.hub.pushing import push
 
     live.add_revision("me/shards", {})
     live.fault("body", "/api/models/me/shards/tree/*", times=None, body=b"<html>")
@@ -689,7 +689,7 @@ def test_a_commit_slower_than_the_timeout_still_lands_and_a_set_timeout_is_kept(
     # a commit of thousands of files may take the hub minutes: the read timeout reported "cannot reach" for it
     from huggingface_hub import get_session
 
-    from mertools.hub.push import push
+    from mertools.hub.pushing import push
     from mertools.hub.remote import hub_call
 
     monkeypatch.setenv("MERTOOLS_HUB_TIMEOUT", "1")
@@ -924,6 +924,21 @@ def test_a_range_answer_that_contradicts_the_listed_size_is_refused(live, norang
     assert sum(1 for _m, p, _s in live.requests if "/resolve/" in p) == 1  # not retried
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_range_answer_shorter_than_asked_but_consistent_is_resumed(live, listed):
+    # a 206 holding 1000 bytes of the 5000 asked, its Content-Range and Content-Length agreeing, was refused as the
+    # hub contradicting itself (Content-Length compared with the span asked, not the span answered)
+    from mertools.hub.inspect import read_range
+    from mertools.hub.remote import RepoSpec
+
+    sha = add_model(live)
+    size = MODEL.stat().st_size
+    live.fault("cap", RESOLVE, times=None, after=1000)
+    got = read_range(RepoSpec(REPO), sha, MODEL.name, 1000, 5999, size if listed else None)
+    assert got == MODEL.read_bytes()[1000:6000]
+    assert live.range_starts[(REPO, MODEL.name)] == [1000, 2000, 3000, 4000, 5000]
+
+
 def test_inspect_refuses_a_range_answer_that_contradicts_the_listing(live, env):
     add_model(live)
     live.fault("norange", RESOLVE, times=None)
@@ -1000,3 +1015,57 @@ def test_a_client_made_anew_after_a_connection_error_keeps_the_push_timeout(live
     assert unbounded.read is None and unbounded.connect == 5.0
     # afterwards: the new client is the library's own again, and so is its factory
     assert get_session().timeout == before and _http._GLOBAL_CLIENT_FACTORY is factory
+
+
+def test_a_factory_read_while_a_block_was_open_still_makes_clients_with_the_callers_factory(live):
+    # another thread's get_session may load the wrapped factory while a block is open and call it after the last
+    # block ended: the wrapper read the factory back from the scope, found None, and made the client with
+    # huggingface_hub's default, bypassing the caller's set_client_factory (proxy, certificates)
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from mertools.hub.http import session_timeout
+
+    def mine():
+        client = _http.default_client_factory()
+        client.headers["X-Mine"] = "proxy"  # stands for the caller's proxy and certificates
+        return client
+
+    old = _http._GLOBAL_CLIENT_FACTORY
+    huggingface_hub.set_client_factory(mine)
+    try:
+        with session_timeout():
+            loaded = _http._GLOBAL_CLIENT_FACTORY  # what the other thread's get_session read
+        assert _http._GLOBAL_CLIENT_FACTORY is mine
+        with loaded() as client:  # ... and called, after the block
+            client.get(f"{live.url}/api/models/{REPO}")
+        assert live.seen_headers[-1][1].get("X-Mine") == "proxy", live.seen_headers[-1]
+    finally:
+        huggingface_hub.set_client_factory(old)
+
+
+def test_opening_and_closing_a_block_waits_for_huggingface_hubs_own_lock(live):
+    # the factory was read and written without huggingface_hub's lock: a set_client_factory in another thread
+    # between our read and our write was lost (the factory we had wrapped was put back over it)
+    import threading
+
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import _http
+
+    from mertools.hub.http import session_timeout
+
+    lock = getattr(_http, "_CLIENT_LOCK", None)
+    if lock is None:
+        pytest.skip("this huggingface_hub has no _CLIENT_LOCK")
+    def one_block():
+        with session_timeout():
+            pass
+
+    get_session()  # a shared client exists: only our read and write of the factory may wait for the lock
+    t = threading.Thread(target=one_block, daemon=True)
+    with lock:  # as set_client_factory holds it
+        t.start()
+        t.join(1.0)
+        blocked = t.is_alive()
+    t.join(60)
+    assert blocked and not t.is_alive()

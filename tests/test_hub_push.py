@@ -227,15 +227,102 @@ def test_a_loud_push_beside_a_quiet_one_keeps_its_warnings(live, extracted):
     assert hf_logging_state() == before
 
 
-def test_the_package_gives_the_push_function_even_once_its_module_is_imported():
-    # push was provided lazily by the package's __getattr__: once mertools.hub.push (the module) was imported, the
-    # package attribute was the module and `from mertools.hub import push; push(...)` raised TypeError
+FRESH_PUSH = """
+import json, logging, sys
+got = []
+class Keep(logging.Handler):
+    def emit(self, r):
+        got.append((r.name, r.levelname))
+import huggingface_hub.utils.logging  # sets the library's level once, when first imported: the user's comes after
+hf = logging.getLogger("huggingface_hub")
+hf.setLevel(logging.DEBUG)  # the user's own logging configuration: everything
+hf.addHandler(Keep())
+from mertools.hub import push
+push(sys.argv[1], "me/fresh-q", quiet=True)
+quiet, got[:] = list(got), []
+push(sys.argv[2], "me/fresh-l", quiet=False)
+print(json.dumps({"quiet": quiet, "loud": got}))
+"""
+
+
+def test_the_first_quiet_push_of_a_fresh_process_is_quiet(hub, env, extracted):
+    # the filter went only on the loggers that existed when the push began; huggingface_hub makes the loggers of
+    # _commit_api, lfs and _upload_pipeline when a push first imports them, mid-push, so the first quiet push of a
+    # process let their records through (the in-process tests cannot see it: earlier tests made those loggers)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    penv = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    r = subprocess.run([sys.executable, "-c", FRESH_PUSH, str(extracted(MODEL)), str(extracted(OTHER))], env=penv,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["quiet"] == [], got["quiet"]
+    # the loud push, in the same process, shows what the quiet one had to hide (the test can fail)
+    assert {"huggingface_hub._commit_api", "huggingface_hub.lfs"} <= {n for n, _l in got["loud"]}, got["loud"]
+
+
+class _TableThatRefusesWrites(dict):
+    def __setitem__(self, key, value):
+        raise RuntimeError("this bar table takes no writes")
+
+
+def test_a_quiet_push_that_fails_to_open_leaves_no_filter_behind(live, extracted, monkeypatch):
+    # the scope's counts went up and the filter on before turning the bars off, outside any try: a failure there
+    # left huggingface_hub's loggers filtered, and every later record of other threads judged by a quiet push
+    # that no longer ran
     import importlib
 
-    importlib.import_module("mertools.hub.push")
     from mertools.hub import push
 
-    assert callable(push) and push.__module__ == "mertools.hub.push"
+    importlib.import_module("huggingface_hub.hf_api")  # its import sets the library's level once: not ours to see
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(bars, "progress_bar_states", _TableThatRefusesWrites({"_global": True}))
+    before = hf_logging_state()
+    with pytest.raises(RuntimeError, match="takes no writes"):
+        push(extracted(MODEL), "me/broken", quiet=True)
+    assert hf_logging_state() == before
+    assert dict(bars.progress_bar_states) == {"_global": True}
+
+
+def test_without_thread_ids_in_records_a_quiet_push_alone_is_still_quiet(live, extracted, monkeypatch):
+    # logging.logThreads = False makes record.thread None: such a record follows the rule for threads that run no
+    # push (dropped only while every open push is quiet)
+    monkeypatch.setattr(logging, "logThreads", False)
+    from mertools.hub import push
+
+    __import__("huggingface_hub.utils.logging")  # it sets the library's level once, when first imported
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "level", logging.INFO)
+    live.fault("error", "/lfs-upload/*", times=1, status=503)
+    with Records() as rec:
+        push(extracted(MODEL), "me/nothreads-q", quiet=True)
+    assert sum(1 for _m, p, s in live.requests if "/lfs-upload/" in p and s == 503) == 1
+    assert [m for _t, m in rec.got if "503" in m] == []
+    live.fault("error", "/lfs-upload/*", times=1, status=503)
+    with Records() as rec:
+        push(extracted(OTHER), "me/nothreads-l", quiet=False)
+    assert any("503" in m for _t, m in rec.got) and all(t is None for t, _m in rec.got), rec.got
+
+
+def test_the_package_gives_the_functions_and_the_modules_stay_importable(monkeypatch):
+    # a submodule named like the function is the package's attribute once imported: either the function hid the
+    # module (`import mertools.hub.push as m` gave a function; monkeypatch("mertools.hub.push.api") broke) or the
+    # module hid the function (`from mertools.hub import push; push(...)` raised TypeError)
+    import importlib
+    import types
+
+    mods = {n: importlib.import_module(f"mertools.hub.{n}") for n in ("pushing", "pulling")}
+    from mertools.hub import pull, push
+
+    assert all(isinstance(m, types.ModuleType) for m in mods.values())
+    assert callable(push) and push is mods["pushing"].push and push.__module__ == "mertools.hub.pushing"
+    assert callable(pull) and pull is mods["pulling"].pull and pull.__module__ == "mertools.hub.pulling"
+    monkeypatch.setattr("mertools.hub.pushing.api", lambda: None)  # the dotted path resolves to the module
+    assert mods["pushing"].api() is None
 
 
 def test_the_xet_timeouts_the_readme_names_are_hf_xets_and_take_a_unit():

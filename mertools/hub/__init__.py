@@ -7,11 +7,12 @@
 """
 
 from .convert import StreamingConverter
-from .pull import PullResult, pull
-# eager, not lazy: the submodule of the same name, once imported (mertools.hub.push), would replace a lazily
-# provided function as the package's attribute, and `from mertools.hub import push` gave the module (push.py
-# imports huggingface_hub only inside its functions, so this costs nothing at import)
-from .push import push
+# The modules are named apart from the functions (pulling.py, pushing.py): a submodule called ``push`` becomes the
+# package's attribute ``push`` once imported, so either the function hid the module (``import mertools.hub.push``
+# gave a function, monkeypatch paths broke) or the module hid the function. pushing.py imports huggingface_hub only
+# inside its functions, so importing it eagerly costs nothing.
+from .pulling import PullResult, pull
+from .pushing import push
 from .remote import HubError, IntegrityError, RepoSpec
 
 __all__ = ["HubError", "IntegrityError", "PullResult", "RepoSpec", "StreamingConverter", "pull", "push",

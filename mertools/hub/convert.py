@@ -1,6 +1,6 @@
 """How a pull hands verified source files to a converter: the :class:`StreamingConverter` protocol.
 
-The pull pipeline (:mod:`mertools.hub.pull`) downloads the files a converter ``needs`` one after another, each
+The pull pipeline (:mod:`mertools.hub.pulling`) downloads the files a converter ``needs`` one after another, each
 verified against its sha256 before anything reads it, and calls ``convert_available`` with every file present so
 far. The converter writes whatever it can from those files and answers which files it no longer needs; the
 pipeline deletes them (unless ``--keep-source``) and journals them as converted. ``window`` bounds how many source

@@ -318,8 +318,9 @@ def get_range(url: str, what: str, start: int, end: int, *, size: int | None = N
     only for the rest; attempts that bring less than :func:`progress_step` new bytes count toward giving up.
 
     ``size``: the file's size as the listing gives it. An answer whose headers say otherwise (a 200's
-    Content-Length, a 206's Content-Range total or Content-Length) is the hub contradicting its listing:
-    :class:`IntegrityError` at once, no retry, as a download does.
+    Content-Length, a 206's Content-Range total, or a Content-Length that is not the span its Content-Range names)
+    is the hub contradicting its listing: :class:`IntegrityError` at once, no retry, as a download does. A 206
+    holding fewer bytes than asked, consistently, is a short read: the rest is asked for again.
 
     The deadline of an attempt (:class:`Deadline`) allows RANGE_RATE for the bytes it reads: those asked for, and,
     where the hub ignored Range, the prefix of the whole file it skips (the bytes before ``start`` plus what earlier
@@ -401,11 +402,23 @@ def _check_range_sizes(r: Any, what: str, pos: int, end: int, size: int) -> None
         if n is not None and n != size:
             raise refuse(f"holds {n} bytes of the whole file (it ignored the range)")
         return
-    total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
+    crange = (r.headers.get("Content-Range") or "").strip()
+    total = crange.rpartition("/")[2]
     if total.strip() != "*" and number(total) != size:
         raise refuse(f"gives the file's size as {total.strip()[:40]!r}")
-    if n is not None and n != min(end, size - 1) - pos + 1:
-        raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
+    # A 206 may hold fewer bytes than asked (a server or CDN that caps its answers): its Content-Length is checked
+    # against the span its own Content-Range names, and the rest is a short read, asked for again. Only a span past
+    # the file's end, or a length that is not the span's, is the hub contradicting itself.
+    span = re.fullmatch(r"bytes\s+([0-9]{1,20})-([0-9]{1,20})/\S+", crange, re.ASCII)
+    if span is None:
+        if n is not None and n != min(end, size - 1) - pos + 1:
+            raise refuse(f"holds {n} bytes for bytes {pos}-{end}")
+        return
+    first, last = int(span[1]), int(span[2])
+    if last < first or last > size - 1:
+        raise refuse(f"holds bytes {first}-{last}")
+    if n is not None and n != last - first + 1:
+        raise refuse(f"holds {n} bytes for its bytes {first}-{last}")
 
 
 def _short_ok(r: Any, start: int, got: int) -> bool:
@@ -442,22 +455,21 @@ def session_timeout(*, read: bool = True) -> Iterator[None]:
     from huggingface_hub import get_session
 
     seconds = timeout()
-    with _SCOPE_LOCK:
+    with _client_lock(), _SCOPE_LOCK:
         if _SCOPE["depth"] == 0:  # the first block wraps the factory; the last one puts everything back
             _SCOPE["seconds"] = seconds
             _wrap_factory()
         _SCOPE["depth"] += 1
         _SCOPE["unbounded"] += 0 if read else 1
     try:
-        # outside our lock: get_session may call the factory under huggingface_hub's lock, and the wrapped factory
-        # takes ours (the other order would deadlock)
+        # outside our locks: get_session takes huggingface_hub's lock and may call the factory under it
         client = get_session()
         with _SCOPE_LOCK:
             _track(client)
             _apply_scope()
         yield
     finally:
-        with _SCOPE_LOCK:
+        with _client_lock(), _SCOPE_LOCK:
             _SCOPE["depth"] -= 1
             _SCOPE["unbounded"] -= 0 if read else 1
             if _SCOPE["depth"] == 0:
@@ -476,35 +488,57 @@ def _hf_http() -> Any:
     return importlib.import_module("huggingface_hub.utils._http")
 
 
+def _client_lock() -> Any:
+    """huggingface_hub's own lock over its factory and shared client, where the release has one: held around our
+    read and write of the factory, a ``set_client_factory`` from another thread in between is not lost.
+
+    Lock order: huggingface_hub's, then ours (_SCOPE_LOCK). ``get_session`` calls the factory with its lock held,
+    and the wrapped factory takes ours: the same order, so no deadlock."""
+    lock = getattr(_hf_http(), "_CLIENT_LOCK", None)
+    return lock if lock is not None else contextlib.nullcontext()
+
+
 def _wrap_factory() -> None:
-    """(with _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get our timeout. The
-    factory is a private global of huggingface_hub: where a release has none, clients made mid-block are not
-    bounded, as before this wrapper existed."""
+    """(with _client_lock() and _SCOPE_LOCK held) Make clients huggingface_hub creates while blocks are open get
+    our timeout. The factory is a private global of huggingface_hub: where a release has none, clients made
+    mid-block are not bounded, as before this wrapper existed."""
     mod = _hf_http()
     factory = getattr(mod, "_GLOBAL_CLIENT_FACTORY", None)
-    if factory is None or factory is _scoped_factory:
+    if factory is None:
         return
-    _SCOPE["factory"] = factory
-    mod._GLOBAL_CLIENT_FACTORY = _scoped_factory
+    # a wrapper of ours set back by the caller (set_client_factory with what it read mid-block): wrap what it wraps
+    factory = getattr(factory, "_mertools_wraps", factory)
+    wrapper = _scoped_factory(factory)
+    _SCOPE["wrapper"] = wrapper
+    mod._GLOBAL_CLIENT_FACTORY = wrapper
 
 
 def _unwrap_factory() -> None:
-    """(with _SCOPE_LOCK held) The caller's factory back, unless the caller has set another meanwhile."""
+    """(with _client_lock() and _SCOPE_LOCK held) The caller's factory back, unless the caller has set another
+    meanwhile."""
     mod = _hf_http()
-    if getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is _scoped_factory and _SCOPE["factory"] is not None:
-        mod._GLOBAL_CLIENT_FACTORY = _SCOPE["factory"]
-    _SCOPE["factory"] = None
+    wrapper = _SCOPE["wrapper"]
+    if wrapper is not None and getattr(mod, "_GLOBAL_CLIENT_FACTORY", None) is wrapper:
+        mod._GLOBAL_CLIENT_FACTORY = wrapper._mertools_wraps
+    _SCOPE["wrapper"] = None
 
 
-def _scoped_factory() -> Any:
-    with _SCOPE_LOCK:
-        factory = _SCOPE["factory"] or _hf_http().default_client_factory
-    client = factory()  # the caller's factory, outside our lock
-    with _SCOPE_LOCK:
-        if _SCOPE["depth"] > 0:
-            _track(client)
-            _apply_scope()
-    return client
+def _scoped_factory(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """``factory`` wrapped: its clients get the open blocks' timeout. The wrapper holds ``factory`` itself, never
+    reads it back from the scope: another thread's ``get_session`` may have loaded the wrapper while a block was
+    open and call it after the last block ended, and it must still make the client with the caller's factory
+    (proxy, certificates), not huggingface_hub's default."""
+
+    def scoped() -> Any:
+        client = factory()  # the caller's factory, outside our lock
+        with _SCOPE_LOCK:
+            if _SCOPE["depth"] > 0:
+                _track(client)
+                _apply_scope()
+        return client
+
+    scoped._mertools_wraps = factory  # type: ignore[attr-defined]
+    return scoped
 
 
 def _track(client: Any) -> None:
@@ -526,4 +560,4 @@ def _apply_scope() -> None:
 
 
 _SCOPE_LOCK = threading.Lock()
-_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "factory": None, "clients": []}
+_SCOPE: dict[str, Any] = {"depth": 0, "unbounded": 0, "seconds": None, "wrapper": None, "clients": []}

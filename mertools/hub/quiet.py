@@ -6,7 +6,8 @@ the rest of the process, and two threads pushing (one quiet, one not) raced on t
 
 Here a scope (:func:`quiet_scope`, entered by every push, quiet or not) adds one :class:`logging.Filter` to
 huggingface_hub's loggers while any push runs, and takes it off when the last one ends; levels, handlers and the
-user's own filters are never touched. The filter lets ERROR and above through and decides the rest by the thread
+user's own filters are never touched. "Its loggers" includes those of modules not imported yet (a push imports
+several mid-way): the logger of each of its modules is created, filtered, before the module makes it. The filter lets ERROR and above through and decides the rest by the thread
 that logs:
 
 - a thread running a push follows that push (its innermost one): quiet drops, loud keeps;
@@ -28,9 +29,11 @@ Thread-safe: the scopes' bookkeeping is under one lock; nested scopes in one thr
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 LIBRARY = "huggingface_hub"
@@ -47,7 +50,9 @@ class _QuietFilter(logging.Filter):
         if record.levelno >= logging.ERROR:
             return True
         with _LOCK:
-            stack = _OWNERS.get(record.thread or 0)
+            # record.thread is None where logging.logThreads is off: no thread to follow, so the rule for threads
+            # that run no push (dropped only while every open push is quiet)
+            stack = _OWNERS.get(record.thread) if record.thread is not None else None
             if stack:
                 return not stack[-1]
             return not (_OPEN["quiet"] and not _OPEN["loud"])
@@ -56,15 +61,41 @@ class _QuietFilter(logging.Filter):
 _FILTER = _QuietFilter()
 
 
+@functools.lru_cache(maxsize=1)
+def _module_logger_names() -> tuple[str, ...]:
+    """The logger name of every module of huggingface_hub, imported or not, read from its files.
+
+    Its modules make their loggers with ``get_logger(__name__)`` when first imported, and a push imports several
+    mid-way (``_commit_api``, ``lfs``, ``_upload_pipeline``): a filter added only to the loggers existing when the
+    scope opened missed those, and the first quiet push of a process was not quiet. A logger's filter sees only
+    that logger's own records (not its children's, and a handler is the user's), so each one must exist, with the
+    filter on, before its module logs: creating it by name is what ``getLogger`` does at import anyway, and the
+    module then gets this same object."""
+    import huggingface_hub
+
+    names = {LIBRARY}
+    for base in map(Path, huggingface_hub.__path__):
+        for f in base.rglob("*.py"):
+            parts = f.relative_to(base).with_suffix("").parts
+            if parts and parts[-1] == "__init__":
+                parts = parts[:-1]
+            if all(p.isidentifier() for p in parts):
+                names.add(".".join((LIBRARY, *parts)))
+    return tuple(sorted(names))
+
+
 def _library_loggers() -> list[logging.Logger]:
-    """huggingface_hub's loggers that exist now (a logger's filter sees only its own records, not its children's,
-    so each one that logs needs the filter)."""
-    names = [n for n in list(logging.root.manager.loggerDict) if n == LIBRARY or n.startswith(LIBRARY + ".")]
-    out = [logging.getLogger(LIBRARY)]
-    for n in names:
-        lg = logging.root.manager.loggerDict.get(n)
-        if isinstance(lg, logging.Logger) and lg not in out:
-            out.append(lg)
+    """huggingface_hub's loggers: one for each of its modules (created now where its module has not made it yet),
+    and any other logger under its name that exists now (a logger's filter sees only its own records, not its
+    children's, so each one that logs needs the filter)."""
+    out = [logging.getLogger(n) for n in _module_logger_names()]
+    seen = set(map(id, out))
+    for n in list(logging.root.manager.loggerDict):
+        if n == LIBRARY or n.startswith(LIBRARY + "."):
+            lg = logging.root.manager.loggerDict.get(n)
+            if isinstance(lg, logging.Logger) and id(lg) not in seen:
+                seen.add(id(lg))
+                out.append(lg)
     return out
 
 
@@ -97,27 +128,40 @@ def quiet_scope(quiet: bool) -> Iterator[None]:
 
     me = threading.get_ident()
     kind = "quiet" if quiet else "loud"
+    loggers = _library_loggers()  # outside our lock: getLogger takes logging's, and our filter takes ours
     with _LOCK:
-        for lg in _library_loggers():  # every scope: loggers of modules imported since the first one
+        for lg in loggers:  # every scope: loggers made since the first one under other names
             if _FILTER not in lg.filters:
                 lg.addFilter(_FILTER)
                 _FILTERED.append(lg)
         _OWNERS.setdefault(me, []).append(quiet)
         _OPEN[kind] += 1
-        if quiet and _OPEN["quiet"] == 1:
-            _bars_off()
+        try:
+            if quiet and _OPEN["quiet"] == 1:
+                _bars_off()
+        except BaseException:
+            _leave(me, kind, quiet)  # a scope that did not open must not leave the filter or its count behind
+            raise
     try:
         yield
     finally:
         with _LOCK:
-            stack = _OWNERS[me]
-            stack.pop()
-            if not stack:
-                del _OWNERS[me]
-            _OPEN[kind] -= 1
-            if quiet and _OPEN["quiet"] == 0:
-                _bars_back()
-            if _OPEN["quiet"] == 0 and _OPEN["loud"] == 0:
-                for lg in _FILTERED:
-                    lg.removeFilter(_FILTER)
-                _FILTERED.clear()
+            _leave(me, kind, quiet)
+
+
+def _leave(me: int, kind: str, quiet: bool) -> None:
+    """(with _LOCK held) One scope of thread ``me`` ends: the bars back after the last quiet one, the filter off
+    after the last one."""
+    stack = _OWNERS[me]
+    stack.pop()
+    if not stack:
+        del _OWNERS[me]
+    _OPEN[kind] -= 1
+    try:
+        if quiet and _OPEN["quiet"] == 0:
+            _bars_back()
+    finally:
+        if _OPEN["quiet"] == 0 and _OPEN["loud"] == 0:
+            for lg in _FILTERED:
+                lg.removeFilter(_FILTER)
+            _FILTERED.clear()

@@ -74,7 +74,7 @@ def needed_window(order: list[int], items: list[set[int]], start: int = 2) -> in
 
 class SafeTensorsStreamer:
     """The pull's SafeTensors converter (see the module docstring), made by :func:`mertools.hub.convert.converter_for`
-    and driven by :func:`mertools.hub.pull.run_pipeline`. Not thread-safe: one pipeline thread calls it.
+    and driven by :func:`mertools.hub.pulling.run_pipeline`. Not thread-safe: one pipeline thread calls it.
 
     >>> conv = SafeTensorsStreamer(choice, out, overwrite=False, source_extra=extra, fetch=get,
     ...                            read_range=lambda p, a, b: read_range(spec, commit, p, a, b))  # doctest: +SKIP

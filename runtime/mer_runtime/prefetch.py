@@ -296,11 +296,11 @@ class CostModel:
       whose read had completed) x `stall_s` x `miss_step` (the fraction of steps with a foreground read to delay).
       Every byte counts, even one read while the consumer computed: on a shared or throttled disk idle time is not
       free, and a gate that assumed it was would let prefetching lose;
-    - p_victim x stall_s: the load takes a slot; if that slot holds an expert (the cache's LRU victim), evicting it
+    - p_victim x stall_s: the load takes a slot; if that slot holds an expert (the cache's first victim), evicting it
       costs a whole miss if the guess is wrong and the victim is needed before the next miss would have evicted it
       anyway, about its probability of being chosen at its layer's next step (`MarkovPrefetcher.prob_next`, never calibrated
       down: the victim is a cached expert, likelier than the uncached guesses the calibration is measured on). A
-      right guess costs no victim: the miss it saves would have evicted that same least recently used expert. A
+      right guess costs no victim: the miss it saves would have evicted that same expert (first in the cache's order). A
       free slot costs nothing.
     Both fractions start at `window_frac` (what a guess may read before it is needed, as a fraction of an expert)
     and move from there (one sample never decides alone). Each figure is an exponential moving average (weight
@@ -533,7 +533,7 @@ class CostModel:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
         takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which
         comes `victim_steps` steps from now (1: the step the guess is for)? A victim whose layer comes later is lost
-        only if no step before it misses (a miss would evict it anyway, being least recently used): its odds are
+        only if no step before it misses (a miss would evict it anyway, being first in the cache's order): its odds are
         discounted by (1 - miss_step) per step in between. A guess admitted to explore (a token ahead, the price of
         a read not yet measured) is charged against the exploration budget."""
         ok, charge = self._decide(q, p_victim, victim_steps)

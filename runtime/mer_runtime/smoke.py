@@ -206,8 +206,9 @@ class OddsDuel:
     distance ranking stays. Costs two key-only caches' bookkeeping a step; never reads.
 
     >>> duel = OddsDuel([0, 1], 4)
-    >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)
+    >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)    # no lead yet: distance alone
     False
+    >>> duel.close()
     """
 
     def __init__(self, layers: list[int], slots: int):

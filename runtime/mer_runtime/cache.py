@@ -253,15 +253,6 @@ class ExpertCache:
         else:
             p = a
         return 1, max(p, 1e-12) / d
-        if VARIANT == "lex":
-            return 1, -d + 0.5 * min(p, 1.0)
-        if VARIANT == "sqrt":
-            return 1, p / d ** 0.5
-        if VARIANT == "dl":
-            return 1, p / (d + n)
-        if VARIANT == "mix":
-            return 1, p / d + a / (d + n)
-        return 1, p / d
 
     def _enter_step(self, layer: int, keys: Iterable[Key], new: bool) -> None:
         """Note the step under way (layer-aware eviction): `new` starts one (fetch: one step's experts), else an
@@ -272,6 +263,7 @@ class ExpertCache:
             self._step_layer, self._step = layer, set(keys)
         else:
             self._step.update(keys)
+
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 

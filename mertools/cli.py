@@ -238,6 +238,8 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
               help="With --workload replay: JSONL, one line per token: {\"experts\": [[e, ...] per MoE layer]}.")
 @click.option("--io", type=click.Choice(["auto", "io_uring", "pread", "buffered"]), default="auto", show_default=True)
 @click.option("--no-prefetch", is_flag=True, help="Turn the Markov prefetcher off.")
+@click.option("--evict", type=click.Choice(["layer", "lru"]), default="layer", show_default=True,
+              help="The cache's victims: by the layer order (with the prefetcher's odds), or least recently used.")
 @click.option("--pin-top", type=click.IntRange(0), default=0, show_default=True,
               help="Pin the N experts the trace uses most (its routing profile); at most cache slots - 1.")
 @click.option("--emit-golden", type=click.Path(path_type=Path, dir_okay=False),
@@ -245,7 +247,8 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, trace: Path | None, io: str,
-          no_prefetch: bool, pin_top: int, emit_golden: Path | None, as_json: bool, quiet: bool) -> None:
+          no_prefetch: bool, evict: str, pin_top: int, emit_golden: Path | None, as_json: bool, quiet: bool
+          ) -> None:
     """Stream routing decisions through the runtime (loader, cache, prefetcher, kernels) and report telemetry.
 
     \b
@@ -259,7 +262,8 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
     if (workload == "replay") != (trace is not None):
         _fail("--workload replay and --trace FILE go together")
     cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
-                      replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top)
+                      replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top,
+                      evict=evict)
     if emit_golden and not emit_golden.parent.is_dir():  # found now, not after the whole run
         what = "is not a folder" if emit_golden.parent.exists() else "does not exist"
         raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the golden "

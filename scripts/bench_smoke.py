@@ -10,7 +10,7 @@ I/O share, prefetches issued / used / cancelled. The hit rates of no prefetch / 
 come from the same run.
 
     python scripts/bench_smoke.py [--dir /tmp/mertools-bench] [--tokens 40] [--reps 3] [--workload markov zipf]
-                                  [--ahead step|token] [--spec-window 4]
+                                  [--ahead step|token] [--spec-window 4] [--evict layer|lru]
 
 Run one workload per invocation on a shared machine (each takes about a minute at the defaults).
 """
@@ -48,6 +48,8 @@ def main() -> None:
                     help="guess the next layer step, or the same layer of the next token (io_uring only)")
     ap.add_argument("--spec-window", type=int, default=SmokeConfig.spec_window,
                     help="--ahead token: speculative chunks with the disk")
+    ap.add_argument("--evict", choices=("layer", "lru"), default=SmokeConfig.evict,
+                    help="the cache's victims: by the layer order (with the odds when on), or LRU (the old cache)")
     ap.add_argument("--json", type=Path, help="also write every run here")
     a = ap.parse_args()
     from bench_loader import ensure_folder
@@ -59,7 +61,7 @@ def main() -> None:
         def run(prefetch: bool) -> dict:
             cfg = SmokeConfig(tokens=a.tokens, cache_slots=a.slots, workload=workload, io=a.io, prefetch=prefetch,
                               block_size=a.block, queue_depth=a.depth, prefetch_ahead=a.ahead,
-                              spec_window=a.spec_window)
+                              spec_window=a.spec_window, evict=a.evict)
             return run_smoke(folder, cfg)
 
         run(True)  # warm-up, discarded: the first run of a process pays for imports and the host's cold cache
@@ -82,7 +84,8 @@ def main() -> None:
               f"I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
               f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} withdrawn "
               f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
-              f"{on['backend']}", flush=True)
+              f"{on['backend']}; eviction on {on['eviction']} (odds at the end: {on.get('eviction_odds_at_end')}) "
+              f"off {off['eviction']}", flush=True)
         print(f"{'':8s} gate (median run on): {on.get('prefetch_gate')}", flush=True)
         gates = [r.get("prefetch_gate") or {} for r in runs[True]]
         print(f"{'':8s} every run on: admitted {[g.get('admitted') for g in gates]}, of which explored "

@@ -72,7 +72,10 @@ def test_the_gated_replay_never_loses_hits(manifest, workload):
     r = compare_policies(manifest, routes, 5, SmokeConfig())
     # on a model of 2 x 4 experts one wrong guess's victim is a large share of the cache: within 0.5% of accesses
     assert r["markov"]["hits"] >= r["none"]["hits"] - 0.005 * routes.size
-    assert r["markov"]["prefetch_issued"] > 0  # not by refusing everything: guesses pay on this small model
+    if workload == "uniform":  # nothing to learn: the odds never show skill (keep_trust's slope stays 0), no guess
+        assert r["markov"]["prefetch_issued"] == 0
+    else:
+        assert r["markov"]["prefetch_issued"] > 0  # not by refusing everything: guesses pay on this small model
 
 
 @pytest.mark.parametrize("workload", ["zipf", "markov", "uniform", "router"])

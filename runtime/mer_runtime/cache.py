@@ -1,4 +1,5 @@
-"""An LRU expert cache over a buffer pool, with pinning, in-use protection and a slot kept for foreground loads.
+"""An expert cache over a buffer pool, with pinning, in-use protection and a slot kept for foreground loads; it
+evicts layer-aware when it knows the model's layer order, least recently used otherwise.
 
 Rules:
 - a pinned expert, or one in use (between `acquire` and `release`), is never evicted;
@@ -26,6 +27,17 @@ Rules:
   still reading, one not held for a later step first. A guess is held until its `due` step; once
   `cancel_stale(now=...)` has seen that step (judged or not) it is an ordinary entry again.
 
+Eviction (with `layers`, the layer order a token sweeps, as `ShardSet` passes it from the manifest): a token visits
+the layers in a cycle, so an expert of the layer just computed is not needed for a whole token, while the previous
+token's experts of the next layers are needed soonest; LRU evicts exactly those first. The step under way is the
+layer of the latest `acquire` or `fetch` (a `fetch` names its keys; acquires of the same layer join them). Among
+the candidates each rule above allows, the victim is, in order: a stale guess; an ordinary idle expert with the
+lowest P / d, where d is the number of steps until its layer's next step ((its position - the current layer's)
+mod the number of layers, a whole token for the current layer) and P its odds of being chosen then (`set_odds`: a
+predictor's, shrunk to a constant when it has shown no skill; a constant without one, so the furthest layer goes
+first); then an expert of the step under way; a guess held for a later step last. Ties go least recently used.
+Without `layers` the order is pure LRU, as before.
+
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
 counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
 finishes it, and any other thread that wants the same expert waits for that same load (never a second read). A
@@ -40,7 +52,9 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from .buffers import BufferPool
 from .errors import CacheError, MerError
@@ -142,7 +156,9 @@ class ExpertCache:
     """
 
     def __init__(self, pool: BufferPool, loader: Loader, locate: Callable[[Key], tuple[str, int]],
-                 check: Callable[[Key, int], None] | None = None):
+                 check: Callable[[Key, int], None] | None = None, layers: Sequence[int] | None = None):
+        """`layers`: the model's MoE layers in the order a token visits them (the manifest's): the eviction
+        ranking is then layer-aware (see "Eviction" below); None keeps pure LRU."""
         if pool.n_slots < 2:
             raise ValueError("the cache needs at least 2 slots: one is kept for foreground loads")
         self.pool, self.loader, self.locate, self.check = pool, loader, locate, check
@@ -155,6 +171,13 @@ class ExpertCache:
         # the latest step cancel_stale(now=...) saw: a guess due at it or before is no longer held for later, even
         # if the caller never judged it at its step (it would otherwise be held, and evicted last, for ever)
         self._last_now: int | None = None
+        # layer-aware eviction: the position of each layer in a token's sweep, the step under way (the layer of the
+        # latest acquire or fetch and the keys it has taken), and the predictor's odds pushed by set_odds
+        self._order: dict[int, int] | None = None if layers is None else {l: i for i, l in enumerate(layers)}
+        self._step_layer: int | None = None
+        self._step: set[Key] = set()
+        self._odds: dict[int, np.ndarray] = {}
+        self._odds_ab = (1.0, 0.0)  # (intercept, slope): P(used at its layer's next step) = a + b x odds
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
     def _reclaim(self) -> None:
@@ -182,8 +205,10 @@ class ExpertCache:
                 and (self._last_now is None or e.due > self._last_now))
 
     def _victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
-        """The least recently used idle entry (neither pinned nor held) that ok() accepts, one held for a later step
-        only if there is no other."""
+        """The first idle entry (neither pinned nor held) that ok() accepts in eviction order (`_rank`): without the
+        layer order, the least recently used, one held for a later step only if there is no other."""
+        if self._order is not None:
+            return self._best(e for e in self.entries.values() if not e.pinned and not e.holders and ok(e))
         held: Entry | None = None
         for e in self.entries.values():
             if e.pinned or e.holders or not ok(e):
@@ -193,6 +218,52 @@ class ExpertCache:
             if held is None:
                 held = e
         return held
+
+    def _best(self, cands: Iterable[Entry]) -> Entry | None:
+        """The candidate evicted first: the lowest `_rank`, ties least recently used (the first in LRU order)."""
+        best, key = None, None
+        for e in cands:
+            k = self._rank(e)
+            if key is None or k < key:  # strict: the earlier (less recently used) of equals stays chosen
+                best, key = e, k
+        return best
+
+    def _rank(self, e: Entry) -> tuple[int, float]:
+        """Eviction order, lowest first (layer-aware; see the module docstring, "Eviction"): a stale guess; then
+        an ordinary idle expert by what keeping it is worth per step until its layer's next step,
+        P(used then) / steps until then (P constant without the predictor's odds: the furthest layer goes first);
+        then an expert of the step under way; a guess held for a later step last."""
+        if e.stale:
+            return 0, 0.0
+        if self._held_for_later(e):
+            return 3, 0.0
+        if e.key in self._step:
+            return 2, 0.0
+        order = self._order
+        assert order is not None
+        n = len(order)
+        layer, expert = e.key
+        li = order.get(layer)
+        now = -1 if self._step_layer is None else order.get(self._step_layer, -1)
+        d = n if li is None else (li - now) % n or n  # its own layer's next step is a whole token away
+        a, b = self._odds_ab
+        if b:
+            odds = self._odds.get(layer)
+            p = a + b * float(odds[expert]) if odds is not None and 0 <= expert < len(odds) else a
+        else:
+            p = a
+        return 1, max(p, 1e-12) / d
+
+    def _enter_step(self, layer: int, keys: Iterable[Key], new: bool) -> None:
+        """Note the step under way (layer-aware eviction): `new` starts one (fetch: one step's experts), else an
+        acquire joins the current step unless its layer differs."""
+        if self._order is None:
+            return
+        if new or layer != self._step_layer:
+            self._step_layer, self._step = layer, set(keys)
+        else:
+            self._step.update(keys)
+
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
 
@@ -218,7 +289,8 @@ class ExpertCache:
                  and e.key not in keep]
         if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
             return None
-        victim = None if self.free else spare[0]  # LRU among used experts and stale guesses: never a live guess
+        # the first in eviction order among used experts and stale guesses: never a live guess
+        victim = None if self.free else (spare[0] if self._order is None else self._best(spare))
         if admit is not None and not admit(None if victim is None else victim.key):
             return False
         return self.free.pop() if victim is None else self._evict(victim)
@@ -383,6 +455,7 @@ class ExpertCache:
         me = threading.get_ident()
         with self._cv:
             self._ensure_open()
+            self._enter_step(key[0], (key,), new=False)  # before a miss picks its victim: the sweep is here now
             counted = False
             while True:
                 e = self.entries.get(key)
@@ -419,7 +492,8 @@ class ExpertCache:
     def fetch(self, keys: list[Key]) -> int:
         """Start the foreground loads of every absent key at once (the k experts of one step), queued together
         ahead of prefetches, without waiting; then acquire() each, computing on the first while the rest arrive.
-        Starts as many as slots allow now (never waits for one); returns how many it started.
+        Starts as many as slots allow now (never waits for one); returns how many it started. With the layer order
+        known, `keys` are the step under way for the eviction ranking (kept until every other candidate is gone).
 
         >>> cache.fetch([(3, 1), (3, 6)])     # doctest: +SKIP
         2
@@ -427,6 +501,8 @@ class ExpertCache:
         with self._cv:
             self._ensure_open()
             step = set(keys)
+            if keys:
+                self._enter_step(keys[0][0], step, new=True)
             todo: list[tuple[Key, int]] = []
             self._reclaim()
             for key in dict.fromkeys(keys):
@@ -487,6 +563,28 @@ class ExpertCache:
             if n:
                 self._cv.notify_all()
             return n
+
+    @property
+    def eviction(self) -> str:
+        """The eviction ranking in use: "lru", "layer" (layer-aware) or "layer+odds" (with a predictor's odds)."""
+        with self._cv:
+            if self._order is None:
+                return "lru"
+            return "layer+odds" if self._odds else "layer"
+
+    def set_odds(self, odds: Mapping[int, np.ndarray], intercept: float = 0.0, slope: float = 1.0) -> None:
+        """Tell the layer-aware ranking how likely each expert is to be chosen at its layer's next step:
+        P = intercept + slope x odds[layer][expert] (`odds[layer]` indexed by expert id; layers not given keep the
+        arrays given before; a layer never given counts as odds 0). An idle expert is then kept by P / steps until
+        its layer's next step; slope 0 (or never calling this) ranks by those steps alone. The arrays are kept,
+        not copied: pass fresh ones, never change one after handing it over (rankings read them under the lock
+        from any thread). A bare cache (no layer order) ignores the odds.
+
+        >>> cache.set_odds({3: np.array([0.1, 0.7, 0.2, 0.0])}, intercept=0.05, slope=0.8)  # doctest: +SKIP
+        """
+        with self._cv:
+            self._odds.update(odds)
+            self._odds_ab = (float(intercept), float(slope))
 
     def speculating(self) -> bool:
         """Is a guess's read still under way (never blocks, collects nothing)?"""

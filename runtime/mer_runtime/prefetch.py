@@ -85,7 +85,7 @@ class MarkovPrefetcher:
 
     def __init__(self, layers: list[int], n_experts: int, *, threshold_scale: float = 2.0,
                  max_per_step: int | None = None, prior: float = 2.0, calibration_prior: float = 0.5,
-                 calibration_weight: float = 4.0):
+                 calibration_weight: float = 4.0, keep_z: float = 2.0):
         self._busy, self._owner = threading.Lock(), None  # see _one_thread
         self.layers = list(layers)
         self.n = n_experts
@@ -107,6 +107,11 @@ class MarkovPrefetcher:
         self._pending: dict[int, list[tuple[int, float]]] = {}
         self.cal_prior, self.cal_weight = calibration_prior, calibration_weight
         self.predicted = self.came_true = 0.0  # summed raw p of scored candidates; how many were chosen
+        # the eviction odds (keep_odds) handed out per layer index, scored at that layer's next step: sums over every
+        # (expert, step) scored of 1, p, chosen, p^2, p x chosen (a least-squares fit of chosen on p: keep_trust)
+        self._odds_out: dict[int, np.ndarray] = {}
+        self._fit = np.zeros(5, np.float64)
+        self.keep_z = keep_z
 
     @_one_thread
     def observe(self, li: int, experts: list[int]) -> None:
@@ -115,6 +120,9 @@ class MarkovPrefetcher:
         if li == 0:
             self.prev_token, self.cur_token = self.cur_token, [None] * len(self.layers)
         chosen = set(experts)
+        odds = self._odds_out.pop(li, None)
+        if odds is not None:
+            self._fit += (len(odds), odds.sum(), len(chosen), odds @ odds, odds[list(chosen)].sum())
         for e, p in self._pending.pop(li, ()):
             self.predicted += p
             self.came_true += e in chosen
@@ -167,6 +175,43 @@ class MarkovPrefetcher:
 
     def _raw(self, target: int) -> np.ndarray:
         return self._both(target)[0]
+
+    @_one_thread
+    def keep_odds(self, li: int) -> np.ndarray:
+        """Uncalibrated P(e chosen at layer index li's next step) for every expert e: what the cache's eviction
+        ranking weighs (`ExpertCache.set_odds`, with `keep_trust()`). Remembered and scored against that step when it
+        is observed. Costs one layer's estimate (k source rows of E): a driver asks it for the two layers whose
+        odds an observation changes (the one observed, the next), never for the whole model each step.
+
+        >>> pf = MarkovPrefetcher([0, 1], 4)
+        >>> pf.observe(0, [1, 2]); pf.keep_odds(0).shape
+        (4,)
+        """
+        v = self._raw(li)
+        self._odds_out[li] = v
+        return v
+
+    @_one_thread
+    def keep_trust(self) -> tuple[float, float]:
+        """(intercept, slope): how far `keep_odds` is to be believed, fitted by least squares of what was chosen on
+        the odds handed out, over every expert of every step scored; the slope is taken `keep_z` standard errors
+        below its estimate and never below 0. Where the odds carry no information (uniform routing) the slope is 0
+        and the cache ranks by distance alone, exactly as without a predictor; where they do, P = intercept + slope
+        x odds is calibrated. Nothing scored yet: (0.5, 0.0).
+
+        >>> MarkovPrefetcher([0], 8).keep_trust()
+        (0.5, 0.0)
+        """
+        n, sp, sy, spp, spy = self._fit
+        if n < 2:
+            return 0.5, 0.0
+        mp, my = sp / n, sy / n
+        var = spp / n - mp * mp
+        b = 0.0
+        if var > 1e-12:
+            se = np.sqrt(max(my * (1.0 - my), 1e-12) / (n * var))
+            b = max(0.0, (spy / n - mp * my) / var - self.keep_z * se)
+        return float(my - b * mp), float(b)
 
     @_one_thread
     def prob_next(self, li: int, expert: int) -> float:
@@ -251,11 +296,11 @@ class CostModel:
       whose read had completed) x `stall_s` x `miss_step` (the fraction of steps with a foreground read to delay).
       Every byte counts, even one read while the consumer computed: on a shared or throttled disk idle time is not
       free, and a gate that assumed it was would let prefetching lose;
-    - p_victim x stall_s: the load takes a slot; if that slot holds an expert (the cache's LRU victim), evicting it
+    - p_victim x stall_s: the load takes a slot; if that slot holds an expert (the cache's first victim), evicting it
       costs a whole miss if the guess is wrong and the victim is needed before the next miss would have evicted it
       anyway, about its probability of being chosen at its layer's next step (`MarkovPrefetcher.prob_next`, never calibrated
       down: the victim is a cached expert, likelier than the uncached guesses the calibration is measured on). A
-      right guess costs no victim: the miss it saves would have evicted that same least recently used expert. A
+      right guess costs no victim: the miss it saves would have evicted that same expert (first in the cache's order). A
       free slot costs nothing.
     Both fractions start at `window_frac` (what a guess may read before it is needed, as a fraction of an expert)
     and move from there (one sample never decides alone). Each figure is an exponential moving average (weight
@@ -488,7 +533,7 @@ class CostModel:
         """Is a read of an expert needed with probability q expected to gain more than it costs, when the slot it
         takes holds an expert needed with probability p_victim (0: a free slot) at its layer's next step, which
         comes `victim_steps` steps from now (1: the step the guess is for)? A victim whose layer comes later is lost
-        only if no step before it misses (a miss would evict it anyway, being least recently used): its odds are
+        only if no step before it misses (a miss would evict it anyway, being first in the cache's order): its odds are
         discounted by (1 - miss_step) per step in between. A guess admitted to explore (a token ahead, the price of
         a read not yet measured) is charged against the exploration budget."""
         ok, charge = self._decide(q, p_victim, victim_steps)

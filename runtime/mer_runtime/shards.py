@@ -32,6 +32,7 @@ from .loader import open_loader
 from .manifest import Manifest, load_manifest
 
 CHECKSUMS = ("first", "always", "never")
+EVICTIONS = ("layer", "lru")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,14 @@ class ExpertView:
 
 class ShardSet:
     def __init__(self, path: str | os.PathLike[str], *, io: str = "auto", cache_slots: int = 16,
-                 queue_depth: int = 32, block_size: int = 1 << 20, threads: int = 4, checksums: str = "first"):
+                 queue_depth: int = 32, block_size: int = 1 << 20, threads: int = 4, checksums: str = "first",
+                 evict: str = "layer"):
+        """evict: "layer" (default) ranks the cache's victims by the manifest's layer order (docs/runtime.md,
+        "Eviction"); "lru" evicts the least recently used."""
         if checksums not in CHECKSUMS:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
+        if evict not in EVICTIONS:
+            raise ValueError(f"evict must be one of {EVICTIONS}")
         self.manifest: Manifest = load_manifest(path)
         m = self.manifest
         if not m.experts:
@@ -82,7 +88,8 @@ class ShardSet:
         try:  # a loader that fails to open must not leave the pool's mapping (or a ring, or threads) behind
             self.loader = open_loader(io, self.pool, probe_file=str(m.path_of(m.experts[0])), block_size=block_size,
                                       queue_depth=queue_depth, threads=threads)
-            self.cache = ExpertCache(self.pool, self.loader, self._locate, self._check)
+            self.cache = ExpertCache(self.pool, self.loader, self._locate, self._check,
+                                     layers=m.layers if evict == "layer" else None)
         except BaseException:
             if self.loader is not None:
                 self.loader.close()

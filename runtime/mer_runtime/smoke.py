@@ -55,6 +55,8 @@ class SmokeConfig:
     # either; the integrator decides the default (docs/runtime.md, "Guesses a token ahead")
     prefetch_ahead: str = "step"
     spec_window: int = 4  # "token": speculative chunks with the disk at once (what a foreground read may wait behind)
+    # the cache's eviction: "layer" (by the layer order, with the predictor's odds when prefetch is on) or "lru"
+    evict: str = "layer"
 
 
 # -- routing traces -----------------------------------------------------------------------------------------
@@ -195,9 +197,49 @@ class NullLoader(Loader):
         return True
 
 
+class OddsDuel:
+    """Set dueling for the eviction ranking: two shadow caches of the same slots, without I/O (NullLoader), replay
+    every step, one ranked by distance alone, one with the predictor's odds; the real cache uses the odds only while
+    their shadow has hit more (`DUEL_MARGIN` hits ahead to switch to them, back as soon as it is behind). Odds that
+    carry information (markov, zipf) win within a few tokens; where recency says more than the one-step tables
+    (router: replayed, the odds lost 1-3% of hits) or nothing can be learned (uniform: the ranking is the same) the
+    distance ranking stays. Costs two key-only caches' bookkeeping a step; never reads.
+
+    >>> duel = OddsDuel([0, 1], 4)
+    >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)    # no lead yet: distance alone
+    False
+    >>> duel.close()
+    """
+
+    def __init__(self, layers: list[int], slots: int):
+        self._pools = [BufferPool(4096, slots) for _ in range(2)]
+        self.shadows = [ExpertCache(p, NullLoader(p), lambda key: ("", 4096), layers=layers) for p in self._pools]
+        self.odds = False
+
+    def step(self, keys: list[tuple[int, int]], odds: dict[int, np.ndarray], intercept: float, slope: float) -> bool:
+        """Replay one step's keys in both shadows (the odds given to the second first); True: rank with the odds."""
+        self.shadows[1].set_odds(odds, intercept, slope)
+        for c in self.shadows:
+            c.fetch(keys)
+            for k in keys:
+                c.acquire(k)
+                c.release(k)
+        lead = self.shadows[1].stats.hits - self.shadows[0].stats.hits
+        self.odds = lead > DUEL_MARGIN if not self.odds else lead >= 0
+        return self.odds
+
+    def close(self) -> None:
+        for p in self._pools:
+            p.close()
+
+
+DUEL_MARGIN = 2
+
+
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
            max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None = None,
-           cost: CostModel | None = None, ahead: str = "step") -> None:
+           cost: CostModel | None = None, ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None
+           ) -> None:
     """Run a trace through the cache, one layer step at a time:
 
     1. the prefetcher's guesses for this step that were wrong are withdrawn (`cancel_stale`) before its reads
@@ -218,6 +260,20 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
     holds it, computes and releases; without it (the I/O-free replay), each expert is acquired and released and the
     guesses follow the step. With policy "none" the
     prefetcher is neither fed nor asked: prefetching off costs nothing per step."""
+    odds = odds and policy == "markov" and pf is not None and cache.eviction != "lru"
+    own_duel = odds and duel is None
+    if own_duel:
+        duel = OddsDuel(layers, cache.pool.n_slots)
+    try:
+        _steps(cache, routes, layers, policy, pf, max_inflight, on_access, cost, ahead, odds, duel)
+    finally:
+        if own_duel:
+            duel.close()  # type: ignore[union-attr]
+
+
+def _steps(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
+           max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None,
+           cost: CostModel | None, ahead: str, odds: bool, duel: OddsDuel | None) -> None:
     T, L, _ = routes.shape
     st = cache.stats
     markov = policy == "markov" and pf is not None
@@ -249,12 +305,19 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
             # reads complete at once (no guess is ever withdrawn part-way, every wrong one is read whole) and it
             # pins nothing (no pin_top)
             order = sorted(keys, key=lambda k: k not in cache.entries)
+            tl = li + 1 if li + 1 < L else 0
+            if markov:
+                # observed before this step's misses pick their victims: the odds of the layer's other experts are
+                # then for the next token's step, and the next layer's are from this step's experts
+                pf.observe(li, experts)  # type: ignore[union-attr]
+                if odds:
+                    vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore
+                    a, b = pf.keep_trust()  # type: ignore[union-attr]
+                    cache.set_odds(vectors, a, b if duel.step(keys, vectors, a, b) else 0.0)  # type: ignore
             cache.fetch(keys)
             guesses: list[tuple[int, float]] = []
             target = 0
             if markov:
-                pf.observe(li, experts)  # type: ignore[union-attr]
-                tl = li + 1 if li + 1 < L else 0
                 if token_ahead:
                     target = li
                     if cost is None or not cost.shut():  # the tables still learn while it is shut
@@ -265,7 +328,10 @@ def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                         li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
                 if cost is not None:  # what would not pay even in a free slot is refused now, without asking the
                     n_all = len(guesses)  # cache or the loader anything (that polling is most of the path's cost)
-                    guesses = [(e, q) for e, q in guesses if cost.pays(q)]
+                    # with the odds in the eviction ranking, the tables must first have shown skill there (a slope
+                    # above 0: better than a constant): on uniform routing they never do, and a guess is a coin flip
+                    skill = not odds or pf.keep_trust()[1] > 0  # type: ignore[union-attr]
+                    guesses = [(e, q) for e, q in guesses if skill and cost.pays(q)]
                     cost.refused += n_all - len(guesses)
 
             def speculate(rest: list[tuple[int, int]]) -> None:
@@ -346,13 +412,14 @@ def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConf
     out = {}
     for policy in ("none", "markov", "markov_ungated", "oracle"):
         pool = BufferPool(4096, slots)
-        cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096))
+        cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096),
+                            layers=m.layers if cfg.evict == "layer" else None)
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
         cost = CostModel(unit_stall=1.0, window_frac=window_frac, window=cfg.spec_window if chunk_frac else 32,
                          chunk_frac=chunk_frac, read_frac=read_frac) if policy == "markov" else None
         _drive(cache, routes, m.layers, policy.split("_")[0], pf, cfg.max_inflight, cost=cost,
                ahead="token" if chunk_frac is not None else "step")
-        out[policy] = cache.stats.as_dict()
+        out[policy] = {**cache.stats.as_dict(), "eviction": cache.eviction}
         pool.close()
     return out
 
@@ -367,8 +434,10 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int], Callable[[int], None]] | None = None
               ) -> dict[str, Any]:
+    if cfg.evict not in ("layer", "lru"):
+        raise MerError(f"evict {cfg.evict!r}: expected layer or lru")
     with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first", block_size=cfg.block_size,
-                     queue_depth=cfg.queue_depth) as s:
+                     queue_depth=cfg.queue_depth, evict=cfg.evict) as s:
         m = s.manifest
         routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
         T, L, k = routes.shape
@@ -413,15 +482,24 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                     if measure_reads:
                         cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0, spec)  # type: ignore
 
+        # one duel for the whole run (the driver is called a token at a time): its shadows' record is the run's
+        duel = OddsDuel(m.layers, cfg.cache_slots) if cfg.prefetch and s.cache.eviction != "lru" else None
         t_start = time.perf_counter()
-        for t in range(T):
-            token_index[0] = t
-            _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none", pf if cfg.prefetch else None,
-                   cfg.max_inflight, on_access=access, cost=cost, ahead=ahead)
-            tick(1)
+        try:
+            for t in range(T):
+                token_index[0] = t
+                _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none",
+                       pf if cfg.prefetch else None, cfg.max_inflight, on_access=access, cost=cost, ahead=ahead,
+                       duel=duel)
+                tick(1)
+        finally:
+            if duel is not None:
+                duel.close()
         wall = time.perf_counter() - t_start
+        odds_used = duel is not None and duel.odds
         st = s.cache.stats
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
+        eviction = s.cache.eviction
         # compute time excludes the wait for the shard: ffn() blocks on I/O inside, so subtract it
         io_wait = st.io_wait
         compute_total = sum(compute_times)
@@ -459,6 +537,10 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                           "explore_spent_ms": round(cost.explore_spent_s * 1e3, 3) if chunk_frac else None,
                           "admitted": cost.admitted, "right": cost.right, "wrong": cost.wrong} if cost else None,
         "prefetch": cfg.prefetch,
+        # the cache's victims: "lru", "layer" (by distance to the layer's next step) or "layer+odds" (the predictor's
+        # odds per step of that distance); docs/runtime.md, "Eviction"
+        "eviction": eviction,
+        "eviction_odds_at_end": odds_used,  # the duel's choice at the end: the odds ranked the victims (or distance)
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,
         "read_mib_per_s": round(bytes_read / wall / 2**20, 2) if wall else 0.0,
@@ -505,7 +587,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['layer_steps_per_s']:.2f} layer-steps/s (seed engine's 'token')",
         f"  cache {r['cache_slots']} slots: hits {r['hits']}, misses {r['misses']}, hit rate {r['hit_rate']:.1%}, "
         f"evictions {r['evictions']}",
-        f"  pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
+        f"  eviction {r['eviction']}; pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
         f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}, refused by the cost model "
         f"{r['prefetch_refused']}",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "

@@ -1012,7 +1012,9 @@ class UringLoader(Loader):
         the kernel never consumed (a bug of ours found by the close's wait, `other`: nothing in flight, yet reads
         outstanding; or a submission the kernel took only part of): they are taken back from the SQ, so nothing
         can write their slots, and a ticket left with no chunk anywhere is done (its slot reusable) rather than
-        waiting for ever for a completion that cannot come."""
+        waiting for ever for a completion that cannot come; one the kernel took only part of keeps done=False.
+        An interrupt in its wait for the reaper escapes with the ring open; `close()` called again then runs this
+        again (`_close_busy` says nobody else is)."""
         while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
             self._cv.wait()
         self._cancel_queued()

@@ -18,6 +18,14 @@ from mer_runtime.loader import BACKENDS, open_loader
 import seccomp
 from conftest import REAL, ROOT
 
+def until(pred, what: str, bound: float = 30.0) -> None:
+    """Wait until pred() holds; a liveness bound, not a timing."""
+    deadline = time.monotonic() + bound
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert pred(), what
+
+
 BACKEND_PARAMS = [
     pytest.param(b, marks=pytest.mark.skipif(b == "io_uring" and uring.probe() is not None, reason="no io_uring"))
     for b in BACKENDS
@@ -182,6 +190,52 @@ class TestLoaderConformance:
         assert sum(with_disk.values()) == 0 and not any(unissued.values())
         assert g.issued == 1024 and spec_most <= 2, spec_most
         assert len(fg_found) == 2 and max(fg_found) <= 2, fg_found
+
+    def test_widening_the_spec_window_lets_held_back_guesses_go_at_once(self, folder, backend, tmp_path):
+        """pread and buffered inherited a poll() that did nothing, and setting spec_window woke no worker: a guess
+        held back by a window of 0 stayed queued after the window was widened until some other chunk returned or
+        somebody waited for it (io_uring issued it only on the next call into the loader). Setting the window now
+        issues what it lets go, on every backend, with no other call. The workers are first seen asleep on the
+        held-back guess (`_held`), so the wake-up cannot come from their own first look at the queue."""
+        big = tmp_path / "guess.bin"
+        big.write_bytes(np.random.default_rng(3).integers(0, 256, 32 * 4096, dtype=np.uint8).tobytes())
+        pool = BufferPool(32 * 4096, 1)
+        loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=4)
+        try:
+            loader.spec_window = 0
+            g = loader.start(str(big), 32 * 4096, 0)  # a guess: held back entirely by a window of 0
+            if backend != "io_uring":
+                until(lambda: loader._held, "no worker went to sleep on the held-back guess")
+            assert g.issued == 0
+            loader.spec_window = 4
+            until(lambda: g.issued >= 1, "widening spec_window issued nothing of the held-back guess")
+            loader.wait(g)  # needed now: read whole
+            assert pool.view(0).tobytes() == big.read_bytes()
+        finally:
+            loader.close()
+            pool.close()
+
+    def test_poll_wakes_a_worker_asleep_on_held_back_guesses(self, folder, backend, tmp_path):
+        """poll() on pread and buffered wakes a worker that went to sleep on guesses the window held back, so a
+        window changed behind the setter's back (or anything else that lets one go) is acted on by the next
+        poll() as io_uring's poll() does. The window is changed in its field, without the setter's wake-up."""
+        big = tmp_path / "guess.bin"
+        big.write_bytes(np.random.default_rng(4).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes())
+        pool = BufferPool(8 * 4096, 1)
+        loader = open_loader(backend, pool, block_size=4096, queue_depth=8, threads=2)
+        try:
+            loader.spec_window = 0
+            g = loader.start(str(big), 8 * 4096, 0)
+            if backend != "io_uring":
+                until(lambda: loader._held, "no worker went to sleep on the held-back guess")
+            loader._spec_window = 2
+            loader.poll()
+            until(lambda: g.issued >= 1, "poll() issued nothing of the guess the wider window lets go")
+            loader.wait(g)
+            assert pool.view(0).tobytes() == big.read_bytes()
+        finally:
+            loader.close()
+            pool.close()
 
     def test_missing_file_names_it(self, folder, backend, tmp_path):
         pool, loader = self.make(folder, backend)

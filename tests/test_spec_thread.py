@@ -888,3 +888,145 @@ def test_a_bug_found_while_closing_fails_and_frees_the_reads_the_kernel_never_sa
         monkeypatch.undo()
         loader.close()
         pool.close()
+
+
+def test_an_interrupted_close_says_free_only_for_reads_with_nothing_left_with_the_kernel(tmp_path, monkeypatch):
+    """A close() interrupted (KeyboardInterrupt) while the kernel had taken only part of a read's SQEs took back
+    the rest and failed the read with "nothing of it reached the kernel and its buffer is free: retry", though its
+    first chunks were still with the kernel (done False: the slot may still be written): whoever followed the
+    advice reused a buffer the kernel wrote into. And the message read "on an internal error ()". Now a read with
+    nothing left anywhere is done and says its buffer is free; one with chunks still with the kernel stays not
+    done and says its buffer may still be written; both name the interrupt. Provoked through the ring's syscall
+    wrapper: io_uring_enter takes one SQE of each submission, and the close's wait is interrupted.
+    Expected: the 8-chunk read `part` has 3 chunks with the kernel (start, the second start's submit, the
+    close's), the 2-chunk read `none` has none."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    data = np.random.default_rng(8).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes()
+    a, b = tmp_path / "part.bin", tmp_path / "none.bin"
+    a.write_bytes(data)
+    b.write_bytes(data[:8192])
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(8 * 4096, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=16)
+    real = uring._syscall
+
+    def one_at_a_time(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[1] > 1:  # (fd, to_submit, min_complete, flags, sigset, size)
+            return real(nr, a[0], 1, *a[2:])
+        if nr == uring.SYS_IO_URING_ENTER and a[2] > 0 and loader._closed:
+            raise KeyboardInterrupt  # Ctrl-C while close() waits for the reads with the kernel
+        return real(nr, *a)
+
+    try:
+        monkeypatch.setattr(uring, "_syscall", one_at_a_time)
+        part = loader.start(str(a), 8 * 4096, 0, urgent=True)
+        none = loader.start(str(b), 8192, 1, urgent=True)
+        with pytest.raises(KeyboardInterrupt):
+            loader.close()
+        monkeypatch.undo()
+        assert (part.in_flight, none.in_flight) == (3, 0)
+        assert loader.ring.fd < 0 and part.fd < 0 and none.fd < 0
+        assert set(os.listdir("/proc/self/fd")) == fds
+        assert none.done and loader.ready(none)
+        with pytest.raises(ShardIOError) as raised:
+            loader.wait(none)
+        assert "buffer is free" in str(raised.value) and "KeyboardInterrupt" in str(raised.value)
+        assert not part.done and not loader.ready(part)  # its slot may still be written
+        with pytest.raises(ShardIOError) as raised:
+            loader.wait(part)  # at once: the ring is closed
+        msg = str(raised.value)
+        assert "free" not in msg and "may still be written" in msg and "KeyboardInterrupt" in msg, msg
+        assert "()" not in msg
+        loader.close()  # a no-op
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()
+
+
+def test_a_close_interrupted_twice_is_finished_by_the_next_close(files, monkeypatch):
+    """A second Ctrl-C while close() waited (in its clean-up) for another thread sleeping in the kernel as the
+    reaper escaped before the ring and the fds were given back, with the loader marked closed: every later close()
+    then waited for ever for a ring nobody would close. Now the next close() finishes the job (once the reaper is
+    back), and nothing leaks. The interrupts are raised by the closing thread's waits on the loader's condition
+    (where a signal reaches a waiting thread); the reaper sleeps in the kernel until the test lets it go."""
+    big, small = files
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    real, gate = uring._syscall, threading.Event()
+
+    def slow(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[2] > 0 and threading.current_thread().name == "reaper":
+            gate.wait(30)  # a slow disk (a liveness bound)
+        return real(nr, *a)
+
+    closer = threading.current_thread()
+    real_wait, interrupts = loader._cv.wait, []
+
+    def interrupted_wait(*a, **kw):
+        if threading.current_thread() is closer and loader._closed and len(interrupts) < 2:
+            interrupts.append(True)
+            raise KeyboardInterrupt
+        return real_wait(*a, **kw)
+
+    try:
+        monkeypatch.setattr(uring, "_syscall", slow)
+        t = loader.start(str(small), SMALL, 0, urgent=True)
+        reaper = threading.Thread(target=loader.wait, args=(t,), name="reaper", daemon=True)
+        reaper.start()
+        until(lambda: loader._reaping, "the reader never became the reaper", alive=reaper)
+        monkeypatch.setattr(loader._cv, "wait", interrupted_wait)
+        with pytest.raises(KeyboardInterrupt):
+            loader.close()
+        assert len(interrupts) == 2 and loader.ring.fd >= 0  # the clean-up itself was interrupted
+        later = threading.Thread(target=loader.close, daemon=True)  # while the reaper still sleeps in the kernel
+        later.start()
+        gate.set()
+        later.join(30)  # a liveness bound
+        assert not later.is_alive(), "a close() after an interrupted one hung"
+        reaper.join(30)
+        assert not reaper.is_alive()
+        assert loader.ring.fd < 0 and t.done and t.error is None and t.fd < 0
+        assert pool.view(0, SMALL).tobytes() == small.read_bytes()
+        assert set(os.listdir("/proc/self/fd")) == fds
+        loader.close()  # a no-op
+    finally:
+        gate.set()
+        monkeypatch.undo()
+        last = threading.Thread(target=loader.close, daemon=True)  # a hang fails the test, not the session
+        last.start()
+        last.join(30)
+        if not last.is_alive():
+            pool.close()
+
+
+def test_an_interrupt_as_the_reaper_lets_go_of_the_lock_leaves_the_loader_usable(files, monkeypatch):
+    """The reaper released the loader's lock outside the try that takes it back: an interrupt raised as release()
+    returned (where Python delivers a signal) skipped the re-acquire, and the clean-up then notified and left a
+    lock it did not hold (RuntimeError instead of the KeyboardInterrupt, and the lock state broken). Now the
+    KeyboardInterrupt comes out, nobody is left marked as the reaper, and the read completes on the next wait."""
+    big, small = files
+    pool = BufferPool(SIZE, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
+    real_release, fired = loader._cv.release, []
+
+    def interrupted_release():
+        real_release()
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    try:
+        t = loader.start(str(small), SMALL, 0, urgent=True)
+        monkeypatch.setattr(loader._cv, "release", interrupted_release)
+        with pytest.raises(KeyboardInterrupt):
+            loader.wait(t)
+        assert fired and not loader._reaping
+        loader.wait(t)
+        assert pool.view(0, SMALL).tobytes() == small.read_bytes()
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()

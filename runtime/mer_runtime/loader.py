@@ -114,13 +114,28 @@ def _fresh(err: BaseException) -> BaseException:
     return new
 
 
-def _closed_error(path: str, why: BaseException | None = None) -> ShardIOError:
-    """`why`: the internal error that ended the close, for a read it dropped before the kernel had it."""
+def _cause(why: BaseException) -> tuple[str, str]:
+    """What ended a close (for the message) and the advice that fits it: an interrupt (KeyboardInterrupt, whose
+    str() is empty) is named by its type and is no reason to change backend; an error of ours is."""
+    text = str(why) or type(why).__name__
+    if not isinstance(why, Exception):
+        return f"interrupted ({text})", "retry"
+    return f"on an internal error ({text})", "retry, and use --io pread if it recurs"
+
+
+def _closed_error(path: str, why: BaseException | None = None, *, in_flight: bool = False) -> ShardIOError:
+    """`why`: the internal error or interrupt that ended the close. `in_flight`: part of the read is still with the
+    kernel (its slot may still be written), else none of it reached the kernel (its buffer is free)."""
     if why is None:
         return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
-    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, on an internal "
-                                         f"error ({why}); nothing of it reached the kernel and its buffer is free: "
-                                         "retry, and use --io pread if it recurs")
+    cause, advice = _cause(why)
+    if in_flight:
+        return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, {cause}, "
+                                             "while part of it was still with the kernel, which finishes it on its "
+                                             "own: its buffer may still be written for a moment: close the buffer "
+                                             f"pool rather than reuse it, and {advice}")
+    return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, {cause}; "
+                                         f"nothing of it reached the kernel and its buffer is free: {advice}")
 
 
 class Loader:
@@ -149,7 +164,7 @@ class Loader:
         # workers (pread, buffered), none while an urgent chunk is queued or in flight, and at most this many of
         # each speculative read until it is promoted (needed); None: no limit. A wrong guess then reads at most
         # spec_window chunks, in the disk's idle time, and a foreground read queues behind at most spec_window.
-        self.spec_window: int | None = None
+        self._spec_window: int | None = None  # `spec_window`: setting it issues what a wider window lets go
         # False: a speculative read is not stopped at spec_window chunks of its own (a guess made a token ahead has
         # the time to land whole); the window still bounds the speculative chunks with the disk at once
         self.spec_cap_each = True
@@ -158,6 +173,21 @@ class Loader:
         self.spec_in_way = 0
 
     # -- the interface ------------------------------------------------------------------------------------
+    @property
+    def spec_window(self) -> int | None:
+        return self._spec_window
+
+    @spec_window.setter
+    def spec_window(self, value: int | None) -> None:
+        """Widening the window lets held-back guesses go now (io_uring submits them, pread/buffered wake a worker):
+        otherwise they would stay queued until some other call into the loader. Takes the loader's lock.
+
+        >>> loader.spec_window = 4     # doctest: +SKIP
+        """
+        with self._cv:
+            self._spec_window = value
+            self._kick()
+
     def read(self, path: str, size: int, slot: int) -> None:
         self.wait(self.start(path, size, slot))
 
@@ -449,11 +479,19 @@ class PreadLoader(Loader):
     def _kick(self) -> None:
         self._cv.notify_all()
 
+    def poll(self) -> None:
+        """The workers issue on their own; a worker that found only guesses held back by the window sleeps until a
+        chunk returns, so this wakes it in case the window (or a promotion) lets one go now."""
+        with self._cv:
+            if self._held:
+                self._held = False
+                self._cv.notify_all()
+
     def _take(self) -> tuple[Ticket, int, int] | None:
         """Under the lock: the next chunk a worker may read now, or None (only speculative chunks are queued, and
         the window says they must wait). As `UringLoader._pump`: a guess that has read its window is passed over,
         so it does not hold back the guesses queued behind it."""
-        window = self.spec_window
+        window = self._spec_window
         if window is None:
             return self._queue.popleft()
         passed: list[tuple[Ticket, int, int]] = []
@@ -619,6 +657,11 @@ class UringLoader(Loader):
         self._chunk_ids = itertools.count(1)
         self._spec: set[int] = set()  # user_data of the speculative chunks with the kernel (for spec_window)
         self._reaping = False
+        # a close() is between `_closed = True` and having given the ring back (`_closer`: its thread); a close()
+        # interrupted there (a second Ctrl-C) leaves it False with the ring open: the next close() finishes the job
+        self._close_busy = False
+        self._closer: threading.Thread | None = None
+        self._close_cause: BaseException | None = None  # the interrupt that ended that close(), for the messages
         self._background: threading.Thread | None = None
         # what ended the background thread, reported once by the next wait() (once its ticket is done) or close();
         # no new thread is started until then, so a failure that repeats does not start one thread per call
@@ -698,10 +741,11 @@ class UringLoader(Loader):
         try:
             while self._queue and r.in_flight + r.pending < self.queue_depth:
                 t = self._queue[0][0]
-                if not (t.urgent or force or self.spec_window is None):
-                    if len(self._spec) >= self.spec_window or len(self._chunks) > len(self._spec):
+                window = self._spec_window
+                if not (t.urgent or force or window is None):
+                    if len(self._spec) >= window or len(self._chunks) > len(self._spec):
                         break  # speculation only in the disk's idle time (urgent chunks are queued ahead of guesses)
-                    if self.spec_cap_each and t.issued >= self.spec_window:
+                    if self.spec_cap_each and t.issued >= window:
                         # this guess has read its window until it is needed; the guess (or anything) behind it may
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
@@ -789,10 +833,14 @@ class UringLoader(Loader):
     def _reap_once(self, n: int = 1) -> None:
         """Under the lock: become the reaper, sleep in the kernel for n completions (n <= those in flight: only the
         reaper reaps), hand out what came."""
-        self._reaping = True
         try:
-            self._cv.release()
+            # set inside the try: an interrupt between setting it and the try would leave it True for ever, and
+            # every waiter (close() too) would wait for a reaper that does not exist
+            self._reaping = True
             try:
+                # released inside the try: an interrupt is raised as release() returns, the lock then released,
+                # and the finally must take it back before the outer finally notifies under it
+                self._cv.release()
                 self.ring.wait_cqe(max(1, n))
             finally:
                 self._cv.acquire()
@@ -889,24 +937,46 @@ class UringLoader(Loader):
         close every fd and the ring. Idempotent."""
         err: ShardIOError | None = None
         other: BaseException | None = None  # a bug of ours ("nothing in flight") or an interrupt: raised as it is
+        taken_over = False  # this call gave the ring back (a later close() finishing an interrupted one counts)
         with self._cv:
             if self._closed:
+                # an earlier close() was interrupted before it gave the ring and the fds back (a second Ctrl-C while
+                # it waited for the reaper): this one finishes its work, or waits while another close() still does
                 while self.ring.fd >= 0:
-                    self._cv.wait()
-                return
-            self._closed = True
-            self._cancel_queued()
-            try:
-                while self._chunks:
-                    self._progress()
-            except uring.UringError as exc:  # the kernel refused the wait: what is with it cannot be waited for
-                err = self._close_failed(exc)
-            except BaseException as exc:
-                other = exc
-            finally:
-                # the ring, every fd and every ticket the kernel never had are released in any case; raising from
-                # inside the lock would also skip joining the background thread
-                self._abandon(err, other)
+                    if self._close_busy and self._closer is not threading.current_thread():
+                        self._cv.wait()
+                        continue
+                    self._close_busy, self._closer = True, threading.current_thread()
+                    taken_over = True
+                    try:
+                        if not self._reaping:
+                            self._collect()  # what landed meanwhile is done, its slot free
+                        self._abandon(None, self._close_cause)
+                    finally:
+                        self._close_busy = False
+                        self._cv.notify_all()
+            else:
+                taken_over = True
+                self._closed = True
+                self._close_busy, self._closer = True, threading.current_thread()
+                try:
+                    self._cancel_queued()
+                    try:
+                        while self._chunks:
+                            self._progress()
+                    except uring.UringError as exc:  # the kernel refused the wait: what is with it cannot be waited for
+                        err = self._close_failed(exc)
+                    except BaseException as exc:
+                        other = self._close_cause = exc
+                    finally:
+                        # the ring, every fd and every ticket the kernel never had are released in any case; raising
+                        # from inside the lock would also skip joining the background thread
+                        self._abandon(err, other)
+                finally:
+                    self._close_busy = False
+                    self._cv.notify_all()
+        if not taken_over:
+            return
         bg = self._background
         if bg is not None and bg is not threading.current_thread():
             bg.join()  # it ends once it sees the ring closed (it never sleeps in the kernel without being the reaper)
@@ -942,10 +1012,13 @@ class UringLoader(Loader):
         the kernel never consumed (a bug of ours found by the close's wait, `other`: nothing in flight, yet reads
         outstanding; or a submission the kernel took only part of): they are taken back from the SQ, so nothing
         can write their slots, and a ticket left with no chunk anywhere is done (its slot reusable) rather than
-        waiting for ever for a completion that cannot come."""
+        waiting for ever for a completion that cannot come; one the kernel took only part of keeps done=False.
+        An interrupt in its wait for the reaper escapes with the ring open; `close()` called again then runs this
+        again (`_close_busy` says nobody else is)."""
         while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
             self._cv.wait()
         self._cancel_queued()
+        taken: dict[int, Ticket] = {}
         for cid in self.ring.retract():
             t, off, _ = self._chunks.pop(cid)
             self._spec.discard(cid)
@@ -953,14 +1026,19 @@ class UringLoader(Loader):
             t.in_flight -= 1
             t.issued -= 1  # never with the kernel
             t.remaining -= 1
-            # not err ("buffers may still be written"): nothing of these chunks reached the kernel
-            self._fail(t, _closed_error(t.path, other))  # finishes t once nothing of it is anywhere
+            taken[id(t)] = t
+        for t in taken.values():
+            # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks
+            # of the same read with the kernel, and "its buffer is free" would then have its owner reuse a slot
+            # the kernel still writes (err, if any, says so too)
+            why = err if err is not None and t.in_flight else _closed_error(t.path, other, in_flight=t.in_flight > 0)
+            self._fail(t, why)  # finishes t once nothing of it is anywhere
             self._retire(t)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
             # be written
             if t.error is None or err is not None and getattr(t.error, "errno", None) == errno.ECANCELED:
-                t.error = err or _closed_error(t.path)
+                t.error = err or _closed_error(t.path, other, in_flight=True)
             if t.fd >= 0:
                 self._close_ticket_fd(t)
         self._spec.clear()

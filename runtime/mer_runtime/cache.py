@@ -343,7 +343,7 @@ class ExpertCache:
                     if best is None or v < bval or (v == bval and e.tick < best.tick):
                         best, bval = e, v
                     scored += 1
-                    if not use_odds or scored >= ODDS_SCAN:
+                    if odds is None or scored >= ODDS_SCAN:  # without odds for the layer its first is its least
                         break
                     continue
                 if fallback is None or k < fkey:

@@ -29,13 +29,16 @@ Rules:
 
 Eviction (with `layers`, the layer order a token sweeps, as `ShardSet` passes it from the manifest): a token visits
 the layers in a cycle, so an expert of the layer just computed is not needed for a whole token, while the previous
-token's experts of the next layers are needed soonest; LRU evicts exactly those first. The step under way is the
-layer of the latest `acquire` or `fetch` (a `fetch` names its keys; acquires of the same layer join them). Among
+token's experts of the next layers are needed soonest; LRU evicts exactly those first. Each thread's step under way
+is the layer of its latest `acquire` or `fetch` (a `fetch` names its keys; acquires of the same layer join them):
+threads interleaving sequences are each at their own layer, every thread's step is protected and d is the least over
+the threads' positions. Among
 the candidates each rule above allows, the victim is, in order: a stale guess; an ordinary idle expert with the
 lowest P / d, where d is the number of steps until its layer's next step ((its position - the current layer's)
 mod the number of layers, a whole token for the current layer) and P its odds of being chosen then (`set_odds`: a
 predictor's, shrunk to a constant when it has shown no skill; a constant without one, so the furthest layer goes
-first); then an expert of the step under way; a guess held for a later step last. Ties go least recently used.
+first); then an expert of a step under way; a guess held for a later step last. Ties go least recently used.
+The search is bounded (`_layer_victim`): the entries are kept per layer in LRU order, layers visited furthest first.
 Without `layers` the order is pure LRU, as before.
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the

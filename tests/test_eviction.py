@@ -120,19 +120,44 @@ def bench_shape(tmp_path_factory):
 
 
 @pytest.mark.parametrize("workload", ["markov", "zipf", "uniform"])
-@pytest.mark.parametrize("seed", [12648430, 1, 2])
-def test_layer_aware_beats_lru_and_the_predictor_never_loses(bench_shape, workload, seed):
-    routes = make_routes(bench_shape, workload, 200, seed)
-    lru = compare_policies(bench_shape, routes, 16, SmokeConfig(evict="lru"), window_frac=0.3)
-    layer = compare_policies(bench_shape, routes, 16, SmokeConfig(), window_frac=0.3)
-    assert lru["none"]["eviction"] == "lru" and layer["none"]["eviction"] == "layer"
-    assert layer["none"]["hit_rate"] >= lru["none"]["hit_rate"] + 0.02  # 3.4-5.8% more here
-    assert layer["markov"]["hits"] >= layer["none"]["hits"]
-    if workload == "markov":  # the odds: 2.6-7.0% more than distance alone at 200 tokens
-        assert layer["markov"]["hit_rate"] >= layer["none"]["hit_rate"] + 0.02
-        assert layer["markov"]["eviction"] == "layer+odds"
-    if workload == "uniform":  # nothing to learn: the odds never show skill, the ranking and the hits are the same
-        assert layer["markov"]["hits"] == layer["none"]["hits"] and layer["markov"]["prefetch_issued"] == 0
+def test_layer_aware_beats_lru_and_the_predictor_never_loses(bench_shape, workload):
+    """Thresholds the sweep supports (60 seeds, 200 tokens, 2026-11-29): distance alone beat LRU by 2 points on every
+    markov and uniform seed, but on zipf by 1.1-1.9 on 14 seeds, 0.4 on one and lost 0.3 on one: zipf's margin is
+    asserted over the seeds' mean. The predictor never lost to distance alone (markov: 2 points or more on all 60;
+    uniform: the same hits, nothing read)."""
+    gains = []
+    for seed in (12648430, 1, 2):
+        routes = make_routes(bench_shape, workload, 200, seed)
+        lru = compare_policies(bench_shape, routes, 16, SmokeConfig(evict="lru"), window_frac=0.3)
+        layer = compare_policies(bench_shape, routes, 16, SmokeConfig(), window_frac=0.3)
+        assert lru["none"]["eviction"] == "lru" and layer["none"]["eviction"] == "layer"
+        gains.append(layer["none"]["hit_rate"] - lru["none"]["hit_rate"])
+        if workload != "zipf":
+            assert gains[-1] >= 0.02, (seed, gains)
+        assert layer["markov"]["hits"] >= layer["none"]["hits"]
+        if workload == "markov":  # the odds: 2.6-7.0% more than distance alone at 200 tokens
+            assert layer["markov"]["hit_rate"] >= layer["none"]["hit_rate"] + 0.02
+            assert layer["markov"]["eviction"] == "layer+odds"
+        if workload == "uniform":  # nothing to learn: the odds never show skill, the ranking and the hits are the same
+            assert layer["markov"]["hits"] == layer["none"]["hits"] and layer["markov"]["prefetch_issued"] == 0
+            assert layer["markov"]["eviction"] == "layer"
+    assert sum(gains) / len(gains) >= 0.01, gains
+
+
+def test_iid_routing_never_shows_skill_however_often_it_is_looked_at():
+    """keep_trust is asked at every step: with a fixed two standard errors iid routing crossed it on 12 of 60 seeds
+    at some step of 200 tokens (2 and 10 among these); the iterated-logarithm bound was crossed on none."""
+    from mer_runtime.smoke import _topk_without_replacement
+
+    for seed in range(16):
+        routes = _topk_without_replacement(np.random.default_rng(seed), np.zeros(8), 2, (200, 4))
+        pf = MarkovPrefetcher([0, 1, 2, 3], 8)
+        for t in range(200):
+            for li in range(4):
+                pf.observe(li, [int(e) for e in routes[t, li]])
+                pf.keep_odds(li)
+                pf.keep_odds((li + 1) % 4)
+                assert pf.keep_trust()[1] == 0.0, (seed, t, li)
 
 
 def test_keep_trust_is_zero_where_nothing_can_be_learned_and_positive_where_it_can(bench_shape):

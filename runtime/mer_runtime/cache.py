@@ -366,9 +366,9 @@ class ExpertCache:
             ds.sort(key=lambda x: -x[1])  # stable: equal distances keep the layer order
             self._by_distance = (pos, ds)
         ds = self._by_distance[1]
-        if len(self.entries.buckets) > len(ds):  # experts of layers outside the order: a whole token away
-            n = len(order)
-            ds = [(layer, n) for layer in self.entries.buckets if layer not in order] + ds
+        extra = [layer for layer in self.entries.buckets if layer not in order]
+        if extra:  # experts of layers outside the order: a whole token away
+            ds = [(layer, len(order)) for layer in extra] + ds
         return ds
 
     def _enter_step(self, layer: int, keys: Iterable[Key], new: bool) -> None:

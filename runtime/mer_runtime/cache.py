@@ -65,7 +65,7 @@ from .loader import Loader, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
 
-ODDS_SCAN = 4  # with odds: the least recently used idle experts of each layer scored per eviction
+ODDS_SCAN = 8  # with odds: the least recently used idle experts of each layer scored per eviction
 THREAD_TTL = 4096  # steps (of any thread) after which a thread not seen is forgotten
 
 

@@ -135,7 +135,7 @@ def test_layer_aware_beats_lru_and_the_predictor_never_loses(bench_shape, worklo
         if workload != "zipf":
             assert gains[-1] >= 0.02, (seed, gains)
         assert layer["markov"]["hits"] >= layer["none"]["hits"]
-        if workload == "markov":  # the odds: 2.4-7.3% more than distance alone at 200 tokens
+        if workload == "markov":  # the odds: 2.2-7.1% more than distance alone at 200 tokens
             assert layer["markov"]["hit_rate"] >= layer["none"]["hit_rate"] + 0.02
             assert layer["markov"]["eviction"] == "layer+odds"
         if workload == "uniform":  # nothing to learn: the odds never show skill, the ranking and the hits are the same

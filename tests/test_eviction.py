@@ -84,7 +84,7 @@ def test_the_odds_weigh_each_expert_per_step_until_its_layer_comes():
         touch(cache, (2, 0), (0, 2))  # now at layer 0 of the next token
         touch(cache, (1, 0))  # at layer 1: candidates (2, 0) 1 step, (0, 1) and (0, 2) 2 steps
         cache.set_odds({0: np.array([0.0, 0.9, 0.9]), 2: np.array([0.01])}, intercept=0.0, slope=slope)
-        assert cache.eviction == "layer+odds"
+        assert cache.eviction == ("layer+odds" if slope else "layer")  # slope 0: the odds are not in use
         before = set(cache.entries)
         touch(cache, (1, 2))
         assert before - set(cache.entries) == {gone} if slope else {(0, 1)}
@@ -120,19 +120,44 @@ def bench_shape(tmp_path_factory):
 
 
 @pytest.mark.parametrize("workload", ["markov", "zipf", "uniform"])
-@pytest.mark.parametrize("seed", [12648430, 1, 2])
-def test_layer_aware_beats_lru_and_the_predictor_never_loses(bench_shape, workload, seed):
-    routes = make_routes(bench_shape, workload, 200, seed)
-    lru = compare_policies(bench_shape, routes, 16, SmokeConfig(evict="lru"), window_frac=0.3)
-    layer = compare_policies(bench_shape, routes, 16, SmokeConfig(), window_frac=0.3)
-    assert lru["none"]["eviction"] == "lru" and layer["none"]["eviction"] == "layer"
-    assert layer["none"]["hit_rate"] >= lru["none"]["hit_rate"] + 0.02  # 3.4-5.8% more here
-    assert layer["markov"]["hits"] >= layer["none"]["hits"]
-    if workload == "markov":  # the odds: 2.6-7.0% more than distance alone at 200 tokens
-        assert layer["markov"]["hit_rate"] >= layer["none"]["hit_rate"] + 0.02
-        assert layer["markov"]["eviction"] == "layer+odds"
-    if workload == "uniform":  # nothing to learn: the odds never show skill, the ranking and the hits are the same
-        assert layer["markov"]["hits"] == layer["none"]["hits"] and layer["markov"]["prefetch_issued"] == 0
+def test_layer_aware_beats_lru_and_the_predictor_never_loses(bench_shape, workload):
+    """Thresholds the sweep supports (60 seeds, 200 tokens, 2026-11-29): distance alone beat LRU by 2 points on every
+    markov and uniform seed, but on zipf by 1.1-1.9 on 13 seeds, 0.4-0.6 on two and lost 0.3 on one: zipf's margin is
+    asserted over the seeds' mean. The predictor never lost to distance alone (markov: 2 points or more on all 60;
+    uniform: the same hits, nothing read)."""
+    gains = []
+    for seed in (12648430, 1, 2):
+        routes = make_routes(bench_shape, workload, 200, seed)
+        lru = compare_policies(bench_shape, routes, 16, SmokeConfig(evict="lru"), window_frac=0.3)
+        layer = compare_policies(bench_shape, routes, 16, SmokeConfig(), window_frac=0.3)
+        assert lru["none"]["eviction"] == "lru" and layer["none"]["eviction"] == "layer"
+        gains.append(layer["none"]["hit_rate"] - lru["none"]["hit_rate"])
+        if workload != "zipf":
+            assert gains[-1] >= 0.02, (seed, gains)
+        assert layer["markov"]["hits"] >= layer["none"]["hits"]
+        if workload == "markov":  # the odds: 2.2-7.1% more than distance alone at 200 tokens
+            assert layer["markov"]["hit_rate"] >= layer["none"]["hit_rate"] + 0.02
+            assert layer["markov"]["eviction"] == "layer+odds"
+        if workload == "uniform":  # nothing to learn: the odds never show skill, the ranking and the hits are the same
+            assert layer["markov"]["hits"] == layer["none"]["hits"] and layer["markov"]["prefetch_issued"] == 0
+            assert layer["markov"]["eviction"] == "layer"
+    assert sum(gains) / len(gains) >= 0.01, gains
+
+
+def test_iid_routing_never_shows_skill_however_often_it_is_looked_at():
+    """keep_trust is asked at every step: with a fixed two standard errors iid routing crossed it on 12 of 60 seeds
+    at some step of 200 tokens (2 and 10 among these); the iterated-logarithm bound was crossed on none."""
+    from mer_runtime.smoke import _topk_without_replacement
+
+    for seed in range(16):
+        routes = _topk_without_replacement(np.random.default_rng(seed), np.zeros(8), 2, (200, 4))
+        pf = MarkovPrefetcher([0, 1, 2, 3], 8)
+        for t in range(200):
+            for li in range(4):
+                pf.observe(li, [int(e) for e in routes[t, li]])
+                pf.keep_odds(li)
+                pf.keep_odds((li + 1) % 4)
+                assert pf.keep_trust()[1] == 0.0, (seed, t, li)
 
 
 def test_keep_trust_is_zero_where_nothing_can_be_learned_and_positive_where_it_can(bench_shape):
@@ -190,3 +215,117 @@ def test_the_cli_takes_evict_and_says_which_it_used(out):
     assert p.returncode == 0 and "eviction layer" in p.stdout
     p = run_cli("smoke", out, "--evict", "mru")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+# -- the cost of a victim search, and several threads -----------------------------------------------------------------
+def deep_run(slots, odds, tokens=5, layers=58, experts=256, k=8):
+    """A deep model's shape (58 MoE layers x 256 experts, top-8) replayed without I/O: (entries looked at per
+    eviction, evictions)."""
+    order = list(range(3, 3 + layers))
+    cache, pool = null_cache(slots, order)
+    rng = np.random.default_rng(0)
+    if odds:
+        cache.set_odds({l: rng.random(experts) / 8 for l in order}, intercept=0.01, slope=1.0)
+    for _ in range(tokens):
+        for layer in order:
+            keys = [(layer, int(e)) for e in rng.choice(experts, k, replace=False)]
+            cache.fetch(keys)
+            touch(cache, *keys)
+    pool.close()
+    return cache.examined / cache.stats.evictions, cache.stats.evictions
+
+
+def test_a_victim_search_looks_at_a_few_entries_not_the_whole_cache():
+    """Ranking every entry under the lock cost 464 us an acquire at 512 slots (9.3 us with LRU): by distance alone
+    the victim is the least recently used entry of the furthest layer holding one, found in O(1) entries; with odds
+    a bounded number per layer (`ODDS_SCAN`), whatever the cache's size."""
+    from mer_runtime.cache import ODDS_SCAN
+
+    per, n = deep_run(512, odds=False)
+    assert n > 1000 and per <= 2.0, per
+    small, n = deep_run(1024, odds=True)
+    big, m = deep_run(2048, odds=True, tokens=8)
+    assert n > 500 and m > 500 and max(small, big) <= 58 * ODDS_SCAN + 8, (small, big)
+    assert big < 2048 / 4 and big <= small * 1.25, (small, big)  # not O(entries): twice the slots, no more work
+
+
+def test_several_threads_at_different_layers_keep_each_others_steps():
+    """Two sequences interleaved (ShardSet.moe from two threads): A fetched its step's experts at layer 0, B misses
+    at layer 1 before A acquires them. The cache's position and protection are per thread: B's miss evicts an idle
+    expert, never A's step, so nothing is read twice (with one global step A's fetched expert went, and was read
+    again: 7 reads where LRU does 5)."""
+    import threading
+
+    class Counting(NullLoader):
+        reads = 0
+
+        def start_many(self, reads, urgent=False, created=None):
+            Counting.reads += len(reads)
+            return super().start_many(reads, urgent, created)
+
+    for layers in (None, [0, 1, 2, 3]):
+        Counting.reads = 0
+        pool = BufferPool(4096, 4)
+        cache = ExpertCache(pool, Counting(pool), lambda key: ("", 4096), layers=layers)
+        touch(cache, (2, 0), (3, 0))
+        go_b, go_a = threading.Event(), threading.Event()
+
+        def a():
+            cache.fetch([(0, 1), (0, 2)])
+            go_b.set()
+            go_a.wait(30)
+            touch(cache, (0, 1), (0, 2))
+
+        def b():
+            go_b.wait(30)
+            touch(cache, (1, 5))
+            go_a.set()
+
+        ts = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert Counting.reads == 5 and cache.stats.evictions == 1, (layers, Counting.reads)
+        assert {(0, 1), (0, 2), (1, 5)} <= set(cache.entries)
+        pool.close()
+
+
+def test_threads_that_are_gone_are_forgotten():
+    import threading
+
+    from mer_runtime.cache import THREAD_TTL
+
+    cache, pool = null_cache(4, [0, 1])
+    ts = [threading.Thread(target=touch, args=(cache, (0, i % 3))) for i in range(50)]
+    for t in ts:
+        t.start()
+        t.join()
+    assert cache._threads  # the threads' states (their ids may have been reused)
+    for i in range(THREAD_TTL + 128):
+        touch(cache, (i % 2, 0))
+    assert len(cache._threads) == 1
+    pool.close()
+
+
+def test_the_duel_on_a_deep_model_replays_a_sample_of_its_layers():
+    """Replaying every step of a 58-layer model in two shadows cost 7.3 ms a step (every eviction ranking the whole
+    cache): the shadows replay at most 16 layers, in proportionally fewer slots, and a step of another layer is
+    free."""
+    from mer_runtime.smoke import OddsDuel
+
+    layers = list(range(3, 61))
+    duel = OddsDuel(layers, 512)
+    try:
+        assert len(duel.layers) <= 16 and duel.layers[0] == 3
+        assert all(c.pool.n_slots == round(512 * len(duel.layers) / 58) for c in duel.shadows)
+        skipped = next(l for l in layers if l not in duel.layers)
+        duel.step([(skipped, 1), (skipped, 2)], {}, 0.5, 0.0)
+        assert all(c.stats.misses == 0 and not c.entries for c in duel.shadows)
+        duel.step([(3, 1), (3, 2)], {skipped: np.zeros(256), 3: np.zeros(256)}, 0.5, 0.0)
+        assert all(c.stats.misses == 2 for c in duel.shadows) and set(duel.shadows[1]._odds) == {3}
+    finally:
+        duel.close()
+    small = OddsDuel([0, 1, 2, 3], 16)  # a shallow model's duel replays every step, in the same slots
+    assert small.layers == [0, 1, 2, 3] and small.shadows[0].pool.n_slots == 16
+    small.close()

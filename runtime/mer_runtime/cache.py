@@ -29,13 +29,16 @@ Rules:
 
 Eviction (with `layers`, the layer order a token sweeps, as `ShardSet` passes it from the manifest): a token visits
 the layers in a cycle, so an expert of the layer just computed is not needed for a whole token, while the previous
-token's experts of the next layers are needed soonest; LRU evicts exactly those first. The step under way is the
-layer of the latest `acquire` or `fetch` (a `fetch` names its keys; acquires of the same layer join them). Among
+token's experts of the next layers are needed soonest; LRU evicts exactly those first. Each thread's step under way
+is the layer of its latest `acquire` or `fetch` (a `fetch` names its keys; acquires of the same layer join them):
+threads interleaving sequences are each at their own layer, every thread's step is protected and d is the least over
+the threads' positions. Among
 the candidates each rule above allows, the victim is, in order: a stale guess; an ordinary idle expert with the
 lowest P / d, where d is the number of steps until its layer's next step ((its position - the current layer's)
 mod the number of layers, a whole token for the current layer) and P its odds of being chosen then (`set_odds`: a
 predictor's, shrunk to a constant when it has shown no skill; a constant without one, so the furthest layer goes
-first); then an expert of the step under way; a guess held for a later step last. Ties go least recently used.
+first); then an expert of a step under way; a guess held for a later step last. Ties go least recently used.
+The search is bounded (`_layer_victim`): the entries are kept per layer in LRU order, layers visited furthest first.
 Without `layers` the order is pure LRU, as before.
 
 Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
@@ -61,6 +64,9 @@ from .errors import CacheError, MerError
 from .loader import Loader, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
+
+ODDS_SCAN = 8  # with odds: the least recently used idle experts of each layer scored per eviction
+THREAD_TTL = 4096  # steps (of any thread) after which a thread not seen is forgotten
 
 
 class Reservoir:
@@ -109,6 +115,72 @@ class Entry:
     fetched: bool = False  # started by fetch(): the first acquire counts it as the miss
     stale: bool = False  # an unused prefetch whose step passed with its read complete: first in line for eviction
     due: int | None = None  # a prefetch: the step it is for (the caller's clock); None: the next cancel_stale's
+    tick: int = 0  # recency (larger: more recently used), to break ties between layers' buckets as LRU does
+
+
+class _Entries(OrderedDict):
+    """The cache's entries in LRU order, also kept per layer (each layer's bucket in LRU order, pinned entries
+    left out) and with the stale guesses apart: the layer-aware victim is then found by looking at the head of a few
+    buckets instead of ranking every entry under the lock. Not thread-safe: the cache's lock guards it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buckets: dict[int, OrderedDict[Key, Entry]] = {}
+        self.stale: dict[Key, Entry] = {}
+        self.clock = 0
+
+    def __setitem__(self, key: Key, e: Entry) -> None:
+        old = self.get(key)
+        if old is not None:
+            self._forget(key)
+        super().__setitem__(key, e)
+        self.clock += 1
+        e.tick = self.clock
+        if not e.pinned:
+            self.buckets.setdefault(key[0], OrderedDict())[key] = e
+
+    def __delitem__(self, key: Key) -> None:
+        super().__delitem__(key)
+        self._forget(key)
+
+    def _forget(self, key: Key) -> None:
+        b = self.buckets.get(key[0])
+        if b is not None:
+            b.pop(key, None)
+            if not b:
+                del self.buckets[key[0]]
+        self.stale.pop(key, None)
+
+    def move_to_end(self, key: Key, last: bool = True) -> None:
+        super().move_to_end(key, last)
+        e = self[key]
+        self.clock += 1
+        e.tick = self.clock if last else -self.clock
+        b = self.buckets.get(key[0])
+        if b is not None and key in b:
+            b.move_to_end(key, last)
+
+    def mark_stale(self, key: Key) -> None:
+        e = self[key]
+        e.stale = True
+        self.stale[key] = e
+
+    def set_pinned(self, key: Key, pinned: bool) -> None:
+        e = self[key]
+        if e.pinned == pinned:
+            return
+        e.pinned = pinned
+        if pinned:
+            b = self.buckets.get(key[0])
+            if b is not None:
+                b.pop(key, None)
+                if not b:
+                    del self.buckets[key[0]]
+        else:  # back in its bucket where its recency puts it (unpinning is rare: a re-sort of one bucket is fine)
+            b = self.buckets.setdefault(key[0], OrderedDict())
+            b[key] = e
+            for k in sorted(b, key=lambda k: b[k].tick):
+                b.move_to_end(k)
 
 
 @dataclass
@@ -162,7 +234,7 @@ class ExpertCache:
         if pool.n_slots < 2:
             raise ValueError("the cache needs at least 2 slots: one is kept for foreground loads")
         self.pool, self.loader, self.locate, self.check = pool, loader, locate, check
-        self.entries: OrderedDict[Key, Entry] = OrderedDict()  # LRU order: first is least recently used
+        self.entries: _Entries = _Entries()  # LRU order: first is least recently used (and per layer)
         self.free = list(range(pool.n_slots - 1, -1, -1))
         self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
@@ -174,8 +246,12 @@ class ExpertCache:
         # layer-aware eviction: the position of each layer in a token's sweep, the step under way (the layer of the
         # latest acquire or fetch and the keys it has taken), and the predictor's odds pushed by set_odds
         self._order: dict[int, int] | None = None if layers is None else {l: i for i, l in enumerate(layers)}
-        self._step_layer: int | None = None
-        self._step: set[Key] = set()
+        # per thread (interleaved sequences, e.g. ShardSet.moe from several threads, are each at their own layer):
+        # thread id -> [its layer, the keys of its step, when last seen (a count of steps entered)]
+        self._threads: dict[int, list] = {}
+        self._steps_entered = 0
+        self._by_distance: tuple[tuple, list[tuple[int, int]]] | None = None  # (positions, [(layer, d)] furthest first)
+        self.examined = 0  # entries looked at by layer-aware victim searches (a measure of their cost, for tests)
         self._odds: dict[int, np.ndarray] = {}
         self._odds_ab = (1.0, 0.0)  # (intercept, slope): P(used at its layer's next step) = a + b x odds
 
@@ -205,10 +281,11 @@ class ExpertCache:
                 and (self._last_now is None or e.due > self._last_now))
 
     def _victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
-        """The first idle entry (neither pinned nor held) that ok() accepts in eviction order (`_rank`): without the
-        layer order, the least recently used, one held for a later step only if there is no other."""
+        """The first idle entry (neither pinned nor held) that ok() accepts in eviction order: without the layer
+        order, the least recently used, one held for a later step only if there is no other; with it, see
+        `_layer_victim`."""
         if self._order is not None:
-            return self._best(e for e in self.entries.values() if not e.pinned and not e.holders and ok(e))
+            return self._layer_victim(ok)
         held: Entry | None = None
         for e in self.entries.values():
             if e.pinned or e.holders or not ok(e):
@@ -219,50 +296,99 @@ class ExpertCache:
                 held = e
         return held
 
-    def _best(self, cands: Iterable[Entry]) -> Entry | None:
-        """The candidate evicted first: the lowest `_rank`, ties least recently used (the first in LRU order)."""
-        best, key = None, None
-        for e in cands:
-            k = self._rank(e)
-            if key is None or k < key:  # strict: the earlier (less recently used) of equals stays chosen
-                best, key = e, k
-        return best
+    def _layer_victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
+        """Layer-aware eviction order (the module docstring, "Eviction"): a stale guess; then an ordinary idle expert
+        by what keeping it is worth per step until its layer's next step, P(used then) / steps until then; then an
+        expert of a step under way; a guess held for a later step last. Ties least recently used.
 
-    def _rank(self, e: Entry) -> tuple[int, float]:
-        """Eviction order, lowest first (layer-aware; see the module docstring, "Eviction"): a stale guess; then
-        an ordinary idle expert by what keeping it is worth per step until its layer's next step,
-        P(used then) / steps until then (P constant without the predictor's odds: the furthest layer goes first);
-        then an expert of the step under way; a guess held for a later step last."""
-        if e.stale:
-            return 0, 0.0
-        if self._held_for_later(e):
-            return 3, 0.0
-        if e.key in self._step:
-            return 2, 0.0
+        Bounded work under the lock: the layers are visited furthest first, each layer's bucket from its least
+        recently used end. Without odds P is the same for all, so the first ordinary entry of the furthest layer
+        that has one is the victim (O(layers), not O(entries)). With odds only the `ODDS_SCAN` least recently used
+        ordinary entries of each layer are scored (a layer's experts share d, so among them the lowest odds go;
+        the recently used, which the odds favour anyway, are not looked at), and the visit stops at the first layer
+        whose best possible score (odds 0) cannot beat the best found."""
+        ents = self.entries
+        best: Entry | None = None
+        for e in ents.stale.values():
+            self.examined += 1
+            if not e.holders and not e.pinned and ok(e) and (best is None or e.tick < best.tick):
+                best = e
+        if best is not None:
+            return best
+        threads = self._threads.values()
+        a, b = self._odds_ab
+        use_odds = b > 0 and bool(self._odds)
+        floor = max(a, 1e-12)
+        bval = 0.0
+        fallback: Entry | None = None
+        fkey: tuple[int, int] = (0, 0)
+        for layer, d in self._distances():
+            bucket = ents.buckets.get(layer)
+            if not bucket:
+                continue
+            if best is not None and floor / d > bval:
+                break
+            odds = self._odds.get(layer) if use_odds else None
+            scored = 0
+            for e in bucket.values():
+                self.examined += 1
+                if e.holders or not ok(e):
+                    continue
+                if any(e.key in st[1] for st in threads):
+                    k = (2, e.tick)
+                elif self._held_for_later(e):
+                    k = (3, e.tick)
+                else:
+                    if odds is not None and 0 <= e.key[1] < len(odds):
+                        v = max(a + b * float(odds[e.key[1]]), 1e-12) / d
+                    else:
+                        v = floor / d
+                    if best is None or v < bval or (v == bval and e.tick < best.tick):
+                        best, bval = e, v
+                    scored += 1
+                    if odds is None or scored >= ODDS_SCAN:  # without odds for the layer its first is its least
+                        break
+                    continue
+                if fallback is None or k < fkey:
+                    fallback, fkey = e, k
+        return best if best is not None else fallback
+
+    def _distances(self) -> list[tuple[int, int]]:
+        """[(layer, d)], furthest first: d the steps until the layer's next step, the least over the threads'
+        positions (a layer is as near as the nearest sequence that will need it); a whole token for a thread's own
+        layer. Layers without a known position (not in the order) come first, a whole token away."""
         order = self._order
         assert order is not None
-        n = len(order)
-        layer, expert = e.key
-        li = order.get(layer)
-        now = -1 if self._step_layer is None else order.get(self._step_layer, -1)
-        d = n if li is None else (li - now) % n or n  # its own layer's next step is a whole token away
-        a, b = self._odds_ab
-        if b:
-            odds = self._odds.get(layer)
-            p = a + b * float(odds[expert]) if odds is not None and 0 <= expert < len(odds) else a
-        else:
-            p = a
-        return 1, max(p, 1e-12) / d
+        pos = tuple(sorted({order.get(st[0], -1) for st in self._threads.values()})) or (-1,)
+        if self._by_distance is None or self._by_distance[0] != pos:
+            n = len(order)
+            ds = [(layer, min((li - now) % n or n for now in pos)) for layer, li in order.items()]
+            ds.sort(key=lambda x: -x[1])  # stable: equal distances keep the layer order
+            self._by_distance = (pos, ds)
+        ds = self._by_distance[1]
+        extra = [layer for layer in self.entries.buckets if layer not in order]
+        if extra:  # experts of layers outside the order: a whole token away
+            ds = [(layer, len(order)) for layer in extra] + ds
+        return ds
 
     def _enter_step(self, layer: int, keys: Iterable[Key], new: bool) -> None:
-        """Note the step under way (layer-aware eviction): `new` starts one (fetch: one step's experts), else an
-        acquire joins the current step unless its layer differs."""
+        """Note the calling thread's step under way (layer-aware eviction): `new` starts one (fetch: one step's
+        experts), else an acquire joins the thread's current step unless its layer differs. A thread not seen for
+        `THREAD_TTL` steps (of any thread) is forgotten: threads come and go, the state stays bounded."""
         if self._order is None:
             return
-        if new or layer != self._step_layer:
-            self._step_layer, self._step = layer, set(keys)
+        me = threading.get_ident()
+        self._steps_entered += 1
+        st = self._threads.get(me)
+        if st is None or new or layer != st[0]:
+            self._threads[me] = [layer, set(keys), self._steps_entered]
         else:
-            self._step.update(keys)
+            st[1].update(keys)
+            st[2] = self._steps_entered
+        if len(self._threads) > 1 and self._steps_entered % 64 == 0:
+            old = self._steps_entered - THREAD_TTL
+            for t in [t for t, st in self._threads.items() if st[2] < old and t != me]:
+                del self._threads[t]
 
     def _read_complete(self, e: Entry) -> bool:
         return e.ticket is None or (not e.finishing and self.loader.ready(e.ticket))
@@ -285,12 +411,20 @@ class ExpertCache:
         """A slot for a guess; None if none can be spared, False if `admit` refused the victim."""
         self._reclaim()
         # a stale guess's read is complete (that is what made it stale rather than withdrawn)
-        spare = [e for e in self.entries.values() if (e.used or e.stale) and not e.pinned and not e.holders
-                 and e.key not in keep]
-        if len(self.free) + len(spare) < 2:  # one slot must stay for the foreground
-            return None
+        def spare(e: Entry) -> bool:
+            return (e.used or e.stale) and not e.pinned and not e.holders and e.key not in keep
+
+        need = 2 - len(self.free)  # one slot must stay for the foreground
+        if need > 0:
+            for e in self.entries.values():  # stops as soon as enough are found: usually at the first entries
+                if spare(e):
+                    need -= 1
+                    if need == 0:
+                        break
+            if need > 0:
+                return None
         # the first in eviction order among used experts and stale guesses: never a live guess
-        victim = None if self.free else (spare[0] if self._order is None else self._best(spare))
+        victim = None if self.free else self._victim(spare)
         if admit is not None and not admit(None if victim is None else victim.key):
             return False
         return self.free.pop() if victim is None else self._evict(victim)
@@ -554,7 +688,7 @@ class ExpertCache:
                 if now is not None and e.due is not None and e.due > now:
                     continue
                 if self._withdraw(e) == "done":  # its read completed meanwhile: keep it (unchecked; acquire checks it)
-                    e.stale = True
+                    self.entries.mark_stale(e.key)
                     self.entries.move_to_end(e.key, last=False)
                     self.stats.prefetch_stale += 1
                     continue
@@ -566,11 +700,12 @@ class ExpertCache:
 
     @property
     def eviction(self) -> str:
-        """The eviction ranking in use: "lru", "layer" (layer-aware) or "layer+odds" (with a predictor's odds)."""
+        """The eviction ranking in use now: "lru", "layer" (layer-aware, by distance alone) or "layer+odds" (with a
+        predictor's odds, given with a positive slope: at slope 0 they change nothing and it is "layer")."""
         with self._cv:
             if self._order is None:
                 return "lru"
-            return "layer+odds" if self._odds else "layer"
+            return "layer+odds" if self._odds and self._odds_ab[1] > 0 else "layer"
 
     def set_odds(self, odds: Mapping[int, np.ndarray], intercept: float = 0.0, slope: float = 1.0) -> None:
         """Tell the layer-aware ranking how likely each expert is to be chosen at its layer's next step:
@@ -653,7 +788,7 @@ class ExpertCache:
         for k in keys:
             self.acquire(k)
             with self._cv:
-                self.entries[k].pinned = True
+                self.entries.set_pinned(k, True)
             self.release(k)
 
     def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
@@ -666,7 +801,7 @@ class ExpertCache:
         with self._cv:
             for k in keys:
                 if k in self.entries:
-                    self.entries[k].pinned = False
+                    self.entries.set_pinned(k, False)
             self._cv.notify_all()
 
     def drain(self) -> None:

@@ -199,11 +199,12 @@ class NullLoader(Loader):
 
 class OddsDuel:
     """Set dueling for the eviction ranking: two shadow caches of the same slots, without I/O (NullLoader), replay
-    every step, one ranked by distance alone, one with the predictor's odds; the real cache uses the odds only while
+    the steps, one ranked by distance alone, one with the predictor's odds; the real cache uses the odds only while
     their shadow has hit more (`DUEL_MARGIN` hits ahead to switch to them, back as soon as it is behind). Odds that
     carry information (markov, zipf) win within a few tokens; where recency says more than the one-step tables
     (router: replayed, the odds lost 1-3% of hits) or nothing can be learned (uniform: the ranking is the same) the
-    distance ranking stays. Costs two key-only caches' bookkeeping a step; never reads.
+    distance ranking stays. Costs two key-only caches' bookkeeping a step (on a model deeper than `max_layers`, only
+    on a sample of its layers' steps); never reads.
 
     >>> duel = OddsDuel([0, 1], 4)
     >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)    # no lead yet: distance alone
@@ -211,14 +212,24 @@ class OddsDuel:
     >>> duel.close()
     """
 
-    def __init__(self, layers: list[int], slots: int):
+    def __init__(self, layers: list[int], slots: int, max_layers: int = 16):
+        """`max_layers`: a deeper model's shadows replay only every s-th layer (at most `max_layers` of them) in
+        proportionally fewer slots, as set dueling samples sets: the steps of the layers left out cost nothing."""
+        stride = -(-len(layers) // max_layers) if max_layers > 0 else 1
+        self.layers = list(layers)[::stride]
+        self._sampled = set(self.layers)
+        slots = max(2, round(slots * len(self.layers) / max(1, len(layers))))
         self._pools = [BufferPool(4096, slots) for _ in range(2)]
-        self.shadows = [ExpertCache(p, NullLoader(p), lambda key: ("", 4096), layers=layers) for p in self._pools]
+        self.shadows = [ExpertCache(p, NullLoader(p), lambda key: ("", 4096), layers=self.layers)
+                        for p in self._pools]
         self.odds = False
 
     def step(self, keys: list[tuple[int, int]], odds: dict[int, np.ndarray], intercept: float, slope: float) -> bool:
-        """Replay one step's keys in both shadows (the odds given to the second first); True: rank with the odds."""
-        self.shadows[1].set_odds(odds, intercept, slope)
+        """Replay one step's keys in both shadows (the odds given to the second first); True: rank with the odds.
+        A step of a layer the shadows leave out changes nothing."""
+        if not keys or keys[0][0] not in self._sampled:
+            return self.odds
+        self.shadows[1].set_odds({l: v for l, v in odds.items() if l in self._sampled}, intercept, slope)
         for c in self.shadows:
             c.fetch(keys)
             for k in keys:

@@ -329,3 +329,37 @@ def test_the_duel_on_a_deep_model_replays_a_sample_of_its_layers():
     small = OddsDuel([0, 1, 2, 3], 16)  # a shallow model's duel replays every step, in the same slots
     assert small.layers == [0, 1, 2, 3] and small.shadows[0].pool.n_slots == 16
     small.close()
+
+
+def test_a_guess_held_for_later_outlives_a_step_that_names_it():
+    """A step under way that names a cached guess due later (fetch of an expert already guessed) must not make the
+    guess the first victim of its own step: it goes last, as the cache's rules say, and a used expert goes first."""
+    pool = BufferPool(4096, 2)
+    c = ExpertCache(pool, NullLoader(pool), lambda k: ("", 4096), layers=[0, 1])
+    c.prefetch((1, 5), due=10)  # a guess held for a later step
+    c.acquire((1, 2))
+    c.release((1, 2))
+    c.fetch([(1, 5), (1, 2)])  # the step names both: nothing to start
+    c.acquire((1, 7))  # a miss: one of them must go
+    c.release((1, 7))
+    assert sorted(c.entries) == [(1, 5), (1, 7)]
+    assert c.stats.prefetch_wasted == 0
+    pool.close()
+
+
+def test_the_entries_never_keep_a_ghost_in_their_layer_buckets():
+    """OrderedDict's pop, popitem, clear and re-insertion bypass __delitem__; the per-layer buckets must follow."""
+    from mer_runtime.cache import Entry, _Entries
+
+    d = _Entries()
+    for k in [(0, 1), (0, 2), (1, 3), (1, 4)]:
+        d[k] = Entry(k, 0, None, 0.0)
+    d.pop((0, 1))
+    assert list(d.buckets[0]) == [(0, 2)]
+    assert d.pop((9, 9), None) is None
+    d[(1, 3)] = Entry((1, 3), 0, None, 0.0)  # re-inserted: most recent in both orders
+    assert list(d) == [(0, 2), (1, 4), (1, 3)] and list(d.buckets[1]) == [(1, 4), (1, 3)]
+    assert d.popitem(last=False)[0] == (0, 2) and 0 not in d.buckets
+    d.mark_stale((1, 4))
+    d.clear()
+    assert not d and not d.buckets and not d.stale

@@ -130,9 +130,8 @@ class _Entries(OrderedDict):
         self.clock = 0
 
     def __setitem__(self, key: Key, e: Entry) -> None:
-        old = self.get(key)
-        if old is not None:
-            self._forget(key)
+        if key in self:  # a re-inserted key goes to the most recent end, as its new tick says, in both orders
+            del self[key]
         super().__setitem__(key, e)
         self.clock += 1
         e.tick = self.clock
@@ -142,6 +141,27 @@ class _Entries(OrderedDict):
     def __delitem__(self, key: Key) -> None:
         super().__delitem__(key)
         self._forget(key)
+
+    # OrderedDict's own pop/popitem/clear bypass __delitem__: routed through it so the buckets never keep a ghost
+    def pop(self, key: Key, *default: Entry) -> Entry:  # type: ignore[override]
+        if key not in self:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        e = super().__getitem__(key)
+        del self[key]
+        return e
+
+    def popitem(self, last: bool = True) -> tuple[Key, Entry]:
+        if not self:
+            raise KeyError("popitem(): no entries")
+        key = next(reversed(self)) if last else next(iter(self))
+        return key, self.pop(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self.buckets.clear()
+        self.stale.clear()
 
     def _forget(self, key: Key) -> None:
         b = self.buckets.get(key[0])
@@ -334,10 +354,11 @@ class ExpertCache:
                 self.examined += 1
                 if e.holders or not ok(e):
                     continue
-                if any(e.key in st[1] for st in threads):
-                    k = (2, e.tick)
-                elif self._held_for_later(e):
+                # held-for-later outranks the step under way: a step that names a cached guess still wants its read
+                if self._held_for_later(e):
                     k = (3, e.tick)
+                elif any(e.key in st[1] for st in threads):
+                    k = (2, e.tick)
                 else:
                     if odds is not None and 0 <= e.key[1] < len(odds):
                         v = max(a + b * float(odds[e.key[1]]), 1e-12) / d

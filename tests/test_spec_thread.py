@@ -559,6 +559,22 @@ def test_a_double_close_of_a_ticket_s_fd_is_reported_not_dropped(files, monkeypa
         loader.close()
         pool.close()
 
+def _enter_taking_none():
+    """A stand-in for the ring's syscall wrapper whose io_uring_enter takes none of the SQEs it is given (and reports
+    no error): the kernel's side of a submission that never happens, without a mock of our own code."""
+    import ctypes
+
+    real = uring._syscall
+
+    def taking_none(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[1] > 0:  # (fd, to_submit, min_complete, flags, sigset, size)
+            ctypes.set_errno(0)
+            return 0
+        return real(nr, *a)
+
+    return taking_none
+
+
 
 def test_a_failed_close_keeps_a_read_s_own_error_and_gives_each_waiter_its_own_exception(files, monkeypatch):
     """close() failing used to overwrite a read's own error with its own, and to hand one exception object to
@@ -599,22 +615,12 @@ def test_a_bug_found_while_closing_is_not_reported_as_the_kernel_refusing_the_wa
     """close() caught every OSError, so the loader's own "a bug" error (nothing in flight, yet reads outstanding)
     came out as "closing failed while waiting ... buffers may still be written". Provoked through the ring's
     syscall wrapper: io_uring_enter takes none of the SQEs it is given (and reports no error)."""
-    import ctypes
-
     big, small = files
     fds = set(os.listdir("/proc/self/fd"))
     pool = BufferPool(SIZE, 2)
     loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
-    real = uring._syscall
-
-    def taking_none(nr, *a):
-        if nr == uring.SYS_IO_URING_ENTER and a[1] > 0:  # (fd, to_submit, min_complete, flags, sigset, size)
-            ctypes.set_errno(0)
-            return 0
-        return real(nr, *a)
-
     try:
-        monkeypatch.setattr(uring, "_syscall", taking_none)
+        monkeypatch.setattr(uring, "_syscall", _enter_taking_none())
         t = loader.start(str(small), SMALL, 0)
         assert loader.ring.pending == 2 and loader.ring.in_flight == 0
         with pytest.raises(ShardIOError) as raised:
@@ -843,22 +849,12 @@ def test_a_bug_found_while_closing_fails_and_frees_the_reads_the_kernel_never_sa
     takes the SQEs back, fails and finishes every such ticket (its waiters get a ShardIOError at once, from any
     thread), and a second close() is a no-op. Provoked as above: io_uring_enter takes none of the SQEs it is
     given; a guess and a miss, the guess queued behind its window so that its fd is also closed by the cancel."""
-    import ctypes
-
     big, small = files
     fds = set(os.listdir("/proc/self/fd"))
     pool = BufferPool(SIZE, 3)
     loader = open_loader("io_uring", pool, block_size=4096, queue_depth=8)
-    real = uring._syscall
-
-    def taking_none(nr, *a):
-        if nr == uring.SYS_IO_URING_ENTER and a[1] > 0:  # (fd, to_submit, min_complete, flags, sigset, size)
-            ctypes.set_errno(0)
-            return 0
-        return real(nr, *a)
-
     try:
-        monkeypatch.setattr(uring, "_syscall", taking_none)
+        monkeypatch.setattr(uring, "_syscall", _enter_taking_none())
         miss = loader.start(str(small), SMALL, 0, urgent=True)
         guess = loader.start(str(big), SIZE, 1)
         assert loader.ring.pending == 8 and loader.ring.in_flight == 0 and loader._queue

@@ -775,13 +775,10 @@ class UringLoader(Loader):
         except OSError as exc:
             self._refused(exc)
 
-    def _refused(self, exc: OSError) -> None:
-        """Under the lock: the kernel refused a submission (e.g. EAGAIN/ENOMEM: short of memory). Raising from here
-        would reach a caller (start, promote, wait) that may give the slots back while the chunks these tickets
-        submitted earlier still land in them, and the refused SQEs would go with the next submission. So the
-        refused SQEs are taken back, and their tickets fail: each is done (and its error raised by wait) only once
-        the chunks it had already submitted have landed, so its slot is never reused while the kernel writes it."""
-        failed: dict[int, Ticket] = {}
+    def _retract(self) -> dict[int, Ticket]:
+        """Take back the SQEs the kernel has not consumed (under the lock): their chunks were never with the kernel.
+        Returns the tickets they belonged to (by id), each's counts already corrected."""
+        tickets: dict[int, Ticket] = {}
         for cid in self.ring.retract():
             t, off, _ = self._chunks.pop(cid)
             self._spec.discard(cid)
@@ -789,7 +786,16 @@ class UringLoader(Loader):
             t.in_flight -= 1
             t.issued -= 1  # never with the kernel
             t.remaining -= 1
-            failed[id(t)] = t
+            tickets[id(t)] = t
+        return tickets
+
+    def _refused(self, exc: OSError) -> None:
+        """Under the lock: the kernel refused a submission (e.g. EAGAIN/ENOMEM: short of memory). Raising from here
+        would reach a caller (start, promote, wait) that may give the slots back while the chunks these tickets
+        submitted earlier still land in them, and the refused SQEs would go with the next submission. So the
+        refused SQEs are taken back, and their tickets fail: each is done (and its error raised by wait) only once
+        the chunks it had already submitted have landed, so its slot is never reused while the kernel writes it."""
+        failed = self._retract()
         why = exc.strerror or os.strerror(exc.errno or errno.EIO)
         for t in failed.values():
             self._note("refused", t.id)
@@ -1018,15 +1024,7 @@ class UringLoader(Loader):
         while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
             self._cv.wait()
         self._cancel_queued()
-        taken: dict[int, Ticket] = {}
-        for cid in self.ring.retract():
-            t, off, _ = self._chunks.pop(cid)
-            self._spec.discard(cid)
-            self._note("returned", t.id, off)
-            t.in_flight -= 1
-            t.issued -= 1  # never with the kernel
-            t.remaining -= 1
-            taken[id(t)] = t
+        taken = self._retract()
         for t in taken.values():
             # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks
             # of the same read with the kernel, and "its buffer is free" would then have its owner reuse a slot

@@ -68,6 +68,24 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subproc
     return p
 
 
+def extract_fixture(tmp_path_factory, name: str, src: str = "mixtral-q4_k_m.gguf") -> Path:
+    """A fresh extraction of a real fixture (not the session's shared one: the caller may write into it)."""
+    from mertools import extract
+
+    o = tmp_path_factory.mktemp(name) / "mx"
+    extract(REAL / src, o, fsync=False)
+    return o
+
+
+def smoke_json(out: Path, *args: str) -> dict:
+    """`mertools smoke OUT --json ARGS`, which must succeed; its JSON."""
+    import json
+
+    p = run_cli("smoke", out, "--json", *args)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
 @pytest.fixture(scope="session")
 def extracted(tmp_path_factory):
     """Extract each MoE fixture once per session: {fixture path: output folder}."""

@@ -7,7 +7,6 @@ are a function of the trace alone, so every assertion here is exact and none is 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from mer_runtime.cache import ExpertCache
 from mer_runtime.prefetch import MarkovPrefetcher
 from mer_runtime.smoke import NullLoader, SmokeConfig, compare_policies, make_routes
 
-from conftest import REAL, run_cli
+from conftest import REAL, extract_fixture, run_cli, smoke_json
 
 
 def null_cache(slots, layers=(0, 1, 2)):
@@ -176,17 +175,10 @@ def test_keep_trust_is_zero_where_nothing_can_be_learned_and_positive_where_it_c
 # -- a real smoke run -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    from mertools import extract
-
-    o = tmp_path_factory.mktemp("evsmoke") / "mx"
-    extract(REAL / "mixtral-q4_k_m.gguf", o, fsync=False)
-    return o
+    return extract_fixture(tmp_path_factory, "evsmoke")
 
 
-def smoke(out, *args):
-    p = run_cli("smoke", out, "--json", *args)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+smoke = smoke_json
 
 
 def test_smoke_reports_its_eviction_and_prefetch_on_hits_more_on_markov(out):

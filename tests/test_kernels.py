@@ -393,6 +393,24 @@ def test_q8_activations_round_half_away_from_zero(qtype):
         assert rel(matvec(qtype.name, raw, (rows, cols), x, act="q8", simd=simd), w @ q) < 1e-6, simd
 
 
+def _inf_case(qtype, rows: int, cols: int, seed: int, tiny: bool = False):
+    """A random matrix and 3 vectors: +inf in the first, -inf in the second (with a tiny value beside it if `tiny`:
+    the pre-scaled kernels' other branch), the third finite; and the float64 reference on the dequantized weights,
+    checked to hold both +-inf and finite rows (so a test can tell NaN from +-inf)."""
+    rng = np.random.default_rng(seed)
+    raw = random_matrix(qtype, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    x[0, 7] = np.inf
+    x[1, 300] = -np.inf
+    if tiny:
+        x[1, 40] = 1e-38
+    with np.errstate(invalid="ignore"):
+        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
+    assert np.isinf(ref[:2]).any() and np.isfinite(ref[2]).all()
+    return raw, x, ref
+
+
 def _nonfinite_pattern(a):
     a = np.asarray(a, np.float64)
     return np.isnan(a), np.isposinf(a), np.isneginf(a)
@@ -424,17 +442,8 @@ def test_exact_paths_follow_float64_on_inf(qtype):
     """A single +inf in x (and a -inf in another vector) gives the float64 reference's pattern of +inf, -inf and
     NaN on every exact path: the K-quant SIMD kernels subtract dmin * m * sum(x) apart from d * sc * sum(q * x),
     which is inf - inf = NaN where the reference has w * inf = +-inf, so such a call takes the unfactored path."""
-    rng = np.random.default_rng(45)
     rows, cols = 16, 512
-    raw = random_matrix(qtype, rows, cols, rng)
-    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
-    x = rng.standard_normal((3, cols)).astype(np.float32)
-    x[0, 7] = np.inf
-    x[1, 300] = -np.inf
-    x[1, 40] = 1e-38  # beside a tiny value too (the pre-scaled kernels' other branch)
-    with np.errstate(invalid="ignore"):
-        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
-    assert np.isinf(ref[:2]).any() and np.isfinite(ref[2]).all()
+    raw, x, ref = _inf_case(qtype, rows, cols, seed=45, tiny=True)
     variants = [(simd, 0) for simd in SIMD]
     if kernels._LIB is not None:
         variants.append((-1, kernels.FLAG_NO_PERM))
@@ -457,16 +466,8 @@ def test_q8_activations_follow_float64_on_inf(qtype):
     as the exact path does. Now such a call computes with float32 activations, as act="f32" (the rule of
     docs/runtime.md), on the SIMD and the portable quantizer: the same pattern as float64, the finite vector close
     to it. With MER_KERNELS=numpy, act="q8" is float32 already: the same assertions hold."""
-    rng = np.random.default_rng(46)
     rows, cols = 16, 512
-    raw = random_matrix(qtype, rows, cols, rng)
-    w = dequantize(raw.reshape(rows, -1), qtype).astype(np.float64)
-    x = rng.standard_normal((3, cols)).astype(np.float32)
-    x[0, 7] = np.inf
-    x[1, 300] = -np.inf
-    with np.errstate(invalid="ignore"):
-        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
-    assert np.isinf(ref[:2]).any() and np.isfinite(ref[2]).all()  # the test can tell NaN from +-inf
+    raw, x, ref = _inf_case(qtype, rows, cols, seed=46)
     for simd, flags in Q8_VARIANTS:
         for xs in (x, x[0]):  # a batch, and one vector
             got = matvec(qtype.name, raw, (rows, cols), xs, act="q8", simd=simd, flags=flags)

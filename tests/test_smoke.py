@@ -9,22 +9,15 @@ import pytest
 
 from mer_runtime import load_manifest
 
-from conftest import REAL, run_cli
+from conftest import REAL, extract_fixture, run_cli, smoke_json
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    from mertools import extract
-
-    o = tmp_path_factory.mktemp("smoke") / "mx"
-    extract(REAL / "mixtral-q4_k_m.gguf", o, fsync=False)
-    return o
+    return extract_fixture(tmp_path_factory, "smoke")
 
 
-def smoke(out, *args):
-    p = run_cli("smoke", out, "--json", *args)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+smoke = smoke_json
 
 
 @pytest.mark.parametrize("workload", ["zipf", "markov", "uniform", "router"])

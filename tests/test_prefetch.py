@@ -288,3 +288,81 @@ def test_the_token_ahead_replay_gains_on_a_learnable_trace_and_never_loses(manif
         assert r["markov"]["hits"] >= r["none"]["hits"] - 0.005 * routes.size, workload
         priced = compare_policies(manifest, routes, 5, SmokeConfig(), chunk_frac=0.01, read_frac=1.0)
         assert priced["markov"]["prefetch_issued"] == 0, workload  # a read that costs a miss never pays
+
+
+def _reference_estimate(routes: np.ndarray, t: int, li: int, j: int, n_experts: int, a: float = 2.0) -> np.ndarray:
+    """[2, E] from the trace alone, recounted from scratch (the module docstring's estimator): after observing
+    layer index li of token t, P(e at layer index j's next step) and one standard deviation below it, the best over
+    the sources: layer j's own step of token t if seen (same-layer table), else layer j at token t-1 (same-layer)
+    and layer j-1 at token t (cross-layer)."""
+    T, L, k = routes.shape
+    done = [(u, lj) for u in range(T) for lj in range(L) if (u, lj) <= (t, li)]
+    steps = sum(1 for _u, lj in done if lj == j)
+    seen = np.zeros(n_experts)
+    for u, lj in done:
+        if lj == j:
+            seen[routes[u, lj]] += 1
+    base = (seen + a * min(1.0, k / n_experts)) / (steps + a)
+
+    def rows(table: str, sources) -> list[tuple[np.ndarray, float]]:
+        out = []
+        for s in sources:
+            c, n = np.zeros(n_experts), 0.0
+            for u, lj in done:
+                if lj != j:
+                    continue
+                before = routes[u - 1, j] if table == "same" else routes[u, j - 1]
+                if (table == "same" and u == 0) or (table == "cross" and j == 0) or s not in before:
+                    continue
+                c[routes[u, j]] += 1
+                n += 1
+            out.append((c, n))
+        return out
+
+    if (t, j) in done:
+        src = rows("same", routes[t, j])
+    else:
+        src = (rows("same", routes[t - 1, j]) if t > 0 else []) + (rows("cross", routes[t, j - 1]) if j > 0 else [])
+    if not src:
+        return np.stack([base, base])
+    est = np.array([(c + a * base) / (n + a) for c, n in src])
+    sd = np.sqrt(est * (1 - est) / np.array([[n + a + 1] for _c, n in src]))
+    return np.stack([est.max(axis=0), (est - sd).max(axis=0)])
+
+
+@pytest.mark.parametrize("workload", ["markov", "zipf"])
+def test_the_estimates_equal_a_recount_of_the_trace_at_every_step(manifest, workload):
+    """The tables are updated incrementally and each layer's estimate is computed once per observation (reused by
+    keep_odds, predict_scored and prob_next): at every step, for every layer, they must equal the estimator
+    recomputed from the routes seen so far."""
+    E = manifest.model["n_experts"]
+    L = len(manifest.layers)
+    routes = make_routes(manifest, workload, 12, seed=3)
+    pf = MarkovPrefetcher(manifest.layers, E)
+    for t in range(routes.shape[0]):
+        for li in range(L):
+            pf.observe(li, [int(e) for e in routes[t, li]])
+            for j in range(L):
+                ref = _reference_estimate(routes, t, li, j, E)
+                np.testing.assert_allclose(pf.keep_odds(j), ref[0], rtol=0, atol=1e-12)
+                assert pf.prob_next(j, 1) == pytest.approx(min(1.0, ref[0][1] * max(1.0, pf.calibration)), abs=1e-12)
+            target, scored = pf.predict_scored(li)
+            if scored:
+                ref = _reference_estimate(routes, t, li, target, E)
+                q = np.minimum(1.0, np.maximum(0.0, ref[1]) * pf.calibration)
+                assert [e for e, _ in scored] == sorted((e for e, _ in scored), key=lambda e: -q[e])
+                assert [p for _, p in scored] == pytest.approx([q[e] for e, _ in scored], abs=1e-12)
+
+
+def test_handed_out_odds_are_read_only_and_an_observation_gives_fresh_ones():
+    """The cache keeps the arrays it is given (`ExpertCache.set_odds`): one handed out must never change later."""
+    pf = MarkovPrefetcher([0, 1], 4)
+    pf.observe(0, [1, 2])
+    v = pf.keep_odds(1)
+    before = v.copy()
+    with pytest.raises(ValueError):
+        v[0] = 1.0
+    pf.observe(1, [3, 0])
+    pf.observe(0, [1, 2])
+    assert pf.keep_odds(1) is not v and not np.array_equal(pf.keep_odds(1), before)
+    np.testing.assert_array_equal(v, before)

@@ -32,6 +32,7 @@ instead of corrupting the tables. Handing one to another thread between calls is
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from typing import Callable, TypeVar
 
@@ -110,36 +111,56 @@ class MarkovPrefetcher:
         # the eviction odds (keep_odds) handed out per layer index, scored at that layer's next step: sums over every
         # (expert, step) scored of 1, p, chosen, p^2, p x chosen (a least-squares fit of chosen on p: keep_trust)
         self._odds_out: dict[int, np.ndarray] = {}
-        self._fit = np.zeros(5, np.float64)
+        self._fit = [0.0] * 5
         self.keep_z = keep_z
+        # the estimates change only when a step is observed; a driver asks for the same layer's several times a step
+        # (keep_odds, predict_scored, prob_next), so each is computed once per observation: read-only arrays, safe to
+        # hand out (`ExpertCache.set_odds` keeps them)
+        self._both_memo: dict[int, np.ndarray] = {}
+        self._trust_memo: tuple[float, float] | None = None
 
     @_one_thread
     def observe(self, li: int, experts: list[int]) -> None:
         """Layer index li (position in `layers`) of the current token routed to `experts`."""
         self.clock += 1
+        self._both_memo.clear()
         if li == 0:
             self.prev_token, self.cur_token = self.cur_token, [None] * len(self.layers)
-        chosen = set(experts)
+        chosen = list(dict.fromkeys(experts))  # a repeated expert counts once, as one step's choice
         odds = self._odds_out.pop(li, None)
         if odds is not None:
-            self._fit += (len(odds), odds.sum(), len(chosen), odds @ odds, odds[list(chosen)].sum())
+            f = self._fit
+            f[0] += len(odds)
+            f[1] += float(odds.sum())
+            f[2] += len(chosen)
+            f[3] += float(odds @ odds)
+            f[4] += float(odds[chosen].sum())
+            self._trust_memo = None
         for e, p in self._pending.pop(li, ()):
             self.predicted += p
             self.came_true += e in chosen
         self.k = max(self.k, len(experts))
+        # scalar increments: k x k of them cost less than building a fancy index each step (k is 1-8)
         prev = self.prev_token[li]
-        if prev is not None:  # plain loops: k x k increments, cheaper than building an np.ix_ index each step
+        if prev is not None:
+            same, same_n = self.same[li], self.same_n[li]
             for s in prev:
-                self.same[li, s, experts] += 1
-            self.same_n[li][prev] += 1
+                row = same[s]
+                for e in chosen:
+                    row[e] += 1.0
+                same_n[s] += 1.0
         if li > 0 and self.cur_token[li - 1] is not None:
-            src = self.cur_token[li - 1]
-            for s in src:
-                self.cross[li, s, experts] += 1
-            self.cross_n[li][src] += 1
-        self.seen[li][experts] += 1
+            cross, cross_n = self.cross[li], self.cross_n[li]
+            for s in self.cur_token[li - 1]:  # type: ignore[union-attr]
+                row = cross[s]
+                for e in chosen:
+                    row[e] += 1.0
+                cross_n[s] += 1.0
+        seen = self.seen[li]
+        for e in chosen:
+            seen[e] += 1.0
         self.steps[li] += 1
-        self.cur_token[li] = list(experts)
+        self.cur_token[li] = chosen
 
     @property
     def calibration(self) -> float:
@@ -150,28 +171,49 @@ class MarkovPrefetcher:
         a = self.prior
         return (self.seen[li] + a * min(1.0, self.k / self.n)) / (self.steps[li] + a)
 
-    def _shrunk(self, table: np.ndarray, totals: np.ndarray, sources: list[int], base: np.ndarray
-                ) -> np.ndarray:
+    def _shrunk(self, rows: np.ndarray, n: np.ndarray, base: np.ndarray) -> np.ndarray:
         """[2, E]: the estimate, and one standard deviation below it (the Beta posterior's sd, large while a source
-        has been seen little), each the best evidence among the source experts."""
+        has been seen little), each the best evidence among the source rows (counts [S, E], sightings n [S, 1])."""
         a = self.prior
-        n = totals[sources, None] + a
-        rows = (table[sources] + a * base) / n
-        return np.stack([rows.max(axis=0), (rows - np.sqrt(rows * (1.0 - rows) / (n + 1.0))).max(axis=0)])
+        n = n + a
+        est = (rows + a * base) / n
+        out = np.empty((2, est.shape[1]))
+        est.max(axis=0, out=out[0])
+        (est - np.sqrt(est * (1.0 - est) / (n + 1.0))).max(axis=0, out=out[1])
+        return out
 
     def _both(self, target: int) -> np.ndarray:
         """[2, E]: uncalibrated P(e at layer index `target`'s next step) for every e, from what has been observed,
-        and one standard deviation below it (for the gate: a guess from little evidence must clear the bar by more)."""
+        and one standard deviation below it (for the gate: a guess from little evidence must clear the bar by more).
+        The best evidence among the sources: this token's own step if seen (its next step is the next token's,
+        same-layer table), else the previous token's step at the layer (same-layer) and this token's step at the
+        layer before (cross-layer). Computed once per observation (read-only)."""
+        got = self._both_memo.get(target)
+        if got is not None:
+            return got
         base = self._base(target)
-        if self.cur_token[target] is not None:  # seen this token: its next step is the next token's
-            return self._shrunk(self.same[target], self.same_n[target], self.cur_token[target], base)
-        probs = None
-        if self.prev_token[target] is not None:
-            probs = self._shrunk(self.same[target], self.same_n[target], self.prev_token[target], base)
-        if target > 0 and self.cur_token[target - 1] is not None:
-            cross = self._shrunk(self.cross[target], self.cross_n[target], self.cur_token[target - 1], base)
-            probs = cross if probs is None else np.maximum(probs, cross)
-        return probs if probs is not None else np.stack([base, base])
+        cur, prev = self.cur_token[target], self.prev_token[target]
+        src = None
+        if cur is not None:
+            src = (self.same[target][cur], self.same_n[target][cur])
+        else:
+            parts = []
+            if prev is not None:
+                parts.append((self.same[target][prev], self.same_n[target][prev]))
+            if target > 0 and self.cur_token[target - 1] is not None:
+                up = self.cur_token[target - 1]
+                parts.append((self.cross[target][up], self.cross_n[target][up]))
+            if len(parts) == 2:  # the max over both tables' rows is the max of the two tables' maxima
+                src = (np.concatenate((parts[0][0], parts[1][0])), np.concatenate((parts[0][1], parts[1][1])))
+            elif parts:
+                src = parts[0]
+        if src is None:
+            both = np.stack([base, base])
+        else:
+            both = self._shrunk(src[0], src[1][:, None], base)
+        both.flags.writeable = False
+        self._both_memo[target] = both
+        return both
 
     def _raw(self, target: int) -> np.ndarray:
         return self._both(target)[0]
@@ -201,7 +243,7 @@ class MarkovPrefetcher:
         >>> round(MarkovPrefetcher([0], 8).keep_bound(80), 2)
         3.72
         """
-        return self.keep_z + float(np.sqrt(2.0 * np.log(np.log(max(n, np.e ** np.e)))))
+        return self.keep_z + math.sqrt(2.0 * math.log(math.log(max(n, math.e ** math.e))))
 
     @_one_thread
     def keep_trust(self) -> tuple[float, float]:
@@ -214,6 +256,8 @@ class MarkovPrefetcher:
         >>> MarkovPrefetcher([0], 8).keep_trust()
         (0.5, 0.0)
         """
+        if self._trust_memo is not None:  # the fit changes only when odds handed out are scored
+            return self._trust_memo
         n, sp, sy, spp, spy = self._fit
         if n < 2:
             return 0.5, 0.0
@@ -221,9 +265,10 @@ class MarkovPrefetcher:
         var = spp / n - mp * mp
         b = 0.0
         if var > 1e-12:
-            se = np.sqrt(max(my * (1.0 - my), 1e-12) / (n * var))
+            se = math.sqrt(max(my * (1.0 - my), 1e-12) / (n * var))
             b = max(0.0, (spy / n - mp * my) / var - self.keep_bound(n) * se)
-        return float(my - b * mp), float(b)
+        self._trust_memo = (float(my - b * mp), float(b))
+        return self._trust_memo
 
     @_one_thread
     def prob_next(self, li: int, expert: int) -> float:
@@ -283,15 +328,16 @@ class MarkovPrefetcher:
         """The candidates for layer index target's next step, recorded for scoring against it."""
         both = self._both(target)
         raw = both[0].copy()
-        q = np.minimum(1.0, np.maximum(0.0, both[1]) * self.calibration)
         if cached:
             raw[list(cached)] = 0.0
         # candidates by the raw estimate: a threshold on the calibrated one would, with a pessimistic start, never
         # predict, so never be scored, so never learn; the gate judges the calibrated one
         picks = np.flatnonzero(raw >= self.threshold)
-        picks = picks[np.argsort(-q[picks], kind="stable")][: self.max_per_step or len(picks)]
-        self._pending[target] = [(int(e), float(raw[e])) for e in picks]
-        return [(int(e), float(q[e])) for e in picks]
+        q = np.minimum(1.0, np.maximum(0.0, both[1][picks]) * self.calibration)
+        order = np.argsort(-q, kind="stable")[: self.max_per_step or len(picks)]
+        es, qs = picks[order].tolist(), q[order].tolist()
+        self._pending[target] = list(zip(es, raw[es].tolist()))
+        return list(zip(es, qs))
 
 
 class CostModel:

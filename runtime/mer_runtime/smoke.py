@@ -324,8 +324,10 @@ def _steps(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: st
                 if odds:
                     vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore
                     a, b = pf.keep_trust()  # type: ignore[union-attr]
-                    cache.set_odds(vectors, a, b if duel.step(keys, vectors, a, b) else 0.0)  # type: ignore
+                    cache.set_odds(vectors, a, b if duel.odds else 0.0)  # type: ignore[union-attr]
             cache.fetch(keys)
+            if odds:  # replayed once the step's reads are with the disk: its verdict ranks from the next step on
+                duel.step(keys, vectors, a, b)  # type: ignore[union-attr]
             guesses: list[tuple[int, float]] = []
             target = 0
             if markov:

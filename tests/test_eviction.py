@@ -239,6 +239,49 @@ def test_a_victim_search_looks_at_a_few_entries_not_the_whole_cache():
     big, m = deep_run(2048, odds=True, tokens=8)
     assert n > 500 and m > 500 and max(small, big) <= 58 * ODDS_SCAN + 8, (small, big)
     assert big < 2048 / 4 and big <= small * 1.25, (small, big)  # not O(entries): twice the slots, no more work
+    # each layer's window is kept sorted by odds until its bucket or odds change, and a layer whose lowest odds
+    # cannot beat the best found is passed over unlooked-at: about 350 entries an eviction at 512 slots before
+    per, n = deep_run(512, odds=True)
+    assert n > 1000 and per <= 2 * ODDS_SCAN + 8, per
+
+
+def test_the_kept_windows_rank_exactly_as_scoring_every_entry():
+    """The victim search keeps each layer's window sorted between evictions: with odds replaced every step (as a
+    driver does) and buckets no larger than a window, its victims are exactly those of scoring every idle entry by
+    P / d, ties least recently used, computed here from the trace alone."""
+    layers, experts, slots = [0, 1, 2, 3, 4, 5], 8, 20
+    cache, pool = null_cache(slots, layers)
+    rng = np.random.default_rng(7)
+    odds = {l: rng.random(experts) / 4 for l in layers}
+    a, b = 0.02, 1.0
+    cache.set_odds(odds, a, b)
+    lru: list = []  # least recently used first, kept by the test
+    checked = 0
+    for t in range(40):
+        for li, layer in enumerate(layers):
+            if t and rng.random() < 0.5:  # new odds for this layer and the next, fresh arrays as set_odds asks
+                nxt = layers[(li + 1) % len(layers)]
+                fresh = {layer: rng.random(experts) / 4, nxt: rng.random(experts) / 4}
+                odds.update(fresh)
+                cache.set_odds(fresh, a, b)
+            keys = [(layer, int(e)) for e in rng.choice(experts, 2, replace=False)]
+            absent = [k for k in keys if k not in lru]
+            need = max(0, len(lru) + len(absent) - slots)
+
+            def value(k):
+                d = (layers.index(k[0]) - li) % len(layers) or len(layers)
+                return max(a + b * odds[k[0]][k[1]], 1e-12) / d
+
+            cands = sorted((k for k in lru if k not in keys), key=lambda k: (value(k), lru.index(k)))
+            expect = set(cands[:need])
+            before = set(cache.entries)
+            cache.fetch(keys)
+            touch(cache, *keys)
+            assert before - set(cache.entries) == expect, (t, layer, expect)
+            checked += need
+            lru = [k for k in lru if k not in expect and k not in keys] + keys
+    assert checked > 100 and cache.stats.evictions == checked
+    pool.close()
 
 
 def test_several_threads_at_different_layers_keep_each_others_steps():

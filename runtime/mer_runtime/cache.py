@@ -128,6 +128,7 @@ class _Entries(OrderedDict):
         self.buckets: dict[int, OrderedDict[Key, Entry]] = {}
         self.stale: dict[Key, Entry] = {}
         self.clock = 0
+        self.dirty: set[int] = set()  # layers whose bucket changed since the victim search last looked (its windows)
 
     def __setitem__(self, key: Key, e: Entry) -> None:
         if key in self:  # a re-inserted key goes to the most recent end, as its new tick says, in both orders
@@ -137,6 +138,7 @@ class _Entries(OrderedDict):
         e.tick = self.clock
         if not e.pinned:
             self.buckets.setdefault(key[0], OrderedDict())[key] = e
+            self.dirty.add(key[0])
 
     def __delitem__(self, key: Key) -> None:
         super().__delitem__(key)
@@ -160,6 +162,7 @@ class _Entries(OrderedDict):
 
     def clear(self) -> None:
         super().clear()
+        self.dirty.update(self.buckets)
         self.buckets.clear()
         self.stale.clear()
 
@@ -167,6 +170,7 @@ class _Entries(OrderedDict):
         b = self.buckets.get(key[0])
         if b is not None:
             b.pop(key, None)
+            self.dirty.add(key[0])
             if not b:
                 del self.buckets[key[0]]
         self.stale.pop(key, None)
@@ -179,6 +183,7 @@ class _Entries(OrderedDict):
         b = self.buckets.get(key[0])
         if b is not None and key in b:
             b.move_to_end(key, last)
+            self.dirty.add(key[0])
 
     def mark_stale(self, key: Key) -> None:
         e = self[key]
@@ -190,6 +195,7 @@ class _Entries(OrderedDict):
         if e.pinned == pinned:
             return
         e.pinned = pinned
+        self.dirty.add(key[0])
         if pinned:
             b = self.buckets.get(key[0])
             if b is not None:
@@ -274,6 +280,9 @@ class ExpertCache:
         self.examined = 0  # entries looked at by layer-aware victim searches (a measure of their cost, for tests)
         self._odds: dict[int, np.ndarray] = {}
         self._odds_ab = (1.0, 0.0)  # (intercept, slope): P(used at its layer's next step) = a + b x odds
+        # per layer with odds: (the odds array it was ranked with, its bucket's ODDS_SCAN least recently used entries
+        # by ascending odds, ties least recently used), kept until the bucket changes (entries.dirty) or new odds come
+        self._windows: dict[int, tuple[np.ndarray, list[Entry], float]] = {}
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
     def _reclaim(self) -> None:
@@ -321,12 +330,15 @@ class ExpertCache:
         by what keeping it is worth per step until its layer's next step, P(used then) / steps until then; then an
         expert of a step under way; a guess held for a later step last. Ties least recently used.
 
-        Bounded work under the lock: the layers are visited furthest first, each layer's bucket from its least
-        recently used end. Without odds P is the same for all, so the first ordinary entry of the furthest layer
-        that has one is the victim (O(layers), not O(entries)). With odds only the `ODDS_SCAN` least recently used
-        ordinary entries of each layer are scored (a layer's experts share d, so among them the lowest odds go;
-        the recently used, which the odds favour anyway, are not looked at), and the visit stops at the first layer
-        whose best possible score (odds 0) cannot beat the best found."""
+        Bounded work under the lock: the layers are visited furthest first, and the visit stops at the first layer
+        whose best possible score (odds 0) cannot beat the best found. Without odds for a layer P is the same for
+        all its experts, so its candidate is the first ordinary entry of its bucket (least recently used first):
+        by distance alone the search is O(layers), not O(entries). With odds a layer's candidate is its ordinary
+        entry of lowest odds among the `ODDS_SCAN` least recently used of its bucket (a layer's experts share d;
+        the recently used, which the odds favour anyway, are not looked at). That window, sorted by odds, is kept
+        per layer until the layer's bucket changes or its odds are replaced (a step changes two or three layers),
+        so an eviction on a deep model looks at about one entry per layer visited instead of re-sorting every
+        layer's window (58 layers x 256 experts at 512 slots: about 350 entries an eviction before)."""
         ents = self.entries
         best: Entry | None = None
         for e in ents.stale.values():
@@ -335,13 +347,15 @@ class ExpertCache:
                 best = e
         if best is not None:
             return best
+        if ents.dirty:
+            for layer in ents.dirty:
+                self._windows.pop(layer, None)
+            ents.dirty.clear()
         threads = self._threads.values()
         a, b = self._odds_ab
         use_odds = b > 0 and bool(self._odds)
         floor = max(a, 1e-12)
         bval = 0.0
-        fallback: Entry | None = None
-        fkey: tuple[int, int] = (0, 0)
         for layer, d in self._distances():
             bucket = ents.buckets.get(layer)
             if not bucket:
@@ -349,7 +363,67 @@ class ExpertCache:
             if best is not None and floor / d > bval:
                 break
             odds = self._odds.get(layer) if use_odds else None
-            scored = 0
+            if odds is None:  # one P for all: the first ordinary entry, least recently used first
+                for e in bucket.values():
+                    self.examined += 1
+                    if self._ordinary(e, ok, threads):
+                        if best is None or floor / d < bval or (floor / d == bval and e.tick < best.tick):
+                            best, bval = e, floor / d
+                        break
+                continue
+            win = self._windows.get(layer)
+            if win is None or win[0] is not odds:
+                win = (odds, *self._window(bucket, odds))
+                self._windows[layer] = win
+            if best is not None and max(a + b * win[2], 1e-12) / d > bval:
+                continue  # not even the window's lowest odds would beat the best found: nothing there is looked at
+            n = len(odds)
+            for e in win[1]:
+                self.examined += 1
+                if self._ordinary(e, ok, threads):
+                    x = e.key[1]
+                    v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
+                    if best is None or v < bval or (v == bval and e.tick < best.tick):
+                        best, bval = e, v
+                    break
+        if best is not None:
+            return best
+        return self._fallback_victim(ok, threads, a, b, use_odds)
+
+    def _window(self, bucket: OrderedDict[Key, Entry], odds: np.ndarray) -> tuple[list[Entry], float]:
+        """A layer's `ODDS_SCAN` least recently used entries, by ascending odds, ties least recently used, and the
+        lowest of their odds (a bound on what the layer can score, whichever of them is a candidate now)."""
+        n = len(odds)
+        win = []
+        for e in bucket.values():
+            self.examined += 1
+            x = e.key[1]
+            win.append((float(odds[x]) if 0 <= x < n else 0.0, e.tick, e))
+            if len(win) >= ODDS_SCAN:
+                break
+        win.sort(key=lambda t: (t[0], t[1]))
+        return [t[2] for t in win], (win[0][0] if win else 0.0)
+
+    def _ordinary(self, e: Entry, ok: Callable[[Entry], bool], threads: Iterable[list]) -> bool:
+        """An idle entry ok() accepts that is neither a guess held for a later step nor in a step under way."""
+        return (not e.holders and ok(e) and not self._held_for_later(e)
+                and not any(e.key in st[1] for st in threads))
+
+    def _fallback_victim(self, ok: Callable[[Entry], bool], threads: Iterable[list], a: float, b: float,
+                         use_odds: bool) -> Entry | None:
+        """No ordinary candidate in the windows: every entry, the old way (rare: the cache is all steps under way,
+        held guesses, entries in use or ones ok() refuses). The best ordinary entry beyond the windows; failing
+        that an expert of a step under way, a guess held for a later step last, least recently used first."""
+        best: Entry | None = None
+        bval = 0.0
+        fallback: Entry | None = None
+        fkey: tuple[int, int] = (0, 0)
+        for layer, d in self._distances():
+            bucket = self.entries.buckets.get(layer)
+            if not bucket:
+                continue
+            odds = self._odds.get(layer) if use_odds else None
+            n = 0 if odds is None else len(odds)
             for e in bucket.values():
                 self.examined += 1
                 if e.holders or not ok(e):
@@ -360,15 +434,10 @@ class ExpertCache:
                 elif any(e.key in st[1] for st in threads):
                     k = (2, e.tick)
                 else:
-                    if odds is not None and 0 <= e.key[1] < len(odds):
-                        v = max(a + b * float(odds[e.key[1]]), 1e-12) / d
-                    else:
-                        v = floor / d
+                    x = e.key[1]
+                    v = max(a + b * float(odds[x]) if odds is not None and 0 <= x < n else a, 1e-12) / d
                     if best is None or v < bval or (v == bval and e.tick < best.tick):
                         best, bval = e, v
-                    scored += 1
-                    if odds is None or scored >= ODDS_SCAN:  # without odds for the layer its first is its least
-                        break
                     continue
                 if fallback is None or k < fkey:
                     fallback, fkey = e, k

@@ -250,36 +250,30 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
               ) -> dict[str, Any]:
     if cfg.evict not in ("layer", "lru"):
         raise MerError(f"evict {cfg.evict!r}: expected layer or lru")
+    if cfg.prefetch_ahead not in ("token", "step"):
+        raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
+    # prefetching as the ShardSet drives it for moe(): the same driver, gate and loader window (one path)
+    prefetch = PrefetchConfig(ahead=cfg.prefetch_ahead, max_inflight=cfg.max_inflight,
+                              threshold_scale=cfg.threshold_scale, spec_window=cfg.spec_window) if cfg.prefetch else False
     with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first", block_size=cfg.block_size,
-                     queue_depth=cfg.queue_depth, evict=cfg.evict) as s:
+                     queue_depth=cfg.queue_depth, evict=cfg.evict, prefetch=prefetch) as s:
         m = s.manifest
         routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
         T, L, k = routes.shape
         tick = progress(T, T) if progress else (lambda n: None)
         compute_times: list[float] = []
         x_bank = np.random.default_rng(cfg.seed + 1).standard_normal((8, m.model["d_model"])).astype(np.float32)
-        pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
         token_index = [0]
-        # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
+        # what the replay's gate starts from: a guess reads (and, if right, lands) what its window allows
         biggest = max(e.size for e in m.experts)
         frac = min(1.0, s.loader.queue_depth * s.loader.block_size / biggest)
-        if cfg.prefetch_ahead not in ("token", "step"):
-            raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
         # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
         ahead = "token" if cfg.prefetch_ahead == "token" and s.loader.name == "io_uring" else "step"
         chunk_frac = s.loader.block_size / biggest if ahead == "token" else None
-        cost = None
-        if cfg.prefetch and ahead == "token":
-            cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=chunk_frac,
-                             expert_bytes=biggest)
-            s.loader.spec_window, s.loader.spec_cap_each = cfg.spec_window, False
-            s.loader.spec_background = True  # type: ignore[attr-defined]  # io_uring: reads on while experts compute
-        elif cfg.prefetch:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
-            cost = CostModel(window=s.loader.queue_depth, window_frac=frac)
-            s.loader.spec_window = cost.window
+        # prefetch off: a driver that only fetches each step's experts together (hits first), as before
+        drv = s.step_driver() or StepDriver(s.cache, m.layers, policy="none")
+        pf, cost = drv.pf or MarkovPrefetcher(m.layers, m.model["n_experts"]), drv.cost
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
-
-        measure_reads = cost is not None and ahead == "token"
 
         def access(layer: int, e: int, before_compute: Callable[[], None] | None) -> None:
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
@@ -287,30 +281,17 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                     before_compute()
                 if cfg.compute:
                     # a guess under way now streams through this computation (none is issued during it): what
-                    # its landing costs the kernel is the price of a read (CostModel.observe_compute)
-                    spec = measure_reads and s.cache.speculating()
-                    b0 = s.loader.landed_bytes() if measure_reads else 0
-                    t0 = time.perf_counter()
-                    s.compute(ex, x_bank[token_index[0] % len(x_bank)])
-                    compute_times.append(time.perf_counter() - t0)
-                    if measure_reads:
-                        cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0, spec)  # type: ignore
+                    # its landing costs the kernel is the price of a read (token ahead: CostModel.observe_compute)
+                    compute_times.append(drv.compute(lambda: s.compute(ex, x_bank[token_index[0] % len(x_bank)]))[1])
 
-        # one duel for the whole run (the driver is called a token at a time): its shadows' record is the run's
-        duel = OddsDuel(m.layers, cfg.cache_slots) if cfg.prefetch and s.cache.eviction != "lru" else None
         t_start = time.perf_counter()
-        try:
-            for t in range(T):
-                token_index[0] = t
-                _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none",
-                       pf if cfg.prefetch else None, cfg.max_inflight, on_access=access, cost=cost, ahead=ahead,
-                       duel=duel)
-                tick(1)
-        finally:
-            if duel is not None:
-                duel.close()
+        for t in range(T):
+            token_index[0] = t
+            for li in range(L):
+                drv.step(li, routes[t, li], access)
+            tick(1)
         wall = time.perf_counter() - t_start
-        odds_used = duel is not None and duel.odds
+        odds_used = drv.duel is not None and drv.duel.odds  # the ShardSet closes its driver (and duel) on exit
         st = s.cache.stats
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
         eviction = s.cache.eviction

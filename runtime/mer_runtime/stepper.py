@@ -30,7 +30,8 @@ class PrefetchConfig:
     """What `ShardSet(prefetch=...)` drives: `prefetch=True` (or "markov") is `PrefetchConfig()`.
 
     ahead: "step" (guess the next layer step) or "token" (the same layer of the next token, read only in the disk's
-    idle time: io_uring only, other backends keep "step"); max_inflight: guesses with the disk at once;
+    idle time: io_uring only, other backends keep "step"); max_inflight: guesses with the disk at once (0: none is
+    read, the odds still rank the eviction);
     threshold_scale: a candidate's estimate must be at least this / n_experts; spec_window: "token" only, the
     speculative chunks with the disk at once.
 
@@ -46,8 +47,8 @@ class PrefetchConfig:
     def __post_init__(self) -> None:
         if self.ahead not in AHEADS:
             raise ValueError(f"ahead {self.ahead!r}: expected token or step")
-        if self.max_inflight < 1 or self.spec_window < 1:
-            raise ValueError("max_inflight and spec_window must be at least 1")
+        if self.max_inflight < 0 or self.spec_window < 1:  # max_inflight 0: the odds alone, no guess read
+            raise ValueError("max_inflight must be at least 0 and spec_window at least 1")
 
 
 class NullLoader(Loader):

@@ -7,6 +7,17 @@
         y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
         y = s.moe(1, [3, 5], [0.6, 0.4], x)  # a routed layer step: one call into the C kernel
 
+Prefetching (off by default, costing nothing per call): `open_shards(path, prefetch=True)` (or "markov", or a
+`PrefetchConfig`) makes each `moe()` (and `ffn()`) call one layer step of the calling thread's stream of tokens
+(a token starts at the first of `manifest.layers`), driven as smoke drives it (`stepper.StepDriver`): odds-ranked
+eviction behind its duel, guesses behind the cost gate issued once the step's experts are loaded and before the
+kernel computes. One driver per thread (the prefetcher and the gate are single-threaded; the cache is shared);
+`prefetch_stats()` sums their gates. docs/runtime.md, "One driver for smoke and `moe()`".
+
+    with open_shards("out/", cache_slots=16, prefetch=True) as s:
+        for layer in s.manifest.layers:
+            y = s.moe(layer, [3, 5], [0.6, 0.4], x)
+
 Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`
 and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it

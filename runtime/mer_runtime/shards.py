@@ -7,8 +7,21 @@
         y = s.ffn(1, 3, x)                # x float32 [d_model] or [n, d_model]
         y = s.moe(1, [3, 5], [0.6, 0.4], x)  # a routed layer step: one call into the C kernel
 
+Prefetching (off by default, costing nothing per call): `open_shards(path, prefetch=True)` (or "markov", or a
+`PrefetchConfig`) makes each `moe()` (and `ffn()`) call one layer step of the calling thread's stream of tokens
+(a token starts at the first of `manifest.layers`), driven as smoke drives it (`stepper.StepDriver`): odds-ranked
+eviction behind its duel, guesses behind the cost gate issued once the step's experts are loaded and before the
+kernel computes. One driver per thread (the prefetcher and the gate are single-threaded; the cache is shared);
+`prefetch_stats()` sums their gates. docs/runtime.md, "One driver for smoke and `moe()`".
+
+    with open_shards("out/", cache_slots=16, prefetch=True) as s:
+        for layer in s.manifest.layers:
+            y = s.moe(layer, [3, 5], [0.6, 0.4], x)
+
 Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`
 and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
+With prefetching on, each thread is its own stream (its own driver, from `step_driver()`); `prefetch_stats()` may
+be called from any thread.
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it
 from inside a `load()` block of the same thread is an error, not a deadlock.
 """
@@ -30,6 +43,8 @@ from .errors import CacheError, ShardIOError
 from .kernels import expert_ffn, moe
 from .loader import open_loader
 from .manifest import Manifest, load_manifest
+from .prefetch import CostModel, MarkovPrefetcher
+from .stepper import PrefetchConfig, StepDriver
 
 CHECKSUMS = ("first", "always", "never")
 EVICTIONS = ("layer", "lru")
@@ -66,9 +81,18 @@ class ExpertView:
 class ShardSet:
     def __init__(self, path: str | os.PathLike[str], *, io: str = "auto", cache_slots: int = 16,
                  queue_depth: int = 32, block_size: int = 1 << 20, threads: int = 4, checksums: str = "first",
-                 evict: str = "layer"):
+                 evict: str = "layer", prefetch: bool | str | PrefetchConfig = False):
         """evict: "layer" (default) ranks the cache's victims by the manifest's layer order (docs/runtime.md,
-        "Eviction"); "lru" evicts the least recently used."""
+        "Eviction"); "lru" evicts the least recently used.
+        prefetch: True or "markov" (`PrefetchConfig()`), or a `PrefetchConfig`: each `moe()` call is one layer step
+        of the calling thread's stream of tokens, driven as smoke drives it (`StepDriver`: odds-ranked eviction
+        behind its duel, gated guesses); False (default) or "none": no prefetching, nothing per call."""
+        if prefetch is True or prefetch == "markov":
+            prefetch = PrefetchConfig()
+        elif prefetch is False or prefetch is None or prefetch == "none":
+            prefetch = None
+        elif not isinstance(prefetch, PrefetchConfig):
+            raise ValueError(f"prefetch must be True, False, 'markov', 'none' or a PrefetchConfig, got {prefetch!r}")
         if checksums not in CHECKSUMS:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
         if evict not in EVICTIONS:
@@ -96,6 +120,22 @@ class ShardSet:
             self.pool.close()
             raise
         self.activation = m.model.get("activation", {"kind": "swiglu"})
+        self.prefetch_config: PrefetchConfig | None = prefetch
+        self._layer_index = {layer: li for li, layer in enumerate(m.layers)}
+        # every driver made (one per thread that called moe with prefetch on), with its thread: closed by close(),
+        # and those of threads that have ended closed as new ones come (their counters kept in _retired)
+        self._drivers: list[tuple[threading.Thread, StepDriver]] = []
+        self._drivers_closed = False
+        self._retired = {"streams": 0, "admitted": 0, "right": 0, "wrong": 0, "refused": 0}
+        self.prefetch_ahead = None
+        if prefetch is not None:
+            # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
+            self.prefetch_ahead = "token" if prefetch.ahead == "token" and self.loader.name == "io_uring" else "step"
+            if self.prefetch_ahead == "token":
+                self.loader.spec_window, self.loader.spec_cap_each = prefetch.spec_window, False
+                self.loader.spec_background = True  # type: ignore[attr-defined]  # reads on while experts compute
+            else:  # speculative reads only in the disk's idle time, the gate's window chunks at most a guess
+                self.loader.spec_window = max(1, self.loader.queue_depth)
 
     # -- plumbing for the cache ---------------------------------------------------------------------------
     def _locate(self, key: Key) -> tuple[str, int]:
@@ -173,12 +213,17 @@ class ShardSet:
         if len(w) != len(experts) or not experts:
             raise ValueError(f"{len(experts)} experts and {len(w)} weights: give one weight per expert (at least one)")
         for e in experts:
-            self.manifest.expert(layer, e)  # an unknown expert is refused before any read starts
+            self.manifest.expert(layer, e)  # an unknown expert is refused before any read starts (or is observed)
+        drv = None
         self._enter()
         try:
-            # every absent expert of the step is read at once, ahead of prefetches; the first computes while the
-            # rest arrive
-            self.cache.fetch([(layer, e) for e in experts])
+            if self.prefetch_config is None:
+                # every absent expert of the step is read at once, ahead of prefetches; the first computes while the
+                # rest arrive
+                self.cache.fetch([(layer, e) for e in experts])
+            else:
+                drv = self.step_driver()
+                drv.begin(self._layer_index[layer], experts)  # withdraw, observe, odds, fetch, duel, predict
         finally:
             self._leave()
         y, i = None, 0
@@ -193,9 +238,82 @@ class ShardSet:
                             raise
                         break
                     i += 1
-                part = moe([self._tensors(v) for v in views], w[i - len(views):i], x, self.activation, act=act)
+                tensors = [self._tensors(v) for v in views]
+                if drv is None:
+                    part = moe(tensors, w[i - len(views):i], x, self.activation, act=act)
+                else:
+                    # the step's experts held are loaded: the guesses go now, before the kernel, so that they
+                    # land while it computes (those not held yet are kept from eviction and must be loaded first)
+                    drv.before_compute([(layer, e) for e in experts[i:]])
+                    part, _ = drv.compute(lambda: moe(tensors, w[i - len(views):i], x, self.activation, act=act))
             y = part if y is None else y + part
+        if drv is not None:
+            drv.end()  # the gate learns this step's I/O wait and misses
         return y
+
+    def step_driver(self) -> StepDriver | None:
+        """The calling thread's `StepDriver` (made at its first call; None with prefetch off): what `moe()` drives,
+        for a caller that computes a step's experts one at a time instead (smoke: `drv.step(li, experts,
+        on_access)`). Not to be shared with another thread (its prefetcher and gate refuse a second one).
+
+            drv = s.step_driver()
+            drv.step(0, [3, 5], lambda layer, e, before: ...)
+        """
+        cfg = self.prefetch_config
+        if cfg is None:
+            return None
+        drv = getattr(self._mine, "driver", None)
+        if drv is not None:
+            return drv
+        m, loader = self.manifest, self.loader
+        # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
+        biggest = max(e.size for e in m.experts)
+        frac = min(1.0, loader.queue_depth * loader.block_size / biggest)
+        if self.prefetch_ahead == "token":
+            cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=loader.block_size / biggest,
+                             expert_bytes=biggest)
+        else:
+            cost = CostModel(window=loader.queue_depth, window_frac=frac)
+        pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
+        drv = StepDriver(self.cache, m.layers, pf, cost, max_inflight=cfg.max_inflight, ahead=self.prefetch_ahead)
+        with self._lock:
+            if self._drivers_closed:
+                drv.close()
+                raise CacheError(f"{self.manifest.root}: the shard set is closed")
+            live = []
+            for t, d in self._drivers:
+                if t.is_alive():
+                    live.append((t, d))
+                else:  # its stream has ended: keep its record, free its duel
+                    self._retire(d)
+            self._drivers = live + [(threading.current_thread(), drv)]
+        self._mine.driver = drv
+        return drv
+
+    def _retire(self, drv: StepDriver) -> None:
+        r = self._retired
+        r["streams"] += 1
+        for k, v in drv.stats().items():
+            if k in r:
+                r[k] += v
+        drv.close()
+
+    def prefetch_stats(self) -> dict | None:
+        """The prefetcher's gate summed over every stream (thread) that has called `moe()`: guesses `admitted`,
+        `right`, `wrong`, `refused`; `streams`; `duel_odds`: the streams whose duel now ranks with the odds; `eviction`:
+        the cache's ranking now ("layer+odds", "layer" or "lru"); `ahead`. None with prefetch off.
+
+            s.prefetch_stats()["admitted"]
+        """
+        if self.prefetch_config is None:
+            return None
+        with self._lock:
+            out = {**self._retired, "duel_odds": 0}
+            for _, d in self._drivers:
+                out["streams"] += 1
+                for k, v in d.stats().items():
+                    out[k] += v
+        return {**out, "eviction": self.cache.eviction, "ahead": self.prefetch_ahead}
 
     @staticmethod
     def _tensors(ex: ExpertView) -> dict:
@@ -235,6 +353,10 @@ class ShardSet:
                 self._lock.wait()
         if not first:
             return
+        with self._lock:  # no call is running: the drivers' duels (their own pools) can go
+            for _, d in self._drivers:
+                self._retire(d)
+            self._drivers, self._drivers_closed = [], True
         try:
             self.cache.close()
         finally:

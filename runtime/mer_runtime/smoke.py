@@ -24,11 +24,13 @@ from .buffers import BufferPool
 from .cache import ExpertCache
 from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
-from .loader import Loader, Ticket, check_regular_file
+from .loader import check_regular_file
 from .manifest import Manifest, load_manifest
 from .safeopen import read_regular
 from .prefetch import CostModel, MarkovPrefetcher
 from .shards import open_shards
+# moved to stepper (one driver for smoke and ShardSet.moe); re-exported here for compatibility
+from .stepper import DUEL_MARGIN, NullLoader, OddsDuel, PrefetchConfig, StepDriver  # noqa: F401
 
 WORKLOADS = ("zipf", "markov", "uniform", "router", "replay")
 DEFAULT_SEED = 12648430
@@ -180,228 +182,27 @@ def routing_profile(routes: np.ndarray, layers: list[int]) -> dict[tuple[int, in
 
 
 # -- hit-rate comparison without I/O ------------------------------------------------------------------------
-class NullLoader(Loader):
-    """Completes every read at once without reading: for comparing cache policies on the same trace."""
-
-    name = "none"
-    direct = False
-
-    def start_many(self, reads: list[tuple[str, int, int]], urgent: bool = False,
-                   created: list[Ticket] | None = None) -> list[Ticket]:
-        return [Ticket(path, size, slot, next(self._ids), done=True) for path, size, slot in reads]
-
-    def settle(self, t: Ticket) -> None:
-        pass
-
-    def ready(self, t: Ticket) -> bool:
-        return True
-
-
-class OddsDuel:
-    """Set dueling for the eviction ranking: two shadow caches of the same slots, without I/O (NullLoader), replay
-    the steps, one ranked by distance alone, one with the predictor's odds; the real cache uses the odds only while
-    their shadow has hit more (`DUEL_MARGIN` hits ahead to switch to them, back as soon as it is behind). Odds that
-    carry information (markov, zipf) win within a few tokens; where recency says more than the one-step tables
-    (router: replayed, the odds lost 1-3% of hits) or nothing can be learned (uniform: the ranking is the same) the
-    distance ranking stays. Costs two key-only caches' bookkeeping a step (on a model deeper than `max_layers`, only
-    on a sample of its layers' steps); never reads.
-
-    >>> duel = OddsDuel([0, 1], 4)
-    >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)    # no lead yet: distance alone
-    False
-    >>> duel.close()
-    """
-
-    def __init__(self, layers: list[int], slots: int, max_layers: int = 16):
-        """`max_layers`: a deeper model's shadows replay only every s-th layer (at most `max_layers` of them) in
-        proportionally fewer slots, as set dueling samples sets: the steps of the layers left out cost nothing."""
-        stride = -(-len(layers) // max_layers) if max_layers > 0 else 1
-        self.layers = list(layers)[::stride]
-        self._sampled = set(self.layers)
-        slots = max(2, round(slots * len(self.layers) / max(1, len(layers))))
-        self._pools = [BufferPool(4096, slots) for _ in range(2)]
-        self.shadows = [ExpertCache(p, NullLoader(p), lambda key: ("", 4096), layers=self.layers)
-                        for p in self._pools]
-        self.odds = False
-
-    def step(self, keys: list[tuple[int, int]], odds: dict[int, np.ndarray], intercept: float, slope: float) -> bool:
-        """Replay one step's keys in both shadows (the odds given to the second first); True: rank with the odds.
-        A step of a layer the shadows leave out changes nothing."""
-        if not keys or keys[0][0] not in self._sampled:
-            return self.odds
-        self.shadows[1].set_odds({l: v for l, v in odds.items() if l in self._sampled}, intercept, slope)
-        for c in self.shadows:
-            c.fetch(keys)
-            for k in keys:
-                c.acquire(k)
-                c.release(k)
-        lead = self.shadows[1].stats.hits - self.shadows[0].stats.hits
-        self.odds = lead > DUEL_MARGIN if not self.odds else lead >= 0
-        return self.odds
-
-    def close(self) -> None:
-        for p in self._pools:
-            p.close()
-
-
-DUEL_MARGIN = 2
-
-
 def _drive(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
            max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None = None,
            cost: CostModel | None = None, ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None
            ) -> None:
-    """Run a trace through the cache, one layer step at a time:
-
-    1. the prefetcher's guesses for this step that were wrong are withdrawn (`cancel_stale`) before its reads
-       start: they take no more disk time than what was already with the disk; every wrong guess, withdrawn or
-       read whole, is fed back to `cost` with what it read;
-    2. the step's absent experts are started together (`fetch`), and the experts already cached are taken first,
-       so that computing them overlaps the reads of the others;
-    3. as soon as none of the step's experts is still being read (the disk would idle while they are computed),
-       the guesses for the next step are issued: those `cost` admits, weighing the expert each would evict (None:
-       every one above the threshold that finds a spare slot), at most `max_inflight` reads in flight.
-
-    With `ahead="token"` the guesses are for the same layer of the next token instead (`predict_token_ahead`),
-    issued as soon as they are made and held until that step (`prefetch(due=...)`, `cancel_stale(now=...)`): the
-    loader reads them only while no foreground read is with the disk (its `spec_window`), and `before_compute` lets
-    it issue their chunks before each expert is computed; `cost` is fed what foreground reads queued behind them.
-
-    `on_access(layer, expert, before_compute)` acquires the expert, calls `before_compute()` (if not None) once it
-    holds it, computes and releases; without it (the I/O-free replay), each expert is acquired and released and the
-    guesses follow the step. With policy "none" the
-    prefetcher is neither fed nor asked: prefetching off costs nothing per step."""
-    odds = odds and policy == "markov" and pf is not None and cache.eviction != "lru"
-    own_duel = odds and duel is None
-    if own_duel:
-        duel = OddsDuel(layers, cache.pool.n_slots)
+    """Run a trace [tokens, layers, k] through the cache, one layer step at a time (`StepDriver.step`: its
+    docstring says what a step does; `on_access` as there). Policy "oracle" also prefetches the next step's experts
+    after each step (it knows them); "none" neither feeds nor asks the prefetcher."""
+    drv = StepDriver(cache, layers, pf, cost, policy=policy, max_inflight=max_inflight, ahead=ahead, odds=odds,
+                     duel=duel)
     try:
-        _steps(cache, routes, layers, policy, pf, max_inflight, on_access, cost, ahead, odds, duel)
+        T, L, _ = routes.shape
+        for t in range(T):
+            for li in range(L):
+                drv.step(li, routes[t, li], on_access)
+                if policy == "oracle":
+                    nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
+                    if nt < T:
+                        for e in routes[nt, nl]:
+                            cache.prefetch((layers[nl], int(e)))
     finally:
-        if own_duel:
-            duel.close()  # type: ignore[union-attr]
-
-
-def _steps(cache: ExpertCache, routes: np.ndarray, layers: list[int], policy: str, pf: MarkovPrefetcher | None,
-           max_inflight: int, on_access: Callable[[int, int, Callable[[], None] | None], None] | None,
-           cost: CostModel | None, ahead: str, odds: bool, duel: OddsDuel | None) -> None:
-    T, L, _ = routes.shape
-    st = cache.stats
-    markov = policy == "markov" and pf is not None
-    token_ahead = markov and ahead == "token"
-    index = {layer: li for li, layer in enumerate(layers)}
-    for t in range(T):
-        for li in range(L):
-            experts = [int(e) for e in routes[t, li]]
-            keys = [(layers[li], e) for e in experts]
-            w0, m0 = st.io_wait, st.misses
-            if markov:
-                now = pf.clock  # type: ignore[union-attr]
-                b0, r0, z0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.cancelled_size_bytes
-                s0, u0, f0 = st.prefetch_stale, st.prefetch_used, st.prefetch_landed
-                n = cache.cancel_stale(keep=set(keys), now=now if token_ahead else None)
-                if cost is not None:
-                    size = st.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
-                    if n and size:
-                        cost.observe_stale((st.cancelled_read_bytes - r0) / size,
-                                           (st.cancelled_inflight_bytes - b0) / size, n)
-                    if st.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
-                        cost.observe_stale(1.0, 0.0, st.prefetch_stale - s0)
-                    if token_ahead:
-                        cost.observe_in_way(cache.loader.spec_in_way, st.prefetch_issued)
-                    else:
-                        cache.loader.spec_window = cost.window
-            # hits first (stable), decided before the reads start, so that the LRU order, and with it the hit
-            # rate, does not depend on the disk's speed. The I/O-free replay still differs from a real run: its
-            # reads complete at once (no guess is ever withdrawn part-way, every wrong one is read whole) and it
-            # pins nothing (no pin_top)
-            order = sorted(keys, key=lambda k: k not in cache.entries)
-            tl = li + 1 if li + 1 < L else 0
-            if markov:
-                # observed before this step's misses pick their victims: the odds of the layer's other experts are
-                # then for the next token's step, and the next layer's are from this step's experts
-                pf.observe(li, experts)  # type: ignore[union-attr]
-                if odds:
-                    vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore
-                    a, b = pf.keep_trust()  # type: ignore[union-attr]
-                    cache.set_odds(vectors, a, b if duel.odds else 0.0)  # type: ignore[union-attr]
-            cache.fetch(keys)
-            if odds:  # replayed once the step's reads are with the disk: its verdict ranks from the next step on
-                duel.step(keys, vectors, a, b)  # type: ignore[union-attr]
-            guesses: list[tuple[int, float]] = []
-            target = 0
-            if markov:
-                if token_ahead:
-                    target = li
-                    if cost is None or not cost.shut():  # the tables still learn while it is shut
-                        guesses = pf.predict_token_ahead(  # type: ignore[union-attr]
-                            li, {e for (layer, e) in list(cache.entries) if layer == layers[li]})
-                else:
-                    target, guesses = pf.predict_scored(  # type: ignore[union-attr]
-                        li, {e for (layer, e) in list(cache.entries) if layer == layers[tl]})
-                if cost is not None:  # what would not pay even in a free slot is refused now, without asking the
-                    n_all = len(guesses)  # cache or the loader anything (that polling is most of the path's cost)
-                    # with the odds in the eviction ranking, the tables must first have shown skill there (a slope
-                    # above 0: better than a constant): on uniform routing they never do, and a guess is a coin flip
-                    skill = not odds or pf.keep_trust()[1] > 0  # type: ignore[union-attr]
-                    guesses = [(e, q) for e, q in guesses if skill and cost.pays(q)]
-                    cost.refused += n_all - len(guesses)
-
-            def speculate(rest: list[tuple[int, int]]) -> None:
-                nonlocal guesses
-                if not guesses or not token_ahead and not all(cache.loaded(k) for k in rest):
-                    return  # a read of this step is still under way: a guess would only slow it down
-                keep = set(rest)
-                flying = cache.in_flight()  # once: it takes the cache's lock and polls every read
-                refused = False
-
-                def admit(victim: tuple[int, int] | None, q: float) -> bool:
-                    nonlocal refused
-                    if victim is None:
-                        refused = not cost.admit(q)  # type: ignore[union-attr]
-                    else:
-                        lv = index[victim[0]]
-                        # steps until the victim's layer comes (the first is the next step's, tl)
-                        refused = not cost.admit(q, pf.prob_next(lv, victim[1]),  # type: ignore[union-attr]
-                                                 (lv - tl) % L + 1)  # type: ignore[union-attr]
-                    return not refused
-
-                for e, q in guesses:
-                    key = (layers[target], e)
-                    if key in cache.entries:
-                        continue
-                    if flying >= max_inflight:
-                        break
-                    # the step's experts not computed yet are never evicted for a guess (a hit lost for a maybe)
-                    flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep,
-                                             due=now + L if token_ahead else None)
-                    if refused:
-                        break  # ranked by q, and the next would face the same victim: it would not pay either
-                guesses = []
-
-            if token_ahead:  # the loader holds them back while this step's own reads are with the disk
-                speculate(order)
-            for i, key in enumerate(order):
-                if token_ahead:  # their chunks go in the disk's idle time: while this expert computes
-                    hook = lambda: cache.speculating() and cache.loader.poll()  # noqa: E731
-                else:
-                    hook = (lambda rest=order[i + 1:]: speculate(rest)) if markov else None
-                if on_access:
-                    on_access(*key, hook)
-                else:  # the I/O-free replay: nothing to overlap, so guesses go after the step, as room allows
-                    cache.acquire(key)
-                    cache.release(key)
-                    if hook:
-                        hook()
-            if cost is not None:
-                cost.observe(st.io_wait - w0, st.misses - m0)
-                if markov and st.prefetch_used > u0:
-                    cost.observe_used((st.prefetch_landed - f0) / (st.prefetch_used - u0), st.prefetch_used - u0)
-            if policy == "oracle":
-                nt, nl = (t, li + 1) if li + 1 < L else (t + 1, 0)
-                if nt < T:
-                    for e in routes[nt, nl]:
-                        cache.prefetch((layers[nl], int(e)))
+        drv.close()
 
 
 def compare_policies(m: Manifest, routes: np.ndarray, slots: int, cfg: SmokeConfig, window_frac: float = 1.0,
@@ -449,36 +250,30 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
               ) -> dict[str, Any]:
     if cfg.evict not in ("layer", "lru"):
         raise MerError(f"evict {cfg.evict!r}: expected layer or lru")
+    if cfg.prefetch_ahead not in ("token", "step"):
+        raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
+    # prefetching as the ShardSet drives it for moe(): the same driver, gate and loader window (one path)
+    prefetch = PrefetchConfig(ahead=cfg.prefetch_ahead, max_inflight=cfg.max_inflight,
+                              threshold_scale=cfg.threshold_scale, spec_window=cfg.spec_window) if cfg.prefetch else False
     with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first", block_size=cfg.block_size,
-                     queue_depth=cfg.queue_depth, evict=cfg.evict) as s:
+                     queue_depth=cfg.queue_depth, evict=cfg.evict, prefetch=prefetch) as s:
         m = s.manifest
         routes = make_routes(m, cfg.workload, cfg.tokens, cfg.seed, cfg.replay)
         T, L, k = routes.shape
         tick = progress(T, T) if progress else (lambda n: None)
         compute_times: list[float] = []
         x_bank = np.random.default_rng(cfg.seed + 1).standard_normal((8, m.model["d_model"])).astype(np.float32)
-        pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
         token_index = [0]
-        # before anything is measured, a guess is assumed to read (and, if right, land) what its window allows
+        # what the replay's gate starts from: a guess reads (and, if right, lands) what its window allows
         biggest = max(e.size for e in m.experts)
         frac = min(1.0, s.loader.queue_depth * s.loader.block_size / biggest)
-        if cfg.prefetch_ahead not in ("token", "step"):
-            raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
         # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
         ahead = "token" if cfg.prefetch_ahead == "token" and s.loader.name == "io_uring" else "step"
         chunk_frac = s.loader.block_size / biggest if ahead == "token" else None
-        cost = None
-        if cfg.prefetch and ahead == "token":
-            cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=chunk_frac,
-                             expert_bytes=biggest)
-            s.loader.spec_window, s.loader.spec_cap_each = cfg.spec_window, False
-            s.loader.spec_background = True  # type: ignore[attr-defined]  # io_uring: reads on while experts compute
-        elif cfg.prefetch:  # speculative reads only in the disk's idle time, cost.window chunks at most a guess
-            cost = CostModel(window=s.loader.queue_depth, window_frac=frac)
-            s.loader.spec_window = cost.window
+        # prefetch off: a driver that only fetches each step's experts together (hits first), as before
+        drv = s.step_driver() or StepDriver(s.cache, m.layers, policy="none")
+        pf, cost = drv.pf or MarkovPrefetcher(m.layers, m.model["n_experts"]), drv.cost
         pinned = s.cache.pin_top(routing_profile(routes, m.layers), cfg.pin_top) if cfg.pin_top else []
-
-        measure_reads = cost is not None and ahead == "token"
 
         def access(layer: int, e: int, before_compute: Callable[[], None] | None) -> None:
             with s.load(layer, e) as ex:  # blocks on I/O if needed; counted in the cache's io_wait
@@ -486,30 +281,17 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                     before_compute()
                 if cfg.compute:
                     # a guess under way now streams through this computation (none is issued during it): what
-                    # its landing costs the kernel is the price of a read (CostModel.observe_compute)
-                    spec = measure_reads and s.cache.speculating()
-                    b0 = s.loader.landed_bytes() if measure_reads else 0
-                    t0 = time.perf_counter()
-                    s.compute(ex, x_bank[token_index[0] % len(x_bank)])
-                    compute_times.append(time.perf_counter() - t0)
-                    if measure_reads:
-                        cost.observe_compute(compute_times[-1], s.loader.landed_bytes() - b0, spec)  # type: ignore
+                    # its landing costs the kernel is the price of a read (token ahead: CostModel.observe_compute)
+                    compute_times.append(drv.compute(lambda: s.compute(ex, x_bank[token_index[0] % len(x_bank)]))[1])
 
-        # one duel for the whole run (the driver is called a token at a time): its shadows' record is the run's
-        duel = OddsDuel(m.layers, cfg.cache_slots) if cfg.prefetch and s.cache.eviction != "lru" else None
         t_start = time.perf_counter()
-        try:
-            for t in range(T):
-                token_index[0] = t
-                _drive(s.cache, routes[t:t + 1], m.layers, "markov" if cfg.prefetch else "none",
-                       pf if cfg.prefetch else None, cfg.max_inflight, on_access=access, cost=cost, ahead=ahead,
-                       duel=duel)
-                tick(1)
-        finally:
-            if duel is not None:
-                duel.close()
+        for t in range(T):
+            token_index[0] = t
+            for li in range(L):
+                drv.step(li, routes[t, li], access)
+            tick(1)
         wall = time.perf_counter() - t_start
-        odds_used = duel is not None and duel.odds
+        odds_used = drv.duel is not None and drv.duel.odds  # the ShardSet closes its driver (and duel) on exit
         st = s.cache.stats
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
         eviction = s.cache.eviction

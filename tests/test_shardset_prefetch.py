@@ -1,0 +1,166 @@
+"""`open_shards(path, prefetch=True)`: plain `moe()` calls, layer after layer, token after token, drive the same
+layer step as smoke (`StepDriver`): odds-ranked eviction behind its duel, gated guesses, the gate's feedback.
+
+Real shard folders (extracted from the real fixtures), the real loader, cache, prefetcher and kernels; no timing is
+asserted: results are compared byte for byte, hit rates by the cache's counters.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from mer_runtime import load_manifest, open_shards, uring
+from mer_runtime.errors import CacheError, ManifestError
+from mer_runtime.smoke import make_routes
+from mer_runtime.stepper import PrefetchConfig
+
+from conftest import extract_fixture
+
+SEED = 12648430
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return load_manifest(extract_fixture(tmp_path_factory, "sspf", "mixtral-q4_0.gguf"))
+
+
+def cycle_routes(m, tokens):
+    """A learnable trace: every layer follows the same 4-step cycle, longer than a small cache holds."""
+    cyc = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    return np.array([[cyc[(t + li) % 4] for li in range(len(m.layers))] for t in range(tokens)])
+
+
+def drive(s, m, routes, seed=0, batch=0):
+    """Every step of `routes` through `s.moe`: a list of outputs (seeded weights and inputs per token)."""
+    rng = np.random.default_rng(seed)
+    d = m.model["d_model"]
+    out = []
+    for t in range(routes.shape[0]):
+        x = rng.standard_normal((batch, d) if batch else d).astype(np.float32)
+        for li, layer in enumerate(m.layers):
+            w = rng.random(routes.shape[2]).astype(np.float32)
+            out.append(s.moe(layer, [int(e) for e in routes[t, li]], w, x))
+    return out
+
+
+def configs():
+    out = [True]
+    if not uring.probe():  # a token ahead only where io_uring keeps guesses to the disk's idle time
+        out.append(PrefetchConfig(ahead="token"))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", configs(), ids=lambda p: "step" if p is True else "token")
+@pytest.mark.parametrize("slots", [3, 5])
+def test_results_are_byte_identical_with_prefetch_on_and_off(folder, prefetch, slots):
+    routes = make_routes(folder, "markov", 60, SEED)
+    with open_shards(folder.root, cache_slots=slots) as s:
+        off = drive(s, folder, routes, batch=2)
+        assert s.step_driver() is None and s.prefetch_stats() is None and s._drivers == []  # nothing per call
+    with open_shards(folder.root, cache_slots=slots, prefetch=prefetch) as s:
+        on = drive(s, folder, routes, batch=2)
+        st = s.prefetch_stats()
+        assert st["streams"] == 1 and st["ahead"] in ("step", "token")
+        assert s.cache.stats.hits + s.cache.stats.misses == routes.size
+    assert len(on) == len(off) == routes.shape[0] * routes.shape[1]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(on, off))
+
+
+def test_a_learnable_trace_hits_at_least_as_often_and_ranks_by_the_odds(folder):
+    """The 4-step cycle on 4 slots: the predictor's odds win the duel and rank the victims ("layer+odds"), and
+    moe() with prefetch on hits at least as often as without (the odds keep what the cycle needs next)."""
+    routes = cycle_routes(folder, 200)
+    rates = {}
+    for prefetch in (False, True):
+        with open_shards(folder.root, cache_slots=4, prefetch=prefetch) as s:
+            drive(s, folder, routes)
+            rates[prefetch] = s.cache.stats.hit_rate
+            if prefetch:
+                assert s.cache.eviction == "layer+odds"
+                st = s.prefetch_stats()
+                assert st["eviction"] == "layer+odds" and st["duel_odds"] == 1
+                assert st["right"] + st["wrong"] <= st["admitted"]
+                assert s.cache.stats.prefetch_issued <= st["admitted"]
+            else:
+                assert s.cache.eviction == "layer"
+    assert rates[True] >= rates[False], rates
+
+
+def test_two_threads_two_streams_equal_one_thread_each(folder):
+    """Each thread is one stream of tokens with its own driver (the prefetcher and the gate are single-threaded:
+    sharing one would raise ConcurrentUseError); the cache is shared. Results equal each stream run alone."""
+    streams = [make_routes(folder, "markov", 40, seed) for seed in (1, 2)]
+    alone = []
+    for i, r in enumerate(streams):
+        with open_shards(folder.root, cache_slots=6, prefetch=True) as s:
+            alone.append(drive(s, folder, r, seed=i))
+    got: list = [None, None]
+    errors: list = []
+    with open_shards(folder.root, cache_slots=6, prefetch=True) as s:
+        barrier = threading.Barrier(2)
+
+        def run(i):
+            try:
+                barrier.wait()
+                got[i] = drive(s, folder, streams[i], seed=i)
+            except BaseException as exc:  # noqa: BLE001  # reported below, with the thread's stream
+                errors.append((i, exc))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        st = s.prefetch_stats()
+        assert st["streams"] == 2
+        assert s.step_driver() is not None and s.prefetch_stats()["streams"] == 3  # this thread's own, now
+    for i in range(2):
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got[i], alone[i]))
+
+
+def test_refused_calls_leave_the_stream_as_it_was(folder):
+    routes = make_routes(folder, "markov", 10, SEED)
+    d = folder.model["d_model"]
+    x = np.ones(d, np.float32)
+    with open_shards(folder.root, cache_slots=3, prefetch=True) as s:
+        drive(s, folder, routes)
+        drv = s.step_driver()
+
+        def state():
+            pf, cm = drv.pf, drv.cost
+            return (pf.clock, pf.same.tobytes(), pf.cross.tobytes(), pf.seen.tobytes(), repr(pf.cur_token),
+                    repr(pf.prev_token), pf.predicted, pf.came_true, cm.steps_seen, cm.admitted, cm.refused,
+                    cm.right, cm.wrong, s.cache.stats.as_dict(), sorted(s.cache.entries))
+
+        before = state()
+        with pytest.raises(ManifestError):
+            s.moe(folder.layers[0], [0, 99], [0.5, 0.5], x)  # unknown expert
+        with pytest.raises(ManifestError):
+            s.moe(99, [0, 1], [0.5, 0.5], x)  # unknown layer
+        with pytest.raises(ValueError):
+            s.moe(folder.layers[0], [0, 1], [0.5, 0.5], np.ones(d + 1, np.float32))
+        with pytest.raises(ValueError):
+            s.moe(folder.layers[0], [0, 1], [1.0], x)
+        assert state() == before
+        assert s.step_driver() is drv  # still this thread's one
+        duel = drv.duel
+    assert duel is not None and all(p._mem.closed for p in duel._pools)  # close() released the duel's pools
+    with pytest.raises(CacheError):
+        s.moe(folder.layers[0], [0, 1], [0.5, 0.5], x)
+
+
+def test_prefetch_values(folder):
+    with pytest.raises(ValueError):
+        open_shards(folder.root, prefetch="sometimes")
+    with pytest.raises(ValueError):
+        PrefetchConfig(ahead="week")
+    with open_shards(folder.root, prefetch="markov", io="pread") as s:
+        assert s.prefetch_ahead == "step"
+    with open_shards(folder.root, prefetch=PrefetchConfig(ahead="token"), io="pread") as s:
+        assert s.prefetch_ahead == "step"  # pread has no idle-time window for a token ahead: the one-step guesses
+    with open_shards(folder.root, prefetch="none") as s:
+        assert s.step_driver() is None

@@ -164,3 +164,51 @@ def test_prefetch_values(folder):
         assert s.prefetch_ahead == "step"  # pread has no idle-time window for a token ahead: the one-step guesses
     with open_shards(folder.root, prefetch="none") as s:
         assert s.step_driver() is None
+
+
+def test_one_threads_step_leaves_another_threads_guesses_alone(folder):
+    """Thread B's right guess for its next step survives thread A's step in between: A's step judges only A's own
+    guesses (`cancel_stale(owner=...)`), so B's hit is counted as a used guess (not stale or withdrawn), and neither
+    gate learns another stream's outcome."""
+    m = folder
+    x = np.ones(m.model["d_model"], np.float32)
+    cyc = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    go, done = threading.Event(), threading.Event()
+    a_stats: list = []
+
+    with open_shards(m.root, cache_slots=4, prefetch=True, io="pread") as s:
+        def thread_a():  # another stream: one step of its own, when B says so
+            go.wait()
+            try:
+                s.moe(m.layers[0], [0, 1], [0.5, 0.5], x)
+                a_stats.append(s.step_driver().stats())
+            finally:
+                done.set()
+
+        a = threading.Thread(target=thread_a)
+        a.start()
+        try:
+            for t in range(200):  # B (this thread) learns the cycle
+                for li, layer in enumerate(m.layers):
+                    s.moe(layer, cyc[(t + li) % 4], [0.5, 0.5], x)
+            st, b = s.cache.stats, s.step_driver()
+            t = 200
+            for _ in range(100):  # a layer-0 step after which B has a guess out for its layer-1 step
+                s.moe(m.layers[0], cyc[t % 4], [0.5, 0.5], x)
+                guesses = [k for k, e in s.cache.entries.items() if e.prefetched and not e.used and not e.stale]
+                if guesses:
+                    break
+                s.moe(m.layers[1], cyc[(t + 1) % 4], [0.5, 0.5], x)
+                t += 1
+            assert guesses and all(k in [(m.layers[1], e) for e in cyc[(t + 1) % 4]] for k in guesses), guesses
+            before = (st.prefetch_used, st.prefetch_stale, st.prefetch_cancelled, b.own.prefetch_used, b.cost.wrong)
+            go.set()
+            done.wait()
+            s.moe(m.layers[1], cyc[(t + 1) % 4], [0.5, 0.5], x)  # B's step: its guess was right
+            after = (st.prefetch_used, st.prefetch_stale, st.prefetch_cancelled, b.own.prefetch_used, b.cost.wrong)
+        finally:
+            go.set()
+            a.join()
+        n = len(guesses)
+        assert [y - x0 for x0, y in zip(before, after)] == [n, 0, 0, n, 0]
+        assert a_stats and a_stats[0]["wrong"] == 0 and a_stats[0]["right"] == 0  # A learnt nothing of B's guess

@@ -212,3 +212,60 @@ def test_one_threads_step_leaves_another_threads_guesses_alone(folder):
         n = len(guesses)
         assert [y - x0 for x0, y in zip(before, after)] == [n, 0, 0, n, 0]
         assert a_stats and a_stats[0]["wrong"] == 0 and a_stats[0]["right"] == 0  # A learnt nothing of B's guess
+
+
+def test_a_driver_is_retired_when_its_thread_ends_even_a_thread_threading_did_not_start(folder):
+    """A thread started by `_thread` (or C) is a `_DummyThread` to `threading`, "alive" for ever: its driver (the
+    Markov tables, the duel's pools) goes when its thread-local data goes, at the next prefetch_stats()."""
+    _thread = pytest.importorskip("_thread")
+    if not hasattr(_thread, "_set_sentinel"):
+        pytest.skip("no _thread._set_sentinel to wait for the thread's end")
+    routes = make_routes(folder, "markov", 4, SEED)
+    box: list = []
+    ready, errors = threading.Event(), []
+
+    with open_shards(folder.root, cache_slots=4, prefetch=True) as s:
+        def worker():
+            box.append(_thread._set_sentinel())  # released once this thread's state (its locals) is gone
+            try:
+                drive(s, folder, routes)
+                box.append(s.step_driver())
+            except BaseException as exc:  # noqa: BLE001  # reported below
+                errors.append(exc)
+            finally:
+                ready.set()
+
+        _thread.start_new_thread(worker, ())
+        ready.wait()
+        box[0].acquire()  # the thread has ended
+        assert not errors, errors
+        drv = box[1]
+        assert drv.duel is not None
+        st = s.prefetch_stats()
+        assert st["streams"] == 1 and s._drivers == [] and s._retired["streams"] == 1
+        assert drv.duel is None  # retired: its duel's pools released
+        assert st["admitted"] == drv.stats()["admitted"]  # its record kept
+
+
+def test_a_step_after_close_changes_nothing(folder):
+    """A smoke-style caller of `step_driver().step()` after close(): CacheError before anything is observed."""
+    routes = make_routes(folder, "markov", 6, SEED)
+    s = open_shards(folder.root, cache_slots=3, prefetch=True)
+    drv = s.step_driver()
+
+    def access(layer, e, before):
+        with s.load(layer, e):
+            if before:
+                before()
+
+    for t in range(routes.shape[0]):
+        for li in range(len(folder.layers)):
+            drv.step(li, routes[t, li], access)
+    s.close()
+    before = (drv.pf.clock, drv.pf.same.tobytes(), drv.cost.steps_seen, s.cache.stats.as_dict(), s._retired)
+    with pytest.raises(CacheError):
+        drv.step(0, routes[0, 0], access)
+    with pytest.raises(CacheError):
+        drv.begin(0, routes[0, 0])
+    assert (drv.pf.clock, drv.pf.same.tobytes(), drv.cost.steps_seen, s.cache.stats.as_dict(), s._retired) == before
+    assert s.step_driver() is drv and s._active == 0

@@ -158,8 +158,13 @@ class StepDriver:
 
     def __init__(self, cache: ExpertCache, layers: Sequence[int], pf: MarkovPrefetcher | None = None,
                  cost: CostModel | None = None, *, policy: str = "markov", max_inflight: int = 2,
-                 ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None):
-        """`duel`: a shared one (the caller closes it); None with the odds in use: the driver's own (`close()`)."""
+                 ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None,
+                 guard: tuple[Callable[[], None], Callable[[], None]] | None = None):
+        """`duel`: a shared one (the caller closes it); None with the odds in use: the driver's own (`close()`).
+        `guard`: (enter, leave) of the owner of the cache (`ShardSet`): `begin` and `step` call enter() before they
+        touch anything (it raises once the owner is closed: the step then changes nothing) and leave() after, so
+        the owner's close() waits for a step under way."""
+        self._guard = guard
         self.cache, self.layers, self.pf, self.cost = cache, list(layers), pf, cost
         self.max_inflight = max_inflight
         self.markov = policy == "markov" and pf is not None
@@ -179,6 +184,15 @@ class StepDriver:
     def begin(self, li: int, experts: Sequence[int]) -> list[Key]:
         """Steps (a)-(e) for layer index li (position in `layers`) routed to `experts`; the step's keys, hits first.
         The caller acquires each, calling `before_compute` before it computes, then `end()`."""
+        if self._guard is None:
+            return self._begin(li, experts)
+        self._guard[0]()
+        try:
+            return self._begin(li, experts)
+        finally:
+            self._guard[1]()
+
+    def _begin(self, li: int, experts: Sequence[int]) -> list[Key]:
         cache, st, own, pf, cost = self.cache, self.cache.stats, self.own, self.pf, self.cost
         layers, L = self.layers, len(self.layers)
         experts = [int(e) for e in experts]
@@ -262,6 +276,16 @@ class StepDriver:
         """One whole layer step. `on_access(layer, expert, before_compute)` acquires the expert, calls
         `before_compute()` (if not None) once it holds it, computes and releases; without it (the I/O-free replay),
         each expert is acquired and released and the guesses follow it."""
+        if self._guard is not None:  # the whole step, so that the owner's close() waits for it
+            self._guard[0]()
+            try:
+                return self._step(li, experts, on_access)
+            finally:
+                self._guard[1]()
+        self._step(li, experts, on_access)
+
+    def _step(self, li: int, experts: Sequence[int],
+              on_access: Callable[[int, int, Callable[[], None] | None], None] | None) -> None:
         order = self.begin(li, experts)
         for i, key in enumerate(order):
             hook = (lambda rest=order[i + 1:]: self.before_compute(rest)) if self.markov else None

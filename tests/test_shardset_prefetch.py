@@ -69,6 +69,26 @@ def test_results_are_byte_identical_with_prefetch_on_and_off(folder, prefetch, s
     assert all(a.tobytes() == b.tobytes() for a, b in zip(on, off))
 
 
+@pytest.mark.skipif(bool(uring.probe()), reason="a token ahead needs io_uring")
+@pytest.mark.parametrize("slots", [4, 5])
+def test_guesses_a_token_ahead_issued_through_moe_leave_results_byte_identical(folder, slots):
+    """The token-ahead case above issues no guess on this fixture: its experts (108 KiB) are smaller than one 1 MiB
+    chunk, so the gate's price of what a guess puts in the foreground's way (a whole window of chunks until
+    measured) exceeds any gain. With 4 KiB chunks and reads priced free for the CPUs (`CostModel.read_frac = 0`, a
+    machine where idle disk time is free), the cycle's guesses pay and are read: the results stay byte-identical."""
+    routes = cycle_routes(folder, 60)
+    with open_shards(folder.root, cache_slots=slots) as s:
+        off = drive(s, folder, routes, batch=2)
+    with open_shards(folder.root, cache_slots=slots, block_size=4096, prefetch=PrefetchConfig(ahead="token")) as s:
+        assert s.prefetch_ahead == "token"
+        s.step_driver().cost.read_frac = 0.0
+        on = drive(s, folder, routes, batch=2)
+        st = s.prefetch_stats()
+        assert s.cache.stats.prefetch_issued > 0 and st["admitted"] > 0
+        assert s.cache.stats.prefetch_used > 0
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(on, off))
+
+
 def test_a_learnable_trace_hits_at_least_as_often_and_ranks_by_the_odds(folder):
     """The 4-step cycle on 4 slots: the predictor's odds win the duel and rank the victims ("layer+odds"), and
     moe() with prefetch on hits at least as often as without (the odds keep what the cycle needs next)."""

@@ -18,6 +18,7 @@ from mer_runtime.cache import ExpertCache
 from mer_runtime.loader import open_loader
 from mer_runtime.prefetch import CostModel, MarkovPrefetcher
 from mer_runtime.smoke import _drive
+from mer_runtime.stepper import StepDriver
 
 from conftest import REAL
 
@@ -315,17 +316,18 @@ def test_every_wrong_guess_is_fed_back_with_its_own_size(tmp_path):
     cache = ExpertCache(pool, loader, lambda key: (str(big), 1 << 20) if key[0] == 9 else (str(small), 65536))
     try:
         loader.spec_window = 2
-        assert cache.prefetch((9, 0))
-        settle(loader, cache.entries[(9, 0)].ticket)
         cm = CostModel(alpha=1.0)  # each figure is its last sample
-        _drive(cache, np.array([[[0, 1]]]), [1], "markov", MarkovPrefetcher([1], 4), 2, cost=cm)
+        drv = StepDriver(cache, [1], MarkovPrefetcher([1], 4), cm)  # a step judges its own stream's guesses
+        assert cache.prefetch((9, 0), owner=drv.owner)
+        settle(loader, cache.entries[(9, 0)].ticket)
+        drv.step(0, [0, 1])
         assert cache.stats.cancelled_size_bytes == 1 << 20
         assert cm.wrong == 1 and cm.waste_frac == pytest.approx(8192 / (1 << 20))
         loader.spec_window = None
-        assert cache.prefetch((9, 1))
+        assert cache.prefetch((9, 1), owner=drv.owner)
         while not loader.ready(cache.entries[(9, 1)].ticket):
             pass
-        _drive(cache, np.array([[[2, 3]]]), [1], "markov", MarkovPrefetcher([1], 4), 2, cost=cm)
+        drv.step(0, [2, 3])
         assert cm.wrong == 2 and cm.waste_frac == 1.0 and cache.stats.prefetch_stale == 1
         cache.drain()
     finally:

@@ -69,6 +69,26 @@ def test_results_are_byte_identical_with_prefetch_on_and_off(folder, prefetch, s
     assert all(a.tobytes() == b.tobytes() for a, b in zip(on, off))
 
 
+@pytest.mark.skipif(bool(uring.probe()), reason="a token ahead needs io_uring")
+@pytest.mark.parametrize("slots", [4, 5])
+def test_guesses_a_token_ahead_issued_through_moe_leave_results_byte_identical(folder, slots):
+    """The token-ahead case above issues no guess on this fixture: its experts (108 KiB) are smaller than one 1 MiB
+    chunk, so the gate's price of what a guess puts in the foreground's way (a whole window of chunks until
+    measured) exceeds any gain. With 4 KiB chunks and reads priced free for the CPUs (`CostModel.read_frac = 0`, a
+    machine where idle disk time is free), the cycle's guesses pay and are read: the results stay byte-identical."""
+    routes = cycle_routes(folder, 60)
+    with open_shards(folder.root, cache_slots=slots) as s:
+        off = drive(s, folder, routes, batch=2)
+    with open_shards(folder.root, cache_slots=slots, block_size=4096, prefetch=PrefetchConfig(ahead="token")) as s:
+        assert s.prefetch_ahead == "token"
+        s.step_driver().cost.read_frac = 0.0
+        on = drive(s, folder, routes, batch=2)
+        st = s.prefetch_stats()
+        assert s.cache.stats.prefetch_issued > 0 and st["admitted"] > 0
+        assert s.cache.stats.prefetch_used > 0
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(on, off))
+
+
 def test_a_learnable_trace_hits_at_least_as_often_and_ranks_by_the_odds(folder):
     """The 4-step cycle on 4 slots: the predictor's odds win the duel and rank the victims ("layer+odds"), and
     moe() with prefetch on hits at least as often as without (the odds keep what the cycle needs next)."""
@@ -164,3 +184,108 @@ def test_prefetch_values(folder):
         assert s.prefetch_ahead == "step"  # pread has no idle-time window for a token ahead: the one-step guesses
     with open_shards(folder.root, prefetch="none") as s:
         assert s.step_driver() is None
+
+
+def test_one_threads_step_leaves_another_threads_guesses_alone(folder):
+    """Thread B's right guess for its next step survives thread A's step in between: A's step judges only A's own
+    guesses (`cancel_stale(owner=...)`), so B's hit is counted as a used guess (not stale or withdrawn), and neither
+    gate learns another stream's outcome."""
+    m = folder
+    x = np.ones(m.model["d_model"], np.float32)
+    cyc = [[0, 1], [2, 3], [1, 2], [3, 0]]
+    go, done = threading.Event(), threading.Event()
+    a_stats: list = []
+
+    with open_shards(m.root, cache_slots=4, prefetch=True, io="pread") as s:
+        def thread_a():  # another stream: one step of its own, when B says so
+            go.wait()
+            try:
+                s.moe(m.layers[0], [0, 1], [0.5, 0.5], x)
+                a_stats.append(s.step_driver().stats())
+            finally:
+                done.set()
+
+        a = threading.Thread(target=thread_a)
+        a.start()
+        try:
+            for t in range(200):  # B (this thread) learns the cycle
+                for li, layer in enumerate(m.layers):
+                    s.moe(layer, cyc[(t + li) % 4], [0.5, 0.5], x)
+            st, b = s.cache.stats, s.step_driver()
+            t = 200
+            for _ in range(100):  # a layer-0 step after which B has a guess out for its layer-1 step
+                s.moe(m.layers[0], cyc[t % 4], [0.5, 0.5], x)
+                guesses = [k for k, e in s.cache.entries.items() if e.prefetched and not e.used and not e.stale]
+                if guesses:
+                    break
+                s.moe(m.layers[1], cyc[(t + 1) % 4], [0.5, 0.5], x)
+                t += 1
+            assert guesses and all(k in [(m.layers[1], e) for e in cyc[(t + 1) % 4]] for k in guesses), guesses
+            before = (st.prefetch_used, st.prefetch_stale, st.prefetch_cancelled, b.own.prefetch_used, b.cost.wrong)
+            go.set()
+            done.wait()
+            s.moe(m.layers[1], cyc[(t + 1) % 4], [0.5, 0.5], x)  # B's step: its guess was right
+            after = (st.prefetch_used, st.prefetch_stale, st.prefetch_cancelled, b.own.prefetch_used, b.cost.wrong)
+        finally:
+            go.set()
+            a.join()
+        n = len(guesses)
+        assert [y - x0 for x0, y in zip(before, after)] == [n, 0, 0, n, 0]
+        assert a_stats and a_stats[0]["wrong"] == 0 and a_stats[0]["right"] == 0  # A learnt nothing of B's guess
+
+
+def test_a_driver_is_retired_when_its_thread_ends_even_a_thread_threading_did_not_start(folder):
+    """A thread started by `_thread` (or C) is a `_DummyThread` to `threading`, "alive" for ever: its driver (the
+    Markov tables, the duel's pools) goes when its thread-local data goes, at the next prefetch_stats()."""
+    _thread = pytest.importorskip("_thread")
+    if not hasattr(_thread, "_set_sentinel"):
+        pytest.skip("no _thread._set_sentinel to wait for the thread's end")
+    routes = make_routes(folder, "markov", 4, SEED)
+    box: list = []
+    ready, errors = threading.Event(), []
+
+    with open_shards(folder.root, cache_slots=4, prefetch=True) as s:
+        def worker():
+            box.append(_thread._set_sentinel())  # released once this thread's state (its locals) is gone
+            try:
+                drive(s, folder, routes)
+                box.append(s.step_driver())
+            except BaseException as exc:  # noqa: BLE001  # reported below
+                errors.append(exc)
+            finally:
+                ready.set()
+
+        _thread.start_new_thread(worker, ())
+        ready.wait()
+        box[0].acquire()  # the thread has ended
+        assert not errors, errors
+        drv = box[1]
+        assert drv.duel is not None
+        st = s.prefetch_stats()
+        assert st["streams"] == 1 and s._drivers == [] and s._retired["streams"] == 1
+        assert drv.duel is None  # retired: its duel's pools released
+        assert st["admitted"] == drv.stats()["admitted"]  # its record kept
+
+
+def test_a_step_after_close_changes_nothing(folder):
+    """A smoke-style caller of `step_driver().step()` after close(): CacheError before anything is observed."""
+    routes = make_routes(folder, "markov", 6, SEED)
+    s = open_shards(folder.root, cache_slots=3, prefetch=True)
+    drv = s.step_driver()
+
+    def access(layer, e, before):
+        with s.load(layer, e):
+            if before:
+                before()
+
+    for t in range(routes.shape[0]):
+        for li in range(len(folder.layers)):
+            drv.step(li, routes[t, li], access)
+    s.close()
+    before = (drv.pf.clock, drv.pf.same.tobytes(), drv.cost.steps_seen, s.cache.stats.as_dict(), s._retired)
+    with pytest.raises(CacheError):
+        drv.step(0, routes[0, 0], access)
+    with pytest.raises(CacheError):
+        drv.begin(0, routes[0, 0])
+    assert (drv.pf.clock, drv.pf.same.tobytes(), drv.cost.steps_seen, s.cache.stats.as_dict(), s._retired) == before
+    assert s.step_driver() is drv and s._active == 0

@@ -55,7 +55,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -116,6 +116,7 @@ class Entry:
     stale: bool = False  # an unused prefetch whose step passed with its read complete: first in line for eviction
     due: int | None = None  # a prefetch: the step it is for (the caller's clock); None: the next cancel_stale's
     tick: int = 0  # recency (larger: more recently used), to break ties between layers' buckets as LRU does
+    owner: Hashable | None = None  # a prefetch: whose guess it is (`prefetch(owner=...)`); judged by its owner only
 
 
 class _Entries(OrderedDict):
@@ -283,8 +284,17 @@ class ExpertCache:
         # per layer with odds: (the odds array it was ranked with, its bucket's ODDS_SCAN least recently used entries
         # by ascending odds, ties least recently used), kept until the bucket changes (entries.dirty) or new odds come
         self._windows: dict[int, tuple[np.ndarray, list[Entry], float]] = {}
+        # owner -> the prefetch counters of its guesses alone (`owner_stats`): a stream's gate learns its own outcomes
+        self._owners: dict[Hashable, CacheStats] = {}
 
     # -- slots (all under self._cv) -------------------------------------------------------------------------
+    def _count(self, e: Entry, name: str, v: float = 1) -> None:
+        """Add v to a prefetch counter, in `stats` and in the counters of the guess's owner (if it has them)."""
+        setattr(self.stats, name, getattr(self.stats, name) + v)
+        o = self._owners.get(e.owner) if e.owner is not None else None
+        if o is not None:
+            setattr(o, name, getattr(o, name) + v)
+
     def _reclaim(self) -> None:
         """Give back the slots of withdrawn prefetches whose issued chunks have all landed (never blocks)."""
         if self._draining:
@@ -493,7 +503,7 @@ class ExpertCache:
         del self.entries[v.key]
         self.stats.evictions += 1
         if v.prefetched and not v.used:
-            self.stats.prefetch_wasted += 1
+            self._count(v, "prefetch_wasted")
         return v.slot
 
     def _take_slot_prefetch(self, admit: Callable[[Key | None], bool] | None, keep: set[Key] | frozenset[Key]
@@ -531,13 +541,13 @@ class ExpertCache:
             inflight = self.loader.withdraw(e.ticket)
             if inflight is None:
                 return "done"
-            self.stats.cancelled_inflight_bytes += inflight
-            self.stats.cancelled_read_bytes += min(e.ticket.size, e.ticket.issued * self.loader.block_size)
+            self._count(e, "cancelled_inflight_bytes", inflight)
+            self._count(e, "cancelled_read_bytes", min(e.ticket.size, e.ticket.issued * self.loader.block_size))
             self._draining.append((e.ticket, e.slot))
             how = "draining"
-        self.stats.cancelled_size_bytes += e.ticket.size
+        self._count(e, "cancelled_size_bytes", e.ticket.size)
         del self.entries[e.key]
-        self.stats.prefetch_cancelled += 1
+        self._count(e, "prefetch_cancelled")
         return how
 
     def _take_slot_foreground(self) -> int | None:
@@ -690,8 +700,8 @@ class ExpertCache:
                         else:
                             self.stats.hits += 1
                     if e.prefetched and not e.used and not e.stale:  # a stale guess needed later is a plain hit:
-                        self.stats.prefetch_used += 1                   # it was already counted wrong
-                        self.stats.prefetch_landed += self._landed(e)
+                        self._count(e, "prefetch_used")                  # it was already counted wrong
+                        self._count(e, "prefetch_landed", self._landed(e))
                     if e.ticket is not None:
                         self.loader.promote(e.ticket)  # needed now: its remaining reads go before other prefetches
                     break
@@ -750,7 +760,8 @@ class ExpertCache:
                 self.entries[key] = Entry(key, slot, t, now, foreground=True, fetched=True)  # acquire counts it
             return len(todo)
 
-    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset(), now: int | None = None) -> int:
+    def cancel_stale(self, keep: set[Key] | frozenset[Key] = frozenset(), now: int | None = None,
+                     owner: Hashable | None = None) -> int:
         """Withdraw the unused prefetches (not in keep) whose reads have not completed: their step has passed and
         the rest of their reads would only take disk time from foreground reads. A read none of whose chunks was
         issued gives its slot back at once; one part-way through stops reading (its chunks already with the disk
@@ -760,6 +771,8 @@ class ExpertCache:
         once in `stats.prefetch_stale`: it was a wrong guess too, and read whole.
         `now`: the step being routed (the clock of `prefetch(due=...)`): a guess due at a later step is left alone
         (its step has not come), one due at `now` or before is judged; without `now` every guess is.
+        `owner`: judge only the guesses `prefetch(owner=owner)` issued (one stream's step says nothing about another
+        stream's guesses); None: every guess, whoever issued it.
         Returns how many were withdrawn.
 
         >>> cache.cancel_stale(keep={(3, 1), (3, 6)})   # doctest: +SKIP
@@ -775,12 +788,12 @@ class ExpertCache:
                 if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
                         and not e.finishing and e.key not in keep):
                     continue
-                if now is not None and e.due is not None and e.due > now:
+                if now is not None and e.due is not None and e.due > now or owner is not None and e.owner != owner:
                     continue
                 if self._withdraw(e) == "done":  # its read completed meanwhile: keep it (unchecked; acquire checks it)
                     self.entries.mark_stale(e.key)
                     self.entries.move_to_end(e.key, last=False)
-                    self.stats.prefetch_stale += 1
+                    self._count(e, "prefetch_stale")
                     continue
                 n += 1
             self._reclaim()
@@ -832,13 +845,16 @@ class ExpertCache:
             self._drop_hold(e)
 
     def prefetch(self, key: Key, admit: Callable[[Key | None], bool] | None = None,
-                 keep: set[Key] | frozenset[Key] = frozenset(), due: int | None = None) -> bool:
+                 keep: set[Key] | frozenset[Key] = frozenset(), due: int | None = None,
+                 owner: Hashable | None = None) -> bool:
         """Start loading `key` in the background if it is absent and a slot can be spared. True if started.
 
         `admit(victim)`, if given, is asked (under the cache's lock: it must not call the cache) with the expert the
         load would evict, or None for a free slot; False leaves the cache as it was. Without it any spare slot is
         taken. `keep`: experts the caller is about to use (the rest of its step): never evicted for a guess.
         `due`: the step the guess is for, on the caller's clock (see `cancel_stale(now=...)`); None: the next step.
+        `owner`: whose guess it is (a stream): `cancel_stale(owner=...)` judges it only for that owner, and its
+        outcomes are counted in `owner_stats(owner)` too.
 
         A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
         mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
@@ -858,9 +874,24 @@ class ExpertCache:
                 self.stats.prefetch_failed += 1
                 return False
             e.prefetched = True
-            e.due = due
-            self.stats.prefetch_issued += 1
+            e.due, e.owner = due, owner
+            self._count(e, "prefetch_issued")
             return True
+
+    def owner_stats(self, owner: Hashable) -> CacheStats:
+        """The prefetch counters (`prefetch_*`, `cancelled_*`) of `owner`'s guesses alone, counted from this call on
+        (live: read them as deltas). `forget_owner` drops them.
+
+        >>> mine = cache.owner_stats("stream-1")   # doctest: +SKIP
+        >>> cache.prefetch((3, 1), owner="stream-1"); mine.prefetch_issued   # doctest: +SKIP
+        1
+        """
+        with self._cv:
+            return self._owners.setdefault(owner, CacheStats())
+
+    def forget_owner(self, owner: Hashable) -> None:
+        with self._cv:
+            self._owners.pop(owner, None)
 
     def in_flight(self) -> int:
         """Loads started and not yet finished and checked, and withdrawn prefetches whose reads are still landing."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -127,6 +128,11 @@ class ShardSet:
         self._drivers: list[tuple[threading.Thread, StepDriver]] = []
         self._drivers_closed = False
         self._retired = {"streams": 0, "admitted": 0, "right": 0, "wrong": 0, "refused": 0}
+        # drivers whose thread's thread-local data is gone (any thread, a `threading.Thread` or not: one started by
+        # `_thread` or C never stops being "alive"), appended by a finalizer that may run in any thread, at any time
+        # (even while this thread holds _lock): a list append needs no lock; they are retired at the next
+        # step_driver(), prefetch_stats() or close()
+        self._ended: list[StepDriver] = []
         self.prefetch_ahead = None
         if prefetch is not None:
             # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
@@ -275,11 +281,14 @@ class ShardSet:
         else:
             cost = CostModel(window=loader.queue_depth, window_frac=frac)
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
-        drv = StepDriver(self.cache, m.layers, pf, cost, max_inflight=cfg.max_inflight, ahead=self.prefetch_ahead)
+        # its steps refuse (before observing anything) once the set is closed, and close() waits for a step under way
+        drv = StepDriver(self.cache, m.layers, pf, cost, max_inflight=cfg.max_inflight, ahead=self.prefetch_ahead,
+                         guard=(self._enter, self._leave))
         with self._lock:
             if self._drivers_closed:
                 drv.close()
                 raise CacheError(f"{self.manifest.root}: the shard set is closed")
+            self._reap()
             live = []
             for t, d in self._drivers:
                 if t.is_alive():
@@ -287,8 +296,20 @@ class ShardSet:
                 else:  # its stream has ended: keep its record, free its duel
                     self._retire(d)
             self._drivers = live + [(threading.current_thread(), drv)]
-        self._mine.driver = drv
+        sentinel = _StreamEnd()  # goes with this thread's thread-local data: its driver is then retired
+        weakref.finalize(sentinel, self._ended.append, drv).atexit = False
+        self._mine.driver, self._mine.sentinel = drv, sentinel
         return drv
+
+    def _reap(self) -> None:
+        """Retire the drivers whose threads have ended (under _lock)."""
+        while self._ended:
+            d = self._ended.pop()
+            for i, (_, dd) in enumerate(self._drivers):
+                if dd is d:  # not yet retired (by is_alive() or close())
+                    del self._drivers[i]
+                    self._retire(d)
+                    break
 
     def _retire(self, drv: StepDriver) -> None:
         r = self._retired
@@ -308,6 +329,7 @@ class ShardSet:
         if self.prefetch_config is None:
             return None
         with self._lock:
+            self._reap()
             out = {**self._retired, "duel_odds": 0}
             for _, d in self._drivers:
                 out["streams"] += 1
@@ -357,6 +379,7 @@ class ShardSet:
             for _, d in self._drivers:
                 self._retire(d)
             self._drivers, self._drivers_closed = [], True
+            self._ended.clear()
         try:
             self.cache.close()
         finally:
@@ -370,6 +393,10 @@ class ShardSet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _StreamEnd:
+    """A thread's marker in `ShardSet._mine`: freed with the thread's thread-local data."""
 
 
 def open_shards(path: str | os.PathLike[str], **kw) -> ShardSet:

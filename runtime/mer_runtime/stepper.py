@@ -158,8 +158,13 @@ class StepDriver:
 
     def __init__(self, cache: ExpertCache, layers: Sequence[int], pf: MarkovPrefetcher | None = None,
                  cost: CostModel | None = None, *, policy: str = "markov", max_inflight: int = 2,
-                 ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None):
-        """`duel`: a shared one (the caller closes it); None with the odds in use: the driver's own (`close()`)."""
+                 ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None,
+                 guard: tuple[Callable[[], None], Callable[[], None]] | None = None):
+        """`duel`: a shared one (the caller closes it); None with the odds in use: the driver's own (`close()`).
+        `guard`: (enter, leave) of the owner of the cache (`ShardSet`): `begin` and `step` call enter() before they
+        touch anything (it raises once the owner is closed: the step then changes nothing) and leave() after, so
+        the owner's close() waits for a step under way."""
+        self._guard = guard
         self.cache, self.layers, self.pf, self.cost = cache, list(layers), pf, cost
         self.max_inflight = max_inflight
         self.markov = policy == "markov" and pf is not None
@@ -170,12 +175,25 @@ class StepDriver:
         self._index = {layer: li for li, layer in enumerate(self.layers)}
         self._measure = cost is not None and self.token_ahead  # token-ahead guesses are priced by the compute
         self._guesses: list[tuple[int, float]] = []
+        # this stream's guesses are tagged with it: its steps judge only them, and its gate learns only their outcomes
+        # (a small token, not the driver: an entry outliving the driver must not keep its tables alive)
+        self.owner = object()
+        self.own = cache.owner_stats(self.owner) if self.markov else cache.stats
 
     # -- one step -----------------------------------------------------------------------------------------------
     def begin(self, li: int, experts: Sequence[int]) -> list[Key]:
         """Steps (a)-(e) for layer index li (position in `layers`) routed to `experts`; the step's keys, hits first.
         The caller acquires each, calling `before_compute` before it computes, then `end()`."""
-        cache, st, pf, cost = self.cache, self.cache.stats, self.pf, self.cost
+        if self._guard is None:
+            return self._begin(li, experts)
+        self._guard[0]()
+        try:
+            return self._begin(li, experts)
+        finally:
+            self._guard[1]()
+
+    def _begin(self, li: int, experts: Sequence[int]) -> list[Key]:
+        cache, st, own, pf, cost = self.cache, self.cache.stats, self.own, self.pf, self.cost
         layers, L = self.layers, len(self.layers)
         experts = [int(e) for e in experts]
         keys = [(layers[li], e) for e in experts]
@@ -183,16 +201,16 @@ class StepDriver:
         now = 0
         if self.markov:
             now = pf.clock  # type: ignore[union-attr]
-            b0, r0, z0 = st.cancelled_inflight_bytes, st.cancelled_read_bytes, st.cancelled_size_bytes
-            s0, self._u0, self._f0 = st.prefetch_stale, st.prefetch_used, st.prefetch_landed
-            n = cache.cancel_stale(keep=set(keys), now=now if self.token_ahead else None)
+            b0, r0, z0 = own.cancelled_inflight_bytes, own.cancelled_read_bytes, own.cancelled_size_bytes
+            s0, self._u0, self._f0 = own.prefetch_stale, own.prefetch_used, own.prefetch_landed
+            n = cache.cancel_stale(keep=set(keys), now=now if self.token_ahead else None, owner=self.owner)
             if cost is not None:
-                size = st.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
+                size = own.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
                 if n and size:
-                    cost.observe_stale((st.cancelled_read_bytes - r0) / size,
-                                       (st.cancelled_inflight_bytes - b0) / size, n)
-                if st.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
-                    cost.observe_stale(1.0, 0.0, st.prefetch_stale - s0)
+                    cost.observe_stale((own.cancelled_read_bytes - r0) / size,
+                                       (own.cancelled_inflight_bytes - b0) / size, n)
+                if own.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
+                    cost.observe_stale(1.0, 0.0, own.prefetch_stale - s0)
                 if self.token_ahead:
                     cost.observe_in_way(cache.loader.spec_in_way, st.prefetch_issued)
                 else:
@@ -246,18 +264,28 @@ class StepDriver:
 
     def end(self) -> None:
         """(g): the gate's feedback for the step."""
-        cost, st = self.cost, self.cache.stats
+        cost, st, own = self.cost, self.cache.stats, self.own
         if cost is not None:
             cost.observe(st.io_wait - self._w0, st.misses - self._m0)
-            if self.markov and st.prefetch_used > self._u0:
-                cost.observe_used((st.prefetch_landed - self._f0) / (st.prefetch_used - self._u0),
-                                  st.prefetch_used - self._u0)
+            if self.markov and own.prefetch_used > self._u0:
+                cost.observe_used((own.prefetch_landed - self._f0) / (own.prefetch_used - self._u0),
+                                  own.prefetch_used - self._u0)
 
     def step(self, li: int, experts: Sequence[int],
              on_access: Callable[[int, int, Callable[[], None] | None], None] | None = None) -> None:
         """One whole layer step. `on_access(layer, expert, before_compute)` acquires the expert, calls
         `before_compute()` (if not None) once it holds it, computes and releases; without it (the I/O-free replay),
         each expert is acquired and released and the guesses follow it."""
+        if self._guard is not None:  # the whole step, so that the owner's close() waits for it
+            self._guard[0]()
+            try:
+                return self._step(li, experts, on_access)
+            finally:
+                self._guard[1]()
+        self._step(li, experts, on_access)
+
+    def _step(self, li: int, experts: Sequence[int],
+              on_access: Callable[[int, int, Callable[[], None] | None], None] | None) -> None:
         order = self.begin(li, experts)
         for i, key in enumerate(order):
             hook = (lambda rest=order[i + 1:]: self.before_compute(rest)) if self.markov else None
@@ -290,7 +318,8 @@ class StepDriver:
                 "refused": c.refused if c else 0, "duel_odds": bool(self.duel is not None and self.duel.odds)}
 
     def close(self) -> None:
-        """Release the duel's pools if the driver made it. Idempotent."""
+        """Release the duel's pools if the driver made it, and the cache's counters of its guesses. Idempotent."""
+        self.cache.forget_owner(self.owner)
         if self._own_duel and self.duel is not None:
             self.duel.close()
             self.duel = None
@@ -324,7 +353,7 @@ class StepDriver:
                 break
             # the step's experts not computed yet are never evicted for a guess (a hit lost for a maybe)
             flying += cache.prefetch(key, None if cost is None else (lambda v, q=q: admit(v, q)), keep,
-                                     due=self._now + L if self.token_ahead else None)
+                                     due=self._now + L if self.token_ahead else None, owner=self.owner)
             if refused:
                 break  # ranked by q, and the next would face the same victim: it would not pay either
         self._guesses = []

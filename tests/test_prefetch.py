@@ -366,3 +366,35 @@ def test_handed_out_odds_are_read_only_and_an_observation_gives_fresh_ones():
     pf.observe(0, [1, 2])
     assert pf.keep_odds(1) is not v and not np.array_equal(pf.keep_odds(1), before)
     np.testing.assert_array_equal(v, before)
+
+
+def test_an_observation_out_of_range_is_refused_before_anything_changes():
+    pf = MarkovPrefetcher([0, 1], 4)
+    pf.observe(0, [1, 2])
+    pf.observe(1, [3, 0])
+    pf.observe(0, [1, 2])
+    pf.keep_odds(1)  # handed out: the next observation of layer index 1 scores it into the fit
+    state = (pf.clock, list(pf._fit), pf.same.copy(), pf.same_n.copy(), pf.cross.copy(), pf.seen.copy(),
+             pf.steps.copy(), list(pf.cur_token), pf.keep_trust(), pf.keep_odds(0).copy())
+    for li, experts in ((1, [3, 9]), (1, [-1]), (2, [0])):
+        with pytest.raises(IndexError, match="expert ids in"):
+            pf.observe(li, experts)
+    after = (pf.clock, list(pf._fit), pf.same, pf.same_n, pf.cross, pf.seen, pf.steps, list(pf.cur_token),
+             pf.keep_trust(), pf.keep_odds(0))
+    for x, y in zip(state, after):
+        np.testing.assert_array_equal(np.asarray(x, dtype=object), np.asarray(y, dtype=object))
+
+
+def test_changing_the_prior_or_the_bound_applies_at_once():
+    """The estimates and the trust fit are computed once per observation: a changed knob must not be ignored."""
+    pf = MarkovPrefetcher([0, 1], 4)
+    low_z, big_prior = MarkovPrefetcher([0, 1], 4, keep_z=0.0), MarkovPrefetcher([0, 1], 4, prior=50.0)
+    for p in (pf, low_z, big_prior):  # the counts, and with the same prior the odds handed out, are the same
+        for t in range(8):
+            p.observe(0, [1, 2] if t % 3 else [0, 3]); p.keep_odds(1); p.observe(1, [3, 0]); p.keep_odds(0)
+    assert pf.keep_trust() != low_z.keep_trust()
+    pf.keep_z = 0.0
+    assert pf.keep_trust() == low_z.keep_trust()
+    assert not np.array_equal(pf.keep_odds(1), big_prior.keep_odds(1))
+    pf.prior = 50.0
+    np.testing.assert_array_equal(pf.keep_odds(1), big_prior.keep_odds(1))

@@ -55,6 +55,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -281,9 +282,9 @@ class ExpertCache:
         self.examined = 0  # entries looked at by layer-aware victim searches (a measure of their cost, for tests)
         self._odds: dict[int, np.ndarray] = {}
         self._odds_ab = (1.0, 0.0)  # (intercept, slope): P(used at its layer's next step) = a + b x odds
-        # per layer with odds: (the odds array it was ranked with, its bucket's ODDS_SCAN least recently used entries
-        # by ascending odds, ties least recently used), kept until the bucket changes (entries.dirty) or new odds come
-        self._windows: dict[int, tuple[np.ndarray, list[Entry], float]] = {}
+        # per layer with odds: (the odds array it was built with, its bucket's ODDS_SCAN least recently used entries
+        # by ascending odds), kept until the bucket changes (entries.dirty) or new odds come
+        self._windows: dict[int, tuple[np.ndarray, list[Entry]]] = {}
         # owner -> the prefetch counters of its guesses alone (`owner_stats`): a stream's gate learns its own outcomes
         self._owners: dict[Hashable, CacheStats] = {}
 
@@ -344,11 +345,13 @@ class ExpertCache:
         whose best possible score (odds 0) cannot beat the best found. Without odds for a layer P is the same for
         all its experts, so its candidate is the first ordinary entry of its bucket (least recently used first):
         by distance alone the search is O(layers), not O(entries). With odds a layer's candidate is its ordinary
-        entry of lowest odds among the `ODDS_SCAN` least recently used of its bucket (a layer's experts share d;
-        the recently used, which the odds favour anyway, are not looked at). That window, sorted by odds, is kept
-        per layer until the layer's bucket changes or its odds are replaced (a step changes two or three layers),
-        so an eviction on a deep model looks at about one entry per layer visited instead of re-sorting every
-        layer's window (58 layers x 256 experts at 512 slots: about 350 entries an eviction before)."""
+        entry of lowest odds among the `ODDS_SCAN` least recently used entries of its bucket (a layer's experts share
+        d; the recently used, which the odds favour anyway, are not looked at); only if none of those is ordinary
+        (a step under way, held guesses), the lowest among its `ODDS_SCAN` least recently used ordinary entries.
+        Those first entries, sorted by odds, are kept per layer until its bucket changes or its odds are replaced
+        (a step changes two or three layers), so a layer costs about one look: its first ordinary entry in that
+        order is its candidate (58 layers x 256 experts at 512 slots: about 350 entries an eviction before).
+        """
         ents = self.entries
         best: Entry | None = None
         for e in ents.stale.values():
@@ -383,36 +386,57 @@ class ExpertCache:
                 continue
             win = self._windows.get(layer)
             if win is None or win[0] is not odds:
-                win = (odds, *self._window(bucket, odds))
+                win = (odds, self._window(bucket, odds))
                 self._windows[layer] = win
-            if best is not None and max(a + b * win[2], 1e-12) / d > bval:
-                continue  # not even the window's lowest odds would beat the best found: nothing there is looked at
             n = len(odds)
-            for e in win[1]:
+            cand: Entry | None = None
+            cval = 0.0
+            for e in win[1]:  # by ascending odds, ties least recently used: the first candidate is the layer's
                 self.examined += 1
-                if self._ordinary(e, ok, threads):
-                    x = e.key[1]
-                    v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
-                    if best is None or v < bval or (v == bval and e.tick < best.tick):
-                        best, bval = e, v
-                    break
+                x = e.key[1]
+                v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
+                if cand is not None and v > cval:
+                    break  # the rest score higher (equal scores, clamped ones too, went on to compare ticks)
+                if self._ordinary(e, ok, threads) and (cand is None or v < cval or e.tick < cand.tick):
+                    cand, cval = e, v
+            if cand is None and len(bucket) > len(win[1]):
+                # none of its least recently used entries is a candidate now (a step under way, held guesses):
+                # the layer's first ODDS_SCAN ordinary entries, as they lie
+                cand, cval = self._scan_layer(bucket, odds, d, ok, threads, a, b)
+            if cand is not None and (best is None or cval < bval or (cval == bval and cand.tick < best.tick)):
+                best, bval = cand, cval
         if best is not None:
             return best
         return self._fallback_victim(ok, threads, a, b, use_odds)
 
-    def _window(self, bucket: OrderedDict[Key, Entry], odds: np.ndarray) -> tuple[list[Entry], float]:
-        """A layer's `ODDS_SCAN` least recently used entries, by ascending odds, ties least recently used, and the
-        lowest of their odds (a bound on what the layer can score, whichever of them is a candidate now)."""
+    def _window(self, bucket: OrderedDict[Key, Entry], odds: np.ndarray) -> list[Entry]:
+        """A layer's `ODDS_SCAN` least recently used entries, by ascending odds, ties least recently used."""
         n = len(odds)
-        win = []
+        win = list(islice(bucket.values(), ODDS_SCAN))
+        self.examined += len(win)
+        win.sort(key=lambda e: (float(odds[e.key[1]]) if 0 <= e.key[1] < n else 0.0, e.tick))
+        return win
+
+    def _scan_layer(self, bucket: OrderedDict[Key, Entry], odds: np.ndarray, d: int, ok: Callable[[Entry], bool],
+                    threads: Iterable[list], a: float, b: float) -> tuple[Entry | None, float]:
+        """The layer's candidate scored as it lies: the best of its `ODDS_SCAN` least recently used ordinary
+        entries (ties least recently used); (None, 0.0) if it has none."""
+        n = len(odds)
+        cand: Entry | None = None
+        cval = 0.0
+        scored = 0
         for e in bucket.values():
             self.examined += 1
+            if not self._ordinary(e, ok, threads):
+                continue
             x = e.key[1]
-            win.append((float(odds[x]) if 0 <= x < n else 0.0, e.tick, e))
-            if len(win) >= ODDS_SCAN:
+            v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
+            if cand is None or v < cval or (v == cval and e.tick < cand.tick):
+                cand, cval = e, v
+            scored += 1
+            if scored >= ODDS_SCAN:
                 break
-        win.sort(key=lambda t: (t[0], t[1]))
-        return [t[2] for t in win], (win[0][0] if win else 0.0)
+        return cand, cval
 
     def _ordinary(self, e: Entry, ok: Callable[[Entry], bool], threads: Iterable[list]) -> bool:
         """An idle entry ok() accepts that is neither a guess held for a later step nor in a step under way."""

@@ -121,12 +121,16 @@ class MarkovPrefetcher:
 
     @_one_thread
     def observe(self, li: int, experts: list[int]) -> None:
-        """Layer index li (position in `layers`) of the current token routed to `experts`."""
+        """Layer index li (position in `layers`) of the current token routed to `experts`. Refused (IndexError)
+        before anything changes if li or an expert id is out of range."""
+        chosen = list(dict.fromkeys(int(e) for e in experts))  # a repeated expert counts once, as one step's choice
+        if not 0 <= li < len(self.layers) or any(not 0 <= e < self.n for e in chosen):
+            raise IndexError(f"observe({li}, {list(experts)}): layer index must be in [0, {len(self.layers)}) and "
+                             f"expert ids in [0, {self.n})")
         self.clock += 1
         self._both_memo.clear()
         if li == 0:
             self.prev_token, self.cur_token = self.cur_token, [None] * len(self.layers)
-        chosen = list(dict.fromkeys(experts))  # a repeated expert counts once, as one step's choice
         odds = self._odds_out.pop(li, None)
         if odds is not None:
             f = self._fit
@@ -161,6 +165,25 @@ class MarkovPrefetcher:
             seen[e] += 1.0
         self.steps[li] += 1
         self.cur_token[li] = chosen
+
+    # the estimates and the trust fit are memoized (see __init__): changing what they are computed from drops them
+    @property
+    def prior(self) -> float:
+        return self._prior
+
+    @prior.setter
+    def prior(self, value: float) -> None:
+        self._prior = value
+        self.__dict__.get("_both_memo", {}).clear()
+
+    @property
+    def keep_z(self) -> float:
+        return self._keep_z
+
+    @keep_z.setter
+    def keep_z(self, value: float) -> None:
+        self._keep_z = value
+        self._trust_memo = None
 
     @property
     def calibration(self) -> float:

@@ -289,3 +289,53 @@ def test_a_step_after_close_changes_nothing(folder):
         drv.begin(0, routes[0, 0])
     assert (drv.pf.clock, drv.pf.same.tobytes(), drv.cost.steps_seen, s.cache.stats.as_dict(), s._retired) == before
     assert s.step_driver() is drv and s._active == 0
+
+
+def test_a_closed_shard_set_with_prefetching_is_freed(folder):
+    """The driver's retirement hook lives as long as the thread (the main thread here): it must not keep the
+    ShardSet, its pool and its drivers' tables alive after the user closed and dropped it."""
+    import gc
+    import weakref
+
+    s = open_shards(folder.root, cache_slots=4, prefetch=True)
+    drive(s, folder, cycle_routes(folder, 3))
+    s.close()
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_retired_stream_leaves_no_guess_behind():
+    """No other stream's step judges a stream's guesses (they are its own): when its driver is closed (its thread
+    ended, or the set closed) its unused guesses are withdrawn or demoted, so none keeps a slot for a step that will
+    never come, and a step refuses an unknown layer or expert before it withdraws or observes anything."""
+    from mer_runtime.buffers import BufferPool
+    from mer_runtime.cache import ExpertCache
+    from mer_runtime.prefetch import MarkovPrefetcher
+    from mer_runtime.stepper import NullLoader, StepDriver
+
+    layers = [0, 1, 2, 3]
+    cyc = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    for ahead in ("step", "token"):
+        pool = BufferPool(4096, 16)
+        cache = ExpertCache(pool, NullLoader(pool), lambda k: ("", 4096), layers=layers)
+        a = StepDriver(cache, layers, MarkovPrefetcher(layers, 16), ahead=ahead, odds=False)
+        for t in range(40):
+            for li in range(4):
+                a.step(li, cyc[(t + li) % 4])
+
+        def live_guesses():
+            return [e.key for e in cache.entries.values()
+                    if e.owner is a.owner and e.prefetched and not e.used and not e.stale]
+
+        assert live_guesses(), ahead  # the stream's last guesses, for steps that will not come
+        clock, issued = a.pf.clock, cache.stats.prefetch_issued
+        for li, experts in ((4, [0, 1]), (0, [0, 99])):
+            with pytest.raises(IndexError):
+                a.step(li, experts)
+        assert live_guesses() and a.pf.clock == clock and cache.stats.prefetch_issued == issued
+        a.close()
+        assert live_guesses() == [], ahead
+        a.close()  # idempotent
+        pool.close()

@@ -132,7 +132,7 @@ class ShardSet:
         # `_thread` or C never stops being "alive"), appended by a finalizer that may run in any thread, at any time
         # (even while this thread holds _lock): a list append needs no lock; they are retired at the next
         # step_driver(), prefetch_stats() or close()
-        self._ended: list[StepDriver] = []
+        self._ended: list[weakref.ref[StepDriver]] = []
         self.prefetch_ahead = None
         if prefetch is not None:
             # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
@@ -297,14 +297,18 @@ class ShardSet:
                     self._retire(d)
             self._drivers = live + [(threading.current_thread(), drv)]
         sentinel = _StreamEnd()  # goes with this thread's thread-local data: its driver is then retired
-        weakref.finalize(sentinel, self._ended.append, drv).atexit = False
+        # a weak reference: the finalizer registry lives as long as the thread, and the driver leads back to this
+        # ShardSet (its cache's callbacks), which must go when the user drops it
+        weakref.finalize(sentinel, self._ended.append, weakref.ref(drv)).atexit = False
         self._mine.driver, self._mine.sentinel = drv, sentinel
         return drv
 
     def _reap(self) -> None:
         """Retire the drivers whose threads have ended (under _lock)."""
         while self._ended:
-            d = self._ended.pop()
+            d = self._ended.pop()()
+            if d is None:
+                continue
             for i, (_, dd) in enumerate(self._drivers):
                 if dd is d:  # not yet retired (by is_alive() or close())
                     del self._drivers[i]

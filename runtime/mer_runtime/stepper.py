@@ -178,6 +178,7 @@ class StepDriver:
         # this stream's guesses are tagged with it: its steps judge only them, and its gate learns only their outcomes
         # (a small token, not the driver: an entry outliving the driver must not keep its tables alive)
         self.owner = object()
+        self._closed = False
         self.own = cache.owner_stats(self.owner) if self.markov else cache.stats
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -196,6 +197,10 @@ class StepDriver:
         cache, st, own, pf, cost = self.cache, self.cache.stats, self.own, self.pf, self.cost
         layers, L = self.layers, len(self.layers)
         experts = [int(e) for e in experts]
+        if not 0 <= li < L or (self.markov and any(not 0 <= e < pf.n for e in experts)):  # type: ignore[union-attr]
+            # refused before anything is withdrawn, fed to the gate or observed
+            raise IndexError(f"step({li}, {experts}): layer index must be in [0, {L})"
+                             + (f" and expert ids in [0, {pf.n})" if self.markov else ""))  # type: ignore[union-attr]
         keys = [(layers[li], e) for e in experts]
         self._w0, self._m0 = st.io_wait, st.misses
         now = 0
@@ -318,7 +323,12 @@ class StepDriver:
                 "refused": c.refused if c else 0, "duel_odds": bool(self.duel is not None and self.duel.odds)}
 
     def close(self) -> None:
-        """Release the duel's pools if the driver made it, and the cache's counters of its guesses. Idempotent."""
+        """Withdraw this stream's unused guesses (the reads under way stop, the complete ones are demoted: no other
+        stream's step judges them, and one held for a later step would keep its slot), then release the duel's
+        pools if the driver made it and the cache's counters of its guesses. Idempotent."""
+        if self.markov and self.own.prefetch_issued and not self._closed:
+            self.cache.cancel_stale(owner=self.owner)
+        self._closed = True
         self.cache.forget_owner(self.owner)
         if self._own_duel and self.duel is not None:
             self.duel.close()

@@ -67,6 +67,13 @@ from .loader import Loader, Ticket
 Key = tuple[int, int]  # (layer, expert)
 
 ODDS_SCAN = 8  # with odds: the least recently used idle experts of each layer scored per eviction
+
+
+def _keep_value(odds: np.ndarray | None, expert: int, a: float, b: float, d: int) -> float:
+    """What keeping an expert is worth per step until its layer's next step: P / d, P = a + b x its odds (odds 0 for
+    an expert the array does not cover, or without odds), floored above 0 so that d still ranks equal odds."""
+    p = a + b * float(odds[expert]) if odds is not None and 0 <= expert < len(odds) else a
+    return max(p, 1e-12) / d
 THREAD_TTL = 4096  # steps (of any thread) after which a thread not seen is forgotten
 
 
@@ -388,13 +395,11 @@ class ExpertCache:
             if win is None or win[0] is not odds:
                 win = (odds, self._window(bucket, odds))
                 self._windows[layer] = win
-            n = len(odds)
             cand: Entry | None = None
             cval = 0.0
             for e in win[1]:  # by ascending odds, ties least recently used: the first candidate is the layer's
                 self.examined += 1
-                x = e.key[1]
-                v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
+                v = _keep_value(odds, e.key[1], a, b, d)
                 if cand is not None and v > cval:
                     break  # the rest score higher (equal scores, clamped ones too, went on to compare ticks)
                 if self._ordinary(e, ok, threads) and (cand is None or v < cval or e.tick < cand.tick):
@@ -421,7 +426,6 @@ class ExpertCache:
                     threads: Iterable[list], a: float, b: float) -> tuple[Entry | None, float]:
         """The layer's candidate scored as it lies: the best of its `ODDS_SCAN` least recently used ordinary
         entries (ties least recently used); (None, 0.0) if it has none."""
-        n = len(odds)
         cand: Entry | None = None
         cval = 0.0
         scored = 0
@@ -429,8 +433,7 @@ class ExpertCache:
             self.examined += 1
             if not self._ordinary(e, ok, threads):
                 continue
-            x = e.key[1]
-            v = max(a + b * float(odds[x]) if 0 <= x < n else a, 1e-12) / d
+            v = _keep_value(odds, e.key[1], a, b, d)
             if cand is None or v < cval or (v == cval and e.tick < cand.tick):
                 cand, cval = e, v
             scored += 1
@@ -457,7 +460,6 @@ class ExpertCache:
             if not bucket:
                 continue
             odds = self._odds.get(layer) if use_odds else None
-            n = 0 if odds is None else len(odds)
             for e in bucket.values():
                 self.examined += 1
                 if e.holders or not ok(e):
@@ -468,8 +470,7 @@ class ExpertCache:
                 elif any(e.key in st[1] for st in threads):
                     k = (2, e.tick)
                 else:
-                    x = e.key[1]
-                    v = max(a + b * float(odds[x]) if odds is not None and 0 <= x < n else a, 1e-12) / d
+                    v = _keep_value(odds, e.key[1], a, b, d)
                     if best is None or v < bval or (v == bval and e.tick < best.tick):
                         best, bval = e, v
                     continue

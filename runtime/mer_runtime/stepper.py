@@ -291,7 +291,7 @@ class StepDriver:
 
     def _step(self, li: int, experts: Sequence[int],
               on_access: Callable[[int, int, Callable[[], None] | None], None] | None) -> None:
-        order = self.begin(li, experts)
+        order = self._begin(li, experts)  # step() holds the guard already
         for i, key in enumerate(order):
             hook = (lambda rest=order[i + 1:]: self.before_compute(rest)) if self.markov else None
             if on_access:

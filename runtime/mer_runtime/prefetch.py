@@ -88,6 +88,11 @@ class MarkovPrefetcher:
                  max_per_step: int | None = None, prior: float = 2.0, calibration_prior: float = 0.5,
                  calibration_weight: float = 4.0, keep_z: float = 2.0):
         self._busy, self._owner = threading.Lock(), None  # see _one_thread
+        # the estimates change only when a step is observed; a driver asks for the same layer's several times a step
+        # (keep_odds, predict_scored, prob_next), so each is computed once per observation: read-only arrays, safe to
+        # hand out (`ExpertCache.set_odds` keeps them)
+        self._both_memo: dict[int, np.ndarray] = {}
+        self._trust_memo: tuple[float, float] | None = None
         self.layers = list(layers)
         self.n = n_experts
         self.threshold = min(1.0, threshold_scale / n_experts)
@@ -113,11 +118,6 @@ class MarkovPrefetcher:
         self._odds_out: dict[int, np.ndarray] = {}
         self._fit = [0.0] * 5
         self.keep_z = keep_z
-        # the estimates change only when a step is observed; a driver asks for the same layer's several times a step
-        # (keep_odds, predict_scored, prob_next), so each is computed once per observation: read-only arrays, safe to
-        # hand out (`ExpertCache.set_odds` keeps them)
-        self._both_memo: dict[int, np.ndarray] = {}
-        self._trust_memo: tuple[float, float] | None = None
 
     @_one_thread
     def observe(self, li: int, experts: list[int]) -> None:
@@ -174,7 +174,7 @@ class MarkovPrefetcher:
     @prior.setter
     def prior(self, value: float) -> None:
         self._prior = value
-        self.__dict__.get("_both_memo", {}).clear()
+        self._both_memo.clear()
 
     @property
     def keep_z(self) -> float:

@@ -33,6 +33,8 @@ Tolerance: max|y - y_ref| / max|y_ref| <= 1e-4. The runtime computes in float32 
 quantized), whose rounding over a few thousand-term dot products stays near 1e-6; one changed weight byte moves
 the output by far more on the seeded inputs. NaN and inf weights (a source may hold them) must come out where the
 reference has them, the finite rest is compared; where they leave no finite output, rows are checked one by one.
+A per-expert scale is different: one NaN or inf scale makes the whole expert's output non-finite on both sides, so
+each is checked by value (``scale_problems``) and reported, and that expert is not run.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from mer_runtime.checksum import RELEASE
 from mer_runtime.errors import MerError
 from mer_runtime.guard import GUARDED, FileChangedError, Guard, map_file
 from mer_runtime.kernels import matvec
-from mer_runtime.manifest import ExpertEntry, Manifest
+from mer_runtime.manifest import SCALE_ROLES, ExpertEntry, Manifest
 from mer_runtime.safeopen import open_regular
 from mer_runtime.shards import ShardSet, open_shards
 
@@ -760,6 +762,38 @@ def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:
     return np.frombuffer(mm, np.uint8), guard
 
 
+def scale_problems(m: Manifest, e: ExpertEntry) -> list[Problem]:
+    """A problem for each per-expert scale of the shard that is NaN or infinite (none for an expert without scales).
+
+    The numeric checks cannot see one: the float64 reference applies the same shard value, so a whole output is NaN
+    (or inf) on both sides and compares as equal (`_rel`), and the sampled rows never read the scale. Such a value
+    makes every output of its projection, and so of the expert, NaN or infinite: never a usable model, whether the
+    shard was changed (checksums rewritten) or the source held it.
+    """
+    roles = [r for r in SCALE_ROLES if r in e.tensors]
+    if not roles:
+        return []
+    blob, guard = _map_shard(m, e)
+    try:
+        mine = _shard_tensors(blob, e)
+        with np.errstate(invalid="ignore", over="ignore"):
+            values = {r: float(mine[r].values().reshape(-1)[0]) for r in roles}
+        guard.check()
+    finally:
+        mine = None
+        guard.close()  # while `blob` still holds the mapping (unregistered before the unmap)
+    out = []
+    for role, v in values.items():
+        if not np.isfinite(v):
+            t = e.tensors[role]
+            base = role.removesuffix("_scale")
+            out.append(Problem(e.path, f"{role} is {v} ({t.dtype} at file offset {t.offset}): every output of its "
+                                       f"{base} projection, and so of the expert, would be NaN or infinite; "
+                                       "re-extract this expert from the source (if the source's per-expert scale "
+                                       "holds it too, the model itself is damaged there)"))
+    return out
+
+
 def _check_all(guard: Guard | None, regions: dict[str, Region]) -> None:
     """Raise FileChangedError if the shard (`guard`) or a source region shrank while its bytes were used."""
     if guard is not None:
@@ -918,6 +952,9 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                         regions.pop(role).release(0, e.tensors[role].nbytes)
                 elif src is not None:
                     bytes_compared += sum(t.nbytes for r, t in e.tensors.items() if r in NUMERIC_ROLES)
+                if bad := scale_problems(m, e):  # no comparison could see it (scale_problems): reported, not run
+                    report.problems.extend(bad)
+                    continue
                 if mode == "rows":
                     err = numbers.rows(e, regions)
                 else:

@@ -354,3 +354,68 @@ def test_walk_reads_big_endian_files_as_the_reader_does(tmp_path):
     assert (r.byte_order, h.byte_order) == ("S", ">")
     assert h.kv_types == {k: v.types for k, v in r.fields.items() if not k.startswith("GGUF.")}
     assert [(t.name, t.start, t.nbytes) for t in h.tensors] == [(t.name, t.data_offset, t.n_bytes) for t in r.tensors]
+
+
+def _set_scale(folder, e, role, value):
+    """Write `value` (float32) as expert e's `role` and rewrite its file and projection checksums and the manifest's
+    own, so that the shallow checks pass and only the numeric check can see it."""
+    import xxhash
+    from mer_runtime.manifest import manifest_bytes
+
+    p = folder / e.path
+    data = bytearray(p.read_bytes())
+    t = e.tensors[role]
+    data[t.offset:t.offset + 4] = np.float32(value).tobytes()
+    p.write_bytes(bytes(data))
+    mpath = folder / "manifest.json"
+    raw = json.loads(mpath.read_text())
+    ent = next(x for x in raw["experts"] if x["path"] == e.path)
+    ent["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data))
+    for r in ent["tensors"].values():
+        r["xxh3_64"] = xxhash.xxh3_64_hexdigest(bytes(data[r["offset"]:r["offset"] + r["nbytes"]]))
+    mpath.write_bytes(manifest_bytes(raw))
+
+
+@pytest.mark.parametrize("role, value", [("down_scale", float("nan")), ("gate_scale", float("inf")),
+                                         ("up_scale", float("-inf"))])
+@pytest.mark.parametrize("mode", ["whole", "loader", "rows"])
+def test_a_non_finite_scale_with_rewritten_checksums_fails_deep_verify(tmp_path, role, value, mode):
+    """A NaN or inf per-expert scale makes every output of its projection (and so of the expert) NaN or inf on both
+    sides of the comparison (the reference applies the same shard value), and the sampled rows never read the scale:
+    deep verify without --against used to pass such a folder. It is now a problem naming the file and the role."""
+    from mertools import verify
+    from mertools.deep import deep_verify
+    from mertools.report import VerifyReport
+
+    f = scaled_model(tmp_path)
+    out = tmp_path / "o"
+    run_cli("extract", f, out, "-q", check=True)
+    m = load_manifest(out)
+    e = m.expert(1, 2)
+    _set_scale(out, e, role, value)
+    assert verify(out).ok  # the checksums no longer see it
+    r = VerifyReport(out)
+    kw = {"whole": {}, "loader": {"whole_budget": 0}, "rows": {"whole_budget": 0, "runtime_experts": 0}}[mode]
+    deep_verify(r, load_manifest(out), **kw)
+    assert not r.ok
+    assert [p.path for p in r.problems] == [e.path], r.problems  # only that expert
+    what = r.problems[0].what
+    assert role in what and str(np.float32(value)) in what and "re-extract" in what, what
+    assert r.deep["experts_run"] == len(m.experts) - 1  # reported, not counted as compared
+
+
+def test_a_non_finite_scale_fails_verify_deep_on_the_command_line(tmp_path):
+    f = scaled_model(tmp_path)
+    out = tmp_path / "o"
+    run_cli("extract", f, out, "-q", check=True)
+    e = load_manifest(out).expert(2, 0)
+    _set_scale(out, e, "down_scale", float("nan"))
+    run_cli("verify", out, check=True)
+    p = run_cli("verify", out, "--deep", "-q")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    fails = [ln for ln in p.stdout.splitlines() if ln.startswith("FAIL")]
+    assert len(fails) == 1 and e.path in fails[0] and "down_scale" in fails[0] and "nan" in fails[0], p.stdout
+    # with --against the byte comparison names it too, and the numeric check still says what the value does
+    p = run_cli("verify", out, "--deep", "--against", f, "-q")
+    assert p.returncode == 1 and "does not match the source bytes" in p.stdout and "down_scale is nan" in p.stdout, \
+        p.stdout

@@ -339,3 +339,20 @@ def test_a_retired_stream_leaves_no_guess_behind():
         assert live_guesses() == [], ahead
         a.close()  # idempotent
         pool.close()
+
+
+@pytest.mark.skipif(bool(uring.probe()), reason="a token ahead needs io_uring")
+def test_a_chunks_share_of_an_expert_is_at_most_one(folder):
+    """CostModel's chunk_frac is a chunk's share of an expert: this fixture's experts (108 KiB) are smaller than one
+    1 MiB chunk, which is read as one chunk of the expert's size, so the share is 1, not 1 MiB / 108 KiB = 9.48
+    (which priced what a guess puts in the foreground's way at 9.48 whole misses a chunk). Smoke's replay gets the
+    same value (`chunk_share`)."""
+    biggest = max(e.size for e in folder.experts)
+    with open_shards(folder.root, cache_slots=4, prefetch=PrefetchConfig(ahead="token")) as s:
+        assert s.prefetch_ahead == "token" and s.loader.block_size > biggest  # the case in question
+        assert s.step_driver().cost.chunk_frac == 1.0
+    with open_shards(folder.root, cache_slots=4, block_size=4096, prefetch=PrefetchConfig(ahead="token")) as s:
+        assert s.step_driver().cost.chunk_frac == pytest.approx(4096 / biggest)  # smaller chunks: their share
+    from mer_runtime.prefetch import chunk_share
+
+    assert chunk_share(1 << 20, biggest) == 1.0 and chunk_share(4096, 8192) == 0.5

@@ -164,3 +164,18 @@ def test_demo_runs_the_whole_path(tmp_path):
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["verify"]["ok"] and r["verify"]["deep"]["experts_run"] == 8 and r["smoke"]["tokens"] == 50
+
+
+def test_token_ahead_smoke_weighs_a_chunk_as_at_most_one_expert(out):
+    """The tiny fixture's experts are smaller than one 1 MiB chunk: a chunk's share of an expert, as the run's gate
+    and the replay's (hit_rate_by_policy) weigh it, is 1, not 1 MiB / 108 KiB = 9.48."""
+    from mer_runtime import uring
+    from mer_runtime.smoke import SmokeConfig, run_smoke
+
+    if uring.probe():
+        pytest.skip(uring.probe())
+    r = run_smoke(out, SmokeConfig(tokens=20, cache_slots=4, workload="markov", io="io_uring", prefetch_ahead="token"))
+    assert r["prefetch_gate"]["ahead"] == "token"
+    assert max(e.size for e in load_manifest(out).experts) < 1 << 20  # the case in question
+    assert r["prefetch_gate"]["chunk_frac"] == 1.0
+    assert run_smoke(out, SmokeConfig(tokens=5, cache_slots=4))["prefetch_gate"]["chunk_frac"] is None  # step ahead

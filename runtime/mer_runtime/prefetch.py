@@ -363,6 +363,19 @@ class MarkovPrefetcher:
         return list(zip(es, qs))
 
 
+def chunk_share(block_size: int, expert_bytes: int) -> float:
+    """A loader chunk's share of an expert, as `CostModel`'s `chunk_frac` means it: at most 1, since an expert
+    smaller than one chunk is read as a single chunk of its own size (what a speculative chunk puts in a foreground
+    read's way is then at most one expert's read, not block_size / expert_bytes of them).
+
+    >>> chunk_share(1 << 20, 4 << 20), chunk_share(1 << 20, 108 << 10)
+    (0.25, 1.0)
+    """
+    if block_size <= 0 or expert_bytes <= 0:
+        raise ValueError(f"block_size {block_size} and expert_bytes {expert_bytes} must be positive")
+    return min(1.0, block_size / expert_bytes)
+
+
 class CostModel:
     """Issue a speculative read only when it is expected to pay, measured online:
 

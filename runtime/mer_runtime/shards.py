@@ -44,7 +44,7 @@ from .errors import CacheError, ShardIOError
 from .kernels import expert_ffn, moe
 from .loader import open_loader
 from .manifest import Manifest, load_manifest
-from .prefetch import CostModel, MarkovPrefetcher
+from .prefetch import CostModel, MarkovPrefetcher, chunk_share
 from .stepper import PrefetchConfig, StepDriver
 
 CHECKSUMS = ("first", "always", "never")
@@ -276,8 +276,8 @@ class ShardSet:
         biggest = max(e.size for e in m.experts)
         frac = min(1.0, loader.queue_depth * loader.block_size / biggest)
         if self.prefetch_ahead == "token":
-            cost = CostModel(window=cfg.spec_window, window_frac=frac, chunk_frac=loader.block_size / biggest,
-                             expert_bytes=biggest)
+            cost = CostModel(window=cfg.spec_window, window_frac=frac,
+                             chunk_frac=chunk_share(loader.block_size, biggest), expert_bytes=biggest)
         else:
             cost = CostModel(window=loader.queue_depth, window_frac=frac)
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)

@@ -27,7 +27,7 @@ from .kernels import dequantize_tensor, reference_ffn, reference_weights
 from .loader import check_regular_file
 from .manifest import Manifest, load_manifest
 from .safeopen import read_regular
-from .prefetch import CostModel, MarkovPrefetcher
+from .prefetch import CostModel, MarkovPrefetcher, chunk_share
 from .shards import open_shards
 # moved to stepper (one driver for smoke and ShardSet.moe); re-exported here for compatibility
 from .stepper import DUEL_MARGIN, NullLoader, OddsDuel, PrefetchConfig, StepDriver  # noqa: F401
@@ -269,7 +269,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         frac = min(1.0, s.loader.queue_depth * s.loader.block_size / biggest)
         # a token ahead only where speculative reads can be kept to the disk's idle time (io_uring's window)
         ahead = "token" if cfg.prefetch_ahead == "token" and s.loader.name == "io_uring" else "step"
-        chunk_frac = s.loader.block_size / biggest if ahead == "token" else None
+        chunk_frac = chunk_share(s.loader.block_size, biggest) if ahead == "token" else None
         # prefetch off: a driver that only fetches each step's experts together (hits first), as before
         drv = s.step_driver() or StepDriver(s.cache, m.layers, policy="none")
         pf, cost = drv.pf or MarkovPrefetcher(m.layers, m.model["n_experts"]), drv.cost
@@ -321,6 +321,8 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         "prefetch_gate": {"stall_ms": round(cost.stall_s * 1e3, 3), "miss_step": round(cost.miss_step, 4),
                           "landed_frac": round(cost.landed_frac, 4), "waste_frac": round(cost.waste_frac, 4),
                           "window": cost.window, "calibration": round(pf.calibration, 4), "ahead": ahead,
+                          # a chunk's share of an expert (at most 1), as this run's gate and the replay's weigh it
+                          "chunk_frac": chunk_frac,
                           "in_way_chunks_per_guess": round(cost.in_way, 3) if chunk_frac else None,
                           "read_ms": round(cost.read_s * 1e3, 3) if chunk_frac else None,  # a guess's read's price
                           "compute_base_ms": round(cost.compute_base * 1e3, 3) if chunk_frac else None,

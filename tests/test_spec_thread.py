@@ -1026,3 +1026,94 @@ def test_an_interrupt_as_the_reaper_lets_go_of_the_lock_leaves_the_loader_usable
         monkeypatch.undo()
         loader.close()
         pool.close()
+
+
+@pytest.mark.parametrize("where, nth", [("judge", 1), ("judge", 2), ("take back", 1), ("take back", 3),
+                                        ("take back", 7)])
+def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_close(tmp_path, monkeypatch, where,
+                                                                                   nth):
+    """close() takes back the SQEs the kernel never consumed, then fails each read they belonged to, one after the
+    other. A second interrupt between two of those steps (a double Ctrl-C: the first ended the close's wait) used to
+    leave the reads not yet handled for ever: their chunks were out of the ring (the next close() found nothing to
+    take back) and out of the loader's table, so no later close(), and no completion, ever finished them: not done,
+    their slots reserved for good and their fds open. Now the reads taken back are recorded before any is changed,
+    and the next close() finishes each one from what is really left with the kernel: a read with nothing there is
+    done and says its buffer is free, one whose chunks the kernel still had is done once they are reaped, and every
+    fd is closed. Set-up as in the test above (one SQE of each submission taken: `part` has 3 of its 8 chunks with
+    the kernel, `none` none of its 2, so 7 chunks are taken back); the second interrupt is raised where the loader
+    makes its next step: as the message for the `nth` read judged is made, or once the `nth` chunk taken back has
+    been recorded as returned."""
+    if uring.probe():
+        pytest.skip(uring.probe())
+    import mer_runtime.loader as loader_mod
+
+    data = np.random.default_rng(9).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes()
+    a, b = tmp_path / "part.bin", tmp_path / "none.bin"
+    a.write_bytes(data)
+    b.write_bytes(data[:8192])
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(8 * 4096, 2)
+    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=16)
+    real, waits = uring._syscall, []
+
+    def one_at_a_time(nr, *a):
+        if nr == uring.SYS_IO_URING_ENTER and a[1] > 1:  # (fd, to_submit, min_complete, flags, sigset, size)
+            return real(nr, a[0], 1, *a[2:])
+        if nr == uring.SYS_IO_URING_ENTER and a[2] > 0 and loader._closed and not waits:
+            waits.append(True)
+            raise KeyboardInterrupt  # the first Ctrl-C: while close() waits for the reads with the kernel
+        return real(nr, *a)
+
+    fired: list = []
+    if where == "judge":
+        real_closed, judged = loader_mod._closed_error, []
+
+        def closed_error(path, why=None, **kw):
+            if why is not None and loader._closed and not fired:
+                judged.append(path)
+                if len(judged) == nth:
+                    fired.append(path)
+                    raise KeyboardInterrupt  # the second Ctrl-C: before that read is failed
+            return real_closed(path, why, **kw)
+
+        monkeypatch.setattr(loader_mod, "_closed_error", closed_error)
+    else:
+        real_note, returned = loader._note, []
+
+        def note(*event):
+            real_note(*event)
+            if event[0] == "returned" and loader._closed and not fired:
+                returned.append(event)
+                if len(returned) == nth:
+                    fired.append(event)
+                    raise KeyboardInterrupt  # the second Ctrl-C: part-way through taking back the chunks
+
+        monkeypatch.setattr(loader, "_note", note)
+    try:
+        monkeypatch.setattr(uring, "_syscall", one_at_a_time)
+        part = loader.start(str(a), 8 * 4096, 0, urgent=True)
+        none = loader.start(str(b), 8192, 1, urgent=True)
+        with pytest.raises(KeyboardInterrupt):
+            loader.close()
+        monkeypatch.undo()
+        assert waits and fired and loader.ring.fd >= 0  # both interrupts came, the second before the ring was closed
+        assert not none.done
+        r = loader.ring
+        until(lambda: (r.cq_tail.load() - r.cq_head.load()) & 0xFFFFFFFF == 3, "part's 3 chunks never landed")
+        loader.close()  # finishes what the interrupted one left
+        assert loader.ring.fd < 0 and part.fd < 0 and none.fd < 0
+        assert set(os.listdir("/proc/self/fd")) == fds
+        assert none.done and loader.ready(none) and none.in_flight == 0
+        with pytest.raises(ShardIOError) as raised:
+            loader.wait(none)
+        assert "buffer is free" in str(raised.value) and "KeyboardInterrupt" in str(raised.value), raised.value
+        assert part.done and loader.ready(part) and part.in_flight == 0  # its chunks landed and were reaped
+        with pytest.raises(ShardIOError) as raised:
+            loader.wait(part)
+        assert "KeyboardInterrupt" in str(raised.value)
+        assert pool.view(0, 3 * 4096).tobytes() == data[:3 * 4096]  # what the kernel had, it read
+        loader.close()  # a no-op
+    finally:
+        monkeypatch.undo()
+        loader.close()
+        pool.close()

@@ -656,6 +656,11 @@ class UringLoader(Loader):
         self._chunks: dict[int, tuple[Ticket, int, int]] = {}  # user_data -> chunk with the kernel
         self._chunk_ids = itertools.count(1)
         self._spec: set[int] = set()  # user_data of the speculative chunks with the kernel (for spec_window)
+        # taking SQEs back (`_retract`) survives an interrupt (KeyboardInterrupt) at any step: the user_data the SQ
+        # gave back and not yet handled, and the reads they belonged to that are not yet judged (failed, finished
+        # if nothing of them is left with the kernel); whoever retracts next (the next close()) handles both first
+        self._returned: list[int] = []
+        self._taken: dict[int, Ticket] = {}
         self._reaping = False
         # a close() is between `_closed = True` and having given the ring back (`_closer`: its thread); a close()
         # interrupted there (a second Ctrl-C) leaves it False with the ring open: the next close() finishes the job
@@ -775,19 +780,39 @@ class UringLoader(Loader):
         except OSError as exc:
             self._refused(exc)
 
-    def _retract(self) -> dict[int, Ticket]:
+    def _retract(self) -> list[Ticket]:
         """Take back the SQEs the kernel has not consumed (under the lock): their chunks were never with the kernel.
-        Returns the tickets they belonged to (by id), each's counts already corrected."""
-        tickets: dict[int, Ticket] = {}
-        for cid in self.ring.retract():
-            t, off, _ = self._chunks.pop(cid)
-            self._spec.discard(cid)
-            self._note("returned", t.id, off)
-            t.in_flight -= 1
-            t.issued -= 1  # never with the kernel
-            t.remaining -= 1
-            tickets[id(t)] = t
-        return tickets
+        Returns the tickets still to judge (`_taken`: these ones', and any an interrupted call left), each's counts
+        recounted from the chunks really with the kernel and those still queued (`_recount`); the caller removes
+        each from `_taken` once it has failed it.
+
+        Every step can be interrupted (a KeyboardInterrupt) and redone by the next call: the user_data are recorded
+        (`_returned`) before the SQ lets go of them, a ticket is recorded (`_taken`) before any of its counts
+        change, and a chunk leaves `_returned` only once handled. (A ticket lost between two steps used to stay
+        not done for ever, its slot reserved and its fd open: its chunks were neither in the ring nor in
+        `_chunks`.)"""
+        self.ring.retract(into=self._returned)
+        returned = self._returned
+        while returned:
+            cid = returned[0]
+            chunk = self._chunks.get(cid)  # None: handled already (interrupted before it left `_returned`)
+            if chunk is not None:
+                t, off, _ = chunk
+                self._taken[id(t)] = t  # first: whatever happens next, t is judged
+                del self._chunks[cid]
+                self._spec.discard(cid)
+                self._note("returned", t.id, off)
+                t.issued -= 1  # never with the kernel
+            del returned[0]
+        for t in self._taken.values():
+            self._recount(t)
+        return list(self._taken.values())
+
+    def _recount(self, t: Ticket) -> None:
+        """Under the lock: t's chunks with the kernel and not yet completed, counted from `_chunks` and the queue
+        (a decrement an interrupt skipped cannot leave t waiting for a chunk that does not exist)."""
+        t.in_flight = sum(1 for c in self._chunks.values() if c[0] is t)
+        t.remaining = t.in_flight + sum(1 for it in self._queue if it[0] is t)
 
     def _refused(self, exc: OSError) -> None:
         """Under the lock: the kernel refused a submission (e.g. EAGAIN/ENOMEM: short of memory). Raising from here
@@ -797,11 +822,12 @@ class UringLoader(Loader):
         the chunks it had already submitted have landed, so its slot is never reused while the kernel writes it."""
         failed = self._retract()
         why = exc.strerror or os.strerror(exc.errno or errno.EIO)
-        for t in failed.values():
+        for t in failed:
             self._note("refused", t.id)
             self._fail(t, ShardIOError(exc.errno or errno.EIO,
                                        f"{t.path}: the kernel refused to start the read ({why}); the file is not "
                                        "at fault: retry, and use --io pread if it recurs"))
+            self._taken.pop(id(t), None)
 
     def _complete(self, cid: int, res: int) -> None:
         t, off, n = self._chunks.pop(cid)
@@ -1024,14 +1050,14 @@ class UringLoader(Loader):
         while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
             self._cv.wait()
         self._cancel_queued()
-        taken = self._retract()
-        for t in taken.values():
+        for t in self._retract():
             # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks
             # of the same read with the kernel, and "its buffer is free" would then have its owner reuse a slot
             # the kernel still writes (err, if any, says so too)
             why = err if err is not None and t.in_flight else _closed_error(t.path, other, in_flight=t.in_flight > 0)
             self._fail(t, why)  # finishes t once nothing of it is anywhere
             self._retire(t)
+            del self._taken[id(t)]  # last: interrupted before it, the next close() judges t again (the same way)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
             # be written

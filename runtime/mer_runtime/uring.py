@@ -274,10 +274,13 @@ class Ring:
         self.in_flight += ret
         self.pending -= ret
 
-    def retract(self) -> list[int]:
+    def retract(self, into: list[int] | None = None) -> list[int]:
         """Take back the SQEs queued but not yet consumed by the kernel (after `submit` raised: the kernel consumed
         none of them); returns their user_data, oldest first. Safe because this ring has no SQPOLL thread: the
-        kernel reads the SQ only inside an io_uring_enter with to_submit > 0, which only the owner makes.
+        kernel reads the SQ only inside an io_uring_enter with to_submit > 0, which only the owner makes. `into`:
+        a list they are added to, in one step, before the SQ lets go of them, so that a caller interrupted by an
+        asynchronous exception (KeyboardInterrupt) still knows every one (an interrupt between the two may add
+        them twice: the next call finds them still queued).
 
         >>> r.prep_read(fd, addr, 4096, 0, user_data=7, buf_index=None)   # doctest: +SKIP
         >>> r.retract()                                                    # doctest: +SKIP
@@ -286,6 +289,8 @@ class Ring:
         head = self.sq_head.load()  # acquire: how far the kernel has consumed
         n = (self._tail - head) & 0xFFFFFFFF
         out = [self.sqes[self.sq_array[(head + i) & self.sq_mask]].user_data for i in range(n)]
+        if into is not None:
+            into.extend(out)  # one C call
         self._tail = head
         self.sq_tail.store(head)
         self.in_flight += max(0, self.pending - n)  # consumed without being counted (never, when submit raised)

@@ -84,7 +84,8 @@ def main() -> None:
               f"I/O share on {on['io_share']:.0%} off {off['io_share']:.0%}; "
               f"prefetches issued {on['prefetch_issued']} used {on['prefetch_used']} withdrawn "
               f"{on['prefetch_cancelled']} stale {on.get('prefetch_stale', 0)} refused {on.get('prefetch_refused', 0)}; "
-              f"{on['backend']}; eviction on {on['eviction']} (odds at the end: {on.get('eviction_odds_at_end')}) "
+              f"{on['backend']}; eviction on {on['eviction']} (odds at the end: {on.get('eviction_odds_at_end')}; "
+              f"dormant steps {on.get('prefetch_dormant_steps')}) "
               f"off {off['eviction']}", flush=True)
         print(f"{'':8s} gate (median run on): {on.get('prefetch_gate')}", flush=True)
         gates = [r.get("prefetch_gate") or {} for r in runs[True]]

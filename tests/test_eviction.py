@@ -381,16 +381,16 @@ def test_the_duel_on_a_deep_model_replays_a_sample_of_its_layers():
     duel = OddsDuel(layers, 512)
     try:
         assert len(duel.layers) <= 16 and duel.layers[0] == 3
-        assert all(c.pool.n_slots == round(512 * len(duel.layers) / 58) for c in duel.shadows)
+        assert all(c.n_slots == round(512 * len(duel.layers) / 58) for c in duel.shadows)
         skipped = next(l for l in layers if l not in duel.layers)
         duel.step([(skipped, 1), (skipped, 2)], {}, 0.5, 0.0)
-        assert all(c.stats.misses == 0 and not c.entries for c in duel.shadows)
+        assert all(c.misses == 0 and not c.keys() for c in duel.shadows)
         duel.step([(3, 1), (3, 2)], {skipped: np.zeros(256), 3: np.zeros(256)}, 0.5, 0.0)
-        assert all(c.stats.misses == 2 for c in duel.shadows) and set(duel.shadows[1]._odds) == {3}
+        assert all(c.misses == 2 for c in duel.shadows) and set(duel.shadows[1].odds) == {3}
     finally:
         duel.close()
     small = OddsDuel([0, 1, 2, 3], 16)  # a shallow model's duel replays every step, in the same slots
-    assert small.layers == [0, 1, 2, 3] and small.shadows[0].pool.n_slots == 16
+    assert small.layers == [0, 1, 2, 3] and small.shadows[0].n_slots == 16
     small.close()
 
 
@@ -426,3 +426,71 @@ def test_the_entries_never_keep_a_ghost_in_their_layer_buckets():
     d.mark_stale((1, 4))
     d.clear()
     assert not d and not d.buckets and not d.stale
+
+
+def _replay_both(layers: list[int], slots: int, steps) -> None:
+    """Each step ([keys], odds or None, a, b) through an ExpertCache and a ShadowCache of the same slots: the same
+    keys in the same order per layer and the same hits and misses after every step."""
+    from mer_runtime.shadow import ShadowCache
+    from mer_runtime.stepper import NullLoader
+
+    pool = BufferPool(4096, slots)
+    ref = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=layers)
+    sh = ShadowCache(layers, slots)
+    try:
+        for i, (keys, odds, a, b) in enumerate(steps):
+            if odds is not None:
+                ref.set_odds(odds, a, b)
+                sh.set_odds(odds, a, b)
+            ref.fetch(keys)
+            for key in keys:
+                ref.acquire(key)
+                ref.release(key)
+            sh.step(keys)
+            assert (sh.hits, sh.misses) == (ref.stats.hits, ref.stats.misses), i
+            assert {l: list(b) for l, b in sh.buckets.items()} == {
+                l: [e for (_, e) in b] for l, b in ref.entries.buckets.items()}, i
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_duels_shadow_cache_evicts_exactly_as_the_expert_cache(seed):
+    """The duel's shadows are `ShadowCache`s, the cache's victim rule written out again on keys alone (an
+    `ExpertCache` shadow was most of the prefetcher's per-step cost). Random traces, odds with ties, odds arrays
+    shorter than the layer, windows smaller than a layer's bucket or filled by the step, a layer outside the order,
+    repeated experts, a step of more experts than slots: after every step both hold the same keys in the same order
+    per layer and have counted the same hits and misses."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        layers = [int(x) for x in rng.permutation(8)[: int(rng.integers(1, 6))]]
+        n_exp = int(rng.choice([4, 8, 24]))
+        k = int(rng.choice([1, 2, 3, 8, 10]))  # top-8: a step can be a whole ODDS_SCAN window of its layer
+        steps = []
+        for _ in range(80):
+            layer = layers[int(rng.integers(len(layers)))] if rng.random() > 0.03 else 9  # 9: outside the order
+            odds, a, b = None, 0.0, 0.0
+            if rng.random() < 0.5:  # odds for one or two layers, coarse (ties) and sometimes short
+                odds = {int(l): np.round(rng.random(int(rng.choice([n_exp, max(1, n_exp - 3)]))), 1)
+                        for l in rng.choice(layers + [9], size=int(rng.integers(1, 3)))}
+                a, b = float(rng.choice([0.0, 0.01, 0.5])), float(rng.choice([0.0, 0.3, 1.0]))
+            steps.append(([(layer, int(e)) for e in rng.integers(0, n_exp, size=k)], odds, a, b))  # repeats too
+        _replay_both(layers, int(rng.integers(2, 40)), steps)
+
+
+def test_the_shadow_cache_scores_a_layer_past_a_window_its_step_fills():
+    """A top-9 step whose experts are its layer's ODDS_SCAN least recently used: the layer's candidate is then the
+    lowest odds among its next ODDS_SCAN entries (ExpertCache's `_scan_layer`): expert 15, not 16 (lower, but past
+    them), nor one of layer 1 (higher odds)."""
+    assert ODDS_SCAN == 8
+    odds = {0: np.array([0.5] * 15 + [0.3, 0.1] + [0.5] * 7), 1: np.ones(24)}
+    steps = [([(0, e) for e in range(8)], None, 0, 0), ([(0, e) for e in range(8, 16)], None, 0, 0),
+             ([(0, 16)], None, 0, 0), ([(1, 0), (1, 1), (1, 2)], odds, 0.0, 1.0),
+             ([(0, e) for e in range(8)] + [(0, 20)], None, 0, 0)]
+    _replay_both([0, 1], 20, steps)
+    from mer_runtime.shadow import ShadowCache
+    sh = ShadowCache([0, 1], 20)
+    sh.set_odds(odds, 0.0, 1.0)
+    for keys, *_ in steps:
+        sh.step(keys)
+    assert (0, 15) not in sh.keys() and (0, 16) in sh.keys()

@@ -67,15 +67,23 @@ def test_the_gated_replay_never_loses_hits(manifest, workload):
     """Replayed without I/O through the same gate, victim and calibration code as a real run, prefetching does not
     lower the hit rate: a wrong guess read whole is demoted when found wrong, a guess never evicts an expert its
     own step is about to use, and a victim likelier to be needed than the guess is worth is kept. (With 2 x 4
-    experts top-2, a base rate of 1/2, many guesses pay here; the bench model's wasted reads are in the README.)"""
-    routes = make_routes(manifest, workload, 400, 7)
-    r = compare_policies(manifest, routes, 5, SmokeConfig())
-    # on a model of 2 x 4 experts one wrong guess's victim is a large share of the cache: within 0.5% of accesses
-    assert r["markov"]["hits"] >= r["none"]["hits"] - 0.005 * routes.size
+    experts top-2, a base rate of 1/2, many guesses pay here; the bench model's wasted reads are in the README.)
+
+    Over several traces: on a model of 2 x 4 experts in 5 slots one guess's victim is a large share of the cache,
+    and changes the rest of a trace. On router, one or two guesses a trace moved single traces by -17 to +26 hits
+    of 1,600 over 20 seeds, with or without dormant streams, around a mean of -1 to -2: one trace is a coin flip,
+    the mean over traces is what prefetching does."""
+    diffs, issued = [], 0
+    for seed in (7, 8, 9):
+        routes = make_routes(manifest, workload, 400, seed)
+        r = compare_policies(manifest, routes, 5, SmokeConfig())
+        diffs.append((r["markov"]["hits"] - r["none"]["hits"]) / routes.size)
+        issued += r["markov"]["prefetch_issued"]
+    assert sum(diffs) / len(diffs) >= -0.005 and min(diffs) >= -0.015, diffs
     if workload == "uniform":  # nothing to learn: the odds never show skill (keep_trust's slope stays 0), no guess
-        assert r["markov"]["prefetch_issued"] == 0
+        assert issued == 0
     else:
-        assert r["markov"]["prefetch_issued"] > 0  # not by refusing everything: guesses pay on this small model
+        assert issued > 0  # not by refusing everything: guesses pay on this small model
 
 
 @pytest.mark.parametrize("workload", ["zipf", "markov", "uniform", "router"])

@@ -292,6 +292,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
             tick(1)
         wall = time.perf_counter() - t_start
         odds_used = drv.duel is not None and drv.duel.odds  # the ShardSet closes its driver (and duel) on exit
+        dormant = drv.dormant_steps
         st = s.cache.stats
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
         eviction = s.cache.eviction
@@ -337,6 +338,9 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         # the cache's victims: "lru", "layer" (by distance to the layer's next step) or "layer+odds" (the predictor's
         # odds per step of that distance); docs/runtime.md, "Eviction"
         "eviction": eviction,
+        # steps whose prefetcher bookkeeping waited for a batch: it had changed nothing for a while (docs/runtime.md,
+        # "Dormant streams")
+        "prefetch_dormant_steps": dormant,
         "eviction_odds_at_end": odds_used,  # the duel's choice at the end: the odds ranked the victims (or distance)
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,

@@ -20,6 +20,7 @@ from .buffers import BufferPool
 from .cache import ExpertCache, Key
 from .loader import Loader, Ticket
 from .prefetch import CostModel, MarkovPrefetcher
+from .shadow import ShadowCache
 
 T = TypeVar("T")
 AHEADS = ("step", "token")
@@ -69,6 +70,15 @@ class NullLoader(Loader):
 
 
 DUEL_MARGIN = 2
+DORMANT_IDLE = 32  # idle steps before a stream falls dormant (at least two tokens: `dormant_idle`)
+DORMANT_BATCH = 8  # the steps of each batch while it is
+DORMANT_WAIT = 4  # a batch waits for a step with reads up to this many batches
+
+
+def dormant_idle(n_layers: int) -> int:
+    """Idle steps before a stream falls dormant: at least two tokens, so that every guess of the stream (one issued
+    a token ahead included) has met its step, and nothing is left for a dormant stream to withdraw or judge."""
+    return max(DORMANT_IDLE, 2 * n_layers)
 
 
 class OddsDuel:
@@ -77,8 +87,9 @@ class OddsDuel:
     their shadow has hit more (`DUEL_MARGIN` hits ahead to switch to them, back as soon as it is behind). Odds that
     carry information (markov, zipf) win within a few tokens; where recency says more than the one-step tables
     (router: replayed, the odds lost 1-3% of hits) or nothing can be learned (uniform: the ranking is the same) the
-    distance ranking stays. Costs two key-only caches' bookkeeping a step (on a model deeper than `max_layers`, only
-    on a sample of its layers' steps); never reads.
+    distance ranking stays. The shadows are `ShadowCache`s (the cache's victim rule on keys alone); they cost two
+    key-only caches' bookkeeping a step (on a model deeper than `max_layers`, only on a sample of its layers'
+    steps), and never read.
 
     >>> duel = OddsDuel([0, 1], 4)
     >>> duel.step([(0, 1), (0, 2)], {}, 0.5, 0.0)    # no lead yet: distance alone
@@ -93,9 +104,7 @@ class OddsDuel:
         self.layers = list(layers)[::stride]
         self._sampled = set(self.layers)
         slots = max(2, round(slots * len(self.layers) / max(1, len(layers))))
-        self._pools = [BufferPool(4096, slots) for _ in range(2)]
-        self.shadows = [ExpertCache(p, NullLoader(p), lambda key: ("", 4096), layers=self.layers)
-                        for p in self._pools]
+        self.shadows = [ShadowCache(self.layers, slots) for _ in range(2)]
         self.odds = False
 
     def step(self, keys: list[tuple[int, int]], odds: dict[int, np.ndarray], intercept: float, slope: float) -> bool:
@@ -105,17 +114,13 @@ class OddsDuel:
             return self.odds
         self.shadows[1].set_odds({l: v for l, v in odds.items() if l in self._sampled}, intercept, slope)
         for c in self.shadows:
-            c.fetch(keys)
-            for k in keys:
-                c.acquire(k)
-                c.release(k)
-        lead = self.shadows[1].stats.hits - self.shadows[0].stats.hits
+            c.step(keys)
+        lead = self.shadows[1].hits - self.shadows[0].hits
         self.odds = lead > DUEL_MARGIN if not self.odds else lead >= 0
         return self.odds
 
     def close(self) -> None:
-        for p in self._pools:
-            p.close()
+        """Nothing to release (the shadows hold keys only); kept for the callers that close what they made."""
 
 
 class StepDriver:
@@ -146,6 +151,10 @@ class StepDriver:
     read from the computations a guess streams through. Any `policy` but "markov" (or no `pf`) neither feeds nor
     asks the prefetcher: no per-step work beyond the fetch.
 
+    Dormant: while the duel ranks by distance and the gate lets no guess through (`dormant_idle` steps running),
+    a step is the fetch alone, and (b), (d) and (e) are done `batch` steps at a time (`catch_up`), with a step's
+    reads under way; the stream wakes when either changes (docs/runtime.md, "Dormant streams").
+
     >>> pool = BufferPool(4096, 4)
     >>> cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=[0, 1])
     >>> drv = StepDriver(cache, [0, 1], MarkovPrefetcher([0, 1], 8))
@@ -159,11 +168,12 @@ class StepDriver:
     def __init__(self, cache: ExpertCache, layers: Sequence[int], pf: MarkovPrefetcher | None = None,
                  cost: CostModel | None = None, *, policy: str = "markov", max_inflight: int = 2,
                  ahead: str = "step", odds: bool = True, duel: OddsDuel | None = None,
-                 guard: tuple[Callable[[], None], Callable[[], None]] | None = None):
+                 guard: tuple[Callable[[], None], Callable[[], None]] | None = None, batch: int | None = None):
         """`duel`: a shared one (the caller closes it); None with the odds in use: the driver's own (`close()`).
         `guard`: (enter, leave) of the owner of the cache (`ShardSet`): `begin` and `step` call enter() before they
         touch anything (it raises once the owner is closed: the step then changes nothing) and leave() after, so
-        the owner's close() waits for a step under way."""
+        the owner's close() waits for a step under way. `batch`: the steps a dormant stream's bookkeeping waits to be
+        done together (`DORMANT_BATCH`; 0: never dormant)."""
         self._guard = guard
         self.cache, self.layers, self.pf, self.cost = cache, list(layers), pf, cost
         self.max_inflight = max_inflight
@@ -180,6 +190,11 @@ class StepDriver:
         self.owner = object()
         self._closed = False
         self.own = cache.owner_stats(self.owner) if self.markov else cache.stats
+        self.batch = DORMANT_BATCH if batch is None else batch
+        self._idle_max = dormant_idle(len(self.layers))
+        self._idle = 0  # steps running in which the prefetcher changed nothing
+        self._backlog: list[tuple[int, list[int]]] | None = None  # dormant: the steps not yet observed
+        self.dormant_steps = 0
 
     # -- one step -----------------------------------------------------------------------------------------------
     def begin(self, li: int, experts: Sequence[int]) -> list[Key]:
@@ -203,39 +218,41 @@ class StepDriver:
                              + (f" and expert ids in [0, {pf.n})" if self.markov else ""))  # type: ignore[union-attr]
         keys = [(layers[li], e) for e in experts]
         self._w0, self._m0 = st.io_wait, st.misses
-        now = 0
-        if self.markov:
-            now = pf.clock  # type: ignore[union-attr]
-            b0, r0, z0 = own.cancelled_inflight_bytes, own.cancelled_read_bytes, own.cancelled_size_bytes
-            s0, self._u0, self._f0 = own.prefetch_stale, own.prefetch_used, own.prefetch_landed
-            n = cache.cancel_stale(keep=set(keys), now=now if self.token_ahead else None, owner=self.owner)
-            if cost is not None:
-                size = own.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
-                if n and size:
-                    cost.observe_stale((own.cancelled_read_bytes - r0) / size,
-                                       (own.cancelled_inflight_bytes - b0) / size, n)
-                if own.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
-                    cost.observe_stale(1.0, 0.0, own.prefetch_stale - s0)
-                if self.token_ahead:
-                    cost.observe_in_way(cache.loader.spec_in_way, st.prefetch_issued)
-                else:
-                    cache.loader.spec_window = cost.window
+        self._u0, self._f0 = own.prefetch_used, own.prefetch_landed
         # hits first (stable), decided before the reads start, so that the LRU order, and with it the hit rate, does
         # not depend on the disk's speed. The I/O-free replay still differs from a real run: its reads complete at
         # once (no guess is ever withdrawn part-way, every wrong one is read whole) and it pins nothing (no pin_top)
         order = sorted(keys, key=lambda k: k not in cache.entries)
         tl = li + 1 if li + 1 < L else 0
+        self._guesses = []
+        caught_up = False
+        if self._backlog is not None:  # dormant: no guess of this stream is left, and the cache ranks by distance
+            self._backlog.append((li, experts))
+            reading = cache.fetch(keys)
+            n = len(self._backlog)
+            # caught up while this step's reads are with the disk (the bookkeeping then costs no time the step
+            # would not wait anyway), or after DORMANT_WAIT batches without a miss
+            if n < self.batch or (not reading and n < DORMANT_WAIT * self.batch):
+                self.dormant_steps += 1
+                return order
+            self._catch_up()  # this step included: observed and replayed by the duel
+            caught_up = True
+        now = 0
         if self.markov:
-            # observed before this step's misses pick their victims: the odds of the layer's other experts are then
-            # for the next token's step, and the next layer's are from this step's experts
-            pf.observe(li, experts)  # type: ignore[union-attr]
+            now = pf.clock  # type: ignore[union-attr]
+            if not caught_up:  # (a dormant stream has no guess to withdraw)
+                self._withdraw(keys, now)
+                # observed before this step's misses pick their victims: the odds of the layer's other experts are
+                # then for the next token's step, and the next layer's are from this step's experts
+                pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
                 vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
                 a, b = pf.keep_trust()  # type: ignore[union-attr]
                 cache.set_odds(vectors, a, b if self.duel.odds else 0.0)  # type: ignore[union-attr]
-        cache.fetch(keys)
-        if self.odds:  # replayed once the step's reads are with the disk: its verdict ranks from the next step on
-            self.duel.step(keys, vectors, a, b)  # type: ignore[union-attr]
+        if not caught_up:  # (a dormant step's reads have started, its victims chosen by distance, as awake)
+            cache.fetch(keys)
+        if self.odds and not caught_up:  # replayed once the step's reads are with the disk: its verdict ranks from
+            self.duel.step(keys, vectors, a, b)  # type: ignore[union-attr]  # the next step on
         guesses: list[tuple[int, float]] = []
         target = 0
         if self.markov:
@@ -254,10 +271,64 @@ class StepDriver:
                 skill = not self.odds or pf.keep_trust()[1] > 0  # type: ignore[union-attr]
                 guesses = [(e, q) for e, q in guesses if skill and cost.pays(q)]
                 cost.refused += n_all - len(guesses)
+            self._idle_or_not(bool(guesses and self.max_inflight > 0), caught_up)
         self._now, self._tl, self._target, self._guesses = now, tl, target, guesses
         if self.token_ahead:  # the loader holds them back while this step's own reads are with the disk
             self._speculate(order)
         return order
+
+    def _withdraw(self, keys: list[Key], now: int) -> None:
+        """(a): this stream's guesses that the step proves wrong are withdrawn, and fed back to the gate."""
+        cache, own, cost = self.cache, self.own, self.cost
+        b0, r0, z0 = own.cancelled_inflight_bytes, own.cancelled_read_bytes, own.cancelled_size_bytes
+        s0 = own.prefetch_stale
+        n = cache.cancel_stale(keep=set(keys), now=now if self.token_ahead else None, owner=self.owner)
+        if cost is None:
+            return
+        size = own.cancelled_size_bytes - z0  # the withdrawn guesses' own sizes (experts may differ)
+        if n and size:
+            cost.observe_stale((own.cancelled_read_bytes - r0) / size, (own.cancelled_inflight_bytes - b0) / size, n)
+        if own.prefetch_stale > s0:  # wrong guesses read whole before they were found wrong
+            cost.observe_stale(1.0, 0.0, own.prefetch_stale - s0)
+        if self.token_ahead:
+            cost.observe_in_way(cache.loader.spec_in_way, cache.stats.prefetch_issued)
+        else:
+            cache.loader.spec_window = cost.window
+
+    # -- dormancy: while the prefetcher changes nothing, its work is done a batch of steps at a time --------------
+    def _idle_or_not(self, guessing: bool, caught_up: bool) -> None:
+        """After a step's prediction: the stream stays (or falls) dormant while its duel ranks by distance alone and
+        the gate let no guess through for `batch` steps running, and wakes as soon as either changes."""
+        useful = guessing or (self.odds and self.duel.odds)  # type: ignore[union-attr]
+        if useful:
+            self._idle, self._backlog = 0, None
+        elif caught_up:
+            self._backlog = []  # still nothing to do: another batch
+        elif self.batch:
+            self._idle += 1
+            if self._idle >= self._idle_max:
+                self._backlog = []
+
+    def catch_up(self) -> None:
+        """Observe now the steps a dormant stream has kept for its next batch (for a caller about to read the
+        prefetcher's tables or the duel mid-stream); the stream stays dormant. Nothing to do for an awake one."""
+        if self._backlog:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """The backlog's steps, in order, as an awake stream would have done them but for the cache and the
+        guesses: observed, their two layers' odds handed out (and so scored: the trust fit) and replayed by the
+        duel. The prefetcher's tables, the trust fit and the duel are then what they would be had every step been
+        done at once."""
+        pf, layers, L = self.pf, self.layers, len(self.layers)
+        backlog, self._backlog = self._backlog or [], []
+        for li, experts in backlog:
+            pf.observe(li, experts)  # type: ignore[union-attr]
+            if self.odds:
+                tl = li + 1 if li + 1 < L else 0
+                vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
+                a, b = pf.keep_trust()  # type: ignore[union-attr]
+                self.duel.step([(layers[li], e) for e in experts], vectors, a, b)  # type: ignore[union-attr]
 
     def before_compute(self, rest: Sequence[Key]) -> None:
         """(f): the caller holds an expert of the step and is about to compute; `rest` are the step's experts it has
@@ -320,7 +391,8 @@ class StepDriver:
         """What the gate decided and learned (zeros without one), and the duel's choice."""
         c = self.cost
         return {"admitted": c.admitted if c else 0, "right": c.right if c else 0, "wrong": c.wrong if c else 0,
-                "refused": c.refused if c else 0, "duel_odds": bool(self.duel is not None and self.duel.odds)}
+                "refused": c.refused if c else 0, "duel_odds": bool(self.duel is not None and self.duel.odds),
+                "dormant_steps": self.dormant_steps}
 
     def close(self) -> None:
         """Withdraw this stream's unused guesses (the reads under way stop, the complete ones are demoted: no other

@@ -523,7 +523,7 @@ def reassemble(
     ``split=True`` a split source comes back as its parts (``OUT-0000i-of-0000n.gguf``); without it, as one file.
 
     >>> r = reassemble("out/", "model.gguf")              # doctest: +SKIP
-    >>> r.exact                                           # byte-identical, checked by the source's xxh3
+    >>> r.exact                                           # byte-identical: the source's xxh3  # doctest: +SKIP
     True
     >>> reassemble("out/", "parts/", split=True)          # doctest: +SKIP
     """

@@ -10,7 +10,7 @@ I/O share, prefetches issued / used / cancelled. The hit rates of no prefetch / 
 come from the same run.
 
     python scripts/bench_smoke.py [--dir /tmp/mertools-bench] [--tokens 40] [--reps 3] [--workload markov zipf]
-                                  [--ahead step|token] [--spec-window 4] [--evict layer|lru]
+                                  [--ahead step|token] [--spec-window 4] [--evict layer|lru] [--awake]
 
 Run one workload per invocation on a shared machine (each takes about a minute at the defaults).
 """
@@ -50,6 +50,8 @@ def main() -> None:
                     help="--ahead token: speculative chunks with the disk")
     ap.add_argument("--evict", choices=("layer", "lru"), default=SmokeConfig.evict,
                     help="the cache's victims: by the layer order (with the odds when on), or LRU (the old cache)")
+    ap.add_argument("--awake", action="store_true",
+                    help="prefetch on never falls dormant: its bookkeeping at every step (docs/runtime.md)")
     ap.add_argument("--json", type=Path, help="also write every run here")
     a = ap.parse_args()
     from bench_loader import ensure_folder
@@ -61,7 +63,7 @@ def main() -> None:
         def run(prefetch: bool) -> dict:
             cfg = SmokeConfig(tokens=a.tokens, cache_slots=a.slots, workload=workload, io=a.io, prefetch=prefetch,
                               block_size=a.block, queue_depth=a.depth, prefetch_ahead=a.ahead,
-                              spec_window=a.spec_window, evict=a.evict)
+                              spec_window=a.spec_window, evict=a.evict, prefetch_dormant=not a.awake)
             return run_smoke(folder, cfg)
 
         run(True)  # warm-up, discarded: the first run of a process pays for imports and the host's cold cache

@@ -17,7 +17,7 @@ from mer_runtime.buffers import BufferPool
 from mer_runtime.cache import ExpertCache
 from mer_runtime.prefetch import CostModel, MarkovPrefetcher
 from mer_runtime.smoke import make_routes
-from mer_runtime.stepper import DORMANT_BATCH, DORMANT_WAIT, NullLoader, StepDriver, dormant_idle
+from mer_runtime.stepper import DORMANT_BATCH, DORMANT_WAIT, NullLoader, PrefetchConfig, StepDriver, dormant_idle
 
 from test_shardset_prefetch import drive, folder  # noqa: F401  (the module's shard folder fixture)
 
@@ -33,12 +33,14 @@ def cycle(tokens: int, offset: int = 0) -> np.ndarray:
                      for t in range(offset, offset + tokens)])
 
 
-def driver(batch: int | None, ahead: str = "step"):
-    pool = BufferPool(4096, 16)
-    cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=Shape.layers)
+def driver(batch: int | None, ahead: str = "step", odds: bool = True, cache: ExpertCache | None = None):
+    pool = None
+    if cache is None:
+        pool = BufferPool(4096, 16)
+        cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=Shape.layers)
     cost = CostModel(unit_stall=1.0, window=32, window_frac=1.0)
     return pool, cache, StepDriver(cache, Shape.layers, MarkovPrefetcher(Shape.layers, 8), cost, batch=batch,
-                                   ahead=ahead)
+                                   ahead=ahead, odds=odds)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -116,14 +118,119 @@ def test_a_stream_falls_dormant_with_no_guess_of_its_own_left(ahead):
         pool.close()
 
 
-def test_moe_reports_its_dormant_steps_and_results_do_not_change(folder):  # noqa: F811
+@pytest.mark.parametrize("batch", [0, None])
+def test_a_guess_issued_at_a_catch_up_step_is_due_when_an_awake_streams_would_be(batch):
+    """A token-ahead guess issued at step s is for the same layer of the next token: due at s + L on the
+    prefetcher's clock. A stream woken by its gate issues its first guesses at the catch-up step, which has already
+    observed that step: they were due one step late (a wrong one neither judged at its step nor evictable there).
+    With the odds off the gate alone wakes the stream, so the catch-up step issues guesses."""
+    routes = np.concatenate([make_routes(Shape, "uniform", 20, 1), cycle(60)])
+    pool, cache, drv = driver(batch, "token", odds=False)
+    L, seen, bad = len(Shape.layers), set(), []
+    try:
+        for t in range(routes.shape[0]):
+            for li in range(L):
+                drv.step(li, routes[t, li])
+                for e in cache.entries.values():
+                    if e.owner is drv.owner and e.prefetched and id(e) not in seen:
+                        seen.add(id(e))
+                        if e.due != t * L + li + L:
+                            bad.append((t, li, e.key, e.due, t * L + li + L))
+        assert len(seen) > 10 and not bad, bad[:5]
+        assert (drv.dormant_steps > 0) == (batch is None)
+    finally:
+        drv.close()
+        pool.close()
+
+
+@pytest.mark.parametrize("dormant", [True, False])
+def test_with_two_streams_a_dormant_step_leaves_the_slope_as_an_awake_one_does(dormant):
+    """Two streams on one cache: B learns a cycle and ranks with its odds (a slope above 0), A routes uniformly
+    and is dormant. The cache keeps one slope, the latest step's: an awake A on distance sets it to 0 at each of
+    its steps, and so must a dormant A (the layers' odds arrays may differ: docs/runtime.md, "Dormant streams")."""
+    routes_a, routes_b = make_routes(Shape, "uniform", 60, 4), cycle(60)
+    pool, cache, a = driver(None if dormant else 0)
+    _, _, b = driver(0, cache=cache)
+    try:
+        slopes = set()
+        for t in range(60):
+            for li in range(4):
+                b.step(li, routes_b[t, li])
+                slopes.add(cache._odds_ab[1] > 0)
+                a.step(li, routes_a[t, li])
+                assert cache._odds_ab[1] == 0.0, (t, li)
+        assert True in slopes and (a.dormant_steps > 0) == dormant
+    finally:
+        a.close()
+        b.close()
+        pool.close()
+
+
+def test_moe_reports_its_dormant_steps_and_decides_as_an_awake_stream(folder):  # noqa: F811
     """Through `ShardSet.moe()` on real shards: a uniform trace leaves the stream dormant most of the time
-    (`prefetch_stats()["dormant_steps"]`), with results byte-identical to prefetching off."""
+    (`prefetch_stats()["dormant_steps"]`), with the same hits, misses and reads as a stream that never falls
+    dormant (`PrefetchConfig(dormant=False)`), and results byte-identical to prefetching off."""
     routes = make_routes(folder, "uniform", 40, 5)
     with open_shards(folder.root, cache_slots=3) as off:
         want = drive(off, folder, routes)
-    with open_shards(folder.root, cache_slots=3, prefetch=True) as on:
-        got = drive(on, folder, routes)
-        st = on.prefetch_stats()
-    assert all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert st["dormant_steps"] > 0 and st["admitted"] == 0
+    runs = {}
+    for dormant in (True, False):
+        with open_shards(folder.root, cache_slots=3, prefetch=PrefetchConfig(dormant=dormant)) as on:
+            got = drive(on, folder, routes)
+            runs[dormant] = (on.prefetch_stats(), on.cache.stats.as_dict())
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    (st, cs), (st0, cs0) = runs[True], runs[False]
+    assert st["dormant_steps"] > 0 and st0["dormant_steps"] == 0 and st["admitted"] == st0["admitted"] == 0
+    assert cs == cs0
+
+
+def test_a_stream_with_a_shared_duel_never_falls_dormant():
+    """A duel shared by several streams (`duel=`) must see each stream's steps in order: a stream with one does
+    its bookkeeping at every step."""
+    from mer_runtime.stepper import OddsDuel
+
+    routes = make_routes(Shape, "uniform", 30, 0)
+    pool = BufferPool(4096, 16)
+    cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=Shape.layers)
+    drv = StepDriver(cache, Shape.layers, MarkovPrefetcher(Shape.layers, 8), duel=OddsDuel(Shape.layers, 16))
+    try:
+        for t in range(30):
+            for li in range(4):
+                drv.step(li, routes[t, li])
+        assert drv.dormant_steps == 0 and drv.pf.clock == 120
+    finally:
+        drv.close()
+        pool.close()
+
+
+def test_an_interrupted_catch_up_loses_at_most_the_step_under_way(monkeypatch):
+    """Ctrl-C in the middle of a catch-up: the steps not yet observed stay in the backlog for the next one (they
+    were all dropped with it)."""
+    routes = make_routes(Shape, "uniform", 30, 0)
+    pool, cache, drv = driver(None)
+    try:
+        for t in range(30):
+            for li in range(4):
+                drv.step(li, routes[t, li])
+        drv.catch_up()
+        for li in range(4):
+            drv.step(li, routes[0, li])
+        assert drv._backlog is not None and len(drv._backlog) == 4
+        real, calls = drv.pf.observe, []
+
+        def observe(li, experts):
+            calls.append(li)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(li, experts)
+
+        monkeypatch.setattr(drv.pf, "observe", observe)
+        with pytest.raises(KeyboardInterrupt):
+            drv.catch_up()
+        monkeypatch.undo()
+        assert len(drv._backlog) == 2  # the one under way is lost, the two after it are kept
+        drv.catch_up()
+        assert drv.pf.clock == 120 + 3 and not drv._backlog
+    finally:
+        drv.close()
+        pool.close()

@@ -51,7 +51,9 @@ def needed_window(order: list[int], items: list[set[int]], start: int = 2) -> in
 
     >>> needed_window([0, 1, 2], [{0}, {0, 1}, {1, 2}])
     2
-    >>> needed_window([0, 1, 2], [{0, 2}, {1}])
+    >>> needed_window([0, 1, 2], [{0, 2}, {1}])      # file 1 goes once {1} is written, before file 2 comes
+    2
+    >>> needed_window([0, 1, 2], [{0, 2}, {1, 2}])   # files 0 and 1 both wait for file 2
     3
     """
     w = max(1, start)

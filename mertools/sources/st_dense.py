@@ -42,8 +42,8 @@ class DenseWriter:
     be deleted as soon as its experts and its dense tensors are written. Not thread-safe: one caller at a time.
 
     >>> dw = DenseWriter(src, staging / "dense.gguf", fsync=True)   # doctest: +SKIP
-    >>> dw.write_ready({0})                  # the dense tensors whose bytes lie in file 0
-    >>> entry = dw.finish()                  # once pending_files() is empty
+    >>> dw.write_ready({0})                  # the dense tensors in file 0  # doctest: +SKIP
+    >>> entry = dw.finish()                  # once pending_files() is empty  # doctest: +SKIP
     """
 
     def __init__(self, src: "SafeTensorsSource", path: Path, *, fsync: bool):

@@ -23,9 +23,10 @@ class ShadowCache:
     with that layer order does. `step(keys)` is `fetch(keys)` then `acquire` and `release` of each key in turn.
 
     >>> c = ShadowCache([0, 1], 2)
-    >>> c.step([(0, 1), (0, 2)]); c.step([(1, 3)]); c.step([(0, 1)])
+    >>> c.step([(0, 1), (0, 2)]); c.step([(1, 3)])   # (0, 1) goes: its layer's least recently used
+    >>> c.step([(0, 2)])
     >>> c.hits, c.misses, sorted(c.keys())
-    (1, 3, [(0, 1), (1, 3)])
+    (1, 3, [(0, 2), (1, 3)])
     """
 
     def __init__(self, layers: list[int], slots: int):

@@ -283,7 +283,7 @@ class ShardSet:
         pf = MarkovPrefetcher(m.layers, m.model["n_experts"], threshold_scale=cfg.threshold_scale)
         # its steps refuse (before observing anything) once the set is closed, and close() waits for a step under way
         drv = StepDriver(self.cache, m.layers, pf, cost, max_inflight=cfg.max_inflight, ahead=self.prefetch_ahead,
-                         guard=(self._enter, self._leave))
+                         guard=(self._enter, self._leave), batch=None if cfg.dormant else 0)
         with self._lock:
             if self._drivers_closed:
                 drv.close()
@@ -380,7 +380,7 @@ class ShardSet:
                 self._lock.wait()
         if not first:
             return
-        with self._lock:  # no call is running: the drivers' duels (their own pools) can go
+        with self._lock:  # no call is running: the drivers can be retired
             for _, d in self._drivers:
                 self._retire(d)
             self._drivers, self._drivers_closed = [], True

@@ -59,6 +59,7 @@ class SmokeConfig:
     spec_window: int = 4  # "token": speculative chunks with the disk at once (what a foreground read may wait behind)
     # the cache's eviction: "layer" (by the layer order, with the predictor's odds when prefetch is on) or "lru"
     evict: str = "layer"
+    prefetch_dormant: bool = True  # PrefetchConfig.dormant: False does the prefetcher's work at every step
 
 
 # -- routing traces -----------------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         raise MerError(f"prefetch_ahead {cfg.prefetch_ahead!r}: expected token or step")
     # prefetching as the ShardSet drives it for moe(): the same driver, gate and loader window (one path)
     prefetch = PrefetchConfig(ahead=cfg.prefetch_ahead, max_inflight=cfg.max_inflight,
-                              threshold_scale=cfg.threshold_scale, spec_window=cfg.spec_window) if cfg.prefetch else False
+                              threshold_scale=cfg.threshold_scale, spec_window=cfg.spec_window,
+                              dormant=cfg.prefetch_dormant) if cfg.prefetch else False
     with open_shards(path, io=cfg.io, cache_slots=cfg.cache_slots, checksums="first", block_size=cfg.block_size,
                      queue_depth=cfg.queue_depth, evict=cfg.evict, prefetch=prefetch) as s:
         m = s.manifest
@@ -291,6 +293,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
                 drv.step(li, routes[t, li], access)
             tick(1)
         wall = time.perf_counter() - t_start
+        drv.catch_up()  # a dormant stream's last steps, so that what is read below is the whole run's
         odds_used = drv.duel is not None and drv.duel.odds  # the ShardSet closes its driver (and duel) on exit
         dormant = drv.dormant_steps
         st = s.cache.stats

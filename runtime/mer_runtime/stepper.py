@@ -34,7 +34,8 @@ class PrefetchConfig:
     idle time: io_uring only, other backends keep "step"); max_inflight: guesses with the disk at once (0: none is
     read, the odds still rank the eviction);
     threshold_scale: a candidate's estimate must be at least this / n_experts; spec_window: "token" only, the
-    speculative chunks with the disk at once.
+    speculative chunks with the disk at once; dormant: a stream whose prefetcher changes nothing does its
+    bookkeeping in batches (docs/runtime.md, "Dormant streams"; False: every step, as before).
 
     >>> PrefetchConfig(ahead="token").max_inflight
     2
@@ -44,6 +45,7 @@ class PrefetchConfig:
     max_inflight: int = 2
     threshold_scale: float = 2.0
     spec_window: int = 4
+    dormant: bool = True
 
     def __post_init__(self) -> None:
         if self.ahead not in AHEADS:
@@ -82,7 +84,7 @@ def dormant_idle(n_layers: int) -> int:
 
 
 class OddsDuel:
-    """Set dueling for the eviction ranking: two shadow caches of the same slots, without I/O (NullLoader), replay
+    """Set dueling for the eviction ranking: two shadow caches of the same slots, keys only (`ShadowCache`), replay
     the steps, one ranked by distance alone, one with the predictor's odds; the real cache uses the odds only while
     their shadow has hit more (`DUEL_MARGIN` hits ahead to switch to them, back as soon as it is behind). Odds that
     carry information (markov, zipf) win within a few tokens; where recency says more than the one-step tables
@@ -152,8 +154,9 @@ class StepDriver:
     asks the prefetcher: no per-step work beyond the fetch.
 
     Dormant: while the duel ranks by distance and the gate lets no guess through (`dormant_idle` steps running),
-    a step is the fetch alone, and (b), (d) and (e) are done `batch` steps at a time (`catch_up`), with a step's
-    reads under way; the stream wakes when either changes (docs/runtime.md, "Dormant streams").
+    a step is (c) alone; (b) and (d) are done `batch` steps at a time (`catch_up`), at a step whose reads are
+    under way, and (e) for that step only; the stream wakes when either changes (docs/runtime.md, "Dormant
+    streams").
 
     >>> pool = BufferPool(4096, 4)
     >>> cache = ExpertCache(pool, NullLoader(pool), lambda key: ("", 4096), layers=[0, 1])
@@ -190,11 +193,13 @@ class StepDriver:
         self.owner = object()
         self._closed = False
         self.own = cache.owner_stats(self.owner) if self.markov else cache.stats
-        self.batch = DORMANT_BATCH if batch is None else batch
+        # a shared duel replays other streams' steps too: this one's must reach it in order, never a batch late
+        self.batch = 0 if self.odds and not self._own_duel else DORMANT_BATCH if batch is None else batch
         self._idle_max = dormant_idle(len(self.layers))
         self._idle = 0  # steps running in which the prefetcher changed nothing
         self._backlog: list[tuple[int, list[int]]] | None = None  # dormant: the steps not yet observed
         self.dormant_steps = 0
+        self._trust = (0.5, 0.0)  # the latest keep_trust() (a dormant step's intercept)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def begin(self, li: int, experts: Sequence[int]) -> list[Key]:
@@ -228,6 +233,8 @@ class StepDriver:
         caught_up = False
         if self._backlog is not None:  # dormant: no guess of this stream is left, and the cache ranks by distance
             self._backlog.append((li, experts))
+            if self.odds:  # what an awake step on distance sets (another stream's step may have set a slope)
+                cache.set_odds({}, self._trust[0], 0.0)
             reading = cache.fetch(keys)
             n = len(self._backlog)
             # caught up while this step's reads are with the disk (the bookkeeping then costs no time the step
@@ -239,7 +246,7 @@ class StepDriver:
             caught_up = True
         now = 0
         if self.markov:
-            now = pf.clock  # type: ignore[union-attr]
+            now = pf.clock - caught_up  # type: ignore[union-attr]  # this step's index (a catch-up observed it)
             if not caught_up:  # (a dormant stream has no guess to withdraw)
                 self._withdraw(keys, now)
                 # observed before this step's misses pick their victims: the odds of the layer's other experts are
@@ -247,7 +254,7 @@ class StepDriver:
                 pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
                 vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
-                a, b = pf.keep_trust()  # type: ignore[union-attr]
+                a, b = self._trust = pf.keep_trust()  # type: ignore[union-attr]
                 cache.set_odds(vectors, a, b if self.duel.odds else 0.0)  # type: ignore[union-attr]
         if not caught_up:  # (a dormant step's reads have started, its victims chosen by distance, as awake)
             cache.fetch(keys)
@@ -297,8 +304,9 @@ class StepDriver:
 
     # -- dormancy: while the prefetcher changes nothing, its work is done a batch of steps at a time --------------
     def _idle_or_not(self, guessing: bool, caught_up: bool) -> None:
-        """After a step's prediction: the stream stays (or falls) dormant while its duel ranks by distance alone and
-        the gate let no guess through for `batch` steps running, and wakes as soon as either changes."""
+        """After a step's prediction: the stream falls dormant once its duel has ranked by distance alone and the gate
+        let no guess through for `dormant_idle` steps running, stays dormant while a catch-up finds the same, and
+        wakes as soon as either changes."""
         useful = guessing or (self.odds and self.duel.odds)  # type: ignore[union-attr]
         if useful:
             self._idle, self._backlog = 0, None
@@ -321,8 +329,10 @@ class StepDriver:
         duel. The prefetcher's tables, the trust fit and the duel are then what they would be had every step been
         done at once."""
         pf, layers, L = self.pf, self.layers, len(self.layers)
-        backlog, self._backlog = self._backlog or [], []
-        for li, experts in backlog:
+        backlog = self._backlog or []
+        backlog.reverse()
+        while backlog:  # popped one at a time: an interrupt loses at most the step under way, never the rest
+            li, experts = backlog.pop()
             pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
                 tl = li + 1 if li + 1 < L else 0
@@ -396,8 +406,8 @@ class StepDriver:
 
     def close(self) -> None:
         """Withdraw this stream's unused guesses (the reads under way stop, the complete ones are demoted: no other
-        stream's step judges them, and one held for a later step would keep its slot), then release the duel's
-        pools if the driver made it and the cache's counters of its guesses. Idempotent."""
+        stream's step judges them, and one held for a later step would keep its slot), then drop the duel if the
+        driver made it and the cache's counters of its guesses. Idempotent."""
         if self.markov and self.own.prefetch_issued and not self._closed:
             self.cache.cancel_stale(owner=self.owner)
         self._closed = True

@@ -95,8 +95,20 @@ def main() -> None:
               f"{[g.get('explored') for g in gates]}; read ms/MiB {[g.get('read_ms_per_mib') for g in gates]}; "
               f"MiB read on {[r['bytes_read'] >> 20 for r in runs[True]]} off "
               f"{[r['bytes_read'] >> 20 for r in runs[False]]}", flush=True)
+        # the disk's speed drifts run to run (here +-25% in I/O wait for the same bytes): each on run against the off
+        # run of its own pair, and the time outside I/O waits (what prefetching's own work adds to), on against off
+        pairs = [r1["tokens_per_s"] / r0["tokens_per_s"] for r1, r0 in zip(runs[True], runs[False])]
+        cpu = {p: statistics.median(r["wall_s"] - r["io_wait_s"] for r in runs[p]) for p in (True, False)}
+        own = {p: statistics.median(r["driver_ms_per_step"] for r in runs[p]) for p in (True, False)}
+        print(f"{'':8s} paired on/off: median {statistics.median(pairs):.3f}, "
+              f"{' '.join(f'{q:.3f}' for q in pairs)}; outside I/O waits (median s) on {cpu[True]:.2f} "
+              f"off {cpu[False]:.2f}, on/off {cpu[True] / cpu[False]:.3f}; I/O wait (median s) on "
+              f"{statistics.median(r['io_wait_s'] for r in runs[True]):.2f} "
+              f"off {statistics.median(r['io_wait_s'] for r in runs[False]):.2f}; the step driver's own work (median "
+              f"ms a layer step) on {own[True]:.3f} off {own[False]:.3f}", flush=True)
         out.append({"workload": workload, "tokens_per_s_on": med[True], "tokens_per_s_off": med[False],
-                    "on_off": ratio, "runs_on": runs[True], "runs_off": runs[False]})
+                    "on_off": ratio, "on_off_paired": pairs, "outside_io_s": cpu,
+                    "runs_on": runs[True], "runs_off": runs[False]})
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 

@@ -182,6 +182,8 @@ def test_moe_reports_its_dormant_steps_and_decides_as_an_awake_stream(folder):  
     (st, cs), (st0, cs0) = runs[True], runs[False]
     assert st["dormant_steps"] > 0 and st0["dormant_steps"] == 0 and st["admitted"] == st0["admitted"] == 0
     assert cs == cs0
+    # every call is a step whose driver's own time (its work but the reads and the kernel) is counted
+    assert st["steps"] == st0["steps"] == routes.shape[0] * len(folder.layers) and st["own_s"] > 0
 
 
 def test_a_stream_with_a_shared_duel_never_falls_dormant():
@@ -228,9 +230,11 @@ def test_an_interrupted_catch_up_loses_at_most_the_step_under_way(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             drv.catch_up()
         monkeypatch.undo()
-        assert len(drv._backlog) == 2  # the one under way is lost, the two after it are kept
+        assert [li for li, _ in drv._backlog] == [2, 3]  # the one under way is lost, the two after it are kept
+        drv.step(0, routes[1, 0])  # and come first, in their order
+        assert [li for li, _ in drv._backlog] == [2, 3, 0]
         drv.catch_up()
-        assert drv.pf.clock == 120 + 3 and not drv._backlog
+        assert drv.pf.clock == 120 + 4 and not drv._backlog
     finally:
         drv.close()
         pool.close()

@@ -46,6 +46,10 @@ def test_smoke_reports_everything(out, workload):
     if workload == "markov":  # the policy replay is seeded and I/O-free: the same again, whatever the disk did
         assert smoke(out, "--tokens", "200", "--cache-slots", "3", "--workload", workload)["hit_rate_by_policy"] == pol
     assert "token" in r["token_definition"]
+    # the step driver's own time is measured (no bound: a figure, not a test of speed); a dormant step is a step
+    assert r["driver_ms_per_step"] > 0 and 0 <= r["prefetch_dormant_steps"] <= r["layer_steps"]
+    if workload == "uniform":  # nothing to learn: the stream sleeps from its 32nd step on
+        assert r["prefetch_dormant_steps"] > 0
 
 
 def test_no_prefetch_and_backends_agree(out):

@@ -127,7 +127,8 @@ class ShardSet:
         # and those of threads that have ended closed as new ones come (their counters kept in _retired)
         self._drivers: list[tuple[threading.Thread, StepDriver]] = []
         self._drivers_closed = False
-        self._retired = {"streams": 0, "admitted": 0, "right": 0, "wrong": 0, "refused": 0, "dormant_steps": 0}
+        self._retired = {"streams": 0, "admitted": 0, "right": 0, "wrong": 0, "refused": 0, "dormant_steps": 0,
+                         "own_s": 0.0, "steps": 0}
         # drivers whose thread's thread-local data is gone (any thread, a `threading.Thread` or not: one started by
         # `_thread` or C never stops being "alive"), appended by a finalizer that may run in any thread, at any time
         # (even while this thread holds _lock): a list append needs no lock; they are retired at the next
@@ -326,7 +327,8 @@ class ShardSet:
     def prefetch_stats(self) -> dict | None:
         """The prefetcher's gate summed over every stream (thread) that has called `moe()`: guesses `admitted`,
         `right`, `wrong`, `refused`; `dormant_steps` (steps whose bookkeeping waited for a batch: docs/runtime.md,
-        "Dormant streams"); `streams`; `duel_odds`: the streams whose duel now ranks with the odds; `eviction`:
+        "Dormant streams"); `own_s` over `steps`: the drivers' own time, all of a step's work but its reads and
+        kernels; `streams`; `duel_odds`: the streams whose duel now ranks with the odds; `eviction`:
         the cache's ranking now ("layer+odds", "layer" or "lru"); `ahead`. None with prefetch off.
 
             s.prefetch_stats()["admitted"]

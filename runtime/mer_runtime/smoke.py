@@ -296,6 +296,7 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         drv.catch_up()  # a dormant stream's last steps, so that what is read below is the whole run's
         odds_used = drv.duel is not None and drv.duel.odds  # the ShardSet closes its driver (and duel) on exit
         dormant = drv.dormant_steps
+        own_ms = drv.own_s / max(1, drv.steps_done) * 1e3  # prefetch off too: its driver only fetches
         st = s.cache.stats
         io_desc, backend, bytes_read = s.describe_io(), s.loader.name, s.loader.bytes_read
         eviction = s.cache.eviction
@@ -344,6 +345,9 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
         # steps whose prefetcher bookkeeping waited for a batch: it had changed nothing for a while (docs/runtime.md,
         # "Dormant streams")
         "prefetch_dormant_steps": dormant,
+        # the step driver's own time per layer step, all of a step's work but its reads and kernels (prefetch off:
+        # the same driver without a predictor): what prefetching adds on the CPU, apart from the disk's drift
+        "driver_ms_per_step": round(own_ms, 4),
         "eviction_odds_at_end": odds_used,  # the duel's choice at the end: the odds ranked the victims (or distance)
         "pinned": [list(k) for k in pinned],
         "bytes_read": bytes_read,

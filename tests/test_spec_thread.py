@@ -886,6 +886,18 @@ def test_a_bug_found_while_closing_fails_and_frees_the_reads_the_kernel_never_sa
         pool.close()
 
 
+def _part_and_none(tmp_path, seed: int):
+    """The files of an 8-chunk read `part` and a 2-chunk read `none` (4 KiB chunks), the process's open fds, and a
+    fresh io_uring loader on a 2-slot pool to start them on."""
+    data = np.random.default_rng(seed).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes()
+    a, b = tmp_path / "part.bin", tmp_path / "none.bin"
+    a.write_bytes(data)
+    b.write_bytes(data[:8192])
+    fds = set(os.listdir("/proc/self/fd"))
+    pool = BufferPool(8 * 4096, 2)
+    return data, a, b, fds, pool, open_loader("io_uring", pool, block_size=4096, queue_depth=16)
+
+
 def test_an_interrupted_close_says_free_only_for_reads_with_nothing_left_with_the_kernel(tmp_path, monkeypatch):
     """A close() interrupted (KeyboardInterrupt) while the kernel had taken only part of a read's SQEs took back
     the rest and failed the read with "nothing of it reached the kernel and its buffer is free: retry", though its
@@ -898,13 +910,7 @@ def test_an_interrupted_close_says_free_only_for_reads_with_nothing_left_with_th
     close's), the 2-chunk read `none` has none."""
     if uring.probe():
         pytest.skip(uring.probe())
-    data = np.random.default_rng(8).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes()
-    a, b = tmp_path / "part.bin", tmp_path / "none.bin"
-    a.write_bytes(data)
-    b.write_bytes(data[:8192])
-    fds = set(os.listdir("/proc/self/fd"))
-    pool = BufferPool(8 * 4096, 2)
-    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=16)
+    data, a, b, fds, pool, loader = _part_and_none(tmp_path, 8)
     real = uring._syscall
 
     def one_at_a_time(nr, *a):
@@ -1047,13 +1053,7 @@ def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_clo
         pytest.skip(uring.probe())
     import mer_runtime.loader as loader_mod
 
-    data = np.random.default_rng(9).integers(0, 256, 8 * 4096, dtype=np.uint8).tobytes()
-    a, b = tmp_path / "part.bin", tmp_path / "none.bin"
-    a.write_bytes(data)
-    b.write_bytes(data[:8192])
-    fds = set(os.listdir("/proc/self/fd"))
-    pool = BufferPool(8 * 4096, 2)
-    loader = open_loader("io_uring", pool, block_size=4096, queue_depth=16)
+    data, a, b, fds, pool, loader = _part_and_none(tmp_path, 9)
     real, waits = uring._syscall, []
 
     def one_at_a_time(nr, *a):

@@ -898,6 +898,18 @@ def _part_and_none(tmp_path, seed: int):
     return data, a, b, fds, pool, open_loader("io_uring", pool, block_size=4096, queue_depth=16)
 
 
+def _start_both_and_close(monkeypatch, loader, a, b, syscall):
+    """Start `part` and `none` through `syscall` (the ring's wrapped syscall), then close(), which it interrupts;
+    every patch is undone after. Returns (part, none)."""
+    monkeypatch.setattr(uring, "_syscall", syscall)
+    part = loader.start(str(a), 8 * 4096, 0, urgent=True)
+    none = loader.start(str(b), 8192, 1, urgent=True)
+    with pytest.raises(KeyboardInterrupt):
+        loader.close()
+    monkeypatch.undo()
+    return part, none
+
+
 def test_an_interrupted_close_says_free_only_for_reads_with_nothing_left_with_the_kernel(tmp_path, monkeypatch):
     """A close() interrupted (KeyboardInterrupt) while the kernel had taken only part of a read's SQEs took back
     the rest and failed the read with "nothing of it reached the kernel and its buffer is free: retry", though its
@@ -921,12 +933,7 @@ def test_an_interrupted_close_says_free_only_for_reads_with_nothing_left_with_th
         return real(nr, *a)
 
     try:
-        monkeypatch.setattr(uring, "_syscall", one_at_a_time)
-        part = loader.start(str(a), 8 * 4096, 0, urgent=True)
-        none = loader.start(str(b), 8192, 1, urgent=True)
-        with pytest.raises(KeyboardInterrupt):
-            loader.close()
-        monkeypatch.undo()
+        part, none = _start_both_and_close(monkeypatch, loader, a, b, one_at_a_time)
         assert (part.in_flight, none.in_flight) == (3, 0)
         assert loader.ring.fd < 0 and part.fd < 0 and none.fd < 0
         assert set(os.listdir("/proc/self/fd")) == fds
@@ -1090,12 +1097,7 @@ def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_clo
 
         monkeypatch.setattr(loader, "_note", note)
     try:
-        monkeypatch.setattr(uring, "_syscall", one_at_a_time)
-        part = loader.start(str(a), 8 * 4096, 0, urgent=True)
-        none = loader.start(str(b), 8192, 1, urgent=True)
-        with pytest.raises(KeyboardInterrupt):
-            loader.close()
-        monkeypatch.undo()
+        part, none = _start_both_and_close(monkeypatch, loader, a, b, one_at_a_time)
         assert waits and fired and loader.ring.fd >= 0  # both interrupts came, the second before the ring was closed
         assert not none.done
         r = loader.ring

@@ -118,7 +118,7 @@ def test_replay_trace(out, tmp_path):
 def test_text_summary(out):
     p = run_cli("smoke", out, "--tokens", "50", "--cache-slots", "4", "-q", check=True)
     for needle in ("tokens/s (whole model)", "layer-steps/s", "hit rate", "prefetch on", "I/O latency",
-                   "compute ms/expert", "I/O share", "oracle"):
+                   "compute ms/expert", "I/O share", "oracle", "dormant steps", "ms a layer step (its own work"):
         assert needle in p.stdout
 
 

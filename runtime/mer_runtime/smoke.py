@@ -397,7 +397,8 @@ def render(r: dict[str, Any]) -> str:
         f"evictions {r['evictions']}",
         f"  eviction {r['eviction']}; pinned {len(r['pinned'])} experts; prefetch {'on' if r['prefetch'] else 'off'}: issued {r['prefetch_issued']}, used {r['prefetch_used']}, "
         f"wasted {r['prefetch_wasted']}, cancelled {r['prefetch_cancelled']}, refused by the cost model "
-        f"{r['prefetch_refused']}",
+        f"{r['prefetch_refused']}; dormant steps {r['prefetch_dormant_steps']}; step driver "
+        f"{r['driver_ms_per_step']:.3f} ms a layer step (its own work, reads and kernels apart)",
         f"  hit rate, same trace and slots: no prefetch {pol['none']['hit_rate']:.1%}, markov "
         f"{pol['markov']['hit_rate']:.1%}, oracle {pol['oracle']['hit_rate']:.1%}",
         f"  read {r['bytes_read'] / 2**20:.1f} MiB at {r['read_mib_per_s']:.1f} MiB/s; I/O latency (misses) ms "

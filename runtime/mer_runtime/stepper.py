@@ -202,7 +202,6 @@ class StepDriver:
         # the driver's own time (all of begin, before_compute and end but the step's fetch), over steps_done steps:
         # what prefetching adds to a step on the CPU, measured where it runs (smoke's prefetch_own_ms_per_step)
         self.own_s, self.steps_done = 0.0, 0
-        self._trust = (0.5, 0.0)  # the latest keep_trust() (a dormant step's intercept)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def begin(self, li: int, experts: Sequence[int]) -> list[Key]:
@@ -252,7 +251,7 @@ class StepDriver:
         if self._backlog is not None:  # dormant: no guess of this stream is left, and the cache ranks by distance
             self._backlog.append((li, experts))
             if self.odds:  # what an awake step on distance sets (another stream's step may have set a slope)
-                cache.set_odds({}, self._trust[0], 0.0)
+                cache.set_odds({}, pf.keep_trust()[0], 0.0)  # type: ignore[union-attr]  # (memoized)
             reading = self._fetch(keys)
             n = len(self._backlog)
             # caught up while this step's reads are with the disk (the bookkeeping then costs no time the step
@@ -272,7 +271,7 @@ class StepDriver:
                 pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
                 vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
-                a, b = self._trust = pf.keep_trust()  # type: ignore[union-attr]
+                a, b = pf.keep_trust()  # type: ignore[union-attr]
                 cache.set_odds(vectors, a, b if self.duel.odds else 0.0)  # type: ignore[union-attr]
         if not caught_up:  # (a dormant step's reads have started, its victims chosen by distance, as awake)
             self._fetch(keys)
@@ -356,7 +355,7 @@ class StepDriver:
             if self.odds:
                 tl = li + 1 if li + 1 < L else 0
                 vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
-                a, b = self._trust = pf.keep_trust()  # type: ignore[union-attr]
+                a, b = pf.keep_trust()  # type: ignore[union-attr]
                 self.duel.step([(layers[li], e) for e in experts], vectors, a, b)  # type: ignore[union-attr]
 
     def before_compute(self, rest: Sequence[Key]) -> None:

@@ -67,6 +67,7 @@ from .loader import Loader, Ticket
 Key = tuple[int, int]  # (layer, expert)
 
 ODDS_SCAN = 8  # with odds: the least recently used idle experts of each layer scored per eviction
+THREAD_TTL = 4096  # steps (of any thread) after which a thread not seen is forgotten
 
 
 def _keep_value(odds: np.ndarray | None, expert: int, a: float, b: float, d: int) -> float:
@@ -74,7 +75,6 @@ def _keep_value(odds: np.ndarray | None, expert: int, a: float, b: float, d: int
     an expert the array does not cover, or without odds), floored above 0 so that d still ranks equal odds."""
     p = a + b * float(odds[expert]) if odds is not None and 0 <= expert < len(odds) else a
     return max(p, 1e-12) / d
-THREAD_TTL = 4096  # steps (of any thread) after which a thread not seen is forgotten
 
 
 class Reservoir:

@@ -127,8 +127,7 @@ class ShardSet:
         # and those of threads that have ended closed as new ones come (their counters kept in _retired)
         self._drivers: list[tuple[threading.Thread, StepDriver]] = []
         self._drivers_closed = False
-        self._retired = {"streams": 0, "admitted": 0, "right": 0, "wrong": 0, "refused": 0, "dormant_steps": 0,
-                         "own_s": 0.0, "steps": 0}
+        self._retired = dict.fromkeys(("streams", *StepDriver.SUMMED), 0)
         # drivers whose thread's thread-local data is gone (any thread, a `threading.Thread` or not: one started by
         # `_thread` or C never stops being "alive"), appended by a finalizer that may run in any thread, at any time
         # (even while this thread holds _lock): a list append needs no lock; they are retired at the next
@@ -319,9 +318,9 @@ class ShardSet:
     def _retire(self, drv: StepDriver) -> None:
         r = self._retired
         r["streams"] += 1
-        for k, v in drv.stats().items():
-            if k in r:
-                r[k] += v
+        st = drv.stats()
+        for k in StepDriver.SUMMED:
+            r[k] += st[k]
         drv.close()
 
     def prefetch_stats(self) -> dict | None:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-from .buffers import BufferPool
+from .buffers import BufferPool  # noqa: F401  (the docstring examples use it)
 from .cache import ExpertCache, Key
 from .loader import Loader, Ticket
 from .prefetch import CostModel, MarkovPrefetcher
@@ -270,8 +270,7 @@ class StepDriver:
                 # then for the next token's step, and the next layer's are from this step's experts
                 pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
-                vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
-                a, b = pf.keep_trust()  # type: ignore[union-attr]
+                vectors, a, b = self._odds(li)
                 cache.set_odds(vectors, a, b if self.duel.odds else 0.0)  # type: ignore[union-attr]
         if not caught_up:  # (a dormant step's reads have started, its victims chosen by distance, as awake)
             self._fetch(keys)
@@ -347,16 +346,21 @@ class StepDriver:
         guesses: observed, their two layers' odds handed out (and so scored: the trust fit) and replayed by the
         duel. The prefetcher's tables, the trust fit and the duel are then what they would be had every step been
         done at once."""
-        pf, layers, L = self.pf, self.layers, len(self.layers)
+        pf, layers = self.pf, self.layers
         backlog = self._backlog or []
         while backlog:  # taken one at a time: an interrupt loses at most the step under way, never the rest
             li, experts = backlog.pop(0)
             pf.observe(li, experts)  # type: ignore[union-attr]
             if self.odds:
-                tl = li + 1 if li + 1 < L else 0
-                vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
-                a, b = pf.keep_trust()  # type: ignore[union-attr]
-                self.duel.step([(layers[li], e) for e in experts], vectors, a, b)  # type: ignore[union-attr]
+                self.duel.step([(layers[li], e) for e in experts], *self._odds(li))  # type: ignore[union-attr]
+
+    def _odds(self, li: int) -> tuple[dict[int, np.ndarray], float, float]:
+        """After observing layer index li: the odds of its layer and the next (the two an observation changes),
+        handed out (and so scored at their next step: the trust fit), and the trust's (intercept, slope)."""
+        pf, layers = self.pf, self.layers
+        tl = li + 1 if li + 1 < len(layers) else 0
+        vectors = {layers[li]: pf.keep_odds(li), layers[tl]: pf.keep_odds(tl)}  # type: ignore[union-attr]
+        return (vectors, *pf.keep_trust())  # type: ignore[union-attr]
 
     def before_compute(self, rest: Sequence[Key]) -> None:
         """(f): the caller holds an expert of the step and is about to compute; `rest` are the step's experts it has
@@ -420,8 +424,12 @@ class StepDriver:
             self.cost.observe_compute(dt, loader.landed_bytes() - b0, spec)  # type: ignore[union-attr]
         return y, dt
 
+    # the counters stats() gives that add up over streams (`ShardSet.prefetch_stats` sums them)
+    SUMMED = ("admitted", "right", "wrong", "refused", "dormant_steps", "own_s", "steps")
+
     def stats(self) -> dict:
-        """What the gate decided and learned (zeros without one), and the duel's choice."""
+        """What the gate decided and learned (zeros without one), the duel's choice, the steps done dormant and the
+        driver's own time over its steps."""
         c = self.cost
         return {"admitted": c.admitted if c else 0, "right": c.right if c else 0, "wrong": c.wrong if c else 0,
                 "refused": c.refused if c else 0, "duel_odds": bool(self.duel is not None and self.duel.odds),

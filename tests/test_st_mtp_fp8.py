@@ -149,6 +149,21 @@ def test_mtp_block_experts_are_shards_at_num_hidden_layers(tmp_path, model_type,
     assert verify(out, deep=True, against=ck).ok
 
 
+def test_reassemble_gives_back_the_mtp_experts(tmp_path):
+    """A per-expert checkpoint's tensors all come back from the folder, the MTP block's experts among them."""
+    from mertools.reassemble import reassemble
+
+    ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
+    extract(ck, tmp_path / "out", fsync=False)
+    reassemble(tmp_path / "out", tmp_path / "back.gguf", fsync=False)
+    got = {x.name: bytes(np.asarray(x.data).view(np.uint8).reshape(-1))
+           for x in gguf.GGUFReader(tmp_path / "back.gguf").tensors}
+    t = _load(ck)
+    assert set(got) == set(t) and any(k.startswith("mtp.layers.0.mlp.experts.") for k in got)
+    for k, v in t.items():
+        assert got[k] == np.ascontiguousarray(v).view(np.uint8).tobytes(), k
+
+
 def test_mtp_layer_needs_num_hidden_layers(tmp_path):
     ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
     cfg = json.loads((ck / "config.json").read_text())

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from conftest import run_cli
 from mer_runtime import load_manifest
+from mer_runtime.smoke import SmokeConfig, run_smoke
 from mertools import extract
 from mertools.errors import SourceError
 from mertools.sources.safetensors import SafeTensorsSource
@@ -147,6 +148,29 @@ def test_mtp_block_experts_are_shards_at_num_hidden_layers(tmp_path, model_type,
     assert names == {k for k in t if ".mlp.experts." not in k}
     assert {"mtp.layers.0.mlp.gate.weight", "mtp.layers.0.mlp.shared_expert.up_proj.weight", "mtp.fc.weight"} <= names
     assert verify(out, deep=True, against=ck).ok
+    # the MTP block's router has its own template ({layer} = its index), which the router workload follows
+    assert m.model["router"]["weight"] == ("model.language_model." if wrap else "model.") + "layers.{layer}.mlp.gate.weight"
+    assert m.model["router"]["mtp_weight"] == "mtp.layers.{layer}.mlp.gate.weight"
+    s = run_smoke(out, SmokeConfig(tokens=20, cache_slots=4, workload="router", compute=False))
+    assert s["tokens"] == 20
+
+
+def test_deepseek_mtp_layer_has_no_mtp_router_template(tmp_path):
+    """DeepSeek's MTP layer is model.layers.{num_hidden_layers}: the one template names its router too."""
+    ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False, n_layers=3)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (ck / "config.json").write_text(json.dumps(cfg))
+    for f in ck.glob("*.safetensors"):  # drop the separate MTP block: block 2 is the MTP layer, DeepSeek-style
+        t = {k: v for k, v in _load(ck).items() if not k.startswith("mtp.")}
+        f.unlink()
+        save_file(t, f)
+    extract(ck, tmp_path / "out", fsync=False)
+    m = load_manifest(tmp_path / "out")
+    assert m.model["moe_layers"] == [0, 1, 2] and m.model["n_mtp_layers"] == 1
+    assert set(m.model["router"]) == {"weight"}
+    assert run_smoke(tmp_path / "out", SmokeConfig(tokens=10, cache_slots=4, workload="router",
+                                                   compute=False))["tokens"] == 10
 
 
 def test_reassemble_gives_back_the_mtp_experts(tmp_path):

@@ -301,6 +301,7 @@ class SafeTensorsSource(MappedFiles):
         self.arch = self.spec.gguf_arch
         self._check_fp8_scales()
         self.prefix = self._find_prefix()
+        self.mtp_block_layers: set[int] = set()  # blocks numbered from mtp.layers.{i} (filled in by _plan)
         self.experts, self.layer_layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
 
@@ -356,6 +357,7 @@ class SafeTensorsSource(MappedFiles):
                                            + (f" expert {e}" if e is not None else "")
                                            + "; the checkpoint is corrupt or merged from two saves")
                     bucket.append(t)
+        self.mtp_block_layers = set(from_mtp)
         if not found:
             raise NotMoEError(f"{self.path}: model_type {self.model_type!r} but no routed-expert tensors found "
                               f"(looked for {self.spec.layouts[0].roles['gate'].pattern.replace('{p}', self.prefix)}"
@@ -581,7 +583,7 @@ class SafeTensorsSource(MappedFiles):
         def decode(view_of: ViewOf, r0: int, r1: int) -> np.ndarray:
             w = to_float32(np.ascontiguousarray(values(view_of)[r0:r1]), t.dtype)
             if scale is not None:
-                s = self._scale_values(view_of, scale)[e]
+                s = to_float32(self._array(view_of, scale)[e], scale.dtype)  # this expert's grid only
                 rb, cb = out_rows[r0:r1] // FP8_BLOCK, out_cols // FP8_BLOCK
                 w = w * (s[np.ix_(cb, rb)].T if part.transpose else s[np.ix_(rb, cb)])
             return w
@@ -713,6 +715,13 @@ class SafeTensorsSource(MappedFiles):
         for key, rel in (("weight", lay.router), ("bias", lay.router_bias), ("selection_bias", lay.selection_bias)):
             if rel and (prefix + rel).format(layer=moe_layers[0]) in self.tensors:
                 router[key] = prefix + rel
+        if "weight" in router and self.mtp_block_layers:
+            # a separate MTP block's router is not at model.layers.{block}: its own templates, {layer} = its index i
+            mlay = self.layer_layouts[min(self.mtp_block_layers)]
+            for key, rel in (("weight", mlay.router), ("bias", mlay.router_bias),
+                             ("selection_bias", mlay.selection_bias)):
+                if rel and (MTP_PREFIX + rel).format(layer=0) in self.tensors:
+                    router["mtp_" + key] = MTP_PREFIX + rel
         if "weight" in router:
             info["router"] = router
         return info

@@ -409,3 +409,21 @@ def test_fused_fp8_bias_is_refused(tmp_path):
                                  "num_local_experts": E, "num_experts_per_tok": 2, "intermediate_size": F}, t)
     with pytest.raises(SourceError, match=r"gate_up_proj_bias' is an FP8 bias with block scales"):
         SafeTensorsSource(ck)
+
+
+def test_pull_of_a_fused_fp8_repo_with_mtp_experts_matches_a_local_extract(hub, env, tmp_path):
+    """The hub path plans from headers alone: MTP experts and fused FP8 whose scales sit in another shard come out
+    as a local extract of the same folder gives them."""
+    ck = _fp8_fused(tmp_path / "ck", 96, split_scales=True)
+    hub.add_revision("org/q35-fp8", {p.name: p for p in ck.iterdir()})
+    out = tmp_path / "out"
+    p = run_cli("pull", "org/q35-fp8", str(out), "--dtype", "bf16", "--quiet", env=env)
+    assert p.returncode == 0, p.stderr
+    local = tmp_path / "local"
+    extract(ck, local, fsync=False, dtype="bf16")
+    files = sorted(x.relative_to(local).as_posix() for x in local.rglob("*") if x.is_file())
+    assert files == sorted(x.relative_to(out).as_posix() for x in out.rglob("*") if x.is_file())
+    for rel in files:
+        if rel != "manifest.json":
+            assert (out / rel).read_bytes() == (local / rel).read_bytes(), rel
+    assert load_manifest(out).model["n_mtp_layers"] == 1

@@ -512,9 +512,6 @@ class SafeTensorsSource(MappedFiles):
                                   f"not the block scale of {name!r} {list(t.shape)} (expected "
                                   f"{list(want) if want else [1]} of F32/BF16/F16); the checkpoint is corrupt")
 
-    def _scale_values(self, view_of: ViewOf, scale: STTensor) -> np.ndarray:
-        return to_float32(self._array(view_of, scale), scale.dtype)
-
     def _per_expert(self, role: str, t: STTensor) -> Projection:
         want = 1 if role.endswith("_bias") else 2
         if len(t.shape) != want:
@@ -526,7 +523,7 @@ class SafeTensorsSource(MappedFiles):
         def decode(view_of: ViewOf, r0: int, r1: int) -> np.ndarray:
             w = to_float32(self._array(view_of, t)[r0:r1], t.dtype)
             if scale is not None:
-                s = self._scale_values(view_of, scale)
+                s = to_float32(self._array(view_of, scale), scale.dtype)
                 rows = np.arange(r0, r1) // FP8_BLOCK
                 cols = np.arange(t.shape[1]) // FP8_BLOCK
                 w = w * s[rows][:, cols]

@@ -8,7 +8,8 @@ gate-first in Qwen3.5, ``[E, H, 2F]`` in Llama 4, ``[E, H, 2F]`` interleaved in 
 goes by ``model_type`` and never by name alone. Facts and their sources: ``../shared/notes/formats.md`` section 3.
 
 Patterns hold ``{layer}`` and ``{expert}``; ``{p}`` is the layer prefix (``model.layers.{layer}.`` and its VLM
-variants, found from the names present). Each role is a ``Part``:
+variants, found from the names present; a separate MTP block's layers, ``MTP_PREFIX``, are matched against the same
+candidates). Each role is a ``Part``:
 
 - ``kind="per_expert"``: one tensor per expert, already ``[out, in]``.
 - ``kind="stacked"``: one tensor for all experts; expert ``e`` is index ``e`` of ``expert_axis`` 0 (``experts_flat``:
@@ -35,6 +36,11 @@ PREFIXES = (
     "language_model.model.layers.{layer}.",
     "transformer.blocks.{layer}.",
 )
+# Qwen3-Next and Qwen3.5/3.6 keep their multi-token-prediction block outside the decoder, at the top level even in
+# the multimodal wrappers (``mtp.layers.0.mlp.experts.{e}.gate_proj.weight`` in Qwen3.5, per expert;
+# ``mtp.layers.0.mlp.experts.gate_up_proj`` in Qwen3.6, fused): its layer i is numbered num_hidden_layers + i, as
+# DeepSeek's MTP layer (``model.layers.{num_hidden_layers}``) is numbered in its own checkpoints.
+MTP_PREFIX = "mtp.layers.{layer}."
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "n_shared_experts": ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts"),
     "d_ff_shared": ("shared_expert_intermediate_size", "shared_intermediate_size"),
     "n_dense_layers": ("first_k_dense_replace",),
-    "n_mtp_layers": ("num_nextn_predict_layers",),
+    "n_mtp_layers": ("num_nextn_predict_layers", "mtp_num_hidden_layers"),
     "swiglu_limit": ("swiglu_limit",),
     "expert_weights_scale": ("routed_scaling_factor",),
     "expert_weights_norm": ("norm_topk_prob",),

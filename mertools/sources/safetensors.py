@@ -25,8 +25,8 @@ import numpy as np
 from mer_runtime.safeopen import open_regular, read_regular
 
 from ..errors import NotMoEError, SourceError
-from .layouts import (MODEL_TYPES, PREFIXES, Layout, Part, check_config, config_float, config_int, config_key,
-                      model_type_of, moe_layers_from_config)
+from .layouts import (MODEL_TYPES, MTP_PREFIX, PREFIXES, Layout, Part, check_config, config_float, config_int,
+                      config_key, model_type_of, moe_layers_from_config)
 from .files import MappedFiles
 from .plan import ExpertPlan, Projection, ViewOf, check_gated_shapes
 
@@ -63,6 +63,20 @@ def _e4m3_table() -> np.ndarray:
 
 
 E4M3 = _e4m3_table()
+
+
+def fp8_scale_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The weight_scale_inv shape that covers an FP8 weight of `shape` in 128 x 128 blocks (a 3-D weight: one grid
+    per expert); None where the scale is one value.
+
+    >>> fp8_scale_shape((4, 256, 160))
+    (4, 2, 2)
+    """
+    if len(shape) == 2:
+        return tuple(-(-d // FP8_BLOCK) for d in shape)
+    if len(shape) == 3:
+        return (shape[0], *(-(-d // FP8_BLOCK) for d in shape[1:]))
+    return None
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -287,6 +301,7 @@ class SafeTensorsSource(MappedFiles):
         self.arch = self.spec.gguf_arch
         self._check_fp8_scales()
         self.prefix = self._find_prefix()
+        self.mtp_block_layers: set[int] = set()  # blocks numbered from mtp.layers.{i} (filled in by _plan)
         self.experts, self.layer_layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
 
@@ -312,16 +327,24 @@ class SafeTensorsSource(MappedFiles):
             for role, part in lay.roles.items():
                 suffixes = ("_blocks", "_scales") if part.kind == "mxfp4" else ("",)
                 for suf in suffixes:
-                    rxs.append((li, role, suf, _compile(part.pattern + suf, self.prefix)))
+                    for mtp, prefix in ((False, self.prefix), (True, MTP_PREFIX)):
+                        rxs.append((li, role, suf, mtp, _compile(part.pattern + suf, prefix)))
+        from_main: dict[int, str] = {}  # a tensor of each layer, by where its name put it (main / MTP block)
+        from_mtp: dict[int, str] = {}
         for name in self.tensor_order:
-            for li, role, suf, rx in rxs:
+            for li, role, suf, mtp, rx in rxs:
                 if m := rx.match(name):
                     t = self.tensors[name]
                     # bounded before int(): a 5000-digit block number must not reach int() or a range()
                     if len(m["layer"]) > 6 or int(m["layer"]) >= MAX_LAYERS:
                         raise self._err(t, f"names block {m['layer'][:20]}, past the {MAX_LAYERS} this version "
                                            "reads; the checkpoint is corrupt")
-                    layer = int(m["layer"])
+                    layer = self._mtp_layer(t, int(m["layer"])) if mtp else int(m["layer"])
+                    (from_mtp if mtp else from_main).setdefault(layer, name)
+                    if layer in from_main and layer in from_mtp:
+                        raise self._err(self.tensors[from_mtp[layer]], f"is of MTP layer {layer} (num_hidden_layers "
+                                        f"+ its index), which {from_main[layer]!r} also claims; the checkpoint is "
+                                        "merged from two saves, or config.json's num_hidden_layers is wrong")
                     e = None
                     if "expert" in rx.groupindex:
                         if len(m["expert"]) > 6 or int(m["expert"]) >= MAX_EXPERTS:
@@ -334,6 +357,7 @@ class SafeTensorsSource(MappedFiles):
                                            + (f" expert {e}" if e is not None else "")
                                            + "; the checkpoint is corrupt or merged from two saves")
                     bucket.append(t)
+        self.mtp_block_layers = set(from_mtp)
         if not found:
             raise NotMoEError(f"{self.path}: model_type {self.model_type!r} but no routed-expert tensors found "
                               f"(looked for {self.spec.layouts[0].roles['gate'].pattern.replace('{p}', self.prefix)}"
@@ -370,14 +394,21 @@ class SafeTensorsSource(MappedFiles):
                               f"{sorted(set(per_layer.values()))}; the checkpoint is inconsistent")
         return plans, layouts, names
 
+    def _mtp_layer(self, t: STTensor, i: int) -> int:
+        """The block number of layer `i` of a separate MTP block (``mtp.layers.{i}.``): num_hidden_layers + i."""
+        n_layers = config_int(self.config, "n_layers", self.path / "config.json", 1, MAX_LAYERS)
+        if n_layers is None:
+            raise self._err(t, "holds experts of the MTP block, whose layers are numbered after the decoder's, but "
+                               "config.json gives no num_hidden_layers; fix config.json (or download it again)")
+        if n_layers + i >= MAX_LAYERS:
+            raise self._err(t, f"is MTP layer {n_layers} + {i}, past the {MAX_LAYERS} blocks this version reads; "
+                               "the checkpoint is corrupt")
+        return n_layers + i
+
     def _check_uncarried(self, carried: set[str]) -> None:
         """A routed-expert tensor the layout does not carry must not slip into dense.gguf unnoticed."""
-        self.mtp_expert_tensors = 0
         for n in self.tensor_order:
             if ".experts." in n and n not in carried:
-                if n.startswith("mtp."):
-                    self.mtp_expert_tensors += 1  # Qwen3.5's separate MTP block: kept in dense.gguf, counted
-                    continue
                 t = self.tensors[n]
                 raise self._err(t, f"looks like a routed-expert tensor ({t.dtype} {list(t.shape)}) but is not part "
                                    f"of the {self.model_type} layouts this version knows; refusing rather than "
@@ -465,14 +496,16 @@ class SafeTensorsSource(MappedFiles):
         return s
 
     def _check_fp8_scales(self) -> None:
-        """Every FP8 weight's weight_scale_inv is a float tensor covering it in 128 x 128 blocks (one value for a
-        tensor that is not 2-D), so that applying it indexes inside it."""
+        """Every FP8 weight's weight_scale_inv is a float tensor covering it in 128 x 128 blocks, so that applying it
+        indexes inside it: ``[ceil(rows/128), ceil(cols/128)]`` for a 2-D weight; for a 3-D one (all experts fused,
+        ``[E, rows, cols]``) each expert's own grid, ``[E, ceil(rows/128), ceil(cols/128)]``, as transformers'
+        FP8 experts hold it (``gate_up_proj_scale_inv``); one value for a tensor of any other rank."""
         for name in self.tensor_order:
             t = self.tensors[name]
             s = self.tensors.get(name + "_scale_inv")
             if t.dtype != "F8_E4M3" or s is None:
                 continue
-            want = tuple(-(-d // FP8_BLOCK) for d in t.shape) if len(t.shape) == 2 else None
+            want = fp8_scale_shape(t.shape)
             n = int(np.prod(s.shape, dtype=object))
             if s.dtype not in SCALE_DTYPES or (s.shape != want if want is not None else n != 1):
                 raise SourceError(f"{self.files[s.file_index]}: tensor {s.name!r} ({s.dtype} {list(s.shape)}) is "
@@ -490,8 +523,7 @@ class SafeTensorsSource(MappedFiles):
         def decode(view_of: ViewOf, r0: int, r1: int) -> np.ndarray:
             w = to_float32(self._array(view_of, t)[r0:r1], t.dtype)
             if scale is not None:
-                s = self._array(view_of, scale).astype(np.float32) if scale.dtype == "F32" else \
-                    to_float32(self._array(view_of, scale), scale.dtype)
+                s = to_float32(self._array(view_of, scale), scale.dtype)
                 rows = np.arange(r0, r1) // FP8_BLOCK
                 cols = np.arange(t.shape[1]) // FP8_BLOCK
                 w = w * s[rows][:, cols]
@@ -511,8 +543,11 @@ class SafeTensorsSource(MappedFiles):
             raise self._err(t, f"has shape {list(t.shape)}, expected [{n_exp}, ...] with "
                                f"{2 if bias else 3} dimensions")
         self._check_dims(t)
-        if self._scales_of(t) is not None:
-            raise self._err(t, "is a stacked FP8 tensor, which this version does not convert")
+        scale = self._scales_of(t)
+        if scale is not None and (bias or part.experts_flat):
+            raise self._err(t, f"is an FP8 {'bias' if bias else 'tensor flat over experts'} with block scales, "
+                               "which this version does not convert; the checkpoint is of a kind no known model "
+                               "saves")
         sub = list(shape[1:])
         ax = part.take_axis
         if part.take:
@@ -533,14 +568,35 @@ class SafeTensorsSource(MappedFiles):
                 a = a[idx] if ax == 0 else a[:, idx]
             return a.T if part.transpose else a
 
+        # the source row and column of each output row and column: an FP8 expert's block scale is indexed by
+        # where a value sits in the stored (fused) matrix, so a gate/up split inside a 128 block is scaled as
+        # transformers scales the fused tensor
+        src = [np.arange(n) for n in shape[1:]]
+        if part.take:
+            src[ax] = src[ax][{"first": slice(0, sub[ax]), "second": slice(sub[ax], None), "even": slice(0, None, 2),
+                               "odd": slice(1, None, 2)}[part.take]]
+        out_rows, out_cols = (src[1], src[0]) if part.transpose else (src[0], src[1] if len(src) > 1 else None)
+
         def decode(view_of: ViewOf, r0: int, r1: int) -> np.ndarray:
-            return to_float32(np.ascontiguousarray(values(view_of)[r0:r1]), t.dtype)
+            w = to_float32(np.ascontiguousarray(values(view_of)[r0:r1]), t.dtype)
+            if scale is not None:
+                s = to_float32(self._array(view_of, scale)[e], scale.dtype)  # this expert's grid only
+                rb, cb = out_rows[r0:r1] // FP8_BLOCK, out_cols // FP8_BLOCK
+                w = w * (s[np.ix_(cb, rb)].T if part.transpose else s[np.ix_(rb, cb)])
+            return w
 
         nbytes = int(np.prod(out_shape)) * esize
+        spans: tuple[tuple[int, int, int], ...] = ((t.file_index, t.offset + e * per, t.offset + (e + 1) * per),)
+        files: tuple[int, ...] = ()
+        if scale is not None:
+            sper = scale.nbytes // n_exp
+            spans += ((scale.file_index, scale.offset + e * sper, scale.offset + (e + 1) * sper),)
+            files = (t.file_index, scale.file_index)
         if part.transform() == "none":
-            half = (part.take == "second") * (per // 2)
-            return Projection(role, t.dtype, out_shape, t.file_index, t.offset + e * per + half, nbytes, desc,
-                              decode=decode if t.dtype in FLOAT_TYPES else None)
+            start = t.offset + e * per + (part.take == "second") * (per // 2)
+            return Projection(role, t.dtype, out_shape, t.file_index, start, nbytes, desc,
+                              files=files, decode=decode if t.dtype in FLOAT_TYPES else None,
+                              spans=((t.file_index, start, start + nbytes), *spans[1:]) if scale is not None else ())
         rows = out_shape[0]
         step = max(1, (4 << 20) // max(1, (nbytes // rows)))
 
@@ -550,9 +606,8 @@ class SafeTensorsSource(MappedFiles):
                 yield _band(v, r0, min(rows, r0 + step), part.transpose).view(np.uint8).reshape(-1)
 
         return Projection(role, t.dtype, out_shape, t.file_index, t.offset + e * per, nbytes, desc,
-                          transform=part.transform(), produce=produce,
-                          decode=decode if t.dtype in FLOAT_TYPES else None,
-                          spans=((t.file_index, t.offset + e * per, t.offset + (e + 1) * per),))
+                          transform=part.transform(), files=files, produce=produce,
+                          decode=decode if t.dtype in FLOAT_TYPES else None, spans=spans)
 
     def _mxfp4(self, role: str, part: Part, blocks: STTensor, scales: STTensor, e: int, n_exp: int) -> Projection:
         if len(blocks.shape) != 4 or blocks.shape[3] != 16 or blocks.shape[0] != n_exp or blocks.dtype != "U8" \
@@ -657,6 +712,13 @@ class SafeTensorsSource(MappedFiles):
         for key, rel in (("weight", lay.router), ("bias", lay.router_bias), ("selection_bias", lay.selection_bias)):
             if rel and (prefix + rel).format(layer=moe_layers[0]) in self.tensors:
                 router[key] = prefix + rel
+        if "weight" in router and self.mtp_block_layers:
+            # a separate MTP block's router is not at model.layers.{block}: its own templates, {layer} = its index i
+            mlay = self.layer_layouts[min(self.mtp_block_layers)]
+            for key, rel in (("weight", mlay.router), ("bias", mlay.router_bias),
+                             ("selection_bias", mlay.selection_bias)):
+                if rel and (MTP_PREFIX + rel).format(layer=0) in self.tensors:
+                    router["mtp_" + key] = MTP_PREFIX + rel
         if "weight" in router:
             info["router"] = router
         return info
@@ -671,7 +733,6 @@ class SafeTensorsSource(MappedFiles):
             "layouts": {str(k): f"{lay.name} ({lay.kind})" for k, lay in self.layer_layouts.items()},
             "model_type": self.model_type,
             "safetensors_package": safetensors.__version__,
-            **({"mtp_expert_tensors_in_dense": self.mtp_expert_tensors} if self.mtp_expert_tensors else {}),
         }
 
     # -- bytes ---------------------------------------------------------------------------------------------------

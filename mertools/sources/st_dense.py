@@ -121,8 +121,10 @@ class DenseWriter:
         s_t = self.src.tensors.get(t.name + "_scale_inv")
         if s_t is not None:
             s = to_float32(self.src._array(self.src.view, s_t), s_t.dtype)
-            idx = [np.arange(n) // FP8_BLOCK for n in vals.shape]
-            vals = vals * s[np.ix_(*idx)] if vals.ndim == 2 else vals * s.reshape(-1)[0]
+            # 2-D: one 128 x 128 grid; 3-D: one grid per leading index (a fused tensor's per-expert grids); else one value
+            idx = [np.arange(n) // FP8_BLOCK for n in vals.shape[-2:]]
+            idx = [np.arange(vals.shape[0])] + idx if vals.ndim == 3 else idx
+            vals = vals * s[np.ix_(*idx)] if vals.ndim in (2, 3) else vals * s.reshape(-1)[0]
         return quantize(vals.astype(np.float32), T.BF16)
 
     def finish(self) -> dict[str, Any]:

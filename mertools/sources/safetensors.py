@@ -479,12 +479,6 @@ class SafeTensorsSource(MappedFiles):
                                   f"not the block scale of {name!r} {list(t.shape)} (expected "
                                   f"{list(want) if want else [1]} of F32/BF16/F16); the checkpoint is corrupt")
 
-    def scale_tensors(self) -> list[tuple[STTensor, str]]:
-        """(weight_scale_inv, the FP8 weight it scales) for every FP8 weight: what `sources.scales.check_scales`
-        reads by value before an extraction writes anything (a NaN block scale makes its weights NaN)."""
-        return [(self.tensors[n + "_scale_inv"], n) for n in self.tensor_order
-                if self.tensors[n].dtype == "F8_E4M3" and n + "_scale_inv" in self.tensors]
-
     def _per_expert(self, role: str, t: STTensor) -> Projection:
         want = 1 if role.endswith("_bias") else 2
         if len(t.shape) != want:
@@ -714,6 +708,12 @@ class SafeTensorsSource(MappedFiles):
         from .st_dense import DenseWriter
 
         return DenseWriter(self, path, fsync=fsync)
+
+    def scale_tensors(self) -> list[tuple[STTensor, str]]:
+        """(weight_scale_inv, the FP8 weight it scales) for every FP8 weight: what `sources.scales.check_scales`
+        reads by value before an extraction writes anything (a NaN block scale makes its weights NaN)."""
+        return [(self.tensors[n + "_scale_inv"], n) for n in self.tensor_order
+                if self.tensors[n].dtype == "F8_E4M3" and n + "_scale_inv" in self.tensors]
 
 
 def _model_name(config: dict[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ from .convert import build_manifest, plan, write_dense, write_experts, write_man
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
 from .reassemble import record_for_reassembly
 from .sources import Source, open_source
+from .sources.scales import check_scales
 
 
 @dataclass
@@ -93,6 +94,7 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
              progress: Callable[[int, int], Callable[[int], None]] | None, dtype: str | None,
              source_extra: dict[str, Any] | None, t0: float) -> ExtractResult:
     conv = plan(src, layers, experts, dtype)
+    check_scales(src, conv.plans)  # before the staging folder exists: a NaN scale leaves nothing behind
     shards = conv.shards
     expert_bytes = conv.expert_bytes
     total = conv.payload_bytes + sum(t.nbytes for t in src.dense_tensors())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import types
 
 import pytest
 
@@ -270,6 +272,11 @@ class _TableThatRefusesWrites(dict):
         raise RuntimeError("this bar table takes no writes")
 
 
+class _ModuleThatRefusesWrites(types.ModuleType):
+    def __setattr__(self, key, value):
+        raise RuntimeError("this module takes no writes")
+
+
 def test_a_quiet_push_that_fails_to_open_leaves_no_filter_behind(live, extracted, monkeypatch):
     # the scope's counts went up and the filter on before turning the bars off, outside any try: a failure there
     # left huggingface_hub's loggers filtered, and every later record of other threads judged by a quiet push
@@ -282,6 +289,10 @@ def test_a_quiet_push_that_fails_to_open_leaves_no_filter_behind(live, extracted
     bars = importlib.import_module("huggingface_hub.utils.tqdm")
     monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
     monkeypatch.setattr(bars, "progress_bar_states", _TableThatRefusesWrites({"_global": True}))
+    # a quiet scope no longer writes the table: it wraps the module's bar switch, which this module refuses
+    refusing = _ModuleThatRefusesWrites(bars.__name__)
+    refusing.__dict__.update(bars.__dict__)
+    monkeypatch.setitem(sys.modules, bars.__name__, refusing)
     before = hf_logging_state()
     with pytest.raises(RuntimeError, match="takes no writes"):
         push(extracted(MODEL), "me/broken", quiet=True)

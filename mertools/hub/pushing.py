@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import MertoolsError
 from ..units import human_bytes
 from .download import CHUNK, git_blob_sha1_file
-from .quiet import quiet_scope
+from .quiet import adopting, quiet_scope
 from .remote import RepoSpec, api, hub_call, list_files
 
 CARD_NAME = "README.md"
@@ -52,12 +52,15 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
     m = load_manifest(folder)
     # quiet: the library's own retry warnings are not printed either (one line), for this push only (see quiet.py)
     with quiet_scope(quiet):
-        return _push(folder, spec, rev, private, m, report)
+        return _push(folder, spec, rev, private, m, report, quiet)
 
 
-def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report: Any) -> dict[str, Any]:
-    from huggingface_hub import CommitOperationAdd
+def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report: Any,
+          quiet: bool) -> dict[str, Any]:
+    from huggingface_hub import CommitOperationAdd as _Add
 
+    # the library uploads LFS files on its own worker threads: operations that make those follow this push
+    CommitOperationAdd = adopting(_Add, quiet)
     h = api()
     hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
     if rev != "main":

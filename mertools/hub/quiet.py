@@ -11,14 +11,20 @@ several mid-way): the logger of each of its modules is created, filtered, before
 that logs:
 
 - a thread running a push follows that push (its innermost one): quiet drops, loud keeps;
-- any other thread (huggingface_hub's upload workers, which its LFS uploads run on, have no link back to the push
-  that started them) is dropped only while every open push is quiet: a loud push running anywhere keeps them all,
-  so a quiet push never hides what a loud one asked to see (a quiet push's worker warnings may then show).
+- a thread of huggingface_hub's upload pool follows the push whose file it is uploading: push hands the library
+  its files as :func:`adopting` operations, whose ``as_file`` (what the library's LFS upload streams the file
+  through, retries included) makes the worker follow that push for the duration (:func:`adopt`);
+- any other thread (a worker between two files, e.g. a multipart upload's completion request) is dropped only
+  while every open push is quiet: a loud push running anywhere keeps them all, so a quiet push never hides what a
+  loud one asked to see.
 
-Progress bars have no per-thread switch in huggingface_hub (one module-level table, read when a bar is made): they
-are off while at least one quiet push runs, and the table is put back as it was when the last quiet push ends
-(a loud push running at the same time shows no bar meanwhile). ``HF_HUB_DISABLE_PROGRESS_BARS`` set in the
-environment keeps its priority, as huggingface_hub gives it.
+Progress bars follow the same per-push rule, with no process-wide switch: huggingface_hub decides each bar when it
+is made by one module-level function (``utils.tqdm.are_progress_bars_disabled``); while a quiet push runs it is
+wrapped so that a thread running (or uploading for) a quiet push gets no bar, and every other thread gets the
+library's own answer from the user's table, which is never written (it used to be emptied for the duration of
+any quiet push: a loud push beside it showed no bar). A quiet push's file uploads are also asked for no bar
+(``with_tqdm=False``). ``HF_HUB_DISABLE_PROGRESS_BARS`` set in the environment keeps its priority, as
+huggingface_hub gives it. (Xet uploads report progress through hf_xet, outside both.)
 
 Thread-safe: the scopes' bookkeeping is under one lock; nested scopes in one thread stack.
 
@@ -42,7 +48,7 @@ _LOCK = threading.Lock()
 _OWNERS: dict[int, list[bool]] = {}  # thread ident -> quiet flag of each of its open scopes, innermost last
 _OPEN = {"quiet": 0, "loud": 0}
 _FILTERED: list[logging.Logger] = []  # the loggers the filter was added to, to take it off again
-_SAVED_BARS: dict[str, Any] = {}  # {"states": the bar table as it was} while quiet scopes hold the bars off
+_SAVED_BARS: dict[str, Any] = {}  # {"real": the library's are_progress_bars_disabled} while it is wrapped
 
 
 class _QuietFilter(logging.Filter):
@@ -104,21 +110,91 @@ def _bars_module() -> Any:
     return importlib.import_module(f"{LIBRARY}.utils.tqdm")
 
 
+def _thread_quiet() -> bool:
+    """Whether the calling thread runs (or uploads for) a quiet push, its innermost one deciding."""
+    with _LOCK:
+        stack = _OWNERS.get(threading.get_ident())
+        return bool(stack and stack[-1])
+
+
+def bars_wanted(quiet: bool) -> bool:
+    """Whether a push (quiet or not) asks for bars: a quiet one does not, unless the environment's
+    ``HF_HUB_DISABLE_PROGRESS_BARS=0`` says bars are never to be turned off (it has priority, as the library says).
+
+    >>> bars_wanted(False), bars_wanted(True)      # doctest: +SKIP
+    (True, False)
+    """
+    return not quiet or _bars_module().HF_HUB_DISABLE_PROGRESS_BARS is False
+
+
 def _bars_off() -> None:
+    """(with _LOCK held) The first quiet scope opens: wrap the library's bar switch (see the module's doc)."""
     mod = _bars_module()
-    if mod.HF_HUB_DISABLE_PROGRESS_BARS is not None:  # set in the environment: it has priority, as the library says
-        return
-    _SAVED_BARS["states"] = dict(mod.progress_bar_states)
-    mod.progress_bar_states.clear()
-    mod.progress_bar_states["_global"] = False
+    real = mod.are_progress_bars_disabled
+
+    def are_progress_bars_disabled(name: str | None = None) -> bool:
+        if mod.HF_HUB_DISABLE_PROGRESS_BARS is None and _thread_quiet():
+            return True
+        return real(name)
+
+    are_progress_bars_disabled.__wrapped__ = real  # type: ignore[attr-defined]
+    mod.are_progress_bars_disabled = are_progress_bars_disabled
+    _SAVED_BARS["real"], _SAVED_BARS["wrapper"] = real, are_progress_bars_disabled
 
 
 def _bars_back() -> None:
-    saved = _SAVED_BARS.pop("states", None)
-    if saved is not None:
-        table = _bars_module().progress_bar_states
-        table.clear()
-        table.update(saved)
+    """(with _LOCK held) The last quiet scope ended: the library's own switch back, unless someone has replaced
+    ours since (theirs is kept: putting ours back would undo their change)."""
+    real, wrapper = _SAVED_BARS.pop("real", None), _SAVED_BARS.pop("wrapper", None)
+    if real is not None:
+        mod = _bars_module()
+        if mod.are_progress_bars_disabled is wrapper:
+            mod.are_progress_bars_disabled = real
+
+
+@contextlib.contextmanager
+def adopt(quiet: bool) -> Iterator[None]:
+    """Make the calling thread follow a push (quiet or loud) for the block: its records and bars are that push's.
+    For a thread that works for a push it did not start (huggingface_hub's upload pool); inside the push's
+    :func:`quiet_scope` only (outside it, nothing is filtered or wrapped, and this changes nothing).
+
+    >>> with adopt(True):                          # doctest: +SKIP
+    ...     upload_one_file()
+    """
+    me = threading.get_ident()
+    with _LOCK:
+        _OWNERS.setdefault(me, []).append(quiet)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            stack = _OWNERS[me]
+            stack.pop()
+            if not stack:
+                del _OWNERS[me]
+
+
+def adopting(cls: type, quiet: bool) -> type:
+    """A subclass of huggingface_hub's ``CommitOperationAdd`` (`cls`) whose file, when the library streams it
+    (``as_file``: an LFS upload, on whichever thread), is read by a thread following this push (:func:`adopt`), with
+    the push's bar wish. Instances are ordinary operations for the library (same fields, isinstance holds).
+
+    >>> Add = adopting(CommitOperationAdd, quiet=True)                # doctest: +SKIP
+    >>> ops = [Add(path_in_repo="manifest.json", path_or_fileobj="out/manifest.json")]   # doctest: +SKIP
+    """
+    return _adopting(cls, bool(quiet))
+
+
+@functools.lru_cache(maxsize=None)
+def _adopting(cls: type, quiet: bool) -> type:
+    class Adopted(cls):  # type: ignore[valid-type, misc]
+        @contextlib.contextmanager
+        def as_file(self, with_tqdm: bool = False) -> Iterator[Any]:
+            with adopt(quiet), super().as_file(with_tqdm=with_tqdm and bars_wanted(quiet)) as fh:
+                yield fh
+
+    Adopted.__name__ = Adopted.__qualname__ = f"{cls.__name__}"
+    return Adopted
 
 
 @contextlib.contextmanager

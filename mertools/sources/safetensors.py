@@ -770,6 +770,12 @@ class SafeTensorsSource(MappedFiles):
 
         return DenseWriter(self, path, fsync=fsync)
 
+    def scale_tensors(self) -> list[tuple[STTensor, str]]:
+        """(weight_scale_inv, the FP8 weight it scales) for every FP8 weight: what `sources.scales.check_scales`
+        reads by value before an extraction writes anything (a NaN block scale makes its weights NaN)."""
+        return [(self.tensors[n + "_scale_inv"], n) for n in self.tensor_order
+                if self.tensors[n].dtype == "F8_E4M3" and n + "_scale_inv" in self.tensors]
+
 
 def _model_name(config: dict[str, Any]) -> str | None:
     """The model's name for the manifest: ``_name_or_path`` or the first of ``architectures``, when a string."""

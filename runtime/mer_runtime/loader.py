@@ -713,6 +713,7 @@ class UringLoader(Loader):
                     if self._reaping or not self._spec or self.ring.fd < 0:
                         self._cv.wait()
                         continue
+                    self._resume_close()
                     r = self.ring
                     if r.in_flight == 0 and r.pending:  # a submit the kernel took only part of, with no error
                         self._submit()
@@ -876,6 +877,7 @@ class UringLoader(Loader):
                 self.ring.wait_cqe(max(1, n))
             finally:
                 self._cv.acquire()
+            self._resume_close()  # a close() interrupted meanwhile: its reads are judged before any completion
             for cid, res in self.ring.reap():
                 self._complete(cid, res)
             self._kick()
@@ -889,6 +891,7 @@ class UringLoader(Loader):
         if self._reaping:
             self._cv.wait()
             return
+        self._resume_close()
         self._pump()
         # only held-back speculative chunks are left, and this thread needs one; a refused submission fails the
         # tickets it was for and drops their queued chunks, so each round either submits or shortens the queue
@@ -919,6 +922,7 @@ class UringLoader(Loader):
 
     def _collect(self) -> None:
         if not self._reaping and not self.ring.fd < 0:
+            self._resume_close()
             for cid, res in self.ring.reap():
                 self._complete(cid, res)
 
@@ -1049,15 +1053,7 @@ class UringLoader(Loader):
         again (`_close_busy` says nobody else is)."""
         while self._reaping:  # another thread sleeps in the kernel on this ring (an interrupt reached us meanwhile)
             self._cv.wait()
-        self._cancel_queued()
-        for t in self._retract():
-            # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks
-            # of the same read with the kernel, and "its buffer is free" would then have its owner reuse a slot
-            # the kernel still writes (err, if any, says so too)
-            why = err if err is not None and t.in_flight else _closed_error(t.path, other, in_flight=t.in_flight > 0)
-            self._fail(t, why)  # finishes t once nothing of it is anywhere
-            self._retire(t)
-            del self._taken[id(t)]  # last: interrupted before it, the next close() judges t again (the same way)
+        self._take_back(err, other)
         for t, _, _ in self._chunks.values():
             # a cancellation (this close's, a withdrawn guess's) tells the user less than err: the slot may still
             # be written
@@ -1068,6 +1064,30 @@ class UringLoader(Loader):
         self._spec.clear()
         self.ring.close()
         self._cv.notify_all()
+
+    def _resume_close(self) -> None:
+        """Under the lock, with nobody else sleeping in the kernel: if a close() was interrupted (a double Ctrl-C)
+        before it had taken back the SQEs the kernel never consumed and judged their reads, and no close() is at
+        work now, do that part of its work here, as the next close() would (the ring and the fds are left to it).
+        Called by whoever is about to submit, reap or collect: a waiter in that window used to find its read's
+        chunks neither in the ring nor with the kernel ("nothing in flight but reads are outstanding (a bug)"),
+        and a read recounted but not yet judged was finished by its first chunks' completions as if read whole."""
+        if self._closed and not self._close_busy and self.ring.fd >= 0:
+            self._take_back(None, self._close_cause)
+
+    def _take_back(self, err: ShardIOError | None, other: BaseException | None) -> None:
+        """Under the lock, closing: fail what is still queued, take back the SQEs the kernel never consumed and
+        judge each read they belonged to (`_abandon`'s first half, which `_resume_close` also runs). Every step
+        may be interrupted and is redone by the next call."""
+        self._cancel_queued()
+        for t in self._retract():
+            # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks
+            # of the same read with the kernel, and "its buffer is free" would then have its owner reuse a slot
+            # the kernel still writes (err, if any, says so too)
+            why = err if err is not None and t.in_flight else _closed_error(t.path, other, in_flight=t.in_flight > 0)
+            self._fail(t, why)  # finishes t once nothing of it is anywhere
+            self._retire(t)
+            del self._taken[id(t)]  # last: interrupted before it, the next close() judges t again (the same way)
 
 
 def _probe_read(cls: type[Loader], pool: BufferPool, probe_file: str | None, **kw) -> Loader:

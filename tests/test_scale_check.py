@@ -147,3 +147,19 @@ def test_a_quantized_blocks_own_scale_is_the_sources_content_and_is_copied(tmp_p
     e = next(e for e in load_manifest(out).experts if (e.layer, e.expert) == (1, 0))
     r = e.tensors["up"]
     assert (out / e.path).read_bytes()[r.offset:r.offset + r.nbytes] == bytes(data[at:at + r.nbytes])
+
+
+def test_a_pull_refuses_a_non_finite_scale_before_converting_from_its_shard(tmp_path, hub, env):
+    """A pull converts shard by shard as files arrive (hub/stream.py), not through extract: each shard's scales
+    are checked when it arrives, before anything is converted from it."""
+    ck = damaged_fp8(tmp_path, "model.layers.1.mlp.experts.1.down_proj.weight_scale_inv", 1, float("nan"))
+    hub.add_revision("org/fp8-nan", {p.name: p for p in ck.iterdir()})
+    out = tmp_path / "out"
+    p = run_cli("pull", "org/fp8-nan", str(out), "--dtype", "bf16", "--quiet", env=env)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "model.layers.1.mlp.experts.1.down_proj.weight_scale_inv" in p.stderr and "nan" in p.stderr, p.stderr
+    assert not out.exists()
+    good = tmp_path / "good"
+    hub.add_revision("org/fp8-good", {p.name: p for p in FP8.iterdir()})
+    run_cli("pull", "org/fp8-good", str(good), "--dtype", "bf16", "--quiet", env=env, check=True)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 from ..commit import staged_output, test_point
 from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
+from ..sources.scales import check_scales
 from ..units import human_bytes
 from .remote import CONFIG, ST_INDEX, Choice, HubError
 
@@ -294,6 +295,9 @@ class SafeTensorsStreamer:
                 if name not in self.checked:
                     self._check_header(name, Path(present[name]))
                     self.src.files[i] = Path(present[name])
+                    # its scales by value, before anything is converted from it (a scale is converted with its
+                    # weight only once both files are here, so every scale is checked before it is applied)
+                    check_scales(self.src, self.conv.plans, files={i})
                     self.checked.add(name)
                 have.add(i)
         ready = self.conv.ready(have)

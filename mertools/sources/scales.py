@@ -49,13 +49,14 @@ def _raw(src: Any, file_index: int, offset: int, nbytes: int) -> np.ndarray:
     return np.frombuffer(src.view(file_index), np.uint8, count=nbytes, offset=offset)
 
 
-def check_scales(src: Any, plans: Iterable[Any]) -> None:
+def check_scales(src: Any, plans: Iterable[Any], files: set[int] | None = None) -> None:
     """Raise one SourceError (file, tensor, value, what to do) for the first NaN or infinite scale: the per-expert
     ``*_scale`` projections of `plans` (the experts to be written) and every block scale `src.scale_tensors()`
-    lists (all of them: they also cover the dense part, which is always written)."""
+    lists (all of them: they also cover the dense part, which is always written). `files`: only the scales held by
+    those source files (a pull checks each shard as it arrives, before anything is converted from it)."""
     for plan in plans:
         for p in plan.projections:
-            if p.role not in SCALE_ROLES:
+            if p.role not in SCALE_ROLES or files is not None and p.file_index not in files:
                 continue
             values = _floats(_raw(src, p.file_index, p.offset, p.nbytes), p.dtype)
             i = _first_bad(values)
@@ -67,6 +68,8 @@ def check_scales(src: Any, plans: Iterable[Any]) -> None:
                                   f"would fail the folder); {_ADVICE}")
     lister = getattr(src, "scale_tensors", None)
     for s, weight in (lister() if lister is not None else ()):
+        if files is not None and s.file_index not in files:
+            continue
         values = _floats(_raw(src, s.file_index, s.offset, s.nbytes), s.dtype)
         i = _first_bad(values)
         if i is not None:

@@ -392,6 +392,32 @@ def test_a_miss_evicts_a_guess_held_for_a_later_step_last(window_cache):
     cache.release((1, 3))
 
 
+@pytest.mark.parametrize("forgotten", [False, True])
+def test_a_guess_is_held_until_its_own_streams_step_not_another_streams(window_cache, forgotten):
+    """Each stream counts its own steps. Stream A has passed step 100 while stream B, at its step 10, guesses for
+    its step 12: B's guess is held (evicted last) until B's clock passes 12, however far A's has run. (With one
+    cache-wide clock, A's 100 made B's guess an ordinary entry at once, the least recently used: a miss evicted it
+    before its step.) An owner the cache has forgotten falls back to the highest step any stream has passed."""
+    cache, loader, pool, big = window_cache
+    loader.spec_window = None
+    cache.cancel_stale(keep=set(), now=100, owner="A")
+    cache.cancel_stale(keep=set(), now=10, owner="B")
+    assert cache.prefetch((9, 0), due=12, owner="B")  # the least recently used entry
+    while not loader.ready(cache.entries[(9, 0)].ticket):
+        pass
+    use(cache, (1, 0), (1, 1))
+    if forgotten:
+        cache.forget_owner("B")
+    use(cache, (1, 2))  # no free slot
+    if forgotten:  # judged against A's step 100: its step has passed, it goes first
+        assert (9, 0) not in cache.entries and (1, 0) in cache.entries
+        return
+    assert (9, 0) in cache.entries and (1, 0) not in cache.entries and cache.stats.prefetch_wasted == 0
+    assert cache.cancel_stale(keep={(9, 0)}, now=13, owner="B") == 0  # B's step 12 went by without a judgement
+    use(cache, (1, 3))
+    assert (9, 0) not in cache.entries and cache.stats.prefetch_wasted == 1
+
+
 def test_a_guess_whose_step_has_passed_is_no_longer_held(window_cache):
     """A caller that never judged a guess at its step (here it kept it) must not have it held, and evicted last,
     for ever: once the cache has seen a later step the guess is an ordinary entry, LRU first."""

@@ -25,7 +25,8 @@ Rules:
 - a foreground miss takes, in order: a free slot, an idle expert whose read is complete and that is not a guess
   held for a later step, then such a held guess (fetch stops there); failing those, acquire withdraws a guess
   still reading, one not held for a later step first. A guess is held until its `due` step; once
-  `cancel_stale(now=...)` has seen that step (judged or not) it is an ordinary entry again.
+  `cancel_stale(now=...)` of its owner (each stream has its own clock) has seen that step (judged or not) it is an
+  ordinary entry again.
 
 Eviction (with `layers`, the layer order a token sweeps, as `ShardSet` passes it from the manifest): a token visits
 the layers in a cycle, so an expert of the layer just computed is not needed for a whole token, while the previous
@@ -275,9 +276,10 @@ class ExpertCache:
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
         self._closed = False
-        # the latest step cancel_stale(now=...) saw: a guess due at it or before is no longer held for later, even
+        # the latest step cancel_stale(now=..., owner=...) saw, per owner (each stream counts its own steps; None:
+        # a caller judging every guess): a guess due at its owner's step or before is no longer held for later, even
         # if the caller never judged it at its step (it would otherwise be held, and evicted last, for ever)
-        self._last_now: int | None = None
+        self._last_now: dict[Hashable, int] = {}
         # layer-aware eviction: the position of each layer in a token's sweep, the step under way (the layer of the
         # latest acquire or fetch and the keys it has taken), and the predictor's odds pushed by set_odds
         self._order: dict[int, int] | None = None if layers is None else {l: i for i, l in enumerate(layers)}
@@ -324,8 +326,15 @@ class ExpertCache:
 
     def _held_for_later(self, e: Entry) -> bool:
         """An unused guess made for a step that has not come (`prefetch(due=...)`)."""
-        return (e.prefetched and not e.used and not e.stale and e.due is not None
-                and (self._last_now is None or e.due > self._last_now))
+        if not (e.prefetched and not e.used and not e.stale and e.due is not None):
+            return False
+        clocks = self._last_now
+        now = clocks.get(e.owner)
+        if now is None:  # an owner that has passed no step (or is forgotten): the highest step any caller has passed
+            now = max(clocks.values(), default=None)
+        elif None in clocks:  # a caller that judges every guess judges this one too
+            now = max(now, clocks[None])
+        return now is None or e.due > now
 
     def _victim(self, ok: Callable[[Entry], bool]) -> Entry | None:
         """The first idle entry (neither pinned nor held) that ok() accepts in eviction order: without the layer
@@ -806,8 +815,8 @@ class ExpertCache:
         0
         """
         with self._cv:
-            if now is not None and (self._last_now is None or now > self._last_now):
-                self._last_now = now
+            if now is not None and now > self._last_now.get(owner, now - 1):
+                self._last_now[owner] = now
             n = 0
             for e in list(self.entries.values()):
                 if not (e.prefetched and not e.used and not e.stale and e.ticket is not None and not e.holders
@@ -917,6 +926,8 @@ class ExpertCache:
     def forget_owner(self, owner: Hashable) -> None:
         with self._cv:
             self._owners.pop(owner, None)
+            if owner is not None:
+                self._last_now.pop(owner, None)
 
     def in_flight(self) -> int:
         """Loads started and not yet finished and checked, and withdrawn prefetches whose reads are still landing."""

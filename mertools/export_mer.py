@@ -24,7 +24,7 @@ import xxhash
 
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import WEIGHT_ROLES, Manifest, load_manifest
+from mer_runtime.manifest import WEIGHT_ROLES, Manifest, load_manifest, router_names
 
 from .errors import MertoolsError
 from .pack import staged_folder
@@ -149,8 +149,7 @@ def _router(m: Manifest, block: int, n_exp: int, d_model: int) -> bytes:
     import gguf
     import numpy as np
 
-    tmpl = m.model.get("router", {}).get("weight", "blk.{layer}.ffn_gate_inp.weight")
-    name = tmpl.replace("{layer}", str(block))
+    name = router_names(m, block)["weight"]
     r = gguf.GGUFReader(m.root / m.dense["path"], "r")
     t = next((t for t in r.tensors if t.name == name), None)
     if t is None:

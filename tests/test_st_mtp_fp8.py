@@ -22,6 +22,7 @@ from conftest import run_cli
 from mer_runtime import load_manifest
 from mer_runtime.smoke import SmokeConfig, run_smoke
 from mertools import extract
+from mertools.export_mer import export_mer
 from mertools.errors import SourceError
 from mertools.sources.safetensors import SafeTensorsSource
 from mertools.verify import verify
@@ -153,6 +154,12 @@ def test_mtp_block_experts_are_shards_at_num_hidden_layers(tmp_path, model_type,
     assert m.model["router"]["mtp_weight"] == "mtp.layers.{layer}.mlp.gate.weight"
     s = run_smoke(out, SmokeConfig(tokens=20, cache_slots=4, workload="router", compute=False))
     assert s["tokens"] == 20
+    # and so does MER export's gate file of the MTP layer (it looked for model.layers.2.mlp.gate.weight)
+    export_mer(out, tmp_path / "mer", router=True, fsync=False)
+    for li in range(3):
+        name = "mtp.layers.0.mlp.gate.weight" if li == 2 else f"{'model.language_model.' if wrap else 'model.'}layers.{li}.mlp.gate.weight"
+        gate = np.frombuffer((tmp_path / "mer" / f"gate_{li}.bin").read_bytes(), "<f4").reshape(E, H)
+        assert np.array_equal(gate, t[name].astype(np.float32)), li
 
 
 def test_deepseek_mtp_layer_has_no_mtp_router_template(tmp_path):
@@ -195,6 +202,20 @@ def test_mtp_layer_needs_num_hidden_layers(tmp_path):
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SourceError, match=r"mtp\.layers\.0\.mlp\.experts\..*no num_hidden_layers"):
         SafeTensorsSource(ck)
+
+
+def test_an_mtp_layer_after_a_gap_is_refused_naming_its_tensor(tmp_path):
+    """Only mtp.layers.1: its block (num_hidden_layers + 1) would lie past n_layers (decoder + MTP layers), which
+    the manifest check refused late, after staging, naming no tensor."""
+    ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
+    t = {k.replace("mtp.layers.0.", "mtp.layers.1."): v for k, v in _load(ck).items()}
+    gap = _save(tmp_path / "gap", json.loads((ck / "config.json").read_text()), t)
+    with pytest.raises(SourceError, match=r"mtp\.layers\.1\.mlp\.experts\..*is of block 3, an MTP layer .*no expert "
+                                          r"tensors of block 2"):
+        SafeTensorsSource(gap)
+    p = run_cli("extract", str(gap), str(tmp_path / "o"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_mtp_layer_claimed_twice_is_refused(tmp_path):

@@ -385,6 +385,7 @@ class SafeTensorsSource(MappedFiles):
         names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in self.tensors}
         self._check_uncarried(names)
         self._check_moe_layers(set(layouts))
+        self._check_mtp_numbering(set(layouts), {**from_main, **from_mtp})
         n_exp = config_int(self.config, "n_experts", self.path / "config.json", 1, MAX_EXPERTS)
         per_layer = {}
         for p in plans:
@@ -404,6 +405,19 @@ class SafeTensorsSource(MappedFiles):
             raise self._err(t, f"is MTP layer {n_layers} + {i}, past the {MAX_LAYERS} blocks this version reads; "
                                "the checkpoint is corrupt")
         return n_layers + i
+
+    def _check_mtp_numbering(self, layers: set[int], named_by: dict[int, str]) -> None:
+        """The MTP layers (blocks at num_hidden_layers and beyond: DeepSeek's model.layers.{61}, Qwen3.5's
+        mtp.layers.{i}) follow the decoder's without a gap, as the manifest counts them (`n_layers` = the decoder's
+        + `n_mtp_layers`, docs/format.md): a gap would put a block past n_layers."""
+        n_layers = config_int(self.config, "n_layers", self.path / "config.json", 1, MAX_LAYERS)
+        mtp = sorted(layer for layer in layers if n_layers is not None and layer >= n_layers)
+        for want, layer in zip(range(n_layers or 0, MAX_LAYERS), mtp):
+            if layer != want:
+                raise self._err(self.tensors[named_by[layer]], f"is of block {layer}, an MTP layer (config.json's "
+                                f"num_hidden_layers is {n_layers}), but no expert tensors of block {want} come "
+                                "before it: MTP layers are numbered from num_hidden_layers (mtp.layers.0) without a "
+                                "gap; the checkpoint is incomplete, or config.json's num_hidden_layers is wrong")
 
     def _check_uncarried(self, carried: set[str]) -> None:
         """A routed-expert tensor the layout does not carry must not slip into dense.gguf unnoticed."""

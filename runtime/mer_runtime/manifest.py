@@ -170,6 +170,26 @@ class Manifest:
         return max((e.size for e in self.experts), default=0)
 
 
+def router_names(m: Manifest, layer: int) -> dict[str, str]:
+    """The names in dense.gguf of block `layer`'s router tensors: "weight", and "bias" / "selection_bias" where the
+    manifest has them. A block of a separate MTP block (Qwen3.5's `mtp.layers.{i}`, `n_mtp_layers` at the end)
+    names its router by its own index i through the `mtp_` templates (docs/format.md, `model.router`); every other
+    block by its block number. Without a `weight` template: GGUF's `blk.{layer}.ffn_gate_inp.weight`.
+
+    >>> router_names(m, 3)                                   # doctest: +SKIP
+    {'weight': 'blk.3.ffn_gate_inp.weight'}
+    """
+    router = m.model.get("router", {})
+    n_mtp = m.model.get("n_mtp_layers")  # optional and not checked by the parser: a number or nothing
+    first_mtp = m.model["n_layers"] - (n_mtp if isinstance(n_mtp, int) and not isinstance(n_mtp, bool) else 0)
+    pre, idx = ("mtp_", layer - first_mtp) if layer >= first_mtp and "mtp_weight" in router else ("", layer)
+    out = {"weight": router.get(pre + "weight", "blk.{layer}.ffn_gate_inp.weight").replace("{layer}", str(idx))}
+    for k in ("bias", "selection_bias"):
+        if pre + k in router:
+            out[k] = router[pre + k].replace("{layer}", str(idx))
+    return out
+
+
 def safe_relpath(rel: Any, what: str) -> str:
     """A manifest path must be relative, POSIX, in normal form, free of '..' (links are checked at open time)."""
     if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\\" in rel or "\x00" in rel:

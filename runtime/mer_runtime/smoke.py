@@ -25,7 +25,7 @@ from .cache import ExpertCache
 from .errors import MerError
 from .kernels import dequantize_tensor, reference_ffn, reference_weights
 from .loader import check_regular_file
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, router_names
 from .safeopen import read_regular
 from .prefetch import CostModel, MarkovPrefetcher, chunk_share
 from .shards import open_shards
@@ -124,20 +124,16 @@ def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -
     check_regular_file(m.root / m.dense["path"])  # a FIFO there would block the reader's open forever
     reader = gguf.GGUFReader(m.root / m.dense["path"])
     tensors = {t.name: t for t in reader.tensors}
-    router = m.model.get("router", {})
     d = m.model["d_model"]
     weights = []
-    n_mtp = m.model.get("n_mtp_layers")  # optional and not checked by load_manifest: a number or nothing
-    first_mtp = m.model["n_layers"] - (n_mtp if isinstance(n_mtp, int) and not isinstance(n_mtp, bool) else 0)
     for layer in m.layers:
-        # a separate MTP block (Qwen3.5's mtp.layers.{i}) names its router by its own index i (format.md)
-        pre, idx = ("mtp_", layer - first_mtp) if layer >= first_mtp and "mtp_weight" in router else ("", layer)
-        name = router.get(pre + "weight", "blk.{layer}.ffn_gate_inp.weight").format(layer=idx)
+        names = router_names(m, layer)
+        name = names["weight"]
         if name not in tensors:
             raise MerError(f"{m.root / m.dense['path']}: no router tensor {name}; use another --workload")
         t = tensors[name]
         w = dequantize_tensor(t.tensor_type.name, (m.model["n_experts"], d), np.asarray(t.data).view(np.uint8))
-        bname = router.get(pre + "bias", "").format(layer=idx)
+        bname = names.get("bias", "")
         b = tensors[bname].data.astype(np.float64) if bname in tensors else np.zeros(m.model["n_experts"])
         weights.append((w, b))
     h = rng.standard_normal(d)

@@ -123,17 +123,25 @@ def _cause(why: BaseException) -> tuple[str, str]:
     return f"on an internal error ({text})", "retry, and use --io pread if it recurs"
 
 
-def _closed_error(path: str, why: BaseException | None = None, *, in_flight: bool = False) -> ShardIOError:
+def _closed_error(path: str, why: BaseException | None = None, *, in_flight: bool = False,
+                  landed: bool = False) -> ShardIOError:
     """`why`: the internal error or interrupt that ended the close. `in_flight`: part of the read is still with the
-    kernel (its slot may still be written), else none of it reached the kernel (its buffer is free)."""
+    kernel (its slot may still be written), else none of it reached the kernel (its buffer is free); `landed`: part
+    of it was with the kernel and has landed since (`Loader._finish` rewrites an `in_flight` error so)."""
     if why is None:
         return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished")
     cause, advice = _cause(why)
     if in_flight:
+        e = ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, {cause}, "
+                                          "while part of it was still with the kernel, which finishes it on its "
+                                          "own: its buffer may still be written for a moment: close the buffer "
+                                          f"pool rather than reuse it, and {advice}")
+        e.closed_why = why  # what _finish needs to say it again once that part has landed
+        return e
+    if landed:
         return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, {cause}, "
-                                             "while part of it was still with the kernel, which finishes it on its "
-                                             "own: its buffer may still be written for a moment: close the buffer "
-                                             f"pool rather than reuse it, and {advice}")
+                                             "while part of it was with the kernel; that part has landed since, "
+                                             f"so its buffer is free (but holds only part of the read): {advice}")
     return ShardIOError(errno.ECANCELED, f"{path}: the loader was closed before this read finished, {cause}; "
                                          f"nothing of it reached the kernel and its buffer is free: {advice}")
 
@@ -422,6 +430,9 @@ class Loader:
 
     def _finish(self, t: Ticket) -> None:
         t.done = True
+        why = getattr(t.error, "closed_why", None)
+        if why is not None and t.in_flight == 0:  # "may still be written" no longer holds: every chunk has landed
+            t.error = _closed_error(t.path, why, landed=True)
         self._retire(t)
         self._cv.notify_all()
 

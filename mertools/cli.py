@@ -321,7 +321,8 @@ def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: b
     """Rebuild the source GGUF from the shard folder OUT into MODEL (a file, or an existing folder).
 
     A single-file source comes back byte-identical (checked against the source's xxh3); a split set with --split
-    too; otherwise every tensor's bytes are the source's.
+    too; otherwise every tensor's bytes are the source's. A folder converted with --dtype, or extracted from a
+    SafeTensors checkpoint, is refused (exit 2, nothing written).
 
     \b
     Examples:

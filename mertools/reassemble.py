@@ -248,6 +248,49 @@ def _open_folder(folder: Path) -> Manifest:
     return m
 
 
+def _source_name(src: dict[str, Any]) -> str:
+    """The source as the manifest records it: the hub repo and commit where pulled, else its file names."""
+    hub = src.get("hub")
+    if isinstance(hub, dict) and isinstance(hub.get("repo"), str):
+        at = hub.get("commit") or hub.get("revision")
+        return f"{hub['repo']}" + (f" at {str(at)[:12]}" if isinstance(at, str) else "")
+    names = [f["name"] for f in src.get("files", []) if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    if not names:
+        return "(no file names recorded)"
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _lossy(m: Manifest) -> str | None:
+    """What made this folder's experts differ from the source's bytes, or None when each is a source slice."""
+    dtype = m.source.get("dtype")
+    if dtype:
+        return f"its experts were converted to {str(dtype).upper()} (--dtype)"
+    for x in m.raw.get("experts", []):
+        for role, t in (x.get("tensors") or {}).items() if isinstance(x, dict) else ():
+            tr = t.get("transform") if isinstance(t, dict) else None
+            if isinstance(tr, str) and "quantize" in tr.split("+"):
+                return f"layer {x.get('layer')} expert {x.get('expert')} {role} was quantized ({tr})"
+    return None
+
+
+def _refuse_other_sources(m: Manifest, folder: Path) -> None:
+    """Only an unconverted GGUF source can be rebuilt: a folder whose experts were converted (--dtype) cannot give
+    the source back, and one extracted from a SafeTensors checkpoint is refused in one line (before anything is
+    written) rather than turned into a GGUF under Hugging Face names that no tool runs."""
+    fmt = m.source.get("format", "gguf")
+    what = {"gguf": "a GGUF source", "safetensors": "a SafeTensors checkpoint"}.get(fmt, f"a {fmt} source")
+    name = _source_name(m.source)
+    mt = m.source.get("model_type")
+    kind = f" (model_type {mt})" if isinstance(mt, str) else ""
+    if (why := _lossy(m)) is not None:
+        raise ReassemblyError(f"{folder}: was converted from {what}, {name}{kind}, and {why}: a lossy conversion "
+                              "that can never give the source back; use the original model")
+    if fmt == "gguf":
+        return
+    raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}; reassemble rebuilds GGUF sources "
+                          "only, so use the original checkpoint (or `mertools pull` it again)")
+
+
 def _dense_reader(m: Manifest) -> gguf.GGUFReader:
     path = m.root / m.dense["path"]
     if not path.is_file():
@@ -530,6 +573,7 @@ def reassemble(
     t0 = time.perf_counter()
     folder = Path(folder)
     m = _open_folder(folder)
+    _refuse_other_sources(m, folder)
     rec = _record(m)
     dense = _dense_reader(m)
     try:

@@ -111,6 +111,10 @@ def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:
     >>> record_for_reassembly(open_source("m.gguf"), Path("staging"))      # doctest: +SKIP
     {'path': 'reassembly.dat', 'size': ..., 'xxh3_64': ..., 'files': [...]}
     """
+    if getattr(src, "kind", "gguf") == "safetensors":
+        from .st_reassemble import record_st
+
+        return record_st(src, folder)
     blob = bytearray()
     files = []
     for fi, (path, reader) in enumerate(zip(src.files, src.readers)):
@@ -287,6 +291,13 @@ def _refuse_other_sources(m: Manifest, folder: Path) -> None:
                               "that can never give the source back; use the original model")
     if fmt == "gguf":
         return
+    rec = m.raw.get("reassembly")
+    if fmt == "safetensors" and isinstance(rec, dict) and rec.get("format") == "safetensors":
+        return  # written back as the checkpoint's own shards (st_reassemble)
+    if fmt == "safetensors":
+        raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, by a mertools that kept no "
+                              "reassembly record for SafeTensors; extract it again from the original checkpoint to "
+                              "reassemble it later, or use the original checkpoint")
     raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}; reassemble rebuilds GGUF sources "
                           "only, so use the original checkpoint (or `mertools pull` it again)")
 
@@ -574,6 +585,13 @@ def reassemble(
     folder = Path(folder)
     m = _open_folder(folder)
     _refuse_other_sources(m, folder)
+    if m.source.get("format") == "safetensors":
+        if split:
+            raise ReassemblyError(f"{folder}: --split is for GGUF sources; a SafeTensors checkpoint comes back as its "
+                                  "own shards without it")
+        from .st_reassemble import reassemble_st
+
+        return reassemble_st(m, folder, Path(out), overwrite=overwrite, fsync=fsync, progress=progress, t0=t0)
     rec = _record(m)
     dense = _dense_reader(m)
     try:

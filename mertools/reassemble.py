@@ -1,4 +1,4 @@
-"""``reassemble``: rebuild the source GGUF from a shard folder (shards + dense.gguf), streaming and verified.
+"""``reassemble``: rebuild the source model from a shard folder (shards + dense.gguf), streaming and verified.
 
 At extract time :func:`record_for_reassembly` keeps what the shards and dense.gguf do not hold: each source part's
 header bytes (magic, KV section, tensor infos, padding up to the data section), every tensor's place, type, shape and
@@ -9,6 +9,9 @@ part of a split set) comes back byte for byte; the output's xxh3 is compared wit
 Without the record (folders extracted before it existed), or a split set joined into one file, the header is made
 anew by the gguf package's writer from dense.gguf's metadata: every tensor's bytes are identical, the file loads in
 gguf's reader, but the header bytes may differ from the source's.
+
+A folder extracted from a SafeTensors checkpoint comes back as that checkpoint's own shards (``st_reassemble``); a
+folder whose experts were converted (``--dtype``) is refused, since it can never give the source back.
 
 Memory stays flat: bytes go from the shard files to the output through one reused segment buffer (``os.preadv`` /
 ``os.write``); every projection's xxh3 is checked against the manifest as it is read, every tensor's against the
@@ -294,6 +297,10 @@ def _refuse_other_sources(m: Manifest, folder: Path) -> None:
     rec = m.raw.get("reassembly")
     if fmt == "safetensors" and isinstance(rec, dict) and rec.get("format") == "safetensors":
         return  # written back as the checkpoint's own shards (st_reassemble)
+    if fmt == "safetensors" and isinstance(m.source.get("hub"), dict):
+        raise ReassemblyError(f"{folder}: was pulled from {what}, {name}{kind}, converted shard by shard, which "
+                              "keeps no reassembly record; use that checkpoint itself instead (from the hub at that "
+                              "commit, or `mertools pull --keep-source`, which keeps it in OUT.source/)")
     if fmt == "safetensors":
         raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, by a mertools that kept no "
                               "reassembly record for SafeTensors; extract it again from the original checkpoint to "

@@ -125,7 +125,7 @@ def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
                for x in extra)
 
 
-# -- putting expert tensors back ----------------------------------------------------------------------------------------
+# -- putting expert tensors back -------------------------------------------------------------------------------------
 
 
 class _Proj:
@@ -273,7 +273,8 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     try:
         blob = path.read_bytes()
     except OSError:
-        raise _reassembly_error(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)") from None
+        raise _reassembly_error(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)"
+                                ) from None
     if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
         raise _reassembly_error(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
     if not _well_formed(rec, len(blob)):
@@ -329,9 +330,9 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                     dt = dense_t[name]
                     if int(dt.n_bytes) != e - b:
                         raise _reassembly_error(
-                            f"tensor {name!r}: dense.gguf holds it as {dt.tensor_type.name} of {int(dt.n_bytes)} bytes, "
-                            f"the source had {info['dtype']} of {e - b} (converted at extract); this folder cannot "
-                            "give the checkpoint back, use the original")
+                            f"tensor {name!r}: dense.gguf holds it as {dt.tensor_type.name} of "
+                            f"{int(dt.n_bytes)} bytes, the source had {info['dtype']} of {e - b} (converted at "
+                            "extract); this folder cannot give the checkpoint back, use the original")
                     with open(dpath, "rb") as fh:
                         data = os.pread(fh.fileno(), e - b, int(dt.data_offset))
                     o.write(data, th)

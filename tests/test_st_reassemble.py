@@ -195,6 +195,17 @@ def test_folder_without_the_safetensors_record_is_refused_in_one_line(name, st_e
     assert "older mertools)" not in line and "gguf's reader" not in line
 
 
+def test_a_pull_converted_shard_by_shard_is_refused_naming_the_repo(st_extracted, tmp_path):
+    f = _copy(st_extracted, "mixtral", tmp_path)  # what a streamed pull writes: the hub record, no reassembly
+    m = json.loads((f / "manifest.json").read_text())
+    del m["reassembly"]
+    m["source"]["hub"] = {"repo": "org/mixtral-tiny", "revision": "main", "commit": "ab" * 20}
+    (f / "manifest.json").write_bytes(manifest_bytes(m))
+    (f / RECORD_NAME).unlink()
+    line = _refused(f, tmp_path)
+    assert "org/mixtral-tiny at abababababab" in line and "pulled" in line and "--keep-source" in line
+
+
 @pytest.mark.parametrize("name,dtype", [(FP8, "q8_0"), ("mixtral", "q4_0"), ("qwen3_5_moe", "bf16"),
                                         ("gpt_oss_mxfp4", "q8_0")])
 def test_converted_safetensors_folder_can_never_give_the_source_back(name, dtype, st_extracted, tmp_path):

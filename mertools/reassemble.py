@@ -302,9 +302,9 @@ def _refuse_other_sources(m: Manifest, folder: Path) -> None:
                               "keeps no reassembly record; use that checkpoint itself instead (from the hub at that "
                               "commit, or `mertools pull --keep-source`, which keeps it in OUT.source/)")
     if fmt == "safetensors":
-        raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, by a mertools that kept no "
-                              "reassembly record for SafeTensors; extract it again from the original checkpoint to "
-                              "reassemble it later, or use the original checkpoint")
+        raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, without a reassembly record (an "
+                              "older mertools, or FP8 tensors, which extract widens: lossy); use the original "
+                              "checkpoint, or extract it again with this version if it holds no FP8 tensors")
     raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}; reassemble rebuilds GGUF sources "
                           "only, so use the original checkpoint (or `mertools pull` it again)")
 

@@ -57,7 +57,7 @@ def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
 
     One extra sequential xxh3 pass over the shards (usually from the page cache); the record's size is that of the
     shard headers plus config.json and the index. None when the shards do not tile their data (never for a file the
-    source accepted) or a file vanished meanwhile.
+    source accepted), a file vanished meanwhile, or the checkpoint holds FP8 tensors (converted at extract).
 
     >>> from mertools.sources import open_source                         # doctest: +SKIP
     >>> record_st(open_source("mixtral-bf16/"), Path("staging"))["format"]   # doctest: +SKIP
@@ -65,6 +65,8 @@ def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
     """
     from .reassemble import RECORD_NAME, _scan
 
+    if any(t.dtype.startswith("F8") for t in src.tensors.values()):
+        return None  # FP8 weights are widened to BF16 in dense.gguf (experts need --dtype): never the source again
     blob = bytearray()
     files = []
     by_file: dict[int, list[Any]] = defaultdict(list)

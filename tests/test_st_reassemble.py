@@ -191,8 +191,41 @@ def test_folder_without_the_safetensors_record_is_refused_in_one_line(name, st_e
     line = _refused(f, tmp_path)
     assert str(f) in line and "SafeTensors checkpoint" in line
     assert m["source"]["files"][0]["name"] in line  # the source the manifest records
-    assert "extract it again" in line
+    assert "extract it again" in line and "without a reassembly record" in line
     assert "older mertools)" not in line and "gguf's reader" not in line
+
+
+def _st_file(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A SafeTensors file written by hand (numpy, and so safetensors' numpy writer, has no FP8 or BF16 type)."""
+    header, pos = {}, 0
+    for k, (dt, shape, data) in tensors.items():
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + len(data)]}
+        pos += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(d for _, _, d in tensors.values()))
+
+
+def test_a_checkpoint_with_fp8_dense_tensors_keeps_no_record_and_is_refused(tmp_path):
+    # DeepSeek-V3's layout with BF16 experts but an FP8 attention weight: extract widens that one to BF16 in
+    # dense.gguf, so the checkpoint cannot come back
+    from mertools import extract
+
+    src = tmp_path / "ck"
+    shutil.copytree(_src(FP8), src)
+    got = _all_tensors_raw([src / "model.safetensors"])
+    out = {}
+    for k, (dt, shape, data) in got.items():
+        if ".experts." in k and k.endswith("weight_scale_inv"):
+            continue
+        if ".experts." in k and dt == "F8_E4M3":
+            dt, data = "BF16", bytes(range(256)) * (len(data) * 2 // 256) + bytes(len(data) * 2 % 256)
+        out[k] = (dt, shape, data)
+    _st_file(src / "model.safetensors", out)
+    extract(src, tmp_path / "o", fsync=False)
+    assert "reassembly" not in json.loads((tmp_path / "o" / "manifest.json").read_text())
+    line = _refused(tmp_path / "o", tmp_path)
+    assert "FP8" in line and "without a reassembly record" in line
 
 
 def test_a_pull_converted_shard_by_shard_is_refused_naming_the_repo(st_extracted, tmp_path):

@@ -314,6 +314,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             head = blob[h0:h0 + hn]
             header = _parse(head, f["name"])
             o.write(head)
+            tick(hn)
             want = {n: x for n, x in f["tensors"]}
             order = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                            key=lambda kv: kv[1]["data_offsets"][0])
@@ -371,7 +372,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         for o in outs:
             os.replace(o.tmp, o.final)
         if fsync:
-            flush_files([], {out})
+            flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:
         for o in outs:
             o.discard()

@@ -311,22 +311,25 @@ def demo(model: Path | None, out: Path | None, tokens: int, as_json: bool) -> No
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--split", is_flag=True, help="Write the parts of a split source, as the source had them.")
+@click.option("--split", is_flag=True, help="Write the parts of a split GGUF source, as the source had them.")
 @click.option("--overwrite", is_flag=True, help="Replace MODEL if it exists (only once the new file is complete).")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; the output may not survive a power cut).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: bool, as_json: bool,
                quiet: bool) -> None:
-    """Rebuild the source GGUF from the shard folder OUT into MODEL (a file, or an existing folder).
+    """Rebuild the source model from the shard folder OUT into MODEL (a file, or an existing folder).
 
-    A single-file source comes back byte-identical (checked against the source's xxh3); a split set with --split
-    too; otherwise every tensor's bytes are the source's.
+    A single-file GGUF source comes back byte-identical (checked against the source's xxh3); a split set with
+    --split too; otherwise every tensor's bytes are the source's. A SafeTensors checkpoint comes back into the
+    folder MODEL (made if absent) as its own shards, index and config.json, byte-identical. A folder converted
+    with --dtype, or a SafeTensors one pulled shard by shard, is refused (exit 2, nothing written).
 
     \b
     Examples:
       mertools reassemble out/ model.gguf
       mertools reassemble out/ parts/ --split --json
+      mertools reassemble out/ mixtral-again/
     """
     from .reassemble import reassemble as do_reassemble
 

@@ -106,9 +106,9 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
         entries = write_experts(conv, staging, tick=tick, writeback=fsync)
         dense = write_dense(conv, staging, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
-        # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole GGUF
+        # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole
         # models extracted whole and unconverted, since only they give back the source bytes
-        if src.kind == "gguf" and conv.complete and conv.dtype is None:
+        if src.kind in ("gguf", "safetensors") and conv.complete and conv.dtype is None:
             record = record_for_reassembly(src, staging)
             if record is not None:
                 manifest["reassembly"] = record

@@ -1,4 +1,4 @@
-"""``reassemble``: rebuild the source GGUF from a shard folder (shards + dense.gguf), streaming and verified.
+"""``reassemble``: rebuild the source model from a shard folder (shards + dense.gguf), streaming and verified.
 
 At extract time :func:`record_for_reassembly` keeps what the shards and dense.gguf do not hold: each source part's
 header bytes (magic, KV section, tensor infos, padding up to the data section), every tensor's place, type, shape and
@@ -9,6 +9,9 @@ part of a split set) comes back byte for byte; the output's xxh3 is compared wit
 Without the record (folders extracted before it existed), or a split set joined into one file, the header is made
 anew by the gguf package's writer from dense.gguf's metadata: every tensor's bytes are identical, the file loads in
 gguf's reader, but the header bytes may differ from the source's.
+
+A folder extracted from a SafeTensors checkpoint comes back as that checkpoint's own shards (``st_reassemble``); a
+folder whose experts were converted (``--dtype``) is refused, since it can never give the source back.
 
 Memory stays flat: bytes go from the shard files to the output through one reused segment buffer (``os.preadv`` /
 ``os.write``); every projection's xxh3 is checked against the manifest as it is read, every tensor's against the
@@ -111,6 +114,10 @@ def record_for_reassembly(src: Any, folder: Path) -> dict[str, Any] | None:
     >>> record_for_reassembly(open_source("m.gguf"), Path("staging"))      # doctest: +SKIP
     {'path': 'reassembly.dat', 'size': ..., 'xxh3_64': ..., 'files': [...]}
     """
+    if getattr(src, "kind", "gguf") == "safetensors":
+        from .st_reassemble import record_st
+
+        return record_st(src, folder)
     blob = bytearray()
     files = []
     for fi, (path, reader) in enumerate(zip(src.files, src.readers)):
@@ -246,6 +253,60 @@ def _open_folder(folder: Path) -> Manifest:
     if m.dense is None:
         raise ReassemblyError(f"{folder}: the manifest names no dense.gguf; re-extract the model")
     return m
+
+
+def _source_name(src: dict[str, Any]) -> str:
+    """The source as the manifest records it: the hub repo and commit where pulled, else its file names."""
+    hub = src.get("hub")
+    if isinstance(hub, dict) and isinstance(hub.get("repo"), str):
+        at = hub.get("commit") or hub.get("revision")
+        return f"{hub['repo']}" + (f" at {str(at)[:12]}" if isinstance(at, str) else "")
+    names = [f["name"] for f in src.get("files", []) if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    if not names:
+        return "(no file names recorded)"
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _lossy(m: Manifest) -> str | None:
+    """What made this folder's experts differ from the source's bytes, or None when each is a source slice."""
+    dtype = m.source.get("dtype")
+    if dtype:
+        return f"its experts were converted to {str(dtype).upper()} (--dtype)"
+    for x in m.raw.get("experts", []):
+        for role, t in (x.get("tensors") or {}).items() if isinstance(x, dict) else ():
+            tr = t.get("transform") if isinstance(t, dict) else None
+            if isinstance(tr, str) and "quantize" in tr.split("+"):
+                return f"layer {x.get('layer')} expert {x.get('expert')} {role} was quantized ({tr})"
+    return None
+
+
+def _refuse_other_sources(m: Manifest, folder: Path) -> None:
+    """Only an unconverted GGUF source can be rebuilt: a folder whose experts were converted (--dtype) cannot give
+    the source back, and one extracted from a SafeTensors checkpoint is refused in one line (before anything is
+    written) rather than turned into a GGUF under Hugging Face names that no tool runs."""
+    fmt = m.source.get("format", "gguf")
+    what = {"gguf": "a GGUF source", "safetensors": "a SafeTensors checkpoint"}.get(fmt, f"a {fmt} source")
+    name = _source_name(m.source)
+    mt = m.source.get("model_type")
+    kind = f" (model_type {mt})" if isinstance(mt, str) else ""
+    if (why := _lossy(m)) is not None:
+        raise ReassemblyError(f"{folder}: was converted from {what}, {name}{kind}, and {why}: a lossy conversion "
+                              "that can never give the source back; use the original model")
+    if fmt == "gguf":
+        return
+    rec = m.raw.get("reassembly")
+    if fmt == "safetensors" and isinstance(rec, dict) and rec.get("format") == "safetensors":
+        return  # written back as the checkpoint's own shards (st_reassemble)
+    if fmt == "safetensors" and isinstance(m.source.get("hub"), dict):
+        raise ReassemblyError(f"{folder}: was pulled from {what}, {name}{kind}, converted shard by shard, which "
+                              "keeps no reassembly record; use that checkpoint itself instead (from the hub at that "
+                              "commit, or `mertools pull --keep-source`, which keeps it in OUT.source/)")
+    if fmt == "safetensors":
+        raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, without a reassembly record (an "
+                              "older mertools, or FP8 tensors, which extract widens: lossy); use the original "
+                              "checkpoint, or extract it again with this version if it holds no FP8 tensors")
+    raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}; reassemble rebuilds GGUF sources "
+                          "only, so use the original checkpoint (or `mertools pull` it again)")
 
 
 def _dense_reader(m: Manifest) -> gguf.GGUFReader:
@@ -530,6 +591,14 @@ def reassemble(
     t0 = time.perf_counter()
     folder = Path(folder)
     m = _open_folder(folder)
+    _refuse_other_sources(m, folder)
+    if m.source.get("format") == "safetensors":
+        if split:
+            raise ReassemblyError(f"{folder}: --split is for GGUF sources; a SafeTensors checkpoint comes back as its "
+                                  "own shards without it")
+        from .st_reassemble import reassemble_st
+
+        return reassemble_st(m, folder, Path(out), overwrite=overwrite, fsync=fsync, progress=progress, t0=t0)
     rec = _record(m)
     dense = _dense_reader(m)
     try:

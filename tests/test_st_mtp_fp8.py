@@ -181,14 +181,14 @@ def test_deepseek_mtp_layer_has_no_mtp_router_template(tmp_path):
 
 
 def test_reassemble_gives_back_the_mtp_experts(tmp_path):
-    """A per-expert checkpoint's tensors all come back from the folder, the MTP block's experts among them."""
+    """A per-expert checkpoint's tensors all come back from the folder, the MTP block's experts among them (as the
+    checkpoint's own shards: reassemble writes a SafeTensors source back as SafeTensors)."""
     from mertools.reassemble import reassemble
 
     ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
     extract(ck, tmp_path / "out", fsync=False)
-    reassemble(tmp_path / "out", tmp_path / "back.gguf", fsync=False)
-    got = {x.name: bytes(np.asarray(x.data).view(np.uint8).reshape(-1))
-           for x in gguf.GGUFReader(tmp_path / "back.gguf").tensors}
+    reassemble(tmp_path / "out", tmp_path / "back", fsync=False)
+    got = {k: np.ascontiguousarray(v).view(np.uint8).tobytes() for k, v in _load(tmp_path / "back").items()}
     t = _load(ck)
     assert set(got) == set(t) and any(k.startswith("mtp.layers.0.mlp.experts.") for k in got)
     for k, v in t.items():

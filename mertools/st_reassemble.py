@@ -1,0 +1,410 @@
+"""``reassemble`` for a folder extracted from a SafeTensors checkpoint: the checkpoint's own shards, byte for byte.
+
+At extract time :func:`record_st` keeps what the shards and dense.gguf do not hold: each shard's header bytes (the
+8-byte length and the JSON exactly as stored, so key order and padding come back too), the xxh3 of every tensor and
+of every whole shard, and the bytes of ``config.json`` and ``model.safetensors.index.json``. They go to
+``reassembly.dat`` and the manifest's ``reassembly`` field (``"format": "safetensors"``).
+
+:func:`reassemble_st` writes each shard as the header bytes, then every tensor in data order: a dense tensor from
+dense.gguf (its bits; dense.gguf only renames unsigned types to signed ones of the same width), an expert tensor put
+back together from the projections that name it as their ``source``, each transform undone (a per-expert tensor is
+its projection; a stacked ``[E, ...]`` one is filled expert by expert, gate/up halves or even/odd positions put back
+in their place and transposes undone; MXFP4 ggml blocks are split back into ``*_blocks`` and ``*_scales``). Every
+projection is checked against its manifest xxh3 as read, every tensor against the record, every file against the
+source's xxh3, under a hidden temporary name renamed only when all of it matches. Memory holds one expert's slice of
+one tensor at a time. Our own writer, not ``safetensors.save_file``: that one needs every tensor of a shard in memory
+at once and writes its own header, which would lose the source's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import xxhash
+
+from mer_runtime.manifest import Manifest
+
+from .commit import flush_files
+from .errors import MertoolsError, OutputError
+
+EXTRA_NAMES = ("config.json", "model.safetensors.index.json")
+_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# "name", "name[e]", "name[e][:32]", "name[e][:, 1::2].T", "blocks+scales_suffix[e][0::2]"
+_SRC_RE = re.compile(r"^(?P<base>[^\[+]+)(?:\+(?P<scales>[^\[+.]+))?(?:\[(?P<e>\d+)\])?(?P<sel>\[[^\]]*\])?"
+                     r"(?P<T>\.T)?$")
+_SEL_RE = re.compile(r"^\[(?P<ax>:, )?(?:(?P<a>\d*):(?P<b>\d*)|(?P<p>[01])::2)\]$")
+
+
+def _reassembly_error(msg: str) -> Exception:
+    from .reassemble import ReassemblyError
+
+    return ReassemblyError(msg)
+
+
+# -- the record, written at extract time ------------------------------------------------------------------------------
+
+
+def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
+    """Write ``folder/reassembly.dat`` for a SafeTensors source and return the manifest's ``reassembly`` field.
+
+    One extra sequential xxh3 pass over the shards (usually from the page cache); the record's size is that of the
+    shard headers plus config.json and the index. None when the shards do not tile their data (never for a file the
+    source accepted), a file vanished meanwhile, or the checkpoint holds FP8 tensors (converted at extract).
+
+    >>> from mertools.sources import open_source                         # doctest: +SKIP
+    >>> record_st(open_source("mixtral-bf16/"), Path("staging"))["format"]   # doctest: +SKIP
+    'safetensors'
+    """
+    from .reassemble import RECORD_NAME, _scan
+
+    if any(t.dtype.startswith("F8") for t in src.tensors.values()):
+        return None  # FP8 weights are widened to BF16 in dense.gguf (experts need --dtype): never the source again
+    blob = bytearray()
+    files = []
+    by_file: dict[int, list[Any]] = defaultdict(list)
+    for t in src.tensors.values():
+        by_file[t.file_index].append(t)
+    try:
+        for i, path in enumerate(src.files):
+            hlen = 8 + int(src.header_lengths[i])
+            ts = sorted(by_file[i], key=lambda t: t.offset)
+            pos, spans = hlen, []
+            for t in ts:
+                if t.offset != pos:
+                    return None
+                spans.append((t.offset, t.offset + t.nbytes, t.name))
+                pos += t.nbytes
+            whole, hs = _scan(path, [s for s in spans if s[1] > s[0]])
+            with open(path, "rb") as fh:
+                header = fh.read(hlen)
+            if len(header) != hlen:
+                return None
+            files.append({"name": path.name, "size": path.stat().st_size, "xxh3_64": whole,
+                          "header": [len(blob), hlen],
+                          "tensors": [[t.name, hs.get(t.name, xxhash.xxh3_64_hexdigest(b""))] for t in ts]})
+            blob += header
+        extra = []
+        for name in EXTRA_NAMES:
+            p = Path(src.path) / name
+            if p.is_file():
+                data = p.read_bytes()
+                extra.append({"name": name, "at": [len(blob), len(data)], "xxh3_64": xxhash.xxh3_64_hexdigest(data)})
+                blob += data
+    except OSError:
+        return None
+    with open(folder / RECORD_NAME, "wb") as fh:
+        fh.write(blob)
+    return {"path": RECORD_NAME, "size": len(blob), "xxh3_64": xxhash.xxh3_64_hexdigest(bytes(blob)),
+            "format": "safetensors", "files": files, "extra": extra}
+
+
+def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
+    def span(x: Any) -> bool:
+        return (isinstance(x, list) and len(x) == 2 and all(type(v) is int and v >= 0 for v in x)
+                and x[0] + x[1] <= blob_len)
+
+    def plain(n: Any) -> bool:
+        return isinstance(n, str) and bool(n) and "/" not in n and "\0" not in n and not n.startswith(".")
+
+    files, extra = rec.get("files"), rec.get("extra", [])
+    if not isinstance(files, list) or not files or not isinstance(extra, list):
+        return False
+    for f in files:
+        if not (isinstance(f, dict) and plain(f.get("name")) and type(f.get("size")) is int
+                and isinstance(f.get("xxh3_64"), str) and span(f.get("header")) and isinstance(f.get("tensors"), list)
+                and all(isinstance(t, list) and len(t) == 2 and all(isinstance(v, str) for v in t)
+                        for t in f["tensors"])):
+            return False
+    return all(isinstance(x, dict) and plain(x.get("name")) and span(x.get("at")) and isinstance(x.get("xxh3_64"), str)
+               for x in extra)
+
+
+# -- putting expert tensors back -------------------------------------------------------------------------------------
+
+
+class _Proj:
+    __slots__ = ("path", "offset", "nbytes", "xxh3_64", "shape", "e", "sel", "transposed", "role", "scales")
+
+    def __init__(self, **kw: Any):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def read(self) -> np.ndarray:
+        with open(self.path, "rb") as fh:
+            data = os.pread(fh.fileno(), self.nbytes, self.offset)
+        if len(data) != self.nbytes or xxhash.xxh3_64_hexdigest(data) != self.xxh3_64:
+            raise _reassembly_error(
+                f"{self.path}: bytes {self.offset}..{self.offset + self.nbytes} do not match their manifest checksum; "
+                "the folder is damaged (run `mertools verify`); nothing was written")
+        return np.frombuffer(data, np.uint8)
+
+
+def _parse_sel(sel: str | None, role: str, whole: str) -> tuple[int, slice] | None:
+    if not sel:
+        return None
+    mm = _SEL_RE.match(sel)
+    if mm is None:
+        raise _reassembly_error(f"projection source {whole!r}: a slice this version cannot undo; re-extract")
+    ax = 1 if mm["ax"] else 0
+    if mm["p"] is not None:
+        return ax, slice(int(mm["p"]), None, 2)
+    return ax, slice(int(mm["a"]) if mm["a"] else None, int(mm["b"]) if mm["b"] else None)
+
+
+def _projections(m: Manifest) -> dict[str, list[_Proj]]:
+    """Source tensor name -> the projections cut from it (for MXFP4 both ``*_blocks`` and ``*_scales`` name the
+    same list)."""
+    out: dict[str, list[_Proj]] = defaultdict(list)
+    for x in m.raw["experts"]:
+        path = m.root / x["path"]
+        for role, t in x["tensors"].items():
+            src = t.get("source")
+            mm = _SRC_RE.match(src) if isinstance(src, str) else None
+            if mm is None:
+                raise _reassembly_error(f"{m.root}: layer {x['layer']} expert {x['expert']} {role}: source {src!r} "
+                                        "is not a slice this version can undo; re-extract the model")
+            scales = None
+            if mm["scales"]:
+                scales = mm["base"].rsplit(".", 1)[0] + "." + mm["scales"]
+            p = _Proj(path=path, offset=int(t["offset"]), nbytes=int(t["nbytes"]), xxh3_64=t["xxh3_64"],
+                      shape=tuple(int(d) for d in t["shape"]), e=None if mm["e"] is None else int(mm["e"]),
+                      sel=_parse_sel(mm["sel"], role, src), transposed=bool(mm["T"]), role=role, scales=scales)
+            out[mm["base"]].append(p)
+            if scales:
+                out[scales] = out[mm["base"]]
+    return out
+
+
+def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: list[_Proj]) -> Any:
+    """The tensor's bytes, one expert's slice at a time, each transform undone."""
+    if projs[0].e is None:  # a per-expert tensor is its one projection, as stored
+        if len(projs) != 1 or projs[0].nbytes != nbytes:
+            raise _reassembly_error(f"tensor {name!r}: the shards hold {len(projs)} projection(s) of "
+                                    f"{sum(p.nbytes for p in projs)} bytes for it, the source had {nbytes}")
+        yield projs[0].read()
+        return
+    by_e: dict[int, list[_Proj]] = defaultdict(list)
+    for p in projs:
+        by_e[p.e].append(p)
+    n_exp = max(by_e) + 1
+    if sorted(by_e) != list(range(n_exp)) or nbytes % n_exp:
+        raise _reassembly_error(f"tensor {name!r}: experts {sorted(by_e)} in the shards do not make up the source's "
+                                f"{shape}; the folder is damaged")
+    mxfp4 = projs[0].scales is not None
+    if mxfp4:
+        is_scales = name == projs[0].scales
+        for e in range(n_exp):
+            yield _unpack_mxfp4(name, shape, by_e[e], is_scales)
+        return
+    item = _ITEM.get(dtype)
+    if item is None:
+        raise _reassembly_error(f"tensor {name!r}: source type {dtype} unknown to this version")
+    per = nbytes // n_exp
+    sub = [int(d) for d in shape[1:]] if shape and shape[0] == n_exp else None
+    if sub is None:  # DBRX's flat [E*F, H], viewed as [E, F, H]
+        sub = [int(shape[0]) // n_exp, *[int(d) for d in shape[1:]]]
+    udt = np.dtype(f"<u{item}")
+    for e in range(n_exp):
+        buf = np.zeros(per // item, udt).reshape(sub)
+        filled = 0
+        for p in by_e[e]:
+            v = buf
+            if p.sel is not None:
+                ax, sl = p.sel
+                v = v[sl] if ax == 0 else v[:, sl]
+            if p.transposed:
+                v = v.T
+            src = p.read().view(udt)
+            if tuple(v.shape) != p.shape or src.size != v.size:
+                raise _reassembly_error(f"tensor {name!r}: expert {e} {p.role} of shape {list(p.shape)} does not fit "
+                                        f"its place {list(v.shape)} in the source's {shape}; the folder is damaged")
+            v[...] = src.reshape(v.shape)
+            filled += v.size
+        if filled != buf.size:
+            raise _reassembly_error(f"tensor {name!r}: expert {e}'s projections cover {filled} of its {buf.size} "
+                                    "values; the folder is damaged")
+        yield buf.reshape(-1).view(np.uint8)
+
+
+def _unpack_mxfp4(name: str, shape: list[int], projs: list[_Proj], is_scales: bool) -> np.ndarray:
+    """ggml MXFP4 rows back into HF ``*_blocks [rows, nblk, 16]`` or ``*_scales [rows, nblk]`` (the inverse of
+    ``repack_mxfp4``)."""
+    rows, nblk = int(shape[1]), int(shape[2])
+    blocks = np.zeros((rows, nblk, 16), np.uint8)
+    scales = np.zeros((rows, nblk), np.uint8)
+    halves = [p for p in projs if p.sel is None]
+    for p in projs:
+        sel = p.sel[1] if p.sel is not None else slice(None)
+        if p.sel is None and len(halves) == 2:  # first/second halves: gate rows first
+            r = p.shape[0]
+            sel = slice(0, r) if p.role.startswith("gate") else slice(r, None)
+        q = p.read().reshape(p.shape[0], nblk, 17)
+        codes = np.empty((p.shape[0], nblk, 32), np.uint8)
+        codes[..., :16] = q[..., 1:] & 0x0F
+        codes[..., 16:] = q[..., 1:] >> 4
+        blocks[sel] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales[sel] = q[..., 0]
+    return (scales if is_scales else blocks).reshape(-1)
+
+
+# -- writing the checkpoint ----------------------------------------------------------------------------------------
+
+
+def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsync: bool,
+                  progress: Callable[[int, int], Callable[[int], None]] | None, t0: float) -> Any:
+    """Write the checkpoint a SafeTensors-sourced folder was extracted from into the folder ``out`` (made if
+    absent): its shards under their own names, byte-identical (each checked by the source's xxh3), and
+    config.json and the index as they were.
+
+    >>> from mertools.reassemble import reassemble
+    >>> reassemble("out/", "mixtral-again/").exact           # doctest: +SKIP
+    True
+    """
+    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out
+
+    rec = m.raw["reassembly"]
+    path = m.root / str(rec.get("path", ""))
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        raise _reassembly_error(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)"
+                                ) from None
+    if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
+        raise _reassembly_error(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    if not _well_formed(rec, len(blob)):
+        raise _reassembly_error(f"{m.root}: the manifest's reassembly field is malformed; re-extract the model")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; a SafeTensors checkpoint comes back as a folder of shards, give a "
+                          "folder (new or existing)")
+    if not out.exists() and not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: no such folder")
+    names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]]
+    for n in names:
+        t = out / n
+        if t.exists() and not overwrite:
+            raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another folder")
+        if t.exists() and not t.is_file():
+            raise OutputError(f"{t}: exists and is not a file; choose another folder")
+    projs = _projections(m)
+    dense = _dense_reader(m)
+    made = False
+    outs: list[_Out] = []
+    try:
+        _check_dense(m)
+        dpath = m.root / m.dense["path"]
+        dense_t = {t.name: t for t in dense.tensors}
+        total = sum(int(f["size"]) for f in rec["files"])
+        tick = progress(total, sum(len(f["tensors"]) for f in rec["files"])) if progress else (lambda n: None)
+        used: set[str] = set()
+        if not out.exists():
+            out.mkdir()
+            made = True
+        for f in rec["files"]:
+            o = _Out(out / f["name"])
+            outs.append(o)
+            h0, hn = f["header"]
+            head = blob[h0:h0 + hn]
+            header = _parse(head, f["name"])
+            o.write(head)
+            tick(hn)
+            want = {n: x for n, x in f["tensors"]}
+            order = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                           key=lambda kv: kv[1]["data_offsets"][0])
+            if [k for k, _ in order] != [n for n, _ in f["tensors"]]:
+                raise _reassembly_error(f"{path}: the recorded header of {f['name']} does not list the recorded "
+                                        "tensors; the record is damaged")
+            for name, info in order:
+                b, e = info["data_offsets"]
+                th = xxhash.xxh3_64()
+                if name in projs:
+                    used.add(name)
+                    for chunk in _expert_chunks(name, info["dtype"], info["shape"], e - b, projs[name]):
+                        o.write(memoryview(chunk), th)
+                        tick(chunk.nbytes)
+                elif name in dense_t:
+                    dt = dense_t[name]
+                    if int(dt.n_bytes) != e - b:
+                        raise _reassembly_error(
+                            f"tensor {name!r}: dense.gguf holds it as {dt.tensor_type.name} of "
+                            f"{int(dt.n_bytes)} bytes, the source had {info['dtype']} of {e - b} (converted at "
+                            "extract); this folder cannot give the checkpoint back, use the original")
+                    with open(dpath, "rb") as fh:
+                        data = os.pread(fh.fileno(), e - b, int(dt.data_offset))
+                    o.write(data, th)
+                    tick(len(data))
+                else:
+                    raise _reassembly_error(f"{m.root}: tensor {name!r} of {f['name']} is neither in dense.gguf nor in "
+                                            "the shards; this folder cannot give the checkpoint back")
+                if o.pos - hn != e:
+                    raise _reassembly_error(f"tensor {name!r}: {o.pos - hn - b} bytes made, the source had {e - b}")
+                if th.hexdigest() != want[name]:
+                    raise _reassembly_error(f"tensor {name!r}: the bytes made from the folder differ from the source's "
+                                            f"(xxh3 {th.hexdigest()}, recorded {want[name]}); the folder is damaged")
+            o.close()
+            if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
+                raise _reassembly_error(f"{o.final}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is not the "
+                                        f"source's {f['xxh3_64']}; nothing was left behind")
+        left = set(projs) - used
+        if left:
+            raise _reassembly_error(f"{m.root}: the shards hold {', '.join(sorted(left)[:3])} which the source's "
+                                    "headers do not list; the reassembly record does not belong to this folder")
+        for x in rec["extra"]:
+            a, n = x["at"]
+            data = blob[a:a + n]
+            if xxhash.xxh3_64_hexdigest(data) != x["xxh3_64"]:
+                raise _reassembly_error(f"{path}: {x['name']}'s bytes do not match their checksum; the record is "
+                                        "damaged")
+            o = _Out(out / x["name"])
+            outs.append(o)
+            o.write(data)
+            o.close()
+        dense.guard.finish()  # type: ignore[attr-defined]
+        if fsync:
+            flush_files([o.tmp for o in outs])
+        for o in outs:
+            os.replace(o.tmp, o.final)
+        if fsync:
+            flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
+    except BaseException as exc:
+        for o in outs:
+            o.discard()
+        if made:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
+            raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was left behind") from None
+        raise
+    finally:
+        dense.guard.close()  # type: ignore[attr-defined]
+    notes = ["only the shards, the index and config.json come back: copy the tokenizer and other files from the "
+             "source"]
+    return ReassembleResult([o.final for o in outs], True,
+                            "byte-identical to the source's shards (the reassembly record), checked by each shard's "
+                            "xxh3", sum(len(f["tensors"]) for f in rec["files"]),
+                            sum(o.pos for o in outs), time.perf_counter() - t0, notes)
+
+
+def _parse(head: bytes, name: str) -> dict[str, Any]:
+    try:
+        n = int.from_bytes(head[:8], "little")
+        h = json.loads(head[8:8 + n].decode("utf-8"))
+        assert isinstance(h, dict) and n + 8 == len(head)
+        for k, v in h.items():
+            if k != "__metadata__":
+                assert isinstance(v["data_offsets"], list) and len(v["data_offsets"]) == 2
+                assert all(type(x) is int and x >= 0 for x in v["data_offsets"])
+                assert isinstance(v["dtype"], str) and isinstance(v["shape"], list)
+        return h
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise _reassembly_error(f"the recorded header of {name} is not a safetensors header; the record is "
+                                "damaged") from None

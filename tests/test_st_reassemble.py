@@ -1,0 +1,266 @@
+"""reassemble on a folder extracted from a SafeTensors checkpoint: the checkpoint's own shards come back, every
+tensor checked independently with safetensors' safe_open against the source files (and each file byte for byte);
+damage is caught; folders that cannot give the source back (converted with --dtype, or extracted before the
+SafeTensors record existed) are refused through the real CLI with one line (exit 2), nothing written, no temp left."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import FIX, run_cli
+from mer_runtime.manifest import manifest_bytes
+from mertools.errors import MertoolsError
+from mertools.reassemble import RECORD_NAME, reassemble
+
+ST = FIX / "safetensors"
+GEN_ALL = sorted(p.name for p in (ST / "gen").iterdir() if p.is_dir())
+FP8 = "deepseek_v3_fp8"
+REAL = ["real/mixtral-bf16-sharded", "real/gptoss-bf16"]
+NATIVE = [n for n in GEN_ALL if n != FP8] + REAL
+
+
+def _src(name: str) -> Path:
+    return ST / name if name.startswith("real/") else ST / "gen" / name
+
+
+@pytest.fixture(scope="module")
+def st_extracted(tmp_path_factory):
+    from mertools import extract
+
+    cache: dict[tuple[str, str | None], Path] = {}
+
+    def get(name: str, dtype: str | None = None) -> Path:
+        if (name, dtype) not in cache:
+            out = tmp_path_factory.mktemp("st") / name.replace("/", "_")
+            extract(_src(name), out, fsync=False, dtype=dtype)
+            cache[(name, dtype)] = out
+        return cache[(name, dtype)]
+
+    return get
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _all_tensors(files: list[Path]) -> dict[str, tuple[str, list[int], bytes | None]]:
+    """Every tensor's type and shape as safetensors itself reads them, and its bytes where numpy has its type
+    (BF16 and FP8 have none: their bytes are compared through the header's ranges, `_all_tensors_raw`)."""
+    out = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                dt = sl.get_dtype()
+                data = None if dt == "BF16" or dt.startswith("F8") else sf.get_tensor(k).tobytes()
+                out[k] = (dt, list(sl.get_shape()), data)
+    return out
+
+
+def _all_tensors_raw(files: list[Path]) -> dict[str, tuple[str, list[int], bytes]]:
+    """The same from the header and byte ranges (safe_open's numpy has no FP8 or BF16 arrays to read)."""
+    out = {}
+    for f in files:
+        data = f.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        for k, v in json.loads(data[8:8 + n]).items():
+            if k != "__metadata__":
+                b, e = v["data_offsets"]
+                out[k] = (v["dtype"], v["shape"], data[8 + n + b:8 + n + e])
+    return out
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_checkpoint_comes_back_tensor_for_tensor_and_byte_for_byte(name, st_extracted, tmp_path):
+    src = _src(name)
+    back = tmp_path / "back"
+    r = reassemble(st_extracted(name), back, fsync=False)
+    assert r.exact
+    want, got = _shards(src), _shards(back)
+    assert [p.name for p in got] == [p.name for p in want]
+    # independent of mertools: safetensors' own reader of both, and every tensor's byte range
+    assert _all_tensors(got) == _all_tensors(want)
+    assert _all_tensors_raw(got) == _all_tensors_raw(want)
+    for p in want + [src / "config.json"] + ([src / "model.safetensors.index.json"]
+                                              if (src / "model.safetensors.index.json").exists() else []):
+        assert filecmp.cmp(p, back / p.name, shallow=False), p.name  # the source's header bytes too
+    assert sorted(p.name for p in back.iterdir()) == sorted(
+        [p.name for p in want] + ["config.json"] + (["model.safetensors.index.json"]
+                                                    if (src / "model.safetensors.index.json").exists() else []))
+
+
+def test_safe_open_reads_every_reassembled_tensor_like_the_source(st_extracted, tmp_path):
+    back = tmp_path / "back"
+    reassemble(st_extracted("real/mixtral-bf16-sharded"), back, fsync=False)
+    want = _shards(_src("real/mixtral-bf16-sharded"))
+    for a, b in zip(want, _shards(back)):
+        with safe_open(a, framework="numpy") as fa, safe_open(b, framework="numpy") as fb:
+            assert list(fa.keys()) == list(fb.keys()) and fa.metadata() == fb.metadata()
+            for k in fa.keys():
+                sa, sb = fa.get_slice(k), fb.get_slice(k)
+                assert (sa.get_dtype(), sa.get_shape()) == (sb.get_dtype(), sb.get_shape())
+
+
+def test_cli_writes_the_checkpoint(st_extracted, tmp_path):
+    p = run_cli("reassemble", st_extracted("qwen3_5_moe"), tmp_path / "back", "--json", "--no-fsync")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["exact"] and [Path(x).name for x in r["out"]] == ["model.safetensors", "config.json"]
+    assert filecmp.cmp(_src("qwen3_5_moe") / "model.safetensors", tmp_path / "back" / "model.safetensors",
+                       shallow=False)
+
+
+def _copy(st_extracted, name: str, tmp_path: Path) -> Path:
+    to = tmp_path / "copy"
+    shutil.copytree(st_extracted(name), to)
+    return to
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_bf16", "mixtral", "gpt_oss_mxfp4"])
+def test_a_changed_shard_byte_is_caught_and_nothing_left(name, st_extracted, tmp_path):
+    f = _copy(st_extracted, name, tmp_path)
+    _flip(sorted((f / "experts").rglob("*.bin"))[-1], 5)
+    with pytest.raises(MertoolsError, match="do not match their manifest checksum"):
+        reassemble(f, tmp_path / "back", fsync=False)
+    assert not (tmp_path / "back").exists()  # the folder it made is gone with its temporary files
+    (tmp_path / "dest").mkdir()
+    p = run_cli("reassemble", f, tmp_path / "dest", "-q")  # without -q, tqdm draws (and erases) its bar
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "checksum" in p.stderr
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_a_changed_dense_or_record_byte_is_caught(st_extracted, tmp_path):
+    f = _copy(st_extracted, "qwen3_moe", tmp_path)
+    _flip(f / "dense.gguf", (f / "dense.gguf").stat().st_size - 3)
+    with pytest.raises(MertoolsError, match="checksum mismatch"):
+        reassemble(f, tmp_path / "back", fsync=False)
+    shutil.rmtree(f)
+    f = _copy(st_extracted, "qwen3_moe", tmp_path)
+    _flip(f / RECORD_NAME, 20)
+    with pytest.raises(MertoolsError, match="reassembly record is damaged"):
+        reassemble(f, tmp_path / "back", fsync=False)
+    assert not (tmp_path / "back").exists()
+
+
+def test_existing_files_need_overwrite_and_a_file_is_not_a_folder(st_extracted, tmp_path):
+    folder = st_extracted("olmoe")
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(MertoolsError, match="--overwrite"):
+        reassemble(folder, tmp_path / "back", fsync=False)
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == b"old"
+    reassemble(folder, tmp_path / "back", fsync=False, overwrite=True)
+    assert filecmp.cmp(_src("olmoe") / "model.safetensors", tmp_path / "back" / "model.safetensors", shallow=False)
+    with pytest.raises(MertoolsError, match="comes back as a folder"):
+        reassemble(folder, tmp_path / "back" / "config.json", fsync=False, overwrite=True)
+    with pytest.raises(MertoolsError, match="--split is for GGUF"):
+        reassemble(folder, tmp_path / "other", split=True, fsync=False)
+
+
+def _refused(folder: Path, tmp_path: Path, *extra: str) -> str:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    p = run_cli("reassemble", folder, dest / "back", *extra)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr and not p.stdout
+    assert list(dest.iterdir()) == []  # no output, no hidden temporary file
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_5_moe", "gpt_oss_bf16", "llama4", "real/mixtral-bf16-sharded"])
+def test_folder_without_the_safetensors_record_is_refused_in_one_line(name, st_extracted, tmp_path):
+    f = _copy(st_extracted, name, tmp_path)  # as an older mertools wrote it
+    m = json.loads((f / "manifest.json").read_text())
+    del m["reassembly"]
+    (f / "manifest.json").write_bytes(manifest_bytes(m))
+    (f / RECORD_NAME).unlink()
+    line = _refused(f, tmp_path)
+    assert str(f) in line and "SafeTensors checkpoint" in line
+    assert m["source"]["files"][0]["name"] in line  # the source the manifest records
+    assert "extract it again" in line and "without a reassembly record" in line
+    assert "older mertools)" not in line and "gguf's reader" not in line
+
+
+def _st_file(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A SafeTensors file written by hand (numpy, and so safetensors' numpy writer, has no FP8 or BF16 type)."""
+    header, pos = {}, 0
+    for k, (dt, shape, data) in tensors.items():
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + len(data)]}
+        pos += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(d for _, _, d in tensors.values()))
+
+
+def test_a_checkpoint_with_fp8_dense_tensors_keeps_no_record_and_is_refused(tmp_path):
+    # DeepSeek-V3's layout with BF16 experts but an FP8 attention weight: extract widens that one to BF16 in
+    # dense.gguf, so the checkpoint cannot come back
+    from mertools import extract
+
+    src = tmp_path / "ck"
+    shutil.copytree(_src(FP8), src)
+    got = _all_tensors_raw([src / "model.safetensors"])
+    out = {}
+    for k, (dt, shape, data) in got.items():
+        if ".experts." in k and k.endswith("weight_scale_inv"):
+            continue
+        if ".experts." in k and dt == "F8_E4M3":
+            dt, data = "BF16", bytes(range(256)) * (len(data) * 2 // 256) + bytes(len(data) * 2 % 256)
+        out[k] = (dt, shape, data)
+    _st_file(src / "model.safetensors", out)
+    extract(src, tmp_path / "o", fsync=False)
+    assert "reassembly" not in json.loads((tmp_path / "o" / "manifest.json").read_text())
+    line = _refused(tmp_path / "o", tmp_path)
+    assert "FP8" in line and "without a reassembly record" in line
+
+
+def test_a_pull_converted_shard_by_shard_is_refused_naming_the_repo(st_extracted, tmp_path):
+    f = _copy(st_extracted, "mixtral", tmp_path)  # what a streamed pull writes: the hub record, no reassembly
+    m = json.loads((f / "manifest.json").read_text())
+    del m["reassembly"]
+    m["source"]["hub"] = {"repo": "org/mixtral-tiny", "revision": "main", "commit": "ab" * 20}
+    (f / "manifest.json").write_bytes(manifest_bytes(m))
+    (f / RECORD_NAME).unlink()
+    line = _refused(f, tmp_path)
+    assert "org/mixtral-tiny at abababababab" in line and "pulled" in line and "--keep-source" in line
+
+
+@pytest.mark.parametrize("name,dtype", [(FP8, "q8_0"), ("mixtral", "q4_0"), ("qwen3_5_moe", "bf16"),
+                                        ("gpt_oss_mxfp4", "q8_0")])
+def test_converted_safetensors_folder_can_never_give_the_source_back(name, dtype, st_extracted, tmp_path):
+    folder = st_extracted(name, dtype)
+    assert "reassembly" not in json.loads((folder / "manifest.json").read_text())
+    line = _refused(folder, tmp_path, "--overwrite")
+    assert str(folder) in line and "SafeTensors checkpoint" in line
+    assert dtype.upper() in line and "lossy" in line and "never give the source back" in line
+
+
+def test_converted_gguf_folder_is_refused(tmp_path):
+    from mertools import extract
+
+    out = tmp_path / "conv"
+    extract(FIX / "generated" / "moe-merged-f16.gguf", out, fsync=False, dtype="q8_0")
+    line = _refused(out, tmp_path)
+    assert "GGUF source, moe-merged-f16.gguf" in line and "Q8_0" in line and "lossy" in line
+
+
+def test_verify_checks_the_record(st_extracted, tmp_path):
+    f = _copy(st_extracted, "real/gptoss-bf16", tmp_path)
+    assert run_cli("verify", f).returncode == 0
+    _flip(f / RECORD_NAME, 3)
+    p = run_cli("verify", f)
+    assert p.returncode != 0 and RECORD_NAME in p.stdout + p.stderr

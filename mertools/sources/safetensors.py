@@ -383,6 +383,7 @@ class SafeTensorsSource(MappedFiles):
             plans.extend(lp)
             names.update(t.name for d in got.values() for ts in d.values() for t in ts)
         names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in self.tensors}
+        self._check_mtp_numbering(set(layouts), {**from_main, **from_mtp})
         self._check_uncarried(names)
         self._check_moe_layers(set(layouts))
         n_exp = config_int(self.config, "n_experts", self.path / "config.json", 1, MAX_EXPERTS)
@@ -404,6 +405,20 @@ class SafeTensorsSource(MappedFiles):
             raise self._err(t, f"is MTP layer {n_layers} + {i}, past the {MAX_LAYERS} blocks this version reads; "
                                "the checkpoint is corrupt")
         return n_layers + i
+
+    def _check_mtp_numbering(self, found: set[int], named: dict[int, str]) -> None:
+        """Blocks past num_hidden_layers are MTP layers num_hidden_layers + 0, 1, ...: a gap (``mtp.layers.5`` alone,
+        ``model.layers.7`` after 2 decoder blocks) would give a manifest whose moe_layers pass n_layers."""
+        n_layers = config_int(self.config, "n_layers", self.path / "config.json", 1, MAX_LAYERS)
+        if n_layers is None:
+            return
+        extra = sorted(b for b in found if b >= n_layers)
+        for i, block in enumerate(extra):
+            if block != n_layers + i:
+                raise self._err(self.tensors[named[block]], f"is of block {block}, but the blocks after config.json's "
+                                f"num_hidden_layers {n_layers} are MTP layers numbered from {n_layers} (mtp.layers.0) "
+                                f"without gaps, and block {n_layers + i} has no experts; the checkpoint is corrupt "
+                                "or num_hidden_layers is wrong")
 
     def _check_uncarried(self, carried: set[str]) -> None:
         """A routed-expert tensor the layout does not carry must not slip into dense.gguf unnoticed."""

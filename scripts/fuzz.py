@@ -54,7 +54,7 @@ for p in (ROOT, ROOT / "runtime"):
 
 import numpy as np  # noqa: E402
 
-from mer_runtime.errors import MerError  # noqa: E402
+from mer_runtime.errors import ManifestError, MerError  # noqa: E402
 from mer_runtime.manifest import load_manifest  # noqa: E402
 from mer_runtime.shards import open_shards  # noqa: E402
 from mer_runtime.smoke import SmokeConfig, run_smoke  # noqa: E402
@@ -1191,10 +1191,12 @@ def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract
         before = _tree(work, ck.parent)
         try:
             extract(ck, out, fsync=False, dtype=dtype)
-        except MerError:
+        except MerError as exc:
             left = _tree(work, ck.parent) - before
             if left:
                 raise AssertionError(f"a refused extract left {sorted(left)[:5]} behind") from None
+            if isinstance(exc, ManifestError):  # the source was accepted, then its own manifest was not
+                raise AssertionError(f"extract wrote a manifest its reader refuses: {exc}") from None
             raise
         new = _tree(work, ck.parent) - before
         stray = sorted(p for p in new if p != "out" and not p.startswith("out/"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -150,3 +151,22 @@ def test_mtp_block_numbered_past_a_gap_is_refused(tmp_path):
     p = run_cli("extract", str(ck), str(tmp_path / "o"))
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "mtp.layers.5." in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_more_experts_used_than_held_is_refused(tmp_path):
+    """Found by the fuzzer (config-count, seed 6006424): num_experts_per_tok 1000 with 2 experts per layer passed
+    the source and extract failed on its own staging manifest (n_experts_used outside 0..n_experts); now the source
+    refuses it, naming config.json and the key."""
+    from conftest import run_cli
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    ck = fuzz.build_st_seeds(tmp_path / "seeds")[fuzz.ST_SEED_NAMES.index("fp8-fused-mtp")]
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1000
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match=r"config\.json: num_experts_per_tok is 1000, more than the 2 experts"):
+        SafeTensorsSource(ck)
+    p = run_cli("extract", "--dtype", "bf16", str(ck), str(tmp_path / "o"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "num_experts_per_tok" in p.stderr and not (tmp_path / "o").exists()

@@ -12,8 +12,9 @@ each child has a wall-time limit (killed past it) and an address-space limit (RL
 
 Targets: `gguf` (open_source + planning + describe, and extract + verify on some cases), `manifest`
 (mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn),
-`safetensors` (a checkpoint folder from fixtures/safetensors/ attacked in its header length, header JSON, offsets,
-shapes, dtypes, index, config.json, tensor names and file kinds; then describe = open_source + plan, and on a quarter
+`safetensors` (a checkpoint folder from fixtures/safetensors/, or one of the MTP / fused-FP8 checkpoints that
+build_st_seeds writes at corpus time, attacked in its header length, header JSON, offsets, shapes, dtypes, index,
+config.json, tensor names and file kinds, and the seeds also in their block scales and MTP numbering; then describe = open_source + plan, and on a quarter
 of the cases extract (with --dtype on some) + verify, checking that nothing is written outside OUT and that a
 refused extract leaves nothing behind; deep verify --against on some of those, whose failures count as
 tracebacks; FUZZ_DEEP_LAX=1 ignores them, for hunting other bugs while one such failure is known, see

@@ -170,3 +170,21 @@ def test_more_experts_used_than_held_is_refused(tmp_path):
     p = run_cli("extract", "--dtype", "bf16", str(ck), str(tmp_path / "o"))
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "num_experts_per_tok" in p.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("limit", [2.0 ** 64, 0, -7.0])
+def test_swiglu_limit_out_of_range_is_refused(tmp_path, limit):
+    """Found by the fuzzer (config-count, test seed 257): GPT-OSS's swiglu_limit 2**64 passed the source and
+    extract failed on its own staging manifest (limit outside (0, 1e6]); now the source refuses it."""
+    import shutil
+
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    ck = tmp_path / "ck"
+    shutil.copytree(fuzz.ST_GEN / "gpt_oss_bf16", ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["swiglu_limit"] = limit
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match=r"config\.json: swiglu_limit is .*expected a number in \(0, 1e6\]"):
+        SafeTensorsSource(ck)

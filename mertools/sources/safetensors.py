@@ -697,6 +697,9 @@ class SafeTensorsSource(MappedFiles):
                               "per layer the tensors hold; fix config.json (or download it again)")
         if info["activation"]["kind"] == "swiglu_oai":
             limit = config_float(self.config, "swiglu_limit", cfg)
+            if limit is not None and not 0 < limit <= 1e6:  # the manifest reader's range: say so before writing
+                raise SourceError(f"{cfg}: swiglu_limit is {limit}, expected a number in (0, 1e6]; fix config.json "
+                                  "(or download it again)")
             if limit is not None:
                 info["activation"]["limit"] = limit
         if mtp:

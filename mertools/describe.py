@@ -4,6 +4,7 @@ shard folder holds."""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,36 @@ from .convert import plan
 from .sources.plan import RUNTIME_TYPES
 from .sources import open_source
 from .units import human_bytes
+
+_BLOCK = re.compile(r"^(.*?layers\.(\d+)\.)")
+
+
+def _mtp(model: dict[str, Any], tensor_names: dict[int, str]) -> dict[str, Any]:
+    """The MTP layers: blocks num_hidden_layers + i (``n_mtp_layers``), each named as its source names it.
+
+    Qwen-style (Qwen3-Next, Qwen3.5, Qwen3.6): a separate block ``mtp.layers.{i}.``; DeepSeek-style (DeepSeek-V3,
+    GLM-4.5): decoder block ``model.layers.{num_hidden_layers + i}.``. `tensor_names`: an expert tensor's source
+    name per block (absent for a folder whose manifest does not record sources).
+
+    >>> _mtp({"n_layers": 3, "n_mtp_layers": 1, "moe_layers": [0, 1, 2]}, {2: "mtp.layers.0.mlp.experts.0.x"})
+    {'n_layers': 1, 'layers': [2], 'style': 'qwen', 'prefixes': ['mtp.layers.0.']}
+    """
+    n = model.get("n_mtp_layers") or 0
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return {"n_layers": 0, "layers": []}
+    first = model["n_layers"] - n
+    blocks = [b for b in model.get("moe_layers", []) if b >= first]
+    prefixes = []
+    for b in blocks:
+        m = _BLOCK.match(tensor_names.get(b, ""))
+        prefixes.append(m.group(1) if m else None)
+    if any(p and p.startswith("mtp.") for p in prefixes) or "mtp_weight" in (model.get("router") or {}):
+        style = "qwen"
+    elif any(prefixes):
+        style = "deepseek"
+    else:
+        style = "unknown"
+    return {"n_layers": n, "layers": blocks, "style": style, "prefixes": prefixes}
 
 
 def _per_layer(rows: list[tuple[int, dict[str, str], int]]) -> list[dict[str, Any]]:
@@ -52,6 +83,11 @@ def describe(path: str | os.PathLike[str], dtype: str | None = None) -> dict[str
         m = load_manifest(p)
         rows = [(e.layer, {r: t.dtype for r, t in e.tensors.items()}, e.size) for e in m.experts]
         dtypes = Counter(t.dtype for e in m.experts for t in e.tensors.values())
+        names = {}
+        for e in m.raw.get("experts", []):
+            for t in (e.get("tensors") or {}).values():
+                if isinstance(t, dict) and isinstance(t.get("source"), str):
+                    names.setdefault(e.get("layer"), t["source"])
         return {
             "kind": "shards",
             "path": str(p),
@@ -63,6 +99,7 @@ def describe(path: str | os.PathLike[str], dtype: str | None = None) -> dict[str
             "expert_bytes": sum(e.size for e in m.experts),
             "dense": m.dense,
             "layers": _per_layer(rows),
+            "mtp": _mtp(m.model, names),
             "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
         }
     src = open_source(p)
@@ -91,6 +128,7 @@ def _describe_source(src: Any, path: str, dtype: str | None = None) -> dict[str,
         "model": src.model,
         "experts": len(src.experts),
         "layers": _per_layer(rows),
+        "mtp": _mtp(src.model, {e.layer: e.projections[0].tensor for e in reversed(src.experts) if e.projections}),
         "transforms": sorted(transforms),
         "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
     }
@@ -145,6 +183,12 @@ def _render_local(d: dict[str, Any]) -> str:
         extras.append(f"activation {m['activation']['kind']}")
     if extras:
         lines.append("  " + ", ".join(extras))
+    mtp = d.get("mtp") or {}
+    if mtp.get("n_layers"):
+        style = {"qwen": "Qwen-style separate MTP block", "deepseek": "DeepSeek-style, after the decoder blocks"}
+        named = ", ".join(f"{b} = {p.rstrip('.')}" if p else str(b) for b, p in zip(mtp["layers"], mtp["prefixes"]))
+        lines.append(f"  MTP layers: {mtp['n_layers']} (block{'s' if len(mtp['layers']) != 1 else ''} {named}; "
+                     f"{style.get(mtp['style'], 'source names not recorded')})")
     lines.append("  layer  experts  types (gate/up/down...)            bytes/expert")
     for row in d["layers"]:
         types = " ".join(f"{r}={t}" for r, t in row["types"].items())

@@ -12,8 +12,9 @@ each child has a wall-time limit (killed past it) and an address-space limit (RL
 
 Targets: `gguf` (open_source + planning + describe, and extract + verify on some cases), `manifest`
 (mer_runtime.manifest.load_manifest), `folder` (verify, verify --deep, smoke with a few tokens, open_shards().ffn),
-`safetensors` (a checkpoint folder from fixtures/safetensors/ attacked in its header length, header JSON, offsets,
-shapes, dtypes, index, config.json, tensor names and file kinds; then describe = open_source + plan, and on a quarter
+`safetensors` (a checkpoint folder from fixtures/safetensors/, or one of the MTP / fused-FP8 checkpoints that
+build_st_seeds writes at corpus time, attacked in its header length, header JSON, offsets, shapes, dtypes, index,
+config.json, tensor names and file kinds, and the seeds also in their block scales and MTP numbering; then describe = open_source + plan, and on a quarter
 of the cases extract (with --dtype on some) + verify, checking that nothing is written outside OUT and that a
 refused extract leaves nothing behind; deep verify --against on some of those, whose failures count as
 tracebacks; FUZZ_DEEP_LAX=1 ignores them, for hunting other bugs while one such failure is known, see
@@ -23,6 +24,7 @@ tracebacks; FUZZ_DEEP_LAX=1 ignores them, for hunting other bugs while one such 
     python scripts/fuzz.py --replay 1234567 --target gguf       # one case, in this process, traceback visible
     python scripts/fuzz.py --cases 500 --target folder --skip-classes manifest-fifo,expert-fifo
     python scripts/fuzz.py --cases 20000 --target safetensors --jobs 1
+    python scripts/fuzz.py --cases 2000 --target safetensors --st-corpus seeds   # MTP and fused-FP8 seeds only
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ for p in (ROOT, ROOT / "runtime"):
 
 import numpy as np  # noqa: E402
 
-from mer_runtime.errors import MerError  # noqa: E402
+from mer_runtime.errors import ManifestError, MerError  # noqa: E402
 from mer_runtime.manifest import load_manifest  # noqa: E402
 from mer_runtime.shards import open_shards  # noqa: E402
 from mer_runtime.smoke import SmokeConfig, run_smoke  # noqa: E402
@@ -479,11 +481,16 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
                "config-value", "config-value", "config-count", "config-count", "config-count", "config-non-moe",
                "config-huge-int", "config-deep", "shard-fifo", "shard-dir", "shard-symlink", "shard-devzero",
                "shard-empty", "config-special", "index-special", "extra-files"]
+    seeded = folder.name in ST_SEED_NAMES
+    if seeded:  # what is new in these seeds gets most of their cases
+        classes += list(ST_NEW_CLASSES) * 10
     if indexed:
         classes += ["index-missing-file", "index-traversal", "index-traversal", "index-dup-tensor",
                     "index-missing-tensor", "index-not-json", "index-wrong-types", "index-extra-tensor",
                     "index-huge", "shards-swapped", "index-dup-keys"]
     cls = rng.choice(classes)
+    if cls in ST_NEW_CLASSES:
+        return mutate_new(folder, rng, cls)
     victim = rng.choice(shards)
     b = victim.read_bytes()
     n, h, data = st_split(b)
@@ -824,6 +831,243 @@ def mutate_safetensors(folder: Path, rng: random.Random) -> str:
     return cls
 
 
+# -- SafeTensors seeds built at corpus time: MTP experts and fused FP8 with block scales ---------------------------
+# The committed fixtures hold neither a separate MTP block nor fused FP8; these tiny checkpoints (a few hundred KB in
+# all, from fixed NumPy seeds, so every run attacks the same bytes) give the fuzzer the code paths that read them.
+ST_SEED_NAMES = ("mtp-qwen3next-perexpert", "mtp-qwen35-fused-perexpert", "mtp-qwen36-fused", "mtp-deepseek-style",
+                 "fp8-fused-mtp", "fp8-fused-split-scales")
+
+
+def _np_st(a: np.ndarray) -> tuple[str, list[int], bytes]:
+    import ml_dtypes
+
+    dt = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+          np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}[a.dtype]
+    return dt, list(a.shape), np.ascontiguousarray(a).tobytes()
+
+
+def _st_save(root: Path, config: dict[str, Any], t: dict[str, np.ndarray], shards: list[set[str]] | None = None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config))
+    if not shards:
+        (root / "model.safetensors").write_bytes(st_relayout({k: _np_st(v) for k, v in t.items()}, {"format": "pt"}))
+        return
+    wm = {}
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (root / fname).write_bytes(st_relayout({k: _np_st(t[k]) for k in t if k in names}, {"format": "pt"}))
+        wm.update({k: fname for k in t if k in names})
+    (root / ST_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
+def _st_mtp_seed(root: Path, model_type: str, main: str, mtp: str, wrap: bool, deepseek: bool = False) -> None:
+    """Qwen3-Next (per expert), Qwen3.5 (fused + per-expert MTP), Qwen3.6 (fused + fused MTP): two decoder layers and
+    mtp.layers.0; `deepseek`: the MTP layer is model.layers.2 instead, num_hidden_layers 2 (DeepSeek-V3's naming)."""
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+    h, f, e_n = 64, 32, 4
+    rng = np.random.default_rng([11, len(model_type), wrap, deepseek, main == "fused", mtp == "fused"])
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32).astype(bf)
+
+    lp = "model.language_model." if wrap else "model."
+    t = {lp + "embed_tokens.weight": w(16, h), lp + "norm.weight": np.ones(h, bf)}
+    blocks = [(f"{lp}layers.{i}.", main) for i in range(2)]
+    if deepseek:
+        blocks.append((f"{lp}layers.2.", mtp))
+    else:
+        blocks.append(("mtp.layers.0.", mtp))
+        t["mtp.fc.weight"], t["mtp.norm.weight"] = w(h, 2 * h), np.ones(h, bf)
+    for p, kind in blocks:
+        t[p + "input_layernorm.weight"] = np.ones(h, bf)
+        t[p + "mlp.gate.weight"] = w(e_n, h)
+        for name, shape in zip(("gate", "up", "down"), ((f, h), (f, h), (h, f))):
+            t[p + f"mlp.shared_expert.{name}_proj.weight"] = w(*shape)
+        if kind == "fused":
+            t[p + "mlp.experts.gate_up_proj"], t[p + "mlp.experts.down_proj"] = w(e_n, 2 * f, h), w(e_n, h, f)
+        else:
+            for e in range(e_n):
+                for name, shape in zip(("gate", "up", "down"), ((f, h), (f, h), (h, f))):
+                    t[p + f"mlp.experts.{e}.{name}_proj.weight"] = w(*shape)
+    text = {"model_type": model_type + ("_text" if wrap else ""), "hidden_size": h, "num_hidden_layers": 2,
+            "num_experts": e_n, "num_experts_per_tok": 2, "moe_intermediate_size": f,
+            "shared_expert_intermediate_size": f, "mtp_num_hidden_layers": 1}
+    _st_save(root, {"model_type": model_type, "text_config": text} if wrap else text, t)
+
+
+def _st_fp8_seed(root: Path, split_scales: bool) -> None:
+    """qwen3_5_moe with FP8 fused experts ([E, 2f, H] + [E, ceil(2f/128), ceil(H/128)] scales) in two decoder layers
+    and mtp.layers.0; f = 96 puts the gate/up split inside a scale block; `split_scales`: every scale in a second
+    shard."""
+    import ml_dtypes
+
+    fp8, bf = ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16
+    h, f, e_n = 160, 96, 2
+    rng = np.random.default_rng([12, split_scales])
+
+    def q(*shape: int) -> np.ndarray:
+        return np.clip(rng.standard_normal(shape) * 100, -448, 448).astype(np.float32).astype(fp8)
+
+    def s(*shape: int) -> np.ndarray:
+        return (rng.random(shape) * 1e-3 + 1e-4).astype(np.float32)
+
+    def nb(n: int) -> int:
+        return -(-n // 128)
+
+    t: dict[str, np.ndarray] = {"model.embed_tokens.weight": (rng.standard_normal((16, h)) * 0.02).astype(bf),
+                                "model.norm.weight": np.ones(h, bf)}
+    for p in ("model.layers.0.", "model.layers.1.", "mtp.layers.0."):
+        t[p + "mlp.gate.weight"] = (rng.standard_normal((e_n, h)) * 0.02).astype(bf)
+        t[p + "mlp.experts.gate_up_proj"] = q(e_n, 2 * f, h)
+        t[p + "mlp.experts.gate_up_proj_scale_inv"] = s(e_n, nb(2 * f), nb(h))
+        t[p + "mlp.experts.down_proj"] = q(e_n, h, f)
+        t[p + "mlp.experts.down_proj_scale_inv"] = s(e_n, nb(h), nb(f))
+    config = {"model_type": "qwen3_5_moe", "hidden_size": h, "num_hidden_layers": 2, "num_experts": e_n,
+              "num_experts_per_tok": 2, "moe_intermediate_size": f, "mtp_num_hidden_layers": 1,
+              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
+    scales = {k for k in t if k.endswith("_scale_inv")}
+    _st_save(root, config, t, [set(t) - scales, scales] if split_scales else None)
+
+
+def build_st_seeds(root: Path) -> list[Path]:
+    """The MTP and fused-FP8 checkpoints under `root` (built once per corpus; the same bytes on every run)."""
+    makers = {
+        "mtp-qwen3next-perexpert": lambda p: _st_mtp_seed(p, "qwen3_next", "per_expert", "per_expert", False),
+        "mtp-qwen35-fused-perexpert": lambda p: _st_mtp_seed(p, "qwen3_5_moe", "fused", "per_expert", True),
+        "mtp-qwen36-fused": lambda p: _st_mtp_seed(p, "qwen3_5_moe", "fused", "fused", True),
+        "mtp-deepseek-style": lambda p: _st_mtp_seed(p, "qwen3_next", "per_expert", "per_expert", False, True),
+        "fp8-fused-mtp": lambda p: _st_fp8_seed(p, False),
+        "fp8-fused-split-scales": lambda p: _st_fp8_seed(p, True),
+    }
+    out = []
+    for name in ST_SEED_NAMES:
+        p = root / name
+        if not (p / "config.json").exists():
+            makers[name](p)
+        out.append(p)
+    return out
+
+
+# attacks on what only the seeds above hold: the MTP block, num_hidden_layers that numbers it, FP8 block scales
+ST_NEW_CLASSES = ("scale-shape", "scale-dtype", "scale-value", "scale-missing", "mtp-index", "mtp-dup", "mtp-nhl")
+
+
+def _all_entries(folder: Path) -> dict[Path, tuple[dict[str, tuple[Any, Any, bytes]], Any]]:
+    return {p: st_entries(p.read_bytes()) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _write_entries(shards: dict[Path, tuple[dict[str, tuple[Any, Any, bytes]], Any]], folder: Path) -> None:
+    for p, (ent, meta) in shards.items():
+        p.write_bytes(st_relayout(ent, meta))
+    ipath = folder / ST_INDEX
+    if ipath.exists():
+        idx = json.loads(ipath.read_text())
+        idx["weight_map"] = {k: p.name for p, (ent, _m) in shards.items() for k in ent}
+        ipath.write_text(json.dumps(idx))
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def mutate_new(folder: Path, rng: random.Random, cls: str) -> str:
+    """One attack of ST_NEW_CLASSES on a seed of build_st_seeds (copied to `folder`); returns the class."""
+    shards = _all_entries(folder)
+    where = {k: p for p, (ent, _m) in shards.items() for k in ent}
+    cpath = folder / "config.json"
+    config = json.loads(cpath.read_text())
+    scales = [k for k in where if k.endswith("_scale_inv")]
+    mtp = [k for k in where if k.startswith("mtp.layers.")]
+    if cls.startswith("scale-") and not scales or cls.startswith("mtp-") and cls != "mtp-nhl" and not mtp:
+        cls = "mtp-nhl"  # nothing of that kind here: attack the block numbering instead
+    if cls == "mtp-nhl":
+        scope = _text_config(config) if rng.random() < 0.8 else config
+        key = rng.choice(["num_hidden_layers", "num_hidden_layers", "num_hidden_layers", "mtp_num_hidden_layers",
+                          "num_nextn_predict_layers"])
+        how = rng.randrange(3)
+        if how == 0:
+            for sc in (config, _text_config(config)):
+                sc.pop("num_hidden_layers", None)
+            cpath.write_text(json.dumps(config))
+        else:
+            scope[key] = "@@V@@"
+            v = rng.choice(["0", "-1", "1", "3", "4", "65535", "65534", "65536", "1048576", '"2"', "2.0", "2.5",
+                            "null", "true", "[2]", "{}", "NaN", "1e999", HUGE_INT, "-0"])
+            cpath.write_text(json.dumps(config).replace('"@@V@@"', v))
+        return cls
+    if cls == "mtp-index":  # the MTP block renumbered: all of it, only its experts, or one expert's tensors
+        new = rng.choice(["1", "2", "5", "00", "01", "-1", "x", "999999", "65534", "65535", "9" * 20, "", "0.5"])
+        how = rng.randrange(3)
+        pick = [k for k in mtp if how == 0 or ".experts." in k]
+        if how == 2:
+            one = rng.choice(pick)
+            pick = [one] if ".experts.gate_up_proj" in one or ".experts.down_proj" in one else \
+                [k for k in pick if k.startswith(one.rsplit("_proj", 1)[0].rsplit(".", 1)[0] + ".")]
+        for p, (ent, meta) in shards.items():
+            shards[p] = ({(k.replace("mtp.layers.0.", f"mtp.layers.{new}.", 1) if k in pick else k): v
+                          for k, v in ent.items()}, meta)
+        _write_entries(shards, folder)
+        return f"{cls}-{how}"
+    if cls == "mtp-dup":  # the MTP block's experts under a second name, in the same or another shard
+        src = [k for k in mtp if ".experts." in k]
+        other = rng.choice(["mtp.layers.00.", "mtp.layers.1.", "model.layers.2.", "model.language_model.layers.2.",
+                            "model.layers.1.", "mtp.layers.0.", "mtp.layers.+0."])
+        if rng.random() < 0.5:
+            src = [rng.choice(src)]
+        files = list(shards)
+        for k in src:
+            tgt = rng.choice(files)
+            ent, meta = shards[tgt]
+            ent[k.replace("mtp.layers.0.", other, 1)] = shards[where[k]][0][k]
+        if other == "mtp.layers.0.":  # the same name in two shards: write without the index rewrite
+            for p, (ent, meta) in shards.items():
+                p.write_bytes(st_relayout(ent, meta))
+            return cls
+        _write_entries(shards, folder)
+        return cls
+    name = rng.choice(scales)
+    p = where[name]
+    ent, meta = shards[p]
+    dt, shape, raw = ent[name]
+    if cls == "scale-shape":
+        e, r, c = shape
+        new = rng.choice([[e, r + 1, c], [e, r, c + 1], [e + 1, r, c], [e - 1, r, c], [r, c], [e, r, c, 1],
+                          [e * r * c], [1, 1, 1], [0, r, c], [e, 0, c], [], [e, c, r], [1 << 20, 1, 1]])
+        n = 1
+        for d in new:
+            n *= d
+        ent[name] = ("F32", new, np.full(n, 1e-3, np.float32).tobytes())
+    elif cls == "scale-dtype":
+        new_dt = rng.choice(["BF16", "F16", "F64", "F8_E4M3", "F8_E8M0", "I32", "U8", "BOOL", "I64", "F8_E5M2"])
+        n = len(raw) // 4
+        ent[name] = (new_dt, shape, (raw * 2)[:n * _elem(new_dt)])
+    elif cls == "scale-value":
+        v = np.frombuffer(raw, np.float32).copy()
+        bad = rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -1e-3, 3e38, 1e-45, -0.0])
+        if rng.random() < 0.5:
+            v[rng.randrange(v.size)] = bad
+        else:
+            v[:] = bad
+        ent[name] = (dt, shape, v.tobytes())
+    elif cls == "scale-missing":
+        how = rng.randrange(3)
+        if how == 0 or len(shards) == 1:  # the tensor gone from its shard (an index still names its file)
+            del ent[name]
+            p.write_bytes(st_relayout(ent, meta))
+        elif how == 1:  # the scales' shard gone, the index naming it
+            p.unlink()
+        else:  # the index's entry for it gone, the tensor still in its shard
+            ipath = folder / ST_INDEX
+            idx = json.loads(ipath.read_text())
+            idx["weight_map"].pop(name, None)
+            ipath.write_text(json.dumps(idx))
+        return f"{cls}-{how}"
+    p.write_bytes(st_relayout(ent, meta))
+    return cls
+
+
 # -- cases ------------------------------------------------------------------------------------------------------
 @dataclass
 class Corpus:
@@ -845,6 +1089,8 @@ def build_corpus(work: Path, targets: tuple[str, ...]) -> Corpus:
             folders.append(out)
             sources[out] = GEN / name
     checkpoints = sorted(p for p in ST_GEN.iterdir() if p.is_dir()) + sorted(p for p in ST_REAL.iterdir() if p.is_dir())
+    if "safetensors" in targets:
+        checkpoints += build_st_seeds(work / "st-seeds")
     return Corpus(ggufs, folders, sources, checkpoints)
 
 
@@ -937,18 +1183,21 @@ def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract
     ck, cls = _checkpoint_copy(rng, corpus, work)
     on_class(cls)
     describe(ck)
-    if rng.random() < extract_prob:
+    seeded = ck.name in ST_SEED_NAMES
+    if rng.random() < (max(extract_prob, 0.6) if seeded else extract_prob):  # the seeds' new paths are in extract
         dtype = rng.choice([None, None, None, "bf16", "q8_0"])
-        if dtype is None and "fp8" in ck.name:
-            dtype = "bf16"
+        if "fp8" in ck.name and (dtype is None or seeded):  # FP8 extracts only with --dtype: the conversion runs
+            dtype = rng.choice(["bf16", "bf16", "q8_0"]) if seeded else "bf16"
         out = work / "out"
         before = _tree(work, ck.parent)
         try:
             extract(ck, out, fsync=False, dtype=dtype)
-        except MerError:
+        except MerError as exc:
             left = _tree(work, ck.parent) - before
             if left:
                 raise AssertionError(f"a refused extract left {sorted(left)[:5]} behind") from None
+            if isinstance(exc, ManifestError):  # the source was accepted, then its own manifest was not
+                raise AssertionError(f"extract wrote a manifest its reader refuses: {exc}") from None
             raise
         new = _tree(work, ck.parent) - before
         stray = sorted(p for p in new if p != "out" and not p.startswith("out/"))
@@ -1146,6 +1395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit of each case (RLIMIT_AS)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--skip-classes", default="", help="attack classes not to generate (comma-separated)")
+    ap.add_argument("--st-corpus", choices=("all", "seeds"), default="all",
+                    help="safetensors target: every checkpoint, or only the generated MTP / fused-FP8 seeds")
     ap.add_argument("--work", help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quiet", "-q", action="store_true")
@@ -1157,6 +1408,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="mertools-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(work, targets)
+    if a.st_corpus == "seeds":
+        corpus.checkpoints = [p for p in corpus.checkpoints if p.name in ST_SEED_NAMES]
     if a.replay is not None:
         target = pick_target(a.replay, targets)
         case = work / f"replay-{a.replay}"

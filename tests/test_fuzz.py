@@ -4,7 +4,9 @@ memory limits. Any traceback, hang or crash fails the test and prints the seed t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -101,3 +103,88 @@ def test_harness_classifies_every_outcome(corpus, monkeypatch):
     assert got == {1: "traceback", 2: "hang", 3: "crash", 4: "crash"}
     assert s.outcomes["error"] == 1 and s.outcomes["ok"] == 1
     assert "KeyError" in next(f["detail"] for f in s.failures if f["seed"] == 1)
+
+
+def _seed_corpus(c):
+    """The corpus with only the generated MTP / fused-FP8 checkpoints (what `--st-corpus seeds` runs)."""
+    seeds = [p for p in c.checkpoints if p.name in fuzz.ST_SEED_NAMES]
+    assert sorted(p.name for p in seeds) == sorted(fuzz.ST_SEED_NAMES)
+    return dataclasses.replace(c, checkpoints=seeds)
+
+
+def test_safetensors_mtp_and_fused_fp8_seeds(corpus):
+    """MTP blocks (per expert, fused, DeepSeek-style) and fused FP8 with block scales (in the same shard and in
+    another), attacked in their scales, MTP numbering and num_hidden_layers, then describe and (on most cases)
+    extract with --dtype for FP8 + verify: one clean outcome each."""
+    work, c = corpus
+    s = fuzz.fuzz(list(range(1, 161)), ("safetensors",), _seed_corpus(c), work, timeout=TIMEOUT, jobs=2)
+    _check(s)
+    assert s.cases == 160 and s.outcomes["error"] > 60 and s.outcomes["ok"] > 15
+
+
+def test_mtp_and_scale_attack_classes_are_all_generated(corpus):
+    _, c = corpus
+    sc = _seed_corpus(c)
+    fuzz._CLASS_CACHE.clear()
+    seen = {fuzz._case_class(seed, "safetensors", sc).split("+")[0] for seed in range(1, 241)}
+    fuzz._CLASS_CACHE.clear()
+    assert set(fuzz.ST_NEW_CLASSES) <= {x.rsplit("-", 1)[0] if x[-1].isdigit() else x for x in seen}
+    assert {"scale-missing-0", "scale-missing-1", "scale-missing-2", "mtp-index-0", "mtp-index-2"} <= seen
+
+
+def test_mtp_block_numbered_past_a_gap_is_refused(tmp_path):
+    """Found by the fuzzer (mtp-index): mtp.layers.5 alone after 2 decoder blocks was planned as block 7 with
+    n_layers 3, and extract failed on its own staging manifest (moe_layers past n_layers); now the source refuses
+    it, naming the tensor."""
+    from conftest import run_cli
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    ck = fuzz.build_st_seeds(tmp_path / "seeds")[fuzz.ST_SEED_NAMES.index("mtp-qwen3next-perexpert")]
+    shards = fuzz._all_entries(ck)
+    for p, (ent, meta) in shards.items():
+        shards[p] = ({k.replace("mtp.layers.0.", "mtp.layers.5."): v for k, v in ent.items()}, meta)
+    fuzz._write_entries(shards, ck)
+    with pytest.raises(SourceError, match=r"'mtp\.layers\.5\.mlp\.experts\.0\.gate_proj\.weight' is of block 7, .*"
+                                          r"no expert tensors of block 2"):
+        SafeTensorsSource(ck)
+    p = run_cli("extract", str(ck), str(tmp_path / "o"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "mtp.layers.5." in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_more_experts_used_than_held_is_refused(tmp_path):
+    """Found by the fuzzer (config-count, seed 6006424): num_experts_per_tok 1000 with 2 experts per layer passed
+    the source and extract failed on its own staging manifest (n_experts_used outside 0..n_experts); now the source
+    refuses it, naming config.json and the key."""
+    from conftest import run_cli
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    ck = fuzz.build_st_seeds(tmp_path / "seeds")[fuzz.ST_SEED_NAMES.index("fp8-fused-mtp")]
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1000
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match=r"config\.json: num_experts_per_tok is 1000, more than the 2 experts"):
+        SafeTensorsSource(ck)
+    p = run_cli("extract", "--dtype", "bf16", str(ck), str(tmp_path / "o"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "num_experts_per_tok" in p.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("limit", [2.0 ** 64, 0, -7.0])
+def test_swiglu_limit_out_of_range_is_refused(tmp_path, limit):
+    """Found by the fuzzer (config-count, test seed 257): GPT-OSS's swiglu_limit 2**64 passed the source and
+    extract failed on its own staging manifest (limit outside (0, 1e6]); now the source refuses it."""
+    import shutil
+
+    from mertools.errors import SourceError
+    from mertools.sources.safetensors import SafeTensorsSource
+
+    ck = tmp_path / "ck"
+    shutil.copytree(fuzz.ST_GEN / "gpt_oss_bf16", ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["swiglu_limit"] = limit
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match=r"config\.json: swiglu_limit is .*expected a number in \(0, 1e6\]"):
+        SafeTensorsSource(ck)

@@ -690,8 +690,15 @@ class SafeTensorsSource(MappedFiles):
             "has_expert_biases": any(q.role.endswith("_bias") for q in first.projections),
             "activation": dict(self.spec.activation),
         }
+        if info["n_experts_used"] > info["n_experts"]:  # the manifest reader refuses it: say so before writing
+            key, _v = config_key(self.config, "n_experts_used")
+            raise SourceError(f"{cfg}: {key} is {info['n_experts_used']}, more than the {info['n_experts']} experts "
+                              "per layer the tensors hold; fix config.json (or download it again)")
         if info["activation"]["kind"] == "swiglu_oai":
             limit = config_float(self.config, "swiglu_limit", cfg)
+            if limit is not None and not 0 < limit <= 1e6:  # the manifest reader's range: say so before writing
+                raise SourceError(f"{cfg}: swiglu_limit is {limit}, expected a number in (0, 1e6]; fix config.json "
+                                  "(or download it again)")
             if limit is not None:
                 info["activation"]["limit"] = limit
         if mtp:

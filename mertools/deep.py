@@ -630,15 +630,32 @@ def _source_tensors(src: SourceReference, e: ExpertEntry, shard: np.ndarray | No
     return {role: _Tensor.of(reg, e.tensors[role].shape) for role, reg in regions.items()}
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+class Float32Overflow(Exception):
+    """The float64 reference reaches values a float32 runtime cannot hold (`peak`): huge weights or scales, finite in
+    the source, whose products overflow float32. Not a kernel error: `verify_deep` reports it as its own problem."""
+
+    def __init__(self, peak: float):
+        super().__init__(peak)
+        self.peak = peak
+
+
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
     """max|got - want| / max|want| over the finite reference values; inf where the two disagree on a non-finite one.
 
     A source may hold NaN or inf weights (they are passed through, or quantized, as they are): where the float64
     reference is NaN or +-inf, the runtime must give the same (it computes from the same bytes), and the finite rest
-    is compared as usual. A runtime value that is not finite where the reference is counts as an error (inf).
+    is compared as usual. A runtime value that is not finite where the reference is counts as an error (inf), unless
+    the reference itself is beyond float32's range there: Float32Overflow.
     """
     got = np.asarray(got, np.float64)
     want = np.broadcast_to(want, got.shape)
+    with np.errstate(invalid="ignore"):
+        beyond = np.abs(want) > F32_MAX  # (NaN compares False)
+    if beyond.any() and np.isfinite(want[beyond]).any():
+        raise Float32Overflow(float(np.abs(want[beyond & np.isfinite(want)]).max()))
     fin = np.isfinite(want)
     if not fin.all():
         nf = ~fin
@@ -971,6 +988,15 @@ def deep_verify(report: VerifyReport, m: Manifest, *, against: str | os.PathLike
                         guard.close()  # while `blob` still holds the mapping (unregistered before the unmap)
             except (SourceError, FileChangedError):
                 raise
+            except Float32Overflow as ov:
+                if src is not None and not regions:
+                    hint = "its bytes equal the source's: the model's own weights or scales are that large"
+                else:
+                    hint = "verify it --against the source model to tell a changed byte from the model's own values"
+                report.problems.append(Problem(
+                    e.path, f"its float64 reference reaches {ov.peak:.3g}, beyond float32's range ({F32_MAX:.3g}) "
+                            f"in which the runtime computes, so it cannot run this expert; {hint}"))
+                continue
             except MerError as exc:
                 report.problems.append(Problem(e.path, f"runtime could not load it: {exc}"))
                 continue

@@ -1213,9 +1213,11 @@ def _run_checkpoint_case(rng: random.Random, corpus: Corpus, work: Path, extract
         if rng.random() < 0.3:  # the source's own bytes against the shards, and the kernels on them
             r = verify(out, deep=True, against=ck)
             # strict since the NaN fix of deep verify (d55c071): 9,200 strict cases passed after it
-            if not r.ok and not os.environ.get("FUZZ_DEEP_LAX"):
+            # (an expert whose values overflow float32 is the model's, not a bug: reported as such, and allowed)
+            real = [x for x in r.problems if "beyond float32's range" not in str(x)]
+            if real and not os.environ.get("FUZZ_DEEP_LAX"):
                 raise AssertionError(f"verify --deep --against of a finished extract failed: "
-                                     f"{[str(x) for x in r.problems][:3]}")
+                                     f"{[str(x) for x in real][:3]}")
             cls += "+deep"
     return cls
 

@@ -713,3 +713,30 @@ def test_rel_compares_the_finite_values_and_requires_the_same_non_finite_ones():
         assert _rel(np.array([got]), want) == inf, got
     assert _rel(np.array([[2.0, 2.0], [2.0, 2.0]]), np.array([2.0, 2.0])) == 0.0  # a reference row broadcast
     assert _rel(np.array([[nan, nan]]), np.array([[nan, nan]])) == 0.0  # nothing finite: _or_rows_alone's case
+
+
+def test_an_expert_whose_values_overflow_float32_is_reported_as_such_not_as_a_kernel_bug(tmp_path):
+    """Finite BF16 weights of about 1e30 in gate and up: h = silu(g) * u reaches about 1e60 in the float64 reference,
+    beyond float32's range, in which the runtime computes. Found by the fuzzer (a huge FP8 scale): deep verify said
+    "the runtime computes BF16 wrongly: report this bug". It is the model's own values: a problem saying so."""
+    import ml_dtypes
+
+    from mertools import extract
+    from test_st_mtp_fp8 import _load, _mtp_checkpoint, _save
+
+    ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
+    t = _load(ck)
+    for e in range(4):  # every expert of the layer: deep verify runs the whole FFN of only some (the rest by rows,
+        for role in ("gate", "up"):  # each projection alone, which stays within float32 here)
+            w = t[f"model.layers.1.mlp.experts.{e}.{role}_proj.weight"]
+            w[:] = (w.astype(np.float32) * 1e30).astype(ml_dtypes.bfloat16)
+    huge = _save(tmp_path / "huge", json.loads((ck / "config.json").read_text()), t)
+    out = tmp_path / "out"
+    extract(huge, out, fsync=False)
+    for against, hint in ((huge, "its bytes equal the source's"), (None, "verify it --against")):
+        r = verify(out, deep=True, against=against)
+        assert not r.ok and r.problems, [str(p) for p in r.problems]
+        for p in r.problems:
+            msg = str(p)
+            assert "beyond float32's range" in msg and hint in msg and "wrongly" not in msg, msg
+            assert msg.startswith("experts/L001/"), msg

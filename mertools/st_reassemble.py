@@ -268,17 +268,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     >>> reassemble("out/", "mixtral-again/").exact           # doctest: +SKIP
     True
     """
-    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out
+    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out, read_record
 
     rec = m.raw["reassembly"]
-    path = m.root / str(rec.get("path", ""))
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        raise _reassembly_error(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)"
-                                ) from None
-    if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
-        raise _reassembly_error(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    path, blob = read_record(m, rec)
     if not _well_formed(rec, len(blob)):
         raise _reassembly_error(f"{m.root}: the manifest's reassembly field is malformed; re-extract the model")
     if out.exists() and not out.is_dir():

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +268,52 @@ def test_verify_checks_the_record(st_extracted, tmp_path):
     _flip(f / RECORD_NAME, 3)
     p = run_cli("verify", f)
     assert p.returncode != 0 and RECORD_NAME in p.stdout + p.stderr
+
+
+def _cli_live(folder: Path, dest: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The real CLI, with a liveness bound (a read of /dev/zero or a FIFO must end, not wait) and an address-space
+    limit, so that a regression fails the test instead of filling the machine's memory."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    return subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(folder), str(dest), "-q",
+                           "--no-fsync", *extra], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+
+
+def _one_line_refusal(p: subprocess.CompletedProcess, dest: Path) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not dest.exists() or list(dest.iterdir()) == []
+    return lines[0]
+
+
+def _edit_record_field(folder: Path, key: str, value: object) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m["reassembly"][key] = value
+    (folder / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+
+
+@pytest.mark.parametrize("how", ["dev-zero", "dotdot", "fifo", "size-short", "size-huge", "size-not-int"])
+def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, st_extracted, tmp_path):
+    f = _copy(st_extracted, "mixtral", tmp_path)
+    size = (f / RECORD_NAME).stat().st_size
+    if how == "dev-zero":
+        _edit_record_field(f, "path", "/dev/zero")
+    elif how == "dotdot":
+        shutil.copy(f / RECORD_NAME, tmp_path / RECORD_NAME)  # a valid record outside the folder is still refused
+        _edit_record_field(f, "path", "../" + RECORD_NAME)
+    elif how == "fifo":
+        (f / RECORD_NAME).unlink()
+        os.mkfifo(f / RECORD_NAME)
+    elif how == "size-short":  # the file is longer than the manifest says: not read past that
+        _edit_record_field(f, "size", size - 1)
+    elif how == "size-huge":
+        _edit_record_field(f, "size", 1 << 62)
+    else:
+        _edit_record_field(f, "size", float(size))
+    dest = tmp_path / "dest"
+    line = _one_line_refusal(_cli_live(f, dest), dest)
+    assert "reassembly record" in line and ("verify" in line or "extract" in line)
+    if how == "fifo":
+        assert "FIFO" in line

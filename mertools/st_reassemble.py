@@ -123,8 +123,12 @@ def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
                 and all(isinstance(t, list) and len(t) == 2 and all(isinstance(v, str) for v in t)
                         for t in f["tensors"])):
             return False
-    return all(isinstance(x, dict) and plain(x.get("name")) and span(x.get("at")) and isinstance(x.get("xxh3_64"), str)
-               for x in extra)
+    if not all(isinstance(x, dict) and x.get("name") in EXTRA_NAMES and span(x.get("at"))
+               and isinstance(x.get("xxh3_64"), str) for x in extra):
+        return False
+    # every output is its own file: two entries of one name would write one over the other and report success
+    names = [f["name"] for f in files] + [x["name"] for x in extra]
+    return len(set(names)) == len(names) and all(f["name"].endswith(".safetensors") for f in files)
 
 
 # -- putting expert tensors back -------------------------------------------------------------------------------------

@@ -317,3 +317,25 @@ def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, st_ext
     assert "reassembly record" in line and ("verify" in line or "extract" in line)
     if how == "fifo":
         assert "FIFO" in line
+
+
+def _dup_shard(rec: dict) -> None:
+    rec["files"].append(dict(rec["files"][0]))
+
+
+@pytest.mark.parametrize("edit", [
+    _dup_shard,
+    lambda r: r["extra"][0].__setitem__("name", r["files"][0]["name"]),   # config.json written as the shard's name
+    lambda r: r["extra"].append(dict(r["extra"][0])),
+    lambda r: r["extra"][0].__setitem__("name", "evil.py"),
+    lambda r: r["files"][0].__setitem__("name", "model.bin"),
+    lambda r: r["files"][0].__setitem__("name", ".hidden.safetensors"),
+    lambda r: r["files"][0].__setitem__("name", "../evil.safetensors"),
+], ids=["dup-shard", "extra-as-shard", "dup-extra", "unknown-extra", "not-safetensors", "hidden", "dotdot"])
+def test_colliding_or_unexpected_names_in_the_record_are_refused(edit, st_extracted, tmp_path):
+    f = _copy(st_extracted, "gpt_oss_bf16", tmp_path)
+    m = json.loads((f / "manifest.json").read_text())
+    edit(m["reassembly"])
+    (f / "manifest.json").write_bytes(manifest_bytes(m))
+    line = _refused(f, tmp_path, "--no-fsync", "-q")
+    assert "malformed" in line and str(f) in line and "re-extract" in line

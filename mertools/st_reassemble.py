@@ -131,6 +131,24 @@ def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
     return len(set(names)) == len(names) and all(f["name"].endswith(".safetensors") for f in files)
 
 
+SEGMENT = 64 << 20  # a dense tensor is copied in pieces of this size
+
+
+def _pread_full(fd: int, n: int, off: int, path: Path) -> bytes:
+    """Exactly ``n`` bytes at ``off``: one pread may return fewer (Linux caps one read at 0x7ffff000 bytes), so it is
+    repeated; a read of 0 bytes means the file ended early (it shrank after it was checked)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, off + got)
+        if not b:
+            raise _reassembly_error(f"{path}: ended at byte {off + got}, {n - got} bytes short of what the manifest "
+                                    "lists (changed while being read?); the folder is damaged (run `mertools "
+                                    "verify`); nothing was written")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 # -- putting expert tensors back -------------------------------------------------------------------------------------
 
 
@@ -143,8 +161,8 @@ class _Proj:
 
     def read(self) -> np.ndarray:
         with open(self.path, "rb") as fh:
-            data = os.pread(fh.fileno(), self.nbytes, self.offset)
-        if len(data) != self.nbytes or xxhash.xxh3_64_hexdigest(data) != self.xxh3_64:
+            data = _pread_full(fh.fileno(), self.nbytes, self.offset, self.path)
+        if xxhash.xxh3_64_hexdigest(data) != self.xxh3_64:
             raise _reassembly_error(
                 f"{self.path}: bytes {self.offset}..{self.offset + self.nbytes} do not match their manifest checksum; "
                 "the folder is damaged (run `mertools verify`); nothing was written")
@@ -334,9 +352,11 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                             f"{int(dt.n_bytes)} bytes, the source had {info['dtype']} of {e - b} (converted at "
                             "extract); this folder cannot give the checkpoint back, use the original")
                     with open(dpath, "rb") as fh:
-                        data = os.pread(fh.fileno(), e - b, int(dt.data_offset))
-                    o.write(data, th)
-                    tick(len(data))
+                        for off in range(0, e - b, SEGMENT):  # memory flat, and no single read over Linux's cap
+                            data = _pread_full(fh.fileno(), min(SEGMENT, e - b - off), int(dt.data_offset) + off,
+                                               dpath)
+                            o.write(data, th)
+                            tick(len(data))
                 else:
                     raise _reassembly_error(f"{m.root}: tensor {name!r} of {f['name']} is neither in dense.gguf nor in "
                                             "the shards; this folder cannot give the checkpoint back")

@@ -339,3 +339,36 @@ def test_colliding_or_unexpected_names_in_the_record_are_refused(edit, st_extrac
     (f / "manifest.json").write_bytes(manifest_bytes(m))
     line = _refused(f, tmp_path, "--no-fsync", "-q")
     assert "malformed" in line and str(f) in line and "re-extract" in line
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss_mxfp4"])
+def test_short_reads_are_repeated_and_large_tensors_copied_in_pieces(name, monkeypatch, st_extracted, tmp_path):
+    """Linux returns at most 0x7ffff000 bytes from one pread (a dense tensor over 2 GiB came back short); a real file
+    that large is too big for the suite, so every pread here returns at most 61 bytes, and pieces are 4 KiB + 3."""
+    import mertools.st_reassemble as sr
+
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: real(fd, min(n, 61), off))
+    monkeypatch.setattr(sr, "SEGMENT", 4096 + 3)
+    r = reassemble(st_extracted(name), tmp_path / "back", fsync=False)
+    assert r.exact
+    for f in _shards(_src(name)):
+        assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False)
+
+
+def test_a_dense_gguf_that_ends_early_is_named(monkeypatch, st_extracted, tmp_path):
+    real = os.pread
+    f = _copy(st_extracted, "mixtral", tmp_path)
+    dense = os.path.realpath(f / "dense.gguf")
+
+    cut = (f / "dense.gguf").stat().st_size - 64
+
+    def shrunk(fd, n, off):  # dense.gguf as if cut short after its checks: nothing past its last 64 bytes' start
+        if os.path.realpath(f"/proc/self/fd/{fd}") == dense and off >= cut:
+            return b""
+        return real(fd, min(n, max(cut - off, 1)) if os.path.realpath(f"/proc/self/fd/{fd}") == dense else n, off)
+
+    monkeypatch.setattr(os, "pread", shrunk)
+    with pytest.raises(MertoolsError, match=r"dense\.gguf: ended at byte .*changed while being read"):
+        reassemble(f, tmp_path / "back", fsync=False)
+    assert not (tmp_path / "back").exists()

@@ -33,10 +33,10 @@ from mer_runtime.manifest import Manifest
 
 from .commit import flush_files
 from .errors import MertoolsError, OutputError
+from .sources.safetensors import DTYPES
 
 EXTRA_NAMES = ("config.json", "model.safetensors.index.json")
-_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEM = {k: v[0] for k, v in DTYPES.items()}  # bytes per element: the source reader's own table
 # "name", "name[e]", "name[e][:32]", "name[e][:, 1::2].T", "blocks+scales_suffix[e][0::2]"
 _SRC_RE = re.compile(r"^(?P<base>[^\[+]+)(?:\+(?P<scales>[^\[+.]+))?(?:\[(?P<e>\d+)\])?(?P<sel>\[[^\]]*\])?"
                      r"(?P<T>\.T)?$")
@@ -205,7 +205,7 @@ def _projections(m: Manifest) -> dict[str, list[_Proj]]:
     return out
 
 
-def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: list[_Proj]) -> Any:
+def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: list[_Proj], where: Path) -> Any:
     """The tensor's bytes, one expert's slice at a time, each transform undone."""
     if projs[0].e is None:  # a per-expert tensor is its one projection, as stored
         if len(projs) != 1 or projs[0].nbytes != nbytes:
@@ -221,6 +221,18 @@ def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: 
         raise _reassembly_error(f"tensor {name!r}: experts {sorted(by_e)} in the shards do not make up the source's "
                                 f"{shape}; the folder is damaged")
     mxfp4 = projs[0].scales is not None
+    # what the shards hold for each expert must be the header's size before anything of that size is allocated
+    if mxfp4:
+        fits = len(shape) >= 3 and shape[0] == n_exp and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 16))  # scales, blocks
+        per_e = int(shape[1]) * int(shape[2]) * 17 if fits else -1  # ggml: a scale byte + 16 code bytes per block
+    else:
+        per_e = nbytes // n_exp
+    bad = [e for e in range(n_exp) if sum(p.nbytes for p in by_e[e]) != per_e]
+    if bad:
+        raise _reassembly_error(f"{where}: tensor {name!r}: expert {bad[0]}'s projections hold "
+                                f"{sum(p.nbytes for p in by_e[bad[0]])} bytes, the recorded header's {dtype} "
+                                f"{shape} needs {per_e}; the record or the folder is damaged (extract the model "
+                                "again)")
     if mxfp4:
         is_scales = name == projs[0].scales
         for e in range(n_exp):
@@ -231,8 +243,11 @@ def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: 
         raise _reassembly_error(f"tensor {name!r}: source type {dtype} unknown to this version")
     per = nbytes // n_exp
     sub = [int(d) for d in shape[1:]] if shape and shape[0] == n_exp else None
-    if sub is None:  # DBRX's flat [E*F, H], viewed as [E, F, H]
+    if sub is None and shape and shape[0] % n_exp == 0:  # DBRX's flat [E*F, H], viewed as [E, F, H]
         sub = [int(shape[0]) // n_exp, *[int(d) for d in shape[1:]]]
+    if sub is None or int(np.prod(sub, dtype=object)) * item != per:
+        raise _reassembly_error(f"{where}: tensor {name!r}: its recorded shape {shape} cannot hold {n_exp} experts; "
+                                "the record is damaged (extract the model again)")
     udt = np.dtype(f"<u{item}")
     for e in range(n_exp):
         buf = np.zeros(per // item, udt).reshape(sub)
@@ -327,7 +342,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             outs.append(o)
             h0, hn = f["header"]
             head = blob[h0:h0 + hn]
-            header = _parse(head, f["name"])
+            header = _parse(head, f["name"], path)
             o.write(head)
             tick(hn)
             want = {n: x for n, x in f["tensors"]}
@@ -338,10 +353,14 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                                         "tensors; the record is damaged")
             for name, info in order:
                 b, e = info["data_offsets"]
+                if b != o.pos - hn:  # tensors tile the data section, as extract recorded them
+                    raise _reassembly_error(f"{path}: the recorded header of {f['name']} puts {name!r} at byte {b}, "
+                                            f"the tensor before it ends at {o.pos - hn}; the record is damaged "
+                                            "(extract the model again)")
                 th = xxhash.xxh3_64()
                 if name in projs:
                     used.add(name)
-                    for chunk in _expert_chunks(name, info["dtype"], info["shape"], e - b, projs[name]):
+                    for chunk in _expert_chunks(name, info["dtype"], info["shape"], e - b, projs[name], path):
                         o.write(memoryview(chunk), th)
                         tick(chunk.nbytes)
                 elif name in dense_t:
@@ -411,7 +430,9 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                             sum(o.pos for o in outs), time.perf_counter() - t0, notes)
 
 
-def _parse(head: bytes, name: str) -> dict[str, Any]:
+def _parse(head: bytes, name: str, where: Path) -> dict[str, Any]:
+    """The recorded header of shard ``name``, every tensor's offsets, type and shape consistent with each other (a
+    crafted record gives this one line, not a wrong message or an allocation of its made-up size)."""
     try:
         n = int.from_bytes(head[:8], "little")
         h = json.loads(head[8:8 + n].decode("utf-8"))
@@ -419,9 +440,13 @@ def _parse(head: bytes, name: str) -> dict[str, Any]:
         for k, v in h.items():
             if k != "__metadata__":
                 assert isinstance(v["data_offsets"], list) and len(v["data_offsets"]) == 2
-                assert all(type(x) is int and x >= 0 for x in v["data_offsets"])
-                assert isinstance(v["dtype"], str) and isinstance(v["shape"], list)
+                b, e = v["data_offsets"]
+                assert type(b) is int and type(e) is int and 0 <= b <= e
+                assert v["dtype"] in _ITEM and isinstance(v["shape"], list)
+                assert all(type(d) is int and d >= 0 for d in v["shape"])
+                assert int(np.prod(v["shape"], dtype=object)) * _ITEM[v["dtype"]] == e - b
         return h
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise _reassembly_error(f"the recorded header of {name} is not a safetensors header; the record is "
-                                "damaged") from None
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):  # RecursionError: nesting too deep
+        raise _reassembly_error(f"{where}: the recorded header of {name} is not a safetensors header this version "
+                                "reads, or its offsets do not match its types and shapes; the record is damaged "
+                                "(extract the model again)") from None

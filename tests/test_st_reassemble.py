@@ -372,3 +372,68 @@ def test_a_dense_gguf_that_ends_early_is_named(monkeypatch, st_extracted, tmp_pa
     with pytest.raises(MertoolsError, match=r"dense\.gguf: ended at byte .*changed while being read"):
         reassemble(f, tmp_path / "back", fsync=False)
     assert not (tmp_path / "back").exists()
+
+
+def _edit_recorded_header(folder: Path, edit) -> None:
+    """Rewrite the first shard's recorded header (edit gets its JSON, or returns raw JSON bytes to store instead) and
+    the record's size/xxh3, as a crafted folder would: only reassemble's own checks can catch it."""
+    import xxhash
+
+    m = json.loads((folder / "manifest.json").read_text())
+    rec = m["reassembly"]
+    blob = (folder / RECORD_NAME).read_bytes()
+    h0, hn = rec["files"][0]["header"]
+    n = int.from_bytes(blob[h0:h0 + 8], "little")
+    h = json.loads(blob[h0 + 8:h0 + 8 + n])
+    raw = edit(h) or json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = len(raw).to_bytes(8, "little") + raw
+    blob = blob[:h0] + head + blob[h0 + hn:]
+    rec["files"][0]["header"] = [h0, len(head)]
+    for x in rec["extra"]:
+        if x["at"][0] > h0:
+            x["at"][0] += len(head) - hn
+    (folder / RECORD_NAME).write_bytes(blob)
+    rec["size"], rec["xxh3_64"] = len(blob), xxhash.xxh3_64_hexdigest(blob)
+    (folder / "manifest.json").write_bytes(manifest_bytes(m))
+
+
+def _experts_key(h: dict) -> str:
+    return next(k for k in h if "experts.gate_up_proj" in k and "bias" not in k)
+
+
+def _swap_offsets(h: dict) -> None:
+    k = _experts_key(h)
+    h[k]["data_offsets"] = h[k]["data_offsets"][::-1]
+
+
+def _offsets_past_shape(h: dict) -> None:
+    k = _experts_key(h)
+    b = h[k]["data_offsets"][0]
+    h[k]["data_offsets"] = [b, b + (1 << 46)]
+
+
+def _huge_expert(h: dict) -> None:  # offsets and shape agree, but no shard holds anything of that size
+    k = _experts_key(h)
+    b = h[k]["data_offsets"][0]
+    h[k]["shape"] = [h[k]["shape"][0], 1 << 22, 1 << 20]
+    h[k]["data_offsets"] = [b, b + h[k]["shape"][0] * (1 << 42) * 2]
+
+
+def _unknown_dtype(h: dict) -> None:
+    h[_experts_key(h)]["dtype"] = "Q9"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_swap_offsets, "offsets do not match"),
+    (_offsets_past_shape, "offsets do not match"),
+    (_unknown_dtype, "offsets do not match"),
+    (_huge_expert, "projections hold"),
+    (lambda h: b'{"a": ' + b"[" * 200000 + b"]" * 200000 + b"}", "not a safetensors header"),
+], ids=["b-after-e", "bytes-not-shape", "unknown-dtype", "huge-expert", "deep-json"])
+def test_inconsistent_recorded_header_values_are_refused_in_one_line(edit, says, st_extracted, tmp_path):
+    f = _copy(st_extracted, "gpt_oss_bf16", tmp_path)
+    _edit_recorded_header(f, edit)
+    dest = tmp_path / "dest"
+    line = _one_line_refusal(_cli_live(f, dest), dest)
+    assert says in line and str(f) in line and "extract the model again" in line

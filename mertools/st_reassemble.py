@@ -11,7 +11,11 @@ back together from the projections that name it as their ``source``, each transf
 its projection; a stacked ``[E, ...]`` one is filled expert by expert, gate/up halves or even/odd positions put back
 in their place and transposes undone; MXFP4 ggml blocks are split back into ``*_blocks`` and ``*_scales``). Every
 projection is checked against its manifest xxh3 as read, every tensor against the record, every file against the
-source's xxh3, under a hidden temporary name renamed only when all of it matches. Memory holds one expert's slice of
+source's xxh3, under a hidden temporary name renamed only when all of it matches. A new output folder is written
+as a hidden sibling (``.DIR.mertools-tmp-*``) renamed to DIR in one step, so an interrupt leaves no DIR or the
+whole set; into an existing folder (``--overwrite``) the files are renamed one by one at the end, and an interrupt
+in that loop can leave a mix of old and new files, each of them complete (a kill before it leaves only hidden
+``.NAME.mertools-tmp-*`` files or the hidden sibling folder, safe to delete). Memory holds one expert's slice of
 one tensor at a time. Our own writer, not ``safetensors.save_file``: that one needs every tensor of a shard in memory
 at once and writes its own header, which would lose the source's bytes.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -325,7 +331,9 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             raise OutputError(f"{t}: exists and is not a file; choose another folder")
     projs = _projections(m)
     dense = _dense_reader(m)
-    made = False
+    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing
+    made = not out.exists()
+    dest = out.parent / f".{out.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if made else out
     outs: list[_Out] = []
     try:
         _check_dense(m)
@@ -334,11 +342,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         total = sum(int(f["size"]) for f in rec["files"])
         tick = progress(total, sum(len(f["tensors"]) for f in rec["files"])) if progress else (lambda n: None)
         used: set[str] = set()
-        if not out.exists():
-            out.mkdir()
-            made = True
+        if made:
+            dest.mkdir()
         for f in rec["files"]:
-            o = _Out(out / f["name"])
+            o = _Out(dest / f["name"])
             outs.append(o)
             h0, hn = f["header"]
             head = blob[h0:h0 + hn]
@@ -386,7 +393,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                                             f"(xxh3 {th.hexdigest()}, recorded {want[name]}); the folder is damaged")
             o.close()
             if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
-                raise _reassembly_error(f"{o.final}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is not the "
+                raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is not the "
                                         f"source's {f['xxh3_64']}; nothing was left behind")
         left = set(projs) - used
         if left:
@@ -398,25 +405,26 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             if xxhash.xxh3_64_hexdigest(data) != x["xxh3_64"]:
                 raise _reassembly_error(f"{path}: {x['name']}'s bytes do not match their checksum; the record is "
                                         "damaged")
-            o = _Out(out / x["name"])
+            o = _Out(dest / x["name"])
             outs.append(o)
             o.write(data)
             o.close()
         dense.guard.finish()  # type: ignore[attr-defined]
         if fsync:
             flush_files([o.tmp for o in outs])
-        for o in outs:
+        for o in outs:  # into an existing folder an interrupt here leaves each file complete, old or new
             os.replace(o.tmp, o.final)
+        if made:
+            if fsync:
+                flush_files([], {dest})
+            os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
         if fsync:
             flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:
         for o in outs:
             o.discard()
-        if made:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
+        if made and dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)  # made here, holding only our own files
         if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
             raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was left behind") from None
         raise
@@ -424,7 +432,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         dense.guard.close()  # type: ignore[attr-defined]
     notes = ["only the shards, the index and config.json come back: copy the tokenizer and other files from the "
              "source"]
-    return ReassembleResult([o.final for o in outs], True,
+    return ReassembleResult([out / o.final.name for o in outs], True,
                             "byte-identical to the source's shards (the reassembly record), checked by each shard's "
                             "xxh3", sum(len(f["tensors"]) for f in rec["files"]),
                             sum(o.pos for o in outs), time.perf_counter() - t0, notes)

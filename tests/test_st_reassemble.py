@@ -437,3 +437,44 @@ def test_inconsistent_recorded_header_values_are_refused_in_one_line(edit, says,
     dest = tmp_path / "dest"
     line = _one_line_refusal(_cli_live(f, dest), dest)
     assert says in line and str(f) in line and "extract the model again" in line
+
+
+def _interrupt_second_rename(monkeypatch) -> None:
+    real, calls = os.replace, []
+
+    def replace(a, b):  # Ctrl-C after the first output has its final name
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_an_interrupt_while_renaming_into_a_new_folder_leaves_nothing(monkeypatch, st_extracted, tmp_path):
+    folder = st_extracted("real/mixtral-bf16-sharded")
+    assert len(reassemble(folder, tmp_path / "probe", fsync=False).out) >= 2
+    (tmp_path / "dest").mkdir()
+    _interrupt_second_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reassemble(folder, tmp_path / "dest" / "back", fsync=False)
+    assert list((tmp_path / "dest").iterdir()) == []  # neither a partial set nor the hidden staging folder
+    monkeypatch.undo()
+    r = reassemble(folder, tmp_path / "dest" / "back", fsync=False)
+    assert all(p.parent == tmp_path / "dest" / "back" and p.is_file() for p in r.out)
+    assert sorted(p.name for p in (tmp_path / "dest" / "back").iterdir()) == sorted(p.name for p in r.out)
+    for f in _shards(_src("real/mixtral-bf16-sharded")):
+        assert filecmp.cmp(f, tmp_path / "dest" / "back" / f.name, shallow=False)
+
+
+def test_an_interrupt_while_renaming_over_an_existing_folder_leaves_complete_files(monkeypatch, st_extracted,
+                                                                                      tmp_path):
+    """The documented limit: old and new files may be mixed, each complete; no temporary file is left."""
+    folder = st_extracted("real/mixtral-bf16-sharded")
+    back = tmp_path / "back"
+    r = reassemble(folder, back, fsync=False)
+    before = {p.name: p.read_bytes() for p in r.out}
+    _interrupt_second_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reassemble(folder, back, fsync=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in back.iterdir()} == before  # same bytes: each file complete

@@ -229,7 +229,8 @@ def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: 
     mxfp4 = projs[0].scales is not None
     # what the shards hold for each expert must be the header's size before anything of that size is allocated
     if mxfp4:
-        fits = len(shape) >= 3 and shape[0] == n_exp and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 16))  # scales, blocks
+        # *_scales [E, rows, nblk] or *_blocks [E, rows, nblk, 16]
+        fits = len(shape) >= 3 and shape[0] == n_exp and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 16))
         per_e = int(shape[1]) * int(shape[2]) * 17 if fits else -1  # ggml: a scale byte + 16 code bytes per block
     else:
         per_e = nbytes // n_exp
@@ -393,8 +394,8 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                                             f"(xxh3 {th.hexdigest()}, recorded {want[name]}); the folder is damaged")
             o.close()
             if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
-                raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is not the "
-                                        f"source's {f['xxh3_64']}; nothing was left behind")
+                raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is "
+                                        f"not the source's {f['xxh3_64']}; nothing was left behind")
         left = set(projs) - used
         if left:
             raise _reassembly_error(f"{m.root}: the shards hold {', '.join(sorted(left)[:3])} which the source's "

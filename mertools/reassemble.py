@@ -327,17 +327,42 @@ def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
     rec = m.raw.get("reassembly")
     if not isinstance(rec, dict):
         return None
-    path = m.root / str(rec.get("path", RECORD_NAME))
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        raise ReassemblyError(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)") from None
-    if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
-        raise ReassemblyError(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    path, blob = read_record(m, rec)
     if not _record_well_formed(rec, len(blob)):
         raise ReassemblyError(f"{m.root}: the manifest's reassembly field is malformed; re-extract the model, or "
                               "remove the field to get a tensor-identical rebuild")
     return rec, blob
+
+
+RECORD_LIMIT = 1 << 30  # shard headers, config and index: megabytes for the largest checkpoints; never a GiB
+
+
+def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:
+    """(path, bytes) of the reassembly record ``rec`` names, checked by its size and xxh3 before anything trusts it.
+
+    The path is a plain name in the folder (verify's rule: no ``/``, no leading ``.``), the size a bounded int, and
+    the file is read as a regular file of exactly that size: an absolute path (``/dev/zero``), ``..``, a FIFO or a
+    file longer than the manifest says is refused with one line instead of a read without end or a hang.
+
+    >>> read_record(load_manifest("out/"), load_manifest("out/").raw["reassembly"])[0].name  # doctest: +SKIP
+    'reassembly.dat'
+    """
+    from mer_runtime.safeopen import read_regular
+
+    rel, size = rec.get("path", RECORD_NAME), rec.get("size")
+    if not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel or "\0" in rel or rel.startswith("."):
+        raise ReassemblyError(f"{m.root}: the reassembly record's path {rel!r} is not a file name in the folder; "
+                              "the manifest is damaged (run `mertools verify`, or extract the model again)")
+    if type(size) is not int or not 0 <= size <= RECORD_LIMIT:
+        raise ReassemblyError(f"{m.root}: the reassembly record's size {size!r} is not a byte count up to "
+                              f"{RECORD_LIMIT}; the manifest is damaged (run `mertools verify`, or extract the model "
+                              "again)")
+    path = m.root / rel
+    blob = read_regular(path, size, error=ReassemblyError,
+                        hint="the reassembly record is damaged (run `mertools verify`, or extract the model again)")
+    if len(blob) != size or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
+        raise ReassemblyError(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    return path, blob
 
 
 def _record_well_formed(rec: dict[str, Any], blob_len: int) -> bool:

@@ -11,7 +11,11 @@ back together from the projections that name it as their ``source``, each transf
 its projection; a stacked ``[E, ...]`` one is filled expert by expert, gate/up halves or even/odd positions put back
 in their place and transposes undone; MXFP4 ggml blocks are split back into ``*_blocks`` and ``*_scales``). Every
 projection is checked against its manifest xxh3 as read, every tensor against the record, every file against the
-source's xxh3, under a hidden temporary name renamed only when all of it matches. Memory holds one expert's slice of
+source's xxh3, under a hidden temporary name renamed only when all of it matches. A new output folder is written
+as a hidden sibling (``.DIR.mertools-tmp-*``) renamed to DIR in one step, so an interrupt leaves no DIR or the
+whole set; into an existing folder (``--overwrite``) the files are renamed one by one at the end, and an interrupt
+in that loop can leave a mix of old and new files, each of them complete (a kill before it leaves only hidden
+``.NAME.mertools-tmp-*`` files or the hidden sibling folder, safe to delete). Memory holds one expert's slice of
 one tensor at a time. Our own writer, not ``safetensors.save_file``: that one needs every tensor of a shard in memory
 at once and writes its own header, which would lose the source's bytes.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -33,10 +39,10 @@ from mer_runtime.manifest import Manifest
 
 from .commit import flush_files
 from .errors import MertoolsError, OutputError
+from .sources.safetensors import DTYPES
 
 EXTRA_NAMES = ("config.json", "model.safetensors.index.json")
-_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEM = {k: v[0] for k, v in DTYPES.items()}  # bytes per element: the source reader's own table
 # "name", "name[e]", "name[e][:32]", "name[e][:, 1::2].T", "blocks+scales_suffix[e][0::2]"
 _SRC_RE = re.compile(r"^(?P<base>[^\[+]+)(?:\+(?P<scales>[^\[+.]+))?(?:\[(?P<e>\d+)\])?(?P<sel>\[[^\]]*\])?"
                      r"(?P<T>\.T)?$")
@@ -123,8 +129,30 @@ def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
                 and all(isinstance(t, list) and len(t) == 2 and all(isinstance(v, str) for v in t)
                         for t in f["tensors"])):
             return False
-    return all(isinstance(x, dict) and plain(x.get("name")) and span(x.get("at")) and isinstance(x.get("xxh3_64"), str)
-               for x in extra)
+    if not all(isinstance(x, dict) and x.get("name") in EXTRA_NAMES and span(x.get("at"))
+               and isinstance(x.get("xxh3_64"), str) for x in extra):
+        return False
+    # every output is its own file: two entries of one name would write one over the other and report success
+    names = [f["name"] for f in files] + [x["name"] for x in extra]
+    return len(set(names)) == len(names) and all(f["name"].endswith(".safetensors") for f in files)
+
+
+SEGMENT = 64 << 20  # a dense tensor is copied in pieces of this size
+
+
+def _pread_full(fd: int, n: int, off: int, path: Path) -> bytes:
+    """Exactly ``n`` bytes at ``off``: one pread may return fewer (Linux caps one read at 0x7ffff000 bytes), so it is
+    repeated; a read of 0 bytes means the file ended early (it shrank after it was checked)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, off + got)
+        if not b:
+            raise _reassembly_error(f"{path}: ended at byte {off + got}, {n - got} bytes short of what the manifest "
+                                    "lists (changed while being read?); the folder is damaged (run `mertools "
+                                    "verify`); nothing was written")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # -- putting expert tensors back -------------------------------------------------------------------------------------
@@ -139,8 +167,8 @@ class _Proj:
 
     def read(self) -> np.ndarray:
         with open(self.path, "rb") as fh:
-            data = os.pread(fh.fileno(), self.nbytes, self.offset)
-        if len(data) != self.nbytes or xxhash.xxh3_64_hexdigest(data) != self.xxh3_64:
+            data = _pread_full(fh.fileno(), self.nbytes, self.offset, self.path)
+        if xxhash.xxh3_64_hexdigest(data) != self.xxh3_64:
             raise _reassembly_error(
                 f"{self.path}: bytes {self.offset}..{self.offset + self.nbytes} do not match their manifest checksum; "
                 "the folder is damaged (run `mertools verify`); nothing was written")
@@ -183,7 +211,7 @@ def _projections(m: Manifest) -> dict[str, list[_Proj]]:
     return out
 
 
-def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: list[_Proj]) -> Any:
+def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: list[_Proj], where: Path) -> Any:
     """The tensor's bytes, one expert's slice at a time, each transform undone."""
     if projs[0].e is None:  # a per-expert tensor is its one projection, as stored
         if len(projs) != 1 or projs[0].nbytes != nbytes:
@@ -199,6 +227,19 @@ def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: 
         raise _reassembly_error(f"tensor {name!r}: experts {sorted(by_e)} in the shards do not make up the source's "
                                 f"{shape}; the folder is damaged")
     mxfp4 = projs[0].scales is not None
+    # what the shards hold for each expert must be the header's size before anything of that size is allocated
+    if mxfp4:
+        # *_scales [E, rows, nblk] or *_blocks [E, rows, nblk, 16]
+        fits = len(shape) >= 3 and shape[0] == n_exp and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 16))
+        per_e = int(shape[1]) * int(shape[2]) * 17 if fits else -1  # ggml: a scale byte + 16 code bytes per block
+    else:
+        per_e = nbytes // n_exp
+    bad = [e for e in range(n_exp) if sum(p.nbytes for p in by_e[e]) != per_e]
+    if bad:
+        raise _reassembly_error(f"{where}: tensor {name!r}: expert {bad[0]}'s projections hold "
+                                f"{sum(p.nbytes for p in by_e[bad[0]])} bytes, the recorded header's {dtype} "
+                                f"{shape} needs {per_e}; the record or the folder is damaged (extract the model "
+                                "again)")
     if mxfp4:
         is_scales = name == projs[0].scales
         for e in range(n_exp):
@@ -209,8 +250,11 @@ def _expert_chunks(name: str, dtype: str, shape: list[int], nbytes: int, projs: 
         raise _reassembly_error(f"tensor {name!r}: source type {dtype} unknown to this version")
     per = nbytes // n_exp
     sub = [int(d) for d in shape[1:]] if shape and shape[0] == n_exp else None
-    if sub is None:  # DBRX's flat [E*F, H], viewed as [E, F, H]
+    if sub is None and shape and shape[0] % n_exp == 0:  # DBRX's flat [E*F, H], viewed as [E, F, H]
         sub = [int(shape[0]) // n_exp, *[int(d) for d in shape[1:]]]
+    if sub is None or int(np.prod(sub, dtype=object)) * item != per:
+        raise _reassembly_error(f"{where}: tensor {name!r}: its recorded shape {shape} cannot hold {n_exp} experts; "
+                                "the record is damaged (extract the model again)")
     udt = np.dtype(f"<u{item}")
     for e in range(n_exp):
         buf = np.zeros(per // item, udt).reshape(sub)
@@ -268,17 +312,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     >>> reassemble("out/", "mixtral-again/").exact           # doctest: +SKIP
     True
     """
-    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out
+    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out, read_record
 
     rec = m.raw["reassembly"]
-    path = m.root / str(rec.get("path", ""))
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        raise _reassembly_error(f"{path}: missing or unreadable; the folder is damaged (run `mertools verify`)"
-                                ) from None
-    if len(blob) != rec.get("size") or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
-        raise _reassembly_error(f"{path}: checksum mismatch; the reassembly record is damaged (run `mertools verify`)")
+    path, blob = read_record(m, rec)
     if not _well_formed(rec, len(blob)):
         raise _reassembly_error(f"{m.root}: the manifest's reassembly field is malformed; re-extract the model")
     if out.exists() and not out.is_dir():
@@ -295,7 +332,9 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             raise OutputError(f"{t}: exists and is not a file; choose another folder")
     projs = _projections(m)
     dense = _dense_reader(m)
-    made = False
+    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing
+    made = not out.exists()
+    dest = out.parent / f".{out.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if made else out
     outs: list[_Out] = []
     try:
         _check_dense(m)
@@ -304,15 +343,14 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         total = sum(int(f["size"]) for f in rec["files"])
         tick = progress(total, sum(len(f["tensors"]) for f in rec["files"])) if progress else (lambda n: None)
         used: set[str] = set()
-        if not out.exists():
-            out.mkdir()
-            made = True
+        if made:
+            dest.mkdir()
         for f in rec["files"]:
-            o = _Out(out / f["name"])
+            o = _Out(dest / f["name"])
             outs.append(o)
             h0, hn = f["header"]
             head = blob[h0:h0 + hn]
-            header = _parse(head, f["name"])
+            header = _parse(head, f["name"], path)
             o.write(head)
             tick(hn)
             want = {n: x for n, x in f["tensors"]}
@@ -323,10 +361,14 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                                         "tensors; the record is damaged")
             for name, info in order:
                 b, e = info["data_offsets"]
+                if b != o.pos - hn:  # tensors tile the data section, as extract recorded them
+                    raise _reassembly_error(f"{path}: the recorded header of {f['name']} puts {name!r} at byte {b}, "
+                                            f"the tensor before it ends at {o.pos - hn}; the record is damaged "
+                                            "(extract the model again)")
                 th = xxhash.xxh3_64()
                 if name in projs:
                     used.add(name)
-                    for chunk in _expert_chunks(name, info["dtype"], info["shape"], e - b, projs[name]):
+                    for chunk in _expert_chunks(name, info["dtype"], info["shape"], e - b, projs[name], path):
                         o.write(memoryview(chunk), th)
                         tick(chunk.nbytes)
                 elif name in dense_t:
@@ -337,9 +379,11 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                             f"{int(dt.n_bytes)} bytes, the source had {info['dtype']} of {e - b} (converted at "
                             "extract); this folder cannot give the checkpoint back, use the original")
                     with open(dpath, "rb") as fh:
-                        data = os.pread(fh.fileno(), e - b, int(dt.data_offset))
-                    o.write(data, th)
-                    tick(len(data))
+                        for off in range(0, e - b, SEGMENT):  # memory flat, and no single read over Linux's cap
+                            data = _pread_full(fh.fileno(), min(SEGMENT, e - b - off), int(dt.data_offset) + off,
+                                               dpath)
+                            o.write(data, th)
+                            tick(len(data))
                 else:
                     raise _reassembly_error(f"{m.root}: tensor {name!r} of {f['name']} is neither in dense.gguf nor in "
                                             "the shards; this folder cannot give the checkpoint back")
@@ -350,8 +394,8 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                                             f"(xxh3 {th.hexdigest()}, recorded {want[name]}); the folder is damaged")
             o.close()
             if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
-                raise _reassembly_error(f"{o.final}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is not the "
-                                        f"source's {f['xxh3_64']}; nothing was left behind")
+                raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is "
+                                        f"not the source's {f['xxh3_64']}; nothing was left behind")
         left = set(projs) - used
         if left:
             raise _reassembly_error(f"{m.root}: the shards hold {', '.join(sorted(left)[:3])} which the source's "
@@ -362,25 +406,26 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             if xxhash.xxh3_64_hexdigest(data) != x["xxh3_64"]:
                 raise _reassembly_error(f"{path}: {x['name']}'s bytes do not match their checksum; the record is "
                                         "damaged")
-            o = _Out(out / x["name"])
+            o = _Out(dest / x["name"])
             outs.append(o)
             o.write(data)
             o.close()
         dense.guard.finish()  # type: ignore[attr-defined]
         if fsync:
             flush_files([o.tmp for o in outs])
-        for o in outs:
+        for o in outs:  # into an existing folder an interrupt here leaves each file complete, old or new
             os.replace(o.tmp, o.final)
+        if made:
+            if fsync:
+                flush_files([], {dest})
+            os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
         if fsync:
             flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:
         for o in outs:
             o.discard()
-        if made:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
+        if made and dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)  # made here, holding only our own files
         if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
             raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was left behind") from None
         raise
@@ -388,13 +433,15 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         dense.guard.close()  # type: ignore[attr-defined]
     notes = ["only the shards, the index and config.json come back: copy the tokenizer and other files from the "
              "source"]
-    return ReassembleResult([o.final for o in outs], True,
+    return ReassembleResult([out / o.final.name for o in outs], True,
                             "byte-identical to the source's shards (the reassembly record), checked by each shard's "
                             "xxh3", sum(len(f["tensors"]) for f in rec["files"]),
                             sum(o.pos for o in outs), time.perf_counter() - t0, notes)
 
 
-def _parse(head: bytes, name: str) -> dict[str, Any]:
+def _parse(head: bytes, name: str, where: Path) -> dict[str, Any]:
+    """The recorded header of shard ``name``, every tensor's offsets, type and shape consistent with each other (a
+    crafted record gives this one line, not a wrong message or an allocation of its made-up size)."""
     try:
         n = int.from_bytes(head[:8], "little")
         h = json.loads(head[8:8 + n].decode("utf-8"))
@@ -402,9 +449,13 @@ def _parse(head: bytes, name: str) -> dict[str, Any]:
         for k, v in h.items():
             if k != "__metadata__":
                 assert isinstance(v["data_offsets"], list) and len(v["data_offsets"]) == 2
-                assert all(type(x) is int and x >= 0 for x in v["data_offsets"])
-                assert isinstance(v["dtype"], str) and isinstance(v["shape"], list)
+                b, e = v["data_offsets"]
+                assert type(b) is int and type(e) is int and 0 <= b <= e
+                assert v["dtype"] in _ITEM and isinstance(v["shape"], list)
+                assert all(type(d) is int and d >= 0 for d in v["shape"])
+                assert int(np.prod(v["shape"], dtype=object)) * _ITEM[v["dtype"]] == e - b
         return h
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise _reassembly_error(f"the recorded header of {name} is not a safetensors header; the record is "
-                                "damaged") from None
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):  # RecursionError: nesting too deep
+        raise _reassembly_error(f"{where}: the recorded header of {name} is not a safetensors header this version "
+                                "reads, or its offsets do not match its types and shapes; the record is damaged "
+                                "(extract the model again)") from None

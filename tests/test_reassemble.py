@@ -215,3 +215,37 @@ def test_hostile_source_name_is_refused(extracted, tmp_path):
     with pytest.raises(MertoolsError, match="not plain file names"):
         reassemble(f, tmp_path / "o", fsync=False)
     assert list((tmp_path / "o").iterdir()) == [] and not (tmp_path.parent / "evil.gguf").exists()
+
+
+@pytest.mark.parametrize("how", ["dev-zero", "dotdot", "fifo", "size-short"])
+def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, extracted, tmp_path):
+    """Liveness-bounded (a read of /dev/zero or a FIFO must end) and memory-limited (a regression fails the test, not
+    the machine)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
+    m = json.loads((f / "manifest.json").read_text())
+    if how == "dev-zero":
+        m["reassembly"]["path"] = "/dev/zero"
+    elif how == "dotdot":
+        shutil.copy(f / RECORD_NAME, tmp_path / RECORD_NAME)
+        m["reassembly"]["path"] = "../" + RECORD_NAME
+    elif how == "fifo":
+        (f / RECORD_NAME).unlink()
+        os.mkfifo(f / RECORD_NAME)
+    else:
+        m["reassembly"]["size"] -= 1
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    (tmp_path / "o").mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
+                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "reassembly record" in lines[0], p.stderr[-2000:]
+    assert list((tmp_path / "o").iterdir()) == []

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +268,213 @@ def test_verify_checks_the_record(st_extracted, tmp_path):
     _flip(f / RECORD_NAME, 3)
     p = run_cli("verify", f)
     assert p.returncode != 0 and RECORD_NAME in p.stdout + p.stderr
+
+
+def _cli_live(folder: Path, dest: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The real CLI, with a liveness bound (a read of /dev/zero or a FIFO must end, not wait) and an address-space
+    limit, so that a regression fails the test instead of filling the machine's memory."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    return subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(folder), str(dest), "-q",
+                           "--no-fsync", *extra], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+
+
+def _one_line_refusal(p: subprocess.CompletedProcess, dest: Path) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not dest.exists() or list(dest.iterdir()) == []
+    return lines[0]
+
+
+def _edit_record_field(folder: Path, key: str, value: object) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m["reassembly"][key] = value
+    (folder / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+
+
+@pytest.mark.parametrize("how", ["dev-zero", "dotdot", "fifo", "size-short", "size-huge", "size-not-int"])
+def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, st_extracted, tmp_path):
+    f = _copy(st_extracted, "mixtral", tmp_path)
+    size = (f / RECORD_NAME).stat().st_size
+    if how == "dev-zero":
+        _edit_record_field(f, "path", "/dev/zero")
+    elif how == "dotdot":
+        shutil.copy(f / RECORD_NAME, tmp_path / RECORD_NAME)  # a valid record outside the folder is still refused
+        _edit_record_field(f, "path", "../" + RECORD_NAME)
+    elif how == "fifo":
+        (f / RECORD_NAME).unlink()
+        os.mkfifo(f / RECORD_NAME)
+    elif how == "size-short":  # the file is longer than the manifest says: not read past that
+        _edit_record_field(f, "size", size - 1)
+    elif how == "size-huge":
+        _edit_record_field(f, "size", 1 << 62)
+    else:
+        _edit_record_field(f, "size", float(size))
+    dest = tmp_path / "dest"
+    line = _one_line_refusal(_cli_live(f, dest), dest)
+    assert "reassembly record" in line and ("verify" in line or "extract" in line)
+    if how == "fifo":
+        assert "FIFO" in line
+
+
+def _dup_shard(rec: dict) -> None:
+    rec["files"].append(dict(rec["files"][0]))
+
+
+@pytest.mark.parametrize("edit", [
+    _dup_shard,
+    lambda r: r["extra"][0].__setitem__("name", r["files"][0]["name"]),   # config.json written as the shard's name
+    lambda r: r["extra"].append(dict(r["extra"][0])),
+    lambda r: r["extra"][0].__setitem__("name", "evil.py"),
+    lambda r: r["files"][0].__setitem__("name", "model.bin"),
+    lambda r: r["files"][0].__setitem__("name", ".hidden.safetensors"),
+    lambda r: r["files"][0].__setitem__("name", "../evil.safetensors"),
+], ids=["dup-shard", "extra-as-shard", "dup-extra", "unknown-extra", "not-safetensors", "hidden", "dotdot"])
+def test_colliding_or_unexpected_names_in_the_record_are_refused(edit, st_extracted, tmp_path):
+    f = _copy(st_extracted, "gpt_oss_bf16", tmp_path)
+    m = json.loads((f / "manifest.json").read_text())
+    edit(m["reassembly"])
+    (f / "manifest.json").write_bytes(manifest_bytes(m))
+    line = _refused(f, tmp_path, "--no-fsync", "-q")
+    assert "malformed" in line and str(f) in line and "re-extract" in line
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss_mxfp4"])
+def test_short_reads_are_repeated_and_large_tensors_copied_in_pieces(name, monkeypatch, st_extracted, tmp_path):
+    """Linux returns at most 0x7ffff000 bytes from one pread (a dense tensor over 2 GiB came back short); a real file
+    that large is too big for the suite, so every pread here returns at most 61 bytes, and pieces are 4 KiB + 3."""
+    import mertools.st_reassemble as sr
+
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: real(fd, min(n, 61), off))
+    monkeypatch.setattr(sr, "SEGMENT", 4096 + 3)
+    r = reassemble(st_extracted(name), tmp_path / "back", fsync=False)
+    assert r.exact
+    for f in _shards(_src(name)):
+        assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False)
+
+
+def test_a_dense_gguf_that_ends_early_is_named(monkeypatch, st_extracted, tmp_path):
+    real = os.pread
+    f = _copy(st_extracted, "mixtral", tmp_path)
+    dense = os.path.realpath(f / "dense.gguf")
+
+    cut = (f / "dense.gguf").stat().st_size - 64
+
+    def shrunk(fd, n, off):  # dense.gguf as if cut short after its checks: nothing past its last 64 bytes' start
+        if os.path.realpath(f"/proc/self/fd/{fd}") == dense and off >= cut:
+            return b""
+        return real(fd, min(n, max(cut - off, 1)) if os.path.realpath(f"/proc/self/fd/{fd}") == dense else n, off)
+
+    monkeypatch.setattr(os, "pread", shrunk)
+    with pytest.raises(MertoolsError, match=r"dense\.gguf: ended at byte .*changed while being read"):
+        reassemble(f, tmp_path / "back", fsync=False)
+    assert not (tmp_path / "back").exists()
+
+
+def _edit_recorded_header(folder: Path, edit) -> None:
+    """Rewrite the first shard's recorded header (edit gets its JSON, or returns raw JSON bytes to store instead) and
+    the record's size/xxh3, as a crafted folder would: only reassemble's own checks can catch it."""
+    import xxhash
+
+    m = json.loads((folder / "manifest.json").read_text())
+    rec = m["reassembly"]
+    blob = (folder / RECORD_NAME).read_bytes()
+    h0, hn = rec["files"][0]["header"]
+    n = int.from_bytes(blob[h0:h0 + 8], "little")
+    h = json.loads(blob[h0 + 8:h0 + 8 + n])
+    raw = edit(h) or json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = len(raw).to_bytes(8, "little") + raw
+    blob = blob[:h0] + head + blob[h0 + hn:]
+    rec["files"][0]["header"] = [h0, len(head)]
+    for x in rec["extra"]:
+        if x["at"][0] > h0:
+            x["at"][0] += len(head) - hn
+    (folder / RECORD_NAME).write_bytes(blob)
+    rec["size"], rec["xxh3_64"] = len(blob), xxhash.xxh3_64_hexdigest(blob)
+    (folder / "manifest.json").write_bytes(manifest_bytes(m))
+
+
+def _experts_key(h: dict) -> str:
+    return next(k for k in h if "experts.gate_up_proj" in k and "bias" not in k)
+
+
+def _swap_offsets(h: dict) -> None:
+    k = _experts_key(h)
+    h[k]["data_offsets"] = h[k]["data_offsets"][::-1]
+
+
+def _offsets_past_shape(h: dict) -> None:
+    k = _experts_key(h)
+    b = h[k]["data_offsets"][0]
+    h[k]["data_offsets"] = [b, b + (1 << 46)]
+
+
+def _huge_expert(h: dict) -> None:  # offsets and shape agree, but no shard holds anything of that size
+    k = _experts_key(h)
+    b = h[k]["data_offsets"][0]
+    h[k]["shape"] = [h[k]["shape"][0], 1 << 22, 1 << 20]
+    h[k]["data_offsets"] = [b, b + h[k]["shape"][0] * (1 << 42) * 2]
+
+
+def _unknown_dtype(h: dict) -> None:
+    h[_experts_key(h)]["dtype"] = "Q9"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_swap_offsets, "offsets do not match"),
+    (_offsets_past_shape, "offsets do not match"),
+    (_unknown_dtype, "offsets do not match"),
+    (_huge_expert, "projections hold"),
+    (lambda h: b'{"a": ' + b"[" * 200000 + b"]" * 200000 + b"}", "not a safetensors header"),
+], ids=["b-after-e", "bytes-not-shape", "unknown-dtype", "huge-expert", "deep-json"])
+def test_inconsistent_recorded_header_values_are_refused_in_one_line(edit, says, st_extracted, tmp_path):
+    f = _copy(st_extracted, "gpt_oss_bf16", tmp_path)
+    _edit_recorded_header(f, edit)
+    dest = tmp_path / "dest"
+    line = _one_line_refusal(_cli_live(f, dest), dest)
+    assert says in line and str(f) in line and "extract the model again" in line
+
+
+def _interrupt_second_rename(monkeypatch) -> None:
+    real, calls = os.replace, []
+
+    def replace(a, b):  # Ctrl-C after the first output has its final name
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_an_interrupt_while_renaming_into_a_new_folder_leaves_nothing(monkeypatch, st_extracted, tmp_path):
+    folder = st_extracted("real/mixtral-bf16-sharded")
+    assert len(reassemble(folder, tmp_path / "probe", fsync=False).out) >= 2
+    (tmp_path / "dest").mkdir()
+    _interrupt_second_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reassemble(folder, tmp_path / "dest" / "back", fsync=False)
+    assert list((tmp_path / "dest").iterdir()) == []  # neither a partial set nor the hidden staging folder
+    monkeypatch.undo()
+    r = reassemble(folder, tmp_path / "dest" / "back", fsync=False)
+    assert all(p.parent == tmp_path / "dest" / "back" and p.is_file() for p in r.out)
+    assert sorted(p.name for p in (tmp_path / "dest" / "back").iterdir()) == sorted(p.name for p in r.out)
+    for f in _shards(_src("real/mixtral-bf16-sharded")):
+        assert filecmp.cmp(f, tmp_path / "dest" / "back" / f.name, shallow=False)
+
+
+def test_an_interrupt_while_renaming_over_an_existing_folder_leaves_complete_files(monkeypatch, st_extracted,
+                                                                                      tmp_path):
+    """The documented limit: old and new files may be mixed, each complete; no temporary file is left."""
+    folder = st_extracted("real/mixtral-bf16-sharded")
+    back = tmp_path / "back"
+    r = reassemble(folder, back, fsync=False)
+    before = {p.name: p.read_bytes() for p in r.out}
+    _interrupt_second_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reassemble(folder, back, fsync=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in back.iterdir()} == before  # same bytes: each file complete

@@ -118,6 +118,36 @@ def env(hub, tmp_path):
     return hub.env(tmp_path / "hf-home")
 
 
+def st_folder(name: str) -> Path:
+    """A SafeTensors fixture checkpoint: "real/NAME" (made by transformers) or a generated one."""
+    st = FIX / "safetensors"
+    return st / name if name.startswith("real/") else st / "gen" / name
+
+
+@pytest.fixture(scope="module")
+def st_extracted(tmp_path_factory):
+    """get(name, dtype=None): the fixture checkpoint `name` extracted once per module (no fsync)."""
+    from mertools import extract
+
+    cache: dict[tuple[str, str | None], Path] = {}
+
+    def get(name: str, dtype: str | None = None) -> Path:
+        if (name, dtype) not in cache:
+            out = tmp_path_factory.mktemp("st") / name.replace("/", "_")
+            extract(st_folder(name), out, fsync=False, dtype=dtype)
+            cache[(name, dtype)] = out
+        return cache[(name, dtype)]
+
+    return get
+
+
+def shard_bytes(out: Path, entry, role: str) -> bytes:
+    """The bytes of projection `role` of manifest entry `entry` in the shard folder `out`."""
+    t = entry.tensors[role]
+    with open(out / entry.path, "rb") as fh:
+        fh.seek(t.offset)
+        return fh.read(t.nbytes)
+
 # Test modules none of whose tests reaches a kernel: CI's second pass (`MER_KERNELS=numpy`: the NumPy kernels that
 # users without a C compiler get) deselects them with `-m "not kernel_free"`, as they would run the very same code
 # twice. Found by tracing every call of mer_runtime.kernels' entry points (matvec, moe, expert_ffn,

@@ -26,6 +26,7 @@ from mer_runtime import uring
 from mer_runtime.buffers import BufferPool
 from mer_runtime.errors import ShardIOError
 from mer_runtime.loader import open_loader
+from test_spec_thread import close_within, second_interrupt
 
 BLOCK = 4096
 
@@ -71,7 +72,6 @@ def test_a_waiter_in_an_interrupted_close_gets_its_read_or_a_closed_error(tmp_pa
     names the interrupt (never "a bug", never a hang), the fds stay accounted for, and the next close() finishes."""
     if uring.probe():
         pytest.skip(uring.probe())
-    import mer_runtime.loader as loader_mod
 
     data, a, b = _files(tmp_path, 21)
     fds = set(os.listdir("/proc/self/fd"))
@@ -102,31 +102,7 @@ def test_a_waiter_in_an_interrupted_close_gets_its_read_or_a_closed_error(tmp_pa
             raise KeyboardInterrupt  # the first Ctrl-C: while close() waits for the reads with the kernel
         return real(nr, *args)
 
-    fired: list = []
-    if where == "judge":
-        real_closed, judged = loader_mod._closed_error, []
-
-        def closed_error(path, why=None, **kw):
-            if why is not None and loader._closed and not fired and threading.current_thread() is closer:
-                judged.append(path)
-                if len(judged) == nth:
-                    fired.append(path)
-                    raise KeyboardInterrupt  # the second Ctrl-C: before that read is failed
-            return real_closed(path, why, **kw)
-
-        monkeypatch.setattr(loader_mod, "_closed_error", closed_error)
-    else:
-        real_note, returned = loader._note, []
-
-        def note(*event):
-            real_note(*event)
-            if event[0] == "returned" and loader._closed and not fired and threading.current_thread() is closer:
-                returned.append(event)
-                if len(returned) == nth:
-                    fired.append(event)
-                    raise KeyboardInterrupt  # the second Ctrl-C: part-way through taking back the chunks
-
-        monkeypatch.setattr(loader, "_note", note)
+    fired = second_interrupt(monkeypatch, loader, where, nth, thread=closer)
     part_box: list = []
     try:
         monkeypatch.setattr(uring, "_syscall", syscall)
@@ -160,11 +136,7 @@ def test_a_waiter_in_an_interrupted_close_gets_its_read_or_a_closed_error(tmp_pa
         loader.close()  # a no-op
     finally:
         monkeypatch.undo()
-        last = threading.Thread(target=loader.close, daemon=True)  # a hang fails the test, not the session
-        last.start()
-        last.join(30)
-        if not last.is_alive():
-            pool.close()
+        close_within(loader, pool)
 
 
 def test_a_ready_poll_after_an_interrupted_close_never_reports_a_part_read_whole(tmp_path, monkeypatch):

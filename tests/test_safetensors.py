@@ -23,7 +23,7 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 from safetensors import safe_open
 
-from conftest import FIX, ROOT, run_cli
+from conftest import FIX, ROOT, run_cli, shard_bytes, st_folder
 from mer_runtime import load_manifest, open_shards
 
 ST = FIX / "safetensors"
@@ -34,8 +34,7 @@ FP8 = "deepseek_v3_fp8"
 NATIVE = [n for n in GEN_ALL if n != FP8] + ["real/mixtral-bf16-sharded", "real/gptoss-bf16"]
 
 
-def folder(name: str) -> Path:
-    return ST / name if name.startswith("real/") else GEN / name
+folder = st_folder
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
@@ -149,27 +148,7 @@ def _mxfp4_values(t, L, e, role):
     return vals if role == "down" else vals[0::2] if role == "gate" else vals[1::2]
 
 
-@pytest.fixture(scope="module")
-def st_extracted(tmp_path_factory):
-    from mertools import extract
 
-    cache: dict[tuple[str, str | None], Path] = {}
-
-    def get(name: str, dtype: str | None = None) -> Path:
-        if (name, dtype) not in cache:
-            out = tmp_path_factory.mktemp("st") / name.replace("/", "_")
-            extract(folder(name), out, fsync=False, dtype=dtype)
-            cache[(name, dtype)] = out
-        return cache[(name, dtype)]
-
-    return get
-
-
-def shard_bytes(out: Path, entry, role: str) -> bytes:
-    t = entry.tensors[role]
-    with open(out / entry.path, "rb") as fh:
-        fh.seek(t.offset)
-        return fh.read(t.nbytes)
 
 
 @pytest.mark.parametrize("name", [n for n in NATIVE if n != "gpt_oss_mxfp4"])

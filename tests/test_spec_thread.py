@@ -1004,11 +1004,7 @@ def test_a_close_interrupted_twice_is_finished_by_the_next_close(files, monkeypa
     finally:
         gate.set()
         monkeypatch.undo()
-        last = threading.Thread(target=loader.close, daemon=True)  # a hang fails the test, not the session
-        last.start()
-        last.join(30)
-        if not last.is_alive():
-            pool.close()
+        close_within(loader, pool)
 
 
 def test_an_interrupt_as_the_reaper_lets_go_of_the_lock_leaves_the_loader_usable(files, monkeypatch):
@@ -1041,6 +1037,55 @@ def test_an_interrupt_as_the_reaper_lets_go_of_the_lock_leaves_the_loader_usable
         pool.close()
 
 
+def close_within(loader, pool, bound: float = 30.0) -> None:
+    """Close the loader in a thread and wait at most `bound` seconds (a hang fails the test, not the session); the
+    pool is closed only if the loader's close returned (a slot the kernel may still write is never unmapped)."""
+    last = threading.Thread(target=loader.close, daemon=True)
+    last.start()
+    last.join(bound)
+    if not last.is_alive():
+        pool.close()
+
+
+def second_interrupt(monkeypatch, loader, where: str, nth: int, thread: threading.Thread | None = None) -> list:
+    """Arrange a second Ctrl-C (KeyboardInterrupt) in a closing loader: as the message for the `nth` read judged
+    is made (`where` "judge"), or once the `nth` chunk taken back has been recorded as returned ("take back");
+    only in `thread` if given. Returns the list that records it once it has fired."""
+    import mer_runtime.loader as loader_mod
+
+    fired: list = []
+    seen: list = []
+
+    def due(what) -> bool:
+        if not loader._closed or fired or thread is not None and threading.current_thread() is not thread:
+            return False
+        seen.append(what)
+        if len(seen) == nth:
+            fired.append(what)
+            return True
+        return False
+
+    if where == "judge":
+        real_closed = loader_mod._closed_error
+
+        def closed_error(path, why=None, **kw):
+            if why is not None and due(path):
+                raise KeyboardInterrupt  # the second Ctrl-C: before that read is failed
+            return real_closed(path, why, **kw)
+
+        monkeypatch.setattr(loader_mod, "_closed_error", closed_error)
+    else:
+        real_note = loader._note
+
+        def note(*event):
+            real_note(*event)
+            if event[0] == "returned" and due(event):
+                raise KeyboardInterrupt  # the second Ctrl-C: part-way through taking back the chunks
+
+        monkeypatch.setattr(loader, "_note", note)
+    return fired
+
+
 @pytest.mark.parametrize("where, nth", [("judge", 1), ("judge", 2), ("take back", 1), ("take back", 3),
                                         ("take back", 7)])
 def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_close(tmp_path, monkeypatch, where,
@@ -1058,7 +1103,6 @@ def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_clo
     been recorded as returned."""
     if uring.probe():
         pytest.skip(uring.probe())
-    import mer_runtime.loader as loader_mod
 
     data, a, b, fds, pool, loader = _part_and_none(tmp_path, 9)
     real, waits = uring._syscall, []
@@ -1071,31 +1115,7 @@ def test_a_close_interrupted_while_taking_reads_back_is_finished_by_the_next_clo
             raise KeyboardInterrupt  # the first Ctrl-C: while close() waits for the reads with the kernel
         return real(nr, *a)
 
-    fired: list = []
-    if where == "judge":
-        real_closed, judged = loader_mod._closed_error, []
-
-        def closed_error(path, why=None, **kw):
-            if why is not None and loader._closed and not fired:
-                judged.append(path)
-                if len(judged) == nth:
-                    fired.append(path)
-                    raise KeyboardInterrupt  # the second Ctrl-C: before that read is failed
-            return real_closed(path, why, **kw)
-
-        monkeypatch.setattr(loader_mod, "_closed_error", closed_error)
-    else:
-        real_note, returned = loader._note, []
-
-        def note(*event):
-            real_note(*event)
-            if event[0] == "returned" and loader._closed and not fired:
-                returned.append(event)
-                if len(returned) == nth:
-                    fired.append(event)
-                    raise KeyboardInterrupt  # the second Ctrl-C: part-way through taking back the chunks
-
-        monkeypatch.setattr(loader, "_note", note)
+    fired = second_interrupt(monkeypatch, loader, where, nth)
     try:
         part, none = _start_both_and_close(monkeypatch, loader, a, b, one_at_a_time)
         assert waits and fired and loader.ring.fd >= 0  # both interrupts came, the second before the ring was closed

@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import run_cli
+from conftest import run_cli, shard_bytes as _shard
 from mer_runtime import load_manifest
 from mer_runtime.smoke import SmokeConfig, run_smoke
 from mertools import extract
@@ -68,11 +68,6 @@ def _load(root: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _shard(out: Path, entry, role: str) -> bytes:
-    t = entry.tensors[role]
-    with open(out / entry.path, "rb") as fh:
-        fh.seek(t.offset)
-        return fh.read(t.nbytes)
 
 
 # -- Qwen3-Next / Qwen3.5 / Qwen3.6 with their MTP block -----------------------------------------------------------

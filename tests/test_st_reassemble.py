@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import FIX, run_cli
+from conftest import FIX, run_cli, st_folder
 from mer_runtime.manifest import manifest_bytes
 from mertools.errors import MertoolsError
 from mertools.reassemble import RECORD_NAME, reassemble
@@ -29,24 +29,7 @@ REAL = ["real/mixtral-bf16-sharded", "real/gptoss-bf16"]
 NATIVE = [n for n in GEN_ALL if n != FP8] + REAL
 
 
-def _src(name: str) -> Path:
-    return ST / name if name.startswith("real/") else ST / "gen" / name
 
-
-@pytest.fixture(scope="module")
-def st_extracted(tmp_path_factory):
-    from mertools import extract
-
-    cache: dict[tuple[str, str | None], Path] = {}
-
-    def get(name: str, dtype: str | None = None) -> Path:
-        if (name, dtype) not in cache:
-            out = tmp_path_factory.mktemp("st") / name.replace("/", "_")
-            extract(_src(name), out, fsync=False, dtype=dtype)
-            cache[(name, dtype)] = out
-        return cache[(name, dtype)]
-
-    return get
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -82,7 +65,7 @@ def _all_tensors_raw(files: list[Path]) -> dict[str, tuple[str, list[int], bytes
 
 @pytest.mark.parametrize("name", NATIVE)
 def test_checkpoint_comes_back_tensor_for_tensor_and_byte_for_byte(name, st_extracted, tmp_path):
-    src = _src(name)
+    src = st_folder(name)
     back = tmp_path / "back"
     r = reassemble(st_extracted(name), back, fsync=False)
     assert r.exact
@@ -102,7 +85,7 @@ def test_checkpoint_comes_back_tensor_for_tensor_and_byte_for_byte(name, st_extr
 def test_safe_open_reads_every_reassembled_tensor_like_the_source(st_extracted, tmp_path):
     back = tmp_path / "back"
     reassemble(st_extracted("real/mixtral-bf16-sharded"), back, fsync=False)
-    want = _shards(_src("real/mixtral-bf16-sharded"))
+    want = _shards(st_folder("real/mixtral-bf16-sharded"))
     for a, b in zip(want, _shards(back)):
         with safe_open(a, framework="numpy") as fa, safe_open(b, framework="numpy") as fb:
             assert list(fa.keys()) == list(fb.keys()) and fa.metadata() == fb.metadata()
@@ -116,7 +99,7 @@ def test_cli_writes_the_checkpoint(st_extracted, tmp_path):
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["exact"] and [Path(x).name for x in r["out"]] == ["model.safetensors", "config.json"]
-    assert filecmp.cmp(_src("qwen3_5_moe") / "model.safetensors", tmp_path / "back" / "model.safetensors",
+    assert filecmp.cmp(st_folder("qwen3_5_moe") / "model.safetensors", tmp_path / "back" / "model.safetensors",
                        shallow=False)
 
 
@@ -166,7 +149,7 @@ def test_existing_files_need_overwrite_and_a_file_is_not_a_folder(st_extracted, 
         reassemble(folder, tmp_path / "back", fsync=False)
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == b"old"
     reassemble(folder, tmp_path / "back", fsync=False, overwrite=True)
-    assert filecmp.cmp(_src("olmoe") / "model.safetensors", tmp_path / "back" / "model.safetensors", shallow=False)
+    assert filecmp.cmp(st_folder("olmoe") / "model.safetensors", tmp_path / "back" / "model.safetensors", shallow=False)
     with pytest.raises(MertoolsError, match="comes back as a folder"):
         reassemble(folder, tmp_path / "back" / "config.json", fsync=False, overwrite=True)
     with pytest.raises(MertoolsError, match="--split is for GGUF"):
@@ -216,7 +199,7 @@ def test_a_checkpoint_with_fp8_dense_tensors_keeps_no_record_and_is_refused(tmp_
     from mertools import extract
 
     src = tmp_path / "ck"
-    shutil.copytree(_src(FP8), src)
+    shutil.copytree(st_folder(FP8), src)
     got = _all_tensors_raw([src / "model.safetensors"])
     out = {}
     for k, (dt, shape, data) in got.items():
@@ -352,7 +335,7 @@ def test_short_reads_are_repeated_and_large_tensors_copied_in_pieces(name, monke
     monkeypatch.setattr(sr, "SEGMENT", 4096 + 3)
     r = reassemble(st_extracted(name), tmp_path / "back", fsync=False)
     assert r.exact
-    for f in _shards(_src(name)):
+    for f in _shards(st_folder(name)):
         assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False)
 
 
@@ -463,7 +446,7 @@ def test_an_interrupt_while_renaming_into_a_new_folder_leaves_nothing(monkeypatc
     r = reassemble(folder, tmp_path / "dest" / "back", fsync=False)
     assert all(p.parent == tmp_path / "dest" / "back" and p.is_file() for p in r.out)
     assert sorted(p.name for p in (tmp_path / "dest" / "back").iterdir()) == sorted(p.name for p in r.out)
-    for f in _shards(_src("real/mixtral-bf16-sharded")):
+    for f in _shards(st_folder("real/mixtral-bf16-sharded")):
         assert filecmp.cmp(f, tmp_path / "dest" / "back" / f.name, shallow=False)
 
 

@@ -337,10 +337,17 @@ def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
 RECORD_LIMIT = 1 << 30  # shard headers, config and index: megabytes for the largest checkpoints; never a GiB
 
 
+def plain_name(name: Any) -> bool:
+    """A file name the reassembly record may give (the record itself, a SafeTensors shard, config.json): one name in
+    the folder, neither hidden (our temporaries are) nor a path out of it. verify and reassemble use this rule."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".")
+            and not any(c in name for c in ("/", "\\", "\0")))
+
+
 def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:
     """(path, bytes) of the reassembly record ``rec`` names, checked by its size and xxh3 before anything trusts it.
 
-    The path is a plain name in the folder (verify's rule: no ``/``, no leading ``.``), the size a bounded int, and
+    The path is a plain name in the folder (`plain_name`), the size a bounded int, and
     the file is read as a regular file of exactly that size: an absolute path (``/dev/zero``), ``..``, a FIFO or a
     file longer than the manifest says is refused with one line instead of a read without end or a hang.
 
@@ -350,7 +357,7 @@ def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:
     from mer_runtime.safeopen import read_regular
 
     rel, size = rec.get("path", RECORD_NAME), rec.get("size")
-    if not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel or "\0" in rel or rel.startswith("."):
+    if not plain_name(rel):
         raise ReassemblyError(f"{m.root}: the reassembly record's path {rel!r} is not a file name in the folder; "
                               "the manifest is damaged (run `mertools verify`, or extract the model again)")
     if type(size) is not int or not 0 <= size <= RECORD_LIMIT:
@@ -629,7 +636,7 @@ def reassemble(
     try:
         src_files = [f["name"] for f in m.source.get("files", []) if isinstance(f, dict) and "name" in f]
         notes: list[str] = []
-        bad = [n for n in src_files if not isinstance(n, str) or "/" in n or "\0" in n or n.startswith(".") or not n]
+        bad = [n for n in src_files if not plain_name(n)]
         if bad or not src_files:
             raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
                                   "names; the manifest is damaged, re-extract the model")

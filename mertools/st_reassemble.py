@@ -113,18 +113,17 @@ def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
 
 
 def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:
+    from .reassemble import plain_name
+
     def span(x: Any) -> bool:
         return (isinstance(x, list) and len(x) == 2 and all(type(v) is int and v >= 0 for v in x)
                 and x[0] + x[1] <= blob_len)
-
-    def plain(n: Any) -> bool:
-        return isinstance(n, str) and bool(n) and "/" not in n and "\0" not in n and not n.startswith(".")
 
     files, extra = rec.get("files"), rec.get("extra", [])
     if not isinstance(files, list) or not files or not isinstance(extra, list):
         return False
     for f in files:
-        if not (isinstance(f, dict) and plain(f.get("name")) and type(f.get("size")) is int
+        if not (isinstance(f, dict) and plain_name(f.get("name")) and type(f.get("size")) is int
                 and isinstance(f.get("xxh3_64"), str) and span(f.get("header")) and isinstance(f.get("tensors"), list)
                 and all(isinstance(t, list) and len(t) == 2 and all(isinstance(v, str) for v in t)
                         for t in f["tensors"])):

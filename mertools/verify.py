@@ -112,8 +112,10 @@ def _check_reassembly_record(m: Manifest) -> list[Problem]:
     rec = m.raw.get("reassembly")
     if rec is None:
         return []
+    from .reassemble import plain_name
+
     rel = rec.get("path") if isinstance(rec, dict) else None
-    if not isinstance(rel, str) or "/" in rel or rel.startswith(".") or not rel:
+    if not plain_name(rel):
         return [Problem("manifest.json", "reassembly: bad or missing path")]
     try:
         whole, _, n = hash_file(m.root / rel)  # opened as a regular file only (never a FIFO)

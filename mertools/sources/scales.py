@@ -24,20 +24,17 @@ import numpy as np
 from mer_runtime.manifest import SCALE_ROLES
 
 from ..errors import SourceError
+from .safetensors import DTYPES, to_float32
 
 _ADVICE = ("the model itself is damaged there: download the file again or fix that tensor at its origin; nothing "
            "was written")
 
 
 def _floats(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Little-endian F32/F16/BF16 bytes as float32 (BF16 is the top half of a float32)."""
-    if dtype == "F32":
-        return raw.view("<f4")
-    if dtype == "F16":
-        return raw.view("<f2").astype(np.float32)
-    if dtype == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    raise SourceError(f"a scale of type {dtype}; only F32, F16 and BF16 are known")
+    """Little-endian F32/F16/BF16 bytes as float32 (the SafeTensors reader's conversion; GGUF names these alike)."""
+    if dtype not in ("F32", "F16", "BF16"):
+        raise SourceError(f"a scale of type {dtype}; only F32, F16 and BF16 are known")
+    return to_float32(raw.view(np.dtype(DTYPES[dtype][1]).newbyteorder("<")), dtype)
 
 
 def _first_bad(values: np.ndarray) -> int | None:

@@ -17,14 +17,15 @@ from .sources.plan import RUNTIME_TYPES
 from .sources import open_source
 from .units import human_bytes
 
-_BLOCK = re.compile(r"^(.*?layers\.(\d+)\.)")
+_BLOCK = re.compile(r"^(.*?layers\.(\d+)\.|blk\.(\d+)\.)")  # SafeTensors, GGUF
 
 
 def _mtp(model: dict[str, Any], tensor_names: dict[int, str]) -> dict[str, Any]:
     """The MTP layers: blocks num_hidden_layers + i (``n_mtp_layers``), each named as its source names it.
 
     Qwen-style (Qwen3-Next, Qwen3.5, Qwen3.6): a separate block ``mtp.layers.{i}.``; DeepSeek-style (DeepSeek-V3,
-    GLM-4.5): decoder block ``model.layers.{num_hidden_layers + i}.``. `tensor_names`: an expert tensor's source
+    GLM-4.5): decoder block ``model.layers.{num_hidden_layers + i}.``, in GGUF ``blk.{block_count - n + i}.`` with
+    ``{arch}.nextn_predict_layers`` = n. `tensor_names`: an expert tensor's source
     name per block (absent for a folder whose manifest does not record sources).
 
     >>> _mtp({"n_layers": 3, "n_mtp_layers": 1, "moe_layers": [0, 1, 2]}, {2: "mtp.layers.0.mlp.experts.0.x"})

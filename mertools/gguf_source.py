@@ -421,6 +421,11 @@ class GGUFSource:
             "has_expert_biases": any(q.role.endswith("_bias") for q in first.projections),
             "activation": ACTIVATIONS.get(self.arch, DEFAULT_ACTIVATION),
         }
+        # llama.cpp counts DeepSeek-V3's / GLM-4.5's NextN (MTP) layers in block_count, after the decoder's: the
+        # manifest's rule for n_mtp_layers too (docs/format.md), so inspect and the router templates agree
+        nextn = self.arch_kv("nextn_predict_layers", int, None, lo=0, hi=info["n_layers"] - 1)
+        if nextn:
+            info["n_mtp_layers"] = nextn
         shexp = {int(m[1]) for n in self.tensors if (m := SHARED_RE.match(n)) and len(m[1]) <= 9}
         if shexp:
             info["n_shared_experts"] = self.arch_kv("expert_shared_count", int, 1, lo=0, hi=MAX_EXPERTS)

@@ -67,3 +67,28 @@ def test_no_mtp_layers(tmp_path):
     save_file(t, ck / "model.safetensors")
     text, js = _inspect(ck)
     assert js == {"n_layers": 0, "layers": []} and "MTP" not in text
+
+
+def test_gguf_nextn_layer(tmp_path):
+    """llama.cpp writes DeepSeek-V3's / GLM-4.5's MTP layer as the last block, counted in block_count, with
+    `{arch}.nextn_predict_layers`: inspect names it for the file and for the folder extracted from it."""
+    from gguf import GGUFValueType as VT
+    from test_gguf_bounds import rewrite
+
+    src = rewrite(tmp_path / "nextn.gguf", kv_override={"llama.nextn_predict_layers": (1, VT.UINT32)})
+    want = {"n_layers": 1, "layers": [2], "style": "deepseek", "prefixes": ["blk.2."]}
+    extract(src, tmp_path / "out", fsync=False)
+    for path in (src, tmp_path / "out"):
+        text, js = _inspect(path)
+        assert js == want
+        assert "MTP layers: 1 (block 2 = blk.2; DeepSeek-style, after the decoder blocks)" in text
+
+
+@pytest.mark.parametrize("value", [3, 7])
+def test_gguf_nextn_layers_leaving_no_decoder_block_are_refused(tmp_path, value):
+    from gguf import GGUFValueType as VT
+    from test_gguf_bounds import rewrite
+
+    src = rewrite(tmp_path / "nextn.gguf", kv_override={"llama.nextn_predict_layers": (value, VT.UINT32)})
+    p = run_cli("inspect", str(src))
+    assert p.returncode == 2 and "nextn_predict_layers" in p.stderr, p.stderr

@@ -677,14 +677,22 @@ def test_one_and_four_rows_per_pass_agree(qtype):
 
 @needs_c
 @pytest.mark.skipif(not kernels.VNNI, reason="this CPU has no AVX-VNNI: the maddubs path is what runs here")
-def test_vnni_equals_maddubs():
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
+@pytest.mark.parametrize("walk", [1, 4])
+def test_vnni_equals_maddubs(qt, walk):
+    """A result does not depend on whether the CPU has AVX-VNNI, to the bit: both paths sum the same integers in the
+    same order, one row a pass (the default) and four (an odd row count leaves a short last pass)."""
     rng = np.random.default_rng(13)
-    raw = random_matrix(T.Q4_0, 256, 1024, rng)
+    raw = random_matrix(qt, 255, 1024, rng)
     x = rng.standard_normal(1024).astype(np.float32)
-    out = [np.empty(256, np.float32) for _ in range(2)]
-    for o, flags in zip(out, (kernels.FLAG_ACT_Q8, kernels.FLAG_ACT_Q8 | kernels.FLAG_NO_VNNI)):
-        assert kernels._LIB.mer_matvec(2, raw.ctypes.data, raw.nbytes, 256, 1024, x.ctypes.data, 1024, 1,
-                                       o.ctypes.data, 256, flags) == 0
+    out = [np.empty(255, np.float32) for _ in range(2)]
+    kernels._LIB.mer_set_rows(walk)
+    try:
+        for o, flags in zip(out, (kernels.FLAG_ACT_Q8, kernels.FLAG_ACT_Q8 | kernels.FLAG_NO_VNNI)):
+            assert kernels._LIB.mer_matvec(int(qt), raw.ctypes.data, raw.nbytes, 255, 1024, x.ctypes.data, 1024, 1,
+                                           o.ctypes.data, 255, flags) == 0
+    finally:
+        kernels._LIB.mer_set_rows(0)
     np.testing.assert_array_equal(out[0], out[1])
 
 

@@ -1158,18 +1158,20 @@ DEFINE_ROWS_Q8(rows_q8a_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c", dot_i8_madd
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MER_HAVE_VNNI 1
-/* AVX-VNNI: one dpbusd does maddubs + madd (and cannot saturate) */
+/* AVX-VNNI: one dpbusd does maddubs + madd (and cannot saturate). Each lane holds the same integers as the maddubs
+ * paths' and the walks are theirs (one row: two accumulators; four rows: one each), so a result does not depend on
+ * whether the CPU has AVX-VNNI, to the bit (test_vnni_equals_maddubs) */
 __attribute__((target("avx2,fma,f16c,avxvnni"), always_inline)) static inline __m256 dot_i8_vnni(__m256i w, __m256i y, const q80_t *a) {
     (void)a;
     __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
     return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
 }
 DEFINE_ROWS_Q8(rows_vnni_q4_0, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
-DEFINE_ROWS_Q8(rows_vnni_q4_0_1, W_Q4_0, S_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8_1(rows_vnni_q4_0_1, W_Q4_0, SP_F16, 18, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 DEFINE_ROWS_Q8(rows_vnni_q8_0, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
-DEFINE_ROWS_Q8(rows_vnni_q8_0_1, W_Q8_0, S_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8_1(rows_vnni_q8_0_1, W_Q8_0, SP_F16, 34, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
-DEFINE_ROWS_Q8(rows_vnni_mxfp4_1, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 1)
+DEFINE_ROWS_Q8_1(rows_vnni_mxfp4_1, W_MXFP4, SP_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 #endif
 #endif /* MER_X86 */
 

@@ -39,6 +39,7 @@ from ..layout import DENSE_NAME
 from ..sources.scales import check_scales
 from ..units import human_bytes
 from .remote import CONFIG, ST_INDEX, Choice, HubError
+from .stream_record import ShardRecord
 
 HEADERS = "headers.json"
 PLAN = "plan.json"
@@ -182,6 +183,8 @@ class SafeTensorsStreamer:
         self.src = src
         self.conv = plan(src, dtype=self.dtype)
         self.index_of = {name: i for i, name in enumerate(self.shard_names)}
+        self.record = ShardRecord(self.work, src, self.conv, dtype=self.dtype, headers=raw,
+                                  listed=self.choice.files, fetch=self.fetch)
         self._check_plan_key()
         done_entries, done_dense = self._load_progress()
         self.dense = self._open_dense(done_dense)
@@ -294,6 +297,7 @@ class SafeTensorsStreamer:
                 i = self.index_of[name]
                 if name not in self.checked:
                     self._check_header(name, Path(present[name]))
+                    self.record.add(i, name, Path(present[name]))  # hashed while hot, before it can be deleted
                     self.src.files[i] = Path(present[name])
                     # its scales by value, before anything is converted from it (a scale is converted with its
                     # weight only once both files are here, so every scale is checked before it is applied)
@@ -375,6 +379,7 @@ class SafeTensorsStreamer:
             for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.work / rel, staging / rel)
+            self.record.into(staging, manifest)
             write_manifest(staging, manifest)  # staged_output flushes it and every new link before the commit
         self.src.close()
         return _Summary({
@@ -382,7 +387,7 @@ class SafeTensorsStreamer:
             "layers": len({s.layer for s in self.conv.shards}),
             "bytes_written": self.conv.expert_bytes + dense_entry["size"], "expert_bytes": self.conv.expert_bytes,
             "dense_bytes": dense_entry["size"], "seconds": round(time.perf_counter() - self.t0, 4),
-            "streamed": True, "window": self.window, **self.stats,
+            "streamed": True, "window": self.window, **self.stats, **self.record.summary(),
         })
 
 

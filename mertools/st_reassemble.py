@@ -81,11 +81,16 @@ def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
             if got is None:
                 return None
             shards.append(got)
-        extra = [(name, (Path(src.path) / name).read_bytes()) for name in EXTRA_NAMES
-                 if (Path(src.path) / name).is_file()]
+        extra = record_extras(lambda name: p.read_bytes() if (p := Path(src.path) / name).is_file() else None)
     except OSError:
         return None
     return write_record(folder, shards, extra)
+
+
+def record_extras(read: Callable[[str], bytes | None]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files besides the shards that come back (config.json, the index), as ``read(name)``
+    gives them (None: the checkpoint has no such file)."""
+    return [(name, data) for name in EXTRA_NAMES if (data := read(name)) is not None]
 
 
 def recordable(src: Any) -> bool:

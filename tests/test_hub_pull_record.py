@@ -101,6 +101,18 @@ def test_a_pull_killed_after_its_first_shard_was_converted_still_gives_the_check
     gives_back(out, MIX, tmp_path)
 
 
+def test_a_hash_line_torn_by_a_power_cut_loses_no_later_line(hub, env, tmp_path, st_extracted):
+    serve(hub, "real/mixtral-bf16-sharded")
+    out, stage = tmp_path / "out", tmp_path / ".out.mertools-pull"
+    killed_pull(env, out, f"pull-converted:{SHARDS[0]}")
+    with open(stage / "work" / HASHES, "a") as fh:
+        fh.write('{"name":"' + SHARDS[1])  # a line cut short, no newline
+    killed_pull(env, out, "before-commit")  # the lines of the shards this run hashed follow it; all are deleted
+    r = json.loads(run_cli("pull", REPO, out, "--json", env=env, check=True).stdout)
+    assert r["extract"]["reassembly_record"], r["extract"]
+    same_record(out, st_extracted("real/mixtral-bf16-sharded"))
+
+
 def _drop_hashes(stage: Path) -> None:
     (stage / "work" / HASHES).unlink()
 

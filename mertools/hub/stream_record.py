@@ -27,7 +27,7 @@ from typing import Any, Callable
 import xxhash
 
 from ..commit import fsync_dir
-from ..st_reassemble import EXTRA_NAMES, recordable, shard_entry, tensors_by_file, write_record
+from ..st_reassemble import record_extras, recordable, shard_entry, tensors_by_file, write_record
 from .download import check_file
 from .remote import IntegrityError, RemoteFile
 
@@ -137,7 +137,9 @@ class ShardRecord:
         if self.lost or not self.active:
             return
         shards = [(self.entries[n]["entry"], self._header(n)) for n in self.names]
-        extra = [(n, self.fetch(n).read_bytes()) for n in EXTRA_NAMES if n in self.listed and self.fetch]
+        fetch = self.fetch
+        assert fetch is not None  # a streamed pull is an online one
+        extra = record_extras(lambda name: fetch(name).read_bytes() if name in self.listed else None)
         manifest["reassembly"] = write_record(staging, shards, extra)
 
     def _header(self, name: str) -> bytes:

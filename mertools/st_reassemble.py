@@ -1,9 +1,11 @@
-"""``reassemble`` for a folder extracted from a SafeTensors checkpoint: the checkpoint's own shards, byte for byte.
+"""``reassemble`` for a folder extracted (or pulled) from a SafeTensors checkpoint: the checkpoint's own shards, byte
+for byte.
 
-At extract time :func:`record_st` keeps what the shards and dense.gguf do not hold: each shard's header bytes (the
-8-byte length and the JSON exactly as stored, so key order and padding come back too), the xxh3 of every tensor and
-of every whole shard, and the bytes of ``config.json`` and ``model.safetensors.index.json``. They go to
-``reassembly.dat`` and the manifest's ``reassembly`` field (``"format": "safetensors"``).
+At extract time :func:`record_st` keeps what the shards and dense.gguf do not hold (``pull`` builds the same record
+shard by shard from the same parts, ``mertools.hub.stream_record``): each shard's header bytes (the 8-byte length
+and the JSON exactly as stored, so key order and padding come back too), the xxh3 of every tensor and of every whole
+shard, and the bytes of ``config.json`` and ``model.safetensors.index.json``. They go to ``reassembly.dat`` and the
+manifest's ``reassembly`` field (``"format": "safetensors"``).
 
 :func:`reassemble_st` writes each shard as the header bytes, then every tensor in data order: a dense tensor from
 dense.gguf (its bits; dense.gguf only renames unsigned types to signed ones of the same width), an expert tensor put

@@ -16,6 +16,8 @@ Everything is written into ``work/`` inside the pull's staging folder, which sur
 - ``work/headers.json``: the shard headers the plan was made from (checked against each verified shard);
 - ``work/progress.jsonl``: one fsync'd line per conversion step: the manifest entries of the expert shards and
   the indices of the dense tensors written (after their bytes were fsync'd). A torn last line is ignored.
+- ``work/shard-xxh3.jsonl``: each shard's hashes for the reassembly record, written as the shard is first taken
+  (:mod:`mertools.hub.stream_record`), so that OUT gets the record a local extract writes, after a resume too.
 
 ``finish`` hard-links the finished files into the folder :func:`mertools.commit.staged_output` gives (lock,
 staging, one atomic rename into OUT), so that a kill at any point leaves ``work/`` whole for the next run.

@@ -129,7 +129,7 @@ class ShardRecord:
             kept = self.files_dir / name
             if name not in self.entries and kept.is_file():  # --keep-source: still on disk, checked again first
                 try:
-                    check_file(kept, self.listed[name], f"{kept}")
+                    check_file(kept, self.listed[name], str(kept))
                 except IntegrityError:
                     continue  # changed since it was converted: not the bytes OUT was made from
                 self.add(i, name, kept)
@@ -157,8 +157,8 @@ class ShardRecord:
         if self.lost:
             out["reassembly_lost"] = (
                 f"no reassembly record: {len(self.lost)} shard(s) ({', '.join(self.lost[:3])}) were converted and "
-                "deleted by an earlier run whose hashes of them are not in its work folder, so `mertools "
-                "reassemble` will refuse this folder; pull again with --overwrite to get one")
+                "deleted by an earlier run, and their hashes in the pull's work folder are missing or damaged, so "
+                "`mertools reassemble` will refuse this folder; pull again with --overwrite to get one")
         return out
 
 

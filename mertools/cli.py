@@ -322,8 +322,9 @@ def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: b
 
     A single-file GGUF source comes back byte-identical (checked against the source's xxh3); a split set with
     --split too; otherwise every tensor's bytes are the source's. A SafeTensors checkpoint comes back into the
-    folder MODEL (made if absent) as its own shards, index and config.json, byte-identical. A folder converted
-    with --dtype, or a SafeTensors one pulled shard by shard, is refused (exit 2, nothing written).
+    folder MODEL (made if absent) as its own shards, index and config.json, byte-identical, whether it was
+    extracted or pulled from the Hub. A folder converted with --dtype (or FP8) is refused (exit 2, nothing
+    written).
 
     \b
     Examples:
@@ -503,6 +504,8 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
                    f"into {r.out}: {r.extract.get('experts', '?')} experts in {r.seconds:.2f} s"
                    + (f" ({r.extract['experts_resumed']} already written by an earlier run)"
                       if r.extract.get("experts_resumed") else ""))
+        if r.extract.get("reassembly_lost"):
+            click.echo(f"note: {r.extract['reassembly_lost']}")
 
 
 @main.command()

@@ -10,8 +10,9 @@ Without the record (folders extracted before it existed), or a split set joined 
 anew by the gguf package's writer from dense.gguf's metadata: every tensor's bytes are identical, the file loads in
 gguf's reader, but the header bytes may differ from the source's.
 
-A folder extracted from a SafeTensors checkpoint comes back as that checkpoint's own shards (``st_reassemble``); a
-folder whose experts were converted (``--dtype``) is refused, since it can never give the source back.
+A folder extracted from a SafeTensors checkpoint, or pulled from the Hub, comes back as that checkpoint's own shards
+(``st_reassemble``); a folder whose experts were converted (``--dtype``) is refused, since it can never give the
+source back.
 
 Memory stays flat: bytes go from the shard files to the output through one reused segment buffer (``os.preadv`` /
 ``os.write``); every projection's xxh3 is checked against the manifest as it is read, every tensor's against the
@@ -281,9 +282,9 @@ def _lossy(m: Manifest) -> str | None:
 
 
 def _refuse_other_sources(m: Manifest, folder: Path) -> None:
-    """Only an unconverted GGUF source can be rebuilt: a folder whose experts were converted (--dtype) cannot give
-    the source back, and one extracted from a SafeTensors checkpoint is refused in one line (before anything is
-    written) rather than turned into a GGUF under Hugging Face names that no tool runs."""
+    """Only an unconverted source can be rebuilt: a folder whose experts were converted (--dtype) cannot give the
+    source back, and one from a SafeTensors checkpoint without its record (extracted or pulled) is refused in one
+    line (before anything is written) rather than turned into a GGUF under Hugging Face names that no tool runs."""
     fmt = m.source.get("format", "gguf")
     what = {"gguf": "a GGUF source", "safetensors": "a SafeTensors checkpoint"}.get(fmt, f"a {fmt} source")
     name = _source_name(m.source)
@@ -298,9 +299,9 @@ def _refuse_other_sources(m: Manifest, folder: Path) -> None:
     if fmt == "safetensors" and isinstance(rec, dict) and rec.get("format") == "safetensors":
         return  # written back as the checkpoint's own shards (st_reassemble)
     if fmt == "safetensors" and isinstance(m.source.get("hub"), dict):
-        raise ReassemblyError(f"{folder}: was pulled from {what}, {name}{kind}, converted shard by shard, which "
-                              "keeps no reassembly record; use that checkpoint itself instead (from the hub at that "
-                              "commit, or `mertools pull --keep-source`, which keeps it in OUT.source/)")
+        raise ReassemblyError(f"{folder}: was pulled from {what}, {name}{kind}, without a reassembly record (an "
+                              "older mertools, FP8 tensors, or a resumed pull whose earlier run's shard hashes were "
+                              "lost); pull it again with --overwrite to get one, or use that checkpoint itself")
     if fmt == "safetensors":
         raise ReassemblyError(f"{folder}: was extracted from {what}, {name}{kind}, without a reassembly record (an "
                               "older mertools, or FP8 tensors, which extract widens: lossy); use the original "

@@ -1,9 +1,11 @@
-"""``reassemble`` for a folder extracted from a SafeTensors checkpoint: the checkpoint's own shards, byte for byte.
+"""``reassemble`` for a folder extracted (or pulled) from a SafeTensors checkpoint: the checkpoint's own shards, byte
+for byte.
 
-At extract time :func:`record_st` keeps what the shards and dense.gguf do not hold: each shard's header bytes (the
-8-byte length and the JSON exactly as stored, so key order and padding come back too), the xxh3 of every tensor and
-of every whole shard, and the bytes of ``config.json`` and ``model.safetensors.index.json``. They go to
-``reassembly.dat`` and the manifest's ``reassembly`` field (``"format": "safetensors"``).
+At extract time :func:`record_st` keeps what the shards and dense.gguf do not hold (``pull`` builds the same record
+shard by shard from the same parts, ``mertools.hub.stream_record``): each shard's header bytes (the 8-byte length
+and the JSON exactly as stored, so key order and padding come back too), the xxh3 of every tensor and of every whole
+shard, and the bytes of ``config.json`` and ``model.safetensors.index.json``. They go to ``reassembly.dat`` and the
+manifest's ``reassembly`` field (``"format": "safetensors"``).
 
 :func:`reassemble_st` writes each shard as the header bytes, then every tensor in data order: a dense tensor from
 dense.gguf (its bits; dense.gguf only renames unsigned types to signed ones of the same width), an expert tensor put
@@ -64,52 +66,93 @@ def record_st(src: Any, folder: Path) -> dict[str, Any] | None:
     One extra sequential xxh3 pass over the shards (usually from the page cache); the record's size is that of the
     shard headers plus config.json and the index. None when the shards do not tile their data (never for a file the
     source accepted), a file vanished meanwhile, or the checkpoint holds FP8 tensors (converted at extract).
+    ``pull`` builds the same record shard by shard from the same two parts, :func:`shard_entry` and
+    :func:`write_record` (``mertools.hub.stream_record``).
 
     >>> from mertools.sources import open_source                         # doctest: +SKIP
     >>> record_st(open_source("mixtral-bf16/"), Path("staging"))["format"]   # doctest: +SKIP
     'safetensors'
     """
-    from .reassemble import RECORD_NAME, _scan
+    if not recordable(src):
+        return None
+    shards = []
+    by_file = tensors_by_file(src)
+    try:
+        for i, path in enumerate(src.files):
+            got = shard_entry(path, src.header_lengths[i], by_file[i])
+            if got is None:
+                return None
+            shards.append(got)
+        extra = record_extras(lambda name: p.read_bytes() if (p := Path(src.path) / name).is_file() else None)
+    except OSError:
+        return None
+    return write_record(folder, shards, extra)
 
-    if any(t.dtype.startswith("F8") for t in src.tensors.values()):
-        return None  # FP8 weights are widened to BF16 in dense.gguf (experts need --dtype): never the source again
-    blob = bytearray()
-    files = []
+
+def record_extras(read: Callable[[str], bytes | None]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files besides the shards that come back (config.json, the index), as ``read(name)``
+    gives them (None: the checkpoint has no such file)."""
+    return [(name, data) for name in EXTRA_NAMES if (data := read(name)) is not None]
+
+
+def recordable(src: Any) -> bool:
+    """Whether the source's own bytes can come back: not when it holds FP8 tensors, which are widened to BF16 in
+    dense.gguf (experts need --dtype), never the source again."""
+    return not any(t.dtype.startswith("F8") for t in src.tensors.values())
+
+
+def tensors_by_file(src: Any) -> dict[int, list[Any]]:
+    """The source's tensors grouped by the index of the shard that holds them."""
     by_file: dict[int, list[Any]] = defaultdict(list)
     for t in src.tensors.values():
         by_file[t.file_index].append(t)
-    try:
-        for i, path in enumerate(src.files):
-            hlen = 8 + int(src.header_lengths[i])
-            ts = sorted(by_file[i], key=lambda t: t.offset)
-            pos, spans = hlen, []
-            for t in ts:
-                if t.offset != pos:
-                    return None
-                spans.append((t.offset, t.offset + t.nbytes, t.name))
-                pos += t.nbytes
-            whole, hs = _scan(path, [s for s in spans if s[1] > s[0]])
-            with open(path, "rb") as fh:
-                header = fh.read(hlen)
-            if len(header) != hlen:
-                return None
-            files.append({"name": path.name, "size": path.stat().st_size, "xxh3_64": whole,
-                          "header": [len(blob), hlen],
-                          "tensors": [[t.name, hs.get(t.name, xxhash.xxh3_64_hexdigest(b""))] for t in ts]})
-            blob += header
-        extra = []
-        for name in EXTRA_NAMES:
-            p = Path(src.path) / name
-            if p.is_file():
-                data = p.read_bytes()
-                extra.append({"name": name, "at": [len(blob), len(data)], "xxh3_64": xxhash.xxh3_64_hexdigest(data)})
-                blob += data
-    except OSError:
+    return by_file
+
+
+def shard_entry(path: Path, header_len: int, tensors: list[Any]) -> tuple[dict[str, Any], bytes] | None:
+    """The shard at ``path`` (header of ``header_len`` JSON bytes, holding ``tensors``): its entry in the record
+    (``name``, ``size``, ``xxh3_64`` of the whole file, ``tensors`` in data order with each one's xxh3; its place in
+    reassembly.dat is ``write_record``'s) and its header bytes as stored, from one sequential pass. None when the
+    tensors do not tile its data."""
+    from .reassemble import _scan
+
+    hlen = 8 + int(header_len)
+    ts = sorted(tensors, key=lambda t: t.offset)
+    pos, spans = hlen, []
+    for t in ts:
+        if t.offset != pos:
+            return None
+        spans.append((t.offset, t.offset + t.nbytes, t.name))
+        pos += t.nbytes
+    whole, hs = _scan(path, [s for s in spans if s[1] > s[0]])
+    with open(path, "rb") as fh:
+        header = fh.read(hlen)
+    if len(header) != hlen:
         return None
+    return ({"name": path.name, "size": path.stat().st_size, "xxh3_64": whole,
+             "tensors": [[t.name, hs.get(t.name, xxhash.xxh3_64_hexdigest(b""))] for t in ts]}, header)
+
+
+def write_record(folder: Path, shards: list[tuple[dict[str, Any], bytes]],
+                 extra: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """Write ``folder/reassembly.dat`` from each shard's (entry, header bytes), in shard order, and the (name, bytes)
+    of config.json and the index; return the manifest's ``reassembly`` field."""
+    from .reassemble import RECORD_NAME
+
+    blob = bytearray()
+    files = []
+    for entry, header in shards:
+        files.append({"name": entry["name"], "size": entry["size"], "xxh3_64": entry["xxh3_64"],
+                      "header": [len(blob), len(header)], "tensors": entry["tensors"]})
+        blob += header
+    extras = []
+    for name, data in extra:
+        extras.append({"name": name, "at": [len(blob), len(data)], "xxh3_64": xxhash.xxh3_64_hexdigest(data)})
+        blob += data
     with open(folder / RECORD_NAME, "wb") as fh:
         fh.write(blob)
     return {"path": RECORD_NAME, "size": len(blob), "xxh3_64": xxhash.xxh3_64_hexdigest(bytes(blob)),
-            "format": "safetensors", "files": files, "extra": extra}
+            "format": "safetensors", "files": files, "extra": extras}
 
 
 def _well_formed(rec: dict[str, Any], blob_len: int) -> bool:

@@ -215,15 +215,17 @@ def test_a_checkpoint_with_fp8_dense_tensors_keeps_no_record_and_is_refused(tmp_
     assert "FP8" in line and "without a reassembly record" in line
 
 
-def test_a_pull_converted_shard_by_shard_is_refused_naming_the_repo(st_extracted, tmp_path):
-    f = _copy(st_extracted, "mixtral", tmp_path)  # what a streamed pull writes: the hub record, no reassembly
+def test_a_pull_without_the_record_is_refused_naming_the_repo(st_extracted, tmp_path):
+    # what a resumed pull writes when an earlier run's shard hashes were lost: the hub record, no reassembly
+    f = _copy(st_extracted, "mixtral", tmp_path)
     m = json.loads((f / "manifest.json").read_text())
     del m["reassembly"]
     m["source"]["hub"] = {"repo": "org/mixtral-tiny", "revision": "main", "commit": "ab" * 20}
     (f / "manifest.json").write_bytes(manifest_bytes(m))
     (f / RECORD_NAME).unlink()
     line = _refused(f, tmp_path)
-    assert "org/mixtral-tiny at abababababab" in line and "pulled" in line and "--keep-source" in line
+    assert "org/mixtral-tiny at abababababab" in line and "pulled" in line and "without a reassembly record" in line
+    assert "--overwrite" in line
 
 
 @pytest.mark.parametrize("name,dtype", [(FP8, "q8_0"), ("mixtral", "q4_0"), ("qwen3_5_moe", "bf16"),

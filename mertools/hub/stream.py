@@ -16,6 +16,8 @@ Everything is written into ``work/`` inside the pull's staging folder, which sur
 - ``work/headers.json``: the shard headers the plan was made from (checked against each verified shard);
 - ``work/progress.jsonl``: one fsync'd line per conversion step: the manifest entries of the expert shards and
   the indices of the dense tensors written (after their bytes were fsync'd). A torn last line is ignored.
+- ``work/shard-xxh3.jsonl``: each shard's hashes for the reassembly record, written as the shard is first taken
+  (:mod:`mertools.hub.stream_record`), so that OUT gets the record a local extract writes, after a resume too.
 
 ``finish`` hard-links the finished files into the folder :func:`mertools.commit.staged_output` gives (lock,
 staging, one atomic rename into OUT), so that a kill at any point leaves ``work/`` whole for the next run.
@@ -39,6 +41,7 @@ from ..layout import DENSE_NAME
 from ..sources.scales import check_scales
 from ..units import human_bytes
 from .remote import CONFIG, ST_INDEX, Choice, HubError
+from .stream_record import ShardRecord
 
 HEADERS = "headers.json"
 PLAN = "plan.json"
@@ -182,6 +185,8 @@ class SafeTensorsStreamer:
         self.src = src
         self.conv = plan(src, dtype=self.dtype)
         self.index_of = {name: i for i, name in enumerate(self.shard_names)}
+        self.record = ShardRecord(self.work, src, self.conv, dtype=self.dtype, headers=raw,
+                                  listed=self.choice.files, fetch=self.fetch)
         self._check_plan_key()
         done_entries, done_dense = self._load_progress()
         self.dense = self._open_dense(done_dense)
@@ -294,6 +299,7 @@ class SafeTensorsStreamer:
                 i = self.index_of[name]
                 if name not in self.checked:
                     self._check_header(name, Path(present[name]))
+                    self.record.add(i, name, Path(present[name]))  # hashed while hot, before it can be deleted
                     self.src.files[i] = Path(present[name])
                     # its scales by value, before anything is converted from it (a scale is converted with its
                     # weight only once both files are here, so every scale is checked before it is applied)
@@ -375,6 +381,7 @@ class SafeTensorsStreamer:
             for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.work / rel, staging / rel)
+            self.record.into(staging, manifest)
             write_manifest(staging, manifest)  # staged_output flushes it and every new link before the commit
         self.src.close()
         return _Summary({
@@ -382,7 +389,7 @@ class SafeTensorsStreamer:
             "layers": len({s.layer for s in self.conv.shards}),
             "bytes_written": self.conv.expert_bytes + dense_entry["size"], "expert_bytes": self.conv.expert_bytes,
             "dense_bytes": dense_entry["size"], "seconds": round(time.perf_counter() - self.t0, 4),
-            "streamed": True, "window": self.window, **self.stats,
+            "streamed": True, "window": self.window, **self.stats, **self.record.summary(),
         })
 
 

@@ -15,7 +15,6 @@ wins), so give each its own output.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -31,13 +30,16 @@ import xxhash
 import zstandard
 
 from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import (MANIFEST_NAME, Manifest, manifest_from_bytes, parse_manifest,
+from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
-MANIFEST_CAP = 256 << 20  # a manifest bigger than this is not one we wrote
+# What the tar stream may hold between one member's data and the next one's (its header, a PAX or GNU long-name
+# record for a path of up to 4096 bytes, tarfile's 10 KiB read-ahead, the end-of-archive blocks): tarfile reads a
+# PAX or long-name record whole into memory, so without a bound a few KiB of zstd can ask for gigabytes.
+HEADER_ROOM = 1 << 20
 LEVEL = 10  # measured on the fixtures: levels above gain < 1% on quantized blocks at several times the time
 WINDOW_LOG = 27  # 128 MiB: the largest window zstd decoders accept without being told (--long=27)
 
@@ -211,6 +213,13 @@ def pack(
     if not archive.parent.is_dir():
         raise OutputError(f"{archive.parent}: no such folder")
     expect = _expected(m)
+    # the replace renames over the archive's name: refuse when that name is one of the folder's own files
+    target = (os.path.realpath(archive.parent), archive.name)
+    for rel in [MANIFEST_NAME, *expect]:
+        p = folder / rel
+        if (os.path.realpath(p.parent), p.name) == target:
+            raise OutputError(f"{archive}: is {rel} of the folder being packed; writing the archive there would "
+                              "destroy it. Choose an archive path outside the folder's files")
     total = len(mbytes) + sum(e.size for e in expect.values())
     tick = progress(total, len(expect) + 1) if progress else (lambda n: None)
     tmp = archive.with_name(f".{archive.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -309,9 +318,9 @@ def unpack(
     with staged_folder(Path(out), overwrite=overwrite, fsync=fsync, sources=[archive]) as staging:
         try:
             with open(archive, "rb") as fh:
-                reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+                reader = _Bounded(zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True), archive)
                 with tarfile.open(fileobj=reader, mode="r|") as tar:
-                    files, written = _unpack_members(tar, archive, staging, progress)
+                    files, written = _unpack_members(tar, archive, staging, progress, reader)
                     # a truncated stream can end exactly between members: the manifest's list is the authority,
                     # and zstd's content checksum comes only once the frame's end is read
                     while reader.read(CHUNK):
@@ -321,27 +330,47 @@ def unpack(
     return UnpackResult(Path(out), files, written, time.perf_counter() - t0)
 
 
+class _Bounded:
+    """The decompressed stream, readable only up to ``limit``: past it the archive holds more than its manifest
+    lists (an oversized header record, data after the end), and reading on would cost memory or time unbounded."""
+
+    def __init__(self, raw: BinaryIO, archive: Path):
+        self.raw, self.archive, self.pos, self.limit = raw, archive, 0, HEADER_ROOM
+
+    def allow(self, end: int) -> None:
+        """Let reads go up to ``end`` (a position in the tar stream) plus the room for the next header."""
+        self.limit = end + HEADER_ROOM
+
+    def read(self, n: int = -1) -> bytes:
+        room = self.limit - self.pos
+        if room <= 0:
+            raise ArchiveError(f"{self.archive}: holds more than its manifest lists (an oversized tar header, or data "
+                               "after the last member); not an archive written by `mertools pack`; nothing was "
+                               "written")
+        b = self.raw.read(room if n < 0 else min(n, room))
+        self.pos += len(b)
+        return b
+
+
 def _unpack_members(tar: tarfile.TarFile, archive: Path, staging: Path,
-                    progress: Callable[[int, int], Callable[[int], None]] | None) -> tuple[int, int]:
+                    progress: Callable[[int, int], Callable[[int], None]] | None,
+                    reader: _Bounded) -> tuple[int, int]:
     first = tar.next()
     if first is None or first.name != MANIFEST_NAME or _kind(first) is not None:
         got = "nothing" if first is None else repr(first.name)
         raise ArchiveError(f"{archive}: the first member must be {MANIFEST_NAME}, found {got}; not an archive "
                            "written by `mertools pack`")
-    if first.size > MANIFEST_CAP:
+    if first.size > MAX_MANIFEST_BYTES:
         raise ArchiveError(f"{archive}: {MANIFEST_NAME} is {first.size} bytes, more than any manifest; refused")
+    reader.allow(tar.offset)
     f = tar.extractfile(first)
     assert f is not None
     mbytes = f.read()
     if len(mbytes) != first.size:
         raise ArchiveError(f"{archive}: {MANIFEST_NAME} is truncated")
     try:
-        raw = json.loads(mbytes.decode("utf-8"))
-        if not isinstance(raw, dict):
-            raise ManifestError(f"{MANIFEST_NAME}: top level must be an object")
-        m = parse_manifest(raw, staging)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ArchiveError(f"{archive}: {MANIFEST_NAME} is not valid JSON ({exc}); refused") from None
+        # the runtime's own checks, integrity included: a manifest it would refuse must not become OUT
+        m = manifest_from_bytes(mbytes, staging)
     except ManifestError as exc:
         raise ArchiveError(f"{archive}: {exc}") from None
     expect = _expected(m)
@@ -365,6 +394,7 @@ def _unpack_members(tar: tarfile.TarFile, archive: Path, staging: Path,
         if ti.size != exp.size:
             raise ArchiveError(f"{archive}: member {ti.name!r} is {ti.size} bytes, the manifest says {exp.size}; "
                                "refused")
+        reader.allow(tar.offset)
         seen.add(ti.name)
         dst = staging / ti.name
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -513,6 +513,21 @@ def _check_sources(out: Path, sources: Iterable[str | os.PathLike[str]]) -> None
                         raise _inside(out, inodes[key], also=f" (as {e.path})")
 
 
+def refuse_folder_file(target: Path, folder: Path, rels: Iterable[str]) -> None:
+    """Refuse an output file that would be renamed over one of the files ``rels`` of ``folder``, the folder being
+    read (``pack OUT OUT/dense.gguf --overwrite`` would destroy the folder's only copy of it).
+
+    The name is compared, not the file: the rename replaces the name (a link to elsewhere at that name is lost
+    with it), and a hard link under another name keeps the folder's file alive.
+    """
+    where = (os.path.realpath(target.parent), target.name)
+    for rel in rels:
+        p = folder / rel
+        if (os.path.realpath(p.parent), p.name) == where:
+            raise OutputError(f"{target}: is {rel} of the folder {folder} being read; writing there would destroy "
+                              "it. Choose an output outside the folder's files")
+
+
 def _inside(out: Path, source: object, also: str = "") -> OutputError:
     return OutputError(
         f"{out}: --overwrite would delete the source {source}, which lies inside it{also}; write to another OUT"

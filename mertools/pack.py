@@ -33,6 +33,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
+from .commit import refuse_folder_file
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -213,13 +214,7 @@ def pack(
     if not archive.parent.is_dir():
         raise OutputError(f"{archive.parent}: no such folder")
     expect = _expected(m)
-    # the replace renames over the archive's name: refuse when that name is one of the folder's own files
-    target = (os.path.realpath(archive.parent), archive.name)
-    for rel in [MANIFEST_NAME, *expect]:
-        p = folder / rel
-        if (os.path.realpath(p.parent), p.name) == target:
-            raise OutputError(f"{archive}: is {rel} of the folder being packed; writing the archive there would "
-                              "destroy it. Choose an archive path outside the folder's files")
+    refuse_folder_file(archive, folder, [MANIFEST_NAME, *expect])
     total = len(mbytes) + sum(e.size for e in expect.values())
     tick = progress(total, len(expect) + 1) if progress else (lambda n: None)
     tmp = archive.with_name(f".{archive.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -38,9 +38,9 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import ROLES, Manifest, load_manifest
+from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
 
-from .commit import flush_files
+from .commit import flush_files, refuse_folder_file
 from .errors import MertoolsError, OutputError
 
 RECORD_NAME = "reassembly.dat"
@@ -237,6 +237,14 @@ def _expert_pieces(m: Manifest) -> dict[str, tuple[list[Piece], str, tuple[int, 
         v.sort(key=lambda x: (x[0], x[1]))
         out[k] = ([x[2] for x in v], v[0][3], v[0][4])
     return out
+
+
+def folder_files(m: Manifest) -> list[str]:
+    """Every file of the folder the manifest names: what no output may be written over."""
+    rec = m.raw.get("reassembly")
+    rec_path = rec.get("path", RECORD_NAME) if isinstance(rec, dict) else None
+    return [MANIFEST_NAME, m.dense["path"], *([rec_path] if isinstance(rec_path, str) else []),
+            *(e.path for e in m.experts)]
 
 
 def _open_folder(folder: Path) -> Manifest:
@@ -650,7 +658,9 @@ def reassemble(
         exact = rec is not None and (len(src_files) == 1 or split)
         out_names = src_files if exact else [src_files[0] if len(src_files) == 1 else _joined_name(src_files[0])]
         targets = _targets(Path(out), out_names)
+        own = folder_files(m)
         for t in targets:
+            refuse_folder_file(t, folder, own)
             if t.exists() and not overwrite:
                 raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
             if t.exists() and not t.is_file():

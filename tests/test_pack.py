@@ -291,10 +291,10 @@ def test_pack_onto_a_file_of_the_folder_is_refused(victim, extracted, tmp_path):
     if victim == "expert":
         victim = json.loads((f / "manifest.json").read_text())["experts"][0]["path"]
     before = _files(f)
-    with pytest.raises(MertoolsError, match="of the folder being packed"):
+    with pytest.raises(MertoolsError, match="of the folder .* being read"):
         pack(f, f / victim, overwrite=True, fsync=False)
     (tmp_path / "link").symlink_to(f)  # the same name reached through a link
-    with pytest.raises(MertoolsError, match="of the folder being packed"):
+    with pytest.raises(MertoolsError, match="of the folder .* being read"):
         pack(f, tmp_path / "link" / victim, overwrite=True, fsync=False)
     assert _files(f) == before and verify(f).ok
     pack(f, f / "inside.tar.zst", fsync=False)  # a new name inside the folder takes nothing from it

@@ -249,3 +249,17 @@ def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, extrac
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "reassembly record" in lines[0], p.stderr[-2000:]
     assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("victim", ["dense.gguf", "manifest.json", RECORD_NAME, "expert"])
+def test_output_over_a_file_of_the_folder_is_refused(victim, extracted, tmp_path):
+    """`reassemble OUT OUT/dense.gguf --overwrite` would rename the model over the folder's only dense.gguf."""
+    from mertools.verify import verify
+
+    f = _copy(extracted, "mixtral-q4_0.gguf", tmp_path)
+    if victim == "expert":
+        victim = json.loads((f / "manifest.json").read_text())["experts"][2]["path"]
+    before = {p: p.read_bytes() for p in f.rglob("*") if p.is_file()}
+    with pytest.raises(MertoolsError, match="being read; writing there would destroy it"):
+        reassemble(f, f / victim, overwrite=True, fsync=False)
+    assert {p: p.read_bytes() for p in f.rglob("*") if p.is_file()} == before and verify(f).ok

@@ -263,3 +263,22 @@ def test_output_over_a_file_of_the_folder_is_refused(victim, extracted, tmp_path
     with pytest.raises(MertoolsError, match="being read; writing there would destroy it"):
         reassemble(f, f / victim, overwrite=True, fsync=False)
     assert {p: p.read_bytes() for p in f.rglob("*") if p.is_file()} == before and verify(f).ok
+
+
+@pytest.mark.parametrize("how", ["fewer_names", "a_name_twice"])
+def test_source_names_that_disagree_with_the_record_are_refused(how, extracted, tmp_path):
+    """With one source name and a six-part record, the first part alone came back "byte-identical to the source";
+    with a name twice, one part was renamed over another and the run still said six files were written."""
+    f = tmp_path / "f"
+    shutil.copytree(extracted(SPLIT), f)
+    m = json.loads((f / "manifest.json").read_text())
+    files = m["source"]["files"]
+    if how == "fewer_names":
+        del files[1:]
+    else:
+        files[1]["name"] = files[0]["name"]
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    (tmp_path / "o").mkdir()
+    with pytest.raises(MertoolsError, match="differ or repeat a name"):
+        reassemble(f, tmp_path / "o", split=how == "a_name_twice", fsync=False)
+    assert list((tmp_path / "o").iterdir()) == []

@@ -78,8 +78,16 @@ class _Expect:
 def _expected(m: Manifest) -> dict[str, _Expect]:
     """Every file of the folder other than the manifest, with what it must hash to, in archive order."""
     out: dict[str, _Expect] = {}
+
+    def add(path: str, exp: _Expect) -> None:
+        # one name, one file: a second entry would replace the first one's checksums (dense.gguf checked as the
+        # reassembly record says), or the manifest itself would be a member twice
+        if path in out or path == MANIFEST_NAME:
+            raise ArchiveError(f"{m.root / MANIFEST_NAME}: {path} is listed twice")
+        out[path] = exp
+
     if m.dense:
-        out[m.dense["path"]] = _Expect(int(m.dense["size"]), m.dense["xxh3_64"], [])
+        add(m.dense["path"], _Expect(int(m.dense["size"]), m.dense["xxh3_64"], []))
     rec = m.raw.get("reassembly")
     if isinstance(rec, dict):
         from mer_runtime.manifest import safe_relpath
@@ -90,12 +98,10 @@ def _expected(m: Manifest) -> dict[str, _Expect]:
             raise ArchiveError(str(exc)) from None
         if not isinstance(rec.get("size"), int) or not isinstance(rec.get("xxh3_64"), str):
             raise ArchiveError(f"{m.root / MANIFEST_NAME}: reassembly: size and xxh3_64 are required")
-        out[path] = _Expect(rec["size"], rec["xxh3_64"], [])
+        add(path, _Expect(rec["size"], rec["xxh3_64"], []))
     for e in m.experts:
-        ranges = [(t.offset, t.offset + t.nbytes, role, t.xxh3_64) for role, t in e.tensors.items()]
-        if e.path in out:
-            raise ArchiveError(f"{m.root / MANIFEST_NAME}: {e.path} is listed twice")
-        out[e.path] = _Expect(e.size, e.xxh3_64, ranges)
+        add(e.path, _Expect(e.size, e.xxh3_64, [(t.offset, t.offset + t.nbytes, role, t.xxh3_64)
+                                                for role, t in e.tensors.items()]))
     return out
 
 

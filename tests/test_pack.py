@@ -298,3 +298,27 @@ def test_pack_onto_a_file_of_the_folder_is_refused(victim, extracted, tmp_path):
         pack(f, tmp_path / "link" / victim, overwrite=True, fsync=False)
     assert _files(f) == before and verify(f).ok
     pack(f, f / "inside.tar.zst", fsync=False)  # a new name inside the folder takes nothing from it
+
+
+def test_a_record_path_that_is_dense_gguf_is_refused(extracted, tmp_path):
+    """The reassembly record named dense.gguf replaced dense.gguf's expected checksum by the record's: an archive
+    whose dense.gguf was the record's bytes unpacked with "every checksum matches" and a dense.gguf that does not."""
+    from mer_runtime.manifest import manifest_bytes
+
+    folder = extracted(Q4)
+    rec = (folder / "reassembly.dat").read_bytes()
+
+    def change(ms):
+        m = json.loads(ms[0][1])
+        m["reassembly"]["path"] = m["dense"]["path"]
+        ms[0] = (ms[0][0], manifest_bytes(m))
+        ms[0][0].size = len(ms[0][1])
+        for i, (ti, _) in enumerate(ms):
+            if ti.name == "dense.gguf":
+                ti.size = len(rec)
+                ms[i] = (ti, rec)
+        ms[:] = [(ti, d) for ti, d in ms if ti.name != "reassembly.dat"]
+    arc = _hostile(extracted, tmp_path, change)
+    with pytest.raises(MertoolsError, match="dense.gguf is listed twice"):
+        unpack(arc, tmp_path / "out", fsync=False)
+    assert _left(tmp_path, {"hostile.tar.zst"}) == []

@@ -217,6 +217,8 @@ def pack(
         raise ArchiveError(str(exc)) from None
     if archive.exists() and not overwrite:
         raise OutputError(f"{archive}: exists; pass --overwrite to replace it, or choose another name")
+    if archive.exists() and not archive.is_file():  # the rename would replace a device (/dev/null), FIFO or folder
+        raise OutputError(f"{archive}: exists and is not a file; choose another name")
     if not archive.parent.is_dir():
         raise OutputError(f"{archive.parent}: no such folder")
     expect = _expected(m)

@@ -322,3 +322,15 @@ def test_a_record_path_that_is_dense_gguf_is_refused(extracted, tmp_path):
     with pytest.raises(MertoolsError, match="dense.gguf is listed twice"):
         unpack(arc, tmp_path / "out", fsync=False)
     assert _left(tmp_path, {"hostile.tar.zst"}) == []
+
+
+def test_overwrite_replaces_only_a_file(extracted, tmp_path):
+    """`pack OUT /dev/null --overwrite` renamed the archive over the device node (as root: /dev/null became a
+    regular file). A FIFO stands in for the device here; a folder gave an error naming the hidden temporary."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    for target in (fifo, tmp_path / "dir"):
+        with pytest.raises(MertoolsError, match="exists and is not a file"):
+            pack(extracted(Q4), target, overwrite=True, fsync=False)
+    assert fifo.is_fifo() and (tmp_path / "dir").is_dir() and _left(tmp_path, {"fifo", "dir"}) == []

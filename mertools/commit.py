@@ -590,13 +590,13 @@ def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_space(where: Path, need: int) -> None:
+def check_space(where: Path, need: int,
+                hint: str = "another OUT (use --layers/--experts to extract part of the model)") -> None:
+    """Refuse, before anything is written, an output that needs more than the free space at ``where``."""
     free = shutil.disk_usage(where).free
     if free < need:
-        raise OutputError(
-            f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space or choose "
-            "another OUT (use --layers/--experts to extract part of the model)"
-        )
+        raise OutputError(f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space "
+                          f"or choose {hint}")
 
 
 def _os_error(exc: OSError, out: Path) -> OutputError:
@@ -675,7 +675,7 @@ def staged_output(
         if overwrite:
             _check_sources(out, sources)
         if need_bytes:
-            _check_space(out.parent, need_bytes)
+            check_space(out.parent, need_bytes)
         staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             staging.mkdir()

@@ -40,7 +40,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
 
-from .commit import flush_files, refuse_folder_file
+from .commit import check_space, flush_files, refuse_folder_file
 from .errors import MertoolsError, OutputError
 
 RECORD_NAME = "reassembly.dat"
@@ -393,17 +393,20 @@ def _record_well_formed(rec: dict[str, Any], blob_len: int) -> bool:
             return False
         if not ints([f.get("size"), f.get("alignment"), f.get("data_offset")], 3) or f["alignment"] == 0:
             return False
-        if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len:
+        if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len or f["header"][1] > f["size"]:
             return False
+        # everything inside the part: padding is written up to each tensor's offset, so an offset past the part's
+        # end would be zeros without bound before any check could see them
         gaps, tensors = f.get("gaps"), f.get("tensors")
-        if not isinstance(gaps, list) or not all(ints(g, 3) and g[2] + g[1] <= blob_len for g in gaps):
+        if not isinstance(gaps, list) or not all(ints(g, 3) and g[2] + g[1] <= blob_len and g[0] + g[1] <= f["size"]
+                                                 for g in gaps):
             return False
         if not isinstance(tensors, list):
             return False
         for t in tensors:
             if not (isinstance(t, list) and len(t) == 6 and isinstance(t[0], str) and isinstance(t[1], str)
                     and ints(t[2], len(t[2]) if isinstance(t[2], list) else -1) and ints(t[3:5], 2)
-                    and isinstance(t[5], str)):
+                    and isinstance(t[5], str) and t[3] + t[4] <= f["size"]):
                 return False
     return True
 
@@ -683,6 +686,9 @@ def reassemble(
             raise ReassemblyError(f"{folder}: the shards hold {', '.join(sorted(experts)[:3])} which the source's "
                                   "header does not list; the reassembly record does not belong to this folder")
         total = sum(t.nbytes for part in plan for t in part)
+        # the parts' recorded sizes (the tensors and a header, when made anew): refused now, not at a full disk
+        check_space(targets[0].parent, sum(int(f["size"]) for f in rec[0]["files"]) if exact else total,
+                    "another MODEL")
         tick = progress(total, sum(len(p) for p in plan)) if progress else (lambda n: None)
         buf = memoryview(bytearray(SEGMENT))
         outs: list[_Out] = []

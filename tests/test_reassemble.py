@@ -282,3 +282,32 @@ def test_source_names_that_disagree_with_the_record_are_refused(how, extracted, 
     with pytest.raises(MertoolsError, match="differ or repeat a name"):
         reassemble(f, tmp_path / "o", split=how == "a_name_twice", fsync=False)
     assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("lie", ["tensor_offset", "part_size"])
+def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tmp_path):
+    """A tensor offset past its part's end, or a part of 2^50 bytes, was padding written as zeros without bound (a
+    full disk before any check); the run is file-size-limited so that a regression fails the test, not the disk."""
+    import resource
+    import subprocess
+    import sys
+
+    f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
+    m = json.loads((f / "manifest.json").read_text())
+    part = m["reassembly"]["files"][0]
+    if lie == "tensor_offset":
+        part["tensors"][-1][3] = 1 << 40
+    else:
+        part["size"] = 1 << 50
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    (tmp_path / "o").mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))
+
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
+                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    lines = p.stderr.strip().splitlines()
+    want = "malformed" if lie == "tensor_offset" else "free but only"
+    assert p.returncode == 2 and len(lines) == 1 and want in lines[0], (p.returncode, p.stderr[-2000:])
+    assert list((tmp_path / "o").iterdir()) == []

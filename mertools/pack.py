@@ -372,10 +372,11 @@ def _unpack_members(tar: tarfile.TarFile, archive: Path, staging: Path,
     if len(mbytes) != first.size:
         raise ArchiveError(f"{archive}: {MANIFEST_NAME} is truncated")
     try:
-        # the runtime's own checks, integrity included: a manifest it would refuse must not become OUT
-        m = manifest_from_bytes(mbytes, staging)
+        # the runtime's own checks, integrity included: a manifest it would refuse must not become OUT. Errors name
+        # it as ARCHIVE/manifest.json (the staging folder they would otherwise name is gone when they are read)
+        m = manifest_from_bytes(mbytes, archive)
     except ManifestError as exc:
-        raise ArchiveError(f"{archive}: {exc}") from None
+        raise ArchiveError(f"{exc} (in the archive; nothing was written)") from None
     expect = _expected(m)
     need = sum(e.size for e in expect.values())
     free = shutil.disk_usage(staging).free

@@ -238,6 +238,17 @@ class _Signals:
 
 
 @contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs, as SIGINT does: a writer of one
+    output file (pack, reassemble) then removes its temporary as it does on Ctrl-C, instead of dying with it."""
+    sig = _Signals()
+    try:
+        yield
+    finally:
+        sig.restore()
+
+
+@contextmanager
 def _signals_blocked() -> Iterator[None]:
     """Hold signals back for the few syscalls of a commit, so that no handler runs between two renames."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

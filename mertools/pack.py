@@ -33,7 +33,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
-from .commit import refuse_folder_file
+from .commit import interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -226,41 +226,44 @@ def pack(
     total = len(mbytes) + sum(e.size for e in expect.values())
     tick = progress(total, len(expect) + 1) if progress else (lambda n: None)
     tmp = archive.with_name(f".{archive.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as raw:
-            counted = _Counting(raw)
-            with compressor(level, threads, long).stream_writer(counted, closefd=False) as zw:
-                with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
-                    mtime = (folder / MANIFEST_NAME).stat().st_mtime
-                    import io
+    with interruptible():  # SIGTERM and SIGHUP too remove the temporary, as Ctrl-C does
+        try:
+            with open(tmp, "xb") as raw:
+                counted = _Counting(raw)
+                with compressor(level, threads, long).stream_writer(counted, closefd=False) as zw:
+                    with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
+                        mtime = (folder / MANIFEST_NAME).stat().st_mtime
+                        import io
 
-                    tar.addfile(_tarinfo(MANIFEST_NAME, len(mbytes), mtime), io.BytesIO(mbytes))
-                    tick(len(mbytes))
-                    for rel, exp in expect.items():
-                        path = folder / rel
-                        st = path.stat()
-                        if not stat.S_ISREG(st.st_mode) or st.st_size != exp.size:
-                            raise ArchiveError(f"{path}: {st.st_size} bytes or not a regular file, manifest says "
-                                               f"{exp.size}; the folder is damaged (run `mertools verify`)")
-                        h = _Hasher(exp)
-                        with open(path, "rb") as fh:
-                            tar.addfile(_tarinfo(rel, exp.size, st.st_mtime), _HashingReader(fh, h, tick))
-                        if bad := h.problems():
-                            raise ArchiveError(f"{path}: checksum mismatch in {', '.join(bad)}; the folder is damaged "
-                                               "(run `mertools verify`); no archive was written")
-            raw.flush()
+                        tar.addfile(_tarinfo(MANIFEST_NAME, len(mbytes), mtime), io.BytesIO(mbytes))
+                        tick(len(mbytes))
+                        test_point("writing")
+                        for rel, exp in expect.items():
+                            path = folder / rel
+                            st = path.stat()
+                            if not stat.S_ISREG(st.st_mode) or st.st_size != exp.size:
+                                raise ArchiveError(f"{path}: {st.st_size} bytes or not a regular file, manifest says "
+                                                   f"{exp.size}; the folder is damaged (run `mertools verify`)")
+                            h = _Hasher(exp)
+                            with open(path, "rb") as fh:
+                                tar.addfile(_tarinfo(rel, exp.size, st.st_mtime), _HashingReader(fh, h, tick))
+                            if bad := h.problems():
+                                raise ArchiveError(f"{path}: checksum mismatch in {', '.join(bad)}; the folder is "
+                                                   "damaged (run `mertools verify`); no archive was written")
+                raw.flush()
+                if fsync:
+                    os.fsync(raw.fileno())
+            os.replace(tmp, archive)
             if fsync:
-                os.fsync(raw.fileno())
-        os.replace(tmp, archive)
-        if fsync:
-            from .commit import fsync_dir
+                from .commit import fsync_dir
 
-            fsync_dir(archive.parent)  # the archive's name, not only its bytes
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-            raise OutputError(f"{exc.filename or archive}: {exc.strerror or exc}; nothing was left behind") from None
-        raise
+                fsync_dir(archive.parent)  # the archive's name, not only its bytes
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
+                raise OutputError(f"{exc.filename or archive}: {exc.strerror or exc}; nothing was left behind"
+                                  ) from None
+            raise
     return PackResult(archive, len(expect) + 1, total, counted.n, time.perf_counter() - t0)
 
 

@@ -40,7 +40,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
 
-from .commit import check_space, flush_files, refuse_folder_file
+from .commit import check_space, flush_files, interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
 
 RECORD_NAME = "reassembly.dat"
@@ -631,8 +631,13 @@ def reassemble(
     True
     >>> reassemble("out/", "parts/", split=True)          # doctest: +SKIP
     """
+    with interruptible():  # SIGTERM and SIGHUP too remove the temporaries, as Ctrl-C does
+        return _reassemble(Path(folder), out, split, overwrite, fsync, progress)
+
+
+def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrite: bool, fsync: bool,
+                progress: Callable[[int, int], Callable[[int], None]] | None) -> ReassembleResult:
     t0 = time.perf_counter()
-    folder = Path(folder)
     m = _open_folder(folder)
     _refuse_other_sources(m, folder)
     if m.source.get("format") == "safetensors":
@@ -698,6 +703,7 @@ def reassemble(
                 info, blob = rec
                 for f, tensors, target in zip(info["files"], plan, targets):
                     outs.append(_write_exact(target, f, blob, tensors, buf, tick))
+                    test_point("writing")
                 how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
             else:
                 if rec is None:

@@ -42,6 +42,7 @@ from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
 
 from .commit import check_space, flush_files, interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
+from .gguf_header import MAX_ALIGNMENT
 
 RECORD_NAME = "reassembly.dat"
 SEGMENT = 4 << 20  # bytes per read/write: large and sequential, memory flat
@@ -393,6 +394,8 @@ def _record_well_formed(rec: dict[str, Any], blob_len: int) -> bool:
             return False
         if not ints([f.get("size"), f.get("alignment"), f.get("data_offset")], 3) or f["alignment"] == 0:
             return False
+        if f["alignment"] & (f["alignment"] - 1) or f["alignment"] > MAX_ALIGNMENT:  # as extract takes a source
+            return False
         if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len or f["header"][1] > f["size"]:
             return False
         # everything inside the part: padding is written up to each tensor's offset, so an offset past the part's
@@ -691,9 +694,6 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             raise ReassemblyError(f"{folder}: the shards hold {', '.join(sorted(experts)[:3])} which the source's "
                                   "header does not list; the reassembly record does not belong to this folder")
         total = sum(t.nbytes for part in plan for t in part)
-        # the parts' recorded sizes (the tensors and a header, when made anew): refused now, not at a full disk
-        check_space(targets[0].parent, sum(int(f["size"]) for f in rec[0]["files"]) if exact else total,
-                    "another MODEL")
         tick = progress(total, sum(len(p) for p in plan)) if progress else (lambda n: None)
         buf = memoryview(bytearray(SEGMENT))
         outs: list[_Out] = []
@@ -701,6 +701,7 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             if exact:
                 assert rec is not None
                 info, blob = rec
+                _check_space(targets[0], sum(int(f["size"]) for f in info["files"]))
                 for f, tensors, target in zip(info["files"], plan, targets):
                     outs.append(_write_exact(target, f, blob, tensors, buf, tick))
                     test_point("writing")
@@ -716,6 +717,10 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
                 tensors = [t for part in plan for t in part]
                 align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
                 header = _generated_header(dense, tensors, align)
+                size = len(header)
+                for t in tensors:
+                    size += -size % align + t.nbytes
+                _check_space(targets[0], size)
                 dense.guard.check()  # type: ignore[attr-defined]
                 o = _Out(targets[0])
                 outs.append(o)
@@ -744,6 +749,11 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
                                 sum(o.pos for o in outs), time.perf_counter() - t0, notes)
     finally:
         dense.guard.close()  # type: ignore[attr-defined]  # before the mapping goes (mer_runtime.guard.Guard)
+
+
+def _check_space(target: Path, size: int) -> None:
+    """The output's whole size (from the record, or header, padding and tensors), refused now, not at a full disk."""
+    check_space(target.parent, size, "another MODEL")
 
 
 def _joined_name(first_part: str) -> str:

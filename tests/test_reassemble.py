@@ -284,21 +284,25 @@ def test_source_names_that_disagree_with_the_record_are_refused(how, extracted, 
     assert list((tmp_path / "o").iterdir()) == []
 
 
-@pytest.mark.parametrize("lie", ["tensor_offset", "part_size"])
+@pytest.mark.parametrize("lie", ["tensor_offset", "part_size", "alignment"])
 def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tmp_path):
-    """A tensor offset past its part's end, or a part of 2^50 bytes, was padding written as zeros without bound (a
-    full disk before any check); the run is file-size-limited so that a regression fails the test, not the disk."""
+    """A tensor offset past its part's end, a part of 2^50 bytes, or an alignment of 2^31 (a split set joined into
+    one file pads each tensor to it) was padding written as zeros without bound (a full disk before any check); the
+    run is file-size-limited so that a regression fails the test, not the disk."""
     import resource
     import subprocess
     import sys
 
-    f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
+    f = tmp_path / "f"
+    shutil.copytree(extracted(SPLIT if lie == "alignment" else _fixture("moe-merged-q4_0.gguf")), f)
     m = json.loads((f / "manifest.json").read_text())
     part = m["reassembly"]["files"][0]
     if lie == "tensor_offset":
         part["tensors"][-1][3] = 1 << 40
-    else:
+    elif lie == "part_size":
         part["size"] = 1 << 50
+    else:
+        part["alignment"] = 1 << 31
     (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
     (tmp_path / "o").mkdir()
 
@@ -308,6 +312,6 @@ def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tm
     p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
                         "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
     lines = p.stderr.strip().splitlines()
-    want = "malformed" if lie == "tensor_offset" else "free but only"
+    want = "free but only" if lie == "part_size" else "malformed"
     assert p.returncode == 2 and len(lines) == 1 and want in lines[0], (p.returncode, p.stderr[-2000:])
     assert list((tmp_path / "o").iterdir()) == []

@@ -238,6 +238,17 @@ class _Signals:
 
 
 @contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs, as SIGINT does: a writer of one
+    output file (pack, reassemble) then removes its temporary as it does on Ctrl-C, instead of dying with it."""
+    sig = _Signals()
+    try:
+        yield
+    finally:
+        sig.restore()
+
+
+@contextmanager
 def _signals_blocked() -> Iterator[None]:
     """Hold signals back for the few syscalls of a commit, so that no handler runs between two renames."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -513,6 +524,21 @@ def _check_sources(out: Path, sources: Iterable[str | os.PathLike[str]]) -> None
                         raise _inside(out, inodes[key], also=f" (as {e.path})")
 
 
+def refuse_folder_file(target: Path, folder: Path, rels: Iterable[str]) -> None:
+    """Refuse an output file that would be renamed over one of the files ``rels`` of ``folder``, the folder being
+    read (``pack OUT OUT/dense.gguf --overwrite`` would destroy the folder's only copy of it).
+
+    The name is compared, not the file: the rename replaces the name (a link to elsewhere at that name is lost
+    with it), and a hard link under another name keeps the folder's file alive.
+    """
+    where = (os.path.realpath(target.parent), target.name)
+    for rel in rels:
+        p = folder / rel
+        if (os.path.realpath(p.parent), p.name) == where:
+            raise OutputError(f"{target}: is {rel} of the folder {folder} being read; writing there would destroy "
+                              "it. Choose an output outside the folder's files")
+
+
 def _inside(out: Path, source: object, also: str = "") -> OutputError:
     return OutputError(
         f"{out}: --overwrite would delete the source {source}, which lies inside it{also}; write to another OUT"
@@ -575,13 +601,13 @@ def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_space(where: Path, need: int) -> None:
+def check_space(where: Path, need: int,
+                hint: str = "another OUT (use --layers/--experts to extract part of the model)") -> None:
+    """Refuse, before anything is written, an output that needs more than the free space at ``where``."""
     free = shutil.disk_usage(where).free
     if free < need:
-        raise OutputError(
-            f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space or choose "
-            "another OUT (use --layers/--experts to extract part of the model)"
-        )
+        raise OutputError(f"{where}: needs {human_bytes(need)} free but only {human_bytes(free)} is; free some space "
+                          f"or choose {hint}")
 
 
 def _os_error(exc: OSError, out: Path) -> OutputError:
@@ -660,7 +686,7 @@ def staged_output(
         if overwrite:
             _check_sources(out, sources)
         if need_bytes:
-            _check_space(out.parent, need_bytes)
+            check_space(out.parent, need_bytes)
         staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             staging.mkdir()

@@ -196,6 +196,9 @@ def export_mer(
     payload = max(sum(e.tensors[r].nbytes for r in WEIGHT_ROLES) for e in m.experts)
     expert_size = align_up(payload) + HEADER_PAGE
     total = sum(e.tensors[r].nbytes for e in m.experts for r in WEIGHT_ROLES)
+    if router and m.dense is None:  # the manifest may list no dense.gguf (the reader allows it)
+        raise ExportError(f"{m.root}: the manifest lists no dense.gguf, so there are no routers to write; export "
+                          "without --router")
     if router:
         whole, _, _ = hash_file(m.root / m.dense["path"])
         if whole != m.dense["xxh3_64"]:

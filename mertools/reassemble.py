@@ -39,10 +39,11 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import ROLES, Manifest, load_manifest
+from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
 
-from .commit import flush_files
+from .commit import check_space, flush_files, interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
+from .gguf_header import MAX_ALIGNMENT
 
 RECORD_NAME = "reassembly.dat"
 SEGMENT = 4 << 20  # bytes per read/write: large and sequential, memory flat
@@ -240,6 +241,14 @@ def _expert_pieces(m: Manifest) -> dict[str, tuple[list[Piece], str, tuple[int, 
     return out
 
 
+def folder_files(m: Manifest) -> list[str]:
+    """Every file of the folder the manifest names: what no output may be written over."""
+    rec = m.raw.get("reassembly")
+    rec_path = rec.get("path", RECORD_NAME) if isinstance(rec, dict) else None
+    return [MANIFEST_NAME, m.dense["path"], *([rec_path] if isinstance(rec_path, str) else []),
+            *(e.path for e in m.experts)]
+
+
 def _open_folder(folder: Path) -> Manifest:
     try:
         m = load_manifest(folder)
@@ -386,17 +395,22 @@ def _record_well_formed(rec: dict[str, Any], blob_len: int) -> bool:
             return False
         if not ints([f.get("size"), f.get("alignment"), f.get("data_offset")], 3) or f["alignment"] == 0:
             return False
-        if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len:
+        if f["alignment"] & (f["alignment"] - 1) or f["alignment"] > MAX_ALIGNMENT:  # as extract takes a source
             return False
+        if not ints(f.get("header"), 2) or f["header"][0] + f["header"][1] > blob_len or f["header"][1] > f["size"]:
+            return False
+        # everything inside the part: padding is written up to each tensor's offset, so an offset past the part's
+        # end would be zeros without bound before any check could see them
         gaps, tensors = f.get("gaps"), f.get("tensors")
-        if not isinstance(gaps, list) or not all(ints(g, 3) and g[2] + g[1] <= blob_len for g in gaps):
+        if not isinstance(gaps, list) or not all(ints(g, 3) and g[2] + g[1] <= blob_len and g[0] + g[1] <= f["size"]
+                                                 for g in gaps):
             return False
         if not isinstance(tensors, list):
             return False
         for t in tensors:
             if not (isinstance(t, list) and len(t) == 6 and isinstance(t[0], str) and isinstance(t[1], str)
                     and ints(t[2], len(t[2]) if isinstance(t[2], list) else -1) and ints(t[3:5], 2)
-                    and isinstance(t[5], str)):
+                    and isinstance(t[5], str) and t[3] + t[4] <= f["size"]):
                 return False
     return True
 
@@ -621,8 +635,13 @@ def reassemble(
     True
     >>> reassemble("out/", "parts/", split=True)          # doctest: +SKIP
     """
+    with interruptible():  # SIGTERM and SIGHUP too remove the temporaries, as Ctrl-C does
+        return _reassemble(Path(folder), out, split, overwrite, fsync, progress)
+
+
+def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrite: bool, fsync: bool,
+                progress: Callable[[int, int], Callable[[int], None]] | None) -> ReassembleResult:
     t0 = time.perf_counter()
-    folder = Path(folder)
     m = _open_folder(folder)
     _refuse_other_sources(m, folder)
     if m.source.get("format") == "safetensors":
@@ -641,6 +660,13 @@ def reassemble(
         if bad or not src_files:
             raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
                                   "names; the manifest is damaged, re-extract the model")
+        # each part is written under its source name: a name twice would rename one part over another, and a
+        # record with other parts than the source list would write some of them as if they were the whole source
+        rec_files = [f["name"] for f in rec[0]["files"]] if rec is not None else src_files
+        if len(set(src_files)) != len(src_files) or rec_files != src_files:
+            raise ReassemblyError(f"{folder}: the manifest's source files {src_files!r} and the parts its reassembly "
+                                  f"record holds {rec_files!r} differ or repeat a name; the manifest is damaged, "
+                                  "re-extract the model")
         if split and len(src_files) < 2:
             raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
         if split and rec is None:
@@ -651,7 +677,9 @@ def reassemble(
         exact = rec is not None and (len(src_files) == 1 or split)
         out_names = src_files if exact else [src_files[0] if len(src_files) == 1 else _joined_name(src_files[0])]
         targets = _targets(Path(out), out_names)
+        own = folder_files(m)
         for t in targets:
+            refuse_folder_file(t, folder, own)
             if t.exists() and not overwrite:
                 raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
             if t.exists() and not t.is_file():
@@ -674,8 +702,10 @@ def reassemble(
             if exact:
                 assert rec is not None
                 info, blob = rec
+                _check_space(targets[0], sum(int(f["size"]) for f in info["files"]))
                 for f, tensors, target in zip(info["files"], plan, targets):
                     outs.append(_write_exact(target, f, blob, tensors, buf, tick))
+                    test_point("writing")
                 how = "byte-identical to the source (the reassembly record), checked by the source's xxh3"
             else:
                 if rec is None:
@@ -688,6 +718,10 @@ def reassemble(
                 tensors = [t for part in plan for t in part]
                 align = int(rec[0]["files"][0]["alignment"]) if rec else int(dense.alignment)
                 header = _generated_header(dense, tensors, align)
+                size = len(header)
+                for t in tensors:
+                    size += -size % align + t.nbytes
+                _check_space(targets[0], size)
                 dense.guard.check()  # type: ignore[attr-defined]
                 o = _Out(targets[0])
                 outs.append(o)
@@ -716,6 +750,11 @@ def reassemble(
                                 sum(o.pos for o in outs), time.perf_counter() - t0, notes)
     finally:
         dense.guard.close()  # type: ignore[attr-defined]  # before the mapping goes (mer_runtime.guard.Guard)
+
+
+def _check_space(target: Path, size: int) -> None:
+    """The output's whole size (from the record, or header, padding and tensors), refused now, not at a full disk."""
+    check_space(target.parent, size, "another MODEL")
 
 
 def _joined_name(first_part: str) -> str:

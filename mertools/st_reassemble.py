@@ -39,7 +39,7 @@ import xxhash
 
 from mer_runtime.manifest import Manifest
 
-from .commit import flush_files
+from .commit import flush_files, refuse_folder_file
 from .errors import MertoolsError, OutputError
 from .sources.safetensors import DTYPES
 
@@ -354,7 +354,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     >>> reassemble("out/", "mixtral-again/").exact           # doctest: +SKIP
     True
     """
-    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out, read_record
+    from .reassemble import ReassembleResult, _check_dense, _dense_reader, _Out, folder_files, read_record
 
     rec = m.raw["reassembly"]
     path, blob = read_record(m, rec)
@@ -366,8 +366,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     if not out.exists() and not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
     names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]]
+    own = folder_files(m)
     for n in names:
         t = out / n
+        refuse_folder_file(t, folder, own)
         if t.exists() and not overwrite:
             raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another folder")
         if t.exists() and not t.is_file():

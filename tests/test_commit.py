@@ -327,3 +327,22 @@ def test_unwritable_out_parent(tmp_path, where):
     assert p.returncode == 2
     one_line_error(p.stderr, "choose another OUT")
     assert leftovers(tmp_path, keep=("a-file",)) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("command", ["pack", "reassemble"])
+def test_signals_mid_write_of_one_file_remove_its_temporary(tmp_path, command, sig):
+    """pack and reassemble write one file under a hidden temporary name: SIGTERM or SIGHUP (a closed terminal, a
+    scheduler's time limit) killed them and left it behind, as large as the model; now they end as Ctrl-C does."""
+    folder = tmp_path / "folder"
+    extract(Q4, folder, fsync=False)
+    target = tmp_path / ("a.tar.zst" if command == "pack" else "m.gguf")
+    p = start_cli(command, folder, target, "-q", MERTOOLS_TEST_STOP_AT="writing")
+    wait_stopped(p)
+    assert [x for x in leftovers(tmp_path, keep=("folder",)) if ".mertools-tmp-" in x]  # really mid-write
+    os.kill(p.pid, sig)
+    os.kill(p.pid, signal.SIGCONT)
+    rc, _, err = finish(p)
+    assert rc == 128 + sig, err
+    one_line_error(err, f"interrupted by {signal.Signals(sig).name}", "no partial output")
+    assert leftovers(tmp_path, keep=("folder",)) == []

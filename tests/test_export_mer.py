@@ -178,3 +178,18 @@ def test_cli(extracted, tmp_path):
     assert d["experts"] == 8 and d["dtype"] == "q4_0"
     p = run_cli("export", extracted(REAL["moe-merged-mxfp4.gguf"]), "--to", "mer", tmp_path / "m2")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "MXFP4" in p.stderr and not (tmp_path / "m2").exists()
+
+
+def test_router_of_a_folder_without_dense_is_refused_in_one_line(extracted, tmp_path):
+    """The reader accepts a manifest without `dense`; --router then had nothing to read and raised a TypeError."""
+    import shutil
+
+    f = tmp_path / "f"
+    shutil.copytree(extracted(REAL["mixtral-q4_0.gguf"]), f)
+    m = json.loads((f / "manifest.json").read_text())
+    m["dense"] = None
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    p = run_cli("export", f, "--to", "mer", tmp_path / "mer", "--router", "--no-fsync")
+    assert p.returncode == 2 and "lists no dense.gguf" in p.stderr and "without --router" in p.stderr
+    assert p.stderr.count("\n") == 1 and not (tmp_path / "mer").exists()
+    export_mer(f, tmp_path / "mer", fsync=False)  # without --router: nothing it needs is missing

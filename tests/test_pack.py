@@ -96,8 +96,9 @@ def test_corrupted_archive_is_refused(how, extracted, tmp_path):
     assert _left(tmp_path, {"a.tar.zst", "bad.tar.zst"}) == []
 
 
-def _hostile(extracted, tmp_path, change) -> Path:
-    """Our folder's members as a tar written by tarfile, with `change(list of (TarInfo, bytes))` applied."""
+def _hostile(extracted, tmp_path, change, fmt=tarfile.GNU_FORMAT, tail: bytes = b"") -> Path:
+    """Our folder's members as a tar written by tarfile, with `change(list of (TarInfo, bytes))` applied, and
+    `tail` after the tar's end."""
     folder = extracted(Q4)
     members = []
     for rel in ["manifest.json", *[p for p in _files(folder) if p != "manifest.json"]]:
@@ -107,11 +108,11 @@ def _hostile(extracted, tmp_path, change) -> Path:
         members.append((ti, data))
     change(members)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         for ti, data in members:
             tar.addfile(ti, io.BytesIO(data) if data is not None else None)
     path = tmp_path / "hostile.tar.zst"
-    path.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    path.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue() + tail))
     return path
 
 
@@ -201,6 +202,46 @@ def test_hostile_manifest_path_is_refused(extracted, tmp_path):
     assert _left(tmp_path, {"hostile.tar.zst"}) == []
 
 
+def _with_manifest(change_bytes):
+    def change(ms):
+        data = change_bytes(ms[0][1])
+        ms[0][0].size = len(data)
+        ms[0] = (ms[0][0], data)
+    return change
+
+
+@pytest.mark.parametrize("how", ["edited", "duplicate_key"])
+def test_manifest_the_runtime_would_refuse_is_refused(how, extracted, tmp_path):
+    """unpack checks the manifest as the runtime reads it (strict JSON, manifest_xxh3): a folder it writes loads."""
+    if how == "edited":  # one more space: the JSON means the same, the file is not the one that was written
+        edit = _with_manifest(lambda b: b.replace(b'"format_version":', b'"format_version": ', 1))
+    else:  # json.loads keeps the last of two keys, the runtime refuses both
+        edit = _with_manifest(lambda b: b.replace(b'"format_version":', b'"format_version": 7, "format_version":', 1))
+    arc = _hostile(extracted, tmp_path, edit)
+    with pytest.raises(MertoolsError, match="changed after it was written|appears twice"):
+        unpack(arc, tmp_path / "out", fsync=False)
+    assert _left(tmp_path, {"hostile.tar.zst"}) == []
+
+
+def _big_pax(i: int):
+    def change(ms):
+        ms[i][0].pax_headers = {"comment": "x" * (4 << 20)}
+    return change
+
+
+@pytest.mark.parametrize("where", ["before_manifest", "before_member", "after_end"])
+def test_more_than_the_manifest_lists_is_refused(where, extracted, tmp_path):
+    """A tar header record is read whole into memory: one bigger than any we write (a few zstd KiB can ask for
+    gigabytes) is refused, and so is data after the tar's end (it would be decompressed to the last byte)."""
+    if where == "after_end":
+        arc = _hostile(extracted, tmp_path, lambda ms: None, tail=b"\x01" * (2 << 20))
+    else:
+        arc = _hostile(extracted, tmp_path, _big_pax(0 if where == "before_manifest" else 3), fmt=tarfile.PAX_FORMAT)
+    with pytest.raises(MertoolsError, match="holds more than its manifest lists"):
+        unpack(arc, tmp_path / "out", fsync=False)
+    assert _left(tmp_path, {"hostile.tar.zst"}) == []
+
+
 def test_unpack_into_non_empty_folder_needs_overwrite(extracted, tmp_path):
     pack(extracted(Q4), tmp_path / "a.tar.zst", fsync=False)
     (tmp_path / "out").mkdir()
@@ -241,3 +282,55 @@ def test_small_chunks(monkeypatch, extracted, tmp_path):
     pack(folder, tmp_path / "a.tar.zst", fsync=False)
     unpack(tmp_path / "a.tar.zst", tmp_path / "o", fsync=False)
     assert _files(tmp_path / "o") == _files(folder)
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "dense.gguf", "expert"])
+def test_pack_onto_a_file_of_the_folder_is_refused(victim, extracted, tmp_path):
+    """`pack OUT OUT/dense.gguf --overwrite` would rename the archive over the folder's only copy of that file."""
+    f = _extracted_copy(extracted, tmp_path)
+    if victim == "expert":
+        victim = json.loads((f / "manifest.json").read_text())["experts"][0]["path"]
+    before = _files(f)
+    with pytest.raises(MertoolsError, match="of the folder .* being read"):
+        pack(f, f / victim, overwrite=True, fsync=False)
+    (tmp_path / "link").symlink_to(f)  # the same name reached through a link
+    with pytest.raises(MertoolsError, match="of the folder .* being read"):
+        pack(f, tmp_path / "link" / victim, overwrite=True, fsync=False)
+    assert _files(f) == before and verify(f).ok
+    pack(f, f / "inside.tar.zst", fsync=False)  # a new name inside the folder takes nothing from it
+
+
+def test_a_record_path_that_is_dense_gguf_is_refused(extracted, tmp_path):
+    """The reassembly record named dense.gguf replaced dense.gguf's expected checksum by the record's: an archive
+    whose dense.gguf was the record's bytes unpacked with "every checksum matches" and a dense.gguf that does not."""
+    from mer_runtime.manifest import manifest_bytes
+
+    folder = extracted(Q4)
+    rec = (folder / "reassembly.dat").read_bytes()
+
+    def change(ms):
+        m = json.loads(ms[0][1])
+        m["reassembly"]["path"] = m["dense"]["path"]
+        ms[0] = (ms[0][0], manifest_bytes(m))
+        ms[0][0].size = len(ms[0][1])
+        for i, (ti, _) in enumerate(ms):
+            if ti.name == "dense.gguf":
+                ti.size = len(rec)
+                ms[i] = (ti, rec)
+        ms[:] = [(ti, d) for ti, d in ms if ti.name != "reassembly.dat"]
+    arc = _hostile(extracted, tmp_path, change)
+    with pytest.raises(MertoolsError, match="dense.gguf is listed twice"):
+        unpack(arc, tmp_path / "out", fsync=False)
+    assert _left(tmp_path, {"hostile.tar.zst"}) == []
+
+
+def test_overwrite_replaces_only_a_file(extracted, tmp_path):
+    """`pack OUT /dev/null --overwrite` renamed the archive over the device node (as root: /dev/null became a
+    regular file). A FIFO stands in for the device here; a folder gave an error naming the hidden temporary."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    for target in (fifo, tmp_path / "dir"):
+        with pytest.raises(MertoolsError, match="exists and is not a file"):
+            pack(extracted(Q4), target, overwrite=True, fsync=False)
+    assert fifo.is_fifo() and (tmp_path / "dir").is_dir() and _left(tmp_path, {"fifo", "dir"}) == []

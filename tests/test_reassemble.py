@@ -249,3 +249,69 @@ def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, extrac
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "reassembly record" in lines[0], p.stderr[-2000:]
     assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("victim", ["dense.gguf", "manifest.json", RECORD_NAME, "expert"])
+def test_output_over_a_file_of_the_folder_is_refused(victim, extracted, tmp_path):
+    """`reassemble OUT OUT/dense.gguf --overwrite` would rename the model over the folder's only dense.gguf."""
+    from mertools.verify import verify
+
+    f = _copy(extracted, "mixtral-q4_0.gguf", tmp_path)
+    if victim == "expert":
+        victim = json.loads((f / "manifest.json").read_text())["experts"][2]["path"]
+    before = {p: p.read_bytes() for p in f.rglob("*") if p.is_file()}
+    with pytest.raises(MertoolsError, match="being read; writing there would destroy it"):
+        reassemble(f, f / victim, overwrite=True, fsync=False)
+    assert {p: p.read_bytes() for p in f.rglob("*") if p.is_file()} == before and verify(f).ok
+
+
+@pytest.mark.parametrize("how", ["fewer_names", "a_name_twice"])
+def test_source_names_that_disagree_with_the_record_are_refused(how, extracted, tmp_path):
+    """With one source name and a six-part record, the first part alone came back "byte-identical to the source";
+    with a name twice, one part was renamed over another and the run still said six files were written."""
+    f = tmp_path / "f"
+    shutil.copytree(extracted(SPLIT), f)
+    m = json.loads((f / "manifest.json").read_text())
+    files = m["source"]["files"]
+    if how == "fewer_names":
+        del files[1:]
+    else:
+        files[1]["name"] = files[0]["name"]
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    (tmp_path / "o").mkdir()
+    with pytest.raises(MertoolsError, match="differ or repeat a name"):
+        reassemble(f, tmp_path / "o", split=how == "a_name_twice", fsync=False)
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("lie", ["tensor_offset", "part_size", "alignment"])
+def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tmp_path):
+    """A tensor offset past its part's end, a part of 2^50 bytes, or an alignment of 2^31 (a split set joined into
+    one file pads each tensor to it) was padding written as zeros without bound (a full disk before any check); the
+    run is file-size-limited so that a regression fails the test, not the disk."""
+    import resource
+    import subprocess
+    import sys
+
+    f = tmp_path / "f"
+    shutil.copytree(extracted(SPLIT if lie == "alignment" else _fixture("moe-merged-q4_0.gguf")), f)
+    m = json.loads((f / "manifest.json").read_text())
+    part = m["reassembly"]["files"][0]
+    if lie == "tensor_offset":
+        part["tensors"][-1][3] = 1 << 40
+    elif lie == "part_size":
+        part["size"] = 1 << 50
+    else:
+        part["alignment"] = 1 << 31
+    (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
+    (tmp_path / "o").mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))
+
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
+                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    lines = p.stderr.strip().splitlines()
+    want = "free but only" if lie == "part_size" else "malformed"
+    assert p.returncode == 2 and len(lines) == 1 and want in lines[0], (p.returncode, p.stderr[-2000:])
+    assert list((tmp_path / "o").iterdir()) == []

@@ -38,7 +38,7 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import ROLES, Manifest, load_manifest
+from mer_runtime.manifest import ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
 
 from .commit import flush_files
 from .errors import MertoolsError, OutputError
@@ -335,13 +335,6 @@ def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
 
 
 RECORD_LIMIT = 1 << 30  # shard headers, config and index: megabytes for the largest checkpoints; never a GiB
-
-
-def plain_name(name: Any) -> bool:
-    """A file name the reassembly record may give (the record itself, a SafeTensors shard, config.json): one name in
-    the folder, neither hidden (our temporaries are) nor a path out of it. verify and reassemble use this rule."""
-    return (isinstance(name, str) and bool(name) and not name.startswith(".")
-            and not any(c in name for c in ("/", "\\", "\0")))
 
 
 def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:

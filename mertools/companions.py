@@ -11,8 +11,9 @@ The rule (one rule for a local folder and for a hub listing; README "What it rea
   then the source folder file for file);
 - skipped with a note (never a failure): a name that is not a plain file name (``mer_runtime.manifest.plain_name``:
   control characters, a backslash, over 255 bytes), a file over ``MAX_COMPANION_BYTES`` (64 MiB), anything that is
-  not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), and, in name order, the
-  files past ``MAX_COMPANIONS`` (128) or past ``MAX_COMPANION_TOTAL`` (256 MiB) in all.
+  not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), and the files past
+  ``MAX_COMPANIONS`` (128) or past ``MAX_COMPANION_TOTAL`` (256 MiB) in all, counted with the tokenizer, generation
+  config, chat template, remote code and licence (``FIRST``) first, then the rest, each in name order.
 
 Links are followed as the SafeTensors reader follows them for the shards (Hugging Face's cache links every file of a
 snapshot to its blob elsewhere); files are opened with ``read_regular`` (non-blocking open, fstat on the descriptor),
@@ -21,6 +22,7 @@ so a FIFO swapped in cannot hang the copy and a device cannot stream without end
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from pathlib import Path
@@ -39,6 +41,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".gg
                    ".nemo", ".mlmodel", ".keras", ".distcp", ".tar", ".zip", ".gz", ".tgz", ".zst", ".xz", ".bz2",
                    ".7z")
 HANDLED = ("config.json", "model.safetensors.index.json")  # in the reassembly record, and read by the converter
+# what an inference engine or transformers reads beside the weights: first in line when the count or total bound
+# leaves some files out (a folder of 200 notes must not cost the tokenizer its place)
+FIRST = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.tiktoken",
+         "tekken.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
+         "processor_config.json", "*.py", "LICENSE*")
 
 
 def wanted(name: str) -> bool:
@@ -55,12 +62,13 @@ def wanted(name: str) -> bool:
 
 
 def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, str]]]:
-    """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), in
-    name order, with the bounds on size, count and total."""
+    """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), with
+    the bounds on size, count and total; the files named in ``FIRST`` are taken first, then the rest, each in name
+    order, and the names kept are returned in name order."""
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
     total = 0
-    for name, size in sorted(files):
+    for name, size in sorted(files, key=lambda f: (not any(fnmatch.fnmatchcase(f[0], g) for g in FIRST), f)):
         why = None
         if not plain_name(name):
             why = "its name is not a plain file name (a control character, a backslash, or over 255 bytes)"
@@ -75,7 +83,7 @@ def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, 
             total += size
         else:
             skipped.append({"name": name, "why": why})
-    return kept, skipped
+    return sorted(kept), skipped
 
 
 def local(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:

@@ -454,12 +454,14 @@ def _companion_bytes(m: Manifest, c: Any) -> bytes:
     xxh3 (a regular file inside the folder only, as verify reads it)."""
     from mer_runtime.safeopen import read_regular
 
+    from .reassemble import ReassemblyError
+
     hint = "the folder is damaged (run `mertools verify`); nothing was written"
     try:
         path = m.resolve(c.path, "companion file")
     except ManifestError as exc:
-        raise _reassembly_error(f"{exc}; nothing was written") from None
-    data = read_regular(path, c.size, error=_reassembly_error, hint=hint)
+        raise ReassemblyError(f"{exc}; nothing was written") from None
+    data = read_regular(path, c.size, error=ReassemblyError, hint=hint)
     if len(data) != c.size or xxhash.xxh3_64_hexdigest(data) != c.xxh3_64:
         raise _reassembly_error(f"{path}: {len(data)} bytes, xxh3 {xxhash.xxh3_64_hexdigest(data)}; the manifest "
                                 f"says {c.size}, {c.xxh3_64}: {hint}")

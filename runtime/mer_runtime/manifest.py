@@ -10,7 +10,8 @@ Meaning: the version, required fields and their types, bounded model dimensions,
 normal form, every tensor aligned, inside its file, of the byte size its type and shape imply (gguf's
 ``quant_shape_to_byte_shape``: one formula, the gguf package's), every file exactly as long as its layout, sizes
 within ``MAX_FILE_BYTES``/``MAX_TOTAL_BYTES``, at least one expert, layer and expert numbers inside ``n_layers`` and
-``n_experts``.
+``n_experts``; the optional ``companions`` (a SafeTensors source's tokenizer and other files) each ``hf/NAME`` with
+NAME a ``plain_name``, within the writer's bounds.
 
 Integrity: ``manifest_xxh3`` (see `manifest_bytes`) is the XXH3-64 of the file's own bytes with that hash's 16 hex
 digits written as zeros; any changed byte of the file changes it.

@@ -289,3 +289,21 @@ def test_an_offline_pull_takes_them_from_the_cache_checked(hub, env, tmp_path, m
     blob.write_bytes(blob.read_bytes()[:-1] + b" ")
     p = run_cli("pull", f"org/st@{commit}", tmp_path / "o2", "-q", env=offline)
     assert p.returncode == 2 and "tokenizer.json" in p.stderr and not (tmp_path / "o2").exists()
+
+
+# -- push, inspect ------------------------------------------------------------------------------------------------
+def test_push_uploads_them_and_the_card_names_them(hub, env, mixtral):
+    run_cli("push", mixtral, "me/st-shards", "-q", env=env, check=True)
+    remote = hub.files_at("me/st-shards")
+    for name, data in companions_of(ST).items():
+        assert remote[f"hf/{name}"].read() == data, name
+    card = remote["README.md"].read().decode()
+    assert "`hf/tokenizer.json`" in card and "tokenizer" in card
+
+
+def test_inspect_lists_them_for_a_folder_and_for_a_checkpoint(mixtral):
+    d = json.loads(run_cli("inspect", mixtral, "--json", check=True).stdout)
+    assert {c["path"]: c["size"] for c in d["companions"]} == {f"hf/{n}": len(b) for n, b in companions_of(ST).items()}
+    assert "companion files in hf/: generation_config.json" in run_cli("inspect", mixtral, check=True).stdout
+    d = json.loads(run_cli("inspect", ST, "--json", check=True).stdout)
+    assert d["companions"] == sorted(companions_of(ST)) and d["companions_skipped"] == []

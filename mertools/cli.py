@@ -147,6 +147,10 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
     """Write each expert of SRC to OUT. SRC: a .gguf file (the first part of a split set), or a SafeTensors
     checkpoint folder (config.json with model.safetensors or model.safetensors.index.json and its shards).
 
+    From a SafeTensors folder, its other top-level files (tokenizer, generation config, chat template, *.py remote
+    code, README, LICENSE; not weights, not hidden, at most 64 MiB each) are copied byte for byte into OUT/hf/;
+    a file left out is named on stderr (and in --json) with the reason.
+
     \b
     Examples:
       mertools extract mixtral-q4_0.gguf out/
@@ -160,11 +164,19 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
     if as_json:
         _emit(r.as_dict())
     else:
+        _companion_notes(r.companions_skipped)
+        kept = f", {len(r.companions)} companion files in hf/" if r.companions else ""
         click.echo(
             f"wrote {r.experts} experts in {r.layers} layers to {r.out}: {human_bytes(r.bytes_written)} "
-            f"({human_bytes(r.expert_bytes)} shards + {human_bytes(r.dense_bytes)} dense.gguf) "
+            f"({human_bytes(r.expert_bytes)} shards + {human_bytes(r.dense_bytes)} dense.gguf{kept}) "
             f"in {r.seconds:.2f} s, {r.gb_per_s:.2f} GB/s"
         )
+
+
+def _companion_notes(skipped: list[dict[str, str]]) -> None:
+    """One stderr line per file of the checkpoint that the companion rule left out, and why (never a failure)."""
+    for x in skipped:
+        click.echo(f"note: {x['name']!r} not kept in hf/: {x['why']}", err=True)
 
 
 @main.command()
@@ -193,7 +205,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, quiet: bool) -> None:
-    """Check every shard of OUT: present, right size and alignment, every checksum right.
+    """Check every shard of OUT: present, right size and alignment, every checksum right; dense.gguf, the
+    reassembly record and the companion files in hf/ (tokenizer, ...) likewise.
 
     Exits 1 and lists each problem if anything is wrong.
 
@@ -322,9 +335,9 @@ def reassemble(out: Path, model: Path, split: bool, overwrite: bool, no_fsync: b
 
     A single-file GGUF source comes back byte-identical (checked against the source's xxh3); a split set with
     --split too; otherwise every tensor's bytes are the source's. A SafeTensors checkpoint comes back into the
-    folder MODEL (made if absent) as its own shards, index and config.json, byte-identical, whether it was
-    extracted or pulled from the Hub. A folder converted with --dtype (or FP8) is refused (exit 2, nothing
-    written).
+    folder MODEL (made if absent) as its own shards, index, config.json and the companion files kept in OUT/hf/
+    (tokenizer, generation config, ...), byte-identical, whether it was extracted or pulled from the Hub. A folder
+    converted with --dtype (or FP8) is refused (exit 2, nothing written).
 
     \b
     Examples:
@@ -477,6 +490,9 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
          dtype: str | None, keep_source: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Download a hub repo (only what conversion needs), verify every sha256, and convert it into OUT.
 
+    A SafeTensors repo also gives its top-level companion files (tokenizer, generation config, chat template,
+    remote code, ...; the rule of `extract`), checked like every file and kept in OUT/hf/.
+
     Resumable: run it again after an interruption and nothing verified or converted is fetched again.
     HF_HUB_OFFLINE=1 converts from the local Hugging Face cache.
 
@@ -493,6 +509,8 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
                     keep_source=keep_source, overwrite=overwrite, progress=bars)
     finally:
         bars.close()
+    if not as_json:
+        _companion_notes(r.companions_skipped)
     if as_json:
         _emit(r.as_dict())
     elif r.already:
@@ -517,6 +535,8 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def push(out: Path, repo: str, revision: str | None, private: bool, as_json: bool, quiet: bool) -> None:
     """Verify the shard folder OUT, then upload it to a hub repo with a generated model card.
+
+    Every file goes up, the companion files in hf/ (tokenizer, ...) included.
 
     Re-running resumes: files the hub already holds with the same sha256 are not sent again.
 

@@ -99,6 +99,7 @@ def describe(path: str | os.PathLike[str], dtype: str | None = None) -> dict[str
             "experts": len(m.experts),
             "expert_bytes": sum(e.size for e in m.experts),
             "dense": m.dense,
+            "companions": [{"path": c.path, "size": c.size} for c in m.companions],
             "layers": _per_layer(rows),
             "mtp": _mtp(m.model, names),
             "kernels": {t: kernel_for(t) for t in sorted(dtypes)},
@@ -148,6 +149,12 @@ def _describe_source(src: Any, path: str, dtype: str | None = None) -> dict[str,
             "dense_tensors": len(dense),
             "dense_bytes": sum(t.nbytes for t in dense),
         }
+    if src.kind == "safetensors" and Path(src.path).is_dir():  # a local folder: the companion files it would keep
+        from .companions import local
+
+        kept, skipped = local(Path(src.path))
+        d["companions"] = [p.name for p in kept]
+        d["companions_skipped"] = skipped
     return d
 
 
@@ -209,4 +216,10 @@ def _render_local(d: dict[str, Any]) -> str:
     else:
         lines.append(f"  {d['experts']} shards, {human_bytes(d['expert_bytes'])}; dense: "
                      f"{d['dense']['path'] if d['dense'] else 'none'}")
+    if d.get("companions"):
+        names = [c["path"].rpartition("/")[2] if isinstance(c, dict) else c for c in d["companions"]]
+        where = "in hf/" if d["kind"] == "shards" else "extract would keep in hf/"
+        lines.append(f"  companion files {where}: {', '.join(names)}")
+    for x in d.get("companions_skipped", []):
+        lines.append(f"  not kept: {x['name']!r}: {x['why']}")
     return "\n".join(lines)

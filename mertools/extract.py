@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .companions import local as local_companions, total_size as companions_size, write as write_companions
 from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401  (old import paths)
 from .convert import build_manifest, plan, write_dense, write_experts, write_manifest
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
@@ -31,6 +32,8 @@ class ExtractResult:
     dense_bytes: int
     seconds: float
     flushed: dict[str, Any] | None = None  # what the durable commit flushed (None: --no-fsync)
+    companions: list[str] = field(default_factory=list)  # files kept in OUT/hf/ (mertools.companions)
+    companions_skipped: list[dict[str, str]] = field(default_factory=list)  # [{name, why}] left out, with why
 
     @property
     def gb_per_s(self) -> float:
@@ -47,6 +50,8 @@ class ExtractResult:
             "seconds": round(self.seconds, 4),
             "gb_per_s": round(self.gb_per_s, 4),
             "flushed": self.flushed,
+            "companions": self.companions,
+            "companions_skipped": self.companions_skipped,
         }
 
 
@@ -65,6 +70,7 @@ def extract(
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     dtype: str | None = None,
     source_extra: dict[str, Any] | None = None,
+    companions: Iterable[str | os.PathLike[str]] | None = None,
 ) -> ExtractResult:
     """Extract experts from a model (GGUF file, or SafeTensors checkpoint folder) into OUT.
 
@@ -76,6 +82,10 @@ def extract(
 
     ``source_extra`` adds fields to the manifest's ``source`` (``pull`` records the hub repo, commit and sha256s).
 
+    A SafeTensors checkpoint's companion files (tokenizer, generation config, ...) are copied into ``OUT/hf/`` by
+    the rule of :mod:`mertools.companions`; ``companions`` gives the files instead (``pull``: the ones it
+    downloaded and checked). A GGUF source has none (its tokenizer is in dense.gguf).
+
     >>> extract("mixtral-q4_0.gguf", "out/")                        # doctest: +SKIP
     >>> extract("model-00001-of-00003.gguf", "out/", layers={0, 1})  # doctest: +SKIP
     >>> extract("mixtral-bf16/", "out/", dtype="q4_0")               # doctest: +SKIP
@@ -83,8 +93,16 @@ def extract(
     t0 = time.perf_counter()
     src = open_source(src_path)
     try:
-        return _extract(src, Path(os.path.abspath(out)), layers, experts, overwrite, fsync, wait, marker, progress,
-                        dtype, source_extra, t0)
+        chosen: list[Path] = []
+        skipped: list[dict[str, str]] = []
+        if companions is not None:
+            chosen = [Path(p) for p in companions]
+        elif src.kind == "safetensors":
+            chosen, skipped = local_companions(Path(src.path))
+        r = _extract(src, Path(os.path.abspath(out)), layers, experts, overwrite, fsync, wait, marker, progress,
+                     dtype, source_extra, t0, chosen)
+        r.companions_skipped = skipped
+        return r
     finally:
         src.close()
 
@@ -92,7 +110,7 @@ def extract(
 def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, experts: Iterable[int] | Ranges | None,
              overwrite: bool, fsync: bool, wait: bool, marker: str | None,
              progress: Callable[[int, int], Callable[[int], None]] | None, dtype: str | None,
-             source_extra: dict[str, Any] | None, t0: float) -> ExtractResult:
+             source_extra: dict[str, Any] | None, t0: float, companions: list[Path]) -> ExtractResult:
     conv = plan(src, layers, experts, dtype)
     check_scales(src, conv.plans)  # before the staging folder exists: a NaN scale leaves nothing behind
     shards = conv.shards
@@ -101,11 +119,14 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
     report: dict[str, Any] = {}
     # nothing below flushes a file: staged_output makes the whole folder durable at once before the commit
     with staged_output(out, overwrite=overwrite, sources=src.files, fsync=fsync, wait=wait, marker=marker,
-                       need_bytes=expert_bytes + src.dense_estimate(), report=report) as staging:
+                       need_bytes=expert_bytes + src.dense_estimate() + companions_size(companions),
+                       report=report) as staging:
         tick = progress(total, len(shards)) if progress else (lambda n: None)
         entries = write_experts(conv, staging, tick=tick, writeback=fsync)
         dense = write_dense(conv, staging, tick=tick)
         manifest = build_manifest(conv, entries, dense, extra_source=source_extra)
+        if src.kind == "safetensors":  # an empty list too: reassemble then knows nothing was left behind
+            manifest["companions"] = write_companions(companions, staging)
         # what `reassemble` needs beyond shards and dense.gguf (source headers, tensor places, xxh3s): whole
         # models extracted whole and unconverted, since only they give back the source bytes
         if src.kind in ("gguf", "safetensors") and conv.complete and conv.dtype is None:
@@ -116,7 +137,8 @@ def _extract(src: Source, out: Path, layers: Iterable[int] | Ranges | None, expe
         if check is not None:  # every mapped source still whole (one fstat each) before anything becomes durable
             check()
         write_manifest(staging, manifest)
+    kept = manifest.get("companions", [])
     return ExtractResult(
         out, len(shards), len({s.layer for s in shards}), expert_bytes + dense["size"], expert_bytes, dense["size"],
-        time.perf_counter() - t0, report.get("flushed"),
+        time.perf_counter() - t0, report.get("flushed"), [c["path"] for c in kept],
     )

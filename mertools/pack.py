@@ -1,7 +1,7 @@
 """``pack`` / ``unpack``: a shard folder as one zstd-compressed tar, and back, checked at both ends.
 
-The archive is a plain POSIX tar (PAX), ``manifest.json`` first, then ``dense.gguf``, the reassembly record and the
-expert files in manifest order, compressed as one zstd frame (multi-threaded, long-distance matching with a 128 MiB
+The archive is a plain POSIX tar (PAX), ``manifest.json`` first, then ``dense.gguf``, the reassembly record, the
+checkpoint's companion files (``hf/``) and the expert files in manifest order, compressed as one zstd frame (multi-threaded, long-distance matching with a 128 MiB
 window, which every zstd decoder accepts by default, and zstd's own content checksum). ``tar --zstd -xf`` reads it.
 
 ``pack`` checks every file's xxh3 against the manifest as it reads it (a damaged folder is not packed silently).
@@ -99,6 +99,8 @@ def _expected(m: Manifest) -> dict[str, _Expect]:
         if not isinstance(rec.get("size"), int) or not isinstance(rec.get("xxh3_64"), str):
             raise ArchiveError(f"{m.root / MANIFEST_NAME}: reassembly: size and xxh3_64 are required")
         add(path, _Expect(rec["size"], rec["xxh3_64"], []))
+    for c in m.companions:  # the reader has checked their paths (hf/NAME), sizes and hashes
+        add(c.path, _Expect(c.size, c.xxh3_64, []))
     for e in m.experts:
         add(e.path, _Expect(e.size, e.xxh3_64, [(t.offset, t.offset + t.nbytes, role, t.xxh3_64)
                                                 for role, t in e.tensors.items()]))

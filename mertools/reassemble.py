@@ -39,7 +39,7 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest
+from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
 
 from .commit import check_space, flush_files, interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
@@ -246,7 +246,7 @@ def folder_files(m: Manifest) -> list[str]:
     rec = m.raw.get("reassembly")
     rec_path = rec.get("path", RECORD_NAME) if isinstance(rec, dict) else None
     return [MANIFEST_NAME, m.dense["path"], *([rec_path] if isinstance(rec_path, str) else []),
-            *(e.path for e in m.experts)]
+            *(e.path for e in m.experts), *(c.path for c in m.companions)]
 
 
 def _open_folder(folder: Path) -> Manifest:
@@ -345,13 +345,6 @@ def _record(m: Manifest) -> tuple[dict[str, Any], bytes] | None:
 
 
 RECORD_LIMIT = 1 << 30  # shard headers, config and index: megabytes for the largest checkpoints; never a GiB
-
-
-def plain_name(name: Any) -> bool:
-    """A file name the reassembly record may give (the record itself, a SafeTensors shard, config.json): one name in
-    the folder, neither hidden (our temporaries are) nor a path out of it. verify and reassemble use this rule."""
-    return (isinstance(name, str) and bool(name) and not name.startswith(".")
-            and not any(c in name for c in ("/", "\\", "\0")))
 
 
 def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import xxhash
 
+from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import Manifest
 
 from .commit import flush_files, refuse_folder_file
@@ -347,8 +348,8 @@ def _unpack_mxfp4(name: str, shape: list[int], projs: list[_Proj], is_scales: bo
 def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsync: bool,
                   progress: Callable[[int, int], Callable[[int], None]] | None, t0: float) -> Any:
     """Write the checkpoint a SafeTensors-sourced folder was extracted from into the folder ``out`` (made if
-    absent): its shards under their own names, byte-identical (each checked by the source's xxh3), and
-    config.json and the index as they were.
+    absent): its shards under their own names, byte-identical (each checked by the source's xxh3), config.json and
+    the index as they were, and the companion files kept in hf/ (tokenizer, ...), each checked by its xxh3.
 
     >>> from mertools.reassemble import reassemble
     >>> reassemble("out/", "mixtral-again/").exact           # doctest: +SKIP
@@ -365,7 +366,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                           "folder (new or existing)")
     if not out.exists() and not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
-    names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]]
+    names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]] + [c.name for c in m.companions]
+    if len(set(names)) != len(names):  # one output file each: a companion named like a shard would overwrite it
+        raise _reassembly_error(f"{m.root}: the manifest's companion files and the reassembly record name the same "
+                                "file twice; the manifest is damaged (extract the model again)")
     own = folder_files(m)
     for n in names:
         t = out / n
@@ -454,6 +458,12 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             outs.append(o)
             o.write(data)
             o.close()
+        for c in m.companions:
+            data = _companion_bytes(m, c)
+            o = _Out(dest / c.name)
+            outs.append(o)
+            o.write(data)
+            o.close()
         dense.guard.finish()  # type: ignore[attr-defined]
         if fsync:
             flush_files([o.tmp for o in outs])
@@ -475,12 +485,32 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         raise
     finally:
         dense.guard.close()  # type: ignore[attr-defined]
-    notes = ["only the shards, the index and config.json come back: copy the tokenizer and other files from the "
-             "source"]
+    notes = [] if "companions" in m.raw else [
+        "this folder was extracted by an older mertools, which kept no companion files: only the shards, the index "
+        "and config.json come back; copy the tokenizer and other files from the source"]
     return ReassembleResult([out / o.final.name for o in outs], True,
                             "byte-identical to the source's shards (the reassembly record), checked by each shard's "
                             "xxh3", sum(len(f["tensors"]) for f in rec["files"]),
                             sum(o.pos for o in outs), time.perf_counter() - t0, notes)
+
+
+def _companion_bytes(m: Manifest, c: Any) -> bytes:
+    """Companion file ``c``'s bytes (tokenizer, ...), from the folder's hf/, checked against its manifest size and
+    xxh3 (a regular file inside the folder only, as verify reads it)."""
+    from mer_runtime.safeopen import read_regular
+
+    from .reassemble import ReassemblyError
+
+    hint = "the folder is damaged (run `mertools verify`); nothing was written"
+    try:
+        path = m.resolve(c.path, "companion file")
+    except ManifestError as exc:
+        raise ReassemblyError(f"{exc}; nothing was written") from None
+    data = read_regular(path, c.size, error=ReassemblyError, hint=hint)
+    if len(data) != c.size or xxhash.xxh3_64_hexdigest(data) != c.xxh3_64:
+        raise _reassembly_error(f"{path}: {len(data)} bytes, xxh3 {xxhash.xxh3_64_hexdigest(data)}; the manifest "
+                                f"says {c.size}, {c.xxh3_64}: {hint}")
+    return data
 
 
 def _parse(head: bytes, name: str, where: Path) -> dict[str, Any]:

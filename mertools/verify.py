@@ -1,5 +1,6 @@
 """``verify``: every shard present, of the right size and alignment, every whole-file and projection checksum right,
-and the manifest itself unchanged (its ``manifest_xxh3``).
+dense.gguf, the reassembly record and the checkpoint's companion files (``hf/``) likewise, and the manifest itself
+unchanged (its ``manifest_xxh3``).
 
 One sequential pass per file (mer_runtime.checksum) feeds the whole-file hash and the hash of whichever projection
 the bytes belong to, so verification reads each byte once; with ``--deep --against SRC`` the same pass also
@@ -19,7 +20,7 @@ from typing import Callable
 
 from mer_runtime.checksum import hash_fd, hash_file
 from mer_runtime.errors import ManifestError, MerError
-from mer_runtime.manifest import (HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
+from mer_runtime.manifest import (COMPANION_DIR, HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
                                   manifest_integrity, parse_manifest, read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
 from mer_runtime.shards import ShardSet
@@ -27,7 +28,7 @@ from mer_runtime.shards import ShardSet
 from .deep import RUNTIME_EXPERTS, SourceReference, deep_verify, open_runtime, scan_shard, source_regions
 from .report import Problem, VerifyReport
 
-__all__ = ["Problem", "VerifyReport", "check_dense", "check_expert", "check_manifest", "verify"]
+__all__ = ["Problem", "VerifyReport", "check_companions", "check_dense", "check_expert", "check_manifest", "verify"]
 
 
 def _why(exc: BaseException) -> str:
@@ -127,23 +128,48 @@ def _check_reassembly_record(m: Manifest) -> list[Problem]:
     return []
 
 
+def _check_whole(m: Manifest, rel: str, what: str, size: int, xxh3: str,
+                 tick: Callable[[int], None]) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for a listed file checked whole: present, a regular file inside the folder, its size
+    and xxh3."""
+    fd, probs = _open_listed(m, rel, what, size)
+    if fd is None:
+        return probs, 0
+    try:
+        whole, _, n = hash_fd(fd, size, (), tick)
+    except (OSError, ValueError) as exc:
+        return [Problem(rel, f"cannot read ({exc})")], 0
+    finally:
+        os.close(fd)
+    if whole != xxh3:
+        return [Problem(rel, f"checksum mismatch (xxh3 {whole}, manifest {xxh3})")], n
+    return [], n
+
+
 def check_dense(m: Manifest, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
     """(problems, bytes read) for dense.gguf, when the manifest lists one."""
     if not m.dense:
         return [], 0
-    d = m.dense
-    fd, probs = _open_listed(m, d["path"], "dense", d["size"])
-    if fd is None:
-        return probs, 0
-    try:
-        whole, _, n = hash_fd(fd, d["size"], (), tick)
-    except (OSError, ValueError) as exc:
-        return [Problem(d["path"], f"cannot read ({exc})")], 0
-    finally:
-        os.close(fd)
-    if whole != d["xxh3_64"]:
-        return [Problem(d["path"], f"checksum mismatch (xxh3 {whole}, manifest {d['xxh3_64']})")], n
-    return [], n
+    return _check_whole(m, m.dense["path"], "dense", m.dense["size"], m.dense["xxh3_64"], tick)
+
+
+def check_companions(m: Manifest, tick: Callable[[int], None]) -> tuple[list[Problem], int]:
+    """(problems, bytes read) for the checkpoint's companion files in hf/ (tokenizer, ...), when listed."""
+    probs, total = [], 0
+    for c in m.companions:
+        p, n = _check_whole(m, c.path, "companion file", c.size, c.xxh3_64, tick)
+        probs += p
+        total += n
+    return probs, total
+
+
+def _unlisted(m: Manifest, folder: str, listed: set[str]) -> list[Problem]:
+    """A warning for each file under ``folder`` (experts/, hf/) that the manifest does not list."""
+    d = m.root / folder
+    if not d.is_dir() or d.is_symlink():
+        return []
+    return [Problem(rel, "not listed in the manifest") for p in sorted(d.rglob("*"))
+            if (rel := p.relative_to(m.root).as_posix()) not in listed and not p.is_dir()]
 
 
 def verify(
@@ -173,7 +199,7 @@ def verify(
     if m is None:
         report.seconds = time.perf_counter() - t0
         return report
-    total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0)
+    total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0) + sum(c.size for c in m.companions)
     tick = progress(total, len(m.experts)) if progress else (lambda n: None)
     # with --against, the checksum pass also compares the bytes with the source: each shard byte is read once
     src = SourceReference(against, m) if deep and against is not None else None
@@ -198,13 +224,11 @@ def verify(
         report.problems += probs
         report.bytes_read += n
         report.problems.extend(_check_reassembly_record(m))
-        listed = {e.path for e in m.experts}
-        experts_dir = m.root / "experts"
-        if experts_dir.is_dir() and not experts_dir.is_symlink():
-            for p in sorted(experts_dir.rglob("*")):
-                rel = p.relative_to(m.root).as_posix()
-                if rel not in listed and not p.is_dir():
-                    report.warnings.append(Problem(rel, "not listed in the manifest"))
+        probs, n = check_companions(m, tick)
+        report.problems += probs
+        report.bytes_read += n
+        report.warnings += _unlisted(m, "experts", {e.path for e in m.experts})
+        report.warnings += _unlisted(m, COMPANION_DIR, {c.path for c in m.companions})
         report.checksum_seconds = time.perf_counter() - t0
         if deep:
             names = [f["name"] for f in m.source.get("files", [])]

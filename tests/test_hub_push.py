@@ -95,10 +95,15 @@ def test_inspect_a_safetensors_repo_reads_headers_and_config(hub, env):
     n_layers, n_exp = config["num_hidden_layers"], config["num_local_experts"]
     assert d["expert_tensors"] == 3 * n_layers * n_exp
     shards = sorted(set(index["weight_map"].values()))
+    companions = ["generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                  "tokenizer_config.json"]  # the checkpoint's tokenizer and friends: a pull keeps them in OUT/hf/
     assert [f["path"] for f in d["hub"]["would_download"]["files"]] == ["config.json", "model.safetensors.index.json",
-                                                                         *shards]
+                                                                         *companions, *shards]
+    assert d["hub"]["would_download"]["companions"] == companions
     for s in shards:  # headers only, by range requests
         assert hub.served("org/st", s) < (ST / s).stat().st_size
+    for c in companions:  # listed, never read by inspect
+        assert hub.served("org/st", c) == 0, c
 
 
 # -- push(quiet=True) is scoped: the caller's logging and bars come back, and a loud push beside it stays loud -----

@@ -74,12 +74,12 @@ def test_checkpoint_comes_back_tensor_for_tensor_and_byte_for_byte(name, st_extr
     # independent of mertools: safetensors' own reader of both, and every tensor's byte range
     assert _all_tensors(got) == _all_tensors(want)
     assert _all_tensors_raw(got) == _all_tensors_raw(want)
-    for p in want + [src / "config.json"] + ([src / "model.safetensors.index.json"]
-                                              if (src / "model.safetensors.index.json").exists() else []):
-        assert filecmp.cmp(p, back / p.name, shallow=False), p.name  # the source's header bytes too
-    assert sorted(p.name for p in back.iterdir()) == sorted(
-        [p.name for p in want] + ["config.json"] + (["model.safetensors.index.json"]
-                                                    if (src / "model.safetensors.index.json").exists() else []))
+    # the source folder file for file: shards (their header bytes too), config.json, the index, and the
+    # companion files (the real checkpoints' tokenizer.json, tokenizer.model, generation_config.json, ...)
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert filecmp.cmp(p, back / p.name, shallow=False), p.name
+    assert r.notes == []
 
 
 def test_safe_open_reads_every_reassembled_tensor_like_the_source(st_extracted, tmp_path):

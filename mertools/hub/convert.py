@@ -4,7 +4,8 @@ The pull pipeline (:mod:`mertools.hub.pulling`) downloads the files a converter 
 verified against its sha256 before anything reads it, and calls ``convert_available`` with every file present so
 far. The converter writes whatever it can from those files and answers which files it no longer needs; the
 pipeline deletes them (unless ``--keep-source``) and journals them as converted. ``window`` bounds how many source
-files may be on disk at once (``resident`` small files such as config.json and the index aside): the download of
+files may be on disk at once (``resident`` small files such as config.json, the index and the checkpoint's companion
+files aside): the download of
 file i+1 overlaps the conversion of file i, so a streaming converter uses 2 and peak disk stays near output + 2
 source files. ``finish`` commits OUT (staging + rename).
 
@@ -34,7 +35,7 @@ class StreamingConverter(Protocol):
     """A converter fed by the pull pipeline, file by file. Called from one thread only (the pipeline's)."""
 
     window: int | None  # most source files on disk at once, ``resident`` ones aside; None: all of them
-    resident: set[str]  # small files kept to the end (config.json, the index): outside the window
+    resident: set[str]  # small files kept to the end (config.json, the index, companions): outside the window
 
     def needs(self, path: str) -> bool:
         """Whether repo file ``path`` must be downloaded for this conversion."""
@@ -54,11 +55,15 @@ class StreamingConverter(Protocol):
 
 
 def extract_to(src: Path, out: Path, *, overwrite: bool, source_extra: dict[str, Any], dtype: str | None,
-               progress: Callable[[int, int], Callable[[int], None]] | None) -> Any:
-    """The one place a pull writes its output: mertools' extract (staging folder + rename into OUT)."""
+               progress: Callable[[int, int], Callable[[int], None]] | None,
+               companions: list[Path] | None = None) -> Any:
+    """The one place a pull writes its output: mertools' extract (staging folder + rename into OUT).
+    ``companions``: the checkpoint's companion files the pull chose and checked (None: a GGUF source's none)."""
     from ..extract import extract
 
     kw: dict[str, Any] = {"overwrite": overwrite, "source_extra": source_extra, "progress": progress}
+    if companions is not None:
+        kw["companions"] = companions
     if dtype is not None:
         if "dtype" not in inspect.signature(extract).parameters:
             raise MertoolsError(f"--dtype {dtype}: this version of mertools cannot convert types; drop --dtype")
@@ -90,9 +95,12 @@ class _WholeConverter:
         if not self.paths <= set(present):
             return set()
         src = self.source_path(present)
+        # a SafeTensors pull's companion files are the ones it chose and checked, not whatever the folder holds
+        # (an offline pull's snapshot may hold more)
+        companions = [present[p] for p in self.choice.companions] if self.choice.kind == "safetensors" else None
         try:
             self.result = extract_to(src, self.out, overwrite=self.overwrite, source_extra=self.source_extra,
-                                     dtype=self.dtype, progress=self.progress)
+                                     dtype=self.dtype, progress=self.progress, companions=companions)
         except MertoolsError as exc:
             raise type(exc)(f"{exc}. The verified source files stay in {src if src.is_dir() else src.parent}; "
                             "running the pull again reuses them") from None

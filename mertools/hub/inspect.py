@@ -72,7 +72,7 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
     commit = resolve_commit(spec)
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
-    choice = choose(listing, gguf=gguf, where=where)
+    choice = choose(listing, gguf=gguf, where=where, unusable=listing.unusable)
     check_needed(choice.files, listing.unusable, where)
     hub = {"repo": spec.repo_id, "revision": spec.revision or "main", "commit": commit}
     if choice.kind == "gguf":
@@ -90,8 +90,8 @@ def describe_remote(text: str, *, gguf: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mertools-inspect-") as tmp:
         folder = Path(tmp)
         small = {}
-        for f in choice.files:  # config.json and the index (or the single model.safetensors)
-            if f.path.endswith(".json"):
+        for f in choice.files:  # config.json and the index (not the companion files: only listed)
+            if f.path in (CONFIG, ST_INDEX):
                 small[f.path] = read_range(spec, commit, f.path, 0, f.size - 1, f.size)
                 (folder / f.path).write_bytes(small[f.path])
         # the loader of local folders: nesting too deep, a key twice in the index, not an object: one SourceError

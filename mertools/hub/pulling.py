@@ -59,13 +59,16 @@ class PullResult:
     extract: dict[str, Any] = field(default_factory=dict)
     source_kept: str | None = None
     already: bool = False
+    companions: list[str] = field(default_factory=list)  # repo files kept in OUT/hf/ (mertools.companions)
+    companions_skipped: list[dict[str, str]] = field(default_factory=list)  # [{name, why}]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.out), "repo": self.repo, "commit": self.commit, "kind": self.kind, "files": self.files,
             "downloaded_bytes": self.downloaded_bytes, "reused_bytes": self.reused_bytes, "offline": self.offline,
             "seconds": round(self.seconds, 3), "extract": self.extract, "source_kept": self.source_kept,
-            "already_complete": self.already,
+            "already_complete": self.already, "companions": self.companions,
+            "companions_skipped": self.companions_skipped,
         }
 
 
@@ -114,7 +117,7 @@ def pull(
         _check_out(kept_dir, overwrite)
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
-    choice = choose(listing, gguf=gguf, include=include, where=where)
+    choice = choose(listing, gguf=gguf, include=include, where=where, unusable=listing.unusable)
     check_needed(choice.files, listing.unusable, where)
 
     stage = staging_dir(out)
@@ -170,7 +173,8 @@ def pull(
         _unlock(lock)
     return PullResult(out, spec.repo_id, commit, choice.kind, extra["hub"]["files"], counters["downloaded"],
                       counters["reused"], False, time.perf_counter() - t0,
-                      result.as_dict() if hasattr(result, "as_dict") else {}, kept)
+                      result.as_dict() if hasattr(result, "as_dict") else {}, kept,
+                      companions=choice.companions, companions_skipped=choice.companions_skipped)
 
 
 def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Path], journal: Journal,
@@ -182,7 +186,9 @@ def run_pipeline(choice: Choice, conv: StreamingConverter, get: Callable[..., Pa
     q: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     slots = threading.Semaphore(conv.window) if conv.window and not keep_source else None
-    resident = set(getattr(conv, "resident", ()))
+    # small files kept to the end need no window slot: the converter's own, and the checkpoint's companion files
+    # (never released by a converter: they are copied into OUT/hf/ when it finishes)
+    resident = set(getattr(conv, "resident", ())) | set(choice.companions)
 
     def produce() -> None:
         try:
@@ -362,4 +368,5 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
     result = conv.finish()
     return PullResult(out, spec.repo_id, commit, choice.kind, extra["hub"]["files"], 0,
                       sum(f.size for f in choice.files), True, time.perf_counter() - t0,
-                      result.as_dict() if hasattr(result, "as_dict") else {}, str(snap))
+                      result.as_dict() if hasattr(result, "as_dict") else {}, str(snap),
+                      companions=choice.companions, companions_skipped=choice.companions_skipped)

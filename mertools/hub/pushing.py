@@ -168,6 +168,11 @@ def model_card(manifest: dict[str, Any], folder: Path) -> str:
     ]
     for role, c in types.items():
         lines.append(f"- `{role}`: " + ", ".join(f"{t} x {n}" for t, n in sorted(c.items())))
+    companions = [c.get("path", "") for c in manifest.get("companions") or [] if isinstance(c, dict)]
+    if companions:
+        lines += ["", "The source checkpoint's tokenizer and other small files, byte for byte (xxh3 in "
+                  "`manifest.json`; an inference engine reads the tokenizer from here): "
+                  + ", ".join(f"`{p}`" for p in companions)]
     if hub.get("files"):
         lines += ["", "Source files (sha256 checked before conversion):", ""]
         lines += [f"- `{f['path']}` {f.get('sha256') or f.get('git_oid', '')}" for f in hub["files"]]

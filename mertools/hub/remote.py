@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..errors import MertoolsError
@@ -368,10 +368,15 @@ class Choice:
     files: list[RemoteFile]
     main: str  # the path extract is given: first GGUF part, or the folder's config.json
     index_needed: bool = False  # safetensors with an index whose shard list is not known yet
+    # SafeTensors: the checkpoint's companion files (tokenizer, ...; mertools.companions), also in ``files``, and
+    # the top-level files the same rule left out, [{name, why}]
+    companions: list[str] = field(default_factory=list)
+    companions_skipped: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "main": self.main, "files": [f.as_dict() for f in self.files],
-                "bytes": sum(f.size for f in self.files)}
+                "bytes": sum(f.size for f in self.files), "companions": self.companions,
+                "companions_skipped": self.companions_skipped}
 
 
 def _filter(files: Iterable[RemoteFile], include: list[str] | None) -> list[RemoteFile]:
@@ -395,8 +400,10 @@ def gguf_models(files: Iterable[RemoteFile]) -> dict[str, list[RemoteFile]]:
 
 
 def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[str] | None = None,
-           where: str = "the repo") -> Choice:
-    """Pick what conversion needs: one GGUF model (``gguf`` a file name or glob), or config + SafeTensors."""
+           where: str = "the repo", unusable: dict[str, str] | None = None) -> Choice:
+    """Pick what conversion needs: one GGUF model (``gguf`` a file name or glob), or config + SafeTensors and the
+    checkpoint's companion files (``unusable``: the listing's paths that cannot be staged; such a companion is
+    left out with a note)."""
     fs = _filter(files, include)
     by_path = {f.path: f for f in fs}
     models = gguf_models(fs)
@@ -412,9 +419,10 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
     if ST_INDEX in by_path or ST_SINGLE in by_path:
         if CONFIG not in by_path:
             raise HubError(f"{where}: has SafeTensors weights but no config.json; cannot tell the model's layout")
-        if ST_INDEX in by_path:
-            return Choice("safetensors", [by_path[CONFIG], by_path[ST_INDEX]], CONFIG, index_needed=True)
-        return Choice("safetensors", [by_path[CONFIG], by_path[ST_SINGLE]], CONFIG)
+        first = [by_path[CONFIG], by_path[ST_INDEX if ST_INDEX in by_path else ST_SINGLE]]
+        extra, skipped = _companions(fs, unusable or {})
+        return Choice("safetensors", first + extra, CONFIG, index_needed=ST_INDEX in by_path,
+                      companions=[f.path for f in extra], companions_skipped=skipped)
     if len(models) == 1:
         return _gguf_choice(where, *next(iter(models.items())))
     if models:
@@ -422,6 +430,32 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
                        f"'{next(iter(models)).rpartition('/')[2]}' (all: {_names(models)})")
     raise HubError(f"{where}: no GGUF model and no SafeTensors checkpoint (config.json with model.safetensors or "
                    f"{ST_INDEX}) found{' among files matching --include' if include else ''}")
+
+
+def _companions(files: list[RemoteFile], unusable: dict[str, str]) -> tuple[list[RemoteFile], list[dict[str, str]]]:
+    """The checkpoint's companion files among the repo's top-level files (the rule of ``mertools.companions``, as
+    for a local folder), each with a hash to check it by; the rest of the candidates with why they are left out."""
+    from ..companions import select, wanted
+
+    cands, skipped = {}, []
+    folded = {CONFIG, ST_INDEX, ST_SINGLE}
+    for f in sorted(files, key=lambda f: f.path):
+        if "/" in f.path or not wanted(f.path):
+            continue
+        why = unusable.get(f.path)
+        if why is None and not (f.sha256 or f.git_oid):
+            why = "the hub lists no hash for it, so its bytes could not be checked"
+        if why is None and f.path.endswith(".part"):
+            why = "its name ends in .part, the name a download in progress takes here"
+        if why is None and f.path.casefold() in folded:
+            why = "its name differs from another file's only in case (one would overwrite the other on some disks)"
+        if why is not None:
+            skipped.append({"name": f.path, "why": why})
+            continue
+        folded.add(f.path.casefold())
+        cands[f.path] = f
+    kept, more = select((f.path, f.size) for f in cands.values())
+    return [cands[n] for n in kept], skipped + more
 
 
 def _gguf_choice(where: str, first: str, parts: list[RemoteFile]) -> Choice:
@@ -448,7 +482,8 @@ def add_index_shards(choice: Choice, files: list[RemoteFile], index_bytes: bytes
     if missing:
         raise HubError(f"{where}: incomplete: {ST_INDEX} names {len(missing)} shard(s) that are not there "
                        f"({', '.join(missing[:3])}); nothing was converted")
-    return Choice("safetensors", choice.files + [by_path[s] for s in shards], choice.main)
+    return Choice("safetensors", choice.files + [by_path[s] for s in shards], choice.main,
+                  companions=choice.companions, companions_skipped=choice.companions_skipped)
 
 
 def _names(models: dict[str, list[RemoteFile]]) -> str:

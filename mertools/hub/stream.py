@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..commit import staged_output, test_point
+from ..companions import write as write_companions
 from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
 from ..sources.scales import check_scales
@@ -99,7 +100,9 @@ class SafeTensorsStreamer:
         self.source_extra, self.dtype, self.progress = source_extra, dtype, progress
         self.fetch, self.read_range = fetch, read_range
         self.paths = {f.path for f in choice.files}
-        self.resident = {p for p in self.paths if p in (CONFIG, ST_INDEX)}
+        # small files kept to the end: config.json, the index, and the companion files finish copies into OUT/hf/
+        self.resident = {p for p in self.paths if p in (CONFIG, ST_INDEX)} | set(choice.companions)
+        self.companion_files: dict[str, Path] = {}
         self.shard_names = [f.path for f in choice.files if f.path.endswith(".safetensors")]
         self.sizes = {f.path: f.size for f in choice.files}
         self.conv: Any = None
@@ -293,6 +296,7 @@ class SafeTensorsStreamer:
     def convert_available(self, present: Mapping[str, Path]) -> set[str]:
         if self.conv is None:
             return self._whole(present)
+        self.companion_files.update((p, Path(present[p])) for p in self.choice.companions if p in present)
         have = set()
         for name in self.shard_names:
             if name in present and name not in self.released:
@@ -382,6 +386,9 @@ class SafeTensorsStreamer:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.work / rel, staging / rel)
             self.record.into(staging, manifest)
+            # the checkpoint's tokenizer and other small files (mertools.companions)
+            manifest["companions"] = write_companions([self.companion_files[p] for p in self.choice.companions],
+                                                      staging)
             write_manifest(staging, manifest)  # staged_output flushes it and every new link before the commit
         self.src.close()
         return _Summary({

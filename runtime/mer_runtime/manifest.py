@@ -10,7 +10,8 @@ Meaning: the version, required fields and their types, bounded model dimensions,
 normal form, every tensor aligned, inside its file, of the byte size its type and shape imply (gguf's
 ``quant_shape_to_byte_shape``: one formula, the gguf package's), every file exactly as long as its layout, sizes
 within ``MAX_FILE_BYTES``/``MAX_TOTAL_BYTES``, at least one expert, layer and expert numbers inside ``n_layers`` and
-``n_experts``.
+``n_experts``; the optional ``companions`` (a SafeTensors source's tokenizer and other files) each ``hf/NAME`` with
+NAME a ``plain_name``, within the writer's bounds.
 
 Integrity: ``manifest_xxh3`` (see `manifest_bytes`) is the XXH3-64 of the file's own bytes with that hash's 16 hex
 digits written as zeros; any changed byte of the file changes it.
@@ -60,6 +61,14 @@ MAX_ALIGNMENT = 1 << 24
 MAX_ACT_PARAM = 1e6  # |alpha|, limit of swiglu_oai
 # nesting of the fields consumers pass on whole (model, source, ...): printing them as JSON must not recurse out
 MAX_DEPTH = 32
+
+# Companion files of a SafeTensors checkpoint (tokenizer, generation config, chat template, remote code), copied
+# byte for byte into OUT/hf/ and listed in the manifest's ``companions``. The bounds are the writer's selection rule
+# (mertools.companions): an entry past them was not written by it.
+COMPANION_DIR = "hf"
+MAX_COMPANION_BYTES = 64 << 20  # one file: tokenizer.json of a 256k vocabulary is ~30 MB
+MAX_COMPANIONS = 128
+MAX_COMPANION_TOTAL = 256 << 20
 
 HASH_FIELD = "manifest_xxh3"
 _ZERO_HASH = "0" * 16
@@ -115,6 +124,17 @@ class ExpertEntry:
     tensors: dict[str, TensorEntry]
 
 
+@dataclass(frozen=True)
+class CompanionEntry:
+    path: str  # "hf/NAME", relative to the folder
+    size: int
+    xxh3_64: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
 @dataclass
 class Manifest:
     root: Path
@@ -127,6 +147,7 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False)
     # "ok", "absent" (a folder written before manifest_xxh3 existed) or "unchecked" (parsed from a dict, not a file)
     integrity: str = "unchecked"
+    companions: list[CompanionEntry] = field(default_factory=list)
     _index: dict[tuple[int, int], ExpertEntry] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +209,22 @@ def router_names(m: Manifest, layer: int) -> dict[str, str]:
         if pre + k in router:
             out[k] = router[pre + k].replace("{layer}", str(idx))
     return out
+
+
+def plain_name(name: Any) -> bool:
+    """A file name a manifest may give for a file that sits directly in a folder (the reassembly record, a source
+    file, a companion file): one name, neither hidden (our temporaries are) nor a path out of it, no control
+    character, no lone surrogate (not a name a disk or the hub takes), at most 255 bytes. The one rule: verify,
+    reassemble, the SafeTensors record and extract's choice of companion files all use it.
+
+    >>> [plain_name(n) for n in ("tokenizer.json", "../x", ".hidden", "a\\\\b", "a\\nb", "")]
+    [True, False, False, False, False, False]
+    """
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        return False
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) < 0xE000 for c in name):
+        return False
+    return len(name.encode("utf-8")) <= 255
 
 
 def safe_relpath(rel: Any, what: str) -> str:
@@ -260,6 +297,34 @@ def _check_source(source: dict[str, Any], where: str) -> None:
             isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size", 0), int)
             for f in files):
         raise ManifestError(f"{where}: files must be a list of {{name, size}}")
+
+
+def _check_companions(value: Any, where: str, taken: set[str]) -> list[CompanionEntry]:
+    """The optional ``companions`` list: ``{path, size, xxh3_64}`` each, path ``hf/NAME`` with NAME a plain name,
+    no path twice or shared with a shard or dense.gguf, within the writer's bounds."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_COMPANIONS:
+        raise ManifestError(f"{where}: companions must be a list of at most {MAX_COMPANIONS} {{path, size, xxh3_64}}")
+    out, total = [], 0
+    for i, c in enumerate(value):
+        w = f"{where} companions[{i}]"
+        path = _need(c, "path", str, w)
+        folder, _, name = path.partition("/")
+        if folder != COMPANION_DIR or not plain_name(name):
+            raise ManifestError(f"{w}: path {path!r} is not {COMPANION_DIR}/NAME with a plain file name; re-extract "
+                                "the model")
+        if path in taken:
+            raise ManifestError(f"{w}: path {path!r} is listed twice")
+        taken.add(path)
+        size = _need_int(c, "size", w, 0, MAX_COMPANION_BYTES)
+        total += size
+        if total > MAX_COMPANION_TOTAL:
+            raise ManifestError(f"{where}: companions add up to more than {MAX_COMPANION_TOTAL} bytes")
+        if not _is_hex64(c.get("xxh3_64")):
+            raise ManifestError(f"{w}: xxh3_64 must be 16 lowercase hex digits")
+        out.append(CompanionEntry(path, size, c["xxh3_64"]))
+    return out
 
 
 class _Where:
@@ -420,7 +485,9 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
             raise ManifestError(f"{w}: size {size} but its tensors end at {spans[-1][1]}, so the file is {tail} bytes")
         experts.append(ExpertEntry(layer, expert, path, size, e["xxh3_64"], tensors))
     experts.sort(key=lambda x: (x.layer, x.expert))
-    return Manifest(root, version, alignment, model, source, dense, experts, raw)
+    taken = paths | ({dense["path"]} if dense is not None else set())
+    companions = _check_companions(raw.get("companions"), where, taken)
+    return Manifest(root, version, alignment, model, source, dense, experts, raw, companions=companions)
 
 
 # -- reading the file ---------------------------------------------------------------------------------------

@@ -228,6 +228,9 @@ class _Signals:
             self.saved[s] = signal.signal(s, self._raise)
 
     def _raise(self, signum: int, frame: object) -> None:
+        if _held:  # inside signals_held: the OS mask does not cover other threads; act after the block
+            _held[-1].append(signum)
+            return
         for s in self.saved:  # a second signal must not interrupt the clean-up the first one started
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
@@ -248,14 +251,29 @@ def interruptible() -> Iterator[None]:
         sig.restore()
 
 
+_held: list[list[int]] = []  # main thread only: signals that arrived inside signals_held
+
+
 @contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Hold signals back for the few syscalls of a commit, so that no handler runs between two renames."""
+def signals_held() -> Iterator[None]:
+    """Hold signals back for the few syscalls of a commit, so that no handler runs between two renames.
+
+    The mask covers this thread only: a process-directed signal then goes to another thread (numpy's, a download
+    thread) and CPython still runs the handler in the main thread, so the handler itself defers too."""
+    main = threading.current_thread() is threading.main_thread()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    if main:
+        _held.append([])
     try:
         yield
     finally:
+        got = _held.pop() if main else []
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if got:
+            for s in _SIGNALS:
+                h = signal.getsignal(s)
+                if getattr(h, "__func__", None) is _Signals._raise:
+                    h(got[0], None)  # raises Interrupted now, the block's work done
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -531,10 +549,11 @@ def refuse_folder_file(target: Path, folder: Path, rels: Iterable[str]) -> None:
     The name is compared, not the file: the rename replaces the name (a link to elsewhere at that name is lost
     with it), and a hard link under another name keeps the folder's file alive.
     """
-    where = (os.path.realpath(target.parent), target.name)
+    where = os.path.join(os.path.realpath(target.parent), target.name)
     for rel in rels:
         p = folder / rel
-        if (os.path.realpath(p.parent), p.name) == where:
+        # the name itself, or the file a link at that name leads to (dense.gguf -> store/dense.bin)
+        if where in (os.path.join(os.path.realpath(p.parent), p.name), os.path.realpath(p)):
             raise OutputError(f"{target}: is {rel} of the folder {folder} being read; writing there would destroy "
                               "it. Choose an output outside the folder's files")
 
@@ -568,7 +587,7 @@ def _check_target(out: Path, overwrite: bool, marker: str | None) -> bool:
 def _commit(staging: Path, out: Path, overwrite: bool, marker: str | None, fsync: bool) -> None:
     replace = _check_target(out, overwrite, marker)  # again, under the lock: the last word before the rename
     test_point("before-commit")
-    with _signals_blocked():
+    with signals_held():
         if not replace:
             # rename() onto an absent path or an empty folder is atomic, and fails (ENOTEMPTY/EEXIST) if a
             # process that ignores our lock filled OUT meanwhile: then nothing is replaced
@@ -704,7 +723,7 @@ def staged_output(
             raise _os_error(exc, out) from None
     finally:
         try:
-            with _signals_blocked():  # a signal now must not cut the clean-up short; it is raised after it
+            with signals_held():  # a signal now must not cut the clean-up short; it is raised after it
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
                 if lock is not None:

@@ -41,7 +41,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
 
-from .commit import check_space, flush_files, interruptible, refuse_folder_file, test_point
+from .commit import signals_held, check_space, flush_files, interruptible, refuse_folder_file, test_point
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -728,8 +728,9 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             dense.guard.finish()  # type: ignore[attr-defined]  # the header came from its bytes: no zeros of a cut file
             if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
                 flush_files([o.tmp for o in outs])
-            for o in outs:
-                os.replace(o.tmp, o.final)
+            with signals_held():  # a split set's parts take their names together: never some old, some new
+                for o in outs:
+                    os.replace(o.tmp, o.final)
             if fsync:
                 flush_files([], {o.final.parent for o in outs})
         except BaseException as exc:

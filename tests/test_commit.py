@@ -346,3 +346,33 @@ def test_signals_mid_write_of_one_file_remove_its_temporary(tmp_path, command, s
     assert rc == 128 + sig, err
     one_line_error(err, f"interrupted by {signal.Signals(sig).name}", "no partial output")
     assert leftovers(tmp_path, keep=("folder",)) == []
+
+
+def test_sigterm_while_running_between_the_two_renames(tmp_path, monkeypatch):
+    """As above, but the signal arrives while the process runs (a scheduler's SIGTERM during the fsync of the
+    parent folder between the renames), not while it is stopped: the kernel hands it to a thread that does not
+    block it (numpy's OpenBLAS thread is enough) and the main thread raises Interrupted inside the block."""
+    import signal
+    import mertools.commit as cm
+    from mertools.commit import Interrupted, staged_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    monkeypatch.setenv("MERTOOLS_TEST_NO_EXCHANGE", "1")
+    real_tp = cm.test_point
+
+    def tp(name):
+        if name == "between-renames":
+            os.kill(os.getpid(), signal.SIGTERM)  # process-directed, as kill(1) or a scheduler sends it
+            for _ in range(10000):
+                pass
+        real_tp(name)
+
+    monkeypatch.setattr(cm, "test_point", tp)
+    with pytest.raises(Interrupted):
+        with staged_output(out, overwrite=True, sources=[], fsync=False) as st:
+            (st / "manifest.json").write_text("new")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert out.exists(), f"OUT is gone; left: {left}"
+    assert (out / "manifest.json").read_text() == "new", left

@@ -20,6 +20,7 @@ import xxhash
 
 from conftest import run_cli, st_folder
 from mer_runtime.manifest import manifest_bytes
+from mertools.hub.stream_record import _line_check
 from mertools.reassemble import RECORD_NAME
 
 MIX = st_folder("real/mixtral-bf16-sharded")
@@ -35,9 +36,9 @@ def serve(hub, name: str) -> Path:
 
 
 def repo_files(folder: Path) -> list[str]:
-    """What reassemble gives back: the shards, the index and config.json (tokenizer files are not kept)."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json"))
+    """What reassemble gives back: every file of the repo (the shards, the index, config.json and the companion
+    files kept in OUT/hf/, which are all the rest of these checkpoints' files)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
 def same_record(got: Path, want: Path) -> None:
@@ -196,3 +197,20 @@ def test_an_offline_pull_keeps_the_same_record(hub, env, tmp_path, st_extracted)
     run_cli("pull", REPO, tmp_path / "out", "-q", env=offline, check=True)
     same_record(tmp_path / "out", st_extracted("real/mixtral-bf16-sharded"))
     gives_back(tmp_path / "out", MIX, tmp_path)
+
+
+@pytest.mark.parametrize("bad", [[], ""])
+def test_a_malformed_tensor_entry_with_a_valid_check_counts_as_absent(bad, hub, env, tmp_path):
+    serve(hub, "real/mixtral-bf16-sharded")
+    out, stage = tmp_path / "out", tmp_path / ".out.mertools-pull"
+    killed_pull(env, out, f"pull-converted:{SHARDS[0]}")
+    path = stage / "work" / HASHES
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["entry"]["tensors"][0] = bad
+    body = {k: v for k, v in rec.items() if k != "check"}
+    rec["check"] = _line_check(body)
+    path.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    p = run_cli("pull", REPO, out, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "note: no reassembly record" in p.stdout

@@ -334,3 +334,16 @@ def test_overwrite_replaces_only_a_file(extracted, tmp_path):
         with pytest.raises(MertoolsError, match="exists and is not a file"):
             pack(extracted(Q4), target, overwrite=True, fsync=False)
     assert fifo.is_fifo() and (tmp_path / "dir").is_dir() and _left(tmp_path, {"fifo", "dir"}) == []
+
+
+# -- refuse_folder_file: a folder file that is a link inside the folder (verify accepts such a folder) -------------
+def test_pack_over_the_target_of_an_in_folder_link_is_refused(extracted, tmp_path):
+    f = tmp_path / "f"
+    shutil.copytree(extracted(Q4), f)
+    (f / "store").mkdir()
+    os.replace(f / "dense.gguf", f / "store" / "dense.bin")
+    (f / "dense.gguf").symlink_to("store/dense.bin")
+    assert verify(f).ok
+    with pytest.raises(MertoolsError, match="being read"):
+        pack(f, f / "store" / "dense.bin", overwrite=True, fsync=False)
+    assert verify(f).ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -315,3 +316,29 @@ def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tm
     want = "free but only" if lie == "part_size" else "malformed"
     assert p.returncode == 2 and len(lines) == 1 and want in lines[0], (p.returncode, p.stderr[-2000:])
     assert list((tmp_path / "o").iterdir()) == []
+
+
+# -- reassemble --split --overwrite: a SIGTERM between two parts' renames -------------------------------------------
+def test_sigterm_between_the_renames_of_a_split_set_leaves_no_mixed_set(extracted, tmp_path, monkeypatch):
+    import signal
+    import mertools.reassemble as ra
+    from mertools.commit import Interrupted
+
+    out = tmp_path / "parts"
+    out.mkdir()
+    for p in parts_of(SPLIT):
+        (out / p.name).write_bytes(b"old")  # an earlier set under the same names
+    real = os.replace
+    calls = []
+
+    def replace(a, b):
+        real(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's time limit, right after the first part's rename
+
+    monkeypatch.setattr(ra.os, "replace", replace)
+    with pytest.raises(Interrupted):
+        ra.reassemble(extracted(SPLIT), out, split=True, overwrite=True, fsync=False)
+    kinds = {(out / p.name).read_bytes() == b"old" for p in parts_of(SPLIT)}
+    assert len(kinds) == 1, "some parts are new, some old"

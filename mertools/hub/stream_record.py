@@ -81,7 +81,7 @@ class ShardRecord:
                 rec = json.loads(ln)
                 if self._valid(rec):
                     got[rec["name"]] = rec
-            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
                 continue  # torn by a kill, or edited: as if never written
         return got
 

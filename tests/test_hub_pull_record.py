@@ -115,6 +115,22 @@ def test_a_hash_line_torn_by_a_power_cut_loses_no_later_line(hub, env, tmp_path,
     same_record(out, st_extracted("real/mixtral-bf16-sharded"))
 
 
+
+def test_a_progress_line_torn_by_a_power_cut_loses_no_later_line(hub, env, tmp_path, st_extracted):
+    """The same for the conversion's own journal (work/progress.jsonl): the next run's first line used to be glued
+    to the torn one and every line after it was ignored, so the run after that refused the work folder."""
+    serve(hub, "real/mixtral-bf16-sharded")
+    out, stage = tmp_path / "out", tmp_path / ".out.mertools-pull"
+    killed_pull(env, out, f"pull-converted:{SHARDS[0]}")
+    with open(stage / "work" / "progress.jsonl", "a") as fh:
+        fh.write('{"experts":[{"layer":')  # a line cut short, no newline
+    killed_pull(env, out, "before-commit")
+    p = run_cli("pull", REPO, out, "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["extract"]["reassembly_record"]
+    same_record(out, st_extracted("real/mixtral-bf16-sharded"))
+    assert run_cli("verify", out).returncode == 0
+
 def _drop_hashes(stage: Path) -> None:
     (stage / "work" / HASHES).unlink()
 

@@ -73,3 +73,22 @@ class Journal:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
+
+
+def append_line(path: Path, rec: dict[str, Any]) -> None:
+    """Append ``rec`` as one JSON line to ``path``, durable before returning (the folder too when the file is new).
+
+    A line a kill cut short stays a line of its own: this one starts on a new line, so that a reader skipping lines
+    that do not parse loses only the torn one (the step it acknowledged is done again), not every later run's."""
+    new = not path.exists()
+    with open(path, "ab") as fh:
+        lead = b""
+        if fh.tell():
+            with open(path, "rb") as rd:
+                rd.seek(-1, os.SEEK_END)
+                lead = b"" if rd.read(1) == b"\n" else b"\n"
+        fh.write(lead + json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        fsync_dir(path.parent)

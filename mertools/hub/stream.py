@@ -15,7 +15,8 @@ Everything is written into ``work/`` inside the pull's staging folder, which sur
   resumed run checks the header is the one this plan writes and carries on in the same file (no copy);
 - ``work/headers.json``: the shard headers the plan was made from (checked against each verified shard);
 - ``work/progress.jsonl``: one fsync'd line per conversion step: the manifest entries of the expert shards and
-  the indices of the dense tensors written (after their bytes were fsync'd). A torn last line is ignored.
+  the indices of the dense tensors written (after their bytes were fsync'd). A line a kill tore is skipped (its
+  step is done again); the next line starts on a line of its own (`journal.append_line`).
 - ``work/shard-xxh3.jsonl``: each shard's hashes for the reassembly record, written as the shard is first taken
   (:mod:`mertools.hub.stream_record`), so that OUT gets the record a local extract writes, after a resume too.
 
@@ -41,6 +42,7 @@ from ..errors import MertoolsError, OutputError
 from ..layout import DENSE_NAME
 from ..sources.scales import check_scales
 from ..units import human_bytes
+from .journal import append_line
 from .remote import CONFIG, ST_INDEX, Choice, HubError
 from .stream_record import ShardRecord
 
@@ -261,7 +263,7 @@ class SafeTensorsStreamer:
             try:
                 rec = json.loads(ln)
             except ValueError:
-                break  # torn by a kill: everything after it was never acknowledged
+                continue  # torn by a kill: that step is done again; the lines after it are a later run's
             for e in rec.get("experts", []):
                 entries[(e["layer"], e["expert"])] = e
             dense.update(rec.get("dense", []))
@@ -344,16 +346,7 @@ class SafeTensorsStreamer:
                            "again")
 
     def _log(self, rec: dict[str, Any]) -> None:
-        from ..commit import fsync_dir
-
-        path = self.work / PROGRESS
-        new = not path.exists()
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        if new:
-            fsync_dir(self.work)  # the journal's own name, or a power cut loses the steps it records
+        append_line(self.work / PROGRESS, rec)  # (the file's own name too, or a power cut loses its steps)
         test_point("pull-step")
 
     def _whole(self, present: Mapping[str, Path]) -> set[str]:

@@ -20,15 +20,14 @@ first; if it is gone the pull still finishes, without a record, and says so (``r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import xxhash
 
-from ..commit import fsync_dir
 from ..st_reassemble import record_extras, recordable, shard_entry, tensors_by_file, write_record
 from .download import check_file
+from .journal import append_line
 from .remote import IntegrityError, RemoteFile
 
 HASHES = "shard-xxh3.jsonl"
@@ -109,15 +108,7 @@ class ShardRecord:
         body = {"name": name, "hub_hash": self._hash_of(name), "header_xxh3": xxhash.xxh3_64_hexdigest(header),
                 "entry": entry}
         rec = {**body, "check": _line_check(body)}
-        new = not self.path.exists()
-        with open(self.path, "ab") as fh:
-            # a line a kill cut short must not swallow this one
-            lead = b"\n" if fh.tell() and _last_byte(self.path) != b"\n" else b""
-            fh.write(lead + json.dumps(rec, separators=(",", ":")).encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        if new:
-            fsync_dir(self.path.parent)
+        append_line(self.path, rec)
         self.entries[name] = rec
 
     def into(self, staging: Path, manifest: dict[str, Any]) -> None:
@@ -161,8 +152,3 @@ class ShardRecord:
                 "`mertools reassemble` will refuse this folder; pull again with --overwrite to get one")
         return out
 
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)

@@ -536,7 +536,7 @@ def pull(repo: str, out: Path, revision: str | None, gguf_pat: str | None, inclu
 def push(out: Path, repo: str, revision: str | None, private: bool, as_json: bool, quiet: bool) -> None:
     """Verify the shard folder OUT, then upload it to a hub repo with a generated model card.
 
-    Every file goes up, the companion files in hf/ (tokenizer, ...) included.
+    Every file the manifest lists goes up, the companion files in hf/ (tokenizer, ...) included; nothing else.
 
     Re-running resumes: files the hub already holds with the same sha256 are not sent again.
 

@@ -11,7 +11,8 @@ The rule (one rule for a local folder and for a hub listing; README "What it rea
   then the source folder file for file);
 - skipped with a note (never a failure): a name that is not a plain file name (``mer_runtime.manifest.plain_name``:
   control characters, a backslash, over 255 bytes), a file over ``MAX_COMPANION_BYTES`` (64 MiB), anything that is
-  not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), and the files past
+  not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), a name that differs only
+  in case from config.json, the index or another kept file (the all-lowercase one is kept), and the files past
   ``MAX_COMPANIONS`` (128) or past ``MAX_COMPANION_TOTAL`` (256 MiB) in all, counted with the tokenizer, generation
   config, chat template, remote code and licence (``FIRST``) first, then the rest, each in name order.
 
@@ -61,6 +62,11 @@ def wanted(name: str) -> bool:
     return not (low.endswith(".index.json") and low[:-len(".index.json")].endswith(WEIGHT_SUFFIXES))
 
 
+def case_order(name: str) -> tuple[str, bool, str]:
+    """Sort key: by name folded to lower case, and of names that differ only in case the lowercase one first."""
+    return name.casefold(), name != name.lower(), name
+
+
 def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, str]]]:
     """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), with
     the bounds on size, count and total; the files named in ``FIRST`` are taken first, then the rest, each in name
@@ -89,8 +95,10 @@ def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, 
 def local(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
     """(paths kept, skipped) among the files at the top level of a checkpoint folder."""
     cands, skipped = [], []
+    folded = {n.casefold() for n in HANDLED} | {"model.safetensors"}  # as the hub listing's rule (hub/remote.py)
     try:
-        names = sorted(os.listdir(folder))
+        # of names that differ only in case the lowercase one is kept (tokenizer.json, not TOKENIZER.JSON)
+        names = sorted(os.listdir(folder), key=case_order)
     except OSError as exc:
         raise SourceError(f"{folder}: cannot be listed ({exc.strerror or exc})") from None
     for name in names:
@@ -108,6 +116,11 @@ def local(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
         if not stat.S_ISREG(st.st_mode):
             skipped.append({"name": name, "why": f"{kind_of(st.st_mode)}, not a regular file"})
             continue
+        if name.casefold() in folded:
+            skipped.append({"name": name, "why": "its name differs from another file's only in case (one would "
+                                                 "overwrite the other on some disks)"})
+            continue
+        folded.add(name.casefold())
         cands.append((name, st.st_size))
     kept, more = select(cands)
     return [folder / n for n in kept], skipped + more

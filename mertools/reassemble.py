@@ -245,7 +245,7 @@ def folder_files(m: Manifest) -> list[str]:
     """Every file of the folder the manifest names: what no output may be written over."""
     rec = m.raw.get("reassembly")
     rec_path = rec.get("path", RECORD_NAME) if isinstance(rec, dict) else None
-    return [MANIFEST_NAME, m.dense["path"], *([rec_path] if isinstance(rec_path, str) else []),
+    return [MANIFEST_NAME, *([m.dense["path"]] if m.dense else []), *([rec_path] if isinstance(rec_path, str) else []),
             *(e.path for e in m.experts), *(c.path for c in m.companions)]
 
 

@@ -40,20 +40,23 @@ def git_blob_sha1_file(path: Path) -> str:
 
 
 def check_file(path: Path, f: RemoteFile, what: str) -> None:
-    """Raise IntegrityError unless ``path`` holds exactly the bytes the hub lists for ``f`` (sha256 or git oid)."""
-    size = path.stat().st_size
-    if size != f.size:
-        raise IntegrityError(f"{what}: {size} bytes where the hub lists {f.size}")
-    if f.sha256:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while b := fh.read(CHUNK):
-                h.update(b)
-        got, want = h.hexdigest(), f.sha256
-    elif f.git_oid:
-        got, want = git_blob_sha1_file(path), f.git_oid
-    else:
-        return
+    """Raise IntegrityError unless ``path`` holds exactly the bytes the hub lists for ``f`` (sha256 or git oid).
+    Opened non-blocking and checked by fstat: a FIFO or a device (a hostile cache) is refused, never waited on."""
+    from mer_runtime.safeopen import open_regular
+
+    fd, st = open_regular(path, error=IntegrityError, hint=f"{what}: not the file the hub lists")
+    with os.fdopen(fd, "rb") as fh:
+        if st.st_size != f.size:
+            raise IntegrityError(f"{what}: {st.st_size} bytes where the hub lists {f.size}")
+        if f.sha256:
+            h = hashlib.sha256()
+        elif f.git_oid:
+            h = hashlib.sha1(b"blob %d\0" % st.st_size)
+        else:
+            return
+        while b := fh.read(CHUNK):
+            h.update(b)
+    got, want = h.hexdigest(), f.sha256 or f.git_oid
     if got != want:
         raise IntegrityError(f"{what}: content hash {got} does not match the hub's {want}")
 

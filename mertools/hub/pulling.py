@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -319,7 +320,11 @@ def cache_listing(snap: Path) -> list[RemoteFile]:
         rel = p.relative_to(snap).as_posix()
         target = Path(os.path.realpath(p))
         name = target.name
-        size = target.stat().st_size if target.exists() else -1
+        try:  # a link to nothing, or to a FIFO or a device (nothing a download leaves): as if not in the cache
+            st = target.stat()
+            size = st.st_size if stat.S_ISREG(st.st_mode) else -1
+        except OSError:
+            size = -1
         if re.fullmatch(r"[0-9a-f]{64}", name):
             out.append(RemoteFile(rel, size, name, None))
         elif re.fullmatch(r"[0-9a-f]{40}", name):
@@ -341,7 +346,10 @@ def _pull_offline(spec: RepoSpec, out: Path, *, gguf: str | None, include: list[
     where = f"{spec.repo_id}@{commit[:12]} in the local cache (HF_HUB_OFFLINE=1)"
     listing = cache_listing(snap)
     broken = [f.path for f in listing if f.size < 0]
-    choice = choose(listing, gguf=gguf, include=include, where=where)
+    # a companion whose cache entry is broken is left out with a note, as extract leaves it out; a needed file is
+    # refused below
+    why = "its cache entry is not a regular file (a link to nothing: the blob is gone or never finished)"
+    choice = choose(listing, gguf=gguf, include=include, where=where, unusable={p: why for p in broken})
     if choice.index_needed:
         # not read_bytes(): a FIFO or a device put in the cache would hang the pull or read without end
         raw = read_regular(snap / ST_INDEX, 64 << 20, error=HubError,

@@ -70,7 +70,11 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
 
     card = model_card(m.raw, folder).encode()
     ops, skipped, sent = [], 0, 0
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).parts[0].startswith("."))
+    # what the manifest lists, each checked by verify (a regular file inside the folder, its hash): a file it does
+    # not list (verify's warning) or a link out of the folder is never sent
+    from ..reassemble import folder_files
+
+    files = [folder / rel for rel in sorted(set(folder_files(m)))]
     for p in files:
         rel = p.relative_to(folder).as_posix()
         if rel == CARD_NAME:

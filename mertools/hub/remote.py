@@ -435,11 +435,11 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
 def _companions(files: list[RemoteFile], unusable: dict[str, str]) -> tuple[list[RemoteFile], list[dict[str, str]]]:
     """The checkpoint's companion files among the repo's top-level files (the rule of ``mertools.companions``, as
     for a local folder), each with a hash to check it by; the rest of the candidates with why they are left out."""
-    from ..companions import select, wanted
+    from ..companions import case_order, select, wanted
 
     cands, skipped = {}, []
     folded = {CONFIG, ST_INDEX, ST_SINGLE}
-    for f in sorted(files, key=lambda f: f.path):
+    for f in sorted(files, key=lambda f: case_order(f.path)):
         if "/" in f.path or not wanted(f.path):
             continue
         why = unusable.get(f.path)

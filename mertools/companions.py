@@ -4,9 +4,9 @@ small files beside the weights, kept byte for byte in ``OUT/hf/`` so that OUT is
 The rule (one rule for a local folder and for a hub listing; README "What it reads", docs/format.md):
 
 - only regular files at the top level of the checkpoint (a subfolder is not looked into);
-- not the weights or their indexes (``WEIGHT_SUFFIXES``, ``*.<weight suffix>.index.json``), not ``config.json`` and
-  ``model.safetensors.index.json`` (the reassembly record keeps those), not hidden (``.gitattributes``): these are
-  left out without a word;
+- not the weights or their indexes (``WEIGHT_SUFFIXES``, ``*.<weight suffix>.index.json``, and
+  ``model.safetensors.index.json``, which the reassembly record keeps), not hidden (``.gitattributes``): these are
+  left out without a word; ``config.json`` is kept (first in line);
 - README, LICENSE and other text are kept (a pushed folder should carry the licence, and a reassembled checkpoint is
   then the source folder file for file);
 - skipped with a note (never a failure): a name that is not a plain file name (``mer_runtime.manifest.plain_name``:
@@ -41,10 +41,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".gg
                    ".onnx", ".onnx_data", ".tflite", ".pb", ".ot", ".npy", ".npz", ".pkl", ".pickle", ".joblib",
                    ".nemo", ".mlmodel", ".keras", ".distcp", ".tar", ".zip", ".gz", ".tgz", ".zst", ".xz", ".bz2",
                    ".7z")
-HANDLED = ("config.json", "model.safetensors.index.json")  # in the reassembly record, and read by the converter
+HANDLED = ("model.safetensors.index.json",)  # the source's shard map: read by the converter, in the reassembly record
+# config.json is a companion too (an engine or transformers reads it beside the tokenizer, and a --dtype folder keeps
+# no record of it); reassemble writes it once, from the record when the folder has one
 # what an inference engine or transformers reads beside the weights: first in line when the count or total bound
 # leaves some files out (a folder of 200 notes must not cost the tokenizer its place)
-FIRST = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.tiktoken",
+FIRST = ("config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.tiktoken",
          "tekken.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
          "processor_config.json", "*.py", "LICENSE*")
 
@@ -53,7 +55,7 @@ def wanted(name: str) -> bool:
     """Whether a top-level file of this name is a companion candidate (before its name, size and kind are checked).
 
     >>> [wanted(n) for n in ("tokenizer.json", "model-00001-of-00002.safetensors", "pytorch_model.bin.index.json",
-    ...                      "config.json", ".gitattributes", "modeling_deepseek.py", "LICENSE")]
+    ...                      "model.safetensors.index.json", ".gitattributes", "modeling_deepseek.py", "config.json")]
     [True, False, False, False, False, True, True]
     """
     low = name.lower()

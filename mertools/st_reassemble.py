@@ -366,7 +366,10 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
                           "folder (new or existing)")
     if not out.exists() and not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
-    names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]] + [c.name for c in m.companions]
+    recorded = {x["name"] for x in rec["extra"]}
+    # config.json is both in the record and a companion: written once, from the record (both checked)
+    companions = [c for c in m.companions if c.name not in recorded]
+    names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]] + [c.name for c in companions]
     if len(set(names)) != len(names):  # one output file each: a companion named like a shard would overwrite it
         raise _reassembly_error(f"{m.root}: the manifest's companion files and the reassembly record name the same "
                                 "file twice; the manifest is damaged (extract the model again)")
@@ -460,6 +463,8 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             o.close()
         for c in m.companions:
             data = _companion_bytes(m, c)
+            if c.name in recorded:
+                continue  # (its own bytes checked all the same)
             o = _Out(dest / c.name)
             outs.append(o)
             o.write(data)

@@ -28,11 +28,11 @@ from mertools.verify import verify
 
 ST = FIX / "safetensors" / "real" / "mixtral-bf16-sharded"  # transformers-made: tokenizer.json, tokenizer.model, ...
 GPTOSS = FIX / "safetensors" / "real" / "gptoss-bf16"
-WEIGHTS_AND_HANDLED = {"config.json", "model.safetensors.index.json"}
+WEIGHTS_AND_HANDLED = {"model.safetensors.index.json"}
 
 
 def companions_of(folder: Path) -> dict[str, bytes]:
-    """The checkpoint's own small files: everything at its top level but the weights and config/index."""
+    """The checkpoint's own small files: everything at its top level but the weights and the index."""
     return {p.name: p.read_bytes() for p in folder.iterdir()
             if p.is_file() and not p.name.endswith(".safetensors") and p.name not in WEIGHTS_AND_HANDLED}
 
@@ -150,10 +150,10 @@ def test_the_count_bound_keeps_the_first_names_and_notes_the_rest(tmp_path):
         (src / f"extra-{i:03d}.txt").write_bytes(b"%d" % i)
     r = extract(src, tmp_path / "out", fsync=False)
     assert len(r.companions) == 128
-    # the tokenizer and generation config come first, then the rest in name order
-    assert {"hf/tokenizer.json", "hf/tokenizer_config.json", "hf/special_tokens_map.json",
+    # config.json, the tokenizer and generation config come first, then the rest in name order
+    assert {"hf/config.json", "hf/tokenizer.json", "hf/tokenizer_config.json", "hf/special_tokens_map.json",
             "hf/generation_config.json"} <= set(r.companions)
-    assert [x["name"] for x in r.companions_skipped] == [f"extra-{i:03d}.txt" for i in range(124, 130)]
+    assert [x["name"] for x in r.companions_skipped] == [f"extra-{i:03d}.txt" for i in range(123, 130)]
     assert all("more than 128" in x["why"] for x in r.companions_skipped)
 
 
@@ -304,6 +304,6 @@ def test_push_uploads_them_and_the_card_names_them(hub, env, mixtral):
 def test_inspect_lists_them_for_a_folder_and_for_a_checkpoint(mixtral):
     d = json.loads(run_cli("inspect", mixtral, "--json", check=True).stdout)
     assert {c["path"]: c["size"] for c in d["companions"]} == {f"hf/{n}": len(b) for n, b in companions_of(ST).items()}
-    assert "companion files in hf/: generation_config.json" in run_cli("inspect", mixtral, check=True).stdout
+    assert "companion files in hf/: config.json, generation_config.json" in run_cli("inspect", mixtral, check=True).stdout
     d = json.loads(run_cli("inspect", ST, "--json", check=True).stdout)
     assert d["companions"] == sorted(companions_of(ST)) and d["companions_skipped"] == []

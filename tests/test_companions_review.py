@@ -73,7 +73,7 @@ def test_a_pull_keeps_the_lowercase_one_of_two_names_that_differ_only_in_case():
     files = [RemoteFile(n, 10, "a" * 64, None) for n in ("config.json", "model.safetensors", "TOKENIZER.JSON",
                                                           "tokenizer.json")]
     c = choose(files)
-    assert c.companions == ["tokenizer.json"]
+    assert c.companions == ["config.json", "tokenizer.json"]
 
 
 # F4: a cache blob that is a FIFO: the offline pull opens it with a blocking open() in check_file and hangs for ever

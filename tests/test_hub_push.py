@@ -99,7 +99,7 @@ def test_inspect_a_safetensors_repo_reads_headers_and_config(hub, env):
                   "tokenizer_config.json"]  # the checkpoint's tokenizer and friends: a pull keeps them in OUT/hf/
     assert [f["path"] for f in d["hub"]["would_download"]["files"]] == ["config.json", "model.safetensors.index.json",
                                                                          *companions, *shards]
-    assert d["hub"]["would_download"]["companions"] == companions
+    assert d["hub"]["would_download"]["companions"] == ["config.json", *companions]  # config.json: read anyway
     for s in shards:  # headers only, by range requests
         assert hub.served("org/st", s) < (ST / s).stat().st_size
     for c in companions:  # listed, never read by inspect

@@ -421,7 +421,8 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
             raise HubError(f"{where}: has SafeTensors weights but no config.json; cannot tell the model's layout")
         first = [by_path[CONFIG], by_path[ST_INDEX if ST_INDEX in by_path else ST_SINGLE]]
         extra, skipped = _companions(fs, unusable or {})
-        return Choice("safetensors", first + extra, CONFIG, index_needed=ST_INDEX in by_path,
+        return Choice("safetensors", first + [f for f in extra if f.path != CONFIG], CONFIG,
+                      index_needed=ST_INDEX in by_path,
                       companions=[f.path for f in extra], companions_skipped=skipped)
     if len(models) == 1:
         return _gguf_choice(where, *next(iter(models.items())))
@@ -438,7 +439,7 @@ def _companions(files: list[RemoteFile], unusable: dict[str, str]) -> tuple[list
     from ..companions import case_order, select, wanted
 
     cands, skipped = {}, []
-    folded = {CONFIG, ST_INDEX, ST_SINGLE}
+    folded = {ST_INDEX, ST_SINGLE}
     for f in sorted(files, key=lambda f: case_order(f.path)):
         if "/" in f.path or not wanted(f.path):
             continue

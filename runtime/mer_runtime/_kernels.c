@@ -39,9 +39,10 @@
 
 #define MER_FLAG_PORTABLE 1 /* force the portable C path (tests check both on an AVX2 machine) */
 #define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K weights) */
-#define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
+#define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI or AVX512-VNNI exists */
 #define MER_FLAG_SERIAL 8   /* run on the calling thread only */
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
+#define MER_FLAG_NO_AVX512 32 /* the AVX2 kernels even where AVX-512 exists (tests and the A/B benchmark) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
 enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, N_LAYOUTS = 6 };
@@ -1173,6 +1174,161 @@ DEFINE_ROWS_Q8_1(rows_vnni_q8_0_1, W_Q8_0, SP_F16, 34, "avx2,fma,f16c,avxvnni", 
 DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
 DEFINE_ROWS_Q8_1(rows_vnni_mxfp4_1, W_MXFP4, SP_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 #endif
+
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
+#define MER_HAVE_AVX512 1
+/* AVX-512 (F, BW, VL, DQ, VNNI): 16 float or 64 byte lanes a register. Chosen at run time where the CPU has all
+ * five (mer_has_avx512) and MER_FLAG_NO_AVX512 is not set; the AVX2 kernels above stay for every other CPU. */
+#define T512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
+#define AVX512 __attribute__((target(T512), always_inline)) static inline
+#define AVX512_FN __attribute__((target(T512))) static
+
+AVX512 float hsum512(__m512 a) {
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+}
+
+/* ---- Q8_0 activations, two blocks an instruction: lanes 0-7 hold block b, lanes 8-15 block b + 1, each lane the
+ * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Block b's
+ * float products go to the low half of one accumulator and block b + 1's to the high half, which is exactly the
+ * AVX2 one-row walk's two accumulators (alternate blocks), and an odd last block goes to the low half: the result
+ * equals the AVX2 one-row kernel's to the bit, whatever the rows per pass (test_avx512_equals_avx2). */
+
+/* two Q4_0 (or MXFP4) blocks' nibbles, unsigned, in element order: [b0 low | b0 high | b1 low | b1 high] */
+AVX512 __m512i nibbles64_u(const uint8_t *p0, const uint8_t *p1) {
+    __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0));
+    B = _mm512_mask_broadcast_i32x4(B, 0xFF00, _mm_loadu_si128((const __m128i *)p1));
+    return _mm512_and_si512(_mm512_srlv_epi64(B, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
+}
+
+AVX512 __m512i mxfp4_vals64(const uint8_t *p0, const uint8_t *p1) {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)kvalues_mxfp4));
+    return _mm512_shuffle_epi8(table, nibbles64_u(p0, p1));
+}
+
+/* unsigned nibbles times the activations, less 8 * their lane sums (s8): as dot_u4_q8 */
+AVX512 __m512 dot2_u4(__m512i w, __m512i y, const q80_t *a) {
+    const __m256i s8 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)a[0].s8)),
+                                               _mm_load_si128((const __m128i *)a[1].s8), 1);
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, y),
+                                               _mm512_cvtepi16_epi32(s8)));
+}
+
+/* signed weights: |w| times y with w's sign (ggml's sign trick, with a mask: AVX-512 has no vpsignb) */
+AVX512 __m512 dot2_i8(__m512i w, __m512i y, const q80_t *a) {
+    (void)a;
+    const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y);
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy));
+}
+
+AVX512 __m256 dot1_u4(__m256i w, __m256i y, const q80_t *a) {
+    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y);
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
+}
+
+AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
+    __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
+}
+
+#define W2_Q4_0 nibbles64_u(b0 + 2, b1 + 2)
+#define W2_MXFP4 mxfp4_vals64(b0 + 1, b1 + 1)
+
+/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u) */
+#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, NR)                                                     \
+    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, int64_t nvec, int64_t xs, float *out, int64_t os,          \
+                        int64_t r0, int64_t r1, int64_t pf) {                                                        \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                     \
+            const uint8_t *p[NR];                                                                                    \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                     \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
+                __m512 a[NR];                                                                                        \
+                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                           \
+                int64_t b = 0;                                                                                       \
+                for (; b + 2 <= nb; b += 2) {                                                                        \
+                    const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)av[b].q)), \
+                                                         _mm256_load_si256((const __m256i *)av[b + 1].q), 1);        \
+                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(av[b].d), 0xFF00,                     \
+                                                                _mm_set_ss(av[b + 1].d));                            \
+                    for (int i = 0; i < (NR); i++) {                                                                 \
+                        const uint8_t *b0 = p[i] + b * (BB), *b1 = b0 + (BB);                                        \
+                        if (pf && v == 0) {                                                                          \
+                            if (((b * (BB)) & 63) < (BB)) PF(b0 + pf);                                               \
+                            if ((((b + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                         \
+                        }                                                                                            \
+                        const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1))); \
+                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, y, av + b), a[i]);                      \
+                    }                                                                                                \
+                }                                                                                                    \
+                for (int i = 0; i < nr; i++) {                                                                       \
+                    __m256 lo = _mm512_castps512_ps256(a[i]);                                                        \
+                    if (b < nb) {                                                                                    \
+                        const uint8_t *blk = p[i] + b * (BB);                                                        \
+                        const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                               \
+                        const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SP(blk)), _mm256_broadcast_ss(&av[b].d)); \
+                        lo = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), lo);                                            \
+                    }                                                                                                \
+                    out[v * os + r + i] = hsum256(_mm256_add_ps(lo, _mm512_extractf32x8_ps(a[i], 1)));              \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+#define SPF_F16(p) f16_at(p)
+#define SPF_E8M0(p) (&e8m0_table[(p)[0]])
+DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 4)
+DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 4)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 1)
+
+/* ---- Q4_0, exact (float32 activations), 16 lanes: pblk_q4_0x with groups g and g + 1 of a block side by side
+ * (their permuted x are adjacent), so a block is two mask-subtract-convert-multiply steps instead of four. The same
+ * float32 products; the sums are grouped (g0 + g2) and (g1 + g3) before the halves meet, not g0 + g1 + g2 + g3. */
+AVX512 void pblk_q4_0x_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b + 2)));
+    __m512 s = _mm512_setzero_ps();
+    _Pragma("GCC unroll 2") for (int g = 0; g < 4; g += 2) {
+        const int lo0 = 15 << (8 * g), hi0 = (int)(240u << (8 * g)), l80 = 8 << (8 * g), h80 = (int)(128u << (8 * g));
+        const int lo1 = 15 << (8 * g + 8), hi1 = (int)(240u << (8 * g + 8)), l81 = 8 << (8 * g + 8),
+                  h81 = (int)(128u << (8 * g + 8));
+        const __m512i q = _mm512_sub_epi32(
+            _mm512_and_si512(B, _mm512_setr_epi32(lo0, lo0, lo0, lo0, hi0, hi0, hi0, hi0, lo1, lo1, lo1, lo1, hi1, hi1, hi1, hi1)),
+            _mm512_setr_epi32(l80, l80, l80, l80, h80, h80, h80, h80, l81, l81, l81, l81, h81, h81, h81, h81));
+        s = g ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xp + 8 * g), s)
+              : _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xp));
+    }
+    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*f16_at(b)), s, *acc);
+}
+
+#define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
+    AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
+                        int64_t r1, int64_t pf) {                                                                   \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                               \
+        const float *vs = xp + nvec * nb * (XPB);                                                                   \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                   \
+            const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                    \
+            const uint8_t *p[NR];                                                                                   \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                            \
+            for (int64_t v = 0; v < nvec; v++) {                                                                    \
+                const float *xv = xp + v * nb * (XPB);                                                              \
+                __m512 a[NR];                                                                                       \
+                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                          \
+                for (int64_t b = 0; b < nb; b++) {                                                                  \
+                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                   \
+                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                    \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                     \
+                }                                                                                                   \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum512(a[i]) * vs[v];                           \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+DEFINE_ROWS_P512(prows_512_q4_0x, pblk_q4_0x_512, 18, XP_Q4_0X, 4)
+DEFINE_ROWS_P512(prows_512_q4_0x_1, pblk_q4_0x_512, 18, XP_Q4_0X, 1)
+#endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
 int mer_has_avx2(void) {
@@ -1189,6 +1345,20 @@ static int use_simd(int flags) { return !(flags & MER_FLAG_PORTABLE) && mer_has_
 int mer_has_vnni(void) {
 #if defined(MER_X86) && defined(MER_HAVE_VNNI)
     return mer_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
+#endif
+}
+
+/* F, BW, VL, DQ and VNNI: every AVX-512 kernel here needs all five (asked once, then cached) */
+int mer_has_avx512(void) {
+#if defined(MER_X86) && defined(MER_HAVE_AVX512)
+    static int known = -1;
+    if (known < 0)
+        known = mer_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vnni");
+    return known;
 #else
     return 0;
 #endif
@@ -1248,6 +1418,7 @@ static int kq45_unfactored(int type, int flags, int known, const float *x, int64
 static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
                      int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
     int simd = use_simd(flags);
+    const int avx512 = simd && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512();
     int64_t pf = tuning_prefetch;
     int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
@@ -1260,6 +1431,14 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
             return;
         }
         if (simd) {
+#ifdef MER_HAVE_AVX512
+            /* VNNI kernels too; none for Q8_0: 512 bits measured no faster than AVX-VNNI's 256 (docs/runtime.md) */
+            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0) {
+                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_512_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                return;
+            }
+#endif
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
                 if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
@@ -1281,7 +1460,11 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
@@ -1297,7 +1480,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
     }
 #endif
 #undef PICK
-    (void)simd; (void)pf; (void)xp; (void)one;
+    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 

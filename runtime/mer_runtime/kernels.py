@@ -40,7 +40,8 @@ MAX_EXPERTS_PER_CALL = 8  # the C call's limit on k; moe() splits larger k into 
 C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
 
-FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM = 1, 2, 4, 8, 16
+FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM, FLAG_NO_AVX512 = 1, 2, 4, 8, 16, 32
+AVX512_TYPES = frozenset({"Q4_0", "MXFP4"})  # AVX-512 kernels: both with act="q8", Q4_0 with f32 too
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}
@@ -70,6 +71,8 @@ def _load_native() -> ctypes.CDLL | None:
     lib.mer_set_rows.argtypes = [ci]
     for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
         getattr(lib, f).restype = ci
+    if hasattr(lib, "mer_has_avx512"):  # a build from before the AVX-512 kernels runs its AVX2 ones
+        lib.mer_has_avx512.restype = ci
     lib.mer_set_threads.argtypes = [ci]
     atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
     return lib
@@ -78,6 +81,7 @@ def _load_native() -> ctypes.CDLL | None:
 _LIB = _load_native()
 SIMD = bool(_LIB and _LIB.mer_has_avx2())
 VNNI = bool(_LIB and _LIB.mer_has_vnni())
+AVX512 = bool(_LIB and hasattr(_LIB, "mer_has_avx512") and _LIB.mer_has_avx512())
 _threads: int | None = None
 _threads_lock = threading.Lock()
 
@@ -129,6 +133,8 @@ class DType:
     def describe(self) -> str:
         if self.path == "c":
             simd = "AVX2" if SIMD else "portable"
+            if AVX512 and self.name in AVX512_TYPES:
+                simd = "AVX-512" if self.name == "Q4_0" else "AVX2; AVX-512 with act=q8"
             return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
         return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
                 "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]

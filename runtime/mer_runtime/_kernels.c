@@ -984,18 +984,18 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[NR];                                                                                     \
-                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
+                __m256 a[NR][2]; /* even and odd blocks apart, as the one-row walk: the same sums to the bit */     \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm256_setzero_ps();                              \
                 for (int64_t b = 0; b < nb; b++) {                                                                   \
                     __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
                     if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
                         for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
                     for (int i = 0; i < (NR); i++) {                                                                    \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i]);        \
+                        a[i][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][b & 1]); \
                     }                                                                                                \
                 }                                                                                                    \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(_mm256_add_ps(a[i][0], a[i][1]));       \
             }                                                                                                        \
         }                                                                                                            \
     }

@@ -285,10 +285,10 @@ def _native_ok(experts: Sequence[Tensors]) -> bool:
 
 
 def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np.ndarray,
-        activation: dict[str, Any], *, act: str = "f32", simd: int = -1) -> np.ndarray:
+        activation: dict[str, Any], *, act: str = "f32", simd: int = -1, flags: int = 0) -> np.ndarray:
     """sum_k weights[k] * ffn(experts[k], x): one routed layer step, in ONE call into C when every projection has a
     C kernel (else per projection through `matvec`). experts: role -> (dtype, shape, raw bytes), biases as
-    `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape.
+    `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape. flags: as `matvec`'s.
 
     >>> e = {r: ("F32", (2, 2), np.eye(2, dtype=np.float32).view(np.uint8).reshape(-1)) for r in ROLES}
     >>> [round(float(v), 4) for v in moe([e, e], [0.5, 0.5], np.array([1, 0], np.float32), {"kind": "swiglu"})]
@@ -298,7 +298,7 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
     if len(wk) != len(experts) or not len(experts):
         raise KernelError(f"{len(experts)} experts and {len(wk)} routing weights: give one weight per expert")
     kind, alpha, limit = _activation_args(activation)
-    flags = _flags(simd, act)
+    flags |= _flags(simd, act)
     x = np.ascontiguousarray(x, dtype=np.float32)
     gate_shape = tuple(experts[0]["gate"][1])
     d_ff, d_model = int(gate_shape[0]), int(gate_shape[1])
@@ -323,7 +323,7 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
         return y
     if len(experts) > MAX_EXPERTS_PER_CALL:
         parts = [moe(experts[i:i + MAX_EXPERTS_PER_CALL], wk[i:i + MAX_EXPERTS_PER_CALL], x, activation, act=act,
-                     simd=simd) for i in range(0, len(experts), MAX_EXPERTS_PER_CALL)]
+                     simd=simd, flags=flags) for i in range(0, len(experts), MAX_EXPERTS_PER_CALL)]
         return np.sum(parts, axis=0, dtype=np.float32)
     threads()
     keep: list[np.ndarray] = []  # every buffer the C call points at stays alive until it returns
@@ -353,12 +353,9 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
 
 
 def _ffn_by_projection(tensors: Tensors, x: np.ndarray, activation: dict[str, Any], flags: int) -> np.ndarray:
-    simd = 0 if flags & FLAG_PORTABLE else -1
-    act = "q8" if flags & FLAG_ACT_Q8 else "f32"
-
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         dtype, shape, raw = tensors[role]
-        y = matvec(dtype, raw, shape, v, simd=simd, act=act)
+        y = matvec(dtype, raw, shape, v, flags=flags)  # flags carry simd=0 and act="q8" as FLAG_* bits
         if f"{role}_scale" in tensors:  # per-expert output scale (format_version 2), applied before the bias
             y = y * np.float32(dequantize_tensor(*tensors[f"{role}_scale"]).reshape(-1)[0])
         if f"{role}_bias" in tensors:

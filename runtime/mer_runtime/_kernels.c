@@ -1314,12 +1314,20 @@ AVX512 void pblk_q4_0x_512(const uint8_t *b, const float *xp, __m512 *acc) {
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                            \
             for (int64_t v = 0; v < nvec; v++) {                                                                    \
                 const float *xv = xp + v * nb * (XPB);                                                              \
-                __m512 a[NR];                                                                                       \
-                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                          \
-                for (int64_t b = 0; b < nb; b++) {                                                                  \
-                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                   \
+                __m512 a[NR], a1[NR];                                                                               \
+                for (int i = 0; i < (NR); i++) a[i] = a1[i] = _mm512_setzero_ps();                                  \
+                int64_t b = 0;                                                                                      \
+                for (; b + 2 <= nb; b += 2) {                                                                       \
+                    if (pf && v == 0 && ((b * (BB)) & 63) < 2 * (BB))                                               \
                         for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                    \
-                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                     \
+                    for (int i = 0; i < (NR); i++) {                                                                \
+                        BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                                                \
+                        BLK(p[i] + (b + 1) * (BB), xv + (b + 1) * (XPB), &a1[i]);                                   \
+                    }                                                                                               \
+                }                                                                                                   \
+                for (int i = 0; i < (NR); i++) {                                                                    \
+                    if (b < nb) BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                                        \
+                    a[i] = _mm512_add_ps(a[i], a1[i]);                                                              \
                 }                                                                                                   \
                 for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum512(a[i]) * vs[v];                           \
             }                                                                                                       \

@@ -7,7 +7,8 @@
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
  * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
- * fixed distance ahead. The SIMD path is picked at run time with
+ * fixed distance ahead; AVX-512 kernels (exact Q4_0, Q4_0 and MXFP4 with Q8_0 activations) where the CPU has
+ * AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -1175,7 +1176,9 @@ DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", do
 DEFINE_ROWS_Q8_1(rows_vnni_mxfp4_1, W_MXFP4, SP_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 #endif
 
-#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
+/* -DMER_NO_AVX512: check the build a compiler without these intrinsics makes (AVX2 kernels only) */
+#if ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)) && \
+    !defined(MER_NO_AVX512)
 #define MER_HAVE_AVX512 1
 /* AVX-512 (F, BW, VL, DQ, VNNI): 16 float or 64 byte lanes a register. Chosen at run time where the CPU has all
  * five (mer_has_avx512) and MER_FLAG_NO_AVX512 is not set; the AVX2 kernels above stay for every other CPU. */

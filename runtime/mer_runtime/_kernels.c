@@ -1194,7 +1194,7 @@ AVX512 float hsum512(__m512 a) {
  * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Block b's
  * float products go to the low half of one accumulator and block b + 1's to the high half, which is exactly the
  * AVX2 one-row walk's two accumulators (alternate blocks), and an odd last block goes to the low half: the result
- * equals the AVX2 one-row kernel's to the bit, whatever the rows per pass (test_avx512_equals_avx2). */
+ * equals the AVX2 kernels' to the bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
 
 /* two Q4_0 (or MXFP4) blocks' nibbles, unsigned, in element order: [b0 low | b0 high | b1 low | b1 high] */
 AVX512 __m512i nibbles64_u(const uint8_t *p0, const uint8_t *p1) {

@@ -741,31 +741,34 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
 
 
 @needs_avx512
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
-def test_avx512_q4_0_exact(walk):
-    """The 16-lane exact Q4_0 kernel: within float32 rounding of float64 and of the AVX2 kernel (it groups the sums
-    differently), one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial
-    activations of the AVX2 kernel's test (outliers on zero columns, 17 decades in a block, float32's ends)."""
+def test_avx512_exact(qt, walk):
+    """The 16-lane exact kernels (each nibble through a 16-value table): within float32 rounding of float64 and of
+    the AVX2 kernel (the sums are grouped differently), one and four rows a pass, odd rows and blocks, a batch; for
+    Q4_0 exact per product on the adversarial activations of the AVX2 kernel's test (outliers on zero columns, 17
+    decades in a block, float32's ends, the AVX2 kernel's pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
     rows, cols = 255, 1056
-    raw = random_matrix(T.Q4_0, rows, cols, rng)
+    raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), T.Q4_0).astype(np.float64).T
-    got = _matvec_walk(T.Q4_0, raw, rows, cols, x, walk, "f32")
+    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    got = _matvec_walk(qt, raw, rows, cols, x, walk, "f32")
     assert rel(got, ref) < TOL
-    avx2 = _matvec_walk(T.Q4_0, raw, rows, cols, x, walk, "f32", kernels.FLAG_NO_AVX512)
+    avx2 = _matvec_walk(qt, raw, rows, cols, x, walk, "f32", kernels.FLAG_NO_AVX512)
     np.testing.assert_allclose(got, avx2, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert not np.array_equal(got, avx2)  # the AVX-512 kernel really ran (its sums are grouped otherwise)
-    kernels._LIB.mer_set_rows(walk)
-    try:
-        _check_exact_on_adversarial(T.Q4_0, _adversarial_q4_0_inputs, 808, -1)
-    finally:
-        kernels._LIB.mer_set_rows(0)
+    if qt == T.Q4_0:
+        kernels._LIB.mer_set_rows(walk)
+        try:
+            _check_exact_on_adversarial(T.Q4_0, _adversarial_q4_0_inputs, 808, -1)
+        finally:
+            kernels._LIB.mer_set_rows(0)
 
 
 @needs_avx512
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "q8")], ids=str)
+@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8")], ids=str)
 def test_avx512_nan_and_inf_as_float64(qt, act):
     """NaN and +-inf in x give the float64 reference's pattern on the AVX-512 kernels as on the AVX2 ones (q8: a NaN
     block makes its vector NaN; an infinity sends the call to float32 activations)."""

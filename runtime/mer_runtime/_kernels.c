@@ -7,7 +7,7 @@
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
  * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
- * fixed distance ahead; AVX-512 kernels (exact Q4_0, Q4_0 and MXFP4 with Q8_0 activations) where the CPU has
+ * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) where the CPU has
  * AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
@@ -1287,23 +1287,32 @@ DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1
 DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 4)
 DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 1)
 
-/* ---- Q4_0, exact (float32 activations), 16 lanes: pblk_q4_0x with groups g and g + 1 of a block side by side
- * (their permuted x are adjacent), so a block is two mask-subtract-convert-multiply steps instead of four. The same
- * float32 products; the sums are grouped (g0 + g2) and (g1 + g3) before the halves meet, not g0 + g1 + g2 + g3. */
-AVX512 void pblk_q4_0x_512(const uint8_t *b, const float *xp, __m512 *acc) {
-    const __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b + 2)));
+/* 4-bit codes through a table, exact, 16 lanes, on the Q4_0 permutation (x as it is, no pre-scaling): a 512-bit
+ * vpermps takes 4 index bits, so a nibble shifted down (no mask: the bits above it are ignored) indexes a table of
+ * the 16 values, sign included. Per 16 values a shift, a permute and an FMA: the AVX2 kernels need per 8 values
+ * and, sub, cvt, fma (Q4_0) or a shift, a permute, three for MXFP4's sign and an FMA. Groups g and g + 1 of a block
+ * lie side by side (their permuted x are adjacent). Each product is the float32 value * x of a plain decode; the
+ * sums are grouped (g0 + g2) and (g1 + g3) before the halves meet. */
+AVX512 void pblk_tab16_512(const uint8_t *q, __m512 T, float d, const float *xp, __m512 *acc) {
+    const __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
     __m512 s = _mm512_setzero_ps();
     _Pragma("GCC unroll 2") for (int g = 0; g < 4; g += 2) {
-        const int lo0 = 15 << (8 * g), hi0 = (int)(240u << (8 * g)), l80 = 8 << (8 * g), h80 = (int)(128u << (8 * g));
-        const int lo1 = 15 << (8 * g + 8), hi1 = (int)(240u << (8 * g + 8)), l81 = 8 << (8 * g + 8),
-                  h81 = (int)(128u << (8 * g + 8));
-        const __m512i q = _mm512_sub_epi32(
-            _mm512_and_si512(B, _mm512_setr_epi32(lo0, lo0, lo0, lo0, hi0, hi0, hi0, hi0, lo1, lo1, lo1, lo1, hi1, hi1, hi1, hi1)),
-            _mm512_setr_epi32(l80, l80, l80, l80, h80, h80, h80, h80, l81, l81, l81, l81, h81, h81, h81, h81));
-        s = g ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xp + 8 * g), s)
-              : _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xp));
+        const int a0 = 8 * g, a1 = 8 * g + 4, c0 = 8 * g + 8, c1 = 8 * g + 12;
+        const __m512i sh = _mm512_setr_epi32(a0, a0, a0, a0, a1, a1, a1, a1, c0, c0, c0, c0, c1, c1, c1, c1);
+        const __m512 v = _mm512_permutexvar_ps(_mm512_srlv_epi32(B, sh), T);
+        s = g ? _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + 8 * g), s) : _mm512_mul_ps(v, _mm512_loadu_ps(xp));
     }
-    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*f16_at(b)), s, *acc);
+    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, *acc);
+}
+
+AVX512 void pblk_q4_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m512 T = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    pblk_tab16_512(b + 2, T, *f16_at(b), xp, acc);
+}
+
+AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m512 T = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f, -0.f, -1.f, -2.f, -3.f, -4.f, -6.f, -8.f, -12.f);
+    pblk_tab16_512(b + 1, T, e8m0_table[b[0]], xp, acc);
 }
 
 #define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
@@ -1337,8 +1346,10 @@ AVX512 void pblk_q4_0x_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-DEFINE_ROWS_P512(prows_512_q4_0x, pblk_q4_0x_512, 18, XP_Q4_0X, 4)
-DEFINE_ROWS_P512(prows_512_q4_0x_1, pblk_q4_0x_512, 18, XP_Q4_0X, 1)
+DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, XP_Q4_0, 4)
+DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, XP_Q4_0, 1)
+DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, XP_Q4_0, 4)
+DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, XP_Q4_0, 1)
 #endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
@@ -1375,6 +1386,9 @@ int mer_has_avx512(void) {
 #endif
 }
 
+/* the AVX-512 kernels run: the AVX2 ones would, the CPU has AVX-512 and the caller did not refuse it */
+static int avx512_ok(int flags) { return use_simd(flags) && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512(); }
+
 static int q8_type(int type) {
     return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
@@ -1384,7 +1398,7 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    if (type == T_Q4_0) return L_Q4_0X;
+    if (type == T_Q4_0) return avx512_ok(flags) ? L_Q4_0 : L_Q4_0X; /* the AVX-512 kernel reads x unscaled */
     if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
@@ -1429,7 +1443,7 @@ static int kq45_unfactored(int type, int flags, int known, const float *x, int64
 static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
                      int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
     int simd = use_simd(flags);
-    const int avx512 = simd && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512();
+    const int avx512 = avx512_ok(flags);
     int64_t pf = tuning_prefetch;
     int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
@@ -1473,11 +1487,15 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         switch (m->type) {
         case T_Q4_0:
 #ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); return; }
+            if (xp && avx512) { PICK(prows_512_q4_0)(m, xp, nvec, out, os, r0, r1, pf); return; }
 #endif
             if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_MXFP4:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K:

@@ -42,7 +42,7 @@ C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
 
 FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM, FLAG_NO_AVX512 = 1, 2, 4, 8, 16, 32
-AVX512_TYPES = frozenset({"Q4_0", "MXFP4"})  # AVX-512 kernels: both with act="q8", Q4_0 with f32 too
+AVX512_TYPES = frozenset({"Q4_0", "MXFP4"})  # AVX-512 kernels, exact and act="q8", where the CPU has it
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}
@@ -135,7 +135,7 @@ class DType:
         if self.path == "c":
             simd = "AVX2" if SIMD else "portable"
             if AVX512 and self.name in AVX512_TYPES:
-                simd = "AVX-512" if self.name == "Q4_0" else "AVX2; AVX-512 with act=q8"
+                simd = "AVX-512"
             return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
         return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
                 "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]

@@ -602,7 +602,7 @@ def test_kernel_paths_are_named():
     assert "slower" in kernel_for("Q5_0") and "slower" in kernel_for("IQ2_XXS")
     # where the AVX-512 kernels run, inspect says so, for the types that have them and no other
     for name in ("Q4_0", "MXFP4", "Q8_0", "Q4_K"):
-        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name in ("Q4_0", "MXFP4")), name
+        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name in ("Q4_0", "MXFP4", "Q4_K")), name
 
 
 @needs_c
@@ -741,15 +741,15 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
 
 
 @needs_avx512
-@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
-    """The 16-lane exact kernels (each nibble through a 16-value table): within float32 rounding of float64 and of
-    the AVX2 kernel (the sums are grouped differently), one and four rows a pass, odd rows and blocks, a batch; for
-    Q4_0 exact per product on the adversarial activations of the AVX2 kernel's test (outliers on zero columns, 17
-    decades in a block, float32's ends, the AVX2 kernel's pre-scaling hand-over)."""
+    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; Q4_K/Q5_K: two groups side
+    by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently), one and
+    four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
+    kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
-    rows, cols = 255, 1056
+    rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4) else 1280
     raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
     ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
@@ -758,17 +758,20 @@ def test_avx512_exact(qt, walk):
     avx2 = _matvec_walk(qt, raw, rows, cols, x, walk, "f32", kernels.FLAG_NO_AVX512)
     np.testing.assert_allclose(got, avx2, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert not np.array_equal(got, avx2)  # the AVX-512 kernel really ran (its sums are grouped otherwise)
-    if qt == T.Q4_0:
+    adversarial = {T.Q4_0: (_adversarial_q4_0_inputs, 808), T.Q4_K: (functools.partial(_adversarial_qk45_inputs, T.Q4_K), 809),
+                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809)}
+    if qt in adversarial:
         kernels._LIB.mer_set_rows(walk)
         try:
-            _check_exact_on_adversarial(T.Q4_0, _adversarial_q4_0_inputs, 808, -1)
+            _check_exact_on_adversarial(qt, *adversarial[qt], -1)
         finally:
             kernels._LIB.mer_set_rows(0)
 
 
 @needs_avx512
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8")], ids=str)
+@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q4_K, "f32"),
+                                    (T.Q5_K, "f32")], ids=str)
 def test_avx512_nan_and_inf_as_float64(qt, act):
     """NaN and +-inf in x give the float64 reference's pattern on the AVX-512 kernels as on the AVX2 ones (q8: a NaN
     block makes its vector NaN; an infinity sends the call to float32 activations)."""

@@ -7,8 +7,8 @@
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
  * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
- * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) where the CPU has
- * AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
+ * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) and exact Q4_K and
+ * Q5_K where the CPU has AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -1315,6 +1315,52 @@ AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
     pblk_tab16_512(b + 1, T, e8m0_table[b[0]], xp, acc);
 }
 
+/* Q4_K/Q5_K, exact, as pblk_qk45 with groups k and k + 1 of a chunk side by side in 16 lanes (their permuted x are
+ * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
+ * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
+AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int five) {
+    uint32_t u[4];
+    memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3F3F3F3F;
+    u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3F3F3F3F;
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    float f[16];
+    _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+    const uint8_t *qs = b + (five ? 48 : 16);
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
+    const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m512 sc = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
+        if (five) {
+            L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
+            U = _mm256_or_si256(_mm256_and_si256(U, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
+        }
+        const __m512i L2 = _mm512_broadcast_i64x4(L), U2 = _mm512_broadcast_i64x4(U);
+        __m512 lo, hi;
+        _Pragma("GCC unroll 2") for (int k = 0; k < 4; k += 2) {
+            const int q0 = (five ? 31 : 15) << (8 * k), q1 = (five ? 31 : 15) << (8 * k + 8);
+            const __m512i m = _mm512_setr_epi32(q0, q0, q0, q0, q0, q0, q0, q0, q1, q1, q1, q1, q1, q1, q1, q1);
+            const __m512 vl = _mm512_cvtepi32_ps(_mm512_and_si512(L2, m)), vh = _mm512_cvtepi32_ps(_mm512_and_si512(U2, m));
+            lo = k ? _mm512_fmadd_ps(vl, _mm512_loadu_ps(xp + 64 * c + 8 * k), lo) : _mm512_mul_ps(vl, _mm512_loadu_ps(xp + 64 * c));
+            hi = k ? _mm512_fmadd_ps(vh, _mm512_loadu_ps(xp + 64 * c + 32 + 8 * k), hi)
+                   : _mm512_mul_ps(vh, _mm512_loadu_ps(xp + 64 * c + 32));
+        }
+        sc = _mm512_fmadd_ps(_mm512_set1_ps(f[2 * c]), lo, sc);
+        sc = _mm512_fmadd_ps(_mm512_set1_ps(f[2 * c + 1]), hi, sc);
+        const __m512 mv = _mm512_insertf32x8(_mm512_set1_ps(f[8 + 2 * c]), _mm256_set1_ps(f[9 + 2 * c]), 1);
+        mn = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xp + 256 + 16 * c), mn); /* low 8: sums of the low x, high 8: high */
+    }
+    *acc = _mm512_add_ps(*acc, _mm512_sub_ps(sc, mn));
+}
+
+AVX512 void pblk_q4_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 0); }
+AVX512 void pblk_q5_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 1); }
+
 #define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
                         int64_t r1, int64_t pf) {                                                                   \
@@ -1330,8 +1376,9 @@ AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
                 for (int i = 0; i < (NR); i++) a[i] = a1[i] = _mm512_setzero_ps();                                  \
                 int64_t b = 0;                                                                                      \
                 for (; b + 2 <= nb; b += 2) {                                                                       \
-                    if (pf && v == 0 && ((b * (BB)) & 63) < 2 * (BB))                                               \
-                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                    \
+                    if (pf && v == 0) /* every line that starts within the two blocks */                          \
+                        for (int64_t o = -(b * (BB)) & 63; o < 2 * (BB); o += 64)                                   \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                            \
                     for (int i = 0; i < (NR); i++) {                                                                \
                         BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                                                \
                         BLK(p[i] + (b + 1) * (BB), xv + (b + 1) * (XPB), &a1[i]);                                   \
@@ -1350,6 +1397,10 @@ DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, XP_Q4_0, 4)
 DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, XP_Q4_0, 1)
 DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, XP_Q4_0, 4)
 DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, XP_Q4_0, 1)
+DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4)
+DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1)
+DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4)
+DEFINE_ROWS_P512(prows_512_q5_k_1, pblk_q5_k_512, 176, XP_QK45, 1)
 #endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
@@ -1496,8 +1547,16 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
             if (xp && avx512) { PICK(prows_512_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); return; }
 #endif
             if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q4_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q5_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K:
             if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
             else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);

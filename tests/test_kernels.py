@@ -603,6 +603,7 @@ def test_kernel_paths_are_named():
     # where the AVX-512 kernels run, inspect says so, for the types that have them and no other
     for name in ("Q4_0", "MXFP4", "Q8_0", "Q4_K"):
         assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name in ("Q4_0", "MXFP4", "Q4_K")), name
+    assert ("AVX-512" in kernel_for("Q6_K")) == kernels.AVX512
 
 
 @needs_c
@@ -741,11 +742,11 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
 
 
 @needs_avx512
-@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
-    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; Q4_K/Q5_K: two groups side
-    by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently), one and
+    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; the K-quants: two groups
+    side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently), one and
     four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
     kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
@@ -759,7 +760,8 @@ def test_avx512_exact(qt, walk):
     np.testing.assert_allclose(got, avx2, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert not np.array_equal(got, avx2)  # the AVX-512 kernel really ran (its sums are grouped otherwise)
     adversarial = {T.Q4_0: (_adversarial_q4_0_inputs, 808), T.Q4_K: (functools.partial(_adversarial_qk45_inputs, T.Q4_K), 809),
-                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809)}
+                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809),
+                   T.Q6_K: (_adversarial_q6k_inputs, 810)}
     if qt in adversarial:
         kernels._LIB.mer_set_rows(walk)
         try:
@@ -771,7 +773,7 @@ def test_avx512_exact(qt, walk):
 @needs_avx512
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q4_K, "f32"),
-                                    (T.Q5_K, "f32")], ids=str)
+                                    (T.Q5_K, "f32"), (T.Q6_K, "f32")], ids=str)
 def test_avx512_nan_and_inf_as_float64(qt, act):
     """NaN and +-inf in x give the float64 reference's pattern on the AVX-512 kernels as on the AVX2 ones (q8: a NaN
     block makes its vector NaN; an infinity sends the call to float32 activations)."""

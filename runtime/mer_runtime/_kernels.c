@@ -7,8 +7,8 @@
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
  * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
- * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) and exact Q4_K and
- * Q5_K where the CPU has AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
+ * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) and the exact
+ * K-quants where the CPU has AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -1361,6 +1361,46 @@ AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int fi
 AVX512 void pblk_q4_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 0); }
 AVX512 void pblk_q5_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 1); }
 
+/* Q6_K, exact, as pblk_q6k with groups k and k + 1 side by side in 16 lanes; lanes 0-3 and 8-11 hold l < 16 (scale
+ * 2j), 4-7 and 12-15 l >= 16 (scale 2j + 1). Scale terms summed per block, then one add to the row's accumulator. */
+AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m256 d = h2f_t(b + 208);
+    const __m128i scb = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m512 S0 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
+    const __m512 S1 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
+    __m512 a = _mm512_setzero_ps();
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i Q[4];
+        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
+        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
+        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
+        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
+                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        const __m512 S = n ? S1 : S0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+            const float *xj = xp + 128 * n + 32 * j;
+            const __m512i Q2 = _mm512_broadcast_i64x4(Q[j]);
+            __m512 s;
+            _Pragma("GCC unroll 2") for (int k = 0; k < 4; k += 2) {
+                const int m0 = 63 << (8 * k), m1 = 63 << (8 * k + 8), o0 = 32 << (8 * k), o1 = 32 << (8 * k + 8);
+                const __m512i q = _mm512_sub_epi32(
+                    _mm512_and_si512(Q2, _mm512_setr_epi32(m0, m0, m0, m0, m0, m0, m0, m0, m1, m1, m1, m1, m1, m1, m1, m1)),
+                    _mm512_setr_epi32(o0, o0, o0, o0, o0, o0, o0, o0, o1, o1, o1, o1, o1, o1, o1, o1));
+                s = k ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xj + 8 * k), s)
+                      : _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xj));
+            }
+            const int lo = 2 * j, hi = 2 * j + 1;
+            const __m512i idx = _mm512_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi, lo, lo, lo, lo, hi, hi, hi, hi);
+            a = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, S), s, a);
+        }
+    }
+    *acc = _mm512_add_ps(*acc, a);
+}
+
 #define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
                         int64_t r1, int64_t pf) {                                                                   \
@@ -1401,6 +1441,8 @@ DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4)
 DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1)
 DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4)
 DEFINE_ROWS_P512(prows_512_q5_k_1, pblk_q5_k_512, 176, XP_QK45, 1)
+DEFINE_ROWS_P512(prows_512_q6_k, pblk_q6k_512, 210, XP_Q6K, 4)
+DEFINE_ROWS_P512(prows_512_q6_k_1, pblk_q6k_512, 210, XP_Q6K, 1)
 #endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
@@ -1558,6 +1600,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #endif
             if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q6_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
             if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
             else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);
             return;

@@ -4,7 +4,7 @@ One registry (`DTYPES`: name -> `DType` with block size, bytes per block and ker
 computed; `kernel_for` and `matvec` both read it.
 
 - C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
-  run time, AVX-512 for Q4_0, MXFP4, Q4_K and Q5_K where the CPU has it, portable C otherwise), on a persistent pthread pool
+  run time, AVX-512 for Q4_0, MXFP4 and the K-quants where the CPU has it, portable C otherwise), on a persistent pthread pool
   inside the library. Activations stay float32 by default (exact up to float32 rounding); `act="q8"` quantizes
   them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K
   weights (faster, error documented in docs/runtime.md).
@@ -42,7 +42,7 @@ C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
 
 FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM, FLAG_NO_AVX512 = 1, 2, 4, 8, 16, 32
-AVX512_TYPES = frozenset({"Q4_0", "MXFP4", "Q4_K", "Q5_K"})  # AVX-512 kernels where the CPU has it (K: exact only)
+AVX512_TYPES = frozenset({"Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # AVX-512 kernels where the CPU has it (K: exact)
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}

@@ -601,9 +601,8 @@ def test_kernel_paths_are_named():
         assert "C kernel" in kernel_for(qt.name) and f"{kernels.threads()} threads" in kernel_for(qt.name)
     assert "slower" in kernel_for("Q5_0") and "slower" in kernel_for("IQ2_XXS")
     # where the AVX-512 kernels run, inspect says so, for the types that have them and no other
-    for name in ("Q4_0", "MXFP4", "Q8_0", "Q4_K"):
-        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name in ("Q4_0", "MXFP4", "Q4_K")), name
-    assert ("AVX-512" in kernel_for("Q6_K")) == kernels.AVX512
+    for name in ("Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"):
+        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name not in ("Q8_0", "F16")), name
 
 
 @needs_c
@@ -746,8 +745,8 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
     """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; the K-quants: two groups
-    side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently), one and
-    four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
+    side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
+    one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
     kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
     rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4) else 1280
@@ -759,9 +758,9 @@ def test_avx512_exact(qt, walk):
     avx2 = _matvec_walk(qt, raw, rows, cols, x, walk, "f32", kernels.FLAG_NO_AVX512)
     np.testing.assert_allclose(got, avx2, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert not np.array_equal(got, avx2)  # the AVX-512 kernel really ran (its sums are grouped otherwise)
-    adversarial = {T.Q4_0: (_adversarial_q4_0_inputs, 808), T.Q4_K: (functools.partial(_adversarial_qk45_inputs, T.Q4_K), 809),
-                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809),
-                   T.Q6_K: (_adversarial_q6k_inputs, 810)}
+    adversarial = {T.Q4_0: (_adversarial_q4_0_inputs, 808), T.Q6_K: (_adversarial_q6k_inputs, 810),
+                   T.Q4_K: (functools.partial(_adversarial_qk45_inputs, T.Q4_K), 809),
+                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809)}
     if qt in adversarial:
         kernels._LIB.mer_set_rows(walk)
         try:
@@ -794,7 +793,7 @@ def test_avx512_nan_and_inf_as_float64(qt, act):
 def test_avx512_entry_points_check_lengths():
     """The AVX-512 kernels sit behind the same length checks: -3 for short weights, x or out, before any read."""
     lib = kernels._LIB
-    for qt in (T.Q4_0, T.MXFP4):
+    for qt in (T.Q4_0, T.MXFP4, T.Q4_K, T.Q6_K):
         raw = random_blocks(qt, 4, 256, np.random.default_rng(55))
         x, out = np.ones(256, np.float32), np.empty(4, np.float32)
         for flags in (0, kernels.FLAG_ACT_Q8):

@@ -4,10 +4,10 @@ One registry (`DTYPES`: name -> `DType` with block size, bytes per block and ker
 computed; `kernel_for` and `matvec` both read it.
 
 - C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
-  run time, AVX-512 for Q4_0, MXFP4 and the K-quants where the CPU has it, portable C otherwise), on a persistent pthread pool
-  inside the library. Activations stay float32 by default (exact up to float32 rounding); `act="q8"` quantizes
-  them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K
-  weights (faster, error documented in docs/runtime.md).
+  run time, AVX-512 for Q4_0, MXFP4 and the K-quants where the CPU has it, portable C otherwise), on a persistent
+  pthread pool inside the library. Activations stay float32 by default (exact up to float32 rounding); `act="q8"`
+  quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for
+  Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
 - `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
   in ONE call into C; `expert_ffn` is the same call with k=1.
 - Every other type the gguf package can dequantize (and every type when the C kernel was not built, or with

@@ -20,8 +20,8 @@ setup(
         Extension(
             "mer_runtime._kernels",
             sources=["runtime/mer_runtime/_kernels.c"],
-            # No -march=native: the shipped library must run on any x86-64 (and elsewhere); the AVX2/FMA/F16C and
-            # AVX-VNNI paths are compiled per function with target attributes and picked at run time.
+            # No -march=native: the shipped library must run on any x86-64 (and elsewhere); the AVX2/FMA/F16C,
+            # AVX-VNNI and AVX-512 paths are compiled per function with target attributes and picked at run time.
             extra_compile_args=["-O3", "-fno-strict-aliasing", "-pthread", "-std=gnu11"],
             extra_link_args=["-pthread"],
             libraries=["m"],

@@ -13,6 +13,9 @@
 4. --sweep-prefetch: matvec GB/s for several software prefetch distances (how the default was chosen).
 5. --sweep-rows: matvec GB/s (exact and q8) with the kernels walking 1 and 4 rows per pass (how the default, 1,
    was chosen).
+6. --sweep-avx512 (a CPU with AVX-512 only): the AVX-512 kernels against the AVX2 ones (FLAG_NO_AVX512), the two
+   alternated in the same process, medians of max(--repeat, 5) rounds: matvec of the types that have them (exact
+   and q8) and the moe() rows (how the kept ones were chosen; docs/runtime.md).
 
 Each number is the best of --repeat runs. On a shared machine they are indicative only.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +69,20 @@ def best(repeat: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def alternated(rounds: int, new, old) -> tuple[float, float, int]:
+    """Median seconds of `new` and of `old`, run in turn (the order swapped each round, so a drift in the machine's
+    load falls on both), and the rounds in which `new` was faster."""
+    tn: list[float] = []
+    to: list[float] = []
+    for r in range(rounds):
+        pair = [(tn, new), (to, old)]
+        for times, fn in pair if r % 2 == 0 else pair[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(tn), statistics.median(to), sum(a < b for a, b in zip(tn, to))
 
 
 def memory_bandwidth(mats: list[np.ndarray], threads: int, repeat: int) -> float:
@@ -207,6 +225,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--sweep-prefetch", action="store_true", help="also time several prefetch distances")
     ap.add_argument("--sweep-rows", action="store_true", help="also time 1 and 4 rows per pass")
+    ap.add_argument("--sweep-avx512", action="store_true", help="also time the AVX-512 kernels against the AVX2 ones")
     ap.add_argument("--no-ggml", action="store_true")
     a = ap.parse_args()
     os.environ["MER_THREADS"] = str(a.threads)
@@ -223,7 +242,8 @@ def main() -> None:
     rows, cols = a.d_ff, a.d_model
     rng = np.random.default_rng(0)
     x = rng.standard_normal(cols).astype(np.float32)
-    print(f"{a.threads} threads, best of {a.repeat}, matrices {rows} x {cols}; SIMD {'AVX2' if kernels.SIMD else 'no'}"
+    avx512 = " + AVX-512 (Q4_0, MXFP4; K-quants exact)" if kernels.AVX512 else ""
+    print(f"{a.threads} threads, best of {a.repeat}, matrices {rows} x {cols}; SIMD {'AVX2' if kernels.SIMD else 'no'}{avx512}"
           f", AVX-VNNI {'yes' if kernels.VNNI else 'no'}; prefetch {kernels._LIB.mer_get_prefetch() if kernels._LIB else '-'}"
           f" bytes; {ggml_note}")
     print("Figures on a shared machine are indicative only.\n")
@@ -267,6 +287,17 @@ def main() -> None:
                     res.append(f"{mode} {nr}: {gbs:.2f}")
             kernels._LIB.mer_set_rows(0)
             print(f"       rows per pass (GB/s): {', '.join(res)}")
+        if a.sweep_avx512 and kernels.AVX512 and name in kernels.AVX512_TYPES:
+            res = []
+            for mode in ("f32", "q8"):
+                def run(flags: int, mode: str = mode) -> None:
+                    for m in mats:
+                        kernels.matvec(name, m, (rows, cols), x, act=mode, flags=flags)
+
+                tn, to, wins = alternated(max(a.repeat, 5), lambda: run(0), lambda: run(kernels.FLAG_NO_AVX512))
+                res.append(f"{mode} {total / to / 1e9:.2f} -> {total / tn / 1e9:.2f} (x{to / tn:.3f}, "
+                           f"faster in {wins} of {max(a.repeat, 5)})")
+            print(f"       AVX2 -> AVX-512 (GB/s, medians, alternated): {'; '.join(res)}")
         del mats
     moe_rows = [t for t in a.moe.split(",") if t and t != "none"]
     if moe_rows and not mem_all:  # moe() only: its ratio still needs the memory bandwidth of this run
@@ -305,6 +336,17 @@ def main() -> None:
             gtxt = (f"; ggml graph {g:.1f} steps/s (exact {sps_of['f32'] / g:.2f}x, q8 {sps_of['q8'] / g:.2f}x ggml)"
                     if isinstance(g, float) else f"; ggml: {g}")
         print(f"  {label:7s} {n_steps} steps of {a.top_k} x {per_exp / 1e6:.1f} MB: " + "; ".join(line) + gtxt)
+        if a.sweep_avx512 and kernels.AVX512:
+            res = []
+            for mode in ("f32", "q8"):
+                def step(flags: int, mode: str = mode) -> None:
+                    for st in steps:
+                        kernels.moe([tensors[i] for i in st], w, x, act, act=mode, flags=flags)
+
+                tn, to, wins = alternated(max(a.repeat, 5), lambda: step(0), lambda: step(kernels.FLAG_NO_AVX512))
+                res.append(f"{mode} {n_steps / to:.1f} -> {n_steps / tn:.1f} (x{to / tn:.3f}, "
+                           f"faster in {wins} of {max(a.repeat, 5)})")
+            print(f"          AVX2 -> AVX-512 (steps/s, medians, alternated): {'; '.join(res)}")
     sys.stdout.flush()
 
 

@@ -600,6 +600,9 @@ def test_kernel_paths_are_named():
     for qt in C_TYPES:
         assert "C kernel" in kernel_for(qt.name) and f"{kernels.threads()} threads" in kernel_for(qt.name)
     assert "slower" in kernel_for("Q5_0") and "slower" in kernel_for("IQ2_XXS")
+    # where the AVX-512 kernels run, inspect says so, for the types that have them and no other
+    for name in ("Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"):
+        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name not in ("Q8_0", "F16")), name
 
 
 @needs_c
@@ -680,20 +683,125 @@ def test_one_and_four_rows_per_pass_agree(qtype):
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.MXFP4], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
 def test_vnni_equals_maddubs(qt, walk):
-    """A result does not depend on whether the CPU has AVX-VNNI, to the bit: both paths sum the same integers in the
-    same order, one row a pass (the default) and four (an odd row count leaves a short last pass)."""
+    """A result does not depend on whether the CPU has AVX-VNNI (or AVX-512), to the bit: every path sums the same
+    integers in the same order, one row a pass (the default) and four (an odd row count leaves a short last pass;
+    the four-row walk keeps even and odd blocks apart, as the one-row walk does)."""
     rng = np.random.default_rng(13)
     raw = random_matrix(qt, 255, 1024, rng)
     x = rng.standard_normal(1024).astype(np.float32)
-    out = [np.empty(255, np.float32) for _ in range(2)]
+    variants = (0, kernels.FLAG_NO_AVX512, kernels.FLAG_NO_VNNI)
+    out = [np.empty(255, np.float32) for _ in variants]
     kernels._LIB.mer_set_rows(walk)
     try:
-        for o, flags in zip(out, (kernels.FLAG_ACT_Q8, kernels.FLAG_ACT_Q8 | kernels.FLAG_NO_VNNI)):
+        for o, flags in zip(out, variants):
             assert kernels._LIB.mer_matvec(int(qt), raw.ctypes.data, raw.nbytes, 255, 1024, x.ctypes.data, 1024, 1,
-                                           o.ctypes.data, 255, flags) == 0
+                                           o.ctypes.data, 255, kernels.FLAG_ACT_Q8 | flags) == 0
     finally:
         kernels._LIB.mer_set_rows(0)
     np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+# -- AVX-512 -------------------------------------------------------------------------------------------------------
+needs_avx512 = pytest.mark.skipif(not kernels.AVX512, reason="this CPU lacks AVX-512 F/BW/VL/DQ/VNNI (or the C kernel "
+                                  "is not built): the AVX2 kernels are what runs here, and the other tests cover them")
+
+
+def _matvec_walk(qt, raw, rows, cols, x, walk, act, flags=0):
+    kernels._LIB.mer_set_rows(walk)
+    try:
+        return matvec(qt.name, raw, (rows, cols), x, act=act, flags=flags)
+    finally:
+        kernels._LIB.mer_set_rows(0)
+
+
+@needs_avx512
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4], ids=lambda t: t.name)
+@pytest.mark.parametrize("walk", [1, 4])
+def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
+    """The AVX-512 q8 kernels (512-bit vpdpbusd, two blocks an instruction) sum the same integers as the AVX2 ones
+    and add the blocks' products in the AVX2 walks' order: equal to the bit to the AVX-VNNI and maddubs kernels,
+    one row a pass and four, on an odd row count (a short last pass), an odd number of blocks (a
+    last block alone) and a batch of 3; within the documented q8 error of float64, and exact on the activation grid."""
+    rng = np.random.default_rng(51)
+    rows, cols = 255, 1056
+    raw = random_matrix(qt, rows, cols, rng)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    got = _matvec_walk(qt, raw, rows, cols, x, walk, "q8")
+    for flags in (kernels.FLAG_NO_AVX512, kernels.FLAG_NO_AVX512 | kernels.FLAG_NO_VNNI, kernels.FLAG_NO_VNNI):
+        for w in (1, 4):
+            np.testing.assert_array_equal(got, _matvec_walk(qt, raw, rows, cols, x, w, "q8", flags))
+    assert 1e-5 < rel(got, ref) < 2e-2
+    q = rng.integers(-127, 128, (3, cols // 32, 32))
+    q[..., 0] = 127
+    xq = (q * 2.0 ** rng.integers(-8, 0, (3, cols // 32, 1))).astype(np.float32).reshape(3, cols)
+    exact = xq.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    assert rel(_matvec_walk(qt, raw, rows, cols, xq, walk, "q8"), exact) < TOL
+
+
+@needs_avx512
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("walk", [1, 4])
+def test_avx512_exact(qt, walk):
+    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; the K-quants: two groups
+    side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
+    one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
+    kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
+    rng = np.random.default_rng(52)
+    rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4) else 1280
+    raw = random_matrix(qt, rows, cols, rng)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    got = _matvec_walk(qt, raw, rows, cols, x, walk, "f32")
+    assert rel(got, ref) < TOL
+    avx2 = _matvec_walk(qt, raw, rows, cols, x, walk, "f32", kernels.FLAG_NO_AVX512)
+    np.testing.assert_allclose(got, avx2, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert not np.array_equal(got, avx2)  # the AVX-512 kernel really ran (its sums are grouped otherwise)
+    adversarial = {T.Q4_0: (_adversarial_q4_0_inputs, 808), T.Q6_K: (_adversarial_q6k_inputs, 810),
+                   T.Q4_K: (functools.partial(_adversarial_qk45_inputs, T.Q4_K), 809),
+                   T.Q5_K: (functools.partial(_adversarial_qk45_inputs, T.Q5_K), 809)}
+    if qt in adversarial:
+        kernels._LIB.mer_set_rows(walk)
+        try:
+            _check_exact_on_adversarial(qt, *adversarial[qt], -1)
+        finally:
+            kernels._LIB.mer_set_rows(0)
+
+
+@needs_avx512
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q4_K, "f32"),
+                                    (T.Q5_K, "f32"), (T.Q6_K, "f32")], ids=str)
+def test_avx512_nan_and_inf_as_float64(qt, act):
+    """NaN and +-inf in x give the float64 reference's pattern on the AVX-512 kernels as on the AVX2 ones (q8: a NaN
+    block makes its vector NaN; an infinity sends the call to float32 activations)."""
+    rows, cols = 16, 512
+    raw, x, ref = _inf_case(qt, rows, cols, seed=53, tiny=True)
+    for flags in (0, kernels.FLAG_NO_AVX512):
+        got = matvec(qt.name, raw, (rows, cols), x, act=act, flags=flags)
+        for g, r in zip(_nonfinite_pattern(got), _nonfinite_pattern(ref)):
+            assert (g == r).all(), (flags, got[:2], ref[:2])
+        assert rel(got[2], ref[2]) < (2e-2 if act == "q8" else TOL), flags
+    xn = np.random.default_rng(54).standard_normal((2, cols)).astype(np.float32)
+    xn[0, 37] = np.nan
+    got = matvec(qt.name, raw, (rows, cols), xn, act=act)
+    assert np.isnan(got[0]).all() and np.isfinite(got[1]).all()
+
+
+@needs_avx512
+def test_avx512_entry_points_check_lengths():
+    """The AVX-512 kernels sit behind the same length checks: -3 for short weights, x or out, before any read."""
+    lib = kernels._LIB
+    for qt in (T.Q4_0, T.MXFP4, T.Q4_K, T.Q6_K):
+        raw = random_blocks(qt, 4, 256, np.random.default_rng(55))
+        x, out = np.ones(256, np.float32), np.empty(4, np.float32)
+        for flags in (0, kernels.FLAG_ACT_Q8):
+            ok = (int(qt), raw.ctypes.data, raw.nbytes, 4, 256, x.ctypes.data, 256, 1, out.ctypes.data, 4, flags)
+            assert lib.mer_matvec(*ok) == 0
+            assert lib.mer_matvec(int(qt), raw.ctypes.data, raw.nbytes - 1, *ok[3:]) == -3
+            assert lib.mer_matvec(*ok[:6], 255, *ok[7:]) == -3
+            assert lib.mer_matvec(*ok[:9], 3, flags) == -3
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------

@@ -265,3 +265,27 @@ def test_moe_follows_float64_on_inf_and_nan(simd, act):
         for f in (np.isnan, np.isposinf, np.isneginf):
             assert (f(got[0]) == f(want[0])).all(), (f.__name__, got[0], want[0])
     assert rel(got[2], want[2]) < tol
+
+
+@pytest.mark.skipif(not kernels.AVX512, reason="this CPU lacks AVX-512 F/BW/VL/DQ/VNNI (or the C kernel is not "
+                    "built): the AVX2 kernels are what runs here, and the other tests cover them")
+@pytest.mark.parametrize("name", ["mixtral-q4_0.gguf", "gptoss-mxfp4_moe.gguf"])
+def test_moe_avx512_equals_avx2(name, extracted):
+    """A layer step on the AVX-512 kernels (the default on such a CPU) against the AVX2 ones (FLAG_NO_AVX512), on a
+    batch: act="q8" to the bit (the same integers, added in the same order), act="f32" within float32 rounding of
+    them and of the float64 reference shipped with the fixture."""
+    x, layers, y_ref = shared_ref(REAL / name)
+    want = 0.5 * (y_ref[-1, 2] + y_ref[-1, 3])
+    with open_shards(extracted(REAL / name), cache_slots=3) as s:
+        with s.load(layers[-1], 2) as e2, s.load(layers[-1], 3) as e3:
+            ts = [s._tensors(e2), s._tensors(e3)]
+            xb = np.stack([x, x, 0.5 * x])
+            for act in ("f32", "q8"):
+                new = kernels.moe(ts, [0.5, 0.5], xb, s.activation, act=act)
+                old = kernels.moe(ts, [0.5, 0.5], xb, s.activation, act=act, flags=kernels.FLAG_NO_AVX512)
+                if act == "q8":
+                    np.testing.assert_array_equal(new, old)
+                    assert rel(new[0], want) < 2e-2
+                else:
+                    assert rel(new[0], want) < TOL and rel(old[0], want) < TOL
+                    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6 * np.abs(want).max())

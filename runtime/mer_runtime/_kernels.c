@@ -7,7 +7,8 @@
  *   F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39.
  * Each has a portable C path (dequantize a block, dot it) and an AVX2+FMA+F16C path that works on the blocks in
  * registers, one row per pass (one sequential stream per thread: see rows_per_pass) with a software prefetch a
- * fixed distance ahead. The SIMD path is picked at run time with
+ * fixed distance ahead; AVX-512 kernels for Q4_0 and MXFP4 (exact and with Q8_0 activations) and the exact
+ * K-quants where the CPU has AVX-512 F/BW/VL/DQ/VNNI. The SIMD path is picked at run time with
  * __builtin_cpu_supports (the build never uses -march=native), so one binary runs on any x86-64 and elsewhere.
  *
  * Threads: one persistent pthread pool (threads from sched_getaffinity, or mer_set_threads). A job is a list of
@@ -39,9 +40,10 @@
 
 #define MER_FLAG_PORTABLE 1 /* force the portable C path (tests check both on an AVX2 machine) */
 #define MER_FLAG_ACT_Q8 2   /* quantize activations to Q8_0 blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K weights) */
-#define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI exists */
+#define MER_FLAG_NO_VNNI 4  /* with ACT_Q8: AVX2 maddubs even where AVX-VNNI or AVX512-VNNI exists */
 #define MER_FLAG_SERIAL 8   /* run on the calling thread only */
 #define MER_FLAG_NO_PERM 16 /* the byte-widening kernels instead of the permuted-x ones (tests; fallback on ENOMEM) */
+#define MER_FLAG_NO_AVX512 32 /* the AVX2 kernels even where AVX-512 exists (tests and the A/B benchmark) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
 enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, N_LAYOUTS = 6 };
@@ -983,18 +985,18 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[NR];                                                                                     \
-                for (int i = 0; i < (NR); i++) a[i] = _mm256_setzero_ps(); \
+                __m256 a[NR][2]; /* even and odd blocks apart, as the one-row walk: the same sums to the bit */     \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm256_setzero_ps();                              \
                 for (int64_t b = 0; b < nb; b++) {                                                                   \
                     __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
                     if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
                         for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
                     for (int i = 0; i < (NR); i++) {                                                                    \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i]);        \
+                        a[i][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][b & 1]); \
                     }                                                                                                \
                 }                                                                                                    \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(a[i]);                                    \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(_mm256_add_ps(a[i][0], a[i][1]));       \
             }                                                                                                        \
         }                                                                                                            \
     }
@@ -1173,6 +1175,275 @@ DEFINE_ROWS_Q8_1(rows_vnni_q8_0_1, W_Q8_0, SP_F16, 34, "avx2,fma,f16c,avxvnni", 
 DEFINE_ROWS_Q8(rows_vnni_mxfp4, W_MXFP4, S_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni, 4)
 DEFINE_ROWS_Q8_1(rows_vnni_mxfp4_1, W_MXFP4, SP_E8M0, 17, "avx2,fma,f16c,avxvnni", dot_i8_vnni)
 #endif
+
+/* -DMER_NO_AVX512: check the build a compiler without these intrinsics makes (AVX2 kernels only) */
+#if ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)) && \
+    !defined(MER_NO_AVX512)
+#define MER_HAVE_AVX512 1
+/* AVX-512 (F, BW, VL, DQ, VNNI): 16 float or 64 byte lanes a register. Chosen at run time where the CPU has all
+ * five (mer_has_avx512) and MER_FLAG_NO_AVX512 is not set; the AVX2 kernels above stay for every other CPU. */
+#define T512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
+#define AVX512 __attribute__((target(T512), always_inline)) static inline
+#define AVX512_FN __attribute__((target(T512))) static
+
+AVX512 float hsum512(__m512 a) {
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+}
+
+/* ---- Q8_0 activations, two blocks an instruction: lanes 0-7 hold block b, lanes 8-15 block b + 1, each lane the
+ * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Block b's
+ * float products go to the low half of one accumulator and block b + 1's to the high half, which is exactly the
+ * AVX2 one-row walk's two accumulators (alternate blocks), and an odd last block goes to the low half: the result
+ * equals the AVX2 kernels' to the bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
+
+/* two Q4_0 (or MXFP4) blocks' nibbles, unsigned, in element order: [b0 low | b0 high | b1 low | b1 high] */
+AVX512 __m512i nibbles64_u(const uint8_t *p0, const uint8_t *p1) {
+    __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p0));
+    B = _mm512_mask_broadcast_i32x4(B, 0xFF00, _mm_loadu_si128((const __m128i *)p1));
+    return _mm512_and_si512(_mm512_srlv_epi64(B, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
+}
+
+AVX512 __m512i mxfp4_vals64(const uint8_t *p0, const uint8_t *p1) {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)kvalues_mxfp4));
+    return _mm512_shuffle_epi8(table, nibbles64_u(p0, p1));
+}
+
+/* unsigned nibbles times the activations, less 8 * their lane sums (s8): as dot_u4_q8 */
+AVX512 __m512 dot2_u4(__m512i w, __m512i y, const q80_t *a) {
+    const __m256i s8 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)a[0].s8)),
+                                               _mm_load_si128((const __m128i *)a[1].s8), 1);
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, y),
+                                               _mm512_cvtepi16_epi32(s8)));
+}
+
+/* signed weights: |w| times y with w's sign (ggml's sign trick, with a mask: AVX-512 has no vpsignb) */
+AVX512 __m512 dot2_i8(__m512i w, __m512i y, const q80_t *a) {
+    (void)a;
+    const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y);
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy));
+}
+
+AVX512 __m256 dot1_u4(__m256i w, __m256i y, const q80_t *a) {
+    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y);
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
+}
+
+AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
+    (void)a;
+    __m256i ax = _mm256_sign_epi8(w, w), sy = _mm256_sign_epi8(y, w);
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
+}
+
+#define W2_Q4_0 nibbles64_u(b0 + 2, b1 + 2)
+#define W2_MXFP4 mxfp4_vals64(b0 + 1, b1 + 1)
+
+/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u) */
+#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, NR)                                                     \
+    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, int64_t nvec, int64_t xs, float *out, int64_t os,          \
+                        int64_t r0, int64_t r1, int64_t pf) {                                                        \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
+            const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                     \
+            const uint8_t *p[NR];                                                                                    \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
+            for (int64_t v = 0; v < nvec; v++) {                                                                     \
+                const q80_t *av = ax + v * (xs / 32);                                                                \
+                __m512 a[NR];                                                                                        \
+                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                           \
+                int64_t b = 0;                                                                                       \
+                for (; b + 2 <= nb; b += 2) {                                                                        \
+                    const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)av[b].q)), \
+                                                         _mm256_load_si256((const __m256i *)av[b + 1].q), 1);        \
+                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(av[b].d), 0xFF00,                     \
+                                                                _mm_set_ss(av[b + 1].d));                            \
+                    for (int i = 0; i < (NR); i++) {                                                                 \
+                        const uint8_t *b0 = p[i] + b * (BB), *b1 = b0 + (BB);                                        \
+                        if (pf && v == 0) {                                                                          \
+                            if (((b * (BB)) & 63) < (BB)) PF(b0 + pf);                                               \
+                            if ((((b + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                         \
+                        }                                                                                            \
+                        const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1))); \
+                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, y, av + b), a[i]);                      \
+                    }                                                                                                \
+                }                                                                                                    \
+                for (int i = 0; i < nr; i++) {                                                                       \
+                    __m256 lo = _mm512_castps512_ps256(a[i]);                                                        \
+                    if (b < nb) {                                                                                    \
+                        const uint8_t *blk = p[i] + b * (BB);                                                        \
+                        const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                               \
+                        const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SP(blk)), _mm256_broadcast_ss(&av[b].d)); \
+                        lo = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), lo);                                            \
+                    }                                                                                                \
+                    out[v * os + r + i] = hsum256(_mm256_add_ps(lo, _mm512_extractf32x8_ps(a[i], 1)));              \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+#define SPF_F16(p) f16_at(p)
+#define SPF_E8M0(p) (&e8m0_table[(p)[0]])
+DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 4)
+DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 4)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 1)
+
+/* 4-bit codes through a table, exact, 16 lanes, on the Q4_0 permutation (x as it is, no pre-scaling): a 512-bit
+ * vpermps takes 4 index bits, so a nibble shifted down (no mask: the bits above it are ignored) indexes a table of
+ * the 16 values, sign included. Per 16 values a shift, a permute and an FMA: the AVX2 kernels need per 8 values
+ * and, sub, cvt, fma (Q4_0) or a shift, a permute, three for MXFP4's sign and an FMA. Groups g and g + 1 of a block
+ * lie side by side (their permuted x are adjacent). Each product is the float32 value * x of a plain decode; the
+ * sums are grouped (g0 + g2) and (g1 + g3) before the halves meet. */
+AVX512 void pblk_tab16_512(const uint8_t *q, __m512 T, float d, const float *xp, __m512 *acc) {
+    const __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
+    __m512 s = _mm512_setzero_ps();
+    _Pragma("GCC unroll 2") for (int g = 0; g < 4; g += 2) {
+        const int a0 = 8 * g, a1 = 8 * g + 4, c0 = 8 * g + 8, c1 = 8 * g + 12;
+        const __m512i sh = _mm512_setr_epi32(a0, a0, a0, a0, a1, a1, a1, a1, c0, c0, c0, c0, c1, c1, c1, c1);
+        const __m512 v = _mm512_permutexvar_ps(_mm512_srlv_epi32(B, sh), T);
+        s = g ? _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + 8 * g), s) : _mm512_mul_ps(v, _mm512_loadu_ps(xp));
+    }
+    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, *acc);
+}
+
+AVX512 void pblk_q4_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m512 T = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    pblk_tab16_512(b + 2, T, *f16_at(b), xp, acc);
+}
+
+AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m512 T = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f, -0.f, -1.f, -2.f, -3.f, -4.f, -6.f, -8.f, -12.f);
+    pblk_tab16_512(b + 1, T, e8m0_table[b[0]], xp, acc);
+}
+
+/* Q4_K/Q5_K, exact, as pblk_qk45 with groups k and k + 1 of a chunk side by side in 16 lanes (their permuted x are
+ * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
+ * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
+AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int five) {
+    uint32_t u[4];
+    memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3F3F3F3F;
+    u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3F3F3F3F;
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    float f[16];
+    _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+    const uint8_t *qs = b + (five ? 48 : 16);
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
+    const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m512 sc = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
+        if (five) {
+            L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
+            U = _mm256_or_si256(_mm256_and_si256(U, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
+        }
+        const __m512i L2 = _mm512_broadcast_i64x4(L), U2 = _mm512_broadcast_i64x4(U);
+        __m512 lo, hi;
+        _Pragma("GCC unroll 2") for (int k = 0; k < 4; k += 2) {
+            const int q0 = (five ? 31 : 15) << (8 * k), q1 = (five ? 31 : 15) << (8 * k + 8);
+            const __m512i m = _mm512_setr_epi32(q0, q0, q0, q0, q0, q0, q0, q0, q1, q1, q1, q1, q1, q1, q1, q1);
+            const __m512 vl = _mm512_cvtepi32_ps(_mm512_and_si512(L2, m)), vh = _mm512_cvtepi32_ps(_mm512_and_si512(U2, m));
+            lo = k ? _mm512_fmadd_ps(vl, _mm512_loadu_ps(xp + 64 * c + 8 * k), lo) : _mm512_mul_ps(vl, _mm512_loadu_ps(xp + 64 * c));
+            hi = k ? _mm512_fmadd_ps(vh, _mm512_loadu_ps(xp + 64 * c + 32 + 8 * k), hi)
+                   : _mm512_mul_ps(vh, _mm512_loadu_ps(xp + 64 * c + 32));
+        }
+        sc = _mm512_fmadd_ps(_mm512_set1_ps(f[2 * c]), lo, sc);
+        sc = _mm512_fmadd_ps(_mm512_set1_ps(f[2 * c + 1]), hi, sc);
+        const __m512 mv = _mm512_insertf32x8(_mm512_set1_ps(f[8 + 2 * c]), _mm256_set1_ps(f[9 + 2 * c]), 1);
+        mn = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xp + 256 + 16 * c), mn); /* low 8: sums of the low x, high 8: high */
+    }
+    *acc = _mm512_add_ps(*acc, _mm512_sub_ps(sc, mn));
+}
+
+AVX512 void pblk_q4_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 0); }
+AVX512 void pblk_q5_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk_qk45_512(b, xp, acc, 1); }
+
+/* Q6_K, exact, as pblk_q6k with groups k and k + 1 side by side in 16 lanes; lanes 0-3 and 8-11 hold l < 16 (scale
+ * 2j), 4-7 and 12-15 l >= 16 (scale 2j + 1). Scale terms summed per block, then one add to the row's accumulator. */
+AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    const __m256 d = h2f_t(b + 208);
+    const __m128i scb = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m512 S0 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
+    const __m512 S1 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
+    __m512 a = _mm512_setzero_ps();
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+        __m256i Q[4];
+        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
+        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
+        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
+        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
+                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        const __m512 S = n ? S1 : S0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+            const float *xj = xp + 128 * n + 32 * j;
+            const __m512i Q2 = _mm512_broadcast_i64x4(Q[j]);
+            __m512 s;
+            _Pragma("GCC unroll 2") for (int k = 0; k < 4; k += 2) {
+                const int m0 = 63 << (8 * k), m1 = 63 << (8 * k + 8), o0 = 32 << (8 * k), o1 = 32 << (8 * k + 8);
+                const __m512i q = _mm512_sub_epi32(
+                    _mm512_and_si512(Q2, _mm512_setr_epi32(m0, m0, m0, m0, m0, m0, m0, m0, m1, m1, m1, m1, m1, m1, m1, m1)),
+                    _mm512_setr_epi32(o0, o0, o0, o0, o0, o0, o0, o0, o1, o1, o1, o1, o1, o1, o1, o1));
+                s = k ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xj + 8 * k), s)
+                      : _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(xj));
+            }
+            const int lo = 2 * j, hi = 2 * j + 1;
+            const __m512i idx = _mm512_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi, lo, lo, lo, lo, hi, hi, hi, hi);
+            a = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, S), s, a);
+        }
+    }
+    *acc = _mm512_add_ps(*acc, a);
+}
+
+#define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
+    AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
+                        int64_t r1, int64_t pf) {                                                                   \
+        const int64_t nb = m->nblk, rb = m->rowbytes;                                                               \
+        const float *vs = xp + nvec * nb * (XPB);                                                                   \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                   \
+            const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                    \
+            const uint8_t *p[NR];                                                                                   \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                            \
+            for (int64_t v = 0; v < nvec; v++) {                                                                    \
+                const float *xv = xp + v * nb * (XPB);                                                              \
+                __m512 a[NR], a1[NR];                                                                               \
+                for (int i = 0; i < (NR); i++) a[i] = a1[i] = _mm512_setzero_ps();                                  \
+                int64_t b = 0;                                                                                      \
+                for (; b + 2 <= nb; b += 2) {                                                                       \
+                    if (pf && v == 0) /* every line that starts within the two blocks */                          \
+                        for (int64_t o = -(b * (BB)) & 63; o < 2 * (BB); o += 64)                                   \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                            \
+                    for (int i = 0; i < (NR); i++) {                                                                \
+                        BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                                                \
+                        BLK(p[i] + (b + 1) * (BB), xv + (b + 1) * (XPB), &a1[i]);                                   \
+                    }                                                                                               \
+                }                                                                                                   \
+                for (int i = 0; i < (NR); i++) {                                                                    \
+                    if (b < nb) BLK(p[i] + b * (BB), xv + b * (XPB), &a[i]);                                        \
+                    a[i] = _mm512_add_ps(a[i], a1[i]);                                                              \
+                }                                                                                                   \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum512(a[i]) * vs[v];                           \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, XP_Q4_0, 4)
+DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, XP_Q4_0, 1)
+DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, XP_Q4_0, 4)
+DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, XP_Q4_0, 1)
+DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4)
+DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1)
+DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4)
+DEFINE_ROWS_P512(prows_512_q5_k_1, pblk_q5_k_512, 176, XP_QK45, 1)
+DEFINE_ROWS_P512(prows_512_q6_k, pblk_q6k_512, 210, XP_Q6K, 4)
+DEFINE_ROWS_P512(prows_512_q6_k_1, pblk_q6k_512, 210, XP_Q6K, 1)
+#endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
 int mer_has_avx2(void) {
@@ -1194,6 +1465,23 @@ int mer_has_vnni(void) {
 #endif
 }
 
+/* F, BW, VL, DQ and VNNI: every AVX-512 kernel here needs all five (asked once, then cached) */
+int mer_has_avx512(void) {
+#if defined(MER_X86) && defined(MER_HAVE_AVX512)
+    static int known = -1;
+    if (known < 0)
+        known = mer_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vnni");
+    return known;
+#else
+    return 0;
+#endif
+}
+
+/* the AVX-512 kernels run: the AVX2 ones would, the CPU has AVX-512 and the caller did not refuse it */
+static int avx512_ok(int flags) { return use_simd(flags) && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512(); }
+
 static int q8_type(int type) {
     return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
@@ -1203,7 +1491,7 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    if (type == T_Q4_0) return L_Q4_0X;
+    if (type == T_Q4_0) return avx512_ok(flags) ? L_Q4_0 : L_Q4_0X; /* the AVX-512 kernel reads x unscaled */
     if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
@@ -1248,6 +1536,7 @@ static int kq45_unfactored(int type, int flags, int known, const float *x, int64
 static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
                      int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
     int simd = use_simd(flags);
+    const int avx512 = avx512_ok(flags);
     int64_t pf = tuning_prefetch;
     int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
@@ -1260,6 +1549,14 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
             return;
         }
         if (simd) {
+#ifdef MER_HAVE_AVX512
+            /* VNNI kernels too; none for Q8_0: 512 bits measured no faster than AVX-VNNI's 256 (docs/runtime.md) */
+            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0) {
+                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_512_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+                return;
+            }
+#endif
 #ifdef MER_HAVE_VNNI
             if (!(flags & MER_FLAG_NO_VNNI) && mer_has_vnni()) {
                 if (m->type == T_Q4_0) PICK(rows_vnni_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
@@ -1281,12 +1578,31 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0: if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_0:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q4_0)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_MXFP4: if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K: if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K: if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_MXFP4:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q4_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q4_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
+        case T_Q5_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q5_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
+            if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_Q6_K:
+#ifdef MER_HAVE_AVX512
+            if (xp && avx512) { PICK(prows_512_q6_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#endif
             if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
             else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);
             return;
@@ -1297,7 +1613,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
     }
 #endif
 #undef PICK
-    (void)simd; (void)pf; (void)xp; (void)one;
+    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 

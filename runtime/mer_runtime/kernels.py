@@ -4,9 +4,10 @@ One registry (`DTYPES`: name -> `DType` with block size, bytes per block and ker
 computed; `kernel_for` and `matvec` both read it.
 
 - C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
-  run time, portable C otherwise), on a persistent pthread pool inside the library. Activations stay float32 by
-  default (exact up to float32 rounding); `act="q8"` quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and
-  multiplies in integers for Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
+  run time, AVX-512 for Q4_0, MXFP4 and the K-quants where the CPU has it, portable C otherwise), on a persistent
+  pthread pool inside the library. Activations stay float32 by default (exact up to float32 rounding); `act="q8"`
+  quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for
+  Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
 - `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
   in ONE call into C; `expert_ffn` is the same call with k=1.
 - Every other type the gguf package can dequantize (and every type when the C kernel was not built, or with
@@ -40,7 +41,8 @@ MAX_EXPERTS_PER_CALL = 8  # the C call's limit on k; moe() splits larger k into 
 C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"})
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
 
-FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM = 1, 2, 4, 8, 16
+FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM, FLAG_NO_AVX512 = 1, 2, 4, 8, 16, 32
+AVX512_TYPES = frozenset({"Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # AVX-512 kernels where the CPU has it (K: exact)
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}
@@ -70,6 +72,8 @@ def _load_native() -> ctypes.CDLL | None:
     lib.mer_set_rows.argtypes = [ci]
     for f in ("mer_has_avx2", "mer_has_vnni", "mer_threads"):
         getattr(lib, f).restype = ci
+    if hasattr(lib, "mer_has_avx512"):  # a build from before the AVX-512 kernels runs its AVX2 ones
+        lib.mer_has_avx512.restype = ci
     lib.mer_set_threads.argtypes = [ci]
     atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
     return lib
@@ -78,6 +82,7 @@ def _load_native() -> ctypes.CDLL | None:
 _LIB = _load_native()
 SIMD = bool(_LIB and _LIB.mer_has_avx2())
 VNNI = bool(_LIB and _LIB.mer_has_vnni())
+AVX512 = bool(_LIB and hasattr(_LIB, "mer_has_avx512") and _LIB.mer_has_avx512())
 _threads: int | None = None
 _threads_lock = threading.Lock()
 
@@ -129,6 +134,8 @@ class DType:
     def describe(self) -> str:
         if self.path == "c":
             simd = "AVX2" if SIMD else "portable"
+            if AVX512 and self.name in AVX512_TYPES:
+                simd = "AVX-512" if self.name in ("Q4_0", "MXFP4") else "AVX-512; AVX2 with act=q8"
             return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
         return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
                 "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]
@@ -279,10 +286,10 @@ def _native_ok(experts: Sequence[Tensors]) -> bool:
 
 
 def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np.ndarray,
-        activation: dict[str, Any], *, act: str = "f32", simd: int = -1) -> np.ndarray:
+        activation: dict[str, Any], *, act: str = "f32", simd: int = -1, flags: int = 0) -> np.ndarray:
     """sum_k weights[k] * ffn(experts[k], x): one routed layer step, in ONE call into C when every projection has a
     C kernel (else per projection through `matvec`). experts: role -> (dtype, shape, raw bytes), biases as
-    `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape.
+    `{role}_bias`. x float32 [d_model] or [n, d_model]; returns float32 of the same shape. flags: as `matvec`'s.
 
     >>> e = {r: ("F32", (2, 2), np.eye(2, dtype=np.float32).view(np.uint8).reshape(-1)) for r in ROLES}
     >>> [round(float(v), 4) for v in moe([e, e], [0.5, 0.5], np.array([1, 0], np.float32), {"kind": "swiglu"})]
@@ -292,7 +299,7 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
     if len(wk) != len(experts) or not len(experts):
         raise KernelError(f"{len(experts)} experts and {len(wk)} routing weights: give one weight per expert")
     kind, alpha, limit = _activation_args(activation)
-    flags = _flags(simd, act)
+    flags |= _flags(simd, act)
     x = np.ascontiguousarray(x, dtype=np.float32)
     gate_shape = tuple(experts[0]["gate"][1])
     d_ff, d_model = int(gate_shape[0]), int(gate_shape[1])
@@ -317,7 +324,7 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
         return y
     if len(experts) > MAX_EXPERTS_PER_CALL:
         parts = [moe(experts[i:i + MAX_EXPERTS_PER_CALL], wk[i:i + MAX_EXPERTS_PER_CALL], x, activation, act=act,
-                     simd=simd) for i in range(0, len(experts), MAX_EXPERTS_PER_CALL)]
+                     simd=simd, flags=flags) for i in range(0, len(experts), MAX_EXPERTS_PER_CALL)]
         return np.sum(parts, axis=0, dtype=np.float32)
     threads()
     keep: list[np.ndarray] = []  # every buffer the C call points at stays alive until it returns
@@ -347,12 +354,9 @@ def moe(experts: Sequence[Tensors], weights: Sequence[float] | np.ndarray, x: np
 
 
 def _ffn_by_projection(tensors: Tensors, x: np.ndarray, activation: dict[str, Any], flags: int) -> np.ndarray:
-    simd = 0 if flags & FLAG_PORTABLE else -1
-    act = "q8" if flags & FLAG_ACT_Q8 else "f32"
-
     def proj(role: str, v: np.ndarray) -> np.ndarray:
         dtype, shape, raw = tensors[role]
-        y = matvec(dtype, raw, shape, v, simd=simd, act=act)
+        y = matvec(dtype, raw, shape, v, flags=flags)  # flags carry simd=0 and act="q8" as FLAG_* bits
         if f"{role}_scale" in tensors:  # per-expert output scale (format_version 2), applied before the bias
             y = y * np.float32(dequantize_tensor(*tensors[f"{role}_scale"]).reshape(-1)[0])
         if f"{role}_bias" in tensors:

@@ -1468,12 +1468,16 @@ int mer_has_vnni(void) {
 /* F, BW, VL, DQ and VNNI: every AVX-512 kernel here needs all five (asked once, then cached) */
 int mer_has_avx512(void) {
 #if defined(MER_X86) && defined(MER_HAVE_AVX512)
-    static int known = -1;
-    if (known < 0)
-        known = mer_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                __builtin_cpu_supports("avx512vnni");
-    return known;
+    static int known = -1; /* read and written by the pool's threads too: relaxed atomics (every writer stores
+                              the same value, but a plain racing access is undefined behaviour in C11) */
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (k < 0) {
+        k = mer_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vnni");
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
+    }
+    return k;
 #else
     return 0;
 #endif

@@ -815,23 +815,28 @@ static void perm_q6k(const float *x, float *xp, int64_t nb) {
         }
 }
 
+/* Q6_K: the quants of half n of block b (128 values), as the 4 x 32 bytes 0..63 both Q6_K kernels decode from
+ * (low nibbles from ql, the two high bits from qh) */
+AVX2 void q6k_quants(const uint8_t *b, int n, __m256i Q[4]) {
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
+    const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+    const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+    Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
+    Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
+    Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
+    Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4), _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+}
+
 AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
     const __m256 d = h2f_t(b + 208);
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
     const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
-    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
     __m256 a = *acc;
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
-        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
         __m256i Q[4];
-        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
-        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
-        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
-        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
-                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        q6k_quants(b, n, Q);
         const __m256 S = n ? S1 : S0;
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
             const float *xj = xp + 128 * n + 32 * j;
@@ -1368,18 +1373,10 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
     const __m128i scb = _mm_loadu_si128((const __m128i *)(b + 192));
     const __m512 S0 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
     const __m512 S1 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
-    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), h2 = _mm256_set1_epi32(0x30303030);
     __m512 a = _mm512_setzero_ps();
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
-        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        const __m256i L0 = _mm256_loadu_si256((const __m256i *)ql), L1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-        const __m256i H = _mm256_loadu_si256((const __m256i *)qh);
         __m256i Q[4];
-        Q[0] = _mm256_or_si256(_mm256_and_si256(L0, n4), _mm256_and_si256(_mm256_slli_epi32(H, 4), h2));
-        Q[1] = _mm256_or_si256(_mm256_and_si256(L1, n4), _mm256_and_si256(_mm256_slli_epi32(H, 2), h2));
-        Q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L0, 4), n4), _mm256_and_si256(H, h2));
-        Q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(L1, 4), n4),
-                               _mm256_and_si256(_mm256_srli_epi32(H, 2), h2));
+        q6k_quants(b, n, Q);
         const __m512 S = n ? S1 : S0;
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
             const float *xj = xp + 128 * n + 32 * j;

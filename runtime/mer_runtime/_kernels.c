@@ -1579,34 +1579,22 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #ifdef MER_X86
     if (simd) {
         switch (m->type) {
-        case T_Q4_0:
+/* exact: the AVX-512 kernel where there is one and the CPU has it, else AVX2, on the permuted x (xp) or plain x */
 #ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_q4_0)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#define TRY_512(T) if (xp && avx512) { PICK(prows_512_##T)(m, xp, nvec, out, os, r0, r1, pf); return; }
+#else
+#define TRY_512(T)
 #endif
-            if (xp) PICK(prows_q4_0x)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q8_0: if (xp) PICK(prows_q8_0)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_MXFP4:
-#ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); return; }
-#endif
-            if (xp) PICK(prows_mxfp4)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_mxfp4)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q4_K:
-#ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_q4_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
-#endif
-            if (xp) PICK(prows_q4_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q4_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q5_K:
-#ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_q5_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
-#endif
-            if (xp) PICK(prows_q5_k)(m, xp, nvec, out, os, r0, r1, pf); else PICK(rows_q5_k)(m, x, nvec, xs, out, os, r0, r1, pf); return;
-        case T_Q6_K:
-#ifdef MER_HAVE_AVX512
-            if (xp && avx512) { PICK(prows_512_q6_k)(m, xp, nvec, out, os, r0, r1, pf); return; }
-#endif
-            if (xp) PICK(prows_q6_k)(m, xp, nvec, out, os, r0, r1, pf);
-            else PICK(rows_q6_k)(m, x, nvec, xs, out, os, r0, r1, pf);
-            return;
+#define ROWS_2(P, T) { if (xp) PICK(P)(m, xp, nvec, out, os, r0, r1, pf); \
+                       else PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); return; }
+        case T_Q4_0: TRY_512(q4_0) ROWS_2(prows_q4_0x, q4_0)
+        case T_Q8_0: ROWS_2(prows_q8_0, q8_0)
+        case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)
+        case T_Q4_K: TRY_512(q4_k) ROWS_2(prows_q4_k, q4_k)
+        case T_Q5_K: TRY_512(q5_k) ROWS_2(prows_q5_k, q5_k)
+        case T_Q6_K: TRY_512(q6_k) ROWS_2(prows_q6_k, q6_k)
+#undef TRY_512
+#undef ROWS_2
         case T_F32: PICK(rows_f32)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_F16: PICK(rows_f16)(m, x, nvec, xs, out, os, r0, r1, pf); return;
         case T_BF16: PICK(rows_bf16)(m, x, nvec, xs, out, os, r0, r1, pf); return;

@@ -1585,8 +1585,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
 #else
 #define TRY_512(T)
 #endif
-#define ROWS_2(P, T) { if (xp) PICK(P)(m, xp, nvec, out, os, r0, r1, pf); \
-                       else PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); return; }
+#define ROWS_2(P, T) { if (xp) { PICK(P)(m, xp, nvec, out, os, r0, r1, pf); } \
+                       else { PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); } \
+                       return; }
         case T_Q4_0: TRY_512(q4_0) ROWS_2(prows_q4_0x, q4_0)
         case T_Q8_0: ROWS_2(prows_q8_0, q8_0)
         case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)

@@ -481,6 +481,43 @@ def _siblings(out: Path, mark: str) -> list[Path]:
         return []
 
 
+TMP_MARK = ".mertools-tmp-"  # a one-file writer's temporary: .NAME.mertools-tmp-PID-RANDOM beside NAME
+
+
+def temp_name(final: Path) -> Path:
+    """The temporary a one-file writer (pack, reassemble) writes ``final`` under, renamed over it at the end."""
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def sweep_temps(final: Path) -> list[str]:
+    """Remove the temporaries of ``final`` left by writers that are gone (SIGKILL, the OOM killer, a power cut: no
+    handler ran), each as large as the model; a live process's are left alone. The names removed.
+
+    Only ``.NAME.mertools-tmp-PID-RANDOM`` files (not links, not folders) whose PID no process holds: a reused PID
+    keeps a dead run's file until that process ends, never the other way round."""
+    gone = []
+    for p in _siblings(final, TMP_MARK):
+        pid, _, rest = p.name[len(f".{final.name}{TMP_MARK}"):].partition("-")
+        if not (pid.isdigit() and rest) or _alive(int(pid)) or not p.is_file() or p.is_symlink():
+            continue
+        try:
+            p.unlink()
+            gone.append(p.name)
+        except OSError:
+            pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        return True
+    return True
+
+
 def recover(out: Path, fsync: bool = True) -> str | None:
     """Repair what a run killed mid-commit left beside OUT. Call only with the lock held.
 

@@ -20,7 +20,6 @@ import shutil
 import stat
 import tarfile
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,7 +32,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
-from .commit import interruptible, refuse_folder_file, test_point
+from .commit import interruptible, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -227,7 +226,8 @@ def pack(
     refuse_folder_file(archive, folder, [MANIFEST_NAME, *expect])
     total = len(mbytes) + sum(e.size for e in expect.values())
     tick = progress(total, len(expect) + 1) if progress else (lambda n: None)
-    tmp = archive.with_name(f".{archive.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    sweep_temps(archive)
+    tmp = temp_name(archive)
     with interruptible():  # SIGTERM and SIGHUP too remove the temporary, as Ctrl-C does
         try:
             with open(tmp, "xb") as raw:

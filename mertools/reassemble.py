@@ -26,7 +26,6 @@ import mmap
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +40,8 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
 
-from .commit import signals_held, check_space, flush_files, interruptible, refuse_folder_file, test_point
+from .commit import (check_space, flush_files, interruptible, refuse_folder_file, signals_held, sweep_temps, temp_name,
+                     test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -416,7 +416,8 @@ class _Out:
 
     def __init__(self, final: Path):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        sweep_temps(final)
+        self.tmp = temp_name(final)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.hash = xxhash.xxh3_64()
         self.pos = 0

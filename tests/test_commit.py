@@ -376,3 +376,24 @@ def test_sigterm_while_running_between_the_two_renames(tmp_path, monkeypatch):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert out.exists(), f"OUT is gone; left: {left}"
     assert (out / "manifest.json").read_text() == "new", left
+
+
+@pytest.mark.parametrize("command", ["pack", "reassemble"])
+def test_the_next_run_removes_a_killed_writers_temporary_and_keeps_a_live_ones(tmp_path, command):
+    """SIGKILL (the OOM killer, kill -9) runs no handler: the temporary, as large as the model, stayed beside the
+    target for good. The next write of that target removes it; a temporary of a process still running stays."""
+    folder = tmp_path / "folder"
+    extract(Q4, folder, fsync=False)
+    target = tmp_path / ("a.tar.zst" if command == "pack" else "m.gguf")
+    p = start_cli(command, folder, target, "-q", MERTOOLS_TEST_STOP_AT="writing")
+    wait_stopped(p)
+    dead = [x for x in leftovers(tmp_path, keep=("folder",)) if ".mertools-tmp-" in x]
+    assert len(dead) == 1  # really mid-write
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    live = tmp_path / f".{target.name}.mertools-tmp-{os.getpid()}-0123abcd"  # this test's own process: alive
+    live.write_bytes(b"a run still writing")
+    run_cli(command, folder, target, "-q", check=True)
+    assert not (tmp_path / dead[0]).exists()
+    assert live.read_bytes() == b"a run still writing"
+    assert target.is_file()

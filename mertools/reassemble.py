@@ -670,6 +670,8 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             notes.append(rec[0]["incomplete"])
         exact = rec is not None and (len(src_files) == 1 or split)
         out_names = src_files if exact else [src_files[0] if len(src_files) == 1 else _joined_name(src_files[0])]
+        if os.fspath(out).endswith(os.sep) and not Path(out).is_dir():  # Path() drops the slash that asks for a folder
+            raise OutputError(f"{out}: no such folder; create it first, or give a file name")
         targets = _targets(Path(out), out_names)
         own = folder_files(m)
         for t in targets:

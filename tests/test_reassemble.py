@@ -342,3 +342,11 @@ def test_sigterm_between_the_renames_of_a_split_set_leaves_no_mixed_set(extracte
         ra.reassemble(extracted(SPLIT), out, split=True, overwrite=True, fsync=False)
     kinds = {(out / p.name).read_bytes() == b"old" for p in parts_of(SPLIT)}
     assert len(kinds) == 1, "some parts are new, some old"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_an_absent_folder_named_with_a_slash_is_refused_not_written_as_a_file(extracted, tmp_path, split):
+    src = SPLIT if split else ALL_MOE[0]
+    with pytest.raises(MertoolsError, match="no such folder"):
+        reassemble(extracted(src), str(tmp_path / "parts") + "/", split=split, fsync=False)
+    assert list(tmp_path.iterdir()) == []

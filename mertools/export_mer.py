@@ -24,6 +24,7 @@ import xxhash
 
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
+from mer_runtime.guard import guard_array
 from mer_runtime.manifest import WEIGHT_ROLES, Manifest, load_manifest, router_names
 
 from .errors import MertoolsError
@@ -150,12 +151,18 @@ def _router(m: Manifest, block: int, n_exp: int, d_model: int) -> bytes:
     import numpy as np
 
     name = router_names(m, block)["weight"]
-    r = gguf.GGUFReader(m.root / m.dense["path"], "r")
+    path = m.root / m.dense["path"]
+    r = gguf.GGUFReader(path, "r")
+    # the router is read from the mapping after dense.gguf's checksum was checked: one cut meanwhile is
+    # FileChangedError naming it, not SIGBUS ending the process
+    guard = guard_array(r.data, int(r.data.nbytes), path)
     t = next((t for t in r.tensors if t.name == name), None)
+    shape = [int(d) for d in t.shape] if t is not None else None
+    guard.check()  # (the tensor infos are views of the mapping too: zeros if it was cut)
     if t is None:
         raise ExportError(f"{m.root}: dense.gguf has no router tensor {name!r}; export without --router")
     kind = t.tensor_type.name
-    if [int(d) for d in t.shape] != [d_model, n_exp]:
+    if shape != [d_model, n_exp]:
         raise ExportError(f"{m.root}: router {name!r} has shape {list(t.shape)}, expected [{d_model}, {n_exp}]")
     raw = np.asarray(t.data)
     if kind == "F32":
@@ -167,7 +174,10 @@ def _router(m: Manifest, block: int, n_exp: int, d_model: int) -> bytes:
     else:
         raise ExportError(f"{m.root}: router {name!r} is {kind}; MER's gate files are f32 and mertools does not "
                           "dequantize. Export without --router")
-    return np.ascontiguousarray(out.reshape(n_exp, d_model)).tobytes()
+    data = np.ascontiguousarray(out.reshape(n_exp, d_model)).tobytes()
+    guard.finish()  # (on the paths that raise earlier, the guard goes with the reader's mapping)
+    guard.close()
+    return data
 
 
 def export_mer(

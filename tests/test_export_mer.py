@@ -193,3 +193,36 @@ def test_router_of_a_folder_without_dense_is_refused_in_one_line(extracted, tmp_
     assert p.returncode == 2 and "lists no dense.gguf" in p.stderr and "without --router" in p.stderr
     assert p.stderr.count("\n") == 1 and not (tmp_path / "mer").exists()
     export_mer(f, tmp_path / "mer", fsync=False)  # without --router: nothing it needs is missing
+
+
+def test_router_of_a_dense_gguf_cut_while_it_is_read_is_an_error_not_sigbus(extracted, tmp_path):
+    """dense.gguf cut after its checksum was checked (another process truncating it) made the router read touch
+    pages past the file's end: SIGBUS ended the process with no message. Run in a subprocess, which that would kill."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    f = tmp_path / "f"
+    shutil.copytree(extracted(REAL["mixtral-q4_0.gguf"]), f)
+    code = textwrap.dedent(f"""
+        import os, sys
+        import gguf
+        from mertools.errors import MertoolsError
+        from mer_runtime.errors import MerError
+        from mertools.export_mer import export_mer
+        real = gguf.GGUFReader.__init__
+        def cut_after_open(self, path, *a, **kw):
+            real(self, path, *a, **kw)
+            if str(path).endswith("dense.gguf"):
+                os.truncate(path, 4096)  # the tensors' pages are now past the end
+        gguf.GGUFReader.__init__ = cut_after_open
+        try:
+            export_mer({str(f)!r}, {str(tmp_path / "mer")!r}, router=True, fsync=False)
+        except (MertoolsError, MerError) as exc:
+            print("refused:", exc)
+            sys.exit(2)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "refused:" in p.stdout and "dense.gguf" in p.stdout, (p.returncode, p.stderr[-1500:])
+    assert not (tmp_path / "mer").exists()

@@ -101,3 +101,13 @@ def test_offline_pull_does_not_hang_on_a_fifo_in_the_cache(hub, env, tmp_path, n
         assert p.returncode == 2 and "config.json" in p.stderr and not (tmp_path / "out").exists()
     else:  # a companion: left out with a note, as extract leaves a FIFO out
         assert p.returncode == 0 and "note: 'generation_config.json' not kept" in p.stderr
+
+
+def test_companions_an_include_glob_leaves_out_are_named_not_dropped_silently():
+    from mertools.hub.remote import RemoteFile, choose
+
+    files = [RemoteFile(n, 10, "a" * 64, None) for n in ("config.json", "model.safetensors", "tokenizer.json",
+                                                          "tokenizer.model", "sub/notes.txt", ".gitattributes")]
+    c = choose(files, include=["*.json", "*.safetensors"])
+    assert c.companions == ["config.json", "tokenizer.json"]
+    assert c.companions_skipped == [{"name": "tokenizer.model", "why": "not matched by --include"}]

@@ -421,6 +421,11 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
             raise HubError(f"{where}: has SafeTensors weights but no config.json; cannot tell the model's layout")
         first = [by_path[CONFIG], by_path[ST_INDEX if ST_INDEX in by_path else ST_SINGLE]]
         extra, skipped = _companions(fs, unusable or {})
+        if include:  # said, not dropped without a word
+            from ..companions import wanted
+
+            skipped += [{"name": f.path, "why": "not matched by --include"} for f in files
+                        if "/" not in f.path and f.path not in by_path and wanted(f.path)]
         return Choice("safetensors", first + [f for f in extra if f.path != CONFIG], CONFIG,
                       index_needed=ST_INDEX in by_path,
                       companions=[f.path for f in extra], companions_skipped=skipped)

@@ -111,3 +111,13 @@ def test_companions_an_include_glob_leaves_out_are_named_not_dropped_silently():
     c = choose(files, include=["*.json", "*.safetensors"])
     assert c.companions == ["config.json", "tokenizer.json"]
     assert c.companions_skipped == [{"name": "tokenizer.model", "why": "not matched by --include"}]
+
+
+def test_the_model_card_quotes_a_companion_name_holding_a_backtick(mixtral):
+    """A name with a backtick broke out of its code span in the card (and could start Markdown of its own)."""
+    from mertools.hub.pushing import model_card
+
+    raw = json.loads((mixtral / "manifest.json").read_text())
+    raw["companions"] = [{"path": "hf/a`[x](http://e)`.txt", "size": 1, "xxh3_64": "0" * 16}]
+    card = model_card(raw, mixtral)
+    assert "``hf/a`[x](http://e)`.txt``" in card

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,19 @@ def _same_bytes(data: bytes, remote: tuple[str | None, str | None] | None) -> bo
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == oid
 
 
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span whatever backticks it holds (a file name may): fenced by one more backtick
+    than its longest run, padded where it starts or ends with one.
+
+    >>> _code("a`b"), _code("plain")
+    ('``a`b``', '`plain`')
+    """
+    runs = [len(r) for r in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def model_card(manifest: dict[str, Any], folder: Path) -> str:
     """A README.md for the hub: what the folder holds, where it came from, how to load it with mer_runtime.
 
@@ -176,10 +190,10 @@ def model_card(manifest: dict[str, Any], folder: Path) -> str:
     if companions:
         lines += ["", "The source checkpoint's tokenizer and other small files, byte for byte (xxh3 in "
                   "`manifest.json`; an inference engine reads the tokenizer from here): "
-                  + ", ".join(f"`{p}`" for p in companions)]
+                  + ", ".join(_code(p) for p in companions)]
     if hub.get("files"):
         lines += ["", "Source files (sha256 checked before conversion):", ""]
-        lines += [f"- `{f['path']}` {f.get('sha256') or f.get('git_oid', '')}" for f in hub["files"]]
+        lines += [f"- {_code(f['path'])} {f.get('sha256') or f.get('git_oid', '')}" for f in hub["files"]]
     lines += [
         "",
         "## Load it",

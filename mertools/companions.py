@@ -12,7 +12,7 @@ The rule (one rule for a local folder and for a hub listing; README "What it rea
 - skipped with a note (never a failure): a name that is not a plain file name (``mer_runtime.manifest.plain_name``:
   control characters, a backslash, over 255 bytes), a file over ``MAX_COMPANION_BYTES`` (64 MiB), anything that is
   not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), a name that differs only
-  in case from config.json, the index or another kept file (the all-lowercase one is kept), and the files past
+  in case from the index, ``model.safetensors`` or another kept file (the all-lowercase one is kept), and the files past
   ``MAX_COMPANIONS`` (128) or past ``MAX_COMPANION_TOTAL`` (256 MiB) in all, counted with the tokenizer, generation
   config, chat template, remote code and licence (``FIRST``) first, then the rest, each in name order.
 
@@ -42,14 +42,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".gg
                    ".nemo", ".mlmodel", ".keras", ".distcp", ".tar", ".zip", ".gz", ".tgz", ".zst", ".xz", ".bz2",
                    ".7z")
 HANDLED = ("model.safetensors.index.json",)  # the source's shard map: read by the converter, in the reassembly record
-# config.json is a companion too (an engine or transformers reads it beside the tokenizer, and a --dtype folder keeps
-# no record of it); reassemble writes it once, from the record when the folder has one
+# (config.json is a companion: an engine or transformers reads it beside the tokenizer, and a --dtype folder keeps no
+# record of it; reassemble writes it once, from the record when the folder has one)
+RESERVED = (*HANDLED, "model.safetensors")  # the checkpoint's own names: no companion may differ from them by case
+CASE_TWIN = "its name differs from another file's only in case (one would overwrite the other on some disks)"
 # what an inference engine or transformers reads beside the weights: first in line when the count or total bound
 # leaves some files out (a folder of 200 notes must not cost the tokenizer its place)
-FIRST = ("config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.tiktoken",
-         "tekken.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
+FIRST = ("config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+         "*.tiktoken", "tekken.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
          "processor_config.json", "*.py", "LICENSE*")
-
 
 def wanted(name: str) -> bool:
     """Whether a top-level file of this name is a companion candidate (before its name, size and kind are checked).
@@ -71,12 +72,20 @@ def case_order(name: str) -> tuple[str, bool, str]:
 
 def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, str]]]:
     """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), with
-    the bounds on size, count and total; the files named in ``FIRST`` are taken first, then the rest, each in name
-    order, and the names kept are returned in name order."""
+    the bounds on size, count and total; of names that differ only in case (or from ``RESERVED``) the all-lowercase
+    one, the others skipped; the files named in ``FIRST`` are taken first, then the rest, each in name order, and
+    the names kept are returned in name order. One rule for a local folder and for a hub listing."""
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
+    folded, distinct = set(RESERVED), []
+    for name, size in sorted(files, key=lambda f: case_order(f[0])):
+        if name.casefold() in folded:
+            skipped.append({"name": name, "why": CASE_TWIN})
+        else:
+            folded.add(name.casefold())
+            distinct.append((name, size))
     total = 0
-    for name, size in sorted(files, key=lambda f: (not any(fnmatch.fnmatchcase(f[0], g) for g in FIRST), f)):
+    for name, size in sorted(distinct, key=lambda f: (not any(fnmatch.fnmatchcase(f[0], g) for g in FIRST), f)):
         why = None
         if not plain_name(name):
             why = "its name is not a plain file name (a control character, a backslash, or over 255 bytes)"
@@ -97,10 +106,8 @@ def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, 
 def local(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
     """(paths kept, skipped) among the files at the top level of a checkpoint folder."""
     cands, skipped = [], []
-    folded = {n.casefold() for n in HANDLED} | {"model.safetensors"}  # as the hub listing's rule (hub/remote.py)
     try:
-        # of names that differ only in case the lowercase one is kept (tokenizer.json, not TOKENIZER.JSON)
-        names = sorted(os.listdir(folder), key=case_order)
+        names = sorted(os.listdir(folder))
     except OSError as exc:
         raise SourceError(f"{folder}: cannot be listed ({exc.strerror or exc})") from None
     for name in names:
@@ -118,11 +125,6 @@ def local(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
         if not stat.S_ISREG(st.st_mode):
             skipped.append({"name": name, "why": f"{kind_of(st.st_mode)}, not a regular file"})
             continue
-        if name.casefold() in folded:
-            skipped.append({"name": name, "why": "its name differs from another file's only in case (one would "
-                                                 "overwrite the other on some disks)"})
-            continue
-        folded.add(name.casefold())
         cands.append((name, st.st_size))
     kept, more = select(cands)
     return [folder / n for n in kept], skipped + more

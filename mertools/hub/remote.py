@@ -441,11 +441,10 @@ def choose(files: list[RemoteFile], *, gguf: str | None = None, include: list[st
 def _companions(files: list[RemoteFile], unusable: dict[str, str]) -> tuple[list[RemoteFile], list[dict[str, str]]]:
     """The checkpoint's companion files among the repo's top-level files (the rule of ``mertools.companions``, as
     for a local folder), each with a hash to check it by; the rest of the candidates with why they are left out."""
-    from ..companions import case_order, select, wanted
+    from ..companions import select, wanted
 
     cands, skipped = {}, []
-    folded = {ST_INDEX, ST_SINGLE}
-    for f in sorted(files, key=lambda f: case_order(f.path)):
+    for f in sorted(files, key=lambda f: f.path):
         if "/" in f.path or not wanted(f.path):
             continue
         why = unusable.get(f.path)
@@ -453,12 +452,9 @@ def _companions(files: list[RemoteFile], unusable: dict[str, str]) -> tuple[list
             why = "the hub lists no hash for it, so its bytes could not be checked"
         if why is None and f.path.endswith(".part"):
             why = "its name ends in .part, the name a download in progress takes here"
-        if why is None and f.path.casefold() in folded:
-            why = "its name differs from another file's only in case (one would overwrite the other on some disks)"
         if why is not None:
             skipped.append({"name": f.path, "why": why})
             continue
-        folded.add(f.path.casefold())
         cands[f.path] = f
     kept, more = select((f.path, f.size) for f in cands.values())
     return [cands[n] for n in kept], skipped + more

@@ -6,7 +6,10 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -222,11 +225,6 @@ def test_hostile_source_name_is_refused(extracted, tmp_path):
 def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, extracted, tmp_path):
     """Liveness-bounded (a read of /dev/zero or a FIFO must end) and memory-limited (a regression fails the test, not
     the machine)."""
-    import os
-    import resource
-    import subprocess
-    import sys
-
     f = _copy(extracted, "moe-merged-q4_0.gguf", tmp_path)
     m = json.loads((f / "manifest.json").read_text())
     if how == "dev-zero":
@@ -240,16 +238,7 @@ def test_a_hostile_record_path_or_size_is_refused_without_reading_it(how, extrac
     else:
         m["reassembly"]["size"] -= 1
     (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
-    (tmp_path / "o").mkdir()
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-
-    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
-                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "reassembly record" in lines[0], p.stderr[-2000:]
-    assert list((tmp_path / "o").iterdir()) == []
+    assert "reassembly record" in _refused_in_one_line(f, tmp_path, resource.RLIMIT_AS, 6 << 30)
 
 
 @pytest.mark.parametrize("victim", ["dense.gguf", "manifest.json", RECORD_NAME, "expert"])
@@ -290,10 +279,6 @@ def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tm
     """A tensor offset past its part's end, a part of 2^50 bytes, or an alignment of 2^31 (a split set joined into
     one file pads each tensor to it) was padding written as zeros without bound (a full disk before any check); the
     run is file-size-limited so that a regression fails the test, not the disk."""
-    import resource
-    import subprocess
-    import sys
-
     f = tmp_path / "f"
     shutil.copytree(extracted(SPLIT if lie == "alignment" else _fixture("moe-merged-q4_0.gguf")), f)
     m = json.loads((f / "manifest.json").read_text())
@@ -305,17 +290,8 @@ def test_a_record_whose_numbers_lie_is_refused_before_writing(lie, extracted, tm
     else:
         part["alignment"] = 1 << 31
     (f / "manifest.json").write_bytes(manifest_bytes(m))  # a consistent manifest_xxh3
-    (tmp_path / "o").mkdir()
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))
-
-    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(f), str(tmp_path / "o" / "x.gguf"),
-                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
-    lines = p.stderr.strip().splitlines()
     want = "free but only" if lie == "part_size" else "malformed"
-    assert p.returncode == 2 and len(lines) == 1 and want in lines[0], (p.returncode, p.stderr[-2000:])
-    assert list((tmp_path / "o").iterdir()) == []
+    assert want in _refused_in_one_line(f, tmp_path, resource.RLIMIT_FSIZE, 256 << 20)
 
 
 # -- reassemble --split --overwrite: a SIGTERM between two parts' renames -------------------------------------------
@@ -350,3 +326,19 @@ def test_an_absent_folder_named_with_a_slash_is_refused_not_written_as_a_file(ex
     with pytest.raises(MertoolsError, match="no such folder"):
         reassemble(extracted(src), str(tmp_path / "parts") + "/", split=split, fsync=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _refused_in_one_line(folder: Path, tmp_path: Path, rlimit: int, bound: int) -> str:
+    """`reassemble folder tmp_path/o/x.gguf` in a child held to `bound` of `rlimit` (memory, or file size: a
+    regression fails the test instead of filling the machine): exit 2, one line, nothing written; the line."""
+    (tmp_path / "o").mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(rlimit, (bound, bound))
+
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "reassemble", str(folder), str(tmp_path / "o" / "x.gguf"),
+                        "-q", "--no-fsync"], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr[-2000:])
+    assert list((tmp_path / "o").iterdir()) == []
+    return lines[0]

@@ -50,14 +50,25 @@ def test_qwen_style_mtp_block(tmp_path, model_type, main, mtp, wrap, prefix):
         assert "MTP layers: 1 (block 2 = mtp.layers.0; Qwen-style separate MTP block)" in text
 
 
-def test_deepseek_style_mtp_layer(tmp_path):
-    ck = _deepseek_style(tmp_path / "ck")
-    want = {"n_layers": 1, "layers": [2], "style": "deepseek", "prefixes": ["model.layers.2."]}
-    extract(ck, tmp_path / "out", fsync=False)
-    for path in (ck, tmp_path / "out"):
+def _gguf_nextn(root, layers=1):
+    """llama.cpp writes DeepSeek-V3's / GLM-4.5's MTP layer as the last block, counted in block_count, with
+    `{arch}.nextn_predict_layers` (here block 2 of 3)."""
+    from gguf import GGUFValueType as VT
+    from test_gguf_bounds import rewrite
+
+    root.mkdir(exist_ok=True)
+    return rewrite(root / "nextn.gguf", kv_override={"llama.nextn_predict_layers": (layers, VT.UINT32)})
+
+
+@pytest.mark.parametrize("kind,prefix", [("safetensors", "model.layers.2."), ("gguf", "blk.2.")])
+def test_deepseek_style_mtp_layer(tmp_path, kind, prefix):
+    src = _deepseek_style(tmp_path / "ck") if kind == "safetensors" else _gguf_nextn(tmp_path / "ck")
+    want = {"n_layers": 1, "layers": [2], "style": "deepseek", "prefixes": [prefix]}
+    extract(src, tmp_path / "out", fsync=False)
+    for path in (src, tmp_path / "out"):  # the source, and the folder extracted from it
         text, js = _inspect(path)
         assert js == want
-        assert "MTP layers: 1 (block 2 = model.layers.2; DeepSeek-style, after the decoder blocks)" in text
+        assert f"MTP layers: 1 (block 2 = {prefix[:-1]}; DeepSeek-style, after the decoder blocks)" in text
 
 
 def test_no_mtp_layers(tmp_path):
@@ -69,26 +80,7 @@ def test_no_mtp_layers(tmp_path):
     assert js == {"n_layers": 0, "layers": []} and "MTP" not in text
 
 
-def test_gguf_nextn_layer(tmp_path):
-    """llama.cpp writes DeepSeek-V3's / GLM-4.5's MTP layer as the last block, counted in block_count, with
-    `{arch}.nextn_predict_layers`: inspect names it for the file and for the folder extracted from it."""
-    from gguf import GGUFValueType as VT
-    from test_gguf_bounds import rewrite
-
-    src = rewrite(tmp_path / "nextn.gguf", kv_override={"llama.nextn_predict_layers": (1, VT.UINT32)})
-    want = {"n_layers": 1, "layers": [2], "style": "deepseek", "prefixes": ["blk.2."]}
-    extract(src, tmp_path / "out", fsync=False)
-    for path in (src, tmp_path / "out"):
-        text, js = _inspect(path)
-        assert js == want
-        assert "MTP layers: 1 (block 2 = blk.2; DeepSeek-style, after the decoder blocks)" in text
-
-
 @pytest.mark.parametrize("value", [3, 7])
 def test_gguf_nextn_layers_leaving_no_decoder_block_are_refused(tmp_path, value):
-    from gguf import GGUFValueType as VT
-    from test_gguf_bounds import rewrite
-
-    src = rewrite(tmp_path / "nextn.gguf", kv_override={"llama.nextn_predict_layers": (value, VT.UINT32)})
-    p = run_cli("inspect", str(src))
+    p = run_cli("inspect", str(_gguf_nextn(tmp_path, value)))
     assert p.returncode == 2 and "nextn_predict_layers" in p.stderr, p.stderr

@@ -751,17 +751,23 @@ AVX2 void pblk_q8_0(const uint8_t *b, const float *xp, __m256 *acc) {
 
 AVX2 __m256i shift_epi32(__m256i v, int n) { return n >= 0 ? _mm256_slli_epi32(v, n) : _mm256_srli_epi32(v, -n); }
 
-AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
-    /* the 8 scales and 8 mins times d and dmin in two vector multiplies, each then one broadcast load: a scalar
-     * conversion, multiply and broadcast per scale took as many vector-pipe slots as a third of the decode */
+/* Q4_K/Q5_K: the block's 12 bytes of 6-bit scales and mins unpacked to bytes: scales 0..7, then mins 0..7 (as
+ * ggml's scale_min_k4), for both exact kernels */
+AVX2 __m128i qk45_scales_mins(const uint8_t *b) {
     uint32_t u[4];
     memcpy(u, b + 4, 12);
     u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
     const uint32_t m03 = u[1] & 0x3F3F3F3F;
     u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
     u[2] = m03;
-    u[0] &= 0x3F3F3F3F; /* bytes: scales 0..7, then mins 0..7 (as scale_min_k4) */
-    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    u[0] &= 0x3F3F3F3F;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
+    /* the 8 scales and 8 mins times d and dmin in two vector multiplies, each then one broadcast load: a scalar
+     * conversion, multiply and broadcast per scale took as many vector-pipe slots as a third of the decode */
+    const __m128i sm = qk45_scales_mins(b);
     float f[16];
     _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
     _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
@@ -1324,14 +1330,7 @@ AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
  * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
  * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
 AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int five) {
-    uint32_t u[4];
-    memcpy(u, b + 4, 12);
-    u[3] = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
-    const uint32_t m03 = u[1] & 0x3F3F3F3F;
-    u[1] = (u[2] & 0x0F0F0F0F) | (((u[0] >> 6) & 0x03030303) << 4);
-    u[2] = m03;
-    u[0] &= 0x3F3F3F3F;
-    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    const __m128i sm = qk45_scales_mins(b);
     float f[16];
     _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
     _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));

@@ -508,6 +508,46 @@ def sweep_temps(final: Path) -> list[str]:
     return gone
 
 
+def check_file_target(target: Path, overwrite: bool, instead: str = "name") -> None:
+    """Refuse, before any work, an output file that may not be written as asked: one that exists without
+    ``overwrite``, or anything there but a regular file (the final rename would replace a folder, a FIFO or a device
+    such as /dev/null). ``instead``: what the user should choose instead (a name, a folder)."""
+    if target.exists() and not target.is_file():
+        raise OutputError(f"{target}: exists and is not a file; choose another {instead}")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: exists; pass --overwrite to replace it, or choose another {instead}")
+
+
+@contextmanager
+def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Path]:
+    """Yield the path of a temporary beside ``final`` for the block to write; renamed over ``final`` once the block
+    ends without an exception, removed otherwise (SIGTERM and SIGHUP included, see :func:`interruptible`).
+
+    ``final`` is checked again just before the rename (:func:`check_file_target`): a file that appeared there while
+    the block ran is not replaced without ``overwrite``. A killed run's temporary is removed by the next one
+    (:func:`sweep_temps`).
+
+    Example:
+        >>> with file_output(Path("golden.npz"), overwrite=False) as tmp:   # doctest: +SKIP
+        ...     tmp.write_bytes(b"...")
+    """
+    sweep_temps(final)
+    tmp = temp_name(final)
+    with interruptible():
+        try:
+            yield tmp
+            if fsync:
+                _fsync_path(str(tmp))
+            check_file_target(final, overwrite)
+            test_point("before-commit")
+            os.replace(tmp, final)
+            if fsync:
+                fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

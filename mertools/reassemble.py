@@ -40,8 +40,8 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
 
-from .commit import (check_space, flush_files, interruptible, refuse_folder_file, signals_held, sweep_temps, temp_name,
-                     test_point)
+from .commit import (check_file_target, check_space, flush_files, interruptible, refuse_folder_file, signals_held,
+                     sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -676,10 +676,7 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
         own = folder_files(m)
         for t in targets:
             refuse_folder_file(t, folder, own)
-            if t.exists() and not overwrite:
-                raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
-            if t.exists() and not t.is_file():
-                raise OutputError(f"{t}: exists and is not a file; choose another name")
+            check_file_target(t, overwrite)
             if not t.parent.is_dir():
                 raise OutputError(f"{t.parent}: no such folder")
         experts = _expert_pieces(m)

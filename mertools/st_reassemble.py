@@ -40,7 +40,7 @@ import xxhash
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import Manifest
 
-from .commit import flush_files, refuse_folder_file
+from .commit import check_file_target, flush_files, refuse_folder_file
 from .errors import MertoolsError, OutputError
 from .sources.safetensors import DTYPES
 
@@ -377,10 +377,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     for n in names:
         t = out / n
         refuse_folder_file(t, folder, own)
-        if t.exists() and not overwrite:
-            raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another folder")
-        if t.exists() and not t.is_file():
-            raise OutputError(f"{t}: exists and is not a file; choose another folder")
+        check_file_target(t, overwrite, "folder")
     projs = _projections(m)
     dense = _dense_reader(m)
     # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing

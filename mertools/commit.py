@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import platform
+import re
 import shutil
 import signal
 import threading
@@ -489,19 +490,28 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def sweep_temps(final: Path) -> list[str]:
+def sweep_temps(final: Path, folders: bool = False) -> list[str]:
     """Remove the temporaries of ``final`` left by writers that are gone (SIGKILL, the OOM killer, a power cut: no
     handler ran), each as large as the model; a live process's are left alone. The names removed.
 
-    Only ``.NAME.mertools-tmp-PID-RANDOM`` files (not links, not folders) whose PID no process holds: a reused PID
-    keeps a dead run's file until that process ends, never the other way round."""
+    Only ``.NAME.mertools-tmp-PID-RANDOM`` entries, named exactly as :func:`temp_name` names them (so not those of
+    another target whose name starts with NAME's), whose PID no process holds: a reused PID keeps a dead run's
+    temporary until that process ends, never the other way round. Files, and with ``folders`` folders (the
+    SafeTensors ``reassemble`` writes a new folder as one), never a symbolic link nor anything it leads to."""
+    exact = re.compile(re.escape(f".{final.name}{TMP_MARK}") + r"([0-9]{1,10})-[0-9a-f]{8}")
     gone = []
     for p in _siblings(final, TMP_MARK):
-        pid, _, rest = p.name[len(f".{final.name}{TMP_MARK}"):].partition("-")
-        if not (pid.isdigit() and rest) or _alive(int(pid)) or not p.is_file() or p.is_symlink():
+        m = exact.fullmatch(p.name)
+        if m is None or _alive(int(m[1])) or p.is_symlink():
             continue
         try:
-            p.unlink()
+            if p.is_file():
+                p.unlink()
+            elif folders and p.is_dir():
+                # rmtree refuses a link put in its place meanwhile and follows none inside (fd-based on Linux)
+                shutil.rmtree(p)
+            else:
+                continue
             gone.append(p.name)
         except OSError:
             pass
@@ -553,7 +563,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: someone else's process
+    except (OSError, OverflowError):  # EPERM: someone else's process; beyond pid_t: not ours to judge
         return True
     return True
 

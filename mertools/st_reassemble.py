@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ import xxhash
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import Manifest
 
-from .commit import check_file_target, flush_files, refuse_folder_file
+from .commit import check_file_target, flush_files, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 from .sources.safetensors import DTYPES
 
@@ -380,9 +379,11 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         check_file_target(t, overwrite, "folder")
     projs = _projections(m)
     dense = _dense_reader(m)
-    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing
+    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing;
+    # one that a SIGKILL'd run left (as large as the model) goes first
+    sweep_temps(out, folders=True)
     made = not out.exists()
-    dest = out.parent / f".{out.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if made else out
+    dest = temp_name(out) if made else out
     outs: list[_Out] = []
     try:
         _check_dense(m)
@@ -444,6 +445,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
                 raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is "
                                         f"not the source's {f['xxh3_64']}; nothing was left behind")
+            test_point("writing")
         left = set(projs) - used
         if left:
             raise _reassembly_error(f"{m.root}: the shards hold {', '.join(sorted(left)[:3])} which the source's "

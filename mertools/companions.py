@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import xxhash
 from mer_runtime.manifest import (COMPANION_DIR, MAX_COMPANION_BYTES, MAX_COMPANION_TOTAL, MAX_COMPANIONS,
-                                  plain_name)
+                                  plain_name, same_file_key)
 from mer_runtime.safeopen import kind_of, read_regular
 
 from .errors import SourceError
@@ -77,12 +77,12 @@ def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, 
     the names kept are returned in name order. One rule for a local folder and for a hub listing."""
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
-    folded, distinct = set(RESERVED), []
+    folded, distinct = {same_file_key(n) for n in RESERVED}, []
     for name, size in sorted(files, key=lambda f: case_order(f[0])):
-        if name.casefold() in folded:
+        if same_file_key(name) in folded:
             skipped.append({"name": name, "why": CASE_TWIN})
         else:
-            folded.add(name.casefold())
+            folded.add(same_file_key(name))
             distinct.append((name, size))
     total = 0
     for name, size in sorted(distinct, key=lambda f: (not any(fnmatch.fnmatchcase(f[0], g) for g in FIRST), f)):

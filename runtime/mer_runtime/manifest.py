@@ -227,6 +227,17 @@ def plain_name(name: Any) -> bool:
     return len(name.encode("utf-8")) <= 255
 
 
+def same_file_key(name: str) -> str:
+    """The key under which two names are one file on a case-insensitive file system (macOS, Windows): names with
+    equal keys may not both be written into one folder, or one overwrites the other. The one rule: the manifest
+    reader and extract's choice of companion files (mertools.companions) use it.
+
+    >>> same_file_key("Config.json") == same_file_key("config.json")
+    True
+    """
+    return name.casefold()
+
+
 def safe_relpath(rel: Any, what: str) -> str:
     """A manifest path must be relative, POSIX, in normal form, free of '..' (links are checked at open time)."""
     if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\\" in rel or "\x00" in rel:
@@ -301,12 +312,15 @@ def _check_source(source: dict[str, Any], where: str) -> None:
 
 def _check_companions(value: Any, where: str, taken: set[str]) -> list[CompanionEntry]:
     """The optional ``companions`` list: ``{path, size, xxh3_64}`` each, path ``hf/NAME`` with NAME a plain name,
-    no path twice or shared with a shard or dense.gguf, within the writer's bounds."""
+    no path twice or shared with a shard or dense.gguf, no two names one file on a case-insensitive disk
+    (:func:`same_file_key`: unpack, pull and reassemble would write one over the other), within the writer's
+    bounds."""
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_COMPANIONS:
         raise ManifestError(f"{where}: companions must be a list of at most {MAX_COMPANIONS} {{path, size, xxh3_64}}")
     out, total = [], 0
+    keys: dict[str, tuple[int, str]] = {}
     for i, c in enumerate(value):
         w = f"{where} companions[{i}]"
         path = _need(c, "path", str, w)
@@ -317,6 +331,10 @@ def _check_companions(value: Any, where: str, taken: set[str]) -> list[Companion
         if path in taken:
             raise ManifestError(f"{w}: path {path!r} is listed twice")
         taken.add(path)
+        j, twin = keys.setdefault(same_file_key(name), (i, path))
+        if j != i:
+            raise ManifestError(f"{where}: companions[{j}] {twin!r} and companions[{i}] {path!r} differ only in case, "
+                                "so they are one file on macOS and Windows; re-extract the model")
         size = _need_int(c, "size", w, 0, MAX_COMPANION_BYTES)
         total += size
         if total > MAX_COMPANION_TOTAL:

@@ -38,7 +38,8 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
+from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name,  # noqa: F401
+                                  same_file_key)  # (the one name rules)
 
 from .commit import (check_file_target, check_space, flush_files, interruptible, refuse_folder_file, signals_held,
                      sweep_temps, temp_name, test_point)
@@ -654,12 +655,13 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
         if bad or not src_files:
             raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
                                   "names; the manifest is damaged, re-extract the model")
-        # each part is written under its source name: a name twice would rename one part over another, and a
+        # each part is written under its source name: a name twice (or but for case or Unicode normalization, one
+        # file on macOS) would rename one part over another, and a
         # record with other parts than the source list would write some of them as if they were the whole source
         rec_files = [f["name"] for f in rec[0]["files"]] if rec is not None else src_files
-        if len(set(src_files)) != len(src_files) or rec_files != src_files:
+        if len({same_file_key(n) for n in src_files}) != len(src_files) or rec_files != src_files:
             raise ReassemblyError(f"{folder}: the manifest's source files {src_files!r} and the parts its reassembly "
-                                  f"record holds {rec_files!r} differ or repeat a name; the manifest is damaged, "
+                                  f"record holds {rec_files!r} differ or repeat a name (in some case or Unicode form); the manifest is damaged, "
                                   "re-extract the model")
         if split and len(src_files) < 2:
             raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")

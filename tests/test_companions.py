@@ -226,6 +226,18 @@ def test_the_reader_refuses_companions_that_differ_only_in_case(mixtral, tmp_pat
     assert not (tmp_path / "back").exists()
 
 
+def test_the_reader_refuses_companions_that_differ_only_in_unicode_normalization(mixtral, tmp_path):
+    """"é" as U+00E9 (NFC) and as "e" + U+0301 (NFD) are two names on Linux and one file on macOS."""
+    out = shutil.copytree(mixtral, tmp_path / "out")
+    data = (out / "hf" / "tokenizer.json").read_bytes()
+    entry = {"size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+    rewrite_manifest(out, lambda raw: raw["companions"].extend(
+        [{"path": "hf/caf\u00e9.md", **entry}, {"path": "hf/CAFE\u0301.md", **entry}]))
+    with pytest.raises(ManifestError, match="'hf/caf\u00e9.md' and companions\\[[0-9]+\\] 'hf/CAFE\u0301.md' differ "
+                                            "only in case or Unicode normalization"):
+        load_manifest(out)
+
+
 def test_reassemble_refuses_a_companion_named_like_a_shard_but_for_case(mixtral, tmp_path):
     """A companion hf/MODEL-00001-OF-00002.SAFETENSORS would be written over the shard model-00001-of-00002.safetensors
     into the reassembled folder on a case-insensitive disk; the names of one output folder are compared folded."""

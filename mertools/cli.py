@@ -434,7 +434,9 @@ def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no
            quiet: bool) -> None:
     """Write the shard folder OUT in another engine's layout (MER: expert_{g}.bin + metadata.json) into DEST.
 
-    Types are never converted: a type, bias or activation the layout cannot hold is refused.
+    Types are never converted: a type, bias or activation the layout cannot hold is refused. Only the experts (and
+    routers) go: MER's layout has no place for dense.gguf or the companion files in OUT/hf/ (tokenizer, config.json,
+    ...), which stay in OUT.
 
     \b
     Examples:

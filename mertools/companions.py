@@ -46,7 +46,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".gg
 HANDLED = ("model.safetensors.index.json",)  # the source's shard map: read by the converter, in the reassembly record
 # (config.json is a companion: an engine or transformers reads it beside the tokenizer, and a --dtype folder keeps no
 # record of it; reassemble writes it once, from the record when the folder has one)
-RESERVED = (*HANDLED, "model.safetensors")  # the checkpoint's own names: no companion may differ from them by case
+RESERVED = (*HANDLED, "model.safetensors")  # the checkpoint's own names: no companion may be one file with them
 CASE_TWIN = ("its name differs from another file's only in case or Unicode normalization (one would overwrite the "
              "other on some disks)")
 # what an inference engine or transformers reads beside the weights: first in line when the count or total bound
@@ -77,8 +77,9 @@ def case_order(name: str) -> tuple[str, bool, bool, str]:
 def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, str]]]:
     """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), with
     the bounds on size, count and total; of names that are one file on some disks (``same_file_key``; or one with a
-    ``RESERVED`` name) the one first in ``case_order``, the others skipped; the files named in ``FIRST`` are taken first, then the rest, each in name order, and
-    the names kept are returned in name order. One rule for a local folder and for a hub listing."""
+    ``RESERVED`` name) the one first in ``case_order``, the others skipped; the files named in ``FIRST`` are taken
+    first, then the rest, each in name order, and the names kept are returned in name order. One rule for a local
+    folder and for a hub listing."""
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
     folded, distinct = {same_file_key(n) for n in RESERVED}, []

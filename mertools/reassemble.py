@@ -655,14 +655,14 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
         if bad or not src_files:
             raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
                                   "names; the manifest is damaged, re-extract the model")
-        # each part is written under its source name: a name twice (or but for case or Unicode normalization, one
-        # file on macOS) would rename one part over another, and a
-        # record with other parts than the source list would write some of them as if they were the whole source
+        # each part is written under its source name: a name twice (or twice but for case or Unicode normalization:
+        # one file on macOS) would rename one part over another, and a record with other parts than the source list
+        # would write some of them as if they were the whole source
         rec_files = [f["name"] for f in rec[0]["files"]] if rec is not None else src_files
         if len({same_file_key(n) for n in src_files}) != len(src_files) or rec_files != src_files:
             raise ReassemblyError(f"{folder}: the manifest's source files {src_files!r} and the parts its reassembly "
-                                  f"record holds {rec_files!r} differ or repeat a name (in some case or Unicode form); the manifest is damaged, "
-                                  "re-extract the model")
+                                  f"record holds {rec_files!r} differ or repeat a name (exactly, or but for case or "
+                                  "Unicode normalization); the manifest is damaged, re-extract the model")
         if split and len(src_files) < 2:
             raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
         if split and rec is None:

@@ -369,12 +369,12 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     # config.json is both in the record and a companion: written once, from the record (both checked)
     companions = [c for c in m.companions if c.name not in recorded]
     names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]] + [c.name for c in companions]
-    # one output file each: a companion named like a shard (or only in case unlike it: one file on macOS and
-    # Windows) would overwrite it
+    # one output file each: a companion named like a shard, exactly or but for case or Unicode normalization (one
+    # file on macOS and Windows), would overwrite it
     if len({same_file_key(n) for n in names}) != len(names):
         raise _reassembly_error(f"{m.root}: the manifest's companion files and the reassembly record name the same "
-                                "file twice (or two names that differ only in case); the manifest is damaged "
-                                "(extract the model again)")
+                                "file twice (exactly, or two names that differ only in case or Unicode "
+                                "normalization); the manifest is damaged (extract the model again)")
     own = folder_files(m)
     for n in names:
         t = out / n

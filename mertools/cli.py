@@ -19,6 +19,7 @@ import click
 from mer_runtime.errors import MerError
 
 from . import __version__
+from .commit import check_file_target, file_output
 from .describe import describe, render
 from .errors import MertoolsError
 from .extract import extract as do_extract
@@ -257,11 +258,13 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
               help="Pin the N experts the trace uses most (its routing profile); at most cache slots - 1.")
 @click.option("--emit-golden", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write, for every expert, a seeded input and its float64 reference output (.npz).")
+@click.option("--overwrite", is_flag=True, help="With --emit-golden: replace FILE if it exists (only once the new one "
+              "is complete).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, trace: Path | None, io: str,
-          no_prefetch: bool, evict: str, pin_top: int, emit_golden: Path | None, as_json: bool, quiet: bool
-          ) -> None:
+          no_prefetch: bool, evict: str, pin_top: int, emit_golden: Path | None, overwrite: bool, as_json: bool,
+          quiet: bool) -> None:
     """Stream routing decisions through the runtime (loader, cache, prefetcher, kernels) and report telemetry.
 
     \b
@@ -277,15 +280,20 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
     cfg = SmokeConfig(tokens=tokens, cache_slots=cache_slots, seed=seed, workload=workload,
                       replay=str(trace) if trace else None, io=io, prefetch=not no_prefetch, pin_top=pin_top,
                       evict=evict)
-    if emit_golden and not emit_golden.parent.is_dir():  # found now, not after the whole run
-        what = "is not a folder" if emit_golden.parent.exists() else "does not exist"
-        raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the golden "
-                            "file elsewhere")
+    if overwrite and not emit_golden:
+        _fail("--overwrite needs --emit-golden")
+    if emit_golden:  # found now, not after the whole run
+        if not emit_golden.parent.is_dir():
+            what = "is not a folder" if emit_golden.parent.exists() else "does not exist"
+            raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the "
+                                "golden file elsewhere")
+        check_file_target(emit_golden, overwrite)
     check_cache_memory(out, cache_slots)
     with _Bar(quiet or as_json, "smoke", unit="tok") as bar:
         r = run_smoke(out, cfg, progress=bar)
     if emit_golden:
-        r["golden"] = do_golden(out, emit_golden, seed)
+        with file_output(emit_golden, overwrite) as tmp:  # never a half-written golden, nor one replaced unasked
+            r["golden"] = {**do_golden(out, tmp, seed), "file": str(emit_golden)}
     if as_json:
         _emit(r)
     else:
@@ -426,7 +434,9 @@ def export(out: Path, target: str, dest: Path, router: bool, overwrite: bool, no
            quiet: bool) -> None:
     """Write the shard folder OUT in another engine's layout (MER: expert_{g}.bin + metadata.json) into DEST.
 
-    Types are never converted: a type, bias or activation the layout cannot hold is refused.
+    Types are never converted: a type, bias or activation the layout cannot hold is refused. Only the experts (and
+    routers) go: MER's layout has no place for dense.gguf or the companion files in OUT/hf/ (tokenizer, config.json,
+    ...), which stay in OUT.
 
     \b
     Examples:

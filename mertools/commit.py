@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import platform
+import re
 import shutil
 import signal
 import threading
@@ -489,23 +490,72 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def sweep_temps(final: Path) -> list[str]:
+def sweep_temps(final: Path, folders: bool = False) -> list[str]:
     """Remove the temporaries of ``final`` left by writers that are gone (SIGKILL, the OOM killer, a power cut: no
     handler ran), each as large as the model; a live process's are left alone. The names removed.
 
-    Only ``.NAME.mertools-tmp-PID-RANDOM`` files (not links, not folders) whose PID no process holds: a reused PID
-    keeps a dead run's file until that process ends, never the other way round."""
+    Only ``.NAME.mertools-tmp-PID-RANDOM`` entries, named exactly as :func:`temp_name` names them (so not those of
+    another target whose name starts with NAME's), whose PID no process holds: a reused PID keeps a dead run's
+    temporary until that process ends, never the other way round. Files, and with ``folders`` folders (the
+    SafeTensors ``reassemble`` writes a new folder as one), never a symbolic link nor anything it leads to."""
+    exact = re.compile(re.escape(f".{final.name}{TMP_MARK}") + r"([0-9]{1,10})-[0-9a-f]{8}")
     gone = []
     for p in _siblings(final, TMP_MARK):
-        pid, _, rest = p.name[len(f".{final.name}{TMP_MARK}"):].partition("-")
-        if not (pid.isdigit() and rest) or _alive(int(pid)) or not p.is_file() or p.is_symlink():
+        m = exact.fullmatch(p.name)
+        if m is None or _alive(int(m[1])) or p.is_symlink():
             continue
         try:
-            p.unlink()
+            if p.is_file():
+                p.unlink()
+            elif folders and p.is_dir():
+                # rmtree refuses a link put in its place meanwhile and follows none inside (fd-based on Linux)
+                shutil.rmtree(p)
+            else:
+                continue
             gone.append(p.name)
         except OSError:
             pass
     return gone
+
+
+def check_file_target(target: Path, overwrite: bool, instead: str = "name") -> None:
+    """Refuse, before any work, an output file that may not be written as asked: one that exists without
+    ``overwrite``, or anything there but a regular file (the final rename would replace a folder, a FIFO or a device
+    such as /dev/null). ``instead``: what the user should choose instead (a name, a folder)."""
+    if target.exists() and not target.is_file():
+        raise OutputError(f"{target}: exists and is not a file; choose another {instead}")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: exists; pass --overwrite to replace it, or choose another {instead}")
+
+
+@contextmanager
+def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Path]:
+    """Yield the path of a temporary beside ``final`` for the block to write; renamed over ``final`` once the block
+    ends without an exception, removed otherwise (SIGTERM and SIGHUP included, see :func:`interruptible`).
+
+    ``final`` is checked again just before the rename (:func:`check_file_target`): a file that appeared there while
+    the block ran is not replaced without ``overwrite``. A killed run's temporary is removed by the next one
+    (:func:`sweep_temps`).
+
+    Example:
+        >>> with file_output(Path("golden.npz"), overwrite=False) as tmp:   # doctest: +SKIP
+        ...     tmp.write_bytes(b"...")
+    """
+    sweep_temps(final)
+    tmp = temp_name(final)
+    with interruptible():
+        try:
+            yield tmp
+            if fsync:
+                _fsync_path(str(tmp))
+            check_file_target(final, overwrite)
+            test_point("before-commit")
+            os.replace(tmp, final)
+            if fsync:
+                fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _alive(pid: int) -> bool:
@@ -513,7 +563,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: someone else's process
+    except (OSError, OverflowError):  # EPERM: someone else's process; beyond pid_t: not ours to judge
         return True
     return True
 

@@ -12,7 +12,8 @@ The rule (one rule for a local folder and for a hub listing; README "What it rea
 - skipped with a note (never a failure): a name that is not a plain file name (``mer_runtime.manifest.plain_name``:
   control characters, a backslash, over 255 bytes), a file over ``MAX_COMPANION_BYTES`` (64 MiB), anything that is
   not a regular file once links are followed (a FIFO, a device, a folder, a dangling link), a name that differs only
-  in case from the index, ``model.safetensors`` or another kept file (the all-lowercase one is kept), and the files past
+  in case or Unicode normalization (``same_file_key``: "é" as U+00E9 or as "e" + U+0301) from the index,
+  ``model.safetensors`` or another kept file (the all-lowercase one is kept, of those the NFC one), and the files past
   ``MAX_COMPANIONS`` (128) or past ``MAX_COMPANION_TOTAL`` (256 MiB) in all, counted with the tokenizer, generation
   config, chat template, remote code and licence (``FIRST``) first, then the rest, each in name order.
 
@@ -26,12 +27,13 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable
 
 import xxhash
 from mer_runtime.manifest import (COMPANION_DIR, MAX_COMPANION_BYTES, MAX_COMPANION_TOTAL, MAX_COMPANIONS,
-                                  plain_name)
+                                  plain_name, same_file_key)
 from mer_runtime.safeopen import kind_of, read_regular
 
 from .errors import SourceError
@@ -44,8 +46,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".gg
 HANDLED = ("model.safetensors.index.json",)  # the source's shard map: read by the converter, in the reassembly record
 # (config.json is a companion: an engine or transformers reads it beside the tokenizer, and a --dtype folder keeps no
 # record of it; reassemble writes it once, from the record when the folder has one)
-RESERVED = (*HANDLED, "model.safetensors")  # the checkpoint's own names: no companion may differ from them by case
-CASE_TWIN = "its name differs from another file's only in case (one would overwrite the other on some disks)"
+RESERVED = (*HANDLED, "model.safetensors")  # the checkpoint's own names: no companion may be one file with them
+CASE_TWIN = ("its name differs from another file's only in case or Unicode normalization (one would overwrite the "
+             "other on some disks)")
 # what an inference engine or transformers reads beside the weights: first in line when the count or total bound
 # leaves some files out (a folder of 200 notes must not cost the tokenizer its place)
 FIRST = ("config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -65,24 +68,26 @@ def wanted(name: str) -> bool:
     return not (low.endswith(".index.json") and low[:-len(".index.json")].endswith(WEIGHT_SUFFIXES))
 
 
-def case_order(name: str) -> tuple[str, bool, str]:
-    """Sort key: by name folded to lower case, and of names that differ only in case the lowercase one first."""
-    return name.casefold(), name != name.lower(), name
+def case_order(name: str) -> tuple[str, bool, bool, str]:
+    """Sort key: by ``same_file_key``, and of names that are one file on some disks the lowercase one first, then
+    the one in NFC (the form most tools write; macOS's older HFS+ stored NFD)."""
+    return same_file_key(name), name != name.lower(), name != unicodedata.normalize("NFC", name), name
 
 
 def select(files: Iterable[tuple[str, int]]) -> tuple[list[str], list[dict[str, str]]]:
     """(names kept, [{name, why}] skipped) of the candidates ``(name, size)`` (already passed by ``wanted``), with
-    the bounds on size, count and total; of names that differ only in case (or from ``RESERVED``) the all-lowercase
-    one, the others skipped; the files named in ``FIRST`` are taken first, then the rest, each in name order, and
-    the names kept are returned in name order. One rule for a local folder and for a hub listing."""
+    the bounds on size, count and total; of names that are one file on some disks (``same_file_key``; or one with a
+    ``RESERVED`` name) the one first in ``case_order``, the others skipped; the files named in ``FIRST`` are taken
+    first, then the rest, each in name order, and the names kept are returned in name order. One rule for a local
+    folder and for a hub listing."""
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
-    folded, distinct = set(RESERVED), []
+    folded, distinct = {same_file_key(n) for n in RESERVED}, []
     for name, size in sorted(files, key=lambda f: case_order(f[0])):
-        if name.casefold() in folded:
+        if same_file_key(name) in folded:
             skipped.append({"name": name, "why": CASE_TWIN})
         else:
-            folded.add(name.casefold())
+            folded.add(same_file_key(name))
             distinct.append((name, size))
     total = 0
     for name, size in sorted(distinct, key=lambda f: (not any(fnmatch.fnmatchcase(f[0], g) for g in FIRST), f)):

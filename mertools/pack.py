@@ -32,7 +32,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
-from .commit import interruptible, refuse_folder_file, sweep_temps, temp_name, test_point
+from .commit import check_file_target, interruptible, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -216,10 +216,7 @@ def pack(
         m = manifest_from_bytes(mbytes, folder)
     except ManifestError as exc:
         raise ArchiveError(str(exc)) from None
-    if archive.exists() and not overwrite:
-        raise OutputError(f"{archive}: exists; pass --overwrite to replace it, or choose another name")
-    if archive.exists() and not archive.is_file():  # the rename would replace a device (/dev/null), FIFO or folder
-        raise OutputError(f"{archive}: exists and is not a file; choose another name")
+    check_file_target(archive, overwrite)
     if not archive.parent.is_dir():
         raise OutputError(f"{archive.parent}: no such folder")
     expect = _expected(m)

@@ -38,10 +38,11 @@ from gguf.constants import GGMLQuantizationType
 from mer_runtime.checksum import hash_file
 from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
-from mer_runtime.manifest import MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name  # noqa: F401  (the one name rule)
+from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name,  # noqa: F401
+                                  same_file_key)  # (the one name rules)
 
-from .commit import (check_space, flush_files, interruptible, refuse_folder_file, signals_held, sweep_temps, temp_name,
-                     test_point)
+from .commit import (check_file_target, check_space, flush_files, interruptible, refuse_folder_file, signals_held,
+                     sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -654,13 +655,14 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
         if bad or not src_files:
             raise ReassemblyError(f"{folder}: the manifest's source file names {bad or src_files!r} are not plain file "
                                   "names; the manifest is damaged, re-extract the model")
-        # each part is written under its source name: a name twice would rename one part over another, and a
-        # record with other parts than the source list would write some of them as if they were the whole source
+        # each part is written under its source name: a name twice (or twice but for case or Unicode normalization:
+        # one file on macOS) would rename one part over another, and a record with other parts than the source list
+        # would write some of them as if they were the whole source
         rec_files = [f["name"] for f in rec[0]["files"]] if rec is not None else src_files
-        if len(set(src_files)) != len(src_files) or rec_files != src_files:
+        if len({same_file_key(n) for n in src_files}) != len(src_files) or rec_files != src_files:
             raise ReassemblyError(f"{folder}: the manifest's source files {src_files!r} and the parts its reassembly "
-                                  f"record holds {rec_files!r} differ or repeat a name; the manifest is damaged, "
-                                  "re-extract the model")
+                                  f"record holds {rec_files!r} differ or repeat a name (exactly, or but for case or "
+                                  "Unicode normalization); the manifest is damaged, re-extract the model")
         if split and len(src_files) < 2:
             raise ReassemblyError(f"{folder}: --split: the source was one file ({', '.join(src_files)}); drop --split")
         if split and rec is None:
@@ -676,10 +678,7 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
         own = folder_files(m)
         for t in targets:
             refuse_folder_file(t, folder, own)
-            if t.exists() and not overwrite:
-                raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another name")
-            if t.exists() and not t.is_file():
-                raise OutputError(f"{t}: exists and is not a file; choose another name")
+            check_file_target(t, overwrite)
             if not t.parent.is_dir():
                 raise OutputError(f"{t.parent}: no such folder")
         experts = _expert_pieces(m)

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -38,9 +37,9 @@ import numpy as np
 import xxhash
 
 from mer_runtime.errors import ManifestError
-from mer_runtime.manifest import Manifest
+from mer_runtime.manifest import Manifest, same_file_key
 
-from .commit import flush_files, refuse_folder_file
+from .commit import check_file_target, flush_files, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 from .sources.safetensors import DTYPES
 
@@ -370,22 +369,24 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
     # config.json is both in the record and a companion: written once, from the record (both checked)
     companions = [c for c in m.companions if c.name not in recorded]
     names = [f["name"] for f in rec["files"]] + [x["name"] for x in rec["extra"]] + [c.name for c in companions]
-    if len(set(names)) != len(names):  # one output file each: a companion named like a shard would overwrite it
+    # one output file each: a companion named like a shard, exactly or but for case or Unicode normalization (one
+    # file on macOS and Windows), would overwrite it
+    if len({same_file_key(n) for n in names}) != len(names):
         raise _reassembly_error(f"{m.root}: the manifest's companion files and the reassembly record name the same "
-                                "file twice; the manifest is damaged (extract the model again)")
+                                "file twice (exactly, or two names that differ only in case or Unicode "
+                                "normalization); the manifest is damaged (extract the model again)")
     own = folder_files(m)
     for n in names:
         t = out / n
         refuse_folder_file(t, folder, own)
-        if t.exists() and not overwrite:
-            raise OutputError(f"{t}: exists; pass --overwrite to replace it, or choose another folder")
-        if t.exists() and not t.is_file():
-            raise OutputError(f"{t}: exists and is not a file; choose another folder")
+        check_file_target(t, overwrite, "folder")
     projs = _projections(m)
     dense = _dense_reader(m)
-    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing
+    # a new folder is written as a hidden sibling and renamed into place once complete: one rename, all or nothing;
+    # one that a SIGKILL'd run left (as large as the model) goes first
+    sweep_temps(out, folders=True)
     made = not out.exists()
-    dest = out.parent / f".{out.name}.mertools-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if made else out
+    dest = temp_name(out) if made else out
     outs: list[_Out] = []
     try:
         _check_dense(m)
@@ -447,6 +448,7 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
             if o.pos != f["size"] or o.hash.hexdigest() != f["xxh3_64"]:
                 raise _reassembly_error(f"{out / o.final.name}: the rebuilt shard's xxh3 {o.hash.hexdigest()} is "
                                         f"not the source's {f['xxh3_64']}; nothing was left behind")
+            test_point("writing")
         left = set(projs) - used
         if left:
             raise _reassembly_error(f"{m.root}: the shards hold {', '.join(sorted(left)[:3])} which the source's "

@@ -68,6 +68,18 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subproc
     return p
 
 
+def start_cli(*args, **env) -> subprocess.Popen:
+    """The real command, started: a test stops or kills it at a test point (MERTOOLS_TEST_STOP_AT, mertools/commit.py)."""
+    return subprocess.Popen([sys.executable, "-m", "mertools.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+
+def wait_stopped(p: subprocess.Popen) -> None:
+    """Block until the child has SIGSTOPped itself at its test point (or fail if it exited instead)."""
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"child exited before its test point: {status}"
+
+
 def extract_fixture(tmp_path_factory, name: str, src: str = "mixtral-q4_k_m.gguf") -> Path:
     """A fresh extraction of a real fixture (not the session's shared one: the caller may write into it)."""
     from mertools import extract

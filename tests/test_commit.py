@@ -19,21 +19,10 @@ from mertools import MertoolsError, extract
 from mertools.commit import exchange, staged_output
 from mer_runtime import load_manifest
 
-from conftest import GEN, run_cli
+from conftest import GEN, run_cli, start_cli, wait_stopped
 
 Q4 = GEN / "moe-merged-q4_0.gguf"
 F16 = GEN / "moe-merged-f16.gguf"
-
-
-def start_cli(*args, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mertools.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-
-
-def wait_stopped(p: subprocess.Popen) -> None:
-    """Block until the child has SIGSTOPped itself at its test point (or fail if it exited instead)."""
-    _, status = os.waitpid(p.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status), f"child exited before its test point: {status}"
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str, str]:

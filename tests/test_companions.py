@@ -208,6 +208,48 @@ def test_the_reader_refuses_malformed_companion_entries(mixtral, tmp_path, edit)
         load_manifest(out)
 
 
+@pytest.mark.parametrize("twin", ["hf/Tokenizer.json", "hf/TOKENIZER.JSON"])
+def test_the_reader_refuses_companions_that_differ_only_in_case(mixtral, tmp_path, twin):
+    """extract never keeps both of hf/tokenizer.json and hf/Tokenizer.json (companions.select), but a crafted manifest
+    listing both was read: on macOS or Windows they are one file, and unpack, pull or reassemble wrote one over the
+    other. Every consumer reads the manifest through one reader; it refuses, naming both entries."""
+    out = shutil.copytree(mixtral, tmp_path / "out")
+    data = (out / "hf" / "tokenizer.json").read_bytes()
+    rewrite_manifest(out, lambda raw: raw["companions"].append(
+        {"path": twin, "size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}))
+    with pytest.raises(ManifestError, match=f"'hf/tokenizer.json' and companions\\[[0-9]+\\] '{twin}' differ only in "
+                                            "case"):
+        load_manifest(out)
+    p = run_cli("reassemble", out, tmp_path / "back", "-q")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "'hf/tokenizer.json'" in lines[0] and repr(twin) in lines[0]
+    assert not (tmp_path / "back").exists()
+
+
+def test_the_reader_refuses_companions_that_differ_only_in_unicode_normalization(mixtral, tmp_path):
+    """"é" as U+00E9 (NFC) and as "e" + U+0301 (NFD) are two names on Linux and one file on macOS."""
+    out = shutil.copytree(mixtral, tmp_path / "out")
+    data = (out / "hf" / "tokenizer.json").read_bytes()
+    entry = {"size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+    rewrite_manifest(out, lambda raw: raw["companions"].extend(
+        [{"path": "hf/caf\u00e9.md", **entry}, {"path": "hf/CAFE\u0301.md", **entry}]))
+    with pytest.raises(ManifestError, match="'hf/caf\u00e9.md' and companions\\[[0-9]+\\] 'hf/CAFE\u0301.md' differ "
+                                            "only in case or Unicode normalization"):
+        load_manifest(out)
+
+
+def test_reassemble_refuses_a_companion_named_like_a_shard_but_for_case(mixtral, tmp_path):
+    """A companion hf/MODEL-00001-OF-00002.SAFETENSORS would be written over the shard model-00001-of-00002.safetensors
+    into the reassembled folder on a case-insensitive disk; the names of one output folder are compared folded."""
+    out = shutil.copytree(mixtral, tmp_path / "out")
+    shard = json.loads((out / "manifest.json").read_text())["reassembly"]["files"][0]["name"]
+    rewrite_manifest(out, lambda raw: raw["companions"].append(
+        {"path": f"hf/{shard.upper()}", "size": 0, "xxh3_64": xxhash.xxh3_64_hexdigest(b"")}))
+    with pytest.raises(MertoolsError, match="differ only in case"):
+        reassemble(out, tmp_path / "back", fsync=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # -- pack, reassemble ---------------------------------------------------------------------------------------------
 def test_pack_and_unpack_carry_them(mixtral, tmp_path):
     pack(mixtral, tmp_path / "a.tar.zst", fsync=False)

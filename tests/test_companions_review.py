@@ -67,6 +67,18 @@ def test_extract_does_not_keep_two_names_that_differ_only_in_case(tmp_path):
     assert {x["name"] for x in r.companions_skipped if "case" in x["why"]} == {"Config.json", "TOKENIZER.JSON"}
 
 
+def test_extract_does_not_keep_two_names_that_differ_only_in_unicode_normalization(tmp_path):
+    """"é" as U+00E9 (NFC) and as "e" + U+0301 (NFD): two files on Linux, one on macOS; the NFC one is kept."""
+    src = shutil.copytree(ST, tmp_path / "ckpt")
+    nfc, nfd, upper_nfd = "caf\u00e9.md", "cafe\u0301.md", "CAFE\u0301.md"
+    for n in (nfd, nfc, upper_nfd):
+        (src / n).write_bytes(n.encode())
+    r = extract(src, tmp_path / "out", fsync=False)
+    assert f"hf/{nfc}" in r.companions and f"hf/{nfd}" not in r.companions and f"hf/{upper_nfd}" not in r.companions
+    assert {x["name"] for x in r.companions_skipped if "Unicode normalization" in x["why"]} == {nfd, upper_nfd}
+    assert (tmp_path / "out" / "hf" / nfc).read_bytes() == nfc.encode()
+
+
 def test_a_pull_keeps_the_lowercase_one_of_two_names_that_differ_only_in_case():
     from mertools.hub.remote import RemoteFile, choose
 

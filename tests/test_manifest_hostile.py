@@ -129,6 +129,15 @@ def rewrite(folder, mutate):
     ("terabyte-size", lambda r: r["experts"][0].__setitem__("size", 1 << 41), "size 2199023255552 is outside"),
     ("padded-size", lambda r: r["experts"][0].__setitem__("size", 1 << 30), "but its tensors end at"),
     ("expert-past-n_experts", lambda r: r["experts"][0].__setitem__("expert", 4), "expert 4 is outside 0..3"),
+    # two shards that are one file on macOS (case, or NFC "é" vs NFD "e" + U+0301): unpack and pull wrote one over
+    # the other; the dense file given as a shard's path was not refused at all
+    ("expert-path-case-twin", lambda r: r["experts"][1].__setitem__("path", r["experts"][0]["path"].upper()),
+     "differ only in case or Unicode normalization"),
+    ("expert-path-nfd-twin", lambda r: [r["experts"][i].__setitem__("path", f"experts/caf{e}.bin")
+                                        for i, e in enumerate(("\u00e9", "e\u0301"))],
+     "layer 0 expert 0 'experts/caf\u00e9.bin' and layer 0 expert 1 'experts/cafe\u0301.bin' differ only in case"),
+    ("dense-is-a-shard", lambda r: r["dense"].__setitem__("path", r["experts"][0]["path"]),
+     "layer 0 expert 0 and dense both give the path"),
 ])
 def test_hostile_manifest_content(out, case, mutate, needle):
     rewrite(out, mutate)

@@ -163,6 +163,62 @@ def test_emit_golden(out, tmp_path):
         assert np.abs(y - want).max() <= 1e-9 * np.abs(want).max(), (layer, e)
 
 
+def test_emit_golden_refuses_an_existing_file_before_the_run(out, tmp_path):
+    """--emit-golden replaced an existing file silently, unlike every other writer; now it is refused as they refuse
+    theirs, before the run (the bad trace below is read by the run: its error would come first otherwise)."""
+    g = tmp_path / "g.npz"
+    g.write_bytes(b"an earlier golden")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    p = run_cli("smoke", out, "--workload", "replay", "--trace", bad, "--emit-golden", g)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {g}: exists; pass --overwrite to replace it, or choose another "
+                                             "name"]
+    assert g.read_bytes() == b"an earlier golden"
+    smoke(out, "--tokens", "5", "--emit-golden", g, "--overwrite")
+    assert np.load(g)["y"].shape == (8, 256)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.jsonl", "g.npz"]
+    p = run_cli("smoke", out, "--tokens", "5", "--overwrite")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --overwrite needs --emit-golden"
+
+
+def test_emit_golden_refuses_a_fifo(out, tmp_path):
+    """A FIFO (or a device: /dev/null as root) at PATH was written into, or renamed over; refused before the run.
+    The test holds the FIFO's read end open, so that a writer would not block but succeed."""
+    import os
+
+    fifo = tmp_path / "g.npz"
+    os.mkfifo(fifo)
+    rd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for extra in ((), ("--overwrite",)):
+            p = run_cli("smoke", out, "--tokens", "5", "--emit-golden", fifo, *extra)
+            assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+                f"error: {fifo}: exists and is not a file; choose another name"], p.stderr
+    finally:
+        os.close(rd)
+    assert fifo.is_fifo() and [x.name for x in tmp_path.iterdir()] == ["g.npz"]
+
+
+def test_emit_golden_killed_before_its_rename_keeps_the_old_file(out, tmp_path):
+    """The golden is written under a temporary and renamed: a run killed before the rename leaves the old file whole
+    (not a half-written one), and the next run removes the dead run's temporary. The file has the name given (np.savez
+    added .npz to a name without it)."""
+    import signal
+
+    g = tmp_path / "golden"
+    g.write_bytes(b"an earlier golden")
+    p = run_cli("smoke", out, "--tokens", "5", "-q", "--emit-golden", g, "--overwrite",
+                env={"MERTOOLS_TEST_KILL_AT": "before-commit"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert g.read_bytes() == b"an earlier golden"
+    left = [x.name for x in tmp_path.iterdir() if x.name != "golden"]
+    assert len(left) == 1 and left[0].startswith(".golden.mertools-tmp-")  # the dead run's, complete but unnamed
+    smoke(out, "--tokens", "5", "--emit-golden", g, "--overwrite")
+    assert [x.name for x in tmp_path.iterdir()] == ["golden"]
+    assert np.load(g)["x"].shape == (8, 256)
+
+
 def test_demo_runs_the_whole_path(tmp_path):
     p = run_cli("demo", "--out", tmp_path / "d", "--tokens", "50", "--json")
     assert p.returncode == 0, p.stderr

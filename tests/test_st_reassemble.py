@@ -156,6 +156,34 @@ def test_existing_files_need_overwrite_and_a_file_is_not_a_folder(st_extracted, 
         reassemble(folder, tmp_path / "other", split=True, fsync=False)
 
 
+def test_the_next_run_removes_a_killed_runs_new_folder_and_keeps_a_live_ones(st_extracted, tmp_path):
+    """SIGKILL (the OOM killer, kill -9) while writing into a new folder left its hidden sibling
+    .DIR.mertools-tmp-PID-RANDOM, as large as the checkpoint, for good. The next reassemble of DIR removes it; a
+    live process's stays, and so do a link of that name (and the folder it leads to) and another target's own."""
+    import signal
+
+    from conftest import start_cli, wait_stopped
+
+    folder, back = st_extracted("olmoe"), tmp_path / "back"
+    p = start_cli("reassemble", folder, back, "-q", "--no-fsync", MERTOOLS_TEST_STOP_AT="writing")
+    wait_stopped(p)
+    dead = [x for x in tmp_path.iterdir() if x.name.startswith(".back.mertools-tmp-")]
+    assert len(dead) == 1 and dead[0].is_dir() and any(dead[0].iterdir())  # really mid-write
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    live = tmp_path / f".back.mertools-tmp-{os.getpid()}-0123abcd"  # this test's own process: alive
+    kept = tmp_path / "kept"
+    for d in (live, kept, tmp_path / f".back.mertools-tmp-{p.pid}-0badf00d.mertools-tmp-{p.pid}-0badf00d"):
+        d.mkdir()
+        (d / "precious").write_bytes(b"not a dead run's")
+    (tmp_path / f".back.mertools-tmp-{p.pid}-89abcdef").symlink_to(kept)  # a dead PID, but a link
+    before = sorted(x.name for x in tmp_path.iterdir() if x != dead[0])
+    run_cli("reassemble", folder, back, "-q", "--no-fsync", check=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted([*before, "back"])
+    assert all((d / "precious").read_bytes() == b"not a dead run's" for d in tmp_path.iterdir() if d.name != "back")
+    assert filecmp.cmp(st_folder("olmoe") / "model.safetensors", back / "model.safetensors", shallow=False)
+
+
 def _refused(folder: Path, tmp_path: Path, *extra: str) -> str:
     dest = tmp_path / "dest"
     dest.mkdir()

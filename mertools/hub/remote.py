@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from mer_runtime.manifest import SAME_FILE, same_file_key
+
 from ..errors import MertoolsError
 
 SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -349,10 +351,10 @@ def check_needed(files: Iterable[RemoteFile], unusable: dict[str, str], where: s
     folded: dict[str, str] = {}
     names = {f.path for f in fs}
     for f in fs:
-        key = f.path.casefold()
+        key = same_file_key(f.path)
         if key in folded:
-            raise HubError(f"{where}: the conversion needs {folded[key]!r} and {f.path!r}, which differ only in case "
-                           "and would overwrite each other on a case-insensitive file system; refusing")
+            raise HubError(f"{where}: the conversion needs {folded[key]!r} and {f.path!r}, which {SAME_FILE}: they "
+                           "would overwrite each other there; refusing")
         folded[key] = f.path
         if f.path + ".part" in names:
             raise HubError(f"{where}: the conversion needs {f.path!r} and {f.path + '.part'!r}; the second is the "

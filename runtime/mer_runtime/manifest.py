@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,24 @@ def plain_name(name: Any) -> bool:
     return len(name.encode("utf-8")) <= 255
 
 
+SAME_FILE = "differ only in case or Unicode normalization, so they are one file on macOS and Windows"
+
+
+def same_file_key(name: str) -> str:
+    """The key under which two names are one file on a case-insensitive or normalization-insensitive file system
+    (macOS's APFS and HFS+ are both, Windows' NTFS is case-insensitive): names with equal keys may not both be
+    written into one folder, or one overwrites the other. Unicode's canonical caseless match (NFD of the case fold of
+    the NFD), so that "é" as U+00E9 and as "e" + U+0301, or "É" and "é", are one name. The one rule: the manifest
+    reader, extract's choice of companion files (mertools.companions), pull's and reassemble's output names use it.
+
+    >>> same_file_key("Config.json") == same_file_key("config.json")
+    True
+    >>> same_file_key("caf\\u00e9.txt") == same_file_key("cafe\\u0301.txt") == same_file_key("CAF\\u00c9.txt")
+    True
+    """
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
 def safe_relpath(rel: Any, what: str) -> str:
     """A manifest path must be relative, POSIX, in normal form, free of '..' (links are checked at open time)."""
     if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\\" in rel or "\x00" in rel:
@@ -299,9 +318,22 @@ def _check_source(source: dict[str, Any], where: str) -> None:
         raise ManifestError(f"{where}: files must be a list of {{name, size}}")
 
 
-def _check_companions(value: Any, where: str, taken: set[str]) -> list[CompanionEntry]:
+def _claim(keys: dict[str, tuple[Any, str]], path: str, who: Any, where: str) -> None:
+    """Refuse a file path of the manifest that another entry (``keys``: same_file_key -> (who, path)) already gives
+    as the same file: exactly (listed twice) or but for case or Unicode normalization (one file on macOS; unpack,
+    pull and reassemble would write one over the other). ``who`` names the entry; formatted only on an error."""
+    other, twin = keys.setdefault(same_file_key(path), (who, path))
+    if other is who:
+        return
+    other, who = (f"layer {x[0]} expert {x[1]}" if isinstance(x, tuple) else x for x in (other, who))
+    if twin == path:
+        raise ManifestError(f"{where}: {other} and {who} both give the path {path!r}; re-extract the model")
+    raise ManifestError(f"{where}: {other} {twin!r} and {who} {path!r} {SAME_FILE}; re-extract the model")
+
+
+def _check_companions(value: Any, where: str, keys: dict[str, tuple[Any, str]]) -> list[CompanionEntry]:
     """The optional ``companions`` list: ``{path, size, xxh3_64}`` each, path ``hf/NAME`` with NAME a plain name,
-    no path twice or shared with a shard or dense.gguf, within the writer's bounds."""
+    no path given by another entry (:func:`_claim`), within the writer's bounds."""
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_COMPANIONS:
@@ -314,9 +346,7 @@ def _check_companions(value: Any, where: str, taken: set[str]) -> list[Companion
         if folder != COMPANION_DIR or not plain_name(name):
             raise ManifestError(f"{w}: path {path!r} is not {COMPANION_DIR}/NAME with a plain file name; re-extract "
                                 "the model")
-        if path in taken:
-            raise ManifestError(f"{w}: path {path!r} is listed twice")
-        taken.add(path)
+        _claim(keys, path, f"companions[{i}]", where)
         size = _need_int(c, "size", w, 0, MAX_COMPANION_BYTES)
         total += size
         if total > MAX_COMPANION_TOTAL:
@@ -408,7 +438,7 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
 
     experts: list[ExpertEntry] = []
     seen: set[tuple[int, int]] = set()
-    paths: set[str] = set()
+    keys: dict[str, tuple[Any, str]] = {}  # every file path of the manifest, by same_file_key (see _claim)
     widths: dict[int, int] = {}
     entries = _need(raw, "experts", list, where)
     if not entries:
@@ -422,9 +452,7 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
             raise ManifestError(f"{w}: listed twice")
         seen.add((layer, expert))
         path = safe_relpath(_need(e, "path", str, w), w)
-        if path in paths:
-            raise ManifestError(f"{w}: path {path!r} is shared with another expert")
-        paths.add(path)
+        _claim(keys, path, (layer, expert), where)
         size = _need_int(e, "size", w, 1, MAX_FILE_BYTES)
         total += size
         if total > MAX_TOTAL_BYTES:
@@ -485,8 +513,9 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
             raise ManifestError(f"{w}: size {size} but its tensors end at {spans[-1][1]}, so the file is {tail} bytes")
         experts.append(ExpertEntry(layer, expert, path, size, e["xxh3_64"], tensors))
     experts.sort(key=lambda x: (x.layer, x.expert))
-    taken = paths | ({dense["path"]} if dense is not None else set())
-    companions = _check_companions(raw.get("companions"), where, taken)
+    if dense is not None:
+        _claim(keys, dense["path"], "dense", where)
+    companions = _check_companions(raw.get("companions"), where, keys)
     return Manifest(root, version, alignment, model, source, dense, experts, raw, companions=companions)
 
 

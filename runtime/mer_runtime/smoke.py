@@ -368,7 +368,11 @@ def run_smoke(path: str | Path, cfg: SmokeConfig, progress: Callable[[int, int],
 
 
 def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """For every expert: a seeded input and the float64 reference output (gguf dequantization, NumPy float64)."""
+    """For every expert: a seeded input and the float64 reference output (gguf dequantization, NumPy float64).
+
+    Written to ``out_file`` exactly as named (np.savez given a name would add ``.npz`` to one without it). It is
+    opened only once every output is computed, but written in place: a caller that must never leave a half-written
+    or replaced file (the ``mertools smoke --emit-golden`` command) passes a temporary and renames it."""
     m = load_manifest(path)
     rng = np.random.default_rng(seed)
     act = m.model.get("activation", {"kind": "swiglu"})
@@ -381,7 +385,8 @@ def emit_golden(path: str | Path, out_file: str | Path, seed: int = DEFAULT_SEED
         ids.append((e.layer, e.expert))
     meta = {"folder": str(path), "seed": seed, "activation": act, "formula": "y = down @ act(gate @ x (+b), up @ x (+b)) "
             "(+b_down), float64, weights = gguf.quants.dequantize(shard bytes)", "format_version": m.format_version}
-    np.savez(out_file, layer_expert=np.array(ids, np.int32), x=np.stack(xs), y=np.stack(ys), meta=json.dumps(meta))
+    with open(out_file, "wb") as fh:
+        np.savez(fh, layer_expert=np.array(ids, np.int32), x=np.stack(xs), y=np.stack(ys), meta=json.dumps(meta))
     return {"experts": len(ids), "file": str(out_file), **meta}
 
 

@@ -19,7 +19,7 @@ import click
 from mer_runtime.errors import MerError
 
 from . import __version__
-from .commit import check_file_target, file_output
+from .commit import check_file_target, file_output, refuse_folder_file
 from .describe import describe, render
 from .errors import MertoolsError
 from .extract import extract as do_extract
@@ -287,6 +287,14 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
             what = "is not a folder" if emit_golden.parent.exists() else "does not exist"
             raise MertoolsError(f"{emit_golden}: its folder {emit_golden.parent} {what}; create it or write the "
                                 "golden file elsewhere")
+        # --overwrite replaces an earlier golden, never a file of the folder being read (its dense.gguf, manifest)
+        from mer_runtime.manifest import load_manifest
+
+        from .reassemble import folder_files
+
+        refuse_folder_file(emit_golden, out, folder_files(load_manifest(out)))
+        if trace and emit_golden.resolve() == trace.resolve():  # the run reads it before the golden replaces it
+            raise MertoolsError(f"{emit_golden}: is the --trace file; write the golden file elsewhere")
         check_file_target(emit_golden, overwrite)
     check_cache_memory(out, cache_slots)
     with _Bar(quiet or as_json, "smoke", unit="tok") as bar:

@@ -113,6 +113,11 @@ def test_replay_trace(out, tmp_path):
     assert p.returncode == 2 and "bad.jsonl:1" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("smoke", out, "--workload", "replay")
     assert p.returncode == 2 and "--trace" in p.stderr
+    # the golden written over the trace it was made from would lose the trace: refused before the run
+    before = trace.read_bytes()
+    p = run_cli("smoke", out, "--workload", "replay", "--trace", trace, "--emit-golden", trace, "--overwrite")
+    assert p.returncode == 2 and "is the --trace file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert trace.read_bytes() == before
 
 
 def test_text_summary(out):
@@ -239,3 +244,18 @@ def test_token_ahead_smoke_weighs_a_chunk_as_at_most_one_expert(out):
     assert max(e.size for e in load_manifest(out).experts) < 1 << 20  # the case in question
     assert r["prefetch_gate"]["chunk_frac"] == 1.0
     assert run_smoke(out, SmokeConfig(tokens=5, cache_slots=4))["prefetch_gate"]["chunk_frac"] is None  # step ahead
+
+
+@pytest.mark.parametrize("target", ["dense.gguf", "manifest.json"])
+def test_emit_golden_overwrite_never_replaces_a_file_of_the_folder_being_read(tmp_path_factory, target):
+    """`smoke OUT --emit-golden OUT/dense.gguf --overwrite` renamed the golden over the folder's only copy of its
+    dense weights (or its manifest): --overwrite replaces an earlier output, never a source (docs/format.md,
+    guarantee 4), as pack and reassemble refuse theirs. Refused, in one line, before the run; the folder intact."""
+    own = extract_fixture(tmp_path_factory, "smoke-golden-own")
+    before = (own / target).read_bytes()
+    for extra in (("--overwrite",), ()):  # without it too: not "pass --overwrite", which would not help
+        p = run_cli("smoke", own, "--tokens", "5", "-q", "--emit-golden", own / target, *extra)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and f"is {target} of the folder" in lines[0], p.stderr
+    assert (own / target).read_bytes() == before
+    assert run_cli("verify", own).returncode == 0

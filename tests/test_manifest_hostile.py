@@ -138,6 +138,11 @@ def rewrite(folder, mutate):
      "layer 0 expert 0 'experts/caf\u00e9.bin' and layer 0 expert 1 'experts/cafe\u0301.bin' differ only in case"),
     ("dense-is-a-shard", lambda r: r["dense"].__setitem__("path", r["experts"][0]["path"]),
      "layer 0 expert 0 and dense both give the path"),
+    # the manifest's own name, and the reassembly record's, are files of the folder too
+    ("expert-is-the-manifest", lambda r: r["experts"][0].__setitem__("path", "MANIFEST.JSON"),
+     "the manifest itself 'manifest.json' and layer 0 expert 0 'MANIFEST.JSON' differ only in case"),
+    ("record-is-the-dense", lambda r: r.__setitem__("reassembly", {**r.get("reassembly", {}), "path": "DENSE.GGUF"}),
+     "dense 'dense.gguf' and the reassembly record 'DENSE.GGUF' differ only in case"),
 ])
 def test_hostile_manifest_content(out, case, mutate, needle):
     rewrite(out, mutate)

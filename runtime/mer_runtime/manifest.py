@@ -439,6 +439,7 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     experts: list[ExpertEntry] = []
     seen: set[tuple[int, int]] = set()
     keys: dict[str, tuple[Any, str]] = {}  # every file path of the manifest, by same_file_key (see _claim)
+    _claim(keys, MANIFEST_NAME, "the manifest itself", where)
     widths: dict[int, int] = {}
     entries = _need(raw, "experts", list, where)
     if not entries:
@@ -515,6 +516,9 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     experts.sort(key=lambda x: (x.layer, x.expert))
     if dense is not None:
         _claim(keys, dense["path"], "dense", where)
+    record = raw.get("reassembly")  # its own checks are reassemble's; its file is one of the folder's all the same
+    if isinstance(record, dict) and isinstance(record.get("path"), str):
+        _claim(keys, record["path"], "the reassembly record", where)
     companions = _check_companions(raw.get("companions"), where, keys)
     return Manifest(root, version, alignment, model, source, dense, experts, raw, companions=companions)
 

@@ -302,11 +302,51 @@ static int quantize_q8(const float *x, int64_t n, q80_t *y, int simd) {
     return inf;
 }
 
-_Static_assert(sizeof(q80_t) % 32 == 0, "q80_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
+_Static_assert(sizeof(q80_t) % 64 == 0, "q80_t keeps q 32-byte aligned and each block in one line (aligned_alloc)");
 
-static q80_t *alloc_q80(int64_t nblocks) {
-    return aligned_alloc(32, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
+static q80_t *alloc_q80(int64_t nblocks) { /* 64: a block is one cache line, never two */
+    return aligned_alloc(64, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
 }
+
+/* Q8_0 activations rearranged once per call for the AVX-512 two-block kernels (q8_pairs): per two blocks their 64
+ * bytes of q, one load, and their lane sums s8 negated as int32, which Q4_0's vpdpbusd starts from (the same int32
+ * as the product less s8, without the widening and the subtraction per pair); every block's float scale in an array
+ * of its own, so that eight blocks' scales meet the weights' in one multiply. 128 + 8 bytes per two blocks. */
+typedef struct { int8_t q[64]; int32_t s[16]; } q8pair_t;
+typedef struct { q8pair_t *p; float *d; } q8p_t; /* vector v: pairs p + v * (nb / 2), scales d + v * nb */
+
+/* room for n vectors of nb blocks; 0, or MER_ENOMEM with nothing left allocated */
+static int q8_pairs_alloc(int64_t n, int64_t nb, q8p_t *out) {
+    out->p = aligned_alloc(64, sizeof(q8pair_t) * (size_t)(n * (nb / 2) > 0 ? n * (nb / 2) : 1));
+    out->d = aligned_alloc(64, (sizeof(float) * (size_t)(n * nb) + 63) / 64 * 64);
+    if (out->p && out->d) return MER_OK;
+    free(out->p); free(out->d); out->p = NULL; out->d = NULL;
+    return MER_ENOMEM;
+}
+
+/* n vectors of nb Q8_0 blocks (a) into out's first n vectors */
+static void q8_pairs_fill(const q80_t *a, int64_t n, int64_t nb, q8p_t out) {
+    const int64_t np = nb / 2;
+    for (int64_t v = 0; v < n; v++) {
+        const q80_t *av = a + v * nb;
+        for (int64_t j = 0; j < np; j++) {
+            q8pair_t *pr = out.p + v * np + j;
+            for (int h = 0; h < 2; h++) {
+                memcpy(pr->q + 32 * h, av[2 * j + h].q, 32);
+                for (int i = 0; i < 8; i++) pr->s[8 * h + i] = -(int32_t)av[2 * j + h].s8[i];
+            }
+        }
+        for (int64_t b = 0; b < nb; b++) out.d[v * nb + b] = av[b].d;
+    }
+}
+
+/* vectors [v, ...) of a pair buffer made for vectors of nb blocks */
+static q8p_t q8_pairs_at(q8p_t a, int64_t v, int64_t nb) {
+    if (a.p) { a.p += v * (nb / 2); a.d += v * nb; }
+    return a;
+}
+
+static void q8_pairs_free(q8p_t *p) { free(p->p); free(p->d); p->p = NULL; p->d = NULL; }
 
 /* activations for K-quant weights, one per 256 values (ggml's Q8_K idea: one float scale per weight block, so the
  * integer sums of a whole block are formed before one conversion to float; the per-16 and per-32 sums of q let the
@@ -921,7 +961,10 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
     int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
     const int scaled = layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K;
     const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
-    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb + n)), *tmp = NULL;
+    /* 64-byte aligned: every layout's block is a whole number of cache lines, so no 512-bit load of x splits
+     * across two (malloc's 16-byte alignment split every one: the AVX-512 exact Q4_0 kernel ran 1.36x faster in
+     * cache, one thread, once aligned) */
+    float *xp = aligned_alloc(64, (sizeof(float) * (size_t)(n * nb * xpb + n) + 63) / 64 * 64), *tmp = NULL;
     if (!xp) return NULL;
     float *vscale = xp + n * nb * xpb;
     int seen_inf = 0;
@@ -1219,19 +1262,25 @@ AVX512 __m512i mxfp4_vals64(const uint8_t *p0, const uint8_t *p1) {
     return _mm512_shuffle_epi8(table, nibbles64_u(p0, p1));
 }
 
-/* unsigned nibbles times the activations, less 8 * their lane sums (s8): as dot_u4_q8 */
-AVX512 __m512 dot2_u4(__m512i w, __m512i y, const q80_t *a) {
-    const __m256i s8 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)a[0].s8)),
-                                               _mm_load_si128((const __m128i *)a[1].s8), 1);
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, y),
-                                               _mm512_cvtepi16_epi32(s8)));
+/* unsigned nibbles times the activations, less 8 * their lane sums: as dot_u4_q8, starting from -s8 (q8_pairs) */
+AVX512 __m512 dot2_u4(__m512i w, const q8pair_t *pr) {
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_load_si512(pr->s), w, _mm512_load_si512(pr->q)));
 }
 
 /* signed weights: |w| times y with w's sign (ggml's sign trick, with a mask: AVX-512 has no vpsignb) */
-AVX512 __m512 dot2_i8(__m512i w, __m512i y, const q80_t *a) {
-    (void)a;
+AVX512 __m512 dot2_i8(__m512i w, const q8pair_t *pr) {
+    const __m512i y = _mm512_load_si512(pr->q);
     const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y);
     return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy));
+}
+
+/* the f16 scales of eight Q4_0 blocks (144 bytes from q; the words 9 apart): two loads, one vpermt2w and one
+ * vcvtph2ps instead of eight table loads and four merges (the same floats: f16 converts exactly) */
+AVX512 __m256 scales8_f16(const uint8_t *q) {
+    const __m512i idx = _mm512_setr_epi32(0 | 9 << 16, 18 | 27 << 16, 36 | 45 << 16, 54 | 63 << 16, 0, 0, 0, 0, 0, 0,
+                                          0, 0, 0, 0, 0, 0);
+    const __m512i h = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx, _mm512_loadu_si512(q + 64));
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(h));
 }
 
 AVX512 __m256 dot1_u4(__m256i w, __m256i y, const q80_t *a) {
@@ -1248,25 +1297,45 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
 #define W2_Q4_0 nibbles64_u(b0 + 2, b1 + 2)
 #define W2_MXFP4 mxfp4_vals64(b0 + 1, b1 + 1)
 
-/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u) */
-#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, NR)                                                     \
-    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, int64_t nvec, int64_t xs, float *out, int64_t os,          \
-                        int64_t r0, int64_t r1, int64_t pf) {                                                        \
-        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u). ap: the activations as
+ * q8_pairs made them (ax, the Q8_0 blocks, only for a last odd block). With SC8 (Q4_0), eight blocks at a time: their
+ * scales times the activations' in one multiply (the same float products as one pair at a time), and each pair's
+ * two products picked from those eight by one vpermps; the pairs left over, and MXFP4's, one pair at a time. */
+#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, SC8, NR)                                                 \
+    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, q8p_t ap, int64_t nvec, int64_t xs, float *out,           \
+                        int64_t os, int64_t r0, int64_t r1, int64_t pf) {                                            \
+        const int64_t nb = m->nblk, rb = m->rowbytes, np = nb / 2;                                                   \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
             const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                     \
             const uint8_t *p[NR];                                                                                    \
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
+                const q8pair_t *pv = ap.p + v * np;                                                                  \
+                const float *dv = ap.d + v * nb;                                                                     \
                 __m512 a[NR];                                                                                        \
                 for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                           \
                 int64_t b = 0;                                                                                       \
+                if (SC8)                                                                                             \
+                    for (; b + 8 <= nb; b += 8) {                                                                    \
+                        if (pf && v == 0) /* every line that starts within the eight blocks */                      \
+                            for (int64_t o = -(b * (BB)) & 63; o < 8 * (BB); o += 64)                                \
+                                for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                         \
+                        const __m256 d8 = _mm256_loadu_ps(dv + b);                                                   \
+                        for (int i = 0; i < (NR); i++) {                                                             \
+                            const uint8_t *q = p[i] + b * (BB);                                                      \
+                            const __m512 t8 = _mm512_castps256_ps512(_mm256_mul_ps(scales8_f16(q), d8));             \
+                            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                    \
+                                const uint8_t *b0 = q + 2 * (BB) * j, *b1 = b0 + (BB);                               \
+                                const __m512i lh = _mm512_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, \
+                                    2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, \
+                                    2 * j + 1);                                                                      \
+                                a[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lh, t8), DOT2(W2, pv + b / 2 + j), a[i]); \
+                            }                                                                                        \
+                        }                                                                                            \
+                    }                                                                                                \
                 for (; b + 2 <= nb; b += 2) {                                                                        \
-                    const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)av[b].q)), \
-                                                         _mm256_load_si256((const __m256i *)av[b + 1].q), 1);        \
-                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(av[b].d), 0xFF00,                     \
-                                                                _mm_set_ss(av[b + 1].d));                            \
+                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(dv[b]), 0xFF00, _mm_set_ss(dv[b + 1])); \
                     for (int i = 0; i < (NR); i++) {                                                                 \
                         const uint8_t *b0 = p[i] + b * (BB), *b1 = b0 + (BB);                                        \
                         if (pf && v == 0) {                                                                          \
@@ -1274,7 +1343,7 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
                             if ((((b + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                         \
                         }                                                                                            \
                         const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1))); \
-                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, y, av + b), a[i]);                      \
+                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, pv + b / 2), a[i]);                     \
                     }                                                                                                \
                 }                                                                                                    \
                 for (int i = 0; i < nr; i++) {                                                                       \
@@ -1293,10 +1362,10 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
 
 #define SPF_F16(p) f16_at(p)
 #define SPF_E8M0(p) (&e8m0_table[(p)[0]])
-DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 4)
-DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1)
-DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 4)
-DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 1)
+DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1, 4)
+DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1, 1)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 0, 4)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 0, 1)
 
 /* 4-bit codes through a table, exact, 16 lanes, on the Q4_0 permutation (x as it is, no pre-scaling): a 512-bit
  * vpermps takes 4 index bits, so a nibble shifted down (no mask: the bits above it are ignored) indexes a table of
@@ -1482,6 +1551,12 @@ int mer_has_avx512(void) {
 /* the AVX-512 kernels run: the AVX2 ones would, the CPU has AVX-512 and the caller did not refuse it */
 static int avx512_ok(int flags) { return use_simd(flags) && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512(); }
 
+/* the q8 kernel for `type` under `flags` reads the activations as q8_pairs makes them (the AVX-512 Q4_0 and MXFP4
+ * ones); rows_any runs the AVX-VNNI or AVX2 kernel, the same bits, where they were not made */
+static int q8_pairs_wanted(int type, int flags) {
+    return (type == T_Q4_0 || type == T_MXFP4) && avx512_ok(flags) && !(flags & MER_FLAG_NO_VNNI);
+}
+
 static int q8_type(int type) {
     return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
@@ -1533,7 +1608,7 @@ static int kq45_unfactored(int type, int flags, int known, const float *x, int64
 
 /* rows [r0, r1) of m times nvec vectors; ax (Q8_0) / kx (Q8_K) non-NULL = Q8 activations (only for q8_type) */
 /* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL; xinf: kq45_unfactored's answer */
-static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
+static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, q8p_t ap, const q8k_t *kx,
                      int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
     int simd = use_simd(flags);
     const int avx512 = avx512_ok(flags);
@@ -1551,9 +1626,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         if (simd) {
 #ifdef MER_HAVE_AVX512
             /* VNNI kernels too; none for Q8_0: 512 bits measured no faster than AVX-VNNI's 256 (docs/runtime.md) */
-            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0) {
-                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-                else PICK(rows_512_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0 && ap.p) {
+                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, ap, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_512_mxfp4)(m, ax, ap, nvec, xs, out, os, r0, r1, pf);
                 return;
             }
 #endif
@@ -1602,7 +1677,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
     }
 #endif
 #undef PICK
-    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one;
+    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one; (void)ap;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 
@@ -1763,6 +1838,7 @@ typedef struct {
     const mat_t *m;
     const float *x, *xp;
     const q80_t *ax;
+    q8p_t ap;
     const q8k_t *kx;
     int64_t nvec, chunk;
     float *out;
@@ -1772,7 +1848,8 @@ typedef struct {
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags, c->xinf);
+    rows_any(c->m, c->x, c->xp, c->ax, c->ap, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags,
+             c->xinf);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -1799,13 +1876,18 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
         free(ax); free(kx); ax = NULL; kx = NULL;
         flags &= ~MER_FLAG_ACT_Q8;
     }
+    q8p_t ap = {NULL, NULL};
+    if (ax && q8_pairs_wanted(type, flags)) {
+        if (q8_pairs_alloc(n, cols / 32, &ap)) { free(ax); return MER_ENOMEM; }
+        q8_pairs_fill(ax, n, cols / 32, ap);
+    }
     int xinf = -1;
     float *xp = perm_prepare(perm_layout(type, flags), x, n, cols, &xinf);
     xinf = ax || kx ? 0 : kq45_unfactored(type, flags, xinf, x, n * cols);
-    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags, xinf};
+    mv_ctx c = {&m, x, xp, ax, ap, kx, n, tuning_chunk, out, flags, xinf};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
-    free(ax); free(kx); free(xp);
+    free(ax); free(kx); free(xp); q8_pairs_free(&ap);
     return MER_OK;
 }
 
@@ -1832,6 +1914,7 @@ typedef struct {
     float alpha, limit;
     const float *x;
     const q80_t *ax; q80_t *ah;                /* x and h as Q8_0 blocks */
+    q8p_t apx, aph;                            /* and as q8_pairs, where a kernel wants them (q8_pairs_wanted) */
     const q8k_t *kx; q8k_t *kh;                /* x and h as Q8_K blocks, for K-quant weights */
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
@@ -1851,10 +1934,10 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, h, F, r0,
-             r1, c->xflags, c->x_inf);
-    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, u, F, r0,
-             r1, c->xflags, c->x_inf);
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->xflags)], c->ax, c->apx, c->kx, n, c->d_model, h,
+             F, r0, r1, c->xflags, c->x_inf);
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->xflags)], c->ax, c->apx, c->kx, n, c->d_model, u,
+             F, r0, r1, c->xflags, c->x_inf);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1878,7 +1961,8 @@ static void moe_phase2(void *c_, int64_t t) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         const int q8 = (c->hflags[e] & MER_FLAG_ACT_Q8) != 0;
         rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], q8 && c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL,
-                 q8 && c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL, n, F, y, D, r0, r1, c->hflags[e], c->h_inf[e]);
+                 q8_pairs_at(c->aph, (int64_t)e * n, F / 32), q8 && c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
+                 n, F, y, D, r0, r1, c->hflags[e], c->h_inf[e]);
     }
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1938,12 +2022,15 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     q80_t *ax = NULL; q8k_t *kx = NULL;
     /* which activation forms the weights want: Q8_0 blocks for Q4_0/Q8_0/MXFP4, Q8_K for the K-quants (a K-quant
      * projection's columns are a multiple of 256, so the Q8_K forms always fit) */
-    int x0 = 0, xk = 0, h0 = 0, hk = 0;
+    int x0 = 0, xk = 0, h0 = 0, hk = 0, xpairs = 0, hpairs = 0;
     for (int e = 0; q8 && e < k; e++) {
         const mat_t *gu[2] = {&c.g[e], &c.u[e]};
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < 2; i++) {
             if (q8_type(gu[i]->type)) { if (gu[i]->qk == 256) xk = 1; else x0 = 1; }
+            xpairs |= q8_pairs_wanted(gu[i]->type, flags);
+        }
         if (q8_type(c.dn[e].type)) { if (c.dn[e].qk == 256) hk = 1; else h0 = 1; }
+        hpairs |= q8_pairs_wanted(c.dn[e].type, flags);
     }
     if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
     int xinf_q8 = 0; /* x holds an infinity: gate and up run with float32 activations (q8_fallback) */
@@ -1961,6 +2048,11 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         c.kx = kx;
     }
     if (xinf_q8) { c.ax = NULL; c.kx = NULL; xk = 0; c.xflags = flags & ~MER_FLAG_ACT_Q8; }
+    if (c.ax && xpairs) {
+        if ((rc = q8_pairs_alloc(n, d_model / 32, &c.apx))) goto done;
+        q8_pairs_fill(c.ax, n, d_model / 32, c.apx);
+    }
+    if (hpairs && (rc = q8_pairs_alloc((int64_t)k * n, d_ff / 32, &c.aph))) goto done;
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
@@ -1988,6 +2080,8 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         /* per expert: an infinite h (from an infinite x, or an overflow) sends that expert's down to float32 */
         int hinf_q8 = 0;
         if (h0) hinf_q8 |= quantize_q8(he, n * d_ff, c.ah + (int64_t)e * n * (d_ff / 32), use_simd(flags));
+        if (hpairs && !hinf_q8)
+            q8_pairs_fill(c.ah + (int64_t)e * n * (d_ff / 32), n, d_ff / 32, q8_pairs_at(c.aph, (int64_t)e * n, d_ff / 32));
         if (hk) hinf_q8 |= quantize_q8k(he, n * d_ff, c.kh + (int64_t)e * n * (d_ff / 256), use_simd(flags));
         c.hflags[e] = hinf_q8 ? flags & ~MER_FLAG_ACT_Q8 : flags;
         int hinf = -1;
@@ -2007,6 +2101,7 @@ done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);
     free(c.h); free(c.u_tmp); free(c.y_tmp); free(ax); free(c.ah); free(kx); free(c.kh);
+    q8_pairs_free(&c.apx); q8_pairs_free(&c.aph);
     return rc;
 }
 

@@ -772,6 +772,29 @@ def test_avx512_exact(qt, walk):
 
 
 @needs_avx512
+@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656), (T.Q6_K, 8448)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
+    """One vector over 32 KB of float32 (a down projection's) is walked in column tiles, each row's accumulators kept
+    between tiles: the same sums in the same order as the untiled walk (which a batch of two takes), to the bit, and
+    within float32 rounding of float64; a task of 130 rows (past one group of 64), a last tile of one block (Q4_0,
+    MXFP4, Q6_K) or two (Q4_K, Q5_K)."""
+    rng = np.random.default_rng(56)
+    rows = 130
+    raw = random_matrix(qt, rows, cols, rng)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    ref = x[0].astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    kernels._LIB.mer_set_chunk(rows + 2)
+    try:
+        one = matvec(qt.name, raw, (rows, cols), x[0])
+        two = matvec(qt.name, raw, (rows, cols), x)
+    finally:
+        kernels._LIB.mer_set_chunk(64)
+    np.testing.assert_array_equal(one, two[0])
+    assert rel(one, ref) < TOL
+
+
+@needs_avx512
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q4_K, "f32"),
                                     (T.Q5_K, "f32"), (T.Q6_K, "f32")], ids=str)

@@ -70,8 +70,11 @@ int mer_has_type(int type) { int64_t a, b; return type_block(type, &a, &b); }
 
 /* bytes ahead in each row. 2048 over 1024, alternated under the bench lock (2-core Zen 3, streaming 0.7 GB, medians
  * of 4-6 rounds): Q4_0 act="q8" 19.4 -> 20.8 and 19.5 -> 21.7 GB/s, Q4_K q8 22.1 -> 24.2, Q6_K q8 17.7 -> 18.8,
- * Q8_0 exact 16.8 -> 17.8, Q4_0 exact 12.7 -> 13.2 (4096: as 2048 within noise) */
-static int64_t tuning_prefetch = 2048;
+ * Q8_0 exact 16.8 -> 17.8, Q4_0 exact 12.7 -> 13.2 (4096: as 2048 within noise). 8192 over 2048 on the 2-core Zen 5
+ * with AVX-512 (2 threads, distances alternated in one process, medians of 5 rounds, 2026-11-30 08:27 UTC): Q4_0
+ * exact 29.7 -> 38.6 GB/s, Q8_0 exact 29.5 -> 41.3, q8 Q8_0 41.3 -> 44.1, Q6_K q8 26.6 -> 30.5, the others equal
+ * or a little faster; moe() Q4_0 steps/s 75.7 -> 94.9 exact, 113.5 -> 134.6 q8 (docs/runtime.md) */
+static int64_t tuning_prefetch = 8192;
 static int64_t tuning_chunk = 64;     /* rows per task */
 
 void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }

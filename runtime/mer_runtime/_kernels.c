@@ -1467,13 +1467,15 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
     *acc = _mm512_add_ps(*acc, a);
 }
 
-/* One vector whose x outgrows L1 (over 2 XTILE; a down projection's 14336 columns are 56 KB of float32, which every row read
- * again from L2: Q4_0 exact ran 22 GB/s there against 36 on the 4096 columns of gate and up) is walked in column
- * tiles of XTILE bytes of x: up to 64 rows at a time, each row's blocks of one tile, then the next tile. Each row's
+/* One vector whose x outgrows L1 (over XTILE_MIN: a down projection's 14336 columns are 56 KB of float32, which
+ * every row read again from L2; Q4_0 exact ran 22 GB/s there against 36 on the 4096 columns of gate and up) is
+ * walked in column tiles of XTILE bytes of x: up to 64 rows at a time, each row's blocks of one tile, then the next
+ * tile. Each row's
  * two accumulators wait in memory between tiles, so every lane sees the same FMAs in the same order as in the
  * untiled walk: the same result, to the bit. The prefetch goes to the same place k rows ahead, k the distance in
  * row segments (the walk reads one row's segment, then the next row's). */
-#define XTILE (16 << 10)
+#define XTILE (24 << 10)     /* 24 over 16 KB: Q4_0 4096 x 14336 x1.05, moe() exact x1.04; 8 and 32 KB slower */
+#define XTILE_MIN (32 << 10) /* x of a 4096-wide gate or up (16 KB of float32, 20 KB as Q4_K's layout) stays whole */
 #define XTILE_ROWS 64
 #define DEFINE_ROWS_P512_TILED(NAME, BLK, BB, XPB)                                                                    \
     AVX512_FN void NAME(const mat_t *m, const float *xv, float *out, int64_t r0, int64_t r1, int64_t pf) {         \
@@ -1503,14 +1505,14 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-/* TILED: the function above, for one vector wider than 2 XTILE, or NULL (the four-row walk, kept for sweeps) */
+/* TILED: the function above, for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
 #define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR, TILED)                                                               \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
                         int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                               \
         const float *vs = xp + nvec * nb * (XPB);                                                                   \
         void (*tiled)(const mat_t *, const float *, float *, int64_t, int64_t, int64_t) = TILED;                    \
-        if (tiled && nvec == 1 && nb * (XPB) * 4 > 2 * XTILE) { tiled(m, xp, out, r0, r1, pf); return; }         \
+        if (tiled && nvec == 1 && nb * (XPB) * 4 > XTILE_MIN) { tiled(m, xp, out, r0, r1, pf); return; }        \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                   \
             const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                    \
             const uint8_t *p[NR];                                                                                   \

@@ -1470,10 +1470,9 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
 /* One vector whose x outgrows L1 (over XTILE_MIN: a down projection's 14336 columns are 56 KB of float32, which
  * every row read again from L2; Q4_0 exact ran 22 GB/s there against 36 on the 4096 columns of gate and up) is
  * walked in column tiles of XTILE bytes of x: up to 64 rows at a time, each row's blocks of one tile, then the next
- * tile. Each row's
- * two accumulators wait in memory between tiles, so every lane sees the same FMAs in the same order as in the
- * untiled walk: the same result, to the bit. The prefetch goes to the same place k rows ahead, k the distance in
- * row segments (the walk reads one row's segment, then the next row's). */
+ * tile. Each row's two accumulators wait in memory between tiles, so every lane sees the same FMAs in the same
+ * order as in the untiled walk: the same result, to the bit. The prefetch goes to the same place k rows ahead, k
+ * the distance in row segments (the walk reads one row's segment, then the next row's). */
 #define XTILE (24 << 10)     /* 24 over 16 KB: Q4_0 4096 x 14336 x1.05, moe() exact x1.04; 8 and 32 KB slower */
 #define XTILE_MIN (32 << 10) /* x of a 4096-wide gate or up (16 KB of float32, 20 KB as Q4_K's layout) stays whole */
 #define XTILE_ROWS 64

@@ -1032,6 +1032,10 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
 }
 
+/* the q8 walks' four accumulators (block b in a[b mod 4]) summed in one fixed order, (a0 + a2) + (a1 + a3), which
+ * the 512-bit kernels reproduce lane for lane (DEFINE_ROWS_Q8_512) */
+#define Q8_SUM4(a) hsum256(_mm256_add_ps(_mm256_add_ps((a)[0], (a)[2]), _mm256_add_ps((a)[1], (a)[3])))
+
 #define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
     __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
@@ -1043,24 +1047,28 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[NR][2]; /* even and odd blocks apart, as the one-row walk: the same sums to the bit */     \
-                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm256_setzero_ps();                              \
-                for (int64_t b = 0; b < nb; b++) {                                                                   \
-                    __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
-                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
-                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
-                    for (int i = 0; i < (NR); i++) {                                                                    \
-                        const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][b & 1]); \
+                __m256 a[NR][4]; /* blocks apart by b mod 4, as the one-row walk: the same sums to the bit */      \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm256_setzero_ps();          \
+                for (int64_t b0 = 0; b0 < nb; b0 += 4)                                                               \
+                    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) { /* a[i][k] in registers: k constant */     \
+                        const int64_t b = b0 + k;                                                                    \
+                        if (b >= nb) break;                                                                          \
+                        __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                     \
+                        if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                 \
+                        for (int i = 0; i < (NR); i++) {                                                             \
+                            const uint8_t *blk = p[i] + b * (BB);                                                    \
+                            a[i][k] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][k]); \
+                        }                                                                                            \
                     }                                                                                                \
-                }                                                                                                    \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(_mm256_add_ps(a[i][0], a[i][1]));       \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = Q8_SUM4(a[i]);                                   \
             }                                                                                                        \
         }                                                                                                            \
     }
 
 /* One row a pass, for the default: both scales broadcast straight from memory (the weight's through f16_table), so
- * no vector instruction converts or shuffles them, and two accumulators for alternate blocks. */
+ * no vector instruction converts or shuffles them, and four accumulators, block b into a[b mod 4] (two, for
+ * alternate blocks, left the 512-bit kernel's one dependent FMA a pair on its critical path: 14% slower in cache). */
 #define DEFINE_ROWS_Q8_1(NAME, WLOAD, SCALEP, BB, TGT, DOT)                                                          \
     __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
@@ -1070,10 +1078,10 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             const uint8_t *p = m->data + r * rb;                                                                     \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                                            \
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};  \
                 int64_t b = 0;                                                                                       \
-                for (; b + 2 <= nb; b += 2) {                                                                        \
-                    for (int i = 0; i < 2; i++) {                                                                    \
+                for (; b + 4 <= nb; b += 4) {                                                                        \
+                    for (int i = 0; i < 4; i++) {                                                                    \
                         const uint8_t *blk = p + (b + i) * (BB);                                                     \
                         if (pf && v == 0 && (((b + i) * (BB)) & 63) < (BB)) PF(blk + pf);                           \
                         const __m256i y = _mm256_load_si256((const __m256i *)av[b + i].q);                           \
@@ -1081,13 +1089,14 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
                         a[i] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b + i), a[i]);                                 \
                     }                                                                                                \
                 }                                                                                                    \
-                for (; b < nb; b++) {                                                                                \
-                    const uint8_t *blk = p + b * (BB);                                                               \
-                    const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                   \
-                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b].d));     \
-                    a[0] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b), a[0]);                                         \
+                _Pragma("GCC unroll 3") for (int k = 0; k < 3; k++) { /* b is a multiple of 4 */                    \
+                    if (b + k >= nb) break;                                                                          \
+                    const uint8_t *blk = p + (b + k) * (BB);                                                         \
+                    const __m256i y = _mm256_load_si256((const __m256i *)av[b + k].q);                               \
+                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b + k].d)); \
+                    a[k] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b + k), a[k]);                                     \
                 }                                                                                                    \
-                out[v * os + r] = hsum256(_mm256_add_ps(a[0], a[1]));                                                \
+                out[v * os + r] = Q8_SUM4(a);                                                                        \
             }                                                                                                        \
         }                                                                                                            \
     }
@@ -1249,10 +1258,11 @@ AVX512 float hsum512(__m512 a) {
 }
 
 /* ---- Q8_0 activations, two blocks an instruction: lanes 0-7 hold block b, lanes 8-15 block b + 1, each lane the
- * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Block b's
- * float products go to the low half of one accumulator and block b + 1's to the high half, which is exactly the
- * AVX2 one-row walk's two accumulators (alternate blocks), and an odd last block goes to the low half: the result
- * equals the AVX2 kernels' to the bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
+ * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Pairs
+ * alternate between two accumulators, and block b's float products go to the low half of one and block b + 1's to
+ * the high half: the four halves are exactly the AVX2 walks' four accumulators (block b in a[b mod 4]), an odd last
+ * block goes to its own, and they are summed in the same order (Q8_SUM4): the result equals the AVX2 kernels' to the
+ * bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
 
 /* two Q4_0 (or MXFP4) blocks' nibbles, unsigned, in element order: [b0 low | b0 high | b1 low | b1 high] */
 AVX512 __m512i nibbles64_u(const uint8_t *p0, const uint8_t *p1) {
@@ -1301,6 +1311,21 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
 #define W2_Q4_0 nibbles64_u(b0 + 2, b1 + 2)
 #define W2_MXFP4 mxfp4_vals64(b0 + 1, b1 + 1)
 
+/* one pair of blocks (c, c + 1) of every row of the pass into accumulator k, scales one pair at a time */
+#define Q8_PAIR_512(c, k, NR, BB, SP, W2, DOT2)                                                              \
+    do {                                                                                                             \
+        const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(dv[c]), 0xFF00, _mm_set_ss(dv[(c) + 1]));         \
+        for (int i = 0; i < (NR); i++) {                                                                             \
+            const uint8_t *b0 = p[i] + (c) * (BB), *b1 = b0 + (BB);                                                  \
+            if (pf && v == 0) {                                                                                      \
+                if ((((c) * (BB)) & 63) < (BB)) PF(b0 + pf);                                                         \
+                if (((((c) + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                                   \
+            }                                                                                                        \
+            const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1)));       \
+            a[i][k] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, pv + ((c) >> 1)), a[i][k]);                      \
+        }                                                                                                            \
+    } while (0)
+
 /* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u). ap: the activations as
  * q8_pairs made them (ax, the Q8_0 blocks, only for a last odd block). With SC8 (Q4_0), eight blocks at a time: their
  * scales times the activations' in one multiply (the same float products as one pair at a time), and each pair's
@@ -1317,8 +1342,8 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
                 const q80_t *av = ax + v * (xs / 32);                                                                \
                 const q8pair_t *pv = ap.p + v * np;                                                                  \
                 const float *dv = ap.d + v * nb;                                                                     \
-                __m512 a[NR];                                                                                        \
-                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                           \
+                __m512 a[NR][2]; /* pair j into a[j mod 2]: lanes 0-7 of a[0] hold blocks 4k, 8-15 blocks 4k + 1 */  \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm512_setzero_ps();                              \
                 int64_t b = 0;                                                                                       \
                 if (SC8)                                                                                             \
                     for (; b + 8 <= nb; b += 8) {                                                                    \
@@ -1334,31 +1359,27 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
                                 const __m512i lh = _mm512_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, \
                                     2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, \
                                     2 * j + 1);                                                                      \
-                                a[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lh, t8), DOT2(W2, pv + b / 2 + j), a[i]); \
+                                a[i][j & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lh, t8), DOT2(W2, pv + (b >> 1) + j), \
+                                                              a[i][j & 1]);                                          \
                             }                                                                                        \
                         }                                                                                            \
                     }                                                                                                \
-                for (; b + 2 <= nb; b += 2) {                                                                        \
-                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(dv[b]), 0xFF00, _mm_set_ss(dv[b + 1])); \
-                    for (int i = 0; i < (NR); i++) {                                                                 \
-                        const uint8_t *b0 = p[i] + b * (BB), *b1 = b0 + (BB);                                        \
-                        if (pf && v == 0) {                                                                          \
-                            if (((b * (BB)) & 63) < (BB)) PF(b0 + pf);                                               \
-                            if ((((b + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                         \
-                        }                                                                                            \
-                        const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1))); \
-                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, pv + b / 2), a[i]);                     \
-                    }                                                                                                \
+                /* pairs one at a time from an even pair on (b is a multiple of 8 or 0), alternate accumulators */  \
+                for (; b + 4 <= nb; b += 4) {                                                                        \
+                    Q8_PAIR_512(b, 0, NR, BB, SP, W2, DOT2);                                                         \
+                    Q8_PAIR_512(b + 2, 1, NR, BB, SP, W2, DOT2);                                                     \
                 }                                                                                                    \
+                if (b + 2 <= nb) { Q8_PAIR_512(b, 0, NR, BB, SP, W2, DOT2); b += 2; }                                \
                 for (int i = 0; i < nr; i++) {                                                                       \
-                    __m256 lo = _mm512_castps512_ps256(a[i]);                                                        \
-                    if (b < nb) {                                                                                    \
+                    __m256 t4[4] = {_mm512_castps512_ps256(a[i][0]), _mm512_extractf32x8_ps(a[i][0], 1),             \
+                                    _mm512_castps512_ps256(a[i][1]), _mm512_extractf32x8_ps(a[i][1], 1)};            \
+                    if (b < nb) { /* a last odd block, b even: into block b's accumulator, t4[b mod 4] */           \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
                         const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                               \
                         const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SP(blk)), _mm256_broadcast_ss(&av[b].d)); \
-                        lo = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), lo);                                            \
+                        t4[b & 3] = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), t4[b & 3]);                              \
                     }                                                                                                \
-                    out[v * os + r + i] = hsum256(_mm256_add_ps(lo, _mm512_extractf32x8_ps(a[i], 1)));              \
+                    out[v * os + r + i] = Q8_SUM4(t4);                                                               \
                 }                                                                                                    \
             }                                                                                                        \
         }                                                                                                            \

@@ -272,7 +272,7 @@ def main() -> None:
         if a.sweep_prefetch and kernels._LIB is not None:
             default = kernels._LIB.mer_get_prefetch()
             res = []
-            for pf in (0, 256, 512, 768, 1024, 2048, 4096):
+            for pf in (0, 1024, 2048, 4096, 8192, 16384):
                 kernels._LIB.mer_set_prefetch(pf)
                 res.append(f"{pf}: {total / best(a.repeat, lambda: [kernels.matvec(name, m, (rows, cols), x) for m in mats]) / 1e9:.2f}")
             kernels._LIB.mer_set_prefetch(default)

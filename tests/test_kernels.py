@@ -718,13 +718,15 @@ def _matvec_walk(qt, raw, rows, cols, x, walk, act, flags=0):
 @needs_avx512
 @pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
-def test_avx512_q8_equals_avx2_to_the_bit(qt, walk):
+@pytest.mark.parametrize("cols", [1056, 1120])
+def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
     """The AVX-512 q8 kernels (512-bit vpdpbusd, two blocks an instruction) sum the same integers as the AVX2 ones
     and add the blocks' products in the AVX2 walks' order: equal to the bit to the AVX-VNNI and maddubs kernels,
     one row a pass and four, on an odd row count (a short last pass), an odd number of blocks (a
-    last block alone) and a batch of 3; within the documented q8 error of float64, and exact on the activation grid."""
+    last block alone) and a batch of 3; within the documented q8 error of float64, and exact on the activation grid.
+    33 blocks are four groups of eight (Q4_0's scales eight at a time) and a last block; 35 leave a pair between."""
     rng = np.random.default_rng(51)
-    rows, cols = 255, 1056
+    rows = 255
     raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
     ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
@@ -767,6 +769,29 @@ def test_avx512_exact(qt, walk):
             _check_exact_on_adversarial(qt, *adversarial[qt], -1)
         finally:
             kernels._LIB.mer_set_rows(0)
+
+
+@needs_avx512
+@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656), (T.Q6_K, 8448)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
+    """One vector over 32 KB of float32 (a down projection's) is walked in column tiles, each row's accumulators kept
+    between tiles: the same sums in the same order as the untiled walk (which a batch of two takes), to the bit, and
+    within float32 rounding of float64; a task of 130 rows (past one group of 64), a last tile of an odd number of
+    blocks (Q4_0, MXFP4: 65, Q6_K: 9) or an even one (Q4_K, Q5_K: 8)."""
+    rng = np.random.default_rng(56)
+    rows = 130
+    raw = random_matrix(qt, rows, cols, rng)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    ref = x[0].astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    kernels._LIB.mer_set_chunk(rows + 2)
+    try:
+        one = matvec(qt.name, raw, (rows, cols), x[0])
+        two = matvec(qt.name, raw, (rows, cols), x)
+    finally:
+        kernels._LIB.mer_set_chunk(64)
+    np.testing.assert_array_equal(one, two[0])
+    assert rel(one, ref) < TOL
 
 
 @needs_avx512

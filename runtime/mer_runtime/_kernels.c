@@ -46,7 +46,7 @@
 #define MER_FLAG_NO_AVX512 32 /* the AVX2 kernels even where AVX-512 exists (tests and the A/B benchmark) */
 
 /* layouts of x permuted for the kernels that read quantized bytes as dwords (see perm_prepare) */
-enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, N_LAYOUTS = 6 };
+enum { L_NONE = 0, L_Q4_0 = 1, L_Q8_0 = 2, L_QK45 = 3, L_Q4_0X = 4, L_Q6K = 5, L_NAT = 6, N_LAYOUTS = 7 };
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_MXFP4 = 39 };
 
@@ -70,8 +70,11 @@ int mer_has_type(int type) { int64_t a, b; return type_block(type, &a, &b); }
 
 /* bytes ahead in each row. 2048 over 1024, alternated under the bench lock (2-core Zen 3, streaming 0.7 GB, medians
  * of 4-6 rounds): Q4_0 act="q8" 19.4 -> 20.8 and 19.5 -> 21.7 GB/s, Q4_K q8 22.1 -> 24.2, Q6_K q8 17.7 -> 18.8,
- * Q8_0 exact 16.8 -> 17.8, Q4_0 exact 12.7 -> 13.2 (4096: as 2048 within noise) */
-static int64_t tuning_prefetch = 2048;
+ * Q8_0 exact 16.8 -> 17.8, Q4_0 exact 12.7 -> 13.2 (4096: as 2048 within noise). 8192 over 2048 on the 2-core Zen 5
+ * with AVX-512 (2 threads, distances alternated in one process, medians of 5 rounds, 2026-11-30 08:27 UTC): Q4_0
+ * exact 29.7 -> 38.6 GB/s, Q8_0 exact 29.5 -> 41.3, q8 Q8_0 41.3 -> 44.1, Q6_K q8 26.6 -> 30.5, the others equal
+ * or a little faster; moe() Q4_0 steps/s 75.7 -> 94.9 exact, 113.5 -> 134.6 q8 (docs/runtime.md) */
+static int64_t tuning_prefetch = 8192;
 static int64_t tuning_chunk = 64;     /* rows per task */
 
 void mer_set_prefetch(int64_t bytes) { tuning_prefetch = bytes < 0 ? 0 : bytes; }
@@ -302,11 +305,51 @@ static int quantize_q8(const float *x, int64_t n, q80_t *y, int simd) {
     return inf;
 }
 
-_Static_assert(sizeof(q80_t) % 32 == 0, "q80_t keeps q 32-byte aligned in an array (aligned loads, aligned_alloc)");
+_Static_assert(sizeof(q80_t) % 64 == 0, "q80_t keeps q 32-byte aligned and each block in one line (aligned_alloc)");
 
-static q80_t *alloc_q80(int64_t nblocks) {
-    return aligned_alloc(32, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
+static q80_t *alloc_q80(int64_t nblocks) { /* 64: a block is one cache line, never two */
+    return aligned_alloc(64, sizeof(q80_t) * (size_t)(nblocks > 0 ? nblocks : 1));
 }
+
+/* Q8_0 activations rearranged once per call for the AVX-512 two-block kernels (q8_pairs): per two blocks their 64
+ * bytes of q, one load, and their lane sums s8 negated as int32, which Q4_0's vpdpbusd starts from (the same int32
+ * as the product less s8, without the widening and the subtraction per pair); every block's float scale in an array
+ * of its own, so that eight blocks' scales meet the weights' in one multiply. 128 + 8 bytes per two blocks. */
+typedef struct { int8_t q[64]; int32_t s[16]; } q8pair_t;
+typedef struct { q8pair_t *p; float *d; } q8p_t; /* vector v: pairs p + v * (nb / 2), scales d + v * nb */
+
+/* room for n vectors of nb blocks; 0, or MER_ENOMEM with nothing left allocated */
+static int q8_pairs_alloc(int64_t n, int64_t nb, q8p_t *out) {
+    out->p = aligned_alloc(64, sizeof(q8pair_t) * (size_t)(n * (nb / 2) > 0 ? n * (nb / 2) : 1));
+    out->d = aligned_alloc(64, (sizeof(float) * (size_t)(n * nb) + 63) / 64 * 64);
+    if (out->p && out->d) return MER_OK;
+    free(out->p); free(out->d); out->p = NULL; out->d = NULL;
+    return MER_ENOMEM;
+}
+
+/* n vectors of nb Q8_0 blocks (a) into out's first n vectors */
+static void q8_pairs_fill(const q80_t *a, int64_t n, int64_t nb, q8p_t out) {
+    const int64_t np = nb / 2;
+    for (int64_t v = 0; v < n; v++) {
+        const q80_t *av = a + v * nb;
+        for (int64_t j = 0; j < np; j++) {
+            q8pair_t *pr = out.p + v * np + j;
+            for (int h = 0; h < 2; h++) {
+                memcpy(pr->q + 32 * h, av[2 * j + h].q, 32);
+                for (int i = 0; i < 8; i++) pr->s[8 * h + i] = -(int32_t)av[2 * j + h].s8[i];
+            }
+        }
+        for (int64_t b = 0; b < nb; b++) out.d[v * nb + b] = av[b].d;
+    }
+}
+
+/* vectors [v, ...) of a pair buffer made for vectors of nb blocks */
+static q8p_t q8_pairs_at(q8p_t a, int64_t v, int64_t nb) {
+    if (a.p) { a.p += v * (nb / 2); a.d += v * nb; }
+    return a;
+}
+
+static void q8_pairs_free(q8p_t *p) { free(p->p); free(p->d); p->p = NULL; p->d = NULL; }
 
 /* activations for K-quant weights, one per 256 values (ggml's Q8_K idea: one float scale per weight block, so the
  * integer sums of a whole block are formed before one conversion to float; the per-16 and per-32 sums of q let the
@@ -921,7 +964,10 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
     int64_t qk = layout == L_QK45 || layout == L_Q6K ? 256 : 32, nb = cols / qk;
     const int scaled = layout == L_Q4_0X || layout == L_QK45 || layout == L_Q6K;
     const float tiny = layout == L_QK45 ? QK45_TINY : layout == L_Q6K ? Q6K_TINY : Q4_0X_TINY;
-    float *xp = malloc(sizeof(float) * (size_t)(n * nb * xpb + n)), *tmp = NULL;
+    /* 64-byte aligned: every layout's block is a whole number of cache lines, so no 512-bit load of x splits
+     * across two (malloc's 16-byte alignment split every one: the AVX-512 exact Q4_0 kernel ran 1.36x faster in
+     * cache, one thread, once aligned) */
+    float *xp = aligned_alloc(64, (sizeof(float) * (size_t)(n * nb * xpb + n) + 63) / 64 * 64), *tmp = NULL;
     if (!xp) return NULL;
     float *vscale = xp + n * nb * xpb;
     int seen_inf = 0;
@@ -954,6 +1000,7 @@ static float *perm_prepare_x86(int layout, const float *x, int64_t n, int64_t co
         }
         float *out = xp + v * nb * xpb;
         if (layout == L_Q4_0) perm_q4_0(xv, out, nb);
+        else if (layout == L_NAT) memcpy(out, xv, sizeof(float) * (size_t)cols); /* only aligned */
         else if (layout == L_Q4_0X) perm_q4_0x(xv, out, nb);
         else if (layout == L_Q8_0) perm_q8_0(xv, out, nb);
         else if (layout == L_Q6K) perm_q6k(xv, out, nb);
@@ -985,6 +1032,10 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_cvtepi16_epi32(_mm_load_si128((const __m128i *)a->s8))));
 }
 
+/* the q8 walks' four accumulators (block b in a[b mod 4]) summed in one fixed order, (a0 + a2) + (a1 + a3), which
+ * the 512-bit kernels reproduce lane for lane (DEFINE_ROWS_Q8_512) */
+#define Q8_SUM4(a) hsum256(_mm256_add_ps(_mm256_add_ps((a)[0], (a)[2]), _mm256_add_ps((a)[1], (a)[3])))
+
 #define DEFINE_ROWS_Q8(NAME, WLOAD, SCALE, BB, TGT, DOT, NR)                                                            \
     __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
@@ -996,24 +1047,28 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                                \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[NR][2]; /* even and odd blocks apart, as the one-row walk: the same sums to the bit */     \
-                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm256_setzero_ps();                              \
-                for (int64_t b = 0; b < nb; b++) {                                                                   \
-                    __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                         \
-                    if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                    \
-                        for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                        \
-                    for (int i = 0; i < (NR); i++) {                                                                    \
-                        const uint8_t *blk = p[i] + b * (BB);                                                        \
-                        a[i][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][b & 1]); \
+                __m256 a[NR][4]; /* blocks apart by b mod 4, as the one-row walk: the same sums to the bit */      \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm256_setzero_ps();          \
+                for (int64_t b0 = 0; b0 < nb; b0 += 4)                                                               \
+                    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) { /* a[i][k] in registers: k constant */     \
+                        const int64_t b = b0 + k;                                                                    \
+                        if (b >= nb) break;                                                                          \
+                        __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                     \
+                        if (pf && v == 0 && ((b * (BB)) & 63) < (BB))                                                \
+                            for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf);                                 \
+                        for (int i = 0; i < (NR); i++) {                                                             \
+                            const uint8_t *blk = p[i] + b * (BB);                                                    \
+                            a[i][k] = _mm256_fmadd_ps(_mm256_set1_ps(SCALE * av[b].d), DOT(WLOAD, y, av + b), a[i][k]); \
+                        }                                                                                            \
                     }                                                                                                \
-                }                                                                                                    \
-                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum256(_mm256_add_ps(a[i][0], a[i][1]));       \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = Q8_SUM4(a[i]);                                   \
             }                                                                                                        \
         }                                                                                                            \
     }
 
 /* One row a pass, for the default: both scales broadcast straight from memory (the weight's through f16_table), so
- * no vector instruction converts or shuffles them, and two accumulators for alternate blocks. */
+ * no vector instruction converts or shuffles them, and four accumulators, block b into a[b mod 4] (two, for
+ * alternate blocks, left the 512-bit kernel's one dependent FMA a pair on its critical path: 14% slower in cache). */
 #define DEFINE_ROWS_Q8_1(NAME, WLOAD, SCALEP, BB, TGT, DOT)                                                          \
     __attribute__((target(TGT))) static void NAME(const mat_t *m, const q80_t *ax, int64_t nvec,                    \
                                                   int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1,       \
@@ -1023,10 +1078,10 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
             const uint8_t *p = m->data + r * rb;                                                                     \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m256 a[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                                            \
+                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};  \
                 int64_t b = 0;                                                                                       \
-                for (; b + 2 <= nb; b += 2) {                                                                        \
-                    for (int i = 0; i < 2; i++) {                                                                    \
+                for (; b + 4 <= nb; b += 4) {                                                                        \
+                    for (int i = 0; i < 4; i++) {                                                                    \
                         const uint8_t *blk = p + (b + i) * (BB);                                                     \
                         if (pf && v == 0 && (((b + i) * (BB)) & 63) < (BB)) PF(blk + pf);                           \
                         const __m256i y = _mm256_load_si256((const __m256i *)av[b + i].q);                           \
@@ -1034,13 +1089,14 @@ AVX2 __m256 dot_u4_q8(__m256i w, __m256i y, const q80_t *a) {
                         a[i] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b + i), a[i]);                                 \
                     }                                                                                                \
                 }                                                                                                    \
-                for (; b < nb; b++) {                                                                                \
-                    const uint8_t *blk = p + b * (BB);                                                               \
-                    const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                                   \
-                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b].d));     \
-                    a[0] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b), a[0]);                                         \
+                _Pragma("GCC unroll 3") for (int k = 0; k < 3; k++) { /* b is a multiple of 4 */                    \
+                    if (b + k >= nb) break;                                                                          \
+                    const uint8_t *blk = p + (b + k) * (BB);                                                         \
+                    const __m256i y = _mm256_load_si256((const __m256i *)av[b + k].q);                               \
+                    const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SCALEP), _mm256_broadcast_ss(&av[b + k].d)); \
+                    a[k] = _mm256_fmadd_ps(t, DOT(WLOAD, y, av + b + k), a[k]);                                     \
                 }                                                                                                    \
-                out[v * os + r] = hsum256(_mm256_add_ps(a[0], a[1]));                                                \
+                out[v * os + r] = Q8_SUM4(a);                                                                        \
             }                                                                                                        \
         }                                                                                                            \
     }
@@ -1202,10 +1258,11 @@ AVX512 float hsum512(__m512 a) {
 }
 
 /* ---- Q8_0 activations, two blocks an instruction: lanes 0-7 hold block b, lanes 8-15 block b + 1, each lane the
- * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Block b's
- * float products go to the low half of one accumulator and block b + 1's to the high half, which is exactly the
- * AVX2 one-row walk's two accumulators (alternate blocks), and an odd last block goes to the low half: the result
- * equals the AVX2 kernels' to the bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
+ * same int32 as the AVX2 paths' lane (one vpdpbusd = their maddubs + madd; neither can saturate here). Pairs
+ * alternate between two accumulators, and block b's float products go to the low half of one and block b + 1's to
+ * the high half: the four halves are exactly the AVX2 walks' four accumulators (block b in a[b mod 4]), an odd last
+ * block goes to its own, and they are summed in the same order (Q8_SUM4): the result equals the AVX2 kernels' to the
+ * bit, whatever the rows per pass (test_avx512_q8_equals_avx2_to_the_bit). */
 
 /* two Q4_0 (or MXFP4) blocks' nibbles, unsigned, in element order: [b0 low | b0 high | b1 low | b1 high] */
 AVX512 __m512i nibbles64_u(const uint8_t *p0, const uint8_t *p1) {
@@ -1219,19 +1276,25 @@ AVX512 __m512i mxfp4_vals64(const uint8_t *p0, const uint8_t *p1) {
     return _mm512_shuffle_epi8(table, nibbles64_u(p0, p1));
 }
 
-/* unsigned nibbles times the activations, less 8 * their lane sums (s8): as dot_u4_q8 */
-AVX512 __m512 dot2_u4(__m512i w, __m512i y, const q80_t *a) {
-    const __m256i s8 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)a[0].s8)),
-                                               _mm_load_si128((const __m128i *)a[1].s8), 1);
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, y),
-                                               _mm512_cvtepi16_epi32(s8)));
+/* unsigned nibbles times the activations, less 8 * their lane sums: as dot_u4_q8, starting from -s8 (q8_pairs) */
+AVX512 __m512 dot2_u4(__m512i w, const q8pair_t *pr) {
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_load_si512(pr->s), w, _mm512_load_si512(pr->q)));
 }
 
 /* signed weights: |w| times y with w's sign (ggml's sign trick, with a mask: AVX-512 has no vpsignb) */
-AVX512 __m512 dot2_i8(__m512i w, __m512i y, const q80_t *a) {
-    (void)a;
+AVX512 __m512 dot2_i8(__m512i w, const q8pair_t *pr) {
+    const __m512i y = _mm512_load_si512(pr->q);
     const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y);
     return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy));
+}
+
+/* the f16 scales of eight Q4_0 blocks (144 bytes from q; the words 9 apart): two loads, one vpermt2w and one
+ * vcvtph2ps instead of eight table loads and four merges (the same floats: f16 converts exactly) */
+AVX512 __m256 scales8_f16(const uint8_t *q) {
+    const __m512i idx = _mm512_setr_epi32(0 | 9 << 16, 18 | 27 << 16, 36 | 45 << 16, 54 | 63 << 16, 0, 0, 0, 0, 0, 0,
+                                          0, 0, 0, 0, 0, 0);
+    const __m512i h = _mm512_permutex2var_epi16(_mm512_loadu_si512(q), idx, _mm512_loadu_si512(q + 64));
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(h));
 }
 
 AVX512 __m256 dot1_u4(__m256i w, __m256i y, const q80_t *a) {
@@ -1248,44 +1311,75 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
 #define W2_Q4_0 nibbles64_u(b0 + 2, b1 + 2)
 #define W2_MXFP4 mxfp4_vals64(b0 + 1, b1 + 1)
 
-/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u) */
-#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, NR)                                                     \
-    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, int64_t nvec, int64_t xs, float *out, int64_t os,          \
-                        int64_t r0, int64_t r1, int64_t pf) {                                                        \
-        const int64_t nb = m->nblk, rb = m->rowbytes;                                                                \
+/* one pair of blocks (c, c + 1) of every row of the pass into accumulator k, scales one pair at a time */
+#define Q8_PAIR_512(c, k, NR, BB, SP, W2, DOT2)                                                              \
+    do {                                                                                                             \
+        const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(dv[c]), 0xFF00, _mm_set_ss(dv[(c) + 1]));         \
+        for (int i = 0; i < (NR); i++) {                                                                             \
+            const uint8_t *b0 = p[i] + (c) * (BB), *b1 = b0 + (BB);                                                  \
+            if (pf && v == 0) {                                                                                      \
+                if ((((c) * (BB)) & 63) < (BB)) PF(b0 + pf);                                                         \
+                if (((((c) + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                                   \
+            }                                                                                                        \
+            const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1)));       \
+            a[i][k] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, pv + ((c) >> 1)), a[i][k]);                      \
+        }                                                                                                            \
+    } while (0)
+
+/* NR rows a pass, each row the one-row walk above (see the comment before nibbles64_u). ap: the activations as
+ * q8_pairs made them (ax, the Q8_0 blocks, only for a last odd block). With SC8 (Q4_0), eight blocks at a time: their
+ * scales times the activations' in one multiply (the same float products as one pair at a time), and each pair's
+ * two products picked from those eight by one vpermps; the pairs left over, and MXFP4's, one pair at a time. */
+#define DEFINE_ROWS_Q8_512(NAME, W2, W1, SP, BB, DOT2, DOT1, SC8, NR)                                                 \
+    AVX512_FN void NAME(const mat_t *m, const q80_t *ax, q8p_t ap, int64_t nvec, int64_t xs, float *out,           \
+                        int64_t os, int64_t r0, int64_t r1, int64_t pf) {                                            \
+        const int64_t nb = m->nblk, rb = m->rowbytes, np = nb / 2;                                                   \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                    \
             const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                     \
             const uint8_t *p[NR];                                                                                    \
             for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                             \
             for (int64_t v = 0; v < nvec; v++) {                                                                     \
                 const q80_t *av = ax + v * (xs / 32);                                                                \
-                __m512 a[NR];                                                                                        \
-                for (int i = 0; i < (NR); i++) a[i] = _mm512_setzero_ps();                                           \
+                const q8pair_t *pv = ap.p + v * np;                                                                  \
+                const float *dv = ap.d + v * nb;                                                                     \
+                __m512 a[NR][2]; /* pair j into a[j mod 2]: lanes 0-7 of a[0] hold blocks 4k, 8-15 blocks 4k + 1 */  \
+                for (int i = 0; i < (NR); i++) a[i][0] = a[i][1] = _mm512_setzero_ps();                              \
                 int64_t b = 0;                                                                                       \
-                for (; b + 2 <= nb; b += 2) {                                                                        \
-                    const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)av[b].q)), \
-                                                         _mm256_load_si256((const __m256i *)av[b + 1].q), 1);        \
-                    const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(av[b].d), 0xFF00,                     \
-                                                                _mm_set_ss(av[b + 1].d));                            \
-                    for (int i = 0; i < (NR); i++) {                                                                 \
-                        const uint8_t *b0 = p[i] + b * (BB), *b1 = b0 + (BB);                                        \
-                        if (pf && v == 0) {                                                                          \
-                            if (((b * (BB)) & 63) < (BB)) PF(b0 + pf);                                               \
-                            if ((((b + 1) * (BB)) & 63) < (BB)) PF(b1 + pf);                                         \
+                if (SC8)                                                                                             \
+                    for (; b + 8 <= nb; b += 8) {                                                                    \
+                        if (pf && v == 0) /* every line that starts within the eight blocks */                      \
+                            for (int64_t o = -(b * (BB)) & 63; o < 8 * (BB); o += 64)                                \
+                                for (int i = 0; i < (NR); i++) PF(p[i] + b * (BB) + pf + o);                         \
+                        const __m256 d8 = _mm256_loadu_ps(dv + b);                                                   \
+                        for (int i = 0; i < (NR); i++) {                                                             \
+                            const uint8_t *q = p[i] + b * (BB);                                                      \
+                            const __m512 t8 = _mm512_castps256_ps512(_mm256_mul_ps(scales8_f16(q), d8));             \
+                            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                    \
+                                const uint8_t *b0 = q + 2 * (BB) * j, *b1 = b0 + (BB);                               \
+                                const __m512i lh = _mm512_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, \
+                                    2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, \
+                                    2 * j + 1);                                                                      \
+                                a[i][j & 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lh, t8), DOT2(W2, pv + (b >> 1) + j), \
+                                                              a[i][j & 1]);                                          \
+                            }                                                                                        \
                         }                                                                                            \
-                        const __m512 s = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*SP(b0)), 0xFF00, _mm_set_ss(*SP(b1))); \
-                        a[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, d), DOT2(W2, y, av + b), a[i]);                      \
                     }                                                                                                \
+                /* pairs one at a time from an even pair on (b is a multiple of 8 or 0), alternate accumulators */  \
+                for (; b + 4 <= nb; b += 4) {                                                                        \
+                    Q8_PAIR_512(b, 0, NR, BB, SP, W2, DOT2);                                                         \
+                    Q8_PAIR_512(b + 2, 1, NR, BB, SP, W2, DOT2);                                                     \
                 }                                                                                                    \
+                if (b + 2 <= nb) { Q8_PAIR_512(b, 0, NR, BB, SP, W2, DOT2); b += 2; }                                \
                 for (int i = 0; i < nr; i++) {                                                                       \
-                    __m256 lo = _mm512_castps512_ps256(a[i]);                                                        \
-                    if (b < nb) {                                                                                    \
+                    __m256 t4[4] = {_mm512_castps512_ps256(a[i][0]), _mm512_extractf32x8_ps(a[i][0], 1),             \
+                                    _mm512_castps512_ps256(a[i][1]), _mm512_extractf32x8_ps(a[i][1], 1)};            \
+                    if (b < nb) { /* a last odd block, b even: into block b's accumulator, t4[b mod 4] */           \
                         const uint8_t *blk = p[i] + b * (BB);                                                        \
                         const __m256i y = _mm256_load_si256((const __m256i *)av[b].q);                               \
                         const __m256 t = _mm256_mul_ps(_mm256_broadcast_ss(SP(blk)), _mm256_broadcast_ss(&av[b].d)); \
-                        lo = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), lo);                                            \
+                        t4[b & 3] = _mm256_fmadd_ps(t, DOT1(W1, y, av + b), t4[b & 3]);                              \
                     }                                                                                                \
-                    out[v * os + r + i] = hsum256(_mm256_add_ps(lo, _mm512_extractf32x8_ps(a[i], 1)));              \
+                    out[v * os + r + i] = Q8_SUM4(t4);                                                               \
                 }                                                                                                    \
             }                                                                                                        \
         }                                                                                                            \
@@ -1293,26 +1387,23 @@ AVX512 __m256 dot1_i8(__m256i w, __m256i y, const q80_t *a) {
 
 #define SPF_F16(p) f16_at(p)
 #define SPF_E8M0(p) (&e8m0_table[(p)[0]])
-DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 4)
-DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1)
-DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 4)
-DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 1)
+DEFINE_ROWS_Q8_512(rows_512_q4_0, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1, 4)
+DEFINE_ROWS_Q8_512(rows_512_q4_0_1, W2_Q4_0, W_Q4_0U, SPF_F16, 18, dot2_u4, dot1_u4, 1, 1)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 0, 4)
+DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, dot1_i8, 0, 1)
 
-/* 4-bit codes through a table, exact, 16 lanes, on the Q4_0 permutation (x as it is, no pre-scaling): a 512-bit
- * vpermps takes 4 index bits, so a nibble shifted down (no mask: the bits above it are ignored) indexes a table of
- * the 16 values, sign included. Per 16 values a shift, a permute and an FMA: the AVX2 kernels need per 8 values
- * and, sub, cvt, fma (Q4_0) or a shift, a permute, three for MXFP4's sign and an FMA. Groups g and g + 1 of a block
- * lie side by side (their permuted x are adjacent). Each product is the float32 value * x of a plain decode; the
- * sums are grouped (g0 + g2) and (g1 + g3) before the halves meet. */
-AVX512 void pblk_tab16_512(const uint8_t *q, __m512 T, float d, const float *xp, __m512 *acc) {
-    const __m512i B = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
-    __m512 s = _mm512_setzero_ps();
-    _Pragma("GCC unroll 2") for (int g = 0; g < 4; g += 2) {
-        const int a0 = 8 * g, a1 = 8 * g + 4, c0 = 8 * g + 8, c1 = 8 * g + 12;
-        const __m512i sh = _mm512_setr_epi32(a0, a0, a0, a0, a1, a1, a1, a1, c0, c0, c0, c0, c1, c1, c1, c1);
-        const __m512 v = _mm512_permutexvar_ps(_mm512_srlv_epi32(B, sh), T);
-        s = g ? _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + 8 * g), s) : _mm512_mul_ps(v, _mm512_loadu_ps(xp));
-    }
+/* 4-bit codes through a table, exact, 16 lanes, x in its own order (L_NAT: unscaled, 64-byte aligned): a 512-bit
+ * vpermps takes 4 index bits, so it reads byte j's low nibble (element j) straight from the zero-extended bytes
+ * (vpmovzxbd, lane j = byte j; the bits above are ignored) and, after one shift by 4, its high nibble (element j +
+ * 16), each through a table of the 16 values, sign included. Per 16 values a widening or a shift, a permute and an
+ * FMA: the AVX2 kernels need per 8 values and, sub, cvt, fma (Q4_0) or a shift, a permute, three for MXFP4's sign
+ * and an FMA. Each product is the float32 value * x of a plain decode; elements j and j + 16 meet in one lane
+ * before the lanes are summed. The first form (a broadcast of the 16 bytes and a variable shift per 16 values, on
+ * the Q4_0 permutation) was 8-10% slower in cache (below). */
+AVX512 void pblk_tab16_512(const uint8_t *q, __m512 T, float d, const float *xv, __m512 *acc) {
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)); /* lane j: byte j, both nibbles */
+    const __m512 lo = _mm512_permutexvar_ps(z, T), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), T);
+    const __m512 s = _mm512_fmadd_ps(hi, _mm512_load_ps(xv + 16), _mm512_mul_ps(lo, _mm512_load_ps(xv)));
     *acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, *acc);
 }
 
@@ -1397,11 +1488,51 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
     *acc = _mm512_add_ps(*acc, a);
 }
 
-#define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR)                                                                      \
+/* One vector whose x outgrows L1 (over XTILE_MIN: a down projection's 14336 columns are 56 KB of float32, which
+ * every row read again from L2; Q4_0 exact ran 22 GB/s there against 36 on the 4096 columns of gate and up) is
+ * walked in column tiles of XTILE bytes of x: up to 64 rows at a time, each row's blocks of one tile, then the next
+ * tile. Each row's two accumulators wait in memory between tiles, so every lane sees the same FMAs in the same
+ * order as in the untiled walk: the same result, to the bit. The prefetch goes to the same place k rows ahead, k
+ * the distance in row segments (the walk reads one row's segment, then the next row's). */
+#define XTILE (24 << 10)     /* 24 over 16 KB: Q4_0 4096 x 14336 x1.05, moe() exact x1.04; 8 and 32 KB slower */
+#define XTILE_MIN (32 << 10) /* x of a 4096-wide gate or up (16 KB of float32, 20 KB as Q4_K's layout) stays whole */
+#define XTILE_ROWS 64
+#define DEFINE_ROWS_P512_TILED(NAME, BLK, BB, XPB)                                                                    \
+    AVX512_FN void NAME(const mat_t *m, const float *xv, float *out, int64_t r0, int64_t r1, int64_t pf) {         \
+        const int64_t nb = m->nblk, rb = m->rowbytes, tb = (XTILE / (4 * (XPB))) & ~(int64_t)1;                     \
+        const float vs = xv[nb * (XPB)];                                                                            \
+        __m512 acc[XTILE_ROWS][2];                                                                                  \
+        for (int64_t g = r0; g < r1; g += XTILE_ROWS) {                                                             \
+            const int nr = r1 - g < XTILE_ROWS ? (int)(r1 - g) : XTILE_ROWS;                                        \
+            for (int i = 0; i < nr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();                               \
+            for (int64_t t = 0; t < nb; t += tb) {                                                                  \
+                const int64_t te = t + tb < nb ? t + tb : nb, ahead = (1 + pf / ((te - t) * (BB))) * rb;           \
+                for (int i = 0; i < nr; i++) {                                                                      \
+                    const uint8_t *p = m->data + (g + i) * rb;                                                      \
+                    __m512 a = acc[i][0], a1 = acc[i][1];                                                           \
+                    int64_t b = t;                                                                                  \
+                    for (; b + 2 <= te; b += 2) {                                                                   \
+                        if (pf)                                                                                     \
+                            for (int64_t o = -(b * (BB)) & 63; o < 2 * (BB); o += 64) PF(p + ahead + b * (BB) + o); \
+                        BLK(p + b * (BB), xv + b * (XPB), &a);                                                      \
+                        BLK(p + (b + 1) * (BB), xv + (b + 1) * (XPB), &a1);                                         \
+                    }                                                                                               \
+                    if (b < te) BLK(p + b * (BB), xv + b * (XPB), &a); /* the last tile only: tb is even */       \
+                    acc[i][0] = a; acc[i][1] = a1;                                                                  \
+                }                                                                                                   \
+            }                                                                                                       \
+            for (int i = 0; i < nr; i++) out[g + i] = hsum512(_mm512_add_ps(acc[i][0], acc[i][1])) * vs;           \
+        }                                                                                                           \
+    }
+
+/* TILED: the function above, for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
+#define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR, TILED)                                                               \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
                         int64_t r1, int64_t pf) {                                                                   \
         const int64_t nb = m->nblk, rb = m->rowbytes;                                                               \
         const float *vs = xp + nvec * nb * (XPB);                                                                   \
+        void (*tiled)(const mat_t *, const float *, float *, int64_t, int64_t, int64_t) = TILED;                    \
+        if (tiled && nvec == 1 && nb * (XPB) * 4 > XTILE_MIN) { tiled(m, xp, out, r0, r1, pf); return; }        \
         for (int64_t r = r0; r < r1; r += (NR)) {                                                                   \
             const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                    \
             const uint8_t *p[NR];                                                                                   \
@@ -1429,16 +1560,21 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, XP_Q4_0, 4)
-DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, XP_Q4_0, 1)
-DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, XP_Q4_0, 4)
-DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, XP_Q4_0, 1)
-DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4)
-DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1)
-DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4)
-DEFINE_ROWS_P512(prows_512_q5_k_1, pblk_q5_k_512, 176, XP_QK45, 1)
-DEFINE_ROWS_P512(prows_512_q6_k, pblk_q6k_512, 210, XP_Q6K, 4)
-DEFINE_ROWS_P512(prows_512_q6_k_1, pblk_q6k_512, 210, XP_Q6K, 1)
+DEFINE_ROWS_P512_TILED(trows_512_q4_0, pblk_q4_0_512, 18, 32)
+DEFINE_ROWS_P512_TILED(trows_512_mxfp4, pblk_mxfp4_512, 17, 32)
+DEFINE_ROWS_P512_TILED(trows_512_q4_k, pblk_q4_k_512, 144, XP_QK45)
+DEFINE_ROWS_P512_TILED(trows_512_q5_k, pblk_q5_k_512, 176, XP_QK45)
+DEFINE_ROWS_P512_TILED(trows_512_q6_k, pblk_q6k_512, 210, XP_Q6K)
+DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, 32, 4, NULL)
+DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, 32, 1, trows_512_q4_0)
+DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, 32, 4, NULL)
+DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, 32, 1, trows_512_mxfp4)
+DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4, NULL)
+DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1, trows_512_q4_k)
+DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4, NULL)
+DEFINE_ROWS_P512(prows_512_q5_k_1, pblk_q5_k_512, 176, XP_QK45, 1, trows_512_q5_k)
+DEFINE_ROWS_P512(prows_512_q6_k, pblk_q6k_512, 210, XP_Q6K, 4, NULL)
+DEFINE_ROWS_P512(prows_512_q6_k_1, pblk_q6k_512, 210, XP_Q6K, 1, trows_512_q6_k)
 #endif /* MER_HAVE_AVX512 */
 #endif /* MER_X86 */
 
@@ -1482,6 +1618,12 @@ int mer_has_avx512(void) {
 /* the AVX-512 kernels run: the AVX2 ones would, the CPU has AVX-512 and the caller did not refuse it */
 static int avx512_ok(int flags) { return use_simd(flags) && !(flags & MER_FLAG_NO_AVX512) && mer_has_avx512(); }
 
+/* the q8 kernel for `type` under `flags` reads the activations as q8_pairs makes them (the AVX-512 Q4_0 and MXFP4
+ * ones); rows_any runs the AVX-VNNI or AVX2 kernel, the same bits, where they were not made */
+static int q8_pairs_wanted(int type, int flags) {
+    return (type == T_Q4_0 || type == T_MXFP4) && avx512_ok(flags) && !(flags & MER_FLAG_NO_VNNI);
+}
+
 static int q8_type(int type) {
     return type == T_Q4_0 || type == T_Q8_0 || type == T_MXFP4 || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
@@ -1491,8 +1633,9 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    if (type == T_Q4_0) return avx512_ok(flags) ? L_Q4_0 : L_Q4_0X; /* the AVX-512 kernel reads x unscaled */
-    if (type == T_MXFP4) return L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
+    /* the AVX-512 Q4_0 and MXFP4 kernels read x in its own order, unscaled (a 64-byte aligned copy) */
+    if (type == T_Q4_0) return avx512_ok(flags) ? L_NAT : L_Q4_0X;
+    if (type == T_MXFP4) return avx512_ok(flags) ? L_NAT : L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
     if (type == T_Q8_0) return L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
     if (type == T_Q6_K) return L_Q6K;
@@ -1533,7 +1676,7 @@ static int kq45_unfactored(int type, int flags, int known, const float *x, int64
 
 /* rows [r0, r1) of m times nvec vectors; ax (Q8_0) / kx (Q8_K) non-NULL = Q8 activations (only for q8_type) */
 /* xp: x prepared by perm_prepare for perm_layout(m->type, flags), or NULL; xinf: kq45_unfactored's answer */
-static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, const q8k_t *kx,
+static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_t *ax, q8p_t ap, const q8k_t *kx,
                      int64_t nvec, int64_t xs, float *out, int64_t os, int64_t r0, int64_t r1, int flags, int xinf) {
     int simd = use_simd(flags);
     const int avx512 = avx512_ok(flags);
@@ -1551,9 +1694,9 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
         if (simd) {
 #ifdef MER_HAVE_AVX512
             /* VNNI kernels too; none for Q8_0: 512 bits measured no faster than AVX-VNNI's 256 (docs/runtime.md) */
-            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0) {
-                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, nvec, xs, out, os, r0, r1, pf);
-                else PICK(rows_512_mxfp4)(m, ax, nvec, xs, out, os, r0, r1, pf);
+            if (avx512 && !(flags & MER_FLAG_NO_VNNI) && m->type != T_Q8_0 && ap.p) {
+                if (m->type == T_Q4_0) PICK(rows_512_q4_0)(m, ax, ap, nvec, xs, out, os, r0, r1, pf);
+                else PICK(rows_512_mxfp4)(m, ax, ap, nvec, xs, out, os, r0, r1, pf);
                 return;
             }
 #endif
@@ -1602,7 +1745,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
     }
 #endif
 #undef PICK
-    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one;
+    (void)simd; (void)avx512; (void)pf; (void)xp; (void)one; (void)ap;
     rows_portable(m, x, nvec, xs, out, os, r0, r1);
 }
 
@@ -1763,6 +1906,7 @@ typedef struct {
     const mat_t *m;
     const float *x, *xp;
     const q80_t *ax;
+    q8p_t ap;
     const q8k_t *kx;
     int64_t nvec, chunk;
     float *out;
@@ -1772,7 +1916,8 @@ typedef struct {
 static void mv_task(void *c_, int64_t t) {
     mv_ctx *c = c_;
     int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < c->m->rows ? r0 + c->chunk : c->m->rows;
-    rows_any(c->m, c->x, c->xp, c->ax, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags, c->xinf);
+    rows_any(c->m, c->x, c->xp, c->ax, c->ap, c->kx, c->nvec, c->m->cols, c->out, c->m->rows, r0, r1, c->flags,
+             c->xinf);
 }
 
 /* out[v, r] = sum_c W[r, c] x[v, c] for v < n: W `rows` x `cols` of `type` in `nbytes` bytes, x float32 [n, cols]
@@ -1799,13 +1944,18 @@ int mer_matvec(int type, const void *w, int64_t nbytes, int64_t rows, int64_t co
         free(ax); free(kx); ax = NULL; kx = NULL;
         flags &= ~MER_FLAG_ACT_Q8;
     }
+    q8p_t ap = {NULL, NULL};
+    if (ax && q8_pairs_wanted(type, flags)) {
+        if (q8_pairs_alloc(n, cols / 32, &ap)) { free(ax); return MER_ENOMEM; }
+        q8_pairs_fill(ax, n, cols / 32, ap);
+    }
     int xinf = -1;
     float *xp = perm_prepare(perm_layout(type, flags), x, n, cols, &xinf);
     xinf = ax || kx ? 0 : kq45_unfactored(type, flags, xinf, x, n * cols);
-    mv_ctx c = {&m, x, xp, ax, kx, n, tuning_chunk, out, flags, xinf};
+    mv_ctx c = {&m, x, xp, ax, ap, kx, n, tuning_chunk, out, flags, xinf};
     int64_t ntasks = (rows + c.chunk - 1) / c.chunk;
     pool_run(mv_task, &c, ntasks, m.rowbytes * rows < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags);
-    free(ax); free(kx); free(xp);
+    free(ax); free(kx); free(xp); q8_pairs_free(&ap);
     return MER_OK;
 }
 
@@ -1832,6 +1982,7 @@ typedef struct {
     float alpha, limit;
     const float *x;
     const q80_t *ax; q80_t *ah;                /* x and h as Q8_0 blocks */
+    q8p_t apx, aph;                            /* and as q8_pairs, where a kernel wants them (q8_pairs_wanted) */
     const q8k_t *kx; q8k_t *kh;                /* x and h as Q8_K blocks, for K-quant weights */
     float *xpl[N_LAYOUTS];                     /* x permuted per layout the gate/up kernels read (phase 1) */
     float *hp[8];                              /* h of each expert permuted for its down kernel (phase 2) */
@@ -1851,10 +2002,10 @@ static void moe_phase1(void *c_, int64_t t) {
     int64_t r0 = (t % c->nchunk_ff) * c->chunk, r1 = r0 + c->chunk < c->d_ff ? r0 + c->chunk : c->d_ff;
     int64_t n = c->n, F = c->d_ff;
     float *h = c->h + (int64_t)e * n * F, *u = c->u_tmp + (int64_t)e * n * F;
-    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, h, F, r0,
-             r1, c->xflags, c->x_inf);
-    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->xflags)], c->ax, c->kx, n, c->d_model, u, F, r0,
-             r1, c->xflags, c->x_inf);
+    rows_any(&c->g[e], c->x, c->xpl[perm_layout(c->g[e].type, c->xflags)], c->ax, c->apx, c->kx, n, c->d_model, h,
+             F, r0, r1, c->xflags, c->x_inf);
+    rows_any(&c->u[e], c->x, c->xpl[perm_layout(c->u[e].type, c->xflags)], c->ax, c->apx, c->kx, n, c->d_model, u,
+             F, r0, r1, c->xflags, c->x_inf);
     const float *bg = c->ex[e].gate.bias, *bu = c->ex[e].up.bias;
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1878,7 +2029,8 @@ static void moe_phase2(void *c_, int64_t t) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         const int q8 = (c->hflags[e] & MER_FLAG_ACT_Q8) != 0;
         rows_any(&c->dn[e], c->h + (int64_t)e * n * F, c->hp[e], q8 && c->ah ? c->ah + (int64_t)e * n * (F / 32) : NULL,
-                 q8 && c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL, n, F, y, D, r0, r1, c->hflags[e], c->h_inf[e]);
+                 q8_pairs_at(c->aph, (int64_t)e * n, F / 32), q8 && c->kh ? c->kh + (int64_t)e * n * (F / 256) : NULL,
+                 n, F, y, D, r0, r1, c->hflags[e], c->h_inf[e]);
     }
     for (int64_t v = 0; v < n; v++) {
         for (int64_t r = r0; r < r1; r++) {
@@ -1938,12 +2090,15 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     q80_t *ax = NULL; q8k_t *kx = NULL;
     /* which activation forms the weights want: Q8_0 blocks for Q4_0/Q8_0/MXFP4, Q8_K for the K-quants (a K-quant
      * projection's columns are a multiple of 256, so the Q8_K forms always fit) */
-    int x0 = 0, xk = 0, h0 = 0, hk = 0;
+    int x0 = 0, xk = 0, h0 = 0, hk = 0, xpairs = 0, hpairs = 0;
     for (int e = 0; q8 && e < k; e++) {
         const mat_t *gu[2] = {&c.g[e], &c.u[e]};
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < 2; i++) {
             if (q8_type(gu[i]->type)) { if (gu[i]->qk == 256) xk = 1; else x0 = 1; }
+            xpairs |= q8_pairs_wanted(gu[i]->type, flags);
+        }
         if (q8_type(c.dn[e].type)) { if (c.dn[e].qk == 256) hk = 1; else h0 = 1; }
+        hpairs |= q8_pairs_wanted(c.dn[e].type, flags);
     }
     if (!c.h || !c.u_tmp || !c.y_tmp) { rc = MER_ENOMEM; goto done; }
     int xinf_q8 = 0; /* x holds an infinity: gate and up run with float32 activations (q8_fallback) */
@@ -1961,6 +2116,11 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         c.kx = kx;
     }
     if (xinf_q8) { c.ax = NULL; c.kx = NULL; xk = 0; c.xflags = flags & ~MER_FLAG_ACT_Q8; }
+    if (c.ax && xpairs) {
+        if ((rc = q8_pairs_alloc(n, d_model / 32, &c.apx))) goto done;
+        q8_pairs_fill(c.ax, n, d_model / 32, c.apx);
+    }
+    if (hpairs && (rc = q8_pairs_alloc((int64_t)k * n, d_ff / 32, &c.aph))) goto done;
     int64_t bytes = 0;
     for (int e = 0; e < k; e++) bytes += c.g[e].rowbytes * d_ff * 2 + c.dn[e].rowbytes * d_model;
     int pflags = bytes < PARALLEL_MIN_BYTES ? flags | MER_FLAG_SERIAL : flags;
@@ -1988,6 +2148,8 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
         /* per expert: an infinite h (from an infinite x, or an overflow) sends that expert's down to float32 */
         int hinf_q8 = 0;
         if (h0) hinf_q8 |= quantize_q8(he, n * d_ff, c.ah + (int64_t)e * n * (d_ff / 32), use_simd(flags));
+        if (hpairs && !hinf_q8)
+            q8_pairs_fill(c.ah + (int64_t)e * n * (d_ff / 32), n, d_ff / 32, q8_pairs_at(c.aph, (int64_t)e * n, d_ff / 32));
         if (hk) hinf_q8 |= quantize_q8k(he, n * d_ff, c.kh + (int64_t)e * n * (d_ff / 256), use_simd(flags));
         c.hflags[e] = hinf_q8 ? flags & ~MER_FLAG_ACT_Q8 : flags;
         int hinf = -1;
@@ -2007,6 +2169,7 @@ done:
     for (int l = 0; l < N_LAYOUTS; l++) free(c.xpl[l]);
     for (int e = 0; e < 8; e++) free(c.hp[e]);
     free(c.h); free(c.u_tmp); free(c.y_tmp); free(ax); free(c.ah); free(kx); free(c.kh);
+    q8_pairs_free(&c.apx); q8_pairs_free(&c.aph);
     return rc;
 }
 

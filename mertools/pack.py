@@ -32,7 +32,7 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
 
-from .commit import check_file_target, interruptible, refuse_folder_file, sweep_temps, temp_name, test_point
+from .commit import check_file_target, interruptible, place, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -252,7 +252,7 @@ def pack(
                 raw.flush()
                 if fsync:
                     os.fsync(raw.fileno())
-            os.replace(tmp, archive)
+            place(tmp, archive, overwrite)  # a file that appeared meanwhile is kept without --overwrite
             if fsync:
                 from .commit import fsync_dir
 

@@ -41,8 +41,8 @@ from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name,  # noqa: F401
                                   same_file_key)  # (the one name rules)
 
-from .commit import (check_file_target, check_space, flush_files, interruptible, refuse_folder_file, signals_held,
-                     sweep_temps, temp_name, test_point)
+from .commit import (check_file_target, check_space, flush_files, interruptible, place_all, refuse_folder_file,
+                     signals_held, sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -731,8 +731,7 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
                 flush_files([o.tmp for o in outs])
             with signals_held():  # a split set's parts take their names together: never some old, some new
-                for o in outs:
-                    os.replace(o.tmp, o.final)
+                place_all([(o.tmp, o.final) for o in outs], overwrite)
             if fsync:
                 flush_files([], {o.final.parent for o in outs})
         except BaseException as exc:

@@ -239,3 +239,25 @@ def test_token_ahead_smoke_weighs_a_chunk_as_at_most_one_expert(out):
     assert max(e.size for e in load_manifest(out).experts) < 1 << 20  # the case in question
     assert r["prefetch_gate"]["chunk_frac"] == 1.0
     assert run_smoke(out, SmokeConfig(tokens=5, cache_slots=4))["prefetch_gate"]["chunk_frac"] is None  # step ahead
+
+
+def test_emit_golden_that_appears_before_the_rename_is_not_replaced_without_overwrite(out, tmp_path):
+    """file_output checked the target and then renamed over it: a golden written there in between (another run)
+    was replaced although --overwrite was not given."""
+    import os
+    import signal
+
+    from conftest import start_cli, wait_stopped
+
+    g = tmp_path / "g.npz"
+    p = start_cli("smoke", out, "--tokens", "5", "-q", "--emit-golden", g, MERTOOLS_TEST_STOP_AT="before-commit")
+    try:
+        wait_stopped(p)
+        g.write_bytes(b"another run's golden")
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().splitlines() == [
+        f"error: {g}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, or "
+        "choose another name"], err
+    assert g.read_bytes() == b"another run's golden" and [x.name for x in tmp_path.iterdir()] == ["g.npz"]

@@ -18,8 +18,8 @@ kernel computes. One driver per thread (the prefetcher and the gate are single-t
         for layer in s.manifest.layers:
             y = s.moe(layer, [3, 5], [0.6, 0.4], x)
 
-Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`
-and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
+Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`,
+`unpin` and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
 With prefetching on, each thread is its own stream (its own driver, from `step_driver()`); `prefetch_stats()` may
 be called from any thread.
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it
@@ -361,9 +361,19 @@ class ShardSet:
             self._leave()
 
     def pin(self, keys: list[Key]) -> None:
+        """Load `keys` and keep them cached until `unpin`; all the pins together leave one slot for loads (a pin that
+        would take it is refused whole: CacheError, nothing pinned)."""
         self._enter()
         try:
             self.cache.pin(keys)
+        finally:
+            self._leave()
+
+    def unpin(self, keys: list[Key]) -> None:
+        """Let `keys` be evicted again (keys not pinned are ignored)."""
+        self._enter()
+        try:
+            self.cache.unpin(keys)
         finally:
             self._leave()
 

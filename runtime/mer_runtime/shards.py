@@ -33,6 +33,7 @@ import threading
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -98,8 +99,9 @@ class ShardSet:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
         if evict not in EVICTIONS:
             raise ValueError(f"evict must be one of {EVICTIONS}")
-        self.manifest: Manifest = load_manifest(path)
+        self.manifest: Manifest = _load_still(path)
         m = self.manifest
+        self._folder_id = _identity(m.root)
         if not m.experts:
             raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
         self.checksums = checksums
@@ -149,7 +151,14 @@ class ShardSet:
         return str(self.manifest.path_of(e)), e.size
 
     def _check(self, key: Key, slot: int) -> None:
-        """End-to-end check of a finished load against the manifest's whole-file checksum."""
+        """End-to-end check of a finished load: read from the folder this set opened, and against the manifest's
+        whole-file checksum."""
+        # a folder extracted again in its place (mertools renames a whole new folder there) holds shards of other
+        # types and offsets, which the checksum, passed once already or never asked for, would not catch; the read
+        # has ended, so a folder still the same now was the same when the shard was opened
+        if _identity(self.manifest.root) != self._folder_id:
+            raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
+                                  "again?); its shards no longer match the manifest read then: open it again")
         if self.checksums == "never":
             return
         with self._lock:
@@ -409,6 +418,25 @@ class ShardSet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _identity(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_still(path: str | os.PathLike[str]) -> Manifest:
+    """load_manifest of a folder that stayed the same folder while its manifest was read (one being replaced
+    meanwhile is read again), so that the folder's identity recorded next is the manifest's."""
+    for _ in range(10):
+        before = _identity(Path(path))
+        m = load_manifest(path)
+        if _identity(m.root) == before:
+            return m
+    raise ShardIOError(0, f"{path}: the folder keeps being replaced while it is opened; open it once it is done")
 
 
 class _StreamEnd:

@@ -369,3 +369,20 @@ def test_an_archive_that_appears_meanwhile_is_not_replaced_without_overwrite(ext
         f"error: {arc}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, "
         "or choose another name"], err
     assert arc.read_bytes() == b"another run's archive" and _left(tmp_path, {"a.tar.zst"}) == []
+
+
+def test_a_folder_file_linked_outside_is_refused_and_a_fifo_named_as_such(extracted, tmp_path):
+    """pack archived a file reached through a link out of the folder (verify and the runtime refuse it), and said
+    "0 bytes or not a regular file" of a FIFO; it now opens each file as the runtime does (inside the folder, a
+    regular file, never blocking on a FIFO swapped in after a check)."""
+    f = tmp_path / "f"
+    shutil.copytree(extracted(Q4), f)
+    shutil.move(f / "dense.gguf", tmp_path / "dense.gguf")
+    (f / "dense.gguf").symlink_to(tmp_path / "dense.gguf")
+    with pytest.raises(MertoolsError, match="resolves outside the output folder"):
+        pack(f, tmp_path / "a.tar.zst", fsync=False)
+    (f / "dense.gguf").unlink()
+    os.mkfifo(f / "dense.gguf")
+    with pytest.raises(MertoolsError, match="dense.gguf: is a FIFO, not a regular file"):
+        pack(f, tmp_path / "a.tar.zst", fsync=False)
+    assert _left(tmp_path, {"f", "dense.gguf"}) == []

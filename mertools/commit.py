@@ -585,8 +585,8 @@ def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Pa
     ends without an exception, removed otherwise (SIGTERM and SIGHUP included, see :func:`interruptible`).
 
     ``final`` is checked again just before the rename (:func:`check_file_target`), and the rename itself replaces
-    nothing without ``overwrite`` (:func:`place`): a file that appeared there while the block ran is kept. A killed run's temporary is removed by the next one
-    (:func:`sweep_temps`).
+    nothing without ``overwrite`` (:func:`place`): a file that appeared there while the block ran is kept. A killed
+    run's temporary is removed by the next one (:func:`sweep_temps`).
 
     Example:
         >>> with file_output(Path("golden.npz"), overwrite=False) as tmp:   # doctest: +SKIP

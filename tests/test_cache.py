@@ -295,7 +295,8 @@ def test_a_refused_pin_pins_nothing_and_the_set_keeps_computing(folder):
 
 def test_pins_from_two_threads_never_take_the_last_slot(folder):
     """Two threads pinning at once: each call's check saw only its own keys (and the pins not yet made by the
-    other), so together they pinned every slot. Now each call counts the pins the other is making: one is refused whole."""
+    other), so together they pinned every slot. Now each call counts the pins the other is making: one is refused
+    whole."""
     import threading
 
     with open_shards(folder.root, cache_slots=4) as s:

@@ -228,8 +228,8 @@ def test_dense_replaced_by_fifo(out, tmp_path):
     p = cli("verify", out, "-q")
     assert p.returncode == 1 and "FAIL dense.gguf: is a FIFO, not a regular file" in p.stdout
     p = cli("reassemble", out, tmp_path / "back.gguf", "-q")  # said "missing"
-    assert p.returncode == 2 and p.stderr == f"error: {out / 'dense.gguf'}: is a FIFO, not a regular file; the folder " \
-        "is damaged (run `mertools verify`)\n", p.stderr
+    want = f"error: {out / 'dense.gguf'}: is a FIFO, not a regular file; the folder is damaged (run `mertools verify`)"
+    assert p.returncode == 2 and p.stderr == want + "\n", p.stderr
 
 
 def test_hash_file_refuses_a_fifo(tmp_path):

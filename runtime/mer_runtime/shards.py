@@ -19,7 +19,8 @@ kernel computes. One driver per thread (the prefetcher and the gate are single-t
             y = s.moe(layer, [3, 5], [0.6, 0.4], x)
 
 Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`,
-`unpin` and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
+`unpin` and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and
+the loader each have one lock; see docs/runtime.md).
 With prefetching on, each thread is its own stream (its own driver, from `step_driver()`); `prefetch_stats()` may
 be called from any thread.
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it

@@ -313,3 +313,21 @@ def test_a_folder_extracted_again_under_an_open_shardset_is_refused_not_computed
             s.ffn(0, 0, x)
     with open_shards(out, cache_slots=2) as s:  # opened again: the new model, whole
         assert np.isfinite(s.ffn(0, 0, x)).all() and not np.array_equal(s.ffn(0, 0, x), before)
+
+
+def test_a_folder_replaced_by_the_same_manifest_goes_on_serving(tmp_path):
+    """The check above compares the folder's identity and, when it changed, the manifest's bytes: a copy of the
+    same extraction put in its place (a restore, or a file system whose inode numbers are not stable) is no error."""
+    import shutil
+
+    from mertools import extract
+
+    out = tmp_path / "out"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    shutil.copytree(out, tmp_path / "copy")
+    with open_shards(out, cache_slots=2) as s:
+        x = np.ones(s.manifest.model["d_model"], np.float32)
+        want = [s.ffn(0, e, x) for e in range(4)]
+        out.rename(tmp_path / "old")
+        (tmp_path / "copy").rename(out)
+        assert all(np.array_equal(s.ffn(0, e, x), w) for e, w in enumerate(want))

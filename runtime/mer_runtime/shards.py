@@ -42,10 +42,10 @@ import xxhash
 
 from .buffers import BufferPool
 from .cache import ExpertCache, Key
-from .errors import CacheError, ShardIOError
+from .errors import CacheError, MerError, ShardIOError
 from .kernels import expert_ffn, moe
 from .loader import open_loader
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, manifest_from_bytes, read_manifest_bytes
 from .prefetch import CostModel, MarkovPrefetcher, chunk_share
 from .stepper import PrefetchConfig, StepDriver
 
@@ -100,7 +100,7 @@ class ShardSet:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
         if evict not in EVICTIONS:
             raise ValueError(f"evict must be one of {EVICTIONS}")
-        self.manifest: Manifest = _load_still(path)
+        self.manifest, self._manifest_xxh3 = _load_still(path)
         m = self.manifest
         self._folder_id = _identity(m.root)
         if not m.experts:
@@ -157,9 +157,9 @@ class ShardSet:
         # a folder extracted again in its place (mertools renames a whole new folder there) holds shards of other
         # types and offsets, which the checksum, passed once already or never asked for, would not catch; the read
         # has ended, so a folder still the same now was the same when the shard was opened
-        if _identity(self.manifest.root) != self._folder_id:
-            raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
-                                  "again?); its shards no longer match the manifest read then: open it again")
+        now = _identity(self.manifest.root)
+        if now != self._folder_id:
+            self._same_folder(now)
         if self.checksums == "never":
             return
         with self._lock:
@@ -172,6 +172,19 @@ class ShardSet:
                                   f"manifest {e.xxh3_64}); run `mertools verify` and re-extract")
         with self._lock:
             self._checked.add(key)
+
+    def _same_folder(self, now: tuple[int, int] | None) -> None:
+        """The folder's identity changed: a new folder with the very manifest bytes read at open holds shards that
+        match them (and a file system whose inode numbers are not stable, sshfs's, changes it too); else refuse."""
+        try:
+            same = xxhash.xxh3_64_hexdigest(read_manifest_bytes(self.manifest.root)) == self._manifest_xxh3
+        except MerError:
+            same = False
+        if not same or now is None:
+            raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
+                                  "again?); its shards no longer match the manifest read then: open it again")
+        with self._lock:
+            self._folder_id = now
 
     def _enter(self) -> None:
         with self._lock:
@@ -429,14 +442,15 @@ def _identity(root: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _load_still(path: str | os.PathLike[str]) -> Manifest:
-    """load_manifest of a folder that stayed the same folder while its manifest was read (one being replaced
-    meanwhile is read again), so that the folder's identity recorded next is the manifest's."""
+def _load_still(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
+    """(manifest, xxh3 of its bytes) of a folder that stayed the same folder while its manifest was read (one
+    being replaced meanwhile is read again), so that the folder's identity recorded next is the manifest's."""
     for _ in range(10):
         before = _identity(Path(path))
-        m = load_manifest(path)
+        data = read_manifest_bytes(path)
+        m = manifest_from_bytes(data, path)
         if _identity(m.root) == before:
-            return m
+            return m, xxhash.xxh3_64_hexdigest(data)
     raise ShardIOError(0, f"{path}: the folder keeps being replaced while it is opened; open it once it is done")
 
 

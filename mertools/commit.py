@@ -575,7 +575,7 @@ def check_file_target(target: Path, overwrite: bool, instead: str = "name") -> N
     such as /dev/null). ``instead``: what the user should choose instead (a name, a folder)."""
     if target.exists() and not target.is_file():
         raise OutputError(f"{target}: exists and is not a file; choose another {instead}")
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:  # a link to nothing is a name there too
         raise OutputError(f"{target}: exists; pass --overwrite to replace it, or choose another {instead}")
 
 

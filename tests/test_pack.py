@@ -386,3 +386,15 @@ def test_a_folder_file_linked_outside_is_refused_and_a_fifo_named_as_such(extrac
     with pytest.raises(MertoolsError, match="dense.gguf: is a FIFO, not a regular file"):
         pack(f, tmp_path / "a.tar.zst", fsync=False)
     assert _left(tmp_path, {"f", "dense.gguf"}) == []
+
+
+def test_a_dangling_link_at_the_target_is_not_replaced_without_overwrite(extracted, tmp_path):
+    """The target check asked exists(), which follows links: a link to nothing passed, and the finished archive was
+    renamed over the link (or, renamed without replacing, refused only at the end as if it had just appeared)."""
+    arc = tmp_path / "a.tar.zst"
+    arc.symlink_to(tmp_path / "elsewhere" / "a.tar.zst")
+    with pytest.raises(MertoolsError, match="exists; pass --overwrite to replace it"):
+        pack(extracted(Q4), arc, fsync=False)
+    assert arc.is_symlink() and _left(tmp_path, {"a.tar.zst"}) == []
+    pack(extracted(Q4), arc, overwrite=True, fsync=False)  # asked: the link is replaced by the archive
+    assert not arc.is_symlink() and unpack(arc, tmp_path / "back", fsync=False)

@@ -28,9 +28,9 @@ import xxhash
 import zstandard
 
 from mer_runtime.errors import ManifestError
-from mer_runtime.safeopen import open_regular
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
+from mer_runtime.safeopen import open_regular
 
 from .commit import check_file_target, interruptible, place, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError

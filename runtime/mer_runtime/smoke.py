@@ -188,8 +188,7 @@ def _route_record(m: Manifest, line: str, k: int, where: str, want: str) -> list
         bad = next((e for e in x if type(e) is not int), None)
         if bad is not None:
             raise MerError(f"{where}expert ids must be integers, got {json.dumps(bad)[:40]}; {want}")
-    if len(per) != len(m.layers) or any(len(x) != k or not all(0 <= e < n_exp for e in x)
-                                         for x in per):
+    if len(per) != len(m.layers) or any(len(x) != k or not all(0 <= e < n_exp for e in x) for x in per):
         raise MerError(f"{where}{want}")
     for layer, x in zip(m.layers, per):
         if len(set(x)) != len(x):

@@ -89,7 +89,8 @@ def test_point(name: str) -> None:
 test_point.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-# -- renameat2(RENAME_EXCHANGE) ---------------------------------------------------------------------------------
+# -- renameat2(RENAME_EXCHANGE, RENAME_NOREPLACE) ----------------------------------------------------------------
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "ppc64le": 357, "s390x": 347}
@@ -106,8 +107,9 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()  # with use_errno: ctypes keeps errno per thread, so one handle serves every thread
 
 
-def _load_exchange():
-    """libc's renameat2 (glibc >= 2.28), else the raw syscall where we know its number; None if neither."""
+def _load_renameat2():
+    """libc's renameat2 (glibc >= 2.28), else the raw syscall where we know its number, as f(a, b, flags) -> int;
+    None if neither."""
     libc = _LIBC
     if libc is None:
         return None
@@ -115,29 +117,78 @@ def _load_exchange():
     if fn is not None:
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         fn.restype = ctypes.c_int
-        return lambda a, b: fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE)
+        return lambda a, b, flags: fn(_AT_FDCWD, a, _AT_FDCWD, b, flags)
     nr = _SYS_RENAMEAT2.get(platform.machine())
     if nr is None:
         return None
     sc = libc.syscall
     sc.restype = ctypes.c_long
-    return lambda a, b: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a), ctypes.c_int(_AT_FDCWD),
-                           ctypes.c_char_p(b), ctypes.c_uint(_RENAME_EXCHANGE))
+    return lambda a, b, flags: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a),
+                                  ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(b), ctypes.c_uint(flags))
 
 
-_EXCHANGE = _load_exchange()
+_RENAMEAT2 = _load_renameat2()
+_UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM)  # no such syscall, or a file system
+# (e.g. some FUSE/NFS) without the flag
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """True once done; False where the kernel or the file system cannot (the caller falls back)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(os.fsencode(a), os.fsencode(b), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically. False where the kernel or the file system cannot (the caller falls back)."""
-    if _EXCHANGE is None or os.environ.get("MERTOOLS_TEST_NO_EXCHANGE") == "1":
+    if os.environ.get("MERTOOLS_TEST_NO_EXCHANGE") == "1":
         return False
-    if _EXCHANGE(os.fsencode(a), os.fsencode(b)) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-        return False  # no such syscall, or a file system (e.g. some FUSE/NFS) without the flag
-    raise OSError(err, os.strerror(err), str(b))
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def place(tmp: Path, final: Path, overwrite: bool, instead: str = "name") -> None:
+    """Give the finished temporary ``tmp`` its name ``final``. Without ``overwrite`` a file that appeared at
+    ``final`` after the run checked it (another run to the same name, a copy) is kept and OutputError raised: the
+    test and the rename are one step (renameat2's RENAME_NOREPLACE, else a hard link, which fails on an existing
+    name too), not a check followed by a rename that replaces whatever came in between."""
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        if _renameat2(tmp, final, _RENAME_NOREPLACE):
+            return
+        try:
+            os.link(tmp, final)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise
+            check_file_target(final, False, instead)  # no hard links here (FAT, some FUSE): a check, then a rename
+            os.replace(tmp, final)
+            return
+        os.unlink(tmp)
+    except FileExistsError:
+        raise OutputError(f"{final}: appeared while this run wrote it and was left as it is; pass --overwrite to "
+                          f"replace it, or choose another {instead}") from None
+
+
+def place_all(pairs: Iterable[tuple[Path, Path]], overwrite: bool, instead: str = "name") -> None:
+    """:func:`place` for the files of one output (a split set's parts): without ``overwrite``, one that cannot take
+    its name takes back the names already given (files this run made), so the set is named whole or not at all."""
+    done: list[Path] = []
+    try:
+        for tmp, final in pairs:
+            place(tmp, final, overwrite, instead)
+            done.append(final)
+    except BaseException:
+        if not overwrite:
+            for final in done:
+                final.unlink(missing_ok=True)
+        raise
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------
@@ -524,7 +575,7 @@ def check_file_target(target: Path, overwrite: bool, instead: str = "name") -> N
     such as /dev/null). ``instead``: what the user should choose instead (a name, a folder)."""
     if target.exists() and not target.is_file():
         raise OutputError(f"{target}: exists and is not a file; choose another {instead}")
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:  # a link to nothing is a name there too
         raise OutputError(f"{target}: exists; pass --overwrite to replace it, or choose another {instead}")
 
 
@@ -533,9 +584,9 @@ def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Pa
     """Yield the path of a temporary beside ``final`` for the block to write; renamed over ``final`` once the block
     ends without an exception, removed otherwise (SIGTERM and SIGHUP included, see :func:`interruptible`).
 
-    ``final`` is checked again just before the rename (:func:`check_file_target`): a file that appeared there while
-    the block ran is not replaced without ``overwrite``. A killed run's temporary is removed by the next one
-    (:func:`sweep_temps`).
+    ``final`` is checked again just before the rename (:func:`check_file_target`), and the rename itself replaces
+    nothing without ``overwrite`` (:func:`place`): a file that appeared there while the block ran is kept. A killed
+    run's temporary is removed by the next one (:func:`sweep_temps`).
 
     Example:
         >>> with file_output(Path("golden.npz"), overwrite=False) as tmp:   # doctest: +SKIP
@@ -550,7 +601,7 @@ def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Pa
                 _fsync_path(str(tmp))
             check_file_target(final, overwrite)
             test_point("before-commit")
-            os.replace(tmp, final)
+            place(tmp, final, overwrite)
             if fsync:
                 fsync_dir(final.parent)
         except BaseException:

@@ -151,7 +151,7 @@ def _router(m: Manifest, block: int, n_exp: int, d_model: int) -> bytes:
     import numpy as np
 
     name = router_names(m, block)["weight"]
-    path = m.root / m.dense["path"]
+    path = m.resolve(m.dense["path"], "dense")
     r = gguf.GGUFReader(path, "r")
     # the router is read from the mapping after dense.gguf's checksum was checked: one cut meanwhile is
     # FileChangedError naming it, not SIGBUS ending the process
@@ -210,7 +210,7 @@ def export_mer(
         raise ExportError(f"{m.root}: the manifest lists no dense.gguf, so there are no routers to write; export "
                           "without --router")
     if router:
-        whole, _, _ = hash_file(m.root / m.dense["path"])
+        whole, _, _ = hash_file(m.resolve(m.dense["path"], "dense"))  # inside the folder, as verify reads it
         if whole != m.dense["xxh3_64"]:
             raise ExportError(f"{m.root / m.dense['path']}: checksum mismatch; the folder is damaged (run verify)")
     sums: dict[str, dict[str, Any]] = {}

@@ -177,6 +177,7 @@ class GGUFSource:
                     t.name, i, t.tensor_type.name, ne, int(t.data_offset), int(t.n_bytes), t
                 )
                 self.tensor_order.append(t.name)
+        self._check_split_counts()
         self.arch = self.kv("general.architecture", str, "unknown")
         self.experts, self.layouts, self.expert_tensor_names = self._plan()
         self.model = self._model_info()
@@ -227,19 +228,38 @@ class GGUFSource:
     def arch_kv(self, suffix: str, kind: type = object, default: Any = None, **bounds: Any) -> Any:
         return self.kv(f"{self.arch}.{suffix}", kind, default, **bounds)
 
+    def _split_field(self, i: int, key: str) -> int | None:
+        f = self.readers[i].fields.get(key)
+        if f is None:
+            return None
+        if f.types[0] not in _INT_TYPES:
+            raise SourceError(f"{self.files[i]}: metadata {key} is a {f.types[0].name}, expected an integer")
+        return int(field_value(f))
+
     def _check_split_set(self) -> None:
         if len(self.files) == 1:
             return
-        for i, r in enumerate(self.readers):
-            f = r.fields.get("split.count")
-            if f is None:
-                continue
-            if f.types[0] not in _INT_TYPES:
-                raise SourceError(f"{self.files[i]}: metadata split.count is a {f.types[0].name}, expected an integer")
-            if int(field_value(f)) != len(self.files):
-                raise SourceError(
-                    f"{self.files[i]}: says split.count={field_value(f)} but the set has {len(self.files)} parts"
-                )
+        for i in range(len(self.files)):
+            n = self._split_field(i, "split.count")
+            if n is not None and n != len(self.files):
+                raise SourceError(f"{self.files[i]}: says split.count={n} but the set has {len(self.files)} parts")
+            no = self._split_field(i, "split.no")  # 0-based; llama.cpp refuses a part whose number is not its own
+            if no is not None and no != i:
+                raise SourceError(f"{self.files[i]}: says split.no={no} (part {no + 1} of the set) but is named as "
+                                  f"part {i + 1}; parts were renamed or come from different sets: give each part "
+                                  "its own name, or download the set again")
+
+    def _check_split_counts(self) -> None:
+        """Every part's split.tensors.count is the number of tensors of the whole set (as llama.cpp checks): a part
+        from another conversion must not make a dense.gguf without the tensors it lacks."""
+        if len(self.files) == 1:
+            return
+        for i in range(len(self.files)):
+            n = self._split_field(i, "split.tensors.count")
+            if n is not None and n != len(self.tensors):
+                raise SourceError(f"{self.files[i]}: says split.tensors.count={n} but the parts of the set hold "
+                                  f"{len(self.tensors)} tensors; a part is from another conversion or damaged: "
+                                  "download the whole set again")
 
     # -- layout detection ---------------------------------------------------------------------------------
     def _plan(self) -> tuple[list[ExpertPlan], list[str], set[str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tarfile
 import time
 from contextlib import contextmanager
@@ -31,8 +30,9 @@ import zstandard
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_from_bytes,
                                   read_manifest_bytes)
+from mer_runtime.safeopen import open_regular
 
-from .commit import check_file_target, interruptible, refuse_folder_file, sweep_temps, temp_name, test_point
+from .commit import check_file_target, interruptible, place, refuse_folder_file, sweep_temps, temp_name, test_point
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -238,13 +238,18 @@ def pack(
                         tick(len(mbytes))
                         test_point("writing")
                         for rel, exp in expect.items():
-                            path = folder / rel
-                            st = path.stat()
-                            if not stat.S_ISREG(st.st_mode) or st.st_size != exp.size:
-                                raise ArchiveError(f"{path}: {st.st_size} bytes or not a regular file, manifest says "
-                                                   f"{exp.size}; the folder is damaged (run `mertools verify`)")
-                            h = _Hasher(exp)
-                            with open(path, "rb") as fh:
+                            # as the runtime opens them: inside the folder, a regular file, never blocking on a FIFO
+                            try:
+                                path = m.resolve(rel, "folder file")
+                            except ManifestError as exc:
+                                raise ArchiveError(str(exc)) from None
+                            fd, st = open_regular(path, error=ArchiveError, hint="the folder is damaged (run "
+                                                  "`mertools verify`)")
+                            with os.fdopen(fd, "rb") as fh:
+                                if st.st_size != exp.size:
+                                    raise ArchiveError(f"{path}: {st.st_size} bytes, manifest says {exp.size}; the "
+                                                       "folder is damaged (run `mertools verify`)")
+                                h = _Hasher(exp)
                                 tar.addfile(_tarinfo(rel, exp.size, st.st_mtime), _HashingReader(fh, h, tick))
                             if bad := h.problems():
                                 raise ArchiveError(f"{path}: checksum mismatch in {', '.join(bad)}; the folder is "
@@ -252,7 +257,7 @@ def pack(
                 raw.flush()
                 if fsync:
                     os.fsync(raw.fileno())
-            os.replace(tmp, archive)
+            place(tmp, archive, overwrite)  # a file that appeared meanwhile is kept without --overwrite
             if fsync:
                 from .commit import fsync_dir
 

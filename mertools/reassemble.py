@@ -40,9 +40,10 @@ from mer_runtime.errors import ManifestError
 from mer_runtime.guard import guard_array, guard_mapping
 from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest, plain_name,  # noqa: F401
                                   same_file_key)  # (the one name rules)
+from mer_runtime.safeopen import kind_of
 
-from .commit import (check_file_target, check_space, flush_files, interruptible, refuse_folder_file, signals_held,
-                     sweep_temps, temp_name, test_point)
+from .commit import (check_file_target, check_space, flush_files, interruptible, place_all, refuse_folder_file,
+                     signals_held, sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -321,9 +322,10 @@ def _refuse_other_sources(m: Manifest, folder: Path) -> None:
 
 
 def _dense_reader(m: Manifest) -> gguf.GGUFReader:
-    path = m.root / m.dense["path"]
+    path = m.resolve(m.dense["path"], "dense")
     if not path.is_file():
-        raise ReassemblyError(f"{path}: missing; the folder is damaged (run `mertools verify`)")
+        what = f"is {kind_of(path.stat().st_mode)}, not a regular file" if path.exists() else "missing"
+        raise ReassemblyError(f"{path}: {what}; the folder is damaged (run `mertools verify`)")
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, OSError, IndexError) as exc:
@@ -368,7 +370,7 @@ def read_record(m: Manifest, rec: dict[str, Any]) -> tuple[Path, bytes]:
         raise ReassemblyError(f"{m.root}: the reassembly record's size {size!r} is not a byte count up to "
                               f"{RECORD_LIMIT}; the manifest is damaged (run `mertools verify`, or extract the model "
                               "again)")
-    path = m.root / rel
+    path = m.resolve(rel, "reassembly record")  # inside the folder, as verify and the runtime read every file
     blob = read_regular(path, size, error=ReassemblyError,
                         hint="the reassembly record is damaged (run `mertools verify`, or extract the model again)")
     if len(blob) != size or xxhash.xxh3_64_hexdigest(blob) != rec.get("xxh3_64"):
@@ -604,7 +606,7 @@ def _targets(out: Path, names: list[str]) -> list[Path]:
 
 
 def _check_dense(m: Manifest) -> None:
-    path = m.root / m.dense["path"]
+    path = m.resolve(m.dense["path"], "dense")
     whole, _, _ = hash_file(path)
     if whole != m.dense["xxh3_64"]:
         raise ReassemblyError(f"{path}: checksum mismatch (xxh3 {whole}, manifest {m.dense['xxh3_64']}); the folder "
@@ -731,8 +733,7 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             if fsync:  # every part at once (a split set's parts in parallel), before any takes its name
                 flush_files([o.tmp for o in outs])
             with signals_held():  # a split set's parts take their names together: never some old, some new
-                for o in outs:
-                    os.replace(o.tmp, o.final)
+                place_all([(o.tmp, o.final) for o in outs], overwrite)
             if fsync:
                 flush_files([], {o.final.parent for o in outs})
         except BaseException as exc:

@@ -39,7 +39,8 @@ import xxhash
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import Manifest, same_file_key
 
-from .commit import check_file_target, flush_files, refuse_folder_file, sweep_temps, temp_name, test_point
+from .commit import (check_file_target, flush_files, place_all, refuse_folder_file, sweep_temps, temp_name,
+                     test_point)
 from .errors import MertoolsError, OutputError
 from .sources.safetensors import DTYPES
 
@@ -474,8 +475,9 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         dense.guard.finish()  # type: ignore[attr-defined]
         if fsync:
             flush_files([o.tmp for o in outs])
-        for o in outs:  # into an existing folder an interrupt here leaves each file complete, old or new
-            os.replace(o.tmp, o.final)
+        # into an existing folder an interrupt here leaves each file complete, old or new; without --overwrite a
+        # file that appeared there meanwhile is kept
+        place_all([(o.tmp, o.final) for o in outs], overwrite or made, "folder")
         if made:
             if fsync:
                 flush_files([], {dest})

@@ -119,7 +119,7 @@ def _check_reassembly_record(m: Manifest) -> list[Problem]:
     if not plain_name(rel):
         return [Problem("manifest.json", "reassembly: bad or missing path")]
     try:
-        whole, _, n = hash_file(m.root / rel)  # opened as a regular file only (never a FIFO)
+        whole, _, n = hash_file(m.resolve(rel, "reassembly record"))  # a regular file only (never a FIFO)
     except MerError as exc:
         return [Problem(rel, getattr(exc, "reason", str(exc)))]
     if n != rec.get("size") or whole != rec.get("xxh3_64"):

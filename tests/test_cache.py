@@ -272,3 +272,49 @@ def test_a_fetch_that_fails_for_a_reason_of_its_own_gives_its_slots_back(folder)
     finally:
         loader.close()
         pool.close()
+
+
+def test_a_refused_pin_pins_nothing_and_the_set_keeps_computing(folder):
+    """pin() checked only its own keys against the slots: a second pin() took the last slot with its first key and
+    then failed, leaving every slot pinned, so every later load of the ShardSet failed ("every cache slot is
+    pinned"). Now the pins already held count, and a refused pin leaves the pins as they were."""
+    import numpy as np
+
+    with open_shards(folder.root, cache_slots=4) as s:
+        s.pin([(0, 0), (0, 1)])
+        with pytest.raises(CacheError, match="one stays for loads"):
+            s.pin([(0, 1), (1, 0), (1, 1)])  # 2 held + 2 new: all 4 slots
+        assert sorted(k for k, e in s.cache.entries.items() if e.pinned) == [(0, 0), (0, 1)]
+        s.pin([(0, 1), (1, 0)])  # 3 distinct pins in 4 slots: allowed
+        for e in range(4):
+            assert s.ffn(1, e, np.ones(folder.model["d_model"], np.float32)).shape == (folder.model["d_model"],)
+        s.unpin([(0, 0), (0, 1), (1, 0)])
+        s.pin([(1, 1), (1, 2), (1, 3)])
+        assert sorted(k for k, e in s.cache.entries.items() if e.pinned) == [(1, 1), (1, 2), (1, 3)]
+
+
+def test_pins_from_two_threads_never_take_the_last_slot(folder):
+    """Two threads pinning at once: each call's check saw only its own keys (and the pins not yet made by the
+    other), so together they pinned every slot. Now each call counts the pins the other is making: one is refused
+    whole."""
+    import threading
+
+    with open_shards(folder.root, cache_slots=4) as s:
+        go, errors = threading.Barrier(2), []
+
+        def pin(keys):
+            go.wait()
+            try:
+                s.pin(keys)
+            except CacheError as exc:
+                errors.append(exc)
+
+        ts = [threading.Thread(target=pin, args=(keys,)) for keys in ([(0, 0), (0, 1)], [(1, 0), (1, 1)])]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        pinned = [k for k, e in s.cache.entries.items() if e.pinned]
+        assert len(errors) == 1 and len(pinned) == 2, (errors, pinned)
+        with s.load(1, 2):
+            pass

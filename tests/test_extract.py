@@ -189,3 +189,48 @@ def test_cli_json_and_inspect(tmp_path):
     assert "down=Q6_K" in text and "extract would write 8 shards" in text
     v = json.loads(run_cli("verify", out, "--json", check=True).stdout)
     assert v["ok"] and v["experts_checked"] == 8 and v["problems"] == []
+
+
+# -- a split set whose parts do not belong together -----------------------------------------------------------------
+SPLIT = GEN / "moe-split-q4_0-00001-of-00006.gguf"
+
+
+def _split_copy(tmp_path, drop: str | None = None, swap: tuple[int, int] | None = None):
+    """The split fixture copied into tmp_path: with tensor `drop` left out of the part holding it (its metadata,
+    split.* included, kept: a part from another conversion), or with parts `swap` exchanging names."""
+    import shutil
+
+    from mertools.gguf_source import field_value
+
+    parts = parts_of(SPLIT)
+    for p in parts:
+        shutil.copy(p, tmp_path / p.name)
+    if swap:
+        a, b = (tmp_path / parts[i].name for i in swap)
+        a.rename(tmp_path / "x"), b.rename(a), (tmp_path / "x").rename(b)
+    if drop:
+        part = next(p for p in parts if drop in (t.name for t in gguf.GGUFReader(p).tensors))
+        r = gguf.GGUFReader(part)
+        w = gguf.GGUFWriter(tmp_path / part.name, "llama")  # (only the first part has general.architecture)
+        for k, f in r.fields.items():
+            if not k.startswith("GGUF.") and k != "general.architecture":
+                t = f.types[0]
+                w.add_key_value(k, field_value(f), t, f.types[-1] if t == gguf.GGUFValueType.ARRAY else None)
+        for t in r.tensors:
+            if t.name != drop:
+                w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return tmp_path / parts[0].name
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("drop", "split.tensors.count=22 but the parts of the set hold 21 tensors"),
+    ("swap", "split.no=3 (part 4 of the set) but is named as part 3"),
+])
+def test_a_split_set_whose_parts_disagree_is_refused(tmp_path, case, needle):
+    """A part from another conversion (a dense tensor missing: extract wrote a dense.gguf without it), or parts
+    whose names were exchanged, went through; llama.cpp refuses both (split.tensors.count, split.no)."""
+    first = _split_copy(tmp_path, drop="blk.2.attn_q.weight") if case == "drop" else _split_copy(tmp_path, swap=(2, 3))
+    p = run_cli("extract", first, tmp_path / "out", "-q", "--no-fsync")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()

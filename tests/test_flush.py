@@ -150,8 +150,20 @@ def syscalls(monkeypatch):
         with lock:
             seen.append(("replace", os.fspath(a), 0))
 
+    from mertools import commit
+
+    real_renameat2 = commit._renameat2
+
+    def renameat2(a, b, flags):  # a rename that replaces nothing (commit.place, without --overwrite)
+        done = real_renameat2(a, b, flags)
+        if done:
+            with lock:
+                seen.append(("replace", os.fspath(a), 0))
+        return done
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(commit, "_renameat2", renameat2)
     return seen
 
 

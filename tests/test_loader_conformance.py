@@ -329,3 +329,20 @@ def test_auto_falls_back_when_refused(folder, refuse_uring, refuse_odirect, back
     with open_shards(folder.root, io="buffered", cache_slots=2) as s:
         ref = s.ffn(0, 1, np.ones(s.manifest.model["d_model"], np.float32))
     assert got["y"] == ref.tolist()
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKEND_PARAMS])
+@pytest.mark.parametrize("kw, needle", [("queue_depth=0", "queue_depth must be at least 1, got 0"),
+                                        ("queue_depth=-5", "queue_depth must be at least 1, got -5"),
+                                        ("block_size=0", "block_size must be a positive multiple of 4096, got 0")])
+def test_a_queue_depth_or_block_size_that_cannot_read_is_refused(folder, backend, kw, needle):
+    """open_shards(queue_depth=0) spun for ever in io_uring's pump (the default backend: the probe read never
+    ended), pread and buffered took 0 or -5 and went on; block_size=0 failed with "range() arg 3 must not be
+    zero". Run in a child: a regression hangs the child, not the suite."""
+    code = (f"from mer_runtime import open_shards\ntry:\n    open_shards({str(folder.root)!r}, io={backend!r}, {kw})\n"
+            "except ValueError as e:\n    print(e)\nelse:\n    print('accepted')\n")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"open_shards(io={backend!r}, {kw}) hung")
+    assert p.stdout.strip() == needle, (p.stdout, p.stderr)

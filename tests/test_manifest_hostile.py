@@ -227,11 +227,14 @@ def test_missing_shard_under_deep_exits_1(out):
     assert p.returncode == 1 and j["problems"][0] == want
 
 
-def test_dense_replaced_by_fifo(out):
+def test_dense_replaced_by_fifo(out, tmp_path):
     (out / "dense.gguf").unlink()
     os.mkfifo(out / "dense.gguf")
     p = cli("verify", out, "-q")
     assert p.returncode == 1 and "FAIL dense.gguf: is a FIFO, not a regular file" in p.stdout
+    p = cli("reassemble", out, tmp_path / "back.gguf", "-q")  # said "missing"
+    want = f"error: {out / 'dense.gguf'}: is a FIFO, not a regular file; the folder is damaged (run `mertools verify`)"
+    assert p.returncode == 2 and p.stderr == want + "\n", p.stderr
 
 
 def test_hash_file_refuses_a_fifo(tmp_path):
@@ -254,3 +257,19 @@ def test_deepseek_sized_manifest_fits(extracted):
         for layer in range(3, 61) for e in range(256)]
     size = len(manifest_bytes(raw))
     assert len(raw["experts"]) == 14848 and size < MAX_MANIFEST_BYTES / 3, size
+
+
+@pytest.mark.parametrize("name", ["dense.gguf", "reassembly.dat"])
+def test_a_folder_file_linked_outside_is_refused_as_shards_are(out, tmp_path, name):
+    """verify refused a shard or dense.gguf that is a link out of the folder but passed reassembly.dat, and
+    reassemble read both through such a link; each file of the folder now gets the same refusal everywhere."""
+    from mertools.reassemble import reassemble
+
+    keep = tmp_path / name
+    shutil.move(out / name, keep)
+    (out / name).symlink_to(keep)  # the right bytes, but outside the folder
+    r = verify(out)
+    assert [(x.path, "resolves outside the output folder" in x.what) for x in r.problems] == [(name, True)]
+    with pytest.raises(MerError, match="resolves outside the output folder"):
+        reassemble(out, tmp_path / "back.gguf", fsync=False)
+    assert not (tmp_path / "back.gguf").exists()

@@ -289,3 +289,45 @@ def test_moe_avx512_equals_avx2(name, extracted):
                 else:
                     assert rel(new[0], want) < TOL and rel(old[0], want) < TOL
                     np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("checksums", ["first", "never"])
+def test_a_folder_extracted_again_under_an_open_shardset_is_refused_not_computed_with(tmp_path, checksums):
+    """`extract --overwrite` of another model into the folder a ShardSet serves: the next read of an expert no longer
+    cached took the new shard's bytes under the old manifest's types and offsets (its checksum already passed once,
+    or never asked for) and computed with them: NaN here, garbage in general. Now that read is refused in one line,
+    and the experts still cached (the old folder's, checked) go on serving."""
+    from mertools import extract
+    from mer_runtime.errors import ShardIOError
+
+    out = tmp_path / "out"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    with open_shards(out, cache_slots=2, checksums=checksums) as s:
+        x = np.ones(s.manifest.model["d_model"], np.float32)
+        before = s.ffn(0, 0, x)
+        s.ffn(0, 1, x)
+        cached = s.ffn(0, 2, x)  # (0, 0) is evicted, (0, 2) stays
+        extract(REAL / "mixtral-q4_k_m.gguf", out, overwrite=True, fsync=False)
+        assert np.array_equal(s.ffn(0, 2, x), cached)
+        with pytest.raises(ShardIOError, match="was replaced since it was opened"):
+            s.ffn(0, 0, x)
+    with open_shards(out, cache_slots=2) as s:  # opened again: the new model, whole
+        assert np.isfinite(s.ffn(0, 0, x)).all() and not np.array_equal(s.ffn(0, 0, x), before)
+
+
+def test_a_folder_replaced_by_the_same_manifest_goes_on_serving(tmp_path):
+    """The check above compares the folder's identity and, when it changed, the manifest's bytes: a copy of the
+    same extraction put in its place (a restore, or a file system whose inode numbers are not stable) is no error."""
+    import shutil
+
+    from mertools import extract
+
+    out = tmp_path / "out"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    shutil.copytree(out, tmp_path / "copy")
+    with open_shards(out, cache_slots=2) as s:
+        x = np.ones(s.manifest.model["d_model"], np.float32)
+        want = [s.ffn(0, e, x) for e in range(4)]
+        out.rename(tmp_path / "old")
+        (tmp_path / "copy").rename(out)
+        assert all(np.array_equal(s.ffn(0, e, x), w) for e, w in enumerate(want))

@@ -347,3 +347,54 @@ def test_pack_over_the_target_of_an_in_folder_link_is_refused(extracted, tmp_pat
     with pytest.raises(MertoolsError, match="being read"):
         pack(f, f / "store" / "dense.bin", overwrite=True, fsync=False)
     assert verify(f).ok
+
+
+# -- a file that appears at the target while pack runs, without --overwrite --------------------------------------
+def test_an_archive_that_appears_meanwhile_is_not_replaced_without_overwrite(extracted, tmp_path):
+    """The target was checked only before the run: a second `pack` to the same name (or a copy) that finished while
+    this one compressed was silently replaced at the final rename, without --overwrite."""
+    import signal
+
+    from conftest import start_cli, wait_stopped
+
+    arc = tmp_path / "a.tar.zst"
+    p = start_cli("pack", extracted(Q4), arc, "-q", MERTOOLS_TEST_STOP_AT="writing")
+    try:
+        wait_stopped(p)
+        arc.write_bytes(b"another run's archive")
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().splitlines() == [
+        f"error: {arc}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, "
+        "or choose another name"], err
+    assert arc.read_bytes() == b"another run's archive" and _left(tmp_path, {"a.tar.zst"}) == []
+
+
+def test_a_folder_file_linked_outside_is_refused_and_a_fifo_named_as_such(extracted, tmp_path):
+    """pack archived a file reached through a link out of the folder (verify and the runtime refuse it), and said
+    "0 bytes or not a regular file" of a FIFO; it now opens each file as the runtime does (inside the folder, a
+    regular file, never blocking on a FIFO swapped in after a check)."""
+    f = tmp_path / "f"
+    shutil.copytree(extracted(Q4), f)
+    shutil.move(f / "dense.gguf", tmp_path / "dense.gguf")
+    (f / "dense.gguf").symlink_to(tmp_path / "dense.gguf")
+    with pytest.raises(MertoolsError, match="resolves outside the output folder"):
+        pack(f, tmp_path / "a.tar.zst", fsync=False)
+    (f / "dense.gguf").unlink()
+    os.mkfifo(f / "dense.gguf")
+    with pytest.raises(MertoolsError, match="dense.gguf: is a FIFO, not a regular file"):
+        pack(f, tmp_path / "a.tar.zst", fsync=False)
+    assert _left(tmp_path, {"f", "dense.gguf"}) == []
+
+
+def test_a_dangling_link_at_the_target_is_not_replaced_without_overwrite(extracted, tmp_path):
+    """The target check asked exists(), which follows links: a link to nothing passed, and the finished archive was
+    renamed over the link (or, renamed without replacing, refused only at the end as if it had just appeared)."""
+    arc = tmp_path / "a.tar.zst"
+    arc.symlink_to(tmp_path / "elsewhere" / "a.tar.zst")
+    with pytest.raises(MertoolsError, match="exists; pass --overwrite to replace it"):
+        pack(extracted(Q4), arc, fsync=False)
+    assert arc.is_symlink() and _left(tmp_path, {"a.tar.zst"}) == []
+    pack(extracted(Q4), arc, overwrite=True, fsync=False)  # asked: the link is replaced by the archive
+    assert not arc.is_symlink() and unpack(arc, tmp_path / "back", fsync=False)

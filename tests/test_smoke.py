@@ -259,3 +259,42 @@ def test_emit_golden_overwrite_never_replaces_a_file_of_the_folder_being_read(tm
         assert p.returncode == 2 and len(lines) == 1 and f"is {target} of the folder" in lines[0], p.stderr
     assert (own / target).read_bytes() == before
     assert run_cli("verify", own).returncode == 0
+
+
+def test_emit_golden_that_appears_before_the_rename_is_not_replaced_without_overwrite(out, tmp_path):
+    """file_output checked the target and then renamed over it: a golden written there in between (another run)
+    was replaced although --overwrite was not given."""
+    import os
+    import signal
+
+    from conftest import start_cli, wait_stopped
+
+    g = tmp_path / "g.npz"
+    p = start_cli("smoke", out, "--tokens", "5", "-q", "--emit-golden", g, MERTOOLS_TEST_STOP_AT="before-commit")
+    try:
+        wait_stopped(p)
+        g.write_bytes(b"another run's golden")
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().splitlines() == [
+        f"error: {g}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, or "
+        "choose another name"], err
+    assert g.read_bytes() == b"another run's golden" and [x.name for x in tmp_path.iterdir()] == ["g.npz"]
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"experts": [[0.9, 1.7], [2, 3]]}', "expert ids must be integers"),  # were cut to 0 and 1
+    ('{"experts": [[true, 1], [2, 3]]}', "expert ids must be integers"),  # was expert 1
+    ('{"experts": [["1", 2], [2, 3]]}', "expert ids must be integers"),
+    ('{"experts": [[0, 0], [2, 3]]}', "names expert 0 twice in layer"),  # a top-k step never picks one twice
+    (b'\xff{"experts": [[0, 1], [2, 3]]}', "not UTF-8 text"),  # was "invalid value: 'utf-8' codec...", no file
+])
+def test_a_trace_whose_expert_ids_are_not_a_top_k_choice_is_refused(out, tmp_path, line, needle):
+    """The replay trace took any value int() takes (1.7 became 1, true became 1, "1" became 1) and repeated ids;
+    the replay then ran routes that were not the trace's. One line naming the file and its line, exit 2."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    p = run_cli("smoke", out, "--workload", "replay", "--trace", bad, "-q")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"{bad}:1: " in p.stderr and needle in p.stderr, p.stderr

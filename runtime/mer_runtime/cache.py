@@ -275,6 +275,7 @@ class ExpertCache:
         self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
+        self._pins_coming = 0  # keys pin() calls under way will pin: counted by the next pin()'s check
         self._closed = False
         # the latest step cancel_stale(now=..., owner=...) saw, per owner (each stream counts its own steps; None:
         # a caller judging every guess): a guess due at its owner's step or before is no longer held for later, even
@@ -938,15 +939,35 @@ class ExpertCache:
                        if e.ticket is not None and not self.loader.ready(e.ticket)) + len(self._draining)
 
     def pin(self, keys: list[Key]) -> None:
+        """Load `keys` and keep them from eviction until `unpin`. The pins already held count: all of them together
+        must leave one slot for loads. All or nothing: a pin that is refused, or whose load fails, leaves the pins as
+        they were."""
         with self._cv:
-            if len(keys) > self.pool.n_slots - 1:
-                raise CacheError(f"cannot pin {len(keys)} experts in {self.pool.n_slots} cache slots: one stays for "
-                                 "loads; use more --cache-slots or pin fewer")
-        for k in keys:
-            self.acquire(k)
+            held = {k for k, e in self.entries.items() if e.pinned}
+            new = [k for k in dict.fromkeys(keys) if k not in held]
+            total = len(held) + self._pins_coming + len(new)
+            if total > self.pool.n_slots - 1:
+                raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already) in "
+                                 f"{self.pool.n_slots} cache slots: one stays for loads; use more --cache-slots, "
+                                 "pin fewer or unpin some")
+            # counted, not locked: a lock held across the loads below would deadlock with a thread that holds a slot
+            # and pins too
+            self._pins_coming += len(new)
+        done: list[Key] = []
+        try:
+            for k in new:
+                self.acquire(k)
+                with self._cv:
+                    self.entries.set_pinned(k, True)
+                    self._pins_coming -= 1  # counted as held from now on
+                done.append(k)
+                self.release(k)
+        except BaseException:
+            self.unpin(done)
+            raise
+        finally:
             with self._cv:
-                self.entries.set_pinned(k, True)
-            self.release(k)
+                self._pins_coming -= len(new) - len(done)
 
     def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
         """Pin the n most used experts of a routing profile ({(layer, expert): count}); returns them."""

@@ -155,8 +155,10 @@ class Loader:
 
     def __init__(self, pool: BufferPool, *, block_size: int = 1 << 20, queue_depth: int = 32, threads: int = 4):
         """threads: worker threads of the thread-based backends (io_uring needs none)."""
-        if block_size % 4096:
-            raise ValueError("block_size must be a multiple of 4096")
+        if block_size <= 0 or block_size % 4096:
+            raise ValueError(f"block_size must be a positive multiple of 4096, got {block_size}")
+        if queue_depth < 1:  # io_uring's pump would spin for ever issuing nothing, the workers never be fed
+            raise ValueError(f"queue_depth must be at least 1, got {queue_depth}")
         self.pool, self.block_size, self.queue_depth, self.threads = pool, block_size, queue_depth, threads
         self._ids = itertools.count(1)
         self.reason = ""

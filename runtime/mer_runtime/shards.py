@@ -18,8 +18,9 @@ kernel computes. One driver per thread (the prefetcher and the gate are single-t
         for layer in s.manifest.layers:
             y = s.moe(layer, [3, 5], [0.6, 0.4], x)
 
-Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`
-and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and the loader each have one lock; see docs/runtime.md).
+Threads: a ShardSet may be shared by any number of threads; `load`, `ffn`, `moe`, `compute`, `prefetch`, `pin`,
+`unpin` and `describe_io` are safe to call concurrently (results byte for byte those of one thread) (the cache and
+the loader each have one lock; see docs/runtime.md).
 With prefetching on, each thread is its own stream (its own driver, from `step_driver()`); `prefetch_stats()` may
 be called from any thread.
 `close()` refuses new calls at once (CacheError) and waits for the calls already running to finish; calling it
@@ -33,6 +34,7 @@ import threading
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -40,10 +42,10 @@ import xxhash
 
 from .buffers import BufferPool
 from .cache import ExpertCache, Key
-from .errors import CacheError, ShardIOError
+from .errors import CacheError, MerError, ShardIOError
 from .kernels import expert_ffn, moe
 from .loader import open_loader
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, manifest_from_bytes, read_manifest_bytes
 from .prefetch import CostModel, MarkovPrefetcher, chunk_share
 from .stepper import PrefetchConfig, StepDriver
 
@@ -98,8 +100,9 @@ class ShardSet:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
         if evict not in EVICTIONS:
             raise ValueError(f"evict must be one of {EVICTIONS}")
-        self.manifest: Manifest = load_manifest(path)
+        self.manifest, self._manifest_xxh3 = _load_still(path)
         m = self.manifest
+        self._folder_id = _identity(m.root)
         if not m.experts:
             raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
         self.checksums = checksums
@@ -149,7 +152,14 @@ class ShardSet:
         return str(self.manifest.path_of(e)), e.size
 
     def _check(self, key: Key, slot: int) -> None:
-        """End-to-end check of a finished load against the manifest's whole-file checksum."""
+        """End-to-end check of a finished load: read from the folder this set opened, and against the manifest's
+        whole-file checksum."""
+        # a folder extracted again in its place (mertools renames a whole new folder there) holds shards of other
+        # types and offsets, which the checksum, passed once already or never asked for, would not catch; the read
+        # has ended, so a folder still the same now was the same when the shard was opened
+        now = _identity(self.manifest.root)
+        if now != self._folder_id:
+            self._same_folder(now)
         if self.checksums == "never":
             return
         with self._lock:
@@ -162,6 +172,19 @@ class ShardSet:
                                   f"manifest {e.xxh3_64}); run `mertools verify` and re-extract")
         with self._lock:
             self._checked.add(key)
+
+    def _same_folder(self, now: tuple[int, int] | None) -> None:
+        """The folder's identity changed: a new folder with the very manifest bytes read at open holds shards that
+        match them (and a file system whose inode numbers are not stable, sshfs's, changes it too); else refuse."""
+        try:
+            same = xxhash.xxh3_64_hexdigest(read_manifest_bytes(self.manifest.root)) == self._manifest_xxh3
+        except MerError:
+            same = False
+        if not same or now is None:
+            raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
+                                  "again?); its shards no longer match the manifest read then: open it again")
+        with self._lock:
+            self._folder_id = now
 
     def _enter(self) -> None:
         with self._lock:
@@ -361,9 +384,19 @@ class ShardSet:
             self._leave()
 
     def pin(self, keys: list[Key]) -> None:
+        """Load `keys` and keep them cached until `unpin`; all the pins together leave one slot for loads (a pin that
+        would take it is refused whole: CacheError, nothing pinned)."""
         self._enter()
         try:
             self.cache.pin(keys)
+        finally:
+            self._leave()
+
+    def unpin(self, keys: list[Key]) -> None:
+        """Let `keys` be evicted again (keys not pinned are ignored)."""
+        self._enter()
+        try:
+            self.cache.unpin(keys)
         finally:
             self._leave()
 
@@ -399,6 +432,26 @@ class ShardSet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _identity(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_still(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
+    """(manifest, xxh3 of its bytes) of a folder that stayed the same folder while its manifest was read (one
+    being replaced meanwhile is read again), so that the folder's identity recorded next is the manifest's."""
+    for _ in range(10):
+        before = _identity(Path(path))
+        data = read_manifest_bytes(path)
+        m = manifest_from_bytes(data, path)
+        if _identity(m.root) == before:
+            return m, xxhash.xxh3_64_hexdigest(data)
+    raise ShardIOError(0, f"{path}: the folder keeps being replaced while it is opened; open it once it is done")
 
 
 class _StreamEnd:

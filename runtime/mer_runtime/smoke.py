@@ -146,31 +146,56 @@ def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -
     return out
 
 
+MAX_TRACE_LINE = 1 << 24  # one token's record; far above any model's layers x top-k (an endless line: not a trace)
+
+
 def _replay_routes(m: Manifest, path: Path, k: int) -> np.ndarray:
     rows = []
+    n_exp = m.model["n_experts"]
+    want = f"expected {len(m.layers)} layers of {k} experts in 0..{n_exp - 1}"
     try:
-        lines = path.read_text().splitlines()
+        with open(path, "rb") as fh:
+            for i, raw in enumerate(iter(lambda: fh.readline(MAX_TRACE_LINE + 1), b""), 1):
+                if len(raw) > MAX_TRACE_LINE:
+                    raise MerError(f"{path}:{i}: a line longer than {MAX_TRACE_LINE} bytes; not a routing trace")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise MerError(f"{path}:{i}: not UTF-8 text; expected JSONL routing records") from None
+                if line.strip():
+                    rows.append(_route_record(m, line, k, f"{path}:{i}: ", want))
     except OSError as exc:
         raise MerError(f"{path}: cannot read the trace ({exc.strerror})") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if "experts" in rec:
-                per = [list(map(int, x)) for x in rec["experts"]]
-            else:
-                per = [list(map(int, rec["layers"][str(layer)])) for layer in m.layers]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MerError(f"{path}:{i}: not a routing record ({exc}); expected "
-                           '{"experts": [[e, ...] per MoE layer]}') from None
-        if len(per) != len(m.layers) or any(len(x) != k or not all(0 <= e < m.model["n_experts"] for e in x)
-                                             for x in per):
-            raise MerError(f"{path}:{i}: expected {len(m.layers)} layers of {k} experts in 0..{m.model['n_experts'] - 1}")
-        rows.append(per)
     if not rows:
         raise MerError(f"{path}: the trace is empty")
     return np.array(rows, np.int64)
+
+
+def _route_record(m: Manifest, line: str, k: int, where: str, want: str) -> list[list[int]]:
+    """One token's experts per MoE layer from a trace line: integers (not 1.7, true or "1", which int() would take
+    as another expert), k distinct ones a layer, as a top-k step chooses them."""
+    try:
+        rec = json.loads(line)
+        if "experts" in rec:
+            per = [list(x) for x in rec["experts"]]
+        else:
+            per = [list(rec["layers"][str(layer)]) for layer in m.layers]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MerError(f"{where}not a routing record ({exc}); expected "
+                       '{"experts": [[e, ...] per MoE layer]}') from None
+    n_exp = m.model["n_experts"]
+    for x in per:
+        bad = next((e for e in x if type(e) is not int), None)
+        if bad is not None:
+            raise MerError(f"{where}expert ids must be integers, got {json.dumps(bad)[:40]}; {want}")
+    if len(per) != len(m.layers) or any(len(x) != k or not all(0 <= e < n_exp for e in x) for x in per):
+        raise MerError(f"{where}{want}")
+    for layer, x in zip(m.layers, per):
+        if len(set(x)) != len(x):
+            twice = next(e for e in x if x.count(e) > 1)
+            raise MerError(f"{where}names expert {twice} twice in layer {layer}; a top-k step chooses {k} different "
+                           "experts")
+    return per
 
 
 def routing_profile(routes: np.ndarray, layers: list[int]) -> dict[tuple[int, int], int]:

@@ -80,6 +80,24 @@ def wait_stopped(p: subprocess.Popen) -> None:
     assert os.WIFSTOPPED(status), f"child exited before its test point: {status}"
 
 
+def appears_midway(target: Path, mine: bytes, stop_at: str, *args) -> None:
+    """Run the command ARGS, stopped at its test point STOP_AT while it writes; meanwhile another writer puts MINE at
+    TARGET. Without --overwrite the command must leave TARGET as it is and fail in one line saying so."""
+    import signal
+
+    p = start_cli(*args, MERTOOLS_TEST_STOP_AT=stop_at)
+    try:
+        wait_stopped(p)
+        target.write_bytes(mine)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.strip().splitlines() == [
+        f"error: {target}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, "
+        "or choose another name"], err
+    assert target.read_bytes() == mine
+
+
 def extract_fixture(tmp_path_factory, name: str, src: str = "mixtral-q4_k_m.gguf") -> Path:
     """A fresh extraction of a real fixture (not the session's shared one: the caller may write into it)."""
     from mertools import extract

@@ -353,22 +353,11 @@ def test_pack_over_the_target_of_an_in_folder_link_is_refused(extracted, tmp_pat
 def test_an_archive_that_appears_meanwhile_is_not_replaced_without_overwrite(extracted, tmp_path):
     """The target was checked only before the run: a second `pack` to the same name (or a copy) that finished while
     this one compressed was silently replaced at the final rename, without --overwrite."""
-    import signal
-
-    from conftest import start_cli, wait_stopped
+    from conftest import appears_midway
 
     arc = tmp_path / "a.tar.zst"
-    p = start_cli("pack", extracted(Q4), arc, "-q", MERTOOLS_TEST_STOP_AT="writing")
-    try:
-        wait_stopped(p)
-        arc.write_bytes(b"another run's archive")
-    finally:
-        os.kill(p.pid, signal.SIGCONT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and err.strip().splitlines() == [
-        f"error: {arc}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, "
-        "or choose another name"], err
-    assert arc.read_bytes() == b"another run's archive" and _left(tmp_path, {"a.tar.zst"}) == []
+    appears_midway(arc, b"another run's archive", "writing", "pack", extracted(Q4), arc, "-q")
+    assert _left(tmp_path, {"a.tar.zst"}) == []
 
 
 def test_a_folder_file_linked_outside_is_refused_and_a_fifo_named_as_such(extracted, tmp_path):

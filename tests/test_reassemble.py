@@ -349,21 +349,10 @@ def test_a_part_that_appears_meanwhile_is_not_replaced_and_no_part_is_left(extra
     """The targets were checked only before the run: a file that appeared under a part's name while the set was
     written was silently replaced at the final renames, without --overwrite. Now it stays, and the parts already
     named are taken back (a set is named whole or not at all)."""
-    import signal
-
-    from conftest import start_cli, wait_stopped
+    from conftest import appears_midway
 
     out = tmp_path / "parts"
     out.mkdir()
     names = [p.name for p in parts_of(SPLIT)]
-    p = start_cli("reassemble", extracted(SPLIT), out, "--split", "-q", "--no-fsync", MERTOOLS_TEST_STOP_AT="writing")
-    try:
-        wait_stopped(p)
-        (out / names[3]).write_bytes(b"mine")
-    finally:
-        os.kill(p.pid, signal.SIGCONT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and err.strip().splitlines() == [
-        f"error: {out / names[3]}: appeared while this run wrote it and was left as it is; pass --overwrite to "
-        "replace it, or choose another name"], err
-    assert [x.name for x in out.iterdir()] == [names[3]] and (out / names[3]).read_bytes() == b"mine"
+    appears_midway(out / names[3], b"mine", "writing", "reassemble", extracted(SPLIT), out, "--split", "-q", "--no-fsync")
+    assert [x.name for x in out.iterdir()] == [names[3]]

@@ -264,23 +264,11 @@ def test_emit_golden_overwrite_never_replaces_a_file_of_the_folder_being_read(tm
 def test_emit_golden_that_appears_before_the_rename_is_not_replaced_without_overwrite(out, tmp_path):
     """file_output checked the target and then renamed over it: a golden written there in between (another run)
     was replaced although --overwrite was not given."""
-    import os
-    import signal
-
-    from conftest import start_cli, wait_stopped
+    from conftest import appears_midway
 
     g = tmp_path / "g.npz"
-    p = start_cli("smoke", out, "--tokens", "5", "-q", "--emit-golden", g, MERTOOLS_TEST_STOP_AT="before-commit")
-    try:
-        wait_stopped(p)
-        g.write_bytes(b"another run's golden")
-    finally:
-        os.kill(p.pid, signal.SIGCONT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and err.strip().splitlines() == [
-        f"error: {g}: appeared while this run wrote it and was left as it is; pass --overwrite to replace it, or "
-        "choose another name"], err
-    assert g.read_bytes() == b"another run's golden" and [x.name for x in tmp_path.iterdir()] == ["g.npz"]
+    appears_midway(g, b"another run's golden", "before-commit", "smoke", out, "--tokens", "5", "-q", "--emit-golden", g)
+    assert [x.name for x in tmp_path.iterdir()] == ["g.npz"]
 
 
 @pytest.mark.parametrize("line, needle", [

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import xxhash
 from mer_runtime.manifest import (COMPANION_DIR, MAX_COMPANION_BYTES, MAX_COMPANION_TOTAL, MAX_COMPANIONS,
-                                  plain_name, same_file_key)
+                                  SAME_FILE, plain_name, same_file_key)
 from mer_runtime.safeopen import kind_of, read_regular
 
 from .errors import SourceError
@@ -146,13 +146,36 @@ def total_size(paths: Iterable[Path]) -> int:
     return n
 
 
+def check_given(paths: list[Path]) -> None:
+    """Refuse, before any work, a list of companion files given by the caller (``extract(companions=...)``) that
+    the manifest could not hold: a name that is not a plain file name, two that are one file in ``OUT/hf/`` (the
+    same name, or names that differ only in case or Unicode normalization), a checkpoint's own name, or more than
+    ``MAX_COMPANIONS``. (The rule's skips are for files found in a folder; files given by name are the caller's
+    choice, so a conflict is an error naming both.)"""
+    if len(paths) > MAX_COMPANIONS:
+        raise SourceError(f"{len(paths)} companion files given; at most {MAX_COMPANIONS} fit in a manifest")
+    seen = {same_file_key(n): Path(n) for n in RESERVED}
+    for p in paths:
+        if not plain_name(p.name):
+            raise SourceError(f"{p}: its name is not a plain file name (control characters, a backslash or over 255 "
+                              "bytes), so it cannot be a companion file; rename it or leave it out")
+        other = seen.setdefault(same_file_key(p.name), p)
+        if other is not p:
+            raise SourceError(f"{other} and {p}: both would be written as hf/{p.name} (the same name, or names that "
+                              f"{SAME_FILE}); give one of them")
+
+
 def write(paths: Iterable[Path], staging: Path) -> list[dict[str, Any]]:
     """Copy each file (its own name) into ``staging/hf/``; the manifest's ``companions`` entries. A file that is no
     longer a regular file of at most the bound (it changed since it was chosen) is an error naming it."""
-    entries = []
+    entries, total = [], 0
     for p in paths:
         data = read_regular(p, MAX_COMPANION_BYTES, error=SourceError,
                             hint="a companion file of the checkpoint changed while being copied: run the command again")
+        total += len(data)
+        if total > MAX_COMPANION_TOTAL:  # files given by name (the rule's own choice stays within it)
+            raise SourceError(f"{p}: the companion files come to more than {MAX_COMPANION_TOTAL} bytes, which a "
+                              "manifest cannot hold; give fewer")
         rel = f"{COMPANION_DIR}/{p.name}"
         (staging / COMPANION_DIR).mkdir(exist_ok=True)
         with open(staging / rel, "xb") as fh:

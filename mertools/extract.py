@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .companions import local as local_companions, total_size as companions_size, write as write_companions
+from .companions import (check_given as check_companions, local as local_companions, total_size as companions_size,
+                         write as write_companions)
 from .commit import MARKER, STAGING_MARK, fsync_dir, staged_output  # noqa: F401  (old import paths)
 from .convert import build_manifest, plan, write_dense, write_experts, write_manifest
 from .ranges import Ranges, parse_ranges  # noqa: F401  (parse_ranges: old import path)
@@ -97,6 +98,7 @@ def extract(
         skipped: list[dict[str, str]] = []
         if companions is not None:
             chosen = [Path(p) for p in companions]
+            check_companions(chosen)
         elif src.kind == "safetensors":
             chosen, skipped = local_companions(Path(src.path))
         r = _extract(src, Path(os.path.abspath(out)), layers, experts, overwrite, fsync, wait, marker, progress,

@@ -349,3 +349,24 @@ def test_inspect_lists_them_for_a_folder_and_for_a_checkpoint(mixtral):
     assert "companion files in hf/: config.json, generation_config.json" in run_cli("inspect", mixtral, check=True).stdout
     d = json.loads(run_cli("inspect", ST, "--json", check=True).stdout)
     assert d["companions"] == sorted(companions_of(ST)) and d["companions_skipped"] == []
+
+
+def test_companion_files_given_by_name_that_would_be_one_file_are_refused_before_any_work(tmp_path):
+    """extract(companions=[...]) (pull's path) copied the files it was given without the rule: two files with one
+    name failed with "File exists" naming the hidden staging folder, case twins with a manifest error that said to
+    re-extract. Refused first, naming both files; nothing written."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for d, name in ((a, "tokenizer.json"), (b, "tokenizer.json"), (b, "Tokenizer.json"), (b, "caf\u00e9.txt"),
+                    (a, "cafe\u0301.txt")):
+        (d / name).write_text("{}")
+    for given in ([a / "tokenizer.json", b / "tokenizer.json"], [a / "tokenizer.json", b / "Tokenizer.json"],
+                  [b / "caf\u00e9.txt", a / "cafe\u0301.txt"], [a / "model.safetensors"]):
+        out = tmp_path / "out"
+        with pytest.raises(MertoolsError) as e:
+            extract(ST, out, fsync=False, companions=given)
+        msg = str(e.value)
+        assert "\n" not in msg and all(str(p) in msg for p in given) and "give one of them" in msg, msg
+        assert not out.exists() and "mertools-tmp" not in msg and "staging" not in msg
+    extract(ST, tmp_path / "ok", fsync=False, companions=[a / "tokenizer.json", b / "Tokenizer.json"][:1])
+    assert hf_files(tmp_path / "ok") == {"tokenizer.json": b"{}"}

@@ -718,13 +718,14 @@ def _matvec_walk(qt, raw, rows, cols, x, walk, act, flags=0):
 @needs_avx512
 @pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
-@pytest.mark.parametrize("cols", [1056, 1120])
+@pytest.mark.parametrize("cols", [1056, 1120, 1184])
 def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
     """The AVX-512 q8 kernels (512-bit vpdpbusd, two blocks an instruction) sum the same integers as the AVX2 ones
     and add the blocks' products in the AVX2 walks' order: equal to the bit to the AVX-VNNI and maddubs kernels,
     one row a pass and four, on an odd row count (a short last pass), an odd number of blocks (a
     last block alone) and a batch of 3; within the documented q8 error of float64, and exact on the activation grid.
-    33 blocks are four groups of eight (Q4_0's scales eight at a time) and a last block; 35 leave a pair between."""
+    33 blocks are four groups of eight (Q4_0's scales eight at a time) and a last block; 35 leave a pair between;
+    37 two pairs (the four-block loop after the groups of eight) and a last block."""
     rng = np.random.default_rng(51)
     rows = 255
     raw = random_matrix(qt, rows, cols, rng)

@@ -318,3 +318,30 @@ def test_pins_from_two_threads_never_take_the_last_slot(folder):
         assert len(errors) == 1 and len(pinned) == 2, (errors, pinned)
         with s.load(1, 2):
             pass
+
+
+def test_threads_pinning_the_same_experts_at_once_are_not_refused(folder):
+    """Each pin() counted the keys the other calls were pinning as more pins, though a pin is a mark and two calls
+    pinning (0, 0) make one pin: two threads pinning the same 3 experts in 4 slots (each starting up with the same
+    hot set) had one refused with "cannot pin 6 experts", though 3 pins were all there ever were."""
+    import threading
+
+    keys = [(0, 0), (0, 1), (1, 0)]
+    for _ in range(10):
+        with open_shards(folder.root, cache_slots=4, checksums="always") as s:
+            go, errors = threading.Barrier(3), []
+
+            def pin():
+                go.wait()
+                try:
+                    s.pin(keys)
+                except CacheError as exc:
+                    errors.append(str(exc))
+
+            ts = [threading.Thread(target=pin) for _ in range(3)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert errors == [] and sorted(k for k, e in s.cache.entries.items() if e.pinned) == keys, errors
+            assert not s.cache._pins_coming  # nothing counted as coming once every pin() has returned

@@ -331,3 +331,33 @@ def test_a_folder_replaced_by_the_same_manifest_goes_on_serving(tmp_path):
         out.rename(tmp_path / "old")
         (tmp_path / "copy").rename(out)
         assert all(np.array_equal(s.ffn(0, e, x), w) for e, w in enumerate(want))
+
+
+@pytest.mark.parametrize("how", ["removed and extracted again", "extracted with --overwrite twice"])
+def test_a_replaced_folder_whose_new_inode_number_is_the_old_ones_is_still_refused(tmp_path, how):
+    """The check above compared the folder's (st_dev, st_ino) with the one read at open, but a folder removed frees
+    its inode number, and the next folder made (extract's staging folder, renamed to OUT) takes it again at once
+    on ext4: `rm -rf OUT` and an extract, or two `extract --overwrite` (the second's staging folder takes the
+    number the first freed), left the identity unchanged and the old manifest computed with the new shards."""
+    import os
+    import shutil
+
+    from mertools import extract
+    from mer_runtime.errors import ShardIOError
+
+    out = tmp_path / "out"
+    extract(REAL / "mixtral-q4_0.gguf", out, fsync=False)
+    ino, fds = os.stat(out).st_ino, set(os.listdir("/proc/self/fd"))
+    with open_shards(out, cache_slots=2) as s:
+        x = np.ones(s.manifest.model["d_model"], np.float32)
+        s.ffn(0, 0, x), s.ffn(0, 1, x), s.ffn(0, 2, x)  # (0, 0) is evicted
+        if how == "removed and extracted again":
+            shutil.rmtree(out)
+            extract(REAL / "mixtral-q4_k_m.gguf", out, fsync=False)
+        else:
+            extract(REAL / "mixtral-q4_k_m.gguf", out, overwrite=True, fsync=False)
+            extract(REAL / "mixtral-q4_k_m.gguf", out, overwrite=True, fsync=False)
+        print("inode number reused:", os.stat(out).st_ino == ino)  # ext4: yes, the case at hand
+        with pytest.raises(ShardIOError, match="was replaced since it was opened"):
+            s.ffn(0, 0, x)
+    assert set(os.listdir("/proc/self/fd")) == fds  # the folder held is let go at close

@@ -275,7 +275,8 @@ class ExpertCache:
         self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
-        self._pins_coming = 0  # keys pin() calls under way will pin: counted by the next pin()'s check
+        # key -> pin() calls under way that will pin it: counted (each key once) by the next pin()'s check
+        self._pins_coming: dict[Key, int] = {}
         self._closed = False
         # the latest step cancel_stale(now=..., owner=...) saw, per owner (each stream counts its own steps; None:
         # a caller judging every guess): a guess due at its owner's step or before is no longer held for later, even
@@ -945,21 +946,25 @@ class ExpertCache:
         with self._cv:
             held = {k for k, e in self.entries.items() if e.pinned}
             new = [k for k in dict.fromkeys(keys) if k not in held]
-            total = len(held) + self._pins_coming + len(new)
+            # a pin is a mark, not a count: a key this call and another call (or the pins held) both name is one pin
+            total = len(held.union(self._pins_coming, new))
             if total > self.pool.n_slots - 1:
-                raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already) in "
+                raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already or being pinned) in "
                                  f"{self.pool.n_slots} cache slots: one stays for loads; use more --cache-slots, "
                                  "pin fewer or unpin some")
             # counted, not locked: a lock held across the loads below would deadlock with a thread that holds a slot
             # and pins too
-            self._pins_coming += len(new)
+            for k in new:
+                self._pins_coming[k] = self._pins_coming.get(k, 0) + 1
+        left = list(new)  # keys still counted as coming by this call
         done: list[Key] = []
         try:
             for k in new:
                 self.acquire(k)
                 with self._cv:
                     self.entries.set_pinned(k, True)
-                    self._pins_coming -= 1  # counted as held from now on
+                    self._uncount_pin(k)  # counted as held from now on
+                    left.remove(k)
                 done.append(k)
                 self.release(k)
         except BaseException:
@@ -967,7 +972,15 @@ class ExpertCache:
             raise
         finally:
             with self._cv:
-                self._pins_coming -= len(new) - len(done)
+                for k in left:
+                    self._uncount_pin(k)
+
+    def _uncount_pin(self, k: Key) -> None:
+        n = self._pins_coming.get(k, 0) - 1
+        if n > 0:
+            self._pins_coming[k] = n
+        else:
+            self._pins_coming.pop(k, None)
 
     def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
         """Pin the n most used experts of a routing profile ({(layer, expert): count}); returns them."""

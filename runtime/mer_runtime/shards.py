@@ -100,10 +100,13 @@ class ShardSet:
             raise ValueError(f"checksums must be one of {CHECKSUMS}")
         if evict not in EVICTIONS:
             raise ValueError(f"evict must be one of {EVICTIONS}")
-        self.manifest, self._manifest_xxh3 = _load_still(path)
+        self.manifest, self._manifest_xxh3, self._folder_fd = _load_still(path)
         m = self.manifest
-        self._folder_id = _identity(m.root)
+        # the folder held open while the set is: a folder removed frees its inode number, which the next folder made
+        # (an extract's staging folder) takes at once on ext4, so the number alone would not show a replacement
+        self._folder_id = _fd_identity(self._folder_fd)
         if not m.experts:
+            os.close(self._folder_fd)
             raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
         self.checksums = checksums
         self._checked: set[Key] = set()  # experts whose checksum passed once; guarded by _lock
@@ -122,6 +125,7 @@ class ShardSet:
             if self.loader is not None:
                 self.loader.close()
             self.pool.close()
+            os.close(self._folder_fd)
             raise
         self.activation = m.model.get("activation", {"kind": "swiglu"})
         self.prefetch_config: PrefetchConfig | None = prefetch
@@ -176,15 +180,23 @@ class ShardSet:
     def _same_folder(self, now: tuple[int, int] | None) -> None:
         """The folder's identity changed: a new folder with the very manifest bytes read at open holds shards that
         match them (and a file system whose inode numbers are not stable, sshfs's, changes it too); else refuse."""
+        fd = _open_folder(self.manifest.root)
         try:
-            same = xxhash.xxh3_64_hexdigest(read_manifest_bytes(self.manifest.root)) == self._manifest_xxh3
+            same = (fd is not None and _fd_identity(fd) == now
+                    and xxhash.xxh3_64_hexdigest(read_manifest_bytes(self.manifest.root)) == self._manifest_xxh3)
         except MerError:
             same = False
         if not same or now is None:
+            if fd is not None:
+                os.close(fd)
             raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
                                   "again?); its shards no longer match the manifest read then: open it again")
         with self._lock:
-            self._folder_id = now
+            if self._closing and self._folder_fd < 0:
+                os.close(fd)
+                return
+            old, self._folder_fd, self._folder_id = self._folder_fd, fd, now
+        os.close(old)  # the new folder is held instead
 
     def _enter(self) -> None:
         with self._lock:
@@ -426,6 +438,10 @@ class ShardSet:
                 self.loader.close()
             finally:
                 self.pool.close()
+                with self._lock:
+                    fd, self._folder_fd = self._folder_fd, -1
+                if fd >= 0:
+                    os.close(fd)
 
     def __enter__(self) -> "ShardSet":
         return self
@@ -442,15 +458,36 @@ def _identity(root: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _load_still(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
-    """(manifest, xxh3 of its bytes) of a folder that stayed the same folder while its manifest was read (one
-    being replaced meanwhile is read again), so that the folder's identity recorded next is the manifest's."""
+def _fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _open_folder(root: str | os.PathLike[str]) -> int | None:
+    """An fd that holds the folder (its inode, and so its number) while the set is open; O_PATH: a folder readable
+    only by its path (x without r) is held too."""
+    try:
+        return os.open(root, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _load_still(path: str | os.PathLike[str]) -> tuple[Manifest, str, int]:
+    """(manifest, xxh3 of its bytes, an fd of the folder) of a folder that stayed the same folder while its manifest
+    was read (one being replaced meanwhile is read again), so that the folder held is the manifest's."""
     for _ in range(10):
-        before = _identity(Path(path))
-        data = read_manifest_bytes(path)
-        m = manifest_from_bytes(data, path)
-        if _identity(m.root) == before:
-            return m, xxhash.xxh3_64_hexdigest(data)
+        fd = _open_folder(path)
+        try:
+            data = read_manifest_bytes(path)  # (a missing folder or manifest: its usual error)
+            m = manifest_from_bytes(data, path)
+            if fd is not None and _identity(m.root) == _fd_identity(fd):
+                return m, xxhash.xxh3_64_hexdigest(data), fd
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            os.close(fd)
     raise ShardIOError(0, f"{path}: the folder keeps being replaced while it is opened; open it once it is done")
 
 

@@ -277,6 +277,7 @@ class ExpertCache:
         self._cv = threading.Condition(threading.Lock())
         # key -> pin() calls under way that will pin it: counted (each key once) by the next pin()'s check
         self._pins_coming: dict[Key, int] = {}
+        self._pin_count: dict[Key, int] = {}  # pin() calls standing per pinned expert (see pin); guarded by _cv
         self._closed = False
         # the latest step cancel_stale(now=..., owner=...) saw, per owner (each stream counts its own steps; None:
         # a caller judging every guess): a guess due at its owner's step or before is no longer held for later, even
@@ -942,13 +943,18 @@ class ExpertCache:
     def pin(self, keys: list[Key]) -> None:
         """Load `keys` and keep them from eviction until `unpin`. The pins already held count: all of them together
         must leave one slot for loads. All or nothing: a pin that is refused, or whose load fails, leaves the pins as
-        they were."""
+        they were. Pins are counted per key: an expert pinned by two calls (two threads with one hot set) stays
+        pinned until both are undone, each by one `unpin` (or by its own failure)."""
         with self._cv:
             held = {k for k, e in self.entries.items() if e.pinned}
+            mine = [k for k in dict.fromkeys(keys) if k in held]  # counted once more now; the others once loaded
+            for k in mine:
+                self._pin_count[k] = self._pin_count.get(k, 0) + 1
             new = [k for k in dict.fromkeys(keys) if k not in held]
             # a pin is a mark, not a count: a key this call and another call (or the pins held) both name is one pin
             total = len(held.union(self._pins_coming, new))
             if total > self.pool.n_slots - 1:
+                self._unpin_locked(mine)
                 raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already or being pinned) in "
                                  f"{self.pool.n_slots} cache slots: one stays for loads; use more --cache-slots, "
                                  "pin fewer or unpin some")
@@ -957,18 +963,18 @@ class ExpertCache:
             for k in new:
                 self._pins_coming[k] = self._pins_coming.get(k, 0) + 1
         left = list(new)  # keys still counted as coming by this call
-        done: list[Key] = []
         try:
             for k in new:
                 self.acquire(k)
                 with self._cv:
+                    self._pin_count[k] = self._pin_count.get(k, 0) + 1
                     self.entries.set_pinned(k, True)
+                    mine.append(k)
                     self._uncount_pin(k)  # counted as held from now on
                     left.remove(k)
-                done.append(k)
                 self.release(k)
         except BaseException:
-            self.unpin(done)
+            self.unpin(mine)  # this call's pins only: another call's pin of the same expert stands
             raise
         finally:
             with self._cv:
@@ -989,11 +995,20 @@ class ExpertCache:
         return top
 
     def unpin(self, keys: list[Key]) -> None:
+        """Undo one pin of each of `keys` (an expert no call has pinned is left as it is)."""
         with self._cv:
-            for k in keys:
-                if k in self.entries:
-                    self.entries.set_pinned(k, False)
+            self._unpin_locked(dict.fromkeys(keys))
             self._cv.notify_all()
+
+    def _unpin_locked(self, keys: Iterable[Key]) -> None:
+        for k in keys:
+            n = self._pin_count.get(k, 0) - 1
+            if n > 0:
+                self._pin_count[k] = n
+                continue
+            self._pin_count.pop(k, None)
+            if k in self.entries:
+                self.entries.set_pinned(k, False)
 
     def drain(self) -> None:
         """Wait for every read in flight (before the pool or loader goes away). Nothing is checked here, and a failed

@@ -397,7 +397,8 @@ class ShardSet:
 
     def pin(self, keys: list[Key]) -> None:
         """Load `keys` and keep them cached until `unpin`; all the pins together leave one slot for loads (a pin that
-        would take it is refused whole: CacheError, nothing pinned)."""
+        would take it is refused whole: CacheError, nothing pinned). Counted per expert: two pins of one expert
+        take two unpins."""
         self._enter()
         try:
             self.cache.pin(keys)
@@ -405,7 +406,8 @@ class ShardSet:
             self._leave()
 
     def unpin(self, keys: list[Key]) -> None:
-        """Let `keys` be evicted again (keys not pinned are ignored)."""
+        """Undo one pin of each of `keys`; an expert no pin holds any more may be evicted again (keys not pinned are
+        ignored)."""
         self._enter()
         try:
             self.cache.unpin(keys)

@@ -203,6 +203,39 @@ def test_moe_exact_when_h_is_tiny(down, simd):
 
 
 
+@pytest.mark.parametrize("simd", SIMD)
+def test_moe_bands_of_more_rows_than_a_matvec_task(simd):
+    """moe() hands out bands of up to 256 rows (at least 8 a thread; matvec's are 64): on 2 threads 228-row bands of
+    gate and up (3 x 1216 rows, the last band 76) and 68-row bands of down (1056 rows, the last 36). Every row is
+    computed once and right: exact within float32 rounding of the float64 oracle; act="q8" (its prefetch distance a
+    row and a half ahead) to the bit of the AVX2 kernels and near the oracle."""
+    rng = np.random.default_rng(91)
+    d_model, d_ff, k = 1056, 1216, 3
+
+    def q4_0(rows, cols):
+        raw = rng.integers(0, 256, size=(rows, cols // 32, 18), dtype=np.uint8)
+        raw[..., :2] = rng.uniform(0.001, 0.02, raw.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(-1)
+        return raw, dequantize(raw.reshape(rows, -1), T.Q4_0).astype(np.float64)
+
+    experts, want = [], 0.0
+    x = rng.standard_normal(d_model).astype(np.float32)
+    w = [0.5, 0.3, 0.2]
+    for e in range(k):
+        (gr, g), (ur, u), (dr, d) = q4_0(d_ff, d_model), q4_0(d_ff, d_model), q4_0(d_model, d_ff)
+        experts.append({"gate": ("Q4_0", (d_ff, d_model), gr), "up": ("Q4_0", (d_ff, d_model), ur),
+                        "down": ("Q4_0", (d_model, d_ff), dr)})
+        gx, ux = g @ x.astype(np.float64), u @ x.astype(np.float64)
+        want = want + w[e] * (d @ (gx / (1 + np.exp(-gx)) * ux))
+    got = kernels.moe(experts, w, x, {"kind": "swiglu"}, simd=simd)
+    assert rel(got, want) < TOL, rel(got, want)
+    q8 = kernels.moe(experts, w, x, {"kind": "swiglu"}, simd=simd, act="q8")
+    assert rel(q8, want) < 2e-2, rel(q8, want)
+    if simd and kernels.AVX512:
+        np.testing.assert_array_equal(
+            q8, kernels.moe(experts, w, x, {"kind": "swiglu"}, act="q8", flags=kernels.FLAG_NO_AVX512))
+
+
 def _positive_k_blocks(rng, qtype, rows, cols):
     """K-quant blocks whose every weight is positive (dmin 0, every scale and quant nonzero): one +inf in x makes
     every row +inf, never NaN."""

@@ -1684,6 +1684,11 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
     int one = rows_per_pass(m->type, q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) == 1;
 #define PICK(f) (one ? f##_1 : f)
     if (q8_type(m->type) && (m->qk == 256 ? kx != NULL : ax != NULL)) {
+        /* at least a row and a half ahead: a down projection's rows (8064 bytes of Q4_0 for 14336 columns) are
+         * near the 8192 of the short gate and up rows' best; 1.5 rows made moe()'s Q4_0 phase 2 (down) x1.08-1.12
+         * faster and Q4_K_M's (Q6_K down) x1.04 (docs/runtime.md). The exact walks keep pf: their long rows take the
+         * column-tiled walk, whose distance counts rows ahead. */
+        if (pf && pf < m->rowbytes + m->rowbytes / 2) pf = m->rowbytes + m->rowbytes / 2;
 #ifdef MER_X86
         if (simd && m->qk == 256) {
             if (m->type == T_Q4_K) PICK(rows_q8a_q4_k)(m, kx, nvec, xs, out, os, r0, r1, pf);
@@ -1989,7 +1994,7 @@ typedef struct {
     int x_inf, h_inf[8];                       /* kq45_unfactored for x (gate/up) and each expert's h (down) */
     int xflags, hflags[8];                     /* flags for phase 1 and each expert's down: without ACT_Q8 where
                                                   x (h) holds an infinity, so that it runs with float32 values */
-    int64_t n, d_model, d_ff, chunk, nchunk_ff;
+    int64_t n, d_model, d_ff, chunk, nchunk_ff, chunk2; /* rows per task: phase 1 (gate, up), phase 2 (down) */
     float *h, *u_tmp, *y_tmp, *out;
 } moe_ctx;
 
@@ -2024,7 +2029,7 @@ static void moe_phase1(void *c_, int64_t t) {
 static void moe_phase2(void *c_, int64_t t) {
     moe_ctx *c = c_;
     int64_t D = c->d_model, F = c->d_ff, n = c->n;
-    int64_t r0 = t * c->chunk, r1 = r0 + c->chunk < D ? r0 + c->chunk : D;
+    int64_t r0 = t * c->chunk2, r1 = r0 + c->chunk2 < D ? r0 + c->chunk2 : D;
     for (int e = 0; e < c->k; e++) {
         float *y = c->y_tmp + (int64_t)e * n * D;
         const int q8 = (c->hflags[e] & MER_FLAG_ACT_Q8) != 0;
@@ -2058,6 +2063,18 @@ static int proj_init(mat_t *m, const mer_proj *p, int64_t rows, int64_t cols) {
 #include <time.h>
 double prof_us[4];
 #endif
+/* Rows per moe() task, for a phase of `rows` rows in all: up to MOE_CHUNK_MAX, but at least 8 tasks a thread (so
+ * many threads still share out a 4096-row down projection) and never under tuning_chunk. 256 over matvec's 64 on the
+ * 2-core Zen 5 (Q4_0 Mixtral-shaped steps, alternated in one process, medians of 31-41 rounds): q8 x1.027, exact
+ * x1.016-1.036, most of it in phase 1, whose task reads a band of gate and then one of up: longer bands, fewer
+ * stream starts (docs/runtime.md). */
+#define MOE_CHUNK_MAX 256
+static int64_t moe_chunk(int64_t rows) {
+    int64_t c = rows / (8 * (int64_t)mer_threads());
+    c = c > MOE_CHUNK_MAX ? MOE_CHUNK_MAX : c;
+    return c < tuning_chunk ? tuning_chunk : (c + 3) / 4 * 4;
+}
+
 /* out[v] = sum_e wk[e] * down_e(act(gate_e x[v] + bg, up_e x[v] + bu)) + bd  for v < n, in one call.
  * k <= 8 experts; x float32 [n, d_model] (x_len floats); out float32 [n, d_model] (out_len floats).
  * act: 0 SwiGLU, 1 GPT-OSS clamped (alpha, limit). On error returns MER_E* and *bad = 3*e + projection
@@ -2081,7 +2098,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
     if (!n) return MER_OK;
     c.ex = ex; c.wk = wk; c.k = k; c.act = act; c.flags = flags; c.alpha = alpha; c.limit = limit;
     c.x = x; c.n = n; c.d_model = d_model; c.d_ff = d_ff; c.out = out;
-    c.chunk = tuning_chunk;
+    c.chunk = moe_chunk(k * d_ff); c.chunk2 = moe_chunk(d_model);
     c.nchunk_ff = (d_ff + c.chunk - 1) / c.chunk;
     size_t nh = (size_t)k * n * d_ff, ny = (size_t)k * n * d_model;
     c.h = malloc(sizeof(float) * nh); c.u_tmp = malloc(sizeof(float) * nh); c.y_tmp = malloc(sizeof(float) * ny);
@@ -2159,7 +2176,7 @@ int mer_moe(int k, const mer_expert *ex, const float *wk, const float *x, int64_
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T2);
 #endif
-    pool_run(moe_phase2, &c, (d_model + c.chunk - 1) / c.chunk, pflags);
+    pool_run(moe_phase2, &c, (d_model + c.chunk2 - 1) / c.chunk2, pflags);
 #ifdef MER_PROFILE
     clock_gettime(CLOCK_MONOTONIC, &T3);
 #define DT(a, b) ((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3)

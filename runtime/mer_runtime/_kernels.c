@@ -807,13 +807,18 @@ AVX2 __m128i qk45_scales_mins(const uint8_t *b) {
     return _mm_loadu_si128((const __m128i *)u);
 }
 
-AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
-    /* the 8 scales and 8 mins times d and dmin in two vector multiplies, each then one broadcast load: a scalar
-     * conversion, multiply and broadcast per scale took as many vector-pipe slots as a third of the decode */
+/* f[0..7]: the block's 8 scales times d, f[8..15]: its 8 mins times dmin, in two vector multiplies, each then read
+ * by one broadcast load: a scalar conversion, multiply and broadcast per scale took as many vector-pipe slots as a
+ * third of the decode (both exact kernels, AVX2 and AVX-512) */
+AVX2 void qk45_dm(const uint8_t *b, float f[16]) {
     const __m128i sm = qk45_scales_mins(b);
-    float f[16];
     _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
     _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+}
+
+AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
+    float f[16];
+    qk45_dm(b, f);
     const uint8_t *qs = b + (five ? 48 : 16);
     const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
     const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
@@ -1421,10 +1426,8 @@ AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
  * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
  * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
 AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int five) {
-    const __m128i sm = qk45_scales_mins(b);
     float f[16];
-    _mm256_storeu_ps(f, _mm256_mul_ps(h2f_t(b), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm))));
-    _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
+    qk45_dm(b, f);
     const uint8_t *qs = b + (five ? 48 : 16);
     const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
     const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();

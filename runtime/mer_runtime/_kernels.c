@@ -816,19 +816,28 @@ AVX2 void qk45_dm(const uint8_t *b, float f[16]) {
     _mm256_storeu_ps(f + 8, _mm256_mul_ps(h2f_t(b + 2), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)))));
 }
 
+/* chunk c (64 values) of a Q4_K/Q5_K block, for both exact kernels: L holds the low nibbles of its 32 bytes, U the
+ * high ones shifted down 4 (unmasked: each group's mask drops what came down from the next byte); Q5_K's fifth bits
+ * or-ed in at bit 4 of each byte, the nibbles masked first */
+AVX2 void qk45_chunk(const uint8_t *b, int five, int c, __m256i *L, __m256i *U) {
+    const __m256i l = _mm256_loadu_si256((const __m256i *)(b + (five ? 48 : 16) + 32 * c)), u = _mm256_srli_epi32(l, 4);
+    if (!five) {
+        *L = l, *U = u;
+        return;
+    }
+    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
+    const __m256i H = _mm256_loadu_si256((const __m256i *)(b + 16));
+    *L = _mm256_or_si256(_mm256_and_si256(l, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
+    *U = _mm256_or_si256(_mm256_and_si256(u, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
+}
+
 AVX2 void pblk_qk45(const uint8_t *b, const float *xp, __m256 *acc, int five) {
     float f[16];
     qk45_dm(b, f);
-    const uint8_t *qs = b + (five ? 48 : 16);
-    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
-    const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
     __m256 a = *acc;
     _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-        __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
-        if (five) {
-            L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
-            U = _mm256_or_si256(_mm256_and_si256(U, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
-        }
+        __m256i L, U;
+        qk45_chunk(b, five, c, &L, &U);
         __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
         _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
             const __m256i m = _mm256_set1_epi32((five ? 31 : 15) << (8 * k));
@@ -1428,16 +1437,10 @@ AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
 AVX512 void pblk_qk45_512(const uint8_t *b, const float *xp, __m512 *acc, int five) {
     float f[16];
     qk45_dm(b, f);
-    const uint8_t *qs = b + (five ? 48 : 16);
-    const __m256i n4 = _mm256_set1_epi32(0x0F0F0F0F), b4 = _mm256_set1_epi32(0x10101010);
-    const __m256i H = five ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
     __m512 sc = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
     _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-        __m256i L = _mm256_loadu_si256((const __m256i *)(qs + 32 * c)), U = _mm256_srli_epi32(L, 4);
-        if (five) {
-            L = _mm256_or_si256(_mm256_and_si256(L, n4), _mm256_and_si256(shift_epi32(H, 4 - 2 * c), b4));
-            U = _mm256_or_si256(_mm256_and_si256(U, n4), _mm256_and_si256(shift_epi32(H, 3 - 2 * c), b4));
-        }
+        __m256i L, U;
+        qk45_chunk(b, five, c, &L, &U);
         const __m512i L2 = _mm512_broadcast_i64x4(L), U2 = _mm512_broadcast_i64x4(U);
         __m512 lo, hi;
         _Pragma("GCC unroll 2") for (int k = 0; k < 4; k += 2) {

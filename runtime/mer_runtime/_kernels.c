@@ -878,6 +878,14 @@ static void perm_q6k(const float *x, float *xp, int64_t nb) {
         }
 }
 
+/* Q6_K: block b's 16 int8 scales times d, those of half 0 in S[0] and of half 1 in S[1], for both Q6_K kernels */
+AVX2 void q6k_scales(const uint8_t *b, __m256 S[2]) {
+    const __m256 d = h2f_t(b + 208);
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    S[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    S[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+}
+
 /* Q6_K: the quants of half n of block b (128 values), as the 4 x 32 bytes 0..63 both Q6_K kernels decode from
  * (low nibbles from ql, the two high bits from qh) */
 AVX2 void q6k_quants(const uint8_t *b, int n, __m256i Q[4]) {
@@ -892,10 +900,9 @@ AVX2 void q6k_quants(const uint8_t *b, int n, __m256i Q[4]) {
 }
 
 AVX2 void pblk_q6k(const uint8_t *b, const float *xp, __m256 *acc) {
-    const __m256 d = h2f_t(b + 208);
-    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-    const __m256 S0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-    const __m256 S1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    __m256 S01[2];
+    q6k_scales(b, S01);
+    const __m256 S0 = S01[0], S1 = S01[1];
     __m256 a = *acc;
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
         __m256i Q[4];
@@ -1465,10 +1472,9 @@ AVX512 void pblk_q5_k_512(const uint8_t *b, const float *xp, __m512 *acc) { pblk
 /* Q6_K, exact, as pblk_q6k with groups k and k + 1 side by side in 16 lanes; lanes 0-3 and 8-11 hold l < 16 (scale
  * 2j), 4-7 and 12-15 l >= 16 (scale 2j + 1). Scale terms summed per block, then one add to the row's accumulator. */
 AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
-    const __m256 d = h2f_t(b + 208);
-    const __m128i scb = _mm_loadu_si128((const __m128i *)(b + 192));
-    const __m512 S0 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
-    const __m512 S1 = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
+    __m256 S01[2];
+    q6k_scales(b, S01);
+    const __m512 S0 = _mm512_castps256_ps512(S01[0]), S1 = _mm512_castps256_ps512(S01[1]);
     __m512 a = _mm512_setzero_ps();
     _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
         __m256i Q[4];

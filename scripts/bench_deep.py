@@ -9,9 +9,11 @@ alternating the two, --repeat times each, and reporting medians:
   - deep: `python -m mertools.cli verify OUT --deep --against SRC --json -q` in a child process. Its time is given
     twice: the child's wall time (interpreter start and imports included) and verify()'s own `seconds` from the
     JSON report (excluded). The ratio read/deep uses the wall time, so it is the conservative figure.
-Peak memory: the child's ru_maxrss (from wait4, so only that child) minus the same for a child that only imports
-the CLI's modules (its baseline); mapped page-cache pages count in ru_maxrss, so the bound is honest. Also the peak
-of the child's anonymous memory (RssAnon, /proc/PID/status polled every 10 ms): what it allocated, page cache apart.
+Peak memory: the child's VmHWM (its peak RSS since its exec, /proc/PID/status polled every 10 ms; the last poll is
+at most 10 ms before it exits) minus the same for a child that only imports the CLI's modules (its baseline); mapped
+page-cache pages count in it, so the bound is honest. Not ru_maxrss: a child's counts the pages of this process it
+held between fork and exec, so it read as this process's size when this process had just extracted the model. Also
+the peak of the child's anonymous memory (RssAnon): what it allocated, page cache apart.
 
 --layout llama4 benchmarks a transformed SafeTensors source instead: a Llama-4-layout BF16 checkpoint (gate_up
 [E, d_model, 2 d_ff] input-major and down [E, d_ff, d_model], so every projection is transposed and gate/up fused),
@@ -40,29 +42,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402  (its Mixtral-shaped Q4_0 builder)
 
 
-def _anon_bytes(pid: int) -> int:
+def _status_bytes(pid: int) -> dict[str, int]:
+    """VmHWM and RssAnon of a live process, in bytes ({} once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            return next((int(line.split()[1]) << 10 for line in fh if line.startswith("RssAnon:")), 0)
-    except OSError:
-        return 0
+            return {k: int(v.split()[0]) << 10 for k, _, v in (line.partition(":") for line in fh)
+                    if k in ("VmHWM", "RssAnon")}
+    except (OSError, ValueError):
+        return {}
 
 
 ANON_PEAKS: list[int] = []  # peak RssAnon of each run_child, in bytes (polled: a lower bound)
 
 
 def run_child(cmd: list[str], keep_output: bool = True) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes of this child alone, stdout) of a command; exits on failure. Its peak
-    anonymous memory goes to ANON_PEAKS."""
+    """(wall seconds, peak RSS in bytes of this child since its exec, stdout) of a command; exits on failure. Its
+    peak anonymous memory goes to ANON_PEAKS. Both are polled, so lower bounds."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out if keep_output else subprocess.DEVNULL, stderr=err)
-        anon = 0
-        while True:  # wait4, not wait: the rusage of this child alone
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        anon = hwm = 0
+        while True:
+            pid, status = os.waitpid(p.pid, os.WNOHANG)
             if pid:
                 break
-            anon = max(anon, _anon_bytes(p.pid))
+            st = _status_bytes(p.pid)
+            anon, hwm = max(anon, st.get("RssAnon", 0)), max(hwm, st.get("VmHWM", 0))
             time.sleep(0.01)  # coarse: polling must not cost the 2 cores the measured child runs on
         wall = time.perf_counter() - t0
         ANON_PEAKS.append(anon)
@@ -72,7 +77,7 @@ def run_child(cmd: list[str], keep_output: bool = True) -> tuple[float, int, str
         text = out.read().decode()
         if p.returncode != 0:
             raise SystemExit(f"{cmd[:5]} failed ({p.returncode}): {text[-2000:]}{err.read().decode()[-2000:]}")
-    return wall, ru.ru_maxrss * 1024, text
+    return wall, hwm, text
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mer_runtime import guard
+from mer_runtime import checksum, guard
 from mertools.commit import STAGING_MARK
 
 from conftest import FIX
@@ -90,7 +90,8 @@ def test_hash_file_truncated_between_pieces(tmp_path, mode):
             print("NOT RAISED")
     """, mode)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert f"RAISED {tmp_path / 'f.bin'} {CHANGED} (was {8 * (256 << 10)} bytes, now {(256 << 10) + 4096})" in p.stdout
+    piece = checksum.PIECE
+    assert f"RAISED {tmp_path / 'f.bin'} {CHANGED} (was {8 * piece} bytes, now {piece + 4096})" in p.stdout
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -419,10 +420,12 @@ def test_verify_dense_truncated_while_hashed(folder, tmp_path, mode):
     f = tmp_path / "f"
     shutil.copytree(folder, f)
     dense = f / "dense.gguf"
-    assert dense.stat().st_size > 2 * (256 << 10)
+    assert dense.stat().st_size > 2 * 65536
     p = _python(f"""
         from pathlib import Path
         import os
+        import mer_runtime.checksum
+        mer_runtime.checksum.PIECE = 65536  # dense.gguf in several pieces, whatever the default
         from mertools.verify import verify
         from mer_runtime.guard import FileChangedError
         dense = Path({str(dense)!r})

@@ -15,7 +15,10 @@ import xxhash
 from .guard import map_file
 from .safeopen import open_regular
 
-PIECE = 256 << 10
+# bytes hashed at a time, into the file's hash and then its projection's (the second finds them in cache): 1 MiB
+# against 256 KiB took verify of 1.59 GB of page-cached shards from 0.085-0.089 to 0.077-0.080 s (2 threads,
+# medians of 11 alternated runs, 2026-11-30): a piece's Python overhead counts at 20+ GB/s
+PIECE = 1 << 20
 RELEASE = 16 << 20  # mapped bytes dropped (MADV_DONTNEED) after each this many: a big shard's RSS stays bounded
 
 

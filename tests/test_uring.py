@@ -206,3 +206,35 @@ def test_a_pump_never_submits_behind_its_own_back(tmp_path, monkeypatch, depth):
         monkeypatch.undo()
         loader.close()
         pool.close()
+
+
+_MEMLOCK_CHILD = """
+import resource, sys
+from mer_runtime.buffers import BufferPool
+from mer_runtime.loader import open_loader
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))  # lowering needs no privilege
+pool = BufferPool(int(sys.argv[1]), 2)
+loader = open_loader("io_uring", pool)
+print(loader.fixed, loader.reason, sep="|")
+"""
+
+
+@needs_uring
+@pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv"), reason="setpriv (util-linux) drops CAP_IPC_LOCK")
+@pytest.mark.parametrize("slot, fixed", [(4 << 20, False), (256 << 10, True)])
+def test_memlock_limit_says_what_to_raise(slot, fixed):
+    """Without CAP_IPC_LOCK (any user but root) registered buffers count against RLIMIT_MEMLOCK, 8 MiB by default:
+    a cache above it is read with plain READ, and the reason names the limit, the cache and what to raise."""
+    cmd = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c",
+           _MEMLOCK_CHILD, str(slot)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if p.returncode and "setpriv" in p.stderr:
+        pytest.skip(f"setpriv cannot drop the capability here: {p.stderr.strip()[-200:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    got, reason = p.stdout.strip().split("|")
+    assert got == str(fixed), p.stdout
+    if fixed:
+        assert "registered buffers refused" not in reason
+    else:
+        assert "the cache's 8 MiB exceed the locked-memory limit of 1 MiB" in reason, reason
+        assert "ulimit -l" in reason and reason.endswith("using plain READ")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import resource
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -631,6 +632,19 @@ class BufferedLoader(PreadLoader):
         super()._enqueue(tickets, urgent)
 
 
+def _memlock_hint(exc: OSError, pool: BufferPool) -> str:
+    """Why io_uring refused to pin the cache, when it is the locked-memory limit: without CAP_IPC_LOCK (root has it)
+    registered buffers count against RLIMIT_MEMLOCK, 8 MiB by default, below one Mixtral expert."""
+    if exc.errno != errno.ENOMEM:
+        return ""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    need = pool.slot_size * pool.n_slots
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return ""
+    return (f": the cache's {need / 2**20:.0f} MiB exceed the locked-memory limit of {soft / 2**20:.0f} MiB; "
+            f"raise it (`ulimit -l unlimited`, or LimitMEMLOCK= for a service) for reads into registered buffers")
+
+
 class UringLoader(Loader):
     """io_uring, O_DIRECT, reads into registered (fixed) buffers: one per pool slot.
 
@@ -659,9 +673,9 @@ class UringLoader(Loader):
         self.fixed = True
         try:
             self.ring.register_buffers(pool.regions())
-        except OSError as exc:  # e.g. RLIMIT_MEMLOCK on older kernels: plain READ still works
+        except OSError as exc:  # plain READ still works, about 10% slower (docs/runtime.md, "Registered buffers")
             self.fixed = False
-            self.reason = f"registered buffers refused ({exc.strerror}); using plain READ"
+            self.reason = f"registered buffers refused ({exc.strerror}{_memlock_hint(exc, pool)}); using plain READ"
         except BaseException:
             self.ring.close()
             raise

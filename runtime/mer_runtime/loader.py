@@ -670,12 +670,22 @@ class UringLoader(Loader):
                                                        "(it falls back by itself) or --io pread")
             err.reason = why  # what `--io auto` records: the advice to use --io auto is not for it
             raise err from exc
-        self.fixed = True
+        # slots registered with the ring (their reads are READ_FIXED). Each is registered at its first read
+        # (`_buf_index`): registering pins and faults in the slot's pages, which took 0.55-2.7 s for a 16-slot cache
+        # of Mixtral experts when done whole at open; a slot never read is never pinned. Before Linux 5.19 (no
+        # sparse table) the pool is registered whole here. Plain READ where registering is refused (about 10% slower:
+        # docs/runtime.md, "Registered buffers").
+        self._fixed: set[int] = set()
+        self._lazy = False  # slots not yet registered may still be
         try:
-            self.ring.register_buffers(pool.regions())
-        except OSError as exc:  # plain READ still works, about 10% slower (docs/runtime.md, "Registered buffers")
-            self.fixed = False
-            self.reason = f"registered buffers refused ({exc.strerror}{_memlock_hint(exc, pool)}); using plain READ"
+            try:
+                self.ring.register_sparse(pool.n_slots)
+                self._lazy = True
+            except OSError:
+                self.ring.register_buffers(pool.regions())
+                self._fixed = set(range(pool.n_slots))
+        except OSError as exc:
+            self._refuse(exc)
         except BaseException:
             self.ring.close()
             raise
@@ -705,9 +715,40 @@ class UringLoader(Loader):
         # computes (without it they go only from calls into the loader: `poll`, `ready`, `wait`)
         self.spec_background = False
 
+    @property
+    def fixed(self) -> bool:
+        """Whether reads go into registered buffers (every slot's, or every slot read so far and the rest may)."""
+        return bool(self._fixed) or self._lazy
+
+    def _refuse(self, exc: OSError) -> None:
+        """Registering was refused: the slots not registered read with plain READ from now on."""
+        self._lazy = False
+        why = f"registered buffers refused ({exc.strerror}{_memlock_hint(exc, self.pool)})"
+        n = len(self._fixed)
+        self.reason = "; ".join(r for r in (self.reason, why + (
+            f"; {n} of {self.pool.n_slots} slots registered, plain READ for the others" if n else
+            "; using plain READ")) if r)
+
+    def _buf_index(self, slot: int) -> int | None:
+        """Under the lock: the fixed-buffer index of a read into `slot` (registering the slot now if it is the first
+        read into it), or None for plain READ."""
+        if slot in self._fixed:
+            return slot
+        if not self._lazy:
+            return None
+        try:
+            self.ring.update_buffer(slot, self.pool.address(slot), self.pool.slot_size)
+        except OSError as exc:  # RLIMIT_MEMLOCK: the next slots would be refused as well
+            self._refuse(exc)
+            return None
+        self._fixed.add(slot)
+        return slot
+
     def describe(self) -> str:
-        return super().describe() + (", fixed buffers" if self.fixed else ", plain READ") + \
-            f"; ring indices: {uring.ORDERING}"
+        n = len(self._fixed)
+        how = ("fixed buffers" if self._lazy or n == self.pool.n_slots else
+               f"fixed buffers for {n} of {self.pool.n_slots} slots, plain READ for the others" if n else "plain READ")
+        return super().describe() + f", {how}; ring indices: {uring.ORDERING}"
 
     def _kick(self) -> None:
         if self.ring.fd < 0:  # closed: nothing is issued any more (and the ring's memory is unmapped)
@@ -783,13 +824,14 @@ class UringLoader(Loader):
                         # still go: stopping here would hold back every read queued after it
                         passed.append(self._queue.popleft())
                         continue
+                buf = self._buf_index(t.slot)  # before the chunk leaves the queue: registering takes time
                 t, off, n = self._queue.popleft()
                 cid = next(self._chunk_ids)
                 # never submits by itself (so never raises the kernel's refusal): the SQ holds only the `pending`
                 # SQEs, fewer than queue_depth by the loop's condition, and it has at least queue_depth entries (a
                 # power of two >= queue_depth; test_a_pump_never_submits_behind_its_own_back); what is prepared goes
                 # to the kernel in `_submit` below, whose refusal `_refused` handles
-                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, t.slot if self.fixed else None)
+                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, buf)
                 self._chunks[cid] = (t, off, n)
                 if not t.urgent:
                     self._spec.add(cid)

@@ -43,6 +43,9 @@ IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_REGISTER_BUFFERS = 0
 IORING_UNREGISTER_BUFFERS = 1
+IORING_REGISTER_BUFFERS2 = 15
+IORING_REGISTER_BUFFERS_UPDATE = 16
+IORING_RSRC_REGISTER_SPARSE = 1 << 0
 IORING_OP_READ_FIXED = 4
 IORING_OP_READ = 22
 
@@ -143,7 +146,18 @@ class _IOVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
+class _RsrcRegister(ctypes.Structure):  # struct io_uring_rsrc_register
+    _fields_ = [("nr", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("resv2", ctypes.c_uint64),
+                ("data", ctypes.c_uint64), ("tags", ctypes.c_uint64)]
+
+
+class _RsrcUpdate2(ctypes.Structure):  # struct io_uring_rsrc_update2
+    _fields_ = [("offset", ctypes.c_uint32), ("resv", ctypes.c_uint32), ("data", ctypes.c_uint64),
+                ("tags", ctypes.c_uint64), ("nr", ctypes.c_uint32), ("resv2", ctypes.c_uint32)]
+
+
 assert ctypes.sizeof(SQE) == 64 and ctypes.sizeof(CQE) == 16 and ctypes.sizeof(_Params) == 120
+assert ctypes.sizeof(_RsrcRegister) == 32 and ctypes.sizeof(_RsrcUpdate2) == 32
 
 
 class UringError(OSError):
@@ -229,6 +243,22 @@ class Ring:
         _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_BUFFERS, iovs, len(buffers)),
                "io_uring_register(BUFFERS)")
         self.registered = True
+
+    def register_sparse(self, n: int) -> None:
+        """A table of n empty fixed-buffer indices (Linux 5.19 and later), each filled by `update_buffer`: nothing is
+        pinned until then. Older kernels refuse it (EINVAL): register the buffers whole instead."""
+        reg = _RsrcRegister(nr=n, flags=IORING_RSRC_REGISTER_SPARSE)
+        _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_BUFFERS2, ctypes.byref(reg),
+                        ctypes.sizeof(reg)), "io_uring_register(BUFFERS2, sparse)")
+        self.registered = True
+
+    def update_buffer(self, index: int, addr: int, length: int) -> None:
+        """Put (addr, length) at fixed-buffer index `index` of a sparse table: the kernel pins (and faults in) its
+        pages now, counting them against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK."""
+        iov = _IOVec(addr, length)
+        up = _RsrcUpdate2(offset=index, data=ctypes.addressof(iov), nr=1)
+        _check(_syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_BUFFERS_UPDATE, ctypes.byref(up),
+                        ctypes.sizeof(up)), "io_uring_register(BUFFERS_UPDATE)")
 
     # -- submission ---------------------------------------------------------------------------------------
     def space(self) -> int:

@@ -290,3 +290,33 @@ def test_memlock_limit_between_slots_registers_what_fits(data_file):
     assert got == "True"
     assert "1 of 2 slots registered, plain READ for the others" in reason, reason
     assert "fixed buffers for 1 of 2 slots, plain READ for the others;" in describe, describe
+
+
+@needs_uring
+@pytest.mark.skipif(not seccomp.supported(), reason="the seccomp filter is written for x86-64 Linux")
+def test_without_a_sparse_table_the_pool_is_registered_at_open(data_file):
+    """Before Linux 5.19 the kernel has no sparse buffer table (a seccomp filter answers IORING_REGISTER_BUFFERS2 with
+    EINVAL, as such a kernel does): the whole pool is registered at open, and every read is still READ_FIXED."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import seccomp
+seccomp.install(refuse_sparse_buffers=True)
+from mer_runtime.buffers import BufferPool
+from mer_runtime.loader import open_loader
+def pinned():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmPin:"))
+pool = BufferPool(1 << 20, 3)
+loader = open_loader("io_uring", pool)
+at_open = pinned()
+data = open({str(data_file)!r}, "rb").read(1 << 20)
+for slot in range(3):
+    loader.read({str(data_file)!r}, 1 << 20, slot)
+    assert pool.view(slot).tobytes() == data
+print(at_open, pinned(), loader.describe(), sep="|")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    at_open, after, describe = p.stdout.strip().split("|")
+    assert int(at_open) == int(after) == 3 * 1024, p.stdout
+    assert ", fixed buffers;" in describe

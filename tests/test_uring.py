@@ -320,3 +320,33 @@ print(at_open, pinned(), loader.describe(), sep="|")
     at_open, after, describe = p.stdout.strip().split("|")
     assert int(at_open) == int(after) == 3 * 1024, p.stdout
     assert ", fixed buffers;" in describe
+
+
+@needs_uring
+@pytest.mark.parametrize("io", ["io_uring", "pread"])
+def test_warm_up_faults_in_and_registers_the_whole_cache(extracted, io):
+    """`ShardSet.warm_up()` (smoke calls it before its clock starts) pays for the cache's memory before the first
+    load: with io_uring every slot is registered (pinned), with pread every page is resident; loads still give the
+    shard's bytes, and a closed ShardSet refuses it."""
+    from mer_runtime import open_shards
+    from mer_runtime.errors import MerError
+
+    folder = extracted(ROOT / "fixtures" / "real" / "mixtral-q4_0.gguf")
+    base = _pinned_kib()
+    s = open_shards(folder, io=io, cache_slots=4, checksums="never")
+    try:
+        size = s.pool.slot_size * s.pool.n_slots
+        before = (_pinned_kib() - base) * 1024
+        assert before <= s.pool.slot_size  # at most the probe read's slot
+        s.warm_up()
+        if io == "io_uring":
+            assert (_pinned_kib() - base) * 1024 == size
+            assert "fixed buffers;" in s.describe_io()
+        assert s.pool.prefault()  # idempotent, and this kernel has MADV_POPULATE_WRITE
+        e = s.manifest.experts[-1]
+        with s.load(e.layer, e.expert) as ex:
+            assert ex.buffer[:e.size].tobytes() == (folder / e.path).read_bytes()[:e.size]
+    finally:
+        s.close()
+    with pytest.raises(MerError):
+        s.warm_up()

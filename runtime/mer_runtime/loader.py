@@ -356,6 +356,9 @@ class Loader:
     def describe(self) -> str:
         return f"{self.name} (block {self.block_size >> 10} KiB, queue depth {self.queue_depth})"
 
+    def register_all(self) -> None:
+        """io_uring registers its buffers (`UringLoader.register_all`); the other backends have none."""
+
     # -- shared machinery (all under self._cv) --------------------------------------------------------------
     _queue: deque
 
@@ -743,6 +746,13 @@ class UringLoader(Loader):
             return None
         self._fixed.add(slot)
         return slot
+
+    def register_all(self) -> None:
+        """Register every slot not yet registered now (`ShardSet.warm_up`), rather than at its first read."""
+        with self._cv:
+            for slot in range(self.pool.n_slots):
+                if self._closed or self.ring.fd < 0 or self._buf_index(slot) is None:
+                    break
 
     def describe(self) -> str:
         n = len(self._fixed)

@@ -778,10 +778,11 @@ def test_avx512_exact(qt, walk):
 def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
     """One vector over 32 KB of float32 (a down projection's) is walked in column tiles, each row's accumulators kept
     between tiles: the same sums in the same order as the untiled walk (which a batch of two takes), to the bit, and
-    within float32 rounding of float64; a task of 130 rows (past one group of 64), a last tile of an odd number of
-    blocks (Q4_0, MXFP4: 65, Q6_K: 9) or an even one (Q4_K, Q5_K: 8)."""
+    within float32 rounding of float64; a task of 131 rows (past one group of 64; Q4_0's and MXFP4's untiled walk
+    takes rows two a pass, so its last pass has one), a last tile of an odd number of blocks (Q4_0, MXFP4: 65,
+    Q6_K: 9) or an even one (Q4_K, Q5_K: 8)."""
     rng = np.random.default_rng(56)
-    rows = 130
+    rows = 131
     raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((2, cols)).astype(np.float32)
     ref = x[0].astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T

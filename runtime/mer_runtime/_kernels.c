@@ -1460,6 +1460,18 @@ AVX512 void xblk_mxfp4_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) 
     pblk_tab16x_512(b + 1, T_MXFP4_512, e8m0_table[b[0]], x0, x1, acc);
 }
 
+/* Q8_0, exact: each half of the block's 32 signed bytes widened (vpmovsxbd) and converted, x in its own order (the
+ * AVX2 kernel reads x permuted, L_Q8_0) */
+AVX512 void xblk_q8_0_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
+    pblk_sum16_512(lo, hi, *f16_at(b), x0, x1, acc);
+}
+
+AVX512 void pblk_q8_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    xblk_q8_0_512(b, _mm512_load_ps(xp), _mm512_load_ps(xp + 16), acc);
+}
+
 /* Q4_K/Q5_K, exact, as pblk_qk45 with groups k and k + 1 of a chunk side by side in 16 lanes (their permuted x are
  * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
  * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
@@ -1559,19 +1571,20 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-/* The walks of the kernels above (Q4_0, MXFP4: x in registers). Rows go two a pass (NR 2, or 4 for the sweeps'
- * walk) and the pass loads each block's x once for all its rows: a block then costs a row three loads (its 16 bytes,
- * its scale and half of x's two) instead of four, which the load pipes (two vector loads a cycle on the Zen 5)
- * had set the pace at. Every row keeps its own two accumulators (alternate blocks), so the result is that of one
- * row a pass, to the bit, whatever the rows per pass and in the tiled walk. The asm statement keeps the x in
- * registers: without it gcc folds each load into every row's multiply (a load per row again). A pass short of
- * rows repeats its first row (computed, not stored). */
+/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4). Rows go two a pass (NR 2, or 4 for the
+ * sweeps' walk) and the pass loads each block's x once for all its rows: a block then costs a row three vector
+ * loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle. Every row keeps
+ * its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled walk's, to the bit. The
+ * asm statement keeps x in registers: without it gcc folds each load into every row's multiply again (then two
+ * rows a pass ran no faster). A pass short of rows repeats its first row (computed, not stored). Two prefetches
+ * per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2 one x1.08 streaming; a
+ * row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md, "Third pass". */
 #define X_512(X, xv, n)                                                                                               \
     __m512 X[4];                                                                                                    \
     for (int k = 0; k < 4; k++) X[k] = k < (n) ? _mm512_load_ps((xv) + 16 * k) : _mm512_setzero_ps();              \
     if ((n) == 4) __asm__("" : "+v"(X[0]), "+v"(X[1]), "+v"(X[2]), "+v"(X[3]));                                    \
     else __asm__("" : "+v"(X[0]), "+v"(X[1]))
-/* TILED: the function above, for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
+/* TILED: the column-tiled walk for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
 #define DEFINE_ROWS_X512(NAME, BLK, BB, NR, TILED)                                                                    \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
                         int64_t r1, int64_t pf) {                                                                   \
@@ -1647,6 +1660,7 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
 
 DEFINE_ROWS_P512_TILED(trows_512_q4_0, pblk_q4_0_512, 18, 32)
 DEFINE_ROWS_P512_TILED(trows_512_mxfp4, pblk_mxfp4_512, 17, 32)
+DEFINE_ROWS_P512_TILED(trows_512_q8_0, pblk_q8_0_512, 34, 32)
 DEFINE_ROWS_P512_TILED(trows_512_q4_k, pblk_q4_k_512, 144, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q5_k, pblk_q5_k_512, 176, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q6_k, pblk_q6k_512, 210, XP_Q6K)
@@ -1654,6 +1668,8 @@ DEFINE_ROWS_X512(prows_512_q4_0, xblk_q4_0_512, 18, 4, NULL)
 DEFINE_ROWS_X512(prows_512_q4_0_1, xblk_q4_0_512, 18, 2, trows_512_q4_0) /* the default walk: two rows a pass */
 DEFINE_ROWS_X512(prows_512_mxfp4, xblk_mxfp4_512, 17, 4, NULL)
 DEFINE_ROWS_X512(prows_512_mxfp4_1, xblk_mxfp4_512, 17, 2, trows_512_mxfp4)
+DEFINE_ROWS_X512(prows_512_q8_0, xblk_q8_0_512, 34, 4, NULL)
+DEFINE_ROWS_X512(prows_512_q8_0_1, xblk_q8_0_512, 34, 2, trows_512_q8_0)
 DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4, NULL)
 DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1, trows_512_q4_k)
 DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4, NULL)
@@ -1718,10 +1734,10 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    /* the AVX-512 Q4_0 and MXFP4 kernels read x in its own order, unscaled (a 64-byte aligned copy) */
+    /* the AVX-512 Q4_0, MXFP4 and Q8_0 kernels read x in its own order, unscaled (a 64-byte aligned copy) */
     if (type == T_Q4_0) return avx512_ok(flags) ? L_NAT : L_Q4_0X;
     if (type == T_MXFP4) return avx512_ok(flags) ? L_NAT : L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
-    if (type == T_Q8_0) return L_Q8_0;
+    if (type == T_Q8_0) return avx512_ok(flags) ? L_NAT : L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
     if (type == T_Q6_K) return L_Q6K;
 #else
@@ -1821,7 +1837,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
                        else { PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); } \
                        return; }
         case T_Q4_0: TRY_512(q4_0) ROWS_2(prows_q4_0x, q4_0)
-        case T_Q8_0: ROWS_2(prows_q8_0, q8_0)
+        case T_Q8_0: TRY_512(q8_0) ROWS_2(prows_q8_0, q8_0)
         case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)
         case T_Q4_K: TRY_512(q4_k) ROWS_2(prows_q4_k, q4_k)
         case T_Q5_K: TRY_512(q5_k) ROWS_2(prows_q5_k, q5_k)

@@ -1571,8 +1571,8 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4). Rows go two a pass (NR 2, or 4 for the
- * sweeps' walk) and the pass loads each block's x once for all its rows: a block then costs a row three vector
+/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): rows two a pass (NR 2, or 4 for the
+ * sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row three vector
  * loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle. Every row keeps
  * its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled walk's, to the bit. The
  * asm statement keeps x in registers: without it gcc folds each load into every row's multiply again (then two

@@ -242,7 +242,7 @@ def main() -> None:
     rows, cols = a.d_ff, a.d_model
     rng = np.random.default_rng(0)
     x = rng.standard_normal(cols).astype(np.float32)
-    avx512 = " + AVX-512 (Q4_0, MXFP4; K-quants exact)" if kernels.AVX512 else ""
+    avx512 = " + AVX-512 (Q4_0, MXFP4; Q8_0 and K-quants exact)" if kernels.AVX512 else ""
     print(f"{a.threads} threads, best of {a.repeat}, matrices {rows} x {cols}; SIMD {'AVX2' if kernels.SIMD else 'no'}{avx512}"
           f", AVX-VNNI {'yes' if kernels.VNNI else 'no'}; prefetch {kernels._LIB.mer_get_prefetch() if kernels._LIB else '-'}"
           f" bytes; {ggml_note}")

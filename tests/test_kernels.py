@@ -602,7 +602,7 @@ def test_kernel_paths_are_named():
     assert "slower" in kernel_for("Q5_0") and "slower" in kernel_for("IQ2_XXS")
     # where the AVX-512 kernels run, inspect says so, for the types that have them and no other
     for name in ("Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"):
-        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name not in ("Q8_0", "F16")), name
+        assert ("AVX-512" in kernel_for(name)) == (kernels.AVX512 and name != "F16"), name
 
 
 @needs_c
@@ -744,15 +744,15 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
 
 
 @needs_avx512
-@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
-    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table; the K-quants: two groups
-    side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
+    """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table, Q4_0's high one by a float
+    mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
     one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
     kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
-    rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4) else 1280
+    rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4, T.Q8_0) else 1280
     raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
     ref = x.astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
@@ -773,15 +773,17 @@ def test_avx512_exact(qt, walk):
 
 
 @needs_avx512
-@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656), (T.Q6_K, 8448)],
+@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q8_0, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656),
+                                     (T.Q6_K, 8448)],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
     """One vector over 32 KB of float32 (a down projection's) is walked in column tiles, each row's accumulators kept
     between tiles: the same sums in the same order as the untiled walk (which a batch of two takes), to the bit, and
-    within float32 rounding of float64; a task of 130 rows (past one group of 64), a last tile of an odd number of
-    blocks (Q4_0, MXFP4: 65, Q6_K: 9) or an even one (Q4_K, Q5_K: 8)."""
+    within float32 rounding of float64; a task of 131 rows (past one group of 64; Q4_0's and MXFP4's untiled walk
+    takes rows two a pass, so its last pass has one), a last tile of an odd number of blocks (Q4_0, MXFP4: 65,
+    Q6_K: 9) or an even one (Q4_K, Q5_K: 8)."""
     rng = np.random.default_rng(56)
-    rows = 130
+    rows = 131
     raw = random_matrix(qt, rows, cols, rng)
     x = rng.standard_normal((2, cols)).astype(np.float32)
     ref = x[0].astype(np.float64) @ dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
@@ -797,8 +799,8 @@ def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
 
 @needs_avx512
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q4_K, "f32"),
-                                    (T.Q5_K, "f32"), (T.Q6_K, "f32")], ids=str)
+@pytest.mark.parametrize("qt,act", [(T.Q4_0, "f32"), (T.Q4_0, "q8"), (T.MXFP4, "f32"), (T.MXFP4, "q8"), (T.Q8_0, "f32"),
+                                    (T.Q4_K, "f32"), (T.Q5_K, "f32"), (T.Q6_K, "f32")], ids=str)
 def test_avx512_nan_and_inf_as_float64(qt, act):
     """NaN and +-inf in x give the float64 reference's pattern on the AVX-512 kernels as on the AVX2 ones (q8: a NaN
     block makes its vector NaN; an infinity sends the call to float32 activations)."""
@@ -819,7 +821,7 @@ def test_avx512_nan_and_inf_as_float64(qt, act):
 def test_avx512_entry_points_check_lengths():
     """The AVX-512 kernels sit behind the same length checks: -3 for short weights, x or out, before any read."""
     lib = kernels._LIB
-    for qt in (T.Q4_0, T.MXFP4, T.Q4_K, T.Q6_K):
+    for qt in (T.Q4_0, T.MXFP4, T.Q8_0, T.Q4_K, T.Q6_K):
         raw = random_blocks(qt, 4, 256, np.random.default_rng(55))
         x, out = np.ones(256, np.float32), np.empty(4, np.float32)
         for flags in (0, kernels.FLAG_ACT_Q8):

@@ -302,7 +302,7 @@ def test_moe_follows_float64_on_inf_and_nan(simd, act):
 
 @pytest.mark.skipif(not kernels.AVX512, reason="this CPU lacks AVX-512 F/BW/VL/DQ/VNNI (or the C kernel is not "
                     "built): the AVX2 kernels are what runs here, and the other tests cover them")
-@pytest.mark.parametrize("name", ["mixtral-q4_0.gguf", "gptoss-mxfp4_moe.gguf"])
+@pytest.mark.parametrize("name", ["mixtral-q4_0.gguf", "gptoss-mxfp4_moe.gguf", "mixtral-perexpert-q8_0.gguf"])
 def test_moe_avx512_equals_avx2(name, extracted):
     """A layer step on the AVX-512 kernels (the default on such a CPU) against the AVX2 ones (FLAG_NO_AVX512), on a
     batch: act="q8" to the bit (the same integers, added in the same order), act="f32" within float32 rounding of

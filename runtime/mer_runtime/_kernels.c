@@ -605,6 +605,7 @@ AVX2 void blk8_bf16(const uint8_t *b, const float *x, __m256 *acc) {
 }
 
 #define PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define PF_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 /* Driver: rows [r0, r1) x nvec vectors. QK/BB: elements/bytes per block step; TAIL: scalar tail for the
  * 8-element float types when cols is not a multiple of 8 (blocks always cover a row exactly otherwise). */
@@ -1420,22 +1421,55 @@ DEFINE_ROWS_Q8_512(rows_512_mxfp4_1, W2_MXFP4, W_MXFP4, SPF_E8M0, 17, dot2_i8, d
  * FMA: the AVX2 kernels need per 8 values and, sub, cvt, fma (Q4_0) or a shift, a permute, three for MXFP4's sign
  * and an FMA. Each product is the float32 value * x of a plain decode; elements j and j + 16 meet in one lane
  * before the lanes are summed. The first form (a broadcast of the 16 bytes and a variable shift per 16 values, on
- * the Q4_0 permutation) was 8-10% slower in cache (below). */
-AVX512 void pblk_tab16_512(const uint8_t *q, __m512 T, float d, const float *xv, __m512 *acc) {
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)); /* lane j: byte j, both nibbles */
-    const __m512 lo = _mm512_permutexvar_ps(z, T), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), T);
-    const __m512 s = _mm512_fmadd_ps(hi, _mm512_load_ps(xv + 16), _mm512_mul_ps(lo, _mm512_load_ps(xv)));
-    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, *acc);
+ * the Q4_0 permutation) was 8-10% slower in cache (below). x0, x1: the block's x, elements 0-15 and 16-31. */
+AVX512 void pblk_sum16_512(__m512 lo, __m512 hi, float d, __m512 x0, __m512 x1, __m512 *acc) {
+    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0)), *acc);
 }
 
+AVX512 __m512i pblk_bytes_512(const uint8_t *q) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)); }
+
+AVX512 void pblk_tab16x_512(const uint8_t *q, __m512 T, float d, __m512 x0, __m512 x1, __m512 *acc) {
+    const __m512i z = pblk_bytes_512(q); /* lane j: byte j, both nibbles */
+    pblk_sum16_512(_mm512_permutexvar_ps(z, T), _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), T), d, x0, x1, acc);
+}
+
+#define T_Q4_0_512 _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f)
+#define T_MXFP4_512 _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f, -0.f, -1.f, -2.f, -3.f, -4.f, -6.f, -8.f, -12.f)
+
+/* x read from memory (gcc folds the loads into the multiplies): the column-tiled walk's blocks */
 AVX512 void pblk_q4_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
-    const __m512 T = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
-    pblk_tab16_512(b + 2, T, *f16_at(b), xp, acc);
+    pblk_tab16x_512(b + 2, T_Q4_0_512, *f16_at(b), _mm512_load_ps(xp), _mm512_load_ps(xp + 16), acc);
 }
 
 AVX512 void pblk_mxfp4_512(const uint8_t *b, const float *xp, __m512 *acc) {
-    const __m512 T = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f, -0.f, -1.f, -2.f, -3.f, -4.f, -6.f, -8.f, -12.f);
-    pblk_tab16_512(b + 1, T, e8m0_table[b[0]], xp, acc);
+    pblk_tab16x_512(b + 1, T_MXFP4_512, e8m0_table[b[0]], _mm512_load_ps(xp), _mm512_load_ps(xp + 16), acc);
+}
+
+/* x in registers, loaded once for the rows of a pass (DEFINE_ROWS_X512). Q4_0's high nibble without the shift and
+ * the second permute (both on the shuffle pipes with the widening and the first permute): masked where it lies
+ * (bits 4-7) into the mantissa of 2^19, whose last bit weighs 2^-4, it is the float 2^19 + q, and one subtraction
+ * of 2^19 + 8 leaves q - 8, exactly the table's float, from the logic and add pipes. */
+AVX512 void xblk_q4_0_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) {
+    const __m512i z = pblk_bytes_512(b + 2);
+    const __m512 lo = _mm512_permutexvar_ps(z, T_Q4_0_512); /* before the ternary logic, which overwrites z */
+    const __m512i m = _mm512_ternarylogic_epi32(z, _mm512_set1_epi32(0xF0), _mm512_set1_epi32(0x49000000), 0xEA);
+    pblk_sum16_512(lo, _mm512_sub_ps(_mm512_castsi512_ps(m), _mm512_set1_ps(524288.f + 8.f)), *f16_at(b), x0, x1, acc);
+}
+
+AVX512 void xblk_mxfp4_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) {
+    pblk_tab16x_512(b + 1, T_MXFP4_512, e8m0_table[b[0]], x0, x1, acc);
+}
+
+/* Q8_0, exact: each half of the block's 32 signed bytes widened (vpmovsxbd) and converted, x in its own order (the
+ * AVX2 kernel reads x permuted, L_Q8_0) */
+AVX512 void xblk_q8_0_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
+    pblk_sum16_512(lo, hi, *f16_at(b), x0, x1, acc);
+}
+
+AVX512 void pblk_q8_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
+    xblk_q8_0_512(b, _mm512_load_ps(xp), _mm512_load_ps(xp + 16), acc);
 }
 
 /* Q4_K/Q5_K, exact, as pblk_qk45 with groups k and k + 1 of a chunk side by side in 16 lanes (their permuted x are
@@ -1537,6 +1571,58 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
+/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): rows two a pass (NR 2, or 4 for the
+ * sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row three vector
+ * loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle. Every row keeps
+ * its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled walk's, to the bit. The
+ * asm statement keeps x in registers: without it gcc folds each load into every row's multiply again (then two
+ * rows a pass ran no faster). A pass short of rows repeats its first row (computed, not stored). Two prefetches
+ * per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2 one x1.08 streaming; a
+ * row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md, "Third pass". */
+#define X_512(X, xv, n)                                                                                               \
+    __m512 X[4];                                                                                                    \
+    for (int k = 0; k < 4; k++) X[k] = k < (n) ? _mm512_load_ps((xv) + 16 * k) : _mm512_setzero_ps();              \
+    if ((n) == 4) __asm__("" : "+v"(X[0]), "+v"(X[1]), "+v"(X[2]), "+v"(X[3]));                                    \
+    else __asm__("" : "+v"(X[0]), "+v"(X[1]))
+/* TILED: the column-tiled walk for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
+#define DEFINE_ROWS_X512(NAME, BLK, BB, NR, TILED)                                                                    \
+    AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
+                        int64_t r1, int64_t pf) {                                                                   \
+        const int64_t nb = m->nblk, rb = m->rowbytes, pf1 = pf / (NR), pf2 = 3 * pf / (NR);                         \
+        const float *vs = xp + nvec * nb * 32;                                                                      \
+        void (*tiled)(const mat_t *, const float *, float *, int64_t, int64_t, int64_t) = TILED;                    \
+        if (tiled && nvec == 1 && nb * 32 * 4 > XTILE_MIN) { tiled(m, xp, out, r0, r1, pf); return; }              \
+        for (int64_t r = r0; r < r1; r += (NR)) {                                                                   \
+            const int nr = r1 - r < (NR) ? (int)(r1 - r) : (NR);                                                    \
+            const uint8_t *p[NR];                                                                                   \
+            for (int i = 0; i < (NR); i++) p[i] = m->data + (r + (i < nr ? i : 0)) * rb;                            \
+            for (int64_t v = 0; v < nvec; v++) {                                                                    \
+                const float *xv = xp + v * nb * 32;                                                                 \
+                __m512 a[NR], a1[NR];                                                                               \
+                for (int i = 0; i < (NR); i++) a[i] = a1[i] = _mm512_setzero_ps();                                  \
+                int64_t b = 0;                                                                                      \
+                for (; b + 2 <= nb; b += 2) {                                                                       \
+                    if (pf && v == 0) /* every line that starts within the two blocks */                          \
+                        for (int64_t o = -(b * (BB)) & 63; o < 2 * (BB); o += 64)                                   \
+                            for (int i = 0; i < (NR); i++) {                                                        \
+                                PF(p[i] + b * (BB) + pf1 + o);                                                      \
+                                PF_L2(p[i] + b * (BB) + pf2 + o);                                                   \
+                            }                                                                                       \
+                    X_512(X, xv + b * 32, 4);                                                                       \
+                    for (int i = 0; i < (NR); i++) {                                                                \
+                        BLK(p[i] + b * (BB), X[0], X[1], &a[i]);                                                    \
+                        BLK(p[i] + (b + 1) * (BB), X[2], X[3], &a1[i]);                                             \
+                    }                                                                                               \
+                }                                                                                                   \
+                if (b < nb) {                                                                                       \
+                    X_512(X, xv + b * 32, 2);                                                                       \
+                    for (int i = 0; i < (NR); i++) BLK(p[i] + b * (BB), X[0], X[1], &a[i]);                         \
+                }                                                                                                   \
+                for (int i = 0; i < nr; i++) out[v * os + r + i] = hsum512(_mm512_add_ps(a[i], a1[i])) * vs[v];     \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
 /* TILED: the function above, for one vector wider than XTILE_MIN, or NULL (the four-row walk, kept for sweeps) */
 #define DEFINE_ROWS_P512(NAME, BLK, BB, XPB, NR, TILED)                                                               \
     AVX512_FN void NAME(const mat_t *m, const float *xp, int64_t nvec, float *out, int64_t os, int64_t r0,         \
@@ -1574,13 +1660,16 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
 
 DEFINE_ROWS_P512_TILED(trows_512_q4_0, pblk_q4_0_512, 18, 32)
 DEFINE_ROWS_P512_TILED(trows_512_mxfp4, pblk_mxfp4_512, 17, 32)
+DEFINE_ROWS_P512_TILED(trows_512_q8_0, pblk_q8_0_512, 34, 32)
 DEFINE_ROWS_P512_TILED(trows_512_q4_k, pblk_q4_k_512, 144, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q5_k, pblk_q5_k_512, 176, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q6_k, pblk_q6k_512, 210, XP_Q6K)
-DEFINE_ROWS_P512(prows_512_q4_0, pblk_q4_0_512, 18, 32, 4, NULL)
-DEFINE_ROWS_P512(prows_512_q4_0_1, pblk_q4_0_512, 18, 32, 1, trows_512_q4_0)
-DEFINE_ROWS_P512(prows_512_mxfp4, pblk_mxfp4_512, 17, 32, 4, NULL)
-DEFINE_ROWS_P512(prows_512_mxfp4_1, pblk_mxfp4_512, 17, 32, 1, trows_512_mxfp4)
+DEFINE_ROWS_X512(prows_512_q4_0, xblk_q4_0_512, 18, 4, NULL)
+DEFINE_ROWS_X512(prows_512_q4_0_1, xblk_q4_0_512, 18, 2, trows_512_q4_0) /* the default walk: two rows a pass */
+DEFINE_ROWS_X512(prows_512_mxfp4, xblk_mxfp4_512, 17, 4, NULL)
+DEFINE_ROWS_X512(prows_512_mxfp4_1, xblk_mxfp4_512, 17, 2, trows_512_mxfp4)
+DEFINE_ROWS_X512(prows_512_q8_0, xblk_q8_0_512, 34, 4, NULL)
+DEFINE_ROWS_X512(prows_512_q8_0_1, xblk_q8_0_512, 34, 2, trows_512_q8_0)
 DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4, NULL)
 DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1, trows_512_q4_k)
 DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4, NULL)
@@ -1645,10 +1734,10 @@ static int perm_layout(int type, int flags) {
 #ifdef MER_X86
     if ((flags & (MER_FLAG_PORTABLE | MER_FLAG_NO_PERM)) || !mer_has_avx2()) return 0;
     if ((flags & MER_FLAG_ACT_Q8) && q8_type(type)) return 0;
-    /* the AVX-512 Q4_0 and MXFP4 kernels read x in its own order, unscaled (a 64-byte aligned copy) */
+    /* the AVX-512 Q4_0, MXFP4 and Q8_0 kernels read x in its own order, unscaled (a 64-byte aligned copy) */
     if (type == T_Q4_0) return avx512_ok(flags) ? L_NAT : L_Q4_0X;
     if (type == T_MXFP4) return avx512_ok(flags) ? L_NAT : L_Q4_0; /* MXFP4's nibbles are in Q4_0's order */
-    if (type == T_Q8_0) return L_Q8_0;
+    if (type == T_Q8_0) return avx512_ok(flags) ? L_NAT : L_Q8_0;
     if (type == T_Q4_K || type == T_Q5_K) return L_QK45;
     if (type == T_Q6_K) return L_Q6K;
 #else
@@ -1748,7 +1837,7 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
                        else { PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); } \
                        return; }
         case T_Q4_0: TRY_512(q4_0) ROWS_2(prows_q4_0x, q4_0)
-        case T_Q8_0: ROWS_2(prows_q8_0, q8_0)
+        case T_Q8_0: TRY_512(q8_0) ROWS_2(prows_q8_0, q8_0)
         case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)
         case T_Q4_K: TRY_512(q4_k) ROWS_2(prows_q4_k, q4_k)
         case T_Q5_K: TRY_512(q5_k) ROWS_2(prows_q5_k, q5_k)

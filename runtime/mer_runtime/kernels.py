@@ -4,9 +4,9 @@ One registry (`DTYPES`: name -> `DType` with block size, bytes per block and ker
 computed; `kernel_for` and `matvec` both read it.
 
 - C (`_kernels.c`): F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 on the raw blocks (AVX2/FMA/F16C chosen at
-  run time, AVX-512 for Q4_0, MXFP4 and the K-quants where the CPU has it, portable C otherwise), on a persistent
-  pthread pool inside the library. Activations stay float32 by default (exact up to float32 rounding); `act="q8"`
-  quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for
+  run time, AVX-512 for Q4_0, MXFP4, Q8_0 and the K-quants where the CPU has it, portable C otherwise), on a
+  persistent pthread pool inside the library. Activations stay float32 by default (exact up to float32 rounding);
+  `act="q8"` quantizes them to 8-bit blocks (Q8_0; Q8_K for K-quants) and multiplies in integers for
   Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
 - `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
   in ONE call into C; `expert_ffn` is the same call with k=1.
@@ -42,7 +42,8 @@ C_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K
 Q8_ACT_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # act="q8" applies to these
 
 FLAG_PORTABLE, FLAG_ACT_Q8, FLAG_NO_VNNI, FLAG_SERIAL, FLAG_NO_PERM, FLAG_NO_AVX512 = 1, 2, 4, 8, 16, 32
-AVX512_TYPES = frozenset({"Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})  # AVX-512 kernels where the CPU has it (K: exact)
+AVX512_TYPES = frozenset({"Q4_0", "MXFP4", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})  # AVX-512 kernels where the CPU has it
+# (Q8_0 and the K-quants: exact only)
 _ERRORS = {-1: "has no C kernel", -2: "has a shape the kernel cannot take (columns not a whole number of blocks, "
            "or projections that disagree)", -3: "buffer is shorter than its shape needs", -4: "out of memory",
            -5: "bad argument"}
@@ -135,7 +136,8 @@ class DType:
         if self.path == "c":
             simd = "AVX2" if SIMD else "portable"
             if AVX512 and self.name in AVX512_TYPES:
-                simd = "AVX-512" if self.name in ("Q4_0", "MXFP4") else "AVX-512; AVX2 with act=q8"
+                simd = ("AVX-512" if self.name in ("Q4_0", "MXFP4") else
+                        "AVX-512; AVX-VNNI or AVX2 with act=q8" if self.name == "Q8_0" else "AVX-512; AVX2 with act=q8")
             return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
         return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
                 "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]

@@ -161,7 +161,12 @@ def pull(
                                             fetch=lambda path: get(by_path[path]),
                                             read_range=lambda path, a, b: read_range(spec, commit, path, a, b,
                                                                                  by_path[path].size))
-        result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
+        try:
+            result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
+        except OSError as exc:  # the conversion's own writes (a download reports its own): what is done stays
+            raise OutputError(f"{exc.filename or stage / 'work'}: cannot write the conversion ({exc.strerror or exc});"
+                              " free space (or raise the file-size limit) and run the pull again: what was downloaded "
+                              "and converted so far is kept") from None
         journal.set(done=True)
         kept = None
         if keep_source:

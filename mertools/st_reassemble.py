@@ -24,6 +24,7 @@ at once and writes its own header, which would lose the source's bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -481,7 +482,13 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         if made:
             if fsync:
                 flush_files([], {dest})
-            os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
+            try:
+                os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                raise OutputError(f"{out}: appeared while this run wrote it and was left as it is; run again with "
+                                  "--overwrite to write into it, or choose another folder") from None
         if fsync:
             flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:

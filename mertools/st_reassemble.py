@@ -42,7 +42,7 @@ from mer_runtime.manifest import Manifest, same_file_key
 
 from .commit import (check_file_target, flush_files, place_all, refuse_folder_file, sweep_temps, temp_name,
                      test_point)
-from .errors import MertoolsError, OutputError
+from .errors import MertoolsError, OutputError, SourceError
 from .sources.safetensors import DTYPES
 
 EXTRA_NAMES = ("config.json", "model.safetensors.index.json")
@@ -126,12 +126,22 @@ def shard_entry(path: Path, header_len: int, tensors: list[Any]) -> tuple[dict[s
             return None
         spans.append((t.offset, t.offset + t.nbytes, t.name))
         pos += t.nbytes
+    # the header's tensors end the file (the source checked it at open): a file that grew since (written to while
+    # extract ran) would be recorded as a shard no reassembly can give back
+    def changed(size: int) -> SourceError:
+        return SourceError(f"{path}: changed while it was read (its header's tensors end at byte {pos}, the file now "
+                           f"has {size}); extract again once nothing writes to it")
+
+    if (size := path.stat().st_size) != pos:
+        raise changed(size)
     whole, hs = _scan(path, [s for s in spans if s[1] > s[0]])
     with open(path, "rb") as fh:
         header = fh.read(hlen)
     if len(header) != hlen:
         return None
-    return ({"name": path.name, "size": path.stat().st_size, "xxh3_64": whole,
+    if (now := path.stat().st_size) != size:
+        raise changed(now)
+    return ({"name": path.name, "size": size, "xxh3_64": whole,
              "tensors": [[t.name, hs.get(t.name, xxhash.xxh3_64_hexdigest(b""))] for t in ts]}, header)
 
 

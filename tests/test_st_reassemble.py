@@ -203,6 +203,29 @@ def test_a_folder_another_run_made_meanwhile_is_named_and_kept(st_extracted, tmp
     assert sorted(x.name for x in tmp_path.iterdir()) == ["back"]  # the loser's temporary folder is gone
 
 
+def test_a_shard_that_grows_while_extract_reads_it_is_refused_not_recorded(tmp_path):
+    """Bytes appended to a shard after extract had opened and mapped it (a download still writing into the folder):
+    extract succeeded, verify said OK, and the reassembly record kept the grown file's size and xxh3, so every
+    reassemble failed with "the rebuilt shard's xxh3 ... is not the source's". The record is made after the shards
+    were read (here: after the source was opened), and must refuse a shard that is no longer the one read."""
+    from mertools.sources import open_source
+    from mertools.st_reassemble import record_st
+
+    src_dir = tmp_path / "src"
+    shutil.copytree(st_folder("real/mixtral-bf16-sharded"), src_dir)
+    src = open_source(src_dir)
+    try:
+        shard = src.files[2]
+        with open(shard, "ab") as fh:
+            fh.write(b"appended")
+        (tmp_path / "staging").mkdir()
+        with pytest.raises(MertoolsError) as err:
+            record_st(src, tmp_path / "staging")
+    finally:
+        src.close()
+    assert str(err.value).startswith(f"{shard}: changed while it was read"), err.value
+
+
 def _refused(folder: Path, tmp_path: Path, *extra: str) -> str:
     dest = tmp_path / "dest"
     dest.mkdir()

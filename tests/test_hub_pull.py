@@ -95,7 +95,8 @@ def test_split_set_repo_is_pulled_whole(hub, env, tmp_path, extracted):
     same_shards(out, extracted(SPLIT[0]))
     kept = tmp_path / "out.source"
     assert r["source_kept"] == str(kept)
-    assert sorted(x.name for x in kept.iterdir()) == [x.name for x in SPLIT]
+    # (and the mark that lets a later --overwrite replace the folder)
+    assert sorted(x.name for x in kept.iterdir()) == [".mertools-kept-source"] + [x.name for x in SPLIT]
     assert all((kept / x.name).read_bytes() == x.read_bytes() for x in SPLIT)
     assert hub.served("org/split", "merged/moe-merged-q4_0.gguf") == 0
     assert [f["sha256"] for f in hub_record(out)["files"]] == [sha256(x) for x in SPLIT]

@@ -260,7 +260,6 @@ def pack(
                     os.fsync(raw.fileno())
             place(tmp, archive, overwrite)  # a file that appeared meanwhile is kept without --overwrite
             if fsync:
-
                 fsync_dir(archive.parent)  # the archive's name, not only its bytes
         except BaseException as exc:
             drop_temp(tmp)

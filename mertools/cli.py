@@ -570,7 +570,9 @@ def push(out: Path, repo: str, revision: str | None, private: bool, as_json: boo
         _emit(r)
     else:
         click.echo(f"pushed {out} to {r['repo']}@{r['revision']}: {r['uploaded_files']} file(s) sent "
-                   f"({human_bytes(r['uploaded_bytes'])}), {r['skipped_files']} already on the hub; commit "
+                   f"({human_bytes(r['uploaded_bytes'])}), {r['skipped_files']} already on the hub"
+                   + (f", {r['deleted_files']} left by an earlier push deleted" if r["deleted_files"] else "")
+                   + "; commit "
                    f"{(r['commit'] or 'none')[:12]}")
 
 

@@ -151,29 +151,66 @@ def exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # link(2) on a file system without hard links (FAT,
+# some FUSE); EPERM is also an immutable file or folder, which the rename that follows then reports
+
+
+def _unnamed(final: Path, exc: OSError, left: str = "") -> OutputError:
+    """The one line for a finished file that could not take its name: which error, which name, what to do."""
+    code = errno.errorcode.get(exc.errno or 0, "error")
+    todo = ("free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "check that the folder may be written to (permissions, lsattr's a/i attributes, a read-only mount)")
+    return OutputError(f"{final}: the finished file could not take this name ({code}: {exc.strerror}){left}; {todo} "
+                       "and run again")
+
+
+def drop_temp(tmp: Path) -> None:
+    """Remove a temporary on an error path. A folder that refuses the removal too (the error being raised is
+    often why) must not hide that error behind its own: the temporary is left for a later run's sweep."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def place(tmp: Path, final: Path, overwrite: bool, instead: str = "name") -> None:
     """Give the finished temporary ``tmp`` its name ``final``. Without ``overwrite`` a file that appeared at
     ``final`` after the run checked it (another run to the same name, a copy) is kept and OutputError raised: the
     test and the rename are one step (renameat2's RENAME_NOREPLACE, else a hard link, which fails on an existing
-    name too), not a check followed by a rename that replaces whatever came in between."""
-    if overwrite:
-        os.replace(tmp, final)
-        return
+    name too), not a check followed by a rename that replaces whatever came in between.
+
+    Any other failure (a folder or file the kernel will not rename, link or unlink in) is an OutputError naming
+    ``final`` and the errno, ``final`` not given (or, where the folder refuses to take it back, both names said):
+    the caller removes ``tmp`` as on any error."""
+    appeared = OutputError(f"{final}: appeared while this run wrote it and was left as it is; pass --overwrite to "
+                           f"replace it, or choose another {instead}")
     try:
+        if overwrite:
+            os.replace(tmp, final)
+            return
         if _renameat2(tmp, final, _RENAME_NOREPLACE):
             return
         try:
             os.link(tmp, final)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno not in _NO_LINKS:
                 raise
-            check_file_target(final, False, instead)  # no hard links here (FAT, some FUSE): a check, then a rename
+            if os.path.lexists(final):  # no hard links here: a check, then a rename
+                raise appeared from None
             os.replace(tmp, final)
             return
-        os.unlink(tmp)
     except FileExistsError:
-        raise OutputError(f"{final}: appeared while this run wrote it and was left as it is; pass --overwrite to "
-                          f"replace it, or choose another {instead}") from None
+        raise appeared from None
+    except OSError as exc:
+        raise _unnamed(final, exc) from None
+    try:
+        os.unlink(tmp)
+    except OSError as exc:  # linked, but the temporary keeps its name too: take the new name back
+        try:
+            os.unlink(final)
+        except OSError:
+            raise _unnamed(final, exc, f"; it is named both {final} and {tmp.name}: remove one") from None
+        raise _unnamed(final, exc) from None
 
 
 def place_all(pairs: Iterable[tuple[Path, Path]], overwrite: bool, instead: str = "name") -> None:
@@ -184,10 +221,18 @@ def place_all(pairs: Iterable[tuple[Path, Path]], overwrite: bool, instead: str 
         for tmp, final in pairs:
             place(tmp, final, overwrite, instead)
             done.append(final)
-    except BaseException:
-        if not overwrite:
-            for final in done:
+    except BaseException as exc:
+        if overwrite:
+            raise
+        kept = []
+        for final in done:
+            try:
                 final.unlink(missing_ok=True)
+            except OSError:
+                kept.append(final.name)
+        if kept and isinstance(exc, OutputError):  # the set is named in part: say which, not only the failed one
+            raise OutputError(f"{exc}; these parts keep their names and are not a whole set: {', '.join(kept)}") \
+                from None
         raise
 
 
@@ -605,7 +650,7 @@ def file_output(final: Path, overwrite: bool, fsync: bool = True) -> Iterator[Pa
             if fsync:
                 fsync_dir(final.parent)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            drop_temp(tmp)
             raise
 
 

@@ -595,7 +595,7 @@ class _Tensor:
             self._values = dequantize(np.ascontiguousarray(raw), self.qt).astype(np.float64).reshape(self.shape)
         return self._values
 
-    def rows_times(self, v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    def rows_times(self, v: np.ndarray, rows: np.ndarray | None = None, absolute: bool = False) -> np.ndarray:
         """float64 W[rows] @ v for v [n, cols] -> [n, len(rows)], dequantizing BAND_BYTES of float64 at a time
         (only the blocks of those rows are read; `rows` sorted, as `_sample` gives them, so a source region is
         read forward, once)."""
@@ -605,7 +605,7 @@ class _Tensor:
         for i in range(0, n, step):
             band = self._rows(slice(i, i + step) if rows is None else rows[i:i + step])
             w = dequantize(np.ascontiguousarray(band), self.qt).astype(np.float64)
-            out[:, i:i + step] = v @ w.T
+            out[:, i:i + step] = v @ (np.abs(w) if absolute else w).T
         return out
 
 
@@ -690,7 +690,33 @@ def check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dic
     `ex` is the runtime's loaded expert (its kernels run on the bytes the runtime read), `y` its output for x.
     """
     with np.errstate(invalid="ignore", over="ignore"):  # a source's NaN/inf weights: compared by _rel, not warned of
-        return _check_numbers(w, ex, x, activation, y, full, rng)
+        err = _check_numbers(w, ex, x, activation, y, full, rng)
+        if err == float("inf"):  # a non-finite runtime value: the model's own if float32 overflows on the way
+            peak = _f32_peak(w, ex, x.astype(np.float64), activation)
+            if peak > F32_MAX:
+                raise Float32Overflow(peak)
+        return err
+
+
+def _f32_peak(w: dict[str, _Tensor], ex: Any, x64: np.ndarray, activation: dict[str, Any]) -> float:
+    """The largest magnitude the runtime's float32 computation of this expert on x may meet on its way, from the
+    runtime's own bytes: a projection's partial sums, in whatever order the kernel adds, are bounded by the sum of
+    |weight| x |input|, the activation's products by |g| (|u| + 1), and h is the down projection's input. The output
+    alone can be within float32's range while h is not (huge gate and up weights, tiny down ones). Non-finite values
+    are left out: a NaN or inf weight is _rel's to compare."""
+    own = {role: _Tensor(p.dtype, p.shape, raw=p.raw) for role, p in ex.tensors.items() if role in WEIGHT_ROLES}
+
+    def proj(role: str, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, b = _scale(w, role), _bias(w, role)
+        return (own[role].rows_times(v) * s + b,
+                own[role].rows_times(np.abs(v), absolute=True) * abs(s) + np.abs(b))
+
+    g, g_sums = proj("gate", x64)
+    u, u_sums = proj("up", x64)
+    h = _act64(g, u, activation)
+    _, d_sums = proj("down", h)
+    peaks = [g_sums, u_sums, np.abs(g) * (np.abs(u) + 1), np.abs(h), d_sums]
+    return max(float(np.max(p[np.isfinite(p)], initial=0.0)) for p in peaks)
 
 
 def _check_numbers(w: dict[str, _Tensor], ex: Any, x: np.ndarray, activation: dict[str, Any], y: np.ndarray,

@@ -32,7 +32,8 @@ from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, m
                                   read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
 
-from .commit import check_file_target, interruptible, place, refuse_folder_file, sweep_temps, temp_name, test_point
+from .commit import (check_file_target, drop_temp, fsync_dir, interruptible, place, refuse_folder_file, sweep_temps,
+                     temp_name, test_point)
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -259,11 +260,9 @@ def pack(
                     os.fsync(raw.fileno())
             place(tmp, archive, overwrite)  # a file that appeared meanwhile is kept without --overwrite
             if fsync:
-                from .commit import fsync_dir
-
                 fsync_dir(archive.parent)  # the archive's name, not only its bytes
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            drop_temp(tmp)
             if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
                 raise OutputError(f"{exc.filename or archive}: {exc.strerror or exc}; nothing was left behind"
                                   ) from None

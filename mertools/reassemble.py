@@ -42,8 +42,8 @@ from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest,
                                   same_file_key)  # (the one name rules)
 from mer_runtime.safeopen import kind_of
 
-from .commit import (check_file_target, check_space, flush_files, interruptible, place_all, refuse_folder_file,
-                     signals_held, sweep_temps, temp_name, test_point)
+from .commit import (check_file_target, check_space, drop_temp, flush_files, interruptible, place_all,
+                     refuse_folder_file, signals_held, sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
 
@@ -451,7 +451,7 @@ class _Out:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+        drop_temp(self.tmp)
 
 
 def copy_piece(piece: Piece, write: Callable[..., None], buf: memoryview, tick: Callable[[int], None],

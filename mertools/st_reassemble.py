@@ -24,6 +24,7 @@ at once and writes its own header, which would lose the source's bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -41,7 +42,7 @@ from mer_runtime.manifest import Manifest, same_file_key
 
 from .commit import (check_file_target, flush_files, place_all, refuse_folder_file, sweep_temps, temp_name,
                      test_point)
-from .errors import MertoolsError, OutputError
+from .errors import MertoolsError, OutputError, SourceError
 from .sources.safetensors import DTYPES
 
 EXTRA_NAMES = ("config.json", "model.safetensors.index.json")
@@ -125,12 +126,22 @@ def shard_entry(path: Path, header_len: int, tensors: list[Any]) -> tuple[dict[s
             return None
         spans.append((t.offset, t.offset + t.nbytes, t.name))
         pos += t.nbytes
+    # the header's tensors end the file (the source checked it at open): a file that grew since (written to while
+    # extract ran) would be recorded as a shard no reassembly can give back
+    def changed(size: int) -> SourceError:
+        return SourceError(f"{path}: changed while it was read (its header's tensors end at byte {pos}, the file now "
+                           f"has {size}); extract again once nothing writes to it")
+
+    if (size := path.stat().st_size) != pos:
+        raise changed(size)
     whole, hs = _scan(path, [s for s in spans if s[1] > s[0]])
     with open(path, "rb") as fh:
         header = fh.read(hlen)
     if len(header) != hlen:
         return None
-    return ({"name": path.name, "size": path.stat().st_size, "xxh3_64": whole,
+    if (now := path.stat().st_size) != size:
+        raise changed(now)
+    return ({"name": path.name, "size": size, "xxh3_64": whole,
              "tensors": [[t.name, hs.get(t.name, xxhash.xxh3_64_hexdigest(b""))] for t in ts]}, header)
 
 
@@ -481,7 +492,13 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         if made:
             if fsync:
                 flush_files([], {dest})
-            os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
+            try:
+                os.rename(dest, out)  # fails (nothing lost) if a non-empty `out` appeared meanwhile
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                raise OutputError(f"{out}: appeared while this run wrote it and was left as it is; run again with "
+                                  "--overwrite to write into it, or choose another folder") from None
         if fsync:
             flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:

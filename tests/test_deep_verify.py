@@ -740,3 +740,32 @@ def test_an_expert_whose_values_overflow_float32_is_reported_as_such_not_as_a_ke
             msg = str(p)
             assert "beyond float32's range" in msg and hint in msg and "wrongly" not in msg, msg
             assert msg.startswith("experts/L001/"), msg
+
+
+def test_an_expert_whose_activations_overflow_float32_but_whose_output_does_not_is_not_called_a_kernel_bug(
+        tmp_path):
+    """gate and up weights of about 1e21 with down weights of about 1e-10: h = silu(g) * u reaches about 1e40,
+    beyond float32's range, while the float64 output comes back to about 1e30. The runtime's h overflows, its output
+    is NaN; only the output was compared with float32's range, so deep verify said "the runtime computes BF16
+    wrongly: report this bug" (found by scripts/fuzz.py, seed 7771292: a bit flipped in a weight's exponent). What a
+    float32 run meets on the way (each projection's sums, the activation) counts as the model's values too."""
+    import ml_dtypes
+
+    from mertools import extract
+    from test_st_mtp_fp8 import _load, _mtp_checkpoint, _save
+
+    ck = _mtp_checkpoint(tmp_path / "ck", "qwen3_next", "per_expert", "per_expert", False)
+    t = _load(ck)
+    for e in range(4):
+        for role, k in (("gate", 1e21), ("up", 1e21), ("down", 1e-10)):
+            w = t[f"model.layers.1.mlp.experts.{e}.{role}_proj.weight"]
+            w[:] = (w.astype(np.float32) * k).astype(ml_dtypes.bfloat16)
+    huge = _save(tmp_path / "huge", json.loads((ck / "config.json").read_text()), t)
+    out = tmp_path / "out"
+    extract(huge, out, fsync=False)
+    r = verify(out, deep=True, against=huge)
+    assert not r.ok and r.problems, [str(p) for p in r.problems]
+    for p in r.problems:
+        msg = str(p)
+        assert "beyond float32's range" in msg and "wrongly" not in msg, msg
+        assert msg.startswith("experts/L001/"), msg

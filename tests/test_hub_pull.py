@@ -95,7 +95,8 @@ def test_split_set_repo_is_pulled_whole(hub, env, tmp_path, extracted):
     same_shards(out, extracted(SPLIT[0]))
     kept = tmp_path / "out.source"
     assert r["source_kept"] == str(kept)
-    assert sorted(x.name for x in kept.iterdir()) == [x.name for x in SPLIT]
+    # (and the mark that lets a later --overwrite replace the folder)
+    assert sorted(x.name for x in kept.iterdir()) == [".mertools-kept-source"] + [x.name for x in SPLIT]
     assert all((kept / x.name).read_bytes() == x.read_bytes() for x in SPLIT)
     assert hub.served("org/split", "merged/moe-merged-q4_0.gguf") == 0
     assert [f["sha256"] for f in hub_record(out)["files"]] == [sha256(x) for x in SPLIT]
@@ -486,3 +487,30 @@ def test_offline_refuses_an_index_that_is_a_fifo_instead_of_hanging(hub, env, tm
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     err = one_line_error(run_cli("pull", f"org/st@{commit}", tmp_path / "out", "-q", env=offline))
     assert "model.safetensors.index.json" in err and "HF_HUB_OFFLINE" in err and not (tmp_path / "out").exists()
+
+
+def test_a_conversion_the_file_size_limit_stops_names_the_file_and_resumes(hub, env, tmp_path):
+    """A real write refused mid-pull (RLIMIT_FSIZE, what a full disk or quota does to one file): the download side
+    said which file and what to do, the conversion side only "error: File too large" (the OSError of dense.gguf's
+    ftruncate in the work folder carries no name). Now one line names the file and says what is kept; the next run,
+    without the limit, finishes from there."""
+    import resource
+
+    from mertools import extract
+
+    hub.add_revision("org/mixtral-st", {p.name: p for p in ST.iterdir()})
+    out = tmp_path / "out"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300 << 10, 300 << 10))  # the dense.gguf is ~1.3 MB
+
+    p = subprocess.run([sys.executable, "-m", "mertools.cli", "pull", "org/mixtral-st", out, "-q"],
+                       capture_output=True, text=True, env={**os.environ, **env}, preexec_fn=small_files, timeout=300)
+    line = one_line_error(p)
+    assert "/.out.mertools-pull/work/dense.gguf: " in line and "File too large" in line, line
+    assert "free" in line and "kept" in line, line
+    assert not out.exists()
+    run_cli("pull", "org/mixtral-st", out, "-q", env=env, check=True)
+    local = tmp_path / "local"
+    extract(ST, local, fsync=False)
+    same_shards(out, local)

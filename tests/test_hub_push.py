@@ -45,6 +45,22 @@ def test_an_interrupted_push_resumes_and_sends_each_file_once(hub, env, extracte
     assert r3["uploaded_files"] == 0 and r3["skipped_files"] == len(files) + 1 and len(hub.commits) == n_commits
 
 
+def test_a_push_of_another_folder_leaves_none_of_the_last_ones_files(hub, env, extracted, st_extracted):
+    """Pushing a re-extracted folder to the repo an earlier push filled only added files: the earlier folder's
+    shards, dense.gguf, reassembly record and hf/ companions (a tokenizer an engine reads from hf/) stayed on the
+    hub beside the new manifest, a mix of two models. Files mertools writes that the new folder lacks are deleted
+    in the same commit; other files of the repo (a .gitattributes, the owner's own) are left alone."""
+    first = st_extracted("real/mixtral-bf16-sharded")
+    run_cli("push", first, "me/m", "-q", env=env, check=True)
+    hub.add_revision("me/m", {"NOTES.md": b"the owner's own"}, base=hub.repos["me/m"].refs["main"])
+    assert any(p.startswith("hf/") for p in hub.files_at("me/m"))
+    second = extracted(GEN / "moe-merged-q8_0.gguf")
+    r = json.loads(run_cli("push", second, "me/m", "--json", env=env, check=True).stdout)
+    remote = hub.files_at("me/m")
+    assert set(remote) == set(local_files(second)) | {"README.md", "NOTES.md"}, sorted(set(remote))
+    assert r["deleted_files"] == len(set(local_files(first)) - set(local_files(second)))
+
+
 def test_push_to_a_branch_of_a_private_repo(hub, env, extracted):
     out = extracted(GEN / "moe-merged-q8_0.gguf")
     run_cli("push", out, "me/p", "--revision", "q8", "--private", "-q", env=env, check=True)

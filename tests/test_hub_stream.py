@@ -134,6 +134,24 @@ def test_keep_source_keeps_every_shard_and_converts_the_same(hub, env, tmp_path,
     same_shards(out, local())
 
 
+def test_overwrite_replaces_only_a_source_folder_an_earlier_pull_kept(hub, env, tmp_path):
+    """`pull --keep-source --overwrite` deleted whatever folder OUT.source was (rmtree), a folder of the user's own
+    too: --overwrite replaces only an earlier output (docs/format.md), and OUT.source had no such check. A folder an
+    earlier --keep-source pull kept is still replaced; any other is refused before anything is downloaded."""
+    out, kept = tmp_path / "out", tmp_path / "out.source"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    p = run_cli("pull", REPO, out, "--keep-source", "--overwrite", "-q", env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: {kept}: ") and "--keep-source" in p.stderr, p.stderr
+    assert [x.name for x in kept.iterdir()] == ["notes.txt"] and not out.exists()
+    kept.rename(tmp_path / "mine")
+    run_cli("pull", REPO, out, "--keep-source", "-q", env=env, check=True)
+    run_cli("pull", REPO, out, "--keep-source", "--overwrite", "-q", env=env, check=True)  # its own: replaced
+    for s in SHARDS:
+        assert (kept / s).read_bytes() == (ST / s).read_bytes(), s
+
+
 def test_a_damaged_work_folder_is_refused_with_one_line(hub, env, tmp_path):
     out = tmp_path / "out"
     stage = tmp_path / ".out.mertools-pull"

@@ -814,3 +814,28 @@ def test_read_header_never_blocks_on_a_fifo(tmp_path):
             os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
             writer.join(0.05)
 
+
+
+@pytest.mark.parametrize("dtype, value, ok", [("q4_0", 6e5, False), ("q8_0", 1e7, False), ("f16", 1e5, False),
+                                              ("q8_0", 1e6, True), ("bf16", 1e30, True)])
+def test_dtype_refuses_a_finite_value_its_16_bit_scale_cannot_hold(tmp_path, dtype, value, ok):
+    """One weight of 6e5 with --dtype q4_0: its block's F16 scale (6e5 / 8) overflowed to inf, the value came out
+    inf and the block's other 31 values NaN, and extract and verify --deep --against both said OK (the reference
+    was the quantized bytes). A finite block that would come out non-finite is refused in one line naming the
+    tensor and its row; values its scale can hold still convert."""
+    import safetensors.numpy
+
+    src = tmp_path / "src"
+    shutil.copytree(REAL / "mixtral-bf16-sharded", src)
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    t = safetensors.numpy.load_file(shard)
+    t[name][7, 40] = value
+    safetensors.numpy.save_file(t, shard, metadata={"format": "pt"})
+    p = run_cli("extract", src, tmp_path / "o", "--dtype", dtype, "-q")
+    if ok:
+        assert p.returncode == 0, p.stderr
+        return
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"{name}: row 7 holds" in p.stderr and f"more than {dtype.upper()} can store" in p.stderr, p.stderr
+    assert "--dtype bf16" in p.stderr and not (tmp_path / "o").exists()

@@ -286,3 +286,21 @@ def test_a_trace_whose_expert_ids_are_not_a_top_k_choice_is_refused(out, tmp_pat
     p = run_cli("smoke", out, "--workload", "replay", "--trace", bad, "-q")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert f"{bad}:1: " in p.stderr and needle in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("extra, newline, ok", [(0, b"\n", True), (0, b"", True), (1, b"\n", False)])
+def test_a_trace_line_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(out, tmp_path, extra, newline, ok):
+    """MAX_TRACE_LINE is the most bytes a trace line may hold: a line of exactly that many (its newline not counted,
+    or the file's last line without one) was refused as "longer than" the limit; one byte more must be."""
+    from mer_runtime.smoke import MAX_TRACE_LINE
+
+    rec = json.dumps({"experts": [[0, 1], [2, 3]]}).encode()
+    trace = tmp_path / "edge.jsonl"
+    trace.write_bytes(rec.ljust(MAX_TRACE_LINE + extra, b" ") + newline)  # JSON allows the trailing spaces
+    p = run_cli("smoke", out, "--workload", "replay", "--trace", trace, "--cache-slots", "4", "--json")
+    if ok:
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["tokens"] == 1
+    else:
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert f"{trace}:1: a line longer than {MAX_TRACE_LINE} bytes" in p.stderr

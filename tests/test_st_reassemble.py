@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,6 @@ def test_the_next_run_removes_a_killed_runs_new_folder_and_keeps_a_live_ones(st_
     """SIGKILL (the OOM killer, kill -9) while writing into a new folder left its hidden sibling
     .DIR.mertools-tmp-PID-RANDOM, as large as the checkpoint, for good. The next reassemble of DIR removes it; a
     live process's stays, and so do a link of that name (and the folder it leads to) and another target's own."""
-    import signal
 
     from conftest import start_cli, wait_stopped
 
@@ -182,6 +182,48 @@ def test_the_next_run_removes_a_killed_runs_new_folder_and_keeps_a_live_ones(st_
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted([*before, "back"])
     assert all((d / "precious").read_bytes() == b"not a dead run's" for d in tmp_path.iterdir() if d.name != "back")
     assert filecmp.cmp(st_folder("olmoe") / "model.safetensors", back / "model.safetensors", shallow=False)
+
+
+def test_a_folder_another_run_made_meanwhile_is_named_and_kept(st_extracted, tmp_path):
+    """Two reassembles into one new DIR: the one that finished second failed its final rename with
+    "error: .back.mertools-tmp-PID-RAND: Directory not empty; nothing was left behind", naming its hidden temporary
+    and not what to do. Now the line names DIR, which is kept as the other run made it, and says what to do."""
+    from conftest import start_cli, wait_stopped
+
+    folder, back = st_extracted("olmoe"), tmp_path / "back"
+    p = start_cli("reassemble", folder, back, "-q", "--no-fsync", MERTOOLS_TEST_STOP_AT="writing")
+    wait_stopped(p)
+    run_cli("reassemble", folder, back, "-q", "--no-fsync", check=True)  # the other run, into the same DIR
+    mine = {x.name: x.read_bytes() for x in back.iterdir()}
+    os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {back}: appeared while this run wrote it") and "--overwrite" in err, err
+    assert {x.name: x.read_bytes() for x in back.iterdir()} == mine
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["back"]  # the loser's temporary folder is gone
+
+
+def test_a_shard_that_grows_while_extract_reads_it_is_refused_not_recorded(tmp_path):
+    """Bytes appended to a shard after extract had opened and mapped it (a download still writing into the folder):
+    extract succeeded, verify said OK, and the reassembly record kept the grown file's size and xxh3, so every
+    reassemble failed with "the rebuilt shard's xxh3 ... is not the source's". The record is made after the shards
+    were read (here: after the source was opened), and must refuse a shard that is no longer the one read."""
+    from mertools.sources import open_source
+    from mertools.st_reassemble import record_st
+
+    src_dir = tmp_path / "src"
+    shutil.copytree(st_folder("real/mixtral-bf16-sharded"), src_dir)
+    src = open_source(src_dir)
+    try:
+        shard = src.files[2]
+        with open(shard, "ab") as fh:
+            fh.write(b"appended")
+        (tmp_path / "staging").mkdir()
+        with pytest.raises(MertoolsError) as err:
+            record_st(src, tmp_path / "staging")
+    finally:
+        src.close()
+    assert str(err.value).startswith(f"{shard}: changed while it was read"), err.value
 
 
 def _refused(folder: Path, tmp_path: Path, *extra: str) -> str:

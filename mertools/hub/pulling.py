@@ -43,6 +43,7 @@ from .remote import (
 )
 
 PULL_MARK = ".mertools-pull"
+KEPT_MARK = ".mertools-kept-source"  # in OUT.source: what --overwrite may replace
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
@@ -115,7 +116,7 @@ def pull(
     _check_out(out, overwrite)
     kept_dir = out.parent / f"{out.name}.source"
     if keep_source:
-        _check_out(kept_dir, overwrite)
+        _check_kept(kept_dir, overwrite)
     listing = list_files(spec, commit)
     where = f"{spec.repo_id}@{commit[:12]}"
     choice = choose(listing, gguf=gguf, include=include, where=where, unusable=listing.unusable)
@@ -161,10 +162,18 @@ def pull(
                                             fetch=lambda path: get(by_path[path]),
                                             read_range=lambda path, a, b: read_range(spec, commit, path, a, b,
                                                                                  by_path[path].size))
-        result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
+        try:
+            result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
+        except OSError as exc:  # the conversion's own writes (a download reports its own): what is done stays
+            raise OutputError(f"{exc.filename or stage / 'work'}: cannot write the conversion ({exc.strerror or exc});"
+                              " free space (or raise the file-size limit) and run the pull again: what was downloaded "
+                              "and converted so far is kept") from None
         journal.set(done=True)
         kept = None
         if keep_source:
+            _check_kept(kept_dir, overwrite)  # again: what is there now is what goes
+            (files_dir / KEPT_MARK).write_text("kept by mertools pull --keep-source: a later --overwrite replaces "
+                                               "this folder\n", encoding="utf-8")
             if kept_dir.exists():
                 shutil.rmtree(kept_dir)
             os.replace(files_dir, kept_dir)
@@ -256,6 +265,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out}: exists and is not a folder; choose another OUT")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out}: folder is not empty; pass --overwrite to replace it, or choose an empty folder")
+
+
+def _check_kept(kept: Path, overwrite: bool) -> None:
+    """OUT.source may be replaced only where an earlier --keep-source pull made it (it holds KEPT_MARK): --overwrite
+    replaces an earlier output, never a folder of the user's."""
+    if kept.is_symlink():
+        raise OutputError(f"{kept}: is a link; --keep-source keeps the source files in a folder of that name: move "
+                          "the link away or choose another OUT")
+    if kept.is_dir() and any(kept.iterdir()) and not (kept / KEPT_MARK).is_file():
+        raise OutputError(f"{kept}: not empty, and not a folder an earlier --keep-source pull kept (--overwrite "
+                          "replaces only such a folder): move it away or choose another OUT")
+    _check_out(kept, overwrite)
 
 
 def _lock(stage: Path, out: Path) -> int:

@@ -3,7 +3,8 @@
 The folder is verified first (every checksum); a damaged folder is never uploaded. Files the hub already holds at
 the target revision with the same content (sha256 for LFS files, git blob oid for the others) are left out of the
 commit; LFS objects uploaded by an interrupted run are not sent again (the LFS batch answer has no upload action
-for objects the hub stores), so a re-run sends only what is missing and then commits once.
+for objects the hub stores), so a re-run sends only what is missing and then commits once. Files at the names
+mertools writes that the folder lacks (an earlier push of another folder's) are deleted in that commit.
 
 Thread safety: pushes of different folders or to different repos may run at once (quiet or not: see
 :mod:`mertools.hub.quiet`); two pushes to the same branch race at the commit, which the hub orders (the later one
@@ -59,6 +60,7 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
 def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report: Any,
           quiet: bool) -> dict[str, Any]:
     from huggingface_hub import CommitOperationAdd as _Add
+    from huggingface_hub import CommitOperationDelete
 
     # the library uploads LFS files on its own worker threads: operations that make those follow this push
     CommitOperationAdd = adopting(_Add, quiet)
@@ -85,6 +87,12 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
             continue
         ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)))
         sent += p.stat().st_size
+    # what an earlier push of another folder left at the names mertools writes (its shards, dense.gguf, record,
+    # hf/ companions) goes in the same commit: the repo is this folder, not a mix of two models; the repo's other
+    # files (.gitattributes, the owner's own) stay
+    local = {p.relative_to(folder).as_posix() for p in files}
+    stale = sorted(p for p in remote if p not in local and _ours(p))
+    ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
     if _same_bytes(card, remote.get(CARD_NAME)):
         skipped += 1
     else:
@@ -95,12 +103,25 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
         # The uploads keep the read timeout (an upload server that takes the body and never answers must not hang
         # the push); only the commit, which may take the hub minutes to answer, waits without one. create_commit
         # skips the operations preupload_lfs_files has already sent.
-        hub_call(spec.repo_id, h.preupload_lfs_files, spec.repo_id, additions=ops, revision=rev)
+        adds = [op for op in ops if isinstance(op, _Add)]
+        hub_call(spec.repo_id, h.preupload_lfs_files, spec.repo_id, additions=adds, revision=rev)
         info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev, long_answer=True,
                         commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}")
         commit = info.oid
-    return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops), "uploaded_bytes": sent,
-            "skipped_files": skipped, "commit": commit, "verified_experts": report.experts_checked}
+    return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops) - len(stale), "uploaded_bytes": sent,
+            "skipped_files": skipped, "deleted_files": len(stale), "commit": commit,
+            "verified_experts": report.experts_checked}
+
+
+def _ours(path: str) -> bool:
+    """A repo path mertools writes into a folder (manifest.json, dense.gguf, the record, experts/, hf/)."""
+    from mer_runtime.manifest import COMPANION_DIR
+
+    from ..layout import DENSE_NAME, EXPERTS_DIR
+    from ..reassemble import RECORD_NAME
+
+    return path in ("manifest.json", DENSE_NAME, RECORD_NAME) or path.startswith((f"{EXPERTS_DIR}/",
+                                                                                  f"{COMPANION_DIR}/"))
 
 
 def _same(p: Path, remote: tuple[str | None, str | None] | None) -> bool:

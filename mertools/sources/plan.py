@@ -108,13 +108,32 @@ def quantized(p: Projection, dtype: str, where: str = "") -> Projection:
 
     def produce(view_of: ViewOf) -> Iterator[np.ndarray]:
         for r0 in range(0, rows, step):
-            band = decode(view_of, r0, min(rows, r0 + step))
+            band = np.ascontiguousarray(decode(view_of, r0, min(rows, r0 + step)), dtype=np.float32)
             with np.errstate(invalid="ignore", over="ignore"):  # a source's NaN/inf: quantized as gguf does, quietly
-                q = quantize(np.ascontiguousarray(band, dtype=np.float32), qt)
+                q = quantize(band, qt)
+            _check_range(band, q, qt, r0, f"{where}{p.tensor}", dtype)
             yield q.reshape(-1)
 
     steps = "quantize" if p.transform == "none" else f"{p.transform}+quantize"
     return replace(p, dtype=dtype, nbytes=nbytes, transform=steps, produce=produce, spans=p.source_spans)
+
+
+def _check_range(band: np.ndarray, q: np.ndarray, qt: GGMLQuantizationType, r0: int, what: str, dtype: str) -> None:
+    """Refuse a block of finite values that came out non-finite: a value beyond F16 (65504), or a block whose F16
+    scale (Q8_0: its largest value / 127, Q4_0: / 8) is, becomes inf, and a Q4_0/Q8_0 block's other values NaN.
+    Every type --dtype writes starts each block with its 2-byte scale (or value): F16, BF16 or the blocks' d."""
+    elems, size = GGML_QUANT_SIZES[qt]
+    first = np.ascontiguousarray(q.reshape(-1, size)[:, :2]).view(np.uint16).reshape(-1)
+    d = (first.astype(np.uint32) << 16).view(np.float32) if qt == GGMLQuantizationType.BF16 else first.view(np.float16)
+    bad = ~np.isfinite(d) & np.isfinite(band.reshape(-1, elems)).all(axis=1)
+    if bad.any():
+        block = int(np.argmax(bad))
+        row = r0 + block * elems // band.shape[1]
+        peak = float(np.abs(band.reshape(-1, elems)[block]).max())
+        raise SourceError(f"{what}: row {row} holds {peak:.4g}, more than {dtype.upper()} can store (its 16-bit "
+                          "float scale or value overflows: the block would come out inf/NaN); "
+                          + ("drop --dtype to keep the source's type" if qt == GGMLQuantizationType.BF16
+                             else "choose --dtype bf16"))
 
 
 def with_dtype(plans: list[ExpertPlan], dtype: str | None, where: str = "") -> list[ExpertPlan]:

@@ -77,7 +77,11 @@ class DenseWriter:
             pos += gguf.GGUFWriter.ggml_pad(nb, align)
         self.sizes = sizes
         self.fd = os.open(path, os.O_WRONLY)
-        os.ftruncate(self.fd, pos)  # padding and gaps read as zeros, as the gguf writer leaves them
+        try:
+            os.ftruncate(self.fd, pos)  # padding and gaps read as zeros, as the gguf writer leaves them
+        except OSError as exc:  # (a file-size limit): the error names the file, which ftruncate's does not
+            os.close(self.fd)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         self.done: set[int] = set()
 
     def _files_of(self, t: "STTensor") -> set[int]:
@@ -102,9 +106,9 @@ class DenseWriter:
                 while len(mv):
                     w = os.pwrite(self.fd, mv, pos)
                     mv, pos = mv[w:], pos + w
-            except OSError:  # EFAULT when the mapped source pages are gone: say which file shrank
+            except OSError as exc:  # EFAULT when the mapped source pages are gone: say which file shrank
                 self.src.check()
-                raise
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None  # else the disk: name the file
             self.src.check()  # the bytes written were really read (a shrunk source reads zeros: mer_runtime.guard)
             self.done.add(k)
             tick(t.nbytes)

@@ -253,6 +253,14 @@ class CacheStats:
                 "cancelled_inflight_bytes": self.cancelled_inflight_bytes}
 
 
+@dataclass(eq=False)  # one per call, found by identity
+class _PinCall:
+    """What one pin() call has done so far, for its undo."""
+    pinned: dict[Key, None] = field(default_factory=dict)  # the pins it counted
+    coming: dict[Key, None] = field(default_factory=dict)  # keys it will pin once loaded
+    holds: dict[Key, int] = field(default_factory=dict)  # the calling thread's holds of each key before the call
+
+
 class ExpertCache:
     """`locate(key) -> (path, size)` says where an expert lives; `check(key, slot)` validates a finished load.
 
@@ -275,8 +283,7 @@ class ExpertCache:
         self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
         self._cv = threading.Condition(threading.Lock())
-        # key -> pin() calls under way that will pin it: counted (each key once) by the next pin()'s check
-        self._pins_coming: dict[Key, int] = {}
+        self._pin_calls: set[_PinCall] = set()  # pin() calls under way: their keys still to pin count in the next check
         self._pin_count: dict[Key, int] = {}  # pin() calls standing per pinned expert (see pin); guarded by _cv
         self._closed = False
         # the latest step cancel_stale(now=..., owner=...) saw, per owner (each stream counts its own steps; None:
@@ -944,49 +951,62 @@ class ExpertCache:
         """Load `keys` and keep them from eviction until `unpin`. The pins already held count: all of them together
         must leave one slot for loads. All or nothing: a pin that is refused, or whose load fails, leaves the pins as
         they were. Pins are counted per key: an expert pinned by two calls (two threads with one hot set) stays
-        pinned until both are undone, each by one `unpin` (or by its own failure)."""
-        with self._cv:
-            held = {k for k, e in self.entries.items() if e.pinned}
-            mine = [k for k in dict.fromkeys(keys) if k in held]  # counted once more now; the others once loaded
-            for k in mine:
-                self._pin_count[k] = self._pin_count.get(k, 0) + 1
-            new = [k for k in dict.fromkeys(keys) if k not in held]
-            # a pin is a mark, not a count: a key this call and another call (or the pins held) both name is one pin
-            total = len(held.union(self._pins_coming, new))
-            if total > self.pool.n_slots - 1:
-                self._unpin_locked(mine)
-                raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already or being pinned) in "
-                                 f"{self.pool.n_slots} cache slots: one stays for loads; use more --cache-slots, "
-                                 "pin fewer or unpin some")
-            # counted, not locked: a lock held across the loads below would deadlock with a thread that holds a slot
-            # and pins too
-            for k in new:
-                self._pins_coming[k] = self._pins_coming.get(k, 0) + 1
-        left = list(new)  # keys still counted as coming by this call
+        pinned until both are undone, each by one `unpin` (or by its own failure).
+
+        An exception at any point (a KeyboardInterrupt a signal handler raises between two statements included)
+        undoes this call's pins and gives back the slots it held: what it did is recorded with each step, and what
+        it held is read back from the entries, not from where the exception came."""
+        me = threading.get_ident()
+        call = _PinCall()
         try:
+            with self._cv:
+                held = {k for k, e in self.entries.items() if e.pinned}
+                new = [k for k in dict.fromkeys(keys) if k not in held]
+                # a pin is a mark, not a count: a key this call and another call (or the pins held) both name is one
+                # pin
+                total = len(held.union(*(c.coming for c in self._pin_calls), new))
+                if total > self.pool.n_slots - 1:
+                    raise CacheError(f"cannot pin {total} experts ({total - len(new)} pinned already or being pinned) "
+                                     f"in {self.pool.n_slots} cache slots: one stays for loads; use more "
+                                     "--cache-slots, pin fewer or unpin some")
+                # this thread's holds before: one above them after a failure is this call's (acquire's own included)
+                call.holds = {k: self._holds(k, me) for k in new}
+                # counted, not locked: a lock held across the loads below would deadlock with a thread that holds a
+                # slot and pins too
+                call.coming = dict.fromkeys(new)
+                self._pin_calls.add(call)
+                for k in dict.fromkeys(keys):
+                    if k in held:
+                        self._add_pin(k, call)
             for k in new:
                 self.acquire(k)
                 with self._cv:
-                    self._pin_count[k] = self._pin_count.get(k, 0) + 1
-                    self.entries.set_pinned(k, True)
-                    mine.append(k)
-                    self._uncount_pin(k)  # counted as held from now on
-                    left.remove(k)
+                    self._add_pin(k, call)
+                    call.coming.pop(k, None)  # counted as held from now on
                 self.release(k)
+            with self._cv:  # in the try: an exception up to the last statement undoes the call
+                self._pin_calls.discard(call)
         except BaseException:
-            self.unpin(mine)  # this call's pins only: another call's pin of the same expert stands
-            raise
-        finally:
             with self._cv:
-                for k in left:
-                    self._uncount_pin(k)
+                self._pin_calls.discard(call)
+                self._unpin_locked(call.pinned)  # this call's pins only: another call's pin of the same expert stands
+                for k, n in call.holds.items():
+                    for _ in range(self._holds(k, me) - n):
+                        self._drop_hold(self.entries[k])
+                self._cv.notify_all()
+            raise
 
-    def _uncount_pin(self, k: Key) -> None:
-        n = self._pins_coming.get(k, 0) - 1
-        if n > 0:
-            self._pins_coming[k] = n
-        else:
-            self._pins_coming.pop(k, None)
+    def _holds(self, k: Key, me: int) -> int:
+        e = self.entries.get(k)
+        return e.holders.get(me, 0) if e is not None else 0
+
+    def _add_pin(self, k: Key, call: _PinCall) -> None:
+        n = self._pin_count.get(k, 0) + 1
+        # the count and the call's record of it are stored with no call between them: CPython runs a signal's
+        # handler (and raises its exception) at calls, function entries and loop back-edges only, so a failure
+        # undoes exactly the pins counted
+        self._pin_count[k] = n; call.pinned[k] = None  # noqa: E702
+        self.entries.set_pinned(k, True)
 
     def pin_top(self, profile: dict[Key, int], n: int) -> list[Key]:
         """Pin the n most used experts of a routing profile ({(layer, expert): count}); returns them."""

@@ -146,7 +146,9 @@ def _router_routes(m: Manifest, tokens: int, k: int, rng: np.random.Generator) -
     return out
 
 
-MAX_TRACE_LINE = 1 << 24  # one token's record; far above any model's layers x top-k (an endless line: not a trace)
+# bytes in one token's record, its newline not counted; far above any model's layers x top-k (an endless line:
+# not a trace)
+MAX_TRACE_LINE = 1 << 24
 
 
 def _replay_routes(m: Manifest, path: Path, k: int) -> np.ndarray:
@@ -155,8 +157,10 @@ def _replay_routes(m: Manifest, path: Path, k: int) -> np.ndarray:
     want = f"expected {len(m.layers)} layers of {k} experts in 0..{n_exp - 1}"
     try:
         with open(path, "rb") as fh:
-            for i, raw in enumerate(iter(lambda: fh.readline(MAX_TRACE_LINE + 1), b""), 1):
-                if len(raw) > MAX_TRACE_LINE:
+            # MAX_TRACE_LINE counts the line's bytes without its newline: read one past the limit plus the
+            # newline, so a line of exactly MAX_TRACE_LINE bytes and its newline come back whole
+            for i, raw in enumerate(iter(lambda: fh.readline(MAX_TRACE_LINE + 2), b""), 1):
+                if len(raw) - raw.endswith(b"\n") > MAX_TRACE_LINE:
                     raise MerError(f"{path}:{i}: a line longer than {MAX_TRACE_LINE} bytes; not a routing trace")
                 try:
                     line = raw.decode("utf-8")

@@ -164,13 +164,23 @@ def _unnamed(final: Path, exc: OSError, left: str = "") -> OutputError:
                        "and run again")
 
 
-def drop_temp(tmp: Path) -> None:
-    """Remove a temporary on an error path. A folder that refuses the removal too (the error being raised is
-    often why) must not hide that error behind its own: the temporary is left for a later run's sweep."""
+def drop_temp(tmp: Path) -> bool:
+    """Remove a temporary on an error path; False where it stays. A folder that refuses the removal too (the error
+    being raised is often why) must not hide that error behind its own: the temporary is left for a later run's
+    sweep, and the error's line says so (:func:`left_behind`)."""
     try:
         tmp.unlink(missing_ok=True)
     except OSError:
-        pass
+        return False
+    return True
+
+
+def left_behind(kept: Iterable[Path]) -> str:
+    """How an error line ends once its run cleaned up: nothing left, or the temporaries the folder kept."""
+    names = [p.name for p in kept]
+    if not names:
+        return "nothing was left behind"
+    return f"the folder refused to remove the temporary {', '.join(names)} too: delete it by hand"
 
 
 def place(tmp: Path, final: Path, overwrite: bool, instead: str = "name") -> None:

@@ -32,8 +32,8 @@ from mer_runtime.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, m
                                   read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
 
-from .commit import (check_file_target, drop_temp, fsync_dir, interruptible, place, refuse_folder_file, sweep_temps,
-                     temp_name, test_point)
+from .commit import (check_file_target, drop_temp, fsync_dir, interruptible, left_behind, place, refuse_folder_file,
+                     sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 
 CHUNK = 1 << 20
@@ -262,10 +262,10 @@ def pack(
             if fsync:
                 fsync_dir(archive.parent)  # the archive's name, not only its bytes
         except BaseException as exc:
-            drop_temp(tmp)
+            gone = drop_temp(tmp)
             if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-                raise OutputError(f"{exc.filename or archive}: {exc.strerror or exc}; nothing was left behind"
-                                  ) from None
+                raise OutputError(f"{exc.filename or archive}: {exc.strerror or exc}; "
+                                  f"{left_behind([] if gone else [tmp])}") from None
             raise
     return PackResult(archive, len(expect) + 1, total, counted.n, time.perf_counter() - t0)
 

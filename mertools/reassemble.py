@@ -42,7 +42,7 @@ from mer_runtime.manifest import (MANIFEST_NAME, ROLES, Manifest, load_manifest,
                                   same_file_key)  # (the one name rules)
 from mer_runtime.safeopen import kind_of
 
-from .commit import (check_file_target, check_space, drop_temp, flush_files, interruptible, place_all,
+from .commit import (check_file_target, check_space, drop_temp, flush_files, interruptible, left_behind, place_all,
                      refuse_folder_file, signals_held, sweep_temps, temp_name, test_point)
 from .errors import MertoolsError, OutputError
 from .gguf_header import MAX_ALIGNMENT
@@ -447,11 +447,12 @@ class _Out:
             os.close(self.fd)
             self.fd = -1
 
-    def discard(self) -> None:
+    def discard(self) -> bool:
+        """Close and remove the temporary; False where the folder keeps it."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        drop_temp(self.tmp)
+        return drop_temp(self.tmp)
 
 
 def copy_piece(piece: Piece, write: Callable[..., None], buf: memoryview, tick: Callable[[int], None],
@@ -737,10 +738,9 @@ def _reassemble(folder: Path, out: str | os.PathLike[str], split: bool, overwrit
             if fsync:
                 flush_files([], {o.final.parent for o in outs})
         except BaseException as exc:
-            for o in outs:
-                o.discard()
+            kept = [o.tmp for o in outs if not o.discard()]
             if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-                raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; nothing was left behind"
+                raise OutputError(f"{exc.filename or targets[0]}: {exc.strerror or exc}; {left_behind(kept)}"
                                   ) from None
             raise
         return ReassembleResult([o.final for o in outs], exact, how, sum(len(p) for p in plan),

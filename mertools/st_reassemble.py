@@ -40,8 +40,8 @@ import xxhash
 from mer_runtime.errors import ManifestError
 from mer_runtime.manifest import Manifest, same_file_key
 
-from .commit import (check_file_target, flush_files, place_all, refuse_folder_file, sweep_temps, temp_name,
-                     test_point)
+from .commit import (check_file_target, flush_files, left_behind, place_all, refuse_folder_file, sweep_temps,
+                     temp_name, test_point)
 from .errors import MertoolsError, OutputError, SourceError
 from .sources.safetensors import DTYPES
 
@@ -502,12 +502,12 @@ def reassemble_st(m: Manifest, folder: Path, out: Path, *, overwrite: bool, fsyn
         if fsync:
             flush_files([], {out, out.parent} if made else {out})  # a folder made here: its own name too
     except BaseException as exc:
-        for o in outs:
-            o.discard()
+        kept = [o.tmp for o in outs if not o.discard()]
         if made and dest.exists():
             shutil.rmtree(dest, ignore_errors=True)  # made here, holding only our own files
+            kept = [dest] if dest.exists() else []
         if isinstance(exc, OSError) and not isinstance(exc, MertoolsError):
-            raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was left behind") from None
+            raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; {left_behind(kept)}") from None
         raise
     finally:
         dense.guard.close()  # type: ignore[attr-defined]

@@ -426,7 +426,8 @@ def test_an_exception_at_any_line_of_pin_gives_back_what_it_took(folder):
         def line(frame, event, arg):
             nonlocal seen
             # not at a `with` line: its line event comes again on the way out, between the block and __exit__,
-            # where no signal's exception can come (CPython checks for signals at calls, not there)
+            # where no signal's exception can come (CPython checks for signals at calls, and the lock's __exit__ is
+            # C since the lock is entered as itself, not as its Condition: see the test of the way out below)
             if event == "line" and not linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(
                     "with "):
                 seen += 1
@@ -455,3 +456,78 @@ def test_an_exception_at_any_line_of_pin_gives_back_what_it_took(folder):
             s.pin([(1, 1), (1, 2), (1, 3)])
             s.unpin([(1, 1), (1, 2), (1, 3)])
             assert not c._pin_count and not any(e.pinned for e in c.entries.values()), where
+
+
+
+def _interrupt_once(s, hit):
+    """Load (0, 0) with a KeyboardInterrupt raised at the entry of the first Python call for which hit(frame) is
+    true (a function's entry is where CPython runs a pending signal's handler); True if it was raised."""
+    import sys
+
+    fired = []
+
+    def trace(frame, event, arg):
+        if event == "call" and not fired and hit(frame):
+            fired.append(frame.f_code.co_name)
+            raise KeyboardInterrupt(frame.f_code.co_name)
+        return None
+
+    sys.settrace(trace)
+    try:
+        with s.load(0, 0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return bool(fired)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("callee", ["move_to_end", "_await"])
+def test_an_exception_at_a_call_acquire_makes_after_taking_its_hold_gives_the_hold_back(folder, warm, callee):
+    """acquire() counted the thread's hold, then called move_to_end and _await outside any handler: a
+    KeyboardInterrupt at one of those calls' entries left the hold for ever, the slot never evicted again (pin's undo
+    reads holds back, but a plain load has no undo). For a miss and for a hit."""
+    from mer_runtime import cache as cache_mod
+
+    with open_shards(folder.root, cache_slots=4) as s:
+        if warm:
+            with s.load(0, 0):
+                pass
+        assert _interrupt_once(s, lambda f: f.f_code.co_name == callee and f.f_back.f_code.co_name == "acquire"
+                               and f.f_back.f_code.co_filename == cache_mod.__file__)
+        assert not {k: e.holders for k, e in s.cache.entries.items() if e.holders}
+
+
+@pytest.mark.parametrize("where", ["cache", "loader", "shards"])
+def test_no_python_call_stands_between_a_runtime_block_and_its_locks_release(folder, where):
+    """`with self._cv:` entered and left threading.Condition's __enter__/__exit__, Python functions: a
+    KeyboardInterrupt at __exit__'s entry (a signal's handler runs at a function's entry) left the lock held, and
+    the next call (the error path's own cleanup, or close()) waited for it for ever. The cache's, the loader's and
+    the shard set's locks are now entered as the lock itself, whose __exit__ is C and releases before any handler
+    runs. Raising there would hang the test before the fix, so the trace only records such calls: there must be
+    none in a load (a miss, then a hit)."""
+    import importlib
+    import sys
+    import threading
+
+    module = importlib.import_module(f"mer_runtime.{where}")
+    seen = []
+
+    def trace(frame, event, arg):
+        if (event == "call" and frame.f_code.co_filename == threading.__file__
+                and frame.f_code.co_name in ("__enter__", "__exit__")
+                and frame.f_back.f_code.co_filename == module.__file__):
+            seen.append(f"{frame.f_code.co_name} from {frame.f_back.f_code.co_name}")
+        return None
+
+    with open_shards(folder.root, cache_slots=4) as s:
+        sys.settrace(trace)
+        try:
+            for _ in range(2):
+                with s.load(0, 0):
+                    pass
+        finally:
+            sys.settrace(None)
+    assert not seen, seen

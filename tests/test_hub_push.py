@@ -378,3 +378,26 @@ def test_the_xet_timeouts_the_readme_names_are_hf_xets_and_take_a_unit():
     assert default[0] > 0 and default[1] > 0
     assert timeouts(HF_XET_CLIENT_CONNECT_TIMEOUT="7s", HF_XET_CLIENT_READ_TIMEOUT="2m") == (7.0, 120.0)
     assert timeouts(HF_XET_CLIENT_READ_TIMEOUT="45") == default  # no unit: ignored, as the README warns
+
+
+def test_a_push_deletes_nothing_no_earlier_push_wrote(hub, env, extracted):
+    """Files at the names mertools writes that no earlier mertools push listed are not its to delete: another tool's
+    experts/ and hf/ files in a repo without a mertools manifest, and a tokenizer the owner put in hf/ by hand
+    beside a folder that listed none (an older mertools kept no companions and told the user to copy them)."""
+    theirs = {"experts/layer0.safetensors": b"another tool's shard", "hf/tokenizer.json": b"{}",
+              "manifest.json": b'{"not": "a mertools manifest"}'}
+    hub.add_revision("me/o", theirs)
+    out = extracted(GEN / "moe-merged-q8_0.gguf")
+    run_cli("push", out, "me/o", "-q", env=env, check=True)
+    remote = hub.files_at("me/o")
+    assert {p: remote[p].read() for p in theirs if p != "manifest.json"} == {p: b for p, b in theirs.items()
+                                                                             if p != "manifest.json"}
+
+    first = extracted(MIX)
+    run_cli("push", first, "me/t", "-q", env=env, check=True)
+    hub.add_revision("me/t", {"hf/tokenizer.json": b"the owner's tokenizer"}, base=hub.repos["me/t"].refs["main"])
+    r = json.loads(run_cli("push", out, "me/t", "--json", env=env, check=True).stdout)
+    remote = hub.files_at("me/t")
+    assert remote["hf/tokenizer.json"].read() == b"the owner's tokenizer"
+    assert set(remote) == set(local_files(out)) | {"README.md", "hf/tokenizer.json"}, sorted(remote)
+    assert r["deleted_files"] == len(set(local_files(first)) - set(local_files(out)))

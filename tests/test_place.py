@@ -73,3 +73,28 @@ def test_pack_into_an_append_only_folder_does_not_claim_nothing_was_left(extract
     assert f"error: {archive}: " in p.stderr and "EPERM" in p.stderr and "named both" in p.stderr, p.stderr
     assert "nothing was left behind" not in p.stderr
     assert len(left) == 2 and "a.tar.zst" in left  # what the message says is what is there
+
+
+def test_a_write_refused_in_a_folder_that_keeps_the_temporary_does_not_say_nothing_was_left(extracted, tmp_path):
+    """A write refused mid-pack (RLIMIT_FSIZE, as a full disk or a quota) in an append-only folder: the cleanup
+    cannot remove the temporary either (drop_temp keeps quiet so as not to hide the first error), and the line said
+    "nothing was left behind" beside a temporary as large as the limit. It must name the temporary left."""
+    import resource
+    import sys
+
+    from test_pack import Q4
+
+    d = tmp_path / "d"
+    d.mkdir()
+    archive = d / "a.tar.zst"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))  # the archive is ~1 MB
+
+    with attr(d, "a"):
+        p = subprocess.run([sys.executable, "-m", "mertools.cli", "pack", extracted(Q4), archive, "-q"],
+                           capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+        left = [x.name for x in d.iterdir()]
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"error: {archive}: " in p.stderr and "File too large" in p.stderr, p.stderr
+    assert "nothing was left behind" not in p.stderr and len(left) == 1 and left[0] in p.stderr, (p.stderr, left)

@@ -3,8 +3,9 @@
 The folder is verified first (every checksum); a damaged folder is never uploaded. Files the hub already holds at
 the target revision with the same content (sha256 for LFS files, git blob oid for the others) are left out of the
 commit; LFS objects uploaded by an interrupted run are not sent again (the LFS batch answer has no upload action
-for objects the hub stores), so a re-run sends only what is missing and then commits once. Files at the names
-mertools writes that the folder lacks (an earlier push of another folder's) are deleted in that commit.
+for objects the hub stores), so a re-run sends only what is missing and then commits once. Files the repo's
+manifest.json (an earlier push of another folder's) lists that the folder lacks are deleted in that commit; no
+other file is (another tool's, or one the owner added, even under experts/ or hf/).
 
 Thread safety: pushes of different folders or to different repos may run at once (quiet or not: see
 :mod:`mertools.hub.quiet`); two pushes to the same branch race at the commit, which the hub orders (the later one
@@ -24,7 +25,7 @@ from ..errors import MertoolsError
 from ..units import human_bytes
 from .download import CHUNK, git_blob_sha1_file
 from .quiet import adopting, quiet_scope
-from .remote import RepoSpec, api, hub_call, list_files
+from .remote import RepoSpec, api, hub_call, list_files, resolve_commit
 
 CARD_NAME = "README.md"
 
@@ -69,7 +70,11 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
     if rev != "main":
         hub_call(spec.repo_id, h.create_branch, spec.repo_id, branch=rev, exist_ok=True)
     # the listing is read as pull reads it (bounded, validated): a malformed entry only means that file is sent again
-    remote = {f.path: (f.sha256, f.git_oid) for f in list_files(RepoSpec(spec.repo_id, rev), rev)}
+    # at one commit: the listing and the earlier manifest read there agree (a branch name with a slash is not
+    # a path in a resolve URL either)
+    at = resolve_commit(RepoSpec(spec.repo_id, rev))
+    listing = list_files(RepoSpec(spec.repo_id, rev), at)
+    remote = {f.path: (f.sha256, f.git_oid) for f in listing}
 
     card = model_card(m.raw, folder).encode()
     ops, skipped, sent = [], 0, 0
@@ -87,11 +92,13 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
             continue
         ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)))
         sent += p.stat().st_size
-    # what an earlier push of another folder left at the names mertools writes (its shards, dense.gguf, record,
-    # hf/ companions) goes in the same commit: the repo is this folder, not a mix of two models; the repo's other
-    # files (.gitattributes, the owner's own) stay
+    # what an earlier push of another folder left (its shards, dense.gguf, record, hf/ companions) goes in the same
+    # commit: the repo is this folder, not a mix of two models. Only what the repo's own manifest.json lists, at
+    # the names mertools writes: another tool's experts/ or hf/ files, a tokenizer the owner added by hand and the
+    # repo's other files (.gitattributes, the owner's own) stay
     local = {p.relative_to(folder).as_posix() for p in files}
-    stale = sorted(p for p in remote if p not in local and _ours(p))
+    earlier = _earlier_push(spec, at, listing)
+    stale = sorted(p for p in remote if p not in local and p in earlier and _ours(p))
     ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
     if _same_bytes(card, remote.get(CARD_NAME)):
         skipped += 1
@@ -111,6 +118,25 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
     return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops) - len(stale), "uploaded_bytes": sent,
             "skipped_files": skipped, "deleted_files": len(stale), "commit": commit,
             "verified_experts": report.experts_checked}
+
+
+def _earlier_push(spec: RepoSpec, commit: str, listing: Any) -> set[str]:
+    """The files the repo's manifest.json (an earlier push's) lists; none where the repo has no manifest.json or
+    one that is not a whole mertools manifest (another tool's, a damaged one): then nothing is a stale leftover."""
+    from mer_runtime.errors import MerError
+    from mer_runtime.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, manifest_from_bytes
+
+    from ..reassemble import folder_files
+    from .inspect import read_range
+
+    f = next((f for f in listing if f.path == MANIFEST_NAME), None)
+    if f is None or not 0 < f.size <= MAX_MANIFEST_BYTES:
+        return set()
+    data = read_range(spec, commit, MANIFEST_NAME, 0, f.size - 1, f.size)
+    try:
+        return set(folder_files(manifest_from_bytes(data, f"{spec.repo_id}@{commit[:12]}")))
+    except MerError:
+        return set()
 
 
 def _ours(path: str) -> bool:

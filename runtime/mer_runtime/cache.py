@@ -42,11 +42,12 @@ first); then an expert of a step under way; a guess held for a later step last. 
 The search is bounded (`_layer_victim`): the entries are kept per layer in LRU order, layers visited furthest first.
 Without `layers` the order is pure LRU, as before.
 
-Threads: every method may be called from any thread. One lock (`_cv`) guards the entries, the free list and the
-counters. The wait for a read and the checksum run outside it: the first thread that needs a loading expert
-finishes it, and any other thread that wants the same expert waits for that same load (never a second read). A
-thread that needs a slot while every slot is pinned or held by other threads waits for a release; if it would
-wait for itself (it holds the only slots that could be freed), it gets a CacheError instead of a deadlock.
+Threads: every method may be called from any thread. One lock (`_lock`, with its condition `_cv`) guards the
+entries, the free list and the counters. The wait for a read and the checksum run outside it: the first thread that
+needs a loading expert finishes it, and any other thread that wants the same expert waits for that same load (never
+a second read). A thread that needs a slot while every slot is pinned or held by other threads waits for a
+release; if it would wait for itself (it holds the only slots that could be freed), it gets a CacheError instead of
+a deadlock.
 """
 
 from __future__ import annotations
@@ -282,7 +283,11 @@ class ExpertCache:
         self.free = list(range(pool.n_slots - 1, -1, -1))
         self._draining: list[tuple[Ticket, int]] = []  # withdrawn prefetches: (ticket, slot) until their reads land
         self.stats = CacheStats()
-        self._cv = threading.Condition(threading.Lock())
+        # `with self._lock`, never `with self._cv`: Condition's __enter__/__exit__ are Python functions, at whose
+        # entry CPython runs a pending signal's handler, so a KeyboardInterrupt there left the lock held and every
+        # later call (close() included) waiting for ever; the lock's own are C and release before any handler runs
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._pin_calls: set[_PinCall] = set()  # pin() calls under way: their keys still to pin count in the next check
         self._pin_count: dict[Key, int] = {}  # pin() calls standing per pinned expert (see pin); guarded by _cv
         self._closed = False
@@ -731,7 +736,7 @@ class ExpertCache:
         """The slot holding `key`, loading it if needed (blocking). Call release(key), from the same thread, when
         done with it; until then the slot's bytes stay put."""
         me = threading.get_ident()
-        with self._cv:
+        with self._lock:
             self._ensure_open()
             self._enter_step(key[0], (key,), new=False)  # before a miss picks its victim: the sweep is here now
             counted = False
@@ -762,9 +767,17 @@ class ExpertCache:
                 e = self._start(key, slot, urgent=True)
                 break
             e.used = True
-            e.holders[me] = e.holders.get(me, 0) + 1
-            self.entries.move_to_end(key)
-            self._await(e)
+            n = e.holders.get(me, 0)
+            try:
+                e.holders[me] = n + 1
+                self.entries.move_to_end(key)
+                self._await(e)
+            except BaseException:
+                # a signal's exception at a call before _await's own handling (its entry, move_to_end's) must not
+                # leave this hold for ever; _await gives it back itself where it raises, so count down to n only
+                while e.holders.get(me, 0) > n:
+                    self._drop_hold(e)
+                raise
             return e.slot
 
     def fetch(self, keys: list[Key]) -> int:
@@ -776,7 +789,7 @@ class ExpertCache:
         >>> cache.fetch([(3, 1), (3, 6)])     # doctest: +SKIP
         2
         """
-        with self._cv:
+        with self._lock:
             self._ensure_open()
             step = set(keys)
             if keys:
@@ -824,7 +837,7 @@ class ExpertCache:
         >>> cache.cancel_stale(keep={(3, 1)}, now=17)   # a guess prefetch(..., due=20) stays   # doctest: +SKIP
         0
         """
-        with self._cv:
+        with self._lock:
             if now is not None and now > self._last_now.get(owner, now - 1):
                 self._last_now[owner] = now
             n = 0
@@ -849,7 +862,7 @@ class ExpertCache:
     def eviction(self) -> str:
         """The eviction ranking in use now: "lru", "layer" (layer-aware, by distance alone) or "layer+odds" (with a
         predictor's odds, given with a positive slope: at slope 0 they change nothing and it is "layer")."""
-        with self._cv:
+        with self._lock:
             if self._order is None:
                 return "lru"
             return "layer+odds" if self._odds and self._odds_ab[1] > 0 else "layer"
@@ -864,25 +877,25 @@ class ExpertCache:
 
         >>> cache.set_odds({3: np.array([0.1, 0.7, 0.2, 0.0])}, intercept=0.05, slope=0.8)  # doctest: +SKIP
         """
-        with self._cv:
+        with self._lock:
             self._odds.update(odds)
             self._odds_ab = (float(intercept), float(slope))
 
     def speculating(self) -> bool:
         """Is a guess's read still under way (never blocks, collects nothing)?"""
-        with self._cv:
+        with self._lock:
             return any(e.prefetched and not e.used and e.ticket is not None and not e.ticket.done
                        for e in self.entries.values())
 
     def loaded(self, key: Key) -> bool:
         """Is key in the cache with its read complete (an acquire would not wait for the disk)? Never blocks."""
-        with self._cv:
+        with self._lock:
             e = self.entries.get(key)
             return e is not None and e.error is None and self._read_complete(e)
 
     def release(self, key: Key) -> None:
         """Give back what acquire(key) gave this thread; releasing what this thread does not hold is an error."""
-        with self._cv:
+        with self._lock:
             e = self.entries.get(key)
             if e is None or threading.get_ident() not in e.holders:
                 raise CacheError(f"release({key}) without a matching acquire by this thread")
@@ -902,7 +915,7 @@ class ExpertCache:
 
         A speculative load never raises for the expert's file: a failure to open it, to read it or a checksum
         mismatch is counted in `stats.prefetch_failed` and raised by the `acquire` that needs the expert."""
-        with self._cv:
+        with self._lock:
             self._ensure_open()
             if key in self.entries:
                 return False
@@ -930,18 +943,18 @@ class ExpertCache:
         >>> cache.prefetch((3, 1), owner="stream-1"); mine.prefetch_issued   # doctest: +SKIP
         1
         """
-        with self._cv:
+        with self._lock:
             return self._owners.setdefault(owner, CacheStats())
 
     def forget_owner(self, owner: Hashable) -> None:
-        with self._cv:
+        with self._lock:
             self._owners.pop(owner, None)
             if owner is not None:
                 self._last_now.pop(owner, None)
 
     def in_flight(self) -> int:
         """Loads started and not yet finished and checked, and withdrawn prefetches whose reads are still landing."""
-        with self._cv:
+        with self._lock:
             self._reclaim()
             # a guess whose read is complete (unused, unchecked) no longer takes disk time: not in flight
             return sum(1 for e in self.entries.values()
@@ -959,7 +972,7 @@ class ExpertCache:
         me = threading.get_ident()
         call = _PinCall()
         try:
-            with self._cv:
+            with self._lock:
                 held = {k for k, e in self.entries.items() if e.pinned}
                 new = [k for k in dict.fromkeys(keys) if k not in held]
                 # a pin is a mark, not a count: a key this call and another call (or the pins held) both name is one
@@ -980,14 +993,14 @@ class ExpertCache:
                         self._add_pin(k, call)
             for k in new:
                 self.acquire(k)
-                with self._cv:
+                with self._lock:
                     self._add_pin(k, call)
                     call.coming.pop(k, None)  # counted as held from now on
                 self.release(k)
-            with self._cv:  # in the try: an exception up to the last statement undoes the call
+            with self._lock:  # in the try: an exception up to the last statement undoes the call
                 self._pin_calls.discard(call)
         except BaseException:
-            with self._cv:
+            with self._lock:
                 self._pin_calls.discard(call)
                 self._unpin_locked(call.pinned)  # this call's pins only: another call's pin of the same expert stands
                 for k, n in call.holds.items():
@@ -1016,7 +1029,7 @@ class ExpertCache:
 
     def unpin(self, keys: list[Key]) -> None:
         """Undo one pin of each of `keys` (an expert no call has pinned is left as it is)."""
-        with self._cv:
+        with self._lock:
             self._unpin_locked(dict.fromkeys(keys))
             self._cv.notify_all()
 
@@ -1035,7 +1048,7 @@ class ExpertCache:
         read is not raised: it stays with its entry and is raised by the acquire that needs it. An error of the
         loader's own (a wait that failed with its read not failed, e.g. io_uring's background thread reporting what
         ended it) is raised once every read has been waited for."""
-        with self._cv:
+        with self._lock:
             tickets = [e.ticket for e in self.entries.values() if e.ticket is not None]
             tickets += [t for t, _ in self._draining]
         other: BaseException | None = None
@@ -1045,7 +1058,7 @@ class ExpertCache:
             except Exception as exc:
                 if t.error is None and other is None:  # not the read's own error (e.g. the loader's thread failed)
                     other = exc
-        with self._cv:
+        with self._lock:
             self._reclaim()  # the withdrawn prefetches' slots are free again
         if other is not None:
             raise other
@@ -1058,6 +1071,6 @@ class ExpertCache:
         try:
             self.drain()  # ends with _reclaim: the withdrawn prefetches' slots are back
         finally:
-            with self._cv:
+            with self._lock:
                 self._closed = True
                 self._cv.notify_all()

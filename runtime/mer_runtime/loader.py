@@ -164,7 +164,10 @@ class Loader:
         self._ids = itertools.count(1)
         self.reason = ""
         self.bytes_read = 0
-        self._cv = threading.Condition(threading.Lock())  # not reentrant: no path takes it twice
+        # not reentrant: no path takes it twice. Blocks enter the lock itself, not the Condition, whose Python
+        # __exit__ a signal's handler can interrupt before it releases (see mer_runtime.cache)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._closed = False
         self._trace: deque | None = None
         # an internal error (a double close: `_close_ticket_fd`) found after its ticket had already failed: raised
@@ -195,7 +198,7 @@ class Loader:
 
         >>> loader.spec_window = 4     # doctest: +SKIP
         """
-        with self._cv:
+        with self._lock:
             self._spec_window = value
             self._kick()
 
@@ -224,7 +227,7 @@ class Loader:
         try:
             for path, _, _ in reads:
                 fds.append(_open(path, self.direct))
-            with self._cv:
+            with self._lock:
                 if self._closed:
                     raise ShardIOError(errno.EBADF, f"{reads[0][0] if reads else '?'}: the loader is closed")
                 for (path, size, slot), fd in zip(reads, fds):
@@ -245,7 +248,7 @@ class Loader:
 
     def promote(self, t: Ticket) -> None:
         """Move a ticket's reads that have not started yet to the front (a prefetch is now needed)."""
-        with self._cv:
+        with self._lock:
             if self._closed:  # close() failed every queued read; nothing is issued any more
                 return
             mine = [it for it in self._queue if it[0] is t]
@@ -260,7 +263,7 @@ class Loader:
     def cancel(self, t: Ticket) -> bool:
         """Withdraw a read none of whose chunks has been issued yet (a stale prefetch): True if it was withdrawn
         (the ticket is then done, with an error, and its fd closed), False if it is already under way or done."""
-        with self._cv:
+        with self._lock:
             if t.done or t.issued:
                 return False
             self._note("cancelled", t.id)
@@ -276,7 +279,7 @@ class Loader:
         >>> loader.withdraw(t)        # doctest: +SKIP
         4194304
         """
-        with self._cv:
+        with self._lock:
             self._collect()  # chunks that landed are not "in flight"; nothing new is issued before the withdrawal
             if t.done:
                 return None
@@ -298,7 +301,7 @@ class Loader:
                 self._finish(t)
 
     def ready(self, t: Ticket) -> bool:
-        with self._cv:
+        with self._lock:
             return t.done
 
     def wait(self, t: Ticket) -> None:
@@ -310,7 +313,7 @@ class Loader:
         if t.error is not None:
             raise t.error
         if self._internal_error is not None:  # read without the lock first: the common path takes it once only
-            with self._cv:
+            with self._lock:
                 self._raise_internal_error()
 
     def settle(self, t: Ticket) -> None:
@@ -325,7 +328,7 @@ class Loader:
         raise NotImplementedError
 
     def close(self) -> None:
-        with self._cv:
+        with self._lock:
             self._closed = True
 
     def _raise_internal_error(self) -> None:
@@ -349,7 +352,7 @@ class Loader:
         ("queued", ticket id, urgent, chunks), ("promoted", ticket id, chunks), ("issue", ticket id, offset),
         ("returned", ticket id, offset): an issued chunk is back from the kernel or a worker (read, failed, short,
         or never taken by the kernel), so it no longer occupies the disk."""
-        with self._cv:
+        with self._lock:
             self._trace = deque(maxlen=limit)
             return self._trace
 
@@ -499,7 +502,7 @@ class PreadLoader(Loader):
     def poll(self) -> None:
         """The workers issue on their own; a worker that found only guesses held back by the window sleeps until a
         chunk returns, so this wakes it in case the window (or a promotion) lets one go now."""
-        with self._cv:
+        with self._lock:
             if self._held:
                 self._held = False
                 self._cv.notify_all()
@@ -533,7 +536,7 @@ class PreadLoader(Loader):
 
     def _work(self) -> None:
         while True:
-            with self._cv:
+            with self._lock:
                 while (item := self._take() if self._queue else None) is None:
                     if self._closed and not self._queue:
                         return
@@ -554,7 +557,7 @@ class PreadLoader(Loader):
                 self._read(t, self._view[start:start + n], off)
             except BaseException as exc:  # handed to the waiters
                 err = exc
-            with self._cv:
+            with self._lock:
                 self._busy -= 1
                 if spec and t.id in self._spec_by:  # not promoted since (that moved its count out already)
                     self._spec_n -= 1
@@ -590,7 +593,7 @@ class PreadLoader(Loader):
             done += n
 
     def settle(self, t: Ticket) -> None:
-        with self._cv:
+        with self._lock:
             if t.done:
                 return
             self._waited[t.id] = self._waited.get(t.id, 0) + 1
@@ -605,7 +608,7 @@ class PreadLoader(Loader):
 
     def close(self) -> None:
         """Cancel queued reads (their waiters get an error), let the workers finish the chunk in hand, join them."""
-        with self._cv:
+        with self._lock:
             self._closed = True
             self._cancel_queued()
             self._cv.notify_all()
@@ -616,7 +619,7 @@ class PreadLoader(Loader):
             self._view.release()
         except BufferError:
             pass  # a slice still referenced somewhere: it goes with the last reference
-        with self._cv:
+        with self._lock:
             self._raise_internal_error()
 
 
@@ -749,7 +752,7 @@ class UringLoader(Loader):
 
     def register_all(self) -> None:
         """Register every slot not yet registered now (`ShardSet.warm_up`), rather than at its first read."""
-        with self._cv:
+        with self._lock:
             for slot in range(self.pool.n_slots):
                 if self._closed or self.ring.fd < 0 or self._buf_index(slot) is None:
                     break
@@ -785,7 +788,7 @@ class UringLoader(Loader):
 
         An error (the kernel refusing a submission or a wait) ends the thread: it is kept for the next wait() or
         close() to raise, and speculation goes on from calls into the loader until it has been reported."""
-        with self._cv:
+        with self._lock:
             try:
                 while not (self._closed and (not self._chunks or self.ring.fd < 0)):
                     if self._reaping or not self._spec or self.ring.fd < 0:
@@ -993,7 +996,7 @@ class UringLoader(Loader):
             self._spec.difference_update([cid for cid in self._spec if self._chunks[cid][0] is t])
 
     def landed_bytes(self) -> int:
-        with self._cv:  # the reaper moves completions into bytes_read under it (and never closes the ring)
+        with self._lock:  # the reaper moves completions into bytes_read under it (and never closes the ring)
             r = self.ring
             if r.fd < 0:
                 return self.bytes_read
@@ -1006,18 +1009,18 @@ class UringLoader(Loader):
                 self._complete(cid, res)
 
     def poll(self) -> None:
-        with self._cv:
+        with self._lock:
             if not self._reaping and not self.ring.fd < 0:
                 self._collect()
                 self._kick()
 
     def ready(self, t: Ticket) -> bool:
         self.poll()
-        with self._cv:
+        with self._lock:
             return t.done
 
     def wait(self, t: Ticket) -> None:
-        with self._cv:
+        with self._lock:
             self._settle(t)
             if t.error is None:  # only once t is done: a caller that gets an error may reuse t's slot at once
                 self._raise_background_error()
@@ -1025,7 +1028,7 @@ class UringLoader(Loader):
             raise t.error
 
     def settle(self, t: Ticket) -> None:
-        with self._cv:
+        with self._lock:
             self._settle(t)
 
     def _settle(self, t: Ticket) -> None:
@@ -1053,7 +1056,7 @@ class UringLoader(Loader):
         err: ShardIOError | None = None
         other: BaseException | None = None  # a bug of ours ("nothing in flight") or an interrupt: raised as it is
         taken_over = False  # this call gave the ring back (a later close() finishing an interrupted one counts)
-        with self._cv:
+        with self._lock:
             if self._closed:
                 # an earlier close() was interrupted before it gave the ring and the fds back (a second Ctrl-C while
                 # it waited for the reaper): this one finishes its work, or waits while another close() still does
@@ -1097,7 +1100,7 @@ class UringLoader(Loader):
             bg.join()  # it ends once it sees the ring closed (it never sleeps in the kernel without being the reaper)
         if other is not None:
             raise other
-        with self._cv:
+        with self._lock:
             if err is None:
                 self._raise_background_error()
         if err is not None:

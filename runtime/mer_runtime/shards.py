@@ -110,7 +110,10 @@ class ShardSet:
             raise ShardIOError(0, f"{m.root}: the manifest lists no experts")
         self.checksums = checksums
         self._checked: set[Key] = set()  # experts whose checksum passed once; guarded by _lock
-        self._lock = threading.Condition(threading.Lock())  # guards _checked, _active, _closing
+        # guards _checked, _active, _closing; blocks enter the lock itself, not the Condition, whose Python __exit__
+        # a signal's handler can interrupt before it releases (see mer_runtime.cache)
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         self._active = 0  # load() blocks running now, in any thread
         self._closing = False
         self._mine = threading.local()  # per thread: how many load() blocks it is inside
@@ -166,7 +169,7 @@ class ShardSet:
             self._same_folder(now)
         if self.checksums == "never":
             return
-        with self._lock:
+        with self._mutex:
             if self.checksums == "first" and key in self._checked:
                 return
         e = self.manifest.expert(*key)
@@ -174,7 +177,7 @@ class ShardSet:
         if got != e.xxh3_64:
             raise ShardIOError(0, f"{self.manifest.path_of(e)}: checksum mismatch after loading (xxh3 {got}, "
                                   f"manifest {e.xxh3_64}); run `mertools verify` and re-extract")
-        with self._lock:
+        with self._mutex:
             self._checked.add(key)
 
     def _same_folder(self, now: tuple[int, int] | None) -> None:
@@ -191,7 +194,7 @@ class ShardSet:
                 os.close(fd)
             raise ShardIOError(0, f"{self.manifest.root}: the folder was replaced since it was opened (extracted "
                                   "again?); its shards no longer match the manifest read then: open it again")
-        with self._lock:
+        with self._mutex:
             if self._closing and self._folder_fd < 0:
                 os.close(fd)
                 return
@@ -199,7 +202,7 @@ class ShardSet:
         os.close(old)  # the new folder is held instead
 
     def _enter(self) -> None:
-        with self._lock:
+        with self._mutex:
             if self._closing:
                 raise CacheError(f"{self.manifest.root}: the shard set is closed")
             self._active += 1
@@ -207,7 +210,7 @@ class ShardSet:
 
     def _leave(self) -> None:
         self._mine.depth -= 1
-        with self._lock:
+        with self._mutex:
             self._active -= 1
             self._lock.notify_all()
 
@@ -319,7 +322,7 @@ class ShardSet:
         # its steps refuse (before observing anything) once the set is closed, and close() waits for a step under way
         drv = StepDriver(self.cache, m.layers, pf, cost, max_inflight=cfg.max_inflight, ahead=self.prefetch_ahead,
                          guard=(self._enter, self._leave), batch=None if cfg.dormant else 0)
-        with self._lock:
+        with self._mutex:
             if self._drivers_closed:
                 drv.close()
                 raise CacheError(f"{self.manifest.root}: the shard set is closed")
@@ -369,7 +372,7 @@ class ShardSet:
         """
         if self.prefetch_config is None:
             return None
-        with self._lock:
+        with self._mutex:
             self._reap()
             out = {**self._retired, "duel_odds": 0}
             for _, d in self._drivers:
@@ -437,14 +440,14 @@ class ShardSet:
         """Refuse new calls, wait for running ones, then release reads, fds, ring, threads and the pool. Idempotent."""
         if getattr(self._mine, "depth", 0):
             raise CacheError("close() called inside a load() block of the same thread: leave the block first")
-        with self._lock:
+        with self._mutex:
             first = not self._closing
             self._closing = True
             while self._active:
                 self._lock.wait()
         if not first:
             return
-        with self._lock:  # no call is running: the drivers can be retired
+        with self._mutex:  # no call is running: the drivers can be retired
             for _, d in self._drivers:
                 self._retire(d)
             self._drivers, self._drivers_closed = [], True
@@ -456,7 +459,7 @@ class ShardSet:
                 self.loader.close()
             finally:
                 self.pool.close()
-                with self._lock:
+                with self._mutex:
                     fd, self._folder_fd = self._folder_fd, -1
                 if fd >= 0:
                     os.close(fd)

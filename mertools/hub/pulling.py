@@ -16,6 +16,7 @@ OUT is refused by an advisory lock on its staging folder. One pull uses two thre
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -164,10 +165,12 @@ def pull(
                                                                                  by_path[path].size))
         try:
             result = run_pipeline(choice, conv, get, journal, stage / "work", keep_source=keep_source)
-        except OSError as exc:  # the conversion's own writes (a download reports its own): what is done stays
-            raise OutputError(f"{exc.filename or stage / 'work'}: cannot write the conversion ({exc.strerror or exc});"
-                              " free space (or raise the file-size limit) and run the pull again: what was downloaded "
-                              "and converted so far is kept") from None
+        except OSError as exc:  # the conversion's own files (a download reports its own): what is done stays
+            full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            todo = ("free space (or raise the file-size limit) and run the pull again" if full else
+                    "run the pull again once that is fixed")
+            raise OutputError(f"{exc.filename or stage / 'work'}: the conversion failed ({exc.strerror or exc}); "
+                              f"{todo}: what was downloaded and converted so far is kept") from None
         journal.set(done=True)
         kept = None
         if keep_source:

@@ -151,8 +151,10 @@ def exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # link(2) on a file system without hard links (FAT,
-# some FUSE); EPERM is also an immutable file or folder, which the rename that follows then reports
+# link(2) on a file system without hard links: FAT (EPERM), some FUSE, SMB and 9p mounts (EOPNOTSUPP, ENOSYS,
+# EINVAL, EACCES, EMLINK). EPERM and EACCES are also an immutable file or a folder not ours, which the rename that
+# follows then reports, so falling back loses nothing
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EACCES, errno.EMLINK)
 
 
 def _unnamed(final: Path, exc: OSError, left: str = "") -> OutputError:

@@ -1567,14 +1567,15 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): NR rows a pass (Q4_0, MXFP4: 2; 4 for
- * the sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row three vector
- * loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle. Every row keeps
- * its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled walk's, to the bit. The
- * asm statement keeps x in registers: without it gcc folds each load into every row's multiply again (then two
- * rows a pass ran no faster). A pass short of rows repeats its first row (computed, not stored). Two prefetches
- * per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2 one x1.08 streaming; a
- * row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md, "Third pass". */
+/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): NR rows a pass (Q4_0, MXFP4: 2; 4
+ * for the sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row
+ * three vector loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle.
+ * Every row keeps its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled
+ * walk's, to the bit. The asm statement keeps x in registers: without it gcc folds each load into every row's
+ * multiply again (then two rows a pass ran no faster). A pass short of rows repeats its first row (computed, not
+ * stored). Two prefetches per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2
+ * one x1.08 streaming; a row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md,
+ * "Third pass". */
 #define X_512(X, xv, n)                                                                                               \
     __m512 X[4];                                                                                                    \
     for (int k = 0; k < 4; k++) X[k] = k < (n) ? _mm512_load_ps((xv) + 16 * k) : _mm512_setzero_ps();              \
@@ -1841,7 +1842,10 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
              * x1.07 faster than the AVX-512 kernel in column tiles (x0.80 without them) and x1.02 than AVX2's on
              * the permuted x (alternated; docs/runtime.md). Memory sets Q8_0's pace there, and whole rows in turn
              * suit it better than tiles. */
-            if (xp && avx512 && m->cols * 4 > XTILE_MIN) { PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf); return; }
+            if (xp && avx512 && m->cols * 4 > XTILE_MIN) {
+                PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf);
+                return;
+            }
 #endif
             TRY_512(q8_0) ROWS_2(prows_q8_0, q8_0)
         case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)

@@ -748,9 +748,10 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
     """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table, Q4_0's high one by a float
-    mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
-    one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
-    kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
+    mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64
+    and of the AVX2 kernel (the sums are grouped differently), one and four rows a pass, odd rows and blocks, a batch;
+    exact per product on the adversarial activations of the AVX2 kernels' tests (outliers on zero columns, 17
+    decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
     rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4, T.Q8_0) else 1280
     raw = random_matrix(qt, rows, cols, rng)

@@ -748,9 +748,10 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
 @pytest.mark.parametrize("walk", [1, 4])
 def test_avx512_exact(qt, walk):
     """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table, Q4_0's high one by a float
-    mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64 and of the AVX2 kernel (the sums are grouped differently),
-    one and four rows a pass, odd rows and blocks, a batch; exact per product on the adversarial activations of the AVX2
-    kernels' tests (outliers on zero columns, 17 decades in a block, float32's ends, the pre-scaling hand-over)."""
+    mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64
+    and of the AVX2 kernel (the sums are grouped differently), one and four rows a pass, odd rows and blocks, a batch;
+    exact per product on the adversarial activations of the AVX2 kernels' tests (outliers on zero columns, 17
+    decades in a block, float32's ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
     rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4, T.Q8_0) else 1280
     raw = random_matrix(qt, rows, cols, rng)
@@ -773,8 +774,7 @@ def test_avx512_exact(qt, walk):
 
 
 @needs_avx512
-@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q8_0, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656),
-                                     (T.Q6_K, 8448)],
+@pytest.mark.parametrize("qt,cols", [(T.Q4_0, 8224), (T.MXFP4, 8224), (T.Q4_K, 6656), (T.Q5_K, 6656), (T.Q6_K, 8448)],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
     """One vector over 32 KB of float32 (a down projection's) is walked in column tiles, each row's accumulators kept
@@ -795,6 +795,22 @@ def test_avx512_exact_wide_x_walks_in_tiles(qt, cols):
         kernels._LIB.mer_set_chunk(64)
     np.testing.assert_array_equal(one, two[0])
     assert rel(one, ref) < TOL
+
+
+@needs_avx512
+def test_avx512_q8_0_wide_x_takes_avx2_on_plain_x():
+    """Q8_0 has no column-tiled AVX-512 walk: x over 32 KB of float32 (a down projection's) goes to the AVX2 kernel on
+    x as it is (faster there, docs/runtime.md), the same floats as FLAG_NO_AVX512 | FLAG_NO_PERM, to the bit; x of
+    32 KB or less takes the AVX-512 kernel (its sums grouped otherwise)."""
+    rng = np.random.default_rng(57)
+    for cols, wide in ((8224, True), (8192, False)):
+        raw = random_matrix(T.Q8_0, 67, cols, rng)
+        x = rng.standard_normal(cols).astype(np.float32)
+        got = matvec("Q8_0", raw, (67, cols), x)
+        plain = matvec("Q8_0", raw, (67, cols), x, flags=kernels.FLAG_NO_AVX512 | kernels.FLAG_NO_PERM)
+        assert np.array_equal(got, plain) == wide, cols
+        ref = x.astype(np.float64) @ dequantize(raw.reshape(67, -1), T.Q8_0).astype(np.float64).T
+        assert rel(got, ref) < TOL
 
 
 @needs_avx512

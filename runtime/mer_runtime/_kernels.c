@@ -1468,10 +1468,6 @@ AVX512 void xblk_q8_0_512(const uint8_t *b, __m512 x0, __m512 x1, __m512 *acc) {
     pblk_sum16_512(lo, hi, *f16_at(b), x0, x1, acc);
 }
 
-AVX512 void pblk_q8_0_512(const uint8_t *b, const float *xp, __m512 *acc) {
-    xblk_q8_0_512(b, _mm512_load_ps(xp), _mm512_load_ps(xp + 16), acc);
-}
-
 /* Q4_K/Q5_K, exact, as pblk_qk45 with groups k and k + 1 of a chunk side by side in 16 lanes (their permuted x are
  * adjacent): per 16 values an AND, a conversion and an FMA. The block's scale terms and its min terms are summed
  * apart and meet once per block, so a block adds one dependent operation to the row's accumulator, not sixteen. */
@@ -1571,14 +1567,15 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
         }                                                                                                           \
     }
 
-/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): rows two a pass (NR 2, or 4 for the
- * sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row three vector
- * loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle. Every row keeps
- * its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled walk's, to the bit. The
- * asm statement keeps x in registers: without it gcc folds each load into every row's multiply again (then two
- * rows a pass ran no faster). A pass short of rows repeats its first row (computed, not stored). Two prefetches
- * per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2 one x1.08 streaming; a
- * row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md, "Third pass". */
+/* The untiled walk of the x-in-registers blocks (xblk_*: Q4_0, MXFP4, Q8_0): NR rows a pass (Q4_0, MXFP4: 2; 4
+ * for the sweeps' walk) and the pass loads each block's x once for all its rows: a Q4_0 block then costs a row
+ * three vector loads (its 16 bytes, its scale, half of x's two) instead of four; the Zen 5 issues two a cycle.
+ * Every row keeps its own two accumulators (alternate blocks): the result is one row a pass's, and the tiled
+ * walk's, to the bit. The asm statement keeps x in registers: without it gcc folds each load into every row's
+ * multiply again (then two rows a pass ran no faster). A pass short of rows repeats its first row (computed, not
+ * stored). Two prefetches per line: into L1 at pf bytes of the thread's stream ahead and into L2 at 3 pf (the L2
+ * one x1.08 streaming; a row's pointer moves at 1/NR of the stream's pace, hence the division). docs/runtime.md,
+ * "Third pass". */
 #define X_512(X, xv, n)                                                                                               \
     __m512 X[4];                                                                                                    \
     for (int k = 0; k < 4; k++) X[k] = k < (n) ? _mm512_load_ps((xv) + 16 * k) : _mm512_setzero_ps();              \
@@ -1660,7 +1657,6 @@ AVX512 void pblk_q6k_512(const uint8_t *b, const float *xp, __m512 *acc) {
 
 DEFINE_ROWS_P512_TILED(trows_512_q4_0, pblk_q4_0_512, 18, 32)
 DEFINE_ROWS_P512_TILED(trows_512_mxfp4, pblk_mxfp4_512, 17, 32)
-DEFINE_ROWS_P512_TILED(trows_512_q8_0, pblk_q8_0_512, 34, 32)
 DEFINE_ROWS_P512_TILED(trows_512_q4_k, pblk_q4_k_512, 144, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q5_k, pblk_q5_k_512, 176, XP_QK45)
 DEFINE_ROWS_P512_TILED(trows_512_q6_k, pblk_q6k_512, 210, XP_Q6K)
@@ -1669,7 +1665,10 @@ DEFINE_ROWS_X512(prows_512_q4_0_1, xblk_q4_0_512, 18, 2, trows_512_q4_0) /* the 
 DEFINE_ROWS_X512(prows_512_mxfp4, xblk_mxfp4_512, 17, 4, NULL)
 DEFINE_ROWS_X512(prows_512_mxfp4_1, xblk_mxfp4_512, 17, 2, trows_512_mxfp4)
 DEFINE_ROWS_X512(prows_512_q8_0, xblk_q8_0_512, 34, 4, NULL)
-DEFINE_ROWS_X512(prows_512_q8_0_1, xblk_q8_0_512, 34, 2, trows_512_q8_0)
+/* Q8_0 one row a pass: two, which moves each row's pointer half as fast over rows of 4352 bytes, streamed x0.94
+ * against AVX2 where one row gives x1.08 (alternated, 14336 x 4096). No column tiles: x wider than XTILE_MIN takes
+ * the AVX2 kernel (rows_any; docs/runtime.md) */
+DEFINE_ROWS_X512(prows_512_q8_0_1, xblk_q8_0_512, 34, 1, NULL)
 DEFINE_ROWS_P512(prows_512_q4_k, pblk_q4_k_512, 144, XP_QK45, 4, NULL)
 DEFINE_ROWS_P512(prows_512_q4_k_1, pblk_q4_k_512, 144, XP_QK45, 1, trows_512_q4_k)
 DEFINE_ROWS_P512(prows_512_q5_k, pblk_q5_k_512, 176, XP_QK45, 4, NULL)
@@ -1837,7 +1836,18 @@ static void rows_any(const mat_t *m, const float *x, const float *xp, const q80_
                        else { PICK(rows_##T)(m, x, nvec, xs, out, os, r0, r1, pf); } \
                        return; }
         case T_Q4_0: TRY_512(q4_0) ROWS_2(prows_q4_0x, q4_0)
-        case T_Q8_0: TRY_512(q8_0) ROWS_2(prows_q8_0, q8_0)
+        case T_Q8_0:
+#ifdef MER_HAVE_AVX512
+            /* x wider than XTILE_MIN (a down projection): the AVX2 kernel on x as it is, which streamed 4096 x 14336
+             * x1.07 faster than the AVX-512 kernel in column tiles (x0.80 without them) and x1.02 than AVX2's on
+             * the permuted x (alternated; docs/runtime.md). Memory sets Q8_0's pace there, and whole rows in turn
+             * suit it better than tiles. */
+            if (xp && avx512 && m->cols * 4 > XTILE_MIN) {
+                PICK(rows_q8_0)(m, x, nvec, xs, out, os, r0, r1, pf);
+                return;
+            }
+#endif
+            TRY_512(q8_0) ROWS_2(prows_q8_0, q8_0)
         case T_MXFP4: TRY_512(mxfp4) ROWS_2(prows_mxfp4, mxfp4)
         case T_Q4_K: TRY_512(q4_k) ROWS_2(prows_q4_k, q4_k)
         case T_Q5_K: TRY_512(q5_k) ROWS_2(prows_q5_k, q5_k)

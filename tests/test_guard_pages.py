@@ -31,9 +31,11 @@ CODE = textwrap.dedent('''
     rng = np.random.default_rng(5)
     F = kernels
     # 1184: Q4_0's groups of eight blocks, then two pairs and a last block (the AVX-512 q8 kernels); 8224 (257
-    # blocks), 6656 and 8448: one vector over 32 KB of x, walked in column tiles by the exact AVX-512 kernels
-    for qt, colss in ((T.Q4_0, (32, 96, 288, 1184, 8224)), (T.MXFP4, (32, 96, 288, 1184, 8224)), (T.Q8_0, (32, 96)),
-                      (T.Q4_K, (256, 768, 6656)), (T.Q5_K, (256, 768, 6656)), (T.Q6_K, (256, 768, 8448))):
+    # blocks), 6656 and 8448: one vector over 32 KB of x, walked in column tiles by the exact AVX-512 kernels (Q8_0:
+    # by the AVX2 kernel on x as it is)
+    for qt, colss in ((T.Q4_0, (32, 96, 288, 1184, 8224)), (T.MXFP4, (32, 96, 288, 1184, 8224)),
+                      (T.Q8_0, (32, 96, 1184, 8224)), (T.Q4_K, (256, 768, 6656)), (T.Q5_K, (256, 768, 6656)),
+                      (T.Q6_K, (256, 768, 8448))):
         for cols in colss:
             for rows in (1, 3, 5, 67):
                 for n in (1, 3):

@@ -749,9 +749,10 @@ def test_avx512_q8_equals_avx2_to_the_bit(qt, walk, cols):
 def test_avx512_exact(qt, walk):
     """The 16-lane exact kernels (Q4_0 and MXFP4: each nibble through a 16-value table, Q4_0's high one by a float
     mask; Q8_0: each half block widened; the K-quants: two groups side by side): within float32 rounding of float64
-    and of the AVX2 kernel (the sums are grouped differently), one and four rows a pass, odd rows and blocks, a batch;
-    exact per product on the adversarial activations of the AVX2 kernels' tests (outliers on zero columns, 17
-    decades in a block, float32's ends, the pre-scaling hand-over)."""
+    and of the AVX2 kernel (the sums are grouped differently), the default walk (walk 1: two rows a pass for Q4_0
+    and MXFP4, one for the others) and four rows a pass, odd rows and blocks, a batch; exact per product on the
+    adversarial activations of the AVX2 kernels' tests (outliers on zero columns, 17 decades in a block, float32's
+    ends, the pre-scaling hand-over)."""
     rng = np.random.default_rng(52)
     rows, cols = 255, 1056 if qt in (T.Q4_0, T.MXFP4, T.Q8_0) else 1280
     raw = random_matrix(qt, rows, cols, rng)
@@ -846,6 +847,99 @@ def test_avx512_entry_points_check_lengths():
             assert lib.mer_matvec(int(qt), raw.ctypes.data, raw.nbytes - 1, *ok[3:]) == -3
             assert lib.mer_matvec(*ok[:6], 255, *ok[7:]) == -3
             assert lib.mer_matvec(*ok[:9], 3, flags) == -3
+
+
+def _every_byte_blocks(qt: T, rows: int) -> np.ndarray:
+    """rows x 16 blocks whose quant bytes run through all 256 values (Q4_0: 16 a block, MXFP4: 16, Q8_0: 32, so
+    Q8_0's 16 blocks hold them twice), each row with its own scale: the format's extremes and a few plain ones."""
+    blk, bb = GGML_QUANT_SIZES[qt]
+    raw = np.zeros((rows, 16, bb), np.uint8)
+    nq = bb - (1 if qt == T.MXFP4 else 2)
+    raw[..., bb - nq:] = (np.arange(16 * nq) % 256).astype(np.uint8).reshape(16, nq)
+    if qt == T.MXFP4:  # e8m0 exponents from the subnormal ones (0, 1) to 2^124 (12 x 2^124 stays finite)
+        raw[..., 0] = np.array([0, 1, 2, 100, 127, 128, 129, 200, 250, 252])[np.arange(rows) % 10, None]
+    else:  # f16: +-1, -0, the smallest subnormal, the smallest normal, the largest, and plain ones
+        d = np.array([1, -1, -0.0, 2 ** -24, 2 ** -14, 65504, -65504, 0.0078, 0.05, -3.5])[np.arange(rows) % 10]
+        raw[..., :2] = d.astype(np.float16).view(np.uint8).reshape(rows, 1, 2)
+    return raw.reshape(-1)
+
+
+@needs_avx512
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_avx512_exact_decodes_every_byte_exactly(qt):
+    """Every quant byte (Q4_0's high nibble through the float mask, 2^19 + q less 2^19 + 8, its low one and MXFP4's
+    through the table, Q8_0's widened) under the formats' extreme scales, read back one column at a time (x the
+    identity: each output is one product d * q * 1, exact in float32): gguf's dequantization to the bit, and the
+    AVX2 and portable paths', one row a pass or four, on an odd row count (a short last pass)."""
+    rows, cols = 11, 512
+    raw = _every_byte_blocks(qt, rows)
+    eye = np.eye(cols, dtype=np.float32)
+    want = dequantize(raw.reshape(rows, -1), qt).astype(np.float64).T
+    assert np.isfinite(want).all()
+    for walk in (0, 4):
+        got = _matvec_walk(qt, raw, rows, cols, eye, walk, "f32")
+        np.testing.assert_array_equal(got, want)
+        for flags in (kernels.FLAG_NO_AVX512, kernels.FLAG_PORTABLE):
+            np.testing.assert_array_equal(got, _matvec_walk(qt, raw, rows, cols, eye, walk, "f32", flags))
+
+
+@needs_avx512
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_avx512_exact_any_rows_blocks_and_band(qt):
+    """The x-in-registers walk (two rows a pass for Q4_0 and MXFP4, one for Q8_0, four when set): 1 to 9 rows, 1, 3
+    or 5 blocks (an odd last block alone), a batch, tasks of 4 rows (bands that start inside the matrix): every row
+    the same float as that row alone and as its vector alone, to the bit, and within float32 rounding of float64."""
+    rng = np.random.default_rng(58)
+    for rows in range(1, 10):
+        for nb in (1, 3, 5):
+            cols = 32 * nb
+            raw = random_matrix(qt, rows, cols, rng)
+            w = dequantize(raw.reshape(rows, -1), qt).astype(np.float64)
+            x = rng.standard_normal((3, cols)).astype(np.float32)
+            kernels._LIB.mer_set_chunk(4)
+            try:
+                got = [_matvec_walk(qt, raw, rows, cols, x, walk, "f32") for walk in (0, 4)]
+            finally:
+                kernels._LIB.mer_set_chunk(64)
+            np.testing.assert_array_equal(got[0], got[1])
+            rb = raw.size // rows
+            for r in range(rows):
+                np.testing.assert_array_equal(matvec(qt.name, raw[r * rb:(r + 1) * rb], (1, cols), x)[:, 0],
+                                              got[0][:, r])
+            for v in range(3):
+                np.testing.assert_array_equal(matvec(qt.name, raw, (rows, cols), x[v]), got[0][v])
+            bound = np.abs(x.astype(np.float64)) @ np.abs(w).T
+            assert np.all(np.abs(got[0] - x.astype(np.float64) @ w.T) <= 1e-6 * bound), (rows, nb)
+
+
+@needs_avx512
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("qt", [T.Q4_0, T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_avx512_nonfinite_x_in_every_lane_of_a_block(qt):
+    """+inf, -inf or NaN in either half of a block (lanes 0 and 15 meet x's first register, 16 and 31 the second)
+    of the first pair of blocks and of an odd last block: the float64 reference's pattern of NaN and +-inf, as the
+    AVX2 and portable paths give it."""
+    rng = np.random.default_rng(59)
+    rows, cols = 7, 96
+    raw = random_matrix(qt, rows, cols, rng)
+    w = dequantize(raw.reshape(rows, -1), qt).astype(np.float64)
+    w[0, :] = 0.0  # a row of zero weights: 0 * inf is NaN in every path
+    raw = raw.reshape(rows, -1).copy()
+    raw[0, :] = quantize(np.zeros((1, cols), np.float32), qt).reshape(-1)
+    raw = raw.reshape(-1)
+    xs = []
+    for pos in (0, 15, 16, 31, 33, 64, 79, 80, 95):
+        for val in (np.inf, -np.inf, np.nan):
+            x = rng.standard_normal(cols).astype(np.float32)
+            x[pos] = val
+            xs.append(x)
+    x = np.stack(xs)
+    with np.errstate(invalid="ignore"):
+        ref = (w[None, :, :] * x.astype(np.float64)[:, None, :]).sum(-1)
+    for flags in (0, kernels.FLAG_NO_AVX512, kernels.FLAG_PORTABLE):
+        got = matvec(qt.name, raw, (rows, cols), x, flags=flags)
+        for g, r in zip(_nonfinite_pattern(got), _nonfinite_pattern(ref)):
+            np.testing.assert_array_equal(g, r, err_msg=str(flags))
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------

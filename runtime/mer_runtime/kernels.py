@@ -137,7 +137,7 @@ class DType:
             simd = "AVX2" if SIMD else "portable"
             if AVX512 and self.name in AVX512_TYPES:
                 simd = ("AVX-512" if self.name in ("Q4_0", "MXFP4") else
-                        "AVX-512; AVX-VNNI or AVX2 with act=q8" if self.name == "Q8_0" else "AVX-512; AVX2 with act=q8")
+                        "AVX-512, AVX2 for rows over 8192 columns; AVX-VNNI or AVX2 with act=q8" if self.name == "Q8_0" else "AVX-512; AVX2 with act=q8")
             return f"{self.name.lower()} C kernel ({simd}, {threads()} threads)"
         return {"numpy": "numpy", "widen": f"numpy ({self.name.lower()} widened per band)",
                 "gguf": "gguf dequantize per band (slower)", "unsupported": "unsupported"}[self.path]

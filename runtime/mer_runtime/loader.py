@@ -264,6 +264,7 @@ class Loader:
         """Withdraw a read none of whose chunks has been issued yet (a stale prefetch): True if it was withdrawn
         (the ticket is then done, with an error, and its fd closed), False if it is already under way or done."""
         with self._lock:
+            self._mend_issue()  # a chunk of t recorded as issued by a step an interrupt cut short counts
             if t.done or t.issued:
                 return False
             self._note("cancelled", t.id)
@@ -294,6 +295,7 @@ class Loader:
         `remaining` is recounted from them rather than decremented: an interrupt inside `_enqueue` (after it was
         set, before the chunks were queued) would otherwise leave a ticket waiting for chunks that do not exist,
         and whoever settles it (a cache taking its slot back) blocks for ever."""
+        self._mend_issue()  # t's counts include a chunk whose issuing an interrupt cut short
         self._fail(t, err)
         if not t.done:
             t.remaining = t.in_flight
@@ -361,6 +363,10 @@ class Loader:
 
     def register_all(self) -> None:
         """io_uring registers its buffers (`UringLoader.register_all`); the other backends have none."""
+
+    def _mend_issue(self) -> None:
+        """Under the lock: io_uring finishes an issuing step an interrupt cut short (`UringLoader._mend_issue`);
+        the other backends' workers take a chunk from the queue in one step."""
 
     # -- shared machinery (all under self._cv) --------------------------------------------------------------
     _queue: deque
@@ -638,17 +644,40 @@ class BufferedLoader(PreadLoader):
         super()._enqueue(tickets, urgent)
 
 
+CAP_IPC_LOCK = 14  # include/uapi/linux/capability.h
+
+
+def _mem_size(n: int) -> str:
+    """Whole MiB, or KiB below 10 MiB when not a whole MiB: a 64 KiB or 900 KiB limit must not read as 0 or 1 MiB."""
+    return f"{n >> 10} KiB" if n < 10 << 20 and n % (1 << 20) else f"{n / 2**20:.0f} MiB"
+
+
+def _locks_freely() -> bool:
+    """Whether this process has CAP_IPC_LOCK (CapEff in /proc/self/status): then the kernel counts no pinned page
+    against RLIMIT_MEMLOCK, and an ENOMEM is memory really short."""
+    try:
+        with open("/proc/self/status") as fh:
+            caps = next((int(line.split()[1], 16) for line in fh if line.startswith("CapEff:")), 0)
+    except (OSError, ValueError):
+        return False
+    return bool(caps >> CAP_IPC_LOCK & 1)
+
+
 def _memlock_hint(exc: OSError, pool: BufferPool) -> str:
     """Why io_uring refused to pin the cache, when it is the locked-memory limit: without CAP_IPC_LOCK (root has it)
-    registered buffers count against RLIMIT_MEMLOCK, 8 MiB by default, below one Mixtral expert."""
+    registered buffers count against RLIMIT_MEMLOCK, 8 MiB by default, below one Mixtral expert. The kernel counts
+    per user, with the rings' own pages on newer kernels (6.18 here): a cache within the limit can be refused too."""
     if exc.errno != errno.ENOMEM:
         return ""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    need = pool.slot_size * pool.n_slots
-    if soft == resource.RLIM_INFINITY or soft >= need:
+    if soft == resource.RLIM_INFINITY or _locks_freely():
         return ""
-    return (f": the cache's {need / 2**20:.0f} MiB exceed the locked-memory limit of {soft / 2**20:.0f} MiB; "
-            f"raise it (`ulimit -l unlimited`, or LimitMEMLOCK= for a service) for reads into registered buffers")
+    need = pool.slot_size * pool.n_slots
+    raise_it = "raise it (`ulimit -l unlimited`, or LimitMEMLOCK= for a service) for reads into registered buffers"
+    if soft < need:
+        return f": the cache's {_mem_size(need)} exceed the locked-memory limit of {_mem_size(soft)}; {raise_it}"
+    return (f": the locked-memory limit of {_mem_size(soft)} counts this user's other registered buffers and io_uring "
+            f"rings besides the cache's {_mem_size(need)}; {raise_it}")
 
 
 class UringLoader(Loader):
@@ -703,6 +732,7 @@ class UringLoader(Loader):
         # gave back and not yet handled, and the reads they belonged to that are not yet judged (failed, finished
         # if nothing of them is left with the kernel); whoever retracts next (the next close()) handles both first
         self._returned: list[int] = []
+        self._issuing: tuple[int, tuple[Ticket, int, int]] | None = None  # (user_data, chunk): `_mend_issue`
         self._taken: dict[int, Ticket] = {}
         self._reaping = False
         # a close() is between `_closed = True` and having given the ring back (`_closer`: its thread); a close()
@@ -822,8 +852,31 @@ class UringLoader(Loader):
                                "file is not at fault and no read was lost (guesses were read from calls into the "
                                "loader since): retry, and use --io pread if it recurs") from exc
 
+    def _mend_issue(self) -> None:
+        """Under the lock: finish or undo an issuing step of `_pump` an interrupt cut short (`_issuing`). Its chunk
+        not yet recorded: its SQE, if prepared, is taken back (the chunk is still queued). Recorded: it leaves the
+        queue if still there, and its read's counts are redone. Every step may be interrupted and redone."""
+        if self._issuing is None:
+            return
+        cid, item = self._issuing
+        t = item[0]
+        if cid not in self._chunks:
+            if self.ring.fd >= 0:  # a closed ring took its SQEs with it
+                self.ring.drop_unsubmitted(cid)
+        else:
+            # still queued (at the front, unless a promotion or an urgent read went ahead of it since)
+            at = next((i for i, it in enumerate(self._queue) if it is item), None)
+            if at is not None:
+                del self._queue[at]
+                t.issued += 1
+            self._recount(t)
+            if not t.urgent:
+                self._spec.add(cid)
+        self._issuing = None
+
     def _pump(self, force: bool = False) -> None:
         r = self.ring
+        self._mend_issue()
         passed: list[tuple[Ticket, int, int]] = []  # chunks of guesses that have read their window, kept in order
         try:
             while self._queue and r.in_flight + r.pending < self.queue_depth:
@@ -838,18 +891,28 @@ class UringLoader(Loader):
                         passed.append(self._queue.popleft())
                         continue
                 buf = self._buf_index(t.slot)  # before the chunk leaves the queue: registering takes time
-                t, off, n = self._queue.popleft()
+                item = self._queue[0]
+                t, off, n = item
                 cid = next(self._chunk_ids)
+                addr = self.pool.address(t.slot) + off
+                # an interrupt (a KeyboardInterrupt, at any call) leaves the chunk queued with no SQE for it, or
+                # recorded in `_chunks` with its SQE: the SQE is prepared first (the kernel takes it only at our next
+                # io_uring_enter), then the chunk is recorded, then it leaves the queue. `_mend_issue` finishes or
+                # undoes a step cut short, before anything is submitted. (Popped first, as before, a Ctrl-C there
+                # lost the chunk, or left an SQE whose completion raised KeyError: its read never finished.)
+                self._issuing = (cid, item)
                 # never submits by itself (so never raises the kernel's refusal): the SQ holds only the `pending`
                 # SQEs, fewer than queue_depth by the loop's condition, and it has at least queue_depth entries (a
                 # power of two >= queue_depth; test_a_pump_never_submits_behind_its_own_back); what is prepared goes
                 # to the kernel in `_submit` below, whose refusal `_refused` handles
-                r.prep_read(t.fd, self.pool.address(t.slot) + off, n, off, cid, buf)
-                self._chunks[cid] = (t, off, n)
-                if not t.urgent:
-                    self._spec.add(cid)
+                r.prep_read(t.fd, addr, n, off, cid, buf)
+                self._chunks[cid] = item
+                self._queue.popleft()
                 t.in_flight += 1
                 t.issued += 1
+                if not t.urgent:
+                    self._spec.add(cid)
+                self._issuing = None
                 self._note("issue", t.id, off)
         finally:
             self._queue.extendleft(reversed(passed))
@@ -858,6 +921,7 @@ class UringLoader(Loader):
 
     def _submit(self) -> None:
         """Under the lock: pass the queued SQEs to the kernel; if it refuses, their reads fail (`_refused`)."""
+        self._mend_issue()
         try:
             self.ring.submit()
         except OSError as exc:
@@ -1161,6 +1225,7 @@ class UringLoader(Loader):
         """Under the lock, closing: fail what is still queued, take back the SQEs the kernel never consumed and
         judge each read they belonged to (`_abandon`'s first half, which `_resume_close` also runs). Every step
         may be interrupted and is redone by the next call."""
+        self._mend_issue()
         self._cancel_queued()
         for t in self._retract():
             # judged once all its SQEs are back: a submission the kernel took only part of leaves other chunks

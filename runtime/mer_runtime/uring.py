@@ -5,8 +5,10 @@ serve O_DIRECT: `liburing` reads only into bytearrays, which cannot be 4096-alig
 here: reads into registered (fixed) buffers, with plain READ as a fallback when the kernel refuses to register them.
 
 Threads: a `Ring` is not thread-safe by itself. Its owner (`loader.UringLoader`) calls `prep_read`, `submit`,
-`retract` and `reap` under one lock; only `wait_cqe` (a blocking io_uring_enter that submits nothing and touches no user-side
-ring index) may run without that lock, from one thread at a time.
+`retract`, `drop_unsubmitted`, `reap` and `update_buffer` under one lock; only `wait_cqe` (a blocking io_uring_enter
+that submits nothing and touches no user-side ring index) may run without that lock, from one thread at a time
+(io_uring_register takes the kernel's ring lock, which a thread sleeping in io_uring_enter for completions does not
+hold).
 
 Memory ordering: the rings are shared with the kernel, which asks (io_uring(7); liburing's
 io_uring_smp_load_acquire/io_uring_smp_store_release) for an acquire load of the CQ tail before reading CQEs, a
@@ -283,6 +285,17 @@ class Ring:
         self._tail = (tail + 1) & 0xFFFFFFFF
         self.sq_tail.store(self._tail)  # release: the kernel sees the SQE written before the new tail
         self.pending += 1
+
+    def drop_unsubmitted(self, user_data: int) -> None:
+        """Take back the last SQE prepared if it is `user_data`'s and the kernel has not consumed it (a `prep_read`
+        whose caller was interrupted before it recorded the read), and recount `pending` from the ring: an
+        interrupt inside `prep_read` may have moved the tail without counting the SQE. No SQPOLL thread: the kernel
+        reads the SQ only inside our io_uring_enter."""
+        head = self.sq_head.load()
+        if self._tail != head and self.sqes[self.sq_array[(self._tail - 1) & self.sq_mask]].user_data == user_data:
+            self._tail = (self._tail - 1) & 0xFFFFFFFF
+        self.sq_tail.store(self._tail)
+        self.pending = (self._tail - head) & 0xFFFFFFFF
 
     def _enter(self, to_submit: int, min_complete: int) -> int:
         flags = IORING_ENTER_GETEVENTS if min_complete else 0

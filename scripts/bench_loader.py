@@ -58,8 +58,7 @@ def run_loader(folder: Path, io: str, block: int, depth: int, threads: int) -> t
     pool = BufferPool(m.max_expert_size, 2)
     loader = open_loader(io, pool, block_size=block, queue_depth=depth, threads=threads)
     try:
-        pool.prefault()  # the buffers are set up before the clock, as fio's are (ShardSet.warm_up does the same)
-        loader.register_all()
+        loader.warm_up()  # the buffers are set up before the clock, as fio's are (ShardSet.warm_up does the same)
         t0 = time.perf_counter()
         for i, e in enumerate(m.experts):
             loader.read(str(m.path_of(e)), e.size, i % 2)

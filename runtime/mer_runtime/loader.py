@@ -361,8 +361,10 @@ class Loader:
     def describe(self) -> str:
         return f"{self.name} (block {self.block_size >> 10} KiB, queue depth {self.queue_depth})"
 
-    def register_all(self) -> None:
-        """io_uring registers its buffers (`UringLoader.register_all`); the other backends have none."""
+    def warm_up(self) -> None:
+        """Fault the pool's slots in now rather than at their first reads (`ShardSet.warm_up`); io_uring also
+        registers them."""
+        self.pool.prefault()
 
     def _mend_issue(self) -> None:
         """Under the lock: io_uring finishes an issuing step an interrupt cut short (`UringLoader._mend_issue`);
@@ -780,8 +782,9 @@ class UringLoader(Loader):
         self._fixed.add(slot)
         return slot
 
-    def register_all(self) -> None:
-        """Register every slot not yet registered now (`ShardSet.warm_up`), rather than at its first read."""
+    def warm_up(self) -> None:
+        """Fault in, then register every slot not yet registered now, rather than at its first read."""
+        super().warm_up()  # registering pages already present pins them without faulting each under the lock
         with self._lock:
             for slot in range(self.pool.n_slots):
                 if self._closed or self.ring.fd < 0 or self._buf_index(slot) is None:

@@ -428,8 +428,7 @@ class ShardSet:
         """
         self._enter()
         try:
-            self.pool.prefault()
-            self.loader.register_all()
+            self.loader.warm_up()
         finally:
             self._leave()
 

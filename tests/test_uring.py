@@ -225,6 +225,21 @@ def test_a_pump_never_submits_behind_its_own_back(tmp_path, monkeypatch, depth):
         pool.close()
 
 
+needs_setpriv = pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv"),
+                                   reason="setpriv (util-linux) drops CAP_IPC_LOCK")
+
+
+def _without_ipc_lock(code: str, *args) -> subprocess.CompletedProcess:
+    """Run `code` in a child without CAP_IPC_LOCK (as any user but root is), so that RLIMIT_MEMLOCK counts what
+    io_uring pins; skip where setpriv cannot drop it."""
+    cmd = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c", code,
+           *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if p.returncode and "setpriv" in p.stderr:
+        pytest.skip(f"setpriv cannot drop the capability here: {p.stderr.strip()[-200:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
 _MEMLOCK_CHILD = """
 import resource, sys
 from mer_runtime.buffers import BufferPool
@@ -241,17 +256,12 @@ print(loader.fixed, loader.reason, loader.describe(), sep="|")
 
 
 @needs_uring
-@pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv"), reason="setpriv (util-linux) drops CAP_IPC_LOCK")
+@needs_setpriv
 @pytest.mark.parametrize("slot, fixed", [(4 << 20, False), (256 << 10, True)])
 def test_memlock_limit_says_what_to_raise(slot, fixed, data_file):
     """Without CAP_IPC_LOCK (any user but root) registered buffers count against RLIMIT_MEMLOCK, 8 MiB by default:
     a cache above it is read with plain READ, and the reason names the limit, the cache and what to raise."""
-    cmd = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c",
-           _MEMLOCK_CHILD, str(slot), str(data_file)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    if p.returncode and "setpriv" in p.stderr:
-        pytest.skip(f"setpriv cannot drop the capability here: {p.stderr.strip()[-200:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = _without_ipc_lock(_MEMLOCK_CHILD, slot, data_file)
     got, reason, describe = p.stdout.strip().split("|")
     assert got == str(fixed), p.stdout
     if fixed:
@@ -298,16 +308,11 @@ def test_slots_are_registered_at_their_first_read(data_file):
 
 @needs_uring
 @needs_sparse
-@pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv"), reason="setpriv (util-linux) drops CAP_IPC_LOCK")
+@needs_setpriv
 def test_memlock_limit_between_slots_registers_what_fits(data_file):
     """A limit that holds one slot but not two: the first slot read is registered, the second reads with plain READ,
     and both land; describe() and the reason say which."""
-    cmd = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c",
-           _MEMLOCK_CHILD, str(768 << 10), str(data_file)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    if p.returncode and "setpriv" in p.stderr:
-        pytest.skip(f"setpriv cannot drop the capability here: {p.stderr.strip()[-200:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = _without_ipc_lock(_MEMLOCK_CHILD, 768 << 10, data_file)
     got, reason, describe = p.stdout.strip().split("|")
     assert got == "True"
     assert "1 of 2 slots registered, plain READ for the others" in reason, reason
@@ -395,17 +400,12 @@ print(loader.reason)
 
 
 @needs_uring
-@pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv"), reason="setpriv (util-linux) drops CAP_IPC_LOCK")
+@needs_setpriv
 def test_memlock_limit_spent_elsewhere_is_named(data_file):
     """The kernel counts registered buffers against the locked-memory limit per user, with the rings' own pages on
     newer kernels: a cache below the limit can still be refused for it (here another loader holds part of it, and
     a limit set to exactly the cache's size does the same). The reason still names the limit and what to raise."""
-    cmd = ["/usr/bin/setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c",
-           _SHARED_MEMLOCK_CHILD, str(data_file)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    if p.returncode and "setpriv" in p.stderr:
-        pytest.skip(f"setpriv cannot drop the capability here: {p.stderr.strip()[-200:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = _without_ipc_lock(_SHARED_MEMLOCK_CHILD, data_file)
     reason = p.stdout.strip()
     assert "slots registered, plain READ for the others" in reason, reason
     assert "locked-memory limit of 768 KiB" in reason and "ulimit -l" in reason, reason

@@ -2,9 +2,9 @@
 float64 reference, at about the speed of reading the shards and the source once.
 
 Bytes (with ``--against SRC``). The expert's tensors are found in the source by name with the gguf package's reader
-(not through the converter's plan); every projection's bytes are compared with the shard's exactly (libc
-``memcmp`` on the two mappings, a piece at a time, in the same pass that computes the shard's checksums: each shard
-byte is read from memory once, see ``scan_shard``). This alone catches any changed byte, checksums rewritten or
+(not through the converter's plan); every projection's bytes are compared with the shard's exactly (both read with
+pread, a piece at a time, and compared with libc ``memcmp``, in the same pass that computes the shard's checksums:
+each shard byte is read once, see ``scan_shard``). This alone catches any changed byte, checksums rewritten or
 not. Other sources go through the ``Source`` protocol (the bytes after the documented transform and ``--dtype``).
 
 The source is read once per expert: an expert whose bytes verify's checksum pass found equal to the source's takes
@@ -24,10 +24,10 @@ gate, up and down, every row) for the experts that fit the whole-output budget: 
 for a big one as many as fit in 1/``WHOLE_SHARE`` of its projection bytes (at least ``WHOLE_MIN`` bytes), because
 gguf's NumPy dequantization runs about 100x slower than a read (a Mixtral-shaped expert costs ~1 s).
 
-Memory stays bounded whatever an expert's size: mappings are dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, a
-transform's output is never held whole (``_Bands``: its own bands are made as the reads go forward and let go behind
-them), references are dequantized ``BAND_BYTES`` of float64 at a time, and only the runtime's cache (2 slots) holds
-whole experts.
+Memory stays bounded whatever an expert's size: the byte scan reads into two buffers of a ``PIECE``, mappings are
+dropped (``MADV_DONTNEED``) every ``RELEASE_BYTES``, a transform's output is never held whole (``_Bands``: its own
+bands are made as the reads go forward and let go behind them), references are dequantized ``BAND_BYTES`` of
+float64 at a time, and only the runtime's cache (2 slots) holds whole experts.
 
 Tolerance: max|y - y_ref| / max|y_ref| <= 1e-4. The runtime computes in float32 (weights exact, activations not
 quantized), whose rounding over a few thousand-term dot products stays near 1e-6; one changed weight byte moves
@@ -53,7 +53,7 @@ import xxhash
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from mer_runtime.checksum import RELEASE
+from mer_runtime.checksum import pread_some, read_pieces
 from mer_runtime.errors import MerError
 from mer_runtime.guard import GUARDED, FileChangedError, Guard, map_file
 from mer_runtime.kernels import matvec
@@ -72,7 +72,7 @@ SEED = 12648430
 N_INPUTS = 2
 BAND_BYTES = 16 << 20  # float64 weights dequantized at a time for a reference
 PIECE = 1 << 20  # bytes hashed and compared at a time: small enough that the second touch finds them in cache
-RELEASE_BYTES = RELEASE  # mapped bytes dropped (MADV_DONTNEED) after each this many, so RSS stays bounded
+RELEASE_BYTES = 16 << 20  # mapped source bytes dropped (MADV_DONTNEED) after each this many: RSS stays bounded
 SAMPLE_ROWS = 16  # seeded rows a projection (plus its first and last); each costs ~0.2 ms on big rows
 RUNTIME_EXPERTS = 1  # experts also loaded through the runtime's loader and computed by its fused call
 WHOLE_MIN = 16 << 20  # projection bytes whose whole output gets a float64 reference, at least ...
@@ -138,7 +138,9 @@ class Region(NamedTuple):
     bytes are read from: when not (no compiled handler, or its slot table was full), `read()` runs `check()` before
     it touches the mapping, so the byte scan and the numeric reference are both covered. Until a transformed
     projection is released to its end, the source slice its transform reads stays mapped (clean file pages, about
-    the projection's source size: a fused gate_up holds both halves)."""
+    the projection's source size: a fused gate_up holds both halves). `into(lo, out)`, where the bytes are a plain
+    range of a file: reads bytes lo..lo + out.size into the uint8 array `out` with pread (what the byte scan uses:
+    faster than the mapping, and a source that shrank is FileChangedError naming it); None otherwise."""
 
     dtype: str
     name: str
@@ -147,6 +149,7 @@ class Region(NamedTuple):
     release: Callable[[int, int], None]
     check: Callable[[], None] = _no_check
     guarded: bool = False
+    into: Callable[[int, np.ndarray], None] | None = None
 
 
 def _slicer(data: np.ndarray, before: Callable[[], None] | None = None) -> Callable[[int, int], np.ndarray]:
@@ -233,6 +236,17 @@ class _Bands:
         return out
 
 
+def _preader(fd: int, base: int, path: Path, size: int) -> Callable[[int, np.ndarray], None]:
+    """into(lo, out) for a region at byte `base` of open file `fd` of `size` bytes when mapped (see `Region.into`)."""
+
+    def into(lo: int, out: np.ndarray) -> None:
+        got = 0
+        while got < out.size:
+            got += pread_some(fd, out[got:], base + lo + got, size, path)
+
+    return into
+
+
 def _no_release(lo: int, hi: int) -> None:
     return None
 
@@ -268,8 +282,8 @@ class SourceReference:
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest | None = None):
         self.path = Path(path)
         self.source = None
-        # (mapping, its bytes, the reader's address, the mapping's guard)
-        self._maps: list[tuple[mmap.mmap, np.ndarray, int, Guard]] = []
+        # (mapping, its bytes, the reader's address, the mapping's guard, the open file: the byte scan preads it)
+        self._maps: list[tuple[mmap.mmap, np.ndarray, int, Guard, int]] = []
         dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
         # a GGUF is read by name, independently of the converter's plan, unless the folder was converted with
         # --dtype: then the reference bytes are the source's after the same quantizer, as for any other source
@@ -300,13 +314,14 @@ class SourceReference:
         test_point("reference-mapped")
 
     @staticmethod
-    def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int, Guard]:
+    def _map(part: Path, reader: Any) -> tuple[mmap.mmap, np.ndarray, int, Guard, int]:
         fd, st = open_regular(part)
         try:
             mm, guard = map_file(fd, st.st_size, part)
-        finally:
+        except BaseException:
             os.close(fd)
-        return mm, np.frombuffer(mm, np.uint8), int(reader.data.ctypes.data), guard
+            raise
+        return mm, np.frombuffer(mm, np.uint8), int(reader.data.ctypes.data), guard, fd
 
     def close(self) -> None:
         if self.source is not None:
@@ -314,9 +329,10 @@ class SourceReference:
         for reader in getattr(self, "_readers", ()):
             reader.guard.close()  # before its memmap can go (mer_runtime.guard.Guard)
         maps, self._maps = self._maps, []
-        for mm, arr, _, guard in maps:
+        for mm, arr, _, guard, fd in maps:
             del arr
             guard.close()
+            os.close(fd)
             try:
                 mm.close()
             except BufferError:  # a caller still holds a view: the mapping goes with the last one
@@ -357,7 +373,7 @@ class SourceReference:
         name, desc, dtype, view = self._lookup(layer, expert, role)
         part = self._part_of[name]
         desc = f"{desc} in {self._parts[part].name}"
-        mm, arr, addr, guard = self._maps[part]
+        mm, arr, addr, guard, fd = self._maps[part]
         if not view.flags.c_contiguous:  # never for an expert's slice of a tensor; a copy is still right
             data = np.ascontiguousarray(view).view(np.uint8).reshape(-1)
             self._readers[part].guard.check()  # copied from the reader's own mapping
@@ -365,7 +381,7 @@ class SourceReference:
         off = int(view.ctypes.data) - addr  # the same offset in our own mapping of the same file
         before = None if guard.guarded else guard.check
         return Region(dtype, desc, view.nbytes, _slicer(arr[off:off + view.nbytes], before), _dropper(mm, off),
-                      guard.check, guard.guarded)
+                      guard.check, guard.guarded, _preader(fd, off, self._parts[part], guard.size))
 
     def _projection(self, layer: int, expert: int, role: str) -> Any:
         plan = self._plans.get((layer, expert))
@@ -460,11 +476,12 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
                differ: set[str] | None = None) -> tuple[str, dict[str, str], int, list[Problem]]:
     """(whole-file xxh3, {role: projection xxh3}, bytes read, byte mismatches) of an open shard file of e.size bytes.
 
-    One sequential pass over a read-only mapping, a `PIECE` at a time: each piece is hashed into the file's and its
-    projection's XXH3-64 and compared, exactly, with the same bytes of the source `regions` (`source_regions`);
-    the second and third touches find the piece in cache, so every shard byte comes from memory once. Mapped pages
-    of both sides are dropped every `RELEASE_BYTES`, which bounds the resident memory of any number of threads
-    running this at once (xxhash and memcmp release the GIL).
+    One sequential pass of positioned reads into a buffer (mer_runtime.checksum.read_pieces: faster than a mapping,
+    see there), a `PIECE` at a time: each piece is hashed into the file's and its projection's XXH3-64 and compared,
+    exactly, with the same bytes of the source `regions` (`source_regions`): read into a second buffer where the
+    region is a plain byte range of a file (`Region.into`), else taken from its `read` (a mapping or a transform's
+    bands, dropped every `RELEASE_BYTES`). So what this holds is two pieces and a transform's bands, whatever the
+    expert's size, on any number of threads (pread, memcmp and the transforms release the GIL).
     """
     size = e.size
     whole = xxhash.xxh3_64()
@@ -475,41 +492,38 @@ def scan_shard(fd: int, e: ExpertEntry, regions: dict[str, Region], tick: Callab
         return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, 0, problems
     differ = set() if differ is None else differ  # roles found different (the caller's set, when given)
     released = dict.fromkeys(regions, 0)  # bytes of each source region already dropped
-    mm, guard = map_file(fd, size)  # a shard or source shrinking meanwhile: FileChangedError, not SIGBUS
-    with mm:
-        mm.madvise(mmap.MADV_SEQUENTIAL)
-        mine = np.frombuffer(mm, np.uint8)
-        try:
-            with memoryview(mm) as mv:
-                for pos, end, piece in guard.pieces(mv, size, PIECE, drop=RELEASE_BYTES):
-                    whole.update(piece)
-                    for start, stop, role in spans:
-                        lo, hi = max(start, pos), min(stop, end)
-                        if lo >= hi:
-                            continue
-                        with piece[lo - pos:hi - pos] as part:
-                            parts[role].update(part)
-                        reg = regions.get(role)
-                        if reg is None:
-                            continue
-                        if role not in differ:
-                            # an unguarded region's read() size-checks before it touches its mapping
-                            at = first_difference(mine[lo:hi], reg.read(lo - start, hi - start))
-                            if at is not None or hi == stop:
-                                # before a difference is believed, and once the region is done (one fstat: a
-                                # source cut mid-page reads zeros with no fault, only its size tells)
-                                reg.check()
-                            if at is not None:
-                                differ.add(role)
-                                problems.append(_mismatch(e, role, reg, lo - start + at))
-                        if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
-                            reg.release(released[role], hi - start)
-                            released[role] = hi - start
-                    tick(end - pos)
-            guard.finish()
-        finally:
-            guard.close()
-            del mine  # the mapping cannot close while a view of it is alive
+    buf = bytearray(min(PIECE, size))
+    mine = np.frombuffer(buf, np.uint8)  # a view of the buffer each piece is read into
+    theirs = np.empty(mine.size, np.uint8) if any(r.into is not None for r in regions.values()) else None
+    for pos, end, piece in read_pieces(fd, size, PIECE, buf=buf):
+        whole.update(piece)
+        for start, stop, role in spans:
+            lo, hi = max(start, pos), min(stop, end)
+            if lo >= hi:
+                continue
+            with piece[lo - pos:hi - pos] as part:
+                parts[role].update(part)
+            reg = regions.get(role)
+            if reg is None:
+                continue
+            if role not in differ:
+                if reg.into is not None:
+                    src = theirs[:hi - lo]
+                    reg.into(lo - start, src)
+                else:  # an unguarded region's read() size-checks before it touches its mapping
+                    src = reg.read(lo - start, hi - start)
+                at = first_difference(mine[lo - pos:hi - pos], src)
+                if at is not None or hi == stop:
+                    # before a difference is believed, and once the region is done (one fstat: a source cut
+                    # mid-page reads zeros with no fault, only its size tells)
+                    reg.check()
+                if at is not None:
+                    differ.add(role)
+                    problems.append(_mismatch(e, role, reg, lo - start + at))
+            if hi == stop or hi - start - released[role] >= RELEASE_BYTES:
+                reg.release(released[role], hi - start)
+                released[role] = hi - start
+        tick(end - pos)
     return whole.hexdigest(), {k: h.hexdigest() for k, h in parts.items()}, size, problems
 
 

@@ -157,13 +157,10 @@ class Guard:
         elif self.faulted():
             raise changed(self.name(), self.size, self._now())
 
-    def pieces(self, mv: memoryview, size: int, step: int, drop: int = 0) -> Iterator[tuple[int, int, memoryview]]:
+    def pieces(self, mv: memoryview, size: int, step: int) -> Iterator[tuple[int, int, memoryview]]:
         """(pos, end, mv[pos:end]) over the first `size` bytes, `step` at a time, each `poll`ed before it is touched
-        (the fallback must not touch a page of a shrunk file) and released when the caller moves on. With `drop`
-        (a multiple of the page size, as `step` must then be), the mapping's pages behind the walk are dropped
-        (MADV_DONTNEED) every `drop` bytes and at its end: several threads each scanning a shard of hundreds of MiB
-        would otherwise keep theirs resident (and dropping early measured faster). The caller still `finish()`es
-        before using what it computed.
+        (the fallback must not touch a page of a shrunk file) and released when the caller moves on. The caller
+        still `finish()`es before using what it computed.
 
         >>> import os
         >>> fd = os.open(__file__, os.O_RDONLY)
@@ -173,16 +170,11 @@ class Guard:
         True
         >>> g.finish(); g.close(); mm.close(); os.close(fd)
         """
-        mm = self._mm() if drop and self._mm is not None else None
-        dropped = 0
         for pos in range(0, size, step):
             self.poll()
             end = min(pos + step, size)
             with mv[pos:end] as piece:
                 yield pos, end, piece
-            if mm is not None and (end - dropped >= drop or end == size):
-                mm.madvise(mmap.MADV_DONTNEED, dropped, end - dropped)
-                dropped = end
 
     def finish(self) -> None:
         """`check`, and the file still has the size it had when mapped (one fstat for both)."""

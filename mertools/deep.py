@@ -43,6 +43,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -284,6 +285,8 @@ class SourceReference:
         self.source = None
         # (mapping, its bytes, the reader's address, the mapping's guard, the open file: the byte scan preads it)
         self._maps: list[tuple[mmap.mmap, np.ndarray, int, Guard, int]] = []
+        self._fds: dict[int, tuple[int, int]] = {}  # a checkpoint's files opened for the byte scan: (fd, size)
+        self._fds_lock = threading.Lock()
         dtype = (manifest.source or {}).get("dtype") if manifest is not None else None
         # a GGUF is read by name, independently of the converter's plan, unless the folder was converted with
         # --dtype: then the reference bytes are the source's after the same quantizer, as for any other source
@@ -326,6 +329,10 @@ class SourceReference:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        with self._fds_lock:
+            fds, self._fds = self._fds, {}
+        for fd, _ in fds.values():
+            os.close(fd)
         for reader in getattr(self, "_readers", ()):
             reader.guard.close()  # before its memmap can go (mer_runtime.guard.Guard)
         maps, self._maps = self._maps, []
@@ -411,8 +418,12 @@ class SourceReference:
             if drop is not None:
                 def release(lo: int, hi: int, fi: int = proj.file_index, base: int = proj.offset) -> None:
                     drop(fi, base + lo, base + hi)
+            into = None
+            if isinstance(src, MappedFiles):  # local files: the byte scan preads them
+                fd, size = self._open_file(proj.file_index, Path(files[proj.file_index]))
+                into = _preader(fd, proj.offset, Path(files[proj.file_index]), size)
             return Region(proj.dtype, name, proj.nbytes, _slicer(data, None if guarded else check), release, check,
-                          guarded)
+                          guarded, into)
         bands = _Bands(lambda: self._read_source(layer, expert, role), proj.nbytes, name,
                        None if guarded else check)
 
@@ -423,6 +434,14 @@ class SourceReference:
                     drop(fi, a, b)
 
         return Region(proj.dtype, name, proj.nbytes, bands.read, release_bands, check, guarded)
+
+    def _open_file(self, i: int, path: Path) -> tuple[int, int]:
+        """(fd, size when opened) of source file `i`, opened once (the byte scan's threads share it: pread)."""
+        with self._fds_lock:
+            if i not in self._fds:
+                fd, st = open_regular(path)
+                self._fds[i] = fd, st.st_size
+            return self._fds[i]
 
     def _guarded(self, proj: Any) -> bool:
         """Whether every source file the projection is read from is mapped under the SIGBUS handler (MappedFiles;

@@ -12,7 +12,8 @@ mertools does (read from the library's own source, ``hf_api.py``, ``file_downloa
 - ``POST /api/models/{repo}/preupload/{rev}``            ``uploadMode`` lfs for binary or large files
 - ``POST /{repo}.git/info/lfs/objects/batch``            basic transfer; no ``actions`` when the object is stored
 - ``PUT /lfs-upload/{oid}``                              the object's bytes (sha256 checked)
-- ``POST /api/models/{repo}/commit/{rev}``               NDJSON header/file/lfsFile lines
+- ``POST /api/models/{repo}/commit/{rev}``               NDJSON header/file/lfsFile lines; 412 when the header's
+  ``parentCommit`` is not the branch's head
 - ``POST /api/validate-yaml``
 
 Fault injection (:meth:`HubServer.fault`): cut the connection after N body bytes, corrupt a byte, answer 5xx N
@@ -44,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 CHUNK = 64 << 10
@@ -174,14 +175,17 @@ class HubServer:
 
     def _commit(self, repo_id: str, blobs: dict[str, Blob], branch: str | None) -> str:
         with self.lock:
-            repo = self.repos.setdefault(repo_id, Repo())
-            h = hashlib.sha1(repo_id.encode() + str(len(repo.revisions)).encode())
-            for p in sorted(blobs):
-                h.update(p.encode() + blobs[p].etag.encode())
-            sha = h.hexdigest()
-            repo.revisions[sha] = blobs
-            if branch:
-                repo.refs[branch] = sha
+            return self._commit_locked(repo_id, blobs, branch)
+
+    def _commit_locked(self, repo_id: str, blobs: dict[str, Blob], branch: str | None) -> str:
+        repo = self.repos.setdefault(repo_id, Repo())
+        h = hashlib.sha1(repo_id.encode() + str(len(repo.revisions)).encode())
+        for p in sorted(blobs):
+            h.update(p.encode() + blobs[p].etag.encode())
+        sha = h.hexdigest()
+        repo.revisions[sha] = blobs
+        if branch:
+            repo.refs[branch] = sha
         return sha
 
     def fault(self, kind: str, pattern: str, **kw: Any) -> Fault:
@@ -626,12 +630,17 @@ class _Handler(BaseHTTPRequestHandler):
             hub.lfs_uploads[oid] = hub.lfs_uploads.get(oid, 0) + 1
         self._send(200)
 
-    def _commit(self, repo_id: str, rev: str) -> None:
+    def _apply_commit(self, repo_id: str, rev: str, lines: list[dict[str, Any]]) -> str | Callable[[], None]:
+        """Apply a commit's NDJSON lines to branch `rev` (the hub's lock held): its sha, or a refusal, the answer to
+        send once the lock is released."""
         hub = self.server_hub
-        lines = [json.loads(x) for x in self._body().splitlines() if x.strip()]
         r = hub.resolve(repo_id, rev)
         if r is None:
-            return self._not_found(repo_id, rev)
+            return lambda: self._not_found(repo_id, rev)
+        parent = next((x["value"].get("parentCommit") for x in lines if x["key"] == "header"), None)
+        if parent and not r[0].startswith(parent):  # the hub's status and words
+            return lambda: self._error(412, "PreconditionFailed", "A commit has happened since. Please refresh and "
+                                                                  "try again.")
         blobs = dict(r[1])
         for line in lines:
             v = line["value"]
@@ -639,12 +648,21 @@ class _Handler(BaseHTTPRequestHandler):
                 blobs[v["path"]] = Blob.of(base64.b64decode(v["content"]))
             elif line["key"] == "lfsFile":
                 if v["oid"] not in hub.lfs:
-                    return self._error(400, "BadRequest", f"LFS object {v['oid']} was never uploaded")
+                    return lambda: self._error(400, "BadRequest", f"LFS object {v['oid']} was never uploaded")
                 blobs[v["path"]] = hub.lfs[v["oid"]]
             elif line["key"] == "deletedFile":
                 blobs.pop(v["path"], None)
-        sha = hub._commit(repo_id, blobs, rev)
+        sha = hub._commit_locked(repo_id, blobs, rev)
         hub.commits.append({"repo": repo_id, "sha": sha, "lines": len(lines)})
+        return sha
+
+    def _commit(self, repo_id: str, rev: str) -> None:
+        hub = self.server_hub
+        lines = [json.loads(x) for x in self._body().splitlines() if x.strip()]
+        with hub.lock:  # read the head and move it in one step, as the hub does: two commits never both apply to one
+            sha = self._apply_commit(repo_id, rev, lines)  # answered outside the lock: _json takes it
+        if callable(sha):
+            return sha()
         self._json({"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 
 

@@ -401,3 +401,40 @@ def test_a_push_deletes_nothing_no_earlier_push_wrote(hub, env, extracted):
     assert remote["hf/tokenizer.json"].read() == b"the owner's tokenizer"
     assert set(remote) == set(local_files(out)) | {"README.md", "hf/tokenizer.json"}, sorted(remote)
     assert r["deleted_files"] == len(set(local_files(first)) - set(local_files(out)))
+
+
+def test_a_push_another_commit_overtakes_plans_again_from_the_new_head(hub, env, extracted):
+    """Another push lands on the branch between this push's listing and its commit. The commit names the commit it
+    was planned from (parent_commit), the hub refuses it (412), and the push plans again from the new head: the
+    other push's shards are deleted as the leftovers they now are. Without it the commit applied on top of the other
+    push and left its shards beside this folder's manifest, a mix of two models."""
+    mine, theirs = extracted(GEN / "moe-merged-q8_0.gguf"), extracted(MIX)
+    assert set(local_files(theirs)) - set(local_files(mine))  # what a stale plan would leave behind
+    hub.add_revision("me/r", {"NOTES.md": b"the owner's own"})
+
+    def overtake(handler):  # the other push commits first
+        hub.add_revision("me/r", {**local_files(theirs), "README.md": b"their card"},
+                         base=hub.repos["me/r"].refs["main"])
+
+    hub.fault("hook", "/api/models/me/r/commit/*", times=1, edit=overtake)
+    r = json.loads(run_cli("push", mine, "me/r", "--json", env=env, check=True).stdout)
+    remote = hub.files_at("me/r")
+    assert set(remote) == set(local_files(mine)) | {"README.md", "NOTES.md"}, sorted(set(remote))
+    assert r["plans"] == 2 and r["deleted_files"] == len(set(local_files(theirs)) - set(local_files(mine)))
+    assert r["commit"] == hub.repos["me/r"].refs["main"]
+
+
+def test_a_push_overtaken_at_every_commit_gives_up_with_one_line(hub, env, extracted):
+    """A branch another writer commits to before each of this push's commits: after PLAN_ATTEMPTS plans the push
+    stops with one line that says what happened and what to do; none of its commits landed."""
+    from mertools.hub.pushing import PLAN_ATTEMPTS
+
+    mine = extracted(GEN / "moe-merged-q8_0.gguf")
+    hub.add_revision("me/busy", {"NOTES.md": b"0"})
+    n = iter(range(1, 100))
+    hub.fault("hook", "/api/models/me/busy/commit/*", times=None, edit=lambda handler: hub.add_revision(
+        "me/busy", {"NOTES.md": str(next(n)).encode()}))
+    line = one_line_error(run_cli("push", mine, "me/busy", "-q", env=env))
+    assert f"before each of this push's {PLAN_ATTEMPTS} commits" in line and "re-run" in line, line
+    assert set(hub.files_at("me/busy")) == {"NOTES.md"}
+    assert not [c for c in hub.commits if c["repo"] == "me/busy"]  # every commit of the push was refused

@@ -8,8 +8,11 @@ manifest.json (an earlier push of another folder's) lists that the folder lacks 
 other file is (another tool's, or one the owner added, even under experts/ or hf/).
 
 Thread safety: pushes of different folders or to different repos may run at once (quiet or not: see
-:mod:`mertools.hub.quiet`); two pushes to the same branch race at the commit, which the hub orders (the later one
-wins for files both change).
+:mod:`mertools.hub.quiet`). The commit names the commit its plan was made from (``parent_commit``), so when
+another push (or anyone) commits to the branch first, the hub refuses it (HTTP 412) and the push plans again from
+the new head, up to ``PLAN_ATTEMPTS`` times: what it deletes is always what the branch's manifest lists at the
+commit it replaces, never a stale listing's (which left the other push's shards beside this folder's manifest).
+Of two pushes to one branch, the one that commits last wins, whole.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from ..errors import MertoolsError
 from ..units import human_bytes
 from .download import CHUNK, git_blob_sha1_file
 from .quiet import adopting, quiet_scope
-from .remote import RepoSpec, api, hub_call, list_files, resolve_commit
+from .remote import HeadMoved, RepoSpec, api, hub_call, list_files, resolve_commit
 
 CARD_NAME = "README.md"
+PLAN_ATTEMPTS = 5  # plans (listing, then commit) a push makes while other commits keep landing on its branch first
 
 
 def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None, private: bool = False,
@@ -60,15 +64,34 @@ def push(out: str | os.PathLike[str], repo: str, *, revision: str | None = None,
 
 def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report: Any,
           quiet: bool) -> dict[str, Any]:
-    from huggingface_hub import CommitOperationAdd as _Add
-    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub import CommitOperationAdd
 
     # the library uploads LFS files on its own worker threads: operations that make those follow this push
-    CommitOperationAdd = adopting(_Add, quiet)
+    add = adopting(CommitOperationAdd, quiet)
     h = api()
     hub_call(spec.repo_id, h.create_repo, spec.repo_id, private=private, exist_ok=True)
     if rev != "main":
         hub_call(spec.repo_id, h.create_branch, spec.repo_id, branch=rev, exist_ok=True)
+    for attempt in range(1, PLAN_ATTEMPTS + 1):
+        try:
+            ops, stale, skipped, sent, commit = _plan_and_commit(folder, spec, rev, m, h, add)
+            break
+        except HeadMoved:
+            if attempt == PLAN_ATTEMPTS:
+                raise MertoolsError(f"{spec.repo_id}@{rev}: another commit landed on the branch before each of this "
+                                    f"push's {PLAN_ATTEMPTS} commits (another push to it is running?); nothing was "
+                                    "committed, the files uploaded are kept: re-run when it is done") from None
+    return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops) - len(stale), "uploaded_bytes": sent,
+            "skipped_files": skipped, "deleted_files": len(stale), "commit": commit,
+            "verified_experts": report.experts_checked, "plans": attempt}
+
+
+def _plan_and_commit(folder: Path, spec: RepoSpec, rev: str, m: Any, h: Any,
+                     add: Any) -> tuple[list[Any], list[str], int, int, str | None]:
+    """(operations, stale paths deleted, files skipped, bytes sent, commit sha or None) of one plan made from the
+    branch's head and committed on top of that very commit (HeadMoved when another landed first). `add`: the
+    CommitOperationAdd class the files are sent with."""
+    from huggingface_hub import CommitOperationDelete
     # the listing is read as pull reads it (bounded, validated): a malformed entry only means that file is sent again
     # at one commit: the listing and the earlier manifest read there agree (a branch name with a slash is not
     # a path in a resolve URL either)
@@ -90,7 +113,7 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
         if _same(p, remote.get(rel)):
             skipped += 1
             continue
-        ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)))
+        ops.append(add(path_in_repo=rel, path_or_fileobj=str(p)))
         sent += p.stat().st_size
     # what an earlier push of another folder left (its shards, dense.gguf, record, hf/ companions) goes in the same
     # commit: the repo is this folder, not a mix of two models. Only what the repo's own manifest.json lists, at
@@ -103,21 +126,19 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
     if _same_bytes(card, remote.get(CARD_NAME)):
         skipped += 1
     else:
-        ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
+        ops.append(add(path_in_repo=CARD_NAME, path_or_fileobj=card))
         sent += len(card)
     commit = None
     if ops:
         # The uploads keep the read timeout (an upload server that takes the body and never answers must not hang
         # the push); only the commit, which may take the hub minutes to answer, waits without one. create_commit
         # skips the operations preupload_lfs_files has already sent.
-        adds = [op for op in ops if isinstance(op, _Add)]
+        adds = [op for op in ops if isinstance(op, add)]
         hub_call(spec.repo_id, h.preupload_lfs_files, spec.repo_id, additions=adds, revision=rev)
         info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev, long_answer=True,
-                        commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}")
+                        commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}", parent_commit=at)
         commit = info.oid
-    return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops) - len(stale), "uploaded_bytes": sent,
-            "skipped_files": skipped, "deleted_files": len(stale), "commit": commit,
-            "verified_experts": report.experts_checked}
+    return ops, stale, skipped, sent, commit
 
 
 def _earlier_push(spec: RepoSpec, commit: str, listing: Any) -> set[str]:

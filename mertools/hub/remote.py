@@ -26,6 +26,10 @@ class HubError(MertoolsError):
     """The hub (or its cache) cannot give what a pull needs: unknown repo or revision, network, integrity."""
 
 
+class HeadMoved(HubError):
+    """A commit made with ``parent_commit`` was refused (HTTP 412): the branch moved since it was read."""
+
+
 class IntegrityError(HubError):
     """A downloaded or cached file's bytes do not match the sha256 (or git oid) the hub lists for it."""
 
@@ -116,6 +120,9 @@ def hub_call(what: str, fn: Any, *args: Any, long_answer: bool = False, **kw: An
             if status in RETRY_STATUS:
                 check_retry_after(what, status, headers)
                 raise Retry(f"HTTP {status}", retry_after(headers)) from None
+            if status == 412:  # create_commit's parent_commit is no longer the branch's head: the caller re-plans
+                raise HeadMoved(f"{what}: the branch moved since it was read (HTTP 412: another commit landed "
+                                "first)") from None
             raise HubError(f"{what}: the hub answered HTTP {status}; try again later") from None
 
     with session_timeout(read=not long_answer):

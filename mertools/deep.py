@@ -242,8 +242,12 @@ def _preader(fd: int, base: int, path: Path, size: int) -> Callable[[int, np.nda
 
     def into(lo: int, out: np.ndarray) -> None:
         got = 0
-        while got < out.size:
-            got += pread_some(fd, out[got:], base + lo + got, size, path)
+        try:
+            while got < out.size:
+                got += pread_some(fd, out[got:], base + lo + got, size, path)
+        except OSError as exc:  # the source's, not the shard's: verify must not FAIL the shard it compares for it
+            raise SourceError(f"{path}: cannot read the reference model ({exc.strerror or exc}); check the file (or "
+                              "its disk) and re-run") from None
 
     return into
 

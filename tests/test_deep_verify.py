@@ -778,3 +778,118 @@ def test_an_expert_whose_activations_overflow_float32_but_whose_output_does_not_
         msg = str(p)
         assert "beyond float32's range" in msg and "wrongly" not in msg, msg
         assert msg.startswith("experts/L001/"), msg
+
+
+ST_SHARDED = REAL.parent / "safetensors" / "real" / "mixtral-bf16-sharded"
+
+
+@pytest.mark.parametrize("src", [REAL / "mixtral-q4_k_m.gguf", ST_SHARDED], ids=["gguf", "safetensors"])
+def test_scan_with_pieces_that_straddle_projections_names_the_exact_byte(monkeypatch, tmp_path, extracted, src):
+    """The byte scan reads the shard and the source (Region.into: pread) a PIECE at a time: with a piece size that
+    is no page multiple, every projection starts and ends inside a piece and its bytes span several; the clean
+    shard still compares equal with the right checksums, and a byte changed deep inside a projection (checksums
+    rewritten) is named at its own offset, not one shifted by a piece or a span."""
+    import os
+
+    import mertools.deep as deep
+    from mer_runtime.safeopen import open_regular
+
+    monkeypatch.setattr(deep, "PIECE", 4099)
+    out = tmp_path / "forged"
+    shutil.copytree(extracted(src), out)
+    m = load_manifest(out)
+    e = m.experts[-1]
+    ref = SourceReference(src, m)
+    try:
+        def scan(e):
+            regions = deep.source_regions(ref, e, [])
+            assert set(regions) == {"gate", "up", "down"} and all(r.into is not None for r in regions.values())
+            fd, _ = open_regular(m.path_of(e))
+            try:
+                return deep.scan_shard(fd, e, regions)
+            finally:
+                os.close(fd)
+
+        whole, parts, n, probs = scan(e)
+        assert not probs and n == e.size and whole == e.xxh3_64
+        assert all(parts[r] == t.xxh3_64 for r, t in e.tensors.items())
+        t = e.tensors["down"]
+        at = t.nbytes - 3 * 4099 - 5  # a few pieces before its end, inside a piece
+        forge(out, e.path, t.offset + at)
+        m = load_manifest(out)
+        e = m.experts[-1]
+        whole, parts, n, probs = scan(e)
+        assert whole == e.xxh3_64
+        assert [p.what.split(" does not")[0] for p in probs] == [f"down: byte {at} of {t.nbytes}"], probs
+    finally:
+        ref.close()
+
+
+def _open_fds() -> set[str]:
+    import os
+
+    return {os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{n}")}
+
+
+@pytest.mark.parametrize("how", ["split-gguf", "safetensors", "split-gguf-part-cut"])
+def test_the_reference_closes_every_file_it_opened(tmp_path, extracted, how):
+    """SourceReference keeps each source file open for the byte scan's preads (a split GGUF's parts, a checkpoint's
+    files): verify --deep --against leaves none open, nor does a reference whose construction fails on a bad part."""
+    from conftest import GEN
+
+    if how == "safetensors":
+        src = ST_SHARDED
+        out = extracted(src)
+    else:
+        src = GEN / "moe-split-q4_0-00001-of-00006.gguf"
+        out = extracted(src)
+    if how == "split-gguf-part-cut":
+        copy = tmp_path / "src"
+        copy.mkdir()
+        for p in parts_of(src):
+            shutil.copy(p, copy / p.name)
+        last = copy / parts_of(src)[-1].name
+        last.write_bytes(last.read_bytes()[:100])  # a part the reader refuses, after the others were opened
+        src = copy / src.name
+    before = _open_fds()
+    if how == "split-gguf-part-cut":
+        from mertools.errors import MertoolsError
+        from mer_runtime.errors import MerError
+
+        with pytest.raises((MertoolsError, MerError)):
+            SourceReference(src, load_manifest(out))
+    else:
+        assert verify(out, deep=True, against=src).ok
+    leaked = {p for p in _open_fds() - before if str(src.parent if src.is_file() else src) in p}
+    assert not leaked, leaked
+
+
+@pytest.mark.parametrize("src", [REAL / "mixtral-q4_k_m.gguf", ST_SHARDED], ids=["gguf", "safetensors"])
+def test_a_source_that_fails_to_read_is_not_blamed_on_the_shard(monkeypatch, extracted, src):
+    """The byte scan preads the source (Region.into): an I/O error there (EIO on a failing disk or network file
+    system) names the source and stops verify with one error, as a source the mapping faulted on did; it never
+    becomes a "cannot read" FAIL of the shard being compared (whose re-extraction would fix nothing)."""
+    import errno
+    import os
+
+    import mertools.deep as deep
+    from mertools.errors import SourceError
+
+    out = extracted(src)
+    names = {p.name for p in (src.iterdir() if src.is_dir() else [src])}
+    real = os.preadv
+
+    def preadv(fd, bufs, at):
+        try:
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            name = ""
+        if name in names:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(SourceError) as exc:
+        verify(out, deep=True, against=src)
+    assert "Input/output error" in str(exc.value) and any(n in str(exc.value) for n in names), exc.value

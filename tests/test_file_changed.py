@@ -585,3 +585,60 @@ def test_deep_compare_checks_only_the_files_a_projection_reads(tmp_path):
     """, "fallback")
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
     assert p.stdout.split() == ["UNGUARDED", "True", "PROBLEMS", "0", "RAISED", "True"], p.stdout
+
+
+@pytest.mark.parametrize("how", ["grown", "cut-after-the-last-piece"])
+@pytest.mark.parametrize("reader", ["hash_file", "scan_shard"])
+def test_file_changed_after_it_was_read_is_refused(tmp_path, how, reader):
+    """verify's checksum pass and deep verify's byte scan read with pread: a file that grows while it is read, or is
+    cut once its last piece is in, still ends in FileChangedError naming it (the mapping version's Guard.finish
+    compared the size at the end), never a PASS on bytes that are no longer the file."""
+    from types import SimpleNamespace
+
+    from mer_runtime.checksum import PIECE, hash_file
+    from mer_runtime.guard import FileChangedError
+    from mer_runtime.safeopen import open_regular
+
+    import mertools.deep as deep
+
+    p = tmp_path / "f.bin"
+    size = 3 * PIECE + 100
+    p.write_bytes(os.urandom(size))
+    seen = []
+
+    def tick(n):
+        seen.append(n)
+        if how == "grown" and len(seen) == 1:
+            with open(p, "ab") as fh:  # a writer appending (a download still running)
+                fh.write(b"x" * 4096)
+        elif how != "grown" and sum(seen) == size:
+            os.truncate(p, size - 1)
+
+    with pytest.raises(FileChangedError) as exc:
+        if reader == "hash_file":
+            hash_file(p, [(0, size, "all")], tick)
+        else:
+            fd, _ = open_regular(p)
+            try:
+                deep.scan_shard(fd, SimpleNamespace(size=size, tensors={}), {}, tick)
+            finally:
+                os.close(fd)
+    now = size + 4096 if how == "grown" else size - 1
+    assert f"{p} {CHANGED} (was {size} bytes, now {now})" in str(exc.value)
+
+
+def test_read_pieces_refuses_a_buffer_smaller_than_its_pieces(tmp_path):
+    """read_pieces(buf=...) with a buffer shorter than a piece: a clear ValueError, not a loop that preads into an
+    empty slice for ever (0 bytes read of 0 wanted is no short read)."""
+    from mer_runtime.checksum import read_pieces
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * 10000)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError):
+            for _ in read_pieces(fd, 10000, 4096, buf=bytearray(1000)):
+                pass
+        assert sum(e - s for s, e, _ in read_pieces(fd, 10000, 4096, buf=bytearray(4096))) == 10000
+    finally:
+        os.close(fd)

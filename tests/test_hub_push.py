@@ -43,6 +43,7 @@ def test_an_interrupted_push_resumes_and_sends_each_file_once(hub, env, extracte
     n_commits = len(hub.commits)
     r3 = json.loads(run_cli("push", out, "me/shards", "--json", env=env, check=True).stdout)
     assert r3["uploaded_files"] == 0 and r3["skipped_files"] == len(files) + 1 and len(hub.commits) == n_commits
+    assert r3["commit"] is None and r3["head"] == r["commit"]  # the commit that holds the folder
 
 
 def test_a_push_of_another_folder_leaves_none_of_the_last_ones_files(hub, env, extracted, st_extracted):
@@ -421,7 +422,7 @@ def test_a_push_another_commit_overtakes_plans_again_from_the_new_head(hub, env,
     remote = hub.files_at("me/r")
     assert set(remote) == set(local_files(mine)) | {"README.md", "NOTES.md"}, sorted(set(remote))
     assert r["plans"] == 2 and r["deleted_files"] == len(set(local_files(theirs)) - set(local_files(mine)))
-    assert r["commit"] == hub.repos["me/r"].refs["main"]
+    assert r["commit"] == r["head"] == hub.repos["me/r"].refs["main"]
 
 
 def test_a_push_overtaken_at_every_commit_gives_up_with_one_line(hub, env, extracted):
@@ -438,3 +439,19 @@ def test_a_push_overtaken_at_every_commit_gives_up_with_one_line(hub, env, extra
     assert f"before each of this push's {PLAN_ATTEMPTS} commits" in line and "re-run" in line, line
     assert set(hub.files_at("me/busy")) == {"NOTES.md"}
     assert not [c for c in hub.commits if c["repo"] == "me/busy"]  # every commit of the push was refused
+
+
+def test_a_push_planned_again_sends_no_lfs_object_twice(hub, env, extracted):
+    """The plan made again after a 412 sends the same shards: the objects its first plan uploaded are stored, so
+    none goes over the wire a second time (the LFS batch answers them without actions)."""
+    mine, theirs = extracted(GEN / "moe-merged-q8_0.gguf"), extracted(MIX)
+    hub.add_revision("me/r2", {"NOTES.md": b"the owner's own"})
+
+    def overtake(handler):
+        hub.add_revision("me/r2", {**local_files(theirs), "README.md": b"their card"},
+                         base=hub.repos["me/r2"].refs["main"])
+
+    hub.fault("hook", "/api/models/me/r2/commit/*", times=1, edit=overtake)
+    r = json.loads(run_cli("push", mine, "me/r2", "--json", env=env, check=True).stdout)
+    assert r["plans"] == 2
+    assert hub.lfs_uploads and max(hub.lfs_uploads.values()) == 1, hub.lfs_uploads

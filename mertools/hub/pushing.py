@@ -22,11 +22,11 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import MertoolsError
 from ..units import human_bytes
-from .download import CHUNK, git_blob_sha1_file
+from .download import git_blob_sha1_file
 from .quiet import adopting, quiet_scope
 from .remote import HeadMoved, RepoSpec, api, hub_call, list_files, resolve_commit
 
@@ -74,23 +74,25 @@ def _push(folder: Path, spec: RepoSpec, rev: str, private: bool, m: Any, report:
         hub_call(spec.repo_id, h.create_branch, spec.repo_id, branch=rev, exist_ok=True)
     for attempt in range(1, PLAN_ATTEMPTS + 1):
         try:
-            ops, stale, skipped, sent, commit = _plan_and_commit(folder, spec, rev, m, h, add)
+            ops, stale, skipped, sent, commit, at = _plan_and_commit(folder, spec, rev, m, h, add)
             break
         except HeadMoved:
             if attempt == PLAN_ATTEMPTS:
                 raise MertoolsError(f"{spec.repo_id}@{rev}: another commit landed on the branch before each of this "
-                                    f"push's {PLAN_ATTEMPTS} commits (another push to it is running?); nothing was "
-                                    "committed, the files uploaded are kept: re-run when it is done") from None
+                                    f"push's {PLAN_ATTEMPTS} commits (another push to it is running?); re-run when it "
+                                    "is done (the files already uploaded are not sent again)") from None
+    # `head`: the commit that holds this folder now, whether this push made it or found the branch already holding it
+    # (as after a commit the hub made but answered with a 5xx: its retry was refused, the next plan had nothing to do)
     return {"repo": spec.repo_id, "revision": rev, "uploaded_files": len(ops) - len(stale), "uploaded_bytes": sent,
-            "skipped_files": skipped, "deleted_files": len(stale), "commit": commit,
+            "skipped_files": skipped, "deleted_files": len(stale), "commit": commit, "head": commit or at,
             "verified_experts": report.experts_checked, "plans": attempt}
 
 
 def _plan_and_commit(folder: Path, spec: RepoSpec, rev: str, m: Any, h: Any,
-                     add: Any) -> tuple[list[Any], list[str], int, int, str | None]:
-    """(operations, stale paths deleted, files skipped, bytes sent, commit sha or None) of one plan made from the
-    branch's head and committed on top of that very commit (HeadMoved when another landed first). `add`: the
-    CommitOperationAdd class the files are sent with."""
+                     add: Any) -> tuple[list[Any], list[str], int, int, str | None, str]:
+    """(operations, stale paths deleted, files skipped, bytes sent, the commit made or None, the head planned from)
+    of one plan made from the branch's head and committed on top of that very commit (HeadMoved when another landed
+    first). `add`: the CommitOperationAdd class the files are sent with."""
     from huggingface_hub import CommitOperationDelete
     # the listing is read as pull reads it (bounded, validated): a malformed entry only means that file is sent again
     # at one commit: the listing and the earlier manifest read there agree (a branch name with a slash is not
@@ -110,11 +112,13 @@ def _plan_and_commit(folder: Path, spec: RepoSpec, rev: str, m: Any, h: Any,
         rel = p.relative_to(folder).as_posix()
         if rel == CARD_NAME:
             continue  # the card is generated from the manifest
-        if _same(p, remote.get(rel)):
+        op = add(path_in_repo=rel, path_or_fileobj=str(p))
+        # its sha256 is the one the upload uses (huggingface_hub >= 2 computes it on first use): one read, not two
+        if _same(p, lambda: op.upload_info.sha256.hex(), remote.get(rel)):
             skipped += 1
             continue
-        ops.append(add(path_in_repo=rel, path_or_fileobj=str(p)))
-        sent += p.stat().st_size
+        ops.append(op)
+        sent += op.upload_info.size
     # what an earlier push of another folder left (its shards, dense.gguf, record, hf/ companions) goes in the same
     # commit: the repo is this folder, not a mix of two models. Only what the repo's own manifest.json lists, at
     # the names mertools writes: another tool's experts/ or hf/ files, a tokenizer the owner added by hand and the
@@ -138,7 +142,7 @@ def _plan_and_commit(folder: Path, spec: RepoSpec, rev: str, m: Any, h: Any,
         info = hub_call(spec.repo_id, h.create_commit, spec.repo_id, operations=ops, revision=rev, long_answer=True,
                         commit_message=f"mertools push: {len(ops)} file(s) of {folder.name}", parent_commit=at)
         commit = info.oid
-    return ops, stale, skipped, sent, commit
+    return ops, stale, skipped, sent, commit, at
 
 
 def _earlier_push(spec: RepoSpec, commit: str, listing: Any) -> set[str]:
@@ -171,16 +175,13 @@ def _ours(path: str) -> bool:
                                                                                   f"{COMPANION_DIR}/"))
 
 
-def _same(p: Path, remote: tuple[str | None, str | None] | None) -> bool:
+def _same(p: Path, sha256: Callable[[], str], remote: tuple[str | None, str | None] | None) -> bool:
+    """Whether the hub's file (its (sha256, git oid)) holds the bytes of local file `p` (`sha256()` gives theirs)."""
     if remote is None:
         return False
-    sha256, oid = remote
-    if sha256:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while b := fh.read(CHUNK):
-                h.update(b)
-        return h.hexdigest() == sha256
+    theirs, oid = remote
+    if theirs:
+        return theirs == sha256()
     return oid is not None and git_blob_sha1_file(p) == oid
 
 

@@ -4,10 +4,11 @@ Read with ``pread`` into one reused buffer, a piece at a time, each piece hashed
 range's (the second finds it in cache). Not a memory map: copying from the page cache into a buffer measured
 1.4-1.8x faster than faulting the same pages in through a mapping (1.59 GB of page-cached shards, 2 threads:
 0.10-0.13 s against 0.18-0.19 s, 2026-11-30), needs no SIGBUS guard, and holds nothing but the buffer, however big
-the file. A file that shrinks meanwhile ends the read early: FileChangedError naming it.
+the file. A file that shrinks meanwhile ends the read early, and one that grew or was cut by the end fails the
+final size check: FileChangedError naming it.
 
-xxhash does not release the GIL (two threads hashing take twice one's time) but pread does, so callers on several
-threads read one file while another is hashed.
+pread and xxhash's ``update`` both release the GIL, so callers on several threads read and hash several files at
+once.
 """
 
 from __future__ import annotations
@@ -30,14 +31,19 @@ def read_pieces(fd: int, size: int, step: int = PIECE, path: str | os.PathLike[s
     """(pos, end, bytes pos..end) over the first `size` bytes of open file `fd`, `step` at a time, read with pread
     into ONE buffer reused for every piece (`buf`, at least `step` bytes, when the caller wants its own: a NumPy
     view of it then sees each piece): a piece is valid until the next is asked for (hash or compare it, do not keep
-    it). A file shorter than `size` raises FileChangedError naming it (`path`, else resolved from `fd`).
+    it). A file shorter than `size` raises FileChangedError naming it (`path`, else resolved from `fd`), and so does
+    one whose size is no longer `size` once the last piece was read (it grew meanwhile, or was cut after it).
 
     >>> fd = os.open(__file__, os.O_RDONLY)
-    >>> sum(end - pos for pos, end, piece in read_pieces(fd, 100, 32))
-    100
+    >>> size = os.fstat(fd).st_size
+    >>> sum(end - pos for pos, end, piece in read_pieces(fd, size, 32)) == size
+    True
     >>> os.close(fd)
     """
     buf = memoryview(bytearray(min(step, size)) if buf is None else buf)
+    if (n := len(buf)) < min(step, size):  # a piece would never fill: pread into an empty slice reads 0, for ever
+        buf.release()
+        raise ValueError(f"read_pieces: a buffer of {n} bytes for pieces of {min(step, size)}")
     pos = 0
     try:
         while pos < size:
@@ -48,6 +54,10 @@ def read_pieces(fd: int, size: int, step: int = PIECE, path: str | os.PathLike[s
             with buf[:want] as piece:
                 yield pos, pos + want, piece
             pos += want
+        # and it still has that size (one fstat, as Guard.finish did for a mapping): a file that grew meanwhile (a
+        # download still being written) or was cut after its last piece was read is not the file just hashed
+        if (now := _size_now(fd)) != size:
+            raise changed(_name_of(path, fd), size, now)
     finally:
         buf.release()
 
@@ -57,12 +67,15 @@ def pread_some(fd: int, into: Any, at: int, size: int, path: str | os.PathLike[s
     read began); none, the file having shrunk, is FileChangedError naming it (`path`, else resolved from `fd`)."""
     n = os.preadv(fd, [into], at)
     if n == 0 and len(into):
-        try:
-            now: int | None = os.fstat(fd).st_size
-        except OSError:
-            now = None
-        raise changed(_name_of(path, fd), size, now)
+        raise changed(_name_of(path, fd), size, _size_now(fd))
     return n
+
+
+def _size_now(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return None
 
 
 def hash_file(path: str | os.PathLike[str], ranges: Sequence[tuple[int, int, str]] = (),

@@ -8,9 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +56,13 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _debug_traceback() -> None:
+    if os.environ.get("MERTOOLS_DEBUG") == "1":
+        import traceback  # not at the top: only this needs it, and a start would pay for it
+
+        traceback.print_exc()
+
+
 class _Group(click.Group):
     """Every command runs through ``invoke``: one place turns exceptions into one line on stderr, as
     huggingface_hub's CLI does. ``MERTOOLS_DEBUG=1`` prints the traceback too."""
@@ -68,15 +73,15 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors: click prints them its own way, exit code 2
         except KeyboardInterrupt as exc:
-            if os.environ.get("MERTOOLS_DEBUG") == "1":
-                traceback.print_exc()
+            import signal  # here, not at the top, as traceback
+
+            _debug_traceback()
             signum = getattr(exc, "signum", signal.SIGINT)
             click.echo(f"{exc if getattr(exc, 'signum', None) else 'interrupted; no partial output was left behind'}",
                        err=True)
             sys.exit(128 + signum)
         except Exception as exc:
-            if os.environ.get("MERTOOLS_DEBUG") == "1":
-                traceback.print_exc()
+            _debug_traceback()
             msg, code = _describe(exc)
             click.echo(f"error: {msg}", err=True)
             sys.exit(code)

@@ -58,7 +58,7 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 
 def _debug_traceback() -> None:
     if os.environ.get("MERTOOLS_DEBUG") == "1":
-        import traceback  # not at the top: only this needs it, and a start would pay for it
+        import traceback  # the error paths import what only they use (a start would pay for it)
 
         traceback.print_exc()
 
@@ -73,7 +73,7 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors: click prints them its own way, exit code 2
         except KeyboardInterrupt as exc:
-            import signal  # here, not at the top, as traceback
+            import signal  # the error paths import what only they use (a start would pay for it)
 
             _debug_traceback()
             signum = getattr(exc, "signum", signal.SIGINT)

@@ -201,7 +201,7 @@ def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[
 
     `extra_source` adds fields to ``source`` (``pull`` records repo, revision and sha256 there).
     """
-    from . import __version__  # importlib.metadata: not on the way of the commands that import plan() only
+    from . import __version__  # read here: inspect imports this module for plan() and needs no importlib.metadata
 
     source = dict(conv.src.source_info())
     if conv.dtype:

@@ -44,7 +44,8 @@ def main() -> None:
                  "mertools verify OUT --json -q": [*cli, "verify", str(a.folder), "--json", "-q"],
                  f"mertools verify OUT --deep{' --against SRC' if a.src else ''} --json -q":
                      [*cli, "verify", str(a.folder), "--deep", *against, "--json", "-q"]}
-    pyc = all(any((Path(p) / "__pycache__").glob("__init__.*.pyc")) for p in (*mertools.__path__, *mer_runtime.__path__))
+    pyc = all(any((Path(p) / "__pycache__").glob("__init__.*.pyc"))
+              for p in (*mertools.__path__, *mer_runtime.__path__))
     print(f"{sys.version.split()[0]}, .pyc files {'present' if pyc else 'absent: every start compiles the sources'}; "
           f"median of {a.repeat}, ms")
     times: dict[str, list[float]] = {name: [] for name in cmds}

@@ -63,9 +63,19 @@ def _debug_traceback() -> None:
         traceback.print_exc()
 
 
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        from mer_runtime import kernels  # numpy and gguf: once the arguments are parsed, so --help goes without them
+
+        kernels.threads()  # refuses a bad MER_THREADS before any work, not halfway through
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Every command runs through ``invoke``: one place turns exceptions into one line on stderr, as
     huggingface_hub's CLI does. ``MERTOOLS_DEBUG=1`` prints the traceback too."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -136,9 +146,6 @@ def main() -> None:
 
     Errors print one line and exit 2; set MERTOOLS_DEBUG=1 to see the traceback too.
     """
-    from mer_runtime import kernels
-
-    kernels.threads()  # refuses a bad MER_THREADS before any work, not halfway through
 
 
 @main.command()

@@ -29,6 +29,7 @@ def loaded_after(code: str) -> set[str]:
 @pytest.mark.parametrize("code", [
     "import mertools.cli",
     "from mertools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    "from mertools.cli import main\ntry:\n    main(['verify', '--help'])\nexcept SystemExit:\n    pass",
     "import mertools, mer_runtime",
 ])
 def test_a_start_imports_no_command_and_nothing_heavy(code):

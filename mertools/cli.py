@@ -8,9 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,15 +16,10 @@ import click
 
 from mer_runtime.errors import MerError
 
-from . import __version__
-from .commit import check_file_target, file_output, refuse_folder_file
-from .describe import describe, render
+# Only what every command needs: each command imports its own implementation when it runs, so a start (and --help)
+# does not pay for numpy, gguf and every other command's code (tests/test_startup.py keeps it so).
 from .errors import MertoolsError
-from .extract import extract as do_extract
-from .extract import parse_ranges
-from .memory import check_cache_memory
 from .units import human_bytes
-from .verify import verify as do_verify
 
 
 def _fail(msg: str) -> None:
@@ -63,9 +56,26 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _debug_traceback() -> None:
+    if os.environ.get("MERTOOLS_DEBUG") == "1":
+        import traceback  # the error paths import what only they use (a start would pay for it)
+
+        traceback.print_exc()
+
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        from mer_runtime import kernels  # numpy and gguf: once the arguments are parsed, so --help goes without them
+
+        kernels.threads()  # refuses a bad MER_THREADS before any work, not halfway through
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Every command runs through ``invoke``: one place turns exceptions into one line on stderr, as
     huggingface_hub's CLI does. ``MERTOOLS_DEBUG=1`` prints the traceback too."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,15 +83,15 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors: click prints them its own way, exit code 2
         except KeyboardInterrupt as exc:
-            if os.environ.get("MERTOOLS_DEBUG") == "1":
-                traceback.print_exc()
+            import signal  # the error paths import what only they use (a start would pay for it)
+
+            _debug_traceback()
             signum = getattr(exc, "signum", signal.SIGINT)
             click.echo(f"{exc if getattr(exc, 'signum', None) else 'interrupted; no partial output was left behind'}",
                        err=True)
             sys.exit(128 + signum)
         except Exception as exc:
-            if os.environ.get("MERTOOLS_DEBUG") == "1":
-                traceback.print_exc()
+            _debug_traceback()
             msg, code = _describe(exc)
             click.echo(f"error: {msg}", err=True)
             sys.exit(code)
@@ -118,16 +128,24 @@ def _emit(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """click.version_option's output, with the version read (importlib.metadata: 15-20 ms) only when asked."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import __version__
+
+    click.echo(f"mertools, version {__version__}", color=ctx.color)
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mertools")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 def main() -> None:
     """Turn Mixture-of-Experts models into aligned per-expert shards for SSD streaming.
 
     Errors print one line and exit 2; set MERTOOLS_DEBUG=1 to see the traceback too.
     """
-    from mer_runtime import kernels
-
-    kernels.threads()  # refuses a bad MER_THREADS before any work, not halfway through
 
 
 @main.command()
@@ -158,6 +176,9 @@ def extract(src: Path, out: Path, layers: str | None, experts: str | None, overw
       mertools extract model-00001-of-00004.gguf out/ --layers 0-3 --json
       mertools extract Mixtral-8x7B-Instruct-v0.1/ out/ --dtype q4_0
     """
+    from .extract import extract as do_extract
+    from .ranges import parse_ranges
+
     layer_sel, expert_sel = parse_ranges(layers, "layers"), parse_ranges(experts, "experts")
     with _Bar(quiet or as_json, "extract") as bar:
         r = do_extract(src, out, layers=layer_sel, experts=expert_sel, overwrite=overwrite, fsync=not no_fsync,
@@ -191,6 +212,8 @@ def inspect(path: Path, as_json: bool) -> None:
       mertools inspect mixtral-q4_k_m.gguf
       mertools inspect out/ --json
     """
+    from .describe import describe, render
+
     d = describe(path)
     _emit(d) if as_json else click.echo(render(d))
 
@@ -220,6 +243,8 @@ def verify(out: Path, deep: bool, against: Path | None, io: str, as_json: bool, 
         _fail("--against needs --deep")
     if not out.is_dir():
         raise MertoolsError(f"{out}: not a folder; give the folder extract wrote")
+    from .verify import verify as do_verify
+
     with _Bar(quiet or as_json, "verify") as bar, _Bar(quiet or as_json, "deep", unit="expert") as deep_bar:
         r = do_verify(out, deep=deep, against=against, io=io, progress=bar, deep_progress=deep_bar)
     if as_json:
@@ -274,6 +299,9 @@ def smoke(out: Path, tokens: int, cache_slots: int, seed: int, workload: str, tr
       mertools smoke out/ --io pread --no-prefetch --emit-golden golden.npz
     """
     from mer_runtime.smoke import SmokeConfig, emit_golden as do_golden, render, run_smoke
+
+    from .commit import check_file_target, file_output, refuse_folder_file
+    from .memory import check_cache_memory
 
     if (workload == "replay") != (trace is not None):
         _fail("--workload replay and --trace FILE go together")

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterable
 
 from mer_runtime.manifest import MANIFEST_NAME, manifest_bytes, parse_manifest
 
-from . import __version__
 from .commit import flush_files, test_point
 from .errors import MertoolsError
 from .layout import ALIGNMENT, DENSE_NAME, ShardLayout, format_version_for, place
@@ -202,6 +201,8 @@ def build_manifest(conv: Conversion, entries: list[dict[str, Any]], dense: dict[
 
     `extra_source` adds fields to ``source`` (``pull`` records repo, revision and sha256 there).
     """
+    from . import __version__  # read here: inspect imports this module for plan() and needs no importlib.metadata
+
     source = dict(conv.src.source_info())
     if conv.dtype:
         source["dtype"] = conv.dtype

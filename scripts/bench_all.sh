@@ -15,3 +15,4 @@ python3 "$here/bench_kernels.py" --sweep-prefetch 2>&1 | tee "$results/kernels.t
 python3 "$here/bench_smoke.py" --dir "$work" --tokens 100 --workload markov --slots 16 --json "$results/smoke16.json" 2>&1 | grep -v INFO | tee "$results/smoke16.txt"
 python3 "$here/bench_smoke.py" --dir "$work" --tokens 100 --workload zipf --slots 33 --json "$results/smoke33.json" 2>&1 | grep -v INFO | tee "$results/smoke33.txt"
 python3 "$here/bench_deep.py" --dir "$work/deep" --repeat 5 2>&1 | grep -v INFO | tee "$results/deep.txt"
+python3 "$here/bench_startup.py" --folder "$work/deep/out" --src "$work/deep/model.gguf" 2>&1 | tee "$results/startup.txt"

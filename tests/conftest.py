@@ -190,7 +190,7 @@ KERNEL_FREE = frozenset({
     "test_hub_hostile", "test_hub_pull", "test_hub_pull_record", "test_hub_push", "test_hub_stream",
     "test_manifest", "test_manifest_mutations", "test_pack", "test_prefetch_price", "test_quiet_threads",
     "test_ranges", "test_reassemble", "test_runtime_isolation", "test_safety", "test_spec_thread",
-    "test_st_reassemble", "test_uring", "test_verify",
+    "test_st_reassemble", "test_startup", "test_uring", "test_verify",
 })
 
 

@@ -160,6 +160,15 @@ def test_bad_mer_threads(shards):
                  repr(value))
 
 
+def test_bad_mer_threads_is_refused_before_any_work_not_for_help(tmp_path):
+    """Checked once a command's arguments are parsed (`CMD --help` needs no kernels), before it writes anything."""
+    one_line(run_cli("extract", GEN / "moe-merged-q4_0.gguf", tmp_path / "o", env={"MER_THREADS": "abc"}),
+             "MER_THREADS='abc'")
+    assert not (tmp_path / "o").exists()
+    p = run_cli("extract", "--help", env={"MER_THREADS": "abc"})
+    assert p.returncode == 0 and p.stdout.startswith("Usage: "), p.stderr
+
+
 @pytest.mark.parametrize("option", ["--layers", "--experts"])
 def test_huge_ranges_are_never_built(tmp_path, option):
     """0-99999999999 would take terabytes as a list; it is two integers, and the missing ones are named as ranges."""

@@ -40,7 +40,6 @@ each is checked by value (``scale_problems``) and reported, and that expert is n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import threading
@@ -83,9 +82,15 @@ WEIGHT_ROLES = ("gate", "up", "down")
 _PAGE = mmap.PAGESIZE
 
 
+def _find_libc() -> str | None:
+    import ctypes.util  # only here: it imports subprocess (1-1.5 ms of every deep verify's start)
+
+    return ctypes.util.find_library("c")
+
+
 def _libc_memcmp() -> Callable[[int, int, int], int] | None:
     # libc's memcmp (vectorised, no temporary, and ctypes releases the GIL so threads compare in parallel)
-    names = (None, "libc.so.6", lambda: ctypes.util.find_library("c"))  # None: this process's own symbols;
+    names = (None, "libc.so.6", _find_libc)  # None: this process's own symbols;
     for name in names:  # find_library last, and only if needed: it runs ldconfig
         try:
             f = ctypes.CDLL(name() if callable(name) else name).memcmp
@@ -823,7 +828,8 @@ def _check_rows(mine: dict[str, _Tensor], ref: dict[str, _Tensor], inputs: Calla
 def _sample(n: int, rng: np.random.Generator) -> np.ndarray:
     """The first and last rows and up to SAMPLE_ROWS seeded others, sorted, without repeats. (integers, not
     choice(replace=False): that one costs a permutation of all n rows.)"""
-    return np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(n, SAMPLE_ROWS))]))
+    rows = np.sort(np.concatenate([[0, n - 1], rng.integers(0, n, min(n, SAMPLE_ROWS))]))
+    return rows[np.concatenate([[True], rows[1:] != rows[:-1]])]  # np.unique's, without its import of numpy.ma
 
 
 def _map_shard(m: Manifest, e: ExpertEntry) -> tuple[np.ndarray, Guard]:

@@ -16,17 +16,18 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mer_runtime.checksum import hash_fd, hash_file
 from mer_runtime.errors import ManifestError, MerError
 from mer_runtime.manifest import (COMPANION_DIR, HASH_FIELD, MANIFEST_NAME, ExpertEntry, Manifest, decode_manifest,
                                   manifest_integrity, parse_manifest, read_manifest_bytes)
 from mer_runtime.safeopen import open_regular
-from mer_runtime.shards import ShardSet
 
-from .deep import RUNTIME_EXPERTS, SourceReference, deep_verify, open_runtime, scan_shard, source_regions
 from .report import Problem, VerifyReport
+
+if TYPE_CHECKING:  # deep verify (numpy, gguf, the runtime) is imported only by a verify that goes deep
+    from .deep import SourceReference
 
 __all__ = ["Problem", "VerifyReport", "check_companions", "check_dense", "check_expert", "check_manifest", "verify"]
 
@@ -88,6 +89,8 @@ def check_expert(m: Manifest, e: ExpertEntry, tick: Callable[[int], None], again
         return probs, 0
     try:
         if against is not None:
+            from .deep import scan_shard, source_regions
+
             found: list[Problem] = []
             whole, parts, n, differ = scan_shard(fd, e, source_regions(against, e, found), tick)
             mismatches.extend(found + differ)  # list.extend is atomic under the GIL: the pool's threads share it
@@ -113,7 +116,7 @@ def _check_reassembly_record(m: Manifest) -> list[Problem]:
     rec = m.raw.get("reassembly")
     if rec is None:
         return []
-    from .reassemble import plain_name
+    from mer_runtime.manifest import plain_name
 
     rel = rec.get("path") if isinstance(rec, dict) else None
     if not plain_name(rel):
@@ -201,6 +204,8 @@ def verify(
         return report
     total = sum(e.size for e in m.experts) + (m.dense["size"] if m.dense else 0) + sum(c.size for c in m.companions)
     tick = progress(total, len(m.experts)) if progress else (lambda n: None)
+    if deep:
+        from .deep import RUNTIME_EXPERTS, SourceReference, deep_verify, open_runtime
     # with --against, the checksum pass also compares the bytes with the source: each shard byte is read once
     src = SourceReference(against, m) if deep and against is not None else None
     # the runtime's ring and first expert load in the background, overlapping the checksum pass
@@ -243,7 +248,7 @@ def verify(
             deep_verify(report, m, against=src, io=io, progress=deep_progress,
                         compared=compared if src is not None else (), known=mismatches, shards=shards)
     finally:
-        if runtime is not None and isinstance(shards := runtime.result(), ShardSet):
+        if runtime is not None and not isinstance(shards := runtime.result(), MerError) and shards is not None:
             shards.close()  # deep_verify was not reached (it closes what it is given)
         if ahead is not None:
             ahead.shutdown()

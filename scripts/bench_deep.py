@@ -7,8 +7,8 @@ with a WARM page cache for both sides (everything is read once, untimed, before 
 alternating the two, --repeat times each, and reporting medians:
   - read: `cat` of every file of the folder (shards, dense.gguf, manifest) and the source into /dev/null;
   - deep: `python -m mertools.cli verify OUT --deep --against SRC --json -q` in a child process. Its time is given
-    twice: the child's wall time (interpreter start and imports included) and verify()'s own `seconds` from the
-    JSON report (excluded). The ratio read/deep uses the wall time, so it is the conservative figure.
+    twice: the child's wall time (interpreter start and imports included; the packages byte-compiled first, as a
+    pip install leaves them) and verify()'s own `seconds` from the JSON report (excluded). The ratio read/deep uses the wall time, so it is the conservative figure.
 Peak memory: the child's VmHWM (its peak RSS since its exec, /proc/PID/status polled every 10 ms; the last poll is
 at most 10 ms before it exits) minus the same for a child that only imports the CLI's modules (its baseline); mapped
 page-cache pages count in it, so the bound is honest. Not ru_maxrss: a child's counts the pages of this process it
@@ -80,6 +80,19 @@ def run_child(cmd: list[str], keep_output: bool = True) -> tuple[float, int, str
     return wall, hwm, text
 
 
+def compile_sources() -> None:
+    """Byte-compile mertools and mer_runtime, as a pip install does: from an editable install with
+    PYTHONDONTWRITEBYTECODE set (this development machine) every child would compile them anew at each start, some
+    50 ms that no installed copy pays (scripts/bench_startup.py)."""
+    import compileall
+
+    import mer_runtime
+    import mertools
+
+    for p in (*mertools.__path__, *mer_runtime.__path__):
+        compileall.compile_dir(p, quiet=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, required=True, help="holds model.gguf (unless --src) and out/; kept")
@@ -118,6 +131,7 @@ def main() -> None:
     deep = [sys.executable, "-m", "mertools.cli", "verify", str(out), "--deep", "--against", str(src), "--json",
             "-q"]
     base = [sys.executable, "-c", "import mertools.cli, mertools.verify, mertools.deep, mer_runtime"]
+    compile_sources()
     run_child(cat, False)  # warm the page cache: both measurements below start from the same (warm) state
     _, base_rss, _ = run_child(base)
     base_anon = ANON_PEAKS[-1]

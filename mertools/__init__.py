@@ -17,6 +17,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from mer_runtime.lazy import lazy_dir, lazy_getattr
+
 if TYPE_CHECKING:
     from .errors import MertoolsError
     from .extract import ExtractResult, extract
@@ -40,24 +42,15 @@ def _version() -> str:
         return "0+unknown"
 
 
+_lazy = lazy_getattr(__name__, _HOME)
+__dir__ = lazy_dir(__name__, __all__)
+
+
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         value = globals()[name] = _version()
         return value
-    if name in _HOME:
-        value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        return value
-    if not name.startswith("_"):  # a submodule, as when the package imported them all up front: mertools.commit
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return _lazy(name)
 
 
 def _function_not_submodule(name: str) -> property:

@@ -14,7 +14,8 @@ from mertools.cli import main
 
 # Whatever a start may load of ours; anything else (mertools.verify, mertools.deep, mer_runtime.manifest, ...) drags
 # numpy and gguf in.
-LIGHT = {"mertools", "mertools.cli", "mertools.errors", "mertools.units", "mer_runtime", "mer_runtime.errors"}
+LIGHT = {"mertools", "mertools.cli", "mertools.errors", "mertools.units", "mer_runtime", "mer_runtime.errors",
+         "mer_runtime.lazy"}
 HEAVY = ("numpy", "gguf", "yaml", "huggingface_hub", "safetensors", "tqdm", "zstandard", "xxhash",
          "importlib.metadata")  # importlib.metadata: 15-20 ms, for --version only
 

@@ -13,8 +13,9 @@ The public names are imported on first use (PEP 562), as is any submodule reache
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_dir, lazy_getattr
 
 if TYPE_CHECKING:
     from .errors import ManifestError, MerError, ShardIOError
@@ -40,18 +41,5 @@ _HOME = {"ManifestError": "errors", "MerError": "errors", "ShardIOError": "error
          "ExpertView": "shards", "ShardSet": "shards", "open_shards": "shards"}  # public name -> its submodule
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        return value
-    if not name.startswith("_"):  # a submodule, as when the package imported them all up front: mer_runtime.shards
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__ = lazy_getattr(__name__, _HOME)
+__dir__ = lazy_dir(__name__, __all__)

@@ -2324,6 +2324,8 @@ int mer_dequantize(int type, const void *w, int64_t nbytes, int64_t n, float *ou
  * ---------------------------------------------------------------------------------------------------------- */
 #define SC_BAND 128   /* output rows per task (a multiple of 8) */
 #define SC_TILE_J 128 /* output columns per tile of a band (a multiple of 8) */
+#define SC_AHEAD 16   /* source rows prefetched ahead: each is a separate stride the hardware prefetcher misses
+                         (5120 x 16384 BF16 transposed: 2 threads 8.8 -> 12.3 GB/s; 8 to 128 all helped, 16-32 most) */
 
 typedef struct {
     const uint8_t *src, *end; /* src: element [0, 0]; end: one past the caller's buffer */
@@ -2376,6 +2378,12 @@ static inline __m128i sc_load32(const uint8_t *p, int step2) {
     return _mm_castps_si128(_mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))); /* a shuffle: bits unchanged */
 }
 
+/* the `bytes` of each of `n` source rows from p on, into L1 */
+static inline void sc_prefetch(const uint8_t *p, int64_t sc, int n, int64_t bytes) {
+    for (int k = 0; k < n; k++)
+        for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + k * sc + o), _MM_HINT_T0);
+}
+
 /* rows [i0, i0 + ni) x columns [0, nj) with ni, nj multiples of the block (8 for 2 bytes, 4 for 4 bytes); the source
  * runs along i with a step of 1 or 2 elements. Tile by tile (ni x SC_TILE_J): each source row of the tile gives ni
  * contiguous elements, transposed in registers into `tmp`, whose rows then go out whole. Both the source's and the
@@ -2398,6 +2406,7 @@ static int sc_blocks(const sc_ctx *c, int64_t i0, int64_t ni, int64_t nj) {
             for (int64_t j = 0; j < tj; j += 8) {
                 const uint8_t *p = c->src + (j0 + j) * sc + i0 * sr;
                 uint8_t *q = tmp + j * 2;
+                if (j0 + j + SC_AHEAD + 8 <= nj) sc_prefetch(p + SC_AHEAD * sc, sc, 8, ni * sr);
                 for (int64_t i = 0; i < ni; i += 8, p += 8 * sr, q += 8 * ts) {
                     __m128i r0 = sc_load16(p, step2), r1 = sc_load16(p + sc, step2), r2 = sc_load16(p + 2 * sc, step2),
                             r3 = sc_load16(p + 3 * sc, step2), r4 = sc_load16(p + 4 * sc, step2),
@@ -2425,6 +2434,7 @@ static int sc_blocks(const sc_ctx *c, int64_t i0, int64_t ni, int64_t nj) {
             for (int64_t j = 0; j < tj; j += 4) {
                 const uint8_t *p = c->src + (j0 + j) * sc + i0 * sr;
                 uint8_t *q = tmp + j * 4;
+                if (j0 + j + SC_AHEAD + 4 <= nj) sc_prefetch(p + SC_AHEAD * sc, sc, 4, ni * sr);
                 for (int64_t i = 0; i < ni; i += 4, p += 4 * sr, q += 4 * ts) {
                     __m128i r0 = sc_load32(p, step2), r1 = sc_load32(p + sc, step2),
                             r2 = sc_load32(p + 2 * sc, step2), r3 = sc_load32(p + 3 * sc, step2);

@@ -2389,8 +2389,9 @@ static inline void sc_prefetch(const uint8_t *p, int64_t sc, int n, int64_t byte
  * contiguous elements, transposed in registers into `tmp`, whose rows then go out whole. Both the source's and the
  * output's row strides are often multiples of 2 KiB, so their rows share a few L1 sets: going through a small
  * contiguous tile instead of writing 16 bytes into each output row at a time keeps the lines from evicting each
- * other. False (nothing written) when a step-2 load would pass `end`. */
-static int sc_blocks(const sc_ctx *c, int64_t i0, int64_t ni, int64_t nj) {
+ * other. `tmp`: SC_BAND x SC_TILE_J x 4 bytes, 64-aligned. False (nothing written) when a step-2 load would
+ * pass `end`. */
+static int sc_blocks(const sc_ctx *c, int64_t i0, int64_t ni, int64_t nj, uint8_t *tmp) {
     const int64_t es = c->es, os = c->cols * es, sr = c->sr, sc = c->sc;
     const int step2 = sr == 2 * es;
     if (step2) { /* the last load of each source row reads one element past the last one it keeps */
@@ -2399,7 +2400,6 @@ static int sc_blocks(const sc_ctx *c, int64_t i0, int64_t ni, int64_t nj) {
             if (p + 32 > c->end) return 0;
         }
     }
-    _Alignas(64) uint8_t tmp[SC_BAND * SC_TILE_J * 4];
     for (int64_t j0 = 0; j0 < nj; j0 += SC_TILE_J) {
         const int64_t tj = nj - j0 < SC_TILE_J ? nj - j0 : SC_TILE_J, ts = tj * es; /* ts: tmp's row bytes */
         if (es == 2) {
@@ -2464,7 +2464,11 @@ static void sc_task(void *c_, int64_t t) {
     if (!(c->flags & MER_FLAG_PORTABLE) && (c->es == 2 || c->es == 4) && (c->sr == c->es || c->sr == 2 * c->es) &&
         llabs(c->sr) < llabs(c->sc)) {
         int64_t b = c->es == 2 ? 8 : 4, ni = (i1 - i0) / b * b, nj = c->cols / b * b;
-        if (ni > 0 && nj > 0 && sc_blocks(c, i0, ni, nj)) {
+        /* 64 KiB: on the heap, not the stack of whichever thread (a Python thread's may be small) */
+        uint8_t *tmp = ni > 0 && nj > 0 ? aligned_alloc(64, SC_BAND * SC_TILE_J * 4) : NULL;
+        int done = tmp && sc_blocks(c, i0, ni, nj, tmp);
+        free(tmp);
+        if (done) {
             sc_rect(c, i0, i0 + ni, nj, c->cols);
             sc_rect(c, i0 + ni, i1, 0, c->cols);
             return;

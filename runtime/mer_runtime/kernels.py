@@ -458,7 +458,6 @@ def _extent(a: np.ndarray) -> tuple[int, int]:
     return lo, hi + a.itemsize
 
 
-
 def _has_copy() -> bool:
     return _LIB is not None and hasattr(_LIB, "mer_strided_copy")
 

@@ -1,4 +1,5 @@
-/* Block kernels and the one-call MoE step for mer_runtime.
+/* Block kernels and the one-call MoE step for mer_runtime (and, at the end, the strided 2-D copy the converter
+ * uses for transposed SafeTensors projections).
  *
  * Loaded with ctypes (no Python C-API; ctypes releases the GIL for the whole call). Weights stay in their raw ggml
  * blocks; activations stay float32 unless the caller asks for Q8_0 activations (MER_FLAG_ACT_Q8).
@@ -2317,10 +2318,10 @@ int mer_dequantize(int type, const void *w, int64_t nbytes, int64_t n, float *ou
  * down; GPT-OSS BF16's interleaved gate_up[:, :, 0::2] then transposed) are such views. NumPy copies them one
  * element at a time striding across the whole source (0.3-1 GB/s); here the output is made in bands of SC_BAND rows
  * (one pool task each), and inside a band the source is read along its short stride: for a transposed view each
- * source row gives SC_BAND contiguous elements (a few cache lines) to SC_BAND output rows that stay in L1. Where the
- * short stride is one element or two (an even/odd take) of 2 or 4 bytes, 8x8 (2-byte) and 4x4 (4-byte) blocks are
- * transposed in SSE2 registers (baseline x86-64, so no run-time dispatch); everything else, and the edges, element by
- * element. Only loads, shuffles and stores: bytes move unchanged (NaN payloads included).
+ * source row gives SC_BAND contiguous elements (a few cache lines). Where the short stride is one element or two (an
+ * even/odd take) of 2 or 4 bytes, 8x8 (2-byte) and 4x4 (4-byte) blocks are transposed in SSE2 registers (baseline
+ * x86-64, so no run-time dispatch) into an L1 tile (sc_blocks); everything else, and the edges, element by element.
+ * Only loads, shuffles and stores: bytes move unchanged (NaN payloads included).
  * ---------------------------------------------------------------------------------------------------------- */
 #define SC_BAND 128   /* output rows per task (a multiple of 8) */
 #define SC_TILE_J 128 /* output columns per tile of a band (a multiple of 8) */
@@ -2344,13 +2345,21 @@ static void sc_rect(const sc_ctx *c, int64_t i0, int64_t i1, int64_t j0, int64_t
             for (int64_t j = j0; j < j1; j++) {                                                                       \
                 const uint8_t *p = c->src + j * c->sc;                                                                \
                 uint8_t *q = c->out + j * (int64_t)sizeof(T);                                                         \
-                for (int64_t i = i0; i < i1; i++) { T v; memcpy(&v, p + i * c->sr, sizeof v); memcpy(q + i * os, &v, sizeof v); } \
+                for (int64_t i = i0; i < i1; i++) {                                                                   \
+                    T v;                                                                                              \
+                    memcpy(&v, p + i * c->sr, sizeof v);                                                              \
+                    memcpy(q + i * os, &v, sizeof v);                                                                 \
+                }                                                                                                     \
             }                                                                                                         \
         } else {                                                                                                      \
             for (int64_t i = i0; i < i1; i++) {                                                                       \
                 const uint8_t *p = c->src + i * c->sr;                                                                \
                 uint8_t *q = c->out + i * os;                                                                         \
-                for (int64_t j = j0; j < j1; j++) { T v; memcpy(&v, p + j * c->sc, sizeof v); memcpy(q + j * (int64_t)sizeof(T), &v, sizeof v); } \
+                for (int64_t j = j0; j < j1; j++) {                                                                   \
+                    T v;                                                                                              \
+                    memcpy(&v, p + j * c->sc, sizeof v);                                                              \
+                    memcpy(q + j * (int64_t)sizeof(T), &v, sizeof v);                                                 \
+                }                                                                                                     \
             }                                                                                                         \
         }                                                                                                             \
     } while (0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from mer_runtime.kernels import strided_copy
 from mer_runtime.safeopen import open_regular, read_regular
 
 from ..errors import NotMoEError, SourceError
@@ -807,18 +808,12 @@ def _model_name(config: dict[str, Any]) -> str | None:
     return None
 
 
-TILE = 64  # source rows per tile of a transposed copy: each tile is read sequentially, written in cache
-
-
 def _band(v: np.ndarray, r0: int, r1: int, transposed: bool) -> np.ndarray:
-    """Rows [r0, r1) of `v` as a contiguous array. When `v` is a transposed view, copying column tiles reads the
-    source a few rows at a time instead of striding across all of it (about twice as fast as one big copy)."""
+    """Rows [r0, r1) of `v` as a contiguous array. A transposed view (and an even/odd take) is copied by the
+    runtime's cache-blocked C routine (NumPy, striding across the whole source, runs at about 1 GB/s)."""
     if not transposed or v.ndim != 2:
         return np.ascontiguousarray(v[r0:r1])
-    out = np.empty((r1 - r0, v.shape[1]), v.dtype)
-    for c in range(0, v.shape[1], TILE):
-        out[:, c:c + TILE] = v[r0:r1, c:c + TILE]
-    return out
+    return strided_copy(v[r0:r1])
 
 
 def _slice_desc(part: Part, ndim: int, half: int) -> str:

@@ -10,6 +10,8 @@ computed; `kernel_for` and `matvec` both read it.
   Q4_0/Q8_0/MXFP4/Q4_K/Q5_K/Q6_K weights (faster, error documented in docs/runtime.md).
 - `moe()` runs a whole routed layer step (k experts, gate+up+activation, then down summed with the routing weights)
   in ONE call into C; `expert_ffn` is the same call with k=1.
+- `strided_copy`: a contiguous copy of a transposed or every-other-element 2-D view (the converter's SafeTensors
+  transforms) in C, cache-blocked and on the pool, instead of NumPy's element-by-element walk; bytes unchanged.
 - Every other type the gguf package can dequantize (and every type when the C kernel was not built, or with
   MER_KERNELS=numpy): NumPy on bands of rows, gguf's dequantization for block types (correct, slower).
 
@@ -76,6 +78,9 @@ def _load_native() -> ctypes.CDLL | None:
     if hasattr(lib, "mer_has_avx512"):  # a build from before the AVX-512 kernels runs its AVX2 ones
         lib.mer_has_avx512.restype = ci
     lib.mer_set_threads.argtypes = [ci]
+    if hasattr(lib, "mer_strided_copy"):  # a build from before it copies strided views with NumPy
+        lib.mer_strided_copy.argtypes = [vp, i64, i64, i64, i64, i64, i64, i64, vp, i64, ci]
+        lib.mer_strided_copy.restype = ci
     atexit.register(lib.mer_shutdown)  # join the pool's threads before the interpreter goes
     return lib
 
@@ -426,3 +431,94 @@ def dequantize_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np
 def reference_weights(blob: np.ndarray, entry: Any) -> dict[str, np.ndarray]:
     """float64 weights of every projection of a shard (its bytes `blob`, its manifest `entry`), by gguf."""
     return {r: dequantize_tensor(t.dtype, t.shape, blob[t.offset:t.offset + t.nbytes]) for r, t in entry.tensors.items()}
+
+
+COPY_TILE = 64  # the NumPy path's source rows per tile: each tile is read sequentially, written in cache
+
+
+def _copy_numpy(v: np.ndarray) -> np.ndarray:
+    """A C-order copy of a 1- or 2-D view by NumPy. A transposed view is copied in column tiles, which read the
+    source a few rows at a time instead of striding across all of it (about twice as fast as one big copy)."""
+    out = np.empty(v.shape, v.dtype)
+    if v.ndim != 2 or abs(v.strides[0]) >= abs(v.strides[1]):
+        out[...] = v
+        return out
+    for c in range(0, v.shape[1], COPY_TILE):
+        out[:, c:c + COPY_TILE] = v[:, c:c + COPY_TILE]
+    return out
+
+
+def _extent(a: np.ndarray) -> tuple[int, int]:
+    """[first byte, one past the last byte] of the memory an array's elements occupy."""
+    lo = hi = a.__array_interface__["data"][0]
+    for n, st in zip(a.shape, a.strides):
+        if n == 0:
+            return lo, lo
+        lo, hi = lo + min(0, (n - 1) * st), hi + max(0, (n - 1) * st)
+    return lo, hi + a.itemsize
+
+
+def _has_copy() -> bool:
+    return _LIB is not None and hasattr(_LIB, "mer_strided_copy")
+
+
+def _c_copy(base: int, nbytes: int, offset: int, dt: np.dtype, shape: tuple[int, int], strides: tuple[int, int],
+            simd: int, flags: int) -> np.ndarray:
+    out = np.empty((max(shape[0], 0), max(shape[1], 0)), dt)  # a negative one is the C routine's to refuse
+    threads()
+    rc = _LIB.mer_strided_copy(base, nbytes, offset, dt.itemsize, shape[0], shape[1], strides[0], strides[1],
+                               out.ctypes.data, out.nbytes, flags | (FLAG_PORTABLE if simd == 0 else 0))
+    if rc:
+        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
+                          f"{offset}) from {nbytes} bytes: " +
+                          ("the view reaches outside the buffer, or an element is not 1, 2, 4 or 8 bytes"
+                           if rc == -5 else _ERRORS.get(rc, str(rc))))
+    return out
+
+
+def strided_copy_from(raw: Any, offset: int, shape: tuple[int, int], strides: tuple[int, int], dtype: Any, *,
+                      simd: int = -1, flags: int = 0) -> np.ndarray:
+    """out[i, j] = the element of `dtype` at byte offset + i*strides[0] + j*strides[1] of the buffer `raw`, as a new
+    C-order [rows, cols] array. Any byte strides (negative too); elements of 1, 2, 4 or 8 bytes. A view reaching
+    outside `raw` is refused (KernelError) by the C routine or, without it, by NumPy. simd=0 forces the C routine's
+    element-by-element path (tests check both); flags: FLAG_SERIAL for one thread.
+
+    >>> a = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    >>> strided_copy_from(a, 0, (3, 2), (2, 6), np.uint16).tolist()
+    [[0, 3], [1, 4], [2, 5]]
+    """
+    buf = _as_bytes(raw)
+    dt = np.dtype(dtype)
+    shape, strides = (int(shape[0]), int(shape[1])), (int(strides[0]), int(strides[1]))
+    if _has_copy() and not dt.hasobject:
+        return _c_copy(buf.ctypes.data, buf.nbytes, int(offset), dt, shape, strides, simd, flags)
+    try:
+        if dt.itemsize not in (1, 2, 4, 8) or dt.hasobject:
+            raise ValueError("an element is not 1, 2, 4 or 8 bytes")
+        v = np.ndarray(shape, dt, buf, int(offset), strides)  # NumPy checks the view against the buffer
+    except (ValueError, TypeError) as e:
+        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
+                          f"{offset}) from {buf.nbytes} bytes: {e}") from None
+    return _copy_numpy(v)
+
+
+def strided_copy(view: np.ndarray, *, simd: int = -1, flags: int = 0) -> np.ndarray:
+    """A new C-order copy of a 1- or 2-D array, whatever its strides (a transposed projection, an even/odd take,
+    reversed), byte for byte: the C routine where it is built, else NumPy (also for other shapes or element sizes).
+    The C routine checks the view against the whole array it was taken from (its outermost NumPy base).
+
+    >>> strided_copy(np.arange(6, dtype=np.float32).reshape(2, 3)[:, 0::2].T).tolist()
+    [[0.0, 3.0], [2.0, 5.0]]
+    """
+    v = np.asarray(view)
+    if v.ndim not in (1, 2) or v.dtype.itemsize not in (1, 2, 4, 8) or v.dtype.hasobject or not _has_copy():
+        return _copy_numpy(v) if v.ndim in (1, 2) else np.array(v, order="C", copy=True)
+    if v.size == 0:
+        return np.empty(v.shape, v.dtype)
+    root = v
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    lo, hi = _extent(root)
+    v2 = v if v.ndim == 2 else v[None, :]
+    return _c_copy(lo, hi - lo, v.__array_interface__["data"][0] - lo, v.dtype, v2.shape, v2.strides, simd,
+                   flags).reshape(v.shape)

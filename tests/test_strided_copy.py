@@ -52,7 +52,7 @@ def test_equals_numpy_byte_for_byte(size, shape):
             assert kernels._copy_numpy(w).tobytes() == want, (size, shape, name, "numpy tiles")
 
 
-@pytest.mark.parametrize("size", (2, 4))
+@pytest.mark.parametrize("size", (1, 2, 4, 8))  # 1 and 8: the element path through the tile buffer (sc_tiles)
 @pytest.mark.parametrize("take", (0, 1))
 def test_large_views_on_the_pool(size, take):
     """Big enough to be split over the pool's threads (several bands, tiles and edge columns), with the view's
@@ -154,3 +154,188 @@ def test_reads_only_inside_the_buffer():
     crash is a failure, not the end of the test session."""
     p = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == "ok\n", (p.returncode, p.stderr[-2000:])
+
+
+# -- review: adversarial views, bases that are not NumPy's, out-of-range arguments, threads, Ctrl-C -----------------
+
+def _kinds() -> dict[str, np.ndarray]:
+    """Views of every origin the converter (or a caller) could hand over, each with a transposed and/or even/odd
+    walk: F order, views of views, broadcasts (zero strides), overlapping windows, unaligned read-only bytes, an
+    anonymous mmap, a memoryview, a memmap of a file, structured fields, byte-swapped and non-integer dtypes."""
+    import mmap
+    import tempfile
+
+    a = np.arange(40 * 64, dtype=np.uint16).reshape(40, 64)
+    x = np.arange(1000, dtype=np.uint16)
+    w = np.lib.stride_tricks.sliding_window_view(x, 64)  # sc = one element, sr = one element: rows overlap
+    u = np.frombuffer(bytes(range(256)) * 20, np.uint8)[1:1 + 2 * 32 * 16].view(np.uint16).reshape(32, 16)
+    m = mmap.mmap(-1, 4 * 4096)
+    mm = np.frombuffer(m, np.uint32).reshape(64, 64)
+    mm[...] = np.arange(4096, dtype=np.uint32).reshape(64, 64)
+    mv = np.asarray(memoryview(bytearray(range(256)) * 16)).view(np.uint16).reshape(32, 64)
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(np.arange(128 * 256, dtype=np.uint16).tobytes())
+    mp = np.memmap(f.name, np.uint16, "r", shape=(128, 256))
+    os.unlink(f.name)
+    st = np.zeros((64, 64), dtype=[("a", "<u2"), ("b", "<u4"), ("c", "<u2")])
+    st["a"], st["b"], st["c"] = np.arange(4096).reshape(64, 64), 7, 9
+    c = (np.arange(64 * 64) + 1j).reshape(64, 64).astype(np.complex64)
+    return {
+        "F": np.asfortranarray(a), "F.T": np.asfortranarray(a).T, "view of view": a[::-1][3:30, 5::3].T[::2],
+        ">u2.T": a.astype(">u2").T, ">u2 odd.T": a.astype(">u2")[:, 1::2].T,
+        "broadcast.T": np.broadcast_to(x[:16], (64, 16)).T, "broadcast": np.broadcast_to(x[:16], (64, 16)),
+        "windows": w, "windows.T": w.T, "windows even.T": w[:, ::2].T, "windows odd.T": w[::3, 1::2].T,
+        "unaligned.T": u.T, "unaligned odd.T": u[:, 1::2].T, "mmap.T": mm.T, "mmap odd.T": mm[:, 1::2].T,
+        "memoryview odd.T": mv[:, 1::2].T, "memmap.T": mp.T, "memmap odd.T": mp[:, 1::2].T,
+        "memmap rows odd.T": mp[10:50][:, 1::2].T, "1-D reversed": x[::-3], "1-D": x[5:900:2],
+        "field.T": st["a"].T, "field odd.T": st["b"][:, 1::2].T, "last field odd.T": st["c"][::-1, 1::2].T,
+        "real.T": c.real.T, "imag odd.T": c.imag[:, 1::2].T,
+        "datetime.T": np.arange(4096).astype("M8[s]").reshape(64, 64).T,
+        "U1.T": np.array(list("abcd" * 1024)).reshape(64, 64).T, "bool.T": (a % 3 == 0).T,
+        "object.T": np.array([[1, 2], [3, 4]], object).T,
+        "3-D": np.arange(24, dtype=np.uint16).reshape(2, 3, 4).transpose(2, 0, 1),
+    }
+
+
+def test_views_of_every_origin_equal_numpy():
+    for name, v in _kinds().items():
+        want = np.ascontiguousarray(v)
+        for simd in (-1, 0):
+            got = strided_copy(v, simd=simd)
+            assert got.shape == v.shape and got.dtype == v.dtype and got.flags.c_contiguous, (name, simd)
+            assert got.tobytes() == want.tobytes(), (name, simd)
+            assert not np.shares_memory(got, v), name
+        if v.ndim in (1, 2):
+            assert kernels._copy_numpy(v).tobytes() == want.tobytes(), name
+
+
+def test_a_base_that_is_not_the_views_memory():
+    """A WRITEBACKIFCOPY temporary's .base is the array it writes back to, in other memory: the view must be
+    checked against its own bytes, not refused (the C routine used to see it outside its "root")."""
+    a = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)[:, ::2]
+    it = np.nditer(a, op_flags=[["readwrite", "updateifcopy"]], op_dtypes=[np.float64], casting="same_kind")
+    with it:
+        op = it.operands[0]
+        assert op.base is a and not np.shares_memory(op, a)
+        for v in (op.T, op[:, 1::2].T):
+            assert strided_copy(v).tobytes() == np.ascontiguousarray(v).tobytes()
+
+
+@pytest.mark.parametrize("offset, shape, strides", [
+    ((1 << 64) + 3, (4, 5), (1, 12)),   # ctypes wrapped it to 3: a bogus offset read bytes 3..
+    (3, (4, 5), ((1 << 64) + 1, 12)),   # ... and a bogus stride to 1
+    (3, (4, 5), (1, -(1 << 64) + 12)),
+    (3, ((1 << 64) + 4, 5), (1, 12)),   # NumPy's ValueError, not a KernelError
+    (-(1 << 63) - 1, (1, 1), (1, 1)),
+    (0, (1 << 20, 1 << 20), (1, 1)),    # a view far outside the buffer: its terabyte output was allocated first
+    (0, (1 << 31, 1 << 31), (1, 1)),    # (a MemoryError, not the refusal)
+])
+def test_numbers_outside_int64_are_refused(offset, shape, strides):
+    with pytest.raises(KernelError, match="strided copy"):
+        strided_copy_from(np.arange(64, dtype=np.uint8), offset, shape, strides, np.uint8)
+
+
+def test_an_array_of_references_is_no_buffer():
+    with pytest.raises(KernelError, match="strided copy"):
+        strided_copy_from(np.array([object()] * 64), 0, (2, 2), (1, 2), np.uint8)
+
+
+def test_a_length_one_axis_takes_any_stride():
+    """Its stride is never used (NumPy may give it any): INT64_MIN used to reach llabs() (UB, seen by UBSan)."""
+    buf = np.arange(64, dtype=np.uint8)
+    assert strided_copy_from(buf, 0, (1, 4), (-(1 << 63), 2), np.uint8).tolist() == [[0, 2, 4, 6]]
+    assert strided_copy_from(buf, 0, (4, 1), (2, -(1 << 63)), np.uint8).tolist() == [[0], [2], [4], [6]]
+    assert strided_copy_from(buf, 0, (8, 1), (4, (1 << 63) - 1), np.uint16).reshape(-1).tolist() == \
+        np.arange(64, dtype=np.uint8).view(np.uint16)[:16:2].tolist()
+
+
+GUARDED_BEFORE = GUARDED.replace(
+    "a = np.frombuffer(m, np.uint8, nbytes, len(m) - pg - nbytes)",
+    "a = np.frombuffer(m, np.uint8, nbytes, pg)").replace(
+    "assert libc.mprotect(base + len(m) - pg, pg, 0) == 0", "assert libc.mprotect(base, pg, 0) == 0").replace(
+    "for v in (a.T, a[:, 0::2].T, a[:, 1::2].T, a[::-1, 1::2].T, a[:, ::-1].T):",
+    "for v in (a[::-1, ::-1].T, a[::-1, -2::-2].T, a[::-1, -1::-2].T, a[::-1, ::-2], a[::-1].T[::-1]):")
+
+
+@needs_c
+def test_reads_nothing_before_the_buffer():
+    """The same with the PROT_NONE page right before the source and reversed views (negative strides), whose
+    lowest element is the buffer's first byte."""
+    assert all(s in GUARDED_BEFORE for s in ("mprotect(base, pg", "nbytes, pg)", "a[::-1, ::-1].T"))
+    p = subprocess.run([sys.executable, "-c", GUARDED_BEFORE], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "ok\n", (p.returncode, p.stderr[-2000:])
+
+
+@needs_c
+def test_python_threads_at_once_while_other_kernels_use_the_pool():
+    import threading
+
+    rng = np.random.default_rng(3)
+    srcs = [_bytes((520, 1100), size, seed=s) for s, size in enumerate((2, 4, 2, 4, 1, 8))]
+    views = [s[:, 1::2].T if i % 2 else s.T for i, s in enumerate(srcs)]
+    wants = [np.ascontiguousarray(v).tobytes() for v in views]
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    x = rng.standard_normal(512).astype(np.float32)
+    y = kernels.matvec("F32", w.view(np.uint8).reshape(-1), (256, 512), x)
+    bad: list[str] = []
+
+    def copier(k: int) -> None:
+        for _ in range(6):
+            if strided_copy(views[k]).tobytes() != wants[k]:
+                bad.append(f"copy {k}")
+
+    def multiplier() -> None:
+        for _ in range(20):
+            if not np.array_equal(kernels.matvec("F32", w.view(np.uint8).reshape(-1), (256, 512), x), y):
+                bad.append("matvec")
+
+    ts = [threading.Thread(target=copier, args=(k,)) for k in range(len(views))] + \
+        [threading.Thread(target=multiplier) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not bad and not any(t.is_alive() for t in ts), bad
+
+
+CTRL_C = '''
+import numpy as np, sys
+from mer_runtime.kernels import strided_copy
+a = np.zeros((2048, 4096), np.uint16)
+print("go", flush=True)
+while True:
+    strided_copy(a[:, 1::2].T)
+'''
+
+
+@needs_c
+def test_ctrl_c_during_copies_ends_the_process():
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "go\n"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode != 0 and "KeyboardInterrupt" in err, (p.returncode, err[-2000:])
+
+
+def test_band_is_a_copy_not_a_view_of_the_mapping():
+    """_band's transposed copies own their bytes: the mapping they came from may be closed right after."""
+    import mmap
+
+    from mertools.sources.safetensors import _band
+
+    m = mmap.mmap(-1, 64 * 96 * 2)
+    a = np.frombuffer(m, np.uint16).reshape(64, 96)
+    a[...] = np.arange(64 * 96, dtype=np.uint16).reshape(64, 96)
+    for v in (a.T, a[:, 0::2].T, a[:, 1::2].T, a[:, :48].T):
+        want = np.ascontiguousarray(v[5:37])
+        got = _band(v, 5, 37, True)
+        assert got.tobytes() == want.tobytes() and not np.shares_memory(got, a)
+    del a, v, got
+    m.close()  # no export left: a view kept alive by _band's result would make this raise BufferError

@@ -464,10 +464,18 @@ def _has_copy() -> bool:
 
 def _c_copy(base: int, nbytes: int, offset: int, dt: np.dtype, shape: tuple[int, int], strides: tuple[int, int],
             simd: int, flags: int) -> np.ndarray:
-    out = np.empty((max(shape[0], 0), max(shape[1], 0)), dt)  # a negative one is the C routine's to refuse
-    threads()
-    rc = _LIB.mer_strided_copy(base, nbytes, offset, dt.itemsize, shape[0], shape[1], strides[0], strides[1],
-                               out.ctypes.data, out.nbytes, flags | (FLAG_PORTABLE if simd == 0 else 0))
+    (r, c), (sr, sc) = shape, strides
+    rc = 0
+    if r > 0 and c > 0:  # a view outside the buffer is refused before its output is allocated (a bogus shape of
+        # terabytes would otherwise be a MemoryError, not this refusal); the C routine checks the same again
+        dr, dc = (r - 1) * sr, (c - 1) * sc
+        if offset + min(0, dr) + min(0, dc) < 0 or offset + max(0, dr) + max(0, dc) + dt.itemsize > nbytes:
+            rc = -5
+    if not rc:
+        out = np.empty((max(r, 0), max(c, 0)), dt)  # a negative one is the C routine's to refuse
+        threads()
+        rc = _LIB.mer_strided_copy(base, nbytes, offset, dt.itemsize, shape[0], shape[1], strides[0], strides[1],
+                                   out.ctypes.data, out.nbytes, flags | (FLAG_PORTABLE if simd == 0 else 0))
     if rc:
         raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
                           f"{offset}) from {nbytes} bytes: " +
@@ -487,16 +495,23 @@ def strided_copy_from(raw: Any, offset: int, shape: tuple[int, int], strides: tu
     >>> strided_copy_from(a, 0, (3, 2), (2, 6), np.uint16).tolist()
     [[0, 3], [1, 4], [2, 5]]
     """
-    buf = _as_bytes(raw)
     dt = np.dtype(dtype)
     shape, strides = (int(shape[0]), int(shape[1])), (int(strides[0]), int(strides[1]))
+    offset = int(offset)
+    try:
+        buf = _as_bytes(raw)  # an array of references (object dtype) has no bytes to copy: refused
+        if not all(-(1 << 63) <= n < 1 << 63 for n in (offset, *shape, *strides)):
+            raise ValueError("a number outside int64")  # ctypes would wrap it to another, valid-looking one
+    except (ValueError, TypeError) as e:
+        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
+                          f"{offset}): {e}") from None
     if _has_copy() and not dt.hasobject:
-        return _c_copy(buf.ctypes.data, buf.nbytes, int(offset), dt, shape, strides, simd, flags)
+        return _c_copy(buf.ctypes.data, buf.nbytes, offset, dt, shape, strides, simd, flags)
     try:
         if dt.itemsize not in (1, 2, 4, 8) or dt.hasobject:
             raise ValueError("an element is not 1, 2, 4 or 8 bytes")
-        v = np.ndarray(shape, dt, buf, int(offset), strides)  # NumPy checks the view against the buffer
-    except (ValueError, TypeError) as e:
+        v = np.ndarray(shape, dt, buf, offset, strides)  # NumPy checks the view against the buffer
+    except (ValueError, TypeError, OverflowError) as e:
         raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
                           f"{offset}) from {buf.nbytes} bytes: {e}") from None
     return _copy_numpy(v)
@@ -519,6 +534,9 @@ def strided_copy(view: np.ndarray, *, simd: int = -1, flags: int = 0) -> np.ndar
     while isinstance(root.base, np.ndarray):
         root = root.base
     lo, hi = _extent(root)
+    vlo, vhi = _extent(v)
+    if not lo <= vlo <= vhi <= hi:  # a base that is not its memory (a WRITEBACKIFCOPY temporary's): the view's own
+        lo, hi = vlo, vhi
     v2 = v if v.ndim == 2 else v[None, :]
     return _c_copy(lo, hi - lo, v.__array_interface__["data"][0] - lo, v.dtype, v2.shape, v2.strides, simd,
                    flags).reshape(v.shape)

@@ -2336,41 +2336,37 @@ typedef struct {
     int flags;
 } sc_ctx;
 
+/* no x ni elements of es bytes: element (o, i) from p + o*po + i*pi to q + o*qo + i*qi (the inner walk along the
+ * source's shorter stride) */
+static void sc_walk(const uint8_t *p, int64_t po, int64_t pi, uint8_t *q, int64_t qo, int64_t qi, int64_t no,
+                    int64_t ni, int64_t es) {
+#define SC_WALK(T)                                                                                                    \
+    do {                                                                                                              \
+        for (int64_t o = 0; o < no; o++)                                                                              \
+            for (int64_t i = 0; i < ni; i++) {                                                                        \
+                T v;                                                                                                  \
+                memcpy(&v, p + o * po + i * pi, sizeof v);                                                            \
+                memcpy(q + o * qo + i * qi, &v, sizeof v);                                                            \
+            }                                                                                                         \
+    } while (0)
+    switch (es) {
+    case 1: SC_WALK(uint8_t); break;
+    case 2: SC_WALK(uint16_t); break;
+    case 4: SC_WALK(uint32_t); break;
+    default: SC_WALK(uint64_t); break;
+    }
+#undef SC_WALK
+}
+
 /* rows [i0, i1) x columns [j0, j1), element by element, walking the source along its shorter stride */
 static void sc_rect(const sc_ctx *c, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t es = c->es, os = c->cols * es;
-    const int by_col = llabs(c->sr) < llabs(c->sc);
-#define SC_RECT(T)                                                                                                    \
-    do {                                                                                                              \
-        if (by_col) {                                                                                                 \
-            for (int64_t j = j0; j < j1; j++) {                                                                       \
-                const uint8_t *p = c->src + j * c->sc;                                                                \
-                uint8_t *q = c->out + j * (int64_t)sizeof(T);                                                         \
-                for (int64_t i = i0; i < i1; i++) {                                                                   \
-                    T v;                                                                                              \
-                    memcpy(&v, p + i * c->sr, sizeof v);                                                              \
-                    memcpy(q + i * os, &v, sizeof v);                                                                 \
-                }                                                                                                     \
-            }                                                                                                         \
-        } else {                                                                                                      \
-            for (int64_t i = i0; i < i1; i++) {                                                                       \
-                const uint8_t *p = c->src + i * c->sr;                                                                \
-                uint8_t *q = c->out + i * os;                                                                         \
-                for (int64_t j = j0; j < j1; j++) {                                                                   \
-                    T v;                                                                                              \
-                    memcpy(&v, p + j * c->sc, sizeof v);                                                              \
-                    memcpy(q + j * (int64_t)sizeof(T), &v, sizeof v);                                                 \
-                }                                                                                                     \
-            }                                                                                                         \
-        }                                                                                                             \
-    } while (0)
-    switch (es) {
-    case 1: SC_RECT(uint8_t); break;
-    case 2: SC_RECT(uint16_t); break;
-    case 4: SC_RECT(uint32_t); break;
-    default: SC_RECT(uint64_t); break;
-    }
-#undef SC_RECT
+    const uint8_t *p = c->src + i0 * c->sr + j0 * c->sc;
+    uint8_t *q = c->out + i0 * os + j0 * es;
+    if (llabs(c->sr) < llabs(c->sc))
+        sc_walk(p, c->sc, c->sr, q, es, os, j1 - j0, i1 - i0, es);
+    else
+        sc_walk(p, c->sr, c->sc, q, os, es, i1 - i0, j1 - j0, es);
 }
 
 #if defined(MER_X86) && defined(__SSE2__)
@@ -2472,25 +2468,7 @@ static void sc_tiles(const sc_ctx *c, int64_t i0, int64_t i1, uint8_t *tmp) {
     const int64_t es = c->es, os = c->cols * es, ni = i1 - i0, tjm = es == 1 ? SC_TILE_J : 256 / es;
     for (int64_t j0 = 0; j0 < c->cols; j0 += tjm) {
         const int64_t tj = c->cols - j0 < tjm ? c->cols - j0 : tjm, ts = tj * es; /* ts: tmp's row bytes */
-#define SC_TILE(T)                                                                                                    \
-    do {                                                                                                              \
-        for (int64_t j = 0; j < tj; j++) {                                                                            \
-            const uint8_t *p = c->src + (j0 + j) * c->sc + i0 * c->sr;                                                \
-            uint8_t *q = tmp + j * (int64_t)sizeof(T);                                                                \
-            for (int64_t i = 0; i < ni; i++) {                                                                        \
-                T v;                                                                                                  \
-                memcpy(&v, p + i * c->sr, sizeof v);                                                                  \
-                memcpy(q + i * ts, &v, sizeof v);                                                                     \
-            }                                                                                                         \
-        }                                                                                                             \
-    } while (0)
-        switch (es) {
-        case 1: SC_TILE(uint8_t); break;
-        case 2: SC_TILE(uint16_t); break;
-        case 4: SC_TILE(uint32_t); break;
-        default: SC_TILE(uint64_t); break;
-        }
-#undef SC_TILE
+        sc_walk(c->src + j0 * c->sc + i0 * c->sr, c->sc, c->sr, tmp, es, ts, tj, ni, es);
         for (int64_t i = 0; i < ni; i++) memcpy(c->out + (i0 + i) * os + j0 * es, tmp + i * ts, (size_t)ts);
     }
 }

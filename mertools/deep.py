@@ -53,7 +53,7 @@ import xxhash
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from mer_runtime.checksum import pread_some, read_pieces
+from mer_runtime.checksum import pread_full, read_pieces
 from mer_runtime.errors import MerError
 from mer_runtime.guard import GUARDED, FileChangedError, Guard, map_file
 from mer_runtime.kernels import matvec
@@ -246,10 +246,8 @@ def _preader(fd: int, base: int, path: Path, size: int) -> Callable[[int, np.nda
     """into(lo, out) for a region at byte `base` of open file `fd` of `size` bytes when mapped (see `Region.into`)."""
 
     def into(lo: int, out: np.ndarray) -> None:
-        got = 0
         try:
-            while got < out.size:
-                got += pread_some(fd, out[got:], base + lo + got, size, path)
+            pread_full(fd, out, base + lo, size, path)
         except OSError as exc:  # the source's, not the shard's: verify must not FAIL the shard it compares for it
             raise SourceError(f"{path}: cannot read the reference model ({exc.strerror or exc}); check the file (or "
                               "its disk) and re-run") from None

@@ -41,17 +41,15 @@ def read_pieces(fd: int, size: int, step: int = PIECE, path: str | os.PathLike[s
     >>> os.close(fd)
     """
     buf = memoryview(bytearray(min(step, size)) if buf is None else buf)
-    if (n := len(buf)) < min(step, size):  # a piece would never fill: pread into an empty slice reads 0, for ever
+    if (n := len(buf)) < min(step, size):  # a piece would not fit: it would come out short
         buf.release()
         raise ValueError(f"read_pieces: a buffer of {n} bytes for pieces of {min(step, size)}")
     pos = 0
     try:
         while pos < size:
             want = min(step, size - pos)
-            got = 0
-            while got < want:  # a regular file gives short reads only at its end
-                got += pread_some(fd, buf[got:want], pos + got, size, path)
             with buf[:want] as piece:
+                pread_full(fd, piece, pos, size, path)
                 yield pos, pos + want, piece
             pos += want
         # and it still has that size (one fstat, as Guard.finish did for a mapping): a file that grew meanwhile (a
@@ -62,13 +60,16 @@ def read_pieces(fd: int, size: int, step: int = PIECE, path: str | os.PathLike[s
         buf.release()
 
 
-def pread_some(fd: int, into: Any, at: int, size: int, path: str | os.PathLike[str] | None = None) -> int:
-    """Bytes one pread put into writable buffer `into` from offset `at` of open file `fd` (of `size` bytes when the
-    read began); none, the file having shrunk, is FileChangedError naming it (`path`, else resolved from `fd`)."""
-    n = os.preadv(fd, [into], at)
-    if n == 0 and len(into):
-        raise changed(_name_of(path, fd), size, _size_now(fd))
-    return n
+def pread_full(fd: int, into: Any, at: int, size: int, path: str | os.PathLike[str] | None = None) -> None:
+    """Fill the writable 1-D byte buffer `into` from offset `at` of open file `fd` (of `size` bytes when the read
+    began), pread after pread (a regular file gives short reads only at its end); reaching the end first, the file
+    having shrunk, is FileChangedError naming it (`path`, else resolved from `fd`)."""
+    got, want = 0, len(into)
+    while got < want:
+        n = os.preadv(fd, [into[got:]], at + got)
+        if n == 0:
+            raise changed(_name_of(path, fd), size, _size_now(fd))
+        got += n
 
 
 def _size_now(fd: int) -> int | None:

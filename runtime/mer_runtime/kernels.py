@@ -458,6 +458,11 @@ def _extent(a: np.ndarray) -> tuple[int, int]:
     return lo, hi + a.itemsize
 
 
+def _copy_what(shape: tuple[int, int], dt: np.dtype, strides: tuple[int, int], offset: int) -> str:
+    """The copy a KernelError names."""
+    return f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset {offset})"
+
+
 def _has_copy() -> bool:
     return _LIB is not None and hasattr(_LIB, "mer_strided_copy")
 
@@ -477,8 +482,7 @@ def _c_copy(base: int, nbytes: int, offset: int, dt: np.dtype, shape: tuple[int,
         rc = _LIB.mer_strided_copy(base, nbytes, offset, dt.itemsize, shape[0], shape[1], strides[0], strides[1],
                                    out.ctypes.data, out.nbytes, flags | (FLAG_PORTABLE if simd == 0 else 0))
     if rc:
-        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
-                          f"{offset}) from {nbytes} bytes: " +
+        raise KernelError(f"{_copy_what(shape, dt, strides, offset)} from {nbytes} bytes: " +
                           ("the view reaches outside the buffer, or an element is not 1, 2, 4 or 8 bytes"
                            if rc == -5 else _ERRORS.get(rc, str(rc))))
     return out
@@ -503,8 +507,7 @@ def strided_copy_from(raw: Any, offset: int, shape: tuple[int, int], strides: tu
         if not all(-(1 << 63) <= n < 1 << 63 for n in (offset, *shape, *strides)):
             raise ValueError("a number outside int64")  # ctypes would wrap it to another, valid-looking one
     except (ValueError, TypeError) as e:
-        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
-                          f"{offset}): {e}") from None
+        raise KernelError(f"{_copy_what(shape, dt, strides, offset)}: {e}") from None
     if _has_copy() and not dt.hasobject:
         return _c_copy(buf.ctypes.data, buf.nbytes, offset, dt, shape, strides, simd, flags)
     try:
@@ -512,8 +515,7 @@ def strided_copy_from(raw: Any, offset: int, shape: tuple[int, int], strides: tu
             raise ValueError("an element is not 1, 2, 4 or 8 bytes")
         v = np.ndarray(shape, dt, buf, offset, strides)  # NumPy checks the view against the buffer
     except (ValueError, TypeError, OverflowError) as e:
-        raise KernelError(f"strided copy {list(shape)} of {dt} (byte strides {strides[0]}, {strides[1]}, offset "
-                          f"{offset}) from {buf.nbytes} bytes: {e}") from None
+        raise KernelError(f"{_copy_what(shape, dt, strides, offset)} from {buf.nbytes} bytes: {e}") from None
     return _copy_numpy(v)
 
 

@@ -16,23 +16,18 @@ GB/s of output; best of --repeat.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from mer_runtime import kernels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import best  # noqa: E402  (best of `repeat` timed runs, as bench_kernels measures)
+
 BAND = 4 << 20  # output bytes per band, as `_band`'s callers make them
-
-
-def best(fn: Callable[[], None], repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def by_bands(v: np.ndarray, copy: Callable[[np.ndarray], np.ndarray]) -> Callable[[], None]:
@@ -60,14 +55,14 @@ def main() -> None:
         np.copyto(out, v)
         return out
 
-    ref = best(by_bands(plain, memcpy), a.repeat)
+    ref = best(a.repeat, by_bands(plain, memcpy))
     print(f"{a.rows} x {a.cols} BF16 ({nbytes / 2**20:.0f} MiB), {kernels.threads()} threads in the pool; "
           f"np.copyto of the same bytes in 4 MiB bands: {nbytes / ref / 1e9:.2f} GB/s")
     copies = {"numpy": kernels._copy_numpy, "C 1 thread": lambda v: kernels.strided_copy(v, flags=kernels.FLAG_SERIAL),
               "C pool": kernels.strided_copy}
     for name, view in (("transpose", plain.T), ("even columns, transposed", wide[:, 0::2].T)):
         for label, fn in copies.items():
-            t = best(by_bands(view, fn), a.repeat)
+            t = best(a.repeat, by_bands(view, fn))
             print(f"  {name:26s} {label:11s} {nbytes / t / 1e9:6.2f} GB/s  {ref / t:5.2f} of np.copyto")
 
 
